@@ -1,0 +1,43 @@
+# Everything a fresh machine needs is installed from here: `make test`, `make demo`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+export GCMLM_TEST_DATA ?= $(abspath ../shared/data)
+export GCMLM_DATA_ROOT ?= $(abspath data)
+
+.PHONY: install test demo ui bench validate clean
+
+install: $(STAMP)
+
+# torch comes from the machine's local wheel index (pip only); PyRadiomics 3.0.1
+# has no 3.11 wheel and must be built against the numpy 2 already in the venv,
+# without build isolation or a cached wheel.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1 numpy==2.4.6 versioneer "setuptools>=77" wheel
+	$(PY) -c "import radiomics" 2>/dev/null || \
+	  $(PIP) install -q --no-build-isolation --no-cache-dir pyradiomics==3.0.1
+	$(PIP) install -q -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q gcmlm_assets_tests
+
+validate: $(STAMP)
+	$(VENV)/bin/dagster definitions validate -m gcmlm_assets.definitions
+
+demo: $(STAMP)
+	$(PY) -m gcmlm_assets.demo
+
+ui: $(STAMP)
+	DAGSTER_HOME=$${DAGSTER_HOME:-$(GCMLM_DATA_ROOT)/dagster_home} \
+	  $(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -m gcmlm_assets.definitions
+
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf data/artifacts data/dagster_home

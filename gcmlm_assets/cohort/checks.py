@@ -1,0 +1,5 @@
+"""Asset checks of the cohort group."""
+
+import dagster as dg
+
+CHECKS: list[dg.AssetChecksDefinition] = []

@@ -1,0 +1,5 @@
+"""The one patient partition set; every per-patient asset uses it."""
+
+import dagster as dg
+
+patients_partitions = dg.DynamicPartitionsDefinition(name="patients")

@@ -1,0 +1,7 @@
+"""Resources of the pathology group, keyed by resource name."""
+
+import dagster as dg
+
+
+def resources(env: str) -> dict[str, dg.ConfigurableResource]:
+    return {}

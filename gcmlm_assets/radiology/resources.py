@@ -1,0 +1,7 @@
+"""Resources of the radiology group, keyed by resource name."""
+
+import dagster as dg
+
+
+def resources(env: str) -> dict[str, dg.ConfigurableResource]:
+    return {}

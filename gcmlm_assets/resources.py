@@ -1,0 +1,39 @@
+"""Resources shared by every domain: artifact storage and the landing zone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from gcmlm_assets import settings
+from gcmlm_assets.storage import ArtifactStore
+
+
+class ArtifactStorage(dg.ConfigurableResource):
+    """Owns where artifacts live: `<root>/<asset>/<patient_id>/...`.
+
+    `root` is a local folder or a mounted volume (in Kubernetes, a PVC mounted
+    at the same path in every pod).
+    """
+
+    root: str = Field(default_factory=lambda: str(settings.artifacts_root()))
+
+    def store(self) -> ArtifactStore:
+        return ArtifactStore(self.root)
+
+
+class LandingZone(dg.ConfigurableResource):
+    """The folder uploaders drop patients into (see the README's landing-zone contract)."""
+
+    root: str = Field(default_factory=lambda: str(settings.landing_root()))
+    max_runs_per_tick: int = Field(default=200, description="Run requests per sensor tick; the rest wait.")
+
+    def path(self) -> Path:
+        return Path(self.root)
+
+    def patient_dir(self, patient_id: str) -> Path:
+        from gcmlm_assets.patients import validate_patient_id
+
+        return self.path() / validate_patient_id(patient_id, where=str(self.path()))

@@ -1,0 +1,34 @@
+"""Where things live, read from the environment once.
+
+`GCMLM_DATA_ROOT` (default `./data`) holds the landing zone, the artifacts and
+the Dagster home; each can be moved on its own with its own variable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("GCMLM_DATA_ROOT", "data")).resolve()
+
+
+def landing_root() -> Path:
+    return Path(os.environ.get("GCMLM_LANDING_ROOT", data_root() / "landing")).resolve()
+
+
+def artifacts_root() -> Path:
+    return Path(os.environ.get("GCMLM_ARTIFACTS_ROOT", data_root() / "artifacts")).resolve()
+
+
+def dagster_home() -> Path:
+    return Path(os.environ.get("DAGSTER_HOME", data_root() / "dagster_home")).resolve()
+
+
+def environment() -> str:
+    """`local` (default) or `k8s`: selects executor and resources."""
+    env = os.environ.get("GCMLM_ENV", "local").strip().lower()
+    if env not in ("local", "k8s"):
+        raise ValueError(f"GCMLM_ENV must be 'local' or 'k8s', got {env!r}")
+    return env

@@ -1,0 +1,69 @@
+"""Shared fixtures: the real test files, a real Dagster instance, per-test storage roots."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from gcmlm_assets.resources import ArtifactStorage, LandingZone
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _test_data_root() -> Path:
+    return Path(os.environ.get("GCMLM_TEST_DATA", PROJECT_ROOT.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def test_data() -> Path:
+    """`GCMLM_TEST_DATA` (default ../shared/data); fails instead of skipping under CI's
+    GCMLM_REQUIRE_TEST_DATA=1."""
+    root = _test_data_root()
+    if not (root / "SOURCES.md").is_file():
+        message = f"real test data not found at {root} (set GCMLM_TEST_DATA)"
+        if os.environ.get("GCMLM_REQUIRE_TEST_DATA") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return root
+
+
+@pytest.fixture(scope="session")
+def clam_reference(test_data: Path) -> Path:
+    """`../shared/reference/clam`, beside the data folder."""
+    root = test_data.parent / "reference" / "clam"
+    if not root.is_dir():
+        message = f"CLAM reference not found at {root}"
+        if os.environ.get("GCMLM_REQUIRE_TEST_DATA") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return root
+
+
+@pytest.fixture
+def data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private data root (landing zone, artifacts) for one test."""
+    root = tmp_path / "data"
+    (root / "landing").mkdir(parents=True)
+    (root / "artifacts").mkdir(parents=True)
+    monkeypatch.setenv("GCMLM_DATA_ROOT", str(root))
+    monkeypatch.delenv("GCMLM_LANDING_ROOT", raising=False)
+    monkeypatch.delenv("GCMLM_ARTIFACTS_ROOT", raising=False)
+    return root
+
+
+@pytest.fixture
+def instance(tmp_path: Path):
+    """A real Dagster instance (SQLite storage in a temporary DAGSTER_HOME)."""
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as inst:
+        yield inst
+
+
+@pytest.fixture
+def base_resources(data_root: Path) -> dict:
+    return {
+        "storage": ArtifactStorage(root=str(data_root / "artifacts")),
+        "landing": LandingZone(root=str(data_root / "landing")),
+    }
