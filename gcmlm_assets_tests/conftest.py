@@ -57,7 +57,9 @@ def data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def instance(tmp_path: Path):
     """A real Dagster instance (SQLite storage in a temporary DAGSTER_HOME)."""
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as inst:
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    with dg.instance_for_test(temp_dir=str(home)) as inst:
         yield inst
 
 

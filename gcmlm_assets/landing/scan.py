@@ -9,7 +9,9 @@ watermark and the fingerprints of the few drops touched at or after it. A drop
 whose newest time (mtime or ctime of its files, its folders and READY) is older
 than the watermark was handled by an earlier tick; ctime moves on every write,
 rename or copy, even when a copy preserves mtimes, so a change always lifts a
-drop above the watermark again.
+drop above the watermark again. The watermark never passes the scan's start
+time minus `SETTLE_NS`: a file written while the scan runs (or on a filesystem
+with coarse timestamps) stays above it and is seen by the next tick.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +35,7 @@ MODALITY_FOLDERS: dict[str, tuple[str, ...]] = {
 }
 # The folders whose presence makes a modality runnable at all.
 MODALITY_REQUIRED: dict[str, str] = {"radiology": "ct", "pathology": "wsi"}
+SETTLE_NS = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class LandingScan:
     drops: list[PatientDrop] = field(default_factory=list)
     invalid: list[tuple[str, str]] = field(default_factory=list)  # (folder, reason)
     not_ready: list[str] = field(default_factory=list)
+    started_ns: int = field(default_factory=time.time_ns)
 
 
 @dataclass(frozen=True)
@@ -119,8 +124,6 @@ def scan_landing_zone(root: str | os.PathLike) -> LandingScan:
     with os.scandir(root) as it:
         folders = sorted((e for e in it if e.is_dir(follow_symlinks=True)), key=lambda e: e.name)
     for entry in folders:
-        if entry.name.startswith("."):
-            continue
         problem = patient_id_problem(entry.name)
         if problem:
             result.invalid.append((entry.path, problem))
@@ -162,6 +165,7 @@ def plan_tick(scan: LandingScan, cursor: str | None, max_runs: int) -> TickPlan:
         new_watermark = max(times)
     else:
         new_watermark = watermark
+    new_watermark = max(watermark, min(new_watermark, scan.started_ns - SETTLE_NS))
     remembered = {key: fp for t, key, fp in still_seen if t >= new_watermark}
     for t, plan in taken:
         if t >= new_watermark:
