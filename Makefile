@@ -33,8 +33,11 @@ demo: $(STAMP)
 	$(PY) -m gcmlm_assets.demo
 
 ui: $(STAMP)
-	DAGSTER_HOME=$${DAGSTER_HOME:-$(GCMLM_DATA_ROOT)/dagster_home} \
-	  $(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -m gcmlm_assets.definitions
+	mkdir -p $(GCMLM_DATA_ROOT)/dagster_home
+	test -f $(GCMLM_DATA_ROOT)/dagster_home/dagster.yaml || \
+	  cp deploy/local/dagster.yaml $(GCMLM_DATA_ROOT)/dagster_home/dagster.yaml
+	DAGSTER_HOME=$(GCMLM_DATA_ROOT)/dagster_home \
+	  $(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
