@@ -1,7 +1,124 @@
 """Resources of the radiology group, keyed by resource name."""
 
+import os
+from pathlib import Path
+
 import dagster as dg
+from pydantic import Field
+
+
+class RadiomicsSettings(dg.ConfigurableResource):
+    """How radiomics rows are extracted, and what gastric mask volume is plausible.
+
+    `params`: `default` (unfiltered image only, seconds per case), `rich` (adds LoG
+    and wavelet images, minutes per case) or a path to a PyRadiomics params YAML.
+    """
+
+    params: str = Field(default="default", description="default | rich | path to a PyRadiomics params YAML")
+    mask_volume_min_ml: float = Field(
+        default=10.0, description="Smallest plausible gastric mask volume (ml); below it ct_mask's check fails.")
+    mask_volume_max_ml: float = Field(
+        default=5000.0, description="Largest plausible gastric mask volume (ml); above it ct_mask's check fails.")
+
+    def params_path(self) -> Path:
+        from gcmlm_assets.radiology.features import resolve_params
+
+        return resolve_params(self.params)
+
+    def load_params(self) -> dict:
+        from gcmlm_assets.radiology.features import load_params
+
+        return load_params(self.params)
+
+
+class SegmentationModelResource(dg.ConfigurableResource):
+    """The nnU-Net gastric segmentation model: an existing trained folder, or how to train one.
+
+    With `trained_model_folder` set (an nnU-Net results folder holding plans.json,
+    dataset.json and fold_<f>/checkpoint_final.pth), `segmentation_model` trains
+    nothing and `ct_mask` predicts with that folder. Otherwise `segmentation_model`
+    trains on the patients with a reference mask and installs the result under
+    `<artifacts>/segmentation_model/<model_id>/` with a `current.json` pointer.
+
+    The defaults are nnU-Net's own (its default trainer: 1000 epochs of 250
+    iterations, full-size plans), meant for a GPU (`device="cuda"`, which the k8s
+    environment selects). On a CPU that takes days: use `cpu_demo()` (a tiny
+    network trained in about a minute, for tests and the demo) or point
+    `trained_model_folder` at a model trained elsewhere.
+    """
+
+    trained_model_folder: str | None = Field(
+        default=None, description="Existing nnU-Net trained-model folder; when set, no training happens.")
+    dataset_id: int = Field(default=501, description="nnU-Net dataset id: the dataset is DatasetNNN_GastricCT.")
+    trainer: str = Field(default="nnUNetTrainer", description="nnU-Net trainer class name.")
+    planner: str = Field(default="ExperimentPlanner", description="nnU-Net experiment planner class name.")
+    epochs: int | None = Field(default=None, description="Epochs; None keeps the trainer's own (1000).")
+    iterations_per_epoch: int | None = Field(default=None, description="Training iterations per epoch; None: 250.")
+    val_iterations: int | None = Field(default=None, description="Validation iterations per epoch; None: 50.")
+    fold: str = Field(default="all", description="'all' trains on every case; '0'..'4' a 5-fold split (>= 5 cases).")
+    tiny_plans: bool = Field(
+        default=False, description="Shrink nnU-Net's plans to a tiny U-Net (4 stages, 4..32 features, "
+                                   "patch <= 32x64x64) and sample fewer fingerprint intensities: tests and demo.")
+    device: str = Field(default="cpu", description="cpu | cuda | mps, for training and prediction.")
+    preprocessing_workers: int = Field(default=2, description="nnU-Net fingerprint/preprocessing processes.")
+    augmentation_workers: int | None = Field(
+        default=None, description="nnU-Net data-augmentation processes (nnUNet_n_proc_DA); 0: in-process.")
+    torch_threads: int | None = Field(default=None, description="Torch CPU threads while training; None: torch's.")
+
+    @classmethod
+    def cpu_demo(cls, **overrides) -> "SegmentationModelResource":
+        """A tiny real nnU-Net that a CPU trains in about a minute on a few small CTs.
+
+        AdamW (nnU-Net's `nnUNetTrainerAdam`) rather than SGD: in our trials SGD with nnU-Net's
+        momentum still predicted only background after 300 iterations. AdamW first predicts
+        only background too and finds the stomach after 50-110 iterations; 240 iterations leave
+        room for that (a 150-iteration schedule missed it in 1 of 9 runs).
+        """
+        settings = dict(trainer="nnUNetTrainerAdam", epochs=20, iterations_per_epoch=12, val_iterations=2,
+                        tiny_plans=True, device="cpu", preprocessing_workers=1, augmentation_workers=0,
+                        torch_threads=1)
+        settings.update(overrides)
+        return cls(**settings)
+
+    def training_settings(self):
+        from gcmlm_assets.radiology.nnunet import TinyPlans, TrainingSettings
+
+        return TrainingSettings(
+            dataset_id=self.dataset_id, trainer=self.trainer, planner=self.planner, epochs=self.epochs,
+            iterations_per_epoch=self.iterations_per_epoch, val_iterations=self.val_iterations, fold=self.fold,
+            device=self.device, tiny_plans=TinyPlans() if self.tiny_plans else None,
+            preprocessing_workers=self.preprocessing_workers, augmentation_workers=self.augmentation_workers,
+            torch_threads=self.torch_threads, intensity_samples=1_000_000 if self.tiny_plans else None)
+
+    def model_folder(self, store) -> Path | None:
+        """The configured trained folder, else the one `current.json` points at, else None.
+
+        Raises `ModelFolderError` (naming the folder and the problem) when the folder is not usable.
+        """
+        from gcmlm_assets.radiology.nnunet import (
+            CURRENT_POINTER,
+            ModelFolderError,
+            find_trained_model_folder,
+            read_current_model,
+        )
+
+        if self.trained_model_folder:
+            return find_trained_model_folder(self.trained_model_folder)
+        models_root = store.asset_dir("segmentation_model", create=False)
+        pointer = read_current_model(models_root)
+        if pointer is None:
+            return None
+        try:
+            return find_trained_model_folder(models_root / pointer["folder"])
+        except ModelFolderError as error:
+            raise ModelFolderError(f"{models_root / CURRENT_POINTER} points at an unusable model: {error}") from error
 
 
 def resources(env: str) -> dict[str, dg.ConfigurableResource]:
-    return {}
+    return {
+        "radiomics": RadiomicsSettings(),
+        # A GPU in Kubernetes; locally a trained folder can be given with GCMLM_NNUNET_MODEL_FOLDER.
+        "segmentation": SegmentationModelResource(
+            device="cuda" if env == "k8s" else "cpu",
+            trained_model_folder=os.environ.get("GCMLM_NNUNET_MODEL_FOLDER") or None),
+    }

@@ -1,0 +1,659 @@
+"""nnU-Net v2 for the gastric mask: dataset assembly, planning, training, prediction.
+
+Plain Python (no Dagster). Everything goes through nnU-Net's own Python API
+(fingerprint extraction, experiment planning, preprocessing, trainer,
+`nnUNetPredictor`); nothing shells out to its command-line tools.
+
+nnU-Net finds its folders through the environment variables `nnUNet_raw`,
+`nnUNet_preprocessed` and `nnUNet_results`, read each time they are used.
+`nnunet_folders(work_dir)` sets them to folders inside one work directory only
+for the duration of a `with` block and restores the previous values after, so
+two trainings never share folders and nothing leaks into the rest of the process.
+
+Tiny plans (for tests and the CPU demo): after nnU-Net has planned the dataset,
+`shrink_plans` keeps only the `3d_fullres` configuration, cuts the U-Net to
+`TinyPlans.n_stages` stages with `base_features * 2**i` features (capped at
+`max_features`), clips the patch size to `max_patch_size` (z, y, x; rounded
+down to what the remaining poolings divide) and sets the batch size. The result
+is saved as its own plans identifier (`<plans>_tiny`, data identifier
+`<plans>_tiny_3d_fullres`) before preprocessing, so the model folder and the
+model id say that a tiny network was trained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from gcmlm_assets.storage import atomic_write_json, sha256_file
+
+CONFIGURATION = "3d_fullres"
+CHANNEL_NAME = "CT"
+STOMACH_LABEL = "stomach"
+FILE_ENDING = ".nii.gz"
+CHECKPOINT = "checkpoint_final.pth"
+CURRENT_POINTER = "current.json"
+TRAIN_TMP_PREFIX = ".tmp-train-"
+DEVICES = ("cpu", "cuda", "mps")
+# Same-grid test for an image and its label (fraction of a voxel / direction cosine).
+GRID_TOLERANCE = 1e-4
+_NNUNET_ENV = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+class ModelFolderError(ValueError):
+    """A folder that is not a usable trained nnU-Net model; the message names the folder and what is wrong."""
+
+
+class TrainingDataError(ValueError):
+    """A training case that nnU-Net cannot use; the message names the file and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingCase:
+    """One labelled CT: `mask` must lie on exactly the grid of `image` (any non-zero voxel is stomach)."""
+
+    case_id: str
+    image: Path
+    mask: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyPlans:
+    """How far `shrink_plans` cuts the planned U-Net (see the module docstring)."""
+
+    n_stages: int = 4
+    base_features: int = 4
+    max_features: int = 32
+    max_patch_size: tuple[int, int, int] = (32, 64, 64)  # z, y, x in voxels
+    batch_size: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSettings:
+    """What to train. `None` keeps nnU-Net's own default (1000 epochs of 250 + 50 iterations)."""
+
+    dataset_id: int = 501
+    trainer: str = "nnUNetTrainer"
+    planner: str = "ExperimentPlanner"
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    val_iterations: int | None = None
+    fold: str = "all"  # "all" trains on every case; "0".."4" uses nnU-Net's 5-fold split
+    device: str = "cpu"
+    tiny_plans: TinyPlans | None = None
+    preprocessing_workers: int = 1
+    # nnU-Net's data-augmentation worker processes (its nnUNet_n_proc_DA); 0 augments in
+    # the training process itself, None keeps nnU-Net's choice.
+    augmentation_workers: int | None = None
+    # Torch CPU threads while planning and training; None keeps torch's default.
+    torch_threads: int | None = None
+    # Foreground intensities the dataset fingerprint samples (nnU-Net: 1e8 over the dataset,
+    # i.e. hundreds of MB for a handful of small cases); None keeps nnU-Net's number.
+    intensity_samples: int | None = None
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class NnunetFolders:
+    raw: Path
+    preprocessed: Path
+    results: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingResult:
+    model_folder: Path  # the nnU-Net results folder: plans.json, dataset.json, fold_<f>/checkpoint_final.pth
+    dataset_name: str
+    plans_name: str
+    trainer: str
+    fold: str
+    n_cases: int
+    epochs: int
+    iterations_per_epoch: int
+    val_iterations: int
+    metrics: dict  # final train/val loss, pseudo Dice (nnU-Net's online validation)
+    seconds: dict  # wall time of each phase
+    cpu_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDescription:
+    folder: Path
+    dataset_name: str
+    plans_name: str
+    trainer: str
+    configuration: str
+    folds: tuple[str, ...]
+    foreground_label: int
+    checkpoint_sha256: str  # over the checkpoints of every fold used, in fold order
+
+    @property
+    def model_id(self) -> str:
+        folds = "+".join(self.folds)
+        return (f"{self.dataset_name}__{self.trainer}__{self.plans_name}__{self.configuration}"
+                f"__fold_{folds}__{self.checkpoint_sha256[:12]}")
+
+
+def dataset_name(dataset_id: int) -> str:
+    if not 1 <= int(dataset_id) <= 999:
+        raise ValueError(f"nnU-Net dataset id must be 1..999, got {dataset_id}")
+    return f"Dataset{int(dataset_id):03d}_GastricCT"
+
+
+@contextlib.contextmanager
+def _scoped_environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        os.environ.update(values)
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def nnunet_folders(work_dir: Path) -> Iterator[NnunetFolders]:
+    """Point nnU-Net at `<work_dir>/nnUNet_{raw,preprocessed,results}` for the block only."""
+    work_dir = Path(work_dir)
+    folders = NnunetFolders(work_dir / "nnUNet_raw", work_dir / "nnUNet_preprocessed", work_dir / "nnUNet_results")
+    for path in (folders.raw, folders.preprocessed, folders.results):
+        path.mkdir(parents=True, exist_ok=True)
+    with _scoped_environment(dict(zip(_NNUNET_ENV, (str(folders.raw), str(folders.preprocessed),
+                                                    str(folders.results))))):
+        yield folders
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset assembly
+
+
+def _grid(reader_or_image) -> tuple:
+    return (tuple(reader_or_image.GetSize()), np.array(reader_or_image.GetSpacing()),
+            np.array(reader_or_image.GetOrigin()), np.array(reader_or_image.GetDirection()))
+
+
+def _image_header(path: Path) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise TrainingDataError(f"{path}: cannot read the image header ({str(error).strip().splitlines()[-1]})")
+    if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+        raise TrainingDataError(f"{path}: expected a 3-D single-channel CT, found {reader.GetDimension()}-D with "
+                                f"{reader.GetNumberOfComponents()} component(s)")
+    return reader
+
+
+def _label_on_image_grid(case: TrainingCase, header: sitk.ImageFileReader) -> sitk.Image:
+    try:
+        mask = sitk.ReadImage(str(case.mask))
+    except RuntimeError as error:
+        raise TrainingDataError(f"{case.mask}: cannot read the mask ({str(error).strip().splitlines()[-1]})")
+    size, spacing, origin, direction = _grid(header)
+    m_size, m_spacing, m_origin, m_direction = _grid(mask)
+    if (m_size != size or not np.allclose(m_spacing, spacing, rtol=GRID_TOLERANCE, atol=0)
+            or np.abs(m_origin - origin).max() > GRID_TOLERANCE * spacing.min()
+            or not np.allclose(m_direction, direction, atol=GRID_TOLERANCE)):
+        raise TrainingDataError(
+            f"{case.mask}: mask grid (size {m_size}, spacing {tuple(m_spacing)}, origin {tuple(m_origin)}) differs "
+            f"from its CT {case.image} (size {size}, spacing {tuple(spacing)}, origin {tuple(origin)}); "
+            f"resample the mask onto the CT first")
+    label = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
+    if not sitk.GetArrayViewFromImage(label).any():
+        raise TrainingDataError(f"{case.mask}: mask is empty (no stomach voxel)")
+    # nnU-Net compares image and label headers exactly: give the label the CT's own geometry.
+    label.SetSpacing(header.GetSpacing())
+    label.SetOrigin(header.GetOrigin())
+    label.SetDirection(header.GetDirection())
+    return label
+
+
+def write_raw_dataset(cases: Sequence[TrainingCase], raw_root: Path, dataset_id: int) -> Path:
+    """Write `<raw_root>/DatasetNNN_GastricCT/` (imagesTr, labelsTr, dataset.json); return that folder."""
+    if len(cases) < 2:
+        raise TrainingDataError(f"nnU-Net needs at least 2 training cases, got {len(cases)}")
+    ids = [case.case_id for case in cases]
+    if len(set(ids)) != len(ids):
+        raise TrainingDataError(f"duplicate case ids: {sorted({i for i in ids if ids.count(i) > 1})}")
+    folder = Path(raw_root) / dataset_name(dataset_id)
+    images_dir, labels_dir = folder / "imagesTr", folder / "labelsTr"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    labels_dir.mkdir(parents=True, exist_ok=True)
+    listing = {}
+    for case in cases:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", case.case_id):
+            raise TrainingDataError(f"case id {case.case_id!r} is not usable as an nnU-Net file name")
+        header = _image_header(case.image)
+        label = _label_on_image_grid(case, header)
+        image_file = images_dir / f"{case.case_id}_0000{FILE_ENDING}"
+        label_file = labels_dir / f"{case.case_id}{FILE_ENDING}"
+        if "".join(Path(case.image).suffixes[-2:]) == FILE_ENDING:
+            shutil.copyfile(case.image, image_file)
+        else:
+            sitk.WriteImage(sitk.ReadImage(str(case.image)), str(image_file), True)
+        sitk.WriteImage(label, str(label_file), True)
+        listing[case.case_id] = {"images": [f"imagesTr/{image_file.name}"], "label": f"labelsTr/{label_file.name}"}
+    dataset_json = {
+        "channel_names": {"0": CHANNEL_NAME},  # "CT" selects nnU-Net's CT intensity normalisation
+        "labels": {"background": 0, STOMACH_LABEL: 1},
+        "numTraining": len(cases),
+        "file_ending": FILE_ENDING,
+        # An explicit case listing: nnU-Net otherwise discovers the cases with a 12-process pool.
+        "dataset": listing,
+        "description": "Gastric (stomach) masks on CT, assembled by gcmlm_assets",
+    }
+    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning and preprocessing
+
+
+def shrink_plans(plans: dict, tiny: TinyPlans, configuration: str = CONFIGURATION) -> dict:
+    """A copy of `plans` with one small `configuration` saved under `<plans>_tiny` (see module docstring)."""
+    plans = copy.deepcopy(plans)
+    config = plans["configurations"][configuration]
+    arch = config["architecture"]["arch_kwargs"]
+    planned_stages = int(arch["n_stages"])
+    n_stages = max(2, min(tiny.n_stages, planned_stages))
+    # Per-stage lists (kernel sizes, strides, convolutions or blocks per stage) have n_stages
+    # entries, the decoder's n_stages - 1: cut both to the new depth.
+    for key, value in list(arch.items()):
+        if isinstance(value, (list, tuple)) and key != "features_per_stage":
+            if len(value) == planned_stages:
+                arch[key] = list(value[:n_stages])
+            elif len(value) == planned_stages - 1:
+                arch[key] = list(value[:n_stages - 1])
+    arch["n_stages"] = n_stages
+    arch["features_per_stage"] = [min(tiny.max_features, tiny.base_features * 2 ** i) for i in range(n_stages)]
+    divisor = np.prod(np.array(arch["strides"], dtype=int), axis=0)
+    config["patch_size"] = [int(max(d, (min(p, m) // d) * d))
+                            for p, m, d in zip(config["patch_size"], tiny.max_patch_size, divisor)]
+    config["batch_size"] = int(tiny.batch_size)
+    plans_name = f"{plans['plans_name']}_tiny"
+    config["data_identifier"] = f"{plans_name}_{configuration}"
+    config.pop("next_stage", None)
+    plans["plans_name"] = plans_name
+    plans["configurations"] = {configuration: config}
+    return plans
+
+
+def plan_and_preprocess(folders: NnunetFolders, settings: TrainingSettings) -> str:
+    """Fingerprint, plan and preprocess `3d_fullres` (inside `nnunet_folders`); return the plans identifier."""
+    import nnunetv2
+    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset, preprocess_dataset
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    planner_class = recursive_find_python_class(os.path.join(nnunetv2.__path__[0], "experiment_planning"),
+                                                settings.planner, current_module="nnunetv2.experiment_planning")
+    if planner_class is None:
+        raise ValueError(f"unknown nnU-Net experiment planner {settings.planner!r}")
+    workers = max(1, int(settings.preprocessing_workers))
+    # The dataset was checked while it was written (write_raw_dataset), so nnU-Net's own
+    # integrity check, another process pool, is not run.
+    extractor = DatasetFingerprintExtractor(settings.dataset_id, workers, verbose=False)
+    extractor.show_progress_bar = False
+    if settings.intensity_samples is not None:
+        extractor.num_foreground_voxels_for_intensitystats = int(settings.intensity_samples)
+    extractor.run(overwrite_existing=True)
+    plans, plans_identifier = plan_experiment_dataset(settings.dataset_id, planner_class)
+    if CONFIGURATION not in plans["configurations"]:
+        raise TrainingDataError(f"nnU-Net planned no {CONFIGURATION} configuration for these cases "
+                                f"(are they 2-D?): {sorted(plans['configurations'])}")
+    if settings.tiny_plans is not None:
+        tiny = shrink_plans(load_json(str(folders.preprocessed / dataset_name(settings.dataset_id)
+                                          / f"{plans_identifier}.json")), settings.tiny_plans)
+        plans_identifier = tiny["plans_name"]
+        save_json(tiny, str(folders.preprocessed / dataset_name(settings.dataset_id) / f"{plans_identifier}.json"),
+                  sort_keys=False)
+    preprocess_dataset(settings.dataset_id, plans_identifier, configurations=(CONFIGURATION,),
+                       num_processes=(workers,), verbose=False, show_progress_bar=False)
+    return plans_identifier
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _torch_device(device: str):
+    import torch
+
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("device 'mps' requested but it is not available")
+    return torch.device(device)
+
+
+def _parse_fold(fold: str | int) -> str | int:
+    if str(fold) == "all":
+        return "all"
+    if str(fold).isdigit():
+        return int(fold)
+    raise ValueError(f"fold must be 'all' or a non-negative integer, got {fold!r}")
+
+
+def train_model(plans_identifier: str, settings: TrainingSettings, n_cases: int) -> TrainingResult:
+    """Train `3d_fullres` with nnU-Net's trainer (inside `nnunet_folders`)."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    fold = _parse_fold(settings.fold)
+    if fold != "all" and n_cases < 5:
+        raise TrainingDataError(f"fold {fold} needs nnU-Net's 5-fold split, i.e. at least 5 cases; "
+                                f"got {n_cases}: use fold 'all'")
+    device = _torch_device(settings.device)
+    # continue_training=False: a fresh training (nnU-Net 2.8 reads it from the plans).
+    trainer = get_trainer_from_args(dataset_name(settings.dataset_id), CONFIGURATION, fold, settings.trainer,
+                                    plans_identifier, False, device=device)
+    # Set before run_training: the optimiser's learning-rate schedule is built from num_epochs.
+    if settings.epochs is not None:
+        trainer.num_epochs = int(settings.epochs)
+    if settings.iterations_per_epoch is not None:
+        trainer.num_iterations_per_epoch = int(settings.iterations_per_epoch)
+    if settings.val_iterations is not None:
+        trainer.num_val_iterations_per_epoch = int(settings.val_iterations)
+    # Only around training: nnU-Net's planner also reads nnUNet_n_proc_DA, as a torch thread count.
+    augmentation = ({} if settings.augmentation_workers is None
+                    else {"nnUNet_n_proc_DA": str(int(settings.augmentation_workers))})
+    with _scoped_environment(augmentation):
+        trainer.run_training()
+
+    def last(key: str) -> float | None:
+        values = trainer.logger.get_value(key, step=None)
+        return float(np.asarray(values[-1]).mean()) if len(values) else None
+
+    metrics = {
+        "final_train_loss": last("train_losses"),
+        "final_val_loss": last("val_losses"),
+        "final_pseudo_dice": last("mean_fg_dice"),
+        "final_ema_pseudo_dice": last("ema_fg_dice"),
+    }
+    return TrainingResult(
+        model_folder=Path(trainer.output_folder_base),
+        dataset_name=dataset_name(settings.dataset_id),
+        plans_name=plans_identifier,
+        trainer=type(trainer).__name__,
+        fold=str(fold),
+        n_cases=n_cases,
+        epochs=int(trainer.num_epochs),
+        iterations_per_epoch=int(trainer.num_iterations_per_epoch),
+        val_iterations=int(trainer.num_val_iterations_per_epoch),
+        metrics=metrics,
+        seconds={},
+        cpu_seconds=0.0,
+    )
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    import torch
+
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(max(1, int(threads)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process plus its finished (reaped) worker processes, user + system."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def train_segmentation_model(cases: Sequence[TrainingCase], work_dir: Path,
+                             settings: TrainingSettings) -> TrainingResult:
+    """Assemble the dataset, plan, preprocess and train; the model lands in `<work_dir>/nnUNet_results/`."""
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    seconds = {}
+    with nnunet_folders(work_dir) as folders, _torch_threads(settings.torch_threads):
+        start = time.perf_counter()
+        write_raw_dataset(cases, folders.raw, settings.dataset_id)
+        seconds["dataset"] = time.perf_counter() - start
+        start = time.perf_counter()
+        plans_identifier = plan_and_preprocess(folders, settings)
+        seconds["plan_and_preprocess"] = time.perf_counter() - start
+        start = time.perf_counter()
+        result = train_model(plans_identifier, settings, len(cases))
+        seconds["train"] = time.perf_counter() - start
+    seconds["total"] = time.perf_counter() - wall
+    cpu_seconds = _cpu_seconds() - cpu
+    return dataclasses.replace(result, seconds={k: round(v, 2) for k, v in seconds.items()},
+                               cpu_seconds=round(cpu_seconds, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained model folders
+
+
+def _candidate_model_folders(path: Path, depth: int = 2) -> list[Path]:
+    found = []
+    if (path / "plans.json").is_file():
+        return [path]
+    if depth == 0:
+        return found
+    for child in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found.extend(_candidate_model_folders(child, depth - 1))
+    return found
+
+
+def find_trained_model_folder(path: str | os.PathLike) -> Path:
+    """The nnU-Net trained-model folder at `path` (or the single one below it, up to two levels).
+
+    A trained-model folder holds `plans.json`, `dataset.json` and
+    `fold_<f>/checkpoint_final.pth` for at least one fold; anything else raises
+    `ModelFolderError` naming the folder and what is missing.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ModelFolderError(f"{path}: nnU-Net model folder does not exist or is not a folder")
+    candidates = _candidate_model_folders(path)
+    if not candidates:
+        raise ModelFolderError(
+            f"{path}: not an nnU-Net trained-model folder: expected plans.json, dataset.json and "
+            f"fold_<f>/{CHECKPOINT} (e.g. nnUNet_results/Dataset501_GastricCT/nnUNetTrainer__nnUNetPlans__3d_fullres)")
+    if len(candidates) > 1:
+        names = ", ".join(str(c.relative_to(path)) for c in candidates[:6])
+        raise ModelFolderError(f"{path}: holds several nnU-Net model folders ({names}); point at one of them")
+    folder = candidates[0]
+    problems = []
+    for name in ("plans.json", "dataset.json"):
+        file = folder / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        try:
+            json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            problems.append(f"{name} is not valid JSON ({error})")
+    if not _available_folds(folder):
+        present = sorted(p.name for p in folder.glob("fold_*")) or ["no fold_* folder"]
+        problems.append(f"no fold_<f>/{CHECKPOINT} (found: {', '.join(present)}); training may be unfinished")
+    if problems:
+        raise ModelFolderError(f"{folder}: not a usable nnU-Net trained-model folder: " + "; ".join(problems))
+    return folder
+
+
+def _available_folds(folder: Path) -> tuple[str, ...]:
+    """`('all',)` when fold_all is trained (it saw every case), else every numbered fold (an ensemble)."""
+    if (folder / "fold_all" / CHECKPOINT).is_file():
+        return ("all",)
+    numbered = sorted(int(p.parent.name[5:]) for p in folder.glob(f"fold_*/{CHECKPOINT}")
+                      if p.parent.name[5:].isdigit())
+    return tuple(str(f) for f in numbered)
+
+
+def describe_model_folder(path: str | os.PathLike) -> ModelDescription:
+    """Validate a trained-model folder and say what it is (its id hashes the checkpoints)."""
+    folder = find_trained_model_folder(path)
+    plans = json.loads((folder / "plans.json").read_text())
+    dataset = json.loads((folder / "dataset.json").read_text())
+    channels = dataset.get("channel_names") or dataset.get("modality") or {}
+    if len(channels) != 1:
+        raise ModelFolderError(f"{folder / 'dataset.json'}: the model takes {len(channels)} input channels "
+                               f"({channels}); a gastric CT model takes exactly one")
+    labels = dataset.get("labels") or {}
+    foreground = {name: value for name, value in labels.items() if name != "background"}
+    if STOMACH_LABEL in foreground:
+        label = foreground[STOMACH_LABEL]
+    elif len(foreground) == 1:
+        label = next(iter(foreground.values()))
+    else:
+        raise ModelFolderError(f"{folder / 'dataset.json'}: cannot tell which label is the stomach among "
+                               f"{sorted(labels)} (expected a label named '{STOMACH_LABEL}' or a single "
+                               "foreground label)")
+    if not isinstance(label, int):
+        raise ModelFolderError(f"{folder / 'dataset.json'}: region-based label {label!r} is not supported")
+    folds = _available_folds(folder)
+    digest = hashlib.sha256()
+    for fold in folds:
+        digest.update(sha256_file(folder / f"fold_{fold}" / CHECKPOINT).encode())
+    trainer, configuration = _checkpoint_identity(folder / f"fold_{folds[0]}" / CHECKPOINT)
+    return ModelDescription(
+        folder=folder,
+        dataset_name=str(plans.get("dataset_name", "unknown")),
+        plans_name=str(plans.get("plans_name", "unknown")),
+        trainer=trainer,
+        configuration=configuration,
+        folds=folds,
+        foreground_label=int(label),
+        checkpoint_sha256=digest.hexdigest(),
+    )
+
+
+def _checkpoint_identity(checkpoint: Path) -> tuple[str, str]:
+    """Trainer class and configuration that nnU-Net recorded in a checkpoint."""
+    import torch
+
+    try:
+        try:
+            # mmap: only the small header entries are read, not every weight.
+            state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # a checkpoint in torch's legacy (non-zip) format cannot be mapped
+            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        return str(state["trainer_name"]), str(state["init_args"]["configuration"])
+    except Exception as error:
+        raise ModelFolderError(
+            f"{checkpoint}: not a readable nnU-Net checkpoint ({type(error).__name__}: {error})") from error
+
+
+def read_current_model(models_root: Path) -> dict | None:
+    """The `current.json` pointer of an artifact folder of trained models, or None."""
+    try:
+        pointer = json.loads((Path(models_root) / CURRENT_POINTER).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return pointer if isinstance(pointer, dict) and pointer.get("folder") else None
+
+
+def install_trained_model(trained_folder: Path, models_root: Path,
+                          pointer_extra: dict | None = None) -> ModelDescription:
+    """Move a freshly trained folder to `<models_root>/<model_id>/` and point `current.json` at it.
+
+    `trained_folder` must be on the same filesystem (train inside `models_root`):
+    the rename is atomic, and `current.json` is replaced atomically after it, so a
+    reader sees either the previous model or the complete new one.
+    """
+    description = describe_model_folder(trained_folder)
+    final = Path(models_root) / description.model_id
+    if final.exists():
+        # Same checkpoint hash: the identical model is already installed.
+        shutil.rmtree(trained_folder)
+    else:
+        os.replace(trained_folder, final)
+    installed = describe_model_folder(final)
+    pointer = {"model_id": installed.model_id, "folder": installed.model_id,
+               "checkpoint_sha256": installed.checkpoint_sha256, **(pointer_extra or {})}
+    atomic_write_json(Path(models_root) / CURRENT_POINTER, pointer)
+    return installed
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+
+
+class GastricSegmenter:
+    """A trained nnU-Net loaded once; `predict` maps a CT to its gastric mask on the same grid."""
+
+    def __init__(self, predictor, description: ModelDescription, device: str):
+        self._predictor = predictor
+        self.description = description
+        self.device = device
+
+    @property
+    def model_id(self) -> str:
+        return self.description.model_id
+
+    @property
+    def model_folder(self) -> Path:
+        return self.description.folder
+
+    @classmethod
+    def load(cls, model_folder: Path, device: str = "cpu", *, use_mirroring: bool = True,
+             tile_step_size: float = 0.5) -> GastricSegmenter:
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        description = describe_model_folder(model_folder)
+        torch_device = _torch_device(device)
+        predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
+                                    perform_everything_on_device=torch_device.type == "cuda", device=torch_device,
+                                    verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        try:
+            predictor.initialize_from_trained_model_folder(
+                str(description.folder), use_folds=tuple(f if f == "all" else int(f) for f in description.folds),
+                checkpoint_name=CHECKPOINT)
+        except Exception as error:
+            raise ModelFolderError(f"{description.folder}: nnU-Net could not load the model "
+                                   f"({type(error).__name__}: {error})") from error
+        return cls(predictor, description, device)
+
+    def predict(self, image: sitk.Image) -> sitk.Image:
+        """uint8 0/1 mask with exactly `image`'s size, spacing, origin and direction."""
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+            raise ValueError(f"expected a 3-D single-channel CT, got {image.GetDimension()}-D with "
+                             f"{image.GetNumberOfComponentsPerPixel()} component(s)")
+        # The training CTs were canonical LPS (identity direction) and nnU-Net works on array
+        # axes: present every input in that orientation, then undo it on the mask.
+        orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+        oriented = sitk.DICOMOrient(image, "LPS") if orientation != "LPS" else image
+        volume = sitk.GetArrayFromImage(oriented).astype(np.float32)[None]  # (1, z, y, x)
+        # SimpleITK's spacing is (x, y, z); nnU-Net wants it in array order (z, y, x).
+        properties = {"spacing": [float(s) for s in oriented.GetSpacing()[::-1]]}
+        labels = self._predictor.predict_single_npy_array(volume, properties, None, None, False)
+        labels = np.asarray(labels)
+        if labels.shape != volume.shape[1:]:
+            raise RuntimeError(f"nnU-Net returned a {labels.shape} prediction for a {volume.shape[1:]} image")
+        mask = sitk.GetImageFromArray((labels == self.description.foreground_label).astype(np.uint8))
+        mask.CopyInformation(oriented)
+        if oriented is not image:
+            mask = sitk.DICOMOrient(mask, orientation)
+        if mask.GetSize() != image.GetSize():
+            raise RuntimeError(f"mask size {mask.GetSize()} differs from image size {image.GetSize()}")
+        # Reorienting back is a pure permutation/flip; copy the header so the grid is bit-identical.
+        mask.CopyInformation(image)
+        return mask

@@ -1,0 +1,285 @@
+"""A real nnU-Net through Dagster: train a tiny model with `segmentation_model`, predict with `ct_mask`.
+
+The cohort is made from the real abdominal CT and its stomach mask: four patients
+are crops of it resampled to 6 mm (one with its reference mask left on the
+original 3 mm grid, so the asset has to resample it), one patient's reference
+mask is empty (skipped, with the reason, without stopping the training), and one
+patient without a mask is the CT resampled to 5 mm, a grid the model never saw. Training happens
+once per module (tiny plans, `SegmentationModelResource.cpu_demo()`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from gcmlm_assets.radiology import nnunet
+from gcmlm_assets.radiology.assets import ct_image, ct_mask, segmentation_model
+from gcmlm_assets.radiology.resources import RadiomicsSettings, SegmentationModelResource
+from gcmlm_assets.resources import ArtifactStorage, LandingZone
+
+from .conftest import make_drop, step_failure_text
+
+TRAIN_SPACING_MM = 6.0
+HELD_OUT_SPACING_MM = 5.0
+# (x0, y0, z0, nx, ny, nz) on the 6 mm grid (61 x 50 x 15 voxels)
+TRAINING_CROPS = {
+    "GC001": (0, 0, 0, 61, 50, 15),
+    "GC002": (5, 2, 0, 51, 45, 15),
+    "GC003": (0, 4, 1, 55, 46, 14),
+    "GC004": (7, 0, 0, 54, 48, 15),
+}
+MASK_ON_ORIGINAL_GRID = "GC004"
+HELD_OUT = "GC005"
+EMPTY_MASK = "GC006"
+
+
+def resampled(image: sitk.Image, spacing: float, interpolator) -> sitk.Image:
+    """`image` on a coarser grid covering the same box, in its own (non-LPS) orientation."""
+    size = [int(round(n * s / spacing)) for n, s in zip(image.GetSize(), image.GetSpacing())]
+    grid = sitk.Image(size, image.GetPixelID())
+    grid.SetSpacing([spacing] * 3)
+    grid.SetOrigin(image.GetOrigin())
+    grid.SetDirection(image.GetDirection())
+    return sitk.Resample(image, grid, sitk.Transform(), interpolator, -1024 if interpolator == sitk.sitkLinear else 0)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+def metadata_of(result: dg.ExecuteInProcessResult, asset: str) -> dict:
+    [materialization] = result.asset_materializations_for_node(asset)
+    return {key: value.value for key, value in materialization.metadata.items()}
+
+
+class Cohort:
+    def __init__(self, root: Path, instance, resources: dict):
+        self.root, self.instance, self.resources = root, instance, resources
+        self.landing, self.artifacts = root / "landing", root / "artifacts"
+
+    def materialize(self, assets, *, partition: str | None = None, selection=None, **resources):
+        return dg.materialize(assets, partition_key=partition, selection=selection, instance=self.instance,
+                              resources={**self.resources, **resources}, raise_on_error=False)
+
+    def train(self, **resources):
+        return self.materialize([ct_image, segmentation_model], selection=[segmentation_model], **resources)
+
+
+def build_cohort(root: Path, real_ct: Path, real_stomach: Path) -> tuple[dict, sitk.Image]:
+    """Landing drops of the training patients and the held-out one; returns the held-out truth."""
+    landing, sources = root / "landing", root / "sources"
+    sources.mkdir(parents=True)
+    ct = sitk.ReadImage(str(real_ct))
+    stomach = sitk.ReadImage(str(real_stomach))
+    ct6, stomach6 = resampled(ct, TRAIN_SPACING_MM, sitk.sitkLinear), resampled(stomach, TRAIN_SPACING_MM,
+                                                                                sitk.sitkNearestNeighbor)
+    for patient_id, (x, y, z, nx, ny, nz) in TRAINING_CROPS.items():
+        folder = sources / patient_id
+        folder.mkdir()
+        ct_file, mask_file = folder / "ct.nii.gz", folder / "stomach.nii.gz"
+        sitk.WriteImage(sitk.RegionOfInterest(ct6, [nx, ny, nz], [x, y, z]), str(ct_file), True)
+        mask = stomach if patient_id == MASK_ON_ORIGINAL_GRID else sitk.RegionOfInterest(stomach6, [nx, ny, nz],
+                                                                                          [x, y, z])
+        sitk.WriteImage(mask, str(mask_file), True)
+        make_drop(landing, patient_id, [ct_file], mask_file)
+    held_out_dir = sources / HELD_OUT
+    held_out_dir.mkdir()
+    sitk.WriteImage(resampled(ct, HELD_OUT_SPACING_MM, sitk.sitkLinear), str(held_out_dir / "ct.nii.gz"), True)
+    make_drop(landing, HELD_OUT, [held_out_dir / "ct.nii.gz"])
+    empty_dir = sources / EMPTY_MASK
+    empty_dir.mkdir()
+    sitk.WriteImage(ct6, str(empty_dir / "ct.nii.gz"), True)
+    sitk.WriteImage(stomach6 * 0, str(empty_dir / "empty.nii.gz"), True)
+    make_drop(landing, EMPTY_MASK, [empty_dir / "ct.nii.gz"], empty_dir / "empty.nii.gz")
+    return ct, resampled(stomach, HELD_OUT_SPACING_MM, sitk.sitkNearestNeighbor)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, real_ct, real_stomach):
+    """One cohort, one Dagster instance, one training for every test of this module."""
+    root = tmp_path_factory.mktemp("nnunet_cohort")
+    (root / "artifacts").mkdir()
+    (root / "dagster_home").mkdir()
+    original_ct, held_out_truth = build_cohort(root, real_ct, real_stomach)
+    with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
+        cohort = Cohort(root, instance, {
+            "storage": ArtifactStorage(root=str(root / "artifacts")),
+            "landing": LandingZone(root=str(root / "landing")),
+            "radiomics": RadiomicsSettings(),
+            "segmentation": SegmentationModelResource.cpu_demo(),
+        })
+        patients = [*TRAINING_CROPS, HELD_OUT, EMPTY_MASK]
+        instance.add_dynamic_partitions("patients", patients)
+        for patient_id in patients:
+            assert cohort.materialize([ct_image], partition=patient_id).success, patient_id
+
+        wall, cpu = time.perf_counter(), os.times()
+        result = cohort.train()
+        wall, cpu_after = time.perf_counter() - wall, os.times()
+        assert result.success, [e.step_failure_data.error for e in result.get_step_failure_events()]
+        cohort.training = metadata_of(result, "segmentation_model")
+        cohort.training_seconds = wall
+        cohort.training_cpu_seconds = (cpu_after.user + cpu_after.system + cpu_after.children_user
+                                       + cpu_after.children_system) - (cpu.user + cpu.system + cpu.children_user
+                                                                       + cpu.children_system)
+        print(f"\n[nnU-Net tiny training through segmentation_model] wall {wall:.1f} s, "
+              f"CPU {cohort.training_cpu_seconds:.1f} s; nnU-Net phases {cohort.training['wall_time_s']:.1f} s "
+              f"(plan+preprocess {cohort.training['plan_and_preprocess_time_s']:.1f} s, "
+              f"train {cohort.training['train_time_s']:.1f} s); "
+              f"pseudo Dice {cohort.training.get('final_pseudo_dice')}")
+        cohort.original_ct, cohort.held_out_truth = original_ct, held_out_truth
+        yield cohort
+
+
+def test_segmentation_model_trains_and_installs_a_tiny_nnunet(trained):
+    meta = trained.training
+    models_root = trained.artifacts / "segmentation_model"
+    assert meta["trained"] is True and meta["reused"] is False
+    assert meta["n_training_cases"] == len(TRAINING_CROPS)
+    assert meta["training_cases"] == ", ".join(TRAINING_CROPS)
+    assert meta["trainer"] == "nnUNetTrainerAdam" and meta["plans"] == "nnUNetPlans_tiny"
+    assert (meta["configuration"], meta["fold"], meta["epochs"], meta["iterations_per_epoch"]) == (
+        "3d_fullres", "all", 20, 12)
+    assert meta["final_train_loss"] < 1.5 and 0.0 <= meta["final_pseudo_dice"] <= 1.0
+    assert set(meta["input_sha256"]) == set(TRAINING_CROPS)
+    # One unusable reference mask is reported and left out; the held-out patient has none at all.
+    assert list(meta["skipped_cases"]) == [EMPTY_MASK]
+    assert "empty.nii.gz: mask is empty" in meta["skipped_cases"][EMPTY_MASK]
+    assert meta["training_progress"].startswith("![nnU-Net progress](data:image/png;base64,")
+
+    # Installed atomically as <artifacts>/segmentation_model/<model_id>/ with a current.json pointer.
+    folder = Path(meta["model_folder"])
+    assert folder == models_root / meta["model_id"]
+    assert json.loads((models_root / "current.json").read_text())["folder"] == meta["model_id"]
+    assert not [p for p in models_root.iterdir() if p.name.startswith(".tmp")]
+    assert nnunet.find_trained_model_folder(folder) == folder
+    assert meta["checkpoint_sha256"] == nnunet.describe_model_folder(folder).checkpoint_sha256
+    assert meta["model_id"].endswith(meta["checkpoint_sha256"][:12])
+
+    # The tiny plans that were trained: 4 stages of 4..32 features.
+    arch = json.loads((folder / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"]
+    assert arch["arch_kwargs"]["n_stages"] == 4
+    assert arch["arch_kwargs"]["features_per_stage"] == [4, 8, 16, 32]
+    dataset = json.loads((folder / "dataset.json").read_text())
+    assert dataset["labels"] == {"background": 0, "stomach": 1} and dataset["channel_names"] == {"0": "CT"}
+
+
+def test_ct_mask_predicts_a_binary_mask_on_the_exact_ct_grid(trained):
+    result = trained.materialize([ct_image, ct_mask], partition=HELD_OUT, selection=[ct_mask])
+    assert result.success, step_failure_text(result, "ct_mask") if not result.success else ""
+    meta = metadata_of(result, "ct_mask")
+    assert meta["source"] == "predicted" and meta["model_id"] == trained.training["model_id"]
+
+    ct = sitk.ReadImage(str(trained.artifacts / "ct_image" / HELD_OUT / "ct.nii.gz"))
+    mask = sitk.ReadImage(str(trained.artifacts / "ct_mask" / HELD_OUT / "mask.nii.gz"))
+    assert mask.GetPixelID() == sitk.sitkUInt8
+    assert (mask.GetSize(), mask.GetSpacing(), mask.GetOrigin(), mask.GetDirection()) == (
+        ct.GetSize(), ct.GetSpacing(), ct.GetOrigin(), ct.GetDirection())
+    values = sitk.GetArrayFromImage(mask)
+    assert set(np.unique(values)) <= {0, 1} and values.sum() == meta["voxels"] > 0
+
+    # The 5 mm grid was never trained on; the tiny model still finds the stomach there.
+    truth = sitk.GetArrayFromImage(sitk.DICOMOrient(trained.held_out_truth, "LPS"))
+    score = dice(values > 0, truth > 0)
+    print(f"\n[held-out 5 mm CT] predicted {values.sum()} voxels, reference {truth.sum()}, Dice {score:.3f}")
+    assert score > 0.2
+
+
+def test_segmenter_keeps_the_grid_of_a_non_lps_image(trained):
+    segmenter = nnunet.GastricSegmenter.load(Path(trained.training["model_folder"]), device="cpu")
+    assert segmenter.model_id == trained.training["model_id"]
+    image = resampled(trained.original_ct, TRAIN_SPACING_MM, sitk.sitkLinear)  # stored RAS, as scanned
+    assert sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()) == "RAS"
+    mask = segmenter.predict(image)
+    assert (mask.GetSize(), mask.GetSpacing(), mask.GetOrigin(), mask.GetDirection()) == (
+        image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    assert mask.GetPixelID() == sitk.sitkUInt8 and set(np.unique(sitk.GetArrayFromImage(mask))) <= {0, 1}
+    # Voxel for voxel the same answer as on the LPS copy of the image: orientation is undone exactly.
+    lps = segmenter.predict(sitk.DICOMOrient(image, "LPS"))
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.DICOMOrient(mask, "LPS")), sitk.GetArrayFromImage(lps))
+
+
+def test_unchanged_inputs_reuse_the_installed_model(trained):
+    before = sorted(p.name for p in (trained.artifacts / "segmentation_model").iterdir())
+    result = trained.train()
+    assert result.success
+    meta = metadata_of(result, "segmentation_model")
+    assert meta["reused"] is True and meta["trained"] is False
+    assert meta["model_id"] == trained.training["model_id"]
+    assert sorted(p.name for p in (trained.artifacts / "segmentation_model").iterdir()) == before
+    [materialization] = result.asset_materializations_for_node("segmentation_model")
+    assert materialization.tags["dagster/data_version"] == trained.training["checkpoint_sha256"]
+
+
+def test_resource_pointing_at_a_trained_folder_skips_training(trained, tmp_path):
+    installed = Path(trained.training["model_folder"])
+    # An nnU-Net results tree as nnU-Net itself lays it out: pointing at its dataset folder is enough.
+    results = tmp_path / "nnUNet_results" / "Dataset501_GastricCT"
+    external = results / "nnUNetTrainerAdam__nnUNetPlans_tiny__3d_fullres"
+    external.parent.mkdir(parents=True)
+    os.symlink(installed, external)
+    before = sorted(p.name for p in (trained.artifacts / "segmentation_model").iterdir())
+
+    resource = SegmentationModelResource.cpu_demo(trained_model_folder=str(results))
+    result = trained.train(segmentation=resource)
+    assert result.success
+    meta = metadata_of(result, "segmentation_model")
+    assert meta["trained"] is False and meta["source"] == "configured trained_model_folder"
+    assert meta["model_folder"] == str(external)
+    assert meta["checkpoint_sha256"] == trained.training["checkpoint_sha256"]
+    assert sorted(p.name for p in (trained.artifacts / "segmentation_model").iterdir()) == before
+    assert resource.model_folder(ArtifactStorage(root=str(trained.artifacts)).store()) == external
+
+
+def test_resource_pointing_at_an_invalid_folder_fails_clearly(trained, tmp_path):
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    result = trained.train(segmentation=SegmentationModelResource.cpu_demo(trained_model_folder=str(not_a_model)))
+    assert not result.success
+    message = step_failure_text(result, "segmentation_model")
+    assert str(not_a_model) in message and "plans.json" in message and "checkpoint_final.pth" in message
+
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "fold_all").mkdir(parents=True)
+    for name in ("plans.json", "dataset.json"):
+        (unfinished / name).write_text("{}")
+    with pytest.raises(nnunet.ModelFolderError, match=r"unfinished.*no fold_<f>/checkpoint_final\.pth"):
+        nnunet.find_trained_model_folder(unfinished)
+    with pytest.raises(nnunet.ModelFolderError, match="does not exist"):
+        nnunet.find_trained_model_folder(tmp_path / "missing")
+
+
+def test_training_needs_two_patients_with_a_reference_mask(tmp_path, real_ct, real_stomach):
+    (tmp_path / "dagster_home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+        cohort = Cohort(tmp_path, instance, {
+            "storage": ArtifactStorage(root=str(tmp_path / "artifacts")),
+            "landing": LandingZone(root=str(tmp_path / "landing")),
+            "segmentation": SegmentationModelResource.cpu_demo(),
+        })
+        make_drop(tmp_path / "landing", "ONLY1", [real_ct], real_stomach)
+        make_drop(tmp_path / "landing", "NOMASK", [real_ct])
+        instance.add_dynamic_partitions("patients", ["ONLY1", "NOMASK"])
+        for patient_id in ("ONLY1", "NOMASK"):
+            assert cohort.materialize([ct_image], partition=patient_id).success
+        result = cohort.train()
+    assert not result.success
+    message = step_failure_text(result, "segmentation_model")
+    assert "at least 2 patients with a reference mask" in message and "found 1 (ONLY1)" in message
+    assert not (tmp_path / "artifacts" / "segmentation_model" / "current.json").exists()
+
+
+def test_dataset_writer_refuses_a_mask_on_another_grid(tmp_path, real_ct, real_stomach):
+    coarse_mask = tmp_path / "coarse.nii.gz"
+    sitk.WriteImage(resampled(sitk.ReadImage(str(real_stomach)), 6.0, sitk.sitkNearestNeighbor), str(coarse_mask))
+    cases = [nnunet.TrainingCase("A1", real_ct, real_stomach), nnunet.TrainingCase("A2", real_ct, coarse_mask)]
+    with pytest.raises(nnunet.TrainingDataError, match=r"coarse\.nii\.gz: mask grid .* differs from its CT"):
+        nnunet.write_raw_dataset(cases, tmp_path / "raw", 501)

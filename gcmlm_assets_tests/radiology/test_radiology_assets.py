@@ -1,0 +1,200 @@
+"""The radiology branch through Dagster: real CT, real instance, real PyRadiomics.
+
+ct_image -> ct_mask (reference mode) -> radiomics_row on the real abdominal CT with
+its stomach mask; re-runs reuse bytes; bad drops fail only their own patient's step
+with a message naming the file, and leave no output behind.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pyarrow.parquet as pq
+import SimpleITK as sitk
+
+from gcmlm_assets.radiology.assets import ASSETS, ct_image, ct_mask, radiomics_row
+from gcmlm_assets.radiology.resources import RadiomicsSettings
+
+from .conftest import check_results, ct_crop, make_drop, mask_voxels, step_failure_text, write_dicom_series
+
+BRANCH = [ct_image, ct_mask, radiomics_row]
+ALL_CHECKS = {"ct_geometry_plausible", "ct_hu_range_plausible", "mask_matches_ct_geometry", "mask_not_empty",
+              "mask_volume_plausible", "radiomics_row_complete", "radiomics_row_finite"}
+
+
+def materialize(instance, resources: dict, patient_id: str, assets=BRANCH) -> dg.ExecuteInProcessResult:
+    if patient_id not in instance.get_dynamic_partitions("patients"):
+        instance.add_dynamic_partitions("patients", [patient_id])
+    return dg.materialize(assets, partition_key=patient_id, instance=instance, resources=resources,
+                          raise_on_error=False)
+
+
+def metadata_of(result: dg.ExecuteInProcessResult, asset: str) -> dict:
+    [materialization] = result.asset_materializations_for_node(asset)
+    return {key: value.value for key, value in materialization.metadata.items()}
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_real_ct_through_the_branch(instance, data_root, radiology_resources, real_ct, real_stomach):
+    landing, artifacts = data_root / "landing", data_root / "artifacts"
+    make_drop(landing, "TS001", [real_ct], real_stomach)
+
+    result = materialize(instance, radiology_resources, "TS001")
+    assert result.success
+    assert check_results(result) == {name: True for name in ALL_CHECKS}
+
+    ct_meta = metadata_of(result, "ct_image")
+    ct_path = artifacts / "ct_image" / "TS001" / "ct.nii.gz"
+    assert ct_meta["path"] == str(ct_path)
+    assert (ct_meta["size"], ct_meta["spacing_mm"]) == ("(122, 101, 30)", "(3.0, 3.0, 3.0)")
+    assert (ct_meta["orientation"], ct_meta["original_orientation"]) == ("LPS", "RAS")
+    assert (ct_meta["hu_min"], ct_meta["hu_max"]) == (-1100.0, 1207.0)
+    assert ct_meta["picture"].startswith("![CT thumbnail](data:image/png;base64,")
+
+    # The stomach volume reported is the mask file's own voxel count times the voxel volume.
+    mask_meta = metadata_of(result, "ct_mask")
+    reference_voxels = mask_voxels(real_stomach)
+    spacing = sitk.ReadImage(str(real_stomach)).GetSpacing()
+    assert mask_meta["source"] == "reference" and mask_meta["resampled_to_ct_grid"] is False
+    assert mask_meta["voxels"] == reference_voxels
+    assert math.isclose(mask_meta["volume_ml"], reference_voxels * float(np.prod(spacing)) / 1000.0, rel_tol=1e-12)
+    assert mask_meta["input_ct_sha256"] == ct_meta["sha256"]
+    mask = sitk.ReadImage(mask_meta["path"])
+    ct = sitk.ReadImage(str(ct_path))
+    assert (mask.GetSize(), mask.GetSpacing(), mask.GetOrigin(), mask.GetDirection()) == \
+           (ct.GetSize(), ct.GetSpacing(), ct.GetOrigin(), ct.GetDirection())
+
+    row_meta = metadata_of(result, "radiomics_row")
+    table = pq.read_table(artifacts / "radiomics_row" / "TS001" / "radiomics.parquet")
+    assert table.num_rows == 1 and table.column_names[0] == "patient_id"
+    assert table.column("patient_id").to_pylist() == ["TS001"]
+    values = [table.column(name)[0].as_py() for name in table.column_names[1:]]
+    assert len(values) == row_meta["features"] == 107
+    assert all(math.isfinite(v) for v in values)
+    assert table.column_names[1:] == sorted(table.column_names[1:])
+    assert row_meta["pyradiomics_version"] == "v3.0.1" and len(row_meta["settings_sha256"]) == 64
+    # The 1 mm resampled stomach is about as large as the 3 mm mask (PyRadiomics' own volume).
+    assert table.column("original_shape_VoxelVolume")[0].as_py() == \
+        int(row_meta["resampled_roi_voxels"]) == reference_voxels * 27
+
+    # Data versions are the output hashes.
+    for asset, meta in (("ct_image", ct_meta), ("ct_mask", mask_meta), ("radiomics_row", row_meta)):
+        record = instance.get_latest_data_version_record(dg.AssetKey(asset), partition_key="TS001")
+        assert record.asset_materialization.tags["dagster/data_version"] == meta["sha256"]
+
+    # A re-run with unchanged inputs reuses every output byte for byte.
+    before = {name: (artifacts / name).read_bytes() for name in files_under(artifacts)}
+    again = materialize(instance, radiology_resources, "TS001")
+    assert again.success and all(check_results(again).values())
+    for asset in ("ct_image", "ct_mask", "radiomics_row"):
+        assert metadata_of(again, asset)["reused"] is True
+        assert metadata_of(again, asset)["sha256"] == metadata_of(result, asset)["sha256"]
+    assert {name: (artifacts / name).read_bytes() for name in files_under(artifacts)} == before
+
+    # A changed reference mask is noticed: ct_image is reused, the mask and the row are not.
+    smaller = sitk.ReadImage(str(real_stomach))
+    smaller[:, :, 15:] = 0
+    label = landing / "TS001" / "ct_label" / real_stomach.name
+    sitk.WriteImage(smaller, str(label))
+    changed = materialize(instance, radiology_resources, "TS001")
+    assert changed.success
+    assert metadata_of(changed, "ct_image")["reused"] is True
+    assert metadata_of(changed, "ct_mask")["reused"] is False
+    assert metadata_of(changed, "ct_mask")["voxels"] == mask_voxels(label) < reference_voxels
+    assert metadata_of(changed, "radiomics_row")["reused"] is False
+
+
+def test_failing_blocking_check_fails_the_step_and_stops_downstream(instance, data_root, radiology_resources,
+                                                                    real_ct, real_stomach):
+    make_drop(data_root / "landing", "TS002", [real_ct], real_stomach)
+    # The real stomach is ~128 ml: a 50 ml ceiling makes the volume check fail.
+    resources = {**radiology_resources, "radiomics": RadiomicsSettings(mask_volume_max_ml=50.0)}
+    result = materialize(instance, resources, "TS002")
+    assert not result.success
+    checks = check_results(result)
+    assert checks["mask_volume_plausible"] is False
+    assert checks["mask_not_empty"] is True and checks["mask_matches_ct_geometry"] is True
+    assert "blocking asset check" in step_failure_text(result, "ct_mask")
+    assert result.get_failed_step_keys() == {"ct_mask"}
+    assert not result.asset_materializations_for_node("radiomics_row")
+    assert not (data_root / "artifacts" / "radiomics_row" / "TS002").exists()
+
+
+def test_bad_drops_fail_their_own_patient_only(instance, data_root, radiology_resources, real_ct, real_stomach,
+                                               test_data, tmp_path):
+    landing, artifacts = data_root / "landing", data_root / "artifacts"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+
+    # DICOM series with a missing middle slice.
+    gap = make_drop(landing, "DCMGAP")
+    slices = write_dicom_series(ct_crop(real_ct), gap / "ct")
+    slices[6].unlink()
+    # One DICOM slice only.
+    make_drop(landing, "SINGLE", [test_data / "ct" / "pydicom" / "CT_small.dcm"])
+    # A zero-byte NIfTI.
+    zero = make_drop(landing, "ZERO")
+    (zero / "ct" / "ct.nii.gz").write_bytes(b"")
+    # A mask 1 m away from the CT.
+    far = sitk.ReadImage(str(real_stomach))
+    far.SetOrigin(tuple(o + 1000.0 for o in far.GetOrigin()))
+    sitk.WriteImage(far, str(scratch / "far_mask.nii.gz"))
+    make_drop(landing, "FARMASK", [real_ct], scratch / "far_mask.nii.gz")
+    # An all-zero mask.
+    sitk.WriteImage(sitk.ReadImage(str(real_stomach)) * 0, str(scratch / "empty_mask.nii.gz"))
+    make_drop(landing, "EMPTYMASK", [real_ct], scratch / "empty_mask.nii.gz")
+    # A good patient whose mask was exported on another (2 mm, shifted) grid.
+    grid = sitk.Image([150, 130, 44], sitk.sitkUInt8)
+    grid.SetSpacing((2.0, 2.0, 2.0))
+    stomach = sitk.ReadImage(str(real_stomach))
+    grid.SetOrigin(tuple(o + 0.7 for o in sitk.DICOMOrient(stomach, "LPS").GetOrigin()))
+    sitk.WriteImage(sitk.Resample(stomach, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0),
+                    str(scratch / "mask_2mm.nrrd"))
+    make_drop(landing, "REGRID", [real_ct], scratch / "mask_2mm.nrrd")
+
+    expectations = {
+        "DCMGAP": ("ct_image", [str(gap / "ct"), "missing slice between slice005.dcm and slice007.dcm"]),
+        "SINGLE": ("ct_image", [str(landing / "SINGLE" / "ct" / "CT_small.dcm"), "single slice"]),
+        "ZERO": ("ct_image", [str(zero / "ct" / "ct.nii.gz"), "file is empty (0 bytes)"]),
+        "FARMASK": ("ct_mask", [str(landing / "FARMASK" / "ct_label" / "far_mask.nii.gz"),
+                                "does not overlap the CT in physical space"]),
+        "EMPTYMASK": ("ct_mask", [str(landing / "EMPTYMASK" / "ct_label" / "empty_mask.nii.gz"),
+                                  "mask is empty"]),
+    }
+    for patient_id, (failing_asset, phrases) in expectations.items():
+        result = materialize(instance, radiology_resources, patient_id)
+        assert not result.success, patient_id
+        assert result.get_failed_step_keys() == {failing_asset}, patient_id
+        message = step_failure_text(result, failing_asset)
+        for phrase in phrases:
+            assert phrase in message, f"{patient_id}: {phrase!r} not in {message!r}"
+        # Nothing of the failed step (or after it) is visible, not even a temporary file.
+        assert files_under(artifacts / failing_asset / patient_id) == []
+        assert files_under(artifacts / "radiomics_row" / patient_id) == []
+
+    regrid = materialize(instance, radiology_resources, "REGRID")
+    assert regrid.success and all(check_results(regrid).values())
+    meta = metadata_of(regrid, "ct_mask")
+    assert meta["resampled_to_ct_grid"] is True and meta["resampling"] == "nearest neighbour"
+    reference_ml = mask_voxels(real_stomach) * 0.027
+    assert abs(meta["volume_ml"] - reference_ml) / reference_ml < 0.1
+    assert meta["voxels"] == mask_voxels(artifacts / "ct_mask" / "REGRID" / "mask.nii.gz")
+
+    # Every failure stayed in its own partition.
+    materialized = instance.get_materialized_partitions(dg.AssetKey("radiomics_row"))
+    assert materialized == {"REGRID"}
+
+
+def test_assets_list_and_groups():
+    names = {a.key.to_user_string() for a in ASSETS}
+    assert {"ct_image", "ct_mask", "radiomics_row"} <= names
+    for asset in (ct_image, ct_mask, radiomics_row):
+        assert asset.group_names_by_key[asset.key] == "radiology"
+        assert asset.partitions_def.name == "patients"
+        assert all(spec.blocking for spec in asset.check_specs)
