@@ -1,5 +1,263 @@
 """Dagster assets of the pathology group (thin wiring over the plain modules beside it)."""
 
+import json
+import time
+
 import dagster as dg
 
-ASSETS: list[dg.AssetsDefinition] = []
+from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.pathology import checks
+from gcmlm_assets.pathology.patch_coords import (
+    LISTING,
+    PICTURE,
+    inputs_fingerprint,
+    output_version,
+    read_listing,
+    slide_entry,
+    tile_patient,
+    write_patient_outputs,
+)
+from gcmlm_assets.pathology.encoders import EncoderError
+from gcmlm_assets.pathology.extract import ExtractionError, extract_patient, read_patch_grid, validate_feature_file
+from gcmlm_assets.pathology.pooling import (
+    PoolingError,
+    SlideFeatures,
+    get_pooling,
+    validate_slide_vector,
+    write_slide_vector,
+)
+from gcmlm_assets.pathology.resources import PatchEncoder, TilingSettings
+from gcmlm_assets.pathology.slides import SlideError, list_slides
+from gcmlm_assets.pathology.tiling import TILING_VERSION
+from gcmlm_assets.pictures import png_markdown
+from gcmlm_assets.resources import ArtifactStorage, LandingZone
+from gcmlm_assets.storage import sha256_file, sha256_text
+
+SLIDE_VECTOR_FILE = "slide_vector.parquet"
+
+
+@dg.asset(
+    group_name="pathology",
+    partitions_def=patients_partitions,
+    check_specs=checks.PATCH_COORDS_CHECK_SPECS,
+    description="Tissue patch coordinates of every slide in <patient>/wsi/: one CLAM-layout HDF5 per "
+                "slide plus slides.json.",
+)
+def patch_coords(context: dg.AssetExecutionContext, storage: ArtifactStorage, landing: LandingZone,
+                 pathology: TilingSettings):
+    patient_id = context.partition_key
+    store = storage.store()
+    params = pathology.tiling_params()
+    wsi_dir = landing.patient_dir(patient_id) / "wsi"
+    try:
+        slide_paths = list_slides(wsi_dir)
+    except (FileNotFoundError, SlideError) as error:
+        raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from error
+
+    fingerprint = inputs_fingerprint(slide_paths, params)
+    out_dir = store.asset_dir("patch_coords", patient_id)
+    started = time.perf_counter()
+    reused = store.reusable("patch_coords", patient_id, fingerprint) is not None
+    if reused:
+        listing = read_listing(out_dir)
+        seconds: dict[str, float] = {}
+    else:
+        outcomes = tile_patient(slide_paths, params)
+        seconds = {o.path.name: round(o.seconds, 3) for o in outcomes}
+        failures = [o.error for o in outcomes if o.error]
+        readable = [slide_entry(o, None, None) for o in outcomes if not o.error]
+        if failures:
+            # Nothing has been written: the bad slide is reported, the folder stays as it was.
+            yield checks.slides_open_result(readable, failures)
+            raise dg.Failure(description=f"patient {patient_id}: {len(failures)} unusable slide(s): "
+                                         + "; ".join(failures),
+                             metadata={"problems": dg.MetadataValue.json(failures)}, allow_retries=False)
+        if sum(entry["n_patches"] for entry in readable) == 0:
+            yield checks.slides_open_result(readable, [])
+            yield checks.tissue_found_result(readable)
+            reasons = "; ".join(f"{e['file']}: {e['reason']}" for e in readable)
+            raise dg.Failure(description=f"patient {patient_id}: no tissue patch on any slide in {wsi_dir}: "
+                                         f"{reasons}",
+                             allow_retries=False)
+        listing = write_patient_outputs(out_dir, patient_id, outcomes, params)
+        store.write_manifest("patch_coords", patient_id, {
+            "fingerprint": fingerprint, "files": listing.pop("files"), "tiling_version": TILING_VERSION,
+        })
+
+    entries = listing["slides"]
+    picture = (out_dir / PICTURE).read_bytes()
+    version = output_version(listing)
+    yield dg.MaterializeResult(
+        metadata={
+            "n_slides": len(entries),
+            "n_patches": listing["n_patches"],
+            "mode": params.mode,
+            "slides": dg.MetadataValue.md(_slides_table(entries, seconds)),
+            "picture": dg.MetadataValue.md(png_markdown(picture, alt=f"tiling of {patient_id}")),
+            "folder": dg.MetadataValue.path(str(out_dir)),
+            "listing": dg.MetadataValue.path(str(out_dir / LISTING)),
+            "h5_files": dg.MetadataValue.json([e["h5"] for e in entries if e["h5"]]),
+            "input_fingerprints": dg.MetadataValue.json({
+                e["file"]: {"size_bytes": e["size_bytes"], "mtime_ns": e["mtime_ns"],
+                            "quickhash1": e["quickhash1"]} for e in entries}),
+            "params": dg.MetadataValue.json(listing["params"]),
+            "tiling_version": TILING_VERSION,
+            "inputs_fingerprint": fingerprint,
+            "reused": reused,
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+        data_version=dg.DataVersion(version),
+    )
+    yield checks.slides_open_result(entries, [])
+    yield checks.mpp_known_result(entries)
+    yield checks.tissue_found_result(entries)
+    yield checks.patch_count_result(entries, pathology.min_patches_per_slide, pathology.max_patches_per_slide)
+
+
+def _slides_table(entries: list[dict], seconds: dict[str, float]) -> str:
+    lines = ["| slide | size (px) | µm/px | source | patches | level | read px | s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        w, h = e["dimensions"]
+        lines.append(f"| {e['file']} | {w}x{h} | {e['mpp'][0]:.4g} | {e['mpp_source']} | {e['n_patches']} "
+                     f"| {e['patch_level']} | {e['read_size']} | {seconds.get(e['file'], '')} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- uni_features, slide_vector
+
+
+@dg.asset(
+    group_name="pathology",
+    partitions_def=patients_partitions,
+    deps=[patch_coords],
+    check_specs=checks.UNI_FEATURES_CHECK_SPECS,
+    description="Patch features of every slide with tissue: one CLAM-layout HDF5 per slide "
+                "(`features` (N, D), `coords` (N, 2)), from the encoder resource (UNI in production).",
+)
+def uni_features(context: dg.AssetExecutionContext, storage: ArtifactStorage, encoder: PatchEncoder):
+    patient_id = context.partition_key
+    store = storage.store()
+    coords_dir = store.asset_dir("patch_coords", patient_id, create=False)
+    if not (coords_dir / LISTING).is_file():
+        raise dg.Failure(description=f"patient {patient_id}: {coords_dir / LISTING} is missing; "
+                                     "materialize patch_coords first", allow_retries=False)
+    listing = read_listing(coords_dir)
+    try:
+        model = encoder.load()
+    except EncoderError as error:
+        raise dg.Failure(description=str(error), allow_retries=False) from error
+    out_dir = store.asset_dir(checks.UNI_FEATURES, patient_id)
+    started = time.perf_counter()
+    try:
+        done = extract_patient(listing, out_dir, model, batch_size=encoder.batch_size,
+                               num_workers=encoder.num_workers,
+                               feature_dtype="float16" if encoder.float16_features else "float32")
+    except ExtractionError as error:
+        raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from error
+    seconds = time.perf_counter() - started
+
+    identity = model.identity()
+    # Expected rows come from the coordinate files themselves, not from what extraction reported.
+    reports = [validate_feature_file(r.output, expected_dim=model.embedding_dim, expected_encoder=identity,
+                                     expected_rows=read_patch_grid(r.attrs["coords_path"]).n_patches)
+               for r in done.results]
+    files = {r.output.name: sha256_file(r.output) for r in done.results}
+    store.write_manifest(checks.UNI_FEATURES, patient_id, {
+        "fingerprint": done.fingerprint, "files": files, "encoder": identity,
+        "slides": [{"h5_file": r.output.name, "slide_file": r.attrs.get("slide_file"), "n_patches": r.n_patches}
+                   for r in done.results],
+        "slides_without_patches": done.without_patches,
+    })
+    computed = [r for r in done.results if not r.reused]
+    computed_patches = sum(r.n_patches for r in computed)
+    yield dg.MaterializeResult(
+        metadata={
+            "encoder": model.name,
+            "embedding_dim": model.embedding_dim,
+            "checkpoint_sha256": model.checkpoint_sha256,
+            "untrained": model.untrained,
+            "n_slides": len(done.results),
+            "n_patches": done.n_patches,
+            "patches_per_slide": dg.MetadataValue.json({r.output.name: r.n_patches for r in done.results}),
+            "slides_without_patches": dg.MetadataValue.json(done.without_patches),
+            "patches_per_second": round(computed_patches / sum(r.seconds for r in computed), 2) if computed else 0.0,
+            "reused_slides": dg.MetadataValue.json([r.output.name for r in done.results if r.reused]),
+            "readers": dg.MetadataValue.json({r.output.name: r.reader for r in done.results}),
+            "feature_dtype": "float16" if encoder.float16_features else "float32",
+            "device": str(model.device),
+            "folder": dg.MetadataValue.path(str(out_dir)),
+            "h5_files": dg.MetadataValue.json([str(r.output) for r in done.results]),
+            "input_patch_coords": dg.MetadataValue.json(
+                {e["h5_file"]: e["h5_sha256"] for e in listing["slides"] if e.get("h5_file")}),
+            "inputs_fingerprint": done.fingerprint,
+            "seconds": round(seconds, 3),
+        },
+        data_version=dg.DataVersion(sha256_text(*(f"{name}:{digest}" for name, digest in sorted(files.items())))),
+    )
+    yield from checks.uni_features_results(reports, identity)
+
+
+class SlideVectorConfig(dg.Config):
+    pooling: str = "mean"
+
+
+@dg.asset(
+    group_name="pathology",
+    partitions_def=patients_partitions,
+    deps=[uni_features],
+    check_specs=checks.SLIDE_VECTOR_CHECK_SPECS,
+    description="One row per patient: the pooled patch features of all slides (mean by default), "
+                "with n_patches and n_slides.",
+)
+def slide_vector(context: dg.AssetExecutionContext, config: SlideVectorConfig, storage: ArtifactStorage):
+    patient_id = context.partition_key
+    store = storage.store()
+    features = store.read_manifest(checks.UNI_FEATURES, patient_id)
+    if not features:
+        raise dg.Failure(description=f"patient {patient_id}: uni_features has not been materialized "
+                                     f"({store.path(checks.UNI_FEATURES, patient_id, store.MANIFEST)} missing)",
+                         allow_retries=False)
+    try:
+        pooling = get_pooling(config.pooling)
+    except PoolingError as error:
+        raise dg.Failure(description=str(error), allow_retries=False) from error
+    dim = int(features["encoder"]["embedding_dim"])
+    fingerprint = sha256_text("slide_vector", json.dumps(pooling.describe(), sort_keys=True),
+                              *(f"{name}:{digest}" for name, digest in sorted(features["files"].items())))
+    out_path = store.asset_dir(checks.SLIDE_VECTOR, patient_id) / SLIDE_VECTOR_FILE
+    reused = store.reusable(checks.SLIDE_VECTOR, patient_id, fingerprint)
+    if reused:
+        summary = reused["summary"]
+    else:
+        slides = [SlideFeatures(store.path(checks.UNI_FEATURES, patient_id, s["h5_file"])) for s in features["slides"]]
+        try:
+            pooled = pooling.pool(slides)
+        except PoolingError as error:
+            raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from error
+        write_slide_vector(out_path, patient_id, pooled)
+        summary = {"n_patches": pooled.n_patches, "n_slides": pooled.n_slides, "dim": int(pooled.vector.shape[0]),
+                   **pooled.details}
+        store.write_manifest(checks.SLIDE_VECTOR, patient_id, {
+            "fingerprint": fingerprint, "files": {out_path.name: sha256_file(out_path)}, "summary": summary,
+        })
+    problems = validate_slide_vector(out_path, expected_dim=dim)
+    yield dg.MaterializeResult(
+        metadata={
+            "pooling": pooling.name,
+            "n_patches": summary["n_patches"],
+            "n_slides": summary["n_slides"],
+            "dim": summary["dim"],
+            "encoder": features["encoder"]["encoder"],
+            "checkpoint_sha256": features["encoder"]["checkpoint_sha256"],
+            "path": dg.MetadataValue.path(str(out_path)),
+            "input_uni_features": dg.MetadataValue.json(features["files"]),
+            "inputs_fingerprint": fingerprint,
+            "reused": bool(reused),
+        },
+        data_version=dg.DataVersion(sha256_file(out_path)),
+    )
+    yield checks.slide_vector_result(problems, dim)
+
+
+ASSETS: list[dg.AssetsDefinition] = [patch_coords, uni_features, slide_vector]

@@ -1,7 +1,97 @@
 """Resources of the pathology group, keyed by resource name."""
 
+from __future__ import annotations
+
+from typing import Optional
+
 import dagster as dg
+from pydantic import Field
+
+from gcmlm_assets.pathology.encoders import LoadedEncoder
+from gcmlm_assets.pathology.slides import PLAUSIBLE_MPP
+from gcmlm_assets.pathology.tiling import ClamParams, TilingParams
+from gcmlm_assets.pathology.tissue import SegmentationParams
+
+
+class TilingSettings(dg.ConfigurableResource):
+    """How `patch_coords` finds tissue and lays patches (resource key "pathology").
+
+    `mode="default"` tiles at `target_mpp` with a tissue-fraction rule;
+    `mode="clam"` reproduces CLAM's create_patches_fp.py with CLAM's parameters
+    (the `clam_*` fields, or a CLAM preset CSV in `clam_preset`).
+    """
+
+    mode: str = Field(default="default", description='"default" or "clam"')
+    patch_size: int = Field(default=256, description="patch side in px at target_mpp")
+    target_mpp: float = Field(default=0.5, description="µm per pixel of the patches (0.5 ~ 20x)")
+    min_tissue: float = Field(default=0.25, description="minimum tissue fraction of a kept patch")
+    default_mpp: float = Field(default=0.5, description="µm/px assumed (with a WARN) for slides without resolution")
+    min_plausible_mpp: float = PLAUSIBLE_MPP[0]
+    max_plausible_mpp: float = PLAUSIBLE_MPP[1]
+    level_match_tolerance: float = 0.02
+    seg_mpp: float = Field(default=8.0, description="µm per pixel of the image tissue is segmented on")
+    sthresh: int = 8
+    mthresh: int = 7
+    close: int = 4
+    use_otsu: bool = False
+    min_tissue_area: float = Field(default=1.0, description="drop tissue regions under this many patch areas")
+    min_hole_area: float = Field(default=1.0, description="fill holes under this many patch areas")
+    max_n_holes: Optional[int] = Field(default=None, description="keep only the largest N holes per region")
+    clam_preset: Optional[str] = Field(default=None, description="CLAM preset CSV; overrides the clam_* fields")
+    clam_seg_level: int = -1
+    clam_a_t: float = 100.0
+    clam_a_h: float = 16.0
+    clam_max_n_holes: int = 8
+    clam_contour_fn: str = "four_pt"
+    clam_use_padding: bool = True
+    min_patches_per_slide: int = Field(default=10, description="patch_count_in_bounds warns below this")
+    max_patches_per_slide: int = Field(default=200_000, description="patch_count_in_bounds warns above this")
+
+    def tiling_params(self) -> TilingParams:
+        clam = ClamParams(seg_level=self.clam_seg_level, sthresh=self.sthresh, mthresh=self.mthresh,
+                          close=self.close, use_otsu=self.use_otsu, a_t=self.clam_a_t, a_h=self.clam_a_h,
+                          max_n_holes=self.clam_max_n_holes, contour_fn=self.clam_contour_fn,
+                          use_padding=self.clam_use_padding, patch_size=self.patch_size,
+                          step_size=self.patch_size)
+        if self.clam_preset:
+            clam = ClamParams.from_preset_csv(self.clam_preset, base=clam)
+        return TilingParams(
+            mode=self.mode, patch_size=self.patch_size, target_mpp=self.target_mpp,
+            min_tissue=self.min_tissue, default_mpp=self.default_mpp,
+            plausible_mpp=(self.min_plausible_mpp, self.max_plausible_mpp),
+            level_match_tolerance=self.level_match_tolerance, seg_mpp=self.seg_mpp,
+            segmentation=SegmentationParams(sthresh=self.sthresh, mthresh=self.mthresh, close=self.close,
+                                            use_otsu=self.use_otsu),
+            min_tissue_area=self.min_tissue_area, min_hole_area=self.min_hole_area,
+            max_n_holes=self.max_n_holes, clam=clam,
+        )
+
+
+class PatchEncoder(dg.ConfigurableResource):
+    """Which encoder `uni_features` runs and how (resource key "encoder").
+
+    Weights are never downloaded: `checkpoint` names a local `pytorch_model.bin`
+    or `.safetensors`; when empty, the encoder's environment variable is used
+    (`GCMLM_UNI_CHECKPOINT` for "uni"). Tests and the demo use
+    "vit-tiny-random", an untrained encoder that needs no file.
+    """
+
+    name: str = Field(default="uni", description='"uni", "resnet50-trunc" or "vit-tiny-random"')
+    checkpoint: str = Field(default="", description="local weights file; empty: the encoder's env variable")
+    batch_size: int = Field(default=64, description="patches per forward pass")
+    num_workers: int = Field(default=1, description="DataLoader worker processes reading the slide")
+    float16_features: bool = Field(default=False, description="store features as float16 instead of float32")
+    device: str = Field(default="cpu", description='"cpu" or "cuda" (bf16 autocast on CUDA)')
+
+    def load(self) -> LoadedEncoder:
+        """The encoder, built once per process and shared by every partition it runs."""
+        from gcmlm_assets.pathology.encoders import cached_encoder
+
+        return cached_encoder(self.name, self.checkpoint or None, self.device)
 
 
 def resources(env: str) -> dict[str, dg.ConfigurableResource]:
-    return {}
+    # A GPU pod reads with many workers and feeds larger batches (see the deployment notes).
+    encoder = (PatchEncoder(device="cuda", batch_size=256, num_workers=8) if env == "k8s"
+               else PatchEncoder(device="cpu"))
+    return {"pathology": TilingSettings(), "encoder": encoder}

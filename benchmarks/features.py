@@ -1,0 +1,137 @@
+"""Streaming feature extraction end to end vs the encoder's forward pass alone, and its peak memory.
+
+    python -m benchmarks.features [--patches 480] [--batch-size 32] [--workers 1] [--encoder vit-tiny-random]
+
+On the large pyramidal slide of `benchmarks.slides`, tiled by `patch_coords`'
+tiler (512 px read at level 0, resized to 224 px):
+
+- forward only: the encoder on already-normalised batches of real patches,
+  `batch-size` at a time, under `torch.inference_mode`: the rate that
+  extraction would reach if reading cost nothing;
+- end to end: `extract_slide_features` (DataLoader workers reading and
+  resizing, normalisation, encoder, HDF5 appends, rename) on the same number
+  of patches and batch size. Loading is fully overlapped with compute when this
+  reaches the forward-only rate;
+- peak RSS of the extraction at 1x and 4x the patch count, each in a fresh
+  subprocess (`ru_maxrss` of the process, and of its largest DataLoader worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.read_path import coords_file, tiled_benchmark_slide
+from gcmlm_assets.pathology.encoders import load_encoder
+from gcmlm_assets.pathology.extract import (
+    PatchBatches,
+    block_major_order,
+    extract_slide_features,
+    normalisation_constants,
+    normalise_batch,
+    read_patch_grid,
+)
+
+
+def forward_only(encoder, slide_path: Path, coords_path: Path, n_patches: int, batch_size: int) -> float:
+    """Seconds for the encoder alone over `n_patches`, in batches of real, normalised patches."""
+    grid = read_patch_grid(coords_path)
+    level_xy = grid.coords.astype(np.int64)  # level 0 on this slide
+    batches = PatchBatches(slide_path, level_xy, block_major_order(level_xy, grid.read_size), grid.read_size,
+                           encoder.spec.input_size, batch_size, "openslide", None, grid.patch_level)
+    mean, inv_std = normalisation_constants(encoder, encoder.device)
+    images = normalise_batch(batches[0]["images"], mean, inv_std).contiguous(memory_format=torch.channels_last)
+    batches.close()
+    n_batches = -(-n_patches // batch_size)
+    with torch.inference_mode():
+        encoder.module(images)  # warm-up
+        started = time.perf_counter()
+        for _ in range(n_batches):
+            encoder.module(images).float().cpu().numpy()
+        return time.perf_counter() - started
+
+
+def child(args: argparse.Namespace) -> None:
+    """One extraction in this (fresh) process; prints its rate and peak RSS as JSON."""
+    slide_path, tiling = tiled_benchmark_slide()
+    encoder = load_encoder(args.encoder)
+    with tempfile.TemporaryDirectory() as tmp:
+        coords_path = coords_file(tiling, args.child, Path(tmp))
+        result = extract_slide_features(slide_path, coords_path, Path(tmp) / "features.h5", encoder,
+                                        fingerprint="benchmark", batch_size=args.batch_size,
+                                        num_workers=args.workers)
+    print(json.dumps({
+        "patches": result.n_patches,
+        "seconds": result.seconds,
+        "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "worker_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }))
+
+
+def run_child(args: argparse.Namespace, n_patches: int) -> dict:
+    command = [sys.executable, "-m", "benchmarks.features", "--child", str(n_patches), "--batch-size",
+               str(args.batch_size), "--workers", str(args.workers), "--encoder", args.encoder]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--patches", type=int, default=480)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--encoder", default="vit-tiny-random")
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs (rates only)")
+    parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    slide_path, tiling = tiled_benchmark_slide()
+    n = min(args.patches, tiling.n_patches // 4)
+    encoder = load_encoder(args.encoder)
+    with tempfile.TemporaryDirectory() as tmp:
+        coords_path = coords_file(tiling, n, Path(tmp))
+        forward_s = end_to_end_s = float("inf")
+        # Alternate the two so that load from other processes hits both alike.
+        for _ in range(args.repeats):
+            forward_s = min(forward_s, forward_only(encoder, slide_path, coords_path, n, args.batch_size))
+            result = extract_slide_features(slide_path, coords_path, Path(tmp) / "features.h5", encoder,
+                                            fingerprint=f"run-{time.time()}", batch_size=args.batch_size,
+                                            num_workers=args.workers)
+            end_to_end_s = min(end_to_end_s, result.seconds)
+    single, quadruple = run_child(args, n), run_child(args, 4 * n)
+
+    print(f"encoder {args.encoder}, batch {args.batch_size}, {args.workers} DataLoader worker(s), "
+          f"torch threads {torch.get_num_threads()}, reader {result.reader}; best of {args.repeats}")
+    print()
+    print(f"| {'run':<34} | {'patches':>7} | {'seconds':>7} | {'patches/s':>9} | {'% of forward':>12} |")
+    print(f"|{'-' * 36}|{'-' * 9}|{'-' * 9}|{'-' * 11}|{'-' * 14}|")
+    forward_rate = n / forward_s
+    for name, seconds in (("forward pass only", forward_s), ("end to end (streaming extractor)", end_to_end_s)):
+        rate = n / seconds
+        print(f"| {name:<34} | {n:>7} | {seconds:>7.2f} | {rate:>9.1f} | {100 * rate / forward_rate:>11.1f}% |")
+    print()
+    print(f"| {'peak RSS, fresh process':<34} | {'patches':>7} | {'main MiB':>8} | {'worker MiB':>10} "
+          f"| {'patches/s':>9} |")
+    print(f"|{'-' * 36}|{'-' * 9}|{'-' * 10}|{'-' * 12}|{'-' * 11}|")
+    for name, run in (("1x", single), ("4x", quadruple)):
+        print(f"| {name:<34} | {run['patches']:>7} | {run['rss_mib']:>8.0f} | {run['worker_rss_mib']:>10.0f} "
+              f"| {run['patches'] / run['seconds']:>9.1f} |")
+    growth = 100 * (quadruple["rss_mib"] / single["rss_mib"] - 1)
+    worker_growth = 100 * (quadruple["worker_rss_mib"] / max(single["worker_rss_mib"], 1e-9) - 1)
+    print(f"\npeak RSS 4x vs 1x: main {growth:+.1f} %, worker {worker_growth:+.1f} % (bound: 20 %)")
+
+
+if __name__ == "__main__":
+    main()

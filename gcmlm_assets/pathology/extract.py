@@ -1,0 +1,687 @@
+"""Streaming patch-feature extraction: slide + patch coordinates -> CLAM-layout HDF5.
+
+Pipeline per slide:
+- Patches are visited in block-major order (blocks of `BLOCK_PATCHES`² grid
+  cells, row-major inside), so the image tiles a batch touches stay in the
+  reader's tile cache while it needs them: each tile is decoded once, even
+  when patches and tiles are not aligned.
+- A `DataLoader` whose workers each open their own slide handle (lazily, after
+  the fork) reads one batch per item into one preallocated uint8 array and
+  resizes the whole batch in one call (antialiased bilinear on uint8, which
+  agrees with PIL's `Resize` to within a grey level or two). Workers return
+  uint8 NHWC batches, four times smaller to ship than float.
+- The main process normalises in batch on the model's device (uint8 -> float;
+  NHWC memory is channels-last for free), runs the encoder under
+  `torch.inference_mode` (bf16 autocast on CUDA only) and appends the features
+  to a resizable HDF5 dataset as they come, so memory does not grow with the
+  slide: at most `num_workers * prefetch_factor` batches are in flight.
+- The file is written under a temporary name and renamed at the end; a
+  finished file carries its fingerprint and is not recomputed.
+
+Two region readers give the same pixels: `TiffTileReader` decodes the tiles
+of Aperio/generic TIFF slides directly (tifffile + libjpeg-turbo) and keeps
+the recently decoded ones; it is about 4x faster per pixel than OpenSlide's
+`read_region`, which stays the reader for every other format (with
+OpenSlide's own tile cache). The direct reader is used only after it
+reproduced OpenSlide's pixels on a probe region of the slide.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from gcmlm_assets.pathology.encoders import LoadedEncoder
+from gcmlm_assets.storage import atomic_path, sha256_text
+
+# Bump when the extraction's output would change for the same inputs.
+EXTRACTION_VERSION = "1"
+BLOCK_PATCHES = 8
+TILE_CACHE_BYTES = 48 << 20
+# Vendors whose levels are plain tiled TIFF pages that tifffile decodes as OpenSlide does.
+DIRECT_TIFF_VENDORS = ("aperio", "generic-tiff")
+PROBE_MAX_ABS_DIFF = 2
+FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
+CHUNK_ROWS = 256
+
+
+class ExtractionError(RuntimeError):
+    """A slide or its coordinates cannot be turned into features (names the file)."""
+
+
+# ---------------------------------------------------------------- coordinates
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """The patches of one slide as `patch_coords` wrote them (CLAM layout)."""
+
+    coords: np.ndarray  # (N, 2) int64, level-0 top-left x, y
+    patch_level: int
+    patch_size: int
+    read_size: int  # pixels read at patch_level, then resized
+    attrs: dict[str, Any]
+
+    @property
+    def n_patches(self) -> int:
+        return int(self.coords.shape[0])
+
+
+def read_patch_grid(path: str | os.PathLike) -> PatchGrid:
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as fh:
+            if "coords" not in fh:
+                raise ExtractionError(f"{path}: no `coords` dataset (expected a CLAM patch-coordinate file)")
+            dataset = fh["coords"]
+            coords = np.asarray(dataset[()], dtype=np.int64).reshape(-1, 2) if dataset.size else np.zeros((0, 2), np.int64)
+            if dataset.size and (dataset.ndim != 2 or dataset.shape[1] != 2):
+                raise ExtractionError(f"{path}: `coords` has shape {dataset.shape}, expected (N, 2)")
+            attrs = {key: _plain(value) for key, value in dataset.attrs.items()}
+    except OSError as exc:
+        raise ExtractionError(f"{path}: cannot read patch coordinates: {exc}") from exc
+    for key in ("patch_level", "patch_size"):
+        if key not in attrs:
+            raise ExtractionError(f"{path}: `coords` lacks attribute {key!r}")
+    patch_size = int(attrs["patch_size"])
+    # CLAM's own files have no read_size: it reads patch_size pixels at patch_level.
+    read_size = int(attrs.get("read_size", patch_size))
+    if patch_size <= 0 or read_size <= 0:
+        raise ExtractionError(f"{path}: patch_size {patch_size} / read_size {read_size} must be positive")
+    return PatchGrid(coords, int(attrs["patch_level"]), patch_size, read_size, attrs)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode()
+    return value
+
+
+def block_major_order(level_xy: np.ndarray, read_size: int, block_patches: int = BLOCK_PATCHES) -> np.ndarray:
+    """Indices visiting patches block by block (blocks row-major, patches row-major inside)."""
+    if len(level_xy) == 0:
+        return np.zeros(0, dtype=np.int64)
+    block = level_xy // (read_size * block_patches)
+    return np.lexsort((level_xy[:, 0], level_xy[:, 1], block[:, 0], block[:, 1])).astype(np.int64)
+
+
+# ---------------------------------------------------------------- region readers
+
+
+class RegionReader(Protocol):
+    kind: str
+
+    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 (height, width, 3) at the reader's level; zeros outside the image."""
+
+    def read_into(self, x: int, y: int, out: np.ndarray) -> None:
+        """`read` into a preallocated (height, width, 3) array."""
+
+    def close(self) -> None: ...
+
+
+class OpenSlideReader:
+    """Any format OpenSlide opens; `read_region` returns un-premultiplied RGBA."""
+
+    kind = "openslide"
+
+    def __init__(self, slide_path: Path, level: int):
+        import openslide
+
+        self._slide = openslide.OpenSlide(str(slide_path))
+        self._level = level
+        self._downsample = self._slide.level_downsamples[level]
+
+    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        location = (int(round(x * self._downsample)), int(round(y * self._downsample)))
+        rgba = np.asarray(self._slide.read_region(location, self._level, (width, height)))
+        # Transparent pixels (outside the slide) come back as RGBA 0, i.e. black,
+        # as CLAM's `.convert("RGB")` gives.
+        return rgba[..., :3]
+
+    def read_into(self, x: int, y: int, out: np.ndarray) -> None:
+        out[:] = self.read(x, y, out.shape[1], out.shape[0])
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class TiffTileReader:
+    """Decodes the tiles of one TIFF page directly, each once while it stays cached."""
+
+    kind = "tiff-tiles"
+
+    def __init__(self, slide_path: Path, page_index: int, cache_bytes: int = TILE_CACHE_BYTES):
+        import tifffile
+
+        self._tiff = tifffile.TiffFile(str(slide_path))
+        self._page = self._tiff.pages[page_index]
+        page = self._page
+        self._fd = os.open(slide_path, os.O_RDONLY)
+        self._width, self._height = page.imagewidth, page.imagelength
+        self._tile_w, self._tile_h = page.tilewidth, page.tilelength
+        self._tiles_x = -(-self._width // self._tile_w)
+        self._tiles_y = -(-self._height // self._tile_h)
+        self._offsets = page.dataoffsets
+        self._counts = page.databytecounts
+        self._jpegtables = page.jpegtables
+        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._max_tiles = max(4, cache_bytes // (self._tile_w * self._tile_h * 3))
+
+    def _tile(self, index: int) -> np.ndarray:
+        cached = self._cache.get(index)
+        if cached is not None:
+            self._cache.move_to_end(index)
+            return cached
+        count = self._counts[index]
+        if count == 0:
+            # A sparse TIFF leaves empty tiles out; OpenSlide shows them transparent.
+            tile = np.zeros((self._tile_h, self._tile_w, 3), np.uint8)
+        else:
+            data = os.pread(self._fd, count, self._offsets[index])
+            segment, _, _ = self._page.decode(data, index, jpegtables=self._jpegtables)
+            tile = np.ascontiguousarray(segment.reshape(segment.shape[-3:])[..., :3])
+        self._cache[index] = tile
+        if len(self._cache) > self._max_tiles:
+            self._cache.popitem(last=False)
+        return tile
+
+    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        out = np.empty((height, width, 3), np.uint8)
+        self.read_into(x, y, out)
+        return out
+
+    def read_into(self, x: int, y: int, out: np.ndarray) -> None:
+        """Fill `out` (height, width, 3) with the region at (x, y): one copy from cached tiles."""
+        height, width = out.shape[:2]
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + width, self._width), min(y + height, self._height)
+        if x0 > x or y0 > y or x1 < x + width or y1 < y + height:
+            out[:] = 0  # parts outside the image stay black, as OpenSlide returns them
+        if x1 <= x0 or y1 <= y0:
+            return
+        for ty in range(y0 // self._tile_h, (y1 - 1) // self._tile_h + 1):
+            for tx in range(x0 // self._tile_w, (x1 - 1) // self._tile_w + 1):
+                tile = self._tile(ty * self._tiles_x + tx)
+                tile_x, tile_y = tx * self._tile_w, ty * self._tile_h
+                # Intersection of the tile (clipped to the image) with the request.
+                ix0, iy0 = max(x0, tile_x), max(y0, tile_y)
+                ix1 = min(x1, tile_x + tile.shape[1])
+                iy1 = min(y1, tile_y + tile.shape[0])
+                if ix1 > ix0 and iy1 > iy0:
+                    out[iy0 - y : iy1 - y, ix0 - x : ix1 - x] = tile[iy0 - tile_y : iy1 - tile_y, ix0 - tile_x : ix1 - tile_x]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        self._tiff.close()
+
+
+def _direct_tiff_page(slide_path: Path, level: int) -> int | None:
+    """The TIFF page holding OpenSlide level `level`, when it can be decoded directly."""
+    import openslide
+    import tifffile
+
+    with openslide.OpenSlide(str(slide_path)) as slide:
+        vendor = slide.properties.get("openslide.vendor", "")
+        width, height = slide.level_dimensions[level]
+    if vendor not in DIRECT_TIFF_VENDORS:
+        return None
+    try:
+        with tifffile.TiffFile(str(slide_path)) as tif:
+            matches = [
+                i
+                for i, page in enumerate(tif.pages)
+                if page.is_tiled
+                and (page.imagewidth, page.imagelength) == (width, height)
+                and page.samplesperpixel in (3, 4)
+                and page.bitspersample == 8
+                and page.planarconfig == 1
+                and page.imagedepth == 1
+            ]
+    except Exception:  # noqa: BLE001 - tifffile cannot parse it: OpenSlide will read it
+        return None
+    return matches[0] if len(matches) == 1 else None
+
+
+def choose_reader(slide_path: Path, level: int, probe: tuple[int, int, int, int] | None) -> tuple[str, int | None]:
+    """("tiff-tiles", page) when direct decoding reproduces OpenSlide on `probe`, else ("openslide", None)."""
+    page = _direct_tiff_page(slide_path, level)
+    if page is None:
+        return "openslide", None
+    try:
+        direct = TiffTileReader(slide_path, page)
+        try:
+            if probe is not None:
+                reference = OpenSlideReader(slide_path, level)
+                try:
+                    a = direct.read(*probe).astype(np.int16)
+                    b = reference.read(*probe).astype(np.int16)
+                finally:
+                    reference.close()
+                if np.abs(a - b).max(initial=0) > PROBE_MAX_ABS_DIFF:
+                    return "openslide", None
+        finally:
+            direct.close()
+    except Exception:  # noqa: BLE001 - a codec tifffile lacks: OpenSlide still reads it
+        return "openslide", None
+    return "tiff-tiles", page
+
+
+def open_reader(slide_path: Path, level: int, kind: str, page: int | None) -> RegionReader:
+    if kind == "tiff-tiles" and page is not None:
+        return TiffTileReader(slide_path, page)
+    return OpenSlideReader(slide_path, level)
+
+
+# ---------------------------------------------------------------- batches
+
+
+class PatchBatches(Dataset):
+    """Item i = batch i of patches in block-major order, as uint8 NHWC at the encoder's input size."""
+
+    def __init__(
+        self,
+        slide_path: Path,
+        level_xy: np.ndarray,
+        order: np.ndarray,
+        read_size: int,
+        input_size: int,
+        batch_size: int,
+        reader_kind: str,
+        reader_page: int | None,
+        level: int,
+    ):
+        self.slide_path = Path(slide_path)
+        self.level_xy = level_xy
+        self.order = order
+        self.read_size = read_size
+        self.input_size = input_size
+        self.batch_size = batch_size
+        self.reader_kind = reader_kind
+        self.reader_page = reader_page
+        self.level = level
+        self._reader: RegionReader | None = None
+        self._reader_pid: int | None = None
+        self._scratch: np.ndarray | None = None
+        self._scratch_pid: int | None = None
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def reader(self) -> RegionReader:
+        # Opened lazily in the process that reads: a handle inherited through
+        # fork would share its file offset and caches with the parent.
+        if self._reader is None or self._reader_pid != os.getpid():
+            self._reader = open_reader(self.slide_path, self.level, self.reader_kind, self.reader_page)
+            self._reader_pid = os.getpid()
+        return self._reader
+
+    def close(self) -> None:
+        if self._reader is not None and self._reader_pid == os.getpid():
+            self._reader.close()
+        self._reader = None
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        indices = self.order[item * self.batch_size : (item + 1) * self.batch_size]
+        xy = self.level_xy[indices]
+        patches = self._patch_buffer(len(indices))
+        reader = self.reader()
+        size = self.read_size
+        try:
+            for k, (x, y) in enumerate(xy):
+                reader.read_into(int(x), int(y), patches[k])
+        except Exception as exc:
+            raise ExtractionError(
+                f"{self.slide_path}: cannot read patches of batch {item} at level {self.level}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        images = torch.from_numpy(patches).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+        if size != self.input_size:
+            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
+                                   antialias=True, align_corners=False)
+        return {
+            "images": images.permute(0, 2, 3, 1).contiguous(),
+            "index": torch.from_numpy(indices),
+        }
+
+    def _patch_buffer(self, n: int) -> np.ndarray:
+        shape = (n, self.read_size, self.read_size, 3)
+        if self.read_size == self.input_size:
+            return np.empty(shape, np.uint8)  # returned as is: must not be reused
+        # Reused across batches: a fresh 50 MB array per batch costs page faults
+        # and zeroing comparable to the resize itself.
+        if self._scratch is None or self._scratch.shape[0] < n or self._scratch_pid != os.getpid():
+            self._scratch = np.empty((max(n, self.batch_size), *shape[1:]), np.uint8)
+            self._scratch_pid = os.getpid()
+        return self._scratch[:n]
+
+
+def _worker_init(_: int) -> None:
+    # Each worker opens its own slide handle on first use (PatchBatches.reader);
+    # decoding is single-threaded per worker so workers do not oversubscribe cores.
+    torch.set_num_threads(1)
+
+
+def normalise_batch(images: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 NHWC (0..255) -> float32 NCHW in channels-last memory, (x/255 - mean) / std.
+
+    `out`: a float32 NHWC buffer of at least the batch's size to write into (reused
+    between batches on CPU, where a fresh allocation per batch is measurably slower).
+    """
+    if out is not None and out.shape[0] >= images.shape[0] and out.shape[1:] == images.shape[1:]:
+        x = out[: images.shape[0]]
+        x.copy_(images)
+    else:
+        x = images.to(torch.float32)
+    # x * (1/std) - mean/std in one pass over memory, in place.
+    torch.addcmul(-mean * inv_std, x, inv_std, out=x)
+    return x.permute(0, 3, 1, 2)
+
+
+def normalisation_constants(encoder: LoadedEncoder, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(encoder.spec.mean, dtype=torch.float32, device=device) * 255.0
+    inv_std = 1.0 / (torch.tensor(encoder.spec.std, dtype=torch.float32, device=device) * 255.0)
+    return mean, inv_std
+
+
+# ---------------------------------------------------------------- extraction
+
+
+@dataclass
+class ExtractionResult:
+    output: Path
+    n_patches: int
+    embedding_dim: int
+    reused: bool
+    seconds: float = 0.0
+    reader: str = ""
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def patches_per_second(self) -> float:
+        return self.n_patches / self.seconds if self.seconds > 0 else 0.0
+
+
+def extraction_fingerprint(
+    *, coords_sha256: str, slide_fingerprint: str, encoder: LoadedEncoder, feature_dtype: str, precision: str
+) -> str:
+    identity = encoder.identity()
+    return sha256_text(
+        "uni_features", EXTRACTION_VERSION, coords_sha256, slide_fingerprint, identity["encoder"],
+        identity["checkpoint_sha256"], identity["weights_sha256"], str(encoder.spec.input_size),
+        repr(encoder.spec.mean), repr(encoder.spec.std), feature_dtype, precision,
+    )
+
+
+def precision_for(device: torch.device) -> str:
+    return "bf16-autocast" if device.type == "cuda" else "float32"
+
+
+def finished_fingerprint(path: Path) -> str | None:
+    """The fingerprint of a complete feature file, or None (absent, unreadable, incomplete)."""
+    try:
+        with h5py.File(path, "r") as fh:
+            if fh["features"].shape[0] != fh["coords"].shape[0]:
+                return None
+            value = fh.attrs.get("fingerprint")
+    except (OSError, KeyError):
+        return None
+    return _plain(value) if value is not None else None
+
+
+def extract_slide_features(
+    slide_path: str | os.PathLike,
+    coords_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    encoder: LoadedEncoder,
+    *,
+    fingerprint: str,
+    batch_size: int = 64,
+    num_workers: int = 1,
+    feature_dtype: str = "float32",
+    prefetch_factor: int = 2,
+    extra_attrs: dict[str, Any] | None = None,
+) -> ExtractionResult:
+    """Write `<output_path>` (CLAM layout) unless it already holds `fingerprint`."""
+    slide_path, coords_path, output_path = Path(slide_path), Path(coords_path), Path(output_path)
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature_dtype must be one of {sorted(FEATURE_DTYPES)}, got {feature_dtype!r}")
+    if finished_fingerprint(output_path) == fingerprint:
+        with h5py.File(output_path, "r") as fh:
+            n = int(fh["features"].shape[0])
+            attrs = {k: _plain(v) for k, v in fh.attrs.items()}
+        return ExtractionResult(output_path, n, encoder.embedding_dim, reused=True,
+                                reader=str(attrs.get("reader", "")), attrs=attrs)
+
+    grid = read_patch_grid(coords_path)
+    level_xy, downsample = _level_coordinates(slide_path, grid)
+    order = block_major_order(level_xy, grid.read_size)
+    probe = None
+    if grid.n_patches:
+        px, py = level_xy[order[0]]
+        probe = (int(px), int(py), grid.read_size, grid.read_size)
+    reader_kind, reader_page = choose_reader(slide_path, grid.patch_level, probe)
+    dataset = PatchBatches(slide_path, level_xy, order, grid.read_size, encoder.spec.input_size,
+                           batch_size, reader_kind, reader_page, grid.patch_level)
+    device = encoder.device
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        pin_memory=device.type == "cuda",
+    )
+    mean, inv_std = normalisation_constants(encoder, device)
+    dim = encoder.embedding_dim
+    attrs = {
+        **{k: v for k, v in (extra_attrs or {}).items() if v is not None},
+        **{k: (v if not isinstance(v, bool) else int(v)) for k, v in encoder.identity().items()},
+        "feature_dtype": feature_dtype,
+        "precision": precision_for(device),
+        "reader": reader_kind,
+        "slide_path": str(slide_path),
+        "coords_path": str(coords_path),
+        "patch_order": f"block-major ({BLOCK_PATCHES}x{BLOCK_PATCHES} patches)",
+        "level_downsample": downsample,
+        "extraction_version": EXTRACTION_VERSION,
+    }
+    started = time.perf_counter()
+    written = 0
+    try:
+        with atomic_path(output_path) as tmp, h5py.File(tmp, "w") as out:
+            features = out.create_dataset(
+                "features", shape=(0, dim), maxshape=(None, dim), dtype=FEATURE_DTYPES[feature_dtype],
+                chunks=(CHUNK_ROWS, dim),
+            )
+            coords = out.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), dtype=np.int64, chunks=(CHUNK_ROWS, 2))
+            # Row i of features/coords is row source_index[i] of the patch_coords file.
+            source_index = out.create_dataset("source_index", shape=(0,), maxshape=(None,), dtype=np.int64,
+                                              chunks=(CHUNK_ROWS,))
+            for key, value in grid.attrs.items():
+                coords.attrs[key] = value
+            buffer = None
+            for batch in loader:
+                if buffer is None and device.type == "cpu":
+                    buffer = torch.empty((batch_size, *batch["images"].shape[1:]), dtype=torch.float32)
+                vectors = _encode(encoder, batch["images"], mean, inv_std, buffer)
+                index = batch["index"].numpy()
+                n = len(index)
+                for dataset_, values in ((features, vectors), (coords, grid.coords[index]), (source_index, index)):
+                    dataset_.resize(written + n, axis=0)
+                    dataset_[written : written + n] = values
+                written += n
+            for key, value in attrs.items():
+                out.attrs[key] = value
+            out.attrs["n_patches"] = written
+            # Written last: only a complete file carries its fingerprint.
+            out.attrs["fingerprint"] = fingerprint
+    finally:
+        dataset.close()
+    seconds = time.perf_counter() - started
+    return ExtractionResult(output_path, written, dim, reused=False, seconds=seconds, reader=reader_kind,
+                            attrs={**attrs, "fingerprint": fingerprint, "n_patches": written})
+
+
+def _encode(encoder: LoadedEncoder, images: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor,
+            buffer: torch.Tensor | None = None) -> np.ndarray:
+    device = encoder.device
+    with torch.inference_mode():
+        x = normalise_batch(images.to(device, non_blocking=True), mean, inv_std, buffer)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = encoder.module(x)
+        return out.float().cpu().numpy()
+
+
+def _level_coordinates(slide_path: Path, grid: PatchGrid) -> tuple[np.ndarray, float]:
+    import openslide
+
+    try:
+        with openslide.OpenSlide(str(slide_path)) as slide:
+            if not 0 <= grid.patch_level < slide.level_count:
+                raise ExtractionError(f"{slide_path}: patch_level {grid.patch_level} does not exist "
+                                      f"(the slide has {slide.level_count} levels)")
+            downsample = float(slide.level_downsamples[grid.patch_level])
+    except openslide.OpenSlideError as exc:
+        raise ExtractionError(f"{slide_path}: OpenSlide cannot open the slide: {exc}") from exc
+    level_xy = np.floor(grid.coords / downsample).astype(np.int64) if grid.n_patches else np.zeros((0, 2), np.int64)
+    return level_xy, downsample
+
+
+# ---------------------------------------------------------------- validation
+
+
+@dataclass
+class FeatureFileReport:
+    path: Path
+    n_rows: int = 0
+    dim: int = 0
+    non_finite_values: int = 0
+    zero_rows: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def validate_feature_file(path: str | os.PathLike, *, expected_rows: int, expected_dim: int,
+                          expected_encoder: dict[str, Any] | None = None, chunk_rows: int = 4096) -> FeatureFileReport:
+    """Shape (expected_rows, expected_dim), finite, no all-zero row, encoder identity recorded
+    (and, given `expected_encoder`, equal to its name and checkpoint sha256)."""
+    path = Path(path)
+    report = FeatureFileReport(path)
+    try:
+        with h5py.File(path, "r") as fh:
+            features, coords = fh["features"], fh["coords"]
+            report.n_rows, report.dim = int(features.shape[0]), int(features.shape[1])
+            if features.shape != (expected_rows, expected_dim):
+                report.problems.append(f"features shape {features.shape}, expected ({expected_rows}, {expected_dim})")
+            if coords.shape != (features.shape[0], 2):
+                report.problems.append(f"coords shape {coords.shape} does not match features {features.shape}")
+            for start in range(0, features.shape[0], chunk_rows):
+                block = np.asarray(features[start : start + chunk_rows], dtype=np.float32)
+                report.non_finite_values += int((~np.isfinite(block)).sum())
+                report.zero_rows += int((~block.any(axis=1)).sum())
+            missing = [k for k in ("encoder", "embedding_dim", "checkpoint_sha256") if not fh.attrs.get(k, "")]
+            if missing:
+                report.problems.append(f"encoder identity not recorded (missing attrs {missing})")
+            elif expected_encoder is not None:
+                recorded = {k: _plain(fh.attrs[k]) for k in ("encoder", "checkpoint_sha256")}
+                wanted = {k: expected_encoder[k] for k in ("encoder", "checkpoint_sha256")}
+                if recorded != wanted:
+                    report.problems.append(f"encoder identity {recorded} differs from this run's {wanted}")
+    except (OSError, KeyError) as exc:
+        report.problems.append(f"unreadable feature file: {type(exc).__name__}: {exc}")
+        return report
+    if report.non_finite_values:
+        report.problems.append(f"{report.non_finite_values} non-finite values")
+    if report.zero_rows:
+        report.problems.append(f"{report.zero_rows} all-zero rows")
+    return report
+
+
+# ---------------------------------------------------------------- one patient
+
+
+@dataclass
+class PatientFeatures:
+    """What `extract_patient` did for every slide of a `patch_coords` listing."""
+
+    results: list[ExtractionResult]
+    without_patches: list[str]  # slide files `patch_coords` found no tissue patch on
+    fingerprint: str  # of all inputs: changes when any slide's features would
+
+    @property
+    def n_patches(self) -> int:
+        return sum(r.n_patches for r in self.results)
+
+
+def slide_fingerprint(entry: dict[str, Any]) -> str:
+    """Identity of a slide's content as `patch_coords` listed it (OpenSlide's quickhash and size)."""
+    content = entry.get("quickhash1") or f"mtime:{entry.get('mtime_ns')}"
+    return sha256_text(str(entry.get("file")), str(entry.get("size_bytes")), str(content))
+
+
+def extract_patient(
+    listing: dict[str, Any],
+    out_dir: str | os.PathLike,
+    encoder: LoadedEncoder,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 1,
+    feature_dtype: str = "float32",
+) -> PatientFeatures:
+    """Features for every slide in a `patch_coords` listing (`slides.json`) into `out_dir`.
+
+    Slides already done with the same inputs are kept; files of slides no
+    longer listed are removed once every listed slide is done.
+    """
+    from gcmlm_assets.storage import sha256_file
+
+    out_dir = Path(out_dir)
+    precision = precision_for(encoder.device)
+    results, without, parts = [], [], []
+    for entry in listing.get("slides", []):
+        if not entry.get("h5"):
+            without.append(str(entry.get("file")))
+            continue
+        coords_path = Path(entry["h5"])
+        if not coords_path.is_file():
+            raise ExtractionError(f"{coords_path}: patch coordinates of {entry.get('file')} are missing")
+        coords_sha = sha256_file(coords_path)
+        if entry.get("h5_sha256") and entry["h5_sha256"] != coords_sha:
+            raise ExtractionError(f"{coords_path}: changed since patch_coords listed it (sha256 differs)")
+        fingerprint = extraction_fingerprint(coords_sha256=coords_sha, slide_fingerprint=slide_fingerprint(entry),
+                                             encoder=encoder, feature_dtype=feature_dtype, precision=precision)
+        result = extract_slide_features(
+            entry["slide_path"], coords_path, out_dir / coords_path.name, encoder, fingerprint=fingerprint,
+            batch_size=batch_size, num_workers=num_workers, feature_dtype=feature_dtype,
+            extra_attrs={"slide_file": str(entry.get("file")), "coords_sha256": coords_sha,
+                         "patient_id": str(listing.get("patient_id", ""))},
+        )
+        results.append(result)
+        parts.append(fingerprint)
+    produced = {r.output.name for r in results}
+    for stale in out_dir.glob("*.h5"):
+        if stale.name not in produced:
+            stale.unlink(missing_ok=True)
+    return PatientFeatures(results, without, sha256_text("uni_features-patient", *parts))

@@ -1,0 +1,143 @@
+"""One patient's patch coordinates: tile every slide, then write all outputs (no Dagster).
+
+Outputs in the patient's folder (`<artifacts>/patch_coords/<pid>/`):
+
+* `<slide_stem>.h5` per slide with at least one patch (CLAM layout, see `tiling.py`);
+* `slides.json`: every slide of the patient, with its fingerprint, resolution
+  and source, patch count and HDF5 file (null when the slide has no patch,
+  with the reason). Downstream assets read this listing, not the folder.
+* `tiling.png`: the picture shown in the Dagster UI.
+
+Every slide is opened and tiled before anything is written, so a bad slide
+leaves the folder as it was; each file is written under a temporary name and
+renamed, and `slides.json` is written after the HDF5 files it lists.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gcmlm_assets.pathology.slides import SlideError, SlideInfo, opened
+from gcmlm_assets.pathology.tiling import TILING_VERSION, TilingParams, TilingResult, tile_slide, tiling_picture, \
+    write_coords_h5
+from gcmlm_assets.pictures import save_png
+from gcmlm_assets.storage import atomic_write_json, sha256_file, sha256_text
+
+LISTING = "slides.json"
+PICTURE = "tiling.png"
+
+
+@dataclass
+class SlideOutcome:
+    path: Path
+    info: SlideInfo | None
+    result: TilingResult | None
+    error: str | None
+    seconds: float
+
+
+def inputs_fingerprint(slide_paths: list[Path], params: TilingParams) -> str:
+    """What the outputs are made from: the code version, the parameters, and each
+    slide's name, size and modification time (hashing GBs of pixels would cost
+    more than tiling them)."""
+    parts = [f"tiling={TILING_VERSION}", json.dumps(params.as_dict(), sort_keys=True, default=str)]
+    for path in slide_paths:
+        stat = path.stat()
+        parts.append(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}")
+    return sha256_text(*parts)
+
+
+def tile_patient(slide_paths: list[Path], params: TilingParams) -> list[SlideOutcome]:
+    """Open and tile every slide; a slide that cannot be used gets its error, the others go on."""
+    outcomes = []
+    for path in slide_paths:
+        started = time.perf_counter()
+        try:
+            with opened(path, default_mpp=params.default_mpp, plausible_mpp=params.plausible_mpp) as slide:
+                result = tile_slide(slide, params)
+            outcomes.append(SlideOutcome(path, slide.info, result, None, time.perf_counter() - started))
+        except SlideError as error:
+            outcomes.append(SlideOutcome(path, None, None, str(error), time.perf_counter() - started))
+        except Exception as error:  # noqa: BLE001 - still name the slide that broke, with the error's type
+            problem = f"{path.name}: tiling failed with {type(error).__name__}: {error} ({path})"
+            outcomes.append(SlideOutcome(path, None, None, problem, time.perf_counter() - started))
+    return outcomes
+
+
+def slide_entry(outcome: SlideOutcome, h5_path: Path | None, h5_sha256: str | None) -> dict:
+    info, result = outcome.info, outcome.result
+    assert info is not None and result is not None
+    attrs = result.attrs
+    return {
+        "file": info.path.name,
+        "name": info.name,
+        "slide_path": str(info.path),
+        "size_bytes": info.size_bytes,
+        "mtime_ns": info.mtime_ns,
+        "quickhash1": info.quickhash,
+        "vendor": info.vendor,
+        "dimensions": list(info.dimensions),
+        "n_levels": len(info.level_dimensions),
+        "mpp": [info.mpp.x, info.mpp.y],
+        "mpp_source": info.mpp.source,
+        "mpp_detail": info.mpp.detail,
+        "n_patches": result.n_patches,
+        "n_candidates": result.n_candidates,
+        "tissue_fraction": round(result.tissue_fraction, 6),
+        "reason": result.reason,
+        "patch_size": int(attrs["patch_size"]),
+        "patch_level": int(attrs["patch_level"]),
+        "read_size": int(attrs["read_size"]),
+        "patch_size_level0": int(attrs["patch_size_level0"]),
+        "target_mpp": float(attrs["target_mpp"]),
+        "achieved_mpp": float(attrs["achieved_mpp"]),
+        "h5": str(h5_path) if h5_path else None,
+        "h5_file": h5_path.name if h5_path else None,
+        "h5_sha256": h5_sha256,
+    }
+
+
+def write_patient_outputs(out_dir: Path, patient_id: str, outcomes: list[SlideOutcome],
+                          params: TilingParams) -> dict:
+    """Write the HDF5 files, the picture and `slides.json`; drop HDF5 files of slides
+    that are gone. Returns the listing (as written) with `files`: {name: sha256}."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries, files = [], {}
+    for outcome in outcomes:
+        result = outcome.result
+        assert result is not None, "write only after every slide tiled"
+        h5_path, digest = None, None
+        if result.n_patches:
+            h5_path = write_coords_h5(out_dir / f"{result.name}.h5", result)
+            digest = sha256_file(h5_path)
+            files[h5_path.name] = digest
+        entries.append(slide_entry(outcome, h5_path, digest))
+    picture = save_png(tiling_picture([o.result for o in outcomes if o.result]), out_dir / PICTURE)
+    files[PICTURE] = sha256_file(picture)
+    listing = {
+        "patient_id": patient_id,
+        "tiling_version": TILING_VERSION,
+        "params": params.as_dict(),
+        "n_slides": len(entries),
+        "n_patches": sum(e["n_patches"] for e in entries),
+        "slides": entries,
+    }
+    listing_path = atomic_write_json(out_dir / LISTING, listing)
+    files[LISTING] = sha256_file(listing_path)
+    for stale in out_dir.glob("*.h5"):
+        if stale.name not in files:
+            stale.unlink(missing_ok=True)
+    return {**listing, "files": files}
+
+
+def read_listing(out_dir: Path) -> dict:
+    return json.loads((out_dir / LISTING).read_text())
+
+
+def output_version(listing: dict) -> str:
+    """Content version of the outputs: the HDF5 files' hashes (not the slides' mtimes)."""
+    parts = sorted(f"{e['h5_file']}:{e['h5_sha256']}:{e['n_patches']}" for e in listing["slides"])
+    return sha256_text(TILING_VERSION, *parts)

@@ -1,0 +1,175 @@
+"""Pooling to one vector per patient, and patch_coords -> uni_features -> slide_vector through Dagster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import h5py
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from gcmlm_assets.pathology.assets import patch_coords, slide_vector, uni_features
+from gcmlm_assets.pathology.encoders import load_encoder
+from gcmlm_assets.pathology.pooling import (
+    MeanPooling,
+    PooledVector,
+    PoolingError,
+    SlideFeatures,
+    feature_columns,
+    get_pooling,
+    validate_slide_vector,
+    write_slide_vector,
+)
+from gcmlm_assets.pathology.resources import PatchEncoder, TilingSettings
+from gcmlm_assets_tests.pathology.features_support import cosine_rows, reference_features
+from gcmlm_assets_tests.pathology.slide_fixtures import copy_into, real_slide
+
+
+def _feature_file(path: Path, features: np.ndarray) -> SlideFeatures:
+    with h5py.File(path, "w") as fh:
+        fh["features"] = features
+        fh["coords"] = np.zeros((len(features), 2), np.int64)
+    return SlideFeatures(path, chunk_rows=4)  # small chunks: the sums run over several blocks
+
+
+def test_mean_pooling_is_the_mean_over_all_patches_of_all_slides(tmp_path):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(37, 8)).astype(np.float32)
+    b = rng.normal(loc=3.0, size=(5, 8)).astype(np.float32)
+    pooled = get_pooling("mean").pool([_feature_file(tmp_path / "a.h5", a), _feature_file(tmp_path / "b.h5", b)])
+    np.testing.assert_allclose(pooled.vector, np.concatenate([a, b]).astype(np.float64).mean(axis=0), rtol=1e-12)
+    assert (pooled.n_patches, pooled.n_slides) == (42, 2)
+    assert pooled.details["patches_per_slide"] == {"a": 37, "b": 5}
+
+
+def test_pooling_refuses_what_it_cannot_pool(tmp_path):
+    eight = _feature_file(tmp_path / "a.h5", np.ones((3, 8), np.float32))
+    nine = _feature_file(tmp_path / "b.h5", np.ones((3, 9), np.float32))
+    with pytest.raises(PoolingError, match="b.h5: feature dimension 9 differs from 8"):
+        MeanPooling().pool([eight, nine])
+    empty = _feature_file(tmp_path / "c.h5", np.zeros((0, 8), np.float32))
+    with pytest.raises(PoolingError, match="0 patches"):
+        MeanPooling().pool([empty])
+    with pytest.raises(PoolingError, match="unknown pooling 'attention'"):
+        get_pooling("attention")
+    with pytest.raises(PoolingError, match="missing.h5: cannot read"):
+        MeanPooling().pool([SlideFeatures(tmp_path / "missing.h5")])
+
+
+def test_slide_vector_file_layout_and_its_check(tmp_path):
+    path = write_slide_vector(tmp_path / "slide_vector.parquet", "P1", PooledVector(np.arange(3.0), 10, 2))
+    table = pq.read_table(path)
+    assert table.column_names == ["patient_id", "n_patches", "n_slides", *feature_columns(3)]
+    assert table.num_rows == 1 and str(table.schema.field("n_patches").type) == "int64"
+    assert validate_slide_vector(path, expected_dim=3) == []
+    assert "2 feature columns, expected 3" in validate_slide_vector(
+        write_slide_vector(tmp_path / "two.parquet", "P1", PooledVector(np.arange(2.0), 1, 1)), expected_dim=3)[0]
+    bad = write_slide_vector(tmp_path / "nan.parquet", "P1", PooledVector(np.array([1.0, np.nan, 3.0]), 1, 1))
+    assert validate_slide_vector(bad, expected_dim=3) == ["1 non-finite feature values"]
+
+
+# ---------------------------------------------------------------- through Dagster
+
+
+def _resources(base_resources: dict, **encoder) -> dict:
+    settings = {"name": "vit-tiny-random", "batch_size": 16, "num_workers": 1, **encoder}
+    return {**base_resources, "pathology": TilingSettings(), "encoder": PatchEncoder(**settings)}
+
+
+def _materialize(instance, assets, resources: dict, patient_id: str) -> dg.ExecuteInProcessResult:
+    if patient_id not in instance.get_dynamic_partitions("patients"):
+        instance.add_dynamic_partitions("patients", [patient_id])
+    return dg.materialize(assets, partition_key=patient_id, instance=instance, resources=resources,
+                          raise_on_error=False)
+
+
+def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
+    [event] = [m for m in result.get_asset_materialization_events() if m.asset_key.to_user_string() == asset]
+    return {k: v.value for k, v in event.materialization.metadata.items()}
+
+
+def _checks(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
+    return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+
+
+def _failure(result: dg.ExecuteInProcessResult) -> str:
+    [event] = result.get_step_failure_events()
+    error = event.step_failure_data.error
+    return error.message + (error.cause.message if error.cause else "")
+
+
+def test_pathology_branch_end_to_end(instance, base_resources, data_root: Path, test_data: Path, monkeypatch):
+    slide = copy_into(real_slide(test_data), data_root / "landing" / "P001" / "wsi")
+    resources = _resources(base_resources)
+    result = _materialize(instance, [patch_coords, uni_features, slide_vector], resources, "P001")
+    assert result.success
+    assert all(_checks(result).values()) and len(_checks(result)) == 9, _checks(result)
+
+    artifacts = data_root / "artifacts"
+    with h5py.File(artifacts / "patch_coords" / "P001" / f"{slide.stem}.h5", "r") as fh:
+        tiled = fh["coords"][()]
+    features_file = artifacts / "uni_features" / "P001" / f"{slide.stem}.h5"
+    with h5py.File(features_file, "r") as fh:
+        features, coords = fh["features"][()], fh["coords"][()]
+        assert fh.attrs["encoder"] == "vit-tiny-random" and fh.attrs["checkpoint_sha256"] == "untrained"
+    assert len(tiled) > 20 and features.shape == (len(tiled), 192)
+    assert sorted(map(tuple, coords)) == sorted(map(tuple, tiled))
+    # The asset's features are the encoder applied to the patches patch_coords chose.
+    expected = reference_features(load_encoder("vit-tiny-random"), slide, coords[:6], read_size=256)
+    assert cosine_rows(features[:6], expected).min() > 0.9999
+
+    table = pq.read_table(artifacts / "slide_vector" / "P001" / "slide_vector.parquet")
+    assert table.num_rows == 1 and table.column_names[:3] == ["patient_id", "n_patches", "n_slides"]
+    assert table.column("patient_id")[0].as_py() == "P001"
+    assert (table.column("n_patches")[0].as_py(), table.column("n_slides")[0].as_py()) == (len(tiled), 1)
+    vector = np.array([table.column(c)[0].as_py() for c in feature_columns(192)])
+    np.testing.assert_allclose(vector, features.astype(np.float64).mean(axis=0), rtol=1e-9)
+
+    meta = _metadata(result, "uni_features")
+    assert meta["encoder"] == "vit-tiny-random" and meta["checkpoint_sha256"] == "untrained"
+    assert meta["untrained"] is True and meta["embedding_dim"] == 192 and meta["patches_per_second"] > 0
+    assert _metadata(result, "slide_vector")["pooling"] == "mean"
+
+    # Unchanged inputs: nothing is recomputed and the data versions stay.
+    again = _materialize(instance, [uni_features, slide_vector], resources, "P001")
+    assert again.success
+    assert _metadata(again, "uni_features")["reused_slides"] == [features_file.name]
+    assert _metadata(again, "slide_vector")["reused"] is True
+    versions = [
+        {e.asset_key.to_user_string(): e.materialization.tags.get("dagster/data_version")
+         for e in r.get_asset_materialization_events()} for r in (result, again)
+    ]
+    assert versions[1]["uni_features"] == versions[0]["uni_features"]
+    assert versions[1]["slide_vector"] == versions[0]["slide_vector"]
+
+    # UNI without its weights: the step fails and says which setting to fill in.
+    monkeypatch.delenv("GCMLM_UNI_CHECKPOINT", raising=False)
+    no_weights = _materialize(instance, [uni_features], _resources(base_resources, name="uni"), "P001")
+    assert not no_weights.success and "GCMLM_UNI_CHECKPOINT" in _failure(no_weights)
+
+
+def test_tampered_features_fail_the_checks(instance, base_resources, data_root: Path, test_data: Path):
+    copy_into(real_slide(test_data), data_root / "landing" / "P002" / "wsi")
+    resources = _resources(base_resources)
+    assert _materialize(instance, [patch_coords, uni_features, slide_vector], resources, "P002").success
+    features_file = next((data_root / "artifacts" / "uni_features" / "P002").glob("*.h5"))
+    with h5py.File(features_file, "r+") as fh:
+        fh["features"][0] = np.nan  # keeps its fingerprint: the file is reused, then re-validated
+
+    rerun = _materialize(instance, [uni_features, slide_vector], resources, "P002")
+    assert not rerun.success
+    checks = _checks(rerun)
+    assert checks["features_finite"] is False and checks["feature_shape"] is True
+    assert "blocking asset check" in _failure(rerun)
+    assert not [m for m in rerun.get_asset_materialization_events() if m.asset_key.to_user_string() == "slide_vector"]
+
+    # slide_vector's own check catches what it pools.
+    alone = _materialize(instance, [slide_vector], resources, "P002")
+    assert not alone.success and _checks(alone) == {"slide_vector_valid": False}
+
+
+def test_features_need_patch_coords_first(instance, base_resources):
+    result = _materialize(instance, [uni_features], _resources(base_resources), "P404")
+    assert not result.success and "materialize patch_coords first" in _failure(result)
