@@ -45,7 +45,7 @@ def build_definitions(env: str | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=[*radiology_assets.ASSETS, *pathology_assets.ASSETS, *cohort_assets.ASSETS],
         asset_checks=[*radiology_checks.CHECKS, *pathology_checks.CHECKS, *cohort_checks.CHECKS],
-        sensors=[landing_sensor],
+        sensors=[landing_sensor, *cohort_assets.SENSORS],
         resources=build_resources(env),
         executor=build_executor(env),
     )

@@ -1,5 +1,314 @@
-"""Dagster assets of the cohort group (thin wiring over the plain modules beside it)."""
+"""Dagster assets of the cohort group (thin wiring over clinical, fusion and modelling).
+
+None is partitioned. They are refreshed together by `cohort_refresh_condition` (each tick of
+`COHORT_REFRESH_CRON`, hourly), not after every patient; `cohort_automation_sensor` evaluates the
+condition and runs by default. Anyone can materialize them at any time from the UI. Each asset
+keeps a manifest of what it was made from: a refresh whose inputs and settings did not change
+reuses the stored files (same bytes, same data version) instead of recomputing.
+"""
+
+import json
+from pathlib import Path
 
 import dagster as dg
+import pyarrow.parquet as pq
+import sklearn
 
-ASSETS: list[dg.AssetsDefinition] = []
+from gcmlm_assets import pictures
+from gcmlm_assets.cohort import clinical, fusion, modelling
+from gcmlm_assets.cohort.resources import RiskModelSettings
+from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.resources import ArtifactStorage, LandingZone
+from gcmlm_assets.storage import ArtifactStore, atomic_write_bytes, atomic_write_json, sha256_file, sha256_text
+
+GROUP = "cohort"
+COHORT_REFRESH_CRON = "0 * * * *"
+CLINICAL_CSV = "clinical.csv"
+# Bump a version when its asset's output would change for the same inputs (it invalidates reuse).
+CODE_VERSIONS = {"clinical_table": "1", "fused_table": "1", "risk_model": "1", "risk_scores": "1"}
+
+CLINICAL_FILE, CLINICAL_PROBLEMS = "clinical.parquet", "problems.json"
+FUSED_FILE, FUSION_REPORT = "fused.parquet", "fusion_report.json"
+MODEL_FILE, METRICS_FILE, MODEL_CARD = "model.skops", "metrics.json", "model_card.json"
+CV_PREDICTIONS = "cv_predictions.parquet"
+PLOTS = {"roc": "roc.png", "calibration": "calibration.png", "decision_curve": "decision_curve.png"}
+SCORES_FILE = "scores.parquet"
+
+
+def cohort_refresh_condition(cron_schedule: str = COHORT_REFRESH_CRON, cron_timezone: str = "UTC"):
+    """True once after each cron tick (until the asset is requested or materialized), unless running.
+
+    Not `AutomationCondition.on_cron`: that waits for every dependency to update AFTER the tick,
+    so patients processed before a quiet tick would never reach the cohort tables. All four cohort
+    assets become true on the same tick and run together, in dependency order, in one run.
+    """
+    return (
+        dg.AutomationCondition.cron_tick_passed(cron_schedule, cron_timezone).since_last_handled()
+        & ~dg.AutomationCondition.in_progress()
+    ).with_label(f"cohort refresh at each tick of '{cron_schedule}' ({cron_timezone})")
+
+
+def _required_input(store: ArtifactStore, asset: str, filename: str) -> Path:
+    path = store.path(asset, None, filename)
+    if not path.is_file():
+        raise dg.Failure(description=f"{path} not found: materialize {asset} first",
+                         metadata={"missing": str(path)})
+    return path
+
+
+def _reuse_or_none(store: ArtifactStore, asset: str, fingerprint: str, context) -> dict | None:
+    manifest = store.reusable(asset, None, fingerprint)
+    if manifest is not None:
+        context.log.info(f"{asset}: inputs and settings unchanged, stored output reused")
+    return manifest
+
+
+# ---------------------------------------------------------------- clinical_table
+
+
+@dg.asset(
+    name="clinical_table",
+    group_name=GROUP,
+    code_version=CODE_VERSIONS["clinical_table"],
+    automation_condition=cohort_refresh_condition(),
+    description="The landing zone's clinical.csv, validated: one row per patient (patient_id, mlm "
+    "0/1/unknown, numeric covariates). Bad rows are left out and named by the clinical_rows_valid check.",
+)
+def clinical_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
+                   landing: LandingZone) -> dg.MaterializeResult:
+    store = storage.store()
+    csv_path = landing.path() / CLINICAL_CSV
+    if not csv_path.is_file():
+        raise dg.Failure(description=f"{csv_path}: clinical table not found (columns patient_id, mlm, "
+                                     "optional numeric covariates)", metadata={"expected": str(csv_path)})
+    folder = store.asset_dir("clinical_table")
+    csv_sha = sha256_file(csv_path)
+    fingerprint = sha256_text(CODE_VERSIONS["clinical_table"], csv_sha)
+    manifest = _reuse_or_none(store, "clinical_table", fingerprint, context)
+    if manifest is None:
+        try:
+            parsed, problems = clinical.read_clinical_csv(csv_path)
+        except clinical.ClinicalFileError as exc:
+            raise dg.Failure(description=str(exc), metadata={"file": str(csv_path)}) from None
+        table_path = folder / CLINICAL_FILE
+        fusion.write_parquet(parsed.table, table_path)
+        atomic_write_json(folder / CLINICAL_PROBLEMS, [p.as_dict() for p in problems])
+        manifest = {
+            "fingerprint": fingerprint,
+            "files": {CLINICAL_FILE: sha256_file(table_path),
+                      CLINICAL_PROBLEMS: sha256_file(folder / CLINICAL_PROBLEMS)},
+            "source": {"path": str(csv_path), "sha256": csv_sha},
+            "summary": {"rows_read": parsed.rows_read, "patients": parsed.table.num_rows,
+                        "bad_rows": len(problems), "covariates": parsed.covariates,
+                        "labels": clinical.label_counts(parsed.table)},
+        }
+        store.write_manifest("clinical_table", None, manifest)
+    summary = manifest["summary"]
+    table = pq.read_table(folder / CLINICAL_FILE)
+    for problem in json.loads((folder / CLINICAL_PROBLEMS).read_text())[:20]:
+        context.log.warning(f"{csv_path}: line {problem['line']}: {problem['reason']}")
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(folder / CLINICAL_FILE)),
+            "problems_path": dg.MetadataValue.path(str(folder / CLINICAL_PROBLEMS)),
+            "source_csv": dg.MetadataValue.path(str(csv_path)),
+            "source_csv_sha256": csv_sha,
+            "rows_read": summary["rows_read"],
+            "patients": summary["patients"],
+            "bad_rows": summary["bad_rows"],
+            "label_balance": dg.MetadataValue.json(summary["labels"]),
+            "covariates": dg.MetadataValue.json(summary["covariates"]),
+            "preview": dg.MetadataValue.md(fusion.markdown_table(table, table.column_names[:8])),
+        },
+        data_version=dg.DataVersion(manifest["files"][CLINICAL_FILE]),
+    )
+
+
+# ---------------------------------------------------------------- fused_table
+
+
+@dg.asset(
+    name="fused_table",
+    group_name=GROUP,
+    code_version=CODE_VERSIONS["fused_table"],
+    deps=[
+        dg.AssetDep("radiomics_row", partition_mapping=dg.AllPartitionMapping()),
+        dg.AssetDep("slide_vector", partition_mapping=dg.AllPartitionMapping()),
+        dg.AssetDep("clinical_table"),
+    ],
+    automation_condition=cohort_refresh_condition(),
+    description="One row per patient: rad_* (radiomics_row), path_* (slide_vector), clin_* "
+    "(clinical_table), availability flags and the MLM label; read file by file from the artifacts.",
+)
+def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
+    store = storage.store()
+    clinical_path = _required_input(store, "clinical_table", CLINICAL_FILE)
+    clinical_sha = sha256_file(clinical_path)
+    known = set(context.instance.get_dynamic_partitions(patients_partitions.name))
+    table, report = fusion.build_fused_table(store.root, pq.read_table(clinical_path), known_patients=known)
+    fingerprint = sha256_text(CODE_VERSIONS["fused_table"], report.input_fingerprint(clinical_sha))
+    folder = store.asset_dir("fused_table")
+    manifest = _reuse_or_none(store, "fused_table", fingerprint, context)
+    if manifest is None:
+        fusion.write_parquet(table, folder / FUSED_FILE)
+        atomic_write_bytes(folder / FUSION_REPORT, fusion.report_json(report).encode())
+        manifest = {"fingerprint": fingerprint,
+                    "files": {FUSED_FILE: sha256_file(folder / FUSED_FILE),
+                              FUSION_REPORT: sha256_file(folder / FUSION_REPORT)},
+                    "inputs": {"clinical_table_sha256": clinical_sha, "feature_files": len(report.input_files)}}
+        store.write_manifest("fused_table", None, manifest)
+    for problem in report.file_problems[:20]:
+        context.log.warning(f"{problem['file']}: {problem['reason']}")
+    stats = fusion.fused_stats(table)
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(folder / FUSED_FILE)),
+            "report": dg.MetadataValue.path(str(folder / FUSION_REPORT)),
+            **{k: v for k, v in stats.items() if isinstance(v, int)},
+            "label_balance": dg.MetadataValue.json({
+                "positive": stats["label_positive"], "negative": stats["label_negative"],
+                "unknown": stats["label_unknown"], "labelled_with_features": stats["labelled_with_features"]}),
+            "rejected_feature_files": len(report.file_problems),
+            "input_feature_files": len(report.input_files),
+            "input_fingerprint": fingerprint,
+            "clinical_table_sha256": clinical_sha,
+            "preview": dg.MetadataValue.md(fusion.preview_markdown(table)),
+        },
+        data_version=dg.DataVersion(manifest["files"][FUSED_FILE]),
+    )
+
+
+# ---------------------------------------------------------------- risk_model
+
+
+@dg.asset(
+    name="risk_model",
+    group_name=GROUP,
+    code_version=CODE_VERSIONS["risk_model"],
+    deps=[dg.AssetDep("fused_table")],
+    automation_condition=cohort_refresh_condition(),
+    description="Per-modality scikit-learn pipelines fused late (mean logit), validated by repeated "
+    "stratified k-fold CV with radiology-only / pathology-only / fused ablation; saved with skops.",
+)
+def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage,
+                     risk_model: RiskModelSettings) -> dg.MaterializeResult:
+    store = storage.store()
+    fused_path = _required_input(store, "fused_table", FUSED_FILE)
+    fused_sha = sha256_file(fused_path)
+    settings = risk_model.model_settings()
+    # a new scikit-learn may fit differently and may not load old skops files: retrain
+    fingerprint = sha256_text(CODE_VERSIONS["risk_model"], sklearn.__version__, fused_sha,
+                              modelling.settings_json(settings))
+    folder = store.asset_dir("risk_model")
+    manifest = _reuse_or_none(store, "risk_model", fingerprint, context)
+    if manifest is None:
+        manifest = _train_and_write(context, folder, fused_path, fused_sha, settings, fingerprint)
+        store.write_manifest("risk_model", None, manifest)
+    metrics = json.loads((folder / METRICS_FILE).read_text())
+    card = json.loads((folder / MODEL_CARD).read_text())
+    fused = metrics.get(modelling.FUSED, {})
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(folder / MODEL_FILE)),
+            "files": dg.MetadataValue.json({name: str(folder / name) for name in manifest["files"]}),
+            "fused_table_sha256": fused_sha,
+            "fused_auc": fused.get("auc"),
+            "fused_auc_ci": dg.MetadataValue.json([fused.get("auc_ci_low"), fused.get("auc_ci_high")]),
+            "ablation": dg.MetadataValue.md(modelling.ablation_markdown(metrics)),
+            **{f"plot_{kind}": dg.MetadataValue.md(pictures.png_markdown((folder / name).read_bytes(), kind))
+               for kind, name in PLOTS.items()},
+            "model_card": dg.MetadataValue.json(card),
+            "settings": dg.MetadataValue.json(card["settings"]),
+        },
+        data_version=dg.DataVersion(manifest["files"][MODEL_FILE]),
+    )
+
+
+def _train_and_write(context, folder: Path, fused_path: Path, fused_sha: str,
+                     settings: modelling.ModelSettings, fingerprint: str) -> dict:
+    data = modelling.CohortData.from_table(pq.read_table(fused_path), settings.blocks())
+    try:
+        cv = modelling.cross_validate(data, settings)
+    except modelling.InsufficientLabels as exc:
+        raise dg.Failure(description=f"{fused_path}: {exc}") from None
+    context.log.info(f"cross-validated {len(cv.labels)} patients: {cv.n_splits} folds x {cv.n_repeats} repeats")
+    for note in cv.notes:
+        context.log.warning(note)
+    metrics, curves = modelling.evaluate_cross_validation(cv, settings)
+    fused = metrics.get(modelling.FUSED, {})
+    threshold = settings.risk_threshold if settings.risk_threshold is not None else fused.get("youden_threshold", 0.5)
+    model, fitted = modelling.fit_risk_model(data, settings, threshold)
+    modelling.save_model(model, folder / MODEL_FILE)
+    card = modelling.model_card(model, settings, fitted, metrics, cv,
+                                {"fused_table_sha256": fused_sha, "fused_table": str(fused_path)})
+    atomic_write_json(folder / METRICS_FILE, modelling.json_safe(metrics))
+    atomic_write_json(folder / MODEL_CARD, modelling.json_safe(card))
+    fusion.write_parquet(modelling.cv_predictions_table(cv), folder / CV_PREDICTIONS)
+    for kind, name in PLOTS.items():
+        pictures.save_png(modelling.plot_curves(curves, kind), folder / name)
+    names = [MODEL_FILE, METRICS_FILE, MODEL_CARD, CV_PREDICTIONS, *PLOTS.values()]
+    return {"fingerprint": fingerprint, "files": {n: sha256_file(folder / n) for n in names},
+            "inputs": {"fused_table_sha256": fused_sha}}
+
+
+# ---------------------------------------------------------------- risk_scores
+
+
+@dg.asset(
+    name="risk_scores",
+    group_name=GROUP,
+    code_version=CODE_VERSIONS["risk_scores"],
+    deps=[dg.AssetDep("risk_model"), dg.AssetDep("fused_table")],
+    automation_condition=cohort_refresh_condition(),
+    description="MLM probability and risk group (high: at or above the model's threshold) for every "
+    "patient with radiology and/or pathology features, from the current risk_model.",
+)
+def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
+    store = storage.store()
+    model_path = _required_input(store, "risk_model", MODEL_FILE)
+    fused_path = _required_input(store, "fused_table", FUSED_FILE)
+    model_sha, fused_sha = sha256_file(model_path), sha256_file(fused_path)
+    fingerprint = sha256_text(CODE_VERSIONS["risk_scores"], model_sha, fused_sha)
+    folder = store.asset_dir("risk_scores")
+    manifest = _reuse_or_none(store, "risk_scores", fingerprint, context)
+    if manifest is None:
+        try:
+            model = modelling.load_model(model_path)
+        except modelling.UntrustedModelFile as exc:
+            raise dg.Failure(description=str(exc)) from None
+        scores = model.score_table(pq.read_table(fused_path))
+        fusion.write_parquet(scores, folder / SCORES_FILE)
+        manifest = {"fingerprint": fingerprint, "files": {SCORES_FILE: sha256_file(folder / SCORES_FILE)},
+                    "inputs": {"risk_model_sha256": model_sha, "fused_table_sha256": fused_sha},
+                    "risk_threshold": model.risk_threshold, "model_blocks": list(model.blocks)}
+        store.write_manifest("risk_scores", None, manifest)
+    scores = pq.read_table(folder / SCORES_FILE)
+    groups = scores.column("risk_group").to_pylist()
+    used = scores.column("modalities_used").to_pylist()
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(folder / SCORES_FILE)),
+            "risk_model_sha256": model_sha,
+            "fused_table_sha256": fused_sha,
+            "scored": scores.num_rows,
+            "risk_threshold": manifest["risk_threshold"],
+            "risk_groups": dg.MetadataValue.json({g: groups.count(g) for g in ("high", "low")}),
+            "modalities_used": dg.MetadataValue.json({u: used.count(u) for u in sorted(set(used))}),
+            "preview": dg.MetadataValue.md(fusion.markdown_table(
+                scores, ["patient_id", "probability", "risk_group", "modalities_used", "mlm"], rows=10)),
+        },
+        data_version=dg.DataVersion(manifest["files"][SCORES_FILE]),
+    )
+
+
+ASSETS: list[dg.AssetsDefinition] = [clinical_table, fused_table, train_risk_model, risk_scores]
+
+cohort_automation_sensor = dg.AutomationConditionSensorDefinition(
+    "cohort_automation_sensor",
+    target=dg.AssetSelection.groups(GROUP),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=60,
+    description=f"Evaluates the cohort assets' refresh condition (each tick of '{COHORT_REFRESH_CRON}').",
+)
+# Declared, not left to Dagster's default automation sensor, because that one starts stopped.
+SENSORS: list[dg.SensorDefinition] = [cohort_automation_sensor]

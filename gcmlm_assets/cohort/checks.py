@@ -1,5 +1,103 @@
-"""Asset checks of the cohort group."""
+"""Asset checks of the cohort group: thin wrappers over the decisions in `qc.py`.
+
+Blocking where a downstream result would be wrong: duplicate fused rows, too few labels to train,
+no CV AUC, invalid scores. Bad clinical rows and misaligned modalities are reported (ERROR/WARN)
+without blocking, because the rest of the cohort is still right and one bad row must not stop it.
+"""
+
+import json
 
 import dagster as dg
+import pyarrow.parquet as pq
 
-CHECKS: list[dg.AssetChecksDefinition] = []
+from gcmlm_assets.cohort import qc
+from gcmlm_assets.cohort.assets import (
+    CLINICAL_PROBLEMS, FUSED_FILE, FUSION_REPORT, METRICS_FILE, SCORES_FILE, clinical_table, fused_table,
+    risk_scores, train_risk_model)
+from gcmlm_assets.cohort.fusion import AVAILABILITY, CLINICAL
+from gcmlm_assets.cohort.resources import RiskModelSettings
+from gcmlm_assets.resources import ArtifactStorage
+
+SEVERITY = {qc.WARN: dg.AssetCheckSeverity.WARN, qc.ERROR: dg.AssetCheckSeverity.ERROR,
+            qc.PASS: dg.AssetCheckSeverity.ERROR}
+
+
+def _result(verdict: qc.Verdict) -> dg.AssetCheckResult:
+    metadata = {k: (dg.MetadataValue.md(v) if isinstance(v, str) and v.startswith("|") else v)
+                for k, v in verdict.metadata.items()}
+    return dg.AssetCheckResult(passed=verdict.passed, severity=SEVERITY[verdict.outcome],
+                               description=verdict.description, metadata=metadata)
+
+
+def _missing(path) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                               description=f"{path} not found", metadata={"missing": str(path)})
+
+
+@dg.asset_check(asset=clinical_table, blocking=False,
+                description="Every row of clinical.csv is valid; otherwise each bad line is named with its reason.")
+def clinical_rows_valid(storage: ArtifactStorage) -> dg.AssetCheckResult:
+    path = storage.store().path("clinical_table", None, CLINICAL_PROBLEMS)
+    if not path.is_file():
+        return _missing(path)
+    return _result(qc.clinical_rows_valid(json.loads(path.read_text())))
+
+
+@dg.asset_check(asset=fused_table, blocking=True, description="One row per patient id in the fused table.")
+def fused_ids_unique(storage: ArtifactStorage) -> dg.AssetCheckResult:
+    path = storage.store().path("fused_table", None, FUSED_FILE)
+    if not path.is_file():
+        return _missing(path)
+    return _result(qc.fused_ids_unique(pq.read_table(path, columns=["patient_id"]).column(0).to_pylist()))
+
+
+@dg.asset_check(asset=fused_table, blocking=False,
+                description="Rejected feature files: ERROR. Features without a clinical row, clinical rows "
+                "without features, stale artifact folders: WARN.")
+def modalities_aligned(storage: ArtifactStorage) -> dg.AssetCheckResult:
+    path = storage.store().path("fused_table", None, FUSION_REPORT)
+    if not path.is_file():
+        return _missing(path)
+    return _result(qc.modalities_aligned(json.loads(path.read_text())))
+
+
+@dg.asset_check(asset=fused_table, blocking=True,
+                description="Enough labelled patients with features in each class to train "
+                "(risk_model.min_labelled_per_class).")
+def enough_labelled_patients(storage: ArtifactStorage, risk_model: RiskModelSettings) -> dg.AssetCheckResult:
+    path = storage.store().path("fused_table", None, FUSED_FILE)
+    if not path.is_file():
+        return _missing(path)
+    flags = [f for m, f in AVAILABILITY.items() if m != CLINICAL]
+    table = pq.read_table(path, columns=["patient_id", "mlm", *flags])
+    return _result(qc.enough_labelled(table, risk_model.min_labelled_per_class))
+
+
+@dg.asset_check(asset=train_risk_model, blocking=True,
+                description="The fused model's cross-validated AUC with its 95 % CI (WARN when the CI includes 0.5).")
+def cv_auc_reported(storage: ArtifactStorage) -> dg.AssetCheckResult:
+    path = storage.store().path("risk_model", None, METRICS_FILE)
+    if not path.is_file():
+        return _missing(path)
+    return _result(qc.cv_auc_reported(json.loads(path.read_text())))
+
+
+@dg.asset_check(asset=risk_scores, blocking=True,
+                description="Scores finite and in [0, 1], risk groups high/low, every patient with features scored.")
+def scores_valid(storage: ArtifactStorage) -> dg.AssetCheckResult:
+    store = storage.store()
+    scores_path = store.path("risk_scores", None, SCORES_FILE)
+    fused_path = store.path("fused_table", None, FUSED_FILE)
+    for path in (scores_path, fused_path):
+        if not path.is_file():
+            return _missing(path)
+    flags = [f for m, f in AVAILABILITY.items() if m != CLINICAL]
+    fused = pq.read_table(fused_path, columns=["patient_id", *flags]).to_pylist()
+    expected = [row["patient_id"] for row in fused if any(row[f] for f in flags)]
+    return _result(qc.scores_valid(pq.read_table(scores_path), expected))
+
+
+CHECKS: list[dg.AssetChecksDefinition] = [
+    clinical_rows_valid, fused_ids_unique, modalities_aligned, enough_labelled_patients,
+    cv_auc_reported, scores_valid,
+]

@@ -1,7 +1,39 @@
 """Resources of the cohort group, keyed by resource name."""
 
+from __future__ import annotations
+
+from typing import Literal
+
 import dagster as dg
+from pydantic import Field
+
+from gcmlm_assets.cohort.modelling import ModelSettings
+
+
+class RiskModelSettings(dg.ConfigurableResource):
+    """Settings of `risk_model` (key "risk_model"); changing any of them retrains the model."""
+
+    classifier: Literal["logistic", "svm", "random_forest"] = Field(
+        default="logistic", description="L2 logistic regression (penalty chosen on inner folds), "
+        "RBF SVM with Platt scaling, or a random forest; all class-balanced.")
+    n_splits: int = Field(default=5, description="Folds of the stratified CV (lowered to the smaller class size).")
+    n_repeats: int = Field(default=5, description="Repeats of the stratified k-fold CV.")
+    n_bootstrap: int = Field(default=1000, description="Bootstrap resamples for the AUC's 95 % CI.")
+    pca_components: int = Field(default=8, description="PCA components of the pathology block.")
+    correlation_threshold: float = Field(default=0.9, description="Radiomics: drop a feature whose |r| "
+                                         "with a kept one exceeds this.")
+    l1_c: float = Field(default=0.2, description="Radiomics: inverse strength of the L1 selection.")
+    max_radiomics_features: int = Field(default=10, description="Radiomics: most features the L1 step keeps.")
+    min_labelled_per_class: int = Field(default=5, description="Fewest labelled patients (with features) "
+                                        "of each class needed to train.")
+    use_clinical: bool = Field(default=False, description="Add the clinical covariates as a third block.")
+    risk_threshold: float | None = Field(default=None, description="Probability at or above which a "
+                                         "patient is 'high' risk; empty: the fused CV Youden threshold.")
+    seed: int = Field(default=0, description="Seed of the splits, bootstrap and stochastic estimators.")
+
+    def model_settings(self) -> ModelSettings:
+        return ModelSettings(**{name: getattr(self, name) for name in ModelSettings.__dataclass_fields__})
 
 
 def resources(env: str) -> dict[str, dg.ConfigurableResource]:
-    return {}
+    return {"risk_model": RiskModelSettings()}

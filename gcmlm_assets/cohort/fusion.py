@@ -1,0 +1,302 @@
+"""The fused cohort table: one row per patient from the per-patient feature files and the clinical table.
+
+Plain Python + pyarrow (no Dagster). Each patient's `radiomics.parquet` and `slide_vector.parquet`
+is read on its own (one small row at a time), so memory grows with the cohort table, never with
+whatever else a partitioned asset may hold.
+
+Columns, in this order:
+  patient_id, has_radiology, has_pathology, has_clinical, mlm (int8, null = unknown),
+  clin_<covariate>..., rad_<PyRadiomics feature>..., path_n_patches, path_n_slides, path_feat_<i>...
+
+What counts as what (the alignment check reports these):
+- a feature file that cannot be used (unreadable, not one row, `patient_id` not its folder's name,
+  a non-numeric feature, no finite value, columns other than the cohort's) is an ERROR for that
+  patient's modality: the modality is marked absent and the file is named with the reason;
+- a patient with features but no clinical row is a WARNING: scored, but not trained on;
+- a clinical row without any features is a WARNING: kept in the table, cannot be scored;
+- a patient folder that is not a known patient partition (when the caller passes the known
+  ones) is a stale artifact: left out and reported.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
+from gcmlm_assets.patients import patient_id_problem
+from gcmlm_assets.storage import atomic_path, sha256_file, sha256_text
+
+RADIOLOGY, PATHOLOGY, CLINICAL = "radiology", "pathology", "clinical"
+AVAILABILITY = {RADIOLOGY: "has_radiology", PATHOLOGY: "has_pathology", CLINICAL: "has_clinical"}
+PREFIX = {RADIOLOGY: "rad_", PATHOLOGY: "path_", CLINICAL: "clin_"}
+# slide_vector's bookkeeping columns: kept in the table, not model features.
+SLIDE_COUNT_COLUMNS = ("n_patches", "n_slides")
+
+
+@dataclass(frozen=True)
+class FeatureSource:
+    modality: str
+    asset: str  # artifact folder: <artifacts>/<asset>/<patient_id>/<filename>
+    filename: str
+
+
+SOURCES = (
+    FeatureSource(RADIOLOGY, "radiomics_row", "radiomics.parquet"),
+    FeatureSource(PATHOLOGY, "slide_vector", "slide_vector.parquet"),
+)
+
+
+@dataclass
+class FusionReport:
+    file_problems: list[dict] = field(default_factory=list)  # {patient_id, modality, file, reason}
+    stale_folders: list[dict] = field(default_factory=list)  # {folder, reason}
+    features_without_clinical: list[str] = field(default_factory=list)
+    clinical_without_features: list[str] = field(default_factory=list)
+    input_files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+
+    def input_fingerprint(self, clinical_sha256: str | None) -> str:
+        """One hash over every input the table was built from (names and contents)."""
+        parts = [f"{name}={digest}" for name, digest in sorted(self.input_files.items())]
+        return sha256_text(f"clinical={clinical_sha256}", *parts)
+
+
+@dataclass(frozen=True)
+class _Row:
+    values: dict[str, float]  # contract column name -> value
+    counts: dict[str, int]
+
+
+def find_feature_files(artifacts_root: Path, source: FeatureSource, known_patients: set[str] | None,
+                       report: FusionReport) -> dict[str, Path]:
+    folder = Path(artifacts_root) / source.asset
+    found: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    for entry in sorted(folder.iterdir()):
+        if not entry.is_dir():
+            continue  # manifests and such beside the patient folders
+        problem = patient_id_problem(entry.name)
+        if problem:
+            report.stale_folders.append({"folder": str(entry), "reason": f"not a patient id: {problem}"})
+            continue
+        path = entry / source.filename
+        if not path.is_file():
+            continue  # not materialized (yet) for this patient
+        if known_patients is not None and entry.name not in known_patients:
+            report.stale_folders.append({"folder": str(entry),
+                                         "reason": "not a known patient partition (stale artifact)"})
+            continue
+        found[entry.name] = path
+    return found
+
+
+def _read_one_row(path: Path, patient_id: str, source: FeatureSource) -> tuple[_Row | None, str | None]:
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, never fatal
+        return None, f"unreadable parquet ({type(exc).__name__}: {exc})"
+    if table.num_rows != 1:
+        return None, f"has {table.num_rows} rows, expected exactly 1"
+    if ID_COLUMN not in table.column_names:
+        return None, f"lacks the {ID_COLUMN} column"
+    stored_id = table.column(ID_COLUMN)[0].as_py()
+    if stored_id != patient_id:
+        return None, f"{ID_COLUMN} is {stored_id!r} but the file is in the folder of {patient_id!r}"
+    values: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for name in table.column_names:
+        if name == ID_COLUMN:
+            continue
+        column_type = table.schema.field(name).type
+        if not (pa.types.is_floating(column_type) or pa.types.is_integer(column_type)):
+            return None, f"column {name!r} is {column_type}, not numeric"
+        value = table.column(name)[0].as_py()
+        if source.modality == PATHOLOGY and name in SLIDE_COUNT_COLUMNS:
+            counts[name] = int(value) if value is not None else 0
+        else:
+            values[name] = float("nan") if value is None else float(value)
+    if not values:
+        return None, "has no feature columns"
+    if not any(np.isfinite(v) for v in values.values()):
+        return None, "no feature value is finite"
+    if source.modality == PATHOLOGY and counts.get("n_patches", 1) < 1:
+        return None, "n_patches is 0: the slide vector pools no patches"
+    return _Row(values, counts), None
+
+
+def _reference_columns(rows: dict[str, _Row]) -> list[str]:
+    """The column list most patients share (ties: the first patient's in id order)."""
+    counted = Counter(tuple(row.values) for row in rows.values())
+    best = max(counted.values())
+    for patient_id in sorted(rows):
+        columns = tuple(rows[patient_id].values)
+        if counted[columns] == best:
+            return list(columns)
+    return []
+
+
+def _describe_column_difference(reference: list[str], columns: list[str]) -> str:
+    missing = [c for c in reference if c not in set(columns)]
+    extra = [c for c in columns if c not in set(reference)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    if extra:
+        parts.append(f"{len(extra)} extra ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})")
+    if not parts:
+        parts.append("same names in another order")
+    return "columns differ from the cohort's: " + "; ".join(parts)
+
+
+def build_fused_table(artifacts_root: str | Path, clinical: pa.Table | None, *,
+                      known_patients: set[str] | None = None) -> tuple[pa.Table, FusionReport]:
+    """Join every patient's feature files with the clinical table (see the module docstring)."""
+    artifacts_root = Path(artifacts_root)
+    report = FusionReport()
+    modality_rows: dict[str, dict[str, _Row]] = {}
+    for source in SOURCES:
+        rows: dict[str, _Row] = {}
+        for patient_id, path in find_feature_files(artifacts_root, source, known_patients, report).items():
+            relative = str(path.relative_to(artifacts_root))
+            report.input_files[relative] = sha256_file(path)
+            row, problem = _read_one_row(path, patient_id, source)
+            if problem:
+                report.file_problems.append({"patient_id": patient_id, "modality": source.modality,
+                                             "file": str(path), "reason": problem})
+            else:
+                rows[patient_id] = row
+        if rows:
+            reference = _reference_columns(rows)
+            for patient_id in sorted(rows):
+                columns = list(rows[patient_id].values)
+                if columns != reference:
+                    report.file_problems.append({
+                        "patient_id": patient_id, "modality": source.modality,
+                        "file": str(artifacts_root / source.asset / patient_id / source.filename),
+                        "reason": _describe_column_difference(reference, columns)})
+                    del rows[patient_id]
+        modality_rows[source.modality] = rows
+
+    clinical_ids: list[str] = clinical.column(ID_COLUMN).to_pylist() if clinical is not None else []
+    clinical_index = {pid: i for i, pid in enumerate(clinical_ids)}
+    feature_ids = set().union(*(rows.keys() for rows in modality_rows.values()))
+    # Patients whose only feature files were rejected still get a row: their problems are visible.
+    rejected_ids = {p["patient_id"] for p in report.file_problems}
+    patient_ids = sorted(feature_ids | set(clinical_ids) | rejected_ids)
+    report.features_without_clinical = sorted(feature_ids - set(clinical_ids))
+    report.clinical_without_features = sorted(set(clinical_ids) - feature_ids)
+
+    columns: dict[str, pa.Array] = {ID_COLUMN: pa.array(patient_ids, pa.string())}
+    for modality in (RADIOLOGY, PATHOLOGY):
+        columns[AVAILABILITY[modality]] = pa.array([p in modality_rows[modality] for p in patient_ids])
+    columns[AVAILABILITY[CLINICAL]] = pa.array([p in clinical_index for p in patient_ids])
+
+    labels = [None] * len(patient_ids)
+    if clinical is not None:
+        clinical_labels = clinical.column(LABEL_COLUMN).to_pylist()
+        labels = [clinical_labels[clinical_index[p]] if p in clinical_index else None for p in patient_ids]
+    columns[LABEL_COLUMN] = pa.array(labels, pa.int8())
+
+    if clinical is not None:
+        for name in clinical.column_names:
+            if name in (ID_COLUMN, LABEL_COLUMN):
+                continue
+            source_values = clinical.column(name).to_pylist()
+            columns[PREFIX[CLINICAL] + name] = pa.array(
+                [source_values[clinical_index[p]] if p in clinical_index else None for p in patient_ids],
+                pa.float64())
+
+    for modality, dtype in ((RADIOLOGY, np.float64), (PATHOLOGY, np.float32)):
+        rows = modality_rows[modality]
+        if not rows:
+            continue
+        names = list(next(iter(rows.values())).values)
+        # One preallocated matrix per modality: the 1024-D slide vectors stay compact (float32).
+        matrix = np.full((len(patient_ids), len(names)), np.nan, dtype=dtype)
+        for i, patient_id in enumerate(patient_ids):
+            row = rows.get(patient_id)
+            if row is not None:
+                matrix[i] = [row.values[n] for n in names]
+        if modality == PATHOLOGY:
+            for count in SLIDE_COUNT_COLUMNS:
+                columns[PREFIX[PATHOLOGY] + count] = pa.array(
+                    [rows[p].counts.get(count) if p in rows else None for p in patient_ids], pa.int64())
+        present = np.array([p in rows for p in patient_ids])
+        for j, name in enumerate(names):
+            # null where the modality is absent; NaN inside a present row stays a NaN value
+            columns[PREFIX[modality] + name] = pa.array(np.ascontiguousarray(matrix[:, j]), mask=~present)
+    return pa.table(columns), report
+
+
+def write_parquet(table: pa.Table, path: str | Path) -> Path:
+    """Atomic parquet write (zstd): readers see the old file or the new one, never a part."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return Path(path)
+
+
+def fused_stats(table: pa.Table) -> dict:
+    flags = {m: np.asarray(table.column(AVAILABILITY[m]).to_numpy(zero_copy_only=False), bool)
+             for m in AVAILABILITY}
+    labels = table.column(LABEL_COLUMN).to_pylist()
+    has_features = flags[RADIOLOGY] | flags[PATHOLOGY]
+    return {
+        "patients": table.num_rows,
+        "with_radiology": int(flags[RADIOLOGY].sum()),
+        "with_pathology": int(flags[PATHOLOGY].sum()),
+        "with_both": int((flags[RADIOLOGY] & flags[PATHOLOGY]).sum()),
+        "with_clinical": int(flags[CLINICAL].sum()),
+        "with_features": int(has_features.sum()),
+        "radiology_features": sum(1 for c in table.column_names if c.startswith(PREFIX[RADIOLOGY])),
+        "pathology_features": sum(1 for c in table.column_names if c.startswith(PREFIX[PATHOLOGY] + "feat")),
+        "clinical_covariates": sum(1 for c in table.column_names if c.startswith(PREFIX[CLINICAL])),
+        "label_positive": sum(1 for v in labels if v == 1),
+        "label_negative": sum(1 for v in labels if v == 0),
+        "label_unknown": sum(1 for v in labels if v is None),
+        "labelled_with_features": {
+            "positive": int(sum(1 for v, f in zip(labels, has_features) if f and v == 1)),
+            "negative": int(sum(1 for v, f in zip(labels, has_features) if f and v == 0)),
+        },
+    }
+
+
+def preview_markdown(table: pa.Table, rows: int = 8, features_per_modality: int = 2) -> str:
+    """A small markdown table: ids, flags, label and the first few features of each block."""
+    names = [ID_COLUMN, *AVAILABILITY.values(), LABEL_COLUMN]
+    for prefix in (PREFIX[CLINICAL], PREFIX[RADIOLOGY], PREFIX[PATHOLOGY] + "feat"):
+        names += [c for c in table.column_names if c.startswith(prefix)][:features_per_modality]
+    return markdown_table(table, names, rows)
+
+
+def markdown_table(table: pa.Table, names: list[str], rows: int = 8) -> str:
+    """The first `rows` rows of the named columns as markdown (for the Dagster UI)."""
+    def cell(value) -> str:
+        if value is None:
+            return "–"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    head = table.select(names).slice(0, rows).to_pylist()
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    lines += ["| " + " | ".join(cell(r[n]) for n in names) + " |" for r in head]
+    if table.num_rows > rows:
+        lines.append(f"\n{table.num_rows - rows} more rows; {table.num_columns} columns in all.")
+    return "\n".join(lines)
+
+
+def report_json(report: FusionReport) -> str:
+    return json.dumps({
+        "file_problems": report.file_problems,
+        "stale_folders": report.stale_folders,
+        "features_without_clinical": report.features_without_clinical,
+        "clinical_without_features": report.clinical_without_features,
+        "input_files": report.input_files,
+    }, indent=2, sort_keys=True)

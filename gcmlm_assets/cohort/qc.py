@@ -1,0 +1,164 @@
+"""Quality checks of the cohort artifacts, as plain functions (no Dagster).
+
+Each returns a `Verdict`; `checks.py` turns it into an `AssetCheckResult`. Keeping the decisions
+here lets tests feed them deliberately broken inputs and see them fail.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
+from gcmlm_assets.cohort.fusion import AVAILABILITY, CLINICAL
+
+PASS, WARN, ERROR = "pass", "warn", "error"
+LISTED = 20  # problems spelled out in a description; the metadata table holds them all
+
+
+@dataclass
+class Verdict:
+    outcome: str  # PASS, WARN (failed, severity WARN) or ERROR (failed, severity ERROR)
+    description: str
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.outcome == PASS
+
+
+def _markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(c, "")).replace("|", "\\|") for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _listing(items: list[str]) -> str:
+    shown = "; ".join(items[:LISTED])
+    return shown + (f"; and {len(items) - LISTED} more" if len(items) > LISTED else "")
+
+
+def clinical_rows_valid(problems: list[dict]) -> Verdict:
+    """Every row of clinical.csv parsed; otherwise name each bad line and its reason."""
+    if not problems:
+        return Verdict(PASS, "every row of clinical.csv is valid", {"bad_rows": 0})
+    described = [f"line {p['line']}" + (f" (patient {p['patient_id']!r})" if p.get("patient_id") else "")
+                 + f": {p['reason']}" for p in problems]
+    return Verdict(ERROR, f"{len(problems)} bad row(s) in clinical.csv, left out of the table: {_listing(described)}",
+                   {"bad_rows": len(problems),
+                    "bad_lines": [p["line"] for p in problems],
+                    "problems": _markdown_table(problems, ["line", "patient_id", "reason"])})
+
+
+def fused_ids_unique(patient_ids: list[str]) -> Verdict:
+    repeated = sorted(pid for pid, n in Counter(patient_ids).items() if n > 1)
+    if repeated:
+        return Verdict(ERROR, f"{len(repeated)} patient id(s) occur on more than one row of the fused "
+                              f"table: {_listing(repeated)}", {"repeated_ids": repeated})
+    return Verdict(PASS, f"{len(patient_ids)} rows, one per patient", {"rows": len(patient_ids)})
+
+
+def modalities_aligned(report: dict) -> Verdict:
+    """Feature files that could not be used are errors; orphans (either way) are warnings.
+
+    Error: a radiomics or slide-vector file that was rejected (unreadable, wrong patient id, not
+    one row, non-numeric or non-finite features, columns unlike the cohort's). Warning: features
+    without a clinical row (scored, not trained on), clinical rows without features (not scored),
+    stale artifact folders of patients that are no longer partitions.
+    """
+    file_problems = report.get("file_problems", [])
+    no_clinical = report.get("features_without_clinical", [])
+    no_features = report.get("clinical_without_features", [])
+    stale = report.get("stale_folders", [])
+    metadata = {"rejected_feature_files": len(file_problems), "features_without_clinical": len(no_clinical),
+                "clinical_without_features": len(no_features), "stale_folders": len(stale)}
+    if file_problems:
+        metadata["rejected"] = _markdown_table(file_problems, ["patient_id", "modality", "file", "reason"])
+    if no_clinical:
+        metadata["features_without_clinical_ids"] = no_clinical[:200]
+    if no_features:
+        metadata["clinical_without_features_ids"] = no_features[:200]
+    if stale:
+        metadata["stale"] = _markdown_table(stale, ["folder", "reason"])
+    if file_problems:
+        described = [f"{p['file']}: {p['reason']}" for p in file_problems]
+        return Verdict(ERROR, f"{len(file_problems)} feature file(s) rejected (the patient's modality "
+                              f"counts as missing): {_listing(described)}", metadata)
+    orphans = []
+    if no_clinical:
+        orphans.append(f"{len(no_clinical)} patient(s) with features but no clinical row "
+                       f"(scored, not trained on): {_listing(no_clinical)}")
+    if no_features:
+        orphans.append(f"{len(no_features)} clinical row(s) without radiology or pathology features "
+                       f"(not scored): {_listing(no_features)}")
+    if stale:
+        orphans.append(f"{len(stale)} stale artifact folder(s) left out: "
+                       f"{_listing([s['folder'] for s in stale])}")
+    if orphans:
+        return Verdict(WARN, " | ".join(orphans), metadata)
+    return Verdict(PASS, "every patient's features and clinical row line up", metadata)
+
+
+def enough_labelled(table: pa.Table, min_per_class: int) -> Verdict:
+    """Labelled patients with at least one feature block, per class, against the configured minimum."""
+    labels = table.column(LABEL_COLUMN).to_pylist()
+    has_features = np.zeros(table.num_rows, bool)
+    for modality, flag in AVAILABILITY.items():
+        if modality != CLINICAL and flag in table.column_names:
+            has_features |= np.asarray(table.column(flag).to_pylist(), bool)
+    counts = {"positive": int(sum(1 for v, f in zip(labels, has_features) if f and v == 1)),
+              "negative": int(sum(1 for v, f in zip(labels, has_features) if f and v == 0))}
+    metadata = {**counts, "min_labelled_per_class": min_per_class}
+    short = [f"{name}: {n}" for name, n in counts.items() if n < min_per_class]
+    if short:
+        return Verdict(ERROR, f"too few labelled patients with features to train ({', '.join(short)}; "
+                              f"each class needs {min_per_class}, setting risk_model.min_labelled_per_class)",
+                       metadata)
+    return Verdict(PASS, f"labelled patients with features: {counts['positive']} MLM, "
+                         f"{counts['negative']} without", metadata)
+
+
+def cv_auc_reported(metrics: dict, model: str = "fused") -> Verdict:
+    """The model's CV AUC and its 95 % CI exist; a CI that includes 0.5 is a warning."""
+    values = metrics.get(model, {})
+    auc, low, high = values.get("auc"), values.get("auc_ci_low"), values.get("auc_ci_high")
+    if any(v is None or not math.isfinite(v) for v in (auc, low, high)):
+        return Verdict(ERROR, f"no cross-validated AUC for the {model} model "
+                              f"({values.get('note', 'metrics missing')})", {"model": model})
+    metadata = {"model": model, "auc": auc, "auc_ci_low": low, "auc_ci_high": high,
+                "patients": values.get("patients")}
+    text = f"{model} CV AUC {auc:.3f} (95 % CI {low:.3f}-{high:.3f})"
+    if low <= 0.5 <= high:
+        return Verdict(WARN, text + ": the CI includes 0.5, no evidence the model beats chance", metadata)
+    return Verdict(PASS, text, metadata)
+
+
+def scores_valid(scores: pa.Table, expected_ids: list[str]) -> Verdict:
+    """Probabilities finite and in [0, 1], risk groups known, every expected patient scored once."""
+    probabilities = np.asarray(scores.column("probability").to_numpy(zero_copy_only=False), float)
+    ids = scores.column(ID_COLUMN).to_pylist()
+    problems = []
+    bad = ~np.isfinite(probabilities) | (probabilities < 0) | (probabilities > 1)
+    if bad.any():
+        problems.append(f"{int(bad.sum())} probability(ies) not finite or outside [0, 1]: "
+                        + _listing([f"{ids[i]}={probabilities[i]}" for i in np.flatnonzero(bad)]))
+    groups = set(scores.column("risk_group").to_pylist())
+    if not groups <= {"high", "low"}:
+        problems.append(f"unknown risk groups {sorted(map(str, groups - {'high', 'low'}))}")
+    repeated = sorted(pid for pid, n in Counter(ids).items() if n > 1)
+    if repeated:
+        problems.append(f"patients scored twice: {_listing(repeated)}")
+    missing = sorted(set(expected_ids) - set(ids))
+    if missing:
+        problems.append(f"{len(missing)} patient(s) with features not scored: {_listing(missing)}")
+    metadata = {"scored": len(ids), "expected": len(expected_ids),
+                "min_probability": float(np.nanmin(probabilities)) if len(ids) else None,
+                "max_probability": float(np.nanmax(probabilities)) if len(ids) else None}
+    if problems:
+        return Verdict(ERROR, " | ".join(problems), metadata)
+    return Verdict(PASS, f"{len(ids)} patients scored, all probabilities in [0, 1]", metadata)

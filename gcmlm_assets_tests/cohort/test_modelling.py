@@ -1,0 +1,187 @@
+"""Risk model: no leakage in the CV, the planted signal is found, missing modalities, skops round trip."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import skops.io as sio
+from sklearn.feature_selection import SelectKBest, f_classif
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from gcmlm_assets.cohort import modelling as M
+from gcmlm_assets.cohort import qc
+from gcmlm_assets_tests.cohort.synthetic import RADIOMICS_NAMES, make_cohort
+
+FAST = M.ModelSettings(n_splits=5, n_repeats=3, n_bootstrap=300)
+
+
+def cohort_table(ids, labels, radiomics, pathology, *, without_radiology=(), without_pathology=(),
+                 unknown=()) -> pa.Table:
+    """A fused table as fused_table writes it (nulls where a modality is absent)."""
+    has_rad = np.array([p not in without_radiology for p in ids])
+    has_path = np.array([p not in without_pathology for p in ids])
+    columns = {"patient_id": pa.array(ids), "has_radiology": pa.array(has_rad), "has_pathology": pa.array(has_path),
+               "has_clinical": pa.array([True] * len(ids)),
+               "mlm": pa.array([None if p in unknown else int(v) for p, v in zip(ids, labels)], pa.int8())}
+    for j, name in enumerate(RADIOMICS_NAMES):
+        columns["rad_" + name] = pa.array(radiomics[:, j], mask=~has_rad)
+    for j in range(pathology.shape[1]):
+        columns[f"path_feat_{j:04d}"] = pa.array(pathology[:, j], mask=~has_path)
+    return pa.table(columns)
+
+
+def fused_cv_auc(table: pa.Table, settings: M.ModelSettings) -> dict:
+    data = M.CohortData.from_table(table, settings.blocks())
+    metrics, _ = M.evaluate_cross_validation(M.cross_validate(data, settings), settings)
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    return make_cohort(60, seed=11)
+
+
+def test_planted_signal_is_found(cohort):
+    metrics = fused_cv_auc(cohort_table(*cohort), FAST)
+    assert metrics["fused"]["auc"] > 0.8, M.ablation_markdown(metrics)
+    assert metrics["fused"]["auc_ci_low"] > 0.5
+    for model in ("radiology", "pathology", "fused"):
+        m = metrics[model]
+        assert m["patients"] == 60 and m["auc_ci_low"] < m["auc"] < m["auc_ci_high"]
+        assert 0 <= m["sensitivity"] <= 1 and 0 <= m["specificity"] <= 1 and 0 <= m["brier"] <= 1
+    assert qc.cv_auc_reported(metrics).passed
+
+
+def leaky_cv_auc(features: np.ndarray, labels: np.ndarray) -> float:
+    """A deliberately wrong procedure: features chosen on ALL patients, then cross-validated."""
+    chosen = SelectKBest(f_classif, k=10).fit(features, labels).transform(features)
+    predictions = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression()), chosen, labels,
+                                    cv=StratifiedKFold(5, shuffle=True, random_state=0), method="predict_proba")
+    return float(M._rank_auc(predictions[labels == 1, 1], predictions[labels == 0, 1]))
+
+
+def test_permuted_labels_give_chance_auc_and_leakage_would_show(cohort):
+    """With every fitted step inside the folds, shuffled labels cannot be predicted: the fused CV
+    AUC stays within 0.5 +/- 0.15 for each of three permutations. The single-block AUCs get a
+    wider band (0.2) because CV AUC of a strongly shrunk model is known to fall BELOW 0.5 under
+    the null (each test fold's class balance mirrors its training fold's); above-chance values
+    are what leakage would produce. The control, feature selection outside the folds on the same
+    shuffled labels, lands well above the band, so the test can tell the difference."""
+    ids, labels, radiomics, pathology = cohort
+    honest, leaky = [], []
+    for permutation_seed in (1, 2, 3):
+        permuted = np.random.default_rng(permutation_seed).permutation(labels)
+        metrics = fused_cv_auc(cohort_table(ids, permuted, radiomics, pathology), FAST)
+        table = M.ablation_markdown(metrics)
+        assert abs(metrics["fused"]["auc"] - 0.5) <= 0.15, table
+        assert metrics["fused"]["auc_ci_low"] < 0.5 < metrics["fused"]["auc_ci_high"], table
+        assert qc.cv_auc_reported(metrics).outcome == qc.WARN
+        for block in ("radiology", "pathology"):
+            assert abs(metrics[block]["auc"] - 0.5) <= 0.2, table
+        honest.append(metrics["fused"]["auc"])
+        leaky.append(leaky_cv_auc(np.hstack([radiomics, pathology]), permuted))
+    assert abs(np.mean(honest) - 0.5) <= 0.1, honest
+    assert np.mean(leaky) > 0.65 and all(bad > good for bad, good in zip(leaky, honest)), (leaky, honest)
+
+
+def test_missing_modality_patients_are_scored_and_evaluated():
+    ids, labels, radiomics, pathology = make_cohort(40, seed=5)
+    no_rad, no_path = {"P001", "P007", "P012"}, {"P002", "P015"}
+    table = cohort_table(ids, labels, radiomics, pathology, without_radiology=no_rad, without_pathology=no_path,
+                         unknown={"P003", "P007"})
+    settings = M.ModelSettings(n_repeats=2, n_bootstrap=200)
+    data = M.CohortData.from_table(table, settings.blocks())
+    cv = M.cross_validate(data, settings)
+    metrics, curves = M.evaluate_cross_validation(cv, settings)
+    assert metrics["fused"]["patients"] == 38  # every labelled patient, whatever modality they lack
+    assert metrics["radiology"]["patients"] == 38 - 2 and metrics["pathology"]["patients"] == 38 - 2
+    assert metrics["fused_all_modalities"]["patients"] == 38 - 4
+    assert set(curves["fused"]) == {"roc", "calibration", "decision_curve"}
+
+    model, fitted = M.fit_risk_model(data, settings, metrics["fused"]["youden_threshold"])
+    scores = {r["patient_id"]: r for r in model.score_table(table).to_pylist()}
+    assert sorted(scores) == ids  # unlabelled and single-modality patients included
+    for patient_id in no_rad:
+        row = scores[patient_id]
+        assert row["modalities_used"] == "pathology" and row["probability_radiology"] is None
+        assert row["probability"] == pytest.approx(row["probability_pathology"])
+    for patient_id in no_path:
+        assert scores[patient_id]["modalities_used"] == "radiology"
+        assert scores[patient_id]["probability"] == pytest.approx(scores[patient_id]["probability_radiology"])
+    both = scores["P000"]
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    assert logit(both["probability"]) == pytest.approx(
+        (logit(both["probability_radiology"]) + logit(both["probability_pathology"])) / 2)
+    assert scores["P007"]["mlm"] is None
+    assert all(r["risk_group"] == ("high" if r["probability"] >= model.risk_threshold else "low")
+               for r in scores.values())
+    assert qc.scores_valid(model.score_table(table), ids).passed
+    assert fitted["radiology"]["selected_features"] and fitted["pathology"]["pca_components"] == 8
+
+
+@pytest.mark.parametrize("classifier", ["logistic", "svm", "random_forest"])
+def test_skops_round_trip_gives_identical_predictions(tmp_path, classifier):
+    ids, labels, radiomics, pathology = make_cohort(30, seed=8)
+    table = cohort_table(ids, labels, radiomics, pathology, without_radiology={"P004"})
+    settings = M.ModelSettings(classifier=classifier, n_repeats=1, n_bootstrap=50)
+    data = M.CohortData.from_table(table, settings.blocks())
+    model, _ = M.fit_risk_model(data, settings, 0.5)
+    path = M.save_model(model, tmp_path / "model.skops")
+    loaded = M.load_model(path)
+    before, after = model.predict_proba(table), loaded.predict_proba(table)
+    assert np.all(np.isfinite(before)) and np.all((before >= 0) & (before <= 1))
+    np.testing.assert_array_equal(before, after)
+    assert loaded.score_table(table).equals(model.score_table(table))
+    assert not path.read_bytes().startswith(b"\x80")  # a zip archive, not a pickle stream
+
+
+class Unlisted:
+    """A type no model file should contain."""
+
+
+def test_loading_refuses_types_off_the_trusted_list(tmp_path):
+    ids, labels, radiomics, pathology = make_cohort(24, seed=9)
+    table = cohort_table(ids, labels, radiomics, pathology)
+    model, _ = M.fit_risk_model(M.CohortData.from_table(table, FAST.blocks()), FAST, 0.5)
+    model.settings = {**model.settings, "smuggled": Unlisted()}
+    path = tmp_path / "model.skops"
+    sio.dump(model, path)
+    with pytest.raises(M.UntrustedModelFile, match="test_modelling.Unlisted"):
+        M.load_model(path)
+
+
+def test_too_few_labels_is_a_clear_error():
+    ids, labels, radiomics, pathology = make_cohort(20, seed=2, positive_fraction=0.15)
+    table = cohort_table(ids, labels, radiomics, pathology)
+    with pytest.raises(M.InsufficientLabels, match="min_labelled_per_class"):
+        M.cross_validate(M.CohortData.from_table(table, FAST.blocks()), FAST)
+
+
+def test_auc_check_warns_when_the_ci_includes_chance_and_fails_without_an_auc():
+    assert qc.cv_auc_reported({"fused": {"auc": 0.62, "auc_ci_low": 0.45, "auc_ci_high": 0.78}}).outcome == qc.WARN
+    assert qc.cv_auc_reported({"fused": {"auc": 0.9, "auc_ci_low": 0.8, "auc_ci_high": 0.97}}).passed
+    assert qc.cv_auc_reported({"fused": {"patients": 3, "note": "too few"}}).outcome == qc.ERROR
+    assert qc.cv_auc_reported({}).outcome == qc.ERROR
+
+
+def test_scores_check_fails_on_bad_probabilities_and_unscored_patients():
+    scores = pa.table({"patient_id": ["a", "b", "c"], "probability": [0.2, float("nan"), 1.3],
+                       "risk_group": ["low", "high", "high"]})
+    verdict = qc.scores_valid(scores, ["a", "b", "c", "d"])
+    assert verdict.outcome == qc.ERROR
+    assert "b=nan" in verdict.description and "c=1.3" in verdict.description and "d" in verdict.description
+
+
+def test_rank_auc_and_net_benefit_match_definitions():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 50)
+    scores = np.round(rng.random(50), 1)  # ties count half
+    assert M._rank_auc(scores[labels == 1], scores[labels == 0]) == pytest.approx(roc_auc_score(labels, scores))
+    # net benefit of treating everyone equals the treat-all line
+    nb = M.net_benefit(labels, np.ones(50), np.array([0.2]))
+    prevalence = labels.mean()
+    assert nb[0] == pytest.approx(prevalence - (1 - prevalence) * 0.25)
