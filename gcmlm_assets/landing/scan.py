@@ -6,7 +6,8 @@ decides which (patient, modality) pairs need a run.
 
 The cursor stays small however many patients there are: it holds a time
 watermark and the fingerprints of the few drops touched at or after it. A drop
-whose newest time (mtime or ctime of its files, its folders and READY) is older
+whose newest time (mtime or ctime of its files, its folders, READY and the patient
+folder itself) is older
 than the watermark was handled by an earlier tick; ctime moves on every write,
 rename or copy, even when a copy preserves mtimes, so a change always lifts a
 drop above the watermark again. The watermark never passes the scan's start
@@ -56,6 +57,7 @@ class LandingScan:
     drops: list[PatientDrop] = field(default_factory=list)
     invalid: list[tuple[str, str]] = field(default_factory=list)  # (folder, reason)
     not_ready: list[str] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (folder, error)
     started_ns: int = field(default_factory=time.time_ns)
 
 
@@ -88,9 +90,20 @@ def _walk_files(folder: Path, prefix: str, entries: list[tuple[str, int, int]]) 
         for entry in it:
             if entry.name.startswith("."):
                 continue  # uploaders' temporary files
-            st = entry.stat(follow_symlinks=True)
-            newest = max(newest, _stat_times(st))
             rel = f"{prefix}/{entry.name}"
+            try:
+                st = entry.stat(follow_symlinks=True)
+            except OSError:
+                # A broken link or a file removed mid-scan: fingerprint what is there (the link
+                # itself), so the drop still changes and its asset names the unreadable file.
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                newest = max(newest, _stat_times(st))
+                entries.append((rel, -1, st.st_mtime_ns))
+                continue
+            newest = max(newest, _stat_times(st))
             if entry.is_dir(follow_symlinks=True):
                 newest = max(newest, _walk_files(Path(entry.path), rel, entries))
             else:
@@ -133,7 +146,13 @@ def scan_landing_zone(root: str | os.PathLike) -> LandingScan:
         except FileNotFoundError:
             result.not_ready.append(entry.name)
             continue
-        result.drops.append(scan_patient(Path(entry.path), _stat_times(ready)))
+        try:
+            # The patient folder's own ctime counts too: a drop moved in with `mv` keeps the
+            # times of everything inside it, and only the moved folder's ctime says it is new.
+            drop_ns = max(_stat_times(ready), _stat_times(entry.stat(follow_symlinks=True)))
+            result.drops.append(scan_patient(Path(entry.path), drop_ns))
+        except OSError as error:  # removed or unreadable mid-scan: this drop only, next tick again
+            result.unreadable.append((entry.path, f"{type(error).__name__}: {error}"))
     return result
 
 

@@ -27,6 +27,8 @@ def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingZone) ->
     scan = scan_landing_zone(landing.path())
     for folder, reason in scan.invalid:
         context.log.warning(f"landing zone: folder {folder!r} ignored: invalid patient id ({reason})")
+    for folder, error in scan.unreadable:
+        context.log.warning(f"landing zone: folder {folder!r} could not be scanned this tick ({error})")
 
     known = set(context.instance.get_dynamic_partitions(patients_partitions.name))
     new_patients = [d.patient_id for d in scan.drops if d.patient_id not in known]

@@ -206,3 +206,31 @@ def test_write_during_scan_is_not_lost(landing_root):
 def test_missing_landing_zone_is_empty(instance, tmp_path):
     ticker = Ticker(instance, tmp_path / "does-not-exist")
     assert ticker.tick().run_requests == []
+
+
+def test_drop_moved_in_with_mv_is_picked_up(instance, landing_root, tmp_path):
+    """`mv` keeps the times of everything inside the drop; only the moved folder's ctime is new."""
+    staging = tmp_path / "staging"
+    make_drop(staging, "P900", ct=True, wsi=True)
+    time.sleep(2.2)  # older than the next tick's watermark (capped at its start minus the settle window)
+    make_drop(landing_root, "P001", ct=True)
+    ticker = Ticker(instance, landing_root)
+    assert [r.partition_key for r in ticker.tick().run_requests] == ["P001"]
+
+    os.rename(staging / "P900", landing_root / "P900")
+    result = ticker.tick()
+    assert ticker.partitions() == {"P001", "P900"}
+    assert sorted((r.partition_key, r.tags["gcmlm/modality"]) for r in result.run_requests) == [
+        ("P900", "pathology"), ("P900", "radiology")]
+    assert list(ticker.tick().run_requests) == []
+
+
+def test_broken_link_in_one_drop_does_not_stop_the_tick(instance, landing_root):
+    bad = make_drop(landing_root, "P001", ct=True, wsi=True)
+    os.symlink(bad / "wsi" / "gone.svs", bad / "wsi" / "slide2.svs")  # points at nothing
+    make_drop(landing_root, "P002", ct=True)
+    ticker = Ticker(instance, landing_root)
+    result = ticker.tick()
+    # Both drops are planned; the pathology run of P001 will fail naming the broken file.
+    assert sorted((r.partition_key, r.tags["gcmlm/modality"]) for r in result.run_requests) == [
+        ("P001", "pathology"), ("P001", "radiology"), ("P002", "radiology")]
