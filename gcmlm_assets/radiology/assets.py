@@ -152,7 +152,9 @@ def cached_segmenter(model_folder: Path, device: str = "cpu"):
 @dg.asset(
     group_name="radiology",
     partitions_def=patients_partitions,
-    deps=[ct_image],
+    # The model is an input only of predicted masks; the edge shows it in the lineage and marks
+    # masks stale when the model changes (reference masks then re-materialize to the same bytes).
+    deps=[ct_image, dg.AssetKey("segmentation_model")],
     check_specs=checks.CT_MASK_CHECK_SPECS,
     code_version=CT_MASK_VERSION,
     required_resource_keys={"storage", "landing", "segmentation", "radiomics"},
