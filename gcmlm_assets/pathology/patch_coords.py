@@ -88,7 +88,7 @@ def slide_entry(outcome: SlideOutcome, h5_path: Path | None, h5_sha256: str | No
         "n_candidates": result.n_candidates,
         "tissue_fraction": round(result.tissue_fraction, 6),
         "reason": result.reason,
-        "patch_size": int(attrs["patch_size"]),
+        "patch_size": int(attrs["target_patch_size"]),  # output px (attrs["patch_size"] is the read size)
         "patch_level": int(attrs["patch_level"]),
         "read_size": int(attrs["read_size"]),
         "patch_size_level0": int(attrs["patch_size_level0"]),

@@ -42,7 +42,7 @@ from gcmlm_assets.pathology.tissue import (
 from gcmlm_assets.storage import atomic_path
 
 # Bump when a change of this module changes its output for the same inputs.
-TILING_VERSION = "1"
+TILING_VERSION = "2"
 MODES = ("default", "clam")
 CLAM_CONTOUR_FNS = ("four_pt", "four_pt_hard", "center", "basic")
 
@@ -501,21 +501,26 @@ def _common_attrs(info: SlideInfo, level: int, patch_size: int, read_size: int, 
     downsample = info.level_downsamples[level]
     mpp0 = info.mpp.mean
     return {
-        # CLAM's attributes (CLAM reads `read_size`-independent `patch_size` at `patch_level`).
-        "patch_size": np.int64(patch_size),
+        # CLAM's attributes. CLAM (and TRIDENT given CLAM coordinates) reads `patch_size` pixels at
+        # `patch_level`, so `patch_size` is the size READ there: equal to the output size when a
+        # level matches target_mpp, larger when a finer level is read and resized.
+        "patch_size": np.int64(read_size),
         "patch_level": np.int64(level),
         "downsample": np.array([downsample, downsample], np.float64),
         "level_dim": level_dim,
         "downsampled_level_dim": level_dim.copy(),
         "name": info.name,
-        # TRIDENT's attributes: the field of view at level 0 and the magnifications.
+        # TRIDENT's attributes, consistent with the above: patch_size x level0_magnification /
+        # target_magnification == patch_size_level0 (the field of view at level 0).
         "patch_size_level0": np.int64(round(size_level0)),
         "level0_width": np.int64(info.dimensions[0]),
         "level0_height": np.int64(info.dimensions[1]),
         "level0_magnification": float(10.0 / mpp0),
-        "target_magnification": float(10.0 / achieved_mpp),
+        "target_magnification": float(10.0 / mpp0 * read_size / size_level0),
         "overlap": np.int64(0),
-        # Ours.
+        # Ours: the patch the encoder sees is read_size px resized to target_patch_size px, at
+        # achieved_mpp (target_mpp up to the rounding of read_size).
+        "target_patch_size": np.int64(patch_size),
         "read_size": np.int64(read_size),
         "level0_mpp": float(mpp0),
         "mpp_source": info.mpp.source,

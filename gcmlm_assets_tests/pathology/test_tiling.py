@@ -236,7 +236,11 @@ def test_default_mode_reads_a_larger_region_on_a_40x_pyramid(tmp_path: Path, tes
     with opened(real_slide(test_data), default_mpp=0.5) as slide:
         reference = tile_slide(slide, TilingParams())
     assert result.attrs["patch_level"] == 0 and result.attrs["read_size"] == 512
-    assert result.attrs["patch_size"] == 256 and result.attrs["patch_size_level0"] == 512
+    # CLAM reads `patch_size` px at `patch_level`: the 512 px read, which our reader resizes to 256.
+    assert result.attrs["patch_size"] == 512 and result.attrs["target_patch_size"] == 256
+    assert result.attrs["patch_size_level0"] == 512
+    assert round(result.attrs["patch_size"] * result.attrs["level0_magnification"]
+                 / result.attrs["target_magnification"]) == 512
     assert result.attrs["seg_source"] != "level 0"  # segmented on a pyramid level, not level 0
     # Same tissue, same physical grid: the same patches, at twice the coordinates.
     assert coordinate_jaccard(result.coords // 2, reference.coords) >= 0.9
@@ -292,7 +296,7 @@ def test_coords_file_round_trip_and_clam_reading(tmp_path: Path, test_data: Path
     assert np.array_equal(loaded.coords, result.coords)
     assert loaded.read_size == 256 and loaded.patch_level == 0
     for key in ("patch_size", "patch_level", "downsample", "level_dim", "downsampled_level_dim", "name",
-                "target_mpp", "read_size", "patch_size_level0", "level0_magnification", "target_magnification",
+                "target_mpp", "read_size", "target_patch_size", "patch_size_level0", "level0_magnification", "target_magnification",
                 "min_tissue", "seg_sthresh", "mpp_source"):
         assert key in loaded.attrs, key
     # TRIDENT derives the level-0 field of view from the magnifications.
