@@ -96,15 +96,41 @@ def sha256_text(*parts: str) -> str:
     return digest.hexdigest()
 
 
-def remove_stale_temporaries(folder: Path) -> int:
-    """Delete temporary files a killed writer left behind; they are never read."""
+# A temporary untouched this long belongs to a killed writer. Younger ones may belong to a run
+# still writing (two runs of one patient can overlap), so they are left alone.
+STALE_TEMPORARY_S = 24 * 3600
+
+
+def _newest_mtime(path: Path) -> float:
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(path):
+            for name in dirnames + filenames:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+    return newest
+
+
+def remove_stale_temporaries(folder: Path, older_than_s: float = STALE_TEMPORARY_S) -> int:
+    """Delete temporaries (files, or folders such as a training's work folder) that a killed writer
+    left behind: never read, and removed once nothing in them changed for `older_than_s`."""
+    import shutil
+    import time
+
     removed = 0
     if folder.is_dir():
+        cutoff = time.time() - older_than_s
         for entry in folder.iterdir():
-            if entry.name.startswith(TMP_PREFIX):
-                with contextlib.suppress(OSError):
+            if not entry.name.startswith(TMP_PREFIX):
+                continue
+            with contextlib.suppress(OSError):
+                if _newest_mtime(entry) >= cutoff:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
                     entry.unlink()
-                    removed += 1
+                removed += 1
     return removed
 
 

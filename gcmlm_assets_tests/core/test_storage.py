@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -12,10 +13,12 @@ import pytest
 
 from gcmlm_assets.patients import InvalidPatientId
 from gcmlm_assets.storage import (
+    STALE_TEMPORARY_S,
     TMP_PREFIX,
     ArtifactStore,
     atomic_path,
     atomic_write_bytes,
+    remove_stale_temporaries,
     sha256_file,
 )
 
@@ -42,10 +45,31 @@ def test_killed_writer_leaves_no_final_file(tmp_path: Path):
     assert not final.exists()
     leftovers = list(final.parent.iterdir())
     assert leftovers and all(p.name.startswith(TMP_PREFIX) for p in leftovers)
-    # The next writer of that folder clears what the killed one left.
+    # A young temporary may be another run's write in progress: it is left alone.
     store = ArtifactStore(tmp_path)
     store.asset_dir("out")
+    assert list(final.parent.iterdir()) == leftovers
+    # Once untouched for a day it is a killed writer's, and the next writer of that folder clears it.
+    day_ago = time.time() - STALE_TEMPORARY_S - 60
+    for path in leftovers:
+        os.utime(path, (day_ago, day_ago))
+    store.asset_dir("out")
     assert list(final.parent.iterdir()) == []
+
+
+def test_stale_temporary_folders_are_removed_by_their_newest_file(tmp_path: Path):
+    models = tmp_path / "segmentation_model"
+    training = models / f"{TMP_PREFIX}train-abc" / "nnunet" / "fold_all"
+    training.mkdir(parents=True)
+    (training / "training_log.txt").write_text("epoch 1")
+    day_ago = time.time() - STALE_TEMPORARY_S - 60
+    for path in (models / f"{TMP_PREFIX}train-abc", models / f"{TMP_PREFIX}train-abc" / "nnunet", training):
+        os.utime(path, (day_ago, day_ago))
+    # A training that still writes its log is alive, however old its folders are.
+    assert remove_stale_temporaries(models) == 0 and training.is_dir()
+    os.utime(training / "training_log.txt", (day_ago, day_ago))
+    assert remove_stale_temporaries(models) == 1
+    assert list(models.iterdir()) == []
 
 
 def test_failed_block_leaves_nothing(tmp_path: Path):

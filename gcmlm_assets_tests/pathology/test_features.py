@@ -25,7 +25,7 @@ from gcmlm_assets.pathology.extract import (
     extract_slide_features,
     validate_feature_file,
 )
-from gcmlm_assets.storage import TMP_PREFIX, ArtifactStore, sha256_file
+from gcmlm_assets.storage import STALE_TEMPORARY_S, TMP_PREFIX, ArtifactStore, sha256_file
 from gcmlm_assets_tests.pathology.features_support import (
     cosine_rows,
     grid_coords,
@@ -160,7 +160,10 @@ def test_killed_run_leaves_no_visible_file(tmp_path, slide):
     assert not output.exists()
     leftovers = [p for p in output.parent.iterdir() if p.name.startswith(TMP_PREFIX)]
     assert leftovers, "the killed writer's temporary file should be there (and never read)"
-    # The artifact store clears a killed writer's temporaries before the next write.
+    # The artifact store clears a killed writer's temporaries (untouched for a day) before the next write.
+    day_ago = time.time() - STALE_TEMPORARY_S - 60
+    for path in leftovers:
+        os.utime(path, (day_ago, day_ago))
     ArtifactStore(tmp_path).asset_dir("out")
     assert list(output.parent.iterdir()) == []
 
