@@ -6,6 +6,8 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 export GCMLM_TEST_DATA ?= $(abspath ../shared/data)
 export GCMLM_DATA_ROOT ?= $(abspath data)
+# The local SQLite instance lives under the data root (make ui, make demo, dagster CLI from make).
+export DAGSTER_HOME ?= $(GCMLM_DATA_ROOT)/dagster_home
 
 .PHONY: install test demo ui bench validate clean
 
@@ -27,20 +29,20 @@ test: $(STAMP)
 	$(PY) -m pytest -q gcmlm_assets_tests
 
 validate: $(STAMP)
+	mkdir -p $(DAGSTER_HOME)
 	$(VENV)/bin/dagster definitions validate -m gcmlm_assets.definitions
 
 demo: $(STAMP)
 	$(PY) -m gcmlm_assets.demo
 
 ui: $(STAMP)
-	mkdir -p $(GCMLM_DATA_ROOT)/dagster_home
-	test -f $(GCMLM_DATA_ROOT)/dagster_home/dagster.yaml || \
-	  cp deploy/local/dagster.yaml $(GCMLM_DATA_ROOT)/dagster_home/dagster.yaml
-	DAGSTER_HOME=$(GCMLM_DATA_ROOT)/dagster_home \
-	  $(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+	mkdir -p $(DAGSTER_HOME)
+	test -f $(DAGSTER_HOME)/dagster.yaml || cp deploy/local/dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
 
+# Artifacts and the local instance under the data root; the landing zone is kept.
 clean:
-	rm -rf data/artifacts data/dagster_home
+	rm -rf $(or $(GCMLM_ARTIFACTS_ROOT),$(GCMLM_DATA_ROOT)/artifacts) $(DAGSTER_HOME)
