@@ -100,7 +100,9 @@ class MeanPooling:
             per_slide[slide.name] = rows
             n_patches += rows
         if n_patches == 0 or total is None:
-            raise PoolingError(f"no patch features to pool over {n_slides} slide(s): every slide has 0 patches")
+            names = ", ".join(per_slide)
+            raise PoolingError(f"no patch features to pool over {n_slides} slide(s) ({names}): "
+                               "every slide has 0 patches")
         return PooledVector(total / n_patches, n_patches, n_slides, {"patches_per_slide": per_slide})
 
     def describe(self) -> dict[str, Any]:

@@ -118,17 +118,21 @@ def extract_features(extractor: featureextractor.RadiomicsFeatureExtractor,
     except (ValueError, RuntimeError) as error:
         raise RadiomicsError(f"PyRadiomics failed on image {image_path} with mask {mask_path}: {error}") from error
     seconds = time.perf_counter() - started
-    features = {name: _as_float(value) for name, value in result.items() if not name.startswith("diagnostics_")}
+    try:
+        features = {name: _as_float(name, value) for name, value in result.items()
+                    if not name.startswith("diagnostics_")}
+    except RadiomicsError as error:
+        raise RadiomicsError(f"PyRadiomics on image {image_path} with mask {mask_path}: {error}") from error
     diagnostics = {name: str(value) for name, value in result.items()
                    if name.startswith(("diagnostics_Mask-interpolated", "diagnostics_Image-interpolated",
                                        "diagnostics_Mask-original_VoxelNum"))}
     return FeatureRow(dict(sorted(features.items())), seconds, diagnostics)
 
 
-def _as_float(value) -> float:
+def _as_float(name: str, value) -> float:
     array = np.asarray(value, dtype=np.float64)
     if array.size != 1:
-        raise RadiomicsError(f"feature value is not a scalar: shape {array.shape}")
+        raise RadiomicsError(f"feature {name} is not a scalar: shape {array.shape}")
     return float(array.reshape(()))
 
 
