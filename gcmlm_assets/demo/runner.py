@@ -46,6 +46,7 @@ import dagster as dg
 
 from gcmlm_assets import settings
 from gcmlm_assets.demo import synthetic
+from gcmlm_assets.landing.sensors import MODALITY_ASSETS
 
 SENSOR_NAME = "landing_sensor"
 # Where the demo keeps the sensor cursor between invocations (the instance's key-value store).
@@ -56,10 +57,12 @@ RUN_KEY_TAG = "dagster/run_key"
 SENSOR_NAME_TAG = "dagster/sensor_name"
 PARTITION_TAG = "dagster/partition"
 
-RADIOLOGY_ASSETS = ("ct_image", "ct_mask", "radiomics_row")
-PATHOLOGY_ASSETS = ("patch_coords", "uni_features", "slide_vector")
+# The sensor's own modality -> assets map, as asset names.
+MODALITY_ASSET_NAMES = {modality: tuple(key.to_user_string() for key in keys)
+                        for modality, keys in MODALITY_ASSETS.items()}
+RADIOLOGY_ASSETS = MODALITY_ASSET_NAMES["radiology"]
+PATHOLOGY_ASSETS = MODALITY_ASSET_NAMES["pathology"]
 PER_PATIENT_ASSETS = RADIOLOGY_ASSETS + PATHOLOGY_ASSETS
-MODALITY_ASSET_NAMES = {"radiology": RADIOLOGY_ASSETS, "pathology": PATHOLOGY_ASSETS}
 SEGMENTATION_ASSET = "segmentation_model"
 COHORT_ASSETS = ("clinical_table", "fused_table", "risk_model", "risk_scores")
 EXECUTORS = ("in_process", "multiprocess")

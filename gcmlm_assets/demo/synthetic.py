@@ -45,12 +45,11 @@ import numpy as np
 import SimpleITK as sitk
 import tifffile
 
+from gcmlm_assets.landing.scan import CLINICAL_CSV, READY_MARKER
 from gcmlm_assets.storage import atomic_write_bytes, sha256_file
 
 # Bump when the bytes the generator writes would change for the same settings.
 GENERATOR_VERSION = "1"
-READY_MARKER = "READY"
-CLINICAL_CSV = "clinical.csv"
 CLINICAL_COLUMNS = ("patient_id", "mlm", "age", "sex", "pt_stage", "tumour_size_mm")
 # Kept outside every patient folder; the landing scan only looks at folders and clinical.csv.
 COHORT_MANIFEST = ".synthetic_cohort.json"
