@@ -38,6 +38,7 @@ import torch
 from benchmarks.read_path import coords_file, tiled_benchmark_slide
 from gcmlm_assets.pathology.encoders import load_encoder
 from gcmlm_assets.pathology.extract import (
+    OPENSLIDE,
     PatchBatches,
     block_major_order,
     extract_slide_features,
@@ -72,7 +73,7 @@ def forward_only(encoder, slide_path: Path, coords_path: Path, n_patches: int, b
     grid = read_patch_grid(coords_path)
     level_xy = grid.coords.astype(np.int64)  # level 0 on this slide
     batches = PatchBatches(slide_path, level_xy, block_major_order(level_xy, grid.read_size), grid.read_size,
-                           encoder.spec.input_size, batch_size, "openslide", None, grid.patch_level)
+                           encoder.spec.input_size, batch_size, OPENSLIDE, grid.patch_level)
     mean, inv_std = normalisation_constants(encoder, encoder.device)
     images = normalise_batch(batches[0]["images"].to(encoder.device), mean, inv_std).contiguous(
         memory_format=torch.channels_last)
@@ -123,7 +124,8 @@ def main() -> None:
     parser.add_argument("--encoder", default="vit-tiny-random")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--checkpoint", default="", help="weights file (default: random weights if needed)")
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs (rates only)")
+    parser.add_argument("--repeats", type=int, default=6, help="forward/end-to-end pairs to time")
+    parser.add_argument("--rates-only", action="store_true", help="skip the peak-RSS runs")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -135,25 +137,42 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         encoder = benchmark_encoder(args, Path(tmp))
         coords_path = coords_file(tiling, n, Path(tmp))
-        forward_s = end_to_end_s = float("inf")
-        # Alternate the two so that load from other processes hits both alike.
-        for _ in range(args.repeats):
-            forward_s = min(forward_s, forward_only(encoder, slide_path, coords_path, n, args.batch_size))
-            result = extract_slide_features(slide_path, coords_path, Path(tmp) / "features.h5", encoder,
-                                            fingerprint=f"run-{time.time()}", batch_size=args.batch_size,
-                                            num_workers=args.workers)
-            end_to_end_s = min(end_to_end_s, result.seconds)
-    single, quadruple = run_child(args, n), run_child(args, 4 * n)
+        forward_s, end_to_end_s = [], []
+        # Timed in adjacent pairs, in alternating order, so that a slower spell of
+        # a shared machine hits both runs of a pair alike: the ratio is per pair.
+        for repeat in range(args.repeats):
+            def run_forward():
+                forward_s.append(forward_only(encoder, slide_path, coords_path, n, args.batch_size))
 
+            def run_end_to_end():
+                nonlocal result
+                result = extract_slide_features(slide_path, coords_path, Path(tmp) / "features.h5", encoder,
+                                                fingerprint=f"run-{time.time()}", batch_size=args.batch_size,
+                                                num_workers=args.workers)
+                end_to_end_s.append(result.seconds)
+
+            result = None
+            for run in ((run_forward, run_end_to_end) if repeat % 2 == 0 else (run_end_to_end, run_forward)):
+                run()
+
+    ratios = np.array(forward_s) / np.array(end_to_end_s)
+    reader = result.reader + (f" at 1/{result.decode_scale}" if result.decode_scale > 1 else "")
     print(f"encoder {args.encoder} on {encoder.device}, batch {args.batch_size}, {args.workers} DataLoader worker(s), "
-          f"torch threads {torch.get_num_threads()}, reader {result.reader}; best of {args.repeats}")
+          f"torch threads {torch.get_num_threads()}, reader {reader}; {args.repeats} timed pairs, medians")
     print()
     print(f"| {'run':<34} | {'patches':>7} | {'seconds':>7} | {'patches/s':>9} | {'% of forward':>12} |")
     print(f"|{'-' * 36}|{'-' * 9}|{'-' * 9}|{'-' * 11}|{'-' * 14}|")
-    forward_rate = n / forward_s
-    for name, seconds in (("forward pass only", forward_s), ("end to end (streaming extractor)", end_to_end_s)):
-        rate = n / seconds
-        print(f"| {name:<34} | {n:>7} | {seconds:>7.2f} | {rate:>9.1f} | {100 * rate / forward_rate:>11.1f}% |")
+    forward_median = float(np.median(forward_s))
+    print(f"| {'forward pass only':<34} | {n:>7} | {forward_median:>7.2f} | {n / forward_median:>9.1f} "
+          f"| {100.0:>11.1f}% |")
+    end_to_end_median = float(np.median(end_to_end_s))
+    print(f"| {'end to end (streaming extractor)':<34} | {n:>7} | {end_to_end_median:>7.2f} "
+          f"| {n / end_to_end_median:>9.1f} | {100 * np.median(ratios):>11.1f}% |")
+    print(f"\nend to end / forward per pair: median {100 * np.median(ratios):.1f} %, "
+          f"range {100 * ratios.min():.1f}-{100 * ratios.max():.1f} % (bar: 95 %)")
+    if args.rates_only:
+        return
+    single, quadruple = run_child(args, n), run_child(args, 4 * n)
     print()
     print(f"| {'peak RSS, fresh process':<34} | {'patches':>7} | {'main MiB':>8} | {'worker MiB':>10} "
           f"| {'patches/s':>9} |")

@@ -152,7 +152,8 @@ def uni_features(context: dg.AssetExecutionContext, storage: ArtifactStorage, en
     try:
         done = extract_patient(listing, out_dir, model, batch_size=encoder.batch_size,
                                num_workers=encoder.num_workers,
-                               feature_dtype="float16" if encoder.float16_features else "float32")
+                               feature_dtype="float16" if encoder.float16_features else "float32",
+                               scaled_decode=encoder.scaled_decode)
     except ExtractionError as error:
         raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from error
     seconds = time.perf_counter() - started
@@ -183,7 +184,10 @@ def uni_features(context: dg.AssetExecutionContext, storage: ArtifactStorage, en
             "slides_without_patches": dg.MetadataValue.json(done.without_patches),
             "patches_per_second": round(computed_patches / sum(r.seconds for r in computed), 2) if computed else 0.0,
             "reused_slides": dg.MetadataValue.json([r.output.name for r in done.results if r.reused]),
-            "readers": dg.MetadataValue.json({r.output.name: r.reader for r in done.results}),
+            "readers": dg.MetadataValue.json({
+                r.output.name: r.reader + (f" at 1/{r.decode_scale}" if r.decode_scale > 1 else "")
+                for r in done.results}),
+            "scaled_decode": encoder.scaled_decode,
             "feature_dtype": "float16" if encoder.float16_features else "float32",
             "device": str(model.device),
             "folder": dg.MetadataValue.path(str(out_dir)),

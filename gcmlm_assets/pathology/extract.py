@@ -9,7 +9,8 @@ Pipeline per slide:
   the fork) reads one batch per item into one preallocated uint8 array and
   resizes the whole batch in one call (antialiased bilinear on uint8, which
   agrees with PIL's `Resize` to within a grey level or two). Workers return
-  uint8 NHWC batches, four times smaller to ship than float.
+  uint8 NHWC batches, four times smaller to ship than float. The main
+  process reads the first batch itself while the workers start up.
 - The main process normalises in batch on the model's device (uint8 -> float;
   NHWC memory is channels-last for free), runs the encoder under
   `torch.inference_mode` (bf16 autocast on CUDA only) and appends the features
@@ -24,6 +25,18 @@ the recently decoded ones; it is about 4x faster per pixel than OpenSlide's
 `read_region`, which stays the reader for every other format (with
 OpenSlide's own tile cache). The direct reader is used only after it
 reproduced OpenSlide's pixels on a probe region of the slide.
+
+Scaled decoding (`scaled_decode`, on by default): when the read size is at
+least twice the encoder's input (512 px at 0.25 µm/px -> 224 px), JPEG tiles
+are decoded at 1/2 (1/4, 1/8) of their size by libjpeg-turbo's scaled IDCT,
+which skips most of the inverse DCT and colour conversion and leaves a
+quarter of the pixels to copy and resize: about a third less CPU per patch
+(see `benchmarks.read_path`). The scaled IDCT is itself a low-pass
+downsampling, a slightly sharper one than an antialiased resize from full
+size: on tissue the patch the encoder sees differs by 1-3 grey levels on
+average. A slide gets it only after a probe patch agreed with the
+full-resolution path within `SCALED_PROBE_MEAN_DIFF` grey levels on average;
+a misread colour space differs by tens.
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import h5py
 import numpy as np
@@ -52,6 +65,14 @@ TILE_CACHE_BYTES = 48 << 20
 # Vendors whose levels are plain tiled TIFF pages that tifffile decodes as OpenSlide does.
 DIRECT_TIFF_VENDORS = ("aperio", "generic-tiff")
 PROBE_MAX_ABS_DIFF = 2
+# Tile decoding at 1/scale (libjpeg-turbo's scaled IDCT through OpenCV).
+DECODE_SCALES = (8, 4, 2)
+_CV2_REDUCED = {2: 16, 4: 32, 8: 64}  # OpenCV's IMREAD_REDUCED_* bits, combined with IMREAD_COLOR_RGB
+SCALED_PROBE_MEAN_DIFF = 8.0
+# Photometric interpretation -> Adobe APP14 colour transform (0: RGB, 1: YCbCr).
+# TIFF says what a JPEG tile holds; a bare JPEG decoder would have to guess
+# (Aperio's tiles are RGB without the markers that say so).
+_ADOBE_TRANSFORM = {2: 0, 6: 1}
 FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
 CHUNK_ROWS = 256
 
@@ -161,27 +182,55 @@ class OpenSlideReader:
         self._slide.close()
 
 
+def decode_scale(read_size: int, input_size: int) -> int:
+    """The largest 1/scale JPEG decoding that still leaves at least `input_size` px (1: none)."""
+    for scale in DECODE_SCALES:
+        if read_size % scale == 0 and read_size // scale >= input_size:
+            return scale
+    return 1
+
+
 class TiffTileReader:
-    """Decodes the tiles of one TIFF page directly, each once while it stays cached."""
+    """Decodes the tiles of one TIFF page directly, each once while it stays cached.
+
+    With `scale` > 1 (JPEG tiles only) every tile is decoded at 1/scale of its
+    size, and coordinates and sizes are in that reduced grid.
+    """
 
     kind = "tiff-tiles"
 
-    def __init__(self, slide_path: Path, page_index: int, cache_bytes: int = TILE_CACHE_BYTES):
+    def __init__(self, slide_path: Path, page_index: int, cache_bytes: int = TILE_CACHE_BYTES, scale: int = 1):
         import tifffile
 
         self._tiff = tifffile.TiffFile(str(slide_path))
         self._page = self._tiff.pages[page_index]
         page = self._page
+        self._scale = scale
+        self._jpeg_header = b""
+        if scale != 1:
+            if scale not in _CV2_REDUCED:
+                raise ValueError(f"decode scale must be one of {sorted(_CV2_REDUCED)}, got {scale}")
+            if (page.compression != 7 or page.photometric not in _ADOBE_TRANSFORM or page.samplesperpixel != 3
+                    or page.tilewidth % scale or page.tilelength % scale):
+                raise ValueError(f"{slide_path}: page {page_index} cannot be decoded scaled "
+                                 f"(compression {page.compression}, photometric {page.photometric})")
+            tables = page.jpegtables or b""
+            # SOI, an Adobe marker naming the colour transform, then the shared tables' body.
+            adobe = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00" + bytes([_ADOBE_TRANSFORM[page.photometric]])
+            self._jpeg_header = b"\xff\xd8" + adobe + (bytes(tables[2:-2]) if tables else b"")
         self._fd = os.open(slide_path, os.O_RDONLY)
-        self._width, self._height = page.imagewidth, page.imagelength
-        self._tile_w, self._tile_h = page.tilewidth, page.tilelength
-        self._tiles_x = -(-self._width // self._tile_w)
-        self._tiles_y = -(-self._height // self._tile_h)
+        self._tiles_x = -(-page.imagewidth // page.tilewidth)
+        self._width, self._height = -(-page.imagewidth // scale), -(-page.imagelength // scale)
+        self._tile_w, self._tile_h = page.tilewidth // scale, page.tilelength // scale
         self._offsets = page.dataoffsets
         self._counts = page.databytecounts
         self._jpegtables = page.jpegtables
         self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._max_tiles = max(4, cache_bytes // (self._tile_w * self._tile_h * 3))
+
+    @property
+    def scale(self) -> int:
+        return self._scale
 
     def _tile(self, index: int) -> np.ndarray:
         cached = self._cache.get(index)
@@ -194,11 +243,25 @@ class TiffTileReader:
             tile = np.zeros((self._tile_h, self._tile_w, 3), np.uint8)
         else:
             data = os.pread(self._fd, count, self._offsets[index])
-            segment, _, _ = self._page.decode(data, index, jpegtables=self._jpegtables)
-            tile = np.ascontiguousarray(segment.reshape(segment.shape[-3:])[..., :3])
+            if self._scale == 1:
+                segment, _, _ = self._page.decode(data, index, jpegtables=self._jpegtables)
+                tile = np.ascontiguousarray(segment.reshape(segment.shape[-3:])[..., :3])
+            else:
+                tile = self._decode_scaled(data, index)
         self._cache[index] = tile
         if len(self._cache) > self._max_tiles:
             self._cache.popitem(last=False)
+        return tile
+
+    def _decode_scaled(self, data: bytes, index: int) -> np.ndarray:
+        import cv2
+
+        stream = np.frombuffer(self._jpeg_header + data[2:], np.uint8)
+        tile = cv2.imdecode(stream, _CV2_REDUCED[self._scale] | cv2.IMREAD_COLOR_RGB)
+        if tile is None or tile.shape != (self._tile_h, self._tile_w, 3):
+            got = None if tile is None else tile.shape
+            raise ValueError(f"JPEG tile {index} decoded at 1/{self._scale} gave {got}, "
+                             f"expected {(self._tile_h, self._tile_w, 3)}")
         return tile
 
     def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -259,11 +322,29 @@ def _direct_tiff_page(slide_path: Path, level: int) -> int | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def choose_reader(slide_path: Path, level: int, probe: tuple[int, int, int, int] | None) -> tuple[str, int | None]:
-    """("tiff-tiles", page) when direct decoding reproduces OpenSlide on `probe`, else ("openslide", None)."""
+@dataclass(frozen=True)
+class ReaderChoice:
+    """How one slide level is read: "tiff-tiles" (TIFF `page`, tiles decoded at 1/`scale`) or "openslide"."""
+
+    kind: str
+    page: int | None = None
+    scale: int = 1
+
+
+OPENSLIDE = ReaderChoice("openslide")
+
+
+def choose_reader(slide_path: Path, level: int, probe: tuple[int, int, int, int] | None, *,
+                  scale: int = 1, input_size: int | None = None) -> ReaderChoice:
+    """The fastest reader that gives this slide's pixels, checked on the `probe` region (x, y, w, h).
+
+    Direct tile decoding must reproduce OpenSlide on the probe; decoding at
+    1/`scale` must then agree with it, both resized to `input_size`, within
+    `SCALED_PROBE_MEAN_DIFF` grey levels, else the slide is decoded at full size.
+    """
     page = _direct_tiff_page(slide_path, level)
     if page is None:
-        return "openslide", None
+        return OPENSLIDE
     try:
         direct = TiffTileReader(slide_path, page)
         try:
@@ -275,25 +356,61 @@ def choose_reader(slide_path: Path, level: int, probe: tuple[int, int, int, int]
                 finally:
                     reference.close()
                 if np.abs(a - b).max(initial=0) > PROBE_MAX_ABS_DIFF:
-                    return "openslide", None
+                    return OPENSLIDE
+            if scale > 1 and probe is not None and _scaled_agrees(slide_path, page, direct, probe, scale,
+                                                                   input_size or probe[2] // scale):
+                return ReaderChoice("tiff-tiles", page, scale)
         finally:
             direct.close()
     except Exception:  # noqa: BLE001 - a codec tifffile lacks: OpenSlide still reads it
-        return "openslide", None
-    return "tiff-tiles", page
+        return OPENSLIDE
+    return ReaderChoice("tiff-tiles", page, 1)
 
 
-def open_reader(slide_path: Path, level: int, kind: str, page: int | None) -> RegionReader:
-    if kind == "tiff-tiles" and page is not None:
-        return TiffTileReader(slide_path, page)
+def _scaled_agrees(slide_path: Path, page: int, direct: TiffTileReader, probe: tuple[int, int, int, int],
+                   scale: int, input_size: int) -> bool:
+    """Whether the probe patch decoded at 1/scale matches full decoding, both resized to `input_size`."""
+    x, y, width, height = probe
+    if width % scale or height % scale:
+        return False
+    try:
+        scaled = TiffTileReader(slide_path, page, scale=scale)
+    except ValueError:  # not JPEG, or a colour space we cannot name
+        return False
+    try:
+        small = scaled.read(x // scale, y // scale, width // scale, height // scale)
+    except Exception:  # noqa: BLE001 - a tile OpenCV cannot decode scaled
+        return False
+    finally:
+        scaled.close()
+    full = direct.read(x, y, width, height)
+    a, b = (resize_patches(p[None], input_size).to(torch.int16) for p in (small, full))
+    return float((a - b).abs().float().mean()) <= SCALED_PROBE_MEAN_DIFF
+
+
+def open_reader(slide_path: Path, level: int, choice: ReaderChoice) -> RegionReader:
+    if choice.kind == "tiff-tiles" and choice.page is not None:
+        return TiffTileReader(slide_path, choice.page, scale=choice.scale)
     return OpenSlideReader(slide_path, level)
+
+
+def resize_patches(patches: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 NHWC patches -> uint8 NHWC (contiguous) at `size` px: antialiased bilinear, like PIL's Resize."""
+    images = torch.from_numpy(patches).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+    if patches.shape[1:3] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return images.permute(0, 2, 3, 1).contiguous()
 
 
 # ---------------------------------------------------------------- batches
 
 
 class PatchBatches(Dataset):
-    """Item i = batch i of patches in block-major order, as uint8 NHWC at the encoder's input size."""
+    """Item i = batch i of patches in block-major order, as uint8 NHWC at the encoder's input size.
+
+    `level_xy` and `read_size` are in pixels of `level`; a reader that decodes
+    at 1/scale reads the same regions in its reduced grid (corners rounded down).
+    """
 
     def __init__(
         self,
@@ -303,18 +420,16 @@ class PatchBatches(Dataset):
         read_size: int,
         input_size: int,
         batch_size: int,
-        reader_kind: str,
-        reader_page: int | None,
+        reader: ReaderChoice,
         level: int,
     ):
         self.slide_path = Path(slide_path)
-        self.level_xy = level_xy
         self.order = order
-        self.read_size = read_size
+        self.choice = reader
+        self.level_xy = level_xy // reader.scale
+        self.read_size = read_size // reader.scale
         self.input_size = input_size
         self.batch_size = batch_size
-        self.reader_kind = reader_kind
-        self.reader_page = reader_page
         self.level = level
         self._reader: RegionReader | None = None
         self._reader_pid: int | None = None
@@ -328,7 +443,7 @@ class PatchBatches(Dataset):
         # Opened lazily in the process that reads: a handle inherited through
         # fork would share its file offset and caches with the parent.
         if self._reader is None or self._reader_pid != os.getpid():
-            self._reader = open_reader(self.slide_path, self.level, self.reader_kind, self.reader_page)
+            self._reader = open_reader(self.slide_path, self.level, self.choice)
             self._reader_pid = os.getpid()
         return self._reader
 
@@ -342,7 +457,6 @@ class PatchBatches(Dataset):
         xy = self.level_xy[indices]
         patches = self._patch_buffer(len(indices))
         reader = self.reader()
-        size = self.read_size
         try:
             for k, (x, y) in enumerate(xy):
                 reader.read_into(int(x), int(y), patches[k])
@@ -351,14 +465,7 @@ class PatchBatches(Dataset):
                 f"{self.slide_path}: cannot read patches of batch {item} at level {self.level}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        images = torch.from_numpy(patches).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
-        if size != self.input_size:
-            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
-                                   antialias=True, align_corners=False)
-        return {
-            "images": images.permute(0, 2, 3, 1).contiguous(),
-            "index": torch.from_numpy(indices),
-        }
+        return {"images": resize_patches(patches, self.input_size), "index": torch.from_numpy(indices)}
 
     def _patch_buffer(self, n: int) -> np.ndarray:
         shape = (n, self.read_size, self.read_size, 3)
@@ -370,6 +477,41 @@ class PatchBatches(Dataset):
             self._scratch = np.empty((max(n, self.batch_size), *shape[1:]), np.uint8)
             self._scratch_pid = os.getpid()
         return self._scratch[:n]
+
+
+class _FromBatch(Dataset):
+    """The batches of `dataset` from `start` on."""
+
+    def __init__(self, dataset: PatchBatches, start: int):
+        self.dataset, self.start = dataset, start
+
+    def __len__(self) -> int:
+        return max(len(self.dataset) - self.start, 0)
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        return self.dataset[item + self.start]
+
+
+def stream_batches(dataset: PatchBatches, num_workers: int, prefetch_factor: int = 2,
+                   pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of `dataset` in order, read by `num_workers` DataLoader workers (0: in this process).
+
+    With workers, this process reads the first batch itself while they start
+    (a fork, opening the slide) and read ahead: the encoder does not wait for
+    the workers' start-up at the beginning of every slide.
+    """
+    options = dict(batch_size=None, shuffle=False, pin_memory=pin_memory)
+    if num_workers == 0 or len(dataset) < 2:
+        yield from DataLoader(dataset, num_workers=0, **options)
+        return
+    loader = DataLoader(_FromBatch(dataset, 1), num_workers=num_workers, worker_init_fn=_worker_init,
+                        prefetch_factor=prefetch_factor, **options)
+    rest = iter(loader)  # the workers start here, on batches 1, 2, ...
+    try:
+        yield dataset[0]
+        yield from rest
+    finally:
+        del rest  # stops the workers, also when the consumer stopped early or failed
 
 
 def _worker_init(_: int) -> None:
@@ -412,6 +554,7 @@ class ExtractionResult:
     reused: bool
     seconds: float = 0.0
     reader: str = ""
+    decode_scale: int = 1
     attrs: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -420,13 +563,14 @@ class ExtractionResult:
 
 
 def extraction_fingerprint(
-    *, coords_sha256: str, slide_fingerprint: str, encoder: LoadedEncoder, feature_dtype: str, precision: str
+    *, coords_sha256: str, slide_fingerprint: str, encoder: LoadedEncoder, feature_dtype: str, precision: str,
+    scaled_decode: bool = True,
 ) -> str:
     identity = encoder.identity()
     return sha256_text(
         "uni_features", EXTRACTION_VERSION, coords_sha256, slide_fingerprint, identity["encoder"],
         identity["checkpoint_sha256"], identity["weights_sha256"], str(encoder.spec.input_size),
-        repr(encoder.spec.mean), repr(encoder.spec.std), feature_dtype, precision,
+        repr(encoder.spec.mean), repr(encoder.spec.std), feature_dtype, precision, f"scaled_decode={scaled_decode}",
     )
 
 
@@ -457,9 +601,14 @@ def extract_slide_features(
     num_workers: int = 1,
     feature_dtype: str = "float32",
     prefetch_factor: int = 2,
+    scaled_decode: bool = True,
     extra_attrs: dict[str, Any] | None = None,
 ) -> ExtractionResult:
-    """Write `<output_path>` (CLAM layout) unless it already holds `fingerprint`."""
+    """Write `<output_path>` (CLAM layout) unless it already holds `fingerprint`.
+
+    `scaled_decode`: allow decoding JPEG tiles at 1/2, 1/4 or 1/8 of their size
+    when the read size is that many times the encoder's input (module docstring).
+    """
     slide_path, coords_path, output_path = Path(slide_path), Path(coords_path), Path(output_path)
     if feature_dtype not in FEATURE_DTYPES:
         raise ValueError(f"feature_dtype must be one of {sorted(FEATURE_DTYPES)}, got {feature_dtype!r}")
@@ -468,7 +617,8 @@ def extract_slide_features(
             n = int(fh["features"].shape[0])
             attrs = {k: _plain(v) for k, v in fh.attrs.items()}
         return ExtractionResult(output_path, n, encoder.embedding_dim, reused=True,
-                                reader=str(attrs.get("reader", "")), attrs=attrs)
+                                reader=str(attrs.get("reader", "")), decode_scale=int(attrs.get("decode_scale", 1)),
+                                attrs=attrs)
 
     grid = read_patch_grid(coords_path)
     level_xy, downsample = _level_coordinates(slide_path, grid)
@@ -477,19 +627,12 @@ def extract_slide_features(
     if grid.n_patches:
         px, py = level_xy[order[0]]
         probe = (int(px), int(py), grid.read_size, grid.read_size)
-    reader_kind, reader_page = choose_reader(slide_path, grid.patch_level, probe)
-    dataset = PatchBatches(slide_path, level_xy, order, grid.read_size, encoder.spec.input_size,
-                           batch_size, reader_kind, reader_page, grid.patch_level)
+    input_size = encoder.spec.input_size
+    choice = choose_reader(slide_path, grid.patch_level, probe, input_size=input_size,
+                           scale=decode_scale(grid.read_size, input_size) if scaled_decode else 1)
+    dataset = PatchBatches(slide_path, level_xy, order, grid.read_size, input_size, batch_size, choice,
+                           grid.patch_level)
     device = encoder.device
-    loader = DataLoader(
-        dataset,
-        batch_size=None,
-        shuffle=False,
-        num_workers=num_workers,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
-        prefetch_factor=prefetch_factor if num_workers > 0 else None,
-        pin_memory=device.type == "cuda",
-    )
     mean, inv_std = normalisation_constants(encoder, device)
     dim = encoder.embedding_dim
     attrs = {
@@ -497,7 +640,8 @@ def extract_slide_features(
         **{k: (v if not isinstance(v, bool) else int(v)) for k, v in encoder.identity().items()},
         "feature_dtype": feature_dtype,
         "precision": precision_for(device),
-        "reader": reader_kind,
+        "reader": choice.kind,
+        "decode_scale": choice.scale,
         "slide_path": str(slide_path),
         "coords_path": str(coords_path),
         "patch_order": f"block-major ({BLOCK_PATCHES}x{BLOCK_PATCHES} patches)",
@@ -519,7 +663,7 @@ def extract_slide_features(
             for key, value in grid.attrs.items():
                 coords.attrs[key] = value
             buffer = None
-            for batch in loader:
+            for batch in stream_batches(dataset, num_workers, prefetch_factor, pin_memory=device.type == "cuda"):
                 if buffer is None and device.type == "cpu":
                     buffer = torch.empty((batch_size, *batch["images"].shape[1:]), dtype=torch.float32)
                 vectors = _encode(encoder, batch["images"], mean, inv_std, buffer)
@@ -537,7 +681,8 @@ def extract_slide_features(
     finally:
         dataset.close()
     seconds = time.perf_counter() - started
-    return ExtractionResult(output_path, written, dim, reused=False, seconds=seconds, reader=reader_kind,
+    return ExtractionResult(output_path, written, dim, reused=False, seconds=seconds, reader=choice.kind,
+                            decode_scale=choice.scale,
                             attrs={**attrs, "fingerprint": fingerprint, "n_patches": written})
 
 
@@ -649,6 +794,7 @@ def extract_patient(
     batch_size: int = 64,
     num_workers: int = 1,
     feature_dtype: str = "float32",
+    scaled_decode: bool = True,
 ) -> PatientFeatures:
     """Features for every slide in a `patch_coords` listing (`slides.json`) into `out_dir`.
 
@@ -671,10 +817,12 @@ def extract_patient(
         if entry.get("h5_sha256") and entry["h5_sha256"] != coords_sha:
             raise ExtractionError(f"{coords_path}: changed since patch_coords listed it (sha256 differs)")
         fingerprint = extraction_fingerprint(coords_sha256=coords_sha, slide_fingerprint=slide_fingerprint(entry),
-                                             encoder=encoder, feature_dtype=feature_dtype, precision=precision)
+                                             encoder=encoder, feature_dtype=feature_dtype, precision=precision,
+                                             scaled_decode=scaled_decode)
         result = extract_slide_features(
             entry["slide_path"], coords_path, out_dir / coords_path.name, encoder, fingerprint=fingerprint,
             batch_size=batch_size, num_workers=num_workers, feature_dtype=feature_dtype,
+            scaled_decode=scaled_decode,
             extra_attrs={"slide_file": str(entry.get("file")), "coords_sha256": coords_sha,
                          "patient_id": str(listing.get("patient_id", ""))},
         )

@@ -81,6 +81,10 @@ class PatchEncoder(dg.ConfigurableResource):
     batch_size: int = Field(default=64, description="patches per forward pass")
     num_workers: int = Field(default=1, description="DataLoader worker processes reading the slide")
     float16_features: bool = Field(default=False, description="store features as float16 instead of float32")
+    scaled_decode: bool = Field(
+        default=True,
+        description="decode JPEG tiles at 1/2 (1/4, 1/8) of their size when the read size is that many times "
+                    "the encoder input (e.g. 512 px at 0.25 µm/px -> 224 px); false: full decode + resize")
     device: str = Field(default="cpu", description='"cpu" or "cuda" (bf16 autocast on CUDA)')
 
     def load(self) -> LoadedEncoder:

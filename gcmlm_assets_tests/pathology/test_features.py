@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 import tifffile
 
+from gcmlm_assets.pathology import extract
 from gcmlm_assets.pathology.encoders import load_encoder
 from gcmlm_assets.pathology.extract import (
     ExtractionError,
     OpenSlideReader,
     TiffTileReader,
     choose_reader,
+    decode_scale,
     extract_slide_features,
     validate_feature_file,
 )
@@ -101,9 +103,9 @@ def test_resized_read_matches_reference_without_workers(tmp_path, slide, encoder
 @pytest.mark.parametrize("name, level", [("cmu-1-small-region.svs", 0), ("boxes.tiff", 1)])
 def test_direct_tile_reader_gives_openslide_pixels(test_data, name, level):
     path = test_data / "wsi" / name
-    kind, page = choose_reader(path, level, probe=(0, 0, 64, 64))
-    assert kind == "tiff-tiles"
-    direct, reference = TiffTileReader(path, page), OpenSlideReader(path, level)
+    choice = choose_reader(path, level, probe=(0, 0, 64, 64))
+    assert choice.kind == "tiff-tiles" and choice.scale == 1
+    direct, reference = TiffTileReader(path, choice.page), OpenSlideReader(path, level)
     try:
         # Regions across tile borders, straddling the image edge, and fully outside.
         for x, y, w, h in [(0, 0, 64, 64), (230, 470, 300, 250), (100, 10, 90, 37), (2100, 2800, 256, 256),
@@ -112,6 +114,65 @@ def test_direct_tile_reader_gives_openslide_pixels(test_data, name, level):
     finally:
         direct.close()
         reference.close()
+
+
+@pytest.mark.parametrize("read_size, expected", [(512, 2), (256, 1), (300, 1), (510, 2), (1024, 4), (2048, 8),
+                                                   (1800, 8), (100, 1)])
+def test_decode_scale_leaves_at_least_the_encoder_input(read_size, expected):
+    assert decode_scale(read_size, 224) == expected
+
+
+def test_scaled_tile_reader_halves_aperio_rgb_tiles(slide):
+    # CMU-1's tiles are RGB-coded JPEG without the markers that say so; decoded
+    # as the usual YCbCr they would be off by up to 250 grey levels.
+    full_reader, half_reader = TiffTileReader(slide, 0), TiffTileReader(slide, 0, scale=2)
+    try:
+        assert half_reader.scale == 2
+        # Regions across tile borders (tiles are 240 px) and one straddling the bottom-right edge.
+        for x, y, w, h in [(0, 0, 512, 512), (700, 1200, 480, 480), (2000, 2800, 256, 256)]:
+            full = full_reader.read(x, y, w, h).astype(np.float32)
+            half = half_reader.read(x // 2, y // 2, w // 2, h // 2).astype(np.float32)
+            # The scaled IDCT is a 2x2 low-pass: compare with the 2x2 mean of the full image.
+            pooled = full.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))
+            inside = (slice(0, (2967 - y) // 2), slice(0, (2220 - x) // 2))
+            diff = np.abs(half[inside] - pooled[inside])
+            # On average well under a grey level; at sharp edges up to a couple dozen.
+            assert diff.mean() < 1.0 and diff.max() <= 32, (x, y, diff.mean(), diff.max())
+            assert not half[(2967 - y) // 2 + 1 :].any() and not half[:, (2220 - x) // 2 + 1 :].any()
+    finally:
+        full_reader.close()
+        half_reader.close()
+
+
+def test_scaled_decode_extraction_matches_the_full_reading(tmp_path, slide, encoder):
+    # 512 px read at level 0 -> 224 px: tiles decoded at half size by default.
+    coords = grid_coords(range(2, 5), range(0, 4), step=512)
+    coords_file = write_coords_file(tmp_path / "coords.h5", slide, coords, read_size=512)
+    scaled = extract_slide_features(slide, coords_file, tmp_path / "scaled.h5", encoder, fingerprint="s",
+                                    batch_size=4, num_workers=1)
+    full = extract_slide_features(slide, coords_file, tmp_path / "full.h5", encoder, fingerprint="f",
+                                  batch_size=4, num_workers=0, scaled_decode=False)
+    assert (scaled.decode_scale, full.decode_scale) == (2, 1)
+    assert _read(scaled.output)["attrs"]["decode_scale"] == 2 and _read(full.output)["attrs"]["decode_scale"] == 1
+    expected = reference_features(encoder, slide, coords, read_size=512)
+    by_source = {}
+    for name, result in (("scaled", scaled), ("full", full)):
+        stored = _read(result.output)
+        by_source[name] = stored["features"][np.argsort(stored["source_index"])]
+    np.testing.assert_allclose(by_source["full"], expected, atol=1e-2, rtol=0)
+    assert cosine_rows(by_source["scaled"], expected).min() > 0.999
+
+
+def test_scaled_decode_falls_back_when_the_probe_disagrees(monkeypatch, slide, test_data):
+    probe = (512, 1024, 512, 512)
+    assert choose_reader(slide, 0, probe, scale=2, input_size=224).scale == 2
+    # Deflate tiles cannot be decoded scaled: full decoding, still direct.
+    boxes = choose_reader(test_data / "wsi" / "boxes.tiff", 0, (0, 0, 128, 128), scale=2, input_size=64)
+    assert (boxes.kind, boxes.scale) == ("tiff-tiles", 1)
+    # Name the wrong colour transform: the scaled probe patch no longer matches, so it is not used.
+    monkeypatch.setitem(extract._ADOBE_TRANSFORM, 2, 1)
+    wrong = choose_reader(slide, 0, probe, scale=2, input_size=224)
+    assert (wrong.kind, wrong.scale) == ("tiff-tiles", 1)
 
 
 def test_failure_mid_slide_leaves_no_file(tmp_path, slide, encoder):
