@@ -22,9 +22,9 @@ tiler (512 px read at level 0, resized to 224 px):
   with the ratio taken per pair: a shared machine's speed drifts by several
   per cent between runs;
 - peak RSS of the extraction at 1x and 4x the patch count (at most a quarter
-  of the slide, and the whole slide), each in a fresh subprocess (`ru_maxrss`
-  of the process, and of its largest DataLoader worker), with the worker's
-  CPU time per patch.
+  of the slide, and the whole slide), each in a fresh subprocess (`VmHWM` of
+  the process, `ru_maxrss` of its largest DataLoader worker), with the
+  worker's CPU time per patch.
 """
 
 from __future__ import annotations
@@ -98,6 +98,19 @@ def forward_only(encoder, slide_path: Path, coords_path: Path, n_patches: int, b
         return time.perf_counter() - started
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS since it started its program.
+
+    `ru_maxrss` is not that: after fork + exec it starts from the RSS the
+    parent had when it forked, so a large benchmark parent would inflate it.
+    """
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(args: argparse.Namespace) -> None:
     """One extraction in this (fresh) process; prints its rate and peak RSS as JSON."""
     slide_path, tiling = tiled_benchmark_slide()
@@ -110,7 +123,7 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({
         "patches": result.n_patches,
         "seconds": result.seconds,
-        "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_mib": peak_rss_mib(),
         "worker_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "worker_cpu_s": sum(getattr(resource.getrusage(resource.RUSAGE_CHILDREN), f) for f in ("ru_utime", "ru_stime")),
     }))

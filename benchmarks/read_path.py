@@ -168,11 +168,11 @@ def main() -> None:
     for title, rows in tables.items():
         simple_s = rows[0][1]
         print(f"\n{title}\n")
-        print(f"| {'method':<62} | {'patches':>7} | {'seconds':>7} | {'patches/s/core':>14} | {'vs simple':>9} "
+        print(f"| {'method':<66} | {'patches':>7} | {'seconds':>7} | {'patches/s/core':>14} | {'vs simple':>9} "
               f"| {'diff max / mean (grey)':>22} |")
-        print(f"|{'-' * 64}|{'-' * 9}|{'-' * 9}|{'-' * 16}|{'-' * 11}|{'-' * 24}|")
+        print(f"|{'-' * 68}|{'-' * 9}|{'-' * 9}|{'-' * 16}|{'-' * 11}|{'-' * 24}|")
         for name, seconds, diff in rows:
-            print(f"| {name:<62} | {n:>7} | {seconds:>7.2f} | {n / seconds:>14.1f} | {simple_s / seconds:>8.2f}x "
+            print(f"| {name:<66} | {n:>7} | {seconds:>7.2f} | {n / seconds:>14.1f} | {simple_s / seconds:>8.2f}x "
                   f"| {diff:>22} |")
 
 
