@@ -2,6 +2,7 @@
 
     python -m benchmarks.features [--patches 480] [--batch-size 32] [--workers 1] [--encoder vit-tiny-random]
                                   [--device cpu|cuda] [--checkpoint FILE] [--repeats 6] [--rates-only]
+                                  [--diagnose]
 
 On a GPU: `--encoder uni --device cuda --batch-size 256 --workers 8 --patches 2896` (the whole
 slide) gives UNI patches/s (bar: 3,000/s on one H100). Without `--checkpoint`, an encoder that
@@ -21,6 +22,9 @@ tiler (512 px read at level 0, resized to 224 px):
   adjacent pairs (alternating which goes first) and the table gives medians,
   with the ratio taken per pair: a shared machine's speed drifts by several
   per cent between runs;
+- with `--diagnose`, also the extractor with reading taken out (every batch
+  the same prepared pixels): what is left of the gap to the forward pass is
+  the extraction loop itself (normalisation, IPC, HDF5), not reading;
 - peak RSS of the extraction at 1x and 4x the patch count (at most a quarter
   of the slide, and the whole slide), each in a fresh subprocess (`VmHWM` of
   the process, `ru_maxrss` of its largest DataLoader worker), with the
@@ -30,7 +34,9 @@ tiler (512 px read at level 0, resized to 224 px):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -42,6 +48,7 @@ import numpy as np
 import torch
 
 from benchmarks.read_path import coords_file, tiled_benchmark_slide
+from gcmlm_assets.pathology import extract
 from gcmlm_assets.pathology.encoders import load_encoder
 from gcmlm_assets.pathology.extract import (
     OPENSLIDE,
@@ -129,6 +136,29 @@ def child(args: argparse.Namespace) -> None:
     }))
 
 
+class PreparedBatches(PatchBatches):
+    """The extractor's batches with reading taken out: the first batch's pixels, read once per
+    process, stand in for every batch (with each batch's own indices)."""
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        if getattr(self, "_prepared_pid", None) != os.getpid():
+            self._prepared = super().__getitem__(0)["images"]
+            self._prepared_pid = os.getpid()
+        indices = self.order[item * self.batch_size : (item + 1) * self.batch_size]
+        return {"images": self._prepared[: len(indices)].clone(), "index": torch.from_numpy(indices)}
+
+
+@contextlib.contextmanager
+def reading_replaced():
+    """`extract_slide_features` with `PreparedBatches` in place of `PatchBatches`."""
+    saved = extract.PatchBatches
+    extract.PatchBatches = PreparedBatches
+    try:
+        yield
+    finally:
+        extract.PatchBatches = saved
+
+
 def run_child(args: argparse.Namespace, n_patches: int) -> dict:
     command = [sys.executable, "-m", "benchmarks.features", "--child", str(n_patches), "--batch-size",
                str(args.batch_size), "--workers", str(args.workers), "--encoder", args.encoder,
@@ -147,6 +177,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="", help="weights file (default: random weights if needed)")
     parser.add_argument("--repeats", type=int, default=6, help="forward/end-to-end pairs to time")
     parser.add_argument("--rates-only", action="store_true", help="skip the peak-RSS runs")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="also time the extractor with reading taken out (every batch the same prepared pixels)")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -158,39 +190,48 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         encoder = benchmark_encoder(args, Path(tmp))
         coords_path = coords_file(tiling, n, Path(tmp))
-        forward_s, end_to_end_s = [], []
-        # Timed in adjacent pairs, in alternating order, so that a slower spell of
-        # a shared machine hits both runs of a pair alike: the ratio is per pair.
+        results = []
+
+        def run_forward() -> float:
+            return forward_only(encoder, slide_path, coords_path, n, args.batch_size)
+
+        def run_end_to_end() -> float:
+            result = extract_slide_features(slide_path, coords_path, Path(tmp) / "features.h5", encoder,
+                                            fingerprint=f"run-{time.time()}", batch_size=args.batch_size,
+                                            num_workers=args.workers)
+            results.append(result)
+            return result.seconds
+
+        def run_without_reading() -> float:
+            with reading_replaced():
+                return run_end_to_end()
+
+        runs = {"forward pass only": run_forward, "end to end (streaming extractor)": run_end_to_end}
+        if args.diagnose:
+            runs["end to end, reading taken out"] = run_without_reading
+        seconds = {name: [] for name in runs}
+        # Timed in adjacent groups, in rotating order, so that a slower spell of
+        # a shared machine hits every run of a group alike: ratios are per group.
         for repeat in range(args.repeats):
-            def run_forward():
-                forward_s.append(forward_only(encoder, slide_path, coords_path, n, args.batch_size))
+            names = list(runs)
+            for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+                seconds[name].append(runs[name]())
 
-            def run_end_to_end():
-                nonlocal result
-                result = extract_slide_features(slide_path, coords_path, Path(tmp) / "features.h5", encoder,
-                                                fingerprint=f"run-{time.time()}", batch_size=args.batch_size,
-                                                num_workers=args.workers)
-                end_to_end_s.append(result.seconds)
-
-            result = None
-            for run in ((run_forward, run_end_to_end) if repeat % 2 == 0 else (run_end_to_end, run_forward)):
-                run()
-
-    ratios = np.array(forward_s) / np.array(end_to_end_s)
+    forward = np.array(seconds["forward pass only"])
+    result = results[-1]
     reader = result.reader + (f" at 1/{result.decode_scale}" if result.decode_scale > 1 else "")
     print(f"encoder {args.encoder} on {encoder.device}, batch {args.batch_size}, {args.workers} DataLoader worker(s), "
-          f"torch threads {torch.get_num_threads()}, reader {reader}; {args.repeats} timed pairs, medians")
+          f"torch threads {torch.get_num_threads()}, reader {reader}; {args.repeats} timed groups, medians")
     print()
-    print(f"| {'run':<34} | {'patches':>7} | {'seconds':>7} | {'patches/s':>9} | {'% of forward':>12} |")
-    print(f"|{'-' * 36}|{'-' * 9}|{'-' * 9}|{'-' * 11}|{'-' * 14}|")
-    forward_median = float(np.median(forward_s))
-    print(f"| {'forward pass only':<34} | {n:>7} | {forward_median:>7.2f} | {n / forward_median:>9.1f} "
-          f"| {100.0:>11.1f}% |")
-    end_to_end_median = float(np.median(end_to_end_s))
-    print(f"| {'end to end (streaming extractor)':<34} | {n:>7} | {end_to_end_median:>7.2f} "
-          f"| {n / end_to_end_median:>9.1f} | {100 * np.median(ratios):>11.1f}% |")
-    print(f"\nend to end / forward per pair: median {100 * np.median(ratios):.1f} %, "
-          f"range {100 * ratios.min():.1f}-{100 * ratios.max():.1f} % (bar: 95 %)")
+    print(f"| {'run':<34} | {'patches':>7} | {'seconds':>7} | {'patches/s':>9} | {'% of forward':>12} "
+          f"| {'range of %':>11} |")
+    print(f"|{'-' * 36}|{'-' * 9}|{'-' * 9}|{'-' * 11}|{'-' * 14}|{'-' * 13}|")
+    for name, times in seconds.items():
+        median = float(np.median(times))
+        ratios = 100 * forward / np.array(times)
+        print(f"| {name:<34} | {n:>7} | {median:>7.2f} | {n / median:>9.1f} | {np.median(ratios):>11.1f}% "
+              f"| {ratios.min():>4.0f}-{ratios.max():.0f} % |")
+    print("\n% of forward: median over the groups of forward seconds / this run's seconds (bar: 95 %)")
     if args.rates_only:
         return
     memory_n = min(n, tiling.n_patches // 4)  # 4x must fit on the slide
