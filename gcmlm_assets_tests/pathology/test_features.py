@@ -298,3 +298,17 @@ def test_feature_checks_fail_on_bad_files(tmp_path, extracted):
     short = validate_feature_file(result.output, expected_rows=n + 1, expected_dim=192)
     assert any("expected" in p for p in short.problems)
     assert validate_feature_file(result.output, expected_rows=n, expected_dim=192).ok
+
+
+def test_heap_trimmer_trims_on_growth_and_follows_live_memory():
+    trimmer = extract.HeapTrimmer(headroom_bytes=16 << 20)
+    if trimmer._malloc_trim is None:
+        pytest.skip("not glibc")
+    trimmer.after_batch()
+    assert trimmer.baseline is not None and trimmer.trims == 0
+    live = np.ones(64 << 20, np.uint8)  # 64 MiB that stays in use: genuine growth
+    trimmer.after_batch()
+    assert trimmer.trims == 1 and trimmer.baseline >= trimmer.private_bytes() - (8 << 20)
+    trimmer.after_batch()  # nothing new: the raised baseline keeps it from trimming on every batch
+    assert trimmer.trims == 1
+    del live
