@@ -219,9 +219,8 @@ def main() -> None:
 
     forward = np.array(seconds["forward pass only"])
     result = results[-1]
-    reader = result.reader + (f" at 1/{result.decode_scale}" if result.decode_scale > 1 else "")
     print(f"encoder {args.encoder} on {encoder.device}, batch {args.batch_size}, {args.workers} DataLoader worker(s), "
-          f"torch threads {torch.get_num_threads()}, reader {reader}; {args.repeats} timed groups, medians")
+          f"torch threads {torch.get_num_threads()}, reader {result.reader_label}; {args.repeats} timed groups, medians")
     print()
     print(f"| {'run':<34} | {'patches':>7} | {'seconds':>7} | {'patches/s':>9} | {'% of forward':>12} "
           f"| {'range of %':>11} |")

@@ -184,9 +184,7 @@ def uni_features(context: dg.AssetExecutionContext, storage: ArtifactStorage, en
             "slides_without_patches": dg.MetadataValue.json(done.without_patches),
             "patches_per_second": round(computed_patches / sum(r.seconds for r in computed), 2) if computed else 0.0,
             "reused_slides": dg.MetadataValue.json([r.output.name for r in done.results if r.reused]),
-            "readers": dg.MetadataValue.json({
-                r.output.name: r.reader + (f" at 1/{r.decode_scale}" if r.decode_scale > 1 else "")
-                for r in done.results}),
+            "readers": dg.MetadataValue.json({r.output.name: r.reader_label for r in done.results}),
             "scaled_decode": encoder.scaled_decode,
             "feature_dtype": "float16" if encoder.float16_features else "float32",
             "device": str(model.device),

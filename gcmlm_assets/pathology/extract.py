@@ -604,6 +604,11 @@ class ExtractionResult:
     def patches_per_second(self) -> float:
         return self.n_patches / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def reader_label(self) -> str:
+        """The reader and, when tiles were decoded scaled, the scale: "tiff-tiles at 1/2"."""
+        return self.reader + (f" at 1/{self.decode_scale}" if self.decode_scale > 1 else "")
+
 
 def extraction_fingerprint(
     *, coords_sha256: str, slide_fingerprint: str, encoder: LoadedEncoder, feature_dtype: str, precision: str,
