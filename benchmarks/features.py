@@ -1,8 +1,8 @@
 """Streaming feature extraction end to end vs the encoder's forward pass alone, and its peak memory.
 
-    python -m benchmarks.features [--patches 480] [--batch-size 32] [--workers 1] [--encoder vit-tiny-random]
-                                  [--device cpu|cuda] [--checkpoint FILE] [--repeats 6] [--rates-only]
-                                  [--diagnose]
+    python -m benchmarks.features [--patches 480] [--batch-size 32] [--workers 0] [--read-threads 0]
+                                  [--encoder vit-tiny-random] [--device cpu|cuda] [--checkpoint FILE]
+                                  [--repeats 6] [--rates-only] [--diagnose]
 
 On a GPU: `--encoder uni --device cuda --batch-size 256 --workers 8 --patches 2896` (the whole
 slide) gives UNI patches/s (bar: 3,000/s on one H100). Without `--checkpoint`, an encoder that
@@ -15,20 +15,23 @@ tiler (512 px read at level 0, resized to 224 px):
 - forward only: the encoder on already-normalised batches of real patches,
   `batch-size` at a time, under `torch.inference_mode`: the rate that
   extraction would reach if reading cost nothing;
-- end to end: `extract_slide_features` (DataLoader workers reading and
-  resizing, normalisation, encoder, HDF5 appends, rename) on the same number
-  of patches and batch size. Loading is fully overlapped with compute when this
-  reaches the forward-only rate. The two are timed `--repeats` times in
-  adjacent pairs (alternating which goes first) and the table gives medians,
-  with the ratio taken per pair: a shared machine's speed drifts by several
-  per cent between runs;
-- with `--diagnose`, also the extractor with reading taken out (every batch
-  the same prepared pixels): what is left of the gap to the forward pass is
-  the extraction loop itself (normalisation, IPC, HDF5), not reading;
+- end to end: `extract_slide_features` (reading and resizing, normalisation,
+  encoder, HDF5 appends, rename) on the same number of patches and batch
+  size, reading as `--workers` / `--read-threads` say (defaults: the
+  extractor's CPU defaults, i.e. in this process on torch's thread count).
+  Reading costs nothing when this reaches the forward-only rate. The runs are
+  timed `--repeats` times in adjacent groups (rotating which goes first) and
+  the table gives medians, with the ratio taken per group: a shared
+  machine's speed drifts by several per cent between runs;
+- with `--diagnose`, also the extractor reading in one DataLoader worker
+  process instead (`--workers 1`, the GPU way), and with reading taken out
+  (every batch the same prepared pixels): what is left of the gap to the
+  forward pass is then the extraction loop itself (normalisation, HDF5), not
+  reading;
 - peak RSS of the extraction at 1x and 4x the patch count (at most a quarter
   of the slide, and the whole slide), each in a fresh subprocess (`VmHWM` of
-  the process, `ru_maxrss` of its largest DataLoader worker), with the
-  worker's CPU time per patch.
+  the process, `ru_maxrss` of its largest DataLoader worker, if any), with
+  the CPU time per patch of all its processes.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from gcmlm_assets.pathology.extract import (
     OPENSLIDE,
     PatchBatches,
     block_major_order,
+    describe_reading,
     extract_slide_features,
     normalisation_constants,
     normalise_batch,
@@ -126,13 +130,14 @@ def child(args: argparse.Namespace) -> None:
         coords_path = coords_file(tiling, args.child, Path(tmp))
         result = extract_slide_features(slide_path, coords_path, Path(tmp) / "features.h5", encoder,
                                         fingerprint="benchmark", batch_size=args.batch_size,
-                                        num_workers=args.workers)
+                                        num_workers=args.workers, read_threads=args.read_threads)
     print(json.dumps({
         "patches": result.n_patches,
         "seconds": result.seconds,
         "rss_mib": peak_rss_mib(),
         "worker_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-        "worker_cpu_s": sum(getattr(resource.getrusage(resource.RUSAGE_CHILDREN), f) for f in ("ru_utime", "ru_stime")),
+        "cpu_s": sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                     for f in ("ru_utime", "ru_stime")),
     }))
 
 
@@ -161,7 +166,8 @@ def reading_replaced():
 
 def run_child(args: argparse.Namespace, n_patches: int) -> dict:
     command = [sys.executable, "-m", "benchmarks.features", "--child", str(n_patches), "--batch-size",
-               str(args.batch_size), "--workers", str(args.workers), "--encoder", args.encoder,
+               str(args.batch_size), "--workers", str(args.workers), "--read-threads", str(args.read_threads),
+               "--encoder", args.encoder,
                "--device", args.device] + (["--checkpoint", args.checkpoint] if args.checkpoint else [])
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
@@ -171,14 +177,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--patches", type=int, default=480)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: read in-process)")
+    parser.add_argument("--read-threads", type=int, default=0,
+                        help="with --workers 0, threads decoding each batch (0: torch's thread count)")
     parser.add_argument("--encoder", default="vit-tiny-random")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--checkpoint", default="", help="weights file (default: random weights if needed)")
     parser.add_argument("--repeats", type=int, default=6, help="forward/end-to-end pairs to time")
     parser.add_argument("--rates-only", action="store_true", help="skip the peak-RSS runs")
     parser.add_argument("--diagnose", action="store_true",
-                        help="also time the extractor with reading taken out (every batch the same prepared pixels)")
+                        help="also time the extractor with 1 DataLoader worker, and with reading taken out")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -195,10 +203,10 @@ def main() -> None:
         def run_forward() -> float:
             return forward_only(encoder, slide_path, coords_path, n, args.batch_size)
 
-        def run_end_to_end() -> float:
+        def run_end_to_end(workers: int = args.workers) -> float:
             result = extract_slide_features(slide_path, coords_path, Path(tmp) / "features.h5", encoder,
                                             fingerprint=f"run-{time.time()}", batch_size=args.batch_size,
-                                            num_workers=args.workers)
+                                            num_workers=workers, read_threads=args.read_threads)
             results.append(result)
             return result.seconds
 
@@ -208,6 +216,8 @@ def main() -> None:
 
         runs = {"forward pass only": run_forward, "end to end (streaming extractor)": run_end_to_end}
         if args.diagnose:
+            if args.workers != 1:
+                runs["end to end, 1 DataLoader worker"] = lambda: run_end_to_end(1)
             runs["end to end, reading taken out"] = run_without_reading
         seconds = {name: [] for name in runs}
         # Timed in adjacent groups, in rotating order, so that a slower spell of
@@ -219,7 +229,8 @@ def main() -> None:
 
     forward = np.array(seconds["forward pass only"])
     result = results[-1]
-    print(f"encoder {args.encoder} on {encoder.device}, batch {args.batch_size}, {args.workers} DataLoader worker(s), "
+    print(f"encoder {args.encoder} on {encoder.device}, batch {args.batch_size}, "
+          f"reading {describe_reading(args.workers, args.read_threads)}, "
           f"torch threads {torch.get_num_threads()}, reader {result.reader_label}; {args.repeats} timed groups, medians")
     print()
     print(f"| {'run':<34} | {'patches':>7} | {'seconds':>7} | {'patches/s':>9} | {'% of forward':>12} "
@@ -236,15 +247,19 @@ def main() -> None:
     memory_n = min(n, tiling.n_patches // 4)  # 4x must fit on the slide
     single, quadruple = run_child(args, memory_n), run_child(args, 4 * memory_n)
     print()
+    workers = args.workers > 0
     print(f"| {'peak RSS, fresh process':<34} | {'patches':>7} | {'main MiB':>8} | {'worker MiB':>10} "
-          f"| {'patches/s':>9} | {'worker CPU ms/patch':>19} |")
-    print(f"|{'-' * 36}|{'-' * 9}|{'-' * 10}|{'-' * 12}|{'-' * 11}|{'-' * 21}|")
+          f"| {'patches/s':>9} | {'CPU ms/patch':>12} |")
+    print(f"|{'-' * 36}|{'-' * 9}|{'-' * 10}|{'-' * 12}|{'-' * 11}|{'-' * 14}|")
     for name, run in (("1x", single), ("4x", quadruple)):
-        print(f"| {name:<34} | {run['patches']:>7} | {run['rss_mib']:>8.0f} | {run['worker_rss_mib']:>10.0f} "
-              f"| {run['patches'] / run['seconds']:>9.1f} | {1000 * run['worker_cpu_s'] / run['patches']:>19.2f} |")
+        worker_mib = f"{run['worker_rss_mib']:.0f}" if workers else "-"
+        print(f"| {name:<34} | {run['patches']:>7} | {run['rss_mib']:>8.0f} | {worker_mib:>10} "
+              f"| {run['patches'] / run['seconds']:>9.1f} | {1000 * run['cpu_s'] / run['patches']:>12.2f} |")
     growth = 100 * (quadruple["rss_mib"] / single["rss_mib"] - 1)
-    worker_growth = 100 * (quadruple["worker_rss_mib"] / max(single["worker_rss_mib"], 1e-9) - 1)
-    print(f"\npeak RSS 4x vs 1x: main {growth:+.1f} %, worker {worker_growth:+.1f} % (bound: 20 %)")
+    line = f"\npeak RSS 4x vs 1x: main {growth:+.1f} %"
+    if workers:
+        line += f", worker {100 * (quadruple['worker_rss_mib'] / max(single['worker_rss_mib'], 1e-9) - 1):+.1f} %"
+    print(line + " (bound: 20 %); CPU ms/patch: user + system time of the process and its workers, incl. start-up")
 
 
 if __name__ == "__main__":

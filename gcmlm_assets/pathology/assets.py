@@ -18,7 +18,13 @@ from gcmlm_assets.pathology.patch_coords import (
     write_patient_outputs,
 )
 from gcmlm_assets.pathology.encoders import EncoderError
-from gcmlm_assets.pathology.extract import ExtractionError, extract_patient, read_patch_grid, validate_feature_file
+from gcmlm_assets.pathology.extract import (
+    ExtractionError,
+    describe_reading,
+    extract_patient,
+    read_patch_grid,
+    validate_feature_file,
+)
 from gcmlm_assets.pathology.pooling import (
     PoolingError,
     SlideFeatures,
@@ -151,7 +157,7 @@ def uni_features(context: dg.AssetExecutionContext, storage: ArtifactStorage, en
     started = time.perf_counter()
     try:
         done = extract_patient(listing, out_dir, model, batch_size=encoder.batch_size,
-                               num_workers=encoder.num_workers,
+                               num_workers=encoder.num_workers, read_threads=encoder.read_threads,
                                feature_dtype="float16" if encoder.float16_features else "float32",
                                scaled_decode=encoder.scaled_decode)
     except ExtractionError as error:
@@ -186,6 +192,7 @@ def uni_features(context: dg.AssetExecutionContext, storage: ArtifactStorage, en
             "reused_slides": dg.MetadataValue.json([r.output.name for r in done.results if r.reused]),
             "readers": dg.MetadataValue.json({r.output.name: r.reader_label for r in done.results}),
             "scaled_decode": encoder.scaled_decode,
+            "reading": describe_reading(encoder.num_workers, encoder.read_threads),
             "feature_dtype": "float16" if encoder.float16_features else "float32",
             "device": str(model.device),
             "folder": dg.MetadataValue.path(str(out_dir)),

@@ -5,12 +5,21 @@ Pipeline per slide:
   cells, row-major inside), so the image tiles a batch touches stay in the
   reader's tile cache while it needs them: each tile is decoded once, even
   when patches and tiles are not aligned.
-- A `DataLoader` whose workers each open their own slide handle (lazily, after
-  the fork) reads one batch per item into one preallocated uint8 array and
-  resizes the whole batch in one call (antialiased bilinear on uint8, which
-  agrees with PIL's `Resize` to within a grey level or two). Workers return
-  uint8 NHWC batches, four times smaller to ship than float. The main
-  process reads the first batch itself while the workers start up.
+- One batch is one dataset item (`PatchBatches`): its patches are read into
+  one preallocated uint8 array and the whole batch is resized in one call
+  (antialiased bilinear on uint8, which agrees with PIL's `Resize` to within
+  a grey level or two). Two ways to run it:
+  - `num_workers` > 0 (GPU): a `DataLoader` whose worker processes each open
+    their own slide handle (lazily, after the fork) read ahead while the
+    device computes; they return uint8 NHWC batches, four times smaller to
+    ship than float. The main process reads the first batch itself while the
+    workers start up.
+  - `num_workers` = 0 (CPU, the default): the encoder's forward pass already
+    keeps every core busy, so a reader beside it can only take cores away
+    from it, and a worker process also costs a fork and its copy-on-write
+    page faults per slide. Instead the main process reads each batch between
+    forward passes, decoding its tiles on `read_threads` threads
+    (`ReadThreads`), i.e. on all cores at once.
 - The main process normalises in batch on the model's device (uint8 -> float;
   NHWC memory is channels-last for free), runs the encoder under
   `torch.inference_mode` (bf16 autocast on CUDA only) and appends the features
@@ -45,9 +54,10 @@ import collections
 import contextlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, TypeVar
 
 import h5py
 import numpy as np
@@ -76,6 +86,7 @@ _ADOBE_TRANSFORM = {2: 0, 6: 1}
 FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
 CHUNK_ROWS = 256
 HEAP_HEADROOM_BYTES = 128 << 20
+T = TypeVar("T")
 
 
 class ExtractionError(RuntimeError):
@@ -154,7 +165,33 @@ class RegionReader(Protocol):
     def read_into(self, x: int, y: int, out: np.ndarray) -> None:
         """`read` into a preallocated (height, width, 3) array."""
 
+    def read_many(self, xy: np.ndarray, out: np.ndarray, threads: ReadThreads | None = None) -> None:
+        """Region k at `xy[k]` into `out[k]` (n, height, width, 3), decoding on `threads` if given."""
+
     def close(self) -> None: ...
+
+
+class ReadThreads:
+    """Threads of this process that share the decoding of one batch.
+
+    Used when no DataLoader worker processes read (`num_workers=0`): on a CPU
+    the encoder already keeps every core busy, so reading in between forward
+    passes on all cores beats reading beside them in another process, which
+    also pays a fork and copy-on-write faults per slide (`benchmarks.features`).
+    """
+
+    def __init__(self, n: int):
+        self.n = max(1, int(n))
+        self._pool = ThreadPoolExecutor(self.n, thread_name_prefix="gcmlm-read")
+
+    def map_parts(self, fn: Callable[[range], T], n_items: int) -> list[tuple[range, T]]:
+        """`fn` on `n` contiguous parts of range(n_items), one per thread: [(part, result)]."""
+        bounds = np.linspace(0, n_items, min(self.n, n_items) + 1).astype(int) if n_items else [0]
+        parts = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        return list(zip(parts, self._pool.map(fn, parts)))
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 class OpenSlideReader:
@@ -178,6 +215,18 @@ class OpenSlideReader:
 
     def read_into(self, x: int, y: int, out: np.ndarray) -> None:
         out[:] = self.read(x, y, out.shape[1], out.shape[0])
+
+    def read_many(self, xy: np.ndarray, out: np.ndarray, threads: ReadThreads | None = None) -> None:
+        def read_part(part: range) -> None:
+            for k in part:
+                self.read_into(int(xy[k, 0]), int(xy[k, 1]), out[k])
+
+        if threads is None:
+            read_part(range(len(xy)))
+        else:
+            # One OpenSlide handle serves several threads (its C library is
+            # thread-safe, and ctypes releases the GIL during the call).
+            threads.map_parts(read_part, len(xy))
 
     def close(self) -> None:
         self._slide.close()
@@ -238,21 +287,36 @@ class TiffTileReader:
         if cached is not None:
             self._cache.move_to_end(index)
             return cached
-        count = self._counts[index]
-        if count == 0:
-            # A sparse TIFF leaves empty tiles out; OpenSlide shows them transparent.
-            tile = np.zeros((self._tile_h, self._tile_w, 3), np.uint8)
-        else:
-            data = os.pread(self._fd, count, self._offsets[index])
-            if self._scale == 1:
-                segment, _, _ = self._page.decode(data, index, jpegtables=self._jpegtables)
-                tile = np.ascontiguousarray(segment.reshape(segment.shape[-3:])[..., :3])
-            else:
-                tile = self._decode_scaled(data, index)
+        tile = self._decode(index)
+        self._keep(index, tile)
+        return tile
+
+    def _keep(self, index: int, tile: np.ndarray) -> None:
         self._cache[index] = tile
         if len(self._cache) > self._max_tiles:
             self._cache.popitem(last=False)
-        return tile
+
+    def _decode(self, index: int) -> np.ndarray:
+        """Tile `index` decoded (uncached; safe to call from several threads)."""
+        count = self._counts[index]
+        if count == 0:
+            # A sparse TIFF leaves empty tiles out; OpenSlide shows them transparent.
+            return np.zeros((self._tile_h, self._tile_w, 3), np.uint8)
+        data = os.pread(self._fd, count, self._offsets[index])
+        if self._scale == 1:
+            segment, _, _ = self._page.decode(data, index, jpegtables=self._jpegtables)
+            return np.ascontiguousarray(segment.reshape(segment.shape[-3:])[..., :3])
+        return self._decode_scaled(data, index)
+
+    def _tiles_of(self, x: int, y: int, width: int, height: int) -> Iterator[int]:
+        """Indices of the tiles that the region at (x, y) overlaps inside the image."""
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + width, self._width), min(y + height, self._height)
+        if x1 <= x0 or y1 <= y0:
+            return
+        for ty in range(y0 // self._tile_h, (y1 - 1) // self._tile_h + 1):
+            for tx in range(x0 // self._tile_w, (x1 - 1) // self._tile_w + 1):
+                yield ty * self._tiles_x + tx
 
     def _decode_scaled(self, data: bytes, index: int) -> np.ndarray:
         import cv2
@@ -277,18 +341,33 @@ class TiffTileReader:
         x1, y1 = min(x + width, self._width), min(y + height, self._height)
         if x0 > x or y0 > y or x1 < x + width or y1 < y + height:
             out[:] = 0  # parts outside the image stay black, as OpenSlide returns them
-        if x1 <= x0 or y1 <= y0:
-            return
-        for ty in range(y0 // self._tile_h, (y1 - 1) // self._tile_h + 1):
-            for tx in range(x0 // self._tile_w, (x1 - 1) // self._tile_w + 1):
-                tile = self._tile(ty * self._tiles_x + tx)
-                tile_x, tile_y = tx * self._tile_w, ty * self._tile_h
-                # Intersection of the tile (clipped to the image) with the request.
-                ix0, iy0 = max(x0, tile_x), max(y0, tile_y)
-                ix1 = min(x1, tile_x + tile.shape[1])
-                iy1 = min(y1, tile_y + tile.shape[0])
-                if ix1 > ix0 and iy1 > iy0:
-                    out[iy0 - y : iy1 - y, ix0 - x : ix1 - x] = tile[iy0 - tile_y : iy1 - tile_y, ix0 - tile_x : ix1 - tile_x]
+        for index in self._tiles_of(x0, y0, x1 - x0, y1 - y0):
+            tile = self._tile(index)
+            ty, tx = divmod(index, self._tiles_x)
+            tile_x, tile_y = tx * self._tile_w, ty * self._tile_h
+            # Intersection of the tile (clipped to the image) with the request.
+            ix0, iy0 = max(x0, tile_x), max(y0, tile_y)
+            ix1 = min(x1, tile_x + tile.shape[1])
+            iy1 = min(y1, tile_y + tile.shape[0])
+            if ix1 > ix0 and iy1 > iy0:
+                out[iy0 - y : iy1 - y, ix0 - x : ix1 - x] = tile[iy0 - tile_y : iy1 - tile_y, ix0 - tile_x : ix1 - tile_x]
+
+    def read_many(self, xy: np.ndarray, out: np.ndarray, threads: ReadThreads | None = None) -> None:
+        """With `threads`, the tiles that the regions need and the cache lacks are decoded first, in
+        parallel (the decoders run without the GIL), then copied out in this thread."""
+        height, width = out.shape[1:3]
+        if threads is not None:
+            missing = list(dict.fromkeys(
+                index for x, y in xy for index in self._tiles_of(int(x), int(y), width, height)
+                if index not in self._cache))
+            # More than the cache holds would evict tiles before they are copied.
+            missing = missing[: self._max_tiles]
+            for part, tiles in threads.map_parts(lambda part: [self._decode(missing[i]) for i in part],
+                                                 len(missing)):
+                for i, tile in zip(part, tiles):
+                    self._keep(missing[i], tile)
+        for k, (x, y) in enumerate(xy):
+            self.read_into(int(x), int(y), out[k])
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -423,6 +502,7 @@ class PatchBatches(Dataset):
         batch_size: int,
         reader: ReaderChoice,
         level: int,
+        read_threads: int = 1,
     ):
         self.slide_path = Path(slide_path)
         self.order = order
@@ -436,6 +516,9 @@ class PatchBatches(Dataset):
         self._reader_pid: int | None = None
         self._scratch: np.ndarray | None = None
         self._scratch_pid: int | None = None
+        self.read_threads = max(1, int(read_threads))
+        self._threads: ReadThreads | None = None
+        self._threads_pid: int | None = None
 
     def __len__(self) -> int:
         return -(-len(self.order) // self.batch_size)
@@ -448,19 +531,27 @@ class PatchBatches(Dataset):
             self._reader_pid = os.getpid()
         return self._reader
 
+    def threads(self) -> ReadThreads | None:
+        if self.read_threads < 2:
+            return None
+        if self._threads is None or self._threads_pid != os.getpid():  # threads do not survive a fork
+            self._threads = ReadThreads(self.read_threads)
+            self._threads_pid = os.getpid()
+        return self._threads
+
     def close(self) -> None:
         if self._reader is not None and self._reader_pid == os.getpid():
             self._reader.close()
         self._reader = None
+        if self._threads is not None and self._threads_pid == os.getpid():
+            self._threads.shutdown()
+        self._threads = None
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         indices = self.order[item * self.batch_size : (item + 1) * self.batch_size]
-        xy = self.level_xy[indices]
         patches = self._patch_buffer(len(indices))
-        reader = self.reader()
         try:
-            for k, (x, y) in enumerate(xy):
-                reader.read_into(int(x), int(y), patches[k])
+            self.reader().read_many(self.level_xy[indices], patches, self.threads())
         except Exception as exc:
             raise ExtractionError(
                 f"{self.slide_path}: cannot read patches of batch {item} at level {self.level}: "
@@ -646,7 +737,8 @@ def extract_slide_features(
     *,
     fingerprint: str,
     batch_size: int = 32,
-    num_workers: int = 1,
+    num_workers: int = 0,
+    read_threads: int = 0,
     feature_dtype: str = "float32",
     prefetch_factor: int = 2,
     scaled_decode: bool = True,
@@ -654,6 +746,10 @@ def extract_slide_features(
 ) -> ExtractionResult:
     """Write `<output_path>` (CLAM layout) unless it already holds `fingerprint`.
 
+    `num_workers`: DataLoader worker processes that read ahead while the
+    encoder computes (a GPU); 0: this process reads each batch between forward
+    passes, on `read_threads` threads (0: as many as torch's intra-op threads),
+    which is faster when the encoder runs on this machine's CPU cores.
     `scaled_decode`: allow decoding JPEG tiles at 1/2, 1/4 or 1/8 of their size
     when the read size is that many times the encoder's input (module docstring).
     """
@@ -678,8 +774,9 @@ def extract_slide_features(
     input_size = encoder.spec.input_size
     choice = choose_reader(slide_path, grid.patch_level, probe, input_size=input_size,
                            scale=decode_scale(grid.read_size, input_size) if scaled_decode else 1)
+    threads = read_thread_count(num_workers, read_threads)
     dataset = PatchBatches(slide_path, level_xy, order, grid.read_size, input_size, batch_size, choice,
-                           grid.patch_level)
+                           grid.patch_level, read_threads=threads)
     device = encoder.device
     mean, inv_std = normalisation_constants(encoder, device)
     dim = encoder.embedding_dim
@@ -734,6 +831,20 @@ def extract_slide_features(
     return ExtractionResult(output_path, written, dim, reused=False, seconds=seconds, reader=choice.kind,
                             decode_scale=choice.scale,
                             attrs={**attrs, "fingerprint": fingerprint, "n_patches": written})
+
+
+def read_thread_count(num_workers: int, read_threads: int) -> int:
+    """Threads decoding a batch: 1 in each worker process (several of them share the cores);
+    without workers `read_threads`, or torch's intra-op thread count when 0."""
+    if num_workers > 0:
+        return 1
+    return read_threads if read_threads > 0 else torch.get_num_threads()
+
+
+def describe_reading(num_workers: int, read_threads: int) -> str:
+    if num_workers > 0:
+        return f"{num_workers} DataLoader worker process(es)"
+    return f"in-process between forward passes, {read_thread_count(0, read_threads)} thread(s)"
 
 
 def _encode(encoder: LoadedEncoder, images: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor,
@@ -842,7 +953,8 @@ def extract_patient(
     encoder: LoadedEncoder,
     *,
     batch_size: int = 32,
-    num_workers: int = 1,
+    num_workers: int = 0,
+    read_threads: int = 0,
     feature_dtype: str = "float32",
     scaled_decode: bool = True,
 ) -> PatientFeatures:
@@ -871,7 +983,7 @@ def extract_patient(
                                              scaled_decode=scaled_decode)
         result = extract_slide_features(
             entry["slide_path"], coords_path, out_dir / coords_path.name, encoder, fingerprint=fingerprint,
-            batch_size=batch_size, num_workers=num_workers, feature_dtype=feature_dtype,
+            batch_size=batch_size, num_workers=num_workers, read_threads=read_threads, feature_dtype=feature_dtype,
             scaled_decode=scaled_decode,
             extra_attrs={"slide_file": str(entry.get("file")), "coords_sha256": coords_sha,
                          "patient_id": str(listing.get("patient_id", ""))},

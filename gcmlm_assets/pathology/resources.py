@@ -79,7 +79,12 @@ class PatchEncoder(dg.ConfigurableResource):
     name: str = Field(default="uni", description='"uni", "resnet50-trunc" or "vit-tiny-random"')
     checkpoint: str = Field(default="", description="local weights file; empty: the encoder's env variable")
     batch_size: int = Field(default=32, description="patches per forward pass (32 is fastest on CPU; the k8s GPU pod uses 256)")
-    num_workers: int = Field(default=1, description="DataLoader worker processes reading the slide")
+    num_workers: int = Field(
+        default=0,
+        description="DataLoader worker processes reading ahead (GPU); 0: read between forward passes in the "
+                    "run's own process, which is faster when the encoder runs on the CPU")
+    read_threads: int = Field(
+        default=0, description="with num_workers=0, threads decoding each batch; 0: torch's intra-op thread count")
     float16_features: bool = Field(default=False, description="store features as float16 instead of float32")
     scaled_decode: bool = Field(
         default=True,

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from gcmlm_assets.pathology.encoders import load_encoder
 from gcmlm_assets.pathology.extract import (
     ExtractionError,
     OpenSlideReader,
+    ReadThreads,
     TiffTileReader,
     choose_reader,
     decode_scale,
@@ -98,6 +100,56 @@ def test_resized_read_matches_reference_without_workers(tmp_path, slide, encoder
     expected = reference_features(encoder, slide, stored["coords"], read_size=300)
     assert cosine_rows(stored["features"], expected).min() > 0.9999
     np.testing.assert_allclose(stored["features"], expected, atol=1e-2, rtol=0)
+
+
+def test_in_process_read_threads_give_the_dataloader_workers_features(tmp_path, extracted, slide, encoder):
+    # The CPU default (no worker processes, tiles decoded on threads between forward
+    # passes) must give the same rows, in the same order, as DataLoader workers.
+    by_workers, coords_file = extracted
+    before = {t.name for t in threading.enumerate()}
+    in_process = extract_slide_features(slide, coords_file, tmp_path / "f.h5", encoder, fingerprint="fp-1",
+                                        batch_size=8, num_workers=0, read_threads=3)
+    # The read threads end with the slide.
+    assert not any(t.name.startswith("gcmlm-read") for t in threading.enumerate() if t.name not in before)
+    ours, theirs = _read(in_process.output), _read(by_workers.output)
+    np.testing.assert_array_equal(ours["source_index"], theirs["source_index"])
+    np.testing.assert_array_equal(ours["coords"], theirs["coords"])
+    np.testing.assert_allclose(ours["features"], theirs["features"], atol=1e-5, rtol=0)
+
+
+def test_read_threads_split_a_batch_into_contiguous_parts():
+    threads = ReadThreads(3)
+    try:
+        for n in (0, 1, 2, 3, 10, 32):
+            parts = threads.map_parts(lambda part: list(part), n)
+            assert [i for _, items in parts for i in items] == list(range(n))
+            assert len(parts) == min(3, n) and all(list(part) == items for part, items in parts)
+    finally:
+        threads.shutdown()
+
+
+@pytest.mark.parametrize("scale, cache_bytes", [(1, 48 << 20), (2, 48 << 20), (1, 1)])
+def test_read_many_on_threads_matches_reading_one_by_one(slide, scale, cache_bytes):
+    # Patches across tile borders (tiles are 240 px), past the edge, fully outside, and
+    # (cache_bytes=1: a 4-tile cache) more tiles than the cache holds.
+    size = 256 // scale
+    xy = np.array([(0, 0), (200, 230), (230, 230), (470, 10), (2100 // scale, 2800 // scale), (-50, 20),
+                   (5000, 5000), (1000 // scale, 1200 // scale), (1100 // scale, 1200 // scale)])
+    one_by_one = TiffTileReader(slide, 0, scale=scale)
+    threaded = [TiffTileReader(slide, 0, cache_bytes=cache_bytes, scale=scale)]
+    if scale == 1:
+        threaded.append(OpenSlideReader(slide, 0))
+    threads = ReadThreads(3)
+    try:
+        expected = np.stack([one_by_one.read(int(x), int(y), size, size) for x, y in xy])
+        for reader in threaded:
+            out = np.full((len(xy), size, size, 3), 7, np.uint8)
+            reader.read_many(xy, out, threads)
+            np.testing.assert_array_equal(out, expected, err_msg=type(reader).__name__)
+    finally:
+        threads.shutdown()
+        for reader in [one_by_one, *threaded]:
+            reader.close()
 
 
 @pytest.mark.parametrize("name, level", [("cmu-1-small-region.svs", 0), ("boxes.tiff", 1)])

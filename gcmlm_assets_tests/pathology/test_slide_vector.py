@@ -74,7 +74,8 @@ def test_slide_vector_file_layout_and_its_check(tmp_path):
 
 
 def _resources(base_resources: dict, **encoder) -> dict:
-    settings = {"name": "vit-tiny-random", "batch_size": 16, "num_workers": 1, **encoder}
+    # Reading as configured by default (in-process threads); num_workers=1 runs a DataLoader worker.
+    settings = {"name": "vit-tiny-random", "batch_size": 16, **encoder}
     return {**base_resources, "pathology": TilingSettings(), "encoder": PatchEncoder(**settings)}
 
 
@@ -130,6 +131,7 @@ def test_pathology_branch_end_to_end(instance, base_resources, data_root: Path, 
     meta = _metadata(result, "uni_features")
     assert meta["encoder"] == "vit-tiny-random" and meta["checkpoint_sha256"] == "untrained"
     assert meta["untrained"] is True and meta["embedding_dim"] == 192 and meta["patches_per_second"] > 0
+    assert meta["reading"].startswith("in-process between forward passes")
     assert _metadata(result, "slide_vector")["pooling"] == "mean"
 
     # Unchanged inputs: nothing is recomputed and the data versions stay.
@@ -152,7 +154,7 @@ def test_pathology_branch_end_to_end(instance, base_resources, data_root: Path, 
 
 def test_tampered_features_fail_the_checks(instance, base_resources, data_root: Path, test_data: Path):
     copy_into(real_slide(test_data), data_root / "landing" / "P002" / "wsi")
-    resources = _resources(base_resources)
+    resources = _resources(base_resources, num_workers=1)  # a DataLoader worker inside a Dagster run
     assert _materialize(instance, [patch_coords, uni_features, slide_vector], resources, "P002").success
     features_file = next((data_root / "artifacts" / "uni_features" / "P002").glob("*.h5"))
     with h5py.File(features_file, "r+") as fh:
