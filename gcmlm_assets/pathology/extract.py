@@ -185,7 +185,7 @@ class ReadThreads:
         self._pool = ThreadPoolExecutor(self.n, thread_name_prefix="gcmlm-read")
 
     def map_parts(self, fn: Callable[[range], T], n_items: int) -> list[tuple[range, T]]:
-        """`fn` on `n` contiguous parts of range(n_items), one per thread: [(part, result)]."""
+        """`fn` on contiguous parts of range(n_items), one part per thread (at most `n`): [(part, result)]."""
         bounds = np.linspace(0, n_items, min(self.n, n_items) + 1).astype(int) if n_items else [0]
         parts = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
         return list(zip(parts, self._pool.map(fn, parts)))
