@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--encoder", default="vit-tiny-random")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--checkpoint", default="", help="weights file (default: random weights if needed)")
-    parser.add_argument("--repeats", type=int, default=6, help="forward/end-to-end pairs to time")
+    parser.add_argument("--repeats", type=int, default=6, help="timed groups (one run of each kind per group)")
     parser.add_argument("--rates-only", action="store_true", help="skip the peak-RSS runs")
     parser.add_argument("--diagnose", action="store_true",
                         help="also time the extractor with 1 DataLoader worker, and with reading taken out")

@@ -24,7 +24,8 @@ Pipeline per slide:
   NHWC memory is channels-last for free), runs the encoder under
   `torch.inference_mode` (bf16 autocast on CUDA only) and appends the features
   to a resizable HDF5 dataset as they come, so memory does not grow with the
-  slide: at most `num_workers * prefetch_factor` batches are in flight.
+  slide: one batch is in flight (with workers, at most
+  `num_workers * prefetch_factor`).
 - The file is written under a temporary name and renamed at the end; a
   finished file carries its fingerprint and is not recomputed.
 
