@@ -342,7 +342,7 @@ class TiffTileReader:
         x1, y1 = min(x + width, self._width), min(y + height, self._height)
         if x0 > x or y0 > y or x1 < x + width or y1 < y + height:
             out[:] = 0  # parts outside the image stay black, as OpenSlide returns them
-        for index in self._tiles_of(x0, y0, x1 - x0, y1 - y0):
+        for index in self._tiles_of(x, y, width, height):
             tile = self._tile(index)
             ty, tx = divmod(index, self._tiles_x)
             tile_x, tile_y = tx * self._tile_w, ty * self._tile_h
