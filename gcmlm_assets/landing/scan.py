@@ -1,18 +1,20 @@
 """Landing-zone scanning and change planning (no Dagster).
 
-A tick lists the landing zone with `os.scandir` and `stat` only (names, sizes,
-times; no file is opened), fingerprints each ready patient's modalities and
-decides which (patient, modality) pairs need a run.
+READY is the uploader's commit point: the uploader writes or replaces a drop's files, then
+writes or touches READY last. A tick therefore lists the landing root and stats only READY and
+the folder of each patient (`scan_landing_zone`); the folder's times count because a drop moved
+in with `mv` keeps every time inside it and only the moved folder's ctime is new. A drop's files
+are walked (`scandir` + `stat`, no file is opened) only when that commit time is at or above the
+cursor's watermark, oldest first, and only until the tick's run cap is full (`plan_tick`): a drop
+below the watermark was handled by an earlier tick, whatever its files say.
 
-The cursor stays small however many patients there are: it holds a time
-watermark and the fingerprints of the few drops touched at or after it. A drop
-whose newest time (mtime or ctime of its files, its folders, READY and the patient
-folder itself) is older
-than the watermark was handled by an earlier tick; ctime moves on every write,
-rename or copy, even when a copy preserves mtimes, so a change always lifts a
-drop above the watermark again. The watermark never passes the scan's start
-time minus `SETTLE_NS`: a file written while the scan runs (or on a filesystem
-with coarse timestamps) stays above it and is seen by the next tick.
+A modality's fingerprint covers (relative name, size, mtime) of its files and READY's mtime, so
+touching READY alone yields new run keys: the uploader's "please re-run" after fixing a drop,
+even when a replacement file kept the size and mtime of the broken one.
+
+The cursor stays small however many patients there are: a watermark and the fingerprints of the
+few drops at or above it. The watermark never passes the scan's start minus `SETTLE_NS`, so a
+READY touched while a tick runs (or on a filesystem with coarse timestamps) stays above it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,20 +44,80 @@ SETTLE_NS = 2_000_000_000
 
 @dataclass(frozen=True)
 class ModalityState:
-    fingerprint: str  # 16 hex digits over (relative name, size, mtime) of every file
-    changed_ns: int  # newest mtime/ctime among its files, folders and READY
+    fingerprint: str  # 16 hex digits over READY's mtime and (relative name, size, mtime) of every file
+    files: int  # how many entries were stat'ed for it
 
 
-@dataclass(frozen=True)
+def _stat_times(st: os.stat_result) -> int:
+    return max(st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _walk_files(folder: Path, prefix: str, entries: list[tuple[str, int, int]]) -> None:
+    """Append (relative name, size, mtime) for the files under `folder`."""
+    with os.scandir(folder) as it:
+        for entry in it:
+            if entry.name.startswith("."):
+                continue  # uploaders' temporary files
+            rel = f"{prefix}/{entry.name}"
+            try:
+                st = entry.stat(follow_symlinks=True)
+            except OSError:
+                # A broken link or a file removed mid-walk: fingerprint what is there (the link
+                # itself), so the drop still changes and its asset names the unreadable file.
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                entries.append((rel, -1, st.st_mtime_ns))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                _walk_files(Path(entry.path), rel, entries)
+            else:
+                entries.append((rel, st.st_size, st.st_mtime_ns))
+
+
+@dataclass
 class PatientDrop:
+    """A ready drop as listed; its files are walked only when `modalities` is first read."""
+
     patient_id: str
     path: Path
-    modalities: dict[str, ModalityState]
+    ready_mtime_ns: int
+    changed_ns: int  # the commit time: newest mtime/ctime of READY and the patient folder
+    _modalities: dict[str, ModalityState] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def walked(self) -> bool:
+        return self._modalities is not None
+
+    @property
+    def modalities(self) -> dict[str, ModalityState]:
+        """Fingerprint of each runnable modality (walks the drop once; OSError if it vanished)."""
+        if self._modalities is None:
+            self._modalities = self._fingerprint()
+        return self._modalities
+
+    def _fingerprint(self) -> dict[str, ModalityState]:
+        modalities: dict[str, ModalityState] = {}
+        for modality, folders in MODALITY_FOLDERS.items():
+            required = MODALITY_REQUIRED[modality]
+            if not (self.path / required).is_dir():
+                continue
+            entries: list[tuple[str, int, int]] = []
+            for name in folders:
+                if (self.path / name).is_dir():
+                    _walk_files(self.path / name, name, entries)
+            if not any(rel.startswith(required + "/") for rel, _, _ in entries):
+                continue
+            payload = json.dumps([self.ready_mtime_ns, sorted(entries)]).encode()
+            modalities[modality] = ModalityState(hashlib.sha256(payload).hexdigest()[:16],
+                                                 len(entries))
+        return modalities
 
 
 @dataclass
 class LandingScan:
-    drops: list[PatientDrop] = field(default_factory=list)
+    drops: list[PatientDrop] = field(default_factory=list)  # every valid folder with READY
     invalid: list[tuple[str, str]] = field(default_factory=list)  # (folder, reason)
     not_ready: list[str] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (folder, error)
@@ -75,61 +138,14 @@ class RunPlan:
 @dataclass
 class TickPlan:
     runs: list[RunPlan]
-    deferred: int
+    deferred: int  # drops left for a later tick by the run cap
     cursor: str
-
-
-def _stat_times(st: os.stat_result) -> int:
-    return max(st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _walk_files(folder: Path, prefix: str, entries: list[tuple[str, int, int]]) -> int:
-    """Append (relative name, size, mtime) for files under `folder`; return the newest time seen."""
-    newest = _stat_times(os.stat(folder))
-    with os.scandir(folder) as it:
-        for entry in it:
-            if entry.name.startswith("."):
-                continue  # uploaders' temporary files
-            rel = f"{prefix}/{entry.name}"
-            try:
-                st = entry.stat(follow_symlinks=True)
-            except OSError:
-                # A broken link or a file removed mid-scan: fingerprint what is there (the link
-                # itself), so the drop still changes and its asset names the unreadable file.
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                newest = max(newest, _stat_times(st))
-                entries.append((rel, -1, st.st_mtime_ns))
-                continue
-            newest = max(newest, _stat_times(st))
-            if entry.is_dir(follow_symlinks=True):
-                newest = max(newest, _walk_files(Path(entry.path), rel, entries))
-            else:
-                entries.append((rel, st.st_size, st.st_mtime_ns))
-    return newest
-
-
-def scan_patient(path: Path, ready_ns: int) -> PatientDrop:
-    modalities: dict[str, ModalityState] = {}
-    for modality, folders in MODALITY_FOLDERS.items():
-        if not (path / MODALITY_REQUIRED[modality]).is_dir():
-            continue
-        entries: list[tuple[str, int, int]] = []
-        newest = ready_ns
-        for name in folders:
-            folder = path / name
-            if folder.is_dir():
-                newest = max(newest, _walk_files(folder, name, entries))
-        if not any(rel.startswith(MODALITY_REQUIRED[modality] + "/") for rel, _, _ in entries):
-            continue
-        digest = hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()[:16]
-        modalities[modality] = ModalityState(digest, newest)
-    return PatientDrop(path.name, path, modalities)
+    walked: int = 0  # drops whose files were walked this tick
+    files: int = 0  # file entries stat'ed by those walks
 
 
 def scan_landing_zone(root: str | os.PathLike) -> LandingScan:
+    """List the landing zone: two stats per patient folder (READY and the folder), no walks."""
     root = Path(root)
     result = LandingScan()
     if not root.is_dir():
@@ -143,52 +159,81 @@ def scan_landing_zone(root: str | os.PathLike) -> LandingScan:
             continue
         try:
             ready = os.stat(os.path.join(entry.path, READY_MARKER))
+            folder = entry.stat(follow_symlinks=True)
         except FileNotFoundError:
             result.not_ready.append(entry.name)
             continue
-        try:
-            # The patient folder's own ctime counts too: a drop moved in with `mv` keeps the
-            # times of everything inside it, and only the moved folder's ctime says it is new.
-            drop_ns = max(_stat_times(ready), _stat_times(entry.stat(follow_symlinks=True)))
-            result.drops.append(scan_patient(Path(entry.path), drop_ns))
-        except OSError as error:  # removed or unreadable mid-scan: this drop only, next tick again
+        except OSError as error:  # unreadable: this drop only; the tick goes on
             result.unreadable.append((entry.path, f"{type(error).__name__}: {error}"))
+            continue
+        result.drops.append(PatientDrop(entry.name, Path(entry.path), ready.st_mtime_ns,
+                                        max(_stat_times(ready), _stat_times(folder))))
     return result
 
 
-def plan_tick(scan: LandingScan, cursor: str | None, max_runs: int) -> TickPlan:
-    """Which runs this tick requests, and the cursor that remembers it."""
+def cursor_state(cursor: str | None) -> tuple[int, dict[str, str]]:
+    """(watermark, fingerprints remembered per "patient|modality") from a cursor."""
     state = json.loads(cursor) if cursor else {}
-    watermark = int(state.get("w", 0))
-    seen: dict[str, str] = state.get("seen", {})
+    return int(state.get("w", 0)), dict(state.get("seen", {}))
 
-    fresh: list[tuple[int, RunPlan]] = []  # changed since the watermark and not yet requested
-    still_seen: list[tuple[int, str, str]] = []  # at/after the watermark, already requested
-    for drop in scan.drops:
-        for modality, ms in drop.modalities.items():
-            if ms.changed_ns < watermark:
-                continue
-            key = f"{drop.patient_id}|{modality}"
-            if seen.get(key) == ms.fingerprint:
-                still_seen.append((ms.changed_ns, key, ms.fingerprint))
-            else:
-                fresh.append((ms.changed_ns, RunPlan(drop.patient_id, modality, ms.fingerprint)))
 
-    # Oldest changes first, so the deferred ones sit above the new watermark.
-    fresh.sort(key=lambda item: (item[0], item[1].patient_id, item[1].modality))
-    taken, deferred = fresh[:max_runs], fresh[max_runs:]
-    times = [t for t, _ in taken] + [t for t, _, _ in still_seen]
-    if deferred:
-        new_watermark = deferred[0][0]
-    elif times:
-        new_watermark = max(times)
+def plan_tick(scan: LandingScan, cursor: str | None, max_runs: int) -> TickPlan:
+    """Which runs this tick requests, and the cursor that remembers it.
+
+    Walks the drops committed at or after the watermark, oldest first, until `max_runs` runs
+    are found; the newer ones wait unwalked, so whatever is deferred sits above the new watermark.
+    """
+    watermark, seen = cursor_state(cursor)
+    candidates = sorted((d for d in scan.drops if d.changed_ns >= watermark),
+                        key=lambda d: (d.changed_ns, d.patient_id))
+    fresh: list[tuple[int, RunPlan]] = []  # changed and not yet requested
+    handled: list[PatientDrop] = []  # walked: each modality is fresh or already requested
+    waiting: list[PatientDrop] = []  # not walked: the cap is full
+    for drop in candidates:
+        if len(fresh) >= max_runs:
+            waiting.append(drop)
+            continue
+        try:
+            modalities = drop.modalities
+        except OSError as error:  # vanished or unreadable: reported; READY touched later retries it
+            scan.unreadable.append((str(drop.path), f"{type(error).__name__}: {error}"))
+            continue
+        handled.append(drop)
+        for modality, ms in sorted(modalities.items()):
+            if seen.get(f"{drop.patient_id}|{modality}") != ms.fingerprint:
+                fresh.append((drop.changed_ns, RunPlan(drop.patient_id, modality, ms.fingerprint)))
+
+    taken, over = fresh[:max_runs], fresh[max_runs:]
+    deferred_times = [t for t, _ in over] + [d.changed_ns for d in waiting]
+    if deferred_times:
+        new_watermark = min(deferred_times)
+    elif handled:  # times the filesystem gave, not our clock: a file server's may lag
+        new_watermark = max(d.changed_ns for d in handled)
     else:
         new_watermark = watermark
     new_watermark = max(watermark, min(new_watermark, scan.started_ns - SETTLE_NS))
-    remembered = {key: fp for t, key, fp in still_seen if t >= new_watermark}
-    for t, plan in taken:
-        if t >= new_watermark:
-            remembered[f"{plan.patient_id}|{plan.modality}"] = plan.fingerprint
+
+    # Remember what is requested (now or earlier) for drops the next tick walks again.
+    over_keys = {f"{p.patient_id}|{p.modality}" for _, p in over}
+    remembered: dict[str, str] = {}
+    for drop in handled:
+        if drop.changed_ns >= new_watermark:
+            for modality, ms in drop.modalities.items():
+                key = f"{drop.patient_id}|{modality}"
+                if key not in over_keys:
+                    remembered[key] = ms.fingerprint
+    for drop in waiting:  # unwalked this tick: keep what an earlier tick requested for them
+        for modality in MODALITY_FOLDERS:
+            key = f"{drop.patient_id}|{modality}"
+            if key in seen:
+                remembered[key] = seen[key]
+
     new_cursor = json.dumps({"w": new_watermark, "seen": remembered}, sort_keys=True,
                             separators=(",", ":"))
-    return TickPlan([plan for _, plan in taken], len(deferred), new_cursor)
+    return TickPlan(
+        runs=[plan for _, plan in taken],
+        deferred=len(waiting) + len({p.patient_id for _, p in over}),
+        cursor=new_cursor,
+        walked=len(handled),
+        files=sum(ms.files for d in handled for ms in d.modalities.values()),
+    )

@@ -24,7 +24,10 @@ MODALITY_ASSETS: dict[str, list[dg.AssetKey]] = {
     "for new or changed patient drops that carry a READY marker.",
 )
 def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingZone) -> dg.SensorResult:
+    # Lists READY and the folder of each patient; plan_tick walks only the drops whose READY
+    # (or folder) is at or above the cursor's watermark.
     scan = scan_landing_zone(landing.path())
+    plan = plan_tick(scan, context.cursor, landing.max_runs_per_tick)
     for folder, reason in scan.invalid:
         context.log.warning(f"landing zone: folder {folder!r} ignored: invalid patient id ({reason})")
     for folder, error in scan.unreadable:
@@ -33,7 +36,6 @@ def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingZone) ->
     known = set(context.instance.get_dynamic_partitions(patients_partitions.name))
     new_patients = [d.patient_id for d in scan.drops if d.patient_id not in known]
 
-    plan = plan_tick(scan, context.cursor, landing.max_runs_per_tick)
     run_requests = [
         dg.RunRequest(
             run_key=run.run_key,
@@ -46,7 +48,8 @@ def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingZone) ->
     if plan.deferred:
         context.log.info(f"{plan.deferred} changed drops wait for the next tick "
                          f"(cap {landing.max_runs_per_tick} runs per tick)")
-    context.log.info(f"landing zone: {len(scan.drops)} ready, {len(scan.not_ready)} without READY, "
+    context.log.info(f"landing zone: {len(scan.drops)} ready ({plan.walked} walked), "
+                     f"{len(scan.not_ready)} without READY, "
                      f"{len(scan.invalid)} invalid, {len(new_patients)} new, "
                      f"{len(run_requests)} runs requested")
     return dg.SensorResult(

@@ -1,0 +1,69 @@
+"""Writing test drops and evaluating landing_sensor like the daemon does."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from gcmlm_assets.landing.sensors import landing_sensor
+from gcmlm_assets.resources import LandingZone
+
+
+def make_drop(root: Path, patient_id: str, *, ct: bool = True, wsi: bool = False,
+              label: bool = False, ready: bool = True) -> Path:
+    folder = root / patient_id
+    if ct:
+        (folder / "ct").mkdir(parents=True, exist_ok=True)
+        (folder / "ct" / "ct.nii.gz").write_bytes(b"ct-" + patient_id.encode())
+    if label:
+        (folder / "ct_label").mkdir(parents=True, exist_ok=True)
+        (folder / "ct_label" / "mask.nii.gz").write_bytes(b"mask")
+    if wsi:
+        (folder / "wsi").mkdir(parents=True, exist_ok=True)
+        (folder / "wsi" / "slide1.svs").write_bytes(b"slide-" + patient_id.encode())
+    folder.mkdir(parents=True, exist_ok=True)
+    if ready:
+        (folder / "READY").write_text("")
+    return folder
+
+
+def touch_later(path: Path, content: bytes) -> None:
+    """Rewrite a file so its times move past anything the cursor has seen."""
+    time.sleep(0.01)
+    path.write_bytes(content)
+
+
+def touch_ready(folder: Path) -> None:
+    """The uploader's commit: READY's mtime (and ctime) move to now."""
+    time.sleep(0.01)
+    os.utime(folder / "READY")
+
+
+class Ticker:
+    """Evaluates the sensor like the daemon does: cursor carried over, partition requests applied."""
+
+    def __init__(self, instance: dg.DagsterInstance, landing_root: Path, max_runs: int = 200):
+        self.instance = instance
+        self.landing = LandingZone(root=str(landing_root), max_runs_per_tick=max_runs)
+        self.cursor: str | None = None
+
+    def tick(self) -> dg.SensorResult:
+        with dg.build_sensor_context(instance=self.instance, cursor=self.cursor,
+                                     resources={"landing": self.landing}) as context:
+            result = landing_sensor(context)
+        for request in result.dynamic_partitions_requests or []:
+            self.instance.add_dynamic_partitions(request.partitions_def_name,
+                                                 list(request.partition_keys))
+        self.cursor = result.cursor
+        return result
+
+    def partitions(self) -> set[str]:
+        return set(self.instance.get_dynamic_partitions("patients"))
+
+
+def requested(result: dg.SensorResult) -> list[tuple[str, str]]:
+    """(patient, modality) of each run request, sorted."""
+    return sorted((r.partition_key, r.tags["gcmlm/modality"]) for r in result.run_requests)
