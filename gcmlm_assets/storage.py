@@ -176,3 +176,106 @@ class ArtifactStore:
             if not path.is_file() or sha256_file(path) != digest:
                 return None
         return manifest
+
+
+# ---------------------------------------------------------------- versioned multi-file outputs
+# An output made of several files is written into a temporary folder, renamed to a folder named
+# by its content, and published by atomically replacing a small pointer file. A reader that reads
+# the pointer once and then only that folder always sees one complete, consistent set.
+
+VERSION_POINTER = "current.json"
+VERSIONS_KEPT = 3
+_VERSION_NAME_LENGTH = 16
+
+
+def new_version_folder(root: str | os.PathLike) -> Path:
+    """An empty folder inside `root` to write one version's files into before `publish_version`.
+
+    Its name starts with TMP_PREFIX, so a killed writer's folder is removed as a stale temporary.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "version-", dir=root))
+
+
+def read_version_pointer(root: str | os.PathLike) -> dict | None:
+    """The pointer of a versioned output, or None when there is none (or it is not a pointer)."""
+    try:
+        pointer = json.loads((Path(root) / VERSION_POINTER).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if not isinstance(pointer, dict) or not _is_version_name(pointer.get("version")):
+        return None
+    return pointer
+
+
+def version_intact(root: str | os.PathLike, pointer: dict) -> bool:
+    """Every file the pointer lists is in its version folder with the recorded hash."""
+    folder = Path(root) / pointer["version"]
+    for name, digest in pointer.get("files", {}).items():
+        path = folder / name
+        if not path.is_file() or sha256_file(path) != digest:
+            return False
+    return True
+
+
+def publish_version(root: str | os.PathLike, staging: Path, extra: dict | None = None,
+                    keep: int = VERSIONS_KEPT) -> dict:
+    """Install the files in `staging` as a new version of the output in `root`, point at it, prune.
+
+    The version's name is a short hash of its files' names and contents; an identical version
+    already installed is reused. Returns the new pointer: `version`, `files` (name -> sha256),
+    `recent_versions` (newest first, at most `keep`, the current one first) and `extra`'s keys.
+    """
+    root = Path(root)
+    files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+    if not files:
+        raise OSError(f"{staging}: no files to publish")
+    version = sha256_text(*(f"{name}={digest}" for name, digest in sorted(files.items())))[:_VERSION_NAME_LENGTH]
+    final = root / version
+    _install_folder(staging, final, files)
+    previous = read_version_pointer(root) or {}
+    recent = [version] + [v for v in previous.get("recent_versions", []) if v != version]
+    pointer = {**(extra or {}), "version": version, "files": files, "recent_versions": recent[:max(keep, 1)]}
+    atomic_write_json(root / VERSION_POINTER, pointer)
+    prune_versions(root, pointer, dropped=set(recent[max(keep, 1):]))
+    return pointer
+
+
+def _install_folder(staging: Path, final: Path, files: dict[str, str]) -> None:
+    import shutil
+
+    if final.is_dir() and version_intact(final.parent, {"version": final.name, "files": files}):
+        shutil.rmtree(staging)  # the same content is installed already
+        return
+    if final.exists():
+        shutil.rmtree(final)  # a damaged copy of this version: replaced by the complete one
+    os.replace(staging, final)
+    _fsync_dir(final.parent)
+
+
+def prune_versions(root: str | os.PathLike, pointer: dict, dropped: set[str] = frozenset(),
+                   older_than_s: float = STALE_TEMPORARY_S) -> list[str]:
+    """Remove version folders the pointer no longer keeps: at once for those in `dropped` (just
+    pushed out of `recent_versions`), after `older_than_s` for unlisted ones (they may be a
+    concurrent writer's, renamed but not yet pointed at). Never the current or a kept version."""
+    import shutil
+    import time
+
+    root = Path(root)
+    kept = {pointer["version"], *pointer.get("recent_versions", [])}
+    cutoff = time.time() - older_than_s
+    removed = []
+    for entry in sorted(root.iterdir()):
+        if entry.name in kept or not _is_version_name(entry.name) or not entry.is_dir() or entry.is_symlink():
+            continue
+        with contextlib.suppress(OSError):
+            if entry.name in dropped or _newest_mtime(entry) < cutoff:
+                shutil.rmtree(entry)
+                removed.append(entry.name)
+    return removed
+
+
+def _is_version_name(name) -> bool:
+    return (isinstance(name, str) and len(name) == _VERSION_NAME_LENGTH
+            and all(c in "0123456789abcdef" for c in name))

@@ -1,13 +1,20 @@
 """Dagster assets of the cohort group (thin wiring over clinical, fusion and modelling).
 
-None is partitioned. They are refreshed together by `cohort_refresh_condition` (each tick of
-`COHORT_REFRESH_CRON`, hourly), not after every patient; `cohort_automation_sensor` evaluates the
-condition and runs by default. Anyone can materialize them at any time from the UI. Each asset
+None is partitioned. They are refreshed together, in one run, by `cohort_refresh_sensor`
+(`sensors.py`) once the per-patient work has settled, not after every patient. Anyone can
+materialize them at any time from the UI. Each asset
 keeps a manifest of what it was made from: a refresh whose inputs and settings did not change
 reuses the stored files (same bytes, same data version) instead of recomputing.
+
+fused_table uses a patient's radiomics_row / slide_vector file only when that partition's latest
+materialization succeeded and passed its blocking checks (facts from the instance, decided in
+`soundness.py`). risk_model publishes each model as one version folder with a `current.json`
+pointer; with too few labelled patients it waits instead of failing and keeps its last good model.
 """
 
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -16,16 +23,18 @@ import sklearn
 
 from gcmlm_assets import pictures
 from gcmlm_assets.cohort import clinical, fusion, modelling
+from gcmlm_assets.cohort.soundness_facts import declared_blocking_checks, unsound_results
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
-from gcmlm_assets.storage import ArtifactStore, atomic_write_bytes, atomic_write_json, sha256_file, sha256_text
+from gcmlm_assets.storage import (
+    VERSION_POINTER, ArtifactStore, atomic_write_bytes, atomic_write_json, new_version_folder, publish_version,
+    read_version_pointer, sha256_file, sha256_text, version_intact)
 
 GROUP = "cohort"
-COHORT_REFRESH_CRON = "0 * * * *"
 CLINICAL_CSV = "clinical.csv"
 # Bump a version when its asset's output would change for the same inputs (it invalidates reuse).
-CODE_VERSIONS = {"clinical_table": "1", "fused_table": "1", "risk_model": "1", "risk_scores": "1"}
+CODE_VERSIONS = {"clinical_table": "1", "fused_table": "2", "risk_model": "2", "risk_scores": "1"}
 
 CLINICAL_FILE, CLINICAL_PROBLEMS = "clinical.parquet", "problems.json"
 FUSED_FILE, FUSION_REPORT = "fused.parquet", "fusion_report.json"
@@ -33,19 +42,6 @@ MODEL_FILE, METRICS_FILE, MODEL_CARD = "model.skops", "metrics.json", "model_car
 CV_PREDICTIONS = "cv_predictions.parquet"
 PLOTS = {"roc": "roc.png", "calibration": "calibration.png", "decision_curve": "decision_curve.png"}
 SCORES_FILE = "scores.parquet"
-
-
-def cohort_refresh_condition(cron_schedule: str = COHORT_REFRESH_CRON, cron_timezone: str = "UTC"):
-    """True once after each cron tick (until the asset is requested or materialized), unless running.
-
-    Not `AutomationCondition.on_cron`: that waits for every dependency to update AFTER the tick,
-    so patients processed before a quiet tick would never reach the cohort tables. All four cohort
-    assets become true on the same tick and run together, in dependency order, in one run.
-    """
-    return (
-        dg.AutomationCondition.cron_tick_passed(cron_schedule, cron_timezone).since_last_handled()
-        & ~dg.AutomationCondition.in_progress()
-    ).with_label(f"cohort refresh at each tick of '{cron_schedule}' ({cron_timezone})")
 
 
 def _required_input(store: ArtifactStore, asset: str, filename: str) -> Path:
@@ -70,7 +66,6 @@ def _reuse_or_none(store: ArtifactStore, asset: str, fingerprint: str, context) 
     name="clinical_table",
     group_name=GROUP,
     code_version=CODE_VERSIONS["clinical_table"],
-    automation_condition=cohort_refresh_condition(),
     description="The landing zone's clinical.csv, validated: one row per patient (patient_id, mlm "
     "0/1/unknown, numeric covariates). Bad rows are left out and named by the clinical_rows_valid check.",
 )
@@ -136,16 +131,19 @@ def clinical_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
         dg.AssetDep("slide_vector", partition_mapping=dg.AllPartitionMapping()),
         dg.AssetDep("clinical_table"),
     ],
-    automation_condition=cohort_refresh_condition(),
     description="One row per patient: rad_* (radiomics_row), path_* (slide_vector), clin_* "
-    "(clinical_table), availability flags and the MLM label; read file by file from the artifacts.",
+    "(clinical_table), availability flags and the MLM label; read file by file from the artifacts. "
+    "A patient's result is used only when its latest materialization succeeded and passed its "
+    "blocking checks; the ones left out are listed with the reason (excluded_patients).",
 )
 def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
     store = storage.store()
     clinical_path = _required_input(store, "clinical_table", CLINICAL_FILE)
     clinical_sha = sha256_file(clinical_path)
     known = set(context.instance.get_dynamic_partitions(patients_partitions.name))
-    table, report = fusion.build_fused_table(store.root, pq.read_table(clinical_path), known_patients=known)
+    unsound = unsound_results(context.instance, sorted(known), declared_blocking_checks(), store)
+    table, report = fusion.build_fused_table(store.root, pq.read_table(clinical_path), known_patients=known,
+                                             unsound=unsound)
     fingerprint = sha256_text(CODE_VERSIONS["fused_table"], report.input_fingerprint(clinical_sha))
     folder = store.asset_dir("fused_table")
     manifest = _reuse_or_none(store, "fused_table", fingerprint, context)
@@ -159,6 +157,8 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
         store.write_manifest("fused_table", None, manifest)
     for problem in report.file_problems[:20]:
         context.log.warning(f"{problem['file']}: {problem['reason']}")
+    for entry in report.excluded_results[:20]:
+        context.log.warning(f"left out {entry['patient_id']}'s {entry['modality']}: {entry['reason']}")
     stats = fusion.fused_stats(table)
     return dg.MaterializeResult(
         metadata={
@@ -169,6 +169,8 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
                 "positive": stats["label_positive"], "negative": stats["label_negative"],
                 "unknown": stats["label_unknown"], "labelled_with_features": stats["labelled_with_features"]}),
             "rejected_feature_files": len(report.file_problems),
+            "excluded_results": len(report.excluded_results),
+            "excluded_patients": dg.MetadataValue.json(report.excluded_patients()),
             "input_feature_files": len(report.input_files),
             "input_fingerprint": fingerprint,
             "clinical_table_sha256": clinical_sha,
@@ -179,6 +181,20 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
 
 
 # ---------------------------------------------------------------- risk_model
+# Each trained model is published as one version folder, <artifacts>/risk_model/<version>/, with
+# every file of the set; current.json (replaced atomically) names the version and lists the
+# files' hashes. Readers read current.json once and take everything from that folder.
+
+RISK_MODEL = "risk_model"
+MODEL_FILES = (MODEL_FILE, METRICS_FILE, MODEL_CARD, CV_PREDICTIONS, *PLOTS.values())
+WAITING = "waiting for labelled patients"
+
+
+def current_model_version(store: ArtifactStore) -> tuple[Path, dict] | None:
+    """(folder, pointer) of the published risk_model version, or None when none is published."""
+    root = store.asset_dir(RISK_MODEL, create=False)
+    pointer = read_version_pointer(root)
+    return (root / pointer["version"], pointer) if pointer else None
 
 
 @dg.asset(
@@ -186,12 +202,13 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
     group_name=GROUP,
     code_version=CODE_VERSIONS["risk_model"],
     deps=[dg.AssetDep("fused_table")],
-    automation_condition=cohort_refresh_condition(),
+    output_required=False,
     description="Per-modality scikit-learn pipelines fused late (mean logit), validated by repeated "
-    "stratified k-fold CV with radiology-only / pathology-only / fused ablation; saved with skops.",
+    "stratified k-fold CV with radiology-only / pathology-only / fused ablation; saved with skops. "
+    "Too few labelled patients: it waits (an observation says how many), keeping the last good model.",
 )
 def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage,
-                     risk_model: RiskModelSettings) -> dg.MaterializeResult:
+                     risk_model: RiskModelSettings) -> Iterator[dg.MaterializeResult]:
     store = storage.store()
     fused_path = _required_input(store, "fused_table", FUSED_FILE)
     fused_sha = sha256_file(fused_path)
@@ -199,38 +216,63 @@ def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage
     # a new scikit-learn may fit differently and may not load old skops files: retrain
     fingerprint = sha256_text(CODE_VERSIONS["risk_model"], sklearn.__version__, fused_sha,
                               modelling.settings_json(settings))
-    folder = store.asset_dir("risk_model")
-    manifest = _reuse_or_none(store, "risk_model", fingerprint, context)
-    if manifest is None:
-        manifest = _train_and_write(context, folder, fused_path, fused_sha, settings, fingerprint)
-        store.write_manifest("risk_model", None, manifest)
-    metrics = json.loads((folder / METRICS_FILE).read_text())
-    card = json.loads((folder / MODEL_CARD).read_text())
-    fused = metrics.get(modelling.FUSED, {})
-    return dg.MaterializeResult(
-        metadata={
-            "path": dg.MetadataValue.path(str(folder / MODEL_FILE)),
-            "files": dg.MetadataValue.json({name: str(folder / name) for name in manifest["files"]}),
-            "fused_table_sha256": fused_sha,
-            "fused_auc": fused.get("auc"),
-            "fused_auc_ci": dg.MetadataValue.json([fused.get("auc_ci_low"), fused.get("auc_ci_high")]),
-            "ablation": dg.MetadataValue.md(modelling.ablation_markdown(metrics)),
-            **{f"plot_{kind}": dg.MetadataValue.md(pictures.png_markdown((folder / name).read_bytes(), kind))
-               for kind, name in PLOTS.items()},
-            "model_card": dg.MetadataValue.json(card),
-            "settings": dg.MetadataValue.json(card["settings"]),
-        },
-        data_version=dg.DataVersion(manifest["files"][MODEL_FILE]),
-    )
-
-
-def _train_and_write(context, folder: Path, fused_path: Path, fused_sha: str,
-                     settings: modelling.ModelSettings, fingerprint: str) -> dict:
+    root = store.asset_dir(RISK_MODEL)
+    pointer = _reusable_version(root, fingerprint)
+    if pointer is not None:
+        context.log.info(f"risk_model: inputs and settings unchanged, version {pointer['version']} reused")
+        yield _model_result(root, pointer, "reused: fused table and settings unchanged")
+        return
     data = modelling.CohortData.from_table(pq.read_table(fused_path), settings.blocks())
     try:
-        cv = modelling.cross_validate(data, settings)
+        pointer = _train_and_publish(context, root, data, fused_path, fused_sha, settings, fingerprint)
     except modelling.InsufficientLabels as exc:
-        raise dg.Failure(description=f"{fused_path}: {exc}") from None
+        yield from _wait_for_labels(context, root, modelling.labelled_counts(data), settings, fused_sha, str(exc))
+        return
+    yield _model_result(root, pointer, "trained")
+
+
+def _reusable_version(root: Path, fingerprint: str) -> dict | None:
+    """The current version's pointer when it was made from `fingerprint` and its files are intact."""
+    pointer = read_version_pointer(root)
+    if pointer is None or pointer.get("fingerprint") != fingerprint:
+        return None
+    return pointer if version_intact(root, pointer) else None
+
+
+def _wait_for_labels(context, root: Path, counts: dict[str, int], settings: modelling.ModelSettings,
+                     fused_sha: str, why: str) -> Iterator[dg.MaterializeResult]:
+    """Too few labelled patients: not a failure. Say so; re-state the last good model if any (so
+    risk_scores scores the new table with it), else yield nothing (risk_scores is skipped)."""
+    needed = settings.min_labelled_per_class
+    pointer = read_version_pointer(root)
+    previous = pointer if pointer is not None and version_intact(root, pointer) else None
+    waiting = (f"{WAITING}: {counts['positive']} with MLM and {counts['negative']} without are labelled "
+               f"and have features; each class needs {needed} (risk_model.min_labelled_per_class)")
+    if previous is not None:
+        kept = f"the previous model {previous['version']} stays in use"
+    elif pointer is not None:
+        kept = (f"the previous model {pointer['version']} cannot stay in use: its files differ from "
+                f"{root / VERSION_POINTER}; risk_scores waits too")
+    else:
+        kept = "no model has been trained yet, so risk_scores waits too"
+    context.log.warning(f"risk_model is {waiting}; {kept}")
+    context.log_event(dg.AssetObservation(asset_key=context.asset_key, metadata={
+        "status": WAITING,
+        "present_per_class": dg.MetadataValue.json(counts),
+        "needed_per_class": needed,
+        "fused_table_sha256": fused_sha,
+        "detail": why,
+        "model_in_use": previous["version"] if previous else "none",
+    }))
+    if previous is not None:
+        yield _model_result(root, previous, f"kept previous model, {waiting}",
+                            {"waiting_on_fused_table_sha256": fused_sha,
+                             "present_per_class": dg.MetadataValue.json(counts), "needed_per_class": needed})
+
+
+def _train_and_publish(context, root: Path, data: modelling.CohortData, fused_path: Path, fused_sha: str,
+                       settings: modelling.ModelSettings, fingerprint: str) -> dict:
+    cv = modelling.cross_validate(data, settings)
     context.log.info(f"cross-validated {len(cv.labels)} patients: {cv.n_splits} folds x {cv.n_repeats} repeats")
     for note in cv.notes:
         context.log.warning(note)
@@ -238,17 +280,57 @@ def _train_and_write(context, folder: Path, fused_path: Path, fused_sha: str,
     fused = metrics.get(modelling.FUSED, {})
     threshold = settings.risk_threshold if settings.risk_threshold is not None else fused.get("youden_threshold", 0.5)
     model, fitted = modelling.fit_risk_model(data, settings, threshold)
-    modelling.save_model(model, folder / MODEL_FILE)
     card = modelling.model_card(model, settings, fitted, metrics, cv,
                                 {"fused_table_sha256": fused_sha, "fused_table": str(fused_path)})
-    atomic_write_json(folder / METRICS_FILE, modelling.json_safe(metrics))
-    atomic_write_json(folder / MODEL_CARD, modelling.json_safe(card))
-    fusion.write_parquet(modelling.cv_predictions_table(cv), folder / CV_PREDICTIONS)
-    for kind, name in PLOTS.items():
-        pictures.save_png(modelling.plot_curves(curves, kind), folder / name)
-    names = [MODEL_FILE, METRICS_FILE, MODEL_CARD, CV_PREDICTIONS, *PLOTS.values()]
-    return {"fingerprint": fingerprint, "files": {n: sha256_file(folder / n) for n in names},
-            "inputs": {"fused_table_sha256": fused_sha}}
+    staging = new_version_folder(root)
+    try:
+        modelling.save_model(model, staging / MODEL_FILE)
+        atomic_write_json(staging / METRICS_FILE, modelling.json_safe(metrics))
+        atomic_write_json(staging / MODEL_CARD, modelling.json_safe(card))
+        fusion.write_parquet(modelling.cv_predictions_table(cv), staging / CV_PREDICTIONS)
+        for kind, name in PLOTS.items():
+            pictures.save_png(modelling.plot_curves(curves, kind), staging / name)
+        pointer = publish_version(root, staging, {"fingerprint": fingerprint,
+                                                  "inputs": {"fused_table_sha256": fused_sha}})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once published
+    _remove_unversioned_files(root)
+    context.log.info(f"risk_model version {pointer['version']} published "
+                     f"(kept: {', '.join(pointer['recent_versions'])})")
+    return pointer
+
+
+def _remove_unversioned_files(root: Path) -> None:
+    """The files of the layout before versions (model files and a manifest beside current.json):
+    nothing reads them, and a stale metrics.json there would look current."""
+    for name in (*MODEL_FILES, ArtifactStore.MANIFEST):
+        (root / name).unlink(missing_ok=True)
+
+
+def _model_result(root: Path, pointer: dict, status: str, extra: dict | None = None) -> dg.MaterializeResult:
+    folder = root / pointer["version"]
+    metrics = json.loads((folder / METRICS_FILE).read_text())
+    card = json.loads((folder / MODEL_CARD).read_text())
+    fused = metrics.get(modelling.FUSED, {})
+    return dg.MaterializeResult(
+        metadata={
+            "status": status,
+            "version": pointer["version"],
+            "path": dg.MetadataValue.path(str(folder / MODEL_FILE)),
+            "pointer": dg.MetadataValue.path(str(root / VERSION_POINTER)),
+            "files": dg.MetadataValue.json({name: str(folder / name) for name in pointer["files"]}),
+            "fused_table_sha256": pointer["inputs"]["fused_table_sha256"],
+            "fused_auc": fused.get("auc"),
+            "fused_auc_ci": dg.MetadataValue.json([fused.get("auc_ci_low"), fused.get("auc_ci_high")]),
+            "ablation": dg.MetadataValue.md(modelling.ablation_markdown(metrics)),
+            **{f"plot_{kind}": dg.MetadataValue.md(pictures.png_markdown((folder / name).read_bytes(), kind))
+               for kind, name in PLOTS.items()},
+            "model_card": dg.MetadataValue.json(card),
+            "settings": dg.MetadataValue.json(card["settings"]),
+            **(extra or {}),
+        },
+        data_version=dg.DataVersion(pointer["files"][MODEL_FILE]),
+    )
 
 
 # ---------------------------------------------------------------- risk_scores
@@ -259,19 +341,22 @@ def _train_and_write(context, folder: Path, fused_path: Path, fused_sha: str,
     group_name=GROUP,
     code_version=CODE_VERSIONS["risk_scores"],
     deps=[dg.AssetDep("risk_model"), dg.AssetDep("fused_table")],
-    automation_condition=cohort_refresh_condition(),
     description="MLM probability and risk group (high: at or above the model's threshold) for every "
-    "patient with radiology and/or pathology features, from the current risk_model.",
+    "patient with radiology and/or pathology features, from the current risk_model version.",
 )
 def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
     store = storage.store()
-    model_path = _required_input(store, "risk_model", MODEL_FILE)
+    model_folder, pointer = _current_model_or_fail(store)
+    model_path = model_folder / MODEL_FILE
     fused_path = _required_input(store, "fused_table", FUSED_FILE)
-    model_sha, fused_sha = sha256_file(model_path), sha256_file(fused_path)
+    model_sha, fused_sha = pointer["files"][MODEL_FILE], sha256_file(fused_path)
     fingerprint = sha256_text(CODE_VERSIONS["risk_scores"], model_sha, fused_sha)
     folder = store.asset_dir("risk_scores")
     manifest = _reuse_or_none(store, "risk_scores", fingerprint, context)
     if manifest is None:
+        if not model_path.is_file() or sha256_file(model_path) != model_sha:
+            raise dg.Failure(description=f"{model_path} does not match {model_folder.parent / VERSION_POINTER}: "
+                                         "re-materialize risk_model", metadata={"model": str(model_path)})
         try:
             model = modelling.load_model(model_path)
         except modelling.UntrustedModelFile as exc:
@@ -279,7 +364,8 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
         scores = model.score_table(pq.read_table(fused_path))
         fusion.write_parquet(scores, folder / SCORES_FILE)
         manifest = {"fingerprint": fingerprint, "files": {SCORES_FILE: sha256_file(folder / SCORES_FILE)},
-                    "inputs": {"risk_model_sha256": model_sha, "fused_table_sha256": fused_sha},
+                    "inputs": {"risk_model_sha256": model_sha, "risk_model_version": pointer["version"],
+                               "fused_table_sha256": fused_sha},
                     "risk_threshold": model.risk_threshold, "model_blocks": list(model.blocks)}
         store.write_manifest("risk_scores", None, manifest)
     scores = pq.read_table(folder / SCORES_FILE)
@@ -288,6 +374,8 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(folder / SCORES_FILE)),
+            "risk_model_version": pointer["version"],
+            "risk_model_path": dg.MetadataValue.path(str(model_path)),
             "risk_model_sha256": model_sha,
             "fused_table_sha256": fused_sha,
             "scored": scores.num_rows,
@@ -301,14 +389,13 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
     )
 
 
-ASSETS: list[dg.AssetsDefinition] = [clinical_table, fused_table, train_risk_model, risk_scores]
+def _current_model_or_fail(store: ArtifactStore) -> tuple[Path, dict]:
+    current = current_model_version(store)
+    if current is None:
+        pointer = store.path(RISK_MODEL, None, VERSION_POINTER)
+        raise dg.Failure(description=f"{pointer} not found: materialize risk_model first",
+                         metadata={"missing": str(pointer)})
+    return current
 
-cohort_automation_sensor = dg.AutomationConditionSensorDefinition(
-    "cohort_automation_sensor",
-    target=dg.AssetSelection.groups(GROUP),
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=60,
-    description=f"Evaluates the cohort assets' refresh condition (each tick of '{COHORT_REFRESH_CRON}').",
-)
-# Declared, not left to Dagster's default automation sensor, because that one starts stopped.
-SENSORS: list[dg.SensorDefinition] = [cohort_automation_sensor]
+
+ASSETS: list[dg.AssetsDefinition] = [clinical_table, fused_table, train_risk_model, risk_scores]

@@ -1,8 +1,9 @@
 """Asset checks of the cohort group: thin wrappers over the decisions in `qc.py`.
 
-Blocking where a downstream result would be wrong: duplicate fused rows, too few labels to train,
-no CV AUC, invalid scores. Bad clinical rows and misaligned modalities are reported (ERROR/WARN)
-without blocking, because the rest of the cohort is still right and one bad row must not stop it.
+Blocking where a downstream result would be wrong: duplicate fused rows, no CV AUC, invalid
+scores. Bad clinical rows and misaligned modalities are reported (ERROR/WARN) without blocking,
+because the rest of the cohort is still right and one bad row must not stop it. Too few labelled
+patients is a non-blocking WARN: risk_model itself waits for more and keeps its last good model.
 """
 
 import json
@@ -12,11 +13,12 @@ import pyarrow.parquet as pq
 
 from gcmlm_assets.cohort import qc
 from gcmlm_assets.cohort.assets import (
-    CLINICAL_PROBLEMS, FUSED_FILE, FUSION_REPORT, METRICS_FILE, SCORES_FILE, clinical_table, fused_table,
-    risk_scores, train_risk_model)
+    CLINICAL_PROBLEMS, FUSED_FILE, FUSION_REPORT, METRICS_FILE, RISK_MODEL, SCORES_FILE, clinical_table,
+    current_model_version, fused_table, risk_scores, train_risk_model)
 from gcmlm_assets.cohort.fusion import AVAILABILITY, CLINICAL
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.resources import ArtifactStorage
+from gcmlm_assets.storage import VERSION_POINTER
 
 SEVERITY = {qc.WARN: dg.AssetCheckSeverity.WARN, qc.ERROR: dg.AssetCheckSeverity.ERROR,
             qc.PASS: dg.AssetCheckSeverity.ERROR}
@@ -61,9 +63,9 @@ def modalities_aligned(storage: ArtifactStorage) -> dg.AssetCheckResult:
     return _result(qc.modalities_aligned(json.loads(path.read_text())))
 
 
-@dg.asset_check(asset=fused_table, blocking=True,
+@dg.asset_check(asset=fused_table, blocking=False,
                 description="Enough labelled patients with features in each class to train "
-                "(risk_model.min_labelled_per_class).")
+                "(risk_model.min_labelled_per_class); WARN while risk_model waits for more.")
 def enough_labelled_patients(storage: ArtifactStorage, risk_model: RiskModelSettings) -> dg.AssetCheckResult:
     path = storage.store().path("fused_table", None, FUSED_FILE)
     if not path.is_file():
@@ -76,7 +78,11 @@ def enough_labelled_patients(storage: ArtifactStorage, risk_model: RiskModelSett
 @dg.asset_check(asset=train_risk_model, blocking=True,
                 description="The fused model's cross-validated AUC with its 95 % CI (WARN when the CI includes 0.5).")
 def cv_auc_reported(storage: ArtifactStorage) -> dg.AssetCheckResult:
-    path = storage.store().path("risk_model", None, METRICS_FILE)
+    store = storage.store()
+    current = current_model_version(store)
+    if current is None:
+        return _missing(store.path(RISK_MODEL, None, VERSION_POINTER))
+    path = current[0] / METRICS_FILE
     if not path.is_file():
         return _missing(path)
     return _result(qc.cv_auc_reported(json.loads(path.read_text())))

@@ -15,13 +15,17 @@ What counts as what (the alignment check reports these):
 - a patient with features but no clinical row is a WARNING: scored, but not trained on;
 - a clinical row without any features is a WARNING: kept in the table, cannot be scored;
 - a patient folder that is not a known patient partition (when the caller passes the known
-  ones) is a stale artifact: left out and reported.
+  ones) is a stale artifact: left out and reported;
+- a result the caller marks unsound (`unsound`: its latest materialization failed, or failed a
+  blocking check; see `soundness.py`) is left out unread, with the reason: that modality counts as
+  absent for the patient.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +61,7 @@ SOURCES = (
 class FusionReport:
     file_problems: list[dict] = field(default_factory=list)  # {patient_id, modality, file, reason}
     stale_folders: list[dict] = field(default_factory=list)  # {folder, reason}
+    excluded_results: list[dict] = field(default_factory=list)  # {patient_id, modality, file, reason}
     features_without_clinical: list[str] = field(default_factory=list)
     clinical_without_features: list[str] = field(default_factory=list)
     input_files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
@@ -64,7 +69,16 @@ class FusionReport:
     def input_fingerprint(self, clinical_sha256: str | None) -> str:
         """One hash over every input the table was built from (names and contents)."""
         parts = [f"{name}={digest}" for name, digest in sorted(self.input_files.items())]
-        return sha256_text(f"clinical={clinical_sha256}", *parts)
+        # the reasons too: the stored report must say why each result was left out
+        left_out = [f"excluded:{e['patient_id']}:{e['modality']}={e['reason']}" for e in self.excluded_results]
+        return sha256_text(f"clinical={clinical_sha256}", *parts, *sorted(left_out))
+
+    def excluded_patients(self) -> dict[str, dict[str, str]]:
+        """{patient_id: {modality: reason}} of the results left out as unsound."""
+        excluded: dict[str, dict[str, str]] = {}
+        for entry in self.excluded_results:
+            excluded.setdefault(entry["patient_id"], {})[entry["modality"]] = entry["reason"]
+        return dict(sorted(excluded.items()))
 
 
 @dataclass(frozen=True)
@@ -74,7 +88,8 @@ class _Row:
 
 
 def find_feature_files(artifacts_root: Path, source: FeatureSource, known_patients: set[str] | None,
-                       report: FusionReport) -> dict[str, Path]:
+                       report: FusionReport, unsound: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """{patient: file} of the source's usable files; `unsound` maps patients to why theirs is not."""
     folder = Path(artifacts_root) / source.asset
     found: dict[str, Path] = {}
     if not folder.is_dir():
@@ -92,6 +107,10 @@ def find_feature_files(artifacts_root: Path, source: FeatureSource, known_patien
         if known_patients is not None and entry.name not in known_patients:
             report.stale_folders.append({"folder": str(entry),
                                          "reason": "not a known patient partition (stale artifact)"})
+            continue
+        if unsound and entry.name in unsound:
+            report.excluded_results.append({"patient_id": entry.name, "modality": source.modality,
+                                            "file": str(path), "reason": unsound[entry.name]})
             continue
         found[entry.name] = path
     return found
@@ -156,14 +175,20 @@ def _describe_column_difference(reference: list[str], columns: list[str]) -> str
 
 
 def build_fused_table(artifacts_root: str | Path, clinical: pa.Table | None, *,
-                      known_patients: set[str] | None = None) -> tuple[pa.Table, FusionReport]:
-    """Join every patient's feature files with the clinical table (see the module docstring)."""
+                      known_patients: set[str] | None = None,
+                      unsound: Mapping[str, Mapping[str, str]] | None = None) -> tuple[pa.Table, FusionReport]:
+    """Join every patient's feature files with the clinical table (see the module docstring).
+
+    `unsound`: {modality: {patient_id: reason}} of results to leave out (None: use every file).
+    """
     artifacts_root = Path(artifacts_root)
     report = FusionReport()
     modality_rows: dict[str, dict[str, _Row]] = {}
     for source in SOURCES:
         rows: dict[str, _Row] = {}
-        for patient_id, path in find_feature_files(artifacts_root, source, known_patients, report).items():
+        found = find_feature_files(artifacts_root, source, known_patients, report,
+                                   (unsound or {}).get(source.modality))
+        for patient_id, path in found.items():
             relative = str(path.relative_to(artifacts_root))
             report.input_files[relative] = sha256_file(path)
             row, problem = _read_one_row(path, patient_id, source)
@@ -187,8 +212,8 @@ def build_fused_table(artifacts_root: str | Path, clinical: pa.Table | None, *,
     clinical_ids: list[str] = clinical.column(ID_COLUMN).to_pylist() if clinical is not None else []
     clinical_index = {pid: i for i, pid in enumerate(clinical_ids)}
     feature_ids = set().union(*(rows.keys() for rows in modality_rows.values()))
-    # Patients whose only feature files were rejected still get a row: their problems are visible.
-    rejected_ids = {p["patient_id"] for p in report.file_problems}
+    # Patients whose only feature files were rejected or left out still get a row: it shows why.
+    rejected_ids = {p["patient_id"] for p in report.file_problems + report.excluded_results}
     patient_ids = sorted(feature_ids | set(clinical_ids) | rejected_ids)
     report.features_without_clinical = sorted(feature_ids - set(clinical_ids))
     report.clinical_without_features = sorted(set(clinical_ids) - feature_ids)
@@ -296,6 +321,7 @@ def report_json(report: FusionReport) -> str:
     return json.dumps({
         "file_problems": report.file_problems,
         "stale_folders": report.stale_folders,
+        "excluded_results": report.excluded_results,
         "features_without_clinical": report.features_without_clinical,
         "clinical_without_features": report.clinical_without_features,
         "input_files": report.input_files,

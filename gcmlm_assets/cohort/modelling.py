@@ -446,9 +446,13 @@ class CrossValidation:
         return self.labels[rows], predictions[:, rows]
 
 
+def labelled_counts(data: CohortData) -> dict[str, int]:
+    """Labelled patients with at least one feature block, per class: what training can use."""
+    return class_counts(data.labels[data.labelled & data.any_block()])
+
+
 def check_enough_labels(data: CohortData, settings: ModelSettings) -> dict[str, int]:
-    rows = data.labelled & data.any_block()
-    counts = class_counts(data.labels[rows])
+    counts = labelled_counts(data)
     short = {k: v for k, v in counts.items() if v < settings.min_labelled_per_class}
     if short:
         raise InsufficientLabels(

@@ -69,14 +69,18 @@ def modalities_aligned(report: dict) -> Verdict:
     Error: a radiomics or slide-vector file that was rejected (unreadable, wrong patient id, not
     one row, non-numeric or non-finite features, columns unlike the cohort's). Warning: features
     without a clinical row (scored, not trained on), clinical rows without features (not scored),
-    stale artifact folders of patients that are no longer partitions.
+    stale artifact folders of patients that are no longer partitions, results left out as unsound
+    (their latest materialization failed or failed a blocking check: the upstream asset's own
+    failure already says so; here it is only named).
     """
     file_problems = report.get("file_problems", [])
     no_clinical = report.get("features_without_clinical", [])
     no_features = report.get("clinical_without_features", [])
     stale = report.get("stale_folders", [])
+    excluded = report.get("excluded_results", [])
     metadata = {"rejected_feature_files": len(file_problems), "features_without_clinical": len(no_clinical),
-                "clinical_without_features": len(no_features), "stale_folders": len(stale)}
+                "clinical_without_features": len(no_features), "stale_folders": len(stale),
+                "excluded_results": len(excluded)}
     if file_problems:
         metadata["rejected"] = _markdown_table(file_problems, ["patient_id", "modality", "file", "reason"])
     if no_clinical:
@@ -85,6 +89,8 @@ def modalities_aligned(report: dict) -> Verdict:
         metadata["clinical_without_features_ids"] = no_features[:200]
     if stale:
         metadata["stale"] = _markdown_table(stale, ["folder", "reason"])
+    if excluded:
+        metadata["excluded"] = _markdown_table(excluded, ["patient_id", "modality", "reason"])
     if file_problems:
         described = [f"{p['file']}: {p['reason']}" for p in file_problems]
         return Verdict(ERROR, f"{len(file_problems)} feature file(s) rejected (the patient's modality "
@@ -99,13 +105,20 @@ def modalities_aligned(report: dict) -> Verdict:
     if stale:
         orphans.append(f"{len(stale)} stale artifact folder(s) left out: "
                        f"{_listing([s['folder'] for s in stale])}")
+    if excluded:
+        described = [f"{e['patient_id']} {e['modality']}: {e['reason']}" for e in excluded]
+        orphans.append(f"{len(excluded)} result(s) left out as unsound: {_listing(described)}")
     if orphans:
         return Verdict(WARN, " | ".join(orphans), metadata)
     return Verdict(PASS, "every patient's features and clinical row line up", metadata)
 
 
 def enough_labelled(table: pa.Table, min_per_class: int) -> Verdict:
-    """Labelled patients with at least one feature block, per class, against the configured minimum."""
+    """Labelled patients with at least one feature block, per class, against the configured minimum.
+
+    Too few is a WARN, not an error: the cohort is still growing, risk_model waits (and keeps its
+    last good model) until enough patients are labelled.
+    """
     labels = table.column(LABEL_COLUMN).to_pylist()
     has_features = np.zeros(table.num_rows, bool)
     for modality, flag in AVAILABILITY.items():
@@ -116,9 +129,9 @@ def enough_labelled(table: pa.Table, min_per_class: int) -> Verdict:
     metadata = {**counts, "min_labelled_per_class": min_per_class}
     short = [f"{name}: {n}" for name, n in counts.items() if n < min_per_class]
     if short:
-        return Verdict(ERROR, f"too few labelled patients with features to train ({', '.join(short)}; "
-                              f"each class needs {min_per_class}, setting risk_model.min_labelled_per_class)",
-                       metadata)
+        return Verdict(WARN, f"too few labelled patients with features to train ({', '.join(short)}; "
+                             f"each class needs {min_per_class}, setting risk_model.min_labelled_per_class): "
+                             "risk_model waits for more", metadata)
     return Verdict(PASS, f"labelled patients with features: {counts['positive']} MLM, "
                          f"{counts['negative']} without", metadata)
 

@@ -1,15 +1,15 @@
-"""The cohort assets and checks through a real Dagster instance, and their hourly automation."""
+"""The cohort assets and checks through a real Dagster instance."""
 
-import datetime
 import dagster as dg
 import pyarrow.parquet as pq
-import pytest
 
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import checks as cohort_checks
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.partitions import patients_partitions
-from gcmlm_assets_tests.cohort.synthetic import write_cohort_files
+from gcmlm_assets.storage import read_version_pointer
+from gcmlm_assets_tests.cohort.synthetic import write_clinical_csv, write_cohort_files
+from gcmlm_assets_tests.cohort.upstream import report_sound_results
 
 FAST_MODEL = RiskModelSettings(n_splits=4, n_repeats=2, n_bootstrap=200)
 
@@ -33,6 +33,7 @@ def test_small_cohort_through_dagster(data_root, instance, base_resources):
     ids, _ = write_cohort_files(data_root, 24, seed=21, without_radiology={"P004"},
                                 without_pathology={"P009", "P013"}, unknown_labels={"P002"})
     instance.add_dynamic_partitions(patients_partitions.name, ids)
+    report_sound_results(instance, data_root / "artifacts", ids)
 
     result = materialize_cohort(instance, base_resources)
 
@@ -48,6 +49,7 @@ def test_small_cohort_through_dagster(data_root, instance, base_resources):
     fused = materialized["fused_table"]
     assert fused["patients"].value == 24 and fused["with_both"].value == 21
     assert fused["label_balance"].value["unknown"] == 1
+    assert fused["excluded_patients"].value == {} and fused["excluded_results"].value == 0
     assert "| patient_id | has_radiology |" in fused["preview"].value
     model = materialized["risk_model"]
     assert "fused (all patients)" in model["ablation"].value
@@ -56,20 +58,29 @@ def test_small_cohort_through_dagster(data_root, instance, base_resources):
     assert card["data_versions"]["fused_table_sha256"] == model["fused_table_sha256"].value
     assert card["settings"]["n_repeats"] == 2 and "mean of the logits" in card["strategy"]
     assert 0 < model["fused_auc"].value <= 1
+    assert model["status"].value == "trained"
 
     artifacts = data_root / "artifacts"
+    pointer = read_version_pointer(artifacts / "risk_model")
+    version_dir = artifacts / "risk_model" / pointer["version"]
+    assert model["version"].value == pointer["version"]
+    assert model["path"].value == str(version_dir / "model.skops")
+    assert materialized["risk_scores"]["risk_model_version"].value == pointer["version"]
     scores = {r["patient_id"]: r for r in pq.read_table(artifacts / "risk_scores/scores.parquet").to_pylist()}
     assert sorted(scores) == ids
     assert scores["P004"]["modalities_used"] == "pathology"
     assert scores["P009"]["modalities_used"] == "radiology"
     assert scores["P002"]["mlm"] is None and 0 <= scores["P002"]["probability"] <= 1
-    for name in ("model.skops", "model_card.json", "metrics.json", "roc.png", "calibration.png",
-                 "decision_curve.png", "cv_predictions.parquet"):
-        assert (artifacts / "risk_model" / name).is_file(), name
+    names = {"model.skops", "model_card.json", "metrics.json", "roc.png", "calibration.png",
+             "decision_curve.png", "cv_predictions.parquet"}
+    assert set(pointer["files"]) == names
+    assert {p.name for p in version_dir.iterdir()} == names
+    assert {p.name for p in (artifacts / "risk_model").iterdir()} == {"current.json", pointer["version"]}
 
     # Unchanged inputs and settings: the same outputs, byte for byte, without retraining.
     again = materialize_cohort(instance, base_resources)
     assert again.success and data_versions(again) == data_versions(result)
+    assert read_version_pointer(artifacts / "risk_model") == pointer
 
 
 def test_bad_clinical_rows_fail_the_check_and_are_named(data_root, instance, base_resources):
@@ -89,16 +100,72 @@ def test_bad_clinical_rows_fail_the_check_and_are_named(data_root, instance, bas
     assert table.num_rows == 12
 
 
-def test_too_few_labels_block_the_model(data_root, instance, base_resources):
-    ids, _ = write_cohort_files(data_root, 12, seed=4, unknown_labels={f"P{i:03d}" for i in range(8)})
+def observations(result, asset: str) -> list[dict]:
+    return [{k: getattr(v, "value", v) for k, v in e.event_specific_data.asset_observation.metadata.items()}
+            for e in result.all_events if e.event_type == dg.DagsterEventType.ASSET_OBSERVATION
+            and e.asset_key.to_user_string() == asset]
+
+
+def test_too_few_labels_and_no_model_yet_waits_without_failing(data_root, instance, base_resources):
+    ids, labels = write_cohort_files(data_root, 12, seed=4, unknown_labels={f"P{i:03d}" for i in range(8)})
     instance.add_dynamic_partitions(patients_partitions.name, ids)
+    report_sound_results(instance, data_root / "artifacts", ids)
 
     result = materialize_cohort(instance, base_resources)
 
+    assert result.success  # waiting is not a failure
+    assert not [e for e in result.all_events if e.is_step_failure]
     check = check_results(result)["enough_labelled_patients"]
-    assert not check.passed and "too few labelled patients" in check.description
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert "too few labelled patients" in check.description
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    assert materialized == {"clinical_table", "fused_table"}  # the blocking check stopped risk_model
+    assert materialized == {"clinical_table", "fused_table"}
+    skipped = {e.step_key for e in result.all_events if e.is_step_skipped}
+    assert {"risk_scores", "risk_model_cv_auc_reported", "risk_scores_scores_valid"} <= skipped
+    (waiting,) = observations(result, "risk_model")
+    labelled = [int(v) for p, v in zip(ids, labels) if p >= "P008"]
+    assert waiting["status"] == "waiting for labelled patients"
+    assert waiting["present_per_class"] == {"positive": sum(labelled), "negative": len(labelled) - sum(labelled)}
+    assert waiting["needed_per_class"] == FAST_MODEL.min_labelled_per_class
+    assert waiting["model_in_use"] == "none"
+    fused = next(e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == "fused_table")
+    assert waiting["fused_table_sha256"] == fused.materialization.tags["dagster/data_version"]
+    assert not (data_root / "artifacts" / "risk_model" / "current.json").exists()
+
+
+def test_too_few_labels_keep_the_last_good_model_in_use(data_root, instance, base_resources):
+    ids, labels = write_cohort_files(data_root, 20, seed=21)
+    instance.add_dynamic_partitions(patients_partitions.name, ids)
+    report_sound_results(instance, data_root / "artifacts", ids)
+    first = materialize_cohort(instance, base_resources)
+    assert first.success
+    root = data_root / "artifacts" / "risk_model"
+    pointer = read_version_pointer(root)
+
+    # Most labels are withdrawn (e.g. under review): the fused table changes, training must wait.
+    write_clinical_csv(data_root / "landing", ids, labels, unknown=set(ids[:16]))
+    second = materialize_cohort(instance, base_resources)
+
+    assert second.success
+    before, after = data_versions(first), data_versions(second)
+    assert after["fused_table"] != before["fused_table"]
+    assert after["risk_model"] == before["risk_model"]  # the same model, stated again
+    assert read_version_pointer(root) == pointer
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in second.get_asset_materialization_events()}
+    model = meta["risk_model"]
+    assert model["status"].value.startswith("kept previous model, waiting for labelled patients")
+    assert model["version"].value == pointer["version"] and model["needed_per_class"].value == 5
+    assert model["waiting_on_fused_table_sha256"].value == after["fused_table"]
+    assert check_results(second)["cv_auc_reported"].passed  # the model in use stays green
+    (waiting,) = observations(second, "risk_model")
+    assert waiting["model_in_use"] == pointer["version"]
+    # risk_scores, in the same run, scores every patient of the new table with the kept model
+    scores = meta["risk_scores"]
+    assert scores["risk_model_version"].value == pointer["version"]
+    assert scores["fused_table_sha256"].value == after["fused_table"] and scores["scored"].value == 20
+    table = pq.read_table(data_root / "artifacts" / "risk_scores" / "scores.parquet").to_pylist()
+    assert sum(1 for row in table if row["mlm"] is None) == 16
+    assert check_results(second)["scores_valid"].passed
 
 
 def test_missing_clinical_csv_names_the_file(data_root, instance, base_resources):
@@ -106,35 +173,3 @@ def test_missing_clinical_csv_names_the_file(data_root, instance, base_resources
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure)
     assert "clinical.csv: clinical table not found" in str(failure.event_specific_data.error)
-
-
-def test_cohort_refreshes_once_per_cron_tick(instance, base_resources):
-    """Nothing before the first tick, all four assets on the tick, nothing again until the next."""
-    upstream = [dg.AssetSpec(name, partitions_def=patients_partitions, group_name="stand_in")
-                for name in ("radiomics_row", "slide_vector")]
-    defs = dg.Definitions(assets=[*upstream, *cohort_assets.ASSETS], sensors=cohort_assets.SENSORS,
-                          resources={**base_resources, "risk_model": FAST_MODEL})
-    (sensor,) = cohort_assets.SENSORS
-    assert isinstance(sensor, dg.AutomationConditionSensorDefinition)
-    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
-    cohort = {dg.AssetKey(n) for n in ("clinical_table", "fused_table", "risk_model", "risk_scores")}
-    assert sensor.asset_selection.resolve(defs.resolve_asset_graph()) == cohort
-
-    start = datetime.datetime(2026, 1, 5, 10, 20, tzinfo=datetime.timezone.utc)
-    cursor = None
-    requested = []
-    for minutes in (0, 20, 41, 42, 70, 101):
-        result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor,
-                                                   evaluation_time=start + datetime.timedelta(minutes=minutes))
-        cursor = result.cursor
-        requested.append({key.to_user_string() for key in cohort if result.get_num_requested(key)})
-    everything = {key.to_user_string() for key in cohort}
-    # 10:20, 10:40: no tick passed; 11:01: the 11:00 tick; 11:02: handled; 11:30: no tick; 12:01: next tick
-    assert requested == [set(), set(), everything, set(), set(), everything]
-
-
-@pytest.mark.parametrize("name", ["clinical_table", "fused_table", "risk_model", "risk_scores"])
-def test_every_cohort_asset_has_the_refresh_condition(name):
-    spec = next(a for a in cohort_assets.ASSETS if a.key.to_user_string() == name)
-    condition = spec.automation_conditions_by_key[spec.key]
-    assert condition.get_label().startswith("cohort refresh at each tick of '0 * * * *'")

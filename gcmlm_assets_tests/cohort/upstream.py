@@ -1,0 +1,81 @@
+"""Stand-ins for the per-patient assets fused_table reads, materialized through real Dagster runs.
+
+They carry the real assets' names and check_specs (so the same blocking checks are recorded per
+partition) and publish the synthetic feature files already written under the artifacts root. Their
+config lets a test make a patient's latest materialization fail a check or fail its step.
+"""
+
+from pathlib import Path
+
+import dagster as dg
+
+from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.pathology.checks import SLIDE_VECTOR_CHECK_SPECS
+from gcmlm_assets.radiology.checks import RADIOMICS_ROW_CHECK_SPECS
+from gcmlm_assets.storage import sha256_file
+
+FILES = {"radiomics_row": "radiomics.parquet", "slide_vector": "slide_vector.parquet"}
+SPECS = {"radiomics_row": RADIOMICS_ROW_CHECK_SPECS, "slide_vector": SLIDE_VECTOR_CHECK_SPECS}
+
+
+class StandInConfig(dg.Config):
+    failing_check: str = ""  # this check's result fails (ERROR severity)
+    raise_error: bool = False  # the step fails before materializing
+
+
+def _stand_in(name: str, artifacts: Path) -> dg.AssetsDefinition:
+    @dg.asset(name=name, partitions_def=patients_partitions, check_specs=SPECS[name])
+    def stand_in(context: dg.AssetExecutionContext, config: StandInConfig) -> dg.MaterializeResult:
+        if config.raise_error:
+            raise RuntimeError(f"{name} {context.partition_key}: simulated step failure")
+        path = artifacts / name / context.partition_key / FILES[name]
+        results = [dg.AssetCheckResult(check_name=spec.name, passed=spec.name != config.failing_check,
+                                       severity=dg.AssetCheckSeverity.ERROR,
+                                       description=f"simulated result of {spec.name}")
+                   for spec in SPECS[name]]
+        return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(path))},
+                                    data_version=dg.DataVersion(sha256_file(path)), check_results=results)
+
+    return stand_in
+
+
+def stand_ins(artifacts: Path) -> list[dg.AssetsDefinition]:
+    return [_stand_in(name, artifacts) for name in FILES]
+
+
+def materialize_patients(instance: dg.DagsterInstance, artifacts: Path, patients, *,
+                         config: dict[str, StandInConfig] | None = None) -> list[dg.ExecuteInProcessResult]:
+    """One run per patient of both stand-ins whose files exist (as the landing sensor's runs)."""
+    results = []
+    assets = stand_ins(artifacts)
+    for patient in patients:
+        selection = [a for a in assets if (artifacts / a.key.to_user_string() / patient).is_dir()]
+        if not selection:
+            continue
+        run_config = {"ops": {a.key.to_user_string(): {"config": (config or {}).get(
+            a.key.to_user_string(), StandInConfig()).model_dump()} for a in selection}}
+        results.append(dg.materialize(selection, instance=instance, partition_key=patient,
+                                      run_config=run_config, raise_on_error=False))
+    return results
+
+
+def report_sound_results(instance: dg.DagsterInstance, artifacts: Path, patients) -> None:
+    """Record, without runs, a materialization and passing blocking checks for every existing file
+    (what the runs above record, in milliseconds: for tests that are not about soundness)."""
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+        AssetCheckEvaluationTargetMaterializationData)
+
+    for name, filename in FILES.items():
+        key = dg.AssetKey(name)
+        present = [p for p in patients if (artifacts / name / p / filename).is_file()]
+        for patient in present:
+            digest = sha256_file(artifacts / name / patient / filename)  # the assets' data version
+            instance.report_runless_asset_event(dg.AssetMaterialization(
+                key, partition=patient, tags={"dagster/data_version": digest}))
+        latest = instance.get_latest_storage_id_by_partition(key, dg.DagsterEventType.ASSET_MATERIALIZATION)
+        for patient in present:
+            target = AssetCheckEvaluationTargetMaterializationData(storage_id=latest[patient], run_id="",
+                                                                   timestamp=0.0)
+            for spec in SPECS[name]:
+                instance.report_runless_asset_event(dg.AssetCheckEvaluation(
+                    asset_key=key, check_name=spec.name, passed=True, target_materialization_data=target))
