@@ -1,7 +1,9 @@
 """The one `Definitions` of the project.
 
-`GCMLM_ENV` picks the executor: `local` (default) runs steps in subprocesses of
-this machine; `k8s` runs each step as a Kubernetes job (dagster-k8s).
+`GCMLM_ENV` picks the executor: `local` (default) runs each run's steps one after the other in
+the run's own process; `k8s` runs each step as a Kubernetes job (dagster-k8s). `GCMLM_PROFILE` picks the settings
+profile (`production` by default, or `demo`; see `profiles.py`) that the resources and the
+automation sensors are built from, so the daemon's runs need no run config.
 """
 
 from __future__ import annotations
@@ -12,41 +14,52 @@ from gcmlm_assets import settings
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import checks as cohort_checks
 from gcmlm_assets.cohort import resources as cohort_resources
+from gcmlm_assets.cohort.sensors import build_cohort_refresh_sensor
 from gcmlm_assets.landing.sensors import landing_sensor
 from gcmlm_assets.pathology import assets as pathology_assets
 from gcmlm_assets.pathology import checks as pathology_checks
 from gcmlm_assets.pathology import resources as pathology_resources
+from gcmlm_assets.profiles import Profile, get_profile
 from gcmlm_assets.radiology import assets as radiology_assets
 from gcmlm_assets.radiology import checks as radiology_checks
 from gcmlm_assets.radiology import resources as radiology_resources
-from gcmlm_assets.resources import ArtifactStorage, LandingZone
-
-# Two CPU-heavy steps at a time is what one 2-core machine sustains.
-LOCAL_MAX_CONCURRENT_STEPS = 2
-
+from gcmlm_assets.radiology.sensors import build_predicted_mask_sensor, build_segmentation_training_sensor
+from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZone
 
 def build_executor(env: str) -> dg.ExecutorDefinition:
     if env == "k8s":
         from gcmlm_assets.deploy_k8s import k8s_executor
 
         return k8s_executor()
-    return dg.multiprocess_executor.configured({"max_concurrent": LOCAL_MAX_CONCURRENT_STEPS})
+    # A per-patient run is a chain of steps, so a process per step would buy no parallelism and
+    # cost each step a fresh import of the definitions; the instance's run queue runs two runs
+    # at a time, which is what one 2-core machine sustains (deploy/local/dagster.yaml).
+    return dg.in_process_executor
 
 
-def build_resources(env: str) -> dict:
-    resources: dict = {"storage": ArtifactStorage(), "landing": LandingZone()}
+def build_resources(env: str, profile: Profile) -> dict:
+    resources: dict = {"storage": ArtifactStorage(), "landing": LandingZone(),
+                       "automation": AutomationSettings(**profile.resource_settings("automation"))}
     for domain in (radiology_resources, pathology_resources, cohort_resources):
-        resources.update(domain.resources(env))
+        resources.update(domain.resources(env, profile))
     return resources
 
 
-def build_definitions(env: str | None = None) -> dg.Definitions:
+def build_sensors(profile: Profile) -> list[dg.SensorDefinition]:
+    interval = profile.sensor_interval_s
+    cohort_keys = [asset.key for asset in cohort_assets.ASSETS]
+    return [landing_sensor, build_segmentation_training_sensor(interval), build_predicted_mask_sensor(interval),
+            build_cohort_refresh_sensor(interval, cohort_keys)]
+
+
+def build_definitions(env: str | None = None, profile: str | None = None) -> dg.Definitions:
     env = env or settings.environment()
+    chosen = get_profile(profile)
     return dg.Definitions(
         assets=[*radiology_assets.ASSETS, *pathology_assets.ASSETS, *cohort_assets.ASSETS],
         asset_checks=[*radiology_checks.CHECKS, *pathology_checks.CHECKS, *cohort_checks.CHECKS],
-        sensors=[landing_sensor, *cohort_assets.SENSORS],
-        resources=build_resources(env),
+        sensors=build_sensors(chosen),
+        resources=build_resources(env, chosen),
         executor=build_executor(env),
     )
 

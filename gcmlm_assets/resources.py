@@ -1,4 +1,4 @@
-"""Resources shared by every domain: artifact storage and the landing zone."""
+"""Resources shared by every domain: artifact storage, the landing zone, automation timing."""
 
 from __future__ import annotations
 
@@ -37,3 +37,18 @@ class LandingZone(dg.ConfigurableResource):
         from gcmlm_assets.patients import validate_patient_id
 
         return self.path() / validate_patient_id(patient_id, where=str(self.path()))
+
+
+class AutomationSettings(dg.ConfigurableResource):
+    """How long the automation sensors wait for work to settle (resource key "automation").
+
+    Drops arrive patient by patient; these waits keep the expensive cohort-wide steps (nnU-Net
+    training, the cohort refresh) from running once per patient.
+    """
+
+    training_debounce_s: float = Field(
+        default=300.0, description="segmentation_model trains once its set of reference masks has not "
+                                   "changed for this long and no radiology run is queued or running.")
+    cohort_quiet_s: float = Field(
+        default=120.0, description="The cohort assets refresh once no per-patient run has been queued, "
+                                   "running or finished for this long.")

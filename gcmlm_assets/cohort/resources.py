@@ -8,6 +8,7 @@ import dagster as dg
 from pydantic import Field
 
 from gcmlm_assets.cohort.modelling import ModelSettings
+from gcmlm_assets.profiles import PRODUCTION, Profile
 
 
 class RiskModelSettings(dg.ConfigurableResource):
@@ -35,5 +36,5 @@ class RiskModelSettings(dg.ConfigurableResource):
         return ModelSettings(**{name: getattr(self, name) for name in ModelSettings.__dataclass_fields__})
 
 
-def resources(env: str) -> dict[str, dg.ConfigurableResource]:
-    return {"risk_model": RiskModelSettings()}
+def resources(env: str, profile: Profile = PRODUCTION) -> dict[str, dg.ConfigurableResource]:
+    return {"risk_model": RiskModelSettings(**profile.resource_settings("risk_model"))}

@@ -6,6 +6,7 @@ import time
 import dagster as dg
 
 from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
 from gcmlm_assets.pathology import checks
 from gcmlm_assets.pathology.patch_coords import (
     LISTING,
@@ -44,6 +45,7 @@ SLIDE_VECTOR_FILE = "slide_vector.parquet"
 
 @dg.asset(
     group_name="pathology",
+    retry_policy=TRANSIENT_RETRY,
     partitions_def=patients_partitions,
     check_specs=checks.PATCH_COORDS_CHECK_SPECS,
     description="Tissue patch coordinates of every slide in <patient>/wsi/: one CLAM-layout HDF5 per "
@@ -93,7 +95,10 @@ def patch_coords(context: dg.AssetExecutionContext, storage: ArtifactStorage, la
     entries = listing["slides"]
     picture = (out_dir / PICTURE).read_bytes()
     version = output_version(listing)
-    yield dg.MaterializeResult(
+    results = [checks.slides_open_result(entries, []), checks.mpp_known_result(entries),
+               checks.tissue_found_result(entries),
+               checks.patch_count_result(entries, pathology.min_patches_per_slide, pathology.max_patches_per_slide)]
+    yield quarantine_on_blocking_failure(store, "patch_coords", patient_id, dg.MaterializeResult(
         metadata={
             "n_slides": len(entries),
             "n_patches": listing["n_patches"],
@@ -113,11 +118,8 @@ def patch_coords(context: dg.AssetExecutionContext, storage: ArtifactStorage, la
             "seconds": round(time.perf_counter() - started, 3),
         },
         data_version=dg.DataVersion(version),
-    )
-    yield checks.slides_open_result(entries, [])
-    yield checks.mpp_known_result(entries)
-    yield checks.tissue_found_result(entries)
-    yield checks.patch_count_result(entries, pathology.min_patches_per_slide, pathology.max_patches_per_slide)
+    ), checks.PATCH_COORDS_CHECK_SPECS, results)
+    yield from results
 
 
 def _slides_table(entries: list[dict], seconds: dict[str, float]) -> str:
@@ -135,6 +137,7 @@ def _slides_table(entries: list[dict], seconds: dict[str, float]) -> str:
 
 @dg.asset(
     group_name="pathology",
+    retry_policy=TRANSIENT_RETRY,
     partitions_def=patients_partitions,
     deps=[patch_coords],
     check_specs=checks.UNI_FEATURES_CHECK_SPECS,
@@ -178,7 +181,8 @@ def uni_features(context: dg.AssetExecutionContext, storage: ArtifactStorage, en
     })
     computed = [r for r in done.results if not r.reused]
     computed_patches = sum(r.n_patches for r in computed)
-    yield dg.MaterializeResult(
+    results = list(checks.uni_features_results(reports, identity))
+    yield quarantine_on_blocking_failure(store, checks.UNI_FEATURES, patient_id, dg.MaterializeResult(
         metadata={
             "encoder": model.name,
             "embedding_dim": model.embedding_dim,
@@ -203,8 +207,8 @@ def uni_features(context: dg.AssetExecutionContext, storage: ArtifactStorage, en
             "seconds": round(seconds, 3),
         },
         data_version=dg.DataVersion(sha256_text(*(f"{name}:{digest}" for name, digest in sorted(files.items())))),
-    )
-    yield from checks.uni_features_results(reports, identity)
+    ), checks.UNI_FEATURES_CHECK_SPECS, results)
+    yield from results
 
 
 class SlideVectorConfig(dg.Config):
@@ -213,6 +217,7 @@ class SlideVectorConfig(dg.Config):
 
 @dg.asset(
     group_name="pathology",
+    retry_policy=TRANSIENT_RETRY,
     partitions_def=patients_partitions,
     deps=[uni_features],
     check_specs=checks.SLIDE_VECTOR_CHECK_SPECS,
@@ -251,7 +256,8 @@ def slide_vector(context: dg.AssetExecutionContext, config: SlideVectorConfig, s
             "fingerprint": fingerprint, "files": {out_path.name: sha256_file(out_path)}, "summary": summary,
         })
     problems = validate_slide_vector(out_path, expected_dim=dim)
-    yield dg.MaterializeResult(
+    result = checks.slide_vector_result(problems, dim)
+    yield quarantine_on_blocking_failure(store, checks.SLIDE_VECTOR, patient_id, dg.MaterializeResult(
         metadata={
             "pooling": pooling.name,
             "n_patches": summary["n_patches"],
@@ -265,8 +271,8 @@ def slide_vector(context: dg.AssetExecutionContext, config: SlideVectorConfig, s
             "reused": bool(reused),
         },
         data_version=dg.DataVersion(sha256_file(out_path)),
-    )
-    yield checks.slide_vector_result(problems, dim)
+    ), checks.SLIDE_VECTOR_CHECK_SPECS, [result])
+    yield result
 
 
 ASSETS: list[dg.AssetsDefinition] = [patch_coords, uni_features, slide_vector]

@@ -8,6 +8,7 @@ import dagster as dg
 from pydantic import Field
 
 from gcmlm_assets.pathology.encoders import LoadedEncoder
+from gcmlm_assets.profiles import PRODUCTION, Profile
 from gcmlm_assets.pathology.slides import PLAUSIBLE_MPP
 from gcmlm_assets.pathology.tiling import ClamParams, TilingParams
 from gcmlm_assets.pathology.tissue import SegmentationParams
@@ -99,8 +100,9 @@ class PatchEncoder(dg.ConfigurableResource):
         return cached_encoder(self.name, self.checkpoint or None, self.device)
 
 
-def resources(env: str) -> dict[str, dg.ConfigurableResource]:
+def resources(env: str, profile: Profile = PRODUCTION) -> dict[str, dg.ConfigurableResource]:
     # A GPU pod reads with many workers and feeds larger batches (see the deployment notes).
-    encoder = (PatchEncoder(device="cuda", batch_size=256, num_workers=8) if env == "k8s"
-               else PatchEncoder(device="cpu"))
-    return {"pathology": TilingSettings(), "encoder": encoder}
+    encoder = {"device": "cuda", "batch_size": 256, "num_workers": 8} if env == "k8s" else {"device": "cpu"}
+    encoder.update(profile.resource_settings("encoder"))
+    return {"pathology": TilingSettings(**profile.resource_settings("pathology")),
+            "encoder": PatchEncoder(**encoder)}

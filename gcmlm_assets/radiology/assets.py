@@ -13,11 +13,12 @@ import dagster as dg
 import SimpleITK as sitk
 
 from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
 from gcmlm_assets.pictures import png_markdown, save_png
-from gcmlm_assets.radiology import checks, ct_io, features, masks
+from gcmlm_assets.radiology import checks, ct_io, features, masks, model_lifecycle
 from gcmlm_assets.radiology.resources import RadiomicsSettings
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
-from gcmlm_assets.storage import sha256_file, sha256_text
+from gcmlm_assets.storage import atomic_write_json, sha256_file, sha256_text
 
 # Bump when a change of code changes an asset's output bytes: stored outputs are then recomputed.
 CT_IMAGE_VERSION = "1"
@@ -53,6 +54,7 @@ def _combined_hash(hashes: dict[str, str]) -> str:
 
 @dg.asset(
     group_name="radiology",
+    retry_policy=TRANSIENT_RETRY,
     partitions_def=patients_partitions,
     check_specs=checks.CT_IMAGE_CHECK_SPECS,
     code_version=CT_IMAGE_VERSION,
@@ -93,7 +95,7 @@ def ct_image(context: dg.AssetExecutionContext, storage: ArtifactStorage,
     summary = ct_io.CTSummary.from_dict(manifest["summary"])
     context.log.info(f"{patient_id}: CT {'reused' if reused else 'written'} {ct_path} "
                      f"({summary.size}, {summary.spacing} mm)")
-    return dg.MaterializeResult(
+    return quarantine_on_blocking_failure(store, "ct_image", patient_id, dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(ct_path)),
             "picture_path": dg.MetadataValue.path(str(picture_path)),
@@ -119,7 +121,7 @@ def ct_image(context: dg.AssetExecutionContext, storage: ArtifactStorage,
         },
         data_version=dg.DataVersion(manifest["files"][CT_FILE]),
         check_results=checks.ct_image_check_results(ct_path),
-    )
+    ), checks.CT_IMAGE_CHECK_SPECS)
 
 
 # ---------------------------------------------------------------- ct_mask
@@ -129,19 +131,12 @@ def ct_image(context: dg.AssetExecutionContext, storage: ArtifactStorage,
 _SEGMENTERS: dict[tuple[str, int], object] = {}
 
 
-def _checkpoint_stamp(model_folder: Path) -> tuple[int, list[str]]:
-    checkpoints = sorted(model_folder.rglob("checkpoint*.pth"))
-    stats = [(str(p.relative_to(model_folder)), p.stat()) for p in checkpoints]
-    newest = max((st.st_mtime_ns for _, st in stats), default=0)
-    return newest, [f"{name}:{st.st_size}:{st.st_mtime_ns}" for name, st in stats]
-
-
 def cached_segmenter(model_folder: Path, device: str = "cpu"):
     """The GastricSegmenter for `model_folder`, loaded once per process and checkpoint."""
     from gcmlm_assets.radiology.nnunet import GastricSegmenter  # torch/nnU-Net only when predicting
 
     model_folder = Path(model_folder).resolve()
-    key = (str(model_folder), _checkpoint_stamp(model_folder)[0])
+    key = (str(model_folder), model_lifecycle.checkpoint_stamp(model_folder)[0])
     if key not in _SEGMENTERS:
         for stale in [k for k in _SEGMENTERS if k[0] == key[0]]:
             del _SEGMENTERS[stale]
@@ -149,19 +144,29 @@ def cached_segmenter(model_folder: Path, device: str = "cpu"):
     return _SEGMENTERS[key]
 
 
-@dg.asset(
-    group_name="radiology",
+@dg.multi_asset(
+    specs=[dg.AssetSpec(
+        "ct_mask",
+        group_name="radiology",
+        # The model is an input only of predicted masks; the edge shows it in the lineage and marks
+        # masks stale when the model changes (reference masks then re-materialize to the same bytes).
+        deps=[ct_image, dg.AssetKey("segmentation_model")],
+        code_version=CT_MASK_VERSION,
+        # Skipped, not failed, while a patient without a reference mask waits for a trained model;
+        # predicted_mask_sensor runs it again once one is installed.
+        skippable=True,
+        description="Binary gastric mask on exactly ct_image's grid: the reference mask from "
+                    "`<landing>/<patient>/ct_label/` when there is one, else predicted by the nnU-Net model "
+                    "(skipped while no model is installed).",
+    )],
     partitions_def=patients_partitions,
-    # The model is an input only of predicted masks; the edge shows it in the lineage and marks
-    # masks stale when the model changes (reference masks then re-materialize to the same bytes).
-    deps=[ct_image, dg.AssetKey("segmentation_model")],
     check_specs=checks.CT_MASK_CHECK_SPECS,
-    code_version=CT_MASK_VERSION,
+    # A single-asset multi_asset, subsettable only so that its check outputs may be skipped with it.
+    can_subset=True,
+    retry_policy=TRANSIENT_RETRY,
     required_resource_keys={"storage", "landing", "segmentation", "radiomics"},
-    description="Binary gastric mask on exactly ct_image's grid: the reference mask from "
-                "<landing>/<patient>/ct_label/ when there is one, else predicted by the nnU-Net model.",
 )
-def ct_mask(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+def ct_mask(context: dg.AssetExecutionContext):
     patient_id = context.partition_key
     storage: ArtifactStorage = context.resources.storage
     landing: LandingZone = context.resources.landing
@@ -182,12 +187,14 @@ def ct_mask(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     else:
         model_folder = segmentation.model_folder(store)
         if model_folder is None:
-            raise dg.Failure(
-                description=f"{label_dir}: no reference mask, and no trained segmentation model exists to "
-                            "predict one (materialize segmentation_model or point the segmentation resource "
-                            "at a trained nnU-Net folder)", allow_retries=False)
+            context.log.info(
+                f"{patient_id}: waiting for a segmentation model: {label_dir} has no reference mask and no "
+                "model is installed yet. segmentation_training_sensor trains one once enough patients have a "
+                "reference mask (or point the segmentation resource at a trained nnU-Net folder); "
+                "predicted_mask_sensor then runs this mask and its radiomics_row.")
+            return
         model_folder = Path(model_folder)
-        source_id = sha256_text(str(model_folder.resolve()), *_checkpoint_stamp(model_folder)[1])
+        source_id = model_lifecycle.model_identity(model_folder)
     mode = "reference" if reference is not None else "predicted"
     fingerprint = sha256_text("ct_mask", CT_MASK_VERSION, ct_sha, mode, source_id)
     out_dir = store.asset_dir("ct_mask", patient_id)
@@ -229,7 +236,8 @@ def ct_mask(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     if provenance.get("resampled_to_ct_grid"):
         context.log.warning(f"{patient_id}: reference mask {provenance.get('reference_file')} was on another grid "
                             "and was resampled onto the CT grid with nearest neighbour")
-    return dg.MaterializeResult(
+    yield quarantine_on_blocking_failure(store, "ct_mask", patient_id, dg.MaterializeResult(
+        asset_key="ct_mask",
         metadata={
             "path": dg.MetadataValue.path(str(mask_path)),
             "picture_path": dg.MetadataValue.path(str(picture_path)),
@@ -253,7 +261,7 @@ def ct_mask(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         data_version=dg.DataVersion(manifest["files"][MASK_FILE]),
         check_results=checks.ct_mask_check_results(mask_path, ct_path, radiomics.mask_volume_min_ml,
                                                    radiomics.mask_volume_max_ml),
-    )
+    ), checks.CT_MASK_CHECK_SPECS)
 
 
 # ---------------------------------------------------------------- radiomics_row
@@ -261,6 +269,7 @@ def ct_mask(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
 
 @dg.asset(
     group_name="radiology",
+    retry_policy=TRANSIENT_RETRY,
     partitions_def=patients_partitions,
     deps=[ct_image, ct_mask],
     check_specs=checks.RADIOMICS_ROW_CHECK_SPECS,
@@ -303,7 +312,7 @@ def radiomics_row(context: dg.AssetExecutionContext, storage: ArtifactStorage,
     table = features.read_row(row_path)
     took = "reused" if reused else f"{manifest['seconds']:.1f} s"
     context.log.info(f"{patient_id}: {manifest['features']} radiomics features ({took})")
-    return dg.MaterializeResult(
+    return quarantine_on_blocking_failure(store, "radiomics_row", patient_id, dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(row_path)),
             "sha256": manifest["files"][ROW_FILE],
@@ -321,7 +330,7 @@ def radiomics_row(context: dg.AssetExecutionContext, storage: ArtifactStorage,
         data_version=dg.DataVersion(manifest["files"][ROW_FILE]),
         check_results=checks.radiomics_row_check_results(table, patient_id,
                                                          features.expected_feature_names(params)),
-    )
+    ), checks.RADIOMICS_ROW_CHECK_SPECS)
 
 
 ASSETS: list[dg.AssetsDefinition] = [ct_image, ct_mask, radiomics_row]
@@ -381,6 +390,7 @@ def _configured_model_result(context: dg.AssetExecutionContext, folder: str) -> 
 
 @dg.asset(
     group_name="radiology",
+    retry_policy=TRANSIENT_RETRY,
     deps=[dg.AssetDep("ct_image", partition_mapping=dg.AllPartitionMapping())],
     code_version=SEGMENTATION_MODEL_VERSION,
     required_resource_keys={"storage", "landing", "segmentation"},
@@ -402,6 +412,9 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
     store = storage.store()
     models_root = store.asset_dir(MODELS_ASSET)
     candidates, skipped = _training_candidates(context, store, landing)
+    # What segmentation_training_sensor compares with the installed model (names, sizes, times).
+    reference_set = model_lifecycle.reference_set_fingerprint(model_lifecycle.reference_set(
+        landing.path(), {pid: ct_path for pid, ct_path, _ in candidates}))
     settings = segmentation.training_settings()
     inputs = {pid: {"ct_image": sha256_file(ct), "reference_mask": sha256_file(ref)} for pid, ct, ref in candidates}
     # Same inputs, settings, code and nnU-Net version: the installed model is reused, not retrained.
@@ -418,7 +431,13 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
         except nnunet.ModelFolderError as error:
             context.log.warning(f"stored model unusable, retraining: {error}")
             reused = False
+    if reused and pointer.get("reference_set") != reference_set:
+        # The same bytes under new names or times: keep the model, remember the set it now covers.
+        atomic_write_json(models_root / nnunet.CURRENT_POINTER, {**pointer, "reference_set": reference_set})
     if not reused:
+        refusal = segmentation.training_refusal()
+        if refusal:
+            raise dg.Failure(description=refusal, allow_retries=False)
         if len(candidates) < 2:
             raise dg.Failure(
                 description=f"segmentation_model needs at least 2 patients with a reference mask in "
@@ -466,7 +485,8 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
                 "nnunetv2_version": _nnunet_version(),
             }
             model = nnunet.install_trained_model(result.model_folder, models_root,
-                                                 {"fingerprint": fingerprint, "training": training})
+                                                 {"fingerprint": fingerprint, "training": training,
+                                                  "reference_set": reference_set})
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
         pointer = nnunet.read_current_model(models_root)

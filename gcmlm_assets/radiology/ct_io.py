@@ -172,6 +172,7 @@ def read_dicom_series(folder: Path) -> tuple[sitk.Image, CTSource]:
         raise CTInputError(f"{folder}: holds {len(series_ids)} DICOM series ({', '.join(series_ids)}); "
                            "expected exactly one")
     file_names = [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])]
+    _refuse_dicom_files_outside(folder, file_names)
     if len(file_names) < 2:
         raise CTInputError(f"{file_names[0] if file_names else folder}: DICOM series has a single slice; "
                            "a CT volume needs at least two")
@@ -183,6 +184,30 @@ def read_dicom_series(folder: Path) -> tuple[sitk.Image, CTSource]:
     except RuntimeError as error:
         raise CTInputError(f"{folder}: DICOM series cannot be read ({_first_line(error)})") from error
     return image, CTSource("dicom", tuple(sorted_files), folder, orientation_code(image))
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return True
+    with open(path, "rb") as fh:
+        return fh.read(132)[128:132] == b"DICM"
+
+
+def _refuse_dicom_files_outside(folder: Path, series_files: list[Path]) -> None:
+    """GDCM leaves a damaged slice (truncated, bad header) out of the series without a word, which
+    would then surface as a "missing slice": name that file and its problem instead."""
+    listed = {Path(f).resolve() for f in series_files}
+    for path in visible_files(folder):
+        if path.resolve() in listed or not _looks_like_dicom(path):
+            continue
+        size = path.stat().st_size
+        try:
+            _slice_header(path)
+        except CTInputError as error:
+            raise CTInputError(f"{path}: damaged or truncated DICOM file ({size:,} bytes) that the series "
+                               f"reader left out; re-export the series ({error})") from error
+        raise CTInputError(f"{path}: DICOM file ({size:,} bytes) left out of the series by the reader: "
+                           "damaged or truncated pixel data, or a slice of another series")
 
 
 def _slice_header(path: Path) -> dict[str, str]:

@@ -6,6 +6,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from gcmlm_assets.profiles import PRODUCTION, Profile
+
 
 class RadiomicsSettings(dg.ConfigurableResource):
     """How radiomics rows are extracted, and what gastric mask volume is plausible.
@@ -29,6 +31,12 @@ class RadiomicsSettings(dg.ConfigurableResource):
         from gcmlm_assets.radiology.features import load_params
 
         return load_params(self.params)
+
+
+# nnU-Net's default trainer: 1000 epochs of 250 iterations.
+NNUNET_DEFAULT_EPOCHS, NNUNET_DEFAULT_ITERATIONS = 1000, 250
+# Full-size plans on a CPU: beyond this many iterations a training does not finish within a day.
+CPU_FULL_PLANS_MAX_ITERATIONS = 1000
 
 
 class SegmentationModelResource(dg.ConfigurableResource):
@@ -64,6 +72,9 @@ class SegmentationModelResource(dg.ConfigurableResource):
     augmentation_workers: int | None = Field(
         default=None, description="nnU-Net data-augmentation processes (nnUNet_n_proc_DA); 0: in-process.")
     torch_threads: int | None = Field(default=None, description="Torch CPU threads while training; None: torch's.")
+    min_training_cases: int = Field(
+        default=5, description="segmentation_model trains by itself once this many patients have a reference "
+                               "mask and a materialized ct_image (and that set changed since the installed model).")
 
     @classmethod
     def cpu_demo(cls, **overrides) -> "SegmentationModelResource":
@@ -79,6 +90,29 @@ class SegmentationModelResource(dg.ConfigurableResource):
                         torch_threads=1)
         settings.update(overrides)
         return cls(**settings)
+
+    def training_refusal(self) -> str | None:
+        """Why training with these settings cannot finish on this machine, or None.
+
+        nnU-Net's full plans run about a minute per iteration on a CPU: its default 1000 x 250
+        iterations would take months, so such a training is refused before it starts.
+        """
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                return ("segmentation.device is 'cuda' but this machine has no usable CUDA GPU: run the step "
+                        "where a GPU is (GCMLM_ENV=k8s) or set segmentation.device='cpu' with tiny_plans")
+            return None
+        iterations = (self.epochs or NNUNET_DEFAULT_EPOCHS) * (self.iterations_per_epoch or NNUNET_DEFAULT_ITERATIONS)
+        if self.device == "cpu" and not self.tiny_plans and iterations > CPU_FULL_PLANS_MAX_ITERATIONS:
+            return (f"nnU-Net training with full-size plans for {iterations} iterations on device 'cpu' would take "
+                    f"days (segmentation.tiny_plans=false, epochs={self.epochs or NNUNET_DEFAULT_EPOCHS}, "
+                    f"iterations_per_epoch={self.iterations_per_epoch or NNUNET_DEFAULT_ITERATIONS}); refused. "
+                    "Set segmentation.device='cuda' on a GPU machine, point segmentation.trained_model_folder "
+                    "(GCMLM_NNUNET_MODEL_FOLDER) at a trained nnU-Net model, or use GCMLM_PROFILE=demo "
+                    "(segmentation.tiny_plans=true, a few epochs) for a small CPU model")
+        return None
 
     def training_settings(self):
         from gcmlm_assets.radiology.nnunet import TinyPlans, TrainingSettings
@@ -114,11 +148,13 @@ class SegmentationModelResource(dg.ConfigurableResource):
             raise ModelFolderError(f"{models_root / CURRENT_POINTER} points at an unusable model: {error}") from error
 
 
-def resources(env: str) -> dict[str, dg.ConfigurableResource]:
+def resources(env: str, profile: Profile = PRODUCTION) -> dict[str, dg.ConfigurableResource]:
+    # A GPU in Kubernetes; a trained folder can be given with GCMLM_NNUNET_MODEL_FOLDER. The profile's
+    # settings come last (the demo profile trains a tiny CPU model whatever the environment).
+    segmentation = {"device": "cuda" if env == "k8s" else "cpu",
+                    "trained_model_folder": os.environ.get("GCMLM_NNUNET_MODEL_FOLDER") or None,
+                    **profile.resource_settings("segmentation")}
     return {
-        "radiomics": RadiomicsSettings(),
-        # A GPU in Kubernetes; locally a trained folder can be given with GCMLM_NNUNET_MODEL_FOLDER.
-        "segmentation": SegmentationModelResource(
-            device="cuda" if env == "k8s" else "cpu",
-            trained_model_folder=os.environ.get("GCMLM_NNUNET_MODEL_FOLDER") or None),
+        "radiomics": RadiomicsSettings(**profile.resource_settings("radiomics")),
+        "segmentation": SegmentationModelResource(**segmentation),
     }

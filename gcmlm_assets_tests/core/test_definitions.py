@@ -18,6 +18,8 @@ EXPECTED_GROUPS = {
     "cohort": {"clinical_table", "fused_table", "risk_model", "risk_scores"},
 }
 PER_PATIENT = {"ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_features", "slide_vector"}
+AUTOMATION_SENSORS = ("landing_sensor", "segmentation_training_sensor", "predicted_mask_sensor",
+                      "cohort_refresh_sensor")
 
 
 def asset_groups(defs: dg.Definitions) -> dict[str, set[str]]:
@@ -37,9 +39,11 @@ def test_definitions_load(env: str):
     for name in PER_PATIENT:
         partitions = graph.get(dg.AssetKey(name)).partitions_def
         assert isinstance(partitions, dg.DynamicPartitionsDefinition) and partitions.name == "patients"
-    assert defs.get_sensor_def("landing_sensor") is not None
+    for name in AUTOMATION_SENSORS:
+        sensor = defs.get_sensor_def(name)
+        assert sensor.default_status == dg.DefaultSensorStatus.RUNNING, name
     executor = defs.resolve_job_def("__ASSET_JOB").executor_def
-    assert executor.name == ("k8s" if env == "k8s" else "multiprocess")
+    assert executor.name == ("k8s" if env == "k8s" else "in_process")
 
 
 def test_unknown_environment_is_refused(monkeypatch):
@@ -59,3 +63,29 @@ def test_dagster_cli_validates(env: str, tmp_path: Path):
         env={**os.environ, "GCMLM_ENV": env, "DAGSTER_HOME": str(tmp_path)},
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_profiles_build_the_resources_the_daemon_uses(monkeypatch):
+    production = build_definitions("local", "production").resources
+    assert production["encoder"].name == "uni"
+    assert production["segmentation"].tiny_plans is False and production["segmentation"].epochs is None
+    assert production["segmentation"].min_training_cases == 5
+    demo = build_definitions("local", "demo").resources
+    assert demo["encoder"].name == "vit-tiny-random"
+    assert demo["segmentation"].tiny_plans is True and demo["segmentation"].trainer == "nnUNetTrainerAdam"
+    assert demo["risk_model"].min_labelled_per_class == 3
+    assert demo["automation"].training_debounce_s < production["automation"].training_debounce_s
+    # The environment variable selects the profile; an unknown one is refused, naming the variable.
+    monkeypatch.setenv("GCMLM_PROFILE", "demo")
+    assert build_definitions("local").resources["encoder"].name == "vit-tiny-random"
+    monkeypatch.setenv("GCMLM_PROFILE", "laptop")
+    with pytest.raises(ValueError, match="GCMLM_PROFILE"):
+        build_definitions("local")
+
+
+def test_full_nnunet_training_on_a_cpu_is_refused_naming_the_settings():
+    production = build_definitions("local", "production").resources["segmentation"]
+    refusal = production.training_refusal()
+    assert refusal and "segmentation.tiny_plans" in refusal and "GCMLM_PROFILE=demo" in refusal
+    assert "trained_model_folder" in refusal and "device='cuda'" in refusal
+    assert build_definitions("local", "demo").resources["segmentation"].training_refusal() is None

@@ -121,3 +121,12 @@ def test_written_ct_is_atomic_and_byte_identical_on_rewrite(real_ct: Path, tmp_p
 def test_thumbnail_is_a_png(real_ct: Path):
     png = ct_io.ct_thumbnail_png(ct_io.canonicalise(sitk.ReadImage(str(real_ct))))
     assert png.startswith(b"\x89PNG") and len(png) > 2000
+
+
+def test_a_truncated_dicom_slice_is_named(real_ct, tmp_path):
+    """GDCM drops a damaged slice from the series silently; the error names that file, not a gap."""
+    slices = write_dicom_series(ct_crop(real_ct), tmp_path / "ct")
+    data = slices[5].read_bytes()
+    slices[5].write_bytes(data[: len(data) // 3])
+    with pytest.raises(ct_io.CTInputError, match=r"slice005\.dcm: damaged or truncated DICOM file"):
+        ct_io.load_ct(tmp_path / "ct")

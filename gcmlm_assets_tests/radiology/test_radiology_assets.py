@@ -7,6 +7,7 @@ with a message naming the file, and leave no output behind.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -124,6 +125,16 @@ def test_failing_blocking_check_fails_the_step_and_stops_downstream(instance, da
     assert result.get_failed_step_keys() == {"ct_mask"}
     assert not result.asset_materializations_for_node("radiomics_row")
     assert not (data_root / "artifacts" / "radiomics_row" / "TS002").exists()
+    # The failed mask is not left where radiomics_row (or a later run) would read it: its folder
+    # went to quarantine, with the reason, and the materialization says where.
+    assert not (data_root / "artifacts" / "ct_mask" / "TS002").exists()
+    [moved] = (data_root / "artifacts" / "_quarantine" / "ct_mask" / "TS002").iterdir()
+    assert (moved / "mask.nii.gz").is_file()
+    assert json.loads((moved / "quarantine.json").read_text())["failed_checks"] == ["mask_volume_plausible"]
+    assert metadata_of(result, "ct_mask")["quarantined_to"] == str(moved)
+    # A later run with a plausible range computes the mask afresh and downstream runs.
+    again = materialize(instance, radiology_resources, "TS002")
+    assert again.success and metadata_of(again, "ct_mask")["reused"] is False
 
 
 def test_bad_drops_fail_their_own_patient_only(instance, data_root, radiology_resources, real_ct, real_stomach,
@@ -198,3 +209,19 @@ def test_assets_list_and_groups():
         assert asset.group_names_by_key[asset.key] == "radiology"
         assert asset.partitions_def.name == "patients"
         assert all(spec.blocking for spec in asset.check_specs)
+
+
+def test_predicted_mask_waits_for_a_model_skipped_not_failed(instance, data_root, radiology_resources, real_ct):
+    """Without a reference mask and without an installed model, ct_mask is skipped (and with it
+    radiomics_row): the run succeeds, nothing is written, and the log says what it waits for."""
+    make_drop(data_root / "landing", "TS009", [real_ct])
+    result = materialize(instance, radiology_resources, "TS009")
+    assert result.success
+    assert result.asset_materializations_for_node("ct_image")
+    assert not result.asset_materializations_for_node("ct_mask")
+    assert not result.asset_materializations_for_node("radiomics_row")
+    assert result.is_node_skipped("radiomics_row")
+    assert check_results(result) == {"ct_geometry_plausible": True, "ct_hu_range_plausible": True}
+    assert not (data_root / "artifacts" / "ct_mask" / "TS009").exists()
+    logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
+    assert any("TS009: waiting for a segmentation model" in message for message in logs)

@@ -1,0 +1,32 @@
+"""How every asset's step reacts to failure: one policy for the whole platform.
+
+A transient failure (an I/O error, a step process killed for memory) is retried twice, 10 s
+then 20 s later. Input errors raise `dagster.Failure(allow_retries=False)` and so fail once, with
+their reason. A run whose own process dies is re-executed by the instance's run retries (see
+`deploy/*/dagster.yaml`), which leave step failures to this policy.
+"""
+
+import dagster as dg
+
+TRANSIENT_RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
+
+
+def quarantine_on_blocking_failure(store, asset: str, patient_id: str, result: dg.MaterializeResult,
+                                   specs: list[dg.AssetCheckSpec],
+                                   separate_results: list[dg.AssetCheckResult] = ()) -> dg.MaterializeResult:
+    """The materialization, its output moved into quarantine when a blocking check failed.
+
+    `separate_results` are check results yielded beside the materialization rather than inside it.
+    The metadata then says where the output went (`quarantined_to`) and which checks failed.
+    """
+    from gcmlm_assets.quarantine import blocking_failures, quarantine_output
+
+    results = [*(result.check_results or []), *separate_results]
+    failed = blocking_failures(results, [spec.name for spec in specs if spec.blocking])
+    if not failed:
+        return result
+    moved = quarantine_output(store, asset, patient_id, failed)
+    metadata = {**(result.metadata or {}), "quarantined_to": dg.MetadataValue.path(str(moved)),
+                "failed_blocking_checks": ", ".join(failed)}
+    return dg.MaterializeResult(asset_key=result.asset_key, metadata=metadata, check_results=result.check_results,
+                                data_version=result.data_version, tags=result.tags)

@@ -1,0 +1,142 @@
+"""The radiology group's automation: the segmentation model trains itself, and masks follow it.
+
+- `segmentation_training_sensor` requests `segmentation_model` when enough patients have a
+  reference mask, that set differs from the installed model's, and it has settled.
+- `predicted_mask_sensor` requests `ct_mask` + `radiomics_row` for patients without a reference
+  mask once a model is installed (they waited, skipped), and again for all of them when a new model
+  is installed. Patients with a reference mask are left alone.
+
+The rules live in `model_lifecycle.py`; here is only what the instance and the disk say.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import dagster as dg
+
+from gcmlm_assets import runs
+from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.radiology import model_lifecycle
+from gcmlm_assets.radiology.assets import CT_FILE, MODELS_ASSET
+from gcmlm_assets.radiology.resources import SegmentationModelResource
+from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZone
+
+SEGMENTATION_MODEL = dg.AssetKey(MODELS_ASSET)
+PREDICTED_MASK_ASSETS = [dg.AssetKey("ct_mask"), dg.AssetKey("radiomics_row")]
+# Runs that can change the training set or the model: while one is queued or running, wait.
+TRAINING_INPUT_ASSETS = ("ct_image", MODELS_ASSET)
+MAX_MASK_RUNS_PER_TICK = 200
+
+
+@dataclass(frozen=True)
+class TrainingStatus:
+    decision: model_lifecycle.TrainingDecision
+    pending: bool  # a training is due or running: cohort-wide results should wait for it
+
+
+def training_status(instance: dg.DagsterInstance, landing: LandingZone, storage: ArtifactStorage,
+                    segmentation: SegmentationModelResource, automation_settings: AutomationSettings, cursor: dict,
+                    now: float | None = None) -> TrainingStatus:
+    """Whether segmentation_model should train now, and whether a training is pending at all."""
+    if segmentation.trained_model_folder:
+        decision = model_lifecycle.TrainingDecision(False, "the segmentation resource points at a trained model "
+                                                      f"({segmentation.trained_model_folder}): nothing to train", {})
+        return TrainingStatus(decision, False)
+    from gcmlm_assets.radiology.nnunet import read_current_model
+
+    store = storage.store()
+    patients = instance.get_dynamic_partitions(patients_partitions.name)
+    cases = model_lifecycle.reference_set(landing.path(), {pid: store.path("ct_image", pid, CT_FILE) for pid in patients})
+    pointer = read_current_model(store.asset_dir(MODELS_ASSET, create=False)) or {}
+    busy = runs.touching(runs.in_flight_runs(instance), TRAINING_INPUT_ASSETS)
+    fingerprint = model_lifecycle.reference_set_fingerprint(cases) if cases else ""
+    requested = bool(fingerprint) and runs.run_key_exists(instance, model_lifecycle.training_run_key(fingerprint))
+    decision = model_lifecycle.decide_training(
+        cases=cases, installed_fingerprint=pointer.get("reference_set"),
+        min_cases=segmentation.min_training_cases, busy_runs=len(busy), cursor=cursor,
+        now=time.time() if now is None else now, debounce_s=automation_settings.training_debounce_s,
+        requested_before=requested)
+    training_running = bool(runs.touching(busy, [MODELS_ASSET]))
+    # Due (or settling) but not yet requested, or requested and still running.
+    pending = training_running or (bool(decision.fingerprint) and not requested
+                                   and decision.fingerprint != pointer.get("reference_set"))
+    return TrainingStatus(decision, pending)
+
+
+def build_segmentation_training_sensor(interval_s: int) -> dg.SensorDefinition:
+    @dg.sensor(
+        name="segmentation_training_sensor",
+        minimum_interval_seconds=interval_s,
+        asset_selection=[SEGMENTATION_MODEL],
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Trains segmentation_model when at least `segmentation.min_training_cases` patients have "
+                    "a reference mask and a materialized ct_image, that set changed since the installed model, "
+                    "stayed unchanged for `automation.training_debounce_s`, and no radiology run or training "
+                    "is queued or running.",
+    )
+    def segmentation_training_sensor(context: dg.SensorEvaluationContext, landing: LandingZone,
+                                     storage: ArtifactStorage, segmentation: SegmentationModelResource,
+                                     automation: AutomationSettings):
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        status = training_status(context.instance, landing, storage, segmentation, automation, cursor)
+        decision = status.decision
+        new_cursor = json.dumps(decision.cursor, sort_keys=True)
+        if not decision.request:
+            context.update_cursor(new_cursor)
+            return dg.SkipReason(decision.reason)
+        context.log.info(decision.reason)
+        return dg.SensorResult(
+            run_requests=[dg.RunRequest(run_key=model_lifecycle.training_run_key(decision.fingerprint),
+                                        asset_selection=[SEGMENTATION_MODEL],
+                                        # one training at a time: the instance's tag concurrency limit
+                                        tags={"gcmlm/reason": decision.reason, "gcmlm/training": "nnunet"})],
+            cursor=new_cursor)
+
+    return segmentation_training_sensor
+
+
+def installed_model_key(segmentation: SegmentationModelResource, storage: ArtifactStorage) -> str | None:
+    """The installed model's identity (what predicted masks record), or None when there is none."""
+    folder = segmentation.model_folder(storage.store())
+    return model_lifecycle.model_identity(folder)[:16] if folder is not None else None
+
+
+def build_predicted_mask_sensor(interval_s: int) -> dg.SensorDefinition:
+    @dg.sensor(
+        name="predicted_mask_sensor",
+        minimum_interval_seconds=interval_s,
+        asset_selection=PREDICTED_MASK_ASSETS,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Once a segmentation model is installed, predicts the masks (ct_mask + radiomics_row) of "
+                    "patients without a reference mask that waited for it; after a new model, re-predicts all "
+                    "of them. Patients with a reference mask are left alone.",
+    )
+    def predicted_mask_sensor(context: dg.SensorEvaluationContext, landing: LandingZone,
+                              storage: ArtifactStorage, segmentation: SegmentationModelResource):
+        model_key = installed_model_key(segmentation, storage)
+        if model_key is None:
+            return dg.SkipReason("no segmentation model installed yet: masks without a reference wait for it")
+        instance = context.instance
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        in_flight = runs.partitions_of(runs.touching(runs.in_flight_runs(instance), ["ct_mask"]))
+        chosen, new_cursor = model_lifecycle.masks_to_predict(
+            model_key=model_key, cursor=cursor,
+            ct_done=instance.get_materialized_partitions(dg.AssetKey("ct_image")),
+            mask_done=instance.get_materialized_partitions(dg.AssetKey("ct_mask")),
+            in_flight=in_flight,
+            has_reference=lambda pid: model_lifecycle.has_reference_mask(landing.path(), pid),
+            limit=MAX_MASK_RUNS_PER_TICK)
+        context.update_cursor(json.dumps(new_cursor, sort_keys=True))
+        if not chosen:
+            return dg.SkipReason(f"every mask without a reference is predicted by model {model_key}")
+        context.log.info(f"model {model_key}: predicting the masks of {len(chosen)} patient(s): "
+                         + ", ".join(chosen[:20]) + (" ..." if len(chosen) > 20 else ""))
+        return [dg.RunRequest(run_key=model_lifecycle.mask_run_key(pid, model_key), partition_key=pid,
+                              asset_selection=PREDICTED_MASK_ASSETS,
+                              tags={"gcmlm/modality": "radiology", "gcmlm/reason": f"predicted mask, model {model_key}"})
+                for pid in chosen]
+
+    return predicted_mask_sensor
