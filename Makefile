@@ -32,13 +32,14 @@ validate: $(STAMP)
 	mkdir -p $(DAGSTER_HOME)
 	$(VENV)/bin/dagster definitions validate -m gcmlm_assets.definitions
 
+# make demo and make ui use the demo settings profile unless GCMLM_PROFILE says otherwise.
 demo: $(STAMP)
-	$(PY) -m gcmlm_assets.demo
+	GCMLM_PROFILE=$${GCMLM_PROFILE:-demo} $(PY) -m gcmlm_assets.demo
 
 ui: $(STAMP)
 	mkdir -p $(DAGSTER_HOME)
 	test -f $(DAGSTER_HOME)/dagster.yaml || cp deploy/local/dagster.yaml $(DAGSTER_HOME)/dagster.yaml
-	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+	GCMLM_PROFILE=$${GCMLM_PROFILE:-demo} $(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

@@ -1,0 +1,189 @@
+"""What `make demo` reads back from the Dagster instance when the daemon is done: partitions,
+materialization status per asset, the latest check result per check and partition, the risk
+model's ablation table, the predicted masks' Dice, and where everything lives."""
+
+from __future__ import annotations
+
+import json
+import resource
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from gcmlm_assets.demo import synthetic
+
+PARTITION_TAG = "dagster/partition"
+# Model names of risk_model's metrics, as its ablation table labels them.
+MODEL_LABELS = {"radiology": "radiology only", "pathology": "pathology only", "clinical": "clinical only",
+                "fused": "fused (all patients)", "fused_all_modalities": "fused (patients with both modalities)"}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (user + system)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def latest_check_results(instance: dg.DagsterInstance, run_ids: Iterable[str]) -> dict[tuple[str, str, str], Any]:
+    """(asset, check, partition) -> the newest evaluation, over the given runs (oldest first)."""
+    latest: dict[tuple[str, str, str], Any] = {}
+    for run_id in run_ids:
+        run = instance.get_run_by_id(run_id)
+        # Checks yielded by a partitioned asset carry no partition of their own; every per-patient
+        # run is for one partition, so the run's partition is theirs.
+        run_partition = (run.tags.get(PARTITION_TAG, "") if run else "")
+        for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+            evaluation = entry.dagster_event.event_specific_data
+            partition = evaluation.partition or run_partition
+            key = (evaluation.asset_key.to_user_string(), evaluation.check_name, partition)
+            latest[key] = evaluation
+    return latest
+
+
+def predicted_mask_dice(spec: synthetic.CohortSpec, artifacts: Path) -> dict[str, float]:
+    """Dice of each nnU-Net-predicted ct_mask against the generator's true stomach (synthetic
+    patients without a reference mask; the generator knows what the network had to find)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    scores = {}
+    for plan in synthetic.plan_cohort(spec):
+        path = artifacts / "ct_mask" / plan.patient_id / "mask.nii.gz"
+        if plan.has_reference_mask or not path.is_file():
+            continue
+        predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(bool)
+        truth = sitk.GetArrayFromImage(synthetic.true_stomach_lps(plan, spec)).astype(bool)
+        if predicted.shape != truth.shape:
+            continue
+        total = int(predicted.sum() + truth.sum())
+        scores[plan.patient_id] = float(2 * np.logical_and(predicted, truth).sum() / total) if total else 1.0
+    return scores
+
+
+def materialization_metadata(instance: dg.DagsterInstance, asset: str) -> dict[str, Any]:
+    event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+    if event is None or event.asset_materialization is None:
+        return {}
+    return {k: getattr(v, "value", v) for k, v in event.asset_materialization.metadata.items()}
+
+
+def summarise(instance: dg.DagsterInstance, defs: dg.Definitions, landing: Path, artifacts: Path,
+              home: Path, spec: synthetic.CohortSpec | None = None) -> dict[str, Any]:
+    graph = defs.resolve_asset_graph()
+    patients = sorted(instance.get_dynamic_partitions("patients"))
+    assets: dict[str, dict[str, int]] = {}
+    for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
+        name = key.to_user_string()
+        node = graph.get(key)
+        if node.partitions_def is not None:
+            statuses = instance.get_status_by_partition(key, patients, node.partitions_def) or {}
+            counts = {"materialized": 0, "failed": 0, "missing": 0}
+            for pid in patients:
+                status = statuses.get(pid)
+                value = getattr(status, "value", str(status)) if status is not None else "missing"
+                bucket = {"MATERIALIZED": "materialized", "FAILED": "failed"}.get(str(value).upper(), "missing")
+                counts[bucket] += 1
+            assets[name] = counts
+        else:
+            event = instance.get_latest_materialization_event(key)
+            assets[name] = {"materialized": int(event is not None), "failed": 0, "missing": int(event is None)}
+    records = sorted(instance.get_run_records(), key=lambda record: record.create_timestamp)
+    checks = latest_check_results(instance, [record.dagster_run.run_id for record in records])
+    check_counts: dict[str, dict[str, int]] = {}
+    failures: list[str] = []
+    for (asset, check, partition), evaluation in sorted(checks.items()):
+        counts = check_counts.setdefault(f"{asset}:{check}", {"passed": 0, "warn": 0, "error": 0})
+        if evaluation.passed:
+            counts["passed"] += 1
+        else:
+            severity = evaluation.severity.value.lower()
+            counts["warn" if severity == "warn" else "error"] += 1
+            failures.append(f"{asset}{'[' + partition + ']' if partition else ''}:{check} ({severity})")
+    return {
+        "patients": patients,
+        "assets": assets,
+        "checks": check_counts,
+        "check_failures": failures,
+        "risk_model": materialization_metadata(instance, "risk_model"),
+        "segmentation_dice": predicted_mask_dice(spec, artifacts) if spec else {},
+        "risk_scores": materialization_metadata(instance, "risk_scores"),
+        "landing": str(landing),
+        "artifacts": str(artifacts),
+        "dagster_home": str(home),
+        "runs": len(records),
+    }
+
+
+def risk_model_metrics(risk_model_metadata: dict[str, Any]) -> dict[str, dict]:
+    """The cross-validation metrics per model that risk_model wrote beside its model file."""
+    path = risk_model_metadata.get("path")
+    if not path:
+        return {}
+    metrics_file = Path(str(path)).parent / "metrics.json"
+    try:
+        return json.loads(metrics_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def ablation_rows(risk_model_metadata: dict[str, Any]) -> list[tuple[str, float | None, float | None, float | None, int | None]]:
+    """(model, AUC, CI low, CI high, patients) per model of the ablation."""
+    rows = []
+    for model, values in risk_model_metrics(risk_model_metadata).items():
+        if isinstance(values, dict):
+            rows.append((model, values.get("auc"), values.get("auc_ci_low"), values.get("auc_ci_high"),
+                         values.get("patients")))
+    return rows
+
+
+def fused_auc(risk_model_metadata: dict[str, Any]) -> tuple[float | None, list | None]:
+    return risk_model_metadata.get("fused_auc"), risk_model_metadata.get("fused_auc_ci")
+
+
+def format_summary(summary: dict[str, Any], wall_seconds: float) -> str:
+    lines = ["", "=" * 78, "Summary (read back from the Dagster instance)", "=" * 78]
+    lines.append(f"patients (partitions of 'patients'): {len(summary['patients'])}")
+    lines.append("")
+    lines.append(f"{'asset':<20} {'materialized':>12} {'failed':>7} {'missing':>8}")
+    for name, counts in summary["assets"].items():
+        lines.append(f"{name:<20} {counts['materialized']:>12} {counts['failed']:>7} {counts['missing']:>8}")
+    lines.append("")
+    lines.append(f"{'check (latest result per partition)':<50} {'passed':>6} {'warn':>5} {'error':>5}")
+    for name, counts in summary["checks"].items():
+        lines.append(f"{name:<50} {counts['passed']:>6} {counts['warn']:>5} {counts['error']:>5}")
+    for failure in summary["check_failures"][:20]:
+        lines.append(f"  not passed: {failure}")
+    dice = summary.get("segmentation_dice") or {}
+    if dice:
+        values = sorted(dice.values())
+        lines.append("")
+        lines.append(f"nnU-Net masks vs the generator's truth ({len(values)} predicted patients): Dice mean "
+                     f"{sum(values) / len(values):.2f}, min {values[0]:.2f}, max {values[-1]:.2f}")
+    rows = ablation_rows(summary["risk_model"])
+    lines.append("")
+    auc, ci = fused_auc(summary["risk_model"])
+    if isinstance(auc, (int, float)):
+        ci_text = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if isinstance(ci, list) and None not in ci else ""
+        lines.append(f"fused CV AUC: {auc:.3f}{ci_text}")
+    if rows:
+        lines.append("risk_model cross-validated AUC (same folds for every model)")
+        lines.append(f"{'model':<40} {'AUC':>6} {'95% CI':>16} {'n':>4}")
+        for model, model_auc, low, high, n in rows:
+            ci = f"[{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+            auc_text = f"{model_auc:.3f}" if isinstance(model_auc, (int, float)) else "n/a"
+            label = MODEL_LABELS.get(model, model)
+            lines.append(f"{label:<40} {auc_text:>6} {ci:>16} {n if n is not None else '':>4}")
+    else:
+        lines.append("risk_model: not materialized")
+    lines.append("")
+    scores = summary["risk_scores"]
+    lines.append(f"landing zone:   {summary['landing']}")
+    lines.append(f"artifacts:      {summary['artifacts']}")
+    if scores.get("path"):
+        lines.append(f"risk scores:    {scores['path']}")
+    lines.append(f"Dagster home:   {summary['dagster_home']}  (browse it: make ui -> http://127.0.0.1:3000)")
+    lines.append(f"wall time:      {wall_seconds / 60:.1f} min, CPU {cpu_seconds() / 60:.1f} min "
+                 f"({summary['runs']} runs in the instance)")
+    return "\n".join(lines)

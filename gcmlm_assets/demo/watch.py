@@ -1,0 +1,121 @@
+"""Watching the daemon work: per-asset progress, run failures with their reasons, and when the
+cohort has settled (read from the instance only; nothing here launches a run)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import dagster as dg
+
+from gcmlm_assets import runs
+
+PER_PATIENT_ASSETS = ("ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_features", "slide_vector")
+COHORT_ASSETS = ("clinical_table", "fused_table", "risk_model", "risk_scores")
+COHORT_SENSOR = "cohort_refresh_sensor"
+SENSOR_NAME_TAG = "dagster/sensor_name"
+
+
+@dataclass(frozen=True)
+class Progress:
+    patients: int
+    per_asset: dict[str, dict[str, int]]  # asset -> done / failed / in progress (queued or running) / waiting
+    runs_queued: int
+    runs_running: int
+    cohort: dict[str, bool]  # cohort asset -> materialized at least once
+    training: bool  # a segmentation_model run is queued or running
+
+    def line(self) -> str:
+        parts = []
+        for name, counts in self.per_asset.items():
+            text = f"{name} {counts['done']}/{self.patients}"
+            extra = [f"{counts[k]} {k}" for k in ("failed", "in progress") if counts[k]]
+            parts.append(text + (f" ({', '.join(extra)})" if extra else ""))
+        cohort = " ".join(name for name, done in self.cohort.items() if done) or "none yet"
+        training = " | training segmentation_model" if self.training else ""
+        return (f"runs {self.runs_running} running, {self.runs_queued} queued{training} | " + " | ".join(parts)
+                + f" | cohort: {cohort}")
+
+
+def progress(instance: dg.DagsterInstance) -> Progress:
+    from dagster._core.storage.partition_status_cache import AssetPartitionStatus
+
+    from gcmlm_assets.partitions import patients_partitions
+
+    patients = list(instance.get_dynamic_partitions(patients_partitions.name))
+    per_asset: dict[str, dict[str, int]] = {}
+    for name in PER_PATIENT_ASSETS:
+        statuses = instance.get_status_by_partition(dg.AssetKey(name), patients, patients_partitions) or {}
+        values = list(statuses.values())
+        done = values.count(AssetPartitionStatus.MATERIALIZED)
+        failed = values.count(AssetPartitionStatus.FAILED)
+        in_progress = values.count(AssetPartitionStatus.IN_PROGRESS)
+        per_asset[name] = {"done": done, "failed": failed, "in progress": in_progress,
+                           "waiting": len(patients) - done - failed - in_progress}
+    in_flight = runs.in_flight_runs(instance)
+    queued = sum(run.status == dg.DagsterRunStatus.QUEUED for run in in_flight)
+    cohort = {name: instance.get_latest_materialization_event(dg.AssetKey(name)) is not None
+              for name in COHORT_ASSETS}
+    training = bool(runs.touching(in_flight, ["segmentation_model"]))
+    return Progress(len(patients), per_asset, queued, len(in_flight) - queued, cohort, training)
+
+
+def settled(instance: dg.DagsterInstance, since: float) -> bool:
+    """Nothing is queued or running, and a cohort refresh ran after every other run that ended
+    (and after `since`): the daemon has nothing left to do until new data arrive."""
+    if runs.in_flight_runs(instance):
+        return False
+    refreshes = instance.get_run_records(
+        filters=dg.RunsFilter(tags={SENSOR_NAME_TAG: COHORT_SENSOR}, statuses=runs.FINISHED_STATUSES), limit=1)
+    if not refreshes or refreshes[0].create_timestamp.timestamp() < since:
+        return False
+    latest = runs.latest_finished(instance, excluding=COHORT_ASSETS)
+    return latest is None or refreshes[0].create_timestamp.timestamp() >= latest[1]
+
+
+def failure_reasons(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    """'step: message' for each failed step of a run (what the UI shows as the failure)."""
+    reasons = []
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
+        data = entry.dagster_event.event_specific_data
+        user = getattr(data, "user_failure_data", None)
+        error = getattr(data, "error", None)
+        if user is not None and user.description:
+            message = user.description
+        elif error is not None and error.message:
+            message = error.message.strip().splitlines()[0]
+        else:
+            message = "failed (see the run's logs)"
+        reasons.append(f"{entry.step_key}: {message}")
+    return reasons
+
+
+def failed_runs(instance: dg.DagsterInstance, since: float = 0.0) -> list[tuple[str, str, list[str]]]:
+    """(partition or '-', run id, failure reasons) of every failed run created after `since`."""
+    records = instance.get_run_records(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]))
+    return [(record.dagster_run.tags.get(runs.PARTITION_TAG, "-"), record.dagster_run.run_id,
+             failure_reasons(instance, record.dagster_run.run_id))
+            for record in records if record.create_timestamp.timestamp() >= since]
+
+
+def wait_until_settled(instance: dg.DagsterInstance, *, since: float, timeout_s: float, say=print,
+                       poll_s: float = 3.0, alive=lambda: True, min_wait_s: float = 0.0) -> bool:
+    """Print a progress line whenever it changes until the cohort settles; False on time-out.
+
+    `min_wait_s` gives the sensors time for their first ticks: without it, an instance that settled
+    before (a second demo) would count as settled before the landing sensor looked at the drops.
+    """
+    started = time.monotonic()
+    last_line = ""
+    while time.monotonic() - started < timeout_s:
+        if not alive():
+            raise RuntimeError("the Dagster daemon stopped while the demo was waiting for it")
+        line = progress(instance).line()
+        if line != last_line:
+            elapsed = time.monotonic() - started
+            say(f"  {int(elapsed // 60):02d}:{int(elapsed % 60):02d}  {line}")
+            last_line = line
+        if time.monotonic() - started >= min_wait_s and settled(instance, since):
+            return True
+        time.sleep(poll_s)
+    return False

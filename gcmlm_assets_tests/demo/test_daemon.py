@@ -1,0 +1,178 @@
+"""The platform runs itself: the real `dagster-daemon` over the real definitions (demo profile) takes
+a landing zone of 8 patients to risk scores with no run launched by the test.
+
+Four patients have no reference mask: their ct_mask waits (skipped, not failed) until
+segmentation_training_sensor has trained the tiny nnU-Net on the other four, then
+predicted_mask_sensor predicts them. Two drops are broken on purpose: GC0004's CT is a DICOM
+series with a truncated slice, GC0003's slide has zero bytes. Those two fail with their reasons,
+the others complete, and the cohort refresh scores everyone that has features. Once the test
+fixes the two drops (files replaced, READY touched), only those two patients run again.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+import SimpleITK as sitk
+
+from gcmlm_assets.demo import synthetic
+from gcmlm_assets.demo.daemon import prepare_dagster_home, start_daemon
+from gcmlm_assets.demo.watch import failed_runs, wait_until_settled
+from gcmlm_assets.profiles import PROFILE_ENV
+
+from ..radiology.conftest import write_dicom_series
+
+N_PATIENTS = 8
+BROKEN_CT, BROKEN_SLIDE = "GC0004", "GC0003"
+SENSOR_TAG, PARTITION_TAG = "dagster/sensor_name", "dagster/partition"
+
+
+def patient_runs_since(instance: dg.DagsterInstance, since: float) -> list[dg.DagsterRun]:
+    return [record.dagster_run for record in instance.get_run_records()
+            if record.create_timestamp.timestamp() >= since and PARTITION_TAG in record.dagster_run.tags]
+
+
+def latest_ct_mask_source(instance: dg.DagsterInstance, patient_id: str) -> str:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("ct_mask"), asset_partitions=[patient_id]), limit=1).records
+    return records[0].asset_materialization.metadata["source"].value if records else "none"
+
+
+def overlapping_runs_of_one_patient(instance: dg.DagsterInstance) -> list[tuple[str, str, str]]:
+    """(patient, run, run) for every two runs of one patient whose run times overlap."""
+    by_patient: dict[str, list] = {}
+    for record in instance.get_run_records():
+        if PARTITION_TAG in record.dagster_run.tags and record.start_time is not None:
+            by_patient.setdefault(record.dagster_run.tags[PARTITION_TAG], []).append(record)
+    overlaps = []
+    for patient_id, records in by_patient.items():
+        records.sort(key=lambda r: r.start_time)
+        for earlier, later in zip(records, records[1:]):
+            if earlier.end_time is None or later.start_time < earlier.end_time:
+                overlaps.append((patient_id, earlier.dagster_run.run_id, later.dagster_run.run_id))
+    return overlaps
+
+
+def modalities_used(instance: dg.DagsterInstance) -> dict[str, set[str]]:
+    """patient -> the modalities its latest risk score used."""
+    event = instance.get_latest_materialization_event(dg.AssetKey("risk_scores"))
+    assert event is not None, "risk_scores was never materialized"
+    table = pq.read_table(event.asset_materialization.metadata["path"].value)
+    return {row["patient_id"]: set(row["modalities_used"].split("+")) for row in table.to_pylist()}
+
+
+def alive(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def break_drops(landing: Path) -> tuple[bytes, bytes]:
+    """GC0004's CT becomes a DICOM series with one truncated slice; GC0003's first slide 0 bytes.
+    Returns what the fix puts back: the original CT volume's bytes and the slide's bytes."""
+    ct_file = landing / BROKEN_CT / "ct" / "ct.nii.gz"
+    ct_bytes = ct_file.read_bytes()
+    slices = write_dicom_series(sitk.ReadImage(str(ct_file)), landing / BROKEN_CT / "ct")
+    ct_file.unlink()
+    data = slices[5].read_bytes()
+    slices[5].write_bytes(data[: len(data) // 3])
+    slide = sorted((landing / BROKEN_SLIDE / "wsi").iterdir())[0]
+    slide_bytes = slide.read_bytes()
+    slide.write_bytes(b"")
+    return ct_bytes, slide_bytes
+
+
+def fix_drops(landing: Path, ct_bytes: bytes, slide_bytes: bytes) -> None:
+    """What an uploader does: replace the files, then touch READY (the commit point)."""
+    ct_dir = landing / BROKEN_CT / "ct"
+    for path in ct_dir.iterdir():
+        path.unlink()
+    (ct_dir / "ct.nii.gz").write_bytes(ct_bytes)
+    slide = sorted((landing / BROKEN_SLIDE / "wsi").iterdir())[0]
+    slide.write_bytes(slide_bytes)
+    for patient_id in (BROKEN_CT, BROKEN_SLIDE):
+        (landing / patient_id / "READY").touch()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_daemon_takes_drops_to_risk_scores_and_reruns_only_fixed_patients(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    landing, home = root / "landing", root / "dagster_home"
+    monkeypatch.setenv("GCMLM_DATA_ROOT", str(root))
+    for name in ("GCMLM_LANDING_ROOT", "GCMLM_ARTIFACTS_ROOT", "GCMLM_NNUNET_MODEL_FOLDER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DAGSTER_HOME", str(prepare_dagster_home(home)))
+    monkeypatch.setenv(PROFILE_ENV, "demo")
+
+    spec = synthetic.CohortSpec.small(N_PATIENTS)
+    plans = {plan.patient_id: plan for plan in synthetic.plan_cohort(spec)}
+    assert not plans[BROKEN_CT].has_reference_mask and not plans[BROKEN_SLIDE].has_reference_mask
+    synthetic.write_cohort(landing, spec)
+    ct_bytes, slide_bytes = break_drops(landing)
+    patients = sorted(plans)
+
+    daemon = start_daemon(home, home / "daemon.log")
+    try:
+        with dg.DagsterInstance.get() as instance:
+            log: list[str] = []
+            assert wait_until_settled(instance, since=0.0, timeout_s=1200, say=log.append, alive=daemon.alive,
+                                      min_wait_s=30), "\n".join(log) + "\n" + daemon.log_tail()
+            runs = instance.get_runs()
+            # Every run was launched by a sensor of the definitions (or is a retry of one): none by the test.
+            assert all(SENSOR_TAG in run.tags or "dagster/parent_run_id" in run.tags for run in runs)
+            assert {run.tags.get(SENSOR_TAG) for run in runs} >= {
+                "landing_sensor", "segmentation_training_sensor", "predicted_mask_sensor", "cohort_refresh_sensor"}
+            assert len([r for r in runs if r.tags.get(SENSOR_TAG) == "segmentation_training_sensor"]) == 1
+            # Each patient had a radiology and a pathology run (and a predicted-mask run): the queue's
+            # per-partition limit ran them one after the other, never at once.
+            assert overlapping_runs_of_one_patient(instance) == []
+
+            # The two broken drops failed once each, with the file and the problem named.
+            failures = {partition: reasons for partition, _, reasons in failed_runs(instance)}
+            assert set(failures) == {BROKEN_CT, BROKEN_SLIDE}, failures
+            assert any(r.startswith("ct_image") and "slice005.dcm: damaged or truncated" in r for r in failures[BROKEN_CT]), failures
+            assert any(r.startswith("patch_coords") and "GC0003_slide1.tiff" in r and "empty" in r
+                       for r in failures[BROKEN_SLIDE]), failures
+
+            # Masks: reference where the drop has one, predicted by the trained model elsewhere.
+            for pid in patients:
+                expected = "reference" if plans[pid].has_reference_mask else "predicted"
+                assert latest_ct_mask_source(instance, pid) == ("none" if pid == BROKEN_CT else expected), pid
+            # Everyone with features is scored, the broken modality left out.
+            used = modalities_used(instance)
+            assert sorted(used) == patients, "\n".join(log)
+            assert used[BROKEN_CT] == {"pathology"} and used[BROKEN_SLIDE] == {"radiology"}
+            assert all(used[pid] == {"radiology", "pathology"} for pid in patients
+                       if pid not in (BROKEN_CT, BROKEN_SLIDE))
+
+            # The uploader fixes both drops; only those two patients run again.
+            fixed_at = time.time()
+            fix_drops(landing, ct_bytes, slide_bytes)
+            log.clear()
+            assert wait_until_settled(instance, since=fixed_at, timeout_s=600, say=log.append,
+                                      alive=daemon.alive), "\n".join(log) + "\n" + daemon.log_tail()
+            rerun = patient_runs_since(instance, fixed_at)
+            assert {run.tags[PARTITION_TAG] for run in rerun} == {BROKEN_CT, BROKEN_SLIDE}
+            assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in rerun)
+            assert latest_ct_mask_source(instance, BROKEN_CT) == "predicted"
+            used = modalities_used(instance)
+            assert sorted(used) == patients and all(used[pid] == {"radiology", "pathology"} for pid in patients)
+            assert overlapping_runs_of_one_patient(instance) == []
+
+            # Settled means settled: the sensors' next ticks request nothing.
+            runs_before = len(instance.get_runs())
+            time.sleep(35)
+            assert len(instance.get_runs()) == runs_before
+    finally:
+        family = daemon.family()
+        daemon.stop()
+    # The daemon, its code server and every run worker are gone.
+    assert not [proc for proc in family if alive(proc)]
