@@ -1,6 +1,6 @@
 """Which per-patient results the cohort may use: plain decisions over facts read from Dagster.
 
-Plain Python (no Dagster): `assets.py` reads the facts from the instance in bulk and this module
+Plain Python (no Dagster): `soundness_facts.py` reads the facts from the instance in bulk and this module
 decides. A patient's result of one per-patient asset (its `radiomics_row` or `slide_vector` file)
 is sound only when
 - the asset has a materialization for the patient,

@@ -89,3 +89,13 @@ def test_full_nnunet_training_on_a_cpu_is_refused_naming_the_settings():
     assert refusal and "segmentation.tiny_plans" in refusal and "GCMLM_PROFILE=demo" in refusal
     assert "trained_model_folder" in refusal and "device='cuda'" in refusal
     assert build_definitions("local", "demo").resources["segmentation"].training_refusal() is None
+
+
+def test_every_per_patient_asset_retries_transient_failures():
+    from gcmlm_assets.policies import TRANSIENT_RETRY
+
+    defs = build_definitions("local", "production")
+    for assets_def in defs.assets:
+        names = {key.to_user_string() for key in assets_def.keys}
+        if names & (PER_PATIENT | {"segmentation_model"}):
+            assert assets_def.op.retry_policy == TRANSIENT_RETRY, names

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -156,18 +157,31 @@ def test_tampered_features_fail_the_checks(instance, base_resources, data_root: 
     copy_into(real_slide(test_data), data_root / "landing" / "P002" / "wsi")
     resources = _resources(base_resources, num_workers=1)  # a DataLoader worker inside a Dagster run
     assert _materialize(instance, [patch_coords, uni_features, slide_vector], resources, "P002").success
-    features_file = next((data_root / "artifacts" / "uni_features" / "P002").glob("*.h5"))
-    with h5py.File(features_file, "r+") as fh:
-        fh["features"][0] = np.nan  # keeps its fingerprint: the file is reused, then re-validated
+    features_dir = data_root / "artifacts" / "uni_features" / "P002"
 
+    def tamper() -> None:
+        with h5py.File(next(features_dir.glob("*.h5")), "r+") as fh:
+            fh["features"][0] = np.nan  # keeps its fingerprint: the file is reused, then re-validated
+
+    tamper()
     rerun = _materialize(instance, [uni_features, slide_vector], resources, "P002")
     assert not rerun.success
     checks = _checks(rerun)
     assert checks["features_finite"] is False and checks["feature_shape"] is True
     assert "blocking asset check" in _failure(rerun)
     assert not [m for m in rerun.get_asset_materialization_events() if m.asset_key.to_user_string() == "slide_vector"]
+    # The failed features went to quarantine: a later slide_vector run cannot pool them.
+    assert not features_dir.exists()
+    [moved] = (data_root / "artifacts" / "_quarantine" / "uni_features" / "P002").iterdir()
+    assert list(moved.glob("*.h5"))
+    alone = _materialize(instance, [slide_vector], resources, "P002")
+    assert not alone.success and "uni_features has not been materialized" in _failure(alone)
 
-    # slide_vector's own check catches what it pools.
+    # slide_vector's own check catches what it pools (features damaged after they passed theirs;
+    # its stored vector is removed so that it pools them again rather than reusing it).
+    assert _materialize(instance, [uni_features], resources, "P002").success
+    tamper()
+    shutil.rmtree(data_root / "artifacts" / "slide_vector" / "P002")
     alone = _materialize(instance, [slide_vector], resources, "P002")
     assert not alone.success and _checks(alone) == {"slide_vector_valid": False}
 

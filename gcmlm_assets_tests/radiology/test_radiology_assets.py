@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import SimpleITK as sitk
 
+from gcmlm_assets.radiology import ct_io
 from gcmlm_assets.radiology.assets import ASSETS, ct_image, ct_mask, radiomics_row
 from gcmlm_assets.radiology.resources import RadiomicsSettings
 
@@ -225,3 +226,34 @@ def test_predicted_mask_waits_for_a_model_skipped_not_failed(instance, data_root
     assert not (data_root / "artifacts" / "ct_mask" / "TS009").exists()
     logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
     assert any("TS009: waiting for a segmentation model" in message for message in logs)
+
+
+def step_events(result: dg.ExecuteInProcessResult, step: str, kind: str) -> list:
+    return [e for e in result.all_events if e.step_key == step and e.event_type_value == kind]
+
+
+def test_transient_errors_are_retried_input_errors_fail_once(instance, data_root, radiology_resources, real_ct,
+                                                            monkeypatch):
+    """An I/O error in a step is retried (10 s later, the assets' retry policy); a bad input fails at once."""
+    landing = data_root / "landing"
+    make_drop(landing, "TS010", [real_ct])
+    real_load = ct_io.load_ct
+    calls = []
+
+    def flaky_load(folder):  # the network share hiccups once
+        calls.append(folder)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error", str(folder))
+        return real_load(folder)
+
+    monkeypatch.setattr(ct_io, "load_ct", flaky_load)
+    result = materialize(instance, radiology_resources, "TS010", assets=[ct_image])
+    assert result.success and len(calls) == 2
+    assert len(step_events(result, "ct_image", "STEP_UP_FOR_RETRY")) == 1
+
+    bad = make_drop(landing, "TS011")
+    (bad / "ct" / "ct.nii.gz").write_bytes(b"not a volume")
+    failed = materialize(instance, radiology_resources, "TS011", assets=[ct_image])
+    assert not failed.success
+    assert step_events(failed, "ct_image", "STEP_UP_FOR_RETRY") == []
+    assert len(step_events(failed, "ct_image", "STEP_FAILURE")) == 1
