@@ -138,7 +138,8 @@ def test_daemon_takes_drops_to_risk_scores_and_reruns_only_fixed_patients(tmp_pa
             # The two broken drops failed once each, with the file and the problem named.
             failures = {partition: reasons for partition, _, reasons in failed_runs(instance)}
             assert set(failures) == {BROKEN_CT, BROKEN_SLIDE}, failures
-            assert any(r.startswith("ct_image") and "slice005.dcm: damaged or truncated" in r for r in failures[BROKEN_CT]), failures
+            assert any(r.startswith("ct_image") and "slice005.dcm: damaged or truncated" in r
+                       for r in failures[BROKEN_CT]), failures
             assert any(r.startswith("patch_coords") and "GC0003_slide1.tiff" in r and "empty" in r
                        for r in failures[BROKEN_SLIDE]), failures
 
