@@ -33,7 +33,7 @@ class Profile:
     resources: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # Why each resource differs from production, shown to users (demo banner, UI descriptions).
     notes: Mapping[str, str] = field(default_factory=dict)
-    # How often the automation sensors look (the landing sensor, training, masks, cohort refresh).
+    # How often the training, predicted-mask and cohort-refresh sensors look (landing_sensor: 30 s).
     sensor_interval_s: int = 30
 
     def resource_settings(self, key: str) -> dict[str, Any]:
@@ -75,7 +75,7 @@ DEMO = Profile(
                         "training on a GPU; trains once 3 patients have a reference mask",
         "risk_model": "3 x repeated CV, 300 bootstrap resamples, 3 labelled patients per class suffice",
         "automation": "training waits 20 s for more reference masks, the cohort refresh 25 s of quiet; "
-                      "sensors tick every 10 s",
+                      "those sensors tick every 10 s (landing_sensor every 30 s)",
     }),
 )
 

@@ -47,7 +47,8 @@ def describe_profile(name: str) -> list[str]:
         lines.append(f"  resource {key!r}: {', '.join(f'{k}={v!r}' for k, v in values.items())}")
         if key in profile.notes:
             lines.append(f"      why: {profile.notes[key]}")
-    lines.append(f"  sensors tick every {profile.sensor_interval_s} s")
+    lines.append(f"  training, mask and cohort sensors tick every {profile.sensor_interval_s} s "
+                 "(landing_sensor every 30 s)")
     return lines
 
 
