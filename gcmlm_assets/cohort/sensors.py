@@ -19,15 +19,14 @@ COHORT_GROUP = "cohort"
 PATIENT_FEATURE_ASSETS = ("radiomics_row", "slide_vector")
 
 
-def _inputs_fingerprint(instance: dg.DagsterInstance, landing: LandingZone, cohort_assets: set[str]) -> str:
+def _inputs_fingerprint(latest_run_id: str | None, landing: LandingZone) -> str:
     """Changes whenever a non-cohort run finishes (materialized or failed) or clinical.csv changes."""
-    latest = runs.latest_finished(instance, excluding=cohort_assets)
     try:
         st = (landing.path() / CLINICAL_CSV).stat()
         clinical = [st.st_size, st.st_mtime_ns]
     except FileNotFoundError:
         clinical = None
-    return json.dumps({"run": latest[0] if latest else None, "clinical": clinical}, sort_keys=True)
+    return json.dumps({"run": latest_run_id, "clinical": clinical}, sort_keys=True)
 
 
 def build_cohort_refresh_sensor(interval_s: int, cohort_keys: list[dg.AssetKey]) -> dg.SensorDefinition:
@@ -45,14 +44,17 @@ def build_cohort_refresh_sensor(interval_s: int, cohort_keys: list[dg.AssetKey])
     def cohort_refresh_sensor(context: dg.SensorEvaluationContext, landing: LandingZone, storage: ArtifactStorage,
                               segmentation: SegmentationModelResource, automation: AutomationSettings):
         instance = context.instance
-        fingerprint = _inputs_fingerprint(instance, landing, cohort_assets)
         latest = runs.latest_finished(instance, excluding=cohort_assets)
+        fingerprint = _inputs_fingerprint(latest[0] if latest else None, landing)
         features_exist = any(instance.get_latest_materialization_event(dg.AssetKey(name)) is not None
                              for name in PATIENT_FEATURE_ASSETS)
+        busy_runs = len(runs.in_flight_runs(instance))
+        # The training status scans every patient's ct_label/: only worth it when nothing else holds
+        # the refresh back (decide_refresh looks at it after these).
+        training_pending = (features_exist and fingerprint != context.cursor and not busy_runs
+                            and training_status(instance, landing, storage, segmentation, automation, {}).pending)
         decision = decide_refresh(
-            features_exist=features_exist,
-            busy_runs=len(runs.in_flight_runs(instance)),
-            training_pending=training_status(instance, landing, storage, segmentation, automation, {}).pending,
+            features_exist=features_exist, busy_runs=busy_runs, training_pending=training_pending,
             last_activity=latest[1] if latest else None, now=time.time(), quiet_s=automation.cohort_quiet_s,
             inputs_fingerprint=fingerprint, refreshed_fingerprint=context.cursor)
         if not decision.request:
