@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# checkov (scans the step pods' Kubernetes jobs in the tests) in a virtualenv of its own:
+# its dependencies are pinned apart from the project's.
+CHECKOV_VENV := .venv-checkov
+CHECKOV := $(CHECKOV_VENV)/bin/checkov
 export GCMLM_TEST_DATA ?= $(abspath ../shared/data)
 export GCMLM_DATA_ROOT ?= $(abspath data)
 # The local SQLite instance lives under the data root (make ui, make demo, dagster CLI from make).
@@ -25,7 +29,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e ".[test]"
 	touch $(STAMP)
 
-test: $(STAMP)
+$(CHECKOV): Makefile
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CHECKOV_VENV)/bin/python -m pip install -q checkov==3.3.30
+	touch $(CHECKOV)
+
+test: $(STAMP) $(CHECKOV)
 	$(PY) -m pytest -q gcmlm_assets_tests
 
 validate: $(STAMP)

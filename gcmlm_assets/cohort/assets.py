@@ -21,7 +21,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 import sklearn
 
-from gcmlm_assets import pictures
+from gcmlm_assets import pictures, step_pods
 from gcmlm_assets.cohort import clinical, fusion, modelling
 from gcmlm_assets.cohort.soundness_facts import declared_blocking_checks, unsound_results
 from gcmlm_assets.cohort.resources import RiskModelSettings
@@ -65,6 +65,7 @@ def _reuse_or_none(store: ArtifactStore, asset: str, fingerprint: str, context) 
 @dg.asset(
     name="clinical_table",
     group_name=GROUP,
+    op_tags=step_pods.op_tags(step_pods.COHORT),
     code_version=CODE_VERSIONS["clinical_table"],
     description="The landing zone's clinical.csv, validated: one row per patient (patient_id, mlm "
     "0/1/unknown, numeric covariates). Bad rows are left out and named by the clinical_rows_valid check.",
@@ -125,6 +126,7 @@ def clinical_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
 @dg.asset(
     name="fused_table",
     group_name=GROUP,
+    op_tags=step_pods.op_tags(step_pods.COHORT),
     code_version=CODE_VERSIONS["fused_table"],
     deps=[
         dg.AssetDep("radiomics_row", partition_mapping=dg.AllPartitionMapping()),
@@ -200,6 +202,7 @@ def current_model_version(store: ArtifactStore) -> tuple[Path, dict] | None:
 @dg.asset(
     name="risk_model",
     group_name=GROUP,
+    op_tags=step_pods.op_tags(step_pods.COHORT),
     code_version=CODE_VERSIONS["risk_model"],
     deps=[dg.AssetDep("fused_table")],
     output_required=False,
@@ -339,6 +342,7 @@ def _model_result(root: Path, pointer: dict, status: str, extra: dict | None = N
 @dg.asset(
     name="risk_scores",
     group_name=GROUP,
+    op_tags=step_pods.op_tags(step_pods.COHORT),
     code_version=CODE_VERSIONS["risk_scores"],
     deps=[dg.AssetDep("risk_model"), dg.AssetDep("fused_table")],
     description="MLM probability and risk group (high: at or above the model's threshold) for every "

@@ -5,6 +5,9 @@ import time
 
 import dagster as dg
 
+from gcmlm_assets import step_pods
+from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events
+from gcmlm_assets.devices import DeviceError
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
 from gcmlm_assets.pathology import checks
@@ -48,6 +51,7 @@ SLIDE_VECTOR_FILE = "slide_vector.parquet"
     retry_policy=TRANSIENT_RETRY,
     partitions_def=patients_partitions,
     check_specs=checks.PATCH_COORDS_CHECK_SPECS,
+    op_tags=step_pods.op_tags(step_pods.CPU),
     description="Tissue patch coordinates of every slide in <patient>/wsi/: one CLAM-layout HDF5 per "
                 "slide plus slides.json.",
 )
@@ -141,21 +145,30 @@ def _slides_table(entries: list[dict], seconds: dict[str, float]) -> str:
     partitions_def=patients_partitions,
     deps=[patch_coords],
     check_specs=checks.UNI_FEATURES_CHECK_SPECS,
+    # A backfill encodes up to GCMLM_GPU_BATCH_PATIENTS patients per run with one loaded encoder;
+    # each patient's features, metadata and checks are still recorded as that patient's own.
+    backfill_policy=gpu_backfill_policy(),
+    output_required=False,
+    pool=step_pods.GPU_POOL,
+    op_tags=step_pods.op_tags(step_pods.GPU),
     description="Patch features of every slide with tissue: one CLAM-layout HDF5 per slide "
                 "(`features` (N, D), `coords` (N, 2)), from the encoder resource (UNI in production).",
 )
 def uni_features(context: dg.AssetExecutionContext, storage: ArtifactStorage, encoder: PatchEncoder):
-    patient_id = context.partition_key
     store = storage.store()
+    model = LoadOnce(encoder.load, errors=(EncoderError, DeviceError))
+    yield from per_patient_events(
+        context, checks.UNI_FEATURES, lambda patient_id: _uni_features_for(patient_id, store, encoder, model),
+        checks.UNI_FEATURES_CHECK_SPECS)
+
+
+def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_model: LoadOnce):
     coords_dir = store.asset_dir("patch_coords", patient_id, create=False)
     if not (coords_dir / LISTING).is_file():
         raise dg.Failure(description=f"patient {patient_id}: {coords_dir / LISTING} is missing; "
                                      "materialize patch_coords first", allow_retries=False)
     listing = read_listing(coords_dir)
-    try:
-        model = encoder.load()
-    except EncoderError as error:
-        raise dg.Failure(description=str(error), allow_retries=False) from error
+    model, device = loaded_model.get()
     out_dir = store.asset_dir(checks.UNI_FEATURES, patient_id)
     started = time.perf_counter()
     try:
@@ -199,6 +212,7 @@ def uni_features(context: dg.AssetExecutionContext, storage: ArtifactStorage, en
             "reading": describe_reading(encoder.num_workers, encoder.read_threads),
             "feature_dtype": "float16" if encoder.float16_features else "float32",
             "device": str(model.device),
+            "device_reason": device.reason,
             "folder": dg.MetadataValue.path(str(out_dir)),
             "h5_files": dg.MetadataValue.json([str(r.output) for r in done.results]),
             "input_patch_coords": dg.MetadataValue.json(
@@ -221,6 +235,7 @@ class SlideVectorConfig(dg.Config):
     partitions_def=patients_partitions,
     deps=[uni_features],
     check_specs=checks.SLIDE_VECTOR_CHECK_SPECS,
+    op_tags=step_pods.op_tags(step_pods.CPU),
     description="One row per patient: the pooled patch features of all slides (mean by default), "
                 "with n_patches and n_slides.",
 )

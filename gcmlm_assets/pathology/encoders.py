@@ -298,21 +298,3 @@ def load_encoder(name: str, checkpoint: str | os.PathLike | None = None, device:
     module = module.float().to(torch_device).eval().to(memory_format=torch.channels_last)
     weights = state_sha256(module) if path is None else digest
     return LoadedEncoder(spec, module, path, digest, weights, torch_device)
-
-
-_cache_lock = threading.Lock()
-_encoder_cache: dict[tuple, LoadedEncoder] = {}
-
-
-def cached_encoder(name: str, checkpoint: str | os.PathLike | None = None, device: str = "cpu") -> LoadedEncoder:
-    """`load_encoder`, built once per process: all partitions a process runs share the model."""
-    spec = get_spec(name)
-    path = resolve_checkpoint(spec, checkpoint)
-    stamp = (str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) if path else None
-    key = (name, stamp, device)
-    with _cache_lock:
-        if key not in _encoder_cache:
-            # One model at a time: a backfill switching encoders must not hold two ViT-Ls.
-            _encoder_cache.clear()
-            _encoder_cache[key] = load_encoder(name, path, device)
-        return _encoder_cache[key]

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import dagster as dg
 from pydantic import Field
 
-from gcmlm_assets.pathology.encoders import LoadedEncoder
+from gcmlm_assets.devices import ResolvedDevice, resolve_device
 from gcmlm_assets.profiles import PRODUCTION, Profile
 from gcmlm_assets.pathology.slides import PLAUSIBLE_MPP
 from gcmlm_assets.pathology.tiling import ClamParams, TilingParams
 from gcmlm_assets.pathology.tissue import SegmentationParams
+
+if TYPE_CHECKING:  # torch only when a step loads the encoder
+    from gcmlm_assets.pathology.encoders import LoadedEncoder
 
 
 class TilingSettings(dg.ConfigurableResource):
@@ -91,18 +94,22 @@ class PatchEncoder(dg.ConfigurableResource):
         default=True,
         description="decode JPEG tiles at 1/2 (1/4, 1/8) of their size when the read size is that many times "
                     "the encoder input (e.g. 512 px at 0.25 µm/px -> 224 px); false: full decode + resize")
-    device: str = Field(default="cpu", description='"cpu" or "cuda" (bf16 autocast on CUDA)')
+    device: str = Field(default="auto", description='"auto" (CUDA where the process sees a GPU, else CPU), '
+                                                     '"cuda" (bf16 autocast) or "cpu"')
 
-    def load(self) -> LoadedEncoder:
-        """The encoder, built once per process and shared by every partition it runs."""
-        from gcmlm_assets.pathology.encoders import cached_encoder
+    def load(self) -> "tuple[LoadedEncoder, ResolvedDevice]":
+        """The encoder on its device. A step loads it once and encodes every patient of its run with it."""
+        from gcmlm_assets.pathology.encoders import get_spec, load_encoder, resolve_checkpoint
 
-        return cached_encoder(self.name, self.checkpoint or None, self.device)
+        device = resolve_device(self.device, "encoder.device")
+        path = resolve_checkpoint(get_spec(self.name), self.checkpoint or None)
+        return load_encoder(self.name, path, device.name), device
 
 
 def resources(env: str, profile: Profile = PRODUCTION) -> dict[str, dg.ConfigurableResource]:
-    # A GPU pod reads with many workers and feeds larger batches (see the deployment notes).
-    encoder = {"device": "cuda", "batch_size": 256, "num_workers": 8} if env == "k8s" else {"device": "cpu"}
+    # A GPU pod (step_pods.GPU: 8 CPUs) reads with many workers and feeds larger batches; the device
+    # is "auto" everywhere, so a pod without a GPU says so in the metadata instead of failing at load.
+    encoder = {"batch_size": 256, "num_workers": 8} if env == "k8s" else {}
     encoder.update(profile.resource_settings("encoder"))
     return {"pathology": TilingSettings(**profile.resource_settings("pathology")),
             "encoder": PatchEncoder(**encoder)}

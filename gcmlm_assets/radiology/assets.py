@@ -12,6 +12,8 @@ from pathlib import Path
 import dagster as dg
 import SimpleITK as sitk
 
+from gcmlm_assets import step_pods
+from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
 from gcmlm_assets.pictures import png_markdown, save_png
@@ -58,6 +60,7 @@ def _combined_hash(hashes: dict[str, str]) -> str:
     partitions_def=patients_partitions,
     check_specs=checks.CT_IMAGE_CHECK_SPECS,
     code_version=CT_IMAGE_VERSION,
+    op_tags=step_pods.op_tags(step_pods.CPU),
     description="The patient's CT (DICOM series or one NIfTI/NRRD/MHA volume) as one canonical "
                 "LPS-oriented ct.nii.gz.",
 )
@@ -126,22 +129,12 @@ def ct_image(context: dg.AssetExecutionContext, storage: ArtifactStorage,
 
 # ---------------------------------------------------------------- ct_mask
 
-# Loaded segmenters of this process, keyed by (model folder, newest checkpoint mtime): every partition
-# that a process runs reuses the model it loaded once; a retrained model has a new key.
-_SEGMENTERS: dict[tuple[str, int], object] = {}
-
-
-def cached_segmenter(model_folder: Path, device: str = "cpu"):
-    """The GastricSegmenter for `model_folder`, loaded once per process and checkpoint."""
+def _load_segmenter(model_folder: Path, device_setting: str):
+    from gcmlm_assets.devices import resolve_device
     from gcmlm_assets.radiology.nnunet import GastricSegmenter  # torch/nnU-Net only when predicting
 
-    model_folder = Path(model_folder).resolve()
-    key = (str(model_folder), model_lifecycle.checkpoint_stamp(model_folder)[0])
-    if key not in _SEGMENTERS:
-        for stale in [k for k in _SEGMENTERS if k[0] == key[0]]:
-            del _SEGMENTERS[stale]
-        _SEGMENTERS[key] = GastricSegmenter.load(model_folder, device=device)
-    return _SEGMENTERS[key]
+    device = resolve_device(device_setting, "segmentation.device")
+    return GastricSegmenter.load(model_folder, device=device.name), device
 
 
 @dg.multi_asset(
@@ -164,10 +157,25 @@ def cached_segmenter(model_folder: Path, device: str = "cpu"):
     # A single-asset multi_asset, subsettable only so that its check outputs may be skipped with it.
     can_subset=True,
     retry_policy=TRANSIENT_RETRY,
+    # A backfill predicts up to GCMLM_GPU_BATCH_PATIENTS patients per run with one loaded model;
+    # each patient's mask, metadata and checks are still recorded as that patient's own.
+    backfill_policy=gpu_backfill_policy(),
+    pool=step_pods.GPU_POOL,
+    op_tags=step_pods.op_tags(step_pods.GPU),
     required_resource_keys={"storage", "landing", "segmentation", "radiomics"},
 )
 def ct_mask(context: dg.AssetExecutionContext):
-    patient_id = context.partition_key
+    from gcmlm_assets.devices import DeviceError
+    from gcmlm_assets.radiology.nnunet import ModelFolderError
+
+    segmentation = context.resources.segmentation
+    segmenter = LoadOnce(lambda folder: _load_segmenter(folder, segmentation.device),
+                         errors=(DeviceError, ModelFolderError))
+    yield from per_patient_events(context, "ct_mask", lambda patient_id: _ct_mask_for(context, patient_id, segmenter),
+                                  checks.CT_MASK_CHECK_SPECS, CT_MASK_VERSION)
+
+
+def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: LoadOnce):
     storage: ArtifactStorage = context.resources.storage
     landing: LandingZone = context.resources.landing
     segmentation = context.resources.segmentation
@@ -212,13 +220,13 @@ def ct_mask(context: dg.AssetExecutionContext):
             mask, provenance = conformed.image, {"reference_file": str(reference), "model_id": "",
                                                  **conformed.provenance()}
         else:
-            segmenter = cached_segmenter(model_folder, getattr(segmentation, "device", "cpu"))
-            predicted = segmenter.predict(image)
+            model, device = segmenter.get(model_folder)
+            predicted = model.predict(image)
             try:
-                mask = masks.validate_prediction(predicted, image, f"model {segmenter.model_id} on {ct_path}")
+                mask = masks.validate_prediction(predicted, image, f"model {model.model_id} on {ct_path}")
             except masks.MaskInputError as error:
                 raise _input_failure(error) from error
-            provenance = {"model_id": segmenter.model_id, "model_folder": str(model_folder),
+            provenance = {"model_id": model.model_id, "model_folder": str(model_folder), "device": device.reason,
                           "resampled_to_ct_grid": False, "resampling": "none (predicted on the CT grid)"}
         stats = masks.mask_stats(mask)
         masks.write_mask(mask, mask_path)
@@ -274,6 +282,7 @@ def ct_mask(context: dg.AssetExecutionContext):
     deps=[ct_image, ct_mask],
     check_specs=checks.RADIOMICS_ROW_CHECK_SPECS,
     code_version=RADIOMICS_ROW_VERSION,
+    op_tags=step_pods.op_tags(step_pods.CPU),
     description="PyRadiomics features inside the gastric mask: one parquet row, patient_id then features.",
 )
 def radiomics_row(context: dg.AssetExecutionContext, storage: ArtifactStorage,
@@ -393,6 +402,8 @@ def _configured_model_result(context: dg.AssetExecutionContext, folder: str) -> 
     retry_policy=TRANSIENT_RETRY,
     deps=[dg.AssetDep("ct_image", partition_mapping=dg.AllPartitionMapping())],
     code_version=SEGMENTATION_MODEL_VERSION,
+    pool=step_pods.GPU_POOL,
+    op_tags=step_pods.op_tags(step_pods.GPU),
     required_resource_keys={"storage", "landing", "segmentation"},
     description="nnU-Net v2 gastric segmentation model (3d_fullres), trained on every patient with a "
                 "reference mask, or the trained folder the segmentation resource points at.",

@@ -68,7 +68,8 @@ class SegmentationModelResource(dg.ConfigurableResource):
     tiny_plans: bool = Field(
         default=False, description="Shrink nnU-Net's plans to a tiny U-Net (4 stages, 4..32 features, "
                                    "patch <= 32x64x64) and sample fewer fingerprint intensities: tests and demo.")
-    device: str = Field(default="cpu", description="cpu | cuda | mps, for training and prediction.")
+    device: str = Field(default="auto", description="auto (CUDA where the process sees a GPU, else CPU) | cuda | "
+                                                    "cpu | mps, for training and prediction.")
     preprocessing_workers: int = Field(default=2, description="nnU-Net fingerprint/preprocessing processes.")
     augmentation_workers: int | None = Field(
         default=None, description="nnU-Net data-augmentation processes (nnUNet_n_proc_DA); 0: in-process.")
@@ -98,30 +99,33 @@ class SegmentationModelResource(dg.ConfigurableResource):
         nnU-Net's default training (full-size plans, 1000 x 250 iterations) is made for a GPU; on a
         CPU it would run for days, so it is refused before it starts, naming the settings to change.
         """
-        if self.device == "cuda":
-            import torch
+        from gcmlm_assets.devices import DeviceError, resolve_device
 
-            if not torch.cuda.is_available():
-                return ("segmentation.device is 'cuda' but this machine has no usable CUDA GPU: run the step "
-                        "where a GPU is (GCMLM_ENV=k8s) or set segmentation.device='cpu' with tiny_plans")
+        try:
+            device = resolve_device(self.device, "segmentation.device").name
+        except DeviceError as error:
+            return str(error)
+        if device == "cuda":
             return None
         iterations = (self.epochs or NNUNET_DEFAULT_EPOCHS) * (self.iterations_per_epoch or NNUNET_DEFAULT_ITERATIONS)
-        if self.device == "cpu" and not self.tiny_plans and iterations > CPU_FULL_PLANS_MAX_ITERATIONS:
-            return (f"nnU-Net training with full-size plans for {iterations} iterations on device 'cpu' would take "
+        if device == "cpu" and not self.tiny_plans and iterations > CPU_FULL_PLANS_MAX_ITERATIONS:
+            return (f"nnU-Net training with full-size plans for {iterations} iterations on the CPU "
+                    f"(segmentation.device={self.device!r}) would take "
                     f"days (segmentation.tiny_plans=false, epochs={self.epochs or NNUNET_DEFAULT_EPOCHS}, "
                     f"iterations_per_epoch={self.iterations_per_epoch or NNUNET_DEFAULT_ITERATIONS}); refused. "
-                    "Set segmentation.device='cuda' on a GPU machine, point segmentation.trained_model_folder "
+                    "Run the step where a GPU is (segmentation.device='auto' then uses it), point segmentation.trained_model_folder "
                     "(GCMLM_NNUNET_MODEL_FOLDER) at a trained nnU-Net model, or use GCMLM_PROFILE=demo "
                     "(segmentation.tiny_plans=true, a few epochs) for a small CPU model")
         return None
 
     def training_settings(self):
+        from gcmlm_assets.devices import resolve_device
         from gcmlm_assets.radiology.nnunet import TinyPlans, TrainingSettings
 
         return TrainingSettings(
             dataset_id=self.dataset_id, trainer=self.trainer, planner=self.planner, epochs=self.epochs,
             iterations_per_epoch=self.iterations_per_epoch, val_iterations=self.val_iterations, fold=self.fold,
-            device=self.device, tiny_plans=TinyPlans() if self.tiny_plans else None,
+            device=resolve_device(self.device, "segmentation.device").name, tiny_plans=TinyPlans() if self.tiny_plans else None,
             preprocessing_workers=self.preprocessing_workers, augmentation_workers=self.augmentation_workers,
             torch_threads=self.torch_threads, intensity_samples=1_000_000 if self.tiny_plans else None)
 
@@ -150,10 +154,9 @@ class SegmentationModelResource(dg.ConfigurableResource):
 
 
 def resources(env: str, profile: Profile = PRODUCTION) -> dict[str, dg.ConfigurableResource]:
-    # A GPU in Kubernetes; a trained folder can be given with GCMLM_NNUNET_MODEL_FOLDER. The profile's
-    # settings come last (the demo profile trains a tiny CPU model whatever the environment).
-    segmentation = {"device": "cuda" if env == "k8s" else "cpu",
-                    "trained_model_folder": os.environ.get("GCMLM_NNUNET_MODEL_FOLDER") or None,
+    # The device is "auto" everywhere (a GPU pod uses its GPU); a trained folder can be given with
+    # GCMLM_NNUNET_MODEL_FOLDER. The profile's settings come last (the demo profile trains a tiny CPU model).
+    segmentation = {"trained_model_folder": os.environ.get("GCMLM_NNUNET_MODEL_FOLDER") or None,
                     **profile.resource_settings("segmentation")}
     return {
         "radiomics": RadiomicsSettings(**profile.resource_settings("radiomics")),

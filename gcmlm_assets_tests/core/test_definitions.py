@@ -87,8 +87,15 @@ def test_full_nnunet_training_on_a_cpu_is_refused_naming_the_settings():
     production = build_definitions("local", "production").resources["segmentation"]
     refusal = production.training_refusal()
     assert refusal and "segmentation.tiny_plans" in refusal and "GCMLM_PROFILE=demo" in refusal
-    assert "trained_model_folder" in refusal and "device='cuda'" in refusal
+    assert "trained_model_folder" in refusal and "segmentation.device='auto'" in refusal
     assert build_definitions("local", "demo").resources["segmentation"].training_refusal() is None
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_a_cuda_setting_without_a_gpu_is_refused_naming_the_setting():
+    cuda = build_definitions("local", "production").resources["segmentation"].model_copy(update={"device": "cuda"})
+    refusal = cuda.training_refusal()
+    assert refusal and "segmentation.device='cuda' but this process sees no CUDA GPU" in refusal
 
 
 def test_every_per_patient_asset_retries_transient_failures():

@@ -11,7 +11,6 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from gcmlm_assets.pathology import encoders
 from gcmlm_assets.pathology.encoders import UNTRAINED, EncoderError, get_spec, load_encoder
 from gcmlm_assets.pathology.extract import normalisation_constants, normalise_batch
 from gcmlm_assets.storage import sha256_file
@@ -142,9 +141,24 @@ def test_unknown_encoder_lists_known_names():
         load_encoder("uni2")
 
 
-def test_cached_encoder_is_built_once_per_process():
-    first = encoders.cached_encoder("vit-tiny-random")
-    assert encoders.cached_encoder("vit-tiny-random") is first
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_encoder_device_auto_follows_the_machine_and_says_why():
+    from gcmlm_assets.pathology.resources import PatchEncoder
+
+    model, device = PatchEncoder(name="vit-tiny-random").load()
+    assert device.name == "cpu" and model.device.type == "cpu"
+    assert "encoder.device='auto'" in device.reason and "no CUDA GPU" in device.reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_encoder_device_cuda_without_a_gpu_fails_naming_the_setting():
+    from gcmlm_assets.devices import DeviceError
+    from gcmlm_assets.pathology.resources import PatchEncoder
+
+    with pytest.raises(DeviceError, match=r"encoder.device='cuda' but this process sees no CUDA GPU"):
+        PatchEncoder(name="vit-tiny-random", device="cuda").load()
+    with pytest.raises(DeviceError, match="not a device"):
+        PatchEncoder(name="vit-tiny-random", device="gpu").load()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -189,3 +189,49 @@ def test_tampered_features_fail_the_checks(instance, base_resources, data_root: 
 def test_features_need_patch_coords_first(instance, base_resources):
     result = _materialize(instance, [uni_features], _resources(base_resources), "P404")
     assert not result.success and "materialize patch_coords first" in _failure(result)
+
+
+def test_a_backfill_range_encodes_many_patients_with_one_encoder(instance, base_resources, data_root: Path,
+                                                                 test_data: Path, monkeypatch):
+    """uni_features over a range of patients, as a batched backfill run does it: the encoder is
+    loaded once, each patient's features and checks are recorded as that patient's own, and a
+    patient without patch_coords fails alone, named in the run's failure."""
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+    from gcmlm_assets.pathology import encoders
+
+    resources = _resources(base_resources)
+    batch = ["B001", "B002", "B003"]
+    instance.add_dynamic_partitions("patients", batch)
+    for patient_id in ("B001", "B003"):
+        copy_into(real_slide(test_data), data_root / "landing" / patient_id / "wsi")
+        assert _materialize(instance, [patch_coords], resources, patient_id).success
+    loads = []
+    real_load = encoders.load_encoder
+    monkeypatch.setattr(encoders, "load_encoder", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+
+    result = dg.materialize([uni_features], instance=instance, resources=resources, raise_on_error=False,
+                            tags={ASSET_PARTITION_RANGE_START_TAG: "B001", ASSET_PARTITION_RANGE_END_TAG: "B003"})
+    assert not result.success
+    failure = _failure(result)
+    assert "1 of 3 patients failed: patient B002: " in failure and "materialize patch_coords first" in failure
+    assert loads == ["vit-tiny-random"]
+
+    key = dg.AssetKey("uni_features")
+    logged = [entry.dagster_event for entry in instance.all_logs(result.run_id)
+              if entry.dagster_event and entry.dagster_event.step_key == "uni_features"]
+    by_patient = {e.partition: e.step_materialization_data.materialization
+                  for e in logged if e.is_step_materialization}
+    assert set(by_patient) == {"B001", "B003"}
+    for patient_id, materialization in by_patient.items():
+        meta = {k: v.value for k, v in materialization.metadata.items()}
+        assert meta["n_patches"] > 20 and meta["device"] == "cpu" and "encoder.device='auto'" in meta["device_reason"]
+        assert meta["h5_files"] == [str(data_root / "artifacts" / "uni_features" / patient_id / f"{real_slide(test_data).stem}.h5")]
+    checks = [e.event_specific_data for e in logged if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert {(c.partition, c.check_name) for c in checks} == {
+        (p, name) for p in ("B001", "B003")
+        for name in ("feature_shape", "features_finite", "features_nonzero_rows", "encoder_recorded")}
+    assert all(c.passed for c in checks)
+    status = instance.get_status_by_partition(key, batch, uni_features.partitions_def)
+    assert {p: str(s.value) for p, s in status.items()} == {"B001": "MATERIALIZED", "B002": "FAILED",
+                                                            "B003": "MATERIALIZED"}

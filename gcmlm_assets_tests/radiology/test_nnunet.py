@@ -283,3 +283,74 @@ def test_dataset_writer_refuses_a_mask_on_another_grid(tmp_path, real_ct, real_s
     cases = [nnunet.TrainingCase("A1", real_ct, real_stomach), nnunet.TrainingCase("A2", real_ct, coarse_mask)]
     with pytest.raises(nnunet.TrainingDataError, match=r"coarse\.nii\.gz: mask grid .* differs from its CT"):
         nnunet.write_raw_dataset(cases, tmp_path / "raw", 501)
+
+
+def test_a_backfill_range_loads_the_model_once_and_records_each_patient_as_its_own(trained, monkeypatch):
+    """ct_mask over a range of patients, as a batched backfill run does it: one model load, each
+    patient's mask, metadata and checks recorded for that patient, and one bad patient failing
+    alone (the run fails naming it; the others stay materialized)."""
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+    sources = trained.root / "sources"
+    predicted, broken, referenced = "GC007", "GC008", "GC009"
+    make_drop(trained.landing, predicted, [sources / HELD_OUT / "ct.nii.gz"])
+    make_drop(trained.landing, referenced, [sources / "GC001" / "ct.nii.gz"], sources / "GC001" / "stomach.nii.gz")
+    make_drop(trained.landing, broken, [sources / "GC002" / "ct.nii.gz"], sources / "GC002" / "stomach.nii.gz")
+    bad_mask = trained.landing / broken / "ct_label" / "stomach.nii.gz"
+    bad_mask.write_bytes(b"not a NIfTI file")
+    batch = [predicted, broken, referenced]
+    trained.instance.add_dynamic_partitions("patients", batch)
+    for patient_id in batch:
+        assert trained.materialize([ct_image], partition=patient_id).success, patient_id
+
+    loads = []
+    real_load = nnunet.GastricSegmenter.load.__func__
+
+    def counting_load(cls, *args, **kwargs):  # the real loader, counted
+        loads.append(args[0])
+        return real_load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(nnunet.GastricSegmenter, "load", classmethod(counting_load))
+    result = dg.materialize([ct_image, ct_mask], selection=[ct_mask], instance=trained.instance,
+                            resources=trained.resources, raise_on_error=False,
+                            tags={ASSET_PARTITION_RANGE_START_TAG: predicted, ASSET_PARTITION_RANGE_END_TAG: referenced})
+
+    assert not result.success
+    failure = step_failure_text(result, "ct_mask")
+    assert f"1 of 3 patients failed: patient {broken}: " in failure and str(bad_mask) in failure
+    assert predicted not in failure.split("failed:", 1)[1] and referenced not in failure.split("failed:", 1)[1]
+    assert len(loads) == 1  # one model for the whole run (the referenced patient needs none)
+
+    key = dg.AssetKey("ct_mask")
+    # Read back from the instance (the run's event log), as the UI does.
+    logged = [entry.dagster_event for entry in trained.instance.all_logs(result.run_id)
+              if entry.dagster_event and entry.dagster_event.step_key == "ct_mask"]
+    by_patient = {e.partition: e for e in logged if e.is_step_materialization and e.asset_key == key}
+    assert set(by_patient) == {predicted, referenced}
+    meta = {pid: e.step_materialization_data.materialization.metadata for pid, e in by_patient.items()}
+    assert meta[predicted]["source"].value == "predicted" and meta[referenced]["source"].value == "reference"
+    assert meta[predicted]["model_id"].value == trained.training["model_id"]
+    for patient_id in (predicted, referenced):
+        assert (trained.artifacts / "ct_mask" / patient_id / "mask.nii.gz").is_file()
+    assert not (trained.artifacts / "ct_mask" / broken / "mask.nii.gz").exists()
+
+    # What the UI shows: per-patient status, versions and check results.
+    status = trained.instance.get_status_by_partition(key, batch, ct_mask.partitions_def)
+    assert {pid: str(s.value) for pid, s in status.items()} == {
+        predicted: "MATERIALIZED", broken: "FAILED", referenced: "MATERIALIZED"}
+    versions = {pid: e.step_materialization_data.materialization.tags for pid, e in by_patient.items()}
+    assert versions[predicted]["dagster/data_version"] == meta[predicted]["sha256"].value
+    assert versions[referenced]["dagster/code_version"] == "1"
+    checked = {}
+    for event in logged:
+        if event.event_type_value == "ASSET_CHECK_EVALUATION":
+            evaluation = event.event_specific_data
+            checked.setdefault(evaluation.partition, {})[evaluation.check_name] = evaluation.passed
+    assert set(checked) == {predicted, referenced}
+    assert all(checked[referenced].values()) and checked[referenced]  # the real reference mask passes
+
+    # Re-running the failed patient alone, once its file is fixed, completes the range.
+    bad_mask.write_bytes((sources / "GC002" / "stomach.nii.gz").read_bytes())
+    assert trained.materialize([ct_image, ct_mask], partition=broken, selection=[ct_mask]).success
+    status = trained.instance.get_status_by_partition(key, batch, ct_mask.partitions_def)
+    assert {str(s.value) for s in status.values()} == {"MATERIALIZED"}

