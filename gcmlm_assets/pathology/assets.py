@@ -139,23 +139,31 @@ def _slides_table(entries: list[dict], seconds: dict[str, float]) -> str:
 # ---------------------------------------------------------------- uni_features, slide_vector
 
 
-@dg.asset(
-    group_name="pathology",
-    retry_policy=TRANSIENT_RETRY,
+@dg.multi_asset(
+    specs=[dg.AssetSpec(
+        checks.UNI_FEATURES,
+        group_name="pathology",
+        deps=[patch_coords],
+        # Not yielded by a range step: each patient's materialization is logged on its own.
+        skippable=True,
+        description="Patch features of every slide with tissue: one CLAM-layout HDF5 per slide "
+                    "(`features` (N, D), `coords` (N, 2)), from the encoder resource (UNI in production).",
+    )],
     partitions_def=patients_partitions,
-    deps=[patch_coords],
     check_specs=checks.UNI_FEATURES_CHECK_SPECS,
+    # Subsettable so that a range step may leave its check outputs unyielded (it logs each patient's).
+    can_subset=True,
+    retry_policy=TRANSIENT_RETRY,
     # A backfill encodes up to GCMLM_GPU_BATCH_PATIENTS patients per run with one loaded encoder;
     # each patient's features, metadata and checks are still recorded as that patient's own.
     backfill_policy=gpu_backfill_policy(),
-    output_required=False,
     pool=step_pods.GPU_POOL,
     op_tags=step_pods.op_tags(step_pods.GPU),
-    description="Patch features of every slide with tissue: one CLAM-layout HDF5 per slide "
-                "(`features` (N, D), `coords` (N, 2)), from the encoder resource (UNI in production).",
+    required_resource_keys={"storage", "encoder"},
 )
-def uni_features(context: dg.AssetExecutionContext, storage: ArtifactStorage, encoder: PatchEncoder):
-    store = storage.store()
+def uni_features(context: dg.AssetExecutionContext):
+    store = context.resources.storage.store()
+    encoder: PatchEncoder = context.resources.encoder
     model = LoadOnce(encoder.load, errors=(EncoderError, DeviceError))
     yield from per_patient_events(
         context, checks.UNI_FEATURES, lambda patient_id: _uni_features_for(patient_id, store, encoder, model),
@@ -196,6 +204,7 @@ def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_mode
     computed_patches = sum(r.n_patches for r in computed)
     results = list(checks.uni_features_results(reports, identity))
     yield quarantine_on_blocking_failure(store, checks.UNI_FEATURES, patient_id, dg.MaterializeResult(
+        asset_key=checks.UNI_FEATURES,
         metadata={
             "encoder": model.name,
             "embedding_dim": model.embedding_dim,

@@ -235,3 +235,17 @@ def test_a_backfill_range_encodes_many_patients_with_one_encoder(instance, base_
     status = instance.get_status_by_partition(key, batch, uni_features.partitions_def)
     assert {p: str(s.value) for p, s in status.items()} == {"B001": "MATERIALIZED", "B002": "FAILED",
                                                             "B003": "MATERIALIZED"}
+
+    # Once the failed patient has its patch_coords, the same range succeeds: it encodes that patient
+    # and reuses the others' stored features.
+    copy_into(real_slide(test_data), data_root / "landing" / "B002" / "wsi")
+    assert _materialize(instance, [patch_coords], resources, "B002").success
+    again = dg.materialize([uni_features], instance=instance, resources=resources, raise_on_error=False,
+                           tags={ASSET_PARTITION_RANGE_START_TAG: "B001", ASSET_PARTITION_RANGE_END_TAG: "B003"})
+    assert again.success
+    logged = [entry.dagster_event for entry in instance.all_logs(again.run_id)
+              if entry.dagster_event and entry.dagster_event.is_step_materialization]
+    reused = {e.partition: e.step_materialization_data.materialization.metadata["reused_slides"].value for e in logged}
+    assert set(reused) == set(batch) and reused["B002"] == [] and reused["B001"] and reused["B003"]
+    status = instance.get_status_by_partition(key, batch, uni_features.partitions_def)
+    assert {str(s.value) for s in status.values()} == {"MATERIALIZED"}
