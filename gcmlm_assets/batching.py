@@ -86,7 +86,9 @@ class LoadOnce:
 
 class _PatientFailed(Exception):
     def __init__(self, patient_id: str, reason: str, retryable: bool):
-        super().__init__(f"patient {patient_id}: {reason}")
+        prefix = f"patient {patient_id}: "
+        reason = reason[len(prefix):] if reason.startswith(prefix) else reason  # said once, not twice
+        super().__init__(f"{prefix}{reason}")
         self.patient_id, self.reason, self.retryable = patient_id, reason, retryable
 
 

@@ -215,6 +215,7 @@ def test_a_backfill_range_encodes_many_patients_with_one_encoder(instance, base_
     assert not result.success
     failure = _failure(result)
     assert "1 of 3 patients failed: patient B002: " in failure and "materialize patch_coords first" in failure
+    assert "patient B002: patient B002" not in failure
     assert loads == ["vit-tiny-random"]
 
     key = dg.AssetKey("uni_features")
