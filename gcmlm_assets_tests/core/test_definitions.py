@@ -106,3 +106,28 @@ def test_every_per_patient_asset_retries_transient_failures():
         names = {key.to_user_string() for key in assets_def.keys}
         if names & (PER_PATIENT | {"segmentation_model"}):
             assert assets_def.op.retry_policy == TRANSIENT_RETRY, names
+
+
+def test_gpu_assets_share_the_gpu_pool_and_batch_their_backfills():
+    import os
+    import subprocess
+    import sys
+
+    from gcmlm_assets.step_pods import GPU_POOL
+
+    defs = build_definitions("local", "production")
+    gpu = {"segmentation_model", "ct_mask", "uni_features"}
+    for assets_def in defs.assets:
+        [name] = {key.to_user_string() for key in assets_def.keys}
+        assert (assets_def.op.pool == GPU_POOL) == (name in gpu), name
+        batched = assets_def.backfill_policy
+        if name in {"ct_mask", "uni_features"}:
+            assert batched is not None and batched.max_partitions_per_run == 32, name
+        else:
+            assert batched is None, name
+    # The batch size comes from the code location's environment when the assets are defined.
+    probe = ("from gcmlm_assets.definitions import defs; "
+             "print(sorted(a.backfill_policy.max_partitions_per_run for a in defs.assets if a.backfill_policy))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, "GCMLM_GPU_BATCH_PATIENTS": "8"}).stdout
+    assert out.strip().splitlines()[-1] == "[8, 8]"
