@@ -34,17 +34,17 @@ ITEM = "[]"  # the path segment of a list item
 
 @pytest.fixture(scope="module")
 def values() -> dict:
-    return yaml.safe_load(VALUES_FILE.read_text())
+    return yaml.safe_load(VALUES_FILE.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
 def schema_keys() -> dict:
-    return yaml.safe_load(SCHEMA_KEYS_FILE.read_text())
+    return yaml.safe_load(SCHEMA_KEYS_FILE.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
 def k8s_instance() -> dict:
-    return yaml.safe_load(K8S_INSTANCE_FILE.read_text())
+    return yaml.safe_load(K8S_INSTANCE_FILE.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -150,11 +150,11 @@ def check_tree(node: Any, path: tuple[str, ...], table: KeyTable, kinds: dict[st
 def test_schema_key_list_names_its_chart_version(schema_keys, values):
     assert schema_keys["chart"] == "dagster/dagster"
     pinned = schema_keys["chart_version"]
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     assert f"dagster=={pinned}" in pyproject["project"]["dependencies"], \
         "the chart's version is the Dagster version it ships"
-    assert f"--version {pinned}" in VALUES_FILE.read_text()
-    assert f"--version {pinned}" in (REPO / "deploy" / "README.md").read_text()
+    assert f"--version {pinned}" in VALUES_FILE.read_text(encoding="utf-8")
+    assert f"--version {pinned}" in (REPO / "deploy" / "README.md").read_text(encoding="utf-8")
 
 
 def test_every_key_is_a_chart_key_of_the_right_type(values, schema_keys):
@@ -220,13 +220,13 @@ def test_postgres_password_comes_from_a_secret_only(values):
         if "password" in name or "secret" in name or "token" in name:
             assert path == ("global", "postgresqlSecretName") or name == "generatepostgresqlpasswordsecret", \
                 f"{show(path)} in the values file: secrets belong in Kubernetes Secrets"
-    text = VALUES_FILE.read_text()
+    text = VALUES_FILE.read_text(encoding="utf-8")
     assert "postgresqlPassword" not in text
     assert not re.search(r"(?i)PASSWORD=", text)
 
 
 def test_code_location_module_and_environment(deployment):
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     module = pyproject["tool"]["dagster"]["module_name"]
     assert deployment["dagsterApiGrpcArgs"] == ["-m", module] == ["-m", "gcmlm_assets.definitions"]
     env = deployment["env"]
@@ -276,7 +276,7 @@ def test_the_shared_volume_is_mounted_at_data_everywhere(deployment, launcher, k
 
 
 def test_pods_run_as_the_images_non_root_user(deployment, launcher):
-    user = re.search(r"^USER\s+(\d+)(?::(\d+))?\s*$", DOCKERFILE.read_text(), re.MULTILINE)
+    user = re.search(r"^USER\s+(\d+)(?::(\d+))?\s*$", DOCKERFILE.read_text(encoding="utf-8"), re.MULTILINE)
     assert user, "deploy/Dockerfile sets a numeric USER"
     uid = int(user.group(1))
     pod = deployment["podSecurityContext"]
@@ -322,7 +322,7 @@ def test_gpu_pool_has_a_default_limit(values, k8s_instance):
     assert isinstance(pools["defaultLimit"], int) and pools["defaultLimit"] >= 1
     assert pools["granularity"] == "op"
     assert step_pods.GPU_POOL == "gpu"
-    assert "number of GPUs" in VALUES_FILE.read_text()
+    assert "number of GPUs" in VALUES_FILE.read_text(encoding="utf-8")
 
 
 def test_daemon_runs_sensors_and_automation(values):

@@ -56,7 +56,7 @@ def parse_dockerfile(text: str) -> list[Instruction]:
 
 @pytest.fixture(scope="module")
 def instructions() -> list[Instruction]:
-    return parse_dockerfile(DOCKERFILE.read_text())
+    return parse_dockerfile(DOCKERFILE.read_text(encoding="utf-8"))
 
 
 def stages(instructions: list[Instruction]) -> list[list[Instruction]]:
@@ -118,7 +118,7 @@ def test_hadolint_does_report(tmp_path):
 
 def test_hadolint_ignores_carry_a_reason():
     """Every `# hadolint ignore=` is preceded by a comment that says why."""
-    lines = DOCKERFILE.read_text().splitlines()
+    lines = DOCKERFILE.read_text(encoding="utf-8").splitlines()
     for index, line in enumerate(lines):
         if line.strip().startswith("# hadolint ignore="):
             reason = lines[index - 1].strip() if index else ""
@@ -141,7 +141,7 @@ def test_cuda_major_matches_the_torch_wheel(instructions):
     """PyPI's torch 2.14.1 Linux wheel is built for CUDA 13.0 (it depends on cuda-toolkit 13.0)."""
     base = next(i.args.split()[0] for i in instructions if i.name == "FROM")
     assert CUDA_RUNTIME_IMAGE.fullmatch(base).group(1) == "13"
-    assert pins(DOCKERFILE.read_text())["torch"] == "2.14.1"
+    assert pins(DOCKERFILE.read_text(encoding="utf-8"))["torch"] == "2.14.1"
 
 
 def test_python_311_from_the_distribution(instructions):
@@ -168,12 +168,12 @@ def test_install_order_and_pins_follow_the_makefile_and_pyproject(instructions):
     assert torch_step < radiomics_step < project_step, "torch and numpy, then PyRadiomics, then the project"
     assert "numpy==" in runs[torch_step].args and "versioneer" in runs[torch_step].args
 
-    dockerfile_pins = pins(DOCKERFILE.read_text())
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    dockerfile_pins = pins(DOCKERFILE.read_text(encoding="utf-8"))
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     project_pins = pins(" ".join(pyproject["project"]["dependencies"]))
     for name in ("torch", "torchvision", "numpy", "pyradiomics"):
         assert dockerfile_pins[name] == project_pins[name], f"{name}: the Dockerfile and pyproject.toml agree"
-    makefile_pins = pins((REPO / "Makefile").read_text())
+    makefile_pins = pins((REPO / "Makefile").read_text(encoding="utf-8"))
     for name in ("torch", "torchvision", "numpy", "pyradiomics"):
         assert dockerfile_pins[name] == makefile_pins[name], f"{name}: the Dockerfile and the Makefile agree"
 
@@ -226,11 +226,11 @@ def test_grpc_entry(instructions):
 
 
 def test_dockerignore_keeps_local_state_out_of_the_context():
-    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
                 if line.strip() and not line.startswith("#")]
     for needed in (".git", ".venv*", "data/", "benchmarks/out/", "**/__pycache__/", ".pytest_cache/"):
         assert needed in patterns, needed
-    copied = [i.args.split()[:-1] for i in parse_dockerfile(DOCKERFILE.read_text())
+    copied = [i.args.split()[:-1] for i in parse_dockerfile(DOCKERFILE.read_text(encoding="utf-8"))
               if i.name == "COPY" and not i.args.startswith("--from")]
     for sources in copied:
         for source in sources:

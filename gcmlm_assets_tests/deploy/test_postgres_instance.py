@@ -50,7 +50,7 @@ def write_synthetic_ct(path: Path, seed: int) -> None:
 
 def _instance_home(home: Path) -> None:
     """DAGSTER_HOME/dagster.yaml holding only the production instance's storage section."""
-    production = yaml.safe_load(K8S_INSTANCE.read_text())
+    production = yaml.safe_load(K8S_INSTANCE.read_text(encoding="utf-8"))
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text(yaml.safe_dump({"storage": production["storage"]}))
 

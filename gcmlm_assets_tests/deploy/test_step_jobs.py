@@ -151,7 +151,7 @@ def build_step_jobs(workdir: Path) -> dict:
         "gcmlm_assets.definitions", "defs", str(PROJECT_ROOT), container_image=TEST_IMAGE)
     recon_job = repository.get_reconstructable_job(job_def.name)
 
-    launcher = copy.deepcopy(yaml.safe_load(INSTANCE_YAML.read_text())["run_launcher"])
+    launcher = copy.deepcopy(yaml.safe_load(INSTANCE_YAML.read_text(encoding="utf-8"))["run_launcher"])
     launcher.setdefault("config", {}).update(
         load_incluster_config=False, kubeconfig_file=str(_kubeconfig(workdir / "kubeconfig")))
 
@@ -230,7 +230,7 @@ def built(tmp_path_factory) -> dict:
                               cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         pytest.fail(f"building the step jobs failed (exit {done.returncode}):\n{done.stderr[-6000:]}")
-    return json.loads(out.read_text())
+    return json.loads(out.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
