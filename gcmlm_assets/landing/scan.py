@@ -142,6 +142,7 @@ class TickPlan:
     cursor: str
     walked: int = 0  # drops whose files were walked this tick
     files: int = 0  # file entries stat'ed by those walks
+    held: list[RunPlan] = field(default_factory=list)  # due, but their modality is held back
 
 
 def scan_landing_zone(root: str | os.PathLike) -> LandingScan:
@@ -177,16 +178,20 @@ def cursor_state(cursor: str | None) -> tuple[int, dict[str, str]]:
     return int(state.get("w", 0)), dict(state.get("seen", {}))
 
 
-def plan_tick(scan: LandingScan, cursor: str | None, max_runs: int) -> TickPlan:
+def plan_tick(scan: LandingScan, cursor: str | None, max_runs: int,
+              held: frozenset[str] = frozenset()) -> TickPlan:
     """Which runs this tick requests, and the cursor that remembers it.
 
     Walks the drops committed at or after the watermark, oldest first, until `max_runs` runs
     are found; the newer ones wait unwalked, so whatever is deferred sits above the new watermark.
+    Runs of a `held` modality (one that would fail for a reason of the platform's, not the drop's)
+    are not requested and not remembered: like deferred ones, a later tick requests them.
     """
     watermark, seen = cursor_state(cursor)
     candidates = sorted((d for d in scan.drops if d.changed_ns >= watermark),
                         key=lambda d: (d.changed_ns, d.patient_id))
     fresh: list[tuple[int, RunPlan]] = []  # changed and not yet requested
+    holding: list[tuple[int, RunPlan]] = []  # changed, but of a held modality
     handled: list[PatientDrop] = []  # walked: each modality is fresh or already requested
     waiting: list[PatientDrop] = []  # not walked: the cap is full
     for drop in candidates:
@@ -201,9 +206,10 @@ def plan_tick(scan: LandingScan, cursor: str | None, max_runs: int) -> TickPlan:
         handled.append(drop)
         for modality, ms in sorted(modalities.items()):
             if seen.get(f"{drop.patient_id}|{modality}") != ms.fingerprint:
-                fresh.append((drop.changed_ns, RunPlan(drop.patient_id, modality, ms.fingerprint)))
+                due = (drop.changed_ns, RunPlan(drop.patient_id, modality, ms.fingerprint))
+                (holding if modality in held else fresh).append(due)
 
-    taken, over = fresh[:max_runs], fresh[max_runs:]
+    taken, over = fresh[:max_runs], fresh[max_runs:] + holding
     deferred_times = [t for t, _ in over] + [d.changed_ns for d in waiting]
     if deferred_times:
         new_watermark = min(deferred_times)
@@ -232,8 +238,9 @@ def plan_tick(scan: LandingScan, cursor: str | None, max_runs: int) -> TickPlan:
                             separators=(",", ":"))
     return TickPlan(
         runs=[plan for _, plan in taken],
-        deferred=len(waiting) + len({p.patient_id for _, p in over}),
+        deferred=len(waiting) + len({p.patient_id for _, p in fresh[max_runs:]}),
         cursor=new_cursor,
         walked=len(handled),
         files=sum(ms.files for d in handled for ms in d.modalities.values()),
+        held=[plan for _, plan in holding],
     )

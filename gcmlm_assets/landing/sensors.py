@@ -6,7 +6,11 @@ import dagster as dg
 
 from gcmlm_assets.landing.scan import plan_tick, scan_landing_zone
 from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.pathology.resources import PatchEncoder
 from gcmlm_assets.resources import LandingZone
+
+# Patient ids named in a tick's log line; more are counted.
+NAMED_IN_LOG = 5
 
 # What a change of each modality re-materializes for that patient.
 MODALITY_ASSETS: dict[str, list[dg.AssetKey]] = {
@@ -21,13 +25,19 @@ MODALITY_ASSETS: dict[str, list[dg.AssetKey]] = {
     asset_selection=[key for keys in MODALITY_ASSETS.values() for key in keys],
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Scans the landing zone (names, sizes, times only) and requests runs "
-    "for new or changed patient drops that carry a READY marker.",
+    "for new or changed patient drops that carry a READY marker. Pathology runs are held while "
+    "the encoder has no weights (the tick says why); a tick that requests nothing is skipped.",
 )
-def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingZone) -> dg.SensorResult:
+def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingZone,
+                   encoder: PatchEncoder) -> dg.SensorResult:
+    # Pathology runs would all fail while the encoder has no weights: they wait (unremembered, so
+    # a later tick requests them) and the tick says why, until the setting is fixed.
+    pathology_held = encoder.missing_weights()
     # Lists READY and the folder of each patient; plan_tick walks only the drops whose READY
     # (or folder) is at or above the cursor's watermark.
     scan = scan_landing_zone(landing.path())
-    plan = plan_tick(scan, context.cursor, landing.max_runs_per_tick)
+    plan = plan_tick(scan, context.cursor, landing.max_runs_per_tick,
+                     held=frozenset({"pathology"}) if pathology_held else frozenset())
     for folder, reason in scan.invalid:
         context.log.warning(f"landing zone: folder {folder!r} ignored: invalid patient id ({reason})")
     for folder, error in scan.unreadable:
@@ -48,10 +58,21 @@ def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingZone) ->
     if plan.deferred:
         context.log.info(f"{plan.deferred} changed drops wait for the next tick "
                          f"(cap {landing.max_runs_per_tick} runs per tick)")
-    context.log.info(f"landing zone: {len(scan.drops)} ready ({plan.walked} walked), "
-                     f"{len(scan.not_ready)} without READY, "
-                     f"{len(scan.invalid)} invalid, {len(new_patients)} new, "
-                     f"{len(run_requests)} runs requested")
+    if plan.held:
+        context.log.warning(f"pathology held for {_named(p.patient_id for p in plan.held)}: {pathology_held} "
+                            "Their runs start on the first tick after that is fixed.")
+    by_modality = {m: [r.patient_id for r in plan.runs if r.modality == m] for m in MODALITY_ASSETS}
+    context.log.info(
+        f"landing zone: {len(new_patients)} new patient(s){_names(new_patients)}; runs requested: "
+        + ", ".join(f"{m} {_named(ids)}" for m, ids in by_modality.items())
+        + f"; {len(scan.not_ready)} drop(s) waiting for READY{_names(scan.not_ready)}; "
+        f"{len(scan.drops)} ready ({plan.walked} walked), {len(scan.invalid)} invalid")
+    if not run_requests and not new_patients:
+        # A skipped tick: the UI's tick list can hide these, so the ticks that did something stand out.
+        held_note = f"; pathology held for {_named(p.patient_id for p in plan.held)}" if plan.held else ""
+        return dg.SensorResult(skip_reason=f"no new or changed drop with READY ({len(scan.drops)} ready, "
+                                           f"{len(scan.not_ready)} waiting for READY{held_note})",
+                               cursor=plan.cursor)
     return dg.SensorResult(
         run_requests=run_requests,
         dynamic_partitions_requests=(
@@ -59,3 +80,16 @@ def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingZone) ->
         ),
         cursor=plan.cursor,
     )
+
+
+def _names(patient_ids) -> str:
+    ids = list(patient_ids)
+    if not ids:
+        return ""
+    shown = ", ".join(ids[:NAMED_IN_LOG]) + (f", +{len(ids) - NAMED_IN_LOG} more" if len(ids) > NAMED_IN_LOG else "")
+    return f" ({shown})"
+
+
+def _named(patient_ids) -> str:
+    ids = list(patient_ids)
+    return f"{len(ids)}{_names(ids)}"

@@ -97,6 +97,16 @@ class PatchEncoder(dg.ConfigurableResource):
     device: str = Field(default="auto", description='"auto" (CUDA where the process sees a GPU, else CPU), '
                                                      '"cuda" (bf16 autocast) or "cpu"')
 
+    def missing_weights(self) -> str | None:
+        """Why the encoder cannot load its weights here (unknown name, no or unreadable checkpoint), or None."""
+        from gcmlm_assets.pathology.encoders import EncoderError, get_spec, resolve_checkpoint
+
+        try:
+            resolve_checkpoint(get_spec(self.name), self.checkpoint or None)
+        except EncoderError as error:
+            return str(error)
+        return None
+
     def load(self) -> "tuple[LoadedEncoder, ResolvedDevice]":
         """The encoder on its device. A step loads it once and encodes every patient of its run with it."""
         from gcmlm_assets.pathology.encoders import get_spec, load_encoder, resolve_checkpoint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import dagster as dg
 
 from gcmlm_assets.landing.sensors import landing_sensor
+from gcmlm_assets.pathology.resources import PatchEncoder
 from gcmlm_assets.resources import LandingZone
 
 
@@ -42,17 +44,31 @@ def touch_ready(folder: Path) -> None:
     os.utime(folder / "READY")
 
 
+class _Collect(logging.Handler):
+    def __init__(self, into: list[str]):
+        super().__init__()
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
+
+
 class Ticker:
     """Evaluates the sensor like the daemon does: cursor carried over, partition requests applied."""
 
-    def __init__(self, instance: dg.DagsterInstance, landing_root: Path, max_runs: int = 200):
+    def __init__(self, instance: dg.DagsterInstance, landing_root: Path, max_runs: int = 200,
+                 encoder: PatchEncoder | None = None):
         self.instance = instance
         self.landing = LandingZone(root=str(landing_root), max_runs_per_tick=max_runs)
+        # An encoder that needs no weights unless a test says otherwise.
+        self.encoder = encoder or PatchEncoder(name="vit-tiny-random")
         self.cursor: str | None = None
+        self.messages: list[str] = []  # what the ticks logged, as the UI's tick log shows it
 
     def tick(self) -> dg.SensorResult:
         with dg.build_sensor_context(instance=self.instance, cursor=self.cursor,
-                                     resources={"landing": self.landing}) as context:
+                                     resources={"landing": self.landing, "encoder": self.encoder}) as context:
+            context.log.addHandler(_Collect(self.messages))
             result = landing_sensor(context)
         for request in result.dynamic_partitions_requests or []:
             self.instance.add_dynamic_partitions(request.partitions_def_name,

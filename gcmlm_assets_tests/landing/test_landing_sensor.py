@@ -190,3 +190,30 @@ def test_broken_link_in_one_drop_does_not_stop_the_tick(instance, landing_root):
     result = ticker.tick()
     # Both drops are planned; the pathology run of P001 will fail naming the broken file.
     assert requested(result) == [("P001", "pathology"), ("P001", "radiology"), ("P002", "radiology")]
+
+
+def test_pathology_waits_while_the_encoder_has_no_weights(instance, landing_root, tmp_path, monkeypatch):
+    """No run doomed to fail: without UNI weights the pathology runs are held (radiology goes on),
+    the tick says why and for whom, and they are requested once a checkpoint is configured."""
+    from gcmlm_assets.pathology.resources import PatchEncoder
+
+    monkeypatch.delenv("GCMLM_UNI_CHECKPOINT", raising=False)
+    make_drop(landing_root, "P001", wsi=True)
+    make_drop(landing_root, "P002", wsi=True)
+    ticker = Ticker(instance, landing_root, encoder=PatchEncoder(name="uni"))
+    first = ticker.tick()
+    assert requested(first) == [("P001", "radiology"), ("P002", "radiology")]
+    assert ticker.partitions() == {"P001", "P002"}
+    held = [m for m in ticker.messages if "pathology held" in m]
+    assert held and "pathology held for 2 (P001, P002)" in held[0]
+    assert "encoder 'uni' needs local weights" in held[0] and "GCMLM_UNI_CHECKPOINT" in held[0]
+    summary = [m for m in ticker.messages if m.startswith("landing zone:")]
+    assert "2 new patient(s) (P001, P002)" in summary[-1] and "radiology 2 (P001, P002)" in summary[-1]
+
+    second = ticker.tick()  # still held; nothing requested twice, and the tick is a skip that says why
+    assert second.run_requests == [] and "pathology held for 2 (P001, P002)" in second.skip_reason.skip_message
+    weights = tmp_path / "pytorch_model.bin"
+    weights.write_bytes(b"weights of the operator's UNI checkpoint")
+    monkeypatch.setenv("GCMLM_UNI_CHECKPOINT", str(weights))
+    assert requested(ticker.tick()) == [("P001", "pathology"), ("P002", "pathology")]
+    assert ticker.tick().run_requests == []
