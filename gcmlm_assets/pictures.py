@@ -6,18 +6,31 @@ import base64
 import io
 from pathlib import Path
 
-import matplotlib
+from gcmlm_assets.storage import atomic_write_bytes
 
-matplotlib.use("Agg")  # no display in workers or pods
-import matplotlib.pyplot as plt  # noqa: E402
 
-from gcmlm_assets.storage import atomic_write_bytes  # noqa: E402
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display in workers or pods), imported on first use:
+    loading the definitions must not pay for matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def __getattr__(name: str):
+    # `pictures.plt` / `from gcmlm_assets.pictures import plt`, imported only when asked for.
+    if name == "plt":
+        return pyplot()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def figure_png(fig, dpi: int = 80) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
     return buffer.getvalue()
 
 

@@ -18,11 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
-import pyarrow.parquet as pq
-import sklearn
 
 from gcmlm_assets import pictures, step_pods
-from gcmlm_assets.cohort import clinical, fusion, modelling
+from gcmlm_assets.lazy import lazy
 from gcmlm_assets.cohort.soundness_facts import declared_blocking_checks, unsound_results
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.partitions import patients_partitions
@@ -30,6 +28,13 @@ from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import (
     VERSION_POINTER, ArtifactStore, atomic_write_bytes, atomic_write_json, new_version_folder, publish_version,
     read_version_pointer, sha256_file, sha256_text, version_intact)
+
+# Imported by the steps that use them, not when the definitions load (gcmlm_assets/lazy.py).
+pq = lazy("pyarrow.parquet")
+sklearn = lazy("sklearn")
+clinical = lazy("gcmlm_assets.cohort.clinical")
+fusion = lazy("gcmlm_assets.cohort.fusion")
+modelling = lazy("gcmlm_assets.cohort.modelling")
 
 GROUP = "cohort"
 CLINICAL_CSV = "clinical.csv"
@@ -242,7 +247,7 @@ def _reusable_version(root: Path, fingerprint: str) -> dict | None:
     return pointer if version_intact(root, pointer) else None
 
 
-def _wait_for_labels(context, root: Path, counts: dict[str, int], settings: modelling.ModelSettings,
+def _wait_for_labels(context, root: Path, counts: dict[str, int], settings: "modelling.ModelSettings",
                      fused_sha: str, why: str) -> Iterator[dg.MaterializeResult]:
     """Too few labelled patients: not a failure. Say so; re-state the last good model if any (so
     risk_scores scores the new table with it), else yield nothing (risk_scores is skipped)."""
@@ -273,8 +278,8 @@ def _wait_for_labels(context, root: Path, counts: dict[str, int], settings: mode
                              "present_per_class": dg.MetadataValue.json(counts), "needed_per_class": needed})
 
 
-def _train_and_publish(context, root: Path, data: modelling.CohortData, fused_path: Path, fused_sha: str,
-                       settings: modelling.ModelSettings, fingerprint: str) -> dict:
+def _train_and_publish(context, root: Path, data: "modelling.CohortData", fused_path: Path, fused_sha: str,
+                       settings: "modelling.ModelSettings", fingerprint: str) -> dict:
     cv = modelling.cross_validate(data, settings)
     context.log.info(f"cross-validated {len(cv.labels)} patients: {cv.n_splits} folds x {cv.n_repeats} repeats")
     for note in cv.notes:

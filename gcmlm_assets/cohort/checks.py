@@ -9,16 +9,18 @@ patients is a non-blocking WARN: risk_model itself waits for more and keeps its 
 import json
 
 import dagster as dg
-import pyarrow.parquet as pq
 
 from gcmlm_assets.cohort import qc
 from gcmlm_assets.cohort.assets import (
     CLINICAL_PROBLEMS, FUSED_FILE, FUSION_REPORT, METRICS_FILE, RISK_MODEL, SCORES_FILE, clinical_table,
     current_model_version, fused_table, risk_scores, train_risk_model)
-from gcmlm_assets.cohort.fusion import AVAILABILITY, CLINICAL
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.resources import ArtifactStorage
+from gcmlm_assets.lazy import lazy
 from gcmlm_assets.storage import VERSION_POINTER
+
+pq = lazy("pyarrow.parquet")
+fusion = lazy("gcmlm_assets.cohort.fusion")
 
 SEVERITY = {qc.WARN: dg.AssetCheckSeverity.WARN, qc.ERROR: dg.AssetCheckSeverity.ERROR,
             qc.PASS: dg.AssetCheckSeverity.ERROR}
@@ -70,7 +72,7 @@ def enough_labelled_patients(storage: ArtifactStorage, risk_model: RiskModelSett
     path = storage.store().path("fused_table", None, FUSED_FILE)
     if not path.is_file():
         return _missing(path)
-    flags = [f for m, f in AVAILABILITY.items() if m != CLINICAL]
+    flags = [f for m, f in fusion.AVAILABILITY.items() if m != fusion.CLINICAL]
     table = pq.read_table(path, columns=["patient_id", "mlm", *flags])
     return _result(qc.enough_labelled(table, risk_model.min_labelled_per_class))
 
@@ -97,7 +99,7 @@ def scores_valid(storage: ArtifactStorage) -> dg.AssetCheckResult:
     for path in (scores_path, fused_path):
         if not path.is_file():
             return _missing(path)
-    flags = [f for m, f in AVAILABILITY.items() if m != CLINICAL]
+    flags = [f for m, f in fusion.AVAILABILITY.items() if m != fusion.CLINICAL]
     fused = pq.read_table(fused_path, columns=["patient_id", *flags]).to_pylist()
     expected = [row["patient_id"] for row in fused if any(row[f] for f in flags)]
     return _result(qc.scores_valid(pq.read_table(scores_path), expected))

@@ -10,11 +10,12 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
-import pyarrow as pa
+from gcmlm_assets.lazy import lazy
 
-from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
-from gcmlm_assets.cohort.fusion import AVAILABILITY, CLINICAL
+# The check steps import these when they run; the definitions (which name the checks) do not.
+np = lazy("numpy")
+clinical = lazy("gcmlm_assets.cohort.clinical")
+fusion = lazy("gcmlm_assets.cohort.fusion")
 
 PASS, WARN, ERROR = "pass", "warn", "error"
 LISTED = 20  # problems spelled out in a description; the metadata table holds them all
@@ -113,16 +114,16 @@ def modalities_aligned(report: dict) -> Verdict:
     return Verdict(PASS, "every patient's features and clinical row line up", metadata)
 
 
-def enough_labelled(table: pa.Table, min_per_class: int) -> Verdict:
+def enough_labelled(table, min_per_class: int) -> Verdict:
     """Labelled patients with at least one feature block, per class, against the configured minimum.
 
     Too few is a WARN, not an error: the cohort is still growing, risk_model waits (and keeps its
     last good model) until enough patients are labelled.
     """
-    labels = table.column(LABEL_COLUMN).to_pylist()
+    labels = table.column(clinical.LABEL_COLUMN).to_pylist()
     has_features = np.zeros(table.num_rows, bool)
-    for modality, flag in AVAILABILITY.items():
-        if modality != CLINICAL and flag in table.column_names:
+    for modality, flag in fusion.AVAILABILITY.items():
+        if modality != fusion.CLINICAL and flag in table.column_names:
             has_features |= np.asarray(table.column(flag).to_pylist(), bool)
     counts = {"positive": int(sum(1 for v, f in zip(labels, has_features) if f and v == 1)),
               "negative": int(sum(1 for v, f in zip(labels, has_features) if f and v == 0))}
@@ -151,10 +152,10 @@ def cv_auc_reported(metrics: dict, model: str = "fused") -> Verdict:
     return Verdict(PASS, text, metadata)
 
 
-def scores_valid(scores: pa.Table, expected_ids: list[str]) -> Verdict:
+def scores_valid(scores, expected_ids: list[str]) -> Verdict:
     """Probabilities finite and in [0, 1], risk groups known, every expected patient scored once."""
     probabilities = np.asarray(scores.column("probability").to_numpy(zero_copy_only=False), float)
-    ids = scores.column(ID_COLUMN).to_pylist()
+    ids = scores.column(clinical.ID_COLUMN).to_pylist()
     problems = []
     bad = ~np.isfinite(probabilities) | (probabilities < 0) | (probabilities > 1)
     if bad.any():

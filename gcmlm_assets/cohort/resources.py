@@ -7,7 +7,6 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field
 
-from gcmlm_assets.cohort.modelling import ModelSettings
 from gcmlm_assets.profiles import PRODUCTION, Profile
 
 
@@ -32,7 +31,9 @@ class RiskModelSettings(dg.ConfigurableResource):
                                          "patient is 'high' risk; empty: the fused CV Youden threshold.")
     seed: int = Field(default=0, description="Seed of the splits, bootstrap and stochastic estimators.")
 
-    def model_settings(self) -> ModelSettings:
+    def model_settings(self):
+        from gcmlm_assets.cohort.modelling import ModelSettings  # scikit-learn only in the steps
+
         return ModelSettings(**{name: getattr(self, name) for name in ModelSettings.__dataclass_fields__})
 
 

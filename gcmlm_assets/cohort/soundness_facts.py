@@ -13,9 +13,12 @@ import dagster as dg
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as CheckStatus
 
-from gcmlm_assets.cohort import fusion, soundness
+from gcmlm_assets.cohort import soundness
+from gcmlm_assets.lazy import lazy
 from gcmlm_assets.patients import patient_id_problem
 from gcmlm_assets.storage import ArtifactStore, sha256_file
+
+fusion = lazy("gcmlm_assets.cohort.fusion")  # pyarrow only when a fused table is built
 
 RUN_BATCH = 100  # run ids per get_runs query
 CHECK_HISTORY_PAGE = 1000  # check executions per history query

@@ -8,6 +8,7 @@ import dagster as dg
 from gcmlm_assets import step_pods
 from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events
 from gcmlm_assets.devices import DeviceError
+from gcmlm_assets.lazy import lazy
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
 from gcmlm_assets.pathology import checks
@@ -20,14 +21,6 @@ from gcmlm_assets.pathology.patch_coords import (
     slide_entry,
     tile_patient,
     write_patient_outputs,
-)
-from gcmlm_assets.pathology.encoders import EncoderError
-from gcmlm_assets.pathology.extract import (
-    ExtractionError,
-    describe_reading,
-    extract_patient,
-    read_patch_grid,
-    validate_feature_file,
 )
 from gcmlm_assets.pathology.pooling import (
     PoolingError,
@@ -42,6 +35,10 @@ from gcmlm_assets.pathology.tiling import TILING_VERSION
 from gcmlm_assets.pictures import png_markdown
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import sha256_file, sha256_text
+
+# torch only in the step that encodes (gcmlm_assets/lazy.py): the definitions must load light.
+encoders = lazy("gcmlm_assets.pathology.encoders")
+extract = lazy("gcmlm_assets.pathology.extract")
 
 SLIDE_VECTOR_FILE = "slide_vector.parquet"
 
@@ -164,7 +161,7 @@ def _slides_table(entries: list[dict], seconds: dict[str, float]) -> str:
 def uni_features(context: dg.AssetExecutionContext):
     store = context.resources.storage.store()
     encoder: PatchEncoder = context.resources.encoder
-    model = LoadOnce(encoder.load, errors=(EncoderError, DeviceError))
+    model = LoadOnce(encoder.load, errors=(encoders.EncoderError, DeviceError))
     yield from per_patient_events(
         context, checks.UNI_FEATURES, lambda patient_id: _uni_features_for(patient_id, store, encoder, model),
         checks.UNI_FEATURES_CHECK_SPECS)
@@ -180,18 +177,18 @@ def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_mode
     out_dir = store.asset_dir(checks.UNI_FEATURES, patient_id)
     started = time.perf_counter()
     try:
-        done = extract_patient(listing, out_dir, model, batch_size=encoder.batch_size,
+        done = extract.extract_patient(listing, out_dir, model, batch_size=encoder.batch_size,
                                num_workers=encoder.num_workers, read_threads=encoder.read_threads,
                                feature_dtype="float16" if encoder.float16_features else "float32",
                                scaled_decode=encoder.scaled_decode)
-    except ExtractionError as error:
+    except extract.ExtractionError as error:
         raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from error
     seconds = time.perf_counter() - started
 
     identity = model.identity()
     # Expected rows come from the coordinate files themselves, not from what extraction reported.
-    reports = [validate_feature_file(r.output, expected_dim=model.embedding_dim, expected_encoder=identity,
-                                     expected_rows=read_patch_grid(r.attrs["coords_path"]).n_patches)
+    reports = [extract.validate_feature_file(r.output, expected_dim=model.embedding_dim, expected_encoder=identity,
+                                             expected_rows=extract.read_patch_grid(r.attrs["coords_path"]).n_patches)
                for r in done.results]
     files = {r.output.name: sha256_file(r.output) for r in done.results}
     store.write_manifest(checks.UNI_FEATURES, patient_id, {
@@ -218,7 +215,7 @@ def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_mode
             "reused_slides": dg.MetadataValue.json([r.output.name for r in done.results if r.reused]),
             "readers": dg.MetadataValue.json({r.output.name: r.reader_label for r in done.results}),
             "scaled_decode": encoder.scaled_decode,
-            "reading": describe_reading(encoder.num_workers, encoder.read_threads),
+            "reading": extract.describe_reading(encoder.num_workers, encoder.read_threads),
             "feature_dtype": "float16" if encoder.float16_features else "float32",
             "device": str(model.device),
             "device_reason": device.reason,

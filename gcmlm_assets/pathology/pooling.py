@@ -18,8 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import h5py
-import numpy as np
+from gcmlm_assets.lazy import lazy
+
+# Imported on first use: the definitions import this module's constants and types, not its work.
+h5py = lazy("h5py")
+np = lazy("numpy")
+
 
 DEFAULT_CHUNK_ROWS = 8192
 

@@ -16,9 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
-import numpy as np
-import openslide
+from gcmlm_assets.lazy import lazy
+
+# Imported on first use: the definitions import this module's constants and types, not its work.
+cv2 = lazy("cv2")
+np = lazy("numpy")
+openslide = lazy("openslide")
+
 
 # Where a slide's microns-per-pixel came from, best first.
 MPP_FROM_OPENSLIDE = "openslide.mpp"

@@ -27,10 +27,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
-import h5py
-import numpy as np
 
+from gcmlm_assets.lazy import lazy
 from gcmlm_assets.pathology.slides import PLAUSIBLE_MPP, Slide, SlideError, SlideInfo
 from gcmlm_assets.pathology.tissue import (
     SegmentationParams,
@@ -40,6 +38,11 @@ from gcmlm_assets.pathology.tissue import (
     tissue_binary,
 )
 from gcmlm_assets.storage import atomic_path
+
+# Imported on first use: the definitions import this module's constants and types, not its work.
+cv2 = lazy("cv2")
+h5py = lazy("h5py")
+np = lazy("numpy")
 
 # Bump when a change of this module changes its output for the same inputs.
 TILING_VERSION = "2"
@@ -585,9 +588,9 @@ def read_coords_h5(path: str | os.PathLike) -> PatchCoords:
 def tiling_picture(results: list[TilingResult], *, max_side: int = 640, max_slides: int = 6) -> bytes:
     """PNG: each slide's low-resolution image with tissue contours (green), holes
     (blue) and kept patches (red squares)."""
-    import matplotlib.pyplot as plt
+    from gcmlm_assets.pictures import figure_png, pyplot
 
-    from gcmlm_assets.pictures import figure_png
+    plt = pyplot()
 
     shown = results[:max_slides]
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 4.6), squeeze=False)

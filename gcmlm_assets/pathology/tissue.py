@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import cv2
-import numpy as np
+from gcmlm_assets.lazy import lazy
+
+# Imported on first use: the definitions import this module's constants and types, not its work.
+cv2 = lazy("cv2")
+np = lazy("numpy")
+
 
 
 @dataclass(frozen=True)

@@ -10,17 +10,23 @@ import json
 from pathlib import Path
 
 import dagster as dg
-import SimpleITK as sitk
 
 from gcmlm_assets import step_pods
 from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
 from gcmlm_assets.pictures import png_markdown, save_png
-from gcmlm_assets.radiology import checks, ct_io, features, masks, model_lifecycle
+from gcmlm_assets.lazy import lazy
+from gcmlm_assets.radiology import checks, model_lifecycle
 from gcmlm_assets.radiology.resources import RadiomicsSettings
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import atomic_write_json, sha256_file, sha256_text
+
+# Imported by the steps that use them, not when the definitions load (gcmlm_assets/lazy.py).
+sitk = lazy("SimpleITK")
+ct_io = lazy("gcmlm_assets.radiology.ct_io")
+features = lazy("gcmlm_assets.radiology.features")
+masks = lazy("gcmlm_assets.radiology.masks")
 
 # Bump when a change of code changes an asset's output bytes: stored outputs are then recomputed.
 CT_IMAGE_VERSION = "1"

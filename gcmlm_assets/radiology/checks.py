@@ -15,11 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
-import pyarrow as pa
-import SimpleITK as sitk
+from gcmlm_assets.lazy import lazy
 
-from gcmlm_assets.radiology.features import PATIENT_COLUMN
+# Imported when a check runs, not when the definitions (which declare the checks) load.
+np = lazy("numpy")
+pa = lazy("pyarrow")
+sitk = lazy("SimpleITK")
+radiomics_features = lazy("gcmlm_assets.radiology.features")
 
 CHECKS: list[dg.AssetChecksDefinition] = []
 
@@ -65,7 +67,7 @@ def _result(name: str, passed: bool, **metadata) -> dg.AssetCheckResult:
                                metadata=metadata)
 
 
-def _header(path: Path) -> sitk.ImageFileReader:
+def _header(path: Path):
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
@@ -122,15 +124,15 @@ def ct_mask_check_results(mask_path: Path, ct_path: Path, volume_min_ml: float,
 # ---------------------------------------------------------------- radiomics_row
 
 
-def radiomics_row_check_results(table: pa.Table, patient_id: str,
+def radiomics_row_check_results(table, patient_id: str,
                                 expected_features: Sequence[str]) -> list[dg.AssetCheckResult]:
     names = table.column_names
     features = names[1:]
     missing = [n for n in expected_features if n not in features]
     unexpected = [n for n in features if n not in set(expected_features)]
     not_float = [n for n in features if table.schema.field(n).type != pa.float64()]
-    complete = (table.num_rows == 1 and names[:1] == [PATIENT_COLUMN]
-                and table.column(PATIENT_COLUMN).to_pylist() == [patient_id]
+    complete = (table.num_rows == 1 and names[:1] == [radiomics_features.PATIENT_COLUMN]
+                and table.column(radiomics_features.PATIENT_COLUMN).to_pylist() == [patient_id]
                 and list(features) == list(expected_features) and not not_float)
     non_finite = [n for n in features if table.num_rows != 1
                   or not all(v is not None and math.isfinite(v) for v in table.column(n).to_pylist())]

@@ -131,3 +131,22 @@ def test_gpu_assets_share_the_gpu_pool_and_batch_their_backfills():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          env={**os.environ, "GCMLM_GPU_BATCH_PATIENTS": "8"}).stdout
     assert out.strip().splitlines()[-1] == "[8, 8]"
+
+
+# Libraries only the steps that compute need; every step process, sensor tick and code server
+# loads the definitions, so these must not come with them (benchmarks/definitions_import.py times it).
+HEAVY_MODULES = ("torch", "torchvision", "timm", "nnunetv2", "sklearn", "skops", "scipy", "pandas", "SimpleITK",
+                 "radiomics", "cv2", "openslide", "h5py", "tifffile", "pyarrow", "matplotlib", "numpy", "pydicom",
+                 "dagster_k8s", "kubernetes")
+
+
+def test_loading_the_definitions_imports_no_heavy_library():
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import sys, gcmlm_assets.definitions as d; d.defs.resolve_asset_graph(); "
+             f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))")
+    env = {**os.environ, "GCMLM_ENV": "local"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip().splitlines()[-1] == "[]"
