@@ -26,6 +26,27 @@ from gcmlm_assets.radiology import resources as radiology_resources
 from gcmlm_assets.radiology.sensors import build_predicted_mask_sensor, build_segmentation_training_sensor
 from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZone
 
+# What each asset is made with (the UI's kind badges) and which team answers for it.
+ASSET_KINDS: dict[str, set[str]] = {
+    "ct_image": {"simpleitk"}, "ct_mask": {"nnunet"}, "segmentation_model": {"nnunet"},
+    "radiomics_row": {"pyradiomics"}, "patch_coords": {"openslide"}, "uni_features": {"torch"},
+    "slide_vector": {"numpy"}, "clinical_table": {"pyarrow"}, "fused_table": {"pyarrow"},
+    "risk_model": {"sklearn"}, "risk_scores": {"sklearn"},
+}
+GROUP_OWNERS = {"radiology": "team:radiology", "pathology": "team:pathology", "cohort": "team:biostatistics"}
+
+
+def catalogued(assets: list[dg.AssetsDefinition], profile: Profile) -> list[dg.AssetsDefinition]:
+    """The assets with their kinds, owners and the settings profile they run with (on every asset page)."""
+    def describe(spec: dg.AssetSpec) -> dg.AssetSpec:
+        name = spec.key.to_user_string()
+        return spec.replace_attributes(
+            kinds=ASSET_KINDS[name], owners=[GROUP_OWNERS[spec.group_name]],
+        ).merge_attributes(metadata={"settings_profile": f"{profile.name}: {profile.description}"})
+
+    return list(dg.map_asset_specs(describe, assets))
+
+
 def build_executor(env: str) -> dg.ExecutorDefinition:
     if env == "k8s":
         from gcmlm_assets.deploy_k8s import k8s_executor
@@ -56,11 +77,12 @@ def build_definitions(env: str | None = None, profile: str | None = None) -> dg.
     env = env or settings.environment()
     chosen = get_profile(profile)
     return dg.Definitions(
-        assets=[*radiology_assets.ASSETS, *pathology_assets.ASSETS, *cohort_assets.ASSETS],
+        assets=catalogued([*radiology_assets.ASSETS, *pathology_assets.ASSETS, *cohort_assets.ASSETS], chosen),
         asset_checks=[*radiology_checks.CHECKS, *pathology_checks.CHECKS, *cohort_checks.CHECKS],
         sensors=build_sensors(chosen),
         resources=build_resources(env, chosen),
         executor=build_executor(env),
+        metadata={"settings_profile": chosen.name, "environment": env},
     )
 
 

@@ -150,3 +150,15 @@ def test_loading_the_definitions_imports_no_heavy_library():
     env = {**os.environ, "GCMLM_ENV": "local"}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_every_asset_names_its_kind_owner_and_the_settings_profile():
+    for profile in ("production", "demo"):
+        defs = build_definitions("local", profile)
+        graph = defs.resolve_asset_graph()
+        for key in graph.get_all_asset_keys():
+            node = graph.get(key)
+            assert len(node.kinds) == 1 and node.owners and node.owners[0].startswith("team:"), key
+            assert node.metadata["settings_profile"].startswith(f"{profile}: "), key
+        assert graph.get(dg.AssetKey("radiomics_row")).kinds == {"pyradiomics"}
+        assert graph.get(dg.AssetKey("uni_features")).kinds == {"torch"}
