@@ -46,9 +46,9 @@ validate: $(STAMP)
 demo: $(STAMP)
 	GCMLM_PROFILE=$${GCMLM_PROFILE:-demo} $(PY) -m gcmlm_assets.demo
 
+# The instance's config and databases are made before `dagster dev` starts its processes at once.
 ui: $(STAMP)
-	mkdir -p $(DAGSTER_HOME)
-	test -f $(DAGSTER_HOME)/dagster.yaml || cp deploy/local/dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	$(PY) -c "from gcmlm_assets import settings; from gcmlm_assets.demo.daemon import prepare_dagster_home; prepare_dagster_home(settings.dagster_home())"
 	GCMLM_PROFILE=$${GCMLM_PROFILE:-demo} $(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 bench: $(STAMP)

@@ -22,11 +22,21 @@ LOCAL_INSTANCE_CONFIG = PROJECT_ROOT / "deploy" / "local" / "dagster.yaml"
 
 
 def prepare_dagster_home(home: Path) -> Path:
-    """Create DAGSTER_HOME with the local instance config (as `make ui` does) if it has none."""
+    """Create DAGSTER_HOME with the local instance config (as `make ui` does) if it has none, and
+    its SQLite databases.
+
+    The databases are created here, in one process, before the daemon starts: the daemon, its code
+    server and a caller opening the instance at the same moment would each create and stamp a
+    fresh database, and a schema stamped twice ("more than one head") stops every later process.
+    """
+    import dagster as dg
+
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
         config.write_text(LOCAL_INSTANCE_CONFIG.read_text())
+    with dg.DagsterInstance.from_config(str(home)):
+        pass
     return home
 
 
