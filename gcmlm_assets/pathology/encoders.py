@@ -22,8 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
+from gcmlm_assets.lazy import lazy
+
+# torch when an encoder is built or loaded, not when the registry is read (the landing sensor asks
+# it every tick whether the configured encoder has its weights).
+torch = lazy("torch")
+nn = lazy("torch.nn")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -111,21 +115,24 @@ def _build_uni() -> nn.Module:
     )
 
 
-class TruncatedResNet50(nn.Module):
-    """CLAM's `resnet50_trunc`: ResNet-50 up to layer3, then global average pooling (1024-D)."""
+def _build_resnet50_trunc() -> nn.Module:
+    import timm
 
-    def __init__(self) -> None:
-        super().__init__()
-        import timm
+    class TruncatedResNet50(nn.Module):
+        """CLAM's `resnet50_trunc`: ResNet-50 up to layer3, then global average pooling (1024-D)."""
 
-        # features_only stops the network after the last requested stage;
-        # index 3 is layer3 (1024 channels, stride 16).
-        self.trunk = timm.create_model("resnet50", pretrained=False, features_only=True, out_indices=(3,))
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        def __init__(self) -> None:
+            super().__init__()
+            # features_only stops the network after the last requested stage;
+            # index 3 is layer3 (1024 channels, stride 16).
+            self.trunk = timm.create_model("resnet50", pretrained=False, features_only=True, out_indices=(3,))
+            self.pool = nn.AdaptiveAvgPool2d(1)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        (layer3,) = self.trunk(images)
-        return self.pool(layer3).flatten(1)
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            (layer3,) = self.trunk(images)
+            return self.pool(layer3).flatten(1)
+
+    return TruncatedResNet50()
 
 
 def _build_vit_tiny() -> nn.Module:
@@ -166,7 +173,7 @@ ENCODERS: dict[str, EncoderSpec] = {
         EncoderSpec(
             name="resnet50-trunc",
             embedding_dim=1024,
-            build=TruncatedResNet50,
+            build=_build_resnet50_trunc,
             load_weights=_load_resnet50_trunc,
             description="CLAM baseline: ImageNet ResNet-50 truncated after layer3, average-pooled",
             checkpoint_env="GCMLM_RESNET50_CHECKPOINT",
