@@ -116,6 +116,41 @@ def _refuse_empty_files(files: list[Path]) -> None:
             raise CTInputError(f"{path}: file is empty (0 bytes)")
 
 
+def _refuse_truncated_gzip(path: Path) -> None:
+    """ITK reads a cut-short .nii.gz without complaint and fills the missing voxels with zeros:
+    decompress the whole stream first (in chunks) and refuse one that ends early."""
+    if not path.name.lower().endswith(".gz"):
+        return
+    import gzip
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 22):
+                pass
+    except (EOFError, OSError, zlib.error) as error:
+        raise CTInputError(f"{path}: truncated or damaged gzip file ({path.stat().st_size} bytes; "
+                           f"{_first_line(error)}); upload it again") from error
+
+
+def _refuse_short_nifti(path: Path, image: sitk.Image) -> None:
+    """An uncompressed .nii shorter than its header's voxel data (ITK pads it with zeros)."""
+    if not path.name.lower().endswith(".nii"):
+        return
+    with open(path, "rb") as handle:
+        header = handle.read(352)
+    if len(header) < 112:
+        raise CTInputError(f"{path}: NIfTI header cut short ({len(header)} bytes)")
+    byte_order = "<" if int.from_bytes(header[:4], "little") == 348 else ">"
+    vox_offset = int(np.frombuffer(header[108:112], dtype=f"{byte_order}f4")[0])
+    voxels = int(np.prod(image.GetSize())) * image.GetNumberOfComponentsPerPixel()
+    expected = vox_offset + voxels * image.GetSizeOfPixelComponent()
+    found = path.stat().st_size
+    if found < expected:
+        raise CTInputError(f"{path}: truncated NIfTI file: its header describes {expected} bytes, the file has "
+                           f"{found}; upload it again")
+
+
 def read_volume_file(path: Path) -> sitk.Image:
     """Read one 3-D volume file; an empty, unreadable or non-3-D file raises CTInputError."""
     path = Path(path)
@@ -123,11 +158,13 @@ def read_volume_file(path: Path) -> sitk.Image:
         raise CTInputError(f"{path}: file does not exist")
     if path.stat().st_size == 0:
         raise CTInputError(f"{path}: file is empty (0 bytes)")
+    _refuse_truncated_gzip(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise CTInputError(f"{path}: cannot be read as a {volume_suffix(path) or 'volume'} file "
                            f"({_first_line(error)})") from error
+    _refuse_short_nifti(path, image)
     if image.GetDimension() != 3:
         raise CTInputError(f"{path}: expected a 3-D volume, found {image.GetDimension()}-D")
     if image.GetNumberOfComponentsPerPixel() != 1:

@@ -130,3 +130,18 @@ def test_a_truncated_dicom_slice_is_named(real_ct, tmp_path):
     slices[5].write_bytes(data[: len(data) // 3])
     with pytest.raises(ct_io.CTInputError, match=r"slice005\.dcm: damaged or truncated DICOM file"):
         ct_io.load_ct(tmp_path / "ct")
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_a_truncated_volume_file_is_refused_not_padded_with_zeros(tmp_path: Path, suffix: str):
+    # ITK reads both cut-short files "successfully", with the missing voxels set to 0.
+    image = sitk.GetImageFromArray(np.random.default_rng(0).integers(-1000, 1000, (20, 32, 32)).astype(np.int16))
+    whole = tmp_path / f"whole{suffix}"
+    sitk.WriteImage(image, str(whole))
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    cut = folder / f"ct{suffix}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+    with pytest.raises(ct_io.CTInputError, match=rf"{cut}: truncated"):
+        ct_io.load_ct(folder)
+    assert ct_io.read_volume_file(whole).GetSize() == (32, 32, 20)
