@@ -53,8 +53,9 @@ def clinical_rows_valid(storage: ArtifactStorage) -> dg.AssetCheckResult:
     return _result(qc.clinical_rows_valid(json.loads(path.read_text())))
 
 
-@dg.asset_check(asset=fused_table, blocking=True, description="Each patient appears only once in the combined table of CT, slide and clinical data; a "
-                "patient counted twice would weigh double in the model.")
+@dg.asset_check(asset=fused_table, blocking=True,
+                description="Each patient appears only once in the combined table of CT, slide and clinical "
+                "data; a patient counted twice would weigh double in the model.")
 def fused_ids_unique(storage: ArtifactStorage) -> dg.AssetCheckResult:
     path = storage.store().path("fused_table", None, FUSED_FILE)
     if not path.is_file():

@@ -67,7 +67,8 @@ def test_row_file_and_its_checks(tmp_path: Path):
     complete = results["radiomics_row_complete"]
     assert complete.passed is False
     assert complete.metadata["found"].value == "patient id P2"
-    assert complete.metadata["expected"].value.startswith(f"1 row for patient P1: patient id, then {len(names)} features")
+    expected = complete.metadata["expected"].value
+    assert expected.startswith(f"1 row for patient P1: patient id, then {len(names)} features")
 
 
 def test_unknown_params_name_is_refused():
