@@ -30,16 +30,22 @@ def _result(verdict: qc.Verdict) -> dg.AssetCheckResult:
     metadata = {k: (dg.MetadataValue.md(v) if isinstance(v, str) and v.startswith("|") else v)
                 for k, v in verdict.metadata.items()}
     return dg.AssetCheckResult(passed=verdict.passed, severity=SEVERITY[verdict.outcome],
-                               description=verdict.description, metadata=metadata)
+                               description=verdict.description,
+                               metadata={"expected": verdict.expected, "found": verdict.found, **metadata})
 
 
 def _missing(path) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
-                               description=f"{path} not found", metadata={"missing": str(path)})
+                               description=f"The file this check reads, {path}, does not exist; materialize the "
+                                           "asset first.",
+                               metadata={"expected": f"{path.name} present", "found": "missing",
+                                         "missing": str(path)})
 
 
 @dg.asset_check(asset=clinical_table, blocking=False,
-                description="Every row of clinical.csv is valid; otherwise each bad line is named with its reason.")
+                description="Every row of the clinical spreadsheet (clinical.csv) can be used: a patient id, a "
+                "liver metastasis (MLM) status of 0, 1 or empty, and numbers where numbers belong. A bad row is "
+                "left out of the analysis and named here with its line number and reason.")
 def clinical_rows_valid(storage: ArtifactStorage) -> dg.AssetCheckResult:
     path = storage.store().path("clinical_table", None, CLINICAL_PROBLEMS)
     if not path.is_file():
@@ -47,7 +53,9 @@ def clinical_rows_valid(storage: ArtifactStorage) -> dg.AssetCheckResult:
     return _result(qc.clinical_rows_valid(json.loads(path.read_text())))
 
 
-@dg.asset_check(asset=fused_table, blocking=True, description="One row per patient id in the fused table.")
+@dg.asset_check(asset=fused_table, blocking=True,
+                description="Each patient appears only once in the combined table of CT, slide and clinical "
+                "data; a patient counted twice would weigh double in the model.")
 def fused_ids_unique(storage: ArtifactStorage) -> dg.AssetCheckResult:
     path = storage.store().path("fused_table", None, FUSED_FILE)
     if not path.is_file():
@@ -56,8 +64,9 @@ def fused_ids_unique(storage: ArtifactStorage) -> dg.AssetCheckResult:
 
 
 @dg.asset_check(asset=fused_table, blocking=False,
-                description="Rejected feature files: ERROR. Features without a clinical row, clinical rows "
-                "without features, stale artifact folders: WARN.")
+                description="Each patient's CT features, slide features and clinical row could all be used "
+                "together. A feature file that cannot be used is an error (that part of the patient's data counts "
+                "as missing); features without a clinical row, or a clinical row without features, are warnings.")
 def modalities_aligned(storage: ArtifactStorage) -> dg.AssetCheckResult:
     path = storage.store().path("fused_table", None, FUSION_REPORT)
     if not path.is_file():
@@ -66,8 +75,9 @@ def modalities_aligned(storage: ArtifactStorage) -> dg.AssetCheckResult:
 
 
 @dg.asset_check(asset=fused_table, blocking=False,
-                description="Enough labelled patients with features in each class to train "
-                "(risk_model.min_labelled_per_class); WARN while risk_model waits for more.")
+                description="Enough patients with a known liver metastasis (MLM) status and CT or slide "
+                "features, both with and without MLM, to train the risk model; a warning while the model waits "
+                "for more patients.")
 def enough_labelled_patients(storage: ArtifactStorage, risk_model: RiskModelSettings) -> dg.AssetCheckResult:
     path = storage.store().path("fused_table", None, FUSED_FILE)
     if not path.is_file():
@@ -78,7 +88,9 @@ def enough_labelled_patients(storage: ArtifactStorage, risk_model: RiskModelSett
 
 
 @dg.asset_check(asset=train_risk_model, blocking=True,
-                description="The fused model's cross-validated AUC with its 95 % CI (WARN when the CI includes 0.5).")
+                description="The risk model's accuracy, estimated by cross-validation, is reported as an AUC "
+                "with its 95 % confidence interval; a warning when the interval includes 0.5, i.e. no evidence "
+                "that the model does better than chance.")
 def cv_auc_reported(storage: ArtifactStorage) -> dg.AssetCheckResult:
     store = storage.store()
     current = current_model_version(store)
@@ -91,7 +103,8 @@ def cv_auc_reported(storage: ArtifactStorage) -> dg.AssetCheckResult:
 
 
 @dg.asset_check(asset=risk_scores, blocking=True,
-                description="Scores finite and in [0, 1], risk groups high/low, every patient with features scored.")
+                description="Every patient with CT or slide features has exactly one risk score, a probability "
+                "between 0 and 1, and a risk group of high or low.")
 def scores_valid(storage: ArtifactStorage) -> dg.AssetCheckResult:
     store = storage.store()
     scores_path = store.path("risk_scores", None, SCORES_FILE)

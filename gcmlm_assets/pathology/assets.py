@@ -277,7 +277,7 @@ def slide_vector(context: dg.AssetExecutionContext, config: SlideVectorConfig, s
             "fingerprint": fingerprint, "files": {out_path.name: sha256_file(out_path)}, "summary": summary,
         })
     problems = validate_slide_vector(out_path, expected_dim=dim)
-    result = checks.slide_vector_result(problems, dim)
+    result = checks.slide_vector_result(problems, dim, out_path)
     yield quarantine_on_blocking_failure(store, checks.SLIDE_VECTOR, patient_id, dg.MaterializeResult(
         metadata={
             "pooling": pooling.name,

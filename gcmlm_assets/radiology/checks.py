@@ -41,30 +41,50 @@ def _spec(name: str, asset: str, description: str) -> dg.AssetCheckSpec:
     return dg.AssetCheckSpec(name, asset=asset, blocking=True, description=description)
 
 
+def _mm(value: float) -> str:
+    return f"{value:g}"
+
+
 CT_IMAGE_CHECK_SPECS = [
     _spec("ct_geometry_plausible", "ct_image",
-          f"Voxel spacing within {CT_SPACING_MM} mm and {CT_VOXELS_PER_AXIS} voxels per axis."),
+          f"The CT has a realistic voxel size ({_mm(CT_SPACING_MM[0])} to {_mm(CT_SPACING_MM[1])} mm in each "
+          f"direction) and a realistic number of voxels ({CT_VOXELS_PER_AXIS[0]} to {CT_VOXELS_PER_AXIS[1]} "
+          "per direction). Outside these, the scan's header is wrong and every size and volume measured on it "
+          "would be wrong too."),
     _spec("ct_hu_range_plausible", "ct_image",
-          f"Values look like Hounsfield units: 1st percentile <= {CT_LOW_PERCENTILE_MAX_HU} HU, "
-          f"all values within {CT_HU_LIMITS} HU."),
+          "The CT values are Hounsfield units, as in any real CT: some air or fat is present (the lowest 1 % "
+          f"of values at or below {_mm(CT_LOW_PERCENTILE_MAX_HU)} HU) and no value lies beyond what a scanner "
+          f"produces ({_mm(CT_HU_LIMITS[0])} to {_mm(CT_HU_LIMITS[1])} HU). Otherwise the file is not a CT or "
+          "lost its calibration on export, and the texture features would be meaningless."),
 ]
 CT_MASK_CHECK_SPECS = [
     _spec("mask_matches_ct_geometry", "ct_mask",
-          "mask.nii.gz has exactly ct.nii.gz's size, spacing, origin and direction, uint8 values 0/1."),
-    _spec("mask_not_empty", "ct_mask", "The stored mask has at least one foreground voxel."),
+          "The stomach outline (mask) lies on exactly the same voxel grid as the patient's CT and marks each "
+          "voxel only as stomach or not; otherwise the features would be measured in the wrong place."),
+    _spec("mask_not_empty", "ct_mask",
+          "The stomach outline marks at least one voxel; an empty outline gives no radiomics features for the "
+          "patient."),
     _spec("mask_volume_plausible", "ct_mask",
-          "Mask volume within the range set on the `radiomics` resource (mask_volume_min_ml..max_ml)."),
+          "The outlined stomach volume lies within the plausible range set for the project (in millilitres); "
+          "a much smaller or larger volume usually means a failed segmentation or a wrong reference outline."),
 ]
 RADIOMICS_ROW_CHECK_SPECS = [
     _spec("radiomics_row_complete", "radiomics_row",
-          "One row: patient_id, then exactly the float64 feature columns the params produce, in order."),
-    _spec("radiomics_row_finite", "radiomics_row", "Every feature value is finite (no NaN or inf)."),
+          "The patient has exactly one row of radiomics features with every feature the settings ask for, in "
+          "the agreed order, so that the patient lines up with the rest of the cohort."),
+    _spec("radiomics_row_finite", "radiomics_row",
+          "Every radiomics feature of the patient is a real number (none missing or infinite); a missing value "
+          "means a feature could not be computed from this scan and outline."),
 ]
 
 
-def _result(name: str, passed: bool, **metadata) -> dg.AssetCheckResult:
+def _result(name: str, passed: bool, expected: str, found: str, failure: str,
+            **metadata) -> dg.AssetCheckResult:
+    """`failure` (plain words naming the patient and file) is the description of a failed result;
+    a passed one says what was found."""
     return dg.AssetCheckResult(check_name=name, passed=bool(passed), severity=dg.AssetCheckSeverity.ERROR,
-                               metadata=metadata)
+                               description=f"Passed: {found}." if passed else failure,
+                               metadata={"expected": expected, "found": found, **metadata})
 
 
 def _header(path: Path):
@@ -74,22 +94,74 @@ def _header(path: Path):
     return reader
 
 
+def _patient_of(path: Path) -> str:
+    # The store lays files out as <asset>/<patient>/<file>.
+    return path.parent.name
+
+
+def _listed(items: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+# ---------------------------------------------------------------- text (plain, testable without a run)
+
+
+def geometry_problems(spacing: Sequence[float], size: Sequence[int]) -> list[str]:
+    """What is implausible about a CT grid, per axis, in words; empty when plausible."""
+    problems = []
+    for axis, s, n in zip("xyzt", spacing, size):
+        if not CT_SPACING_MM[0] <= s <= CT_SPACING_MM[1]:
+            problems.append(f"voxel size {s:g} mm along {axis}")
+        if not CT_VOXELS_PER_AXIS[0] <= n <= CT_VOXELS_PER_AXIS[1]:
+            problems.append(f"{n} voxels along {axis}")
+    return problems
+
+
+def hu_problems(low: float, high: float, p01: float) -> list[str]:
+    """Why CT values do not look like Hounsfield units, in words; empty when they do."""
+    problems = []
+    if p01 > CT_LOW_PERCENTILE_MAX_HU:
+        problems.append(f"no air or fat: the lowest 1 % of values reach only {p01:g} HU")
+    if low < CT_HU_LIMITS[0]:
+        problems.append(f"values down to {low:g} HU")
+    if high > CT_HU_LIMITS[1]:
+        problems.append(f"values up to {high:g} HU")
+    return problems
+
+
 # ---------------------------------------------------------------- ct_image
 
 
 def ct_image_check_results(ct_path: Path) -> list[dg.AssetCheckResult]:
     image = sitk.ReadImage(str(ct_path))
     spacing, size = image.GetSpacing(), image.GetSize()
-    geometry_ok = (all(CT_SPACING_MM[0] <= s <= CT_SPACING_MM[1] for s in spacing)
-                   and all(CT_VOXELS_PER_AXIS[0] <= n <= CT_VOXELS_PER_AXIS[1] for n in size))
     values = sitk.GetArrayViewFromImage(image)
     low, high = float(values.min()), float(values.max())
     p01 = float(np.percentile(values, 1))
-    hu_ok = p01 <= CT_LOW_PERCENTILE_MAX_HU and CT_HU_LIMITS[0] <= low and high <= CT_HU_LIMITS[1]
+    patient = _patient_of(ct_path)
+    spacing_text = " x ".join(f"{s:g}" for s in spacing)
+    size_text = " x ".join(str(n) for n in size)
+    grid = geometry_problems(spacing, size)
+    hu = hu_problems(low, high, p01)
     return [
-        _result("ct_geometry_plausible", geometry_ok, spacing_mm=str(tuple(round(s, 4) for s in spacing)),
-                size=str(size)),
-        _result("ct_hu_range_plausible", hu_ok, hu_min=low, hu_max=high, hu_p01=p01),
+        _result("ct_geometry_plausible", not grid,
+                expected=f"voxel size {_mm(CT_SPACING_MM[0])}-{_mm(CT_SPACING_MM[1])} mm and "
+                         f"{CT_VOXELS_PER_AXIS[0]}-{CT_VOXELS_PER_AXIS[1]} voxels along each axis",
+                found=f"voxel size {spacing_text} mm, {size_text} voxels",
+                failure=f"The CT of patient {patient} ({ct_path}) has an implausible geometry: {'; '.join(grid)}. "
+                        "Its header is probably wrong (for example spacing in cm instead of mm).",
+                spacing_mm=str(tuple(round(s, 4) for s in spacing)), size=str(size),
+                min_spacing_mm=float(min(spacing)), max_spacing_mm=float(max(spacing)),
+                min_voxels_per_axis=int(min(size)), max_voxels_per_axis=int(max(size))),
+        _result("ct_hu_range_plausible", not hu,
+                expected=f"lowest 1 % of values at or below {_mm(CT_LOW_PERCENTILE_MAX_HU)} HU, all values within "
+                         f"{_mm(CT_HU_LIMITS[0])}..{_mm(CT_HU_LIMITS[1])} HU",
+                found=f"lowest 1 % at {p01:g} HU, values {low:g}..{high:g} HU",
+                failure=f"The CT of patient {patient} ({ct_path}) does not look like Hounsfield units: "
+                        f"{'; '.join(hu)}. It may have been exported without its rescale slope and intercept, "
+                        "or it is not a CT.",
+                hu_min=low, hu_max=high, hu_p01=p01),
     ]
 
 
@@ -108,16 +180,43 @@ def ct_mask_check_results(mask_path: Path, ct_path: Path, volume_min_ml: float,
     mask = sitk.ReadImage(str(mask_path))
     values = sitk.GetArrayViewFromImage(mask)
     labels = sorted(int(v) for v in np.unique(values))
-    binary_uint8 = mask.GetPixelID() == sitk.sitkUInt8 and set(labels) <= {0, 1}
+    is_uint8 = mask.GetPixelID() == sitk.sitkUInt8
+    binary_uint8 = is_uint8 and set(labels) <= {0, 1}
     voxels = int(np.count_nonzero(values))
     volume_ml = voxels * float(np.prod(mask.GetSpacing())) / 1000.0
+    patient = _patient_of(mask_path)
+    pixel_type = mask.GetPixelIDTypeAsString()
+    grid_problems = ([f"its {', '.join(mismatches)} differ{'s' if len(mismatches) == 1 else ''} from the CT's"]
+                     if mismatches else [])
+    if not is_uint8:
+        grid_problems.append(f"it is stored as {pixel_type}, not 8-bit unsigned integers")
+    if not set(labels) <= {0, 1}:
+        grid_problems.append(f"it holds the values {labels}, not only 0 and 1")
+    volume_range = f"{volume_min_ml:g}-{volume_max_ml:g} ml"
+    if volume_ml < volume_min_ml:
+        volume_problem = f"below the plausible minimum of {volume_min_ml:g} ml"
+    else:
+        volume_problem = f"above the plausible maximum of {volume_max_ml:g} ml"
     return [
         _result("mask_matches_ct_geometry", not mismatches and binary_uint8,
-                mismatched=", ".join(mismatches) or "none", pixel_type=mask.GetPixelIDTypeAsString(),
-                labels=str(labels)),
-        _result("mask_not_empty", voxels > 0, voxels=voxels),
-        _result("mask_volume_plausible", volume_min_ml <= volume_ml <= volume_max_ml, volume_ml=volume_ml,
-                allowed_ml=f"{volume_min_ml}..{volume_max_ml}"),
+                expected="the CT's size, spacing, origin and direction; 8-bit values 0 and 1 only",
+                found=(f"{'; '.join(grid_problems)}" if grid_problems
+                       else f"same grid as the CT; {pixel_type} values {labels}"),
+                failure=f"The stomach mask of patient {patient} ({mask_path}) does not fit its CT ({ct_path}): "
+                        f"{'; '.join(grid_problems)}.",
+                mismatched=", ".join(mismatches) or "none", pixel_type=pixel_type, labels=str(labels)),
+        _result("mask_not_empty", voxels > 0,
+                expected="at least 1 stomach voxel", found=f"{voxels} stomach voxel(s)",
+                failure=f"The stomach mask of patient {patient} ({mask_path}) is empty: no voxel is marked as "
+                        "stomach, so no radiomics features can be computed.",
+                voxels=voxels),
+        _result("mask_volume_plausible", volume_min_ml <= volume_ml <= volume_max_ml,
+                expected=volume_range, found=f"{volume_ml:.1f} ml",
+                failure=f"The stomach mask of patient {patient} ({mask_path}) measures {volume_ml:.1f} ml, "
+                        f"{volume_problem} (settings radiomics.mask_volume_min_ml / mask_volume_max_ml): "
+                        "the segmentation or the reference outline is probably wrong.",
+                volume_ml=volume_ml, allowed_ml=f"{volume_min_ml}..{volume_max_ml}",
+                volume_min_ml=float(volume_min_ml), volume_max_ml=float(volume_max_ml)),
     ]
 
 
@@ -131,15 +230,46 @@ def radiomics_row_check_results(table, patient_id: str,
     missing = [n for n in expected_features if n not in features]
     unexpected = [n for n in features if n not in set(expected_features)]
     not_float = [n for n in features if table.schema.field(n).type != pa.float64()]
-    complete = (table.num_rows == 1 and names[:1] == [radiomics_features.PATIENT_COLUMN]
-                and table.column(radiomics_features.PATIENT_COLUMN).to_pylist() == [patient_id]
+    id_column_ok = names[:1] == [radiomics_features.PATIENT_COLUMN]
+    stored_ids = table.column(radiomics_features.PATIENT_COLUMN).to_pylist() if id_column_ok else []
+    complete = (table.num_rows == 1 and id_column_ok and stored_ids == [patient_id]
                 and list(features) == list(expected_features) and not not_float)
-    non_finite = [n for n in features if table.num_rows != 1
-                  or not all(v is not None and math.isfinite(v) for v in table.column(n).to_pylist())]
+    row_problems = []
+    if table.num_rows != 1:
+        row_problems.append(f"{table.num_rows} rows")
+    if not id_column_ok:
+        row_problems.append(f"first column {names[:1]} instead of {radiomics_features.PATIENT_COLUMN}")
+    elif stored_ids != [patient_id]:
+        row_problems.append(f"patient id {_listed([str(i) for i in stored_ids])}")
+    if missing:
+        row_problems.append(f"{len(missing)} feature(s) missing: {_listed(missing)}")
+    if unexpected:
+        row_problems.append(f"{len(unexpected)} unexpected feature(s): {_listed(unexpected)}")
+    if not_float:
+        row_problems.append(f"{len(not_float)} feature(s) not stored as decimal numbers: {_listed(not_float)}")
+    if not complete and not row_problems:
+        row_problems.append("the features are in another order than the settings produce")
+
+    non_finite = {}
+    for name in features:
+        values = table.column(name).to_pylist()
+        if table.num_rows != 1 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            non_finite[name] = values[0] if len(values) == 1 else f"{len(values)} values"
+    shown_non_finite = _listed([f"{name} ({value})" for name, value in non_finite.items()])
     return [
-        _result("radiomics_row_complete", complete, rows=table.num_rows, features=len(features),
+        _result("radiomics_row_complete", complete,
+                expected=f"1 row for patient {patient_id}: patient id, then {len(expected_features)} features "
+                         "as decimal numbers in the settings' order",
+                found="; ".join(row_problems) if row_problems else f"1 row, {len(features)} features",
+                failure=f"The radiomics row of patient {patient_id} is incomplete: {'; '.join(row_problems)}.",
+                rows=table.num_rows, features=len(features),
                 expected_features=len(expected_features), missing=", ".join(missing[:20]),
                 unexpected=", ".join(unexpected[:20]), not_float64=", ".join(not_float[:20])),
-        _result("radiomics_row_finite", not non_finite, non_finite=", ".join(non_finite[:20]),
-                non_finite_count=len(non_finite)),
+        _result("radiomics_row_finite", not non_finite,
+                expected="every feature a finite number",
+                found=(f"{len(non_finite)} of {len(features)} feature(s) not a finite number: {shown_non_finite}"
+                       if non_finite else f"all {len(features)} features finite"),
+                failure=f"{len(non_finite)} radiomics feature(s) of patient {patient_id} could not be computed "
+                        f"(missing, NaN or infinite): {shown_non_finite}.",
+                non_finite=", ".join(list(non_finite)[:20]), non_finite_count=len(non_finite)),
     ]

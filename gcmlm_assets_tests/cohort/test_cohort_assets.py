@@ -45,6 +45,9 @@ def test_small_cohort_through_dagster(data_root, instance, base_resources):
     assert set(checks) == {spec.name for d in cohort_checks.CHECKS for spec in d.check_specs}
     failed = {name: e.description for name, e in checks.items() if not e.passed}
     assert failed == {}, failed
+    for name, evaluation in checks.items():
+        assert evaluation.metadata["expected"].value and evaluation.metadata["found"].value, name
+    assert checks["fused_ids_unique"].metadata["found"].value == "24 rows, 24 patients"
 
     fused = materialized["fused_table"]
     assert fused["patients"].value == 24 and fused["with_both"].value == 21
@@ -96,6 +99,10 @@ def test_bad_clinical_rows_fail_the_check_and_are_named(data_root, instance, bas
     for line, reason in ((14, "whitespace"), (15, "mlm must be 0, 1 or empty"), (16, "not a number")):
         assert f"line {line}" in check.description and reason in check.description
     assert check.metadata["bad_lines"].value == [14, 15, 16]
+    assert check.metadata["expected"].value == "every row of clinical.csv valid"
+    found = check.metadata["found"].value
+    assert found.startswith("3 bad row(s): line 14 (patient 'P 99'): ") and "line 16 (patient 'P101'): " in found
+    assert check.metadata["bad_rows"].value == 3
     table = pq.read_table(data_root / "artifacts/clinical_table/clinical.parquet")
     assert table.num_rows == 12
 

@@ -105,6 +105,7 @@ def test_duplicate_fused_ids_fail_the_check():
     assert qc.fused_ids_unique(["P1", "P2", "P3"]).passed
     verdict = qc.fused_ids_unique(["P1", "P2", "P1"])
     assert verdict.outcome == qc.ERROR and "P1" in verdict.description
+    assert (verdict.expected, verdict.found) == ("one row per patient", "1 patient(s) on several rows: P1")
 
 
 def test_enough_labelled_counts_only_patients_with_features():

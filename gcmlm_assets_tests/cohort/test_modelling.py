@@ -160,7 +160,9 @@ def test_too_few_labels_is_a_clear_error():
 
 
 def test_auc_check_warns_when_the_ci_includes_chance_and_fails_without_an_auc():
-    assert qc.cv_auc_reported({"fused": {"auc": 0.62, "auc_ci_low": 0.45, "auc_ci_high": 0.78}}).outcome == qc.WARN
+    chance = qc.cv_auc_reported({"fused": {"auc": 0.62, "auc_ci_low": 0.45, "auc_ci_high": 0.78}})
+    assert chance.outcome == qc.WARN and chance.found == "AUC 0.620, 95 % CI 0.450-0.780"
+    assert chance.expected == "a cross-validated AUC whose 95 % CI lies above 0.5"
     assert qc.cv_auc_reported({"fused": {"auc": 0.9, "auc_ci_low": 0.8, "auc_ci_high": 0.97}}).passed
     assert qc.cv_auc_reported({"fused": {"patients": 3, "note": "too few"}}).outcome == qc.ERROR
     assert qc.cv_auc_reported({}).outcome == qc.ERROR
@@ -172,6 +174,9 @@ def test_scores_check_fails_on_bad_probabilities_and_unscored_patients():
     verdict = qc.scores_valid(scores, ["a", "b", "c", "d"])
     assert verdict.outcome == qc.ERROR
     assert "b=nan" in verdict.description and "c=1.3" in verdict.description and "d" in verdict.description
+    assert verdict.expected == "4 patient(s) scored once each, probabilities finite in [0, 1], risk group high or low"
+    assert verdict.found == "2 of 3 scores outside [0, 1]: b (nan); c (1.3); 1 of 4 patient(s) not scored: d"
+    assert verdict.metadata["bad_probabilities"] == 2 and verdict.metadata["not_scored"] == 1
 
 
 def test_rank_auc_and_net_benefit_match_definitions():

@@ -162,3 +162,22 @@ def test_every_asset_names_its_kind_owner_and_the_settings_profile():
             assert node.metadata["settings_profile"].startswith(f"{profile}: "), key
         assert graph.get(dg.AssetKey("radiomics_row")).kinds == {"pyradiomics"}
         assert graph.get(dg.AssetKey("uni_features")).kinds == {"torch"}
+
+
+def test_every_check_says_in_plain_words_what_it_checks():
+    """The Checks tab shows each spec's description as markdown: it must be a sentence or two,
+    keep placeholders such as `<patient>` in code spans (bare <...> is dropped as HTML) and leave
+    code names (snake_case) out of the prose."""
+    import re
+
+    from gcmlm_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    keys = sorted(graph.asset_check_keys, key=str)
+    assert len(keys) == 22  # 7 radiology, 9 pathology, 6 cohort
+    for key in keys:
+        description = graph.get_check_spec(key).description or ""
+        prose = re.sub(r"`[^`]*`", "", description)
+        assert len(prose.split()) >= 12, (key, description)
+        assert not re.search(r"<[^<>\s]+>", prose), (key, description)
+        assert not re.search(r"\b[a-z0-9]+_[a-z0-9_]+\b", prose), (key, description)

@@ -127,6 +127,18 @@ def test_checks_fail_when_they_should(instance, base_resources, data_root: Path,
     assert not checks["tissue_found"].passed and checks["tissue_found"].severity == dg.AssetCheckSeverity.ERROR
     assert "glass_only.tiff" in checks["tissue_found"].description
     assert not checks["patch_count_in_bounds"].passed
+    # Each result says what it expected and what it found; a failed one names the patient and the slide.
+    tissue = checks["tissue_found"]
+    assert tissue.metadata["expected"].value == "at least 1 tissue patch on every slide"
+    assert tissue.metadata["found"].value == "1 of 3 slide(s) without tissue patches: glass_only.tiff (no tissue found)"
+    assert tissue.metadata["n_slides_without_patches"].value == 1
+    assert "patient P002" in tissue.description
+    mpp = checks["mpp_known"].metadata
+    assert mpp["expected"].value == "every slide records its µm/px"
+    assert mpp["found"].value.startswith("1 of 3 slide(s) without a recorded resolution: no_resolution.tiff (")
+    assert mpp["found"].value.endswith(" µm/px assumed)") and mpp["n_defaulted"].value == 1
+    assert checks["slides_open"].metadata["found"].value == "all 3 slide(s) open"
+    assert checks["patch_count_in_bounds"].metadata["expected"].value == "10-20 patches per slide"
     listing = json.loads((patient_folder(data_root, "P002") / "slides.json").read_text())
     by_file = {e["file"]: e for e in listing["slides"]}
     assert by_file["glass_only.tiff"]["h5"] is None and by_file["glass_only.tiff"]["reason"] == "no tissue found"

@@ -168,6 +168,11 @@ def test_tampered_features_fail_the_checks(instance, base_resources, data_root: 
     assert not rerun.success
     checks = _checks(rerun)
     assert checks["features_finite"] is False and checks["feature_shape"] is True
+    finite = {e.check_name: e for e in rerun.get_asset_check_evaluations()}["features_finite"]
+    n_values = finite.metadata["n_non_finite_values"].value
+    assert n_values > 0 and finite.metadata["expected"].value == "0 missing or infinite values"
+    assert finite.metadata["found"].value.startswith(f"{n_values} non-finite value(s) in ")
+    assert "patient P002" in finite.description and ".h5" in finite.description
     assert "blocking asset check" in _failure(rerun)
     assert not [m for m in rerun.get_asset_materialization_events() if m.asset_key.to_user_string() == "slide_vector"]
     # The failed features went to quarantine: a later slide_vector run cannot pool them.
@@ -184,6 +189,10 @@ def test_tampered_features_fail_the_checks(instance, base_resources, data_root: 
     shutil.rmtree(data_root / "artifacts" / "slide_vector" / "P002")
     alone = _materialize(instance, [slide_vector], resources, "P002")
     assert not alone.success and _checks(alone) == {"slide_vector_valid": False}
+    [valid] = alone.get_asset_check_evaluations()
+    assert valid.metadata["found"].value.endswith("non-finite feature values")
+    assert valid.metadata["expected"].value.startswith("1 row with n_patches, n_slides and ")
+    assert "patient P002" in valid.description and "slide_vector.parquet" in valid.description
 
 
 def test_features_need_patch_coords_first(instance, base_resources):

@@ -50,15 +50,25 @@ def test_row_file_and_its_checks(tmp_path: Path):
     # A NaN (a PyRadiomics feature that failed) and a missing column each fail a check.
     broken = dict(values, **{names[3]: math.nan})
     table = features.row_table("P1", broken)
-    results = {r.check_name: r.passed for r in checks.radiomics_row_check_results(table, "P1", names)}
-    assert results == {"radiomics_row_complete": True, "radiomics_row_finite": False}
+    results = {r.check_name: r for r in checks.radiomics_row_check_results(table, "P1", names)}
+    assert {name: r.passed for name, r in results.items()} == {"radiomics_row_complete": True,
+                                                               "radiomics_row_finite": False}
+    finite = results["radiomics_row_finite"]
+    assert finite.metadata["expected"].value == "every feature a finite number"
+    assert finite.metadata["found"].value == f"1 of {len(names)} feature(s) not a finite number: {names[3]} (nan)"
+    assert "patient P1" in finite.description and names[3] in finite.description
+    assert finite.metadata["non_finite_count"].value == 1
     short = {k: v for k, v in values.items() if k != names[-1]}
     results = {r.check_name: r.passed
                for r in checks.radiomics_row_check_results(features.row_table("P1", short), "P1", names)}
     assert results["radiomics_row_complete"] is False
-    results = {r.check_name: r.passed
-               for r in checks.radiomics_row_check_results(features.row_table("P2", values), "P1", names)}
-    assert results["radiomics_row_complete"] is False
+    results = {r.check_name: r for r in checks.radiomics_row_check_results(features.row_table("P2", values), "P1",
+                                                                           names)}
+    complete = results["radiomics_row_complete"]
+    assert complete.passed is False
+    assert complete.metadata["found"].value == "patient id P2"
+    expected = complete.metadata["expected"].value
+    assert expected.startswith(f"1 row for patient P1: patient id, then {len(names)} features")
 
 
 def test_unknown_params_name_is_refused():

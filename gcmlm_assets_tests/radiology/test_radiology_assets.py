@@ -50,6 +50,13 @@ def test_real_ct_through_the_branch(instance, data_root, radiology_resources, re
     result = materialize(instance, radiology_resources, "TS001")
     assert result.success
     assert check_results(result) == {name: True for name in ALL_CHECKS}
+    # Every result, passed too, says in words what it expected and what it found.
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    for name, evaluation in evaluations.items():
+        assert evaluation.metadata["expected"].value and evaluation.metadata["found"].value, name
+    assert evaluations["ct_geometry_plausible"].metadata["found"].value == \
+        "voxel size 3 x 3 x 3 mm, 122 x 101 x 30 voxels"
+    assert evaluations["ct_hu_range_plausible"].metadata["found"].value.endswith("values -1100..1207 HU")
 
     ct_meta = metadata_of(result, "ct_image")
     ct_path = artifacts / "ct_image" / "TS001" / "ct.nii.gz"
@@ -122,6 +129,15 @@ def test_failing_blocking_check_fails_the_step_and_stops_downstream(instance, da
     checks = check_results(result)
     assert checks["mask_volume_plausible"] is False
     assert checks["mask_not_empty"] is True and checks["mask_matches_ct_geometry"] is True
+    # The failed check says what was expected and found, and names the patient and the file.
+    volume = {e.check_name: e for e in result.get_asset_check_evaluations()}["mask_volume_plausible"]
+    found_ml = volume.metadata["volume_ml"].value
+    assert 100 < found_ml < 160
+    assert volume.metadata["expected"].value == "10-50 ml"
+    assert volume.metadata["found"].value == f"{found_ml:.1f} ml"
+    assert volume.metadata["volume_max_ml"].value == 50.0
+    assert "patient TS002" in volume.description and "mask.nii.gz" in volume.description
+    assert f"measures {found_ml:.1f} ml, above the plausible maximum of 50 ml" in volume.description
     assert "blocking asset check" in step_failure_text(result, "ct_mask")
     assert result.get_failed_step_keys() == {"ct_mask"}
     assert not result.asset_materializations_for_node("radiomics_row")
