@@ -36,13 +36,26 @@ ASSET_KINDS: dict[str, set[str]] = {
 GROUP_OWNERS = {"radiology": "team:radiology", "pathology": "team:pathology", "cohort": "team:biostatistics"}
 
 
-def catalogued(assets: list[dg.AssetsDefinition], profile: Profile) -> list[dg.AssetsDefinition]:
-    """The assets with their kinds, owners and the settings profile they run with (on every asset page)."""
+def model_identities(resources: dict) -> dict[str, dict]:
+    """Asset name -> the configured model's identity (encoder, nnU-Net settings), read from the
+    resources without loading or hashing any weights (the materializations record the hashes)."""
+    segmentation = resources["segmentation"].configured_model()
+    return {"uni_features": resources["encoder"].configured_encoder(),
+            "segmentation_model": segmentation, "ct_mask": segmentation}
+
+
+def catalogued(assets: list[dg.AssetsDefinition], profile: Profile,
+               identities: dict[str, dict] | None = None) -> list[dg.AssetsDefinition]:
+    """The assets with their kinds, owners, the settings profile they run with and the models they
+    are made with (on every asset page)."""
+    identities = identities or {}
+
     def describe(spec: dg.AssetSpec) -> dg.AssetSpec:
         name = spec.key.to_user_string()
         return spec.replace_attributes(
             kinds=ASSET_KINDS[name], owners=[GROUP_OWNERS[spec.group_name]],
-        ).merge_attributes(metadata={"settings_profile": f"{profile.name}: {profile.description}"})
+        ).merge_attributes(metadata={"settings_profile": f"{profile.name}: {profile.description}",
+                                     **identities.get(name, {})})
 
     return list(dg.map_asset_specs(describe, assets))
 
@@ -76,11 +89,13 @@ def build_sensors(profile: Profile) -> list[dg.SensorDefinition]:
 def build_definitions(env: str | None = None, profile: str | None = None) -> dg.Definitions:
     env = env or settings.environment()
     chosen = get_profile(profile)
+    resources = build_resources(env, chosen)
     return dg.Definitions(
-        assets=catalogued([*radiology_assets.ASSETS, *pathology_assets.ASSETS, *cohort_assets.ASSETS], chosen),
+        assets=catalogued([*radiology_assets.ASSETS, *pathology_assets.ASSETS, *cohort_assets.ASSETS], chosen,
+                          model_identities(resources)),
         asset_checks=[*radiology_checks.CHECKS, *pathology_checks.CHECKS, *cohort_checks.CHECKS],
         sensors=build_sensors(chosen),
-        resources=build_resources(env, chosen),
+        resources=resources,
         executor=build_executor(env),
         metadata={"settings_profile": chosen.name, "environment": env},
     )

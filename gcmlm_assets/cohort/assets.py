@@ -20,6 +20,8 @@ from pathlib import Path
 import dagster as dg
 
 from gcmlm_assets import pictures, step_pods
+from gcmlm_assets.cohort.columns import CLINICAL_TABLE_COLUMNS, FUSED_TABLE_COLUMNS, RISK_SCORES_COLUMNS
+from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.cohort.soundness_facts import declared_blocking_checks, unsound_results
 from gcmlm_assets.cohort.resources import RiskModelSettings
@@ -72,8 +74,10 @@ def _reuse_or_none(store: ArtifactStore, asset: str, fingerprint: str, context) 
     group_name=GROUP,
     op_tags=step_pods.op_tags(step_pods.COHORT),
     code_version=CODE_VERSIONS["clinical_table"],
-    description="The landing zone's clinical.csv, validated: one row per patient (patient_id, mlm "
-    "0/1/unknown, numeric covariates). Bad rows are left out and named by the clinical_rows_valid check.",
+    description="The landing zone's `clinical.csv`, validated: one row per patient with `patient_id`, `mlm` "
+    "(0, 1 or unknown) and the numeric covariates. Bad rows are left out and named by the "
+    "clinical_rows_valid check.",
+    metadata=column_schema_metadata(CLINICAL_TABLE_COLUMNS),
 )
 def clinical_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
                    landing: LandingZone) -> dg.MaterializeResult:
@@ -120,6 +124,7 @@ def clinical_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
             "label_balance": dg.MetadataValue.json(summary["labels"]),
             "covariates": dg.MetadataValue.json(summary["covariates"]),
             "preview": dg.MetadataValue.md(fusion.markdown_table(table, table.column_names[:8])),
+            **column_schema_metadata(CLINICAL_TABLE_COLUMNS, table),
         },
         data_version=dg.DataVersion(manifest["files"][CLINICAL_FILE]),
     )
@@ -138,10 +143,11 @@ def clinical_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
         dg.AssetDep("slide_vector", partition_mapping=dg.AllPartitionMapping()),
         dg.AssetDep("clinical_table"),
     ],
-    description="One row per patient: rad_* (radiomics_row), path_* (slide_vector), clin_* "
-    "(clinical_table), availability flags and the MLM label; read file by file from the artifacts. "
-    "A patient's result is used only when its latest materialization succeeded and passed its "
-    "blocking checks; the ones left out are listed with the reason (excluded_patients).",
+    description="One row per patient: `rad_*` (radiomics_row), `path_*` (slide_vector) and `clin_*` "
+    "(clinical_table) columns, availability flags and the MLM label. A patient's result is used only "
+    "when its latest materialization succeeded and passed its blocking checks; the ones left out are "
+    "listed with the reason (`excluded_patients`).",
+    metadata=column_schema_metadata(FUSED_TABLE_COLUMNS),
 )
 def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
     store = storage.store()
@@ -182,6 +188,7 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
             "input_fingerprint": fingerprint,
             "clinical_table_sha256": clinical_sha,
             "preview": dg.MetadataValue.md(fusion.preview_markdown(table)),
+            **column_schema_metadata(FUSED_TABLE_COLUMNS, table),
         },
         data_version=dg.DataVersion(manifest["files"][FUSED_FILE]),
     )
@@ -212,8 +219,8 @@ def current_model_version(store: ArtifactStore) -> tuple[Path, dict] | None:
     deps=[dg.AssetDep("fused_table")],
     output_required=False,
     description="Per-modality scikit-learn pipelines fused late (mean logit), validated by repeated "
-    "stratified k-fold CV with radiology-only / pathology-only / fused ablation; saved with skops. "
-    "Too few labelled patients: it waits (an observation says how many), keeping the last good model.",
+    "stratified k-fold CV with a radiology-only, pathology-only and fused ablation, and saved with skops. "
+    "With too few labelled patients it waits (an observation says how many) and keeps the last good model.",
 )
 def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage,
                      risk_model: RiskModelSettings) -> Iterator[dg.MaterializeResult]:
@@ -351,7 +358,8 @@ def _model_result(root: Path, pointer: dict, status: str, extra: dict | None = N
     code_version=CODE_VERSIONS["risk_scores"],
     deps=[dg.AssetDep("risk_model"), dg.AssetDep("fused_table")],
     description="MLM probability and risk group (high: at or above the model's threshold) for every "
-    "patient with radiology and/or pathology features, from the current risk_model version.",
+    "patient with radiology or pathology features, from the current risk_model version.",
+    metadata=column_schema_metadata(RISK_SCORES_COLUMNS),
 )
 def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
     store = storage.store()
@@ -393,6 +401,7 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
             "modalities_used": dg.MetadataValue.json({u: used.count(u) for u in sorted(set(used))}),
             "preview": dg.MetadataValue.md(fusion.markdown_table(
                 scores, ["patient_id", "probability", "risk_group", "modalities_used", "mlm"], rows=10)),
+            **column_schema_metadata(RISK_SCORES_COLUMNS, scores),
         },
         data_version=dg.DataVersion(manifest["files"][SCORES_FILE]),
     )

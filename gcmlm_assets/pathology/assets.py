@@ -7,6 +7,7 @@ import dagster as dg
 
 from gcmlm_assets import step_pods
 from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events
+from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.devices import DeviceError
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.partitions import patients_partitions
@@ -23,6 +24,7 @@ from gcmlm_assets.pathology.patch_coords import (
     write_patient_outputs,
 )
 from gcmlm_assets.pathology.pooling import (
+    SLIDE_VECTOR_COLUMNS,
     PoolingError,
     SlideFeatures,
     get_pooling,
@@ -39,6 +41,7 @@ from gcmlm_assets.storage import sha256_file, sha256_text
 # torch only in the step that encodes (gcmlm_assets/lazy.py): the definitions must load light.
 encoders = lazy("gcmlm_assets.pathology.encoders")
 extract = lazy("gcmlm_assets.pathology.extract")
+pq = lazy("pyarrow.parquet")
 
 SLIDE_VECTOR_FILE = "slide_vector.parquet"
 
@@ -49,8 +52,8 @@ SLIDE_VECTOR_FILE = "slide_vector.parquet"
     partitions_def=patients_partitions,
     check_specs=checks.PATCH_COORDS_CHECK_SPECS,
     op_tags=step_pods.op_tags(step_pods.CPU),
-    description="Tissue patch coordinates of every slide in <patient>/wsi/: one CLAM-layout HDF5 per "
-                "slide plus slides.json.",
+    description="Tissue patch coordinates of every slide in `<landing>/<patient>/wsi/`: one CLAM-layout "
+                "HDF5 per slide plus `slides.json`.",
 )
 def patch_coords(context: dg.AssetExecutionContext, storage: ArtifactStorage, landing: LandingZone,
                  pathology: TilingSettings):
@@ -205,7 +208,9 @@ def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_mode
         metadata={
             "encoder": model.name,
             "embedding_dim": model.embedding_dim,
+            "checkpoint": identity["checkpoint"] or "random init (test only)",
             "checkpoint_sha256": model.checkpoint_sha256,
+            "weights_sha256": identity["weights_sha256"],
             "untrained": model.untrained,
             "n_slides": len(done.results),
             "n_patches": done.n_patches,
@@ -242,8 +247,9 @@ class SlideVectorConfig(dg.Config):
     deps=[uni_features],
     check_specs=checks.SLIDE_VECTOR_CHECK_SPECS,
     op_tags=step_pods.op_tags(step_pods.CPU),
-    description="One row per patient: the pooled patch features of all slides (mean by default), "
-                "with n_patches and n_slides.",
+    description="One row per patient: the patch features of all of the patient's slides pooled into one "
+                "vector (mean by default), with `n_patches` and `n_slides`.",
+    metadata=column_schema_metadata(SLIDE_VECTOR_COLUMNS),
 )
 def slide_vector(context: dg.AssetExecutionContext, config: SlideVectorConfig, storage: ArtifactStorage):
     patient_id = context.partition_key
@@ -290,6 +296,7 @@ def slide_vector(context: dg.AssetExecutionContext, config: SlideVectorConfig, s
             "input_uni_features": dg.MetadataValue.json(features["files"]),
             "inputs_fingerprint": fingerprint,
             "reused": bool(reused),
+            **column_schema_metadata(SLIDE_VECTOR_COLUMNS, pq.read_schema(out_path)),
         },
         data_version=dg.DataVersion(sha256_file(out_path)),
     ), checks.SLIDE_VECTOR_CHECK_SPECS, [result])

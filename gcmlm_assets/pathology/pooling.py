@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from gcmlm_assets.columns import Column
 from gcmlm_assets.lazy import lazy
 
 # Imported on first use: the definitions import this module's constants and types, not its work.
@@ -122,6 +123,16 @@ def get_pooling(name: str, **params: Any) -> Pooling:
     except KeyError:
         raise PoolingError(f"unknown pooling {name!r}; known: {', '.join(sorted(POOLINGS))}") from None
     return factory(**params)
+
+
+# The columns of `slide_vector_table`, shown on the asset page (`feat_*`: one per encoder dimension).
+SLIDE_VECTOR_COLUMNS = (
+    Column("patient_id", "string", "The patient (the partition key)"),
+    Column("n_patches", "int64", "Patches pooled, over all of the patient's slides"),
+    Column("n_slides", "int64", "Slides whose patch features were pooled"),
+    Column("feat_*", "double", "The pooled patch features, feat_0000 .. feat_(D-1) for the encoder's "
+                               "D dimensions (1024 for UNI)"),
+)
 
 
 def feature_columns(dim: int) -> list[str]:

@@ -41,7 +41,7 @@ class TilingSettings(dg.ConfigurableResource):
     min_tissue_area: float = Field(default=1.0, description="drop tissue regions under this many patch areas")
     min_hole_area: float = Field(default=1.0, description="fill holes under this many patch areas")
     max_n_holes: Optional[int] = Field(default=None, description="keep only the largest N holes per region")
-    clam_preset: Optional[str] = Field(default=None, description="CLAM preset CSV; overrides the clam_* fields")
+    clam_preset: Optional[str] = Field(default=None, description="CLAM preset CSV; overrides the `clam_*` fields")
     clam_seg_level: int = -1
     clam_a_t: float = 100.0
     clam_a_h: float = 16.0
@@ -106,6 +106,29 @@ class PatchEncoder(dg.ConfigurableResource):
         except EncoderError as error:
             return str(error)
         return None
+
+    def configured_encoder(self) -> dict:
+        """The encoder these settings name, as the asset page shows it before any run.
+
+        The checkpoint is named, not hashed: a UNI checkpoint is 1.2 GB and every step process loads
+        the definitions. uni_features' materializations record the hash.
+        """
+        import os
+
+        from gcmlm_assets.pathology.encoders import ENCODERS  # the registry only; torch stays unloaded
+
+        spec = ENCODERS.get(self.name)
+        if spec is None:
+            return {"encoder": f"{self.name} (unknown: one of {', '.join(sorted(ENCODERS))})"}
+        path = self.checkpoint or (os.environ.get(spec.checkpoint_env, "") if spec.checkpoint_env else "")
+        if path:
+            weights = path
+        elif spec.requires_checkpoint:
+            weights = f"not configured: set encoder.checkpoint or {spec.checkpoint_env}"
+        else:
+            weights = "random init (test only)"
+        return {"encoder": f"{spec.name}: {spec.description}", "encoder_embedding_dim": spec.embedding_dim,
+                "encoder_checkpoint": weights, "encoder_device": self.device}
 
     def load(self) -> "tuple[LoadedEncoder, ResolvedDevice]":
         """The encoder on its device. A step loads it once and encodes every patient of its run with it."""

@@ -13,11 +13,13 @@ import dagster as dg
 
 from gcmlm_assets import step_pods
 from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events
+from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
 from gcmlm_assets.pictures import png_markdown, save_png
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.radiology import checks, model_lifecycle
+from gcmlm_assets.radiology.columns import RADIOMICS_ROW_COLUMNS
 from gcmlm_assets.radiology.resources import RadiomicsSettings
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import atomic_write_json, sha256_file, sha256_text
@@ -67,8 +69,8 @@ def _combined_hash(hashes: dict[str, str]) -> str:
     check_specs=checks.CT_IMAGE_CHECK_SPECS,
     code_version=CT_IMAGE_VERSION,
     op_tags=step_pods.op_tags(step_pods.CPU),
-    description="The patient's CT (DICOM series or one NIfTI/NRRD/MHA volume) as one canonical "
-                "LPS-oriented ct.nii.gz.",
+    description="The patient's CT from `<landing>/<patient>/ct/` (a DICOM series or one NIfTI, NRRD or "
+                "MHA volume), written as one canonical LPS-oriented `ct.nii.gz`.",
 )
 def ct_image(context: dg.AssetExecutionContext, storage: ArtifactStorage,
              landing: LandingZone) -> dg.MaterializeResult:
@@ -155,8 +157,9 @@ def _load_segmenter(model_folder: Path, device_setting: str):
         # predicted_mask_sensor runs it again once one is installed.
         skippable=True,
         description="Binary gastric mask on exactly ct_image's grid: the reference mask from "
-                    "`<landing>/<patient>/ct_label/` when there is one, else predicted by the nnU-Net model "
-                    "(skipped while no model is installed).",
+                    "`<landing>/<patient>/ct_label/` when there is one, else predicted by the installed "
+                    "nnU-Net model (segmentation_model). Without either it is skipped, not failed, until a "
+                    "model is installed.",
     )],
     partitions_def=patients_partitions,
     check_specs=checks.CT_MASK_CHECK_SPECS,
@@ -259,7 +262,7 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
             "input_ct_sha256": ct_sha,
             "input_source_sha256": source_id,
             "source": manifest["source"],
-            "model_id": provenance.get("model_id", ""),
+            "model_id": provenance.get("model_id") or "reference mask",
             "reference_file": provenance.get("reference_file", ""),
             "resampled_to_ct_grid": bool(provenance.get("resampled_to_ct_grid", False)),
             "resampling": provenance.get("resampling", ""),
@@ -289,7 +292,9 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
     check_specs=checks.RADIOMICS_ROW_CHECK_SPECS,
     code_version=RADIOMICS_ROW_VERSION,
     op_tags=step_pods.op_tags(step_pods.CPU),
-    description="PyRadiomics features inside the gastric mask: one parquet row, patient_id then features.",
+    description="PyRadiomics features inside the gastric mask as one parquet row: `patient_id`, then one "
+                "column per feature (107 with the default params).",
+    metadata=column_schema_metadata(RADIOMICS_ROW_COLUMNS),
 )
 def radiomics_row(context: dg.AssetExecutionContext, storage: ArtifactStorage,
                   radiomics: RadiomicsSettings) -> dg.MaterializeResult:
@@ -341,6 +346,7 @@ def radiomics_row(context: dg.AssetExecutionContext, storage: ArtifactStorage,
             "extraction_seconds": manifest["seconds"],
             "reused": reused,
             "resampled_roi_voxels": manifest["diagnostics"].get("diagnostics_Mask-interpolated_VoxelNum", ""),
+            **column_schema_metadata(RADIOMICS_ROW_COLUMNS, table),
         },
         data_version=dg.DataVersion(manifest["files"][ROW_FILE]),
         check_results=checks.radiomics_row_check_results(table, patient_id,
@@ -378,6 +384,13 @@ def _training_candidates(context: dg.AssetExecutionContext, store, landing: Land
     return usable, skipped
 
 
+def _model_table(rows: dict[str, object]) -> dg.MetadataValue:
+    """The model's identity as a two-column table: what the asset page shows first."""
+    return dg.MetadataValue.table(
+        records=[dg.TableRecord({"property": name, "value": str(value)}) for name, value in rows.items()],
+        schema=dg.TableSchema(columns=[dg.TableColumn("property", "string"), dg.TableColumn("value", "string")]))
+
+
 def _configured_model_result(context: dg.AssetExecutionContext, folder: str) -> dg.MaterializeResult:
     from gcmlm_assets.radiology import nnunet
 
@@ -398,6 +411,14 @@ def _configured_model_result(context: dg.AssetExecutionContext, folder: str) -> 
             "plans": model.plans_name,
             "configuration": model.configuration,
             "folds": ", ".join(model.folds),
+            "model": _model_table({
+                "model id": model.model_id, "plans": model.plans_name, "configuration": model.configuration,
+                "trainer": model.trainer, "folds": ", ".join(model.folds),
+                "epochs": "not recorded (trained outside this platform)",
+                "iterations per epoch": "not recorded (trained outside this platform)",
+                "training cases": "not recorded (trained outside this platform)",
+                "device": f"predicts on segmentation.device={context.resources.segmentation.device}",
+                "checkpoint sha256": model.checkpoint_sha256}),
         },
         data_version=dg.DataVersion(model.checkpoint_sha256),
     )
@@ -411,8 +432,12 @@ def _configured_model_result(context: dg.AssetExecutionContext, folder: str) -> 
     pool=step_pods.GPU_POOL,
     op_tags=step_pods.op_tags(step_pods.GPU),
     required_resource_keys={"storage", "landing", "segmentation"},
-    description="nnU-Net v2 gastric segmentation model (3d_fullres), trained on every patient with a "
-                "reference mask, or the trained folder the segmentation resource points at.",
+    description="The nnU-Net v2 gastric segmentation model (`3d_fullres`), trained on every patient with a "
+                "reference mask, or the trained folder that `segmentation.trained_model_folder` "
+                "(`GCMLM_NNUNET_MODEL_FOLDER`) names. Warning: the production profile trains nnU-Net's "
+                "full-size network for 1000 x 250 iterations, which takes a day or more on a GPU and is "
+                "refused on a CPU. For a quick model use `GCMLM_PROFILE=demo` (or `segmentation.tiny_plans` "
+                "with a few epochs), or point `trained_model_folder` at a trained model.",
 )
 def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     import shutil
@@ -538,6 +563,12 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
         "cpu_time_s": training["cpu_seconds"],
         "nnunetv2_version": training["nnunetv2_version"],
         **{name: value for name, value in metrics.items() if value is not None},
+        "model": _model_table({
+            "model id": model.model_id, "plans": training["plans"], "configuration": model.configuration,
+            "trainer": training["trainer"], "folds": ", ".join(model.folds), "epochs": training["epochs"],
+            "iterations per epoch": training["iterations_per_epoch"],
+            "training cases": f"{len(training['cases'])}: {', '.join(training['cases'])}",
+            "device": training["settings"]["device"], "checkpoint sha256": model.checkpoint_sha256}),
     }
     progress = model.folder / f"fold_{model.folds[0]}" / "progress.png"
     if progress.is_file():

@@ -43,37 +43,53 @@ CPU_FULL_PLANS_MAX_ITERATIONS = 1000
 class SegmentationModelResource(dg.ConfigurableResource):
     """The nnU-Net gastric segmentation model: an existing trained folder, or how to train one.
 
-    With `trained_model_folder` set (an nnU-Net results folder holding plans.json,
-    dataset.json and fold_<f>/checkpoint_final.pth), `segmentation_model` trains
+    With `trained_model_folder` set (an nnU-Net results folder holding `plans.json`,
+    `dataset.json` and `fold_<f>/checkpoint_final.pth`), `segmentation_model` trains
     nothing and `ct_mask` predicts with that folder. Otherwise `segmentation_model`
     trains on the patients with a reference mask and installs the result under
     `<artifacts>/segmentation_model/<model_id>/` with a `current.json` pointer.
 
-    The defaults are nnU-Net's own (its default trainer: 1000 epochs of 250
-    iterations, full-size plans), meant for a GPU (`device="cuda"`, which the k8s
-    environment selects). On a CPU that takes days: use `cpu_demo()` (a tiny
-    network trained in about a minute, for tests and the demo) or point
-    `trained_model_folder` at a model trained elsewhere.
+    The defaults (the production profile) are nnU-Net's own: its default trainer, 1000 epochs
+    of 250 iterations, on full-size plans. That takes a day or more on a GPU (`device="auto"`
+    uses one where the step runs) and is refused on a CPU. For a quick model use
+    `GCMLM_PROFILE=demo` (`tiny_plans=true` and a few epochs: minutes on a CPU; `cpu_demo()`
+    in tests), or point `trained_model_folder` (`GCMLM_NNUNET_MODEL_FOLDER`) at a model
+    trained elsewhere.
     """
 
     trained_model_folder: str | None = Field(
-        default=None, description="Existing nnU-Net trained-model folder; when set, no training happens.")
-    dataset_id: int = Field(default=501, description="nnU-Net dataset id: the dataset is DatasetNNN_GastricCT.")
-    trainer: str = Field(default="nnUNetTrainer", description="nnU-Net trainer class name.")
+        default=None, description="Existing nnU-Net trained-model folder (also GCMLM_NNUNET_MODEL_FOLDER); when "
+                                  "set, nothing is trained and ct_mask predicts with it. The quickest way to a "
+                                  "production model: train it where a GPU is and point this at it.")
+    dataset_id: int = Field(default=501, description="nnU-Net dataset id: the dataset is `DatasetNNN_GastricCT`.")
+    trainer: str = Field(default="nnUNetTrainer", description="nnU-Net trainer class name (the demo profile: "
+                                                              "nnUNetTrainerAdam).")
     planner: str = Field(default="ExperimentPlanner", description="nnU-Net experiment planner class name.")
-    epochs: int | None = Field(default=None, description="Epochs; None keeps the trainer's own (1000).")
-    iterations_per_epoch: int | None = Field(default=None, description="Training iterations per epoch; None: 250.")
-    val_iterations: int | None = Field(default=None, description="Validation iterations per epoch; None: 50.")
-    fold: str = Field(default="all", description="'all' trains on every case; '0'..'4' a 5-fold split (>= 5 cases).")
+    epochs: int | None = Field(
+        default=None, description="Training epochs; empty keeps nnU-Net's 1000. With full-size plans that is "
+                                  "a day or more on a GPU and refused on a CPU: for a quick model set a few "
+                                  "epochs with tiny_plans=true (the demo profile: 30).")
+    iterations_per_epoch: int | None = Field(
+        default=None, description="Training iterations per epoch; empty keeps nnU-Net's 250 (the demo "
+                                  "profile: 15). Full-size plans on a CPU are refused above 1000 iterations "
+                                  "in all.")
+    val_iterations: int | None = Field(default=None, description="Validation iterations per epoch; empty: 50.")
+    fold: str = Field(default="all", description="`all` trains on every case; `0`..`4` a 5-fold split "
+                                                 "(at least 5 cases).")
     tiny_plans: bool = Field(
-        default=False, description="Shrink nnU-Net's plans to a tiny U-Net (4 stages, 4..32 features, "
-                                   "patch <= 32x64x64) and sample fewer fingerprint intensities: tests and demo.")
+        default=False, description="false (production): nnU-Net's full-size 3d_fullres U-Net, made for a GPU "
+                                   "(a day or more of training; refused on a CPU). true: shrink the plans to a "
+                                   "tiny U-Net (4 stages, 4..32 features, patch at most 32x64x64) that a CPU "
+                                   "trains in minutes, as GCMLM_PROFILE=demo does.")
     device: str = Field(default="auto", description="auto (CUDA where the process sees a GPU, else CPU) | cuda | "
-                                                    "cpu | mps, for training and prediction.")
+                                                    "cpu | mps, for training and prediction. Full-size training "
+                                                    "on a CPU is refused: set tiny_plans=true with a few "
+                                                    "epochs, or use trained_model_folder.")
     preprocessing_workers: int = Field(default=2, description="nnU-Net fingerprint/preprocessing processes.")
     augmentation_workers: int | None = Field(
         default=None, description="nnU-Net data-augmentation processes (nnUNet_n_proc_DA); 0: in-process.")
-    torch_threads: int | None = Field(default=None, description="Torch CPU threads while training; None: torch's.")
+    torch_threads: int | None = Field(default=None, description="Torch CPU threads while training; empty: "
+                                                                "torch's own.")
     min_training_cases: int = Field(
         default=5, description="segmentation_model trains by itself once this many patients have a reference "
                                "mask and a materialized ct_image (and that set changed since the installed model).")
@@ -117,6 +133,24 @@ class SegmentationModelResource(dg.ConfigurableResource):
                     "(GCMLM_NNUNET_MODEL_FOLDER) at a trained nnU-Net model, or use GCMLM_PROFILE=demo "
                     "(segmentation.tiny_plans=true, a few epochs) for a small CPU model")
         return None
+
+    def configured_model(self) -> dict[str, str]:
+        """The model these settings name, as the asset pages show it before any run (reads no file)."""
+        if self.trained_model_folder:
+            return {"nnunet_trained_model_folder": self.trained_model_folder,
+                    "nnunet_training": "none: ct_mask predicts with the trained folder",
+                    "nnunet_device": self.device}
+        epochs = self.epochs or NNUNET_DEFAULT_EPOCHS
+        iterations = self.iterations_per_epoch or NNUNET_DEFAULT_ITERATIONS
+        return {
+            "nnunet_plans": ("tiny (4 stages, 4..32 features, patch at most 32x64x64)" if self.tiny_plans
+                             else "full-size (nnU-Net's own plans)") + f", planner {self.planner}",
+            "nnunet_configuration": "3d_fullres",
+            "nnunet_trainer": self.trainer,
+            "nnunet_training": f"{epochs} epochs x {iterations} iterations, fold {self.fold}",
+            "nnunet_device": self.device,
+            "nnunet_trained_model_folder": "none: segmentation_model trains the model here",
+        }
 
     def training_settings(self):
         from gcmlm_assets.devices import resolve_device

@@ -3,8 +3,10 @@
 import dagster as dg
 import pyarrow.parquet as pq
 
+from gcmlm_assets import columns
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import checks as cohort_checks
+from gcmlm_assets.cohort.columns import CLINICAL_TABLE_COLUMNS, FUSED_TABLE_COLUMNS, RISK_SCORES_COLUMNS
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.storage import read_version_pointer
@@ -79,6 +81,23 @@ def test_small_cohort_through_dagster(data_root, instance, base_resources):
     assert set(pointer["files"]) == names
     assert {p.name for p in version_dir.iterdir()} == names
     assert {p.name for p in (artifacts / "risk_model").iterdir()} == {"current.json", pointer["version"]}
+
+    # The column schemas on the asset pages describe the real tables; each run's names what it holds.
+    for asset, schema, path in (("clinical_table", CLINICAL_TABLE_COLUMNS, "clinical_table/clinical.parquet"),
+                                ("fused_table", FUSED_TABLE_COLUMNS, "fused_table/fused.parquet"),
+                                ("risk_scores", RISK_SCORES_COLUMNS, "risk_scores/scores.parquet")):
+        table = pq.read_table(artifacts / path)
+        assert columns.problems(schema, columns.table_fields(table)) == [], asset
+        shown = materialized[asset]["dagster/column_schema"].value.columns
+        assert [c.name for c in shown] == [c.name for c in columns.summarise(schema, columns.table_fields(table))]
+    [covariates] = [c for c in materialized["clinical_table"]["dagster/column_schema"].value.columns if c.name == "*"]
+    assert covariates.description.endswith("(2 columns: age, ca199)")
+    fused_schema = {c.name: c for c in materialized["fused_table"]["dagster/column_schema"].value.columns}
+    assert {"clin_*", "rad_*", "path_n_patches", "path_feat_*"} <= set(fused_schema)
+    assert "columns" in fused_schema["rad_*"].description
+    scores_schema = [c.name for c in materialized["risk_scores"]["dagster/column_schema"].value.columns]
+    assert scores_schema == ["patient_id", "probability", "risk_group", "modalities_used", "probability_radiology",
+                             "probability_pathology", "mlm"]
 
     # Unchanged inputs and settings: the same outputs, byte for byte, without retraining.
     again = materialize_cohort(instance, base_resources)

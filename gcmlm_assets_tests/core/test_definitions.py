@@ -181,3 +181,137 @@ def test_every_check_says_in_plain_words_what_it_checks():
         assert len(prose.split()) >= 12, (key, description)
         assert not re.search(r"<[^<>\s]+>", prose), (key, description)
         assert not re.search(r"\b[a-z0-9]+_[a-z0-9_]+\b", prose), (key, description)
+
+
+# ---------------------------------------------------------------- what the asset pages say (issue 12)
+
+def prose(text: str) -> str:
+    """Markdown text without its code spans: what the UI renders as prose."""
+    import re
+
+    return re.sub(r"`[^`]*`", "", text)
+
+
+def markdown_problems(text: str) -> list[str]:
+    """What the UI would not render as written: a bare `<word>` (dropped as HTML), a bare `*` (emphasis)."""
+    import re
+
+    outside = prose(text)
+    return [*re.findall(r"<[^<>\s][^<>]*>", outside), *(["a bare *"] if "*" in outside else [])]
+
+
+def sentences(text: str) -> int:
+    import re
+
+    return len(re.findall(r"[.!?](?:\s|$)", prose(text).strip()))
+
+
+def test_markdown_checks_catch_what_the_ui_drops():
+    assert markdown_problems("from <landing>/<patient>/ct_label/") == ["<landing>", "<patient>"]
+    assert markdown_problems("from `<landing>/<patient>/ct_label/` and `rad_*`") == []
+    assert markdown_problems("rad_* and path_*") == ["a bare *"]
+    assert sentences("One. Two `a. b.` still two.") == 2
+
+
+def test_every_asset_describes_itself_in_one_to_three_sentences_that_render_as_written():
+    graph = build_definitions("local", "production").resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        description = graph.get(key).description or ""
+        assert 1 <= sentences(description) <= 3, (key, description)
+        assert markdown_problems(description) == [], (key, description)
+
+
+def test_resource_and_config_descriptions_render_as_written():
+    defs = build_definitions("local", "production")
+    for key, resource in defs.resources.items():
+        texts = {"docstring": type(resource).__doc__ or ""}
+        texts.update({name: field.description or "" for name, field in type(resource).model_fields.items()})
+        for name, text in texts.items():
+            assert markdown_problems(text) == [], (key, name, text)
+
+
+def test_table_assets_show_their_column_schema_before_any_run():
+    from gcmlm_assets.cohort.columns import CLINICAL_TABLE_COLUMNS, FUSED_TABLE_COLUMNS, RISK_SCORES_COLUMNS
+    from gcmlm_assets.columns import dagster_schema
+    from gcmlm_assets.pathology.pooling import SLIDE_VECTOR_COLUMNS
+    from gcmlm_assets.radiology.columns import RADIOMICS_ROW_COLUMNS
+
+    tables = {"radiomics_row": RADIOMICS_ROW_COLUMNS, "slide_vector": SLIDE_VECTOR_COLUMNS,
+              "clinical_table": CLINICAL_TABLE_COLUMNS, "fused_table": FUSED_TABLE_COLUMNS,
+              "risk_scores": RISK_SCORES_COLUMNS}
+    graph = build_definitions("local", "production").resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        name = key.to_user_string()
+        schema = graph.get(key).metadata.get("dagster/column_schema")
+        if name not in tables:
+            assert schema is None, name
+            continue
+        assert schema == dagster_schema(tables[name]), name
+        assert all(column.type and column.description for column in schema.columns), name
+        assert not markdown_problems(" ".join(c.description for c in schema.columns).replace("*", "")), name
+    columns = {c.name for c in graph.get(dg.AssetKey("fused_table")).metadata["dagster/column_schema"].columns}
+    assert {"patient_id", "mlm", "clin_*", "rad_*", "path_feat_*"} <= columns
+    # a summary of the PyRadiomics features, not a thousand names
+    radiomics = graph.get(dg.AssetKey("radiomics_row")).metadata["dagster/column_schema"].columns
+    assert [c.name for c in radiomics][:2] == ["patient_id", "original_*"] and len(radiomics) < 20
+
+
+def test_model_assets_name_the_configured_models_without_reading_their_weights(monkeypatch, tmp_path):
+    def metadata(profile: str, asset: str) -> dict:
+        return dict(build_definitions("local", profile).resolve_asset_graph().get(dg.AssetKey(asset)).metadata)
+
+    monkeypatch.delenv("GCMLM_UNI_CHECKPOINT", raising=False)
+    monkeypatch.delenv("GCMLM_NNUNET_MODEL_FOLDER", raising=False)
+    uni = metadata("production", "uni_features")
+    assert uni["encoder"].startswith("uni: UNI") and uni["encoder_embedding_dim"] == 1024
+    assert "GCMLM_UNI_CHECKPOINT" in uni["encoder_checkpoint"]
+    tiny = metadata("demo", "uni_features")
+    assert tiny["encoder"].startswith("vit-tiny-random") and tiny["encoder_embedding_dim"] == 192
+    assert tiny["encoder_checkpoint"] == "random init (test only)"
+    # A checkpoint is named as configured, never opened: this one does not even exist.
+    checkpoint = tmp_path / "uni" / "pytorch_model.bin"
+    monkeypatch.setenv("GCMLM_UNI_CHECKPOINT", str(checkpoint))
+    assert metadata("production", "uni_features")["encoder_checkpoint"] == str(checkpoint)
+
+    for asset in ("segmentation_model", "ct_mask"):
+        full = metadata("production", asset)
+        assert full["nnunet_training"] == "1000 epochs x 250 iterations, fold all", asset
+        assert full["nnunet_plans"].startswith("full-size") and full["nnunet_trainer"] == "nnUNetTrainer"
+        assert (full["nnunet_configuration"], full["nnunet_device"]) == ("3d_fullres", "auto")
+        demo = metadata("demo", asset)
+        assert demo["nnunet_training"] == "30 epochs x 15 iterations, fold all" and demo["nnunet_device"] == "cpu"
+        assert demo["nnunet_plans"].startswith("tiny") and demo["nnunet_trainer"] == "nnUNetTrainerAdam"
+    monkeypatch.setenv("GCMLM_NNUNET_MODEL_FOLDER", str(tmp_path / "trained"))
+    assert metadata("production", "segmentation_model")["nnunet_trained_model_folder"] == str(tmp_path / "trained")
+
+
+def test_the_launchpad_warns_that_production_trains_full_size_nnunet():
+    from gcmlm_assets.radiology.resources import SegmentationModelResource
+
+    description = build_definitions("local", "production").resolve_asset_graph().get(
+        dg.AssetKey("segmentation_model")).description
+    assert "refused on a CPU" in description and "`GCMLM_PROFILE=demo`" in description
+    assert "trained_model_folder" in description and "tiny_plans" in description
+    fields = SegmentationModelResource.model_fields
+    for name in ("epochs", "iterations_per_epoch", "tiny_plans", "device"):
+        text = fields[name].description
+        assert "CPU" in text and ("demo" in text or "tiny_plans" in text), name
+    assert "GCMLM_NNUNET_MODEL_FOLDER" in fields["trained_model_folder"].description
+
+
+def test_a_schema_that_drifted_from_its_table_is_named():
+    from gcmlm_assets.columns import problems, summarise
+    from gcmlm_assets.pathology.pooling import SLIDE_VECTOR_COLUMNS
+
+    fields = [("patient_id", "string"), ("n_patches", "int64"), ("n_slides", "int64"),
+              *((f"feat_{i:04d}", "double") for i in range(12))]
+    assert problems(SLIDE_VECTOR_COLUMNS, fields) == []
+    drifted = [("patient_id", "string"), ("n_patches", "double"), ("feat_0000", "double"), ("pooling", "string")]
+    assert problems(SLIDE_VECTOR_COLUMNS, drifted) == [
+        "column 'n_patches' is double, the schema's 'n_patches' says int64",
+        "column 'pooling' (string) is not in the schema",
+        "no column for the schema's 'n_slides'"]
+    # At run time a family is one entry with its count; an undescribed column is still shown.
+    shown = summarise(SLIDE_VECTOR_COLUMNS, [*fields, ("pooling", "string")])
+    assert [c.name for c in shown] == ["patient_id", "n_patches", "n_slides", "feat_*", "pooling"]
+    assert shown[3].description.endswith("(12 columns: feat_0000 .. feat_0011)")

@@ -11,9 +11,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from gcmlm_assets import columns
 from gcmlm_assets.pathology.assets import patch_coords, slide_vector, uni_features
 from gcmlm_assets.pathology.encoders import load_encoder
 from gcmlm_assets.pathology.pooling import (
+    SLIDE_VECTOR_COLUMNS,
     MeanPooling,
     PooledVector,
     PoolingError,
@@ -128,10 +130,17 @@ def test_pathology_branch_end_to_end(instance, base_resources, data_root: Path, 
     assert (table.column("n_patches")[0].as_py(), table.column("n_slides")[0].as_py()) == (len(tiled), 1)
     vector = np.array([table.column(c)[0].as_py() for c in feature_columns(192)])
     np.testing.assert_allclose(vector, features.astype(np.float64).mean(axis=0), rtol=1e-9)
+    assert columns.problems(SLIDE_VECTOR_COLUMNS, columns.table_fields(table)) == []
+    schema = _metadata(result, "slide_vector")["dagster/column_schema"].columns
+    assert [c.name for c in schema] == ["patient_id", "n_patches", "n_slides", "feat_*"]
+    assert "(192 columns: feat_0000 .. feat_0191)" in schema[3].description
 
     meta = _metadata(result, "uni_features")
     assert meta["encoder"] == "vit-tiny-random" and meta["checkpoint_sha256"] == "untrained"
     assert meta["untrained"] is True and meta["embedding_dim"] == 192 and meta["patches_per_second"] > 0
+    # Random weights are identified by the digest of the parameters themselves.
+    assert meta["checkpoint"] == "random init (test only)"
+    assert meta["weights_sha256"] == load_encoder("vit-tiny-random").weights_sha256
     assert meta["reading"].startswith("in-process between forward passes")
     assert _metadata(result, "slide_vector")["pooling"] == "mean"
 

@@ -60,6 +60,11 @@ def metadata_of(result: dg.ExecuteInProcessResult, asset: str) -> dict:
     return {key: value.value for key, value in materialization.metadata.items()}
 
 
+def model_table(meta: dict) -> dict[str, str]:
+    """segmentation_model's `model` metadata table as {property: value}."""
+    return {record.data["property"]: record.data["value"] for record in meta["model"].records}
+
+
 class Cohort:
     def __init__(self, root: Path, instance, resources: dict):
         self.root, self.instance, self.resources = root, instance, resources
@@ -154,6 +159,12 @@ def test_segmentation_model_trains_and_installs_a_tiny_nnunet(trained):
     assert list(meta["skipped_cases"]) == [EMPTY_MASK]
     assert "empty.nii.gz: mask is empty" in meta["skipped_cases"][EMPTY_MASK]
     assert meta["training_progress"].startswith("![nnU-Net progress](data:image/png;base64,")
+    # The model's identity at a glance, in one table on the asset page.
+    assert model_table(meta) == {
+        "model id": meta["model_id"], "plans": "nnUNetPlans_tiny", "configuration": "3d_fullres",
+        "trainer": "nnUNetTrainerAdam", "folds": "all", "epochs": "20", "iterations per epoch": "12",
+        "training cases": f"{len(TRAINING_CROPS)}: {', '.join(TRAINING_CROPS)}", "device": "cpu",
+        "checkpoint sha256": meta["checkpoint_sha256"]}
 
     # Installed atomically as <artifacts>/segmentation_model/<model_id>/ with a current.json pointer.
     folder = Path(meta["model_folder"])
@@ -213,6 +224,7 @@ def test_unchanged_inputs_reuse_the_installed_model(trained):
     assert result.success
     meta = metadata_of(result, "segmentation_model")
     assert meta["reused"] is True and meta["trained"] is False
+    assert model_table(meta) == model_table(trained.training)
     assert meta["model_id"] == trained.training["model_id"]
     assert sorted(p.name for p in (trained.artifacts / "segmentation_model").iterdir()) == before
     [materialization] = result.asset_materializations_for_node("segmentation_model")
@@ -235,6 +247,10 @@ def test_resource_pointing_at_a_trained_folder_skips_training(trained, tmp_path)
     assert meta["trained"] is False and meta["source"] == "configured trained_model_folder"
     assert meta["model_folder"] == str(external)
     assert meta["checkpoint_sha256"] == trained.training["checkpoint_sha256"]
+    table = model_table(meta)
+    assert (table["model id"], table["plans"], table["trainer"]) == (
+        trained.training["model_id"], "nnUNetPlans_tiny", "nnUNetTrainerAdam")
+    assert table["epochs"] == table["training cases"] == "not recorded (trained outside this platform)"
     assert sorted(p.name for p in (trained.artifacts / "segmentation_model").iterdir()) == before
     assert resource.model_folder(ArtifactStorage(root=str(trained.artifacts)).store()) == external
 

@@ -16,7 +16,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import SimpleITK as sitk
 
+from gcmlm_assets import columns
 from gcmlm_assets.radiology import ct_io
+from gcmlm_assets.radiology.columns import RADIOMICS_ROW_COLUMNS
 from gcmlm_assets.radiology.assets import ASSETS, ct_image, ct_mask, radiomics_row
 from gcmlm_assets.radiology.resources import RadiomicsSettings
 
@@ -71,6 +73,7 @@ def test_real_ct_through_the_branch(instance, data_root, radiology_resources, re
     reference_voxels = mask_voxels(real_stomach)
     spacing = sitk.ReadImage(str(real_stomach)).GetSpacing()
     assert mask_meta["source"] == "reference" and mask_meta["resampled_to_ct_grid"] is False
+    assert mask_meta["model_id"] == "reference mask"
     assert mask_meta["voxels"] == reference_voxels
     assert math.isclose(mask_meta["volume_ml"], reference_voxels * float(np.prod(spacing)) / 1000.0, rel_tol=1e-12)
     assert mask_meta["input_ct_sha256"] == ct_meta["sha256"]
@@ -87,6 +90,11 @@ def test_real_ct_through_the_branch(instance, data_root, radiology_resources, re
     assert len(values) == row_meta["features"] == 107
     assert all(math.isfinite(v) for v in values)
     assert table.column_names[1:] == sorted(table.column_names[1:])
+    # The schema on the asset page describes the real row; the run's own names the 107 features.
+    assert columns.problems(RADIOMICS_ROW_COLUMNS, columns.table_fields(table)) == []
+    schema = row_meta["dagster/column_schema"].columns
+    assert [(c.name, c.type) for c in schema] == [("patient_id", "string"), ("original_*", "double")]
+    assert "(107 columns: original_firstorder_10Percentile .. original_shape_VoxelVolume)" in schema[1].description
     assert row_meta["pyradiomics_version"] == "v3.0.1" and len(row_meta["settings_sha256"]) == 64
     # The 1 mm resampled stomach is about as large as the 3 mm mask (PyRadiomics' own volume).
     assert table.column("original_shape_VoxelVolume")[0].as_py() == \

@@ -1,0 +1,51 @@
+"""The column schemas of the cohort tables (plain data, light to import).
+
+The tables are built by `clinical.py` (clinical_table), `fusion.py` (fused_table) and
+`modelling.py` (risk_scores, `FusedRiskModel.score_table`); those import pyarrow, numpy and
+scikit-learn, which loading the definitions must not, so the schemas the asset pages show live here.
+Tests compare each with a real table (gcmlm_assets_tests/cohort/test_cohort_assets.py).
+"""
+
+from gcmlm_assets.columns import Column
+
+PATIENT = Column("patient_id", "string", "The patient")
+LABEL = Column("mlm", "int8", "Metachronous liver metastasis: 1 yes, 0 no, null while unknown")
+
+CLINICAL_TABLE_COLUMNS = (
+    PATIENT,
+    LABEL,
+    # clinical.csv may carry any covariates; each keeps its header's name.
+    Column("*", "double", "Numeric covariates of clinical.csv, one column each under its header name "
+                          "(null = missing)", optional=True),
+)
+
+FUSED_TABLE_COLUMNS = (
+    PATIENT,
+    Column("has_radiology", "bool", "The patient's radiomics_row was used"),
+    Column("has_pathology", "bool", "The patient's slide_vector was used"),
+    Column("has_clinical", "bool", "The patient has a clinical_table row"),
+    LABEL,
+    Column("clin_*", "double", "clinical_table's covariates, prefixed", optional=True),
+    Column("rad_*", "double", "radiomics_row's PyRadiomics features, prefixed (null without radiology)",
+           optional=True),
+    Column("path_n_patches", "int64", "slide_vector's n_patches (null without pathology)", optional=True),
+    Column("path_n_slides", "int64", "slide_vector's n_slides (null without pathology)", optional=True),
+    Column("path_feat_*", "float", "slide_vector's pooled features, prefixed, stored as float32 "
+                                   "(null without pathology)", optional=True),
+)
+
+RISK_SCORES_COLUMNS = (
+    PATIENT,
+    Column("probability", "double", "Predicted probability of MLM: the inverse logit of the mean logit of "
+                                    "the modality models the patient has features for"),
+    Column("risk_group", "string", "high when the probability is at or above the model's risk "
+                                   "threshold, else low"),
+    Column("modalities_used", "string", "The modality models that scored the patient, such as "
+                                        "radiology+pathology"),
+    Column("probability_radiology", "double", "The radiology model's probability (null without radiomics)"),
+    Column("probability_pathology", "double", "The pathology model's probability (null without a slide "
+                                              "vector)"),
+    Column("probability_clinical", "double", "The clinical model's probability (only with "
+                                             "risk_model.use_clinical)", optional=True),
+    Column("mlm", "int8", "The known label, for comparison (null while unknown)"),
+)
