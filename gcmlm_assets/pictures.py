@@ -5,7 +5,7 @@ Every picture is kept twice:
 * full size: a lossless PNG rendered at `FULL_DPI`, written beside the asset's artifacts, its path
   in the materialization metadata (`picture_path`, `plot_<kind>_path`, ...);
 * for display: embedded in markdown metadata as a data URI, at least `MIN_DISPLAY_WIDTH` px wide
-  (`DISPLAY_WIDTH` when it fits) and with the whole markdown string under `MARKDOWN_LIMIT` bytes,
+  (as rendered up to `KEEP_WIDTH_UP_TO`, wider ones at `DISPLAY_WIDTH`, when it fits) and with the whole markdown string under `MARKDOWN_LIMIT` bytes,
   so that the event log stays small and a mask outline can still be read.
 
 The display version is made from the full-size picture by trying encodings from the best looking
@@ -27,7 +27,8 @@ from typing import Any
 from gcmlm_assets.storage import atomic_write_bytes
 
 MIN_DISPLAY_WIDTH = 800
-DISPLAY_WIDTH = 1200
+DISPLAY_WIDTH = 1200  # what wider pictures are scaled to
+KEEP_WIDTH_UP_TO = 1400  # narrower ones are shown as they are: resampling blurs lines and text
 MARKDOWN_LIMIT = 60_000  # bytes of one markdown metadata value, data URI included
 FULL_DPI = 150
 
@@ -131,7 +132,8 @@ def display_version(picture: Any, kind: str, alt: str = "picture", limit: int = 
     overhead = len(markdown(b"", "image/webp", alt).encode())
     # base64 turns every 3 bytes into 4 characters
     budget = (limit - overhead - 1) // 4 * 3
-    preferred = max(MIN_DISPLAY_WIDTH, min(DISPLAY_WIDTH, image.width))
+    preferred = image.width if image.width <= KEEP_WIDTH_UP_TO else DISPLAY_WIDTH
+    preferred = max(MIN_DISPLAY_WIDTH, preferred)
     resized: dict[int, Any] = {}
     for width, fmt, setting in _ladder(kind, preferred):
         if width not in resized:
