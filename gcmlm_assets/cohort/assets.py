@@ -49,6 +49,7 @@ MODEL_FILE, METRICS_FILE, MODEL_CARD = "model.skops", "metrics.json", "model_car
 CV_PREDICTIONS = "cv_predictions.parquet"
 PLOTS = {"roc": "roc.png", "calibration": "calibration.png", "decision_curve": "decision_curve.png"}
 SCORES_FILE = "scores.parquet"
+SCORES_PICTURE = "score_distribution.png"
 
 
 def _required_input(store: ArtifactStore, asset: str, filename: str) -> Path:
@@ -338,8 +339,9 @@ def _model_result(root: Path, pointer: dict, status: str, extra: dict | None = N
             "fused_auc": fused.get("auc"),
             "fused_auc_ci": dg.MetadataValue.json([fused.get("auc_ci_low"), fused.get("auc_ci_high")]),
             "ablation": dg.MetadataValue.md(modelling.ablation_markdown(metrics)),
-            **{f"plot_{kind}": dg.MetadataValue.md(pictures.png_markdown((folder / name).read_bytes(), kind))
+            **{f"plot_{kind}": dg.MetadataValue.md(pictures.picture_markdown(folder / name, pictures.PLOT, kind))
                for kind, name in PLOTS.items()},
+            **{f"plot_{kind}_path": dg.MetadataValue.path(str(folder / name)) for kind, name in PLOTS.items()},
             "model_card": dg.MetadataValue.json(card),
             "settings": dg.MetadataValue.json(card["settings"]),
             **(extra or {}),
@@ -380,12 +382,16 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
             raise dg.Failure(description=str(exc)) from None
         scores = model.score_table(pq.read_table(fused_path))
         fusion.write_parquet(scores, folder / SCORES_FILE)
-        manifest = {"fingerprint": fingerprint, "files": {SCORES_FILE: sha256_file(folder / SCORES_FILE)},
+        _save_score_picture(scores, model.risk_threshold, folder / SCORES_PICTURE)
+        manifest = {"fingerprint": fingerprint, "files": {SCORES_FILE: sha256_file(folder / SCORES_FILE),
+                                                          SCORES_PICTURE: sha256_file(folder / SCORES_PICTURE)},
                     "inputs": {"risk_model_sha256": model_sha, "risk_model_version": pointer["version"],
                                "fused_table_sha256": fused_sha},
                     "risk_threshold": model.risk_threshold, "model_blocks": list(model.blocks)}
         store.write_manifest("risk_scores", None, manifest)
     scores = pq.read_table(folder / SCORES_FILE)
+    if not (folder / SCORES_PICTURE).is_file():  # reused scores stored before risk_scores had a picture
+        _save_score_picture(scores, manifest["risk_threshold"], folder / SCORES_PICTURE)
     groups = scores.column("risk_group").to_pylist()
     used = scores.column("modalities_used").to_pylist()
     return dg.MaterializeResult(
@@ -402,9 +408,17 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
             "preview": dg.MetadataValue.md(fusion.markdown_table(
                 scores, ["patient_id", "probability", "risk_group", "modalities_used", "mlm"], rows=10)),
             **column_schema_metadata(RISK_SCORES_COLUMNS, scores),
+            "picture": dg.MetadataValue.md(pictures.picture_markdown(folder / SCORES_PICTURE, pictures.PLOT,
+                                                                     "risk score distribution")),
+            "picture_path": dg.MetadataValue.path(str(folder / SCORES_PICTURE)),
         },
         data_version=dg.DataVersion(manifest["files"][SCORES_FILE]),
     )
+
+
+def _save_score_picture(scores, threshold: float, path: Path) -> None:
+    pictures.save_png(modelling.plot_score_distribution(
+        scores.column("probability").to_pylist(), threshold, scores.column("mlm").to_pylist()), path)
 
 
 def _current_model_or_fail(store: ArtifactStore) -> tuple[Path, dict]:

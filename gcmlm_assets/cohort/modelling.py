@@ -614,10 +614,11 @@ def cv_predictions_table(cv: CrossValidation) -> pa.Table:
 
 
 def plot_curves(curves: dict, kind: str) -> bytes:
-    """PNG of one kind of curve ('roc', 'calibration', 'decision_curve') for every model."""
+    """Full-size PNG of one kind of curve ('roc', 'calibration', 'decision_curve') for every model."""
     from gcmlm_assets import pictures
 
-    fig, ax = pictures.plt.subplots(figsize=(5, 4.2))
+    # 8 in at the pictures' 150 dpi: 1200 px, shown 1:1 in the UI with 10 pt text about 20 px high
+    fig, ax = pictures.plt.subplots(figsize=(8, 6), layout="constrained")
     if kind == "roc":
         ax.plot([0, 1], [0, 1], ls=":", c="grey")
         ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="ROC (out-of-fold, mean over repeats)")
@@ -646,7 +647,31 @@ def plot_curves(curves: dict, kind: str) -> bytes:
     if kind == "decision_curve":
         # treat-all falls steeply at high thresholds; keep the useful range in view
         ax.set_ylim(-0.05, highest_benefit + 0.05)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=10, loc="best")
+    return pictures.figure_png(fig)
+
+
+def plot_score_distribution(probabilities, threshold: float, labels=None) -> bytes:
+    """Full-size PNG: histogram of the MLM probabilities, stacked by known label, with the risk
+    threshold as a vertical line and the high/low risk counts in the title."""
+    from gcmlm_assets import pictures
+
+    probabilities = np.asarray(probabilities, dtype=float)
+    labels = np.full(len(probabilities), np.nan) if labels is None else \
+        np.array([np.nan if v is None else float(v) for v in labels])
+    high = int(np.count_nonzero(probabilities >= threshold))
+    groups = [("MLM", labels == 1, "tab:red"), ("no MLM", labels == 0, "tab:blue"),
+              ("label unknown", np.isnan(labels), "tab:grey")]
+    groups = [(name, probabilities[rows], colour) for name, rows, colour in groups if rows.any()]
+    fig, ax = pictures.plt.subplots(figsize=(8, 5), layout="constrained")
+    ax.hist([values for _, values, _ in groups], bins=np.linspace(0, 1, 21), stacked=True,
+            color=[colour for *_, colour in groups], label=[f"{name} ({len(values)})" for name, values, _ in groups])
+    ax.axvline(threshold, color="black", ls="--", lw=1.5, label=f"threshold {threshold:.3f}")
+    ax.yaxis.get_major_locator().set_params(integer=True)  # patients come whole
+    ax.set(xlabel="MLM probability (fused model)", ylabel="patients", xlim=(0, 1),
+           title=f"Risk scores of {len(probabilities)} patients: {high} high risk, "
+                 f"{len(probabilities) - high} low risk")
+    ax.legend(fontsize=10, loc="best")
     return pictures.figure_png(fig)
 
 

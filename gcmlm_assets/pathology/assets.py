@@ -28,13 +28,14 @@ from gcmlm_assets.pathology.pooling import (
     PoolingError,
     SlideFeatures,
     get_pooling,
+    slide_vector_picture,
     validate_slide_vector,
     write_slide_vector,
 )
 from gcmlm_assets.pathology.resources import PatchEncoder, TilingSettings
 from gcmlm_assets.pathology.slides import SlideError, list_slides
 from gcmlm_assets.pathology.tiling import TILING_VERSION
-from gcmlm_assets.pictures import png_markdown
+from gcmlm_assets.pictures import PHOTO, picture_markdown, save_png
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import sha256_file, sha256_text
 
@@ -44,6 +45,7 @@ extract = lazy("gcmlm_assets.pathology.extract")
 pq = lazy("pyarrow.parquet")
 
 SLIDE_VECTOR_FILE = "slide_vector.parquet"
+SLIDE_VECTOR_PICTURE = "slide_vector.png"
 
 
 @dg.asset(
@@ -97,7 +99,6 @@ def patch_coords(context: dg.AssetExecutionContext, storage: ArtifactStorage, la
         })
 
     entries = listing["slides"]
-    picture = (out_dir / PICTURE).read_bytes()
     version = output_version(listing)
     results = [checks.slides_open_result(entries, []), checks.mpp_known_result(entries),
                checks.tissue_found_result(entries),
@@ -108,7 +109,8 @@ def patch_coords(context: dg.AssetExecutionContext, storage: ArtifactStorage, la
             "n_patches": listing["n_patches"],
             "mode": params.mode,
             "slides": dg.MetadataValue.md(_slides_table(entries, seconds)),
-            "picture": dg.MetadataValue.md(png_markdown(picture, alt=f"tiling of {patient_id}")),
+            "picture": dg.MetadataValue.md(picture_markdown(out_dir / PICTURE, PHOTO, f"tiling of {patient_id}")),
+            "picture_path": dg.MetadataValue.path(str(out_dir / PICTURE)),
             "folder": dg.MetadataValue.path(str(out_dir)),
             "listing": dg.MetadataValue.path(str(out_dir / LISTING)),
             "h5_files": dg.MetadataValue.json([e["h5"] for e in entries if e["h5"]]),
@@ -267,21 +269,26 @@ def slide_vector(context: dg.AssetExecutionContext, config: SlideVectorConfig, s
     fingerprint = sha256_text("slide_vector", json.dumps(pooling.describe(), sort_keys=True),
                               *(f"{name}:{digest}" for name, digest in sorted(features["files"].items())))
     out_path = store.asset_dir(checks.SLIDE_VECTOR, patient_id) / SLIDE_VECTOR_FILE
+    picture_path = out_path.parent / SLIDE_VECTOR_PICTURE
+    slides = [SlideFeatures(store.path(checks.UNI_FEATURES, patient_id, s["h5_file"])) for s in features["slides"]]
     reused = store.reusable(checks.SLIDE_VECTOR, patient_id, fingerprint)
     if reused:
         summary = reused["summary"]
     else:
-        slides = [SlideFeatures(store.path(checks.UNI_FEATURES, patient_id, s["h5_file"])) for s in features["slides"]]
         try:
             pooled = pooling.pool(slides)
         except PoolingError as error:
             raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from error
         write_slide_vector(out_path, patient_id, pooled)
+        save_png(slide_vector_picture(patient_id, slides, pooling.name), picture_path)
         summary = {"n_patches": pooled.n_patches, "n_slides": pooled.n_slides, "dim": int(pooled.vector.shape[0]),
                    **pooled.details}
         store.write_manifest(checks.SLIDE_VECTOR, patient_id, {
-            "fingerprint": fingerprint, "files": {out_path.name: sha256_file(out_path)}, "summary": summary,
+            "fingerprint": fingerprint, "summary": summary,
+            "files": {out_path.name: sha256_file(out_path), picture_path.name: sha256_file(picture_path)},
         })
+    if not picture_path.is_file():  # reused output stored before slide_vector had a picture
+        save_png(slide_vector_picture(patient_id, slides, pooling.name), picture_path)
     problems = validate_slide_vector(out_path, expected_dim=dim)
     result = checks.slide_vector_result(problems, dim, out_path)
     yield quarantine_on_blocking_failure(store, checks.SLIDE_VECTOR, patient_id, dg.MaterializeResult(
@@ -293,6 +300,8 @@ def slide_vector(context: dg.AssetExecutionContext, config: SlideVectorConfig, s
             "encoder": features["encoder"]["encoder"],
             "checkpoint_sha256": features["encoder"]["checkpoint_sha256"],
             "path": dg.MetadataValue.path(str(out_path)),
+            "picture": dg.MetadataValue.md(picture_markdown(picture_path, PHOTO, f"slides of {patient_id}")),
+            "picture_path": dg.MetadataValue.path(str(picture_path)),
             "input_uni_features": dg.MetadataValue.json(features["files"]),
             "inputs_fingerprint": fingerprint,
             "reused": bool(reused),

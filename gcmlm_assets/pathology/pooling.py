@@ -184,3 +184,85 @@ def validate_slide_vector(path: str | os.PathLike, *, expected_dim: int) -> list
         if bad:
             problems.append(f"{bad} non-finite feature values")
     return problems
+
+
+# ---------------------------------------------------------------- picture
+
+PICTURE_MAX_SLIDES = 6
+PICTURE_COLUMNS = 3
+PICTURE_SIDE_PX = 900  # each slide's drawing; 6 in at the pictures' 150 dpi
+
+
+def slide_vector_picture(patient_id: str, slides: list[SlideFeatures], pooling: str,
+                         max_slides: int = PICTURE_MAX_SLIDES) -> bytes:
+    """Full-size PNG: a thumbnail of each pooled slide (the first `max_slides`) with the patches
+    that were pooled outlined, titled with its patch count; the title gives the patient's total.
+
+    Counts and squares come from the feature files themselves, so the picture shows what was
+    pooled. A slide file that cannot be opened any more is drawn as its patch layout on white."""
+    from gcmlm_assets.pictures import figure_png, pyplot
+
+    plt = pyplot()
+    drawings = [_slide_drawing(slide) for slide in slides]
+    shown = drawings[:max_slides]
+    columns = max(1, min(len(shown), PICTURE_COLUMNS))
+    rows = max(1, -(-len(shown) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(6.0 * columns, 6.6 * rows), squeeze=False,
+                             layout="constrained")
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, (name, n_patches, image, note) in zip(axes.flat, shown):
+        axis.imshow(image)
+        axis.set_title(f"{name}\n{n_patches} patches{note}", fontsize=14)
+    fig.suptitle(slide_vector_title(patient_id, [n for _, n, _, _ in drawings], pooling, len(shown)), fontsize=15)
+    return figure_png(fig)
+
+
+def slide_vector_title(patient_id: str, patches_per_slide: list[int], pooling: str, shown: int) -> str:
+    note = f", first {shown} shown" if len(patches_per_slide) > shown else ""
+    return (f"{patient_id}: {sum(patches_per_slide)} patches from {len(patches_per_slide)} slide(s), "
+            f"{pooling} pooling{note}")
+
+
+def _slide_drawing(slide: SlideFeatures) -> tuple[str, int, np.ndarray, str]:
+    """(name, patch count, RGB drawing, note) of one feature file."""
+    with h5py.File(slide.path, "r") as fh:
+        coords = np.asarray(fh["coords"][:], np.int64).reshape(-1, 2)
+        patch_side = float(fh["coords"].attrs.get("patch_size_level0", 0)) or 256.0
+        slide_path = fh.attrs.get("slide_path")
+    thumbnail, level0_size = _thumbnail(slide_path)
+    note = ""
+    if thumbnail is None:
+        note = " (slide file not readable: patch layout only)"
+        extent = coords.max(axis=0) + patch_side if len(coords) else np.array([patch_side, patch_side])
+        level0_size = (float(extent[0]), float(extent[1]))
+        scale = PICTURE_SIDE_PX / max(level0_size)
+        thumbnail = np.full((max(1, round(level0_size[1] * scale)), max(1, round(level0_size[0] * scale)), 3),
+                            255, np.uint8)
+    return slide.name, int(len(coords)), _outline_patches(thumbnail, coords, patch_side, level0_size), note
+
+
+def _thumbnail(slide_path) -> tuple[np.ndarray | None, tuple[float, float]]:
+    if not slide_path or not Path(str(slide_path)).is_file():
+        return None, (0.0, 0.0)
+    import openslide
+
+    try:
+        with openslide.OpenSlide(str(slide_path)) as handle:
+            image = handle.get_thumbnail((PICTURE_SIDE_PX, PICTURE_SIDE_PX)).convert("RGB")
+            return np.asarray(image), tuple(float(v) for v in handle.dimensions)
+    except (openslide.OpenSlideError, OSError):
+        return None, (0.0, 0.0)
+
+
+def _outline_patches(image: np.ndarray, coords: np.ndarray, patch_side: float,
+                     level0_size: tuple[float, float]) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    picture = Image.fromarray(np.ascontiguousarray(image))
+    draw = ImageDraw.Draw(picture)
+    sx, sy = picture.width / level0_size[0], picture.height / level0_size[1]
+    for x, y in coords:
+        draw.rectangle((round(x * sx), round(y * sy), round((x + patch_side) * sx) - 1,
+                        round((y + patch_side) * sy) - 1), outline=(220, 30, 30), width=1)
+    return np.asarray(picture)

@@ -391,17 +391,22 @@ def orthogonal_slices(volume: np.ndarray, spacing: tuple[float, float, float],
     ]
 
 
+# Three planes side by side: 12 in wide shows each plane about 400 px wide in the UI (1200 px display).
+THREE_PLANES_FIGSIZE = (12.0, 4.4)
+
+
 def ct_thumbnail_png(image: sitk.Image, window: tuple[float, float] = ABDOMEN_WINDOW) -> bytes:
-    """Axial/coronal/sagittal mid-slices of a canonical (LPS) CT, windowed, as PNG bytes."""
+    """Axial/coronal/sagittal mid-slices of a canonical (LPS) CT, windowed, as a full-size PNG
+    (`pictures.display_version` makes the UI's copy)."""
     from gcmlm_assets.pictures import figure_png, plt
 
     volume = sitk.GetArrayViewFromImage(image)
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    fig, axes = plt.subplots(1, 3, figsize=THREE_PLANES_FIGSIZE, layout="constrained")
     for ax, (name, plane, aspect) in zip(axes, orthogonal_slices(volume, image.GetSpacing()), strict=True):
         ax.imshow(_windowed(plane, window), cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
-        ax.set_title(name, fontsize=9)
+        ax.set_title(name, fontsize=14)
         ax.axis("off")
-    fig.suptitle(f"CT W{window[1]:.0f}/L{window[0]:.0f}", fontsize=9)
+    fig.suptitle(f"CT W{window[1]:.0f}/L{window[0]:.0f} (patient's right on the left)", fontsize=14)
     return figure_png(fig)
 
 

@@ -224,16 +224,17 @@ def write_mask(mask: sitk.Image, final: Path) -> Path:
 
 
 def mask_overlay_png(image: sitk.Image, mask: sitk.Image) -> bytes:
-    """The CT with the mask outlined, in three planes through the mask's centre of mass."""
+    """The CT with the mask outlined, in three planes through the mask's centre of mass, as a
+    full-size PNG (`pictures.display_version` makes the UI's copy)."""
     from gcmlm_assets.pictures import figure_png, plt
-    from gcmlm_assets.radiology.ct_io import ABDOMEN_WINDOW, _windowed, orthogonal_slices
+    from gcmlm_assets.radiology.ct_io import ABDOMEN_WINDOW, THREE_PLANES_FIGSIZE, _windowed, orthogonal_slices
 
     volume = sitk.GetArrayViewFromImage(image)
     labels = sitk.GetArrayViewFromImage(mask)
     nonzero = np.nonzero(labels)
     centre = tuple(int(round(a.mean())) for a in nonzero) if nonzero[0].size else None
     spacing = image.GetSpacing()
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    fig, axes = plt.subplots(1, 3, figsize=THREE_PLANES_FIGSIZE, layout="constrained")
     planes = zip(orthogonal_slices(volume, spacing, centre), orthogonal_slices(labels, spacing, centre), strict=True)
     for ax, ((name, plane, aspect), (_, label_plane, _)) in zip(axes, planes, strict=True):
         ax.imshow(_windowed(plane, ABDOMEN_WINDOW), cmap="gray", vmin=0, vmax=1, aspect=aspect,
@@ -241,10 +242,11 @@ def mask_overlay_png(image: sitk.Image, mask: sitk.Image) -> bytes:
         overlay = np.ma.masked_where(label_plane == 0, label_plane)
         ax.imshow(overlay, cmap="autumn", alpha=0.45, aspect=aspect, interpolation="nearest")
         if label_plane.any():
-            ax.contour(label_plane, levels=[0.5], colors="red", linewidths=0.7)
-        ax.set_title(name, fontsize=9)
+            # 1.2 pt: 2.5 px at full size, still over 1.5 px in the 1200 px display copy
+            ax.contour(label_plane, levels=[0.5], colors="red", linewidths=1.2)
+        ax.set_title(name, fontsize=14)
         ax.axis("off")
-    fig.suptitle("gastric mask over CT", fontsize=9)
+    fig.suptitle("gastric mask over CT (patient's right on the left)", fontsize=14)
     return figure_png(fig)
 
 

@@ -1,6 +1,7 @@
 """The cohort assets and checks through a real Dagster instance."""
 
 import dagster as dg
+import numpy as np
 import pyarrow.parquet as pq
 
 from gcmlm_assets import columns
@@ -12,6 +13,7 @@ from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.storage import read_version_pointer
 from gcmlm_assets_tests.cohort.synthetic import write_clinical_csv, write_cohort_files
 from gcmlm_assets_tests.cohort.upstream import report_sound_results
+from gcmlm_assets_tests.core.test_pictures import assert_ui_picture, decode_markdown
 
 FAST_MODEL = RiskModelSettings(n_splits=4, n_repeats=2, n_bootstrap=200)
 
@@ -58,7 +60,7 @@ def test_small_cohort_through_dagster(data_root, instance, base_resources):
     assert "| patient_id | has_radiology |" in fused["preview"].value
     model = materialized["risk_model"]
     assert "fused (all patients)" in model["ablation"].value
-    assert model["plot_roc"].value.startswith("![roc](data:image/png;base64,")
+    assert model["plot_roc"].value.startswith("![roc](data:image/png;base64,")  # few lines: a sharp PNG
     card = model["model_card"].value
     assert card["data_versions"]["fused_table_sha256"] == model["fused_table_sha256"].value
     assert card["settings"]["n_repeats"] == 2 and "mean of the logits" in card["strategy"]
@@ -81,6 +83,21 @@ def test_small_cohort_through_dagster(data_root, instance, base_resources):
     assert set(pointer["files"]) == names
     assert {p.name for p in version_dir.iterdir()} == names
     assert {p.name for p in (artifacts / "risk_model").iterdir()} == {"current.json", pointer["version"]}
+    for kind in ("roc", "calibration", "decision_curve"):
+        assert model[f"plot_{kind}_path"].value == str(version_dir / f"{kind}.png")
+        assert_ui_picture(model[f"plot_{kind}"].value, model[f"plot_{kind}_path"].value)
+    risk = materialized["risk_scores"]
+    assert risk["picture_path"].value == str(artifacts / "risk_scores" / "score_distribution.png")
+    shown = assert_ui_picture(risk["picture"].value, risk["picture_path"].value)
+    assert decode_markdown(risk["picture"].value)[0] == "risk score distribution"
+    # The threshold is the dashed line at its place on the 0-1 axis between the left and right spines.
+    dark = np.asarray(shown.convert("L")) < 80
+    runs = (np.diff(dark.astype(int), axis=0) == 1).sum(axis=0)
+    spines = np.flatnonzero((dark.sum(axis=0) > shown.height * 0.5) & (runs <= 2))
+    left, right = spines.min(), spines.max()
+    dashed = left + 3 + np.flatnonzero(runs[left + 3:right - 2] >= 15)
+    assert dashed.size, "no dashed threshold line"
+    assert abs(dashed.mean() - (left + risk["risk_threshold"].value * (right - left))) < 4
 
     # The column schemas on the asset pages describe the real tables; each run's names what it holds.
     for asset, schema, path in (("clinical_table", CLINICAL_TABLE_COLUMNS, "clinical_table/clinical.parquet"),

@@ -14,6 +14,7 @@ import pytest
 from gcmlm_assets.pathology.assets import patch_coords
 from gcmlm_assets.pathology.resources import TilingSettings
 from gcmlm_assets.storage import TMP_PREFIX, sha256_file
+from gcmlm_assets_tests.core.test_pictures import assert_ui_picture
 
 from .slide_fixtures import (
     blank_slide,
@@ -82,7 +83,8 @@ def test_real_slide_end_to_end(instance, base_resources, data_root: Path, test_d
     materialization = result.get_asset_materialization_events()[0].materialization
     metadata = materialization.metadata
     assert metadata["n_patches"].value == entry["n_patches"]
-    assert "data:image/png;base64" in metadata["picture"].value
+    assert metadata["picture_path"].value == str(folder / "tiling.png")
+    assert_ui_picture(metadata["picture"].value, metadata["picture_path"].value)
     assert metadata["h5_files"].value == [str(h5_path)]
     assert metadata["input_fingerprints"].value[slide.name]["quickhash1"]
     assert materialization.tags["dagster/data_version"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from gcmlm_assets.pathology.pooling import (
     write_slide_vector,
 )
 from gcmlm_assets.pathology.resources import PatchEncoder, TilingSettings
+from gcmlm_assets_tests.core.test_pictures import assert_ui_picture
 from gcmlm_assets_tests.pathology.features_support import cosine_rows, reference_features
 from gcmlm_assets_tests.pathology.slide_fixtures import copy_into, real_slide
 
@@ -142,7 +144,14 @@ def test_pathology_branch_end_to_end(instance, base_resources, data_root: Path, 
     assert meta["checkpoint"] == "random init (test only)"
     assert meta["weights_sha256"] == load_encoder("vit-tiny-random").weights_sha256
     assert meta["reading"].startswith("in-process between forward passes")
-    assert _metadata(result, "slide_vector")["pooling"] == "mean"
+    vector_meta = _metadata(result, "slide_vector")
+    assert vector_meta["pooling"] == "mean"
+    assert vector_meta["picture_path"] == str(artifacts / "slide_vector" / "P001" / "slide_vector.png")
+    shown = assert_ui_picture(vector_meta["picture"], vector_meta["picture_path"])
+    # The slide's thumbnail, not a blank canvas: tissue colours and the pooled patches in red.
+    rgb = np.asarray(shown.convert("RGB")).astype(int)
+    assert ((rgb[..., 0] > 180) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)).sum() > 200
+    assert ((rgb[..., 0] > 120) & (rgb[..., 2] > 120) & (rgb[..., 1] < rgb[..., 0] - 40)).sum() > 1000  # H&E pink
 
     # Unchanged inputs: nothing is recomputed and the data versions stay.
     again = _materialize(instance, [uni_features, slide_vector], resources, "P001")
@@ -268,3 +277,26 @@ def test_a_backfill_range_encodes_many_patients_with_one_encoder(instance, base_
     assert set(reused) == set(batch) and reused["B002"] == [] and reused["B001"] and reused["B003"]
     status = instance.get_status_by_partition(key, batch, uni_features.partitions_def)
     assert {str(s.value) for s in status.values()} == {"MATERIALIZED"}
+
+
+def test_slide_vector_picture_without_the_slide_files(tmp_path):
+    """Feature files whose slides are gone still give a picture: their patch layouts, counted."""
+    from PIL import Image
+
+    from gcmlm_assets.pathology.pooling import slide_vector_picture, slide_vector_title
+
+    rng = np.random.default_rng(3)
+    slides = []
+    for index, rows in enumerate((30, 12, 5, 7, 9, 11, 2)):
+        with h5py.File(tmp_path / f"s{index}.h5", "w") as fh:
+            fh["features"] = rng.normal(size=(rows, 4)).astype(np.float32)
+            fh["coords"] = rng.integers(0, 20, size=(rows, 2)) * 256
+            fh["coords"].attrs["patch_size_level0"] = 256
+            fh.attrs["slide_path"] = str(tmp_path / f"gone{index}.svs")
+        slides.append(SlideFeatures(tmp_path / f"s{index}.h5"))
+    png = slide_vector_picture("P009", slides, "mean")
+    with Image.open(io.BytesIO(png)) as full:
+        assert full.format == "PNG" and full.width >= 2400  # three slides a row, 900 px each
+    assert slide_vector_title("P009", [30, 12, 5, 7, 9, 11, 2], "mean", 6) == \
+        "P009: 76 patches from 7 slide(s), mean pooling, first 6 shown"
+    assert slide_vector_title("P001", [44], "mean", 1) == "P001: 44 patches from 1 slide(s), mean pooling"
