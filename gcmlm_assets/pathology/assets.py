@@ -168,26 +168,32 @@ def uni_features(context: dg.AssetExecutionContext):
     encoder: PatchEncoder = context.resources.encoder
     model = LoadOnce(encoder.load, errors=(encoders.EncoderError, DeviceError))
     yield from per_patient_events(
-        context, checks.UNI_FEATURES, lambda patient_id: _uni_features_for(patient_id, store, encoder, model),
+        context, checks.UNI_FEATURES,
+        lambda patient_id: _uni_features_for(patient_id, store, encoder, model, context.log),
         checks.UNI_FEATURES_CHECK_SPECS)
 
 
-def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_model: LoadOnce):
+def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_model: LoadOnce, log):
+    from gcmlm_assets.step_output import stdout_to_log
+
     coords_dir = store.asset_dir("patch_coords", patient_id, create=False)
     if not (coords_dir / LISTING).is_file():
         raise dg.Failure(description=f"patient {patient_id}: {coords_dir / LISTING} is missing; "
                                      "materialize patch_coords first", allow_retries=False)
     listing = read_listing(coords_dir)
-    model, device = loaded_model.get()
-    out_dir = store.asset_dir(checks.UNI_FEATURES, patient_id)
-    started = time.perf_counter()
-    try:
-        done = extract.extract_patient(listing, out_dir, model, batch_size=encoder.batch_size,
-                               num_workers=encoder.num_workers, read_threads=encoder.read_threads,
-                               feature_dtype="float16" if encoder.float16_features else "float32",
-                               scaled_decode=encoder.scaled_decode)
-    except extract.ExtractionError as error:
-        raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from error
+    # What timm, torch or the slide readers print goes to the step's debug log, not raw stdout.
+    with stdout_to_log(log.debug):
+        model, device = loaded_model.get()
+        out_dir = store.asset_dir(checks.UNI_FEATURES, patient_id)
+        started = time.perf_counter()
+        try:
+            done = extract.extract_patient(listing, out_dir, model, batch_size=encoder.batch_size,
+                                           num_workers=encoder.num_workers, read_threads=encoder.read_threads,
+                                           feature_dtype="float16" if encoder.float16_features else "float32",
+                                           scaled_decode=encoder.scaled_decode,
+                                           progress=lambda line: log.info(f"{patient_id}: {line}"))
+        except extract.ExtractionError as error:
+            raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from error
     seconds = time.perf_counter() - started
 
     identity = model.identity()

@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from gcmlm_assets.pathology.encoders import LoadedEncoder
+from gcmlm_assets.step_output import ProgressPacer
 from gcmlm_assets.storage import atomic_path, sha256_text
 
 # Bump when the extraction's output would change for the same inputs.
@@ -744,6 +745,7 @@ def extract_slide_features(
     prefetch_factor: int = 2,
     scaled_decode: bool = True,
     extra_attrs: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> ExtractionResult:
     """Write `<output_path>` (CLAM layout) unless it already holds `fingerprint`.
 
@@ -753,6 +755,8 @@ def extract_slide_features(
     which is faster when the encoder runs on this machine's CPU cores.
     `scaled_decode`: allow decoding JPEG tiles at 1/2, 1/4 or 1/8 of their size
     when the read size is that many times the encoder's input (module docstring).
+    `progress`: receives "slide <file>: <done>/<total> patches, <rate> patches/s" lines, about
+    every tenth of the slide or 30 s, and once at its end.
     """
     slide_path, coords_path, output_path = Path(slide_path), Path(coords_path), Path(output_path)
     if feature_dtype not in FEATURE_DTYPES:
@@ -761,6 +765,8 @@ def extract_slide_features(
         with h5py.File(output_path, "r") as fh:
             n = int(fh["features"].shape[0])
             attrs = {k: _plain(v) for k, v in fh.attrs.items()}
+        if progress is not None:
+            progress(f"slide {slide_path.name}: {n:,}/{n:,} patches, reused (same inputs, features already written)")
         return ExtractionResult(output_path, n, encoder.embedding_dim, reused=True,
                                 reader=str(attrs.get("reader", "")), decode_scale=int(attrs.get("decode_scale", 1)),
                                 attrs=attrs)
@@ -796,6 +802,7 @@ def extract_slide_features(
     }
     started = time.perf_counter()
     written = 0
+    pacer = ProgressPacer(grid.n_patches)
     try:
         with atomic_path(output_path) as tmp, h5py.File(tmp, "w") as out:
             features = out.create_dataset(
@@ -821,6 +828,9 @@ def extract_slide_features(
                     dataset_[written : written + n] = values
                 written += n
                 trimmer.after_batch()
+                if progress is not None and pacer.due(written):
+                    progress(f"slide {slide_path.name}: {written:,}/{grid.n_patches:,} patches, "
+                             f"{written / max(pacer.elapsed(), 1e-9):,.0f} patches/s")
             for key, value in attrs.items():
                 out.attrs[key] = value
             out.attrs["n_patches"] = written
@@ -958,11 +968,13 @@ def extract_patient(
     read_threads: int = 0,
     feature_dtype: str = "float32",
     scaled_decode: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> PatientFeatures:
     """Features for every slide in a `patch_coords` listing (`slides.json`) into `out_dir`.
 
     Slides already done with the same inputs are kept; files of slides no
-    longer listed are removed once every listed slide is done.
+    longer listed are removed once every listed slide is done. `progress` receives each slide's
+    patch counts (see `extract_slide_features`).
     """
     from gcmlm_assets.storage import sha256_file
 
@@ -985,7 +997,7 @@ def extract_patient(
         result = extract_slide_features(
             entry["slide_path"], coords_path, out_dir / coords_path.name, encoder, fingerprint=fingerprint,
             batch_size=batch_size, num_workers=num_workers, read_threads=read_threads, feature_dtype=feature_dtype,
-            scaled_decode=scaled_decode,
+            scaled_decode=scaled_decode, progress=progress,
             extra_attrs={"slide_file": str(entry.get("file")), "coords_sha256": coords_sha,
                          "patient_id": str(listing.get("patient_id", ""))},
         )

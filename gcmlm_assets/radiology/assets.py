@@ -185,6 +185,8 @@ def ct_mask(context: dg.AssetExecutionContext):
 
 
 def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: LoadOnce):
+    from gcmlm_assets.step_output import stdout_to_log
+
     storage: ArtifactStorage = context.resources.storage
     landing: LandingZone = context.resources.landing
     segmentation = context.resources.segmentation
@@ -229,8 +231,10 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
             mask, provenance = conformed.image, {"reference_file": str(reference), "model_id": "",
                                                  **conformed.provenance()}
         else:
-            model, device = segmenter.get(model_folder)
-            predicted = model.predict(image)
+            # nnU-Net's loading and prediction print: to the step's debug log, not raw stdout.
+            with stdout_to_log(context.log.debug):
+                model, device = segmenter.get(model_folder)
+                predicted = model.predict(image)
             try:
                 mask = masks.validate_prediction(predicted, image, f"model {model.model_id} on {ct_path}")
             except masks.MaskInputError as error:
@@ -444,6 +448,7 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
     import uuid
 
     from gcmlm_assets.radiology import nnunet
+    from gcmlm_assets.step_output import stdout_to_log
 
     storage: ArtifactStorage = context.resources.storage
     landing: LandingZone = context.resources.landing
@@ -507,7 +512,10 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
                 raise dg.Failure(description=f"segmentation_model: only {len(cases)} usable reference mask(s) "
                                              f"(need 2); unusable: {json.dumps(skipped)}", allow_retries=False)
             try:
-                result = nnunet.train_segmentation_model(cases, work_dir / "nnunet", settings)
+                # Phases and epochs as info lines; what nnU-Net prints as debug lines (not raw stdout).
+                with stdout_to_log(context.log.debug):
+                    result = nnunet.train_segmentation_model(cases, work_dir / "nnunet", settings,
+                                                             progress=context.log.info)
             except nnunet.TrainingDataError as error:
                 raise _input_failure(error) from error
             training = {

@@ -18,6 +18,10 @@ down to what the remaining poolings divide) and sets the batch size. The result
 is saved as its own plans identifier (`<plans>_tiny`, data identifier
 `<plans>_tiny_3d_fullres`) before preprocessing, so the model folder and the
 model id say that a tiny network was trained.
+
+Progress: the training functions take `progress`, a callable that receives one
+line per phase (planning, preprocessing) and per epoch; nnU-Net's own printing
+is not redirected here (the caller decides where standard output goes).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -297,7 +301,8 @@ def shrink_plans(plans: dict, tiny: TinyPlans, configuration: str = CONFIGURATIO
     return plans
 
 
-def plan_and_preprocess(folders: NnunetFolders, settings: TrainingSettings) -> str:
+def plan_and_preprocess(folders: NnunetFolders, settings: TrainingSettings,
+                        progress: Callable[[str], None] = lambda line: None) -> str:
     """Fingerprint, plan and preprocess `3d_fullres` (inside `nnunet_folders`); return the plans identifier."""
     import nnunetv2
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
@@ -310,6 +315,7 @@ def plan_and_preprocess(folders: NnunetFolders, settings: TrainingSettings) -> s
     if planner_class is None:
         raise ValueError(f"unknown nnU-Net experiment planner {settings.planner!r}")
     workers = max(1, int(settings.preprocessing_workers))
+    start = time.perf_counter()
     # The dataset was checked while it was written (write_raw_dataset), so nnU-Net's own
     # integrity check, another process pool, is not run.
     extractor = DatasetFingerprintExtractor(settings.dataset_id, workers, verbose=False)
@@ -327,8 +333,14 @@ def plan_and_preprocess(folders: NnunetFolders, settings: TrainingSettings) -> s
         plans_identifier = tiny["plans_name"]
         save_json(tiny, str(folders.preprocessed / dataset_name(settings.dataset_id) / f"{plans_identifier}.json"),
                   sort_keys=False)
+    config = load_json(str(folders.preprocessed / dataset_name(settings.dataset_id)
+                           / f"{plans_identifier}.json"))["configurations"][CONFIGURATION]
+    progress(f"planning: fingerprint and {plans_identifier} {CONFIGURATION} plans (patch {config['patch_size']}, "
+             f"batch {config['batch_size']}, spacing {config['spacing']} mm), {time.perf_counter() - start:.1f} s")
+    start = time.perf_counter()
     preprocess_dataset(settings.dataset_id, plans_identifier, configurations=(CONFIGURATION,),
                        num_processes=(workers,), verbose=False, show_progress_bar=False)
+    progress(f"preprocessing: {CONFIGURATION} with {workers} process(es), {time.perf_counter() - start:.1f} s")
     return plans_identifier
 
 
@@ -356,8 +368,33 @@ def _parse_fold(fold: str | int) -> str | int:
     raise ValueError(f"fold must be 'all' or a non-negative integer, got {fold!r}")
 
 
-def train_model(plans_identifier: str, settings: TrainingSettings, n_cases: int) -> TrainingResult:
-    """Train `3d_fullres` with nnU-Net's trainer (inside `nnunet_folders`)."""
+def _epoch_line(trainer) -> str:
+    """One finished epoch, from the values nnU-Net's trainer logged for it (its `logger`)."""
+    logged = trainer.logger
+
+    def latest(key: str) -> float:
+        return float(np.asarray(logged.get_value(key, step=-1)).mean())
+
+    seconds = latest("epoch_end_timestamps") - latest("epoch_start_timestamps")
+    # on_epoch_end has already advanced current_epoch past the epoch it ended.
+    return (f"epoch {trainer.current_epoch}/{trainer.num_epochs}: train loss {latest('train_losses'):.4f}, "
+            f"val loss {latest('val_losses'):.4f}, pseudo Dice {latest('mean_fg_dice'):.4f}, {seconds:.1f} s")
+
+
+def _report_epochs(trainer, progress: Callable[[str], None]) -> None:
+    """Call `progress` after each epoch of this trainer object (its own attribute, nothing global)."""
+    end_epoch = trainer.on_epoch_end
+
+    def on_epoch_end() -> None:
+        end_epoch()
+        progress(_epoch_line(trainer))
+
+    trainer.on_epoch_end = on_epoch_end
+
+
+def train_model(plans_identifier: str, settings: TrainingSettings, n_cases: int,
+                progress: Callable[[str], None] = lambda line: None) -> TrainingResult:
+    """Train `3d_fullres` with nnU-Net's trainer (inside `nnunet_folders`); `progress` gets a line per epoch."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
     fold = _parse_fold(settings.fold)
@@ -375,6 +412,9 @@ def train_model(plans_identifier: str, settings: TrainingSettings, n_cases: int)
         trainer.num_iterations_per_epoch = int(settings.iterations_per_epoch)
     if settings.val_iterations is not None:
         trainer.num_val_iterations_per_epoch = int(settings.val_iterations)
+    _report_epochs(trainer, progress)
+    progress(f"training: {trainer.num_epochs} epochs of {trainer.num_iterations_per_epoch} + "
+             f"{trainer.num_val_iterations_per_epoch} iterations, {type(trainer).__name__} on {device}")
     # Only around training: nnU-Net's planner also reads nnUNet_n_proc_DA, as a torch thread count.
     augmentation = ({} if settings.augmentation_workers is None
                     else {"nnUNet_n_proc_DA": str(int(settings.augmentation_workers))})
@@ -426,20 +466,25 @@ def _cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def train_segmentation_model(cases: Sequence[TrainingCase], work_dir: Path,
-                             settings: TrainingSettings) -> TrainingResult:
-    """Assemble the dataset, plan, preprocess and train; the model lands in `<work_dir>/nnUNet_results/`."""
+def train_segmentation_model(cases: Sequence[TrainingCase], work_dir: Path, settings: TrainingSettings,
+                             progress: Callable[[str], None] = lambda line: None) -> TrainingResult:
+    """Assemble the dataset, plan, preprocess and train; the model lands in `<work_dir>/nnUNet_results/`.
+
+    `progress` receives one line per phase and per epoch (module docstring).
+    """
     wall, cpu = time.perf_counter(), _cpu_seconds()
     seconds = {}
     with nnunet_folders(work_dir) as folders, _torch_threads(settings.torch_threads):
         start = time.perf_counter()
         write_raw_dataset(cases, folders.raw, settings.dataset_id)
         seconds["dataset"] = time.perf_counter() - start
+        progress(f"dataset: {len(cases)} cases written as {dataset_name(settings.dataset_id)}, "
+                 f"{seconds['dataset']:.1f} s")
         start = time.perf_counter()
-        plans_identifier = plan_and_preprocess(folders, settings)
+        plans_identifier = plan_and_preprocess(folders, settings, progress)
         seconds["plan_and_preprocess"] = time.perf_counter() - start
         start = time.perf_counter()
-        result = train_model(plans_identifier, settings, len(cases))
+        result = train_model(plans_identifier, settings, len(cases), progress)
         seconds["train"] = time.perf_counter() - start
     seconds["total"] = time.perf_counter() - wall
     cpu_seconds = _cpu_seconds() - cpu

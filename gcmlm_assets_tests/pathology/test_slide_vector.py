@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -100,17 +102,27 @@ def _checks(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
     return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
 
 
+def _log_lines(instance, result: dg.ExecuteInProcessResult, step: str, level: int = logging.INFO) -> list[str]:
+    """The plain log lines (context.log) a step of the run wrote at `level`, in order."""
+    return [entry.user_message for entry in instance.all_logs(result.run_id)
+            if entry.dagster_event is None and entry.step_key == step and entry.level == level]
+
+
 def _failure(result: dg.ExecuteInProcessResult) -> str:
     [event] = result.get_step_failure_events()
     error = event.step_failure_data.error
     return error.message + (error.cause.message if error.cause else "")
 
 
-def test_pathology_branch_end_to_end(instance, base_resources, data_root: Path, test_data: Path, monkeypatch):
+def test_pathology_branch_end_to_end(instance, base_resources, data_root: Path, test_data: Path, monkeypatch,
+                                     capfd):
     slide = copy_into(real_slide(test_data), data_root / "landing" / "P001" / "wsi")
     resources = _resources(base_resources)
+    capfd.readouterr()
     result = _materialize(instance, [patch_coords, uni_features, slide_vector], resources, "P001")
     assert result.success
+    # Nothing reaches the run's raw stdout (descriptor level: torch, timm, the readers included).
+    assert capfd.readouterr().out == ""
     assert all(_checks(result).values()) and len(_checks(result)) == 9, _checks(result)
 
     artifacts = data_root / "artifacts"
@@ -153,9 +165,20 @@ def test_pathology_branch_end_to_end(instance, base_resources, data_root: Path, 
     assert ((rgb[..., 0] > 180) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)).sum() > 200
     assert ((rgb[..., 0] > 120) & (rgb[..., 2] > 120) & (rgb[..., 1] < rgb[..., 0] - 40)).sum() > 1000  # H&E pink
 
+    # Patches done, as the step's own log lines: paced through the slide, the last one says all are done.
+    progress = [line for line in _log_lines(instance, result, "uni_features")
+                if line.startswith(f"P001: slide {slide.name}: ")]
+    done = [int(re.search(r": ([\d,]+)/", line)[1].replace(",", "")) for line in progress]
+    assert 1 <= len(progress) <= 11 and done == sorted(set(done)) and done[-1] == len(tiled)
+    assert re.fullmatch(rf"P001: slide {re.escape(slide.name)}: {len(tiled):,}/{len(tiled):,} patches, "
+                        r"[\d,]+ patches/s", progress[-1]), progress[-1]
+
     # Unchanged inputs: nothing is recomputed and the data versions stay.
     again = _materialize(instance, [uni_features, slide_vector], resources, "P001")
     assert again.success
+    assert f"P001: slide {slide.name}: {len(tiled):,}/{len(tiled):,} patches, reused" in " | ".join(
+        _log_lines(instance, again, "uni_features"))
+    assert capfd.readouterr().out == ""
     assert _metadata(again, "uni_features")["reused_slides"] == [features_file.name]
     assert _metadata(again, "slide_vector")["reused"] is True
     versions = [
@@ -171,10 +194,12 @@ def test_pathology_branch_end_to_end(instance, base_resources, data_root: Path, 
     assert not no_weights.success and "GCMLM_UNI_CHECKPOINT" in _failure(no_weights)
 
 
-def test_tampered_features_fail_the_checks(instance, base_resources, data_root: Path, test_data: Path):
+def test_tampered_features_fail_the_checks(instance, base_resources, data_root: Path, test_data: Path, capfd):
     copy_into(real_slide(test_data), data_root / "landing" / "P002" / "wsi")
     resources = _resources(base_resources, num_workers=1)  # a DataLoader worker inside a Dagster run
+    capfd.readouterr()
     assert _materialize(instance, [patch_coords, uni_features, slide_vector], resources, "P002").success
+    assert capfd.readouterr().out == ""  # the worker process writes nothing to raw stdout either
     features_dir = data_root / "artifacts" / "uni_features" / "P002"
 
     def tamper() -> None:

@@ -10,9 +10,16 @@ once per module (tiny plans, `SegmentationModelResource.cpu_demo()`).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
+import re
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -53,6 +60,32 @@ def resampled(image: sitk.Image, spacing: float, interpolator) -> sitk.Image:
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+@contextlib.contextmanager
+def raw_stdout() -> Iterator[list[str]]:
+    """What the block writes to standard output, Python and descriptor level alike (pytest's capfd,
+    which a module-scoped fixture cannot use); the text is in the list once the block ends."""
+    sys.stdout.flush()
+    saved_fd, saved_stream, captured = os.dup(1), sys.stdout, []
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        sys.stdout = io.TextIOWrapper(os.fdopen(os.dup(1), "wb"), write_through=True)
+        try:
+            yield captured
+        finally:
+            sys.stdout.close()
+            sys.stdout = saved_stream
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+            sink.seek(0)
+            captured.append(sink.read().decode(errors="replace"))
+
+
+def log_lines(instance, result: dg.ExecuteInProcessResult, step: str, level: int) -> list[str]:
+    """The plain log lines (context.log) a step of the run wrote at `level`, in order."""
+    return [entry.user_message for entry in instance.all_logs(result.run_id)
+            if entry.dagster_event is None and entry.step_key == step and entry.level == level]
 
 
 def metadata_of(result: dg.ExecuteInProcessResult, asset: str) -> dict:
@@ -127,10 +160,14 @@ def trained(tmp_path_factory, real_ct, real_stomach):
             assert cohort.materialize([ct_image], partition=patient_id).success, patient_id
 
         wall, cpu = time.perf_counter(), os.times()
-        result = cohort.train()
+        with raw_stdout() as stdout:
+            result = cohort.train()
         wall, cpu_after = time.perf_counter() - wall, os.times()
         assert result.success, [e.step_failure_data.error for e in result.get_step_failure_events()]
         cohort.training = metadata_of(result, "segmentation_model")
+        [cohort.training_stdout] = stdout
+        cohort.training_info = log_lines(instance, result, "segmentation_model", logging.INFO)
+        cohort.training_debug = log_lines(instance, result, "segmentation_model", logging.DEBUG)
         cohort.training_seconds = wall
         cohort.training_cpu_seconds = (cpu_after.user + cpu_after.system + cpu_after.children_user
                                        + cpu_after.children_system) - (cpu.user + cpu.system + cpu.children_user
@@ -183,9 +220,32 @@ def test_segmentation_model_trains_and_installs_a_tiny_nnunet(trained):
     assert dataset["labels"] == {"background": 0, "stomach": 1} and dataset["channel_names"] == {"0": "CT"}
 
 
-def test_ct_mask_predicts_a_binary_mask_on_the_exact_ct_grid(trained):
+def test_training_reports_phases_and_epochs_in_the_step_log_and_nothing_on_raw_stdout(trained):
+    # nnU-Net prints its plans, a citation and five lines per epoch: none of it reaches raw stdout.
+    assert trained.training_stdout == ""
+    info = trained.training_info
+    for phase in ("dataset: 4 cases written as Dataset501_GastricCT", "planning: fingerprint and nnUNetPlans_tiny",
+                  "preprocessing: 3d_fullres with 1 process(es)", "training: 20 epochs of 12 + 2 iterations"):
+        assert sum(line.startswith(phase) for line in info) == 1, (phase, info)
+    epochs = [line for line in info if line.startswith("epoch ")]
+    assert [int(re.match(r"epoch (\d+)/20: ", line)[1]) for line in epochs] == list(range(1, 21)), epochs
+    number = r"-?\d+\.\d+"
+    for line in epochs:
+        assert re.fullmatch(rf"epoch \d+/20: train loss {number}, val loss {number}, pseudo Dice (\d\.\d+|nan), "
+                            r"\d+\.\d s", line), line
+    # The last epoch's line agrees with the metrics recorded on the materialization.
+    assert f"pseudo Dice {trained.training['final_pseudo_dice']:.4f}" in epochs[-1]
+    assert f"train loss {trained.training['final_train_loss']:.4f}" in epochs[-1]
+    # What nnU-Net printed is kept, as debug lines of the same step.
+    debug = "\n".join(trained.training_debug)
+    assert "This is the configuration used by this training" in debug and debug.count("Epoch time:") == 20
+
+
+def test_ct_mask_predicts_a_binary_mask_on_the_exact_ct_grid(trained, capfd):
+    capfd.readouterr()
     result = trained.materialize([ct_image, ct_mask], partition=HELD_OUT, selection=[ct_mask])
     assert result.success, step_failure_text(result, "ct_mask") if not result.success else ""
+    assert capfd.readouterr().out == ""  # loading and predicting with nnU-Net print nothing to raw stdout
     meta = metadata_of(result, "ct_mask")
     assert meta["source"] == "predicted" and meta["model_id"] == trained.training["model_id"]
 

@@ -47,12 +47,14 @@ def files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
-def test_real_ct_through_the_branch(instance, data_root, radiology_resources, real_ct, real_stomach):
+def test_real_ct_through_the_branch(instance, data_root, radiology_resources, real_ct, real_stomach, capfd):
     landing, artifacts = data_root / "landing", data_root / "artifacts"
     make_drop(landing, "TS001", [real_ct], real_stomach)
 
+    capfd.readouterr()
     result = materialize(instance, radiology_resources, "TS001")
     assert result.success
+    assert capfd.readouterr().out == ""  # SimpleITK, PyRadiomics: nothing on the run's raw stdout
     assert check_results(result) == {name: True for name in ALL_CHECKS}
     # Every result, passed too, says in words what it expected and what it found.
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
