@@ -1,0 +1,148 @@
+"""A small cohort materialized into a fresh local instance, and the Dagster webserver and daemon
+over it: the state a user finds after their first drops, for the browser tests.
+
+Patients (synthetic, from the demo's generator, each with a reference stomach mask):
+- `READY_1`: CT, mask and radiomics row materialized; slides tiled and encoded.
+- `READY_2`: CT and mask materialized (its radiomics row is left for the UI to launch); slides
+  tiled and encoded (its slide vector is left for the UI's backfill, as is READY_1's).
+- `BROKEN`: a CT file cut short, so its `ct_image` partition has failed with a reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+
+from gcmlm_assets.demo.daemon import WORKSPACE, Daemon, prepare_dagster_home, start_daemon
+from gcmlm_assets.partitions import patients_partitions
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SENSORS = ("landing_sensor", "segmentation_training_sensor", "predicted_mask_sensor", "cohort_refresh_sensor")
+
+
+@dataclass(frozen=True)
+class Cohort:
+    root: Path
+    home: Path
+    env: dict[str, str]
+    ready: tuple[str, str]
+    broken: str
+
+
+def _environment(root: Path, home: Path) -> dict[str, str]:
+    return {"GCMLM_DATA_ROOT": str(root), "DAGSTER_HOME": str(home), "GCMLM_PROFILE": "demo",
+            "GCMLM_ENV": "local"}
+
+
+def build_cohort(root: Path) -> Cohort:
+    """Write the drops and materialize them in this process, as the landing sensor's runs would."""
+    from gcmlm_assets.definitions import build_definitions
+    from gcmlm_assets.demo.synthetic import CohortSpec, plan_cohort, write_cohort
+
+    spec = CohortSpec.small(n_patients=4, id_prefix="GC")
+    with_masks = [plan.patient_id for plan in plan_cohort(spec) if plan.has_reference_mask][:2]
+    landing = root / "landing"
+    write_cohort(landing, spec)
+    for folder in landing.iterdir():
+        if folder.is_dir() and folder.name not in with_masks:
+            shutil.rmtree(folder)
+    # No READY markers: the landing sensor leaves these drops to the test.
+    for marker in landing.glob("*/READY"):
+        marker.unlink()
+    broken = "GC9001"
+    (landing / broken / "ct").mkdir(parents=True)
+    ct_bytes = (landing / with_masks[0] / "ct" / "ct.nii.gz").read_bytes()
+    (landing / broken / "ct" / "ct.nii.gz").write_bytes(ct_bytes[: len(ct_bytes) // 3])
+
+    home = prepare_dagster_home(root / "dagster_home")
+    env = _environment(root, home)
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        defs = build_definitions("local", "demo")
+        job = defs.resolve_implicit_global_asset_job_def()
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            instance.add_dynamic_partitions(patients_partitions.name, [*with_masks, broken])
+
+            def run(patient: str, *assets: str, succeed: bool = True) -> None:
+                result = job.execute_in_process(
+                    instance=instance, partition_key=patient, raise_on_error=False,
+                    asset_selection=[dg.AssetKey(name) for name in assets])
+                assert result.success is succeed, (patient, assets, result.all_events[-3:])
+
+            run(with_masks[0], "ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_features")
+            run(with_masks[1], "ct_image", "ct_mask", "patch_coords", "uni_features")
+            run(broken, "ct_image", succeed=False)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return Cohort(root, home, env, (with_masks[0], with_masks[1]), broken)
+
+
+def stop_sensors(cohort: Cohort) -> None:
+    """The automation sensors run by default; these tests launch everything themselves."""
+    dagster = Path(sys.executable).parent / "dagster"
+    for name in SENSORS:
+        subprocess.run([str(dagster), "sensor", "stop", name, "-w", str(WORKSPACE)], cwd=PROJECT_ROOT,
+                       env={**os.environ, **cohort.env}, check=True, capture_output=True, timeout=120)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Webserver:
+    process: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def stop(self) -> None:
+        """Stop the server by the process id it was started with."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def start_webserver(cohort: Cohort, log_path: Path, timeout_s: float = 180) -> Webserver:
+    import urllib.request
+
+    port = free_port()
+    executable = Path(sys.executable).parent / "dagster-webserver"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [str(executable), "-h", "127.0.0.1", "-p", str(port), "-w", str(WORKSPACE)], cwd=PROJECT_ROOT,
+            env={**os.environ, **cohort.env}, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    server = Webserver(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{server.url}/server_info", timeout=5):
+                return server
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                server.stop()
+                raise RuntimeError(f"dagster-webserver did not come up; its log {log_path}:\n"
+                                   + log_path.read_text(errors="replace")[-3000:]) from None
+            time.sleep(1)
+
+
+def start_cohort_daemon(cohort: Cohort) -> Daemon:
+    return start_daemon(cohort.home, cohort.root / "daemon.log", env=cohort.env)
