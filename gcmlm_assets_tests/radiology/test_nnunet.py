@@ -28,7 +28,8 @@ import pytest
 import SimpleITK as sitk
 
 from gcmlm_assets.radiology import nnunet
-from gcmlm_assets.radiology.assets import ct_image, ct_mask, segmentation_model
+from gcmlm_assets.radiology.assets import ct_image, ct_mask
+from gcmlm_assets.radiology.segmentation_model import segmentation_model
 from gcmlm_assets.radiology.resources import RadiomicsSettings, SegmentationModelResource
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 
