@@ -1,4 +1,5 @@
-"""The radiology group's `segmentation_model` asset (Dagster wiring over nnunet.py and model_lifecycle.py).
+"""The radiology group's `segmentation_model` asset (Dagster wiring over nnunet.py, nnunet_training.py and
+model_lifecycle.py).
 
 One unpartitioned model for all patients: the nnU-Net v2 model trained on every patient with a
 reference mask and a materialized ct_image, installed under the artifact store and reused while its
@@ -111,7 +112,7 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
     import shutil
     import uuid
 
-    from gcmlm_assets.radiology import nnunet
+    from gcmlm_assets.radiology import nnunet, nnunet_training
     from gcmlm_assets.step_output import stdout_to_log
 
     storage: ArtifactStorage = context.resources.storage
@@ -171,16 +172,16 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
                                      "(nearest neighbour)")
                 label_path = work_dir / "labels" / f"{patient_id}.nii.gz"
                 masks.write_mask(conformed.image, label_path)
-                cases.append(nnunet.TrainingCase(patient_id, ct_path, label_path))
+                cases.append(nnunet_training.TrainingCase(patient_id, ct_path, label_path))
             if len(cases) < 2:
                 raise dg.Failure(description=f"segmentation_model: only {len(cases)} usable reference mask(s) "
                                              f"(need 2); unusable: {json.dumps(skipped)}", allow_retries=False)
             try:
                 # Phases and epochs as info lines; what nnU-Net prints as debug lines (not raw stdout).
                 with stdout_to_log(context.log.debug):
-                    result = nnunet.train_segmentation_model(cases, work_dir / "nnunet", settings,
-                                                             progress=context.log.info)
-            except nnunet.TrainingDataError as error:
+                    result = nnunet_training.train_segmentation_model(cases, work_dir / "nnunet", settings,
+                                                                      progress=context.log.info)
+            except nnunet_training.TrainingDataError as error:
                 raise input_failure(error) from error
             training = {
                 "cases": [case.case_id for case in cases],
