@@ -243,7 +243,8 @@ class CtMaskBench(Bench):
 
     @classmethod
     def build(cls, work: Path, instance, n_patients: int, model_folder: str | None, verbose: bool) -> CtMaskBench:
-        from gcmlm_assets.radiology.assets import ct_image, ct_mask, segmentation_model
+        from gcmlm_assets.radiology.assets import ct_image, ct_mask
+        from gcmlm_assets.radiology.segmentation_model import segmentation_model
         from gcmlm_assets.radiology.resources import RadiomicsSettings, SegmentationModelResource
         from gcmlm_assets.resources import ArtifactStorage, LandingZone
 

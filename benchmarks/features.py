@@ -54,7 +54,6 @@ from benchmarks.read_path import coords_file, tiled_benchmark_slide
 from gcmlm_assets.pathology import extract
 from gcmlm_assets.pathology.encoders import load_encoder
 from gcmlm_assets.pathology.extract import (
-    OPENSLIDE,
     PatchBatches,
     block_major_order,
     describe_reading,
@@ -63,6 +62,7 @@ from gcmlm_assets.pathology.extract import (
     normalise_batch,
     read_patch_grid,
 )
+from gcmlm_assets.pathology.region_readers import OPENSLIDE
 
 
 def benchmark_encoder(args: argparse.Namespace, tmp: Path):

@@ -5,7 +5,7 @@
 The cohort of the nnU-Net test, without Dagster: four crops of the real abdominal
 CT (../shared/data/ct/totalsegmentator) resampled to 6 mm with their stomach
 masks, trained with `SegmentationModelResource.cpu_demo()`'s settings through
-`nnunet.train_segmentation_model`; then `GastricSegmenter` loads the model and
+`nnunet_training.train_segmentation_model`; then `GastricSegmenter` loads the model and
 predicts the whole CT resampled to 5 mm (a grid it never saw). Prints wall and
 CPU seconds per phase (CPU includes nnU-Net's worker processes), the pseudo
 Dice of nnU-Net's online validation and the Dice of the 5 mm prediction.
@@ -41,7 +41,7 @@ def on_grid(image: sitk.Image, spacing: float, interpolator) -> sitk.Image:
 
 
 def run_once(work: Path, settings) -> dict:
-    from gcmlm_assets.radiology import nnunet
+    from gcmlm_assets.radiology import nnunet, nnunet_training
 
     source = DATA / "ct" / "totalsegmentator"
     ct = sitk.DICOMOrient(sitk.ReadImage(str(source / "example_ct_sm.nii.gz")), "LPS")
@@ -52,9 +52,9 @@ def run_once(work: Path, settings) -> dict:
         image_file, mask_file = work / f"case{index}_ct.nii.gz", work / f"case{index}_mask.nii.gz"
         sitk.WriteImage(sitk.RegionOfInterest(ct6, [nx, ny, nz], [x, y, z]), str(image_file), True)
         sitk.WriteImage(sitk.RegionOfInterest(stomach6, [nx, ny, nz], [x, y, z]), str(mask_file), True)
-        cases.append(nnunet.TrainingCase(f"case{index}", image_file, mask_file))
+        cases.append(nnunet_training.TrainingCase(f"case{index}", image_file, mask_file))
 
-    result = nnunet.train_segmentation_model(cases, work / "nnunet", settings)
+    result = nnunet_training.train_segmentation_model(cases, work / "nnunet", settings)
     wall, cpu = time.perf_counter(), cpu_seconds()
     segmenter = nnunet.GastricSegmenter.load(result.model_folder, settings.device)
     load = (time.perf_counter() - wall, cpu_seconds() - cpu)

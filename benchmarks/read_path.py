@@ -44,12 +44,10 @@ from gcmlm_assets.pathology.encoders import IMAGENET_MEAN, IMAGENET_STD
 from gcmlm_assets.pathology.extract import (
     PatchBatches,
     block_major_order,
-    OPENSLIDE,
-    choose_reader,
-    decode_scale,
     normalise_batch,
     read_patch_grid,
 )
+from gcmlm_assets.pathology.region_readers import OPENSLIDE, choose_reader, decode_scale
 from gcmlm_assets.pathology.slides import PLAUSIBLE_MPP, opened
 from gcmlm_assets.pathology.tiling import TilingParams, TilingResult, tile_slide, write_coords_h5
 

@@ -23,6 +23,7 @@ from gcmlm_assets.profiles import Profile, get_profile
 from gcmlm_assets.radiology import assets as radiology_assets
 from gcmlm_assets.radiology import checks as radiology_checks
 from gcmlm_assets.radiology import resources as radiology_resources
+from gcmlm_assets.radiology.segmentation_model import segmentation_model
 from gcmlm_assets.radiology.sensors import build_predicted_mask_sensor, build_segmentation_training_sensor
 from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZone
 
@@ -91,8 +92,8 @@ def build_definitions(env: str | None = None, profile: str | None = None) -> dg.
     chosen = get_profile(profile)
     resources = build_resources(env, chosen)
     return dg.Definitions(
-        assets=catalogued([*radiology_assets.ASSETS, *pathology_assets.ASSETS, *cohort_assets.ASSETS], chosen,
-                          model_identities(resources)),
+        assets=catalogued([*radiology_assets.ASSETS, segmentation_model, *pathology_assets.ASSETS,
+                           *cohort_assets.ASSETS], chosen, model_identities(resources)),
         asset_checks=[*radiology_checks.CHECKS, *pathology_checks.CHECKS, *cohort_checks.CHECKS],
         sensors=build_sensors(chosen),
         resources=resources,

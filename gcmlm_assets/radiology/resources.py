@@ -154,7 +154,7 @@ class SegmentationModelResource(dg.ConfigurableResource):
 
     def training_settings(self):
         from gcmlm_assets.devices import resolve_device
-        from gcmlm_assets.radiology.nnunet import TinyPlans, TrainingSettings
+        from gcmlm_assets.radiology.nnunet_training import TinyPlans, TrainingSettings
 
         return TrainingSettings(
             dataset_id=self.dataset_id, trainer=self.trainer, planner=self.planner, epochs=self.epochs,

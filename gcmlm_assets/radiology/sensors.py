@@ -20,7 +20,8 @@ import dagster as dg
 from gcmlm_assets import runs
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.radiology import model_lifecycle
-from gcmlm_assets.radiology.assets import CT_FILE, MODELS_ASSET
+from gcmlm_assets.radiology.assets import CT_FILE
+from gcmlm_assets.radiology.segmentation_model import MODELS_ASSET
 from gcmlm_assets.radiology.resources import SegmentationModelResource
 from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZone
 

@@ -17,17 +17,15 @@ import numpy as np
 import pytest
 import tifffile
 
-from gcmlm_assets.pathology import extract
+from gcmlm_assets.pathology import region_readers
 from gcmlm_assets.pathology.encoders import load_encoder
-from gcmlm_assets.pathology.extract import (
-    ExtractionError,
+from gcmlm_assets.pathology.extract import ExtractionError, extract_slide_features, validate_feature_file
+from gcmlm_assets.pathology.region_readers import (
     OpenSlideReader,
     ReadThreads,
     TiffTileReader,
     choose_reader,
     decode_scale,
-    extract_slide_features,
-    validate_feature_file,
 )
 from gcmlm_assets.storage import STALE_TEMPORARY_S, TMP_PREFIX, ArtifactStore, sha256_file
 from gcmlm_assets_tests.pathology.features_support import (
@@ -222,7 +220,7 @@ def test_scaled_decode_falls_back_when_the_probe_disagrees(monkeypatch, slide, t
     boxes = choose_reader(test_data / "wsi" / "boxes.tiff", 0, (0, 0, 128, 128), scale=2, input_size=64)
     assert (boxes.kind, boxes.scale) == ("tiff-tiles", 1)
     # Name the wrong colour transform: the scaled probe patch no longer matches, so it is not used.
-    monkeypatch.setitem(extract._ADOBE_TRANSFORM, 2, 1)
+    monkeypatch.setitem(region_readers._ADOBE_TRANSFORM, 2, 1)
     wrong = choose_reader(slide, 0, probe, scale=2, input_size=224)
     assert (wrong.kind, wrong.scale) == ("tiff-tiles", 1)
 

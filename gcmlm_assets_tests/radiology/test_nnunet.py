@@ -27,8 +27,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from gcmlm_assets.radiology import nnunet
-from gcmlm_assets.radiology.assets import ct_image, ct_mask, segmentation_model
+from gcmlm_assets.radiology import nnunet, nnunet_training
+from gcmlm_assets.radiology.assets import ct_image, ct_mask
+from gcmlm_assets.radiology.segmentation_model import segmentation_model
 from gcmlm_assets.radiology.resources import RadiomicsSettings, SegmentationModelResource
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 
@@ -356,9 +357,10 @@ def test_training_needs_two_patients_with_a_reference_mask(tmp_path, real_ct, re
 def test_dataset_writer_refuses_a_mask_on_another_grid(tmp_path, real_ct, real_stomach):
     coarse_mask = tmp_path / "coarse.nii.gz"
     sitk.WriteImage(resampled(sitk.ReadImage(str(real_stomach)), 6.0, sitk.sitkNearestNeighbor), str(coarse_mask))
-    cases = [nnunet.TrainingCase("A1", real_ct, real_stomach), nnunet.TrainingCase("A2", real_ct, coarse_mask)]
-    with pytest.raises(nnunet.TrainingDataError, match=r"coarse\.nii\.gz: mask grid .* differs from its CT"):
-        nnunet.write_raw_dataset(cases, tmp_path / "raw", 501)
+    cases = [nnunet_training.TrainingCase("A1", real_ct, real_stomach),
+             nnunet_training.TrainingCase("A2", real_ct, coarse_mask)]
+    with pytest.raises(nnunet_training.TrainingDataError, match=r"coarse\.nii\.gz: mask grid .* differs from its CT"):
+        nnunet_training.write_raw_dataset(cases, tmp_path / "raw", 501)
 
 
 def test_a_backfill_range_loads_the_model_once_and_records_each_patient_as_its_own(trained, monkeypatch):
