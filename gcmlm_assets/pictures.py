@@ -105,11 +105,6 @@ def markdown(data: bytes, mime: str, alt: str = "picture") -> str:
     return f"![{alt}](data:{mime};base64,{base64.b64encode(data).decode()})"
 
 
-def png_markdown(png: bytes, alt: str = "picture") -> str:
-    """A PNG embedded as it is, without the size rules (for pictures made by other tools)."""
-    return markdown(png, "image/png", alt)
-
-
 def render(picture: Any, kind: str, alt: str = "picture") -> Picture:
     """A matplotlib figure (closed here) or an (H, W, 3) uint8 array: its full-size PNG and its
     display version."""

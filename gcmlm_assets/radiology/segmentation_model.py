@@ -15,7 +15,7 @@ import dagster as dg
 from gcmlm_assets import step_pods
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.partitions import patients_partitions
-from gcmlm_assets.pictures import png_markdown
+from gcmlm_assets.pictures import PLOT, picture_markdown
 from gcmlm_assets.policies import TRANSIENT_RETRY
 from gcmlm_assets.radiology import model_lifecycle
 from gcmlm_assets.radiology.assets import CT_FILE, input_failure
@@ -245,7 +245,9 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
     }
     progress = model.folder / f"fold_{model.folds[0]}" / "progress.png"
     if progress.is_file():
-        metadata["training_progress"] = dg.MetadataValue.md(png_markdown(progress.read_bytes(), "nnU-Net progress"))
+        # nnU-Net's own plot (about 2000 px of losses and Dice), shrunk to the UI's size rules like ours.
+        metadata["training_progress"] = dg.MetadataValue.md(picture_markdown(progress, PLOT, "nnU-Net progress"))
+        metadata["training_progress_path"] = dg.MetadataValue.path(str(progress))
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(model.checkpoint_sha256))
 
 

@@ -32,6 +32,7 @@ from gcmlm_assets.radiology.assets import ct_image, ct_mask
 from gcmlm_assets.radiology.segmentation_model import segmentation_model
 from gcmlm_assets.radiology.resources import RadiomicsSettings, SegmentationModelResource
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
+from gcmlm_assets_tests.core.test_pictures import assert_ui_picture
 
 from .conftest import make_drop, step_failure_text
 
@@ -196,7 +197,8 @@ def test_segmentation_model_trains_and_installs_a_tiny_nnunet(trained):
     # One unusable reference mask is reported and left out; the held-out patient has none at all.
     assert list(meta["skipped_cases"]) == [EMPTY_MASK]
     assert "empty.nii.gz: mask is empty" in meta["skipped_cases"][EMPTY_MASK]
-    assert meta["training_progress"].startswith("![nnU-Net progress](data:image/png;base64,")
+    # nnU-Net's own progress plot under the UI's size rules, the original beside the model.
+    assert_ui_picture(meta["training_progress"], meta["training_progress_path"])
     # The model's identity at a glance, in one table on the asset page.
     assert model_table(meta) == {
         "model id": meta["model_id"], "plans": "nnUNetPlans_tiny", "configuration": "3d_fullres",
