@@ -6,7 +6,9 @@ the Dagster home; each can be moved on its own with its own variable.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 
@@ -32,3 +34,18 @@ def environment() -> str:
     if env not in ("local", "k8s"):
         raise ValueError(f"GCMLM_ENV must be 'local' or 'k8s', got {env!r}")
     return env
+
+
+@contextlib.contextmanager
+def scoped_environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the block only; each is restored (or removed) afterwards."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        os.environ.update(values)
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -24,6 +24,8 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 
+from gcmlm_assets.settings import scoped_environment
+
 LineLog = Callable[[str], None]
 
 
@@ -102,25 +104,12 @@ def _descriptor_1_to_file() -> Iterator[object | None]:
 
 
 @contextlib.contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
-
-
-@contextlib.contextmanager
 def stdout_to_log(log: LineLog) -> Iterator[None]:
     """Inside the block, standard output goes to `log` line by line (see the module docstring)."""
     writer = LineWriter(log)
     # tqdm reads TQDM_DISABLE when it is imported: this silences bars in worker processes
     # spawned inside the block; in this process our calls pass their own disable flags.
-    with _environment("TQDM_DISABLE", "1"), _descriptor_1_to_file() as raw:
+    with scoped_environment({"TQDM_DISABLE": "1"}), _descriptor_1_to_file() as raw:
         try:
             with contextlib.redirect_stdout(writer):
                 yield

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from gcmlm_assets.settings import scoped_environment
 from gcmlm_assets.radiology.nnunet import CONFIGURATION, STOMACH_LABEL, resolve_torch_device
 
 CHANNEL_NAME = "CT"
@@ -131,27 +132,13 @@ def dataset_name(dataset_id: int) -> str:
 
 
 @contextlib.contextmanager
-def _scoped_environment(values: dict[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in values}
-    try:
-        os.environ.update(values)
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-@contextlib.contextmanager
 def nnunet_folders(work_dir: Path) -> Iterator[NnunetFolders]:
     """Point nnU-Net at `<work_dir>/nnUNet_{raw,preprocessed,results}` for the block only."""
     work_dir = Path(work_dir)
     folders = NnunetFolders(work_dir / "nnUNet_raw", work_dir / "nnUNet_preprocessed", work_dir / "nnUNet_results")
     for path in (folders.raw, folders.preprocessed, folders.results):
         path.mkdir(parents=True, exist_ok=True)
-    with _scoped_environment(dict(zip(_NNUNET_ENV, (str(folders.raw), str(folders.preprocessed),
+    with scoped_environment(dict(zip(_NNUNET_ENV, (str(folders.raw), str(folders.preprocessed),
                                                     str(folders.results))))):
         yield folders
 
@@ -378,7 +365,7 @@ def train_model(plans_identifier: str, settings: TrainingSettings, n_cases: int,
     # Only around training: nnU-Net's planner also reads nnUNet_n_proc_DA, as a torch thread count.
     augmentation = ({} if settings.augmentation_workers is None
                     else {"nnUNet_n_proc_DA": str(int(settings.augmentation_workers))})
-    with _scoped_environment(augmentation):
+    with scoped_environment(augmentation):
         trainer.run_training()
 
     def last(key: str) -> float | None:

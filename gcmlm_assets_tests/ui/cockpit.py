@@ -1,11 +1,11 @@
 """A small cohort materialized into a fresh local instance, and the Dagster webserver and daemon
 over it: the state a user finds after their first drops, for the browser tests.
 
-Patients (synthetic, from the demo's generator, each with a reference stomach mask):
-- `READY_1`: CT, mask and radiomics row materialized; slides tiled and encoded.
-- `READY_2`: CT and mask materialized (its radiomics row is left for the UI to launch); slides
-  tiled and encoded (its slide vector is left for the UI's backfill, as is READY_1's).
-- `BROKEN`: a CT file cut short, so its `ct_image` partition has failed with a reason.
+Patients (synthetic, from the demo's generator, the first two with a reference stomach mask):
+- `ready[0]`: CT, mask and radiomics row materialized; slides tiled and encoded.
+- `ready[1]`: CT and mask materialized (its radiomics row is left for the UI to launch); slides
+  tiled and encoded (both patients' slide vectors are left for the UI's backfill).
+- `broken` (GC9001): a CT file cut to a third, so its `ct_image` partition has failed with a reason.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import dagster as dg
 
 from gcmlm_assets.demo.daemon import WORKSPACE, Daemon, prepare_dagster_home, start_daemon
 from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.settings import scoped_environment
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SENSORS = ("landing_sensor", "segmentation_training_sensor", "predicted_mask_sensor", "cohort_refresh_sensor")
@@ -64,9 +65,7 @@ def build_cohort(root: Path) -> Cohort:
 
     home = prepare_dagster_home(root / "dagster_home")
     env = _environment(root, home)
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
+    with scoped_environment(env):
         defs = build_definitions("local", "demo")
         job = defs.resolve_implicit_global_asset_job_def()
         with dg.DagsterInstance.from_config(str(home)) as instance:
@@ -81,12 +80,6 @@ def build_cohort(root: Path) -> Cohort:
             run(with_masks[0], "ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_features")
             run(with_masks[1], "ct_image", "ct_mask", "patch_coords", "uni_features")
             run(broken, "ct_image", succeed=False)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     return Cohort(root, home, env, (with_masks[0], with_masks[1]), broken)
 
 
