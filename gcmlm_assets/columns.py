@@ -1,4 +1,5 @@
-"""Column schemas of the table outputs, as plain data (no Dagster, no pyarrow).
+"""Column schemas of the table outputs, as plain data (no pyarrow; Dagster only inside the two
+functions at the end that turn a schema into Dagster metadata).
 
 A schema is a tuple of `Column`s: one column by its exact name, or a family of columns by a name
 ending in `*` (`original_*`: every PyRadiomics feature of the unfiltered image). The asset pages

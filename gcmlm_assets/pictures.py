@@ -206,9 +206,3 @@ def _as_rgb_image(picture: Any):
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         picture = Image.alpha_composite(background, rgba)
     return picture.convert("RGB")
-
-
-def describe(display: Display, alt: str = "picture") -> str:
-    """One line for logs and reports: format, size and the markdown's bytes."""
-    return (f"{display.encoding}, {display.width}x{display.height} px, "
-            f"{len(display.markdown(alt).encode())} bytes of markdown")

@@ -21,6 +21,7 @@ import io
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -44,6 +45,8 @@ class LineWriter(io.TextIOBase):
         self._pending = ""
         self._owner_pid = os.getpid()
         self._forwarding = False
+        # stdout is the process's: a library's threads may print while the step's thread does.
+        self._lock = threading.RLock()
 
     def writable(self) -> bool:
         return True
@@ -52,16 +55,20 @@ class LineWriter(io.TextIOBase):
         if os.getpid() != self._owner_pid:
             os.write(1, text.encode(errors="replace"))
             return len(text)
-        self._pending += text.replace("\r\n", "\n").replace("\r", "\n")
-        *lines, self._pending = self._pending.split("\n")
-        for line in lines:
-            self._emit(line)
+        with self._lock:
+            self._pending += text.replace("\r\n", "\n").replace("\r", "\n")
+            *lines, self._pending = self._pending.split("\n")
+            for line in lines:
+                self._emit(line)
         return len(text)
 
     def flush(self) -> None:
-        if self._pending and os.getpid() == self._owner_pid:
-            line, self._pending = self._pending, ""
-            self._emit(line)
+        if os.getpid() != self._owner_pid:
+            return
+        with self._lock:
+            if self._pending:
+                line, self._pending = self._pending, ""
+                self._emit(line)
 
     def _emit(self, line: str) -> None:
         line = line.rstrip()
@@ -116,11 +123,15 @@ def stdout_to_log(log: LineLog) -> Iterator[None]:
         finally:
             writer.flush()
             if raw is not None:
+                # What C code or workers wrote to descriptor 1, read back line by line (a long
+                # training's output is not held in memory at once).
                 with contextlib.suppress(Exception):
-                    raw.flush()
+                    sys.__stdout__.flush()
+                raw.flush()
                 raw.seek(0)
                 leftover = LineWriter(log)
-                leftover.write(raw.read().decode(errors="replace"))
+                for line in io.TextIOWrapper(raw, errors="replace", newline=""):
+                    leftover.write(line)
                 leftover.flush()
 
 

@@ -664,8 +664,10 @@ def plot_score_distribution(probabilities, threshold: float, labels=None) -> byt
               ("label unknown", np.isnan(labels), "tab:grey")]
     groups = [(name, probabilities[rows], colour) for name, rows, colour in groups if rows.any()]
     fig, ax = pictures.plt.subplots(figsize=(8, 5), layout="constrained")
-    ax.hist([values for _, values, _ in groups], bins=np.linspace(0, 1, 21), stacked=True,
-            color=[colour for *_, colour in groups], label=[f"{name} ({len(values)})" for name, values, _ in groups])
+    if groups:  # matplotlib refuses a stacked histogram of no data sets
+        ax.hist([values for _, values, _ in groups], bins=np.linspace(0, 1, 21), stacked=True,
+                color=[colour for *_, colour in groups],
+                label=[f"{name} ({len(values)})" for name, values, _ in groups])
     ax.axvline(threshold, color="black", ls="--", lw=1.5, label=f"threshold {threshold:.3f}")
     ax.yaxis.get_major_locator().set_params(integer=True)  # patients come whole
     ax.set(xlabel="MLM probability (fused model)", ylabel="patients", xlim=(0, 1),

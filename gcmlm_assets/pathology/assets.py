@@ -216,7 +216,8 @@ def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_mode
         metadata={
             "encoder": model.name,
             "embedding_dim": model.embedding_dim,
-            "checkpoint": identity["checkpoint"] or "random init (test only)",
+            "checkpoint": identity["checkpoint"] or ("random init (test only)" if model.untrained
+                                                     else "no checkpoint file (built-in weights)"),
             "checkpoint_sha256": model.checkpoint_sha256,
             "weights_sha256": identity["weights_sha256"],
             "untrained": model.untrained,

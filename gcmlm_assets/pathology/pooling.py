@@ -203,8 +203,8 @@ def slide_vector_picture(patient_id: str, slides: list[SlideFeatures], pooling: 
     from gcmlm_assets.pictures import figure_png, pyplot
 
     plt = pyplot()
-    drawings = [_slide_drawing(slide) for slide in slides]
-    shown = drawings[:max_slides]
+    # Only the slides shown are drawn (a thumbnail each); the title counts every slide's patches.
+    shown = [_slide_drawing(slide) for slide in slides[:max_slides]]
     columns = max(1, min(len(shown), PICTURE_COLUMNS))
     rows = max(1, -(-len(shown) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(6.0 * columns, 6.6 * rows), squeeze=False,
@@ -214,7 +214,8 @@ def slide_vector_picture(patient_id: str, slides: list[SlideFeatures], pooling: 
     for axis, (name, n_patches, image, note) in zip(axes.flat, shown):
         axis.imshow(image)
         axis.set_title(f"{name}\n{n_patches} patches{note}", fontsize=14)
-    fig.suptitle(slide_vector_title(patient_id, [n for _, n, _, _ in drawings], pooling, len(shown)), fontsize=15)
+    fig.suptitle(slide_vector_title(patient_id, [slide.shape()[0] for slide in slides], pooling, len(shown)),
+                 fontsize=15)
     return figure_png(fig)
 
 

@@ -116,11 +116,18 @@ def _refuse_empty_files(files: list[Path]) -> None:
             raise CTInputError(f"{path}: file is empty (0 bytes)")
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
 def _refuse_truncated_gzip(path: Path) -> None:
     """ITK reads a cut-short .nii.gz without complaint and fills the missing voxels with zeros:
-    decompress the whole stream first (in chunks) and refuse one that ends early."""
+    decompress the whole stream first (in chunks) and refuse one that ends early. A file named .gz
+    that is not gzip at all is left to ITK, which reads such files as they are."""
     if not path.name.lower().endswith(".gz"):
         return
+    with open(path, "rb") as handle:
+        if handle.read(2) != GZIP_MAGIC:
+            return
     import gzip
     import zlib
 
@@ -133,18 +140,33 @@ def _refuse_truncated_gzip(path: Path) -> None:
                            f"{_first_line(error)}); upload it again") from error
 
 
+def _nifti_data_layout(header: bytes) -> tuple[int, int] | None:
+    """(byte offset of the voxel data, bits per voxel as stored) from a NIfTI-1 or NIfTI-2 header,
+    or None when the header is neither. The stored type, not ITK's: ITK turns scaled integers into
+    float32 in memory."""
+    for order in ("<", ">"):
+        size = int(np.frombuffer(header[:4], dtype=f"{order}i4")[0]) if len(header) >= 4 else 0
+        if size == 348 and len(header) >= 112:
+            bitpix = int(np.frombuffer(header[72:74], dtype=f"{order}i2")[0])
+            offset = float(np.frombuffer(header[108:112], dtype=f"{order}f4")[0])
+            return (int(offset), bitpix) if np.isfinite(offset) and offset >= 0 else None
+        if size == 540 and len(header) >= 176:
+            bitpix = int(np.frombuffer(header[14:16], dtype=f"{order}i2")[0])
+            return int(np.frombuffer(header[168:176], dtype=f"{order}i8")[0]), bitpix
+    return None
+
+
 def _refuse_short_nifti(path: Path, image: sitk.Image) -> None:
     """An uncompressed .nii shorter than its header's voxel data (ITK pads it with zeros)."""
     if not path.name.lower().endswith(".nii"):
         return
     with open(path, "rb") as handle:
-        header = handle.read(352)
-    if len(header) < 112:
-        raise CTInputError(f"{path}: NIfTI header cut short ({len(header)} bytes)")
-    byte_order = "<" if int.from_bytes(header[:4], "little") == 348 else ">"
-    vox_offset = int(np.frombuffer(header[108:112], dtype=f"{byte_order}f4")[0])
-    voxels = int(np.prod(image.GetSize())) * image.GetNumberOfComponentsPerPixel()
-    expected = vox_offset + voxels * image.GetSizeOfPixelComponent()
+        header = handle.read(540)
+    layout = _nifti_data_layout(header)
+    if layout is None or layout[1] <= 0:
+        return  # not a header this check understands; ITK has read it
+    offset, bitpix = layout
+    expected = offset + int(np.prod(image.GetSize(), dtype=np.int64)) * bitpix // 8
     found = path.stat().st_size
     if found < expected:
         raise CTInputError(f"{path}: truncated NIfTI file: its header describes {expected} bytes, the file has "

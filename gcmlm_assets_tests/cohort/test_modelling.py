@@ -1,5 +1,7 @@
 """Risk model: no leakage in the CV, the planted signal is found, missing modalities, skops round trip."""
 
+import io
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -190,3 +192,12 @@ def test_rank_auc_and_net_benefit_match_definitions():
     nb = M.net_benefit(labels, np.ones(50), np.array([0.2]))
     prevalence = labels.mean()
     assert nb[0] == pytest.approx(prevalence - (1 - prevalence) * 0.25)
+
+
+def test_the_score_distribution_is_drawn_with_no_scores_at_all():
+    # A cohort whose patients all lack features scores nobody: the picture says so instead of failing.
+    from PIL import Image
+
+    png = M.plot_score_distribution([], threshold=0.4)
+    with Image.open(io.BytesIO(png)) as picture:
+        assert picture.format == "PNG" and picture.width >= 800

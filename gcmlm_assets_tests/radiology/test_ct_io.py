@@ -145,3 +145,35 @@ def test_a_truncated_volume_file_is_refused_not_padded_with_zeros(tmp_path: Path
     with pytest.raises(ct_io.CTInputError, match=rf"{cut}: truncated"):
         ct_io.load_ct(folder)
     assert ct_io.read_volume_file(whole).GetSize() == (32, 32, 20)
+
+
+def test_a_scaled_integer_nifti_and_a_misnamed_gz_are_read_not_refused(tmp_path: Path):
+    # int16 voxels with a rescale intercept: ITK holds them as float32 in memory, the file stores 2 bytes.
+    values = np.random.default_rng(1).integers(0, 2000, (20, 32, 32)).astype(np.int16)
+    header = bytearray(348)
+    header[0:4] = (348).to_bytes(4, "little")
+    for i, n in enumerate((3, 32, 32, 20, 1, 1, 1, 1)):
+        header[40 + 2 * i:42 + 2 * i] = n.to_bytes(2, "little")
+    header[70:72] = (4).to_bytes(2, "little")  # datatype: int16
+    header[72:74] = (16).to_bytes(2, "little")  # bitpix
+    header[76:108] = np.array([1, 1, 1, 1, 1, 1, 1, 1], "<f4").tobytes()  # pixdim
+    header[108:112] = np.array([352], "<f4").tobytes()  # vox_offset
+    header[112:120] = np.array([1, -1024], "<f4").tobytes()  # scl_slope, scl_inter
+    header[344:348] = b"n+1\0"
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    scaled = folder / "ct.nii"
+    scaled.write_bytes(bytes(header) + b"\0" * 4 + values.tobytes())
+    image = ct_io.read_volume_file(scaled)
+    assert image.GetSize() == (32, 32, 20)
+    assert float(sitk.GetArrayViewFromImage(image).min()) == float(values.min()) - 1024
+    # Cut short by one slice, the same file is refused.
+    cut = tmp_path / "cut" / "ct.nii"
+    cut.parent.mkdir()
+    cut.write_bytes(scaled.read_bytes()[: -32 * 32 * 2])
+    with pytest.raises(ct_io.CTInputError, match="truncated NIfTI"):
+        ct_io.read_volume_file(cut)
+    # An uncompressed NIfTI named .nii.gz is read as ITK reads it, not refused as damaged gzip.
+    misnamed = tmp_path / "misnamed.nii.gz"
+    misnamed.write_bytes(scaled.read_bytes())
+    assert ct_io.read_volume_file(misnamed).GetSize() == (32, 32, 20)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from gcmlm_assets.pictures import MIN_DISPLAY_WIDTH
 from gcmlm_assets_tests.ui.conftest import SCREENSHOTS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -53,7 +54,7 @@ def launch_from_materialize_dialog(page, partitions: list[str], button: str) -> 
     for partition in partitions:
         shown(page, partition).last.click()
     page.keyboard.press("Escape")
-    assert dialog.get_by_text(f"{len(partitions)} partition", exact=False).first.is_visible()
+    dialog.get_by_text(f"{len(partitions)} partition", exact=False).first.wait_for()
     page.get_by_role("button", name=button).click()
     toast = page.get_by_text(re.compile(r"^(Launched run|Created backfill) \w+"))
     toast.first.wait_for()
@@ -63,7 +64,7 @@ def launch_from_materialize_dialog(page, partitions: list[str], button: str) -> 
 def test_the_asset_graph_shows_the_three_groups_and_every_asset(ui):
     page = ui.open("/asset-groups")
     for group in GROUPS:
-        assert shown(page, group).count() >= 1, group
+        shown(page, group).first.wait_for()
     # The graph's own settings button (the navigation's "Settings" link has the same icon).
     page.get_by_role("button", name="settings", exact=True).click()
     page.get_by_role("menuitem", name=re.compile("Expand all groups")).click()
@@ -81,7 +82,9 @@ def test_the_asset_graph_shows_the_three_groups_and_every_asset(ui):
 def test_a_failed_partition_shows_its_reason_within_two_clicks(ui, cockpit):
     cohort, _, _ = cockpit
     page = ui.open("/assets/ct_image?view=partitions")
-    assert shown(page, "Failed (1)").count() and shown(page, "Materialized (2)").count()
+    shown(page, "Failed (1)").first.wait_for()
+    shown(page, "Materialized (2)").first.wait_for()
+    # A materialized patient first (not one of the two clicks: it shows the other state).
     shown(page, cohort.ready[0]).first.click()
     page.get_by_text("Materialized", exact=True).filter(visible=True).first.wait_for()
     # Click 1: the failed patient; click 2: its run's logs, where the reason is.
@@ -101,20 +104,21 @@ def test_a_ct_mask_materialization_shows_its_picture(ui, cockpit):
     picture.wait_for()
     page.wait_for_function("img => img.complete", arg=picture.element_handle())
     loaded_width, shown_width = picture.evaluate("img => [img.naturalWidth, img.getBoundingClientRect().width]")
-    assert loaded_width > 0 and shown_width > 0
+    # Loaded, shown, and as wide as the UI's size rules make it (gcmlm_assets/pictures.py).
+    assert loaded_width >= MIN_DISPLAY_WIDTH and shown_width > 0
     page.get_by_role("dialog").screenshot(path=str(SCREENSHOTS / "ct_mask_picture.png"))
 
 
 def test_an_asset_check_result_and_its_description_are_visible(ui):
     page = ui.open("/assets/ct_mask?view=checks")
     shown(page, "mask_not_empty").first.click()
-    assert page.get_by_text("This is a blocking asset check.").is_visible()
+    page.get_by_text("This is a blocking asset check.").wait_for()
     # The description written in radiology/checks.py, rendered on the check's page.
     from gcmlm_assets.radiology.checks import CT_MASK_CHECK_SPECS
 
     [spec] = [spec for spec in CT_MASK_CHECK_SPECS if spec.name == "mask_not_empty"]
-    assert page.get_by_text(spec.description.split("`")[0].strip()[:40], exact=False).first.is_visible()
-    assert shown(page, "Passed").first.is_visible()
+    page.get_by_text(spec.description.split("`")[0].strip()[:40], exact=False).first.wait_for()
+    shown(page, "Passed").first.wait_for()
 
 
 def test_descriptions_render_their_placeholders(ui):
@@ -133,7 +137,7 @@ def test_launching_one_patients_radiomics_row_from_the_ui_succeeds(ui, cockpit):
     page.get_by_role("link", name="View", exact=True).filter(visible=True).last.click()
     page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"))
     wait_for_text(page, r"\bSuccess\b", timeout_s=300)
-    assert shown(page, f"partition: {cohort.ready[1]}").count()
+    shown(page, f"partition: {cohort.ready[1]}").first.wait_for()
     page.screenshot(path=str(SCREENSHOTS / "radiomics_row_run.png"))
 
 
@@ -141,9 +145,11 @@ def test_a_backfill_of_two_patients_slide_vector_from_the_ui_succeeds(ui, cockpi
     cohort, _, _ = cockpit
     page = ui.open("/assets/slide_vector")
     toast = launch_from_materialize_dialog(page, list(cohort.ready), "Launch backfill")
-    backfill_id = re.match(r"Created backfill (\w+)", toast).group(1)
+    created = re.match(r"Created backfill (\w+)", toast)
+    assert created, toast
+    backfill_id = created.group(1)
     page = ui.open(f"/runs/b/{backfill_id}")
     wait_for_text(page, r"Status\s+Succeeded", timeout_s=400)
     for patient in cohort.ready:
-        assert shown(page, patient).count()
+        shown(page, patient).first.wait_for()
     page.screenshot(path=str(SCREENSHOTS / "slide_vector_backfill.png"))
