@@ -200,7 +200,7 @@ def test_patch_coords_and_uni_features_take_the_series_as_one_slide(instance, ba
     with opened(real_slide(test_data), default_mpp=0.5) as svs:
         svs_coords = tile_slide(svs, TilingParams()).coords
     ours, theirs = set(map(tuple, coords)), set(map(tuple, svs_coords))
-    assert len(ours & theirs) / len(ours | theirs) > 0.9
+    assert len(ours & theirs) / len(ours | theirs) >= 0.95  # 1.0 (44 of 44) when measured
 
     features_meta = _metadata(result, "uni_features")
     assert features_meta["n_slides"] == 1 and features_meta["readers"] == {"cmu1-level0.h5": "openslide"}
