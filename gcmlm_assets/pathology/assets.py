@@ -64,11 +64,11 @@ def patch_coords(context: dg.AssetExecutionContext, storage: ArtifactStorage, la
     params = pathology.tiling_params()
     wsi_dir = landing.patient_dir(patient_id) / "wsi"
     try:
-        slide_paths = list_slides(wsi_dir)
+        slides = list_slides(wsi_dir)
     except (FileNotFoundError, SlideError) as error:
         raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from error
 
-    fingerprint = inputs_fingerprint(slide_paths, params)
+    fingerprint = inputs_fingerprint(slides, params)
     out_dir = store.asset_dir("patch_coords", patient_id)
     started = time.perf_counter()
     reused = store.reusable("patch_coords", patient_id, fingerprint) is not None
@@ -76,7 +76,7 @@ def patch_coords(context: dg.AssetExecutionContext, storage: ArtifactStorage, la
         listing = read_listing(out_dir)
         seconds: dict[str, float] = {}
     else:
-        outcomes = tile_patient(slide_paths, params)
+        outcomes = tile_patient(slides, params)
         seconds = {o.path.name: round(o.seconds, 3) for o in outcomes}
         failures = [o.error for o in outcomes if o.error]
         readable = [slide_entry(o, None, None) for o in outcomes if not o.error]
@@ -115,8 +115,10 @@ def patch_coords(context: dg.AssetExecutionContext, storage: ArtifactStorage, la
             "listing": dg.MetadataValue.path(str(out_dir / LISTING)),
             "h5_files": dg.MetadataValue.json([e["h5"] for e in entries if e["h5"]]),
             "input_fingerprints": dg.MetadataValue.json({
-                e["file"]: {"size_bytes": e["size_bytes"], "mtime_ns": e["mtime_ns"],
-                            "quickhash1": e["quickhash1"]} for e in entries}),
+                e["file"]: {"size_bytes": e["size_bytes"], "mtime_ns": e["mtime_ns"], "quickhash1": e["quickhash1"],
+                            **({"files": e["source_files"]} if e.get("dicom") else {})} for e in entries}),
+            # Per DICOM-WSI series: the file opened, the VOLUME instances tiled, the others ignored and why.
+            "dicom_series": dg.MetadataValue.json({e["file"]: e["dicom"] for e in entries if e.get("dicom")}),
             "params": dg.MetadataValue.json(listing["params"]),
             "tiling_version": TILING_VERSION,
             "inputs_fingerprint": fingerprint,
@@ -133,7 +135,12 @@ def _slides_table(entries: list[dict], seconds: dict[str, float]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for e in entries:
         w, h = e["dimensions"]
-        lines.append(f"| {e['file']} | {w}x{h} | {e['mpp'][0]:.4g} | {e['mpp_source']} | {e['n_patches']} "
+        name = e["file"]
+        if e.get("dicom"):
+            series = e["dicom"]
+            name += (f" (DICOM series of {len(e['source_files'])} files: {len(series['volume_instances'])} VOLUME "
+                     f"tiled, {len(series['ignored_instances'])} ignored)")
+        lines.append(f"| {name} | {w}x{h} | {e['mpp'][0]:.4g} | {e['mpp_source']} | {e['n_patches']} "
                      f"| {e['patch_level']} | {e['read_size']} | {seconds.get(e['file'], '')} |")
     return "\n".join(lines)
 
@@ -235,6 +242,8 @@ def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_mode
             "device_reason": device.reason,
             "folder": dg.MetadataValue.path(str(out_dir)),
             "h5_files": dg.MetadataValue.json([str(r.output) for r in done.results]),
+            "dicom_series": dg.MetadataValue.json(
+                {e["h5_file"]: e["dicom"] for e in listing["slides"] if e.get("h5_file") and e.get("dicom")}),
             "input_patch_coords": dg.MetadataValue.json(
                 {e["h5_file"]: e["h5_sha256"] for e in listing["slides"] if e.get("h5_file")}),
             "inputs_fingerprint": done.fingerprint,

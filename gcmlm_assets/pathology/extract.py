@@ -600,9 +600,15 @@ class PatientFeatures:
 
 
 def slide_fingerprint(entry: dict[str, Any]) -> str:
-    """Identity of a slide's content as `patch_coords` listed it (OpenSlide's quickhash and size)."""
+    """Identity of a slide's content as `patch_coords` listed it (OpenSlide's quickhash and size).
+
+    A DICOM series adds every file's name, size and modification time: OpenSlide's quickhash of a
+    series is its Series Instance UID alone, which stays when a file is re-encoded or replaced."""
     content = entry.get("quickhash1") or f"mtime:{entry.get('mtime_ns')}"
-    return sha256_text(str(entry.get("file")), str(entry.get("size_bytes")), str(content))
+    parts = [str(entry.get("file")), str(entry.get("size_bytes")), str(content)]
+    if entry.get("dicom"):
+        parts += [f"{f['file']}|{f['size_bytes']}|{f['mtime_ns']}" for f in entry.get("source_files", [])]
+    return sha256_text(*parts)
 
 
 def extract_patient(

@@ -5,7 +5,9 @@ Outputs in the patient's folder (`<artifacts>/patch_coords/<pid>/`):
 * `<slide_stem>.h5` per slide with at least one patch (CLAM layout, see `tiling.py`);
 * `slides.json`: every slide of the patient, with its fingerprint, resolution
   and source, patch count and HDF5 file (null when the slide has no patch,
-  with the reason). Downstream assets read this listing, not the folder.
+  with the reason). Downstream assets read this listing, not the folder. A
+  DICOM-WSI series is one entry: `source_files` lists all its files and
+  `dicom` the instances tiled (VOLUME) and those ignored, with the reason.
 * `tiling.png`: the picture shown in the Dagster UI.
 
 Every slide is opened and tiled before anything is written, so a bad slide
@@ -20,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gcmlm_assets.pathology.slides import SlideError, SlideInfo, opened
+from gcmlm_assets.pathology.slides import SlideError, SlideInfo, SlideSource, opened, slide_source
 from gcmlm_assets.pathology.tiling import TILING_VERSION, TilingParams, TilingResult, tile_slide, tiling_picture, \
     write_coords_h5
 from gcmlm_assets.pictures import save_png
@@ -39,24 +41,29 @@ class SlideOutcome:
     seconds: float
 
 
-def inputs_fingerprint(slide_paths: list[Path], params: TilingParams) -> str:
-    """What the outputs are made from: the code version, the parameters, and each
-    slide's name, size and modification time (hashing GBs of pixels would cost
-    more than tiling them)."""
+def _sources(slides: list[SlideSource | Path]) -> list[SlideSource]:
+    return [s if isinstance(s, SlideSource) else slide_source(s) for s in slides]
+
+
+def inputs_fingerprint(slides: list[SlideSource | Path], params: TilingParams) -> str:
+    """What the outputs are made from: the code version, the parameters, and the name, size and
+    modification time of every file of every slide, all files of a DICOM series included (hashing
+    GBs of pixels would cost more than tiling them)."""
     parts = [f"tiling={TILING_VERSION}", json.dumps(params.as_dict(), sort_keys=True, default=str)]
-    for path in slide_paths:
-        stat = path.stat()
-        parts.append(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}")
+    for source in _sources(slides):
+        parts.append(f"slide {source.path.name}")
+        parts.extend(f"{f['file']}|{f['size_bytes']}|{f['mtime_ns']}" for f in source.file_stats())
     return sha256_text(*parts)
 
 
-def tile_patient(slide_paths: list[Path], params: TilingParams) -> list[SlideOutcome]:
+def tile_patient(slides: list[SlideSource | Path], params: TilingParams) -> list[SlideOutcome]:
     """Open and tile every slide; a slide that cannot be used gets its error, the others go on."""
     outcomes = []
-    for path in slide_paths:
+    for source in _sources(slides):
+        path = source.path
         started = time.perf_counter()
         try:
-            with opened(path, default_mpp=params.default_mpp, plausible_mpp=params.plausible_mpp) as slide:
+            with opened(source, default_mpp=params.default_mpp, plausible_mpp=params.plausible_mpp) as slide:
                 result = tile_slide(slide, params)
             outcomes.append(SlideOutcome(path, slide.info, result, None, time.perf_counter() - started))
         except SlideError as error:
@@ -78,6 +85,8 @@ def slide_entry(outcome: SlideOutcome, h5_path: Path | None, h5_sha256: str | No
         "size_bytes": info.size_bytes,
         "mtime_ns": info.mtime_ns,
         "quickhash1": info.quickhash,
+        "source_files": list(info.files),
+        "dicom": info.dicom,
         "vendor": info.vendor,
         "dimensions": list(info.dimensions),
         "n_levels": len(info.level_dimensions),

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 TILE_CACHE_BYTES = 48 << 20
-# Vendors whose levels are plain tiled TIFF pages that tifffile decodes as OpenSlide does.
+# Vendors whose levels are plain tiled TIFF pages that tifffile decodes as OpenSlide does. Every
+# other vendor is read by OpenSlide: a DICOM-WSI ("dicom") keeps its frames in several files of a series.
 DIRECT_TIFF_VENDORS = ("aperio", "generic-tiff")
 PROBE_MAX_ABS_DIFF = 2
 # Tile decoding at 1/scale (libjpeg-turbo's scaled IDCT through OpenCV).

@@ -1,5 +1,9 @@
 """Whole-slide images of one patient: listing, safe opening, resolution (µm per pixel).
 
+A slide is one file (SVS, TIFF, NDPI, ...) or one DICOM-WSI series: all the
+`.dcm` files that share a Series Instance UID (`dicom_wsi.py`), opened by
+OpenSlide from one of its level-0 files.
+
 Plain Python (no Dagster). Every problem is raised as `SlideError`, whose
 message starts with the slide's file name and says what is wrong with it:
 an empty file, a picture renamed to a slide extension, a truncated TIFF, a
@@ -15,13 +19,19 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gcmlm_assets.lazy import lazy
+
+if TYPE_CHECKING:
+    from gcmlm_assets.pathology.dicom_wsi import DicomSeries
 
 # Imported on first use: the definitions import this module's constants and types, not its work.
 cv2 = lazy("cv2")
 np = lazy("numpy")
 openslide = lazy("openslide")
+# Imports this module back (SlideError): loaded on first use.
+dicom_wsi = lazy("gcmlm_assets.pathology.dicom_wsi")
 
 
 # Where a slide's microns-per-pixel came from, best first.
@@ -29,6 +39,9 @@ MPP_FROM_OPENSLIDE = "openslide.mpp"
 MPP_FROM_TIFF_RESOLUTION = "tiff.resolution"
 MPP_FROM_OBJECTIVE_POWER = "objective-power"
 MPP_FROM_DEFAULT = "default"
+
+# Where OpenSlide's DICOM driver reads the resolution (mm per pixel, row then column).
+DICOM_PIXEL_SPACING = "dicom.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing"
 
 # Whole-slide scans lie between ~0.1 µm/px (high-end 80x) and ~10 µm/px (1.25x
 # overviews). A value far outside (e.g. 352.8 µm/px from a 72-dpi TIFF tag) is
@@ -72,49 +85,89 @@ class Mpp:
 
 
 @dataclass(frozen=True)
+class SlideSource:
+    """What one slide is made of: the file OpenSlide opens and every file it reads."""
+
+    path: Path
+    files: tuple[Path, ...]
+    series: DicomSeries | None = None  # a DICOM-WSI series; None for a one-file slide
+
+    @property
+    def name(self) -> str:
+        """The stem of the slide's outputs (for a DICOM series: that of its opened level-0 file)."""
+        return slide_stem(self.path)
+
+    def file_stats(self) -> list[dict]:
+        """Name, size and modification time of every file, which together identify the content."""
+        stats = []
+        for path in self.files:
+            stat = path.stat()
+            stats.append({"file": path.name, "size_bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+        return stats
+
+
+def slide_source(path: str | os.PathLike) -> SlideSource:
+    """The slide that `path` opens: itself, or the DICOM series it belongs to (from its folder)."""
+    path = Path(path)
+    if path.is_file() and dicom_wsi.looks_like_dicom(path):
+        series = dicom_wsi.series_containing(path)
+        return SlideSource(series.opener, series.files, series)
+    return SlideSource(path, (path,))
+
+
+@dataclass(frozen=True)
 class SlideInfo:
     path: Path
     name: str  # file name without its extension: the stem of the slide's outputs
-    size_bytes: int
-    mtime_ns: int
+    size_bytes: int  # of all the slide's files
+    mtime_ns: int  # the latest of its files'
     vendor: str
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]
     mpp: Mpp
     quickhash: str | None  # OpenSlide's content hash (quickhash-1), when the format has one
     associated_images: tuple[str, ...]
+    files: tuple[dict, ...] = ()  # SlideSource.file_stats(): every file the slide is read from
+    dicom: dict | None = None  # DicomSeries.describe(): the instances tiled and those ignored
 
     @property
     def dimensions(self) -> tuple[int, int]:
         return self.level_dimensions[0]
 
     def fingerprint(self) -> dict:
-        return {"file": self.path.name, "size_bytes": self.size_bytes, "mtime_ns": self.mtime_ns}
+        return {"file": self.path.name, "size_bytes": self.size_bytes, "mtime_ns": self.mtime_ns,
+                "files": list(self.files)}
 
 
 # ---------------------------------------------------------------- listing
 
 
-def list_slides(wsi_dir: str | os.PathLike) -> list[Path]:
-    """The slide files of `<patient>/wsi/`, sorted by name.
+def list_slides(wsi_dir: str | os.PathLike) -> list[SlideSource]:
+    """The slides of `<patient>/wsi/`, sorted by the name of the file opened.
 
-    Every visible regular file is taken as a slide, so a stray file fails
-    loudly instead of being skipped. Two files with the same stem would write
-    the same output name and are refused.
+    Every visible regular file is part of a slide, so a stray file fails
+    loudly instead of being skipped. DICOM files are grouped by series (one
+    slide per Series Instance UID; a DICOM file that is not a whole-slide
+    instance is refused); every other file is a slide of its own. Two slides
+    with the same stem would write the same output name and are refused.
     """
     folder = Path(wsi_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"no slide folder {folder}")
-    slides = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not slides:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
         raise FileNotFoundError(f"no slide files in {folder}")
+    dicom_files = [p for p in files if dicom_wsi.looks_like_dicom(p)]
+    slides = [SlideSource(p, (p,)) for p in files if p not in dicom_files]
+    slides += [SlideSource(s.opener, s.files, s) for s in dicom_wsi.group_series(dicom_files)]
+    slides.sort(key=lambda s: s.path.name)
     seen: dict[str, Path] = {}
-    for path in slides:
-        stem = slide_stem(path)
+    for slide in slides:
+        stem = slide.name
         if stem in seen:
-            raise SlideError(path, f"has the same name stem {stem!r} as {seen[stem].name}; "
-                                   "rename one of them (outputs are named by stem)")
-        seen[stem] = path
+            raise SlideError(slide.path, f"has the same name stem {stem!r} as {seen[stem].name}; "
+                                         "rename one of them (outputs are named by stem)")
+        seen[stem] = slide.path
     return slides
 
 
@@ -333,9 +386,10 @@ def rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
     return ((rgb * alpha + 255 * (255 - alpha)) // 255).astype(np.uint8)
 
 
-def open_slide(path: str | os.PathLike, *, default_mpp: float,
+def open_slide(path: str | os.PathLike | SlideSource, *, default_mpp: float,
                plausible_mpp: tuple[float, float] = PLAUSIBLE_MPP, verify: bool = True) -> Slide:
-    """Open one slide and check that it can be used, or raise `SlideError`.
+    """Open one slide (a file, or a `SlideSource` from `list_slides`) and check that it can be used,
+    or raise `SlideError`.
 
     Checks, cheapest first: the file is not empty and not another kind of file
     with a slide extension; a TIFF-based file is not cut short; OpenSlide opens
@@ -343,14 +397,22 @@ def open_slide(path: str | os.PathLike, *, default_mpp: float,
     decode (a truncated or corrupt file can open and fail only on reading);
     its resolution is plausible for a microscope scan.
     """
-    path = Path(path)
+    source = path if isinstance(path, SlideSource) else None
+    path = Path(source.path if source else path)
     try:
-        stat = path.stat()
+        path.stat()
+        if source is None:
+            source = slide_source(path)
+        path = source.path  # a DICOM series opens from its level 0, whichever file was named
+        stats = source.file_stats()
     except OSError as error:
-        raise SlideError(path, f"cannot be read: {error.strerror or error}") from error
-    problem = signature_problem(path) or tiff_truncation_problem(path)
-    if problem:
-        raise SlideError(path, problem)
+        raise SlideError(getattr(error, "filename", None) or path,
+                         f"cannot be read: {error.strerror or error}") from error
+    for member in source.files:
+        # DICOM files start with a free 128-byte preamble: only the TIFF check is skipped for them.
+        problem = signature_problem(member) or (None if source.series else tiff_truncation_problem(member))
+        if problem:
+            raise SlideError(member, problem)
     try:
         handle = openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError as error:
@@ -362,18 +424,25 @@ def open_slide(path: str | os.PathLike, *, default_mpp: float,
     try:
         properties = dict(handle.properties)
         mpp = resolve_mpp(properties, default_mpp)
+        if source.series is not None and mpp.source == MPP_FROM_OPENSLIDE:
+            # OpenSlide takes it from level 0's PixelSpacing (row, column spacing in mm) x 1000.
+            spacing = [properties.get(f"{DICOM_PIXEL_SPACING}[{i}]") for i in (0, 1)]
+            mpp = Mpp(mpp.x, mpp.y, mpp.source, f"{mpp.detail}, from PixelSpacing {spacing} mm in the shared "
+                                                f"functional groups of {path.name}")
         low, high = plausible_mpp
         if not (low <= mpp.x <= high and low <= mpp.y <= high):
             raise SlideError(path, f"its resolution {mpp.x:g} x {mpp.y:g} µm/px (from {mpp.source}: "
                                    f"{mpp.detail}) is outside {low:g}-{high:g} µm/px, not a microscope "
                                    "slide scan; fix the file's resolution metadata")
         info = SlideInfo(
-            path=path, name=slide_stem(path), size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns,
+            path=path, name=source.name, size_bytes=sum(s["size_bytes"] for s in stats),
+            mtime_ns=max(s["mtime_ns"] for s in stats),
             vendor=properties.get("openslide.vendor", "unknown"),
             level_dimensions=tuple(tuple(int(v) for v in d) for d in handle.level_dimensions),
             level_downsamples=tuple(float(d) for d in handle.level_downsamples),
             mpp=mpp, quickhash=properties.get("openslide.quickhash-1"),
             associated_images=tuple(sorted(handle.associated_images.keys())),
+            files=tuple(stats), dicom=source.series.describe() if source.series else None,
         )
         if min(info.dimensions) < 1:
             raise SlideError(path, f"level 0 has no pixels ({info.dimensions})")
@@ -399,7 +468,7 @@ def _verify_decodes(slide: Slide) -> None:
 
 
 @contextmanager
-def opened(path: str | os.PathLike, **kwargs) -> Iterator[Slide]:
+def opened(path: str | os.PathLike | SlideSource, **kwargs) -> Iterator[Slide]:
     slide = open_slide(path, **kwargs)
     try:
         yield slide

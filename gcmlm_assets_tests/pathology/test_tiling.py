@@ -139,7 +139,7 @@ def test_listing_refuses_same_stem(tmp_path: Path):
     with pytest.raises(SlideError, match="same name stem"):
         list_slides(tmp_path)
     (tmp_path / "a.tiff").unlink()
-    assert [p.name for p in list_slides(tmp_path)] == ["a.svs"]
+    assert [s.path.name for s in list_slides(tmp_path)] == ["a.svs"]
 
 
 # ---------------------------------------------------------------- geometry
