@@ -250,8 +250,10 @@ class CtMaskBench(Bench):
 
         landing, sources = work / "landing", work / "sources"
         sources.mkdir(parents=True)
-        segmentation = (SegmentationModelResource.cpu_demo(trained_model_folder=model_folder) if model_folder
-                        else SegmentationModelResource.cpu_demo())
+        # A given folder is loaded only with its checkpoints' digests pinned (GCMLM_NNUNET_MODEL_SHA256).
+        segmentation = (SegmentationModelResource.cpu_demo(
+            trained_model_folder=model_folder, trained_model_sha256=os.environ.get("GCMLM_NNUNET_MODEL_SHA256"))
+            if model_folder else SegmentationModelResource.cpu_demo())
         resources = {"storage": ArtifactStorage(root=str(work / "artifacts")),
                      "landing": LandingZone(root=str(landing)), "radiomics": RadiomicsSettings(),
                      "segmentation": segmentation}
@@ -428,7 +430,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--only", choices=["ct_mask", "uni_features"])
     parser.add_argument("--model-folder", default=os.environ.get("GCMLM_NNUNET_MODEL_FOLDER") or None,
-                        help="trained nnU-Net folder for ct_mask (default GCMLM_NNUNET_MODEL_FOLDER); "
+                        help="trained nnU-Net folder for ct_mask (default GCMLM_NNUNET_MODEL_FOLDER), its "
+                             "checkpoints' digests in GCMLM_NNUNET_MODEL_SHA256; "
                              "without it a tiny model is trained first")
     parser.add_argument("--encoder", default="vit-tiny-random", help="registered encoder for uni_features")
     parser.add_argument("--verbose", action="store_true", help="show Dagster's console log of every run")

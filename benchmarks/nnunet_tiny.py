@@ -56,7 +56,8 @@ def run_once(work: Path, settings) -> dict:
 
     result = nnunet_training.train_segmentation_model(cases, work / "nnunet", settings)
     wall, cpu = time.perf_counter(), cpu_seconds()
-    segmenter = nnunet.GastricSegmenter.load(result.model_folder, settings.device)
+    segmenter = nnunet.GastricSegmenter.load(result.model_folder, settings.device,
+                                             pins=nnunet.CheckpointPins.of_fresh_training(result.model_folder))
     load = (time.perf_counter() - wall, cpu_seconds() - cpu)
     held_out, truth = on_grid(ct, 5.0, sitk.sitkLinear), on_grid(stomach, 5.0, sitk.sitkNearestNeighbor)
     wall, cpu = time.perf_counter(), cpu_seconds()

@@ -141,12 +141,12 @@ def ct_image(context: dg.AssetExecutionContext, storage: ArtifactStorage,
 
 # ---------------------------------------------------------------- ct_mask
 
-def _load_segmenter(model_folder: Path, device_setting: str):
+def _load_segmenter(model_folder: Path, pins, device_setting: str):
     from gcmlm_assets.devices import resolve_device
     from gcmlm_assets.radiology.nnunet import GastricSegmenter  # torch/nnU-Net only when predicting
 
     device = resolve_device(device_setting, "segmentation.device")
-    return GastricSegmenter.load(model_folder, device=device.name), device
+    return GastricSegmenter.load(model_folder, device=device.name, pins=pins), device
 
 
 @dg.multi_asset(
@@ -182,7 +182,7 @@ def ct_mask(context: dg.AssetExecutionContext):
     from gcmlm_assets.radiology.nnunet import ModelFolderError
 
     segmentation = context.resources.segmentation
-    segmenter = LoadOnce(lambda folder: _load_segmenter(folder, segmentation.device),
+    segmenter = LoadOnce(lambda folder, pins: _load_segmenter(folder, pins, segmentation.device),
                          errors=(DeviceError, ModelFolderError))
     yield from per_patient_events(context, "ct_mask", lambda patient_id: _ct_mask_for(context, patient_id, segmenter),
                                   checks.CT_MASK_CHECK_SPECS, CT_MASK_VERSION)
@@ -204,19 +204,19 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
     except masks.MaskInputError as error:
         raise input_failure(error) from error
 
-    model_folder = None
+    model_folder = pins = None
     if reference is not None:
         source_id = sha256_file(reference)
     else:
-        model_folder = segmentation.model_folder(store)
-        if model_folder is None:
+        pinned = segmentation.pinned_model(store)
+        if pinned is None:
             context.log.info(
                 f"{patient_id}: waiting for a segmentation model: {label_dir} has no reference mask and no "
                 "model is installed yet. segmentation_training_sensor trains one once enough patients have a "
                 "reference mask (or point the segmentation resource at a trained nnU-Net folder); "
                 "predicted_mask_sensor then runs this mask and its radiomics_row.")
             return
-        model_folder = Path(model_folder)
+        model_folder, pins = Path(pinned[0]), pinned[1]
         source_id = model_lifecycle.model_identity(model_folder)
     mode = "reference" if reference is not None else "predicted"
     fingerprint = sha256_text("ct_mask", CT_MASK_VERSION, ct_sha, mode, source_id)
@@ -237,7 +237,7 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
         else:
             # nnU-Net's loading and prediction print: to the step's debug log, not raw stdout.
             with stdout_to_log(context.log.debug):
-                model, device = segmenter.get(model_folder)
+                model, device = segmenter.get(model_folder, pins)
                 predicted = model.predict(image)
             try:
                 mask = masks.validate_prediction(predicted, image, f"model {model.model_id} on {ct_path}")

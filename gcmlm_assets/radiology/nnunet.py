@@ -17,18 +17,23 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from gcmlm_assets.storage import atomic_write_json, sha256_file
+from gcmlm_assets.radiology.checkpoint_pins import (
+    CHECKPOINT,
+    CheckpointHashError,
+    CheckpointPins,
+    ModelFolderError,
+    available_folds,
+)
+from gcmlm_assets.storage import atomic_write_json
 
 CONFIGURATION = "3d_fullres"
 STOMACH_LABEL = "stomach"
-CHECKPOINT = "checkpoint_final.pth"
 CURRENT_POINTER = "current.json"
 TRAIN_TMP_PREFIX = ".tmp-train-"
 DEVICES = ("cpu", "cuda", "mps")
-
-
-class ModelFolderError(ValueError):
-    """A folder that is not a usable trained nnU-Net model; the message names the folder and what is wrong."""
+# plans.json names Python objects that nnU-Net imports by dotted path (pydoc.locate) and calls:
+# only these packages may be named, so a plans file cannot make it import other code.
+PLANS_IMPORT_PREFIXES = ("dynamic_network_architectures.", "torch.nn.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +46,7 @@ class ModelDescription:
     folds: tuple[str, ...]
     foreground_label: int
     checkpoint_sha256: str  # over the checkpoints of every fold used, in fold order
+    checkpoint_sha256_by_fold: dict[str, str]  # fold -> digest of its checkpoint (what was verified)
 
     @property
     def model_id(self) -> str:
@@ -106,7 +112,7 @@ def find_trained_model_folder(path: str | os.PathLike) -> Path:
             json.loads(file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             problems.append(f"{name} is not valid JSON ({error})")
-    if not _available_folds(folder):
+    if not available_folds(folder):
         present = sorted(p.name for p in folder.glob("fold_*")) or ["no fold_* folder"]
         problems.append(f"no fold_<f>/{CHECKPOINT} (found: {', '.join(present)}); training may be unfinished")
     if problems:
@@ -114,17 +120,11 @@ def find_trained_model_folder(path: str | os.PathLike) -> Path:
     return folder
 
 
-def _available_folds(folder: Path) -> tuple[str, ...]:
-    """`('all',)` when fold_all is trained (it saw every case), else every numbered fold (an ensemble)."""
-    if (folder / "fold_all" / CHECKPOINT).is_file():
-        return ("all",)
-    numbered = sorted(int(p.parent.name[5:]) for p in folder.glob(f"fold_*/{CHECKPOINT}")
-                      if p.parent.name[5:].isdigit())
-    return tuple(str(f) for f in numbered)
+def describe_model_folder(path: str | os.PathLike, pins: CheckpointPins) -> ModelDescription:
+    """Validate a trained-model folder and say what it is (its id hashes the checkpoints).
 
-
-def describe_model_folder(path: str | os.PathLike) -> ModelDescription:
-    """Validate a trained-model folder and say what it is (its id hashes the checkpoints)."""
+    Its checkpoints must match `pins` (CheckpointHashError otherwise) before one is unpickled.
+    """
     folder = find_trained_model_folder(path)
     plans = json.loads((folder / "plans.json").read_text())
     dataset = json.loads((folder / "dataset.json").read_text())
@@ -144,10 +144,13 @@ def describe_model_folder(path: str | os.PathLike) -> ModelDescription:
                                "foreground label)")
     if not isinstance(label, int):
         raise ModelFolderError(f"{folder / 'dataset.json'}: region-based label {label!r} is not supported")
-    folds = _available_folds(folder)
+    _refuse_foreign_imports(folder / "plans.json", plans)
+    # The JSON files above are only parsed; the checkpoints are verified before the first unpickling.
+    verified = pins.verify(folder)
+    folds = tuple(verified)
     digest = hashlib.sha256()
     for fold in folds:
-        digest.update(sha256_file(folder / f"fold_{fold}" / CHECKPOINT).encode())
+        digest.update(verified[fold].encode())
     trainer, configuration = _checkpoint_identity(folder / f"fold_{folds[0]}" / CHECKPOINT)
     return ModelDescription(
         folder=folder,
@@ -158,11 +161,30 @@ def describe_model_folder(path: str | os.PathLike) -> ModelDescription:
         folds=folds,
         foreground_label=int(label),
         checkpoint_sha256=digest.hexdigest(),
+        checkpoint_sha256_by_fold=verified,
     )
 
 
+def _refuse_foreign_imports(plans_file: Path, plans: dict) -> None:
+    """Refuse a plans file whose network class or `_kw_requires_import` entries lie outside
+    PLANS_IMPORT_PREFIXES (nnU-Net would import and call whatever they name)."""
+    for name, configuration in (plans.get("configurations") or {}).items():
+        architecture = configuration.get("architecture") if isinstance(configuration, dict) else None
+        if not isinstance(architecture, dict):
+            continue
+        kwargs = architecture.get("arch_kwargs") or {}
+        named = {"network_class_name": architecture.get("network_class_name")}
+        named.update({key: kwargs.get(key) for key in architecture.get("_kw_requires_import") or ()})
+        for key, value in named.items():
+            if value is not None and not (isinstance(value, str) and value.startswith(PLANS_IMPORT_PREFIXES)):
+                raise ModelFolderError(
+                    f"{plans_file}: configuration {name!r} names {key}={value!r}, outside "
+                    f"{', '.join(PLANS_IMPORT_PREFIXES)}; nnU-Net would import and call it, so the model is refused")
+
+
 def _checkpoint_identity(checkpoint: Path) -> tuple[str, str]:
-    """Trainer class and configuration that nnU-Net recorded in a checkpoint."""
+    """Trainer class and configuration that nnU-Net recorded in a checkpoint (verified by the caller:
+    nnU-Net's checkpoints hold more than tensors, so this unpickles with weights_only=False)."""
     import torch
 
     try:
@@ -192,20 +214,42 @@ def install_trained_model(trained_folder: Path, models_root: Path,
 
     `trained_folder` must be on the same filesystem (train inside `models_root`):
     the rename is atomic, and `current.json` is replaced atomically after it, so a
-    reader sees either the previous model or the complete new one.
+    reader sees either the previous model or the complete new one. `current.json` records each
+    checkpoint's SHA-256: every later load verifies the installed files against it.
     """
-    description = describe_model_folder(trained_folder)
+    fresh = CheckpointPins.of_fresh_training(Path(trained_folder))
+    description = describe_model_folder(trained_folder, fresh)
     final = Path(models_root) / description.model_id
-    if final.exists():
+    if final.exists() and _same_checkpoints(final, description.checkpoint_sha256_by_fold):
         # Same checkpoint hash: the identical model is already installed.
         shutil.rmtree(trained_folder)
     else:
+        if final.exists():
+            # A folder of that name whose checkpoints were changed since: replaced, never reused.
+            stale = final.with_name(f"{TRAIN_TMP_PREFIX}stale-{final.name}")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            shutil.rmtree(stale)
         os.replace(trained_folder, final)
-    installed = describe_model_folder(final)
+    installed = describe_model_folder(final, CheckpointPins(description.checkpoint_sha256_by_fold,
+                                                            f"training output {trained_folder}", ""))
     pointer = {"model_id": installed.model_id, "folder": installed.model_id,
-               "checkpoint_sha256": installed.checkpoint_sha256, **(pointer_extra or {})}
+               "checkpoint_sha256": installed.checkpoint_sha256,
+               "checkpoint_sha256_by_fold": installed.checkpoint_sha256_by_fold, **(pointer_extra or {})}
     atomic_write_json(Path(models_root) / CURRENT_POINTER, pointer)
     return installed
+
+
+def _same_checkpoints(folder: Path, digests: dict[str, str]) -> bool:
+    try:
+        return CheckpointPins(digests, "", "").verify(folder) == digests
+    except (CheckpointHashError, OSError):
+        return False
+
+
+def installed_model_pins(models_root: Path, pointer: dict) -> CheckpointPins:
+    """The digests `current.json` recorded when the model it points at was installed."""
+    return CheckpointPins.from_install(Path(models_root) / CURRENT_POINTER, pointer.get("checkpoint_sha256_by_fold"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,11 +273,12 @@ class GastricSegmenter:
         return self.description.folder
 
     @classmethod
-    def load(cls, model_folder: Path, device: str = "cpu", *, use_mirroring: bool = True,
+    def load(cls, model_folder: Path, device: str = "cpu", *, pins: CheckpointPins, use_mirroring: bool = True,
              tile_step_size: float = 0.5) -> GastricSegmenter:
+        """Load the model once its checkpoints match `pins` (nnU-Net unpickles them with weights_only=False)."""
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-        description = describe_model_folder(model_folder)
+        description = describe_model_folder(model_folder, pins)
         torch_device = resolve_torch_device(device)
         predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
                                     perform_everything_on_device=torch_device.type == "cuda", device=torch_device,

@@ -54,13 +54,23 @@ class SegmentationModelResource(dg.ConfigurableResource):
     uses one where the step runs) and is refused on a CPU. For a quick model use
     `GCMLM_PROFILE=demo` (`tiny_plans=true` and a few epochs: minutes on a CPU; `cpu_demo()`
     in tests), or point `trained_model_folder` (`GCMLM_NNUNET_MODEL_FOLDER`) at a model
-    trained elsewhere.
+    trained elsewhere, with its checkpoints' SHA-256 in `trained_model_sha256`
+    (`GCMLM_NNUNET_MODEL_SHA256`): nnU-Net checkpoints are pickles that run code when loaded,
+    so a folder whose checkpoints do not match is refused before anything loads them.
     """
 
     trained_model_folder: str | None = Field(
         default=None, description="Existing nnU-Net trained-model folder (also GCMLM_NNUNET_MODEL_FOLDER); when "
                                   "set, nothing is trained and ct_mask predicts with it. The quickest way to a "
-                                  "production model: train it where a GPU is and point this at it.")
+                                  "production model: train it where a GPU is and point this at it, with "
+                                  "trained_model_sha256.")
+    trained_model_sha256: str | None = Field(
+        default=None, description="SHA-256 of the trained folder's checkpoint(s) (also GCMLM_NNUNET_MODEL_SHA256), "
+                                  "required with trained_model_folder: one digest when the model loads one "
+                                  "checkpoint (fold_all or a single fold), else `fold_<f>=<digest>` for each "
+                                  "fold, separated by commas (`sha256sum fold_*/checkpoint_final.pth`). The "
+                                  "checkpoints are pickles that run code when loaded: a folder whose "
+                                  "checkpoints do not match is refused before anything loads them.")
     dataset_id: int = Field(default=501, description="nnU-Net dataset id: the dataset is `DatasetNNN_GastricCT`.")
     trainer: str = Field(default="nnUNetTrainer", description="nnU-Net trainer class name (the demo profile: "
                                                               "nnUNetTrainerAdam).")
@@ -138,6 +148,9 @@ class SegmentationModelResource(dg.ConfigurableResource):
         """The model these settings name, as the asset pages show it before any run (reads no file)."""
         if self.trained_model_folder:
             return {"nnunet_trained_model_folder": self.trained_model_folder,
+                    "nnunet_trained_model_sha256": self.trained_model_sha256 or
+                    "not set: the folder is refused until its checkpoints' SHA-256 is pinned "
+                    "(segmentation.trained_model_sha256 or GCMLM_NNUNET_MODEL_SHA256)",
                     "nnunet_training": "none: ct_mask predicts with the trained folder",
                     "nnunet_device": self.device}
         epochs = self.epochs or NNUNET_DEFAULT_EPOCHS
@@ -167,6 +180,7 @@ class SegmentationModelResource(dg.ConfigurableResource):
         """The configured trained folder, else the one `current.json` points at, else None.
 
         Raises `ModelFolderError` (naming the folder and the problem) when the folder is not usable.
+        Reads no checkpoint (the sensors call it every tick).
         """
         from gcmlm_assets.radiology.nnunet import (
             CURRENT_POINTER,
@@ -186,11 +200,29 @@ class SegmentationModelResource(dg.ConfigurableResource):
         except ModelFolderError as error:
             raise ModelFolderError(f"{models_root / CURRENT_POINTER} points at an unusable model: {error}") from error
 
+    def pinned_model(self, store):
+        """(model folder, the `CheckpointPins` its checkpoints must match before loading), or None.
+
+        The pins come from `trained_model_sha256` for a configured folder, from `current.json`
+        for a model installed here. Nothing is verified yet: `GastricSegmenter.load` does that.
+        """
+        from gcmlm_assets.radiology.nnunet import CheckpointPins, installed_model_pins, read_current_model
+
+        folder = self.model_folder(store)
+        if folder is None:
+            return None
+        if self.trained_model_folder:
+            return folder, CheckpointPins.from_setting(self.trained_model_sha256)
+        models_root = store.asset_dir("segmentation_model", create=False)
+        return folder, installed_model_pins(models_root, read_current_model(models_root) or {})
+
 
 def resources(env: str, profile: Profile = PRODUCTION) -> dict[str, dg.ConfigurableResource]:
     # The device is "auto" everywhere (a GPU pod uses its GPU); a trained folder can be given with
-    # GCMLM_NNUNET_MODEL_FOLDER. The profile's settings come last (the demo profile trains a tiny CPU model).
+    # GCMLM_NNUNET_MODEL_FOLDER and its checkpoints' digests with GCMLM_NNUNET_MODEL_SHA256. The
+    # profile's settings come last (the demo profile trains a tiny CPU model).
     segmentation = {"trained_model_folder": os.environ.get("GCMLM_NNUNET_MODEL_FOLDER") or None,
+                    "trained_model_sha256": os.environ.get("GCMLM_NNUNET_MODEL_SHA256") or None,
                     **profile.resource_settings("segmentation")}
     return {
         "radiomics": RadiomicsSettings(**profile.resource_settings("radiomics")),

@@ -60,11 +60,13 @@ def _model_table(rows: dict[str, object]) -> dg.MetadataValue:
         schema=dg.TableSchema(columns=[dg.TableColumn("property", "string"), dg.TableColumn("value", "string")]))
 
 
-def _configured_model_result(context: dg.AssetExecutionContext, folder: str) -> dg.MaterializeResult:
+def _configured_model_result(context: dg.AssetExecutionContext, folder: str,
+                             pinned: str | None) -> dg.MaterializeResult:
     from gcmlm_assets.radiology import nnunet
 
     try:
-        model = nnunet.describe_model_folder(folder)
+        # The pinned digests are checked before nnU-Net's checkpoint is unpickled.
+        model = nnunet.describe_model_folder(folder, nnunet.CheckpointPins.from_setting(pinned))
     except nnunet.ModelFolderError as error:
         raise input_failure(error) from error
     context.log.info(f"segmentation resource points at trained model {model.folder}: no training")
@@ -76,6 +78,7 @@ def _configured_model_result(context: dg.AssetExecutionContext, folder: str) -> 
             "model_id": model.model_id,
             "model_folder": dg.MetadataValue.path(str(model.folder)),
             "checkpoint_sha256": model.checkpoint_sha256,
+            "checkpoint_sha256_by_fold": dg.MetadataValue.json(model.checkpoint_sha256_by_fold),
             "trainer": model.trainer,
             "plans": model.plans_name,
             "configuration": model.configuration,
@@ -119,7 +122,8 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
     landing: LandingZone = context.resources.landing
     segmentation = context.resources.segmentation
     if segmentation.trained_model_folder:
-        return _configured_model_result(context, segmentation.trained_model_folder)
+        return _configured_model_result(context, segmentation.trained_model_folder,
+                                        segmentation.trained_model_sha256)
 
     store = storage.store()
     models_root = store.asset_dir(MODELS_ASSET)
@@ -138,7 +142,9 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
     reused = bool(pointer and pointer.get("fingerprint") == fingerprint)
     if reused:
         try:
-            model = nnunet.describe_model_folder(models_root / pointer["folder"])
+            # Verified against the digests recorded at install before anything is unpickled.
+            model = nnunet.describe_model_folder(models_root / pointer["folder"],
+                                                 nnunet.installed_model_pins(models_root, pointer))
             reused = model.checkpoint_sha256 == pointer.get("checkpoint_sha256")
         except nnunet.ModelFolderError as error:
             context.log.warning(f"stored model unusable, retraining: {error}")
@@ -217,6 +223,7 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
         "model_folder": dg.MetadataValue.path(str(model.folder)),
         "current_pointer": dg.MetadataValue.path(str(models_root / nnunet.CURRENT_POINTER)),
         "checkpoint_sha256": model.checkpoint_sha256,
+        "checkpoint_sha256_by_fold": dg.MetadataValue.json(model.checkpoint_sha256_by_fold),
         "n_training_cases": len(training["cases"]),
         "training_cases": ", ".join(training["cases"]),
         "skipped_cases": dg.MetadataValue.json(training["skipped"]),

@@ -47,10 +47,12 @@ def make_drop(landing: Path, patient_id: str, ct_files: list[Path] | None = None
     return folder
 
 
-def write_dicom_series(volume: sitk.Image, folder: Path, *, z_offsets: dict[int, float] | None = None) -> list[Path]:
+def write_dicom_series(volume: sitk.Image, folder: Path, *, z_offsets: dict[int, float] | None = None,
+                       tags: dict[str, str] | None = None) -> list[Path]:
     """Write an int16 volume as a CT DICOM series, one file per slice, with the tags a scanner sets.
 
-    `z_offsets` moves the stored position of chosen slices (to fake uneven spacing).
+    `z_offsets` moves the stored position of chosen slices (to fake uneven spacing); `tags`
+    ("gggg|eeee" -> value) adds or overrides tags of every slice (patient tags, say).
     """
     folder.mkdir(parents=True, exist_ok=True)
     volume = sitk.Cast(volume, sitk.sitkInt16)
@@ -67,6 +69,7 @@ def write_dicom_series(volume: sitk.Image, folder: Path, *, z_offsets: dict[int,
         "0020|000e": "1.2.826.0.1.3680043.2.1125.2." + stamp_date + stamp_time,
         "0020|0037": "\\".join(f"{v:.6f}" for v in (*direction[0::3], *direction[1::3])),
         "0018|0050": f"{volume.GetSpacing()[2]:.4f}",
+        **(tags or {}),
     }
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()  # keep our series UID so all slices form one series
@@ -91,6 +94,25 @@ def ct_crop(real_ct: Path) -> sitk.Image:
     """A 64 x 64 x 12 piece of the real CT in LPS orientation (small enough for fast DICOM tests)."""
     image = sitk.DICOMOrient(sitk.ReadImage(str(real_ct)), "LPS")
     return image[30:94, 20:84, 9:21]
+
+
+class _TouchOnUnpickle:
+    """Unpickling this creates `marker`: the stand-in for code a hostile checkpoint would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = Path(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def write_trapped_checkpoint(path: Path, marker: Path) -> Path:
+    """A torch checkpoint whose loading with weights_only=False creates `marker`."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"trainer_name": _TouchOnUnpickle(marker), "init_args": {"configuration": "3d_fullres"}}, path)
+    return path
 
 
 def step_failure_text(result: dg.ExecuteInProcessResult, asset_name: str) -> str:

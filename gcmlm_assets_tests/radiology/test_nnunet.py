@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -32,9 +33,10 @@ from gcmlm_assets.radiology.assets import ct_image, ct_mask
 from gcmlm_assets.radiology.segmentation_model import segmentation_model
 from gcmlm_assets.radiology.resources import RadiomicsSettings, SegmentationModelResource
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
+from gcmlm_assets.storage import sha256_file
 from gcmlm_assets_tests.core.test_pictures import assert_ui_picture
 
-from .conftest import make_drop, step_failure_text
+from .conftest import make_drop, step_failure_text, write_trapped_checkpoint
 
 TRAIN_SPACING_MM = 6.0
 HELD_OUT_SPACING_MM = 5.0
@@ -209,10 +211,15 @@ def test_segmentation_model_trains_and_installs_a_tiny_nnunet(trained):
     # Installed atomically as <artifacts>/segmentation_model/<model_id>/ with a current.json pointer.
     folder = Path(meta["model_folder"])
     assert folder == models_root / meta["model_id"]
-    assert json.loads((models_root / "current.json").read_text())["folder"] == meta["model_id"]
+    pointer = json.loads((models_root / "current.json").read_text())
+    assert pointer["folder"] == meta["model_id"]
     assert not [p for p in models_root.iterdir() if p.name.startswith(".tmp")]
     assert nnunet.find_trained_model_folder(folder) == folder
-    assert meta["checkpoint_sha256"] == nnunet.describe_model_folder(folder).checkpoint_sha256
+    # Each checkpoint's digest, recorded at install; every later load verifies the files against it.
+    checkpoint_digest = sha256_file(folder / "fold_all" / "checkpoint_final.pth")
+    assert pointer["checkpoint_sha256_by_fold"] == meta["checkpoint_sha256_by_fold"] == {"all": checkpoint_digest}
+    installed = nnunet.describe_model_folder(folder, nnunet.installed_model_pins(models_root, pointer))
+    assert meta["checkpoint_sha256"] == installed.checkpoint_sha256
     assert meta["model_id"].endswith(meta["checkpoint_sha256"][:12])
 
     # The tiny plans that were trained: 4 stages of 4..32 features.
@@ -268,7 +275,8 @@ def test_ct_mask_predicts_a_binary_mask_on_the_exact_ct_grid(trained, capfd):
 
 
 def test_segmenter_keeps_the_grid_of_a_non_lps_image(trained):
-    segmenter = nnunet.GastricSegmenter.load(Path(trained.training["model_folder"]), device="cpu")
+    segmenter = nnunet.GastricSegmenter.load(Path(trained.training["model_folder"]), device="cpu",
+                                             pins=installed_pins(trained))
     assert segmenter.model_id == trained.training["model_id"]
     image = resampled(trained.original_ct, TRAIN_SPACING_MM, sitk.sitkLinear)  # stored RAS, as scanned
     assert sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()) == "RAS"
@@ -303,7 +311,8 @@ def test_resource_pointing_at_a_trained_folder_skips_training(trained, tmp_path)
     os.symlink(installed, external)
     before = sorted(p.name for p in (trained.artifacts / "segmentation_model").iterdir())
 
-    resource = SegmentationModelResource.cpu_demo(trained_model_folder=str(results))
+    resource = SegmentationModelResource.cpu_demo(trained_model_folder=str(results),
+                                                  trained_model_sha256=checkpoint_digest(trained))
     result = trained.train(segmentation=resource)
     assert result.success
     meta = metadata_of(result, "segmentation_model")
@@ -316,6 +325,72 @@ def test_resource_pointing_at_a_trained_folder_skips_training(trained, tmp_path)
     assert table["epochs"] == table["training cases"] == "not recorded (trained outside this platform)"
     assert sorted(p.name for p in (trained.artifacts / "segmentation_model").iterdir()) == before
     assert resource.model_folder(ArtifactStorage(root=str(trained.artifacts)).store()) == external
+    assert meta["checkpoint_sha256_by_fold"] == {"all": checkpoint_digest(trained)}
+
+
+def installed_pins(trained) -> nnunet.CheckpointPins:
+    models_root = trained.artifacts / "segmentation_model"
+    return nnunet.installed_model_pins(models_root, nnunet.read_current_model(models_root))
+
+
+def checkpoint_digest(trained) -> str:
+    return sha256_file(Path(trained.training["model_folder"]) / "fold_all" / "checkpoint_final.pth")
+
+
+def trapped_copy(trained, folder: Path) -> Path:
+    """A copy of the trained model whose checkpoint is replaced by one that creates a marker when
+    unpickled; returns the marker's path."""
+    shutil.copytree(trained.training["model_folder"], folder)
+    marker = folder.parent / "unpickled"
+    write_trapped_checkpoint(folder / "fold_all" / "checkpoint_final.pth", marker)
+    return marker
+
+
+def test_a_configured_folder_needs_its_pinned_digest(trained, tmp_path):
+    right = checkpoint_digest(trained)
+    external = tmp_path / "external"
+    marker = trapped_copy(trained, external)
+    trapped = sha256_file(external / "fold_all" / "checkpoint_final.pth")
+    for pinned, expected_text in [(None, "no SHA-256 is pinned"),
+                                  (right, f"SHA-256 mismatch: expected {right}, found {trapped}")]:
+        resource = SegmentationModelResource.cpu_demo(trained_model_folder=str(external), trained_model_sha256=pinned)
+        result = trained.train(segmentation=resource)
+        assert not result.success
+        message = step_failure_text(result, "segmentation_model")
+        assert expected_text in message and str(external / "fold_all" / "checkpoint_final.pth") in message
+        assert "GCMLM_NNUNET_MODEL_SHA256" in message
+        # ct_mask of a patient without a reference mask: refused before nnU-Net's predictor loads it.
+        result = trained.materialize([ct_image, ct_mask], partition=HELD_OUT, selection=[ct_mask],
+                                     segmentation=resource)
+        assert not result.success and expected_text in step_failure_text(result, "ct_mask")
+    assert not marker.exists()
+
+
+def test_a_tampered_installed_model_is_refused_and_replaced_on_install(trained, tmp_path):
+    # A copy of the artifact store (CT and model) whose installed checkpoint was replaced afterwards.
+    artifacts = tmp_path / "artifacts"
+    models_root = artifacts / "segmentation_model"
+    shutil.copytree(trained.artifacts / "ct_image" / HELD_OUT, artifacts / "ct_image" / HELD_OUT)
+    models_root.mkdir(parents=True)
+    shutil.copy(trained.artifacts / "segmentation_model" / "current.json", models_root / "current.json")
+    installed = models_root / trained.training["model_id"]
+    marker = trapped_copy(trained, installed)
+    result = trained.materialize([ct_image, ct_mask], partition=HELD_OUT, selection=[ct_mask],
+                                 storage=ArtifactStorage(root=str(artifacts)))
+    assert not result.success
+    message = step_failure_text(result, "ct_mask")
+    assert f"{installed / 'fold_all' / 'checkpoint_final.pth'}: SHA-256 mismatch: expected {checkpoint_digest(trained)}" \
+        in message and str(models_root / "current.json") in message
+    assert not marker.exists()
+
+    # Installing the same trained model again replaces the tampered folder instead of keeping it.
+    fresh = models_root / ".tmp-train-test" / "model"
+    shutil.copytree(trained.training["model_folder"], fresh)
+    model = nnunet.install_trained_model(fresh, models_root)
+    assert model.folder == installed and sha256_file(installed / "fold_all" / "checkpoint_final.pth") == \
+        checkpoint_digest(trained)
+    assert not marker.exists() and not fresh.exists()
+    assert not [p.name for p in models_root.iterdir() if p.name.startswith(".tmp-train-stale")]
 
 
 def test_resource_pointing_at_an_invalid_folder_fails_clearly(trained, tmp_path):
