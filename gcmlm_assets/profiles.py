@@ -63,6 +63,9 @@ DEMO = Profile(
                          "preprocessing_workers": 1, "augmentation_workers": 0, "torch_threads": 2,
                          "min_training_cases": 3},
         "risk_model": {"n_repeats": 3, "n_bootstrap": 300, "min_labelled_per_class": 3},
+        # The phantom's anatomy is sized for a 19 cm field: its stomachs measure 35-90 ml, below an
+        # adult's 50 ml minimum.
+        "radiomics": {"mask_volume_min_ml": 20.0},
         "automation": {"training_debounce_s": 20, "cohort_quiet_s": 25},
     }),
     sensor_interval_s=10,
@@ -74,6 +77,8 @@ DEMO = Profile(
                         "for 30 x 15 iterations on CPU instead of nnU-Net's 1000 x 250 full-size "
                         "training on a GPU; trains once 3 patients have a reference mask",
         "risk_model": "3 x repeated CV, 300 bootstrap resamples, 3 labelled patients per class suffice",
+        "radiomics": "gastric masks from 20 ml instead of 50 ml: the synthetic patients are small, their "
+                     "stomachs measure 35-90 ml",
         "automation": "training waits 20 s for more reference masks, the cohort refresh 25 s of quiet; "
                       "those sensors tick every 10 s (landing_sensor every 30 s)",
     }),

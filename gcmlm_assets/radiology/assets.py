@@ -35,7 +35,8 @@ masks = lazy("gcmlm_assets.radiology.masks")
 # 2: the full-size three-plane picture, and cut-short .nii/.nii.gz files refused (ct.nii.gz's bytes are
 # unchanged for a sound file, so nothing downstream is recomputed).
 CT_IMAGE_VERSION = "2"
-CT_MASK_VERSION = "1"
+# ct_mask 2: label maps are refused or narrowed to the configured label (they were binarised whole).
+CT_MASK_VERSION = "2"
 RADIOMICS_ROW_VERSION = "1"
 
 CT_FILE = "ct.nii.gz"
@@ -161,9 +162,10 @@ def _load_segmenter(model_folder: Path, pins, device_setting: str):
         # predicted_mask_sensor runs it again once one is installed.
         skippable=True,
         description="Binary gastric mask on exactly ct_image's grid: the reference mask from "
-                    "`<landing>/<patient>/ct_label/` when there is one, else predicted by the installed "
-                    "nnU-Net model (segmentation_model). Without either it is skipped, not failed, until a "
-                    "model is installed.",
+                    "`<landing>/<patient>/ct_label/` when there is one (a label map narrowed to the label "
+                    "`radiomics.reference_mask_label` names), else predicted by the installed nnU-Net model "
+                    "(segmentation_model). Without either it is skipped, not failed, until a model is "
+                    "installed. With both, the model's Dice agreement with the reference is recorded.",
     )],
     partitions_def=patients_partitions,
     check_specs=checks.CT_MASK_CHECK_SPECS,
@@ -189,6 +191,7 @@ def ct_mask(context: dg.AssetExecutionContext):
 
 
 def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: LoadOnce):
+    from gcmlm_assets.radiology.nnunet import ModelFolderError
     from gcmlm_assets.step_output import stdout_to_log
 
     storage: ArtifactStorage = context.resources.storage
@@ -205,8 +208,20 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
         raise input_failure(error) from error
 
     model_folder = pins = None
+    model_error = ""
+    label_setting = radiomics.reference_mask_label or None
     if reference is not None:
         source_id = sha256_file(reference)
+        # An installed model is not used for this mask, only compared with it (a WARN check).
+        try:
+            pinned = segmentation.pinned_model(store)
+        except ModelFolderError as error:
+            model_error = str(error)
+        else:
+            # Compared only under the same checkpoint pins as a prediction (GastricSegmenter.load).
+            model_folder, pins = pinned if pinned is not None else (None, None)
+        compared_with = model_lifecycle.model_identity(Path(model_folder)) if model_folder else model_error
+        extra = (_label_key(label_setting, reference), compared_with or "no model")
     else:
         pinned = segmentation.pinned_model(store)
         if pinned is None:
@@ -218,8 +233,9 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
             return
         model_folder, pins = Path(pinned[0]), pinned[1]
         source_id = model_lifecycle.model_identity(model_folder)
+        extra = ()
     mode = "reference" if reference is not None else "predicted"
-    fingerprint = sha256_text("ct_mask", CT_MASK_VERSION, ct_sha, mode, source_id)
+    fingerprint = sha256_text("ct_mask", CT_MASK_VERSION, ct_sha, mode, source_id, *extra)
     out_dir = store.asset_dir("ct_mask", patient_id)
     mask_path, picture_path = out_dir / MASK_FILE, out_dir / MASK_PICTURE
 
@@ -229,11 +245,13 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
         image = sitk.ReadImage(str(ct_path))
         if reference is not None:
             try:
-                conformed = masks.conform_mask(masks.load_mask(reference), image, reference)
+                conformed = masks.conform_mask(masks.load_mask(reference), image, reference, label_setting)
             except masks.MaskInputError as error:
                 raise input_failure(error) from error
             mask, provenance = conformed.image, {"reference_file": str(reference), "model_id": "",
                                                  **conformed.provenance()}
+            agreement = _model_agreement(context, segmenter, model_folder, pins, model_error, image, mask,
+                                         reference)
         else:
             # nnU-Net's loading and prediction print: to the step's debug log, not raw stdout.
             with stdout_to_log(context.log.debug):
@@ -245,6 +263,7 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
                 raise input_failure(error) from error
             provenance = {"model_id": model.model_id, "model_folder": str(model_folder), "device": device.reason,
                           "resampled_to_ct_grid": False, "resampling": "none (predicted on the CT grid)"}
+            agreement = {"status": "predicted"}
         stats = masks.mask_stats(mask)
         masks.write_mask(mask, mask_path)
         save_png(masks.mask_overlay_png(image, mask), picture_path)
@@ -255,6 +274,7 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
             "source": mode,
             "provenance": provenance,
             "stats": stats.as_dict(),
+            "model_agreement": agreement,
         }
         store.write_manifest("ct_mask", patient_id, manifest)
     stats, provenance = manifest["stats"], manifest["provenance"]
@@ -275,6 +295,8 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
             "resampled_to_ct_grid": bool(provenance.get("resampled_to_ct_grid", False)),
             "resampling": provenance.get("resampling", ""),
             "reoriented_from": provenance.get("reoriented_from", ""),
+            "reference_label": provenance.get("label", ""),
+            **_agreement_metadata(manifest["model_agreement"]),
             "reused": reused,
             "voxels": stats["voxels"],
             "voxel_volume_ml": stats["voxel_volume_ml"],
@@ -284,9 +306,54 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
             "picture": dg.MetadataValue.md(picture_markdown(picture_path, PHOTO, "gastric mask")),
         },
         data_version=dg.DataVersion(manifest["files"][MASK_FILE]),
-        check_results=checks.ct_mask_check_results(mask_path, ct_path, radiomics.mask_volume_min_ml,
-                                                   radiomics.mask_volume_max_ml),
+        check_results=[
+            *checks.ct_mask_check_results(mask_path, ct_path, radiomics.mask_volume_min_ml,
+                                          radiomics.mask_volume_max_ml, radiomics.mask_bone_fraction_max,
+                                          radiomics.mask_outside_air_fraction_max),
+            checks.mask_agreement_result(mask_path, manifest["model_agreement"], segmentation.agreement_min_dice),
+        ],
     ), checks.CT_MASK_CHECK_SPECS)
+
+
+def _label_key(label_setting: str | None, reference: Path) -> str:
+    """What the chosen label depends on: the setting and, for a name, the sidecars it is looked up in."""
+    if not label_setting:
+        return "binary"
+    return sha256_text(label_setting, *(sha256_file(p) for p in masks.label_sidecars(reference) if p.is_file()))
+
+
+def _model_agreement(context, segmenter: LoadOnce, model_folder, pins, model_error: str, image, mask,
+                     reference: Path) -> dict:
+    """Dice of the installed model's prediction with the reference mask, or why there is none."""
+    from gcmlm_assets.batching import StepFailure
+    from gcmlm_assets.step_output import stdout_to_log
+
+    if model_folder is None:
+        return ({"status": "unavailable", "reason": model_error, "reference_file": str(reference)} if model_error
+                else {"status": "no model"})
+    try:
+        with stdout_to_log(context.log.debug):
+            model, _ = segmenter.get(Path(model_folder), pins)
+            predicted = model.predict(image)
+    except StepFailure as error:  # the model cannot load here: the reference mask is still good
+        return {"status": "unavailable", "reason": f"the model could not be loaded: {error.description}",
+                "reference_file": str(reference)}
+    if not masks.same_grid(predicted, image):
+        return {"status": "unavailable", "reference_file": str(reference),
+                "reason": f"model {model.model_id} predicted on another grid than the CT's"}
+    score = masks.dice(predicted, mask)
+    context.log.info(f"reference mask {reference}: Dice {score:.3f} with model {model.model_id}")
+    return {"status": "compared", "dice": score, "model_id": model.model_id, "reference_file": str(reference)}
+
+
+def _agreement_metadata(agreement: dict) -> dict:
+    status = agreement.get("status", "no model")
+    if status == "compared":
+        return {"model_agreement": f"Dice {agreement['dice']:.3f} with model {agreement['model_id']}",
+                "model_agreement_dice": float(agreement["dice"]), "agreement_model_id": agreement["model_id"]}
+    text = {"no model": "no segmentation model installed", "predicted": "the mask is the model's own"}.get(
+        status, f"not compared: {agreement.get('reason', '')}")
+    return {"model_agreement": text}
 
 
 # ---------------------------------------------------------------- radiomics_row

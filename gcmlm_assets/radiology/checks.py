@@ -3,9 +3,10 @@
 The checks are declared as `check_specs` on the partitioned assets and evaluated
 inside each asset's step, on the files the step just wrote (or reused): that is
 how a check runs per patient partition in Dagster 1.13 and how a blocking failure
-stops the downstream asset of that patient only. Every check is blocking with
-ERROR severity because each guards something a downstream result depends on.
-`CHECKS` (stand-alone `@asset_check`s) therefore stays empty.
+stops the downstream asset of that patient only. Every check but one is blocking with
+ERROR severity because each guards something a downstream result depends on; the
+exception, `mask_agrees_with_model`, warns (a reference mask that the model disagrees
+with may still be right). `CHECKS` (stand-alone `@asset_check`s) therefore stays empty.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ np = lazy("numpy")
 pa = lazy("pyarrow")
 sitk = lazy("SimpleITK")
 radiomics_features = lazy("gcmlm_assets.radiology.features")
+masks = lazy("gcmlm_assets.radiology.masks")
 
 CHECKS: list[dg.AssetChecksDefinition] = []
 
@@ -37,8 +39,12 @@ CT_LOW_PERCENTILE_MAX_HU = -50.0
 CT_HU_LIMITS = (-4096.0, 35000.0)
 
 
-def _spec(name: str, asset: str, description: str) -> dg.AssetCheckSpec:
-    return dg.AssetCheckSpec(name, asset=asset, blocking=True, description=description)
+# What masks.py counts as bone and as gas (kept here too: the definitions must load without numpy).
+BONE_HU, AIR_HU = 300, -500
+
+
+def _spec(name: str, asset: str, description: str, blocking: bool = True) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(name, asset=asset, blocking=blocking, description=description)
 
 
 def _mm(value: float) -> str:
@@ -67,6 +73,18 @@ CT_MASK_CHECK_SPECS = [
     _spec("mask_volume_plausible", "ct_mask",
           "The outlined stomach volume lies within the plausible range set for the project (in millilitres); "
           "a much smaller or larger volume usually means a failed segmentation or a wrong reference outline."),
+    _spec("mask_content_plausible", "ct_mask",
+          "The outlined stomach holds what a stomach holds on CT: soft tissue, fluid and its own gas. Only a "
+          f"small share of its voxels may be as dense as bone (above {BONE_HU} HU) or be air outside the body "
+          f"(below {AIR_HU} HU and joined to the edge of the image). More means the outline sits on the wrong "
+          "anatomy, for example a reference mask whose file header places it on the spine or outside the "
+          "patient."),
+    _spec("mask_agrees_with_model", "ct_mask",
+          "For a patient with a reference outline, once a segmentation model is installed: the model's own "
+          "outline overlaps the reference well (Dice at or above the threshold set for the project). A low "
+          "overlap is a warning, not a stop: either the reference outline is misplaced or mislabelled, or the "
+          "model does poorly on this patient. It passes when no model is installed or when the mask is the "
+          "model's own.", blocking=False),
 ]
 RADIOMICS_ROW_CHECK_SPECS = [
     _spec("radiomics_row_complete", "radiomics_row",
@@ -79,10 +97,10 @@ RADIOMICS_ROW_CHECK_SPECS = [
 
 
 def _result(name: str, passed: bool, expected: str, found: str, failure: str,
-            **metadata) -> dg.AssetCheckResult:
+            severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR, **metadata) -> dg.AssetCheckResult:
     """`failure` (plain words naming the patient and file) is the description of a failed result;
     a passed one says what was found."""
-    return dg.AssetCheckResult(check_name=name, passed=bool(passed), severity=dg.AssetCheckSeverity.ERROR,
+    return dg.AssetCheckResult(check_name=name, passed=bool(passed), severity=severity,
                                description=f"Passed: {found}." if passed else failure,
                                metadata={"expected": expected, "found": found, **metadata})
 
@@ -168,8 +186,8 @@ def ct_image_check_results(ct_path: Path) -> list[dg.AssetCheckResult]:
 # ---------------------------------------------------------------- ct_mask
 
 
-def ct_mask_check_results(mask_path: Path, ct_path: Path, volume_min_ml: float,
-                          volume_max_ml: float) -> list[dg.AssetCheckResult]:
+def ct_mask_check_results(mask_path: Path, ct_path: Path, volume_min_ml: float, volume_max_ml: float,
+                          bone_fraction_max: float, outside_air_fraction_max: float) -> list[dg.AssetCheckResult]:
     ct, stored = _header(ct_path), _header(mask_path)
     mismatches = [name for name, a, b in (
         ("size", ct.GetSize(), stored.GetSize()),
@@ -217,7 +235,71 @@ def ct_mask_check_results(mask_path: Path, ct_path: Path, volume_min_ml: float,
                         "the segmentation or the reference outline is probably wrong.",
                 volume_ml=volume_ml, allowed_ml=f"{volume_min_ml}..{volume_max_ml}",
                 volume_min_ml=float(volume_min_ml), volume_max_ml=float(volume_max_ml)),
+        _content_result(mask, mask_path, ct_path, mismatches, bone_fraction_max, outside_air_fraction_max),
     ]
+
+
+def _content_result(mask, mask_path: Path, ct_path: Path, mismatches: list[str], bone_fraction_max: float,
+                    outside_air_fraction_max: float) -> dg.AssetCheckResult:
+    patient = _patient_of(mask_path)
+    expected = (f"at most {bone_fraction_max:.1%} of the voxels above {BONE_HU} HU (bone) and at most "
+                f"{outside_air_fraction_max:.1%} air outside the body")
+    if mismatches:  # the voxels cannot be paired with the CT's: mask_matches_ct_geometry says why
+        return _result("mask_content_plausible", False, expected=expected,
+                       found="not measured: the mask is not on the CT's grid",
+                       failure=f"What the stomach mask of patient {patient} ({mask_path}) covers could not be "
+                               f"measured: it is not on the grid of its CT ({ct_path}).")
+    content = masks.mask_content(sitk.ReadImage(str(ct_path)), mask)
+    bone, air = content.bone_fraction, content.outside_air_fraction
+    problems = []
+    if bone > bone_fraction_max:
+        problems.append(f"{bone:.1%} of its voxels are as dense as bone (above {BONE_HU} HU; at most "
+                        f"{bone_fraction_max:.1%} allowed)")
+    if air > outside_air_fraction_max:
+        problems.append(f"{air:.1%} of its voxels are air outside the body (at most "
+                        f"{outside_air_fraction_max:.1%} allowed)")
+    return _result(
+        "mask_content_plausible", not problems, expected=expected,
+        found=f"{bone:.1%} bone, {air:.1%} air outside the body, of {content.voxels} voxels",
+        failure=f"The stomach mask of patient {patient} ({mask_path}) covers the wrong anatomy on its CT "
+                f"({ct_path}): {'; '.join(problems)}. A stomach holds soft tissue, fluid and its own gas; the "
+                "mask is probably misplaced (a wrong origin or orientation in its file header) or belongs to "
+                "another scan (settings radiomics.mask_bone_fraction_max / mask_outside_air_fraction_max).",
+        bone_fraction=float(bone), outside_air_fraction=float(air), bone_voxels=content.bone_voxels,
+        outside_air_voxels=content.outside_air_voxels, bone_fraction_max=float(bone_fraction_max),
+        outside_air_fraction_max=float(outside_air_fraction_max))
+
+
+def mask_agreement_result(mask_path: Path, agreement: dict, min_dice: float) -> dg.AssetCheckResult:
+    """The WARN check of a reference mask against the installed model's prediction.
+
+    `agreement` is what ct_mask recorded: `status` "compared" (with `dice`, `model_id`,
+    `reference_file`), "no model", "predicted" (the mask is the model's) or "unavailable" (`reason`).
+    """
+    patient = _patient_of(mask_path)
+    status = agreement.get("status", "no model")
+    expected = f"Dice between the model's mask and the reference mask at or above {min_dice:g}"
+    warn = dg.AssetCheckSeverity.WARN
+    if status == "compared":
+        score, model_id, reference = float(agreement["dice"]), agreement["model_id"], agreement["reference_file"]
+        return _result(
+            "mask_agrees_with_model", score >= min_dice, expected=expected,
+            found=f"Dice {score:.3f} with model {model_id}",
+            failure=f"The reference stomach mask of patient {patient} ({reference}) and the outline predicted by "
+                    f"model {model_id} overlap poorly (Dice {score:.3f}, below {min_dice:g}; setting "
+                    "segmentation.agreement_min_dice). Check that the reference mask belongs to this CT and "
+                    "marks the stomach; if it does, the model does poorly on this patient.",
+            severity=warn, dice=score, model_id=model_id, reference_file=reference, min_dice=float(min_dice))
+    if status == "unavailable":
+        reason = agreement.get("reason", "")
+        return _result(
+            "mask_agrees_with_model", False, expected=expected, found=f"not compared: {reason}",
+            failure=f"The reference stomach mask of patient {patient} ({agreement.get('reference_file', '')}) "
+                    f"could not be compared with the segmentation model: {reason}.",
+            severity=warn, reference_file=agreement.get("reference_file", ""))
+    found = ("no segmentation model installed: nothing to compare with" if status == "no model"
+             else "the mask is the model's own prediction: nothing to compare with")
+    return _result("mask_agrees_with_model", True, expected=expected, found=found, failure="", severity=warn)
 
 
 # ---------------------------------------------------------------- radiomics_row

@@ -1,13 +1,15 @@
 """Gastric masks: load a reference mask, put it exactly on the CT's grid, measure it, picture it.
 
 Plain Python (no Dagster). A mask that cannot describe the CT it belongs to
-(empty, outside the CT in physical space, unreadable) raises `MaskInputError`
-naming the mask file.
+(empty, outside the CT in physical space, unreadable, a label map without a chosen
+label) raises `MaskInputError` naming the mask file. Also here: what a mask holds
+(bone, air outside the body) and how far two masks agree (Dice).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +28,39 @@ from gcmlm_assets.radiology.ct_io import (
 # with float32 rounding: the mask takes the CT's geometry without resampling.
 GRID_TOLERANCE = 1e-4
 
+# nnU-Net's dataset description, the sidecar that names the labels of a label map; `<mask>.json`
+# beside the mask is read the same way.
+DATASET_SIDECAR = "dataset.json"
+# At most this many labels are spelled out in a refusal (TotalSegmentator's full map has 117).
+LISTED_LABELS = 120
+
+# Above this, a voxel has the density of cortical bone (or of positive oral contrast).
+BONE_HU = 300.0
+# Below this, a voxel is gas; gas connected, within its slice, to the edge of the image is outside the body.
+AIR_HU = -500.0
+
 
 class MaskInputError(ValueError):
     """A mask that cannot be used for this CT; the message names the file and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelChoice:
+    """Which voxels of the mask as given are the stomach."""
+
+    value: float | None  # the label value kept; None: every non-zero voxel (a binary mask)
+    name: str = ""  # the label's name, when the setting named it
+    sidecar: str = ""  # the JSON file the name was looked up in
+
+    def describe(self) -> str:
+        if self.value is None:
+            return "binary mask (every non-zero voxel)"
+        named = f" ({self.name}, from {self.sidecar})" if self.name else ""
+        return f"label {self.value:g}{named}"
+
+    def as_dict(self) -> dict:
+        return {"label_value": self.value, "label_name": self.name, "label_sidecar": self.sidecar,
+                "label": self.describe()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +72,11 @@ class ConformedMask:
     reoriented_from: str | None  # the mask's own orientation when it was not LPS
     source_voxels: int  # foreground voxels in the mask as given (on its own grid)
     source_grid: dict
+    label: LabelChoice = LabelChoice(None)
 
     def provenance(self) -> dict:
         return {
+            **self.label.as_dict(),
             "resampled_to_ct_grid": self.resampled,
             "resampling": "nearest neighbour" if self.resampled else "none (same grid)",
             "reoriented_from": self.reoriented_from or "",
@@ -73,11 +107,107 @@ def find_reference_mask(label_dir: Path) -> Path | None:
     if not files:
         return None
     volumes = [p for p in files if volume_suffix(p)]
-    if len(volumes) != 1 or len(files) != 1:
+    sidecars = {DATASET_SIDECAR} | {_sidecar_name(p) for p in volumes}
+    others = [p for p in files if not volume_suffix(p) and p.name not in sidecars]
+    if len(volumes) != 1 or others:
         names = ", ".join(p.name for p in files[:6])
         raise MaskInputError(f"{label_dir}: expected exactly one mask volume file "
-                             f"(.nii/.nii.gz/.nrrd/.mha), found: {names}")
+                             f"(.nii/.nii.gz/.nrrd/.mha), optionally with a label sidecar ({DATASET_SIDECAR} "
+                             f"or <mask>.json), found: {names}")
     return volumes[0]
+
+
+def _sidecar_name(mask_path: Path) -> str:
+    suffix = volume_suffix(mask_path) or mask_path.suffix
+    return mask_path.name[: len(mask_path.name) - len(suffix)] + ".json"
+
+
+# ---------------------------------------------------------------- label maps
+
+
+def label_counts(mask: sitk.Image) -> dict[float, int]:
+    """Voxel count of every non-zero value of the mask, by value."""
+    values, counts = np.unique(sitk.GetArrayViewFromImage(mask), return_counts=True)
+    return {float(v): int(c) for v, c in zip(values, counts, strict=True) if v != 0}
+
+
+def label_sidecars(mask_path: Path) -> list[Path]:
+    """Where the label names of a mask may be, in the order they are looked for."""
+    mask_path = Path(mask_path)
+    return [mask_path.parent / _sidecar_name(mask_path), mask_path.parent / DATASET_SIDECAR]
+
+
+def sidecar_labels(mask_path: Path) -> tuple[Path, dict[str, float]] | None:
+    """The label names of a mask from `<mask>.json` or `dataset.json` beside it (nnU-Net's
+    `labels` {name: value}), or None when there is neither."""
+    for candidate in label_sidecars(mask_path):
+        if not candidate.is_file():
+            continue
+        try:
+            labels = json.loads(candidate.read_text()).get("labels")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+            raise MaskInputError(f"{candidate}: label sidecar is not a JSON object ({error})") from error
+        if not isinstance(labels, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in labels.values()):
+            raise MaskInputError(f"{candidate}: expected \"labels\": {{name: value}} with one number per name "
+                                 "(as nnU-Net's dataset.json has them)")
+        return candidate, {str(name): float(value) for name, value in labels.items()}
+    return None
+
+
+def _label_listing(counts: dict[float, int], names: dict[float, str]) -> str:
+    shown = [f"{value:g}{' ' + names[value] if value in names else ''} ({count} voxels)"
+             for value, count in list(counts.items())[:LISTED_LABELS]]
+    more = len(counts) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+
+def resolve_label(setting: str | None, mask_path: Path) -> LabelChoice:
+    """The label `setting` names: empty (binary masks only), a value (`6`) or a name (`stomach`)
+    looked up in the mask's sidecar JSON."""
+    setting = (setting or "").strip()
+    if not setting:
+        return LabelChoice(None)
+    try:
+        return LabelChoice(float(setting))
+    except ValueError:
+        pass
+    found = sidecar_labels(mask_path)
+    if found is None:
+        raise MaskInputError(
+            f"{mask_path}: the stomach label is set by name ({setting!r}) but there is no label sidecar "
+            f"({' or '.join(str(p) for p in label_sidecars(mask_path))}) to look the name up in; set the label's "
+            "value instead")
+    sidecar, labels = found
+    if setting not in labels:
+        raise MaskInputError(f"{mask_path}: label {setting!r} is not named in {sidecar} (names: "
+                             f"{', '.join(labels) or 'none'})")
+    return LabelChoice(labels[setting], setting, str(sidecar))
+
+
+def select_stomach(mask: sitk.Image, mask_path: Path, label_setting: str | None = None) -> tuple[sitk.Image,
+                                                                                                 LabelChoice]:
+    """The stomach as a 0/1 uint8 mask on the mask's own grid, and the label it came from.
+
+    Without a label setting only binary masks are accepted (one non-zero value): a label map
+    (several organs) is refused, listing its labels, so that it never becomes one large "stomach".
+    """
+    choice = resolve_label(label_setting, mask_path)
+    counts = label_counts(mask)
+    if choice.value is None:
+        if len(counts) > 1:
+            found = sidecar_labels(mask_path)
+            names = {value: name for name, value in found[1].items()} if found else {}
+            raise MaskInputError(
+                f"{mask_path}: mask holds {len(counts)} different labels, not one: "
+                f"{_label_listing(counts, names)}. It looks like a multi-organ label map: set "
+                "radiomics.reference_mask_label to the stomach's label (its value, or its name in a "
+                f"{DATASET_SIDECAR} beside the mask)")
+        return binarise(mask), choice
+    if choice.value not in counts:
+        raise MaskInputError(f"{mask_path}: {choice.describe()} is not in the mask; its labels are "
+                             f"{_label_listing(counts, {}) or 'none (the mask is empty)'}")
+    return sitk.Cast(sitk.Equal(mask, choice.value), sitk.sitkUInt8), choice
 
 
 def load_mask(path: Path) -> sitk.Image:
@@ -142,8 +272,9 @@ def foreground_box(mask: sitk.Image) -> tuple[int, ...] | None:
     return (*lo, *(high - low + 1 for low, high in zip(lo, hi, strict=True)))
 
 
-def conform_mask(mask: sitk.Image, image: sitk.Image, mask_path: Path) -> ConformedMask:
-    """Binarise `mask` and put it exactly on `image`'s grid.
+def conform_mask(mask: sitk.Image, image: sitk.Image, mask_path: Path,
+                 label_setting: str | None = None) -> ConformedMask:
+    """Take the stomach out of `mask` (`select_stomach`) and put it exactly on `image`'s grid.
 
     A mask on the same grid (possibly stored in another axis order) takes the
     CT's geometry unchanged; any other grid is resampled with nearest neighbour,
@@ -152,10 +283,10 @@ def conform_mask(mask: sitk.Image, image: sitk.Image, mask_path: Path) -> Confor
     if mask.GetDimension() != 3:
         raise MaskInputError(f"{mask_path}: expected a 3-D mask, found {mask.GetDimension()}-D")
     source_grid = grid_of(mask)
-    binary = binarise(mask)
-    box = foreground_box(binary)
-    if box is None:
+    if foreground_box(mask) is None:
         raise MaskInputError(f"{mask_path}: mask is empty (no non-zero voxel)")
+    binary, label = select_stomach(mask, mask_path, label_setting)
+    box = foreground_box(binary)
     source_voxels = int(sitk.GetArrayViewFromImage(binary).sum())
 
     mask_low, mask_high = physical_bounds(binary, box)
@@ -182,7 +313,7 @@ def conform_mask(mask: sitk.Image, image: sitk.Image, mask_path: Path) -> Confor
             raise MaskInputError(
                 f"{mask_path}: mask is empty on the CT grid after nearest-neighbour resampling "
                 f"(its {source_voxels} voxels fall between CT voxel centres or outside the CT)")
-    return ConformedMask(on_grid, resampled, reoriented_from, source_voxels, source_grid)
+    return ConformedMask(on_grid, resampled, reoriented_from, source_voxels, source_grid, label)
 
 
 def validate_prediction(mask: sitk.Image, image: sitk.Image, where: str) -> sitk.Image:
@@ -215,6 +346,69 @@ def mask_stats(mask: sitk.Image) -> MaskStats:
         largest_component_voxels=int(sizes[0]) if sizes else 0,
         bbox_index=foreground_box(mask) or (0, 0, 0, 0, 0, 0),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskContent:
+    """What the CT holds under a mask: a stomach is soft tissue, fluid and its own gas."""
+
+    voxels: int
+    bone_voxels: int  # above BONE_HU
+    outside_air_voxels: int  # gas connected to the image's edge within its slice: outside the body
+
+    @property
+    def bone_fraction(self) -> float:
+        return self.bone_voxels / self.voxels if self.voxels else 0.0
+
+    @property
+    def outside_air_fraction(self) -> float:
+        return self.outside_air_voxels / self.voxels if self.voxels else 0.0
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "bone_fraction": self.bone_fraction,
+                "outside_air_fraction": self.outside_air_fraction}
+
+
+def outside_body_air(ct_values: np.ndarray) -> np.ndarray:
+    """Gas voxels (below AIR_HU) of a z, y, x array joined, within their axial slice, to the slice's
+    edge: the air around the patient. Per slice rather than in 3-D, so that the gas of a stomach
+    cut by the first or last slice of a partial scan still counts as inside."""
+    from scipy import ndimage
+
+    air = ct_values < AIR_HU
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = [[False, True, False], [True, True, True], [False, True, False]]
+    components, count = ndimage.label(air, structure=in_plane)
+    at_edge = np.zeros(count + 1, dtype=bool)
+    for edge in (components[:, 0, :], components[:, -1, :], components[:, :, 0], components[:, :, -1]):
+        at_edge[edge] = True
+    at_edge[0] = False
+    return at_edge[components]
+
+
+def mask_content(image: sitk.Image, mask: sitk.Image) -> MaskContent:
+    """Bone and outside-the-body air under a 0/1 mask on `image`'s grid."""
+    inside = sitk.GetArrayViewFromImage(mask) != 0
+    voxels = int(np.count_nonzero(inside))
+    if voxels == 0:
+        return MaskContent(0, 0, 0)
+    slices = np.flatnonzero(inside.any(axis=(1, 2)))
+    low, high = int(slices[0]), int(slices[-1]) + 1  # only the slices the mask reaches
+    values = sitk.GetArrayViewFromImage(image)[low:high]
+    inside = inside[low:high]
+    return MaskContent(voxels=voxels, bone_voxels=int(np.count_nonzero(values[inside] > BONE_HU)),
+                       outside_air_voxels=int(np.count_nonzero(outside_body_air(values)[inside])))
+
+
+def dice(a: sitk.Image | np.ndarray, b: sitk.Image | np.ndarray) -> float:
+    """Dice overlap of two masks on the same grid (non-zero is inside); 1.0 when both are empty."""
+    a = sitk.GetArrayViewFromImage(a) if isinstance(a, sitk.Image) else np.asarray(a)
+    b = sitk.GetArrayViewFromImage(b) if isinstance(b, sitk.Image) else np.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"Dice of masks of different shapes: {a.shape} and {b.shape}")
+    a, b = a != 0, b != 0
+    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
 
 
 def write_mask(mask: sitk.Image, final: Path) -> Path:

@@ -10,17 +10,37 @@ from gcmlm_assets.profiles import PRODUCTION, Profile
 
 
 class RadiomicsSettings(dg.ConfigurableResource):
-    """How radiomics rows are extracted, and what gastric mask volume is plausible.
+    """How radiomics rows are extracted, which label of a reference mask is the stomach, and what
+    a plausible gastric mask is.
 
     `params`: `default` (unfiltered image only, seconds per case), `rich` (adds LoG
     and wavelet images, minutes per case) or a path to a PyRadiomics params YAML.
+    The plausibility limits are explained, with their sources, in the README's radiology settings.
     """
 
     params: str = Field(default="default", description="default | rich | path to a PyRadiomics params YAML")
+    reference_mask_label: str | None = Field(
+        default=None, description="Which label of a reference mask is the stomach. Empty (the default): only "
+                                  "binary masks are accepted, and a mask with several labels (a multi-organ "
+                                  "map) is refused, listing its labels. A number (`6`, the stomach in "
+                                  "TotalSegmentator's maps) keeps the voxels of that value. A name (`stomach`) "
+                                  "is looked up in a JSON beside the mask, `dataset.json` or `<mask>.json`, "
+                                  "whose `labels` map names to values as nnU-Net's dataset.json does.")
     mask_volume_min_ml: float = Field(
-        default=10.0, description="Smallest plausible gastric mask volume (ml); below it ct_mask's check fails.")
+        default=50.0, description="Smallest plausible gastric mask volume (ml); below it ct_mask's check fails. "
+                                  "50 ml is a third of an empty adult stomach (README, radiology settings).")
     mask_volume_max_ml: float = Field(
-        default=5000.0, description="Largest plausible gastric mask volume (ml); above it ct_mask's check fails.")
+        default=3000.0, description="Largest plausible gastric mask volume (ml); above it ct_mask's check "
+                                    "fails. 3000 ml is above the largest measured gastric capacity (README, "
+                                    "radiology settings); raise it for a cohort with gastric outlet obstruction.")
+    mask_bone_fraction_max: float = Field(
+        default=0.02, description="Largest share of mask voxels above 300 HU (bone density) that ct_mask's "
+                                  "content check accepts (0.02 = 2 %). Raise it for scans with positive oral "
+                                  "contrast in the stomach, which is as dense as bone.")
+    mask_outside_air_fraction_max: float = Field(
+        default=0.05, description="Largest share of mask voxels that are air outside the body (below -500 HU "
+                                  "and joined to the image's edge within their slice) that ct_mask's content "
+                                  "check accepts (0.05 = 5 %). Gas inside the stomach does not count.")
 
     def params_path(self) -> Path:
         from gcmlm_assets.radiology.features import resolve_params
@@ -100,6 +120,10 @@ class SegmentationModelResource(dg.ConfigurableResource):
         default=None, description="nnU-Net data-augmentation processes (nnUNet_n_proc_DA); 0: in-process.")
     torch_threads: int | None = Field(default=None, description="Torch CPU threads while training; empty: "
                                                                 "torch's own.")
+    agreement_min_dice: float = Field(
+        default=0.7, description="For a patient with a reference mask, ct_mask also runs the installed model and "
+                                 "records the Dice overlap of the two masks; below this value its "
+                                 "`mask_agrees_with_model` check warns (it never blocks).")
     min_training_cases: int = Field(
         default=5, description="segmentation_model trains by itself once this many patients have a reference "
                                "mask and a materialized ct_image (and that set changed since the installed model).")

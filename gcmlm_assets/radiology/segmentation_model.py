@@ -103,7 +103,8 @@ def _configured_model_result(context: dg.AssetExecutionContext, folder: str,
     code_version=SEGMENTATION_MODEL_VERSION,
     pool=step_pods.GPU_POOL,
     op_tags=step_pods.op_tags(step_pods.GPU),
-    required_resource_keys={"storage", "landing", "segmentation"},
+    # radiomics: which label of a reference label map is the stomach, as ct_mask takes it.
+    required_resource_keys={"storage", "landing", "segmentation", "radiomics"},
     description="The nnU-Net v2 gastric segmentation model (`3d_fullres`), trained on every patient with a "
                 "reference mask, or the trained folder that `segmentation.trained_model_folder` "
                 "(`GCMLM_NNUNET_MODEL_FOLDER`) names. Warning: the production profile trains nnU-Net's "
@@ -133,6 +134,11 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
         landing.path(), {pid: ct_path for pid, ct_path, _ in candidates}))
     settings = segmentation.training_settings()
     inputs = {pid: {"ct_image": sha256_file(ct), "reference_mask": sha256_file(ref)} for pid, ct, ref in candidates}
+    label_setting = context.resources.radiomics.reference_mask_label or None
+    if label_setting:  # the stomach is one label of the masks: which one is an input of the training
+        for pid, _, ref in candidates:
+            inputs[pid]["reference_label"] = label_setting
+            inputs[pid].update({p.name: sha256_file(p) for p in masks.label_sidecars(ref) if p.is_file()})
     # Same inputs, settings, code and nnU-Net version: the installed model is reused, not retrained.
     fingerprint = sha256_text(MODELS_ASSET, SEGMENTATION_MODEL_VERSION, _nnunet_version(),
                               json.dumps(settings.as_dict(), sort_keys=True, default=str),
@@ -169,7 +175,7 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
             for patient_id, ct_path, reference in candidates:
                 image = sitk.ReadImage(str(ct_path))
                 try:
-                    conformed = masks.conform_mask(masks.load_mask(reference), image, reference)
+                    conformed = masks.conform_mask(masks.load_mask(reference), image, reference, label_setting)
                 except masks.MaskInputError as error:
                     skipped[patient_id] = str(error)
                     continue

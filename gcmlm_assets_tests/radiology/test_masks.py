@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,133 @@ def test_overlay_picture(ct, stomach, real_stomach):
     conformed = masks.conform_mask(stomach, ct, real_stomach)
     png = masks.mask_overlay_png(ct, conformed.image)
     assert png.startswith(b"\x89PNG") and len(png) > 2000
+
+
+# ---------------------------------------------------------------- label maps
+
+
+@pytest.fixture(scope="module")
+def label_map(test_data: Path) -> Path:
+    return test_data / "ct" / "totalsegmentator" / "example_seg_fast.nii.gz"
+
+
+def test_a_label_map_without_a_label_is_refused_listing_its_labels(ct, label_map):
+    with pytest.raises(masks.MaskInputError) as caught:
+        masks.conform_mask(sitk.ReadImage(str(label_map)), ct, label_map)
+    message = str(caught.value)
+    assert message.startswith(f"{label_map}: mask holds 40 different labels, not one: 1 (9630 voxels), ")
+    counts = masks.label_counts(sitk.ReadImage(str(label_map)))
+    assert len(counts) == 40 and counts[6.0] == 4748
+    for value, voxels in counts.items():
+        assert f"{value:g} ({voxels} voxels)" in message
+
+
+def test_label_six_is_the_totalsegmentator_stomach_voxel_for_voxel(ct, stomach, label_map, real_stomach):
+    chosen = masks.conform_mask(sitk.ReadImage(str(label_map)), ct, label_map, "6")
+    reference = masks.conform_mask(stomach, ct, real_stomach)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(chosen.image),
+                                  sitk.GetArrayViewFromImage(reference.image))
+    assert chosen.provenance()["label"] == "label 6" and chosen.provenance()["label_value"] == 6.0
+    assert reference.provenance()["label"] == "binary mask (every non-zero voxel)"
+
+
+def test_a_label_name_is_looked_up_in_the_sidecar(tmp_path, label_map, stomach):
+    path = tmp_path / "seg.nii.gz"
+    path.write_bytes(label_map.read_bytes())
+    mask = sitk.ReadImage(str(path))
+    with pytest.raises(masks.MaskInputError, match=r"set by name \('stomach'\) but there is no label sidecar"):
+        masks.select_stomach(mask, path, "stomach")
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 5, "stomach": 6}}))
+    selected, choice = masks.select_stomach(mask, path, "stomach")
+    assert (choice.value, choice.name, choice.sidecar) == (6.0, "stomach", str(tmp_path / "dataset.json"))
+    assert choice.describe() == f"label 6 (stomach, from {tmp_path / 'dataset.json'})"
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(selected), sitk.GetArrayViewFromImage(stomach))
+    # `<mask>.json` beside the mask comes first; a name it lacks is refused with the names it has.
+    (tmp_path / "seg.json").write_text(json.dumps({"labels": {"background": 0, "liver": 5}}))
+    with pytest.raises(masks.MaskInputError, match=r"label 'stomach' is not named in .*seg\.json \(names: "
+                                                   r"background, liver\)"):
+        masks.select_stomach(mask, path, "stomach")
+    # The refusal of an unlabelled map names the labels it knows.
+    with pytest.raises(masks.MaskInputError, match=r"5 liver \(39350 voxels\)"):
+        masks.select_stomach(mask, path, None)
+    (tmp_path / "seg.json").write_text(json.dumps({"labels": {"stomach": [6, 7]}}))
+    with pytest.raises(masks.MaskInputError, match=r"one number per name"):
+        masks.select_stomach(mask, path, "stomach")
+
+
+def test_a_label_the_mask_lacks_is_refused(tmp_path, stomach):
+    path = tmp_path / "stomach.nii.gz"
+    with pytest.raises(masks.MaskInputError, match=r"stomach\.nii\.gz: label 6 is not in the mask; its labels are "
+                                                   r"1 \(4748 voxels\)"):
+        masks.select_stomach(stomach, path, "6")
+    # A binary mask whose one value is not 1 is still a binary mask.
+    selected, choice = masks.select_stomach(stomach * 3, path, None)
+    assert choice.value is None and int(sitk.GetArrayViewFromImage(selected).max()) == 1
+
+
+def test_reference_mask_discovery_allows_a_label_sidecar(tmp_path, real_stomach):
+    label_dir = tmp_path / "ct_label"
+    label_dir.mkdir()
+    (label_dir / "seg.nii.gz").write_bytes(real_stomach.read_bytes())
+    for sidecar in ("dataset.json", "seg.json"):
+        (label_dir / sidecar).write_text("{}")
+        assert masks.find_reference_mask(label_dir) == label_dir / "seg.nii.gz"
+    (label_dir / "other.json").write_text("{}")
+    with pytest.raises(masks.MaskInputError, match="optionally with a label sidecar"):
+        masks.find_reference_mask(label_dir)
+
+
+# ---------------------------------------------------------------- what a mask holds
+
+
+def shifted(mask: sitk.Image, shift_mm: tuple[float, float, float]) -> sitk.Image:
+    moved = sitk.Image(mask)
+    moved.SetOrigin(tuple(o + d for o, d in zip(mask.GetOrigin(), shift_mm, strict=True)))
+    return moved
+
+
+def test_the_real_stomach_holds_no_bone_and_no_outside_air(ct, stomach, real_stomach):
+    content = masks.mask_content(ct, masks.conform_mask(stomach, ct, real_stomach).image)
+    assert (content.voxels, content.bone_voxels, content.outside_air_voxels) == (4748, 0, 0)
+
+
+def test_a_mask_moved_onto_the_spine_or_out_of_the_body_holds_bone_or_outside_air(ct, stomach, tmp_path):
+    on_spine = masks.conform_mask(shifted(stomach, (-39.0, 90.0, 0.0)), ct, tmp_path / "spine.nii.gz").image
+    content = masks.mask_content(ct, on_spine)
+    # The count is that of the CT's voxels above 300 HU under the moved mask.
+    values = sitk.GetArrayViewFromImage(ct)[sitk.GetArrayViewFromImage(on_spine) > 0]
+    assert content.bone_voxels == int((values > masks.BONE_HU).sum()) and content.bone_fraction > 0.02
+    assert content.outside_air_fraction == 0.0
+    in_front = masks.conform_mask(shifted(stomach, (0.0, -100.0, 0.0)), ct, tmp_path / "front.nii.gz").image
+    assert masks.mask_content(ct, in_front).outside_air_fraction > 0.3
+
+
+def test_outside_air_is_air_joined_to_the_slice_edge_not_gas_inside_the_body():
+    values = np.full((4, 20, 20), -1000.0)
+    values[:, 3:17, 3:17] = 40.0  # the body
+    values[:, 8:12, 8:12] = -900.0  # gas inside it, through every slice (also the first and last)
+    outside = masks.outside_body_air(values)
+    assert not outside[:, 8:12, 8:12].any() and not outside[:, 3:17, 3:17][values[:, 3:17, 3:17] > 0].any()
+    assert outside[:, 0, :].all() and outside[:, :3, :].all()
+    # A channel from the gas to the edge in one slice makes that slice's gas outside, only there.
+    values[2, 10, 12:] = -900.0
+    outside = masks.outside_body_air(values)
+    assert outside[2, 8:12, 8:12].all() and not outside[1, 8:12, 8:12].any()
+
+
+def test_dice():
+    a = np.zeros((4, 4, 4), np.uint8)
+    b = np.zeros_like(a)
+    a[0, :2] = 1  # 8 voxels
+    b[0, 1:3] = 1  # 8 voxels, 4 shared
+    assert masks.dice(a, b) == pytest.approx(0.5)
+    assert masks.dice(a, a) == 1.0 and masks.dice(a, np.zeros_like(a)) == 0.0
+    assert masks.dice(np.zeros_like(a), np.zeros_like(a)) == 1.0
+    with pytest.raises(ValueError, match="different shapes"):
+        masks.dice(a, a[:2])
+
+
+def test_checks_name_the_thresholds_the_computation_uses():
+    from gcmlm_assets.radiology import checks
+
+    assert (checks.BONE_HU, checks.AIR_HU) == (masks.BONE_HU, masks.AIR_HU)

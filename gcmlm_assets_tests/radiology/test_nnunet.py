@@ -417,6 +417,7 @@ def test_training_needs_two_patients_with_a_reference_mask(tmp_path, real_ct, re
         cohort = Cohort(tmp_path, instance, {
             "storage": ArtifactStorage(root=str(tmp_path / "artifacts")),
             "landing": LandingZone(root=str(tmp_path / "landing")),
+            "radiomics": RadiomicsSettings(),
             "segmentation": SegmentationModelResource.cpu_demo(),
         })
         make_drop(tmp_path / "landing", "ONLY1", [real_ct], real_stomach)
@@ -474,7 +475,7 @@ def test_a_backfill_range_loads_the_model_once_and_records_each_patient_as_its_o
     failure = step_failure_text(result, "ct_mask")
     assert f"1 of 3 patients failed: patient {broken}: " in failure and str(bad_mask) in failure
     assert predicted not in failure.split("failed:", 1)[1] and referenced not in failure.split("failed:", 1)[1]
-    assert len(loads) == 1  # one model for the whole run (the referenced patient needs none)
+    assert len(loads) == 1  # one model for the whole run (the referenced patient is compared with the same one)
 
     key = dg.AssetKey("ct_mask")
     # Read back from the instance (the run's event log), as the UI does.
@@ -495,17 +496,87 @@ def test_a_backfill_range_loads_the_model_once_and_records_each_patient_as_its_o
         predicted: "MATERIALIZED", broken: "FAILED", referenced: "MATERIALIZED"}
     versions = {pid: e.step_materialization_data.materialization.tags for pid, e in by_patient.items()}
     assert versions[predicted]["dagster/data_version"] == meta[predicted]["sha256"].value
-    assert versions[referenced]["dagster/code_version"] == "1"
+    assert versions[referenced]["dagster/code_version"] == "2"
     checked = {}
     for event in logged:
         if event.event_type_value == "ASSET_CHECK_EVALUATION":
             evaluation = event.event_specific_data
             checked.setdefault(evaluation.partition, {})[evaluation.check_name] = evaluation.passed
     assert set(checked) == {predicted, referenced}
-    assert all(checked[referenced].values()) and checked[referenced]  # the real reference mask passes
+    # The real reference mask passes every blocking check; its comparison with the model was recorded.
+    blocking = {spec.name for spec in ct_mask.check_specs if spec.blocking}
+    assert blocking and all(checked[referenced][name] for name in blocking)
+    assert "mask_agrees_with_model" in checked[referenced]
+    assert meta[referenced]["agreement_model_id"].value == trained.training["model_id"]
 
     # Re-running the failed patient alone, once its file is fixed, completes the range.
     bad_mask.write_bytes((sources / "GC002" / "stomach.nii.gz").read_bytes())
     assert trained.materialize([ct_image, ct_mask], partition=broken, selection=[ct_mask]).success
     status = trained.instance.get_status_by_partition(key, batch, ct_mask.partitions_def)
     assert {str(s.value) for s in status.values()} == {"MATERIALIZED"}
+
+
+def test_a_reference_mask_is_compared_with_the_installed_model(trained, real_ct):
+    """With a model installed, ct_mask of a patient with a reference mask also runs the model and
+    records the two masks' Dice; a mislabelled reference (TotalSegmentator's liver) gets a WARN that
+    names the file and the model, and is still materialized (the check does not block)."""
+    sources = trained.root / "sources"
+    good, mislabelled = "GC010", "GC011"
+    make_drop(trained.landing, good, [sources / "GC001" / "ct.nii.gz"], sources / "GC001" / "stomach.nii.gz")
+    liver = sitk.Cast(sitk.ReadImage(str(real_ct.parent / "example_seg_fast.nii.gz")) == 5, sitk.sitkUInt8)
+    sitk.WriteImage(liver, str(sources / "liver_as_stomach.nii.gz"))
+    make_drop(trained.landing, mislabelled, [sources / "GC001" / "ct.nii.gz"], sources / "liver_as_stomach.nii.gz")
+    trained.instance.add_dynamic_partitions("patients", [good, mislabelled])
+    model = nnunet.GastricSegmenter.load(Path(trained.training["model_folder"]), device="cpu")
+
+    outcomes = {}
+    for patient_id in (good, mislabelled):
+        assert trained.materialize([ct_image], partition=patient_id).success
+        result = trained.materialize([ct_image, ct_mask], partition=patient_id, selection=[ct_mask])
+        assert result.success, patient_id  # a disagreement warns; it never fails the step
+        meta = metadata_of(result, "ct_mask")
+        assert meta["source"] == "reference" and meta["agreement_model_id"] == model.model_id
+        # The recorded Dice is the overlap of the model's own prediction with the stored reference mask.
+        ct = sitk.ReadImage(str(trained.artifacts / "ct_image" / patient_id / "ct.nii.gz"))
+        stored = sitk.ReadImage(str(trained.artifacts / "ct_mask" / patient_id / "mask.nii.gz"))
+        expected = dice(sitk.GetArrayFromImage(model.predict(ct)) > 0, sitk.GetArrayFromImage(stored) > 0)
+        assert meta["model_agreement_dice"] == pytest.approx(expected, abs=1e-12)
+        assert meta["model_agreement"] == f"Dice {expected:.3f} with model {model.model_id}"
+        [check] = [e for e in result.get_asset_check_evaluations() if e.check_name == "mask_agrees_with_model"]
+        assert check.severity == dg.AssetCheckSeverity.WARN
+        assert check.metadata["dice"].value == meta["model_agreement_dice"]
+        outcomes[patient_id] = (meta["model_agreement_dice"], check)
+    print(f"\n[reference vs model] Dice {outcomes[good][0]:.3f} (stomach), {outcomes[mislabelled][0]:.3f} (liver)")
+
+    score, check = outcomes[mislabelled]
+    reference = trained.landing / mislabelled / "ct_label" / "liver_as_stomach.nii.gz"
+    assert score < 0.1 and check.passed is False
+    assert str(reference) in check.description and model.model_id in check.description
+    assert f"Dice {score:.3f}, below 0.7" in check.description
+    assert outcomes[good][0] > outcomes[mislabelled][0]
+    assert outcomes[good][1].passed is (outcomes[good][0] >= 0.7)
+
+
+def test_training_refuses_label_maps_without_a_label(tmp_path, real_ct):
+    """segmentation_model takes reference masks as ct_mask does: label maps need the label setting."""
+    label_map = real_ct.parent / "example_seg_fast.nii.gz"
+    (tmp_path / "dagster_home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+        cohort = Cohort(tmp_path, instance, {
+            "storage": ArtifactStorage(root=str(tmp_path / "artifacts")),
+            "landing": LandingZone(root=str(tmp_path / "landing")),
+            "radiomics": RadiomicsSettings(),
+            "segmentation": SegmentationModelResource.cpu_demo(),
+        })
+        for patient_id in ("MAP1", "MAP2"):
+            make_drop(tmp_path / "landing", patient_id, [real_ct], label_map)
+        instance.add_dynamic_partitions("patients", ["MAP1", "MAP2"])
+        for patient_id in ("MAP1", "MAP2"):
+            assert cohort.materialize([ct_image], partition=patient_id).success
+        result = cohort.train()
+    assert not result.success
+    message = step_failure_text(result, "segmentation_model")
+    assert "only 0 usable reference mask(s)" in message
+    for patient_id in ("MAP1", "MAP2"):
+        path = tmp_path / "landing" / patient_id / "ct_label" / label_map.name
+        assert f"{path}: mask holds 40 different labels" in message
