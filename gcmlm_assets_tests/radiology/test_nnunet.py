@@ -527,7 +527,8 @@ def test_a_reference_mask_is_compared_with_the_installed_model(trained, real_ct)
     sitk.WriteImage(liver, str(sources / "liver_as_stomach.nii.gz"))
     make_drop(trained.landing, mislabelled, [sources / "GC001" / "ct.nii.gz"], sources / "liver_as_stomach.nii.gz")
     trained.instance.add_dynamic_partitions("patients", [good, mislabelled])
-    model = nnunet.GastricSegmenter.load(Path(trained.training["model_folder"]), device="cpu")
+    model = nnunet.GastricSegmenter.load(Path(trained.training["model_folder"]), device="cpu",
+                                        pins=installed_pins(trained))
 
     outcomes = {}
     for patient_id in (good, mislabelled):
