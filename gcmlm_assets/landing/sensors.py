@@ -40,6 +40,8 @@ def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingZone,
                      held=frozenset({"pathology"}) if pathology_held else frozenset())
     for folder, reason in scan.invalid:
         context.log.warning(f"landing zone: folder {folder!r} ignored: invalid patient id ({reason})")
+    for patient_id, modality, reason in plan.refused:
+        context.log.warning(f"landing zone: {patient_id} {modality} not requested: {reason}")
     for folder, error in scan.unreadable:
         context.log.warning(f"landing zone: folder {folder!r} could not be scanned this tick ({error})")
 
