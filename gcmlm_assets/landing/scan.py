@@ -232,6 +232,8 @@ def scan_landing_zone(root: str | os.PathLike) -> LandingScan:
         if target is None and entry.is_symlink() and not os.path.isdir(entry.path):
             continue  # a link to a file inside the zone (clinical.csv) is no patient folder
         problem = patient_id_problem(entry.name)
+        if problem:
+            problem = f"invalid patient id ({problem})"
         if target is not None:
             problem = f"a symbolic link to {target}, outside the landing zone (never followed)"
         if problem:

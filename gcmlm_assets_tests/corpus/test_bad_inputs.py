@@ -211,10 +211,12 @@ class Corpus:
         self.rows[case.name] = Row(case, outcome, message, good_ok, good_note)
 
     def shown(self, text: str) -> str:
-        """The message as the table shows it: tmp and data paths shortened, one line."""
-        text = text.replace(str(self.root), "<tmp>").replace(str(self.data), "<data>")
-        text = " ".join(text.split()).replace("|", "\\|")
-        return text if len(text) <= MESSAGE_SHOWN else text[:MESSAGE_SHOWN - 1] + "…"
+        """The message as the table shows it: tmp and data paths shortened, one line, cut short, as
+        markdown (a bare <...> would be dropped as HTML)."""
+        text = text.replace(str(self.root), "$TMP").replace(str(self.data), "$DATA")
+        text = " ".join(text.split())
+        text = text if len(text) <= MESSAGE_SHOWN else text[:MESSAGE_SHOWN - 1] + "…"
+        return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def run_radiology(corpus: Corpus, cases: dict[str, Case]) -> None:
