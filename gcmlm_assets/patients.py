@@ -23,6 +23,9 @@ def patient_id_problem(candidate: str) -> str | None:
         return "contains a path separator"
     if candidate in (".", "..") or candidate.startswith("."):
         return "starts with '.'"
+    if ".." in candidate:
+        # Harmless as one path component, but it reads as a parent-folder step in every path shown.
+        return "contains '..'"
     if any(ch.isspace() for ch in candidate):
         return "contains whitespace"
     if len(candidate) > 64:

@@ -38,6 +38,24 @@ class LandingZone(dg.ConfigurableResource):
 
         return self.path() / validate_patient_id(patient_id, where=str(self.path()))
 
+    def refuse_links_leaving(self, patient_id: str, *subfolders: str) -> None:
+        """Raise `LandingInputError` (naming each link and its target) when the patient's folder, or
+        anything under its `subfolders`, is a symbolic link that leads outside the landing zone:
+        no file outside the landing zone is ever read."""
+        from gcmlm_assets.landing.scan import LandingInputError, describe_links_leaving, link_leaving, links_leaving
+
+        folder = self.patient_dir(patient_id)
+        links: list[tuple[str, str]] = []
+        for path in (folder, *(folder / name for name in subfolders)):
+            target = link_leaving(path, self.path())
+            if target is not None:
+                links.append((str(path), target))
+                break  # what lies behind it is not looked at
+            if path != folder:
+                links += links_leaving(path, self.path())
+        if links:
+            raise LandingInputError(describe_links_leaving(links, self.path()))
+
 
 class AutomationSettings(dg.ConfigurableResource):
     """How long the automation sensors wait for work to settle (resource key "automation").

@@ -22,6 +22,7 @@ import dagster as dg
 from gcmlm_assets import pictures, step_pods
 from gcmlm_assets.cohort.columns import CLINICAL_TABLE_COLUMNS, FUSED_TABLE_COLUMNS, RISK_SCORES_COLUMNS
 from gcmlm_assets.columns import column_schema_metadata
+from gcmlm_assets.landing.scan import describe_links_leaving, link_leaving
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.cohort.soundness_facts import declared_blocking_checks, unsound_results
 from gcmlm_assets.cohort.resources import RiskModelSettings
@@ -84,6 +85,10 @@ def clinical_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
                    landing: LandingZone) -> dg.MaterializeResult:
     store = storage.store()
     csv_path = landing.path() / CLINICAL_CSV
+    leaving = link_leaving(csv_path, landing.path())
+    if leaving is not None:
+        raise dg.Failure(description=describe_links_leaving([(str(csv_path), leaving)], landing.path()),
+                         metadata={"file": str(csv_path)}, allow_retries=False)
     if not csv_path.is_file():
         raise dg.Failure(description=f"{csv_path}: clinical table not found (columns patient_id, mlm, "
                                      "optional numeric covariates)", metadata={"expected": str(csv_path)})
@@ -113,6 +118,12 @@ def clinical_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
     table = pq.read_table(folder / CLINICAL_FILE)
     for problem in json.loads((folder / CLINICAL_PROBLEMS).read_text())[:20]:
         context.log.warning(f"{csv_path}: line {problem['line']}: {problem['reason']}")
+    # A row whose patient has no drop yet is kept (clinical data may come first), but said: it may be a typo.
+    without_drop = [pid for pid in table.column("patient_id").to_pylist() if not landing.patient_dir(pid).is_dir()]
+    if without_drop:
+        context.log.warning(f"{csv_path}: {len(without_drop)} patient(s) have a row but no drop in the landing zone "
+                            f"(no folder {landing.path()}/<patient_id>; not scored until one arrives, check the id "
+                            f"for a typo): {', '.join(without_drop[:20])}{' ...' if len(without_drop) > 20 else ''}")
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(folder / CLINICAL_FILE)),
@@ -122,6 +133,7 @@ def clinical_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
             "rows_read": summary["rows_read"],
             "patients": summary["patients"],
             "bad_rows": summary["bad_rows"],
+            "patients_without_drop": dg.MetadataValue.json(without_drop[:200]),
             "label_balance": dg.MetadataValue.json(summary["labels"]),
             "covariates": dg.MetadataValue.json(summary["covariates"]),
             "preview": dg.MetadataValue.md(fusion.markdown_table(table, table.column_names[:8])),

@@ -8,6 +8,12 @@ are walked (`scandir` + `stat`, no file is opened) only when that commit time is
 cursor's watermark, oldest first, and only until the tick's run cap is full (`plan_tick`): a drop
 below the watermark was handled by an earlier tick, whatever its files say.
 
+A symbolic link whose target lies outside the landing zone (a patient folder, or a file or folder
+inside a drop) is refused, never followed: the patient folder is reported as invalid, the modality
+holding the link is not requested (the tick says which link and where it leads), and the assets
+refuse it too (`LandingZone.refuse_links_leaving`). Only the link's target path is resolved; nothing
+outside the landing zone is stat'ed, opened or read.
+
 A modality's fingerprint covers (relative name, size, mtime) of its files and READY's mtime, so
 touching READY alone yields new run keys: the uploader's "please re-run" after fixing a drop,
 even when a replacement file kept the size and mtime of the broken one.
@@ -52,13 +58,67 @@ def _stat_times(st: os.stat_result) -> int:
     return max(st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _walk_files(folder: Path, prefix: str, entries: list[tuple[str, int, int]]) -> None:
-    """Append (relative name, size, mtime) for the files under `folder`."""
+class LandingInputError(ValueError):
+    """A drop that must not be read (a link leading out of the landing zone); the message names it."""
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def link_leaving(path: str | os.PathLike, root: str | os.PathLike) -> str | None:
+    """Where the symbolic link `path` leads when that is outside `root` (both resolved), else None.
+    Only path names are resolved: the target itself is never opened."""
+    if not os.path.islink(path):
+        return None
+    target = os.path.realpath(path)
+    return None if _inside(target, os.path.realpath(root)) else target
+
+
+def links_leaving(folder: str | os.PathLike, root: str | os.PathLike) -> list[tuple[str, str]]:
+    """(path, target) of every symbolic link under `folder`, at any depth, that leads outside `root`.
+    Links that stay inside are followed when they are folders (each real folder once)."""
+    found: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    pending = [os.fspath(folder)]
+    while pending:
+        current = pending.pop()
+        real = os.path.realpath(current)
+        if real in seen or not os.path.isdir(current):
+            continue
+        seen.add(real)
+        with os.scandir(current) as it:
+            for entry in sorted(it, key=lambda e: e.name):
+                if entry.name.startswith("."):
+                    continue  # hidden names are read by no one (as in the sensor's walk)
+                target = link_leaving(entry.path, root)
+                if target is not None:
+                    found.append((entry.path, target))
+                elif entry.is_dir(follow_symlinks=True):
+                    pending.append(entry.path)
+    return found
+
+
+def describe_links_leaving(links: list[tuple[str, str]], root: str | os.PathLike) -> str:
+    shown = "; ".join(f"{path} is a symbolic link to {target}" for path, target in links[:5])
+    more = f" (and {len(links) - 5} more)" if len(links) > 5 else ""
+    return (f"{shown}{more}: outside the landing zone {root}, refused (no file outside the landing zone is "
+            "read); copy the file into the drop and touch READY")
+
+
+def _walk_files(folder: Path, prefix: str, entries: list[tuple[str, int, int]], root: str,
+                leaving: list[tuple[str, str]]) -> None:
+    """Append (relative name, size, mtime) for the files under `folder`; links that lead out of
+    `root` go to `leaving` as (relative name, target) and are not followed."""
     with os.scandir(folder) as it:
         for entry in it:
             if entry.name.startswith("."):
                 continue  # uploaders' temporary files
             rel = f"{prefix}/{entry.name}"
+            target = link_leaving(entry.path, root)
+            if target is not None:
+                leaving.append((rel, target))
+                continue
             try:
                 st = entry.stat(follow_symlinks=True)
             except OSError:
@@ -71,7 +131,7 @@ def _walk_files(folder: Path, prefix: str, entries: list[tuple[str, int, int]]) 
                 entries.append((rel, -1, st.st_mtime_ns))
                 continue
             if stat.S_ISDIR(st.st_mode):
-                _walk_files(Path(entry.path), rel, entries)
+                _walk_files(Path(entry.path), rel, entries, root, leaving)
             else:
                 entries.append((rel, st.st_size, st.st_mtime_ns))
 
@@ -85,6 +145,8 @@ class PatientDrop:
     ready_mtime_ns: int
     changed_ns: int  # the commit time: newest mtime/ctime of READY and the patient folder
     _modalities: dict[str, ModalityState] | None = field(default=None, init=False, repr=False)
+    # Modality -> (relative name, target) of its links leading out of the landing zone: not runnable.
+    refused: dict[str, list[tuple[str, str]]] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def walked(self) -> bool:
@@ -99,14 +161,23 @@ class PatientDrop:
 
     def _fingerprint(self) -> dict[str, ModalityState]:
         modalities: dict[str, ModalityState] = {}
+        root = os.path.realpath(self.path.parent)  # drops are the landing root's direct children
+        self.refused = {}
         for modality, folders in MODALITY_FOLDERS.items():
             required = MODALITY_REQUIRED[modality]
+            entries: list[tuple[str, int, int]] = []
+            leaving: list[tuple[str, str]] = []
+            for name in folders:
+                target = link_leaving(self.path / name, root)
+                if target is not None:
+                    leaving.append((name, target))
+                elif (self.path / name).is_dir():
+                    _walk_files(self.path / name, name, entries, root, leaving)
+            if leaving:
+                self.refused[modality] = leaving
+                continue
             if not (self.path / required).is_dir():
                 continue
-            entries: list[tuple[str, int, int]] = []
-            for name in folders:
-                if (self.path / name).is_dir():
-                    _walk_files(self.path / name, name, entries)
             if not any(rel.startswith(required + "/") for rel, _, _ in entries):
                 continue
             payload = json.dumps([self.ready_mtime_ns, sorted(entries)]).encode()
@@ -143,6 +214,8 @@ class TickPlan:
     walked: int = 0  # drops whose files were walked this tick
     files: int = 0  # file entries stat'ed by those walks
     held: list[RunPlan] = field(default_factory=list)  # due, but their modality is held back
+    # (patient, modality, reason) of the walked drops' modalities refused for links leaving the zone.
+    refused: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def scan_landing_zone(root: str | os.PathLike) -> LandingScan:
@@ -152,9 +225,17 @@ def scan_landing_zone(root: str | os.PathLike) -> LandingScan:
     if not root.is_dir():
         return result
     with os.scandir(root) as it:
-        folders = sorted((e for e in it if e.is_dir(follow_symlinks=True)), key=lambda e: e.name)
+        # A link is judged by where it leads before anything at its target is looked at.
+        folders = sorted((e for e in it if e.is_symlink() or e.is_dir(follow_symlinks=False)), key=lambda e: e.name)
     for entry in folders:
+        target = link_leaving(entry.path, root) if entry.is_symlink() else None
+        if target is None and entry.is_symlink() and not os.path.isdir(entry.path):
+            continue  # a link to a file inside the zone (clinical.csv) is no patient folder
         problem = patient_id_problem(entry.name)
+        if problem:
+            problem = f"invalid patient id ({problem})"
+        if target is not None:
+            problem = f"a symbolic link to {target}, outside the landing zone (never followed)"
         if problem:
             result.invalid.append((entry.path, problem))
             continue
@@ -243,4 +324,7 @@ def plan_tick(scan: LandingScan, cursor: str | None, max_runs: int,
         walked=len(handled),
         files=sum(ms.files for d in handled for ms in d.modalities.values()),
         held=[plan for _, plan in holding],
+        refused=[(d.patient_id, modality,
+                  describe_links_leaving([(str(d.path / rel), target) for rel, target in links], d.path.parent))
+                 for d in handled for modality, links in sorted(d.refused.items())],
     )

@@ -39,7 +39,9 @@ def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingZone,
     plan = plan_tick(scan, context.cursor, landing.max_runs_per_tick,
                      held=frozenset({"pathology"}) if pathology_held else frozenset())
     for folder, reason in scan.invalid:
-        context.log.warning(f"landing zone: folder {folder!r} ignored: invalid patient id ({reason})")
+        context.log.warning(f"landing zone: folder {folder!r} ignored: {reason}")
+    for patient_id, modality, reason in plan.refused:
+        context.log.warning(f"landing zone: {patient_id} {modality} not requested: {reason}")
     for folder, error in scan.unreadable:
         context.log.warning(f"landing zone: folder {folder!r} could not be scanned this tick ({error})")
 

@@ -10,6 +10,7 @@ from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_eve
 from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.devices import DeviceError
 from gcmlm_assets.lazy import lazy
+from gcmlm_assets.landing.scan import LandingInputError
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
 from gcmlm_assets.pathology import checks
@@ -64,8 +65,9 @@ def patch_coords(context: dg.AssetExecutionContext, storage: ArtifactStorage, la
     params = pathology.tiling_params()
     wsi_dir = landing.patient_dir(patient_id) / "wsi"
     try:
+        landing.refuse_links_leaving(patient_id, "wsi")
         slides = list_slides(wsi_dir)
-    except (FileNotFoundError, SlideError) as error:
+    except (FileNotFoundError, SlideError, LandingInputError) as error:
         raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from error
 
     fingerprint = inputs_fingerprint(slides, params)

@@ -19,6 +19,7 @@ from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
 from gcmlm_assets.pictures import PHOTO, picture_markdown, save_png
 from gcmlm_assets.lazy import lazy
+from gcmlm_assets.landing.scan import LandingInputError
 from gcmlm_assets.radiology import checks, model_lifecycle
 from gcmlm_assets.radiology.columns import RADIOMICS_ROW_COLUMNS
 from gcmlm_assets.radiology.resources import RadiomicsSettings
@@ -34,7 +35,8 @@ masks = lazy("gcmlm_assets.radiology.masks")
 # Bump when a change of code changes an asset's output bytes: stored outputs are then recomputed.
 # 2: the full-size three-plane picture, and cut-short .nii/.nii.gz files refused (ct.nii.gz's bytes are
 # unchanged for a sound file, so nothing downstream is recomputed).
-CT_IMAGE_VERSION = "2"
+# 3: float volumes with NaN or infinite voxels refused (ITK read a NIfTI's as 0), non-image DICOM files named.
+CT_IMAGE_VERSION = "3"
 # ct_mask 2: label maps are refused or narrowed to the configured label (they were binarised whole).
 CT_MASK_VERSION = "2"
 RADIOMICS_ROW_VERSION = "1"
@@ -83,8 +85,10 @@ def ct_image(context: dg.AssetExecutionContext, storage: ArtifactStorage,
     store = storage.store()
     folder = landing.patient_dir(patient_id) / "ct"
     try:
+        # The whole radiology drop: ct_mask, which runs after this step, reads ct_label/.
+        landing.refuse_links_leaving(patient_id, "ct", "ct_label")
         input_hashes = {path.name: sha256_file(path) for path in ct_io.input_files(folder)}
-    except ct_io.CTInputError as error:
+    except (ct_io.CTInputError, LandingInputError) as error:
         raise input_failure(error) from error
     fingerprint = sha256_text("ct_image", CT_IMAGE_VERSION, json.dumps(input_hashes, sort_keys=True))
     out_dir = store.asset_dir("ct_image", patient_id)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from gcmlm_assets.radiology import ct_voxels
 from gcmlm_assets.storage import atomic_path
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -194,7 +195,14 @@ def read_volume_file(path: Path) -> sitk.Image:
                            f"{image.GetNumberOfComponentsPerPixel()} (colour or vector image)")
     if min(image.GetSize()) < 2:
         raise CTInputError(f"{path}: volume of size {image.GetSize()} has a single slice")
+    _refuse_non_finite(path, image)
     return image
+
+
+def _refuse_non_finite(path: Path, image: sitk.Image) -> None:
+    problem = ct_voxels.non_finite_problem(path, image)
+    if problem:
+        raise CTInputError(f"{path}: {problem}")
 
 
 def read_ct_folder(folder: Path) -> tuple[sitk.Image, CTSource]:
@@ -226,6 +234,8 @@ def read_dicom_series(folder: Path) -> tuple[sitk.Image, CTSource]:
     _refuse_empty_files(visible_files(folder))
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
+        for path in visible_files(folder):
+            _refuse_non_image_dicom(path)
         raise CTInputError(f"{folder}: no DICOM series and no .nii/.nii.gz/.nrrd/.mha volume found")
     if len(series_ids) > 1:
         raise CTInputError(f"{folder}: holds {len(series_ids)} DICOM series ({', '.join(series_ids)}); "
@@ -259,6 +269,7 @@ def _refuse_dicom_files_outside(folder: Path, series_files: list[Path]) -> None:
     for path in visible_files(folder):
         if path.resolve() in listed or not _looks_like_dicom(path):
             continue
+        _refuse_non_image_dicom(path)
         size = path.stat().st_size
         try:
             _slice_header(path)
@@ -267,6 +278,16 @@ def _refuse_dicom_files_outside(folder: Path, series_files: list[Path]) -> None:
                                f"reader left out; re-export the series ({error})") from error
         raise CTInputError(f"{path}: DICOM file ({size:,} bytes) left out of the series by the reader: "
                            "damaged or truncated pixel data, or a slice of another series")
+
+
+def _refuse_non_image_dicom(path: Path) -> None:
+    """GDCM leaves a DICOM file without an image out of every series without a word, so it would
+    otherwise read as "damaged" or "no series": name what it is."""
+    if not _looks_like_dicom(path):
+        return
+    problem = ct_voxels.non_image_dicom_problem(path)
+    if problem:
+        raise CTInputError(f"{path}: {problem}")
 
 
 def _slice_header(path: Path) -> dict[str, str]:

@@ -217,3 +217,36 @@ def test_pathology_waits_while_the_encoder_has_no_weights(instance, landing_root
     monkeypatch.setenv("GCMLM_UNI_CHECKPOINT", str(weights))
     assert requested(ticker.tick()) == [("P001", "pathology"), ("P002", "pathology")]
     assert ticker.tick().run_requests == []
+
+
+def test_links_inside_the_zone_are_followed_links_out_of_it_refused(instance, landing_root, tmp_path):
+    """A link that stays in the landing zone is an ordinary file; one that leaves it is refused
+    (its modality not requested, the tick says why) without its target being looked at."""
+    shared = landing_root / "shared_uploads"  # not a drop: no READY
+    shared.mkdir()
+    (shared / "ct.nii.gz").write_bytes(b"ct bytes")
+    inside = make_drop(landing_root, "INSIDE", ct=False, wsi=True)
+    (inside / "ct").mkdir()
+    (inside / "ct" / "ct.nii.gz").symlink_to(shared / "ct.nii.gz")
+    outside_file = tmp_path / "elsewhere" / "ct.nii.gz"
+    outside_file.parent.mkdir()
+    outside_file.write_bytes(b"not ours")
+    leaving = make_drop(landing_root, "LEAVING", ct=False, wsi=True)
+    (leaving / "ct").mkdir()
+    (leaving / "ct" / "ct.nii.gz").symlink_to(outside_file)
+    (leaving / "wsi" / "broken.svs").symlink_to(tmp_path / "gone" / "x.svs")  # dangling, and outside
+
+    ticker = Ticker(instance, landing_root)
+    result = ticker.tick()
+    assert requested(result) == [("INSIDE", "pathology"), ("INSIDE", "radiology")]
+    assert ticker.partitions() == {"INSIDE", "LEAVING"}
+    refused = [m for m in ticker.messages if "LEAVING" in m and "not requested" in m]
+    assert len(refused) == 2
+    assert any(f"{leaving / 'ct' / 'ct.nii.gz'} is a symbolic link to {outside_file}" in m for m in refused)
+    assert any(f"{leaving / 'wsi' / 'broken.svs'} is a symbolic link to {tmp_path / 'gone' / 'x.svs'}" in m
+               for m in refused)
+    # Fixed (the file copied in) and committed: requested as usual.
+    (leaving / "ct" / "ct.nii.gz").unlink()
+    (leaving / "ct" / "ct.nii.gz").write_bytes(b"copied in")
+    touch_ready(leaving)
+    assert requested(ticker.tick()) == [("LEAVING", "radiology")]
