@@ -696,8 +696,11 @@ class UntrustedModelFile(ValueError):
 
 
 def save_model(model: FusedRiskModel, path: str | Path) -> Path:
+    from gcmlm_assets.cohort.skops_bytes import normalise_skops_file
+
     with atomic_path(path) as tmp:
         sio.dump(model, tmp)
+        normalise_skops_file(tmp)  # the same model, the same bytes (skops_bytes.py)
     return Path(path)
 
 
