@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dagster as dg
 import h5py
 import numpy as np
 import openslide
@@ -61,3 +62,17 @@ def reference_features(encoder: LoadedEncoder, slide: Path, coords: np.ndarray, 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def materialize_patient(instance, assets, resources: dict, patient_id: str) -> dg.ExecuteInProcessResult:
+    """Materialize `assets` for one patient (adding the partition if new); failures are returned, not raised."""
+    if patient_id not in instance.get_dynamic_partitions("patients"):
+        instance.add_dynamic_partitions("patients", [patient_id])
+    return dg.materialize(assets, partition_key=patient_id, instance=instance, resources=resources,
+                          raise_on_error=False)
+
+
+def metadata_of(result: dg.ExecuteInProcessResult, asset: str) -> dict:
+    """The plain values of `asset`'s materialization metadata in `result`."""
+    [event] = [m for m in result.get_asset_materialization_events() if m.asset_key.to_user_string() == asset]
+    return {k: v.value for k, v in event.materialization.metadata.items()}

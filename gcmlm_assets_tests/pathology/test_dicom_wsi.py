@@ -7,7 +7,6 @@ import os
 import shutil
 from pathlib import Path
 
-import dagster as dg
 import h5py
 import numpy as np
 import openslide
@@ -22,7 +21,7 @@ from gcmlm_assets.pathology.slides import MPP_FROM_DEFAULT, MPP_FROM_OPENSLIDE, 
 from gcmlm_assets.pathology.tiling import TilingParams, tile_slide
 
 from .dicom_wsi_fixtures import write_ct_slice, write_dicom_wsi
-from .features_support import cosine_rows, reference_features
+from .features_support import cosine_rows, materialize_patient, metadata_of, reference_features
 from .slide_fixtures import copy_into, real_slide, real_tissue_rgb
 
 
@@ -159,18 +158,6 @@ def test_the_fingerprint_covers_every_file_of_the_series(tmp_path, tissue):
 # ---------------------------------------------------------------- through Dagster
 
 
-def _materialize(instance, assets, resources: dict, patient_id: str) -> dg.ExecuteInProcessResult:
-    if patient_id not in instance.get_dynamic_partitions("patients"):
-        instance.add_dynamic_partitions("patients", [patient_id])
-    return dg.materialize(assets, partition_key=patient_id, instance=instance, resources=resources,
-                          raise_on_error=False)
-
-
-def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
-    [event] = [m for m in result.get_asset_materialization_events() if m.asset_key.to_user_string() == asset]
-    return {k: v.value for k, v in event.materialization.metadata.items()}
-
-
 def test_patch_coords_and_uni_features_take_the_series_as_one_slide(instance, base_resources, data_root: Path,
                                                                     tissue, test_data):
     wsi = data_root / "landing" / "PDCM" / "wsi"
@@ -178,7 +165,7 @@ def test_patch_coords_and_uni_features_take_the_series_as_one_slide(instance, ba
     write_ct_slice(data_root / "landing" / "PBAD" / "wsi" / "ct-0001.dcm")
     resources = {**base_resources, "pathology": TilingSettings(),
                  "encoder": PatchEncoder(name="vit-tiny-random", batch_size=16)}
-    result = _materialize(instance, [patch_coords, uni_features], resources, "PDCM")
+    result = materialize_patient(instance, [patch_coords, uni_features], resources, "PDCM")
     assert result.success
     assert all(e.passed for e in result.get_asset_check_evaluations())
 
@@ -189,7 +176,7 @@ def test_patch_coords_and_uni_features_take_the_series_as_one_slide(instance, ba
     assert entry["file"] == "cmu1-level0.dcm" and entry["vendor"] == "dicom" and entry["mpp"] == [0.499, 0.499]
     assert {f["file"] for f in entry["source_files"]} == {p.name for p in built.files}
     assert [i["file"] for i in entry["dicom"]["ignored_instances"]] == ["cmu1-label.dcm", "cmu1-thumbnail.dcm"]
-    coords_meta = _metadata(result, "patch_coords")
+    coords_meta = metadata_of(result, "patch_coords")
     assert coords_meta["dicom_series"]["cmu1-level0.dcm"] == entry["dicom"]
     assert "DICOM series of 4 files: 2 VOLUME tiled, 2 ignored" in coords_meta["slides"]
     with h5py.File(folder / "cmu1-level0.h5", "r") as fh:
@@ -202,7 +189,7 @@ def test_patch_coords_and_uni_features_take_the_series_as_one_slide(instance, ba
     ours, theirs = set(map(tuple, coords)), set(map(tuple, svs_coords))
     assert len(ours & theirs) / len(ours | theirs) >= 0.95  # 1.0 (44 of 44) when measured
 
-    features_meta = _metadata(result, "uni_features")
+    features_meta = metadata_of(result, "uni_features")
     assert features_meta["n_slides"] == 1 and features_meta["readers"] == {"cmu1-level0.h5": "openslide"}
     assert features_meta["dicom_series"]["cmu1-level0.h5"]["opened_file"] == "cmu1-level0.dcm"
     features_file = data_root / "artifacts" / "uni_features" / "PDCM" / "cmu1-level0.h5"
@@ -215,7 +202,7 @@ def test_patch_coords_and_uni_features_take_the_series_as_one_slide(instance, ba
     assert cosine_rows(features[:6], expected).min() > 0.9999
 
     # A stray CT slice in another patient's slide folder fails that patient, naming the file.
-    bad = _materialize(instance, [patch_coords], resources, "PBAD")
+    bad = materialize_patient(instance, [patch_coords], resources, "PBAD")
     assert not bad.success
     error = bad.get_step_failure_events()[0].step_failure_data.error
     message = error.message + (error.cause.message if error.cause else "")

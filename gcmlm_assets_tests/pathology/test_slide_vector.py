@@ -30,7 +30,7 @@ from gcmlm_assets.pathology.pooling import (
 )
 from gcmlm_assets.pathology.resources import PatchEncoder, TilingSettings
 from gcmlm_assets_tests.core.test_pictures import assert_ui_picture
-from gcmlm_assets_tests.pathology.features_support import cosine_rows, reference_features
+from gcmlm_assets_tests.pathology.features_support import cosine_rows, materialize_patient, metadata_of, reference_features
 from gcmlm_assets_tests.pathology.slide_fixtures import copy_into, real_slide
 
 
@@ -86,18 +86,6 @@ def _resources(base_resources: dict, **encoder) -> dict:
     return {**base_resources, "pathology": TilingSettings(), "encoder": PatchEncoder(**settings)}
 
 
-def _materialize(instance, assets, resources: dict, patient_id: str) -> dg.ExecuteInProcessResult:
-    if patient_id not in instance.get_dynamic_partitions("patients"):
-        instance.add_dynamic_partitions("patients", [patient_id])
-    return dg.materialize(assets, partition_key=patient_id, instance=instance, resources=resources,
-                          raise_on_error=False)
-
-
-def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
-    [event] = [m for m in result.get_asset_materialization_events() if m.asset_key.to_user_string() == asset]
-    return {k: v.value for k, v in event.materialization.metadata.items()}
-
-
 def _checks(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
     return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
 
@@ -119,7 +107,7 @@ def test_pathology_branch_end_to_end(instance, base_resources, data_root: Path, 
     slide = copy_into(real_slide(test_data), data_root / "landing" / "P001" / "wsi")
     resources = _resources(base_resources)
     capfd.readouterr()
-    result = _materialize(instance, [patch_coords, uni_features, slide_vector], resources, "P001")
+    result = materialize_patient(instance, [patch_coords, uni_features, slide_vector], resources, "P001")
     assert result.success
     # Nothing reaches the run's raw stdout (descriptor level: torch, timm, the readers included).
     assert capfd.readouterr().out == ""
@@ -145,18 +133,18 @@ def test_pathology_branch_end_to_end(instance, base_resources, data_root: Path, 
     vector = np.array([table.column(c)[0].as_py() for c in feature_columns(192)])
     np.testing.assert_allclose(vector, features.astype(np.float64).mean(axis=0), rtol=1e-9)
     assert columns.problems(SLIDE_VECTOR_COLUMNS, columns.table_fields(table)) == []
-    schema = _metadata(result, "slide_vector")["dagster/column_schema"].columns
+    schema = metadata_of(result, "slide_vector")["dagster/column_schema"].columns
     assert [c.name for c in schema] == ["patient_id", "n_patches", "n_slides", "feat_*"]
     assert "(192 columns: feat_0000 .. feat_0191)" in schema[3].description
 
-    meta = _metadata(result, "uni_features")
+    meta = metadata_of(result, "uni_features")
     assert meta["encoder"] == "vit-tiny-random" and meta["checkpoint_sha256"] == "untrained"
     assert meta["untrained"] is True and meta["embedding_dim"] == 192 and meta["patches_per_second"] > 0
     # Random weights are identified by the digest of the parameters themselves.
     assert meta["checkpoint"] == "random init (test only)"
     assert meta["weights_sha256"] == load_encoder("vit-tiny-random").weights_sha256
     assert meta["reading"].startswith("in-process between forward passes")
-    vector_meta = _metadata(result, "slide_vector")
+    vector_meta = metadata_of(result, "slide_vector")
     assert vector_meta["pooling"] == "mean"
     assert vector_meta["picture_path"] == str(artifacts / "slide_vector" / "P001" / "slide_vector.png")
     shown = assert_ui_picture(vector_meta["picture"], vector_meta["picture_path"])
@@ -174,13 +162,13 @@ def test_pathology_branch_end_to_end(instance, base_resources, data_root: Path, 
                         r"[\d,]+ patches/s", progress[-1]), progress[-1]
 
     # Unchanged inputs: nothing is recomputed and the data versions stay.
-    again = _materialize(instance, [uni_features, slide_vector], resources, "P001")
+    again = materialize_patient(instance, [uni_features, slide_vector], resources, "P001")
     assert again.success
     assert f"P001: slide {slide.name}: {len(tiled):,}/{len(tiled):,} patches, reused" in " | ".join(
         _log_lines(instance, again, "uni_features"))
     assert capfd.readouterr().out == ""
-    assert _metadata(again, "uni_features")["reused_slides"] == [features_file.name]
-    assert _metadata(again, "slide_vector")["reused"] is True
+    assert metadata_of(again, "uni_features")["reused_slides"] == [features_file.name]
+    assert metadata_of(again, "slide_vector")["reused"] is True
     versions = [
         {e.asset_key.to_user_string(): e.materialization.tags.get("dagster/data_version")
          for e in r.get_asset_materialization_events()} for r in (result, again)
@@ -190,7 +178,7 @@ def test_pathology_branch_end_to_end(instance, base_resources, data_root: Path, 
 
     # UNI without its weights: the step fails and says which setting to fill in.
     monkeypatch.delenv("GCMLM_UNI_CHECKPOINT", raising=False)
-    no_weights = _materialize(instance, [uni_features], _resources(base_resources, name="uni"), "P001")
+    no_weights = materialize_patient(instance, [uni_features], _resources(base_resources, name="uni"), "P001")
     assert not no_weights.success and "GCMLM_UNI_CHECKPOINT" in _failure(no_weights)
 
 
@@ -198,7 +186,7 @@ def test_tampered_features_fail_the_checks(instance, base_resources, data_root: 
     copy_into(real_slide(test_data), data_root / "landing" / "P002" / "wsi")
     resources = _resources(base_resources, num_workers=1)  # a DataLoader worker inside a Dagster run
     capfd.readouterr()
-    assert _materialize(instance, [patch_coords, uni_features, slide_vector], resources, "P002").success
+    assert materialize_patient(instance, [patch_coords, uni_features, slide_vector], resources, "P002").success
     assert capfd.readouterr().out == ""  # the worker process writes nothing to raw stdout either
     features_dir = data_root / "artifacts" / "uni_features" / "P002"
 
@@ -207,7 +195,7 @@ def test_tampered_features_fail_the_checks(instance, base_resources, data_root: 
             fh["features"][0] = np.nan  # keeps its fingerprint: the file is reused, then re-validated
 
     tamper()
-    rerun = _materialize(instance, [uni_features, slide_vector], resources, "P002")
+    rerun = materialize_patient(instance, [uni_features, slide_vector], resources, "P002")
     assert not rerun.success
     checks = _checks(rerun)
     assert checks["features_finite"] is False and checks["feature_shape"] is True
@@ -222,15 +210,15 @@ def test_tampered_features_fail_the_checks(instance, base_resources, data_root: 
     assert not features_dir.exists()
     [moved] = (data_root / "artifacts" / "_quarantine" / "uni_features" / "P002").iterdir()
     assert list(moved.glob("*.h5"))
-    alone = _materialize(instance, [slide_vector], resources, "P002")
+    alone = materialize_patient(instance, [slide_vector], resources, "P002")
     assert not alone.success and "uni_features has not been materialized" in _failure(alone)
 
     # slide_vector's own check catches what it pools (features damaged after they passed theirs;
     # its stored vector is removed so that it pools them again rather than reusing it).
-    assert _materialize(instance, [uni_features], resources, "P002").success
+    assert materialize_patient(instance, [uni_features], resources, "P002").success
     tamper()
     shutil.rmtree(data_root / "artifacts" / "slide_vector" / "P002")
-    alone = _materialize(instance, [slide_vector], resources, "P002")
+    alone = materialize_patient(instance, [slide_vector], resources, "P002")
     assert not alone.success and _checks(alone) == {"slide_vector_valid": False}
     [valid] = alone.get_asset_check_evaluations()
     assert valid.metadata["found"].value.endswith("non-finite feature values")
@@ -239,7 +227,7 @@ def test_tampered_features_fail_the_checks(instance, base_resources, data_root: 
 
 
 def test_features_need_patch_coords_first(instance, base_resources):
-    result = _materialize(instance, [uni_features], _resources(base_resources), "P404")
+    result = materialize_patient(instance, [uni_features], _resources(base_resources), "P404")
     assert not result.success and "materialize patch_coords first" in _failure(result)
 
 
@@ -257,7 +245,7 @@ def test_a_backfill_range_encodes_many_patients_with_one_encoder(instance, base_
     instance.add_dynamic_partitions("patients", batch)
     for patient_id in ("B001", "B003"):
         copy_into(real_slide(test_data), data_root / "landing" / patient_id / "wsi")
-        assert _materialize(instance, [patch_coords], resources, patient_id).success
+        assert materialize_patient(instance, [patch_coords], resources, patient_id).success
     loads = []
     real_load = encoders.load_encoder
     monkeypatch.setattr(encoders, "load_encoder", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
@@ -292,7 +280,7 @@ def test_a_backfill_range_encodes_many_patients_with_one_encoder(instance, base_
     # Once the failed patient has its patch_coords, the same range succeeds: it encodes that patient
     # and reuses the others' stored features.
     copy_into(real_slide(test_data), data_root / "landing" / "B002" / "wsi")
-    assert _materialize(instance, [patch_coords], resources, "B002").success
+    assert materialize_patient(instance, [patch_coords], resources, "B002").success
     again = dg.materialize([uni_features], instance=instance, resources=resources, raise_on_error=False,
                            tags={ASSET_PARTITION_RANGE_START_TAG: "B001", ASSET_PARTITION_RANGE_END_TAG: "B003"})
     assert again.success

@@ -411,21 +411,27 @@ def test_resource_pointing_at_an_invalid_folder_fails_clearly(trained, tmp_path)
         nnunet.find_trained_model_folder(tmp_path / "missing")
 
 
-def test_training_needs_two_patients_with_a_reference_mask(tmp_path, real_ct, real_stomach):
-    (tmp_path / "dagster_home").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
-        cohort = Cohort(tmp_path, instance, {
-            "storage": ArtifactStorage(root=str(tmp_path / "artifacts")),
-            "landing": LandingZone(root=str(tmp_path / "landing")),
+def train_on_new_drops(root: Path, drops: dict[str, tuple[Path, Path | None]]) -> dg.ExecuteInProcessResult:
+    """A fresh instance and landing zone with `drops` (patient -> CT file, reference mask or None): each
+    CT materialized, then segmentation_model asked to train on them with the CPU demo settings."""
+    (root / "dagster_home").mkdir()
+    with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
+        cohort = Cohort(root, instance, {
+            "storage": ArtifactStorage(root=str(root / "artifacts")),
+            "landing": LandingZone(root=str(root / "landing")),
             "radiomics": RadiomicsSettings(),
             "segmentation": SegmentationModelResource.cpu_demo(),
         })
-        make_drop(tmp_path / "landing", "ONLY1", [real_ct], real_stomach)
-        make_drop(tmp_path / "landing", "NOMASK", [real_ct])
-        instance.add_dynamic_partitions("patients", ["ONLY1", "NOMASK"])
-        for patient_id in ("ONLY1", "NOMASK"):
+        for patient_id, (ct, mask) in drops.items():
+            make_drop(root / "landing", patient_id, [ct], mask)
+        instance.add_dynamic_partitions("patients", list(drops))
+        for patient_id in drops:
             assert cohort.materialize([ct_image], partition=patient_id).success
-        result = cohort.train()
+        return cohort.train()
+
+
+def test_training_needs_two_patients_with_a_reference_mask(tmp_path, real_ct, real_stomach):
+    result = train_on_new_drops(tmp_path, {"ONLY1": (real_ct, real_stomach), "NOMASK": (real_ct, None)})
     assert not result.success
     message = step_failure_text(result, "segmentation_model")
     assert "at least 2 patients with a reference mask" in message and "found 1 (ONLY1)" in message
@@ -561,20 +567,7 @@ def test_a_reference_mask_is_compared_with_the_installed_model(trained, real_ct)
 def test_training_refuses_label_maps_without_a_label(tmp_path, real_ct):
     """segmentation_model takes reference masks as ct_mask does: label maps need the label setting."""
     label_map = real_ct.parent / "example_seg_fast.nii.gz"
-    (tmp_path / "dagster_home").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
-        cohort = Cohort(tmp_path, instance, {
-            "storage": ArtifactStorage(root=str(tmp_path / "artifacts")),
-            "landing": LandingZone(root=str(tmp_path / "landing")),
-            "radiomics": RadiomicsSettings(),
-            "segmentation": SegmentationModelResource.cpu_demo(),
-        })
-        for patient_id in ("MAP1", "MAP2"):
-            make_drop(tmp_path / "landing", patient_id, [real_ct], label_map)
-        instance.add_dynamic_partitions("patients", ["MAP1", "MAP2"])
-        for patient_id in ("MAP1", "MAP2"):
-            assert cohort.materialize([ct_image], partition=patient_id).success
-        result = cohort.train()
+    result = train_on_new_drops(tmp_path, {"MAP1": (real_ct, label_map), "MAP2": (real_ct, label_map)})
     assert not result.success
     message = step_failure_text(result, "segmentation_model")
     assert "only 0 usable reference mask(s)" in message
