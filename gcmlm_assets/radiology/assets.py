@@ -207,8 +207,10 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
     ct_sha = sha256_file(ct_path)
     label_dir = landing.patient_dir(patient_id) / "ct_label"
     try:
+        # Checked again here: ct_mask may run without ct_image (by hand, or after the drop changed).
+        landing.refuse_links_leaving(patient_id, "ct_label")
         reference = masks.find_reference_mask(label_dir)
-    except masks.MaskInputError as error:
+    except (masks.MaskInputError, LandingInputError) as error:
         raise input_failure(error) from error
 
     model_folder = pins = None
@@ -338,10 +340,16 @@ def _model_agreement(context, segmenter: LoadOnce, model_folder, pins, model_err
     try:
         with stdout_to_log(context.log.debug):
             model, _ = segmenter.get(Path(model_folder), pins)
-            predicted = model.predict(image)
     except StepFailure as error:  # the model cannot load here: the reference mask is still good
         return {"status": "unavailable", "reason": f"the model could not be loaded: {error.description}",
                 "reference_file": str(reference)}
+    try:
+        with stdout_to_log(context.log.debug):
+            predicted = model.predict(image)
+    except Exception as error:  # noqa: BLE001 - a failed comparison must not cost the reference mask
+        context.log.warning(f"reference mask {reference}: model {model.model_id} failed to predict: {error!r}")
+        return {"status": "unavailable", "reference_file": str(reference),
+                "reason": f"model {model.model_id} failed to predict: {type(error).__name__}: {error}"}
     if not masks.same_grid(predicted, image):
         return {"status": "unavailable", "reference_file": str(reference),
                 "reason": f"model {model.model_id} predicted on another grid than the CT's"}

@@ -51,7 +51,7 @@ def _nifti_float_layout(header: bytes) -> tuple[int, np.dtype] | None:
     return None
 
 
-def _nifti_non_finite(path: Path) -> tuple[int, int, int | None] | None:
+def _nifti_non_finite(path: Path, voxels: int) -> tuple[int, int, int | None] | None:
     """NaN / infinite values counted in a float NIfTI's stored voxels, streamed in chunks; None
     when the file is not a float NIfTI."""
     with open(path, "rb") as raw:
@@ -64,7 +64,8 @@ def _nifti_non_finite(path: Path) -> tuple[int, int, int | None] | None:
         stream.seek(offset)
         nan = inf = done = 0
         first = None
-        while chunk := stream.read(dtype.itemsize * _CHUNK_VALUES):
+        # Exactly the volume's voxels: bytes after them (padding, extensions) are not voxels.
+        while done < voxels and (chunk := stream.read(dtype.itemsize * min(_CHUNK_VALUES, voxels - done))):
             values = np.frombuffer(chunk[: len(chunk) - len(chunk) % dtype.itemsize], dtype=dtype)
             chunk_nan, chunk_inf, chunk_first = _count_non_finite(values)
             nan, inf = nan + chunk_nan, inf + chunk_inf
@@ -78,7 +79,8 @@ def non_finite_problem(path: Path, image: sitk.Image) -> str | None:
     """Why the float volume `image`, read from `path`, has voxels that are not finite numbers."""
     if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
         return None  # stored as integers (maybe scaled): always finite
-    counted = _nifti_non_finite(path) if path.name.lower().endswith((".nii", ".nii.gz")) else None
+    voxels = int(np.prod(image.GetSize(), dtype=np.int64)) * image.GetNumberOfComponentsPerPixel()
+    counted = _nifti_non_finite(path, voxels) if path.name.lower().endswith((".nii", ".nii.gz")) else None
     if counted is None:
         counted = _count_non_finite(sitk.GetArrayViewFromImage(image).ravel())
     nan, inf, first = counted
@@ -94,12 +96,11 @@ def non_image_dicom_problem(path: Path) -> str | None:
     """What a well-formed DICOM file without image data is (e.g. a structured report), or None
     (an image, or not parseable: then it is the caller's "damaged" case)."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     try:
         # Values over 1 KB (the pixels) are not loaded; only their presence is asked.
         dataset = pydicom.dcmread(path, defer_size="1 KB")
-    except (InvalidDicomError, OSError, ValueError, EOFError):
+    except Exception:  # noqa: BLE001 - any parse failure is the caller's "damaged file" case
         return None
     if any(keyword in dataset for keyword in PIXEL_DATA_KEYWORDS):
         return None

@@ -176,10 +176,24 @@ def _refuse_foreign_imports(plans_file: Path, plans: dict) -> None:
         named = {"network_class_name": architecture.get("network_class_name")}
         named.update({key: kwargs.get(key) for key in architecture.get("_kw_requires_import") or ()})
         for key, value in named.items():
-            if value is not None and not (isinstance(value, str) and value.startswith(PLANS_IMPORT_PREFIXES)):
+            if value is not None and not _importable_from_allowed(value):
                 raise ModelFolderError(
                     f"{plans_file}: configuration {name!r} names {key}={value!r}, outside "
                     f"{', '.join(PLANS_IMPORT_PREFIXES)}; nnU-Net would import and call it, so the model is refused")
+
+
+def _importable_from_allowed(value) -> bool:
+    """The dotted path starts with an allowed prefix AND the object it reaches is defined there: a path
+    can walk through a module's globals (`torch.nn.modules.module.torch.load` reaches `torch.load`)."""
+    if not (isinstance(value, str) and value.startswith(PLANS_IMPORT_PREFIXES)):
+        return False
+    import pydoc
+
+    located = pydoc.locate(value)  # imports the modules on the path, as nnU-Net would; calls nothing
+    if located is None:
+        return False
+    home = getattr(located, "__module__", None) if not isinstance(located, type(pydoc)) else located.__name__
+    return isinstance(home, str) and (home + ".").startswith(PLANS_IMPORT_PREFIXES)
 
 
 def _checkpoint_identity(checkpoint: Path) -> tuple[str, str]:

@@ -15,6 +15,7 @@ import dagster as dg
 from gcmlm_assets import step_pods
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.landing.scan import LandingInputError
 from gcmlm_assets.pictures import PLOT, picture_markdown
 from gcmlm_assets.policies import TRANSIENT_RETRY
 from gcmlm_assets.radiology import model_lifecycle
@@ -39,8 +40,9 @@ def _training_candidates(context: dg.AssetExecutionContext, store, landing: Land
     for patient_id in sorted(context.instance.get_dynamic_partitions(patients_partitions.name)):
         label_dir = landing.patient_dir(patient_id) / "ct_label"
         try:
+            landing.refuse_links_leaving(patient_id, "ct_label")  # nothing outside the landing zone is read
             reference = masks.find_reference_mask(label_dir)
-        except masks.MaskInputError as error:
+        except (masks.MaskInputError, LandingInputError) as error:
             skipped[patient_id] = str(error)
             continue
         if reference is None:

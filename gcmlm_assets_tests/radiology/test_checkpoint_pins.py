@@ -124,6 +124,14 @@ def test_plans_naming_code_outside_the_network_packages_is_refused_before_unpick
                                                r"nonlin='subprocess\.Popen', outside dynamic_network_architectures"):
         nnunet.describe_model_folder(folder, pins)
     assert not marker.exists()
+    # A path that starts inside an allowed package but walks through a module's globals to reach
+    # something else (here torch.load) is refused for what it reaches, not what it starts with.
+    kwargs = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    kwargs["nonlin"] = "torch.nn.modules.module.torch.load"
+    (folder / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(ModelFolderError, match=r"names nonlin='torch\.nn\.modules\.module\.torch\.load', outside"):
+        nnunet.describe_model_folder(folder, pins)
+    assert not marker.exists()
 
 
 def test_pins_setting_format():

@@ -364,3 +364,22 @@ def test_transient_errors_are_retried_input_errors_fail_once(instance, data_root
     assert not failed.success
     assert step_events(failed, "ct_image", "STEP_UP_FOR_RETRY") == []
     assert len(step_events(failed, "ct_image", "STEP_FAILURE")) == 1
+
+
+def test_ct_mask_alone_refuses_a_reference_mask_linked_from_outside_the_landing_zone(
+        instance, data_root, radiology_resources, real_ct, real_stomach, tmp_path):
+    """ct_image checks the whole drop, but ct_mask can run without it (by hand, or after the drop
+    changed): it checks `ct_label/` again and reads nothing through a link that leaves the zone."""
+    drop = make_drop(data_root / "landing", "TS020", [real_ct], real_stomach)
+    assert materialize(instance, radiology_resources, "TS020", assets=[ct_image]).success
+    outside = tmp_path / "elsewhere" / real_stomach.name
+    outside.parent.mkdir()
+    (drop / "ct_label" / real_stomach.name).rename(outside)
+    (drop / "ct_label" / real_stomach.name).symlink_to(outside)
+    result = dg.materialize([ct_image, ct_mask], selection=[ct_mask], partition_key="TS020", instance=instance,
+                            resources=radiology_resources, raise_on_error=False)
+    assert not result.success
+    message = step_failure_text(result, "ct_mask")
+    assert f"{drop / 'ct_label' / real_stomach.name} is a symbolic link to {outside}" in message
+    assert "outside the landing zone" in message
+    assert not (data_root / "artifacts" / "ct_mask" / "TS020").exists()
