@@ -38,6 +38,11 @@ sklearn = lazy("sklearn")
 clinical = lazy("gcmlm_assets.cohort.clinical")
 fusion = lazy("gcmlm_assets.cohort.fusion")
 modelling = lazy("gcmlm_assets.cohort.modelling")
+cohort_data = lazy("gcmlm_assets.cohort.cohort_data")
+crossval = lazy("gcmlm_assets.cohort.crossval")
+model_metrics = lazy("gcmlm_assets.cohort.metrics")
+model_plots = lazy("gcmlm_assets.cohort.plots")
+model_card = lazy("gcmlm_assets.cohort.model_card")
 
 GROUP = "cohort"
 CLINICAL_CSV = "clinical.csv"
@@ -243,18 +248,18 @@ def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage
     settings = risk_model.model_settings()
     # a new scikit-learn may fit differently and may not load old skops files: retrain
     fingerprint = sha256_text(CODE_VERSIONS["risk_model"], sklearn.__version__, fused_sha,
-                              modelling.settings_json(settings))
+                              model_card.settings_json(settings))
     root = store.asset_dir(RISK_MODEL)
     pointer = _reusable_version(root, fingerprint)
     if pointer is not None:
         context.log.info(f"risk_model: inputs and settings unchanged, version {pointer['version']} reused")
         yield _model_result(root, pointer, "reused: fused table and settings unchanged")
         return
-    data = modelling.CohortData.from_table(pq.read_table(fused_path), settings.blocks())
+    data = cohort_data.CohortData.from_table(pq.read_table(fused_path), settings.blocks())
     try:
         pointer = _train_and_publish(context, root, data, fused_path, fused_sha, settings, fingerprint)
     except modelling.InsufficientLabels as exc:
-        yield from _wait_for_labels(context, root, modelling.labelled_counts(data), settings, fused_sha, str(exc))
+        yield from _wait_for_labels(context, root, crossval.labelled_counts(data), settings, fused_sha, str(exc))
         return
     yield _model_result(root, pointer, "trained")
 
@@ -298,26 +303,26 @@ def _wait_for_labels(context, root: Path, counts: dict[str, int], settings: "mod
                              "present_per_class": dg.MetadataValue.json(counts), "needed_per_class": needed})
 
 
-def _train_and_publish(context, root: Path, data: "modelling.CohortData", fused_path: Path, fused_sha: str,
+def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fused_path: Path, fused_sha: str,
                        settings: "modelling.ModelSettings", fingerprint: str) -> dict:
-    cv = modelling.cross_validate(data, settings)
+    cv = crossval.cross_validate(data, settings)
     context.log.info(f"cross-validated {len(cv.labels)} patients: {cv.n_splits} folds x {cv.n_repeats} repeats")
     for note in cv.notes:
         context.log.warning(note)
-    metrics, curves = modelling.evaluate_cross_validation(cv, settings)
+    metrics, curves = model_metrics.evaluate_cross_validation(cv, settings)
     fused = metrics.get(modelling.FUSED, {})
     threshold = settings.risk_threshold if settings.risk_threshold is not None else fused.get("youden_threshold", 0.5)
     model, fitted = modelling.fit_risk_model(data, settings, threshold)
-    card = modelling.model_card(model, settings, fitted, metrics, cv,
+    card = model_card.model_card(model, settings, fitted, metrics, cv,
                                 {"fused_table_sha256": fused_sha, "fused_table": str(fused_path)})
     staging = new_version_folder(root)
     try:
         modelling.save_model(model, staging / MODEL_FILE)
-        atomic_write_json(staging / METRICS_FILE, modelling.json_safe(metrics))
-        atomic_write_json(staging / MODEL_CARD, modelling.json_safe(card))
-        fusion.write_parquet(modelling.cv_predictions_table(cv), staging / CV_PREDICTIONS)
+        atomic_write_json(staging / METRICS_FILE, model_card.json_safe(metrics))
+        atomic_write_json(staging / MODEL_CARD, model_card.json_safe(card))
+        fusion.write_parquet(crossval.cv_predictions_table(cv), staging / CV_PREDICTIONS)
         for kind, name in PLOTS.items():
-            pictures.save_png(modelling.plot_curves(curves, kind), staging / name)
+            pictures.save_png(model_plots.plot_curves(curves, kind), staging / name)
         pointer = publish_version(root, staging, {"fingerprint": fingerprint,
                                                   "inputs": {"fused_table_sha256": fused_sha}})
     finally:
@@ -350,7 +355,7 @@ def _model_result(root: Path, pointer: dict, status: str, extra: dict | None = N
             "fused_table_sha256": pointer["inputs"]["fused_table_sha256"],
             "fused_auc": fused.get("auc"),
             "fused_auc_ci": dg.MetadataValue.json([fused.get("auc_ci_low"), fused.get("auc_ci_high")]),
-            "ablation": dg.MetadataValue.md(modelling.ablation_markdown(metrics)),
+            "ablation": dg.MetadataValue.md(model_metrics.ablation_markdown(metrics)),
             **{f"plot_{kind}": dg.MetadataValue.md(pictures.picture_markdown(folder / name, pictures.PLOT, kind))
                for kind, name in PLOTS.items()},
             **{f"plot_{kind}_path": dg.MetadataValue.path(str(folder / name)) for kind, name in PLOTS.items()},
@@ -429,7 +434,7 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
 
 
 def _save_score_picture(scores, threshold: float, path: Path) -> None:
-    pictures.save_png(modelling.plot_score_distribution(
+    pictures.save_png(model_plots.plot_score_distribution(
         scores.column("probability").to_pylist(), threshold, scores.column("mlm").to_pylist()), path)
 
 

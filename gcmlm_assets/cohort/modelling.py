@@ -1,4 +1,4 @@
-"""The MLM risk model: per-modality scikit-learn pipelines, late fusion, cross-validation, metrics.
+"""The MLM risk model: per-modality scikit-learn pipelines, late fusion, the fitted model and its file.
 
 Plain Python (no Dagster).
 
@@ -24,48 +24,33 @@ missing modality needs no imputation of a whole block. The "fused" model in the 
 is this rule applied to out-of-fold block predictions, so the reported fused metrics include the
 patients who lack a modality (a separate row reports the patients who have every modality).
 
-Cross-validation: repeated stratified k-fold over the labelled patients that have at least one
-block, at patient level (one row per patient, so no patient is ever in both parts of a fold).
-All models of the ablation (each block alone, fused) are fitted and evaluated in the SAME folds.
-Reported per model, on the out-of-fold predictions:
-- AUC: the mean over repeats of the per-repeat AUC, with a 95 % percentile bootstrap CI
-  (patients resampled within each class, the same resample used for every repeat);
-- on the per-patient mean of the out-of-fold probabilities over repeats: sensitivity and
-  specificity at the Youden threshold (chosen on these same predictions, hence optimistic), the
-  Brier score, a calibration curve (quantile bins) and decision-curve analysis (net benefit
-  against threshold probability, with treat-all and treat-none).
-
 The final model fits each block on every labelled patient that has it. Its risk groups split at
 `risk_threshold`, by default the Youden threshold of the fused out-of-fold probabilities.
 The fitted model is saved with skops (never pickle) and loaded only with the explicit list of
-types in `TRUSTED_TYPES`.
+types in `TRUSTED_TYPES`; the classes a model file names (`FusedRiskModel`, `CorrelationFilter`,
+`L1Selection`) must stay in this module, as the file records their module path.
+
+Elsewhere: the fused table as matrices (cohort_data), cross-validation (crossval), its metrics
+and ablation table (metrics), figures (plots), the model card and strict JSON (model_card).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import platform
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import scipy.stats
-import sklearn
-import skops
 import skops.io as sio
 from sklearn.base import BaseEstimator
-from sklearn.calibration import CalibratedClassifierCV, calibration_curve
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.decomposition import PCA
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_selection import SelectFromModel, SelectorMixin, VarianceThreshold
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-from sklearn.metrics import brier_score_loss, roc_curve
-from sklearn.model_selection import RepeatedStratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
@@ -73,7 +58,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
 from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
-from gcmlm_assets.cohort.fusion import AVAILABILITY, CLINICAL, PATHOLOGY, PREFIX, RADIOLOGY
+from gcmlm_assets.cohort.cohort_data import CohortData, class_counts
+from gcmlm_assets.cohort.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
 from gcmlm_assets.storage import atomic_path
 
 CLASSIFIERS = ("logistic", "svm", "random_forest")
@@ -116,67 +102,6 @@ class ModelSettings:
 
 class InsufficientLabels(ValueError):
     """Too few labelled patients of a class to train or cross-validate."""
-
-
-# ---------------------------------------------------------------- data
-
-
-def block_columns(column_names: list[str], block: str) -> list[str]:
-    if block == PATHOLOGY:
-        return [c for c in column_names if c.startswith(PREFIX[PATHOLOGY] + "feat")]
-    return [c for c in column_names if c.startswith(PREFIX[block])]
-
-
-@dataclass
-class BlockData:
-    columns: list[str]
-    X: np.ndarray  # (patients, features) float64; NaN where missing
-    available: np.ndarray  # (patients,) bool
-
-
-@dataclass
-class CohortData:
-    patient_ids: np.ndarray
-    labels: np.ndarray  # float: 0, 1, or NaN for unknown
-    blocks: dict[str, BlockData]
-
-    @classmethod
-    def from_table(cls, table: pa.Table, blocks: tuple[str, ...],
-                   columns: dict[str, list[str]] | None = None) -> CohortData:
-        """Matrices of the fused table; `columns` fixes each block's columns (a fitted model's)."""
-        patient_ids = np.asarray(table.column(ID_COLUMN).to_pylist(), dtype=object)
-        labels = np.asarray([np.nan if v is None else float(v)
-                             for v in table.column(LABEL_COLUMN).to_pylist()])
-        data: dict[str, BlockData] = {}
-        for block in blocks:
-            names = columns[block] if columns is not None else block_columns(table.column_names, block)
-            X = np.full((table.num_rows, len(names)), np.nan)
-            for j, name in enumerate(names):
-                if name in table.column_names:
-                    X[:, j] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
-            flag = AVAILABILITY[block]
-            available = (np.asarray(table.column(flag).to_pylist(), dtype=bool)
-                         if flag in table.column_names else np.zeros(table.num_rows, bool))
-            if names:
-                available &= np.isfinite(X).any(axis=1)
-            else:
-                available[:] = False
-            data[block] = BlockData(list(names), X, available)
-        return cls(patient_ids, labels, data)
-
-    @property
-    def labelled(self) -> np.ndarray:
-        return np.isfinite(self.labels)
-
-    def any_block(self) -> np.ndarray:
-        mask = np.zeros(len(self.patient_ids), bool)
-        for block in self.blocks.values():
-            mask |= block.available
-        return mask
-
-
-def class_counts(labels: np.ndarray) -> dict[str, int]:
-    return {"positive": int(np.sum(labels == 1)), "negative": int(np.sum(labels == 0))}
 
 
 # ---------------------------------------------------------------- transformers
@@ -416,267 +341,6 @@ def describe_pipeline(block: str, pipeline: Pipeline, columns: list[str]) -> dic
     return info
 
 
-# ---------------------------------------------------------------- cross-validation
-
-
-@dataclass
-class CrossValidation:
-    patient_ids: np.ndarray  # the labelled patients with at least one block, in table order
-    labels: np.ndarray
-    available: dict[str, np.ndarray]  # block -> bool per patient
-    predictions: dict[str, np.ndarray]  # model -> (n_repeats, n_patients), NaN: no prediction
-    n_splits: int
-    n_repeats: int
-    notes: list[str] = field(default_factory=list)
-
-    def models(self) -> list[str]:
-        names = [b for b in self.available] + [FUSED]
-        complete = np.logical_and.reduce(list(self.available.values()))
-        if len(self.available) > 1 and complete.any() and not complete.all():
-            names.append(FUSED_COMPLETE)
-        return names
-
-    def model_predictions(self, model: str) -> tuple[np.ndarray, np.ndarray]:
-        """(labels, predictions) over the patients the model is evaluated on."""
-        source = FUSED if model == FUSED_COMPLETE else model
-        predictions = self.predictions[source]
-        rows = np.isfinite(predictions).all(axis=0)
-        if model == FUSED_COMPLETE:
-            rows &= np.logical_and.reduce(list(self.available.values()))
-        return self.labels[rows], predictions[:, rows]
-
-
-def labelled_counts(data: CohortData) -> dict[str, int]:
-    """Labelled patients with at least one feature block, per class: what training can use."""
-    return class_counts(data.labels[data.labelled & data.any_block()])
-
-
-def check_enough_labels(data: CohortData, settings: ModelSettings) -> dict[str, int]:
-    counts = labelled_counts(data)
-    short = {k: v for k, v in counts.items() if v < settings.min_labelled_per_class}
-    if short:
-        raise InsufficientLabels(
-            f"too few labelled patients with features to train: {counts} (each class needs at least "
-            f"{settings.min_labelled_per_class}, setting min_labelled_per_class)")
-    return counts
-
-
-def cross_validate(data: CohortData, settings: ModelSettings) -> CrossValidation:
-    counts = check_enough_labels(data, settings)
-    rows = data.labelled & data.any_block()
-    labels = data.labels[rows].astype(int)
-    n_splits = min(settings.n_splits, min(counts.values()))
-    notes = []
-    if n_splits < settings.n_splits:
-        notes.append(f"n_splits lowered from {settings.n_splits} to {n_splits}: the smaller class has "
-                     f"{min(counts.values())} patients")
-    blocks = settings.blocks()
-    X = {b: data.blocks[b].X[rows] for b in blocks}
-    available = {b: data.blocks[b].available[rows] for b in blocks}
-    predictions = {m: np.full((settings.n_repeats, len(labels)), np.nan) for m in (*blocks, FUSED)}
-    splitter = RepeatedStratifiedKFold(n_splits=n_splits, n_repeats=settings.n_repeats,
-                                       random_state=settings.seed)
-    for fold, (train, test) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
-        repeat = fold // n_splits
-        for block in blocks:
-            block_train = train[available[block][train]]
-            block_test = test[available[block][test]]
-            if len(block_test) == 0:
-                continue
-            pipeline = fit_block(block, X[block][block_train], labels[block_train].astype(float), settings)
-            if pipeline is None:
-                notes.append(f"repeat {repeat + 1}, fold {fold % n_splits + 1}: {block} not fitted "
-                             f"(fewer than 2 training patients of a class)")
-                continue
-            with threadpool_limits(1):
-                predictions[block][repeat, block_test] = pipeline.predict_proba(X[block][block_test])[:, 1]
-        predictions[FUSED][repeat, test] = combine_probabilities([predictions[b][repeat, test] for b in blocks])
-    return CrossValidation(data.patient_ids[rows], labels, available, predictions, n_splits,
-                           settings.n_repeats, notes)
-
-
-# ---------------------------------------------------------------- metrics
-
-
-def _rank_auc(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
-    """AUC (Mann-Whitney, ties count half) along the last axis; inputs (..., n1) and (..., n0)."""
-    n1, n0 = positive.shape[-1], negative.shape[-1]
-    ranks = scipy.stats.rankdata(np.concatenate([positive, negative], axis=-1), axis=-1)
-    return (ranks[..., :n1].sum(axis=-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
-
-
-def auc_with_bootstrap(labels: np.ndarray, predictions: np.ndarray, n_bootstrap: int,
-                       rng: np.random.Generator) -> dict:
-    """Mean per-repeat AUC and its 95 % CI (stratified bootstrap over patients)."""
-    positive, negative = labels == 1, labels == 0
-    per_repeat = _rank_auc(predictions[:, positive], predictions[:, negative])
-    pos_draw = rng.integers(0, positive.sum(), size=(n_bootstrap, positive.sum()))
-    neg_draw = rng.integers(0, negative.sum(), size=(n_bootstrap, negative.sum()))
-    boot = np.zeros(n_bootstrap)
-    for repeat in range(predictions.shape[0]):
-        boot += _rank_auc(predictions[repeat, positive][pos_draw], predictions[repeat, negative][neg_draw])
-    boot /= predictions.shape[0]
-    low, high = np.percentile(boot, [2.5, 97.5])
-    return {"auc": float(per_repeat.mean()), "auc_ci_low": float(low), "auc_ci_high": float(high),
-            "auc_repeat_sd": float(per_repeat.std()), "auc_per_repeat": [round(float(a), 4) for a in per_repeat]}
-
-
-def youden_threshold(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    fpr, tpr, thresholds = roc_curve(labels, probabilities)
-    best = int(np.argmax(tpr - fpr))
-    return float(min(thresholds[best], 1.0))
-
-
-def net_benefit(labels: np.ndarray, probabilities: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    n = len(labels)
-    treated = probabilities[None, :] >= thresholds[:, None]
-    true_pos = (treated & (labels[None, :] == 1)).sum(axis=1) / n
-    false_pos = (treated & (labels[None, :] == 0)).sum(axis=1) / n
-    return true_pos - false_pos * thresholds / (1 - thresholds)
-
-
-# Net benefit beyond 0.8 rests on a handful of patients and no one treats at such odds; not shown.
-DCA_THRESHOLDS = np.round(np.arange(0.01, 0.81, 0.01), 2)
-
-
-def evaluate(labels: np.ndarray, predictions: np.ndarray, n_bootstrap: int, seed: int) -> tuple[dict, dict]:
-    """(metrics, curves) of one model's out-of-fold predictions (n_repeats, n_patients)."""
-    counts = class_counts(labels)
-    metrics: dict = {"patients": int(len(labels)), **counts}
-    if min(counts.values()) < 2:
-        metrics["note"] = "fewer than 2 patients of a class have predictions: no metrics"
-        return metrics, {}
-    rng = np.random.default_rng(seed)
-    metrics.update(auc_with_bootstrap(labels, predictions, n_bootstrap, rng))
-    mean_probability = predictions.mean(axis=0)
-    threshold = youden_threshold(labels, mean_probability)
-    predicted_positive = mean_probability >= threshold
-    metrics.update({
-        "youden_threshold": threshold,
-        "sensitivity": float(predicted_positive[labels == 1].mean()),
-        "specificity": float((~predicted_positive[labels == 0]).mean()),
-        "brier": float(brier_score_loss(labels, mean_probability)),
-    })
-    fpr, tpr, _ = roc_curve(labels, mean_probability)
-    n_bins = int(max(2, min(10, len(labels) // 10)))
-    observed, predicted = calibration_curve(labels, mean_probability, n_bins=n_bins, strategy="quantile")
-    prevalence = float(labels.mean())
-    curves = {
-        "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
-        "calibration": {"predicted": predicted.tolist(), "observed": observed.tolist()},
-        "decision_curve": {
-            "thresholds": DCA_THRESHOLDS.tolist(),
-            "model": net_benefit(labels, mean_probability, DCA_THRESHOLDS).tolist(),
-            "treat_all": (prevalence - (1 - prevalence) * DCA_THRESHOLDS / (1 - DCA_THRESHOLDS)).tolist(),
-        },
-    }
-    metrics["net_benefit"] = {f"{t:.1f}": round(float(curves["decision_curve"]["model"][int(round(t * 100)) - 1]), 4)
-                              for t in (0.1, 0.2, 0.3, 0.5)}
-    return metrics, curves
-
-
-def evaluate_cross_validation(cv: CrossValidation, settings: ModelSettings) -> tuple[dict, dict]:
-    """Metrics and curves of every model of the ablation, keyed by model name."""
-    metrics, curves = {}, {}
-    for model in cv.models():
-        labels, predictions = cv.model_predictions(model)
-        metrics[model], curves[model] = evaluate(labels, predictions, settings.n_bootstrap, settings.seed)
-    return metrics, curves
-
-
-def ablation_markdown(metrics: dict) -> str:
-    lines = ["| model | patients (+/−) | AUC [95 % CI] | sensitivity | specificity | Brier |",
-             "|---|---|---|---|---|---|"]
-    for model, m in metrics.items():
-        name = MODEL_LABELS.get(model, model)
-        if "auc" not in m:
-            lines.append(f"| {name} | {m['patients']} ({m['positive']}/{m['negative']}) | – | – | – | – |")
-            continue
-        lines.append(f"| {name} | {m['patients']} ({m['positive']}/{m['negative']}) | "
-                     f"{m['auc']:.3f} [{m['auc_ci_low']:.3f}, {m['auc_ci_high']:.3f}] | "
-                     f"{m['sensitivity']:.2f} | {m['specificity']:.2f} | {m['brier']:.3f} |")
-    return "\n".join(lines)
-
-
-def cv_predictions_table(cv: CrossValidation) -> pa.Table:
-    """Out-of-fold probabilities (mean over repeats) per patient and model."""
-    columns: dict[str, pa.Array] = {ID_COLUMN: pa.array(cv.patient_ids.tolist(), pa.string()),
-                                    LABEL_COLUMN: pa.array(cv.labels, pa.int8())}
-    for model, predictions in cv.predictions.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: no prediction
-            mean = np.nanmean(predictions, axis=0)
-        columns[f"oof_probability_{model}"] = pa.array(mean, pa.float64(), mask=~np.isfinite(mean))
-    return pa.table(columns)
-
-
-# ---------------------------------------------------------------- plots
-
-
-def plot_curves(curves: dict, kind: str) -> bytes:
-    """Full-size PNG of one kind of curve ('roc', 'calibration', 'decision_curve') for every model."""
-    from gcmlm_assets import pictures
-
-    # 8 in at the pictures' 150 dpi: 1200 px, shown 1:1 in the UI with 10 pt text about 20 px high
-    fig, ax = pictures.plt.subplots(figsize=(8, 6), layout="constrained")
-    if kind == "roc":
-        ax.plot([0, 1], [0, 1], ls=":", c="grey")
-        ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="ROC (out-of-fold, mean over repeats)")
-    elif kind == "calibration":
-        ax.plot([0, 1], [0, 1], ls=":", c="grey", label="ideal")
-        ax.set(xlabel="predicted probability", ylabel="observed MLM fraction", title="Calibration",
-               xlim=(0, 1), ylim=(0, 1))
-    else:
-        ax.axhline(0, c="black", lw=1, label="treat none")
-        ax.set(xlabel="threshold probability", ylabel="net benefit", title="Decision curve")
-    highest_benefit = 0.0
-    for model, curve in curves.items():
-        if not curve:
-            continue
-        label = MODEL_LABELS.get(model, model)
-        if kind == "roc":
-            ax.plot(curve["roc"]["fpr"], curve["roc"]["tpr"], label=label)
-        elif kind == "calibration":
-            ax.plot(curve["calibration"]["predicted"], curve["calibration"]["observed"], marker="o", label=label)
-        else:
-            dca = curve["decision_curve"]
-            ax.plot(dca["thresholds"], dca["model"], label=label)
-            highest_benefit = max(highest_benefit, max(dca["model"]), dca["treat_all"][0])
-            if model == FUSED:
-                ax.plot(dca["thresholds"], dca["treat_all"], c="grey", ls="--", label="treat all")
-    if kind == "decision_curve":
-        # treat-all falls steeply at high thresholds; keep the useful range in view
-        ax.set_ylim(-0.05, highest_benefit + 0.05)
-    ax.legend(fontsize=10, loc="best")
-    return pictures.figure_png(fig)
-
-
-def plot_score_distribution(probabilities, threshold: float, labels=None) -> bytes:
-    """Full-size PNG: histogram of the MLM probabilities, stacked by known label, with the risk
-    threshold as a vertical line and the high/low risk counts in the title."""
-    from gcmlm_assets import pictures
-
-    probabilities = np.asarray(probabilities, dtype=float)
-    labels = np.full(len(probabilities), np.nan) if labels is None else \
-        np.array([np.nan if v is None else float(v) for v in labels])
-    high = int(np.count_nonzero(probabilities >= threshold))
-    groups = [("MLM", labels == 1, "tab:red"), ("no MLM", labels == 0, "tab:blue"),
-              ("label unknown", np.isnan(labels), "tab:grey")]
-    groups = [(name, probabilities[rows], colour) for name, rows, colour in groups if rows.any()]
-    fig, ax = pictures.plt.subplots(figsize=(8, 5), layout="constrained")
-    if groups:  # matplotlib refuses a stacked histogram of no data sets
-        ax.hist([values for _, values, _ in groups], bins=np.linspace(0, 1, 21), stacked=True,
-                color=[colour for *_, colour in groups],
-                label=[f"{name} ({len(values)})" for name, values, _ in groups])
-    ax.axvline(threshold, color="black", ls="--", lw=1.5, label=f"threshold {threshold:.3f}")
-    ax.yaxis.get_major_locator().set_params(integer=True)  # patients come whole
-    ax.set(xlabel="MLM probability (fused model)", ylabel="patients", xlim=(0, 1),
-           title=f"Risk scores of {len(probabilities)} patients: {high} high risk, "
-                 f"{len(probabilities) - high} low risk")
-    ax.legend(fontsize=10, loc="best")
-    return pictures.figure_png(fig)
-
-
 # ---------------------------------------------------------------- persistence
 
 
@@ -713,44 +377,3 @@ def load_model(path: str | Path) -> FusedRiskModel:
     if not isinstance(model, FusedRiskModel):
         raise UntrustedModelFile(f"{path}: holds a {type(model).__name__}, not a FusedRiskModel")
     return model
-
-
-def model_card(model: FusedRiskModel, settings: ModelSettings, fitted: dict, metrics: dict,
-               cv: CrossValidation, data_versions: dict) -> dict:
-    fused = metrics.get(FUSED, {})
-    return {
-        "model": "MLM risk (metachronous liver metastasis of gastric cancer)",
-        "strategy": FUSION_STRATEGY,
-        "classifier": settings.classifier,
-        "blocks": fitted,
-        "risk_threshold": model.risk_threshold,
-        "risk_threshold_source": ("setting risk_threshold" if settings.risk_threshold is not None
-                                  else "Youden threshold of the fused model's out-of-fold predictions"),
-        "validation": {"scheme": f"repeated stratified {cv.n_splits}-fold CV x {cv.n_repeats} repeats, "
-                                 "patient level, all fitting inside the folds",
-                       "patients": int(len(cv.labels)), **class_counts(cv.labels), "notes": cv.notes},
-        "metrics": {m: {k: v for k, v in values.items() if k != "auc_per_repeat"} for m, values in metrics.items()},
-        "fused_auc": fused.get("auc"),
-        "settings": asdict(settings),
-        "data_versions": data_versions,
-        "software": {"python": platform.python_version(), "scikit-learn": sklearn.__version__,
-                     "skops": skops.__version__, "numpy": np.__version__},
-        "intended_use": "research; not validated for clinical decisions",
-    }
-
-
-def json_safe(obj):
-    """Round floats and replace NaN/inf so the metrics can be stored as strict JSON."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, float | np.floating):
-        return None if not math.isfinite(obj) else round(float(obj), 6)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def settings_json(settings: ModelSettings) -> str:
-    return json.dumps(asdict(settings), sort_keys=True)

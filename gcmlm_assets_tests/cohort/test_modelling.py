@@ -12,6 +12,8 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from gcmlm_assets.cohort import cohort_data, crossval, plots
+from gcmlm_assets.cohort import metrics as model_metrics
 from gcmlm_assets.cohort import modelling as M
 from gcmlm_assets.cohort import qc
 from gcmlm_assets_tests.cohort.synthetic import RADIOMICS_NAMES, make_cohort
@@ -35,8 +37,8 @@ def cohort_table(ids, labels, radiomics, pathology, *, without_radiology=(), wit
 
 
 def fused_cv_auc(table: pa.Table, settings: M.ModelSettings) -> dict:
-    data = M.CohortData.from_table(table, settings.blocks())
-    metrics, _ = M.evaluate_cross_validation(M.cross_validate(data, settings), settings)
+    data = cohort_data.CohortData.from_table(table, settings.blocks())
+    metrics, _ = model_metrics.evaluate_cross_validation(crossval.cross_validate(data, settings), settings)
     return metrics
 
 
@@ -47,7 +49,7 @@ def cohort():
 
 def test_planted_signal_is_found(cohort):
     metrics = fused_cv_auc(cohort_table(*cohort), FAST)
-    assert metrics["fused"]["auc"] > 0.8, M.ablation_markdown(metrics)
+    assert metrics["fused"]["auc"] > 0.8, model_metrics.ablation_markdown(metrics)
     assert metrics["fused"]["auc_ci_low"] > 0.5
     for model in ("radiology", "pathology", "fused"):
         m = metrics[model]
@@ -61,7 +63,7 @@ def leaky_cv_auc(features: np.ndarray, labels: np.ndarray) -> float:
     chosen = SelectKBest(f_classif, k=10).fit(features, labels).transform(features)
     predictions = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression()), chosen, labels,
                                     cv=StratifiedKFold(5, shuffle=True, random_state=0), method="predict_proba")
-    return float(M._rank_auc(predictions[labels == 1, 1], predictions[labels == 0, 1]))
+    return float(model_metrics._rank_auc(predictions[labels == 1, 1], predictions[labels == 0, 1]))
 
 
 def test_permuted_labels_give_chance_auc_and_leakage_would_show(cohort):
@@ -76,7 +78,7 @@ def test_permuted_labels_give_chance_auc_and_leakage_would_show(cohort):
     for permutation_seed in (1, 2, 3):
         permuted = np.random.default_rng(permutation_seed).permutation(labels)
         metrics = fused_cv_auc(cohort_table(ids, permuted, radiomics, pathology), FAST)
-        table = M.ablation_markdown(metrics)
+        table = model_metrics.ablation_markdown(metrics)
         assert abs(metrics["fused"]["auc"] - 0.5) <= 0.15, table
         assert metrics["fused"]["auc_ci_low"] < 0.5 < metrics["fused"]["auc_ci_high"], table
         assert qc.cv_auc_reported(metrics).outcome == qc.WARN
@@ -94,9 +96,9 @@ def test_missing_modality_patients_are_scored_and_evaluated():
     table = cohort_table(ids, labels, radiomics, pathology, without_radiology=no_rad, without_pathology=no_path,
                          unknown={"P003", "P007"})
     settings = M.ModelSettings(n_repeats=2, n_bootstrap=200)
-    data = M.CohortData.from_table(table, settings.blocks())
-    cv = M.cross_validate(data, settings)
-    metrics, curves = M.evaluate_cross_validation(cv, settings)
+    data = cohort_data.CohortData.from_table(table, settings.blocks())
+    cv = crossval.cross_validate(data, settings)
+    metrics, curves = model_metrics.evaluate_cross_validation(cv, settings)
     assert metrics["fused"]["patients"] == 38  # every labelled patient, whatever modality they lack
     assert metrics["radiology"]["patients"] == 38 - 2 and metrics["pathology"]["patients"] == 38 - 2
     assert metrics["fused_all_modalities"]["patients"] == 38 - 4
@@ -128,7 +130,7 @@ def test_skops_round_trip_gives_identical_predictions(tmp_path, classifier):
     ids, labels, radiomics, pathology = make_cohort(30, seed=8)
     table = cohort_table(ids, labels, radiomics, pathology, without_radiology={"P004"})
     settings = M.ModelSettings(classifier=classifier, n_repeats=1, n_bootstrap=50)
-    data = M.CohortData.from_table(table, settings.blocks())
+    data = cohort_data.CohortData.from_table(table, settings.blocks())
     model, _ = M.fit_risk_model(data, settings, 0.5)
     path = M.save_model(model, tmp_path / "model.skops")
     loaded = M.load_model(path)
@@ -146,7 +148,7 @@ class Unlisted:
 def test_loading_refuses_types_off_the_trusted_list(tmp_path):
     ids, labels, radiomics, pathology = make_cohort(24, seed=9)
     table = cohort_table(ids, labels, radiomics, pathology)
-    model, _ = M.fit_risk_model(M.CohortData.from_table(table, FAST.blocks()), FAST, 0.5)
+    model, _ = M.fit_risk_model(cohort_data.CohortData.from_table(table, FAST.blocks()), FAST, 0.5)
     model.settings = {**model.settings, "smuggled": Unlisted()}
     path = tmp_path / "model.skops"
     sio.dump(model, path)
@@ -158,7 +160,7 @@ def test_too_few_labels_is_a_clear_error():
     ids, labels, radiomics, pathology = make_cohort(20, seed=2, positive_fraction=0.15)
     table = cohort_table(ids, labels, radiomics, pathology)
     with pytest.raises(M.InsufficientLabels, match="min_labelled_per_class"):
-        M.cross_validate(M.CohortData.from_table(table, FAST.blocks()), FAST)
+        crossval.cross_validate(cohort_data.CohortData.from_table(table, FAST.blocks()), FAST)
 
 
 def test_auc_check_warns_when_the_ci_includes_chance_and_fails_without_an_auc():
@@ -187,9 +189,10 @@ def test_rank_auc_and_net_benefit_match_definitions():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 50)
     scores = np.round(rng.random(50), 1)  # ties count half
-    assert M._rank_auc(scores[labels == 1], scores[labels == 0]) == pytest.approx(roc_auc_score(labels, scores))
+    rank_auc = model_metrics._rank_auc(scores[labels == 1], scores[labels == 0])
+    assert rank_auc == pytest.approx(roc_auc_score(labels, scores))
     # net benefit of treating everyone equals the treat-all line
-    nb = M.net_benefit(labels, np.ones(50), np.array([0.2]))
+    nb = model_metrics.net_benefit(labels, np.ones(50), np.array([0.2]))
     prevalence = labels.mean()
     assert nb[0] == pytest.approx(prevalence - (1 - prevalence) * 0.25)
 
@@ -198,6 +201,6 @@ def test_the_score_distribution_is_drawn_with_no_scores_at_all():
     # A cohort whose patients all lack features scores nobody: the picture says so instead of failing.
     from PIL import Image
 
-    png = M.plot_score_distribution([], threshold=0.4)
+    png = plots.plot_score_distribution([], threshold=0.4)
     with Image.open(io.BytesIO(png)) as picture:
         assert picture.format == "PNG" and picture.width >= 800
