@@ -70,16 +70,23 @@ class LoadOnce:
     def __init__(self, load: Callable, errors: tuple[type[Exception], ...] = ()):
         self._load, self._errors = load, errors
         self._key, self._value = None, None
+        self._failed: tuple[tuple, StepFailure] | None = None
         self.loads = 0
 
     def get(self, *key):
+        # A load that failed for this key fails the same way again, without loading (or hashing a
+        # checkpoint) once more for every patient of the run.
+        if self._failed is not None and self._failed[0] == key:
+            raise self._failed[1]
         if self.loads == 0 or key != self._key:
             self._value = None  # let the old model go before the new one loads
             try:
                 self._value = self._load(*key)
             except self._errors as error:
-                raise StepFailure(description=str(error), allow_retries=False) from error
-            self._key = key
+                failure = StepFailure(description=str(error), allow_retries=False)
+                self._failed = (key, failure)
+                raise failure from error
+            self._key, self._failed = key, None
             self.loads += 1
         return self._value
 

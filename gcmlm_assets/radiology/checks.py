@@ -17,6 +17,7 @@ from pathlib import Path
 
 import dagster as dg
 from gcmlm_assets.lazy import lazy
+from gcmlm_assets.radiology.hounsfield import AIR_HU, BONE_HU
 
 # Imported when a check runs, not when the definitions (which declare the checks) load.
 np = lazy("numpy")
@@ -39,8 +40,6 @@ CT_LOW_PERCENTILE_MAX_HU = -50.0
 CT_HU_LIMITS = (-4096.0, 35000.0)
 
 
-# What masks.py counts as bone and as gas (kept here too: the definitions must load without numpy).
-BONE_HU, AIR_HU = 300, -500
 
 
 def _spec(name: str, asset: str, description: str, blocking: bool = True) -> dg.AssetCheckSpec:

@@ -22,6 +22,7 @@ from gcmlm_assets.radiology.ct_io import (
     visible_files,
     volume_suffix,
 )
+from gcmlm_assets.radiology.hounsfield import AIR_HU, BONE_HU
 
 # Grids whose spacing/origin differ by less than this fraction of a voxel (and
 # whose direction cosines differ by less than this) are the same grid written
@@ -34,10 +35,6 @@ DATASET_SIDECAR = "dataset.json"
 # At most this many labels are spelled out in a refusal (TotalSegmentator's full map has 117).
 LISTED_LABELS = 120
 
-# Above this, a voxel has the density of cortical bone (or of positive oral contrast).
-BONE_HU = 300.0
-# Below this, a voxel is gas; gas connected, within its slice, to the edge of the image is outside the body.
-AIR_HU = -500.0
 
 
 class MaskInputError(ValueError):
