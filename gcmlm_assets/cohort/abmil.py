@@ -39,6 +39,7 @@ torch forward used in training (`torch_logits`) to well under 1e-5 on the logit.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -278,17 +279,25 @@ def fit_abmil(bags: Sequence[np.ndarray], labels, settings: AbmilSettings = Abmi
         train_rows, validation_rows = split
     mean, scale = patch_mean_scale([bags[i] for i in train_rows])
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_torch_thread(torch):
         parameters, record = _train(torch, bags, y, train_rows, validation_rows, mean, scale,
                                     n_features, settings, rng, generator)
-    finally:
-        torch.set_num_threads(threads)
     record.update(train_rows=train_rows.tolist(), validation_rows=validation_rows.tolist(),
                   n_train_patients=len(train_rows), n_validation_patients=len(validation_rows))
     return AbmilModel(parameters=parameters, feature_mean=mean, feature_scale=scale,
                       settings=asdict(settings), training=record, notes=notes)
+
+
+@contextmanager
+def _one_torch_thread(torch):
+    """One intra-op thread (a fixed reduction order, and no oversubscription of small matrices),
+    then the process-wide setting as it was."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _fixed_epochs(settings: AbmilSettings) -> int:
@@ -361,7 +370,9 @@ def torch_logits(model: AbmilModel, bags: Sequence[np.ndarray]) -> np.ndarray:
 
     check_bags(bags, model.n_features)
     parameters = {name: torch.from_numpy(value) for name, value in model.parameters.items()}
-    with torch.no_grad():
-        return np.array([float(_torch_forward(
-            torch, parameters, torch.from_numpy(_standardised_float32(bag, model.feature_mean, model.feature_scale)))[0])
-            for bag in bags])
+    logits = []
+    with torch.no_grad(), _one_torch_thread(torch):
+        for bag in bags:
+            x = torch.from_numpy(_standardised_float32(bag, model.feature_mean, model.feature_scale))
+            logits.append(float(_torch_forward(torch, parameters, x)[0]))
+    return np.array(logits)
