@@ -14,7 +14,8 @@ from gcmlm_assets import settings
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import checks as cohort_checks
 from gcmlm_assets.cohort import resources as cohort_resources
-from gcmlm_assets.cohort.sensors import build_cohort_refresh_sensor
+from gcmlm_assets.cohort import explanation_assets
+from gcmlm_assets.cohort.sensors import build_cohort_refresh_sensor, build_risk_explanations_sensor
 from gcmlm_assets.landing.sensors import landing_sensor
 from gcmlm_assets.pathology import assets as pathology_assets
 from gcmlm_assets.pathology import checks as pathology_checks
@@ -32,7 +33,7 @@ ASSET_KINDS: dict[str, set[str]] = {
     "ct_image": {"simpleitk"}, "ct_mask": {"nnunet"}, "segmentation_model": {"nnunet"},
     "radiomics_row": {"pyradiomics"}, "patch_coords": {"openslide"}, "uni_features": {"torch"},
     "slide_vector": {"numpy"}, "clinical_table": {"pyarrow"}, "fused_table": {"pyarrow"},
-    "risk_model": {"sklearn"}, "risk_scores": {"sklearn"},
+    "risk_model": {"sklearn"}, "risk_scores": {"sklearn"}, "risk_explanations": {"sklearn"},
 }
 GROUP_OWNERS = {"radiology": "team:radiology", "pathology": "team:pathology", "cohort": "team:biostatistics"}
 
@@ -84,7 +85,9 @@ def build_sensors(profile: Profile) -> list[dg.SensorDefinition]:
     interval = profile.sensor_interval_s
     cohort_keys = [asset.key for asset in cohort_assets.ASSETS]
     return [landing_sensor, build_segmentation_training_sensor(interval), build_predicted_mask_sensor(interval),
-            build_cohort_refresh_sensor(interval, cohort_keys)]
+            build_cohort_refresh_sensor(interval, cohort_keys, (explanation_assets.RISK_EXPLANATIONS,)),
+            build_risk_explanations_sensor(interval, explanation_assets.RISK_EXPLANATIONS, "risk_scores",
+                                           cohort_assets.SCORES_FILE)]
 
 
 def build_definitions(env: str | None = None, profile: str | None = None) -> dg.Definitions:
@@ -93,7 +96,7 @@ def build_definitions(env: str | None = None, profile: str | None = None) -> dg.
     resources = build_resources(env, chosen)
     return dg.Definitions(
         assets=catalogued([*radiology_assets.ASSETS, segmentation_model, *pathology_assets.ASSETS,
-                           *cohort_assets.ASSETS], chosen, model_identities(resources)),
+                           *cohort_assets.ASSETS, *explanation_assets.ASSETS], chosen, model_identities(resources)),
         asset_checks=[*radiology_checks.CHECKS, *pathology_checks.CHECKS, *cohort_checks.CHECKS],
         sensors=build_sensors(chosen),
         resources=resources,

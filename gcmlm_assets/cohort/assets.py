@@ -27,6 +27,7 @@ from gcmlm_assets.lazy import lazy
 from gcmlm_assets.cohort.soundness_facts import declared_blocking_checks, unsound_results
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.pathology.checks import UNI_FEATURES
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import (
     VERSION_POINTER, ArtifactStore, atomic_write_bytes, atomic_write_json, new_version_folder, publish_version,
@@ -43,11 +44,12 @@ crossval = lazy("gcmlm_assets.cohort.crossval")
 model_metrics = lazy("gcmlm_assets.cohort.metrics")
 model_plots = lazy("gcmlm_assets.cohort.plots")
 model_card = lazy("gcmlm_assets.cohort.model_card")
+bags = lazy("gcmlm_assets.cohort.bags")
 
 GROUP = "cohort"
 CLINICAL_CSV = "clinical.csv"
 # Bump a version when its asset's output would change for the same inputs (it invalidates reuse).
-CODE_VERSIONS = {"clinical_table": "1", "fused_table": "2", "risk_model": "2", "risk_scores": "1"}
+CODE_VERSIONS = {"clinical_table": "1", "fused_table": "3", "risk_model": "3", "risk_scores": "2"}
 
 CLINICAL_FILE, CLINICAL_PROBLEMS = "clinical.parquet", "problems.json"
 FUSED_FILE, FUSION_REPORT = "fused.parquet", "fusion_report.json"
@@ -234,11 +236,13 @@ def current_model_version(store: ArtifactStore) -> tuple[Path, dict] | None:
     group_name=GROUP,
     op_tags=step_pods.op_tags(step_pods.COHORT),
     code_version=CODE_VERSIONS["risk_model"],
-    deps=[dg.AssetDep("fused_table")],
+    # uni_features: the attention-MIL block reads the patch features themselves
+    deps=[dg.AssetDep("fused_table"), dg.AssetDep(UNI_FEATURES, partition_mapping=dg.AllPartitionMapping())],
     output_required=False,
-    description="Per-modality scikit-learn pipelines fused late (mean logit), validated by repeated "
-    "stratified k-fold CV with a radiology-only, pathology-only and fused ablation, and saved with skops. "
-    "With too few labelled patients it waits (an observation says how many) and keeps the last good model.",
+    description="Per-modality models fused late (stacked logistic combiner by default, or the mean logit), "
+    "validated by repeated stratified k-fold CV with an ablation (each block, pathology mean and ABMIL, both "
+    "fusions) on the same folds, and saved with skops; its model card follows TRIPOD+AI. With too few "
+    "labelled patients it waits (an observation says how many) and keeps the last good model.",
 )
 def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage,
                      risk_model: RiskModelSettings) -> Iterator[dg.MaterializeResult]:
@@ -246,22 +250,41 @@ def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage
     fused_path = _required_input(store, "fused_table", FUSED_FILE)
     fused_sha = sha256_file(fused_path)
     settings = risk_model.model_settings()
+    fused = pq.read_table(fused_path)
+    pathology_patients = _pathology_patients(fused) if modelling.PATHOLOGY_ABMIL in settings.blocks() else []
     # a new scikit-learn may fit differently and may not load old skops files: retrain
     fingerprint = sha256_text(CODE_VERSIONS["risk_model"], sklearn.__version__, fused_sha,
-                              model_card.settings_json(settings))
+                              model_card.settings_json(settings),
+                              bags.bags_fingerprint(store, UNI_FEATURES, pathology_patients))
     root = store.asset_dir(RISK_MODEL)
     pointer = _reusable_version(root, fingerprint)
     if pointer is not None:
         context.log.info(f"risk_model: inputs and settings unchanged, version {pointer['version']} reused")
         yield _model_result(root, pointer, "reused: fused table and settings unchanged")
         return
-    data = cohort_data.CohortData.from_table(pq.read_table(fused_path), settings.blocks())
+    data = cohort_data.CohortData.from_table(fused, settings.blocks(),
+                                             bags=_patient_bags(store, pathology_patients, context))
     try:
         pointer = _train_and_publish(context, root, data, fused_path, fused_sha, settings, fingerprint)
     except modelling.InsufficientLabels as exc:
         yield from _wait_for_labels(context, root, crossval.labelled_counts(data), settings, fused_sha, str(exc))
         return
     yield _model_result(root, pointer, "trained")
+
+
+def _pathology_patients(fused) -> list[str]:
+    flags = fused.column("has_pathology").to_pylist()
+    return [p for p, has in zip(fused.column("patient_id").to_pylist(), flags) if has]
+
+
+def _patient_bags(store: ArtifactStore, patient_ids: list[str], context) -> dict:
+    """The patients' patch features (ABMIL's input); a patient whose files cannot be read has no bag."""
+    if not patient_ids:
+        return {}
+    found, problems = bags.load_bags(store, UNI_FEATURES, patient_ids)
+    for patient_id, problem in sorted(problems.items())[:20]:
+        context.log.warning(f"{patient_id}: no patch features for ABMIL: {problem}")
+    return found
 
 
 def _reusable_version(root: Path, fingerprint: str) -> dict | None:
@@ -313,8 +336,10 @@ def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fuse
     fused = metrics.get(modelling.FUSED, {})
     threshold = settings.risk_threshold if settings.risk_threshold is not None else fused.get("youden_threshold", 0.5)
     model, fitted = modelling.fit_risk_model(data, settings, threshold)
+    labels = modelling.model_labels(settings)
     card = model_card.model_card(model, settings, fitted, metrics, cv,
                                 {"fused_table_sha256": fused_sha, "fused_table": str(fused_path)})
+    card["model_labels"] = {m: labels.get(m, m) for m in metrics}
     staging = new_version_folder(root)
     try:
         modelling.save_model(model, staging / MODEL_FILE)
@@ -322,7 +347,7 @@ def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fuse
         atomic_write_json(staging / MODEL_CARD, model_card.json_safe(card))
         fusion.write_parquet(crossval.cv_predictions_table(cv), staging / CV_PREDICTIONS)
         for kind, name in PLOTS.items():
-            pictures.save_png(model_plots.plot_curves(curves, kind), staging / name)
+            pictures.save_png(model_plots.plot_curves(curves, kind, labels), staging / name)
         pointer = publish_version(root, staging, {"fingerprint": fingerprint,
                                                   "inputs": {"fused_table_sha256": fused_sha}})
     finally:
@@ -355,7 +380,7 @@ def _model_result(root: Path, pointer: dict, status: str, extra: dict | None = N
             "fused_table_sha256": pointer["inputs"]["fused_table_sha256"],
             "fused_auc": fused.get("auc"),
             "fused_auc_ci": dg.MetadataValue.json([fused.get("auc_ci_low"), fused.get("auc_ci_high")]),
-            "ablation": dg.MetadataValue.md(model_metrics.ablation_markdown(metrics)),
+            "ablation": dg.MetadataValue.md(model_metrics.ablation_markdown(metrics, card.get("model_labels"))),
             **{f"plot_{kind}": dg.MetadataValue.md(pictures.picture_markdown(folder / name, pictures.PLOT, kind))
                for kind, name in PLOTS.items()},
             **{f"plot_{kind}_path": dg.MetadataValue.path(str(folder / name)) for kind, name in PLOTS.items()},
@@ -375,9 +400,11 @@ def _model_result(root: Path, pointer: dict, status: str, extra: dict | None = N
     group_name=GROUP,
     op_tags=step_pods.op_tags(step_pods.COHORT),
     code_version=CODE_VERSIONS["risk_scores"],
-    deps=[dg.AssetDep("risk_model"), dg.AssetDep("fused_table")],
+    deps=[dg.AssetDep("risk_model"), dg.AssetDep("fused_table"),
+          dg.AssetDep(UNI_FEATURES, partition_mapping=dg.AllPartitionMapping())],
     description="MLM probability and risk group (high: at or above the model's threshold) for every "
-    "patient with radiology or pathology features, from the current risk_model version.",
+    "patient with radiology or pathology features, from the current risk_model version (an ABMIL model "
+    "reads the patch features too).",
     metadata=column_schema_metadata(RISK_SCORES_COLUMNS),
 )
 def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
@@ -386,7 +413,9 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
     model_path = model_folder / MODEL_FILE
     fused_path = _required_input(store, "fused_table", FUSED_FILE)
     model_sha, fused_sha = pointer["files"][MODEL_FILE], sha256_file(fused_path)
-    fingerprint = sha256_text(CODE_VERSIONS["risk_scores"], model_sha, fused_sha)
+    fused = pq.read_table(fused_path)
+    fingerprint = sha256_text(CODE_VERSIONS["risk_scores"], model_sha, fused_sha,
+                              bags.bags_fingerprint(store, UNI_FEATURES, _pathology_patients(fused)))
     folder = store.asset_dir("risk_scores")
     manifest = _reuse_or_none(store, "risk_scores", fingerprint, context)
     if manifest is None:
@@ -397,7 +426,8 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
             model = modelling.load_model(model_path)
         except modelling.UntrustedModelFile as exc:
             raise dg.Failure(description=str(exc)) from None
-        scores = model.score_table(pq.read_table(fused_path))
+        patient_bags = _patient_bags(store, _pathology_patients(fused), context) if model.needs_bags() else None
+        scores = model.score_table(fused, patient_bags)
         fusion.write_parquet(scores, folder / SCORES_FILE)
         _save_score_picture(scores, model.risk_threshold, folder / SCORES_PICTURE)
         manifest = {"fingerprint": fingerprint, "files": {SCORES_FILE: sha256_file(folder / SCORES_FILE),

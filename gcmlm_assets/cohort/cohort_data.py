@@ -2,17 +2,22 @@
 
 Plain Python (no Dagster). A patient has a block when the fused table flags the modality and at
 least one of its features is finite; the models use only the patients that have their block.
+The attention-MIL block (`pathology_abmil`) reads no table column: its input is the patient's bag
+of patch features (from uni_features), and a patient has the block when a bag was given.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
 from gcmlm_assets.cohort.fusion import AVAILABILITY, PATHOLOGY, PREFIX
+
+PATHOLOGY_ABMIL = "pathology_abmil"
 
 
 def block_columns(column_names: list[str], block: str) -> list[str]:
@@ -33,16 +38,23 @@ class CohortData:
     patient_ids: np.ndarray
     labels: np.ndarray  # float: 0, 1, or NaN for unknown
     blocks: dict[str, BlockData]
+    bags: list[np.ndarray | None] = field(default_factory=list)  # per patient: patch features (N, D) or None
 
     @classmethod
-    def from_table(cls, table: pa.Table, blocks: tuple[str, ...],
-                   columns: dict[str, list[str]] | None = None) -> CohortData:
-        """Matrices of the fused table; `columns` fixes each block's columns (a fitted model's)."""
+    def from_table(cls, table: pa.Table, blocks: tuple[str, ...], columns: dict[str, list[str]] | None = None,
+                   bags: Mapping[str, np.ndarray] | None = None) -> CohortData:
+        """Matrices of the fused table; `columns` fixes each block's columns (a fitted model's);
+        `bags` maps patient ids to their patch features (the attention-MIL block's input)."""
         patient_ids = np.asarray(table.column(ID_COLUMN).to_pylist(), dtype=object)
         labels = np.asarray([np.nan if v is None else float(v)
                              for v in table.column(LABEL_COLUMN).to_pylist()])
+        patient_bags = [None if bags is None else bags.get(p) for p in patient_ids]
         data: dict[str, BlockData] = {}
         for block in blocks:
+            if block == PATHOLOGY_ABMIL:
+                available = np.array([b is not None and len(b) > 0 for b in patient_bags], dtype=bool)
+                data[block] = BlockData([], np.zeros((len(patient_ids), 0)), available)
+                continue
             names = columns[block] if columns is not None else block_columns(table.column_names, block)
             X = np.full((table.num_rows, len(names)), np.nan)
             for j, name in enumerate(names):
@@ -56,7 +68,14 @@ class CohortData:
             else:
                 available[:] = False
             data[block] = BlockData(list(names), X, available)
-        return cls(patient_ids, labels, data)
+        return cls(patient_ids, labels, data, patient_bags)
+
+    def inputs(self, block: str, rows: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """The block's model input for `rows` (a bool mask or indices): a matrix, or a list of bags."""
+        if block == PATHOLOGY_ABMIL:
+            indices = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
+            return [self.bags[i] for i in indices]
+        return self.blocks[block].X[rows]
 
     @property
     def labelled(self) -> np.ndarray:

@@ -30,21 +30,23 @@ FUSED_TABLE_COLUMNS = (
            optional=True),
     Column("path_n_patches", "int64", "slide_vector's n_patches (null without pathology)", optional=True),
     Column("path_n_slides", "int64", "slide_vector's n_slides (null without pathology)", optional=True),
-    Column("path_feat_*", "float", "slide_vector's pooled features, prefixed, stored as float32 "
-                                   "(null without pathology)", optional=True),
+    Column("path_feat_*", "double", "slide_vector's pooled features, prefixed, float64 as pooled "
+                                    "(null without pathology)", optional=True),
 )
 
 RISK_SCORES_COLUMNS = (
     PATIENT,
-    Column("probability", "double", "Predicted probability of MLM: the inverse logit of the mean logit of "
-                                    "the modality models the patient has features for"),
+    Column("probability", "double", "Predicted probability of MLM: the inverse logit of the fused logit "
+                                    "(risk_model's fusion rule over the blocks the patient has)"),
     Column("risk_group", "string", "high when the probability is at or above the model's risk "
                                    "threshold, else low"),
     Column("modalities_used", "string", "The modality models that scored the patient, such as "
                                         "radiology+pathology"),
     Column("probability_radiology", "double", "The radiology model's probability (null without radiomics)"),
     Column("probability_pathology", "double", "The pathology model's probability (null without a slide "
-                                              "vector)"),
+                                              "vector; absent when the model pools by ABMIL)", optional=True),
+    Column("probability_pathology_abmil", "double", "The ABMIL pathology model's probability (only with "
+                                                    "risk_model.pathology_pooling abmil)", optional=True),
     Column("probability_clinical", "double", "The clinical model's probability (only with "
                                              "risk_model.use_clinical)", optional=True),
     Column("mlm", "int8", "The known label, for comparison (null while unknown)"),

@@ -1,11 +1,16 @@
-"""Cross-validation of the risk model's ablation (each block alone, fused), at patient level.
+"""Cross-validation of the risk model's ablation (each block alone, both fusions), at patient level.
 
 Plain Python (no Dagster). Repeated stratified k-fold over the labelled patients that have at
 least one block (one row per patient, so no patient is ever in both parts of a fold). Every model
 of the ablation is fitted and evaluated in the SAME folds, every step fitted on the training
-patients only. The "fused" model is the late-fusion rule (modelling.combine_probabilities)
-applied to the out-of-fold block predictions, so its figures include the patients who lack a
-modality; `fused_all_modalities` restricts them to the patients who have every modality.
+patients only:
+- each block (radiology, pathology mean, pathology ABMIL when bags are given, clinical) alone;
+- "fused": the configured fusion of the fused model's blocks, and beside it the other fusion
+  (`fused_mean` or `fused_stacked`). The stacked combiner of an outer fold is fitted on the
+  out-of-fold logits of an inner CV of that fold's training patients (modelling.out_of_fold_logits),
+  then applied to the test patients' logits from the blocks fitted on the whole training part;
+- `fused_all_modalities`: the configured fusion restricted to the patients with every block.
+The fused rows include the patients who lack a block (scored from the blocks they have).
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from threadpoolctl import threadpool_limits
 
 from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
 from gcmlm_assets.cohort.cohort_data import CohortData, class_counts
+from gcmlm_assets.cohort.combiners import make_combiner, sigmoid
 from gcmlm_assets.cohort.modelling import (
-    FUSED, FUSED_COMPLETE, InsufficientLabels, ModelSettings, combine_probabilities, fit_block)
+    FUSED, FUSED_COMPLETE, InsufficientLabels, ModelSettings, block_logits, fit_block, out_of_fold_logits)
 
 
 @dataclass
@@ -33,11 +39,15 @@ class CrossValidation:
     n_splits: int
     n_repeats: int
     notes: list[str] = field(default_factory=list)
+    fusion_blocks: tuple[str, ...] = ()
 
     def models(self) -> list[str]:
-        names = [b for b in self.available] + [FUSED]
-        complete = np.logical_and.reduce(list(self.available.values()))
-        if len(self.available) > 1 and complete.any() and not complete.all():
+        """The ablation's rows: blocks with patients, then the fusions."""
+        names = [b for b, rows in self.available.items() if rows.any()]
+        names += [m for m in self.predictions if m not in self.available]
+        fused_blocks = [self.available[b] for b in self.fusion_blocks if b in self.available]
+        complete = np.logical_and.reduce(fused_blocks) if fused_blocks else np.zeros(len(self.labels), bool)
+        if len(fused_blocks) > 1 and complete.any() and not complete.all():
             names.append(FUSED_COMPLETE)
         return names
 
@@ -47,7 +57,7 @@ class CrossValidation:
         predictions = self.predictions[source]
         rows = np.isfinite(predictions).all(axis=0)
         if model == FUSED_COMPLETE:
-            rows &= np.logical_and.reduce(list(self.available.values()))
+            rows &= np.logical_and.reduce([self.available[b] for b in self.fusion_blocks if b in self.available])
         return self.labels[rows], predictions[:, rows]
 
 
@@ -75,10 +85,13 @@ def cross_validate(data: CohortData, settings: ModelSettings) -> CrossValidation
     if n_splits < settings.n_splits:
         notes.append(f"n_splits lowered from {settings.n_splits} to {n_splits}: the smaller class has "
                      f"{min(counts.values())} patients")
-    blocks = settings.blocks()
-    X = {b: data.blocks[b].X[rows] for b in blocks}
+    blocks = tuple(b for b in settings.blocks() if b in data.blocks)
+    fusion_blocks = tuple(b for b in settings.fusion_blocks() if b in data.blocks)
+    indices = np.flatnonzero(rows)  # the CV's patients, as rows of `data`
     available = {b: data.blocks[b].available[rows] for b in blocks}
-    predictions = {m: np.full((settings.n_repeats, len(labels)), np.nan) for m in (*blocks, FUSED)}
+    fusions = (FUSED, settings.other_fusion())
+    logits = {b: np.full((settings.n_repeats, len(labels)), np.nan) for b in blocks}
+    fused_logits = {m: np.full((settings.n_repeats, len(labels)), np.nan) for m in fusions}
     splitter = RepeatedStratifiedKFold(n_splits=n_splits, n_repeats=settings.n_repeats,
                                        random_state=settings.seed)
     for fold, (train, test) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
@@ -88,17 +101,24 @@ def cross_validate(data: CohortData, settings: ModelSettings) -> CrossValidation
             block_test = test[available[block][test]]
             if len(block_test) == 0:
                 continue
-            pipeline = fit_block(block, X[block][block_train], labels[block_train].astype(float), settings)
-            if pipeline is None:
+            model = fit_block(block, data.inputs(block, indices[block_train]), labels[block_train].astype(float),
+                              settings)
+            if model is None:
                 notes.append(f"repeat {repeat + 1}, fold {fold % n_splits + 1}: {block} not fitted "
                              f"(fewer than 2 training patients of a class)")
                 continue
-            with threadpool_limits(1):
-                predictions[block][repeat, block_test] = pipeline.predict_proba(X[block][block_test])[:, 1]
-        predictions[FUSED][repeat, test] = combine_probabilities([predictions[b][repeat, test] for b in blocks])
+            logits[block][repeat, block_test] = block_logits(model, data.inputs(block, indices[block_test]))
+        test_logits = np.column_stack([logits[b][repeat, test] for b in fusion_blocks])
+        for name, fusion in zip(fusions, (settings.fusion, "mean" if settings.fusion == "stacked" else "stacked")):
+            combiner = make_combiner(fusion, fusion_blocks)
+            if fusion == "stacked":
+                # inner CV of this fold's training patients only: the test fold never shapes the weights
+                inner = out_of_fold_logits(data, indices[train], fusion_blocks, settings, settings.seed + fold)
+                combiner.fit(inner, labels[train])
+            fused_logits[name][repeat, test] = combiner.fused_logit(test_logits)
+    predictions = {m: sigmoid(v) for m, v in {**logits, **fused_logits}.items()}
     return CrossValidation(data.patient_ids[rows], labels, available, predictions, n_splits,
-                           settings.n_repeats, notes)
-
+                           settings.n_repeats, notes, fusion_blocks)
 
 
 def cv_predictions_table(cv: CrossValidation) -> pa.Table:

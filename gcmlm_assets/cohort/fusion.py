@@ -238,13 +238,14 @@ def build_fused_table(artifacts_root: str | Path, clinical: pa.Table | None, *,
                 [source_values[clinical_index[p]] if p in clinical_index else None for p in patient_ids],
                 pa.float64())
 
-    for modality, dtype in ((RADIOLOGY, np.float64), (PATHOLOGY, np.float32)):
+    for modality in (RADIOLOGY, PATHOLOGY):
         rows = modality_rows[modality]
         if not rows:
             continue
         names = list(next(iter(rows.values())).values)
-        # One preallocated matrix per modality: the 1024-D slide vectors stay compact (float32).
-        matrix = np.full((len(patient_ids), len(names)), np.nan, dtype=dtype)
+        # float64, as slide_vector stores them: the per-patch explanations must add up to the very
+        # logit the model computes from this table.
+        matrix = np.full((len(patient_ids), len(names)), np.nan, dtype=np.float64)
         for i, patient_id in enumerate(patient_ids):
             row = rows.get(patient_id)
             if row is not None:

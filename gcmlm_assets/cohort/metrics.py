@@ -19,7 +19,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, roc_curve
 
 from gcmlm_assets.cohort.cohort_data import class_counts
-from gcmlm_assets.cohort.modelling import MODEL_LABELS, ModelSettings
+from gcmlm_assets.cohort.modelling import ModelSettings
 
 if TYPE_CHECKING:
     from gcmlm_assets.cohort.crossval import CrossValidation
@@ -111,11 +111,11 @@ def evaluate_cross_validation(cv: CrossValidation, settings: ModelSettings) -> t
     return metrics, curves
 
 
-def ablation_markdown(metrics: dict) -> str:
+def ablation_markdown(metrics: dict, labels: dict[str, str] | None = None) -> str:
     lines = ["| model | patients (+/−) | AUC [95 % CI] | sensitivity | specificity | Brier |",
              "|---|---|---|---|---|---|"]
     for model, m in metrics.items():
-        name = MODEL_LABELS.get(model, model)
+        name = (labels or {}).get(model, model)
         if "auc" not in m:
             lines.append(f"| {name} | {m['patients']} ({m['positive']}/{m['negative']}) | – | – | – | – |")
             continue

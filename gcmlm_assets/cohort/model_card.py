@@ -17,7 +17,7 @@ import sklearn
 import skops
 
 from gcmlm_assets.cohort.cohort_data import class_counts
-from gcmlm_assets.cohort.modelling import FUSED, FUSION_STRATEGY, FusedRiskModel, ModelSettings
+from gcmlm_assets.cohort.modelling import FUSED, FusedRiskModel, ModelSettings, fusion_strategy
 
 if TYPE_CHECKING:
     from gcmlm_assets.cohort.crossval import CrossValidation
@@ -28,7 +28,7 @@ def model_card(model: FusedRiskModel, settings: ModelSettings, fitted: dict, met
     fused = metrics.get(FUSED, {})
     return {
         "model": "MLM risk (metachronous liver metastasis of gastric cancer)",
-        "strategy": FUSION_STRATEGY,
+        "strategy": fusion_strategy(settings),
         "classifier": settings.classifier,
         "blocks": fitted,
         "risk_threshold": model.risk_threshold,

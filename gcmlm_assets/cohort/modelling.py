@@ -16,19 +16,24 @@ the classes inversely to their frequency (`class_weight="balanced"`), so the min
 ignored; the price is that probabilities are shifted towards 0.5 relative to the prevalence, which
 shows in the calibration curve and the Brier score.
 
-Missing modalities (late fusion): each block's model is trained on the labelled patients that have
-that block. A patient's fused probability is the inverse logit of the MEAN LOGIT of the blocks the
-patient has: with both radiology and pathology it combines both, with one of them it is exactly
-that block's probability. No combiner is fitted, so nothing extra can overfit or leak, and a
-missing modality needs no imputation of a whole block. The "fused" model in the cross-validation
-is this rule applied to out-of-fold block predictions, so the reported fused metrics include the
-patients who lack a modality (a separate row reports the patients who have every modality).
+Pathology pooling (`pathology_pooling`): "mean" uses the slide vector above; "abmil" replaces it by a
+gated-attention MIL model over the patient's patch features (`abmil.py`, block `pathology_abmil`),
+trained inside the same folds. Whatever the setting, the cross-validation reports both as ablation
+rows when the patch features are at hand.
 
-The final model fits each block on every labelled patient that has it. Its risk groups split at
+Fusion (`fusion`, see combiners.py): each block's model is trained on the labelled patients that
+have that block, and gives a logit. "stacked" (the default) fits a non-negative logistic combiner
+on the blocks' out-of-fold logits, obtained by an inner cross-validation of the training
+patients only; "mean" takes the mean of the logits the patient has. A patient who lacks a block is
+scored from the blocks they have (a missing block's logit counts as 0, see combiners.py).
+
+The final model fits each block on every labelled patient that has it, and the stacked combiner on
+the out-of-fold logits of an inner cross-validation of all of them. Its risk groups split at
 `risk_threshold`, by default the Youden threshold of the fused out-of-fold probabilities.
 The fitted model is saved with skops (never pickle) and loaded only with the explicit list of
 types in `TRUSTED_TYPES`; the classes a model file names (`FusedRiskModel`, `CorrelationFilter`,
-`L1Selection`) must stay in this module, as the file records their module path.
+`L1Selection`; the combiners and `AbmilModel` in theirs) must stay where they are, as the file
+records their module path.
 
 Elsewhere: the fused table as matrices (cohort_data), cross-validation (crossval), its metrics
 and ablation table (metrics), figures (plots), the model card and strict JSON (model_card).
@@ -58,19 +63,17 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
 from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
-from gcmlm_assets.cohort.cohort_data import CohortData, class_counts
+from gcmlm_assets.cohort.cohort_data import PATHOLOGY_ABMIL, CohortData, class_counts
+from gcmlm_assets.cohort.combiners import MeanLogitCombiner, make_combiner, probability_to_logit, sigmoid
 from gcmlm_assets.cohort.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
 from gcmlm_assets.storage import atomic_path
 
 CLASSIFIERS = ("logistic", "svm", "random_forest")
-FUSED = "fused"
+POOLINGS = ("mean", "abmil")
+FUSED = "fused"  # the configured fusion (setting `fusion`)
+FUSED_MEAN, FUSED_STACKED = "fused_mean", "fused_stacked"  # the other fusion, reported beside it
 FUSED_COMPLETE = "fused_all_modalities"
-MODEL_LABELS = {RADIOLOGY: "radiology only", PATHOLOGY: "pathology only", CLINICAL: "clinical only",
-                FUSED: "fused (all patients)", FUSED_COMPLETE: "fused (patients with every modality)"}
-FUSION_STRATEGY = ("late fusion: mean of the logits of the per-modality models the patient has "
-                   "(one modality present: that model's probability)")
 LOGISTIC_CS = (0.001, 0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried on inner folds
-PROBABILITY_CLIP = 1e-6  # keeps logits finite for a forest's 0/1 votes
 
 
 @dataclass(frozen=True)
@@ -86,18 +89,66 @@ class ModelSettings:
     min_labelled_per_class: int = 5
     use_clinical: bool = False
     risk_threshold: float | None = None  # None: the fused model's Youden threshold from the CV
+    fusion: str = "stacked"
+    inner_splits: int = 3  # folds of the inner CV whose out-of-fold logits train the stacked combiner
+    pathology_pooling: str = "mean"
+    abmil_in_ablation: bool = True  # evaluate ABMIL beside mean pooling when patch features are at hand
+    abmil_max_epochs: int = 60
     seed: int = 0
 
     def __post_init__(self):
+        from gcmlm_assets.cohort.combiners import FUSIONS
+
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {self.classifier!r}")
-        if self.n_splits < 2 or self.n_repeats < 1 or self.n_bootstrap < 1:
-            raise ValueError("n_splits must be >= 2, n_repeats and n_bootstrap >= 1")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if self.pathology_pooling not in POOLINGS:
+            raise ValueError(f"pathology_pooling must be one of {', '.join(POOLINGS)}, got {self.pathology_pooling!r}")
+        if self.n_splits < 2 or self.n_repeats < 1 or self.n_bootstrap < 1 or self.inner_splits < 2:
+            raise ValueError("n_splits and inner_splits must be >= 2, n_repeats and n_bootstrap >= 1")
+        if self.abmil_max_epochs < 1:
+            raise ValueError(f"abmil_max_epochs must be >= 1, got {self.abmil_max_epochs}")
         if self.risk_threshold is not None and not 0 < self.risk_threshold < 1:
             raise ValueError(f"risk_threshold must lie in (0, 1), got {self.risk_threshold}")
 
+    def fusion_blocks(self) -> tuple[str, ...]:
+        """The blocks the fused model combines."""
+        pathology = PATHOLOGY_ABMIL if self.pathology_pooling == "abmil" else PATHOLOGY
+        return (RADIOLOGY, pathology, CLINICAL) if self.use_clinical else (RADIOLOGY, pathology)
+
     def blocks(self) -> tuple[str, ...]:
-        return (RADIOLOGY, PATHOLOGY, CLINICAL) if self.use_clinical else (RADIOLOGY, PATHOLOGY)
+        """Every block the cross-validation evaluates: the fused model's, plus both poolings."""
+        blocks = [RADIOLOGY, PATHOLOGY, *([CLINICAL] if self.use_clinical else [])]
+        if self.abmil_in_ablation or self.pathology_pooling == "abmil":
+            blocks.append(PATHOLOGY_ABMIL)
+        return tuple(blocks)
+
+    def other_fusion(self) -> str:
+        return FUSED_MEAN if self.fusion == "stacked" else FUSED_STACKED
+
+    def abmil_settings(self):
+        from gcmlm_assets.cohort.abmil import AbmilSettings
+
+        return AbmilSettings(max_epochs=self.abmil_max_epochs, seed=self.seed)
+
+
+def model_labels(settings: ModelSettings) -> dict[str, str]:
+    """The ablation table's row names."""
+    configured = f"fused, {settings.fusion}{' logit' if settings.fusion == 'mean' else ''} (the model)"
+    other = "fused, mean logit" if settings.fusion == "stacked" else "fused, stacked"
+    return {RADIOLOGY: "radiology", PATHOLOGY: "pathology mean", PATHOLOGY_ABMIL: "pathology ABMIL",
+            CLINICAL: "clinical", FUSED: configured, settings.other_fusion(): other,
+            FUSED_COMPLETE: f"{configured}, patients with every block"}
+
+
+def fusion_strategy(settings: ModelSettings) -> str:
+    blocks = ", ".join(settings.fusion_blocks())
+    if settings.fusion == "stacked":
+        return (f"late fusion of {blocks}: a non-negative logistic combiner on the blocks' out-of-fold logits "
+                f"(inner {settings.inner_splits}-fold CV of the training patients); a missing block's logit counts "
+                "as 0, with an availability indicator")
+    return f"late fusion of {blocks}: mean of the logits of the blocks the patient has"
 
 
 class InsufficientLabels(ValueError):
@@ -217,11 +268,17 @@ def build_block_pipeline(block: str, settings: ModelSettings, n_train: int, min_
     return Pipeline(steps)
 
 
-def fit_block(block: str, X: np.ndarray, y: np.ndarray, settings: ModelSettings) -> Pipeline | None:
-    """The block's pipeline fitted on (X, y), or None when a class has fewer than 2 patients."""
+def fit_block(block: str, X, y: np.ndarray, settings: ModelSettings):
+    """The block's model fitted on (X, y), or None when a class has fewer than 2 patients.
+
+    X is a matrix (patients x features) for a pipeline block, a list of bags for `pathology_abmil`."""
     counts = np.bincount(y.astype(int), minlength=2)
     if counts.min() < 2:
         return None
+    if block == PATHOLOGY_ABMIL:
+        from gcmlm_assets.cohort.abmil import fit_abmil
+
+        return fit_abmil(list(X), y.astype(int), settings.abmil_settings())
     pipeline = build_block_pipeline(block, settings, len(y), int(counts.min()))
     # The matrices are tiny: BLAS threads only add start-up and contention (8x slower on 2 busy cores).
     with threadpool_limits(1), warnings.catch_warnings():
@@ -230,62 +287,93 @@ def fit_block(block: str, X: np.ndarray, y: np.ndarray, settings: ModelSettings)
     return pipeline
 
 
-def combine_probabilities(block_probabilities: list[np.ndarray]) -> np.ndarray:
-    """Late fusion: inverse logit of the mean logit over the blocks that gave a probability (NaN: absent)."""
-    stacked = np.vstack(block_probabilities)
-    present = np.isfinite(stacked)
-    clipped = np.clip(np.where(present, stacked, 0.5), PROBABILITY_CLIP, 1 - PROBABILITY_CLIP)
-    logits = np.where(present, np.log(clipped / (1 - clipped)), 0.0)
-    counts = present.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_logit = logits.sum(axis=0) / counts
-    fused = 1.0 / (1.0 + np.exp(-mean_logit))
-    fused[counts == 0] = np.nan
-    return fused
+def block_logits(model, X) -> np.ndarray:
+    """The block model's logit per patient: the linear classifier's decision function where it has one
+    (exactly what the explanations split up), else the logit of its probability."""
+    if len(X) == 0:
+        return np.zeros(0)
+    with threadpool_limits(1):
+        if not isinstance(model, Pipeline):  # AbmilModel
+            return np.asarray(model.logits(list(X)), dtype=np.float64)
+        if isinstance(model.steps[-1][1], LogisticRegression):
+            return np.asarray(model.decision_function(X), dtype=np.float64)
+        return probability_to_logit(model.predict_proba(X)[:, 1])
+
+
+def out_of_fold_logits(data: CohortData, rows: np.ndarray, blocks: tuple[str, ...], settings: ModelSettings,
+                       seed: int) -> np.ndarray:
+    """(len(rows), blocks) logits of the patients `rows` (indices, all labelled), each from a block model
+    fitted on the other inner folds of `rows` only: the stacked combiner's training input. NaN where a
+    patient lacks the block or the inner training part could not fit it."""
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = data.labels[rows].astype(int)
+    logits = np.full((len(rows), len(blocks)), np.nan)
+    n_splits = min(settings.inner_splits, int(np.bincount(labels, minlength=2).min()))
+    if n_splits < 2:
+        return logits
+    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    for inner_train, inner_test in splitter.split(np.zeros(len(rows)), labels):
+        for k, block in enumerate(blocks):
+            available = data.blocks[block].available
+            train = inner_train[available[rows[inner_train]]]
+            test = inner_test[available[rows[inner_test]]]
+            if len(test) == 0:
+                continue
+            model = fit_block(block, data.inputs(block, rows[train]), labels[train].astype(float), settings)
+            if model is not None:
+                logits[test, k] = block_logits(model, data.inputs(block, rows[test]))
+    return logits
 
 
 # ---------------------------------------------------------------- the model
 
 
 class FusedRiskModel:
-    """Fitted per-block pipelines plus the late-fusion rule and the risk-group threshold."""
+    """Fitted block models, the combiner that fuses their logits, and the risk-group threshold.
 
-    def __init__(self, pipelines: dict[str, Pipeline], columns: dict[str, list[str]],
-                 risk_threshold: float, settings: dict):
+    `side_models` are fitted for explanation only (the ABMIL block when the score uses mean pooling:
+    its attention maps); they never enter the score."""
+
+    def __init__(self, pipelines: dict, columns: dict[str, list[str]], risk_threshold: float, settings: dict,
+                 combiner=None, side_models: dict | None = None):
         self.pipelines = pipelines
         self.columns = columns
         self.risk_threshold = risk_threshold
         self.settings = settings
+        self.combiner = combiner if combiner is not None else MeanLogitCombiner(list(pipelines))
+        self.side_models = side_models or {}
 
     @property
     def blocks(self) -> tuple[str, ...]:
         return tuple(self.pipelines)
 
-    def block_probabilities(self, data: CohortData) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        for block, pipeline in self.pipelines.items():
-            probabilities = np.full(len(data.patient_ids), np.nan)
+    def block_logits(self, data: CohortData) -> np.ndarray:
+        """(patients, blocks) logits; NaN where the patient lacks the block."""
+        out = np.full((len(data.patient_ids), len(self.blocks)), np.nan)
+        for k, (block, model) in enumerate(self.pipelines.items()):
             rows = data.blocks[block].available
             if rows.any():
-                with threadpool_limits(1):
-                    probabilities[rows] = pipeline.predict_proba(data.blocks[block].X[rows])[:, 1]
-            out[block] = probabilities
+                out[rows, k] = block_logits(model, data.inputs(block, rows))
         return out
 
-    def cohort_data(self, table: pa.Table) -> CohortData:
-        return CohortData.from_table(table, self.blocks, self.columns)
+    def cohort_data(self, table: pa.Table, bags=None) -> CohortData:
+        return CohortData.from_table(table, self.blocks, self.columns, bags)
 
-    def predict_proba(self, table: pa.Table) -> np.ndarray:
+    def needs_bags(self) -> bool:
+        return PATHOLOGY_ABMIL in self.pipelines
+
+    def predict_proba(self, table: pa.Table, bags=None) -> np.ndarray:
         """Fused MLM probability per row of a fused table; NaN where the patient has no usable block."""
-        return combine_probabilities(list(self.block_probabilities(self.cohort_data(table)).values()))
+        return sigmoid(self.combiner.fused_logit(self.block_logits(self.cohort_data(table, bags))))
 
-    def score_table(self, table: pa.Table) -> pa.Table:
+    def score_table(self, table: pa.Table, bags=None) -> pa.Table:
         """Scores of every patient that has at least one block the model uses."""
-        data = self.cohort_data(table)
-        per_block = self.block_probabilities(data)
-        fused = combine_probabilities(list(per_block.values()))
+        data = self.cohort_data(table, bags)
+        logits = self.block_logits(data)
+        fused = sigmoid(self.combiner.fused_logit(logits))
         rows = np.isfinite(fused)
-        used = ["+".join(b for b in self.blocks if np.isfinite(per_block[b][i])) for i in range(len(fused))]
+        used = ["+".join(b for k, b in enumerate(self.blocks) if np.isfinite(logits[i, k])) for i in range(len(fused))]
         columns: dict[str, pa.Array] = {
             ID_COLUMN: pa.array(data.patient_ids[rows].tolist(), pa.string()),
             "probability": pa.array(fused[rows], pa.float64()),
@@ -293,8 +381,8 @@ class FusedRiskModel:
                                    pa.string()),
             "modalities_used": pa.array([u for u, r in zip(used, rows) if r], pa.string()),
         }
-        for block in self.blocks:
-            values = per_block[block][rows]
+        for k, block in enumerate(self.blocks):
+            values = sigmoid(logits[rows, k])
             columns[f"probability_{block}"] = pa.array(values, pa.float64(), mask=~np.isfinite(values))
         labels = data.labels[rows]
         columns[LABEL_COLUMN] = pa.array([None if np.isnan(v) else int(v) for v in labels], pa.int8())
@@ -302,27 +390,50 @@ class FusedRiskModel:
 
 
 def fit_risk_model(data: CohortData, settings: ModelSettings, risk_threshold: float) -> tuple[FusedRiskModel, dict]:
-    """Each block's pipeline fitted on every labelled patient that has the block."""
-    pipelines: dict[str, Pipeline] = {}
+    """Each block's model fitted on every labelled patient that has the block; the combiner on the
+    out-of-fold logits of an inner cross-validation of the same patients."""
+    models: dict = {}
     columns: dict[str, list[str]] = {}
     summary: dict[str, dict] = {}
-    for block in settings.blocks():
+    wanted = settings.fusion_blocks()
+    side = (PATHOLOGY_ABMIL,) if PATHOLOGY_ABMIL in settings.blocks() and PATHOLOGY_ABMIL not in wanted else ()
+    side_models: dict = {}
+    for block in (*wanted, *side):
+        if block not in data.blocks:
+            continue
         block_data = data.blocks[block]
         rows = data.labelled & block_data.available
-        pipeline = fit_block(block, block_data.X[rows], data.labels[rows], settings) if rows.any() else None
-        if pipeline is None:
-            summary[block] = {"fitted": False, "reason": f"fewer than 2 labelled patients of a class "
-                                                         f"have {block} features ({class_counts(data.labels[rows])})"}
+        model = fit_block(block, data.inputs(block, rows), data.labels[rows], settings) if rows.any() else None
+        if model is None:
+            if block in wanted:
+                summary[block] = {"fitted": False, "reason": f"fewer than 2 labelled patients of a class "
+                                                             f"have {block} inputs ({class_counts(data.labels[rows])})"}
             continue
-        pipelines[block] = pipeline
-        columns[block] = block_data.columns
-        summary[block] = {"fitted": True, "train_patients": int(rows.sum()),
-                          **class_counts(data.labels[rows]),
-                          **describe_pipeline(block, pipeline, block_data.columns)}
-    if not pipelines:
+        info = {"fitted": True, "train_patients": int(rows.sum()), **class_counts(data.labels[rows]),
+                **describe_block(block, model, block_data.columns)}
+        if block in wanted:
+            models[block] = model
+            columns[block] = block_data.columns
+            summary[block] = info
+        else:
+            side_models[block] = model
+            summary[block] = {**info, "role": "explanation only (attention maps); not in the score"}
+    if not models:
         raise InsufficientLabels("no modality has at least 2 labelled patients of each class: "
-                                 + "; ".join(s["reason"] for s in summary.values()))
-    return FusedRiskModel(pipelines, columns, risk_threshold, asdict(settings)), summary
+                                 + "; ".join(s["reason"] for s in summary.values() if "reason" in s))
+    blocks = tuple(models)
+    combiner = make_combiner(settings.fusion, blocks)
+    labelled = np.flatnonzero(data.labelled & data.any_block())
+    if settings.fusion == "stacked":
+        combiner.fit(out_of_fold_logits(data, labelled, blocks, settings, settings.seed), data.labels[labelled])
+    summary["fusion"] = {"strategy": fusion_strategy(settings), **combiner.describe()}
+    return FusedRiskModel(models, columns, risk_threshold, asdict(settings), combiner, side_models), summary
+
+
+def describe_block(block: str, model, columns: list[str]) -> dict:
+    if not isinstance(model, Pipeline):
+        return model.describe()
+    return describe_pipeline(block, model, columns)
 
 
 def describe_pipeline(block: str, pipeline: Pipeline, columns: list[str]) -> dict:
@@ -352,6 +463,9 @@ TRUSTED_TYPES = [
     f"{__name__}.CorrelationFilter",
     f"{__name__}.FusedRiskModel",
     f"{__name__}.L1Selection",
+    "gcmlm_assets.cohort.combiners.MeanLogitCombiner",
+    "gcmlm_assets.cohort.combiners.StackedCombiner",
+    "gcmlm_assets.cohort.abmil.AbmilModel",
 ]
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from gcmlm_assets.cohort.modelling import FUSED, MODEL_LABELS
+from gcmlm_assets.cohort.modelling import FUSED
 
 
-def plot_curves(curves: dict, kind: str) -> bytes:
+def plot_curves(curves: dict, kind: str, labels: dict[str, str] | None = None) -> bytes:
     """Full-size PNG of one kind of curve ('roc', 'calibration', 'decision_curve') for every model."""
     from gcmlm_assets import pictures
 
@@ -30,7 +30,7 @@ def plot_curves(curves: dict, kind: str) -> bytes:
     for model, curve in curves.items():
         if not curve:
             continue
-        label = MODEL_LABELS.get(model, model)
+        label = (labels or {}).get(model, model)
         if kind == "roc":
             ax.plot(curve["roc"]["fpr"], curve["roc"]["tpr"], label=label)
         elif kind == "calibration":

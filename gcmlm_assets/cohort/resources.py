@@ -29,6 +29,17 @@ class RiskModelSettings(dg.ConfigurableResource):
     use_clinical: bool = Field(default=False, description="Add the clinical covariates as a third block.")
     risk_threshold: float | None = Field(default=None, description="Probability at or above which a "
                                          "patient is 'high' risk; empty: the fused CV Youden threshold.")
+    fusion: Literal["stacked", "mean"] = Field(
+        default="stacked", description="How the blocks' logits combine: a non-negative logistic combiner fitted "
+        "on inner-CV out-of-fold logits (stacked), or their plain mean (mean). README: why stacked is the default.")
+    inner_splits: int = Field(default=3, description="Folds of the inner CV that trains the stacked combiner.")
+    pathology_pooling: Literal["mean", "abmil"] = Field(
+        default="mean", description="The fused model's pathology block: the mean-pooled slide vector (exact "
+        "per-patch explanations), or gated-attention MIL over the patch features (attention maps).")
+    abmil_in_ablation: bool = Field(default=True, description="Cross-validate ABMIL beside mean pooling (and fit "
+                                    "it for attention maps) when patch features are at hand.")
+    abmil_max_epochs: int = Field(default=60, description="ABMIL: most training epochs (early stopping on an "
+                                  "inner split usually stops it sooner).")
     seed: int = Field(default=0, description="Seed of the splits, bootstrap and stochastic estimators.")
 
     def model_settings(self):

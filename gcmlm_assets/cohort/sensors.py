@@ -1,4 +1,5 @@
-"""cohort_refresh_sensor: the cohort assets refresh once per-patient work has settled."""
+"""cohort_refresh_sensor: the cohort assets refresh once per-patient work has settled.
+risk_explanations_sensor: each new risk_scores asks for every scored patient's explanation."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import dagster as dg
 from gcmlm_assets import runs
 from gcmlm_assets.cohort.refresh import decide_refresh
 from gcmlm_assets.landing.scan import CLINICAL_CSV
+from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.radiology.resources import SegmentationModelResource
 from gcmlm_assets.radiology.sensors import training_status
 from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZone
@@ -29,8 +31,10 @@ def _inputs_fingerprint(latest_run_id: str | None, landing: LandingZone) -> str:
     return json.dumps({"run": latest_run_id, "clinical": clinical}, sort_keys=True)
 
 
-def build_cohort_refresh_sensor(interval_s: int, cohort_keys: list[dg.AssetKey]) -> dg.SensorDefinition:
-    cohort_assets = {key.to_user_string() for key in cohort_keys}
+def build_cohort_refresh_sensor(interval_s: int, cohort_keys: list[dg.AssetKey],
+                                after_refresh: tuple[str, ...] = ()) -> dg.SensorDefinition:
+    """`after_refresh`: assets that follow a refresh; their runs are not new per-patient work."""
+    cohort_assets = {key.to_user_string() for key in cohort_keys} | set(after_refresh)
 
     @dg.sensor(
         name="cohort_refresh_sensor",
@@ -67,3 +71,40 @@ def build_cohort_refresh_sensor(interval_s: int, cohort_keys: list[dg.AssetKey])
             cursor=fingerprint)
 
     return cohort_refresh_sensor
+
+
+def build_risk_explanations_sensor(interval_s: int, explanations_asset: str, scores_asset: str,
+                                   scores_file: str) -> dg.SensorDefinition:
+    @dg.sensor(
+        name="risk_explanations_sensor",
+        minimum_interval_seconds=interval_s,
+        asset_selection=[explanations_asset],
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"After each new {scores_asset} materialization, requests {explanations_asset} for every "
+                    "scored patient (one run each; the run key carries the scores' data version, so unchanged "
+                    "scores ask for nothing new).",
+    )
+    def risk_explanations_sensor(context: dg.SensorEvaluationContext, storage: ArtifactStorage):
+        event = context.instance.get_latest_materialization_event(dg.AssetKey(scores_asset))
+        if event is None:
+            return dg.SkipReason(f"{scores_asset} has not been materialized")
+        if context.cursor == str(event.storage_id):
+            return dg.SkipReason(f"every patient of {scores_asset}'s latest scores was already requested")
+        import pyarrow.parquet as pq
+
+        path = storage.store().path(scores_asset, None, scores_file)
+        try:
+            scored = pq.read_table(path, columns=["patient_id"]).column("patient_id").to_pylist()
+        except (OSError, ValueError) as error:
+            return dg.SkipReason(f"{path} cannot be read: {error}")
+        known = set(context.instance.get_dynamic_partitions(patients_partitions.name))
+        materialization = event.asset_materialization
+        version = (materialization.tags or {}).get("dagster/data_version") if materialization else None
+        version = version or str(event.storage_id)
+        requests = [dg.RunRequest(run_key=f"explain:{patient_id}:{version[:16]}", partition_key=patient_id,
+                                  asset_selection=[dg.AssetKey(explanations_asset)])
+                    for patient_id in sorted(set(scored) & known)]
+        context.log.info(f"{len(requests)} scored patient(s) to explain ({scores_asset} {version[:16]})")
+        return dg.SensorResult(run_requests=requests, cursor=str(event.storage_id))
+
+    return risk_explanations_sensor

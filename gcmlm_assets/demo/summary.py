@@ -15,9 +15,6 @@ import dagster as dg
 from gcmlm_assets.demo import synthetic
 
 PARTITION_TAG = "dagster/partition"
-# Model names of risk_model's metrics, as its ablation table labels them.
-MODEL_LABELS = {"radiology": "radiology only", "pathology": "pathology only", "clinical": "clinical only",
-                "fused": "fused (all patients)", "fused_all_modalities": "fused (patients with both modalities)"}
 
 
 def cpu_seconds() -> float:
@@ -128,6 +125,16 @@ def risk_model_metrics(risk_model_metadata: dict[str, Any]) -> dict[str, dict]:
         return {}
 
 
+def model_labels(risk_model_metadata: dict[str, Any]) -> dict[str, str]:
+    """The ablation rows' names, as the model card records them."""
+    path = risk_model_metadata.get("path")
+    try:
+        card = json.loads((Path(str(path)).parent / "model_card.json").read_text()) if path else {}
+    except (OSError, json.JSONDecodeError):
+        card = {}
+    return card.get("model_labels") or {}
+
+
 def ablation_rows(risk_model_metadata: dict[str, Any]) -> list[tuple[str, float | None, float | None, float | None, int | None]]:
     """(model, AUC, CI low, CI high, patients) per model of the ablation."""
     rows = []
@@ -170,10 +177,11 @@ def format_summary(summary: dict[str, Any], wall_seconds: float) -> str:
     if rows:
         lines.append("risk_model cross-validated AUC (same folds for every model)")
         lines.append(f"{'model':<40} {'AUC':>6} {'95% CI':>16} {'n':>4}")
+        labels = model_labels(summary["risk_model"])
         for model, model_auc, low, high, n in rows:
             ci = f"[{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
             auc_text = f"{model_auc:.3f}" if isinstance(model_auc, (int, float)) else "n/a"
-            label = MODEL_LABELS.get(model, model)
+            label = labels.get(model, model)
             lines.append(f"{label:<40} {auc_text:>6} {ci:>16} {n if n is not None else '':>4}")
     else:
         lines.append("risk_model: not materialized")

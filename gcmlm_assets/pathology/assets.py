@@ -27,8 +27,8 @@ from gcmlm_assets.pathology.patch_coords import (
 from gcmlm_assets.pathology.pooling import (
     SLIDE_VECTOR_COLUMNS,
     PoolingError,
-    SlideFeatures,
     get_pooling,
+    patient_slides,
     slide_vector_picture,
     validate_slide_vector,
     write_slide_vector,
@@ -288,7 +288,7 @@ def slide_vector(context: dg.AssetExecutionContext, config: SlideVectorConfig, s
                               *(f"{name}:{digest}" for name, digest in sorted(features["files"].items())))
     out_path = store.asset_dir(checks.SLIDE_VECTOR, patient_id) / SLIDE_VECTOR_FILE
     picture_path = out_path.parent / SLIDE_VECTOR_PICTURE
-    slides = [SlideFeatures(store.path(checks.UNI_FEATURES, patient_id, s["h5_file"])) for s in features["slides"]]
+    slides = patient_slides(store, checks.UNI_FEATURES, patient_id)
     reused = store.reusable(checks.SLIDE_VECTOR, patient_id, fingerprint)
     if reused:
         summary = reused["summary"]

@@ -62,6 +62,33 @@ class SlideFeatures:
             raise PoolingError(f"{self.path}: cannot read patch features: {type(exc).__name__}: {exc}") from exc
 
 
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """(features (N, D) as stored, coords (N, 2) level-0 px) of the whole slide."""
+        try:
+            with h5py.File(self.path, "r") as fh:
+                return np.asarray(fh["features"][:]), np.asarray(fh["coords"][:], np.int64).reshape(-1, 2)
+        except (OSError, KeyError) as exc:
+            raise PoolingError(f"{self.path}: cannot read patch features: {type(exc).__name__}: {exc}") from exc
+
+    def slide_path(self) -> str | None:
+        """The slide file the features were extracted from (recorded in the feature file)."""
+        with h5py.File(self.path, "r") as fh:
+            value = fh.attrs.get("slide_path")
+        return str(value) if value else None
+
+    def patch_side_level0(self) -> float:
+        with h5py.File(self.path, "r") as fh:
+            return float(fh["coords"].attrs.get("patch_size_level0", 0)) or 256.0
+
+
+def patient_slides(store, features_asset: str, patient_id: str) -> list[SlideFeatures]:
+    """The feature files of a patient, as the features asset's manifest lists them ([] if none)."""
+    manifest = store.read_manifest(features_asset, patient_id)
+    if not manifest:
+        return []
+    return [SlideFeatures(store.path(features_asset, patient_id, s["h5_file"])) for s in manifest["slides"]]
+
+
 @dataclass
 class PooledVector:
     vector: np.ndarray  # (D,)

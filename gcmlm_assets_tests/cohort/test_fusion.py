@@ -42,7 +42,7 @@ def test_fused_rows_columns_flags_and_orphans(tmp_path):
     rad = [c for c in table.column_names if c.startswith("rad_")]
     feat = [c for c in table.column_names if c.startswith("path_feat_")]
     assert rad == ["rad_" + n for n in RADIOMICS_NAMES] and len(feat) == 1024
-    assert table.schema.field(rad[0]).type == pa.float64() and table.schema.field(feat[0]).type == pa.float32()
+    assert table.schema.field(rad[0]).type == pa.float64() and table.schema.field(feat[0]).type == pa.float64()
     assert rows["P001"][rad[3]] == radiomics[1, 3]
     assert np.isclose(rows["P004"]["path_feat_0007"], pathology[4, 7])
     assert rows["P003"][rad[0]] is None and rows["P002"]["path_feat_0000"] is None

@@ -90,12 +90,13 @@ def test_permuted_labels_give_chance_auc_and_leakage_would_show(cohort):
     assert np.mean(leaky) > 0.65 and all(bad > good for bad, good in zip(leaky, honest)), (leaky, honest)
 
 
-def test_missing_modality_patients_are_scored_and_evaluated():
+@pytest.mark.parametrize("fusion", ["mean", "stacked"])
+def test_missing_modality_patients_are_scored_and_evaluated(fusion):
     ids, labels, radiomics, pathology = make_cohort(40, seed=5)
     no_rad, no_path = {"P001", "P007", "P012"}, {"P002", "P015"}
     table = cohort_table(ids, labels, radiomics, pathology, without_radiology=no_rad, without_pathology=no_path,
                          unknown={"P003", "P007"})
-    settings = M.ModelSettings(n_repeats=2, n_bootstrap=200)
+    settings = M.ModelSettings(n_repeats=2, n_bootstrap=200, fusion=fusion)
     data = cohort_data.CohortData.from_table(table, settings.blocks())
     cv = crossval.cross_validate(data, settings)
     metrics, curves = model_metrics.evaluate_cross_validation(cv, settings)
@@ -107,17 +108,23 @@ def test_missing_modality_patients_are_scored_and_evaluated():
     model, fitted = M.fit_risk_model(data, settings, metrics["fused"]["youden_threshold"])
     scores = {r["patient_id"]: r for r in model.score_table(table).to_pylist()}
     assert sorted(scores) == ids  # unlabelled and single-modality patients included
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    if fusion == "mean":  # one block: exactly its probability; both: the mean of the two logits
+        expected = lambda rad, path: np.mean([v for v in (rad, path) if v is not None])  # noqa: E731
+    else:  # intercept + non-negative weights x logits + the availability indicators of the blocks present
+        c = model.combiner
+        assert (c.weights_ >= 0).all() and c.indicator_blocks_.all()  # both blocks are missing for someone
+        expected = lambda rad, path: c.intercept_ + sum(  # noqa: E731
+            w * v + i for w, v, i in zip(c.weights_, (rad, path), c.indicator_weights_) if v is not None)
     for patient_id in no_rad:
         row = scores[patient_id]
         assert row["modalities_used"] == "pathology" and row["probability_radiology"] is None
-        assert row["probability"] == pytest.approx(row["probability_pathology"])
     for patient_id in no_path:
         assert scores[patient_id]["modalities_used"] == "radiology"
-        assert scores[patient_id]["probability"] == pytest.approx(scores[patient_id]["probability_radiology"])
-    both = scores["P000"]
-    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
-    assert logit(both["probability"]) == pytest.approx(
-        (logit(both["probability_radiology"]) + logit(both["probability_pathology"])) / 2)
+    for row in scores.values():
+        rad, path = (None if row[f"probability_{b}"] is None else logit(row[f"probability_{b}"])
+                     for b in ("radiology", "pathology"))
+        assert logit(row["probability"]) == pytest.approx(expected(rad, path), abs=1e-6)
     assert scores["P007"]["mlm"] is None
     assert all(r["risk_group"] == ("high" if r["probability"] >= model.risk_threshold else "low")
                for r in scores.values())

@@ -15,11 +15,12 @@ from gcmlm_assets.definitions import build_definitions
 EXPECTED_GROUPS = {
     "radiology": {"ct_image", "ct_mask", "radiomics_row", "segmentation_model"},
     "pathology": {"patch_coords", "uni_features", "slide_vector"},
-    "cohort": {"clinical_table", "fused_table", "risk_model", "risk_scores"},
+    "cohort": {"clinical_table", "fused_table", "risk_model", "risk_scores", "risk_explanations"},
 }
-PER_PATIENT = {"ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_features", "slide_vector"}
+PER_PATIENT = {"ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_features", "slide_vector",
+               "risk_explanations"}
 AUTOMATION_SENSORS = ("landing_sensor", "segmentation_training_sensor", "predicted_mask_sensor",
-                      "cohort_refresh_sensor")
+                      "cohort_refresh_sensor", "risk_explanations_sensor")
 
 
 def asset_groups(defs: dg.Definitions) -> dict[str, set[str]]:

@@ -1,0 +1,48 @@
+"""Each patient's bag of patch features (all slides, concatenated): the attention-MIL block's input.
+
+Plain Python (no Dagster). The bags are read from the patch-feature asset's files (`uni_features`)
+of the patients that have pathology in the fused table, so they come from the same sound results
+the slide vectors were pooled from. Values stay as stored (float16/float32 kept as float32): the
+explanations need exactly what the mean pooling summed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from gcmlm_assets.pathology.pooling import PoolingError, patient_slides
+from gcmlm_assets.storage import ArtifactStore, sha256_text
+
+
+def load_bags(store: ArtifactStore, features_asset: str, patient_ids: Iterable[str]) -> tuple[dict[str, np.ndarray],
+                                                                                              dict[str, str]]:
+    """({patient: features (N, D) float32}, {patient: why no bag}) for the given patients."""
+    bags: dict[str, np.ndarray] = {}
+    problems: dict[str, str] = {}
+    for patient_id in patient_ids:
+        slides = patient_slides(store, features_asset, patient_id)
+        if not slides:
+            problems[patient_id] = f"no {features_asset} manifest"
+            continue
+        try:
+            parts = [slide.read()[0] for slide in slides]
+        except PoolingError as error:
+            problems[patient_id] = str(error)
+            continue
+        dims = {part.shape[1] for part in parts if part.ndim == 2}
+        if len(dims) != 1 or sum(len(part) for part in parts) == 0:
+            problems[patient_id] = f"feature files disagree on the dimension ({sorted(dims)}) or hold no patch"
+            continue
+        bags[patient_id] = np.concatenate([part.astype(np.float32) for part in parts])
+    return bags, problems
+
+
+def bags_fingerprint(store: ArtifactStore, features_asset: str, patient_ids: Iterable[str]) -> str:
+    """One hash over the feature files' recorded hashes: changes when any bag would change."""
+    parts = []
+    for patient_id in sorted(patient_ids):
+        manifest = store.read_manifest(features_asset, patient_id) or {}
+        parts += [f"{patient_id}/{name}={digest}" for name, digest in sorted((manifest.get("files") or {}).items())]
+    return sha256_text(*parts)

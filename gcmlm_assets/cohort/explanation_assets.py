@@ -1,0 +1,202 @@
+"""risk_explanations: why each patient got their score (thin wiring over patient_explanation.py).
+
+Partitioned by patient, in the cohort group, so that each patient's explanation has its own page
+in the UI. `risk_explanations_sensor` (sensors.py) asks for every scored patient's explanation
+after each new risk_scores. An explanation is reused while the model version, the fused table and
+the patient's patch features are unchanged.
+"""
+
+
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from gcmlm_assets import step_pods
+from gcmlm_assets.cohort.assets import (
+    FUSED_FILE, GROUP, MODEL_FILE, _current_model_or_fail, _required_input)
+from gcmlm_assets.lazy import lazy
+from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.pathology.checks import UNI_FEATURES
+from gcmlm_assets.policies import TRANSIENT_RETRY
+from gcmlm_assets.pictures import PHOTO, picture_markdown, save_png
+from gcmlm_assets.resources import ArtifactStorage
+from gcmlm_assets.storage import atomic_write_json, sha256_file, sha256_text
+
+np = lazy("numpy")
+pa = lazy("pyarrow")
+pq = lazy("pyarrow.parquet")
+modelling = lazy("gcmlm_assets.cohort.modelling")
+cohort_data = lazy("gcmlm_assets.cohort.cohort_data")
+patient_explanation = lazy("gcmlm_assets.cohort.patient_explanation")
+heatmaps = lazy("gcmlm_assets.pathology.heatmaps")
+pooling = lazy("gcmlm_assets.pathology.pooling")
+fusion = lazy("gcmlm_assets.cohort.fusion")
+
+RISK_EXPLANATIONS = "risk_explanations"
+CODE_VERSION = "1"
+PATCHES_FILE = "patch_contributions.parquet"
+EXPLANATION_FILE = "explanation.json"
+SLIDES_IN_METADATA = 3  # heatmaps embedded in the metadata; every slide's is in the folder
+TOP_FEATURES = 10
+
+
+@dg.asset(
+    name=RISK_EXPLANATIONS,
+    group_name=GROUP,
+    partitions_def=patients_partitions,
+    retry_policy=TRANSIENT_RETRY,
+    op_tags=step_pods.op_tags(step_pods.COHORT),
+    code_version=CODE_VERSION,
+    deps=[dg.AssetDep("risk_scores"), dg.AssetDep("risk_model"), dg.AssetDep("fused_table"),
+          dg.AssetDep(UNI_FEATURES)],
+    description="Why this patient got their score: how the blocks' logits combine into the fused probability; "
+    "the radiology and clinical features' exact contributions (coefficient x standardised value, top 10); "
+    "each patch's exact contribution to the pathology logit, stored beside its coordinates and drawn over "
+    "the slide (diverging colours centred on zero); ABMIL attention maps, labelled as attention. Non-linear "
+    "classifiers get no contributions (see risk_model's permutation importance).",
+)
+def risk_explanations(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
+    patient_id = context.partition_key
+    store = storage.store()
+    model_folder, pointer = _current_model_or_fail(store)
+    fused_path = _required_input(store, "fused_table", FUSED_FILE)
+    manifest = store.read_manifest(UNI_FEATURES, patient_id) or {}
+    fingerprint = sha256_text(CODE_VERSION, pointer["files"][MODEL_FILE], sha256_file(fused_path),
+                              json.dumps(manifest.get("files") or {}, sort_keys=True))
+    folder = store.asset_dir(RISK_EXPLANATIONS, patient_id)
+    reused = store.reusable(RISK_EXPLANATIONS, patient_id, fingerprint)
+    if reused is None:
+        summary = _explain_and_write(context, store, model_folder, fused_path, patient_id, folder)
+        summary["model_version"] = pointer["version"]
+        files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != store.MANIFEST}
+        store.write_manifest(RISK_EXPLANATIONS, patient_id, {"fingerprint": fingerprint, "files": files,
+                                                             "summary": summary})
+    else:
+        context.log.info(f"{patient_id}: model, fused table and patch features unchanged; explanation reused")
+        summary = reused["summary"]
+    return dg.MaterializeResult(metadata=_metadata(folder, summary),
+                                data_version=dg.DataVersion(sha256_file(folder / EXPLANATION_FILE)))
+
+
+def _explain_and_write(context, store, model_folder: Path, fused_path: Path, patient_id: str, folder: Path) -> dict:
+    model = modelling.load_model(model_folder / MODEL_FILE)
+    table = pq.read_table(fused_path)
+    ids = table.column("patient_id").to_pylist()
+    if patient_id not in ids:
+        raise dg.Failure(description=f"patient {patient_id} is not in {fused_path} (no usable radiomics or slide "
+                                     "features): nothing to explain", allow_retries=False)
+    row_table = table.slice(ids.index(patient_id), 1)
+    slides = _slide_patches(store, patient_id) if bool(row_table.column("has_pathology")[0].as_py()) else []
+    bags = {patient_id: np.concatenate([s.features for s in slides]).astype(np.float32)} if slides else None
+    data = model.cohort_data(row_table, bags)
+    try:
+        explanation = patient_explanation.explain_patient(model, data, 0, slides)
+    except patient_explanation.ExplanationError as error:
+        raise dg.Failure(description=str(error), allow_retries=False) from None
+    for note in explanation.notes:
+        context.log.info(f"{patient_id}: {note}")
+    _write_patches(explanation, slides, folder / PATCHES_FILE)
+    pictures = _draw_heatmaps(explanation, slides, folder)
+    summary = {
+        "probability": explanation.probability,
+        "risk_group": "high" if explanation.probability >= model.risk_threshold else "low",
+        "risk_threshold": model.risk_threshold,
+        "fused_logit": explanation.fused_logit,
+        "combination": explanation.combination,
+        "combination_markdown": explanation.combination_markdown(),
+        "features": {block: parts.as_rows() for block, parts in explanation.feature_contributions.items()},
+        "features_markdown": {block: parts.markdown(TOP_FEATURES)
+                              for block, parts in explanation.feature_contributions.items()},
+        "pathology_constant": explanation.pathology_constant,
+        "pathology_weight": explanation.pathology_weight,
+        "residuals": explanation.residuals,
+        "attention_role": explanation.attention_role,
+        "notes": explanation.notes,
+        "pictures": pictures,
+        "patches": int(sum(len(s.features) for s in slides)),
+    }
+    atomic_write_json(folder / EXPLANATION_FILE, summary)
+    return summary
+
+
+def _slide_patches(store, patient_id: str) -> list:
+    slides = []
+    for features in pooling.patient_slides(store, UNI_FEATURES, patient_id):
+        try:
+            values, coords = features.read()
+            slides.append(patient_explanation.SlidePatches(features.name, features.slide_path(),
+                                                           features.patch_side_level0(), coords, values))
+        except pooling.PoolingError as error:
+            raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from None
+    return slides
+
+
+def _write_patches(explanation, slides: list, path: Path) -> None:
+    """Each patch's parts beside its coordinates (empty without pathology)."""
+    columns: dict[str, list] = {"slide": [], "x": [], "y": [], "contribution_pathology_logit": [],
+                                "contribution_fused_logit": [], "attention": []}
+    for slide in slides:
+        n = len(slide.coords)
+        parts = explanation.patch_contributions.get(slide.name)
+        attention = explanation.attention.get(slide.name)
+        columns["slide"] += [slide.name] * n
+        columns["x"] += slide.coords[:, 0].tolist()
+        columns["y"] += slide.coords[:, 1].tolist()
+        columns["contribution_pathology_logit"] += [None] * n if parts is None else parts.tolist()
+        columns["contribution_fused_logit"] += ([None] * n if parts is None
+                                                else (parts * explanation.pathology_weight).tolist())
+        columns["attention"] += [None] * n if attention is None else attention.tolist()
+    table = pa.table({"slide": pa.array(columns["slide"], pa.string()), "x": pa.array(columns["x"], pa.int64()),
+                      "y": pa.array(columns["y"], pa.int64()),
+                      **{name: pa.array(columns[name], pa.float64()) for name in
+                         ("contribution_pathology_logit", "contribution_fused_logit", "attention")}})
+    fusion.write_parquet(table, path)
+
+
+def _draw_heatmaps(explanation, slides: list, folder: Path) -> list[dict]:
+    """One contribution map and/or one attention map per slide, each as UI and full-resolution PNG."""
+    drawn = []
+    for slide in slides:
+        maps = []
+        if slide.name in explanation.patch_contributions:
+            maps.append(("contribution", explanation.patch_contributions[slide.name],
+                         f"{slide.name}: each patch's contribution to the pathology logit"))
+        if slide.name in explanation.attention:
+            maps.append(("attention", explanation.attention[slide.name],
+                         f"{slide.name}: ABMIL attention ({explanation.attention_role})"))
+        for kind, values, title in maps:
+            names = {}
+            for size, suffix in (("ui", ""), ("full", "_full")):
+                png = heatmaps.patch_value_heatmap(slide.slide_path, slide.coords, slide.patch_side_level0, values,
+                                                   kind, title, full_resolution=size == "full")
+                names[size] = f"{kind}_{slide.name}{suffix}.png"
+                save_png(png, folder / names[size])
+            drawn.append({"slide": slide.name, "kind": kind, "title": title, **names})
+    return drawn
+
+
+def _metadata(folder: Path, summary: dict) -> dict:
+    metadata = {
+        "probability": summary["probability"],
+        "risk_group": summary["risk_group"],
+        "risk_model_version": summary.get("model_version", ""),
+        "how_the_blocks_combine": dg.MetadataValue.md(summary["combination_markdown"]),
+        "exactness": dg.MetadataValue.json({b: f"{r:.2e}" for b, r in summary["residuals"].items()}),
+        "patch_contributions_path": dg.MetadataValue.path(str(folder / PATCHES_FILE)),
+        "explanation_path": dg.MetadataValue.path(str(folder / EXPLANATION_FILE)),
+        "patches": summary["patches"],
+        "notes": dg.MetadataValue.md("\n".join(f"- {n}" for n in summary["notes"]) or "none"),
+    }
+    for block, table in summary["features_markdown"].items():
+        metadata[f"{block}_top_features"] = dg.MetadataValue.md(table)
+    for i, picture in enumerate(summary["pictures"]):
+        if i < SLIDES_IN_METADATA * 2:
+            metadata[f"{picture['kind']}_{picture['slide']}"] = dg.MetadataValue.md(
+                picture_markdown(folder / picture["ui"], PHOTO, picture["title"]))
+        metadata[f"{picture['kind']}_{picture['slide']}_full_path"] = dg.MetadataValue.path(
+            str(folder / picture["full"]))
+    return metadata
+
+
+ASSETS: list[dg.AssetsDefinition] = [risk_explanations]

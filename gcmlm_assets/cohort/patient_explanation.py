@@ -1,0 +1,158 @@
+"""Why one patient got their score: per-block, per-feature and per-patch parts of the fused logit.
+
+Plain Python (no Dagster). The fused logit is `intercept + sum_k w_k * logit_k + indicator terms`
+(combiners.py). With the default linear blocks each block logit splits exactly:
+- radiology and clinical: coefficient x the patient's standardised value, per feature that reaches
+  the classifier, plus the classifier's intercept;
+- pathology (mean pooling): the logit is affine in the slide vector, which is the mean of every
+  patch embedding of every slide, so each patch contributes `weights @ embedding / N` and the rest
+  is one constant. The parts are checked to add up to the model's own logit (`EXACT_TOLERANCE`);
+  a patient whose patch features no longer match the slide vector the model scored is refused.
+A patch's share of the FUSED logit is its share of the pathology logit times the block's weight.
+
+What is not linear gets no contribution: an SVM or random-forest block says so (the risk model's
+permutation importance is the cohort-level alternative), and an ABMIL block gives attention
+weights, which show where the model looked, not how much each patch added to the score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.pipeline import Pipeline
+
+from gcmlm_assets.cohort import explanations
+from gcmlm_assets.cohort.cohort_data import PATHOLOGY_ABMIL, CohortData
+from gcmlm_assets.cohort.combiners import sigmoid
+from gcmlm_assets.cohort.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
+
+EXACT_TOLERANCE = 1e-6  # |sum of the parts - the model's logit| allowed per block
+
+
+class ExplanationError(ValueError):
+    """The patient cannot be explained truthfully (names the patient and why)."""
+
+
+@dataclass
+class SlidePatches:
+    """One slide's patches as the pathology block saw them."""
+
+    name: str
+    slide_path: str | None
+    patch_side_level0: float
+    coords: np.ndarray  # (N, 2) level-0 px
+    features: np.ndarray  # (N, D) as stored
+
+
+@dataclass
+class PatientExplanation:
+    patient_id: str
+    probability: float
+    fused_logit: float
+    combination: list[dict]  # one row per term of the fused logit
+    feature_contributions: dict[str, explanations.FeatureContributions] = field(default_factory=dict)
+    patch_contributions: dict[str, np.ndarray] = field(default_factory=dict)  # slide -> (N,) to the block logit
+    pathology_weight: float = 0.0  # the pathology block's weight in the fused logit
+    pathology_constant: float | None = None
+    attention: dict[str, np.ndarray] = field(default_factory=dict)  # slide -> (N,), sums to 1 over all slides
+    attention_role: str = ""  # "in the score" or "explanation model only"
+    residuals: dict[str, float] = field(default_factory=dict)  # block -> parts - logit
+    notes: list[str] = field(default_factory=list)
+
+    def combination_markdown(self) -> str:
+        lines = ["| term | block logit | weight | part of the fused logit |", "|---|---|---|---|"]
+        for row in self.combination:
+            logit = "–" if row["block_logit"] is None else f"{row['block_logit']:+.4f}"
+            weight = "–" if row["weight"] is None else f"{row['weight']:.4f}"
+            lines.append(f"| {row['term']} | {logit} | {weight} | {row['contribution']:+.4f} |")
+        lines.append(f"| **fused logit** | | | **{self.fused_logit:+.4f}** |")
+        lines.append(f"\nProbability = 1 / (1 + exp(−fused logit)) = **{self.probability:.4f}**")
+        return "\n".join(lines)
+
+
+def explain_patient(model, data: CohortData, row: int, slides: list[SlidePatches]) -> PatientExplanation:
+    """The explanation of `data`'s patient at `row`, with their slides' patches (for pathology)."""
+    patient_id = str(data.patient_ids[row])
+    logits = model.block_logits(data)[row:row + 1]
+    terms = model.combiner.terms(logits)
+    fused_logit = float(model.combiner.fused_logit(logits)[0])
+    if not np.isfinite(fused_logit):
+        raise ExplanationError(f"patient {patient_id}: no block of the model has inputs for this patient")
+    explanation = PatientExplanation(patient_id, float(sigmoid(fused_logit)), fused_logit, [])
+    combination = [{"term": "intercept", "block_logit": None, "weight": None,
+                    "contribution": float(terms["intercept"][0])}]
+    for k, (block, block_model) in enumerate(model.pipelines.items()):
+        logit = float(logits[0, k])
+        if not np.isfinite(logit):
+            combination.append({"term": f"{block} (missing: logit taken as 0)", "block_logit": None,
+                                "weight": None, "contribution": 0.0})
+            continue
+        weight = float(terms["weights"][0, k])
+        combination.append({"term": block, "block_logit": logit, "weight": weight, "contribution": weight * logit})
+        indicator = float(terms["indicator_weights"][0, k])
+        if indicator:
+            combination.append({"term": f"{block} present (indicator)", "block_logit": None, "weight": None,
+                                "contribution": indicator})
+        _explain_block(explanation, block, block_model, model.columns.get(block, []), data, row, logit, weight,
+                       slides)
+    explanation.combination = combination
+    for block, side_model in getattr(model, "side_models", {}).items():
+        if block == PATHOLOGY_ABMIL and slides:
+            _attention(explanation, side_model, slides, "explanation model only: not in the score")
+    return explanation
+
+
+def _explain_block(explanation: PatientExplanation, block: str, block_model, columns: list[str], data: CohortData,
+                   row: int, logit: float, weight: float, slides: list[SlidePatches]) -> None:
+    patient_id = explanation.patient_id
+    if block == PATHOLOGY_ABMIL:
+        if slides:
+            _attention(explanation, block_model, slides, "in the score")
+        explanation.notes.append("pathology (ABMIL): attention weights are shown, not contributions; attention "
+                                 "is where the model looked, not a share of the score")
+        return
+    exact, reason = explanations.exact_contributions_available(block_model)
+    if not exact:
+        explanation.notes.append(f"{block}: {reason}")
+        return
+    x_row = data.blocks[block].X[row]
+    if block in (RADIOLOGY, CLINICAL):
+        parts = explanations.feature_contributions(block_model, columns, x_row)
+        explanation.feature_contributions[block] = parts
+        explanation.residuals[block] = float(np.sum(parts.contributions) + parts.intercept - logit)
+    elif block == PATHOLOGY:
+        if not slides:
+            explanation.notes.append("pathology: no patch features at hand, so no per-patch contributions")
+            return
+        weights, constant = explanations.affine_map(block_model, len(columns))
+        n_total = sum(len(s.features) for s in slides)
+        total = 0.0
+        for slide in slides:
+            parts = explanations.patch_contributions(weights, constant, slide.features,
+                                                     np.full(len(slide.features), 1.0 / n_total))
+            explanation.patch_contributions[slide.name] = parts
+            total += float(np.sum(parts))
+        explanation.pathology_constant = float(constant)
+        explanation.pathology_weight = weight
+        explanation.residuals[block] = total + float(constant) - logit
+    residual = explanation.residuals.get(block)
+    if residual is not None and abs(residual) > EXACT_TOLERANCE:
+        source = ("its patch features differ from the slide vector the model scored: re-materialize slide_vector"
+                  if block == PATHOLOGY else "the parts do not reproduce the model's logit")
+        raise ExplanationError(f"patient {patient_id}: {block} contributions add up to {logit + residual:.9f}, "
+                               f"not the model's logit {logit:.9f}: {source}")
+
+
+def _attention(explanation: PatientExplanation, abmil_model, slides: list[SlidePatches], role: str) -> None:
+    bag = np.concatenate([s.features for s in slides]).astype(np.float32)
+    attention = np.asarray(abmil_model.attention(bag), dtype=np.float64)
+    start = 0
+    for slide in slides:
+        explanation.attention[slide.name] = attention[start:start + len(slide.features)]
+        start += len(slide.features)
+    explanation.attention_role = role
+
+
+def is_linear_pipeline(block_model) -> bool:
+    return isinstance(block_model, Pipeline) and explanations.exact_contributions_available(block_model)[0]
