@@ -258,7 +258,7 @@ def _slide_drawing(slide: SlideFeatures) -> tuple[str, int, np.ndarray, str]:
         coords = np.asarray(fh["coords"][:], np.int64).reshape(-1, 2)
         patch_side = float(fh["coords"].attrs.get("patch_size_level0", 0)) or 256.0
         slide_path = fh.attrs.get("slide_path")
-    thumbnail, level0_size = _thumbnail(slide_path)
+    thumbnail, level0_size = slide_thumbnail(slide_path)
     note = ""
     if thumbnail is None:
         note = " (slide file not readable: patch layout only)"
@@ -270,14 +270,16 @@ def _slide_drawing(slide: SlideFeatures) -> tuple[str, int, np.ndarray, str]:
     return slide.name, int(len(coords)), _outline_patches(thumbnail, coords, patch_side, level0_size), note
 
 
-def _thumbnail(slide_path) -> tuple[np.ndarray | None, tuple[float, float]]:
+def slide_thumbnail(slide_path, side_px: int = PICTURE_SIDE_PX) -> tuple[np.ndarray | None, tuple[float, float]]:
+    """(RGB thumbnail within side_px x side_px, level-0 (width, height)); (None, (0, 0)) when the
+    slide file is gone or OpenSlide cannot read it."""
     if not slide_path or not Path(str(slide_path)).is_file():
         return None, (0.0, 0.0)
     import openslide
 
     try:
         with openslide.OpenSlide(str(slide_path)) as handle:
-            image = handle.get_thumbnail((PICTURE_SIDE_PX, PICTURE_SIDE_PX)).convert("RGB")
+            image = handle.get_thumbnail((side_px, side_px)).convert("RGB")
             return np.asarray(image), tuple(float(v) for v in handle.dimensions)
     except (openslide.OpenSlideError, OSError):
         return None, (0.0, 0.0)

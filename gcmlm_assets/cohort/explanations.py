@@ -1,0 +1,221 @@
+"""Exact explanations of a block model: per-feature and per-patch contributions to its logit.
+
+Plain Python (no Dagster).
+
+With the default classifier (L2 logistic regression) every step of a block pipeline is affine on
+finite inputs: imputation only fills NaN (and drops the columns that were empty in training),
+standardisation and PCA are affine maps, the selectors keep a subset of columns. The block's
+logit (`decision_function`) is therefore exactly `weights @ x + constant` in the raw inputs, and
+two exact decompositions follow:
+
+- per feature: the classifier's coefficient times the patient's transformed value of each feature
+  that reaches it (standardised radiomic or clinical values, PCA scores for pathology), plus the
+  intercept, sums to the patient's logit;
+- per patch: the pathology input is the MEAN of the patch embeddings of all of the patient's
+  slides, so `weights @ mean + constant` splits into `weights @ patch / N` per patch plus the
+  constant. These are contributions, not saliencies: they add up to the model's output.
+
+An SVM or a random forest is not linear: no such decomposition exists, and the functions here say
+so (`exact_contributions_available`) instead of approximating; permutation importance is the
+honest summary for those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.feature_selection import SelectorMixin
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+PROBABILITY_CLIP = 1e-6  # the late fusion's clip (modelling.PROBABILITY_CLIP): finite logits for 0/1 votes
+PATCH_CHUNK_ROWS = 65_536  # rows cast to float64 at a time: memory bounded by the chunk
+
+_CLASSIFIER_NAMES = {"CalibratedClassifierCV": "svm", "RandomForestClassifier": "random_forest"}
+
+
+class NotExactlyExplainable(ValueError):
+    """The pipeline is not affine up to a logistic regression: exact contributions do not exist."""
+
+
+def exact_contributions_available(pipeline: Pipeline) -> tuple[bool, str]:
+    """(True, "") when the logit is exactly affine in the inputs: a binary logistic regression
+    after imputation, standardisation, column selectors and PCA only; else (False, why)."""
+    classifier = pipeline.steps[-1][1]
+    if not isinstance(classifier, LogisticRegression):
+        kind = _CLASSIFIER_NAMES.get(type(classifier).__name__, type(classifier).__name__)
+        return False, (f"{kind} is not linear: exact contributions do not exist; "
+                       "see permutation importance")
+    if np.ndim(classifier.coef_) != 2 or classifier.coef_.shape[0] != 1:
+        return False, "the logistic regression is not binary: there is no single logit to split"
+    for name, step in pipeline.steps[:-1]:
+        reason = _why_not_affine(step)
+        if reason:
+            return False, f"step {name!r} ({type(step).__name__}) {reason}: exact contributions do not exist"
+    return True, ""
+
+
+def _why_not_affine(step) -> str:
+    if isinstance(step, SimpleImputer):
+        # The missingness indicator is a step function of the input, not an affine one.
+        return "adds missingness indicators" if step.add_indicator else ""
+    if isinstance(step, (StandardScaler, PCA, SelectorMixin)):
+        return ""
+    return "is not one of the affine steps (imputer, scaler, selector, PCA)"
+
+
+def _require_exact(pipeline: Pipeline) -> LogisticRegression:
+    available, reason = exact_contributions_available(pipeline)
+    if not available:
+        raise NotExactlyExplainable(reason)
+    return pipeline.steps[-1][1]
+
+
+def _transform(pipeline: Pipeline, X) -> np.ndarray:
+    Z = np.asarray(X, dtype=np.float64)
+    for _, step in pipeline.steps[:-1]:
+        Z = step.transform(Z)
+    return np.asarray(Z, dtype=np.float64)
+
+
+def block_logit(pipeline: Pipeline, X) -> np.ndarray:
+    """The block's logit per row of X (n, D): the classifier's decision_function after the
+    pipeline's transforms. A classifier without one (the calibrated SVM, the forest) gives the
+    logit of its clipped probability, as the late fusion uses it."""
+    X2 = np.atleast_2d(np.asarray(X, dtype=np.float64))
+    classifier = pipeline.steps[-1][1]
+    with threadpool_limits(1):
+        Z = _transform(pipeline, X2)
+        if hasattr(classifier, "decision_function"):
+            return np.asarray(classifier.decision_function(Z), dtype=np.float64).reshape(-1)
+        probability = np.clip(classifier.predict_proba(Z)[:, 1], PROBABILITY_CLIP, 1 - PROBABILITY_CLIP)
+    return np.log(probability / (1 - probability))
+
+
+# ---------------------------------------------------------------- per feature
+
+
+@dataclass(frozen=True)
+class FeatureContributions:
+    """One patient's logit split over the features that reach the classifier."""
+
+    names: list[str]
+    values: np.ndarray  # the patient's transformed values (standardised features or PCA scores)
+    coefficients: np.ndarray
+    contributions: np.ndarray  # coefficients * values
+    intercept: float
+
+    @property
+    def logit(self) -> float:
+        return float(self.contributions.sum() + self.intercept)
+
+    def top(self, n: int = 10) -> list[tuple[str, float, float, float]]:
+        """(name, value, coefficient, contribution) of the n largest |contribution|, largest first."""
+        order = np.argsort(-np.abs(self.contributions), kind="stable")[:n]
+        return [(self.names[i], float(self.values[i]), float(self.coefficients[i]), float(self.contributions[i]))
+                for i in order]
+
+    def markdown(self, n: int = 10, digits: int = 3) -> str:
+        """The top-n features as a markdown table, with the intercept and the logit they sum to."""
+        lines = ["| feature | value | coefficient | contribution |", "|---|---:|---:|---:|"]
+        for name, value, coefficient, contribution in self.top(n):
+            lines.append(f"| {name} | {value:.{digits}f} | {coefficient:.{digits}f} | {contribution:+.{digits}f} |")
+        rest = len(self.names) - min(n, len(self.names))
+        if rest:
+            shown = {name for name, *_ in self.top(n)}
+            others = sum(c for name, c in zip(self.names, self.contributions) if name not in shown)
+            lines.append(f"| ({rest} other features) | | | {others:+.{digits}f} |")
+        lines.append(f"| intercept | | | {self.intercept:+.{digits}f} |")
+        lines.append(f"| **logit** | | | **{self.logit:+.{digits}f}** |")
+        return "\n".join(lines)
+
+
+def feature_contributions(pipeline: Pipeline, columns: list[str], x_row) -> FeatureContributions:
+    """The exact split of one patient's block logit (x_row: the raw inputs, NaN allowed: the
+    imputer fills them) into coefficient x transformed value per feature reaching the classifier.
+    Names follow the columns through the imputer (empty training columns dropped) and the
+    selectors; after PCA they are the components (pca0, pca1, ...)."""
+    classifier = _require_exact(pipeline)
+    row = np.asarray(x_row, dtype=np.float64).reshape(1, -1)
+    if row.shape[1] != len(columns):
+        raise ValueError(f"x_row has {row.shape[1]} values for {len(columns)} columns")
+    names = [str(n) for n in pipeline[:-1].get_feature_names_out(np.asarray(columns, dtype=object))]
+    with threadpool_limits(1):
+        values = _transform(pipeline, row)[0]
+    coefficients = np.asarray(classifier.coef_[0], dtype=np.float64)
+    return FeatureContributions(names, values, coefficients, coefficients * values,
+                                float(np.asarray(classifier.intercept_).reshape(-1)[0]))
+
+
+# ---------------------------------------------------------------- per patch
+
+
+def affine_map(pipeline: Pipeline, n_features: int) -> tuple[np.ndarray, float]:
+    """(weights (D,), constant) with block_logit(x) == weights @ x + constant for finite x.
+
+    Read off the fitted steps by pushing the zero vector and the unit vectors through them: for
+    an affine f, f(0) is the constant and f(e_i) - f(0) the i-th weight (no fitting involved).
+    A column the imputer dropped gets weight 0."""
+    _require_exact(pipeline)
+    probes = np.vstack([np.zeros((1, n_features)), np.eye(n_features)])
+    logits = block_logit(pipeline, probes)
+    constant = float(logits[0])
+    return logits[1:] - constant, constant
+
+
+def patch_contributions(weights, constant: float, patch_features, patch_weights) -> np.ndarray:
+    """Each patch's contribution to the block logit: patch_weight * (weights @ features).
+
+    `constant` is the affine map's; it is not spread over the patches but stays one term, so that
+    with patch_weights = 1 / N_total (mean pooling over all of a patient's slides, possibly one
+    call per slide) sum(contributions over every slide) + constant == the block logit of the mean
+    vector. Computed in float64 whatever the features' stored dtype, in chunks of rows."""
+    if not np.isfinite(constant):  # kept with the weights it belongs to; not shared out per patch
+        raise ValueError(f"the affine map's constant is {constant}")
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    features = np.asarray(patch_features)
+    if features.ndim != 2 or features.shape[1] != w.shape[0]:
+        raise ValueError(f"patch_features has shape {features.shape}, expected (N, {w.shape[0]})")
+    scale = np.broadcast_to(np.asarray(patch_weights, dtype=np.float64), (features.shape[0],))
+    out = np.empty(features.shape[0], dtype=np.float64)
+    for start in range(0, features.shape[0], PATCH_CHUNK_ROWS):
+        stop = start + PATCH_CHUNK_ROWS
+        out[start:stop] = np.asarray(features[start:stop], dtype=np.float64) @ w
+    return out * scale
+
+
+@dataclass(frozen=True)
+class SlidePatchContributions:
+    """One slide's patches: level-0 coordinates and their contributions to the patient's logit."""
+
+    name: str
+    coords: np.ndarray  # (N, 2)
+    contributions: np.ndarray  # (N,) float64
+
+
+def mean_pooled_patch_contributions(weights, constant: float, slides: Iterable) -> Iterator[SlidePatchContributions]:
+    """Per-slide patch contributions for a patient pooled by the mean over all of its slides
+    (`slides`: objects with `name`, `shape()` and `chunks()`, as pooling.SlideFeatures).
+
+    Two passes: the total patch count first (each patch weighs 1 / N_total), then the features in
+    chunks; summed over all slides, plus `constant`, they give the logit of the pooled vector."""
+    slides = list(slides)
+    total = sum(slide.shape()[0] for slide in slides)
+    if total == 0:
+        raise ValueError("no patches: nothing to explain")
+    for slide in slides:
+        coords, values = [], []
+        for features, chunk_coords in slide.chunks():
+            values.append(patch_contributions(weights, constant, features, 1.0 / total))
+            coords.append(np.asarray(chunk_coords).reshape(-1, 2))
+        yield SlidePatchContributions(
+            slide.name,
+            np.concatenate(coords) if coords else np.zeros((0, 2), np.int64),
+            np.concatenate(values) if values else np.zeros(0, np.float64),
+        )
