@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import scipy.special
 import scipy.stats
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, roc_curve
@@ -92,7 +93,7 @@ def _newton_logistic(design: np.ndarray, labels: np.ndarray, offset: np.ndarray,
     current = log_likelihood(beta)
     for _ in range(max_iter):
         eta = design @ beta + offset
-        fitted = 1.0 / (1.0 + np.exp(-eta))
+        fitted = scipy.special.expit(eta)  # no overflow warning for a wild trial step
         gradient = design.T @ (labels - fitted)
         hessian = design.T @ (design * (fitted * (1 - fitted))[:, None])
         try:
