@@ -44,6 +44,7 @@ crossval = lazy("gcmlm_assets.cohort.crossval")
 model_metrics = lazy("gcmlm_assets.cohort.metrics")
 model_plots = lazy("gcmlm_assets.cohort.plots")
 model_card = lazy("gcmlm_assets.cohort.model_card")
+model_importance = lazy("gcmlm_assets.cohort.importance")
 bags = lazy("gcmlm_assets.cohort.bags")
 
 GROUP = "cohort"
@@ -54,6 +55,7 @@ CODE_VERSIONS = {"clinical_table": "1", "fused_table": "3", "risk_model": "3", "
 CLINICAL_FILE, CLINICAL_PROBLEMS = "clinical.parquet", "problems.json"
 FUSED_FILE, FUSION_REPORT = "fused.parquet", "fusion_report.json"
 MODEL_FILE, METRICS_FILE, MODEL_CARD = "model.skops", "metrics.json", "model_card.json"
+MODEL_CARD_MARKDOWN = "model_card.md"
 CV_PREDICTIONS = "cv_predictions.parquet"
 PLOTS = {"roc": "roc.png", "calibration": "calibration.png", "decision_curve": "decision_curve.png"}
 SCORES_FILE = "scores.parquet"
@@ -220,7 +222,7 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
 # files' hashes. Readers read current.json once and take everything from that folder.
 
 RISK_MODEL = "risk_model"
-MODEL_FILES = (MODEL_FILE, METRICS_FILE, MODEL_CARD, CV_PREDICTIONS, *PLOTS.values())
+MODEL_FILES = (MODEL_FILE, METRICS_FILE, MODEL_CARD, MODEL_CARD_MARKDOWN, CV_PREDICTIONS, *PLOTS.values())
 WAITING = "waiting for labelled patients"
 
 
@@ -336,15 +338,20 @@ def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fuse
     fused = metrics.get(modelling.FUSED, {})
     threshold = settings.risk_threshold if settings.risk_threshold is not None else fused.get("youden_threshold", 0.5)
     model, fitted = modelling.fit_risk_model(data, settings, threshold)
-    labels = modelling.model_labels(settings)
+    importance = model_importance.permutation_importance(model_importance.model_predictor(model), data,
+                                                         model.blocks, seed=settings.seed)
     card = model_card.model_card(model, settings, fitted, metrics, cv,
-                                {"fused_table_sha256": fused_sha, "fused_table": str(fused_path)})
-    card["model_labels"] = {m: labels.get(m, m) for m in metrics}
+                                {"fused_table_sha256": fused_sha, "fused_table": str(fused_path)},
+                                **_card_context(root.parent, data, cv, settings, model, fused_path, fused_sha),
+                                permutation_importance=importance)
+    labels = card["model_labels"]
     staging = new_version_folder(root)
     try:
         modelling.save_model(model, staging / MODEL_FILE)
         atomic_write_json(staging / METRICS_FILE, model_card.json_safe(metrics))
         atomic_write_json(staging / MODEL_CARD, model_card.json_safe(card))
+        atomic_write_bytes(staging / MODEL_CARD_MARKDOWN,
+                           model_card.model_card_markdown(model_card.json_safe(card)).encode())
         fusion.write_parquet(crossval.cv_predictions_table(cv), staging / CV_PREDICTIONS)
         for kind, name in PLOTS.items():
             pictures.save_png(model_plots.plot_curves(curves, kind, labels), staging / name)
@@ -358,11 +365,74 @@ def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fuse
     return pointer
 
 
+# Chosen before any result was seen, for the reason given; the ablation shows the other fusion beside it.
+WHY_STACKED = ("a learned, non-negative weighting of the blocks' out-of-fold logits (inner CV inside each "
+               "training part) lets a strong block outweigh a weak one instead of being diluted by an equal "
+               "mean; the weights are shrunk towards 0 and never negative. Chosen a priori, not from these "
+               "folds' test results (README: Fusion)")
+WHY_MEAN = "set by risk_model.fusion: nothing fitted, so nothing extra can overfit"
+
+
+def _card_context(artifacts: Path, data, cv, settings, model, fused_path: Path, fused_sha: str) -> dict:
+    """What the TRIPOD+AI card needs beyond the fit: sources and dates, the patient flow, fusion, explanation."""
+    import datetime
+
+    def modified(path: Path) -> str | None:
+        try:
+            return datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.UTC).isoformat(timespec="seconds")
+        except OSError:
+            return None
+
+    clinical_folder = artifacts / "clinical_table"
+    clinical_manifest = _read_json(clinical_folder / ArtifactStore.MANIFEST) or {}
+    source = clinical_manifest.get("source") or {}
+    fused_table = pq.read_table(fused_path)
+    flow = model_card.cohort_flow(clinical_manifest.get("summary") or {},
+                                  _read_json(fused_path.parent / FUSION_REPORT) or {},
+                                  fusion.fused_stats(fused_table), crossval.labelled_counts(data),
+                                  int(len(cv.labels)), _read_json(clinical_folder / CLINICAL_PROBLEMS))
+    exact = settings.classifier == "logistic"
+    method = ("exact contributions (risk_explanations): coefficient x standardised value per radiology and "
+              "clinical feature, and one share per patch of the pathology logit (mean pooling is affine), each "
+              "scaled by the block's fusion weight; they add up to the fused logit" if exact else
+              f"no exact contributions: the {settings.classifier} classifier is not linear; cohort-level "
+              "permutation importance instead")
+    attention = ("; ABMIL attention maps (where the attention model looked; not contributions)"
+                 if modelling.PATHOLOGY_ABMIL in settings.blocks() else "")
+    return {
+        "data": {"landing_zone": str(Path(source["path"]).parent) if source.get("path") else None,
+                 "clinical_csv": {"path": source.get("path"), "sha256": source.get("sha256"),
+                                  "modified": modified(Path(source["path"])) if source.get("path") else None},
+                 "fused_table": {"path": str(fused_path), "sha256": fused_sha, "built": modified(fused_path)},
+                 "trained_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")},
+        "flow": flow,
+        "fusion": {"rule": modelling.fusion_strategy(settings), "default": settings.fusion,
+                   "why": WHY_STACKED if settings.fusion == "stacked" else WHY_MEAN,
+                   "combiner": model.combiner.describe()},
+        "explanation": {"method": method + attention,
+                        "notes": "permutation importance: drop in AUC of the final model when a block (or a "
+                                 "feature) is shuffled across the labelled patients it was trained on (in-sample)"},
+    }
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def _remove_unversioned_files(root: Path) -> None:
     """The files of the layout before versions (model files and a manifest beside current.json):
     nothing reads them, and a stale metrics.json there would look current."""
     for name in (*MODEL_FILES, ArtifactStore.MANIFEST):
         (root / name).unlink(missing_ok=True)
+
+
+def _card_markdown(folder: Path, card: dict) -> str:
+    """The stored TRIPOD+AI card (versions published before it existed: rendered from the JSON card)."""
+    path = folder / MODEL_CARD_MARKDOWN
+    return path.read_text() if path.is_file() else model_card.model_card_markdown(card)
 
 
 def _model_result(root: Path, pointer: dict, status: str, extra: dict | None = None) -> dg.MaterializeResult:
@@ -384,7 +454,8 @@ def _model_result(root: Path, pointer: dict, status: str, extra: dict | None = N
             **{f"plot_{kind}": dg.MetadataValue.md(pictures.picture_markdown(folder / name, pictures.PLOT, kind))
                for kind, name in PLOTS.items()},
             **{f"plot_{kind}_path": dg.MetadataValue.path(str(folder / name)) for kind, name in PLOTS.items()},
-            "model_card": dg.MetadataValue.json(card),
+            "model_card": dg.MetadataValue.md(_card_markdown(folder, card)),
+            "model_card_json": dg.MetadataValue.json(card),
             "settings": dg.MetadataValue.json(card["settings"]),
             **(extra or {}),
         },

@@ -5,8 +5,9 @@ Plain Python (no Dagster). Per model, on the out-of-fold predictions (n_repeats,
   (patients resampled within each class, the same resample used for every repeat);
 - on the per-patient mean of the out-of-fold probabilities over repeats: sensitivity and
   specificity at the Youden threshold (chosen on these same predictions, hence optimistic), the
-  Brier score, a calibration curve (quantile bins) and decision-curve analysis (net benefit
-  against threshold probability, with treat-all and treat-none).
+  Brier score, a calibration curve (quantile bins), the calibration slope and intercept
+  (`calibration_slope_intercept`) and decision-curve analysis (net benefit against threshold
+  probability, with treat-all and treat-none).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import scipy.special
 import scipy.stats
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, roc_curve
@@ -62,6 +64,92 @@ def net_benefit(labels: np.ndarray, probabilities: np.ndarray, thresholds: np.nd
     return true_pos - false_pos * thresholds / (1 - thresholds)
 
 
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """AUC of one set of scores (ties count half); NaN without both classes."""
+    labels = np.asarray(labels)
+    scores = np.asarray(scores, dtype=float)
+    positive, negative = scores[labels == 1], scores[labels == 0]
+    if len(positive) == 0 or len(negative) == 0:
+        return float("nan")
+    return float(_rank_auc(positive, negative))
+
+
+CALIBRATION_CLIP = 1e-6
+
+
+def _newton_logistic(design: np.ndarray, labels: np.ndarray, offset: np.ndarray,
+                     max_iter: int = 100, tol: float = 1e-9) -> np.ndarray | None:
+    """Maximum-likelihood coefficients of y ~ design @ beta + offset (logit link), or None.
+
+    Newton-Raphson with step halving (the log-likelihood never decreases); None when the
+    Hessian is singular or the iteration does not settle.
+    """
+    beta = np.zeros(design.shape[1])
+
+    def log_likelihood(b: np.ndarray) -> float:
+        eta = design @ b + offset
+        return float(np.sum(labels * eta - np.logaddexp(0.0, eta)))
+
+    current = log_likelihood(beta)
+    for _ in range(max_iter):
+        eta = design @ beta + offset
+        fitted = scipy.special.expit(eta)  # no overflow warning for a wild trial step
+        gradient = design.T @ (labels - fitted)
+        hessian = design.T @ (design * (fitted * (1 - fitted))[:, None])
+        try:
+            step = np.linalg.solve(hessian, gradient)
+        except np.linalg.LinAlgError:
+            return None
+        if not np.all(np.isfinite(step)):
+            return None
+        scale = 1.0
+        while scale > 1e-8:
+            candidate = beta + scale * step
+            value = log_likelihood(candidate)
+            if value >= current - 1e-12:
+                break
+            scale /= 2
+        else:
+            return None
+        beta, current = candidate, value
+        if np.max(np.abs(scale * step)) < tol:
+            return beta
+    return None
+
+
+def calibration_slope_intercept(labels: np.ndarray, probabilities: np.ndarray) -> dict:
+    """Calibration slope and calibration-in-the-large of predicted probabilities.
+
+    slope: b of the logistic regression y ~ a + b * logit(p) (1 = ideal, < 1 = predictions too
+    extreme); intercept: a of y ~ a + offset(logit(p)), the slope fixed at 1 (0 = ideal, < 0 =
+    risks overestimated on average). Probabilities are clipped to [1e-6, 1 - 1e-6] first.
+    NaN when it cannot be estimated: both are NaN with fewer than one patient of each class; the
+    slope alone is NaN when logit(p) separates the classes (every positive at or above every
+    negative, or the reverse, constant predictions included), where the maximum-likelihood slope
+    is infinite or undefined. The intercept always exists with both classes present.
+    """
+    labels = np.asarray(labels, dtype=float)
+    probabilities = np.clip(np.asarray(probabilities, dtype=float), CALIBRATION_CLIP, 1 - CALIBRATION_CLIP)
+    keep = np.isfinite(labels) & np.isfinite(probabilities)
+    labels, probabilities = labels[keep], probabilities[keep]
+    out = {"slope": float("nan"), "intercept": float("nan")}
+    positive, negative = labels == 1, labels == 0
+    if not positive.any() or not negative.any():
+        return out
+    logit = np.log(probabilities / (1 - probabilities))
+    ones = np.ones((len(labels), 1))
+    intercept_only = _newton_logistic(ones, labels, logit)
+    if intercept_only is not None:
+        out["intercept"] = float(intercept_only[0])
+    separated = (logit[positive].min() >= logit[negative].max()
+                 or logit[positive].max() <= logit[negative].min())
+    if not separated:
+        fit = _newton_logistic(np.column_stack([ones[:, 0], logit]), labels, np.zeros(len(labels)))
+        if fit is not None:
+            out["slope"] = float(fit[1])
+    return out
+
+
 # Net benefit beyond 0.8 rests on a handful of patients and no one treats at such odds; not shown.
 DCA_THRESHOLDS = np.round(np.arange(0.01, 0.81, 0.01), 2)
 
@@ -78,11 +166,14 @@ def evaluate(labels: np.ndarray, predictions: np.ndarray, n_bootstrap: int, seed
     mean_probability = predictions.mean(axis=0)
     threshold = youden_threshold(labels, mean_probability)
     predicted_positive = mean_probability >= threshold
+    calibration = calibration_slope_intercept(labels, mean_probability)
     metrics.update({
         "youden_threshold": threshold,
         "sensitivity": float(predicted_positive[labels == 1].mean()),
         "specificity": float((~predicted_positive[labels == 0]).mean()),
         "brier": float(brier_score_loss(labels, mean_probability)),
+        "calibration_slope": calibration["slope"],
+        "calibration_intercept": calibration["intercept"],
     })
     fpr, tpr, _ = roc_curve(labels, mean_probability)
     n_bins = int(max(2, min(10, len(labels) // 10)))
@@ -111,16 +202,24 @@ def evaluate_cross_validation(cv: CrossValidation, settings: ModelSettings) -> t
     return metrics, curves
 
 
+def _number(value, digits: int) -> str:
+    """A metric for a table cell; "–" when absent or not finite (NaN becomes None in stored JSON)."""
+    if value is None or not np.isfinite(value):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
 def ablation_markdown(metrics: dict, labels: dict[str, str] | None = None) -> str:
-    lines = ["| model | patients (+/−) | AUC [95 % CI] | sensitivity | specificity | Brier |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | patients (+/−) | AUC [95 % CI] | sensitivity | specificity | Brier | "
+             "calibration slope / intercept |",
+             "|---|---|---|---|---|---|---|"]
     for model, m in metrics.items():
         name = (labels or {}).get(model, model)
         if "auc" not in m:
-            lines.append(f"| {name} | {m['patients']} ({m['positive']}/{m['negative']}) | – | – | – | – |")
+            lines.append(f"| {name} | {m['patients']} ({m['positive']}/{m['negative']}) | – | – | – | – | – |")
             continue
+        calibration = f"{_number(m.get('calibration_slope'), 2)} / {_number(m.get('calibration_intercept'), 2)}"
         lines.append(f"| {name} | {m['patients']} ({m['positive']}/{m['negative']}) | "
                      f"{m['auc']:.3f} [{m['auc_ci_low']:.3f}, {m['auc_ci_high']:.3f}] | "
-                     f"{m['sensitivity']:.2f} | {m['specificity']:.2f} | {m['brier']:.3f} |")
+                     f"{m['sensitivity']:.2f} | {m['specificity']:.2f} | {m['brier']:.3f} | {calibration} |")
     return "\n".join(lines)
-

@@ -90,7 +90,7 @@ class ModelSettings:
     use_clinical: bool = False
     risk_threshold: float | None = None  # None: the fused model's Youden threshold from the CV
     fusion: str = "stacked"
-    inner_splits: int = 3  # folds of the inner CV whose out-of-fold logits train the stacked combiner
+    inner_splits: int = 10  # folds of the inner CV whose out-of-fold logits train the stacked combiner
     pathology_pooling: str = "mean"
     abmil_in_ablation: bool = True  # evaluate ABMIL beside mean pooling when patch features are at hand
     abmil_max_epochs: int = 60
@@ -426,7 +426,6 @@ def fit_risk_model(data: CohortData, settings: ModelSettings, risk_threshold: fl
     labelled = np.flatnonzero(data.labelled & data.any_block())
     if settings.fusion == "stacked":
         combiner.fit(out_of_fold_logits(data, labelled, blocks, settings, settings.seed), data.labels[labelled])
-    summary["fusion"] = {"strategy": fusion_strategy(settings), **combiner.describe()}
     return FusedRiskModel(models, columns, risk_threshold, asdict(settings), combiner, side_models), summary
 
 

@@ -32,7 +32,8 @@ class RiskModelSettings(dg.ConfigurableResource):
     fusion: Literal["stacked", "mean"] = Field(
         default="stacked", description="How the blocks' logits combine: a non-negative logistic combiner fitted "
         "on inner-CV out-of-fold logits (stacked), or their plain mean (mean). README: why stacked is the default.")
-    inner_splits: int = Field(default=3, description="Folds of the inner CV that trains the stacked combiner.")
+    inner_splits: int = Field(default=10, description="Folds of the inner CV whose out-of-fold logits train the "
+                              "stacked combiner (lowered to the smaller class size).")
     pathology_pooling: Literal["mean", "abmil"] = Field(
         default="mean", description="The fused model's pathology block: the mean-pooled slide vector (exact "
         "per-patch explanations), or gated-attention MIL over the patch features (attention maps).")

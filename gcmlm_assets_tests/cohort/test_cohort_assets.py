@@ -1,5 +1,7 @@
 """The cohort assets and checks through a real Dagster instance."""
 
+import pathlib
+
 import dagster as dg
 import numpy as np
 import pyarrow.parquet as pq
@@ -59,11 +61,15 @@ def test_small_cohort_through_dagster(data_root, instance, base_resources):
     assert fused["excluded_patients"].value == {} and fused["excluded_results"].value == 0
     assert "| patient_id | has_radiology |" in fused["preview"].value
     model = materialized["risk_model"]
-    assert "fused (all patients)" in model["ablation"].value
+    for row in ("| radiology |", "| pathology mean |", "| fused, stacked (the model) |", "| fused, mean logit |"):
+        assert row in model["ablation"].value, row
     assert model["plot_roc"].value.startswith("![roc](data:image/png;base64,")  # few lines: a sharp PNG
-    card = model["model_card"].value
+    card = model["model_card_json"].value
     assert card["data_versions"]["fused_table_sha256"] == model["fused_table_sha256"].value
-    assert card["settings"]["n_repeats"] == 2 and "mean of the logits" in card["strategy"]
+    assert card["settings"]["n_repeats"] == 2 and "non-negative logistic combiner" in card["strategy"]
+    card_markdown = model["model_card"].value
+    assert "Calibration" in card_markdown and "P004" not in card_markdown.split("Participants")[0]
+    assert card_markdown == (pathlib.Path(model["path"].value).parent / "model_card.md").read_text()
     assert 0 < model["fused_auc"].value <= 1
     assert model["status"].value == "trained"
 
@@ -78,7 +84,7 @@ def test_small_cohort_through_dagster(data_root, instance, base_resources):
     assert scores["P004"]["modalities_used"] == "pathology"
     assert scores["P009"]["modalities_used"] == "radiology"
     assert scores["P002"]["mlm"] is None and 0 <= scores["P002"]["probability"] <= 1
-    names = {"model.skops", "model_card.json", "metrics.json", "roc.png", "calibration.png",
+    names = {"model.skops", "model_card.json", "model_card.md", "metrics.json", "roc.png", "calibration.png",
              "decision_curve.png", "cv_predictions.parquet"}
     assert set(pointer["files"]) == names
     assert {p.name for p in version_dir.iterdir()} == names
