@@ -45,6 +45,7 @@ model_metrics = lazy("gcmlm_assets.cohort.metrics")
 model_plots = lazy("gcmlm_assets.cohort.plots")
 model_card = lazy("gcmlm_assets.cohort.model_card")
 model_importance = lazy("gcmlm_assets.cohort.importance")
+card_context = lazy("gcmlm_assets.cohort.card_context")
 bags = lazy("gcmlm_assets.cohort.bags")
 
 GROUP = "cohort"
@@ -241,7 +242,7 @@ def current_model_version(store: ArtifactStore) -> tuple[Path, dict] | None:
     # uni_features: the attention-MIL block reads the patch features themselves
     deps=[dg.AssetDep("fused_table"), dg.AssetDep(UNI_FEATURES, partition_mapping=dg.AllPartitionMapping())],
     output_required=False,
-    description="Per-modality models fused late (stacked logistic combiner by default, or the mean logit), "
+    description="Per-modality models fused late (mean logit by default, or a stacked logistic combiner), "
     "validated by repeated stratified k-fold CV with an ablation (each block, pathology mean and ABMIL, both "
     "fusions) on the same folds, and saved with skops; its model card follows TRIPOD+AI. With too few "
     "labelled patients it waits (an observation says how many) and keeps the last good model.",
@@ -342,7 +343,12 @@ def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fuse
                                                          model.blocks, seed=settings.seed)
     card = model_card.model_card(model, settings, fitted, metrics, cv,
                                 {"fused_table_sha256": fused_sha, "fused_table": str(fused_path)},
-                                **_card_context(root.parent, data, cv, settings, model, fused_path, fused_sha),
+                                **card_context.card_context(
+                                    card_context.read_cohort_records(
+                                        ArtifactStore(root.parent), data, fused_path, fused_sha,
+                                        clinical_problems=("clinical_table", CLINICAL_PROBLEMS),
+                                        fusion_report=FUSION_REPORT, features_asset=UNI_FEATURES),
+                                    data, cv, settings, model, metrics),
                                 permutation_importance=importance)
     labels = card["model_labels"]
     staging = new_version_folder(root)
@@ -363,63 +369,6 @@ def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fuse
     context.log.info(f"risk_model version {pointer['version']} published "
                      f"(kept: {', '.join(pointer['recent_versions'])})")
     return pointer
-
-
-# Chosen before any result was seen, for the reason given; the ablation shows the other fusion beside it.
-WHY_STACKED = ("a learned, non-negative weighting of the blocks' out-of-fold logits (inner CV inside each "
-               "training part) lets a strong block outweigh a weak one instead of being diluted by an equal "
-               "mean; the weights are shrunk towards 0 and never negative. Chosen a priori, not from these "
-               "folds' test results (README: Fusion)")
-WHY_MEAN = "set by risk_model.fusion: nothing fitted, so nothing extra can overfit"
-
-
-def _card_context(artifacts: Path, data, cv, settings, model, fused_path: Path, fused_sha: str) -> dict:
-    """What the TRIPOD+AI card needs beyond the fit: sources and dates, the patient flow, fusion, explanation."""
-    import datetime
-
-    def modified(path: Path) -> str | None:
-        try:
-            return datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.UTC).isoformat(timespec="seconds")
-        except OSError:
-            return None
-
-    clinical_folder = artifacts / "clinical_table"
-    clinical_manifest = _read_json(clinical_folder / ArtifactStore.MANIFEST) or {}
-    source = clinical_manifest.get("source") or {}
-    fused_table = pq.read_table(fused_path)
-    flow = model_card.cohort_flow(clinical_manifest.get("summary") or {},
-                                  _read_json(fused_path.parent / FUSION_REPORT) or {},
-                                  fusion.fused_stats(fused_table), crossval.labelled_counts(data),
-                                  int(len(cv.labels)), _read_json(clinical_folder / CLINICAL_PROBLEMS))
-    exact = settings.classifier == "logistic"
-    method = ("exact contributions (risk_explanations): coefficient x standardised value per radiology and "
-              "clinical feature, and one share per patch of the pathology logit (mean pooling is affine), each "
-              "scaled by the block's fusion weight; they add up to the fused logit" if exact else
-              f"no exact contributions: the {settings.classifier} classifier is not linear; cohort-level "
-              "permutation importance instead")
-    attention = ("; ABMIL attention maps (where the attention model looked; not contributions)"
-                 if modelling.PATHOLOGY_ABMIL in settings.blocks() else "")
-    return {
-        "data": {"landing_zone": str(Path(source["path"]).parent) if source.get("path") else None,
-                 "clinical_csv": {"path": source.get("path"), "sha256": source.get("sha256"),
-                                  "modified": modified(Path(source["path"])) if source.get("path") else None},
-                 "fused_table": {"path": str(fused_path), "sha256": fused_sha, "built": modified(fused_path)},
-                 "trained_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")},
-        "flow": flow,
-        "fusion": {"rule": modelling.fusion_strategy(settings), "default": settings.fusion,
-                   "why": WHY_STACKED if settings.fusion == "stacked" else WHY_MEAN,
-                   "combiner": model.combiner.describe()},
-        "explanation": {"method": method + attention,
-                        "notes": "permutation importance: drop in AUC of the final model when a block (or a "
-                                 "feature) is shuffled across the labelled patients it was trained on (in-sample)"},
-    }
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _remove_unversioned_files(root: Path) -> None:

@@ -24,7 +24,6 @@ import numpy as np
 
 FUSIONS = ("mean", "stacked")
 PROBABILITY_CLIP = 1e-6  # keeps logits finite for a forest's 0/1 votes
-SCALE_RIDGE = 0.01  # relative strength of the penalty on the weights' overall size
 
 
 def probability_to_logit(probabilities: np.ndarray) -> np.ndarray:
@@ -100,15 +99,8 @@ class StackedCombiner:
             loss = np.sum(sample_weight * (np.logaddexp(0.0, z) - y * z)) / len(y)
             residual = sample_weight * (sigmoid(z) - y) / len(y)
             gradient = np.concatenate([[residual.sum()], design.T @ residual])
-            # block weights shrink towards EQUAL weights (the mean rule, whatever its scale), not
-            # towards 0: with few patients the combiner stays close to the mean logit and departs
-            # from it only as far as the out-of-fold logits support; a little ridge keeps the scale finite
-            weights, indicators = beta[:k], beta[k:]
-            spread = weights - weights.mean()
-            loss += 0.5 * penalty * (np.sum(spread ** 2) + SCALE_RIDGE * np.sum(weights ** 2)
-                                     + np.sum(indicators ** 2))
-            gradient[1:k + 1] += penalty * (spread + SCALE_RIDGE * weights)
-            gradient[k + 1:] += penalty * indicators
+            loss += 0.5 * penalty * np.sum(beta ** 2)
+            gradient[1:] += penalty * beta
             return loss, gradient
 
         n_terms = design.shape[1]

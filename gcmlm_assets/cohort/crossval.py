@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 from sklearn.model_selection import RepeatedStratifiedKFold
-from threadpoolctl import threadpool_limits
 
 from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
 from gcmlm_assets.cohort.cohort_data import CohortData, class_counts

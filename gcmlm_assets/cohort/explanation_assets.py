@@ -105,7 +105,9 @@ def _explain_and_write(context, store, model_folder: Path, fused_path: Path, pat
         "fused_logit": explanation.fused_logit,
         "combination": explanation.combination,
         "combination_markdown": explanation.combination_markdown(),
-        "features": {block: parts.as_rows() for block, parts in explanation.feature_contributions.items()},
+        "features": {block: [{"feature": name, "value": value, "coefficient": coefficient, "contribution": part}
+                             for name, value, coefficient, part in parts.top(len(parts.names))]
+                     for block, parts in explanation.feature_contributions.items()},
         "features_markdown": {block: parts.markdown(TOP_FEATURES)
                               for block, parts in explanation.feature_contributions.items()},
         "pathology_constant": explanation.pathology_constant,

@@ -34,7 +34,6 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-PROBABILITY_CLIP = 1e-6  # the late fusion's clip (modelling.PROBABILITY_CLIP): finite logits for 0/1 votes
 PATCH_CHUNK_ROWS = 65_536  # rows cast to float64 at a time: memory bounded by the chunk
 
 _CLASSIFIER_NAMES = {"CalibratedClassifierCV": "svm", "RandomForestClassifier": "random_forest"}
@@ -85,17 +84,12 @@ def _transform(pipeline: Pipeline, X) -> np.ndarray:
 
 
 def block_logit(pipeline: Pipeline, X) -> np.ndarray:
-    """The block's logit per row of X (n, D): the classifier's decision_function after the
-    pipeline's transforms. A classifier without one (the calibrated SVM, the forest) gives the
-    logit of its clipped probability, as the late fusion uses it."""
-    X2 = np.atleast_2d(np.asarray(X, dtype=np.float64))
-    classifier = pipeline.steps[-1][1]
-    with threadpool_limits(1):
-        Z = _transform(pipeline, X2)
-        if hasattr(classifier, "decision_function"):
-            return np.asarray(classifier.decision_function(Z), dtype=np.float64).reshape(-1)
-        probability = np.clip(classifier.predict_proba(Z)[:, 1], PROBABILITY_CLIP, 1 - PROBABILITY_CLIP)
-    return np.log(probability / (1 - probability))
+    """The block's logit per row of X (n, D), exactly as the risk model computes it
+    (modelling.block_logits: the decision function of a linear classifier, else the log-odds of the
+    clipped probability)."""
+    from gcmlm_assets.cohort.modelling import block_logits
+
+    return block_logits(pipeline, np.atleast_2d(np.asarray(X, dtype=np.float64)))
 
 
 # ---------------------------------------------------------------- per feature

@@ -186,6 +186,16 @@ def _untrained_encoder(settings: dict) -> str | None:
     return None
 
 
+def _as_settings(settings: dict | ModelSettings) -> ModelSettings:
+    if isinstance(settings, ModelSettings):
+        return settings
+    known = {k: v for k, v in settings.items() if k in ModelSettings.__dataclass_fields__}
+    try:
+        return ModelSettings(**known)
+    except (TypeError, ValueError):
+        return ModelSettings()
+
+
 def default_limitations(settings: dict | ModelSettings, metrics: dict) -> list[str]:
     """What the design and the recorded numbers limit. `settings` may also record `encoder`
     ({"name", "untrained"} or a description) and `synthetic_data` (bool)."""
@@ -206,7 +216,8 @@ def default_limitations(settings: dict | ModelSettings, metrics: dict) -> list[s
                "miscalibrated (see the calibration intercept) even where ranking is good.")
     out.append("Sensitivity and specificity are at the Youden threshold chosen on the same out-of-fold "
                "predictions, hence optimistic.")
-    steep = [f"{key} {m['calibration_slope']:.2f}" for key, m in metrics.items()
+    labels = model_labels(_as_settings(settings))
+    steep = [f"{labels.get(key, key)} {m['calibration_slope']:.2f}" for key, m in metrics.items()
              if isinstance(m, dict) and isinstance(m.get("calibration_slope"), int | float)
              and math.isfinite(m["calibration_slope"]) and m["calibration_slope"] < 0.8]
     if steep:

@@ -22,13 +22,13 @@ trained inside the same folds. Whatever the setting, the cross-validation report
 rows when the patch features are at hand.
 
 Fusion (`fusion`, see combiners.py): each block's model is trained on the labelled patients that
-have that block, and gives a logit. "stacked" (the default) fits a non-negative logistic combiner
-on the blocks' out-of-fold logits, obtained by an inner cross-validation of the training
-patients only; "mean" takes the mean of the logits the patient has. A patient who lacks a block is
+have that block, and gives a logit. "mean" (the default) takes the mean of the logits the patient
+has; "stacked" fits a non-negative logistic combiner on the blocks' out-of-fold logits, obtained
+by an inner cross-validation of the training patients only. A patient who lacks a block is
 scored from the blocks they have (a missing block's logit counts as 0, see combiners.py).
 
-The final model fits each block on every labelled patient that has it, and the stacked combiner on
-the out-of-fold logits of an inner cross-validation of all of them. Its risk groups split at
+The final model fits each block on every labelled patient that has it (and a stacked combiner on
+the out-of-fold logits of an inner cross-validation of all of them). Its risk groups split at
 `risk_threshold`, by default the Youden threshold of the fused out-of-fold probabilities.
 The fitted model is saved with skops (never pickle) and loaded only with the explicit list of
 types in `TRUSTED_TYPES`; the classes a model file names (`FusedRiskModel`, `CorrelationFilter`,
@@ -89,7 +89,7 @@ class ModelSettings:
     min_labelled_per_class: int = 5
     use_clinical: bool = False
     risk_threshold: float | None = None  # None: the fused model's Youden threshold from the CV
-    fusion: str = "stacked"
+    fusion: str = "mean"  # README "Fusion": why the mean logit is the default
     inner_splits: int = 10  # folds of the inner CV whose out-of-fold logits train the stacked combiner
     pathology_pooling: str = "mean"
     abmil_in_ablation: bool = True  # evaluate ABMIL beside mean pooling when patch features are at hand
@@ -358,6 +358,9 @@ class FusedRiskModel:
         return out
 
     def cohort_data(self, table: pa.Table, bags=None) -> CohortData:
+        if bags is None and self.needs_bags():
+            raise ValueError("this model's pathology block is ABMIL: its scores need the patients' patch "
+                             "features (bags), not only the fused table")
         return CohortData.from_table(table, self.blocks, self.columns, bags)
 
     def needs_bags(self) -> bool:

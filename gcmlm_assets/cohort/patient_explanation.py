@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.pipeline import Pipeline
 
 from gcmlm_assets.cohort import explanations
 from gcmlm_assets.cohort.cohort_data import PATHOLOGY_ABMIL, CohortData
@@ -153,6 +152,3 @@ def _attention(explanation: PatientExplanation, abmil_model, slides: list[SlideP
         start += len(slide.features)
     explanation.attention_role = role
 
-
-def is_linear_pipeline(block_model) -> bool:
-    return isinstance(block_model, Pipeline) and explanations.exact_contributions_available(block_model)[0]

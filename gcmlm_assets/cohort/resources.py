@@ -29,9 +29,10 @@ class RiskModelSettings(dg.ConfigurableResource):
     use_clinical: bool = Field(default=False, description="Add the clinical covariates as a third block.")
     risk_threshold: float | None = Field(default=None, description="Probability at or above which a "
                                          "patient is 'high' risk; empty: the fused CV Youden threshold.")
-    fusion: Literal["stacked", "mean"] = Field(
-        default="stacked", description="How the blocks' logits combine: a non-negative logistic combiner fitted "
-        "on inner-CV out-of-fold logits (stacked), or their plain mean (mean). README: why stacked is the default.")
+    fusion: Literal["mean", "stacked"] = Field(
+        default="mean", description="How the blocks' logits combine: their mean (mean), or a non-negative "
+        "logistic combiner fitted on inner-CV out-of-fold logits (stacked). README \"Fusion\": why mean is the "
+        "default.")
     inner_splits: int = Field(default=10, description="Folds of the inner CV whose out-of-fold logits train the "
                               "stacked combiner (lowered to the smaller class size).")
     pathology_pooling: Literal["mean", "abmil"] = Field(

@@ -106,11 +106,21 @@ def summarise(instance: dg.DagsterInstance, defs: dg.Definitions, landing: Path,
         "risk_model": materialization_metadata(instance, "risk_model"),
         "segmentation_dice": predicted_mask_dice(spec, artifacts) if spec else {},
         "risk_scores": materialization_metadata(instance, "risk_scores"),
+        "explanations": explanation_pictures(artifacts),
         "landing": str(landing),
         "artifacts": str(artifacts),
         "dagster_home": str(home),
         "runs": len(records),
     }
+
+
+def explanation_pictures(artifacts: Path) -> dict[str, list[str]]:
+    """{patient: [heatmap files]} of the stored explanations (UI-sized pictures)."""
+    root = artifacts / "risk_explanations"
+    if not root.is_dir():
+        return {}
+    return {folder.name: sorted(str(p) for p in folder.glob("*.png") if not p.stem.endswith("_full"))
+            for folder in sorted(root.iterdir()) if (folder / "explanation.json").is_file()}
 
 
 def risk_model_metrics(risk_model_metadata: dict[str, Any]) -> dict[str, dict]:
@@ -185,6 +195,14 @@ def format_summary(summary: dict[str, Any], wall_seconds: float) -> str:
             lines.append(f"{label:<40} {auc_text:>6} {ci:>16} {n if n is not None else '':>4}")
     else:
         lines.append("risk_model: not materialized")
+    explained = summary.get("explanations") or {}
+    if explained:
+        lines.append("")
+        pictures = sum(len(p) for p in explained.values())
+        lines.append(f"risk_explanations: {len(explained)} patients explained, {pictures} heatmaps "
+                     "(per-patch contributions; ABMIL attention), e.g.:")
+        example = next((p for p in explained.values() if p), [])
+        lines += [f"  {path}" for path in example[:4]]
     lines.append("")
     scores = summary["risk_scores"]
     lines.append(f"landing zone:   {summary['landing']}")

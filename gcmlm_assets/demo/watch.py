@@ -10,8 +10,10 @@ import dagster as dg
 
 from gcmlm_assets import runs
 
-PER_PATIENT_ASSETS = ("ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_features", "slide_vector")
+PER_PATIENT_ASSETS = ("ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_features", "slide_vector",
+                      "risk_explanations")
 COHORT_ASSETS = ("clinical_table", "fused_table", "risk_model", "risk_scores")
+EXPLANATIONS = "risk_explanations"  # per patient, requested by its sensor after each risk_scores
 COHORT_SENSOR = "cohort_refresh_sensor"
 SENSOR_NAME_TAG = "dagster/sensor_name"
 
@@ -69,8 +71,38 @@ def settled(instance: dg.DagsterInstance, since: float) -> bool:
         filters=dg.RunsFilter(tags={SENSOR_NAME_TAG: COHORT_SENSOR}, statuses=runs.FINISHED_STATUSES), limit=1)
     if not refreshes or refreshes[0].create_timestamp.timestamp() < since:
         return False
-    latest = runs.latest_finished(instance, excluding=COHORT_ASSETS)
-    return latest is None or refreshes[0].create_timestamp.timestamp() >= latest[1]
+    latest = runs.latest_finished(instance, excluding=(*COHORT_ASSETS, EXPLANATIONS))
+    if latest is not None and refreshes[0].create_timestamp.timestamp() < latest[1]:
+        return False
+    return not unexplained(instance)
+
+
+def unexplained(instance: dg.DagsterInstance) -> set[str]:
+    """Scored patients whose explanation has neither been materialized since the latest risk_scores
+    nor failed (the explanations sensor has not asked for it yet, or its run has not ended)."""
+    import pyarrow.parquet as pq
+
+    scores = instance.get_latest_materialization_event(dg.AssetKey("risk_scores"))
+    if scores is None or scores.asset_materialization is None:
+        return set()
+    path = scores.asset_materialization.metadata.get("path")
+    try:
+        scored = set(pq.read_table(str(path.value), columns=["patient_id"]).column("patient_id").to_pylist())
+    except (AttributeError, OSError, ValueError):
+        return set()
+    explained = {record.partition_key for record in instance.fetch_materializations(
+        dg.AssetRecordsFilter(dg.AssetKey(EXPLANATIONS), after_storage_id=scores.storage_id), limit=10_000).records}
+    failed = {run.tags.get(runs.PARTITION_TAG) for run in instance.get_runs(
+        filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE],
+                              tags={SENSOR_NAME_TAG: "risk_explanations_sensor"},
+                              created_after=scores.timestamp and _utc(scores.timestamp)))}
+    return scored - explained - failed
+
+
+def _utc(timestamp: float):
+    import datetime
+
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
 
 
 def failure_reasons(instance: dg.DagsterInstance, run_id: str) -> list[str]:

@@ -61,12 +61,12 @@ def test_small_cohort_through_dagster(data_root, instance, base_resources):
     assert fused["excluded_patients"].value == {} and fused["excluded_results"].value == 0
     assert "| patient_id | has_radiology |" in fused["preview"].value
     model = materialized["risk_model"]
-    for row in ("| radiology |", "| pathology mean |", "| fused, stacked (the model) |", "| fused, mean logit |"):
+    for row in ("| radiology |", "| pathology mean |", "| fused, mean logit (the model) |", "| fused, stacked |"):
         assert row in model["ablation"].value, row
     assert model["plot_roc"].value.startswith("![roc](data:image/png;base64,")  # few lines: a sharp PNG
     card = model["model_card_json"].value
     assert card["data_versions"]["fused_table_sha256"] == model["fused_table_sha256"].value
-    assert card["settings"]["n_repeats"] == 2 and "non-negative logistic combiner" in card["strategy"]
+    assert card["settings"]["n_repeats"] == 2 and "mean of the logits" in card["strategy"]
     card_markdown = model["model_card"].value
     assert "Calibration" in card_markdown and "P004" not in card_markdown.split("Participants")[0]
     assert card_markdown == (pathlib.Path(model["path"].value).parent / "model_card.md").read_text()

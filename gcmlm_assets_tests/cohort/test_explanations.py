@@ -17,6 +17,7 @@ from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 from gcmlm_assets import pictures
 from gcmlm_assets.cohort import explanations as E
 from gcmlm_assets.cohort import modelling as M
+from gcmlm_assets.cohort.combiners import PROBABILITY_CLIP
 from gcmlm_assets.cohort.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
 from gcmlm_assets.pathology import heatmaps as H
 from gcmlm_assets.pathology.pooling import MeanPooling, SlideFeatures
@@ -157,7 +158,7 @@ def test_non_linear_blocks_report_no_exact_contributions(cohort, classifier):
     with pytest.raises(E.NotExactlyExplainable):
         E.feature_contributions(pipeline, RAD_COLUMNS, radiomics[0])
     # the block logit is still defined: the log-odds of the clipped probability the fusion uses
-    p = np.clip(pipeline.predict_proba(radiomics)[:, 1], M.PROBABILITY_CLIP, 1 - M.PROBABILITY_CLIP)
+    p = np.clip(pipeline.predict_proba(radiomics)[:, 1], PROBABILITY_CLIP, 1 - PROBABILITY_CLIP)
     np.testing.assert_allclose(E.block_logit(pipeline, radiomics), np.log(p / (1 - p)), rtol=1e-12)
 
 

@@ -126,7 +126,7 @@ def test_a_card_with_most_keys_missing_still_renders():
     stored = MC.model_card_markdown({"metrics": {"fused": {"patients": 9, "positive": 4, "negative": 5, "auc": 0.7,
                                                            "auc_ci_low": 0.5, "auc_ci_high": 0.9,
                                                            "calibration_slope": None}}})
-    assert "| fused (all patients) | not estimable | not recorded | not recorded |" in stored
+    assert "| fused | not estimable | not recorded | not recorded |" in stored  # no labels recorded: the key
 
 
 def test_cohort_flow_names_patients_whose_only_files_were_rejected():
@@ -159,7 +159,7 @@ def test_default_limitations_follow_the_settings_and_numbers():
     metrics = {"fused": {"patients": 500, "positive": 150, "calibration_slope": 0.6}}
     plain = MC.default_limitations(M.ModelSettings(), metrics)
     assert not any("Small cohort" in item for item in plain)
-    assert any("Calibration slope below 0.8 (fused (all patients) 0.60)" in item for item in plain)
+    assert any("Calibration slope below 0.8 (fused, mean logit (the model) 0.60)" in item for item in plain)
     assert any("class_weight='balanced'" in item for item in plain)
     flagged = MC.default_limitations({"encoder": {"name": "vit-tiny-random", "untrained": True},
                                       "synthetic_data": True}, {"fused": {"patients": 60, "positive": 20}})
