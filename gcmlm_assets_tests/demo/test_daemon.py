@@ -31,9 +31,20 @@ BROKEN_CT, BROKEN_SLIDE = "GC0004", "GC0003"
 SENSOR_TAG, PARTITION_TAG = "dagster/sensor_name", "dagster/partition"
 
 
+EXPLANATIONS_SENSOR = "risk_explanations_sensor"
+
+
 def patient_runs_since(instance: dg.DagsterInstance, since: float) -> list[dg.DagsterRun]:
+    """Runs of patients' data since `since` (not the explanations each new risk_scores asks for)."""
     return [record.dagster_run for record in instance.get_run_records()
-            if record.create_timestamp.timestamp() >= since and PARTITION_TAG in record.dagster_run.tags]
+            if record.create_timestamp.timestamp() >= since and PARTITION_TAG in record.dagster_run.tags
+            and record.dagster_run.tags.get(SENSOR_TAG) != EXPLANATIONS_SENSOR]
+
+
+def explained_since(instance: dg.DagsterInstance, since: float) -> set[str]:
+    """Patients whose risk_explanations was materialized since `since`."""
+    records = instance.fetch_materializations(dg.AssetKey("risk_explanations"), limit=1000).records
+    return {r.partition_key for r in records if r.timestamp >= since}
 
 
 def latest_ct_mask_source(instance: dg.DagsterInstance, patient_id: str) -> str:
@@ -129,7 +140,8 @@ def test_daemon_takes_drops_to_risk_scores_and_reruns_only_fixed_patients(tmp_pa
             # Every run was launched by a sensor of the definitions (or is a retry of one): none by the test.
             assert all(SENSOR_TAG in run.tags or "dagster/parent_run_id" in run.tags for run in runs)
             assert {run.tags.get(SENSOR_TAG) for run in runs} >= {
-                "landing_sensor", "segmentation_training_sensor", "predicted_mask_sensor", "cohort_refresh_sensor"}
+                "landing_sensor", "segmentation_training_sensor", "predicted_mask_sensor", "cohort_refresh_sensor",
+                EXPLANATIONS_SENSOR}
             assert len([r for r in runs if r.tags.get(SENSOR_TAG) == "segmentation_training_sensor"]) == 1
             # Each patient had a radiology and a pathology run (and a predicted-mask run): the queue's
             # per-partition limit ran them one after the other, never at once.
@@ -153,6 +165,8 @@ def test_daemon_takes_drops_to_risk_scores_and_reruns_only_fixed_patients(tmp_pa
             assert used[BROKEN_CT] == {"pathology"} and used[BROKEN_SLIDE] == {"radiology"}
             assert all(used[pid] == {"radiology", "pathology"} for pid in patients
                        if pid not in (BROKEN_CT, BROKEN_SLIDE))
+            # ... and every scored patient's score is explained, after the scores it explains.
+            assert explained_since(instance, 0.0) == set(patients)
 
             # The uploader fixes both drops; only those two patients run again.
             fixed_at = time.time()
@@ -166,6 +180,7 @@ def test_daemon_takes_drops_to_risk_scores_and_reruns_only_fixed_patients(tmp_pa
             assert latest_ct_mask_source(instance, BROKEN_CT) == "predicted"
             used = modalities_used(instance)
             assert sorted(used) == patients and all(used[pid] == {"radiology", "pathology"} for pid in patients)
+            assert explained_since(instance, fixed_at) == set(patients)  # the new scores, explained again
             assert overlapping_runs_of_one_patient(instance) == []
 
             # Settled means settled: the sensors' next ticks request nothing.
