@@ -88,7 +88,8 @@ def _explain_and_write(context, store, model_folder: Path, fused_path: Path, pat
                                      "features): nothing to explain", allow_retries=False)
     row_table = table.slice(ids.index(patient_id), 1)
     slides = _slide_patches(store, patient_id) if bool(row_table.column("has_pathology")[0].as_py()) else []
-    bags = {patient_id: np.concatenate([s.features for s in slides]).astype(np.float32)} if slides else None
+    # {} (not None): "this patient has no bag", which an ABMIL model accepts for a patient without slides
+    bags = {patient_id: np.concatenate([s.features for s in slides]).astype(np.float32)} if slides else {}
     data = model.cohort_data(row_table, bags)
     try:
         explanation = patient_explanation.explain_patient(model, data, 0, slides)

@@ -8,6 +8,7 @@ import pytest
 from gcmlm_assets.cohort import cohort_data, crossval
 from gcmlm_assets.cohort import metrics as model_metrics
 from gcmlm_assets.cohort import modelling as M
+from gcmlm_assets.cohort.patient_explanation import SlidePatches, explain_patient
 from gcmlm_assets_tests.cohort.synthetic import make_cohort
 from gcmlm_assets_tests.cohort.test_modelling import cohort_table
 
@@ -81,6 +82,16 @@ def test_abmil_as_the_pathology_block_scores_from_the_bags_and_survives_skops(tm
     assert "radiology+pathology_abmil" in scores.column("modalities_used").to_pylist()
     with pytest.raises(ValueError, match="ABMIL"):  # never silently scored without the patch features
         model.score_table(table)
+    # its explanation is attention, labelled as such; the radiology block still splits exactly
+    row = 0
+    slides = [SlidePatches("s1", None, 256.0, np.zeros((BAG_SIZE, 2), np.int64), bags[ids[row]])]
+    explanation = explain_patient(model, data, row, slides)
+    assert explanation.attention_role == "in the score" and not explanation.patch_contributions
+    assert explanation.attention["s1"].sum() == pytest.approx(1.0, abs=1e-9)
+    assert any("attention weights are shown, not contributions" in note for note in explanation.notes)
+    assert sum(r["contribution"] for r in explanation.combination) == pytest.approx(explanation.fused_logit, abs=1e-9)
+    no_bag = explain_patient(model, cohort_data.CohortData.from_table(table, settings.blocks(), bags={}), row, [])
+    assert [r["term"] for r in no_bag.combination if r["block_logit"] is not None] == ["radiology"]
     M.save_model(model, tmp_path / "model.skops")
     loaded = M.load_model(tmp_path / "model.skops")
     assert loaded.score_table(table, bags).column("probability").to_pylist() == pytest.approx(
