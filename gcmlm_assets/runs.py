@@ -42,14 +42,22 @@ def run_key_exists(instance: dg.DagsterInstance, run_key: str) -> bool:
 
 
 def latest_finished(instance: dg.DagsterInstance, *, excluding: Iterable[str] = (),
-                    window: int = 50) -> tuple[str, float] | None:
+                    window: int = 50, max_pages: int = 40) -> tuple[str, float] | None:
     """(run id, end time) of the most recently ended run that materializes anything outside
-    `excluding`, among the `window` newest finished runs; None when there is none."""
+    `excluding`: among the newest `window` finished runs that hold one, paging back past runs of
+    excluded assets only (each risk_scores brings one explanation run per patient); None when
+    there is none in the newest `window * max_pages`."""
     excluded = set(excluding)
-    records = instance.get_run_records(filters=dg.RunsFilter(statuses=FINISHED_STATUSES), limit=window)
-    ended = [(record.end_time or record.update_timestamp.timestamp(), record.dagster_run.run_id)
-             for record in records if run_asset_names(record.dagster_run) - excluded]
-    if not ended:
-        return None
-    end, run_id = max(ended)
-    return run_id, end
+    cursor = None
+    for _ in range(max_pages):
+        records = instance.get_run_records(filters=dg.RunsFilter(statuses=FINISHED_STATUSES), limit=window,
+                                           cursor=cursor)
+        ended = [(record.end_time or record.update_timestamp.timestamp(), record.dagster_run.run_id)
+                 for record in records if run_asset_names(record.dagster_run) - excluded]
+        if ended:
+            end, run_id = max(ended)
+            return run_id, end
+        if len(records) < window:
+            return None
+        cursor = records[-1].dagster_run.run_id
+    return None

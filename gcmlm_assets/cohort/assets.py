@@ -254,7 +254,9 @@ def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage
     fused_sha = sha256_file(fused_path)
     settings = risk_model.model_settings()
     fused = pq.read_table(fused_path)
-    pathology_patients = _pathology_patients(fused) if modelling.PATHOLOGY_ABMIL in settings.blocks() else []
+    # ABMIL trains on the labelled patients only: the others' bags are not read
+    pathology_patients = (bags.pathology_patients(fused, labelled_only=True)
+                          if modelling.PATHOLOGY_ABMIL in settings.blocks() else [])
     # a new scikit-learn may fit differently and may not load old skops files: retrain
     fingerprint = sha256_text(CODE_VERSIONS["risk_model"], sklearn.__version__, fused_sha,
                               model_card.settings_json(settings),
@@ -265,8 +267,8 @@ def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage
         context.log.info(f"risk_model: inputs and settings unchanged, version {pointer['version']} reused")
         yield _model_result(root, pointer, "reused: fused table and settings unchanged")
         return
-    data = cohort_data.CohortData.from_table(fused, settings.blocks(),
-                                             bags=_patient_bags(store, pathology_patients, context))
+    data = cohort_data.CohortData.from_table(
+        fused, settings.blocks(), bags=_patient_bags(store, pathology_patients, context, bags.TRAINING_BAG_PATCHES))
     try:
         pointer = _train_and_publish(context, root, data, fused_path, fused_sha, settings, fingerprint)
     except modelling.InsufficientLabels as exc:
@@ -275,16 +277,11 @@ def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage
     yield _model_result(root, pointer, "trained")
 
 
-def _pathology_patients(fused) -> list[str]:
-    flags = fused.column("has_pathology").to_pylist()
-    return [p for p, has in zip(fused.column("patient_id").to_pylist(), flags) if has]
-
-
-def _patient_bags(store: ArtifactStore, patient_ids: list[str], context) -> dict:
+def _patient_bags(store: ArtifactStore, patient_ids: list[str], context, max_patches: int | None = None) -> dict:
     """The patients' patch features (ABMIL's input); a patient whose files cannot be read has no bag."""
     if not patient_ids:
         return {}
-    found, problems = bags.load_bags(store, UNI_FEATURES, patient_ids)
+    found, problems = bags.load_bags(store, UNI_FEATURES, patient_ids, max_patches)
     for patient_id, problem in sorted(problems.items())[:20]:
         context.log.warning(f"{patient_id}: no patch features for ABMIL: {problem}")
     return found
@@ -435,7 +432,7 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
     model_sha, fused_sha = pointer["files"][MODEL_FILE], sha256_file(fused_path)
     fused = pq.read_table(fused_path)
     fingerprint = sha256_text(CODE_VERSIONS["risk_scores"], model_sha, fused_sha,
-                              bags.bags_fingerprint(store, UNI_FEATURES, _pathology_patients(fused)))
+                              bags.bags_fingerprint(store, UNI_FEATURES, bags.pathology_patients(fused)))
     folder = store.asset_dir("risk_scores")
     manifest = _reuse_or_none(store, "risk_scores", fingerprint, context)
     if manifest is None:
@@ -446,7 +443,7 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
             model = modelling.load_model(model_path)
         except modelling.UntrustedModelFile as exc:
             raise dg.Failure(description=str(exc)) from None
-        patient_bags = _patient_bags(store, _pathology_patients(fused), context) if model.needs_bags() else None
+        patient_bags = _patient_bags(store, bags.pathology_patients(fused), context) if model.needs_bags() else None
         scores = model.score_table(fused, patient_bags)
         fusion.write_parquet(scores, folder / SCORES_FILE)
         _save_score_picture(scores, model.risk_threshold, folder / SCORES_PICTURE)

@@ -12,13 +12,30 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
+from gcmlm_assets.cohort.fusion import AVAILABILITY, PATHOLOGY
 from gcmlm_assets.pathology.pooling import PoolingError, patient_slides
 from gcmlm_assets.storage import ArtifactStore, sha256_text
 
+# Patches per patient ABMIL trains and cross-validates on (evenly spaced; scoring reads them all):
+# 2048 UNI embeddings are 8 MiB, so a cohort of hundreds of patients fits in the step's memory.
+TRAINING_BAG_PATCHES = 2048
 
-def load_bags(store: ArtifactStore, features_asset: str, patient_ids: Iterable[str]) -> tuple[dict[str, np.ndarray],
-                                                                                              dict[str, str]]:
-    """({patient: features (N, D) float32}, {patient: why no bag}) for the given patients."""
+
+def pathology_patients(fused_table, labelled_only: bool = False) -> list[str]:
+    """The fused table's patients with pathology (and a known label, with `labelled_only`)."""
+    ids = fused_table.column(ID_COLUMN).to_pylist()
+    flags = fused_table.column(AVAILABILITY[PATHOLOGY]).to_pylist()
+    labels = fused_table.column(LABEL_COLUMN).to_pylist()
+    return [p for p, has, label in zip(ids, flags, labels) if has and (label is not None or not labelled_only)]
+
+
+def load_bags(store: ArtifactStore, features_asset: str, patient_ids: Iterable[str],
+              max_patches: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """({patient: features (N, D) float32}, {patient: why no bag}) for the given patients.
+
+    `max_patches`: a larger bag keeps that many patches, evenly spaced through the slides (the same
+    ones every time), so that training on a cohort of UNI-sized bags fits in memory."""
     bags: dict[str, np.ndarray] = {}
     problems: dict[str, str] = {}
     for patient_id in patient_ids:
@@ -35,7 +52,10 @@ def load_bags(store: ArtifactStore, features_asset: str, patient_ids: Iterable[s
         if len(dims) != 1 or sum(len(part) for part in parts) == 0:
             problems[patient_id] = f"feature files disagree on the dimension ({sorted(dims)}) or hold no patch"
             continue
-        bags[patient_id] = np.concatenate([part.astype(np.float32) for part in parts])
+        bag = np.concatenate([part.astype(np.float32) for part in parts])
+        if max_patches is not None and len(bag) > max_patches:
+            bag = bag[np.linspace(0, len(bag) - 1, max_patches).round().astype(int)]
+        bags[patient_id] = bag
     return bags, problems
 
 

@@ -76,9 +76,12 @@ def card_context(records: CohortRecords, data, cv, settings, model, metrics: dic
                                   fusion.fused_stats(pq.read_table(records.fused_path)),
                                   crossval.labelled_counts(data), int(len(cv.labels)), records.clinical_problems)
     exact = settings.classifier == "logistic"
+    patches = ("and one share per patch of the pathology logit (mean pooling is affine)"
+               if settings.pathology_pooling == "mean" else
+               "(the ABMIL pathology block is not linear: attention maps, not contributions)")
     method = ("exact contributions (risk_explanations): coefficient x standardised value per radiology and "
-              "clinical feature, and one share per patch of the pathology logit (mean pooling is affine), each "
-              "scaled by the block's fusion weight; they add up to the fused logit" if exact else
+              f"clinical feature {patches}, each scaled by the block's fusion weight; the parts add up to the "
+              "fused logit" if exact else
               f"no exact contributions: the {settings.classifier} classifier is not linear; cohort-level "
               "permutation importance instead")
     attention = ("; ABMIL attention maps (where the attention model looked; not contributions)"

@@ -3,11 +3,13 @@
 Partitioned by patient, in the cohort group, so that each patient's explanation has its own page
 in the UI. `risk_explanations_sensor` (sensors.py) asks for every scored patient's explanation
 after each new risk_scores. An explanation is reused while the model version, the fused table and
-the patient's patch features are unchanged.
+the patient's patch features are unchanged. Each explanation is published as one version folder,
+`<artifacts>/risk_explanations/<patient>/<version>/`, named by `current.json` (as risk_model's).
 """
 
 
 import json
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -21,7 +23,9 @@ from gcmlm_assets.pathology.checks import UNI_FEATURES
 from gcmlm_assets.policies import TRANSIENT_RETRY
 from gcmlm_assets.pictures import PHOTO, picture_markdown, save_png
 from gcmlm_assets.resources import ArtifactStorage
-from gcmlm_assets.storage import atomic_write_json, sha256_file, sha256_text
+from gcmlm_assets.storage import (
+    atomic_write_json, new_version_folder, publish_version, read_version_pointer, sha256_file, sha256_text,
+    version_intact)
 
 np = lazy("numpy")
 pa = lazy("pyarrow")
@@ -64,22 +68,28 @@ def risk_explanations(context: dg.AssetExecutionContext, storage: ArtifactStorag
     manifest = store.read_manifest(UNI_FEATURES, patient_id) or {}
     fingerprint = sha256_text(CODE_VERSION, pointer["files"][MODEL_FILE], sha256_file(fused_path),
                               json.dumps(manifest.get("files") or {}, sort_keys=True))
-    folder = store.asset_dir(RISK_EXPLANATIONS, patient_id)
-    reused = store.reusable(RISK_EXPLANATIONS, patient_id, fingerprint)
-    if reused is None:
-        summary = _explain_and_write(context, store, model_folder, fused_path, patient_id, folder)
-        summary["model_version"] = pointer["version"]
-        files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != store.MANIFEST}
-        store.write_manifest(RISK_EXPLANATIONS, patient_id, {"fingerprint": fingerprint, "files": files,
-                                                             "summary": summary})
-    else:
+    # each explanation is one version folder named by current.json: a reader never sees a mix of
+    # old and new files, and a slide or map that is gone does not linger
+    root = store.asset_dir(RISK_EXPLANATIONS, patient_id)
+    pointer_now = read_version_pointer(root)
+    if pointer_now and pointer_now.get("fingerprint") == fingerprint and version_intact(root, pointer_now):
         context.log.info(f"{patient_id}: model, fused table and patch features unchanged; explanation reused")
-        summary = reused["summary"]
+        explanation = pointer_now
+    else:
+        staging = new_version_folder(root)
+        try:
+            _explain_and_write(context, model_folder, fused_path, patient_id, staging, store, pointer["version"])
+            explanation = publish_version(root, staging, {"fingerprint": fingerprint})
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already once published
+    folder = root / explanation["version"]
+    summary = json.loads((folder / EXPLANATION_FILE).read_text())
     return dg.MaterializeResult(metadata=_metadata(folder, summary),
-                                data_version=dg.DataVersion(sha256_file(folder / EXPLANATION_FILE)))
+                                data_version=dg.DataVersion(explanation["files"][EXPLANATION_FILE]))
 
 
-def _explain_and_write(context, store, model_folder: Path, fused_path: Path, patient_id: str, folder: Path) -> dict:
+def _explain_and_write(context, model_folder: Path, fused_path: Path, patient_id: str, folder: Path, store,
+                       model_version: str) -> None:
     model = modelling.load_model(model_folder / MODEL_FILE)
     table = pq.read_table(fused_path)
     ids = table.column("patient_id").to_pylist()
@@ -93,8 +103,8 @@ def _explain_and_write(context, store, model_folder: Path, fused_path: Path, pat
     data = model.cohort_data(row_table, bags)
     try:
         explanation = patient_explanation.explain_patient(model, data, 0, slides)
-    except patient_explanation.ExplanationError as error:
-        raise dg.Failure(description=str(error), allow_retries=False) from None
+    except (patient_explanation.ExplanationError, ValueError) as error:  # ValueError: bags the model refuses
+        raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from None
     for note in explanation.notes:
         context.log.info(f"{patient_id}: {note}")
     _write_patches(explanation, slides, folder / PATCHES_FILE)
@@ -118,9 +128,9 @@ def _explain_and_write(context, store, model_folder: Path, fused_path: Path, pat
         "notes": explanation.notes,
         "pictures": pictures,
         "patches": int(sum(len(s.features) for s in slides)),
+        "model_version": model_version,
     }
     atomic_write_json(folder / EXPLANATION_FILE, summary)
-    return summary
 
 
 def _slide_patches(store, patient_id: str) -> list:

@@ -33,8 +33,21 @@ def model_predictor(model) -> Predictor:
     data must hold the model's blocks with the model's columns: `model.cohort_data(table)`)."""
     from gcmlm_assets.cohort.combiners import sigmoid
 
+    # A permutation changes one block's inputs: the other blocks' logits are taken from the last
+    # call whose inputs were the very same objects (an ABMIL pass over every bag is not repeated
+    # for each radiology feature). The cache holds those objects, so their ids cannot be reused.
+    last: dict[str, tuple[tuple, np.ndarray]] = {}
+
     def predict(data: CohortData) -> np.ndarray:
-        return sigmoid(model.combiner.fused_logit(model.block_logits(data)))
+        columns = []
+        for block in model.blocks:
+            inputs = (data.blocks[block].X, data.blocks[block].available,
+                      data.bags if block == PATHOLOGY_ABMIL else None)
+            cached = last.get(block)
+            if cached is None or any(a is not b for a, b in zip(cached[0], inputs)):
+                cached = last[block] = (inputs, model.block_column(block, data))
+            columns.append(cached[1])
+        return sigmoid(model.combiner.fused_logit(np.column_stack(columns)))
 
     return predict
 

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 
 IMPUTATION = ("single missing feature values: median imputation inside each block's pipeline, "
-              "fitted on the training patients of each fold; a missing block is never imputed")
+              "fitted on the training patients of each fold; a missing block's features are never imputed "
+              "(mean fusion leaves the block out; stacked fusion counts its logit as 0, with an indicator)")
 MISSING_BLOCK_RULE = ("block model skipped; the fused probability uses the blocks the patient has "
                       "(stacked fusion: the missing block's logit counts as 0, with an availability "
                       "indicator; none: not scored)")

@@ -18,14 +18,15 @@ shows in the calibration curve and the Brier score.
 
 Pathology pooling (`pathology_pooling`): "mean" uses the slide vector above; "abmil" replaces it by a
 gated-attention MIL model over the patient's patch features (`abmil.py`, block `pathology_abmil`),
-trained inside the same folds. Whatever the setting, the cross-validation reports both as ablation
-rows when the patch features are at hand.
+trained inside the same folds. With `abmil_in_ablation` (the default) the cross-validation reports
+both as ablation rows when the patch features are at hand.
 
 Fusion (`fusion`, see combiners.py): each block's model is trained on the labelled patients that
 have that block, and gives a logit. "mean" (the default) takes the mean of the logits the patient
 has; "stacked" fits a non-negative logistic combiner on the blocks' out-of-fold logits, obtained
 by an inner cross-validation of the training patients only. A patient who lacks a block is
-scored from the blocks they have (a missing block's logit counts as 0, see combiners.py).
+scored from the blocks they have (mean: the mean of those; stacked: a missing block's logit counts as
+0, with an availability indicator; see combiners.py).
 
 The final model fits each block on every labelled patient that has it (and a stacked combiner on
 the out-of-fold logits of an inner cross-validation of all of them). Its risk groups split at
@@ -350,11 +351,14 @@ class FusedRiskModel:
 
     def block_logits(self, data: CohortData) -> np.ndarray:
         """(patients, blocks) logits; NaN where the patient lacks the block."""
-        out = np.full((len(data.patient_ids), len(self.blocks)), np.nan)
-        for k, (block, model) in enumerate(self.pipelines.items()):
-            rows = data.blocks[block].available
-            if rows.any():
-                out[rows, k] = block_logits(model, data.inputs(block, rows))
+        return np.column_stack([self.block_column(block, data) for block in self.blocks])
+
+    def block_column(self, block: str, data: CohortData) -> np.ndarray:
+        """One block's logits (patients,); NaN where the patient lacks the block."""
+        out = np.full(len(data.patient_ids), np.nan)
+        rows = data.blocks[block].available
+        if rows.any():
+            out[rows] = block_logits(self.pipelines[block], data.inputs(block, rows))
         return out
 
     def cohort_data(self, table: pa.Table, bags=None) -> CohortData:
@@ -492,4 +496,9 @@ def load_model(path: str | Path) -> FusedRiskModel:
     model = sio.load(path, trusted=TRUSTED_TYPES)
     if not isinstance(model, FusedRiskModel):
         raise UntrustedModelFile(f"{path}: holds a {type(model).__name__}, not a FusedRiskModel")
+    # a file written before fusion rules and side models existed fused by the mean logit
+    if not hasattr(model, "combiner"):
+        model.combiner = MeanLogitCombiner(list(model.pipelines))
+    if not hasattr(model, "side_models"):
+        model.side_models = {}
     return model

@@ -116,6 +116,10 @@ def _explain_block(explanation: PatientExplanation, block: str, block_model, col
         explanation.notes.append(f"{block}: {reason}")
         return
     x_row = data.blocks[block].X[row]
+    missing = int(np.sum(~np.isfinite(x_row)))
+    if missing and block in (RADIOLOGY, CLINICAL):
+        explanation.notes.append(f"{block}: {missing} of the patient's {len(x_row)} features are missing and "
+                                 "counted at the training median (a standardised value near 0)")
     if block in (RADIOLOGY, CLINICAL):
         parts = explanations.feature_contributions(block_model, columns, x_row)
         explanation.feature_contributions[block] = parts

@@ -84,9 +84,10 @@ def build_risk_explanations_sensor(interval_s: int, explanations_asset: str, sco
                     "scored patient (one run each; an explanation whose inputs did not change is reused).",
     )
     def risk_explanations_sensor(context: dg.SensorEvaluationContext, storage: ArtifactStorage):
-        event = context.instance.get_latest_materialization_event(dg.AssetKey(scores_asset))
-        if event is None:
+        records = context.instance.fetch_materializations(dg.AssetKey(scores_asset), limit=1).records
+        if not records:
             return dg.SkipReason(f"{scores_asset} has not been materialized")
+        event = records[0]  # an EventLogRecord: its storage_id orders the events
         if context.cursor == str(event.storage_id):
             return dg.SkipReason(f"every patient of {scores_asset}'s latest scores was already requested")
         import pyarrow.parquet as pq

@@ -115,12 +115,17 @@ def summarise(instance: dg.DagsterInstance, defs: dg.Definitions, landing: Path,
 
 
 def explanation_pictures(artifacts: Path) -> dict[str, list[str]]:
-    """{patient: [heatmap files]} of the stored explanations (UI-sized pictures)."""
+    """{patient: [heatmap files]} of the published explanations (UI-sized pictures)."""
+    from gcmlm_assets.storage import read_version_pointer
+
     root = artifacts / "risk_explanations"
-    if not root.is_dir():
-        return {}
-    return {folder.name: sorted(str(p) for p in folder.glob("*.png") if not p.stem.endswith("_full"))
-            for folder in sorted(root.iterdir()) if (folder / "explanation.json").is_file()}
+    found: dict[str, list[str]] = {}
+    for patient in sorted(root.iterdir()) if root.is_dir() else []:
+        pointer = read_version_pointer(patient) if patient.is_dir() else None
+        if pointer:
+            folder = patient / pointer["version"]
+            found[patient.name] = sorted(str(p) for p in folder.glob("*.png") if not p.stem.endswith("_full"))
+    return found
 
 
 def risk_model_metrics(risk_model_metadata: dict[str, Any]) -> dict[str, dict]:

@@ -79,12 +79,13 @@ def settled(instance: dg.DagsterInstance, since: float) -> bool:
 
 def unexplained(instance: dg.DagsterInstance) -> set[str]:
     """Scored patients whose explanation has neither been materialized since the latest risk_scores
-    nor failed (the explanations sensor has not asked for it yet, or its run has not ended)."""
+    nor failed (or been canceled) (the explanations sensor has not asked for it yet, or its run has not ended)."""
     import pyarrow.parquet as pq
 
-    scores = instance.get_latest_materialization_event(dg.AssetKey("risk_scores"))
-    if scores is None or scores.asset_materialization is None:
+    records = instance.fetch_materializations(dg.AssetKey("risk_scores"), limit=1).records
+    if not records or records[0].asset_materialization is None:
         return set()
+    scores = records[0]
     path = scores.asset_materialization.metadata.get("path")
     try:
         scored = set(pq.read_table(str(path.value), columns=["patient_id"]).column("patient_id").to_pylist())
@@ -93,7 +94,7 @@ def unexplained(instance: dg.DagsterInstance) -> set[str]:
     explained = {record.partition_key for record in instance.fetch_materializations(
         dg.AssetRecordsFilter(dg.AssetKey(EXPLANATIONS), after_storage_id=scores.storage_id), limit=10_000).records}
     failed = {run.tags.get(runs.PARTITION_TAG) for run in instance.get_runs(
-        filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE],
+        filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED],
                               tags={SENSOR_NAME_TAG: "risk_explanations_sensor"},
                               created_after=scores.timestamp and _utc(scores.timestamp)))}
     return scored - explained - failed

@@ -16,10 +16,12 @@ import pytest
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import explanation_assets
 from gcmlm_assets.cohort.resources import RiskModelSettings
+from gcmlm_assets.cohort.sensors import build_risk_explanations_sensor
+from gcmlm_assets.demo.watch import unexplained
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.pathology.checks import UNI_FEATURES
 from gcmlm_assets.pathology.pooling import MeanPooling, patient_slides, write_slide_vector
-from gcmlm_assets.storage import ArtifactStore, sha256_file
+from gcmlm_assets.storage import ArtifactStore, read_version_pointer, sha256_file
 from gcmlm_assets_tests.cohort.synthetic import make_cohort, write_clinical_csv, write_radiomics_row
 from gcmlm_assets_tests.cohort.upstream import report_sound_results
 from gcmlm_assets_tests.core.test_pictures import assert_ui_picture, decode_markdown
@@ -85,10 +87,12 @@ def test_every_part_adds_up_to_the_patients_score(cohort, instance, base_resourc
                                  inner_splits=3, abmil_max_epochs=8)
     patients = ["P000", NO_RADIOLOGY]
     metadata = materialize(instance, base_resources, settings, patients)
+    assert unexplained(instance) == set(ids) - set(patients)  # what the demo waits for
     scores = {r["patient_id"]: r for r in pq.read_table(store.root / "risk_scores/scores.parquet").to_pylist()}
 
     for patient_id, meta in zip(patients, metadata):
-        folder = store.asset_dir(explanation_assets.RISK_EXPLANATIONS, patient_id, create=False)
+        root = store.asset_dir(explanation_assets.RISK_EXPLANATIONS, patient_id, create=False)
+        folder = root / read_version_pointer(root)["version"]
         explanation = json.loads((folder / "explanation.json").read_text())
         # how the blocks combine: the terms sum to the fused logit, which is the scored probability's
         terms = sum(row["contribution"] for row in explanation["combination"])
@@ -136,7 +140,8 @@ def test_a_non_linear_classifier_gets_no_contributions_and_says_why(cohort, inst
     settings = RiskModelSettings(classifier="random_forest", n_splits=3, n_repeats=1, n_bootstrap=100,
                                  min_labelled_per_class=3, inner_splits=3, abmil_in_ablation=False)
     (meta,) = materialize(instance, base_resources, settings, ["P001"])
-    folder = store.asset_dir(explanation_assets.RISK_EXPLANATIONS, "P001", create=False)
+    root = store.asset_dir(explanation_assets.RISK_EXPLANATIONS, "P001", create=False)
+    folder = root / read_version_pointer(root)["version"]
     explanation = json.loads((folder / "explanation.json").read_text())
     assert explanation["features"] == {} and explanation["pathology_constant"] is None
     assert not any(key.startswith(("contribution_", "attention_")) for key in meta)  # never a fake heatmap
@@ -145,3 +150,23 @@ def test_a_non_linear_classifier_gets_no_contributions_and_says_why(cohort, inst
         (store.root / "risk_model/current.json").read_text())["version"] / "model_card.json").read_text())
     assert {row["block"] for row in card["permutation_importance"] if row["feature"] is None} == {
         "radiology", "pathology"}
+
+
+def test_the_sensor_asks_once_per_new_scores_for_every_scored_patient(cohort, instance, base_resources):
+    ids, store = cohort
+    defs_sensor = build_risk_explanations_sensor(30, explanation_assets.RISK_EXPLANATIONS, "risk_scores",
+                                                 cohort_assets.SCORES_FILE)
+    resources = {"storage": base_resources["storage"]}
+    with dg.build_sensor_context(instance=instance, resources=resources) as context:
+        assert isinstance(defs_sensor(context), dg.SkipReason)  # no scores yet
+    settings = RiskModelSettings(n_splits=3, n_repeats=1, n_bootstrap=100, min_labelled_per_class=3,
+                                 inner_splits=3, abmil_in_ablation=False)
+    assert dg.materialize(cohort_assets.ASSETS, instance=instance,
+                          resources={**base_resources, "risk_model": settings}).success
+    with dg.build_sensor_context(instance=instance, resources=resources) as context:
+        result = defs_sensor(context)
+    assert sorted(r.partition_key for r in result.run_requests) == sorted(ids)
+    assert all(r.asset_selection == [dg.AssetKey(explanation_assets.RISK_EXPLANATIONS)] for r in result.run_requests)
+    assert len({r.run_key for r in result.run_requests}) == len(ids)
+    with dg.build_sensor_context(instance=instance, resources=resources, cursor=result.cursor) as context:
+        assert isinstance(defs_sensor(context), dg.SkipReason)  # the same scores: nothing new
