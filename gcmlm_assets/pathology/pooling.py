@@ -72,13 +72,18 @@ class SlideFeatures:
 
     def slide_path(self) -> str | None:
         """The slide file the features were extracted from (recorded in the feature file)."""
-        with h5py.File(self.path, "r") as fh:
-            value = fh.attrs.get("slide_path")
+        value = self._attribute(lambda fh: fh.attrs.get("slide_path"))
         return str(value) if value else None
 
     def patch_side_level0(self) -> float:
-        with h5py.File(self.path, "r") as fh:
-            return float(fh["coords"].attrs.get("patch_size_level0", 0)) or 256.0
+        return float(self._attribute(lambda fh: fh["coords"].attrs.get("patch_size_level0", 0))) or 256.0
+
+    def _attribute(self, read):
+        try:
+            with h5py.File(self.path, "r") as fh:
+                return read(fh)
+        except (OSError, KeyError) as exc:
+            raise PoolingError(f"{self.path}: cannot read patch features: {type(exc).__name__}: {exc}") from exc
 
 
 def patient_slides(store, features_asset: str, patient_id: str) -> list[SlideFeatures]:
