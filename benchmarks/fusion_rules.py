@@ -18,7 +18,7 @@ import numpy as np
 
 from gcmlm_assets.cohort import cohort_data, crossval
 from gcmlm_assets.cohort import metrics as model_metrics
-from gcmlm_assets.cohort import modelling
+from gcmlm_assets.cohort import model_settings
 
 # (name, patients, radiology signal, pathology signal): the generator's signal scales, 1.0 = its default
 SCENARIOS = [
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="CV repeats per cohort")
     args = parser.parse_args()
-    settings = dataclasses.replace(modelling.ModelSettings(), fusion="mean", n_repeats=args.repeats,
+    settings = dataclasses.replace(model_settings.ModelSettings(), fusion="mean", n_repeats=args.repeats,
                                    n_bootstrap=50, abmil_in_ablation=False)
     print(f"{'scenario':<18} {'n':>4} {'seeds':>5} {'radiology':>9} {'pathology':>9} {'best block':>10} "
           f"{'mean logit':>10} {'stacked':>8} {'stacked wins':>12}")

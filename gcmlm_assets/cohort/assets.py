@@ -39,6 +39,8 @@ sklearn = lazy("sklearn")
 clinical = lazy("gcmlm_assets.cohort.clinical")
 fusion = lazy("gcmlm_assets.cohort.fusion")
 modelling = lazy("gcmlm_assets.cohort.modelling")
+model_settings = lazy("gcmlm_assets.cohort.model_settings")
+training = lazy("gcmlm_assets.cohort.training")
 cohort_data = lazy("gcmlm_assets.cohort.cohort_data")
 crossval = lazy("gcmlm_assets.cohort.crossval")
 model_metrics = lazy("gcmlm_assets.cohort.metrics")
@@ -256,7 +258,7 @@ def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage
     fused = pq.read_table(fused_path)
     # ABMIL trains on the labelled patients only: the others' bags are not read
     pathology_patients = (bags.pathology_patients(fused, labelled_only=True)
-                          if modelling.PATHOLOGY_ABMIL in settings.blocks() else [])
+                          if model_settings.PATHOLOGY_ABMIL in settings.blocks() else [])
     # a new scikit-learn may fit differently and may not load old skops files: retrain
     fingerprint = sha256_text(CODE_VERSIONS["risk_model"], sklearn.__version__, fused_sha,
                               model_card.settings_json(settings),
@@ -271,7 +273,7 @@ def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage
         fused, settings.blocks(), bags=_patient_bags(store, pathology_patients, context, bags.TRAINING_BAG_PATCHES))
     try:
         pointer = _train_and_publish(context, root, data, fused_path, fused_sha, settings, fingerprint)
-    except modelling.InsufficientLabels as exc:
+    except model_settings.InsufficientLabels as exc:
         yield from _wait_for_labels(context, root, crossval.labelled_counts(data), settings, fused_sha, str(exc))
         return
     yield _model_result(root, pointer, "trained")
@@ -295,7 +297,7 @@ def _reusable_version(root: Path, fingerprint: str) -> dict | None:
     return pointer if version_intact(root, pointer) else None
 
 
-def _wait_for_labels(context, root: Path, counts: dict[str, int], settings: "modelling.ModelSettings",
+def _wait_for_labels(context, root: Path, counts: dict[str, int], settings: "model_settings.ModelSettings",
                      fused_sha: str, why: str) -> Iterator[dg.MaterializeResult]:
     """Too few labelled patients: not a failure. Say so; re-state the last good model if any (so
     risk_scores scores the new table with it), else yield nothing (risk_scores is skipped)."""
@@ -327,15 +329,15 @@ def _wait_for_labels(context, root: Path, counts: dict[str, int], settings: "mod
 
 
 def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fused_path: Path, fused_sha: str,
-                       settings: "modelling.ModelSettings", fingerprint: str) -> dict:
+                       settings: "model_settings.ModelSettings", fingerprint: str) -> dict:
     cv = crossval.cross_validate(data, settings)
     context.log.info(f"cross-validated {len(cv.labels)} patients: {cv.n_splits} folds x {cv.n_repeats} repeats")
     for note in cv.notes:
         context.log.warning(note)
     metrics, curves = model_metrics.evaluate_cross_validation(cv, settings)
-    fused = metrics.get(modelling.FUSED, {})
+    fused = metrics.get(model_settings.FUSED, {})
     threshold = settings.risk_threshold if settings.risk_threshold is not None else fused.get("youden_threshold", 0.5)
-    model, fitted = modelling.fit_risk_model(data, settings, threshold)
+    model, fitted = training.fit_risk_model(data, settings, threshold)
     importance = model_importance.permutation_importance(model_importance.model_predictor(model), data,
                                                          model.blocks, seed=settings.seed)
     card = model_card.model_card(model, settings, fitted, metrics, cv,
@@ -385,7 +387,7 @@ def _model_result(root: Path, pointer: dict, status: str, extra: dict | None = N
     folder = root / pointer["version"]
     metrics = json.loads((folder / METRICS_FILE).read_text())
     card = json.loads((folder / MODEL_CARD).read_text())
-    fused = metrics.get(modelling.FUSED, {})
+    fused = metrics.get(model_settings.FUSED, {})
     return dg.MaterializeResult(
         metadata={
             "status": status,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from gcmlm_assets.cohort import crossval, fusion, model_card, modelling
+from gcmlm_assets.cohort import crossval, fusion, model_card, model_settings
 from gcmlm_assets.cohort.fusion import PATHOLOGY
 
 
@@ -85,7 +85,7 @@ def card_context(records: CohortRecords, data, cv, settings, model, metrics: dic
               f"no exact contributions: the {settings.classifier} classifier is not linear; cohort-level "
               "permutation importance instead")
     attention = ("; ABMIL attention maps (where the attention model looked; not contributions)"
-                 if modelling.PATHOLOGY_ABMIL in settings.blocks() else "")
+                 if model_settings.PATHOLOGY_ABMIL in settings.blocks() else "")
     return {
         "limitations": model_card.default_limitations({**asdict(settings), "encoder": records.encoder}, metrics),
         "data": {"landing_zone": str(csv_path.parent) if csv_path else None,
@@ -95,7 +95,7 @@ def card_context(records: CohortRecords, data, cv, settings, model, metrics: dic
                                  "built": _modified(records.fused_path)},
                  "trained_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")},
         "flow": flow,
-        "fusion": {"rule": modelling.fusion_strategy(settings), "default": settings.fusion,
+        "fusion": {"rule": model_settings.fusion_strategy(settings), "default": settings.fusion,
                    "why": WHY_STACKED if settings.fusion == "stacked" else WHY_MEAN,
                    "combiner": model.combiner.describe()},
         "explanation": {"method": method + attention,

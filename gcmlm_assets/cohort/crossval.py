@@ -7,7 +7,7 @@ patients only:
 - each block (radiology, pathology mean, pathology ABMIL when bags are given, clinical) alone;
 - "fused": the configured fusion of the fused model's blocks, and beside it the other fusion
   (`fused_mean` or `fused_stacked`). The stacked combiner of an outer fold is fitted on the
-  out-of-fold logits of an inner CV of that fold's training patients (modelling.out_of_fold_logits),
+  out-of-fold logits of an inner CV of that fold's training patients (training.out_of_fold_logits),
   then applied to the test patients' logits from the blocks fitted on the whole training part;
 - `fused_all_modalities`: the configured fusion restricted to the patients with every block.
 The fused rows include the patients who lack a block (scored from the blocks they have).
@@ -25,8 +25,9 @@ from sklearn.model_selection import RepeatedStratifiedKFold
 from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
 from gcmlm_assets.cohort.cohort_data import CohortData, class_counts
 from gcmlm_assets.cohort.combiners import make_combiner, sigmoid
-from gcmlm_assets.cohort.modelling import (
-    FUSED, FUSED_COMPLETE, InsufficientLabels, ModelSettings, block_logits, fit_block, out_of_fold_logits)
+from gcmlm_assets.cohort.model_settings import FUSED, FUSED_COMPLETE, InsufficientLabels, ModelSettings
+from gcmlm_assets.cohort.modelling import block_logits, fit_block
+from gcmlm_assets.cohort.training import out_of_fold_logits
 
 
 @dataclass

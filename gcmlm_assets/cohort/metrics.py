@@ -21,7 +21,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, roc_curve
 
 from gcmlm_assets.cohort.cohort_data import class_counts
-from gcmlm_assets.cohort.modelling import ModelSettings
+from gcmlm_assets.cohort.model_settings import ModelSettings
 
 if TYPE_CHECKING:
     from gcmlm_assets.cohort.crossval import CrossValidation

@@ -25,7 +25,8 @@ import sklearn
 import skops
 
 from gcmlm_assets.cohort.cohort_data import class_counts
-from gcmlm_assets.cohort.modelling import FUSED, FusedRiskModel, ModelSettings, fusion_strategy, model_labels
+from gcmlm_assets.cohort.model_settings import FUSED, ModelSettings, fusion_strategy, model_labels
+from gcmlm_assets.cohort.modelling import FusedRiskModel
 
 if TYPE_CHECKING:
     from gcmlm_assets.cohort.crossval import CrossValidation

@@ -36,14 +36,16 @@ types in `TRUSTED_TYPES`; the classes a model file names (`FusedRiskModel`, `Cor
 `L1Selection`; the combiners and `AbmilModel` in theirs) must stay where they are, as the file
 records their module path.
 
-Elsewhere: the fused table as matrices (cohort_data), cross-validation (crossval), its metrics
-and ablation table (metrics), figures (plots), the model card and strict JSON (model_card).
+Elsewhere: the settings and the ablation's names (model_settings), fitting the whole model
+(training), the fused table as matrices (cohort_data), the fusion rules (combiners), ABMIL
+(abmil), cross-validation (crossval), its metrics and ablation table (metrics), figures (plots),
+the model card and strict JSON (model_card).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+
 from pathlib import Path
 
 import numpy as np
@@ -64,97 +66,11 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
 from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
-from gcmlm_assets.cohort.cohort_data import PATHOLOGY_ABMIL, CohortData, class_counts
-from gcmlm_assets.cohort.combiners import MeanLogitCombiner, make_combiner, probability_to_logit, sigmoid
-from gcmlm_assets.cohort.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
+from gcmlm_assets.cohort.cohort_data import PATHOLOGY_ABMIL, CohortData
+from gcmlm_assets.cohort.combiners import MeanLogitCombiner, probability_to_logit, sigmoid
+from gcmlm_assets.cohort.fusion import PATHOLOGY, RADIOLOGY
+from gcmlm_assets.cohort.model_settings import LOGISTIC_CS, ModelSettings
 from gcmlm_assets.storage import atomic_path
-
-CLASSIFIERS = ("logistic", "svm", "random_forest")
-POOLINGS = ("mean", "abmil")
-FUSED = "fused"  # the configured fusion (setting `fusion`)
-FUSED_MEAN, FUSED_STACKED = "fused_mean", "fused_stacked"  # the other fusion, reported beside it
-FUSED_COMPLETE = "fused_all_modalities"
-LOGISTIC_CS = (0.001, 0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried on inner folds
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    classifier: str = "logistic"
-    n_splits: int = 5
-    n_repeats: int = 5
-    n_bootstrap: int = 1000
-    pca_components: int = 8
-    correlation_threshold: float = 0.9
-    l1_c: float = 0.2
-    max_radiomics_features: int = 10
-    min_labelled_per_class: int = 5
-    use_clinical: bool = False
-    risk_threshold: float | None = None  # None: the fused model's Youden threshold from the CV
-    fusion: str = "mean"  # README "Fusion": why the mean logit is the default
-    inner_splits: int = 10  # folds of the inner CV whose out-of-fold logits train the stacked combiner
-    pathology_pooling: str = "mean"
-    abmil_in_ablation: bool = True  # evaluate ABMIL beside mean pooling when patch features are at hand
-    abmil_max_epochs: int = 60
-    seed: int = 0
-
-    def __post_init__(self):
-        from gcmlm_assets.cohort.combiners import FUSIONS
-
-        if self.classifier not in CLASSIFIERS:
-            raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {self.classifier!r}")
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
-        if self.pathology_pooling not in POOLINGS:
-            raise ValueError(f"pathology_pooling must be one of {', '.join(POOLINGS)}, got {self.pathology_pooling!r}")
-        if self.n_splits < 2 or self.n_repeats < 1 or self.n_bootstrap < 1 or self.inner_splits < 2:
-            raise ValueError("n_splits and inner_splits must be >= 2, n_repeats and n_bootstrap >= 1")
-        if self.abmil_max_epochs < 1:
-            raise ValueError(f"abmil_max_epochs must be >= 1, got {self.abmil_max_epochs}")
-        if self.risk_threshold is not None and not 0 < self.risk_threshold < 1:
-            raise ValueError(f"risk_threshold must lie in (0, 1), got {self.risk_threshold}")
-
-    def fusion_blocks(self) -> tuple[str, ...]:
-        """The blocks the fused model combines."""
-        pathology = PATHOLOGY_ABMIL if self.pathology_pooling == "abmil" else PATHOLOGY
-        return (RADIOLOGY, pathology, CLINICAL) if self.use_clinical else (RADIOLOGY, pathology)
-
-    def blocks(self) -> tuple[str, ...]:
-        """Every block the cross-validation evaluates: the fused model's, plus both poolings."""
-        blocks = [RADIOLOGY, PATHOLOGY, *([CLINICAL] if self.use_clinical else [])]
-        if self.abmil_in_ablation or self.pathology_pooling == "abmil":
-            blocks.append(PATHOLOGY_ABMIL)
-        return tuple(blocks)
-
-    def other_fusion(self) -> str:
-        return FUSED_MEAN if self.fusion == "stacked" else FUSED_STACKED
-
-    def abmil_settings(self):
-        from gcmlm_assets.cohort.abmil import AbmilSettings
-
-        return AbmilSettings(max_epochs=self.abmil_max_epochs, seed=self.seed)
-
-
-def model_labels(settings: ModelSettings) -> dict[str, str]:
-    """The ablation table's row names."""
-    configured = f"fused, {settings.fusion}{' logit' if settings.fusion == 'mean' else ''} (the model)"
-    other = "fused, mean logit" if settings.fusion == "stacked" else "fused, stacked"
-    return {RADIOLOGY: "radiology", PATHOLOGY: "pathology mean", PATHOLOGY_ABMIL: "pathology ABMIL",
-            CLINICAL: "clinical", FUSED: configured, settings.other_fusion(): other,
-            FUSED_COMPLETE: f"{configured}, patients with every block"}
-
-
-def fusion_strategy(settings: ModelSettings) -> str:
-    blocks = ", ".join(settings.fusion_blocks())
-    if settings.fusion == "stacked":
-        return (f"late fusion of {blocks}: a non-negative logistic combiner on the blocks' out-of-fold logits "
-                f"(inner {settings.inner_splits}-fold CV of the training patients); a missing block's logit counts "
-                "as 0, with an availability indicator")
-    return f"late fusion of {blocks}: mean of the logits of the blocks the patient has"
-
-
-class InsufficientLabels(ValueError):
-    """Too few labelled patients of a class to train or cross-validate."""
-
 
 # ---------------------------------------------------------------- transformers
 
@@ -301,32 +217,6 @@ def block_logits(model, X) -> np.ndarray:
         return probability_to_logit(model.predict_proba(X)[:, 1])
 
 
-def out_of_fold_logits(data: CohortData, rows: np.ndarray, blocks: tuple[str, ...], settings: ModelSettings,
-                       seed: int) -> np.ndarray:
-    """(len(rows), blocks) logits of the patients `rows` (indices, all labelled), each from a block model
-    fitted on the other inner folds of `rows` only: the stacked combiner's training input. NaN where a
-    patient lacks the block or the inner training part could not fit it."""
-    from sklearn.model_selection import StratifiedKFold
-
-    labels = data.labels[rows].astype(int)
-    logits = np.full((len(rows), len(blocks)), np.nan)
-    n_splits = min(settings.inner_splits, int(np.bincount(labels, minlength=2).min()))
-    if n_splits < 2:
-        return logits
-    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    for inner_train, inner_test in splitter.split(np.zeros(len(rows)), labels):
-        for k, block in enumerate(blocks):
-            available = data.blocks[block].available
-            train = inner_train[available[rows[inner_train]]]
-            test = inner_test[available[rows[inner_test]]]
-            if len(test) == 0:
-                continue
-            model = fit_block(block, data.inputs(block, rows[train]), labels[train].astype(float), settings)
-            if model is not None:
-                logits[test, k] = block_logits(model, data.inputs(block, rows[test]))
-    return logits
-
-
 # ---------------------------------------------------------------- the model
 
 
@@ -394,68 +284,6 @@ class FusedRiskModel:
         labels = data.labels[rows]
         columns[LABEL_COLUMN] = pa.array([None if np.isnan(v) else int(v) for v in labels], pa.int8())
         return pa.table(columns)
-
-
-def fit_risk_model(data: CohortData, settings: ModelSettings, risk_threshold: float) -> tuple[FusedRiskModel, dict]:
-    """Each block's model fitted on every labelled patient that has the block; the combiner on the
-    out-of-fold logits of an inner cross-validation of the same patients."""
-    models: dict = {}
-    columns: dict[str, list[str]] = {}
-    summary: dict[str, dict] = {}
-    wanted = settings.fusion_blocks()
-    side = (PATHOLOGY_ABMIL,) if PATHOLOGY_ABMIL in settings.blocks() and PATHOLOGY_ABMIL not in wanted else ()
-    side_models: dict = {}
-    for block in (*wanted, *side):
-        if block not in data.blocks:
-            continue
-        block_data = data.blocks[block]
-        rows = data.labelled & block_data.available
-        model = fit_block(block, data.inputs(block, rows), data.labels[rows], settings) if rows.any() else None
-        if model is None:
-            if block in wanted:
-                summary[block] = {"fitted": False, "reason": f"fewer than 2 labelled patients of a class "
-                                                             f"have {block} inputs ({class_counts(data.labels[rows])})"}
-            continue
-        info = {"fitted": True, "train_patients": int(rows.sum()), **class_counts(data.labels[rows]),
-                **describe_block(block, model, block_data.columns)}
-        if block in wanted:
-            models[block] = model
-            columns[block] = block_data.columns
-            summary[block] = info
-        else:
-            side_models[block] = model
-            summary[block] = {**info, "role": "explanation only (attention maps); not in the score"}
-    if not models:
-        raise InsufficientLabels("no modality has at least 2 labelled patients of each class: "
-                                 + "; ".join(s["reason"] for s in summary.values() if "reason" in s))
-    blocks = tuple(models)
-    combiner = make_combiner(settings.fusion, blocks)
-    labelled = np.flatnonzero(data.labelled & data.any_block())
-    if settings.fusion == "stacked":
-        combiner.fit(out_of_fold_logits(data, labelled, blocks, settings, settings.seed), data.labels[labelled])
-    return FusedRiskModel(models, columns, risk_threshold, asdict(settings), combiner, side_models), summary
-
-
-def describe_block(block: str, model, columns: list[str]) -> dict:
-    if not isinstance(model, Pipeline):
-        return model.describe()
-    return describe_pipeline(block, model, columns)
-
-
-def describe_pipeline(block: str, pipeline: Pipeline, columns: list[str]) -> dict:
-    info: dict = {"n_input_features": len(columns), "steps": [name for name, _ in pipeline.steps]}
-    # the imputer drops columns that were empty in training; follow the names through each selector
-    names = np.asarray(pipeline.named_steps["impute"].get_feature_names_out(np.asarray(columns, dtype=object)),
-                       dtype=object)
-    if block == RADIOLOGY:
-        for step in ("drop_constant", "decorrelate", "select_l1"):
-            names = names[pipeline.named_steps[step].get_support()]
-        info["selected_features"] = [str(n) for n in names]
-    elif block == PATHOLOGY:
-        pca = pipeline.named_steps["pca"]
-        info["pca_components"] = int(pca.n_components_)
-        info["pca_explained_variance"] = round(float(pca.explained_variance_ratio_.sum()), 4)
-    return info
 
 
 # ---------------------------------------------------------------- persistence

@@ -45,7 +45,7 @@ class RiskModelSettings(dg.ConfigurableResource):
     seed: int = Field(default=0, description="Seed of the splits, bootstrap and stochastic estimators.")
 
     def model_settings(self):
-        from gcmlm_assets.cohort.modelling import ModelSettings  # scikit-learn only in the steps
+        from gcmlm_assets.cohort.model_settings import ModelSettings
 
         return ModelSettings(**{name: getattr(self, name) for name in ModelSettings.__dataclass_fields__})
 

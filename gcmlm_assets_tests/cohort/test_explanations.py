@@ -17,6 +17,7 @@ from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 from gcmlm_assets import pictures
 from gcmlm_assets.cohort import explanations as E
 from gcmlm_assets.cohort import modelling as M
+from gcmlm_assets.cohort import training
 from gcmlm_assets.cohort.combiners import PROBABILITY_CLIP
 from gcmlm_assets.cohort.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
 from gcmlm_assets.pathology import heatmaps as H
@@ -53,7 +54,7 @@ def test_radiology_contributions_are_exact_and_named(cohort):
     assert E.exact_contributions_available(pipeline) == (True, "")
     split = assert_feature_split_exact(pipeline, RAD_COLUMNS, radiomics)
     # the names are the features the L1 step kept, as the model summary reports them
-    assert split.names == M.describe_pipeline(RADIOLOGY, pipeline, RAD_COLUMNS)["selected_features"]
+    assert split.names == training.describe_pipeline(RADIOLOGY, pipeline, RAD_COLUMNS)["selected_features"]
     assert "rad_original_shape_MeshVolume" in split.names
     weights, constant = E.affine_map(pipeline, radiomics.shape[1])
     assert weights.shape == (len(RAD_COLUMNS),)

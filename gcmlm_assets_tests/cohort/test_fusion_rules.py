@@ -8,6 +8,8 @@ import pytest
 from gcmlm_assets.cohort import cohort_data, crossval
 from gcmlm_assets.cohort import metrics as model_metrics
 from gcmlm_assets.cohort import modelling as M
+from gcmlm_assets.cohort import model_settings
+from gcmlm_assets.cohort import training
 from gcmlm_assets.cohort.patient_explanation import SlidePatches, explain_patient
 from gcmlm_assets_tests.cohort.synthetic import make_cohort
 from gcmlm_assets_tests.cohort.test_modelling import cohort_table
@@ -40,7 +42,7 @@ def test_stacking_is_not_diluted_by_a_weak_block():
     assert (labels == same_labels).all()
     settings = dataclasses.replace(SETTINGS, abmil_in_ablation=False, fusion="stacked")  # "fused" is stacked
     metrics = evaluate(cohort_table(ids, labels, radiomics, pathology), settings)
-    table = model_metrics.ablation_markdown(metrics, M.model_labels(settings))
+    table = model_metrics.ablation_markdown(metrics, model_settings.model_labels(settings))
     best = max(("radiology", "pathology"), key=lambda b: metrics[b]["auc"])
     assert best == "radiology", table
     half_width = (metrics[best]["auc_ci_high"] - metrics[best]["auc_ci_low"]) / 2
@@ -55,7 +57,7 @@ def test_permuted_labels_give_chance_auc_on_every_row_abmil_and_stacking_include
     for permutation_seed in (1, 2):
         permuted = np.random.default_rng(permutation_seed).permutation(labels)
         metrics = evaluate(cohort_table(ids, permuted, radiomics, vectors), SETTINGS, bags)
-        table = model_metrics.ablation_markdown(metrics, M.model_labels(SETTINGS))
+        table = model_metrics.ablation_markdown(metrics, model_settings.model_labels(SETTINGS))
         assert {"radiology", "pathology", "pathology_abmil", "fused", "fused_stacked"} <= set(metrics), table
         for model, values in metrics.items():
             # within 0.2 of chance and never significantly above it (what leakage would give); CV AUC
@@ -74,7 +76,7 @@ def test_abmil_as_the_pathology_block_scores_from_the_bags_and_survives_skops(tm
     assert metrics["pathology_abmil"]["auc"] > 0.7, model_metrics.ablation_markdown(metrics)
 
     data = cohort_data.CohortData.from_table(table, settings.blocks(), bags=bags)
-    model, fitted = M.fit_risk_model(data, settings, 0.5)
+    model, fitted = training.fit_risk_model(data, settings, 0.5)
     assert model.blocks == ("radiology", "pathology_abmil") and model.needs_bags()
     assert fitted["pathology_abmil"]["fitted"] and not model.side_models
     scores = model.score_table(table, bags)

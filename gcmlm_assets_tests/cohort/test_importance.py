@@ -7,6 +7,7 @@ import pytest
 
 from gcmlm_assets.cohort import importance as I
 from gcmlm_assets.cohort import modelling as M
+from gcmlm_assets.cohort import training
 from gcmlm_assets.cohort.cohort_data import BlockData, CohortData
 
 
@@ -75,7 +76,7 @@ def test_a_fitted_fused_model_relies_on_its_informative_features():
     block-level shuffles that leave a patient without any block shrink the compared set."""
     data = _cohort(n=100, seed=3)
     settings = M.ModelSettings(n_splits=3, n_repeats=1, max_radiomics_features=3, pca_components=2)
-    model, _ = M.fit_risk_model(data, settings, risk_threshold=0.5)
+    model, _ = training.fit_risk_model(data, settings, risk_threshold=0.5)
     rows = I.permutation_importance(I.model_predictor(model), data, model.blocks, n_repeats=5, seed=0)
     features = sorted((r for r in rows if r["block"] == "radiology" and r["level"] == "feature"),
                       key=lambda r: -r["importance_mean"])

@@ -11,6 +11,8 @@ from gcmlm_assets.cohort import clinical, crossval, fusion, importance
 from gcmlm_assets.cohort import metrics as model_metrics
 from gcmlm_assets.cohort import model_card as MC
 from gcmlm_assets.cohort import modelling as M
+from gcmlm_assets.cohort import model_settings
+from gcmlm_assets.cohort import training
 from gcmlm_assets.cohort.cohort_data import CohortData
 from gcmlm_assets_tests.cohort.synthetic import make_cohort, write_cohort_files, write_radiomics_row
 
@@ -42,7 +44,7 @@ def realistic(tmp_path_factory):
     metrics, _ = model_metrics.evaluate_cross_validation(cv, SETTINGS)
     # a row evaluate() cannot score: one positive patient
     metrics["radiology_small"], _ = model_metrics.evaluate(np.array([0, 0, 1]), np.full((1, 3), 0.4), 10, 0)
-    model, fitted = M.fit_risk_model(data, SETTINGS, metrics["fused"]["youden_threshold"])
+    model, fitted = training.fit_risk_model(data, SETTINGS, metrics["fused"]["youden_threshold"])
     rows = importance.permutation_importance(importance.model_predictor(model), model.cohort_data(table),
                                              model.blocks, n_repeats=2)
     flow = MC.cohort_flow(summary, json.loads(fusion.report_json(report)), stats,
@@ -56,7 +58,7 @@ def realistic(tmp_path_factory):
               "fused_table": {"path": str(root / "fused.parquet"), "sha256": "abc123", "built": "2025-03-02T09:00:00"},
               "trained_at": "2025-03-02T09:30:00"},
         flow=flow,
-        fusion={"rule": M.fusion_strategy(M.ModelSettings()), "default": "mean logit", "why": "no fitted combiner can overfit",
+        fusion={"rule": model_settings.fusion_strategy(M.ModelSettings()), "default": "mean logit", "why": "no fitted combiner can overfit",
                 "combiner": {"kind": "none"}},
         explanation={"method": "permutation importance on the final model", "notes": "training patients"},
         permutation_importance=rows)

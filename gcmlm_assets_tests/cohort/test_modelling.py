@@ -15,6 +15,8 @@ from sklearn.preprocessing import StandardScaler
 from gcmlm_assets.cohort import cohort_data, crossval, plots
 from gcmlm_assets.cohort import metrics as model_metrics
 from gcmlm_assets.cohort import modelling as M
+from gcmlm_assets.cohort import model_settings
+from gcmlm_assets.cohort import training
 from gcmlm_assets.cohort import qc
 from gcmlm_assets_tests.cohort.synthetic import RADIOMICS_NAMES, make_cohort
 
@@ -105,7 +107,7 @@ def test_missing_modality_patients_are_scored_and_evaluated(fusion):
     assert metrics["fused_all_modalities"]["patients"] == 38 - 4
     assert set(curves["fused"]) == {"roc", "calibration", "decision_curve"}
 
-    model, fitted = M.fit_risk_model(data, settings, metrics["fused"]["youden_threshold"])
+    model, fitted = training.fit_risk_model(data, settings, metrics["fused"]["youden_threshold"])
     scores = {r["patient_id"]: r for r in model.score_table(table).to_pylist()}
     assert sorted(scores) == ids  # unlabelled and single-modality patients included
     logit = lambda p: np.log(p / (1 - p))  # noqa: E731
@@ -138,7 +140,7 @@ def test_skops_round_trip_gives_identical_predictions(tmp_path, classifier):
     table = cohort_table(ids, labels, radiomics, pathology, without_radiology={"P004"})
     settings = M.ModelSettings(classifier=classifier, n_repeats=1, n_bootstrap=50)
     data = cohort_data.CohortData.from_table(table, settings.blocks())
-    model, _ = M.fit_risk_model(data, settings, 0.5)
+    model, _ = training.fit_risk_model(data, settings, 0.5)
     path = M.save_model(model, tmp_path / "model.skops")
     loaded = M.load_model(path)
     before, after = model.predict_proba(table), loaded.predict_proba(table)
@@ -155,7 +157,7 @@ class Unlisted:
 def test_loading_refuses_types_off_the_trusted_list(tmp_path):
     ids, labels, radiomics, pathology = make_cohort(24, seed=9)
     table = cohort_table(ids, labels, radiomics, pathology)
-    model, _ = M.fit_risk_model(cohort_data.CohortData.from_table(table, FAST.blocks()), FAST, 0.5)
+    model, _ = training.fit_risk_model(cohort_data.CohortData.from_table(table, FAST.blocks()), FAST, 0.5)
     model.settings = {**model.settings, "smuggled": Unlisted()}
     path = tmp_path / "model.skops"
     sio.dump(model, path)
@@ -166,7 +168,7 @@ def test_loading_refuses_types_off_the_trusted_list(tmp_path):
 def test_too_few_labels_is_a_clear_error():
     ids, labels, radiomics, pathology = make_cohort(20, seed=2, positive_fraction=0.15)
     table = cohort_table(ids, labels, radiomics, pathology)
-    with pytest.raises(M.InsufficientLabels, match="min_labelled_per_class"):
+    with pytest.raises(model_settings.InsufficientLabels, match="min_labelled_per_class"):
         crossval.cross_validate(cohort_data.CohortData.from_table(table, FAST.blocks()), FAST)
 
 

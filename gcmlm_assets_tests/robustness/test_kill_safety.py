@@ -73,7 +73,7 @@ def kill_points(asset: str, patient: str) -> list[KillPoint]:
         ],
         "risk_model": [
             KillPoint("cross-validated, fitting the final model (nothing written)",
-                      Pause("gcmlm_assets.cohort.modelling:fit_risk_model")),
+                      Pause("gcmlm_assets.cohort.training:fit_risk_model")),
             KillPoint("version staged in a temporary folder, not installed",
                       Pause("gcmlm_assets.cohort.assets:publish_version")),
             KillPoint("version folder installed, current.json in its temporary",

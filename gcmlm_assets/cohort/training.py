@@ -1,0 +1,107 @@
+"""Fitting the whole risk model: every block on every labelled patient that has it, the fusion's
+combiner on out-of-fold logits, and the summary of what was fitted (for the model card).
+
+Plain Python (no Dagster). The cross-validation (crossval) uses `out_of_fold_logits` inside each
+outer training part, so the stacked combiner never sees a test patient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+from sklearn.pipeline import Pipeline
+
+from gcmlm_assets.cohort.cohort_data import PATHOLOGY_ABMIL, CohortData, class_counts
+from gcmlm_assets.cohort.combiners import make_combiner
+from gcmlm_assets.cohort.fusion import PATHOLOGY, RADIOLOGY
+from gcmlm_assets.cohort.model_settings import InsufficientLabels, ModelSettings
+from gcmlm_assets.cohort.modelling import FusedRiskModel, block_logits, fit_block
+
+
+def out_of_fold_logits(data: CohortData, rows: np.ndarray, blocks: tuple[str, ...], settings: ModelSettings,
+                       seed: int) -> np.ndarray:
+    """(len(rows), blocks) logits of the patients `rows` (indices, all labelled), each from a block model
+    fitted on the other inner folds of `rows` only: the stacked combiner's training input. NaN where a
+    patient lacks the block or the inner training part could not fit it."""
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = data.labels[rows].astype(int)
+    logits = np.full((len(rows), len(blocks)), np.nan)
+    n_splits = min(settings.inner_splits, int(np.bincount(labels, minlength=2).min()))
+    if n_splits < 2:
+        return logits
+    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    for inner_train, inner_test in splitter.split(np.zeros(len(rows)), labels):
+        for k, block in enumerate(blocks):
+            available = data.blocks[block].available
+            train = inner_train[available[rows[inner_train]]]
+            test = inner_test[available[rows[inner_test]]]
+            if len(test) == 0:
+                continue
+            model = fit_block(block, data.inputs(block, rows[train]), labels[train].astype(float), settings)
+            if model is not None:
+                logits[test, k] = block_logits(model, data.inputs(block, rows[test]))
+    return logits
+
+
+def fit_risk_model(data: CohortData, settings: ModelSettings, risk_threshold: float) -> tuple[FusedRiskModel, dict]:
+    """Each block's model fitted on every labelled patient that has the block; the combiner on the
+    out-of-fold logits of an inner cross-validation of the same patients."""
+    models: dict = {}
+    columns: dict[str, list[str]] = {}
+    summary: dict[str, dict] = {}
+    wanted = settings.fusion_blocks()
+    side = (PATHOLOGY_ABMIL,) if PATHOLOGY_ABMIL in settings.blocks() and PATHOLOGY_ABMIL not in wanted else ()
+    side_models: dict = {}
+    for block in (*wanted, *side):
+        if block not in data.blocks:
+            continue
+        block_data = data.blocks[block]
+        rows = data.labelled & block_data.available
+        model = fit_block(block, data.inputs(block, rows), data.labels[rows], settings) if rows.any() else None
+        if model is None:
+            if block in wanted:
+                summary[block] = {"fitted": False, "reason": f"fewer than 2 labelled patients of a class "
+                                                             f"have {block} inputs ({class_counts(data.labels[rows])})"}
+            continue
+        info = {"fitted": True, "train_patients": int(rows.sum()), **class_counts(data.labels[rows]),
+                **describe_block(block, model, block_data.columns)}
+        if block in wanted:
+            models[block] = model
+            columns[block] = block_data.columns
+            summary[block] = info
+        else:
+            side_models[block] = model
+            summary[block] = {**info, "role": "explanation only (attention maps); not in the score"}
+    if not models:
+        raise InsufficientLabels("no modality has at least 2 labelled patients of each class: "
+                                 + "; ".join(s["reason"] for s in summary.values() if "reason" in s))
+    blocks = tuple(models)
+    combiner = make_combiner(settings.fusion, blocks)
+    labelled = np.flatnonzero(data.labelled & data.any_block())
+    if settings.fusion == "stacked":
+        combiner.fit(out_of_fold_logits(data, labelled, blocks, settings, settings.seed), data.labels[labelled])
+    return FusedRiskModel(models, columns, risk_threshold, asdict(settings), combiner, side_models), summary
+
+
+def describe_block(block: str, model, columns: list[str]) -> dict:
+    if not isinstance(model, Pipeline):
+        return model.describe()
+    return describe_pipeline(block, model, columns)
+
+
+def describe_pipeline(block: str, pipeline: Pipeline, columns: list[str]) -> dict:
+    info: dict = {"n_input_features": len(columns), "steps": [name for name, _ in pipeline.steps]}
+    # the imputer drops columns that were empty in training; follow the names through each selector
+    names = np.asarray(pipeline.named_steps["impute"].get_feature_names_out(np.asarray(columns, dtype=object)),
+                       dtype=object)
+    if block == RADIOLOGY:
+        for step in ("drop_constant", "decorrelate", "select_l1"):
+            names = names[pipeline.named_steps[step].get_support()]
+        info["selected_features"] = [str(n) for n in names]
+    elif block == PATHOLOGY:
+        pca = pipeline.named_steps["pca"]
+        info["pca_components"] = int(pca.n_components_)
+        info["pca_explained_variance"] = round(float(pca.explained_variance_ratio_.sum()), 4)
+    return info
