@@ -74,7 +74,8 @@ def card_context(records: CohortRecords, data, cv, settings, model, metrics: dic
     csv_path = Path(source["path"]) if source.get("path") else None
     flow = model_card.cohort_flow(records.clinical_manifest.get("summary") or {}, records.fusion_report,
                                   fusion.fused_stats(pq.read_table(records.fused_path)),
-                                  crossval.labelled_counts(data), int(len(cv.labels)), records.clinical_problems)
+                                  crossval.labelled_counts(data), int(len(cv.labels)), records.clinical_problems,
+                                  [str(p) for p in data.patient_ids[data.any_block() & ~data.labelled]])
     exact = settings.classifier == "logistic"
     patches = ("and one share per patch of the pathology logit (mean pooling is affine)"
                if settings.pathology_pooling == "mean" else

@@ -21,7 +21,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, roc_curve
 
 from gcmlm_assets.cohort.cohort_data import class_counts
-from gcmlm_assets.cohort.model_settings import ModelSettings
+from gcmlm_assets.cohort.model_settings import ModelSettings, in_ablation_order
 
 if TYPE_CHECKING:
     from gcmlm_assets.cohort.crossval import CrossValidation
@@ -213,7 +213,7 @@ def ablation_markdown(metrics: dict, labels: dict[str, str] | None = None) -> st
     lines = ["| model | patients (+/−) | AUC [95 % CI] | sensitivity | specificity | Brier | "
              "calibration slope / intercept |",
              "|---|---|---|---|---|---|---|"]
-    for model, m in metrics.items():
+    for model, m in ((key, metrics[key]) for key in in_ablation_order(metrics)):
         name = (labels or {}).get(model, model)
         if "auc" not in m:
             lines.append(f"| {name} | {m['patients']} ({m['positive']}/{m['negative']}) | – | – | – | – | – |")

@@ -25,7 +25,7 @@ import sklearn
 import skops
 
 from gcmlm_assets.cohort.cohort_data import class_counts
-from gcmlm_assets.cohort.model_settings import FUSED, ModelSettings, fusion_strategy, model_labels
+from gcmlm_assets.cohort.model_settings import FUSED, ModelSettings, fusion_strategy, in_ablation_order, model_labels
 from gcmlm_assets.cohort.modelling import FusedRiskModel
 
 if TYPE_CHECKING:
@@ -110,13 +110,15 @@ def _reasons_by_patient(fusion_report: dict) -> dict[str, list[str]]:
 
 
 def cohort_flow(clinical_summary: dict, fusion_report: dict, fused_stats: dict, labelled_with_features: dict,
-                cv_patients: int, clinical_problems: list[dict] | None = None) -> list[dict]:
+                cv_patients: int, clinical_problems: list[dict] | None = None,
+                unlabelled: list[str] | None = None) -> list[dict]:
     """Steps {step, patients, excluded: [{patient_id, reason}]} from clinical.csv to the CV.
 
     `excluded` at a step lists who was lost between the previous step and this one, or (at the
     fused table) a modality of a patient that was left out while the patient stayed. An entry
     whose patient_id is None stands for patients counted but not named by the inputs (e.g. bad
-    rows when `clinical_problems`, clinical_table's problem list, is not given).
+    rows when `clinical_problems`, clinical_table's problem list, is not given). `unlabelled`: the
+    ids of the patients with features but no label, to name them.
     """
     reasons = _reasons_by_patient(fusion_report)
     steps: list[dict] = []
@@ -166,7 +168,11 @@ def cohort_flow(clinical_summary: dict, fusion_report: dict, fused_stats: dict, 
             for pid in sorted(without_clinical)]
     if with_features is not None:
         unknown = with_features - labelled - len(without_clinical)
-        if unknown > 0:
+        named = sorted(set(unlabelled or ()) - set(without_clinical))
+        if unknown > 0 and len(named) == unknown:
+            lost += [{"patient_id": pid, "reason": "no MLM label yet (mlm empty): scored, not trained on"}
+                     for pid in named]
+        elif unknown > 0:
             lost.append({"patient_id": None, "reason": f"{unknown} patients with features have no MLM label "
                                                        "yet (mlm empty): scored, not trained on"})
     steps.append({"step": f"labelled patients with features ({labelled_with_features.get('positive', 0)} MLM, "
@@ -361,8 +367,9 @@ def _validation_section(card: dict) -> list[str]:
 
 def _model_rows(card: dict) -> list[tuple[str, dict]]:
     labels = _mapping(card.get("model_labels"))
-    return [(_text(labels.get(key, key)), m) for key, m in _mapping(card.get("metrics")).items()
-            if isinstance(m, dict)]
+    metrics = _mapping(card.get("metrics"))
+    return [(_text(labels.get(key, key)), metrics[key]) for key in in_ablation_order(metrics)
+            if isinstance(metrics[key], dict)]
 
 
 def _counts(m: dict) -> str:

@@ -15,6 +15,17 @@ POOLINGS = ("mean", "abmil")
 FUSED = "fused"  # the configured fusion (setting `fusion`)
 FUSED_MEAN, FUSED_STACKED = "fused_mean", "fused_stacked"  # the other fusion, reported beside it
 FUSED_COMPLETE = "fused_all_modalities"
+# the ablation's rows in reading order: blocks, then the fusions
+ABLATION_ORDER = (RADIOLOGY, PATHOLOGY, PATHOLOGY_ABMIL, CLINICAL, FUSED, FUSED_MEAN, FUSED_STACKED, FUSED_COMPLETE)
+
+
+def in_ablation_order(models) -> list:
+    """The models (keys) in ABLATION_ORDER, any other after them in their given order (stored JSON sorts keys)."""
+    models = list(models)
+    return sorted(models, key=lambda m: (ABLATION_ORDER.index(m) if m in ABLATION_ORDER else len(ABLATION_ORDER),
+                                         models.index(m)))
+
+
 LOGISTIC_CS = (0.001, 0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried on inner folds
 
 

@@ -152,8 +152,11 @@ def model_labels(risk_model_metadata: dict[str, Any]) -> dict[str, str]:
 
 def ablation_rows(risk_model_metadata: dict[str, Any]) -> list[tuple[str, float | None, float | None, float | None, int | None]]:
     """(model, AUC, CI low, CI high, patients) per model of the ablation."""
+    from gcmlm_assets.cohort.model_settings import in_ablation_order
+
     rows = []
-    for model, values in risk_model_metrics(risk_model_metadata).items():
+    metrics = risk_model_metrics(risk_model_metadata)
+    for model, values in ((m, metrics[m]) for m in in_ablation_order(metrics)):
         if isinstance(values, dict):
             rows.append((model, values.get("auc"), values.get("auc_ci_low"), values.get("auc_ci_high"),
                          values.get("patients")))

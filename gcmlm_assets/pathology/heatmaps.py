@@ -11,8 +11,9 @@ says what the colours mean:
   NOT a contribution (a patch can draw attention and still push the logit either way).
 
 Two sizes: the UI form (the drawing's longer side `side_px`, the whole picture at least
-pictures.MIN_DISPLAY_WIDTH wide) and `full_resolution=True` for the artifact store, drawn so that
-each patch is at least MIN_PATCH_PX pixels (the longer side capped at FULL_MAX_SIDE_PX).
+pictures.MIN_DISPLAY_WIDTH wide) and `full_resolution=True` for the artifact store, drawn at the
+slide's level-0 size, and at least MIN_PATCH_PX pixels per patch (the longer side capped at
+FULL_MAX_SIDE_PX).
 The slide drawing is placed 1:1 in the PNG at `figure_layout`'s position.
 
 numpy, Pillow and matplotlib are imported on first use.
@@ -92,9 +93,9 @@ def patch_value_drawing(slide_path, coords, patch_side_level0: float, values, ki
         level0 = (float(extent[0]), float(extent[1]))
     longer = max(level0)
     side = int(side_px)
-    if full_resolution:
-        side = max(side, math.ceil(longer * MIN_PATCH_PX / patch_side))
-        side = min(side, FULL_MAX_SIDE_PX)
+    if full_resolution:  # the slide's own level-0 size, or more if its patches would be tiny; capped
+        side = max(side, min(max(math.ceil(longer), math.ceil(longer * MIN_PATCH_PX / patch_side)),
+                             FULL_MAX_SIDE_PX))
     scale = side / longer
     size = (max(1, round(level0[0] * scale)), max(1, round(level0[1] * scale)))
 

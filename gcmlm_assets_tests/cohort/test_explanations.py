@@ -250,11 +250,15 @@ def test_top_patches_lie_in_the_planted_region_and_are_drawn_red(tmp_path):
     assert redness(crop[:, :left]).mean() > redness(crop[:, left:]).mean() + 25
 
 
-def test_full_resolution_gives_each_patch_16_px_up_to_the_cap(tmp_path):
-    wide = np.array([(col * PATCH, row * PATCH) for row in range(80) for col in range(100)])
+def test_full_resolution_is_the_slides_own_size_with_at_least_16_px_a_patch_up_to_the_cap(tmp_path):
+    wide = np.array([(col * PATCH, row * PATCH) for row in range(20) for col in range(25)])
     drawing = H.patch_value_drawing(tmp_path / "gone.svs", wide, PATCH, np.ones(len(wide)), "attention",
                                     full_resolution=True)
-    assert drawing.scale * PATCH >= 16 and drawing.rgb.shape[1] == 100 * 16
+    assert drawing.rgb.shape[1] == 25 * PATCH and drawing.scale == pytest.approx(1.0)  # level-0 size
+    tiny = np.array([(col * 4, row * 4) for row in range(80) for col in range(400)])  # 4 px patches
+    small = H.patch_value_drawing(tmp_path / "gone.svs", tiny, 4, np.ones(len(tiny)), "attention",
+                                  full_resolution=True)
+    assert small.scale * 4 >= 16 and small.rgb.shape[1] == 400 * 16
     strip = np.array([(col * PATCH, 0) for col in range(1000)])
     capped = H.patch_value_drawing(tmp_path / "gone.svs", strip, PATCH, np.ones(len(strip)), "attention",
                                    full_resolution=True)

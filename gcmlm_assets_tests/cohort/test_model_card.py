@@ -49,7 +49,10 @@ def realistic(tmp_path_factory):
                                              model.blocks, n_repeats=2)
     flow = MC.cohort_flow(summary, json.loads(fusion.report_json(report)), stats,
                           stats["labelled_with_features"], len(cv.labels),
-                          clinical_problems=[p.as_dict() for p in problems])
+                          clinical_problems=[p.as_dict() for p in problems],
+                          unlabelled=[str(p) for p in data.patient_ids[data.any_block() & ~data.labelled]])
+    assert {"patient_id": "P005", "reason": "no MLM label yet (mlm empty): scored, not trained on"} in flow[4][
+        "excluded"]
     card = MC.model_card(
         model, settings=SETTINGS, fitted=fitted, metrics=metrics, cv=cv,
         data_versions={"fused_table_sha256": "abc123", "fused_table": str(root / "fused.parquet")},
@@ -102,7 +105,7 @@ def test_the_flow_counts_and_names_who_was_left_out(realistic):
     assert "P007: radiology file rejected: unreadable parquet" in md
     assert "P500: clinical row but no feature file yet" in md
     assert "P600: features but no clinical row" in md
-    assert "1 patients with features have no MLM label" in md  # P005
+    assert "P005: no MLM label yet (mlm empty)" in md  # named, with the reason
     assert "| radiology | 1 | 39 |" in md and "| pathology | 2 | 39 |" in md  # P007; P003, P004
 
 
