@@ -18,6 +18,8 @@ from gcmlm_assets.cohort import crossval, fusion, model_card, model_settings
 from gcmlm_assets.cohort.fusion import PATHOLOGY
 
 
+SEE_DAGSTER = "the time of this materialization in Dagster (kept out of the card: same inputs, same files)"
+
 # Chosen on simulated cohorts, never on a model's own folds (README "Fusion", benchmarks/fusion_rules.py).
 WHY_MEAN = ("each block's logistic penalty is chosen by inner-fold log loss, so a block without signal already "
             "gives logits near 0 and cannot dilute a strong one; on simulated cohorts of 24-80 patients the "
@@ -92,9 +94,11 @@ def card_context(records: CohortRecords, data, cv, settings, model, metrics: dic
         "data": {"landing_zone": str(csv_path.parent) if csv_path else None,
                  "clinical_csv": {"path": source.get("path"), "sha256": source.get("sha256"),
                                   "modified": _modified(csv_path) if csv_path else None},
+                 # no clock time of this run: the same inputs must give the same model files (and
+                 # version name); Dagster records when each materialization happened
                  "fused_table": {"path": str(records.fused_path), "sha256": records.fused_sha256,
-                                 "built": _modified(records.fused_path)},
-                 "trained_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")},
+                                 "built": SEE_DAGSTER},
+                 "trained_at": SEE_DAGSTER},
         "flow": flow,
         "fusion": {"rule": model_settings.fusion_strategy(settings), "default": settings.fusion,
                    "why": WHY_STACKED if settings.fusion == "stacked" else WHY_MEAN,

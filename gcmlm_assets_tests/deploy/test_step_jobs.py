@@ -88,7 +88,7 @@ ASSET_CLASSES = {
     "ct_image": step_pods.CPU, "radiomics_row": step_pods.CPU, "patch_coords": step_pods.CPU,
     "slide_vector": step_pods.CPU,
     "clinical_table": step_pods.COHORT, "fused_table": step_pods.COHORT, "risk_model": step_pods.COHORT,
-    "risk_scores": step_pods.COHORT,
+    "risk_scores": step_pods.COHORT, "risk_explanations": step_pods.COHORT,
 }
 
 RUN_AS_UID = 10001
