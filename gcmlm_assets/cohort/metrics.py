@@ -21,6 +21,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, roc_curve
 
 from gcmlm_assets.cohort.cohort_data import class_counts
+from gcmlm_assets.cohort.combiners import probability_to_logit
 from gcmlm_assets.cohort.model_settings import ModelSettings, in_ablation_order
 
 if TYPE_CHECKING:
@@ -72,9 +73,6 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     if len(positive) == 0 or len(negative) == 0:
         return float("nan")
     return float(_rank_auc(positive, negative))
-
-
-CALIBRATION_CLIP = 1e-6
 
 
 def _newton_logistic(design: np.ndarray, labels: np.ndarray, offset: np.ndarray,
@@ -129,14 +127,14 @@ def calibration_slope_intercept(labels: np.ndarray, probabilities: np.ndarray) -
     is infinite or undefined. The intercept always exists with both classes present.
     """
     labels = np.asarray(labels, dtype=float)
-    probabilities = np.clip(np.asarray(probabilities, dtype=float), CALIBRATION_CLIP, 1 - CALIBRATION_CLIP)
+    probabilities = np.asarray(probabilities, dtype=float)
     keep = np.isfinite(labels) & np.isfinite(probabilities)
     labels, probabilities = labels[keep], probabilities[keep]
     out = {"slope": float("nan"), "intercept": float("nan")}
     positive, negative = labels == 1, labels == 0
     if not positive.any() or not negative.any():
         return out
-    logit = np.log(probabilities / (1 - probabilities))
+    logit = probability_to_logit(probabilities)  # clipped as the fusion clips them
     ones = np.ones((len(labels), 1))
     intercept_only = _newton_logistic(ones, labels, logit)
     if intercept_only is not None:
