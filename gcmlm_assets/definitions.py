@@ -15,7 +15,8 @@ from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import checks as cohort_checks
 from gcmlm_assets.cohort import resources as cohort_resources
 from gcmlm_assets.cohort import explanation_assets
-from gcmlm_assets.cohort.sensors import build_cohort_refresh_sensor, build_risk_explanations_sensor
+from gcmlm_assets.cohort.sensors import (
+    PATIENT_FEATURE_ASSETS, build_cohort_refresh_sensor, build_risk_explanations_sensor)
 from gcmlm_assets.landing.sensors import landing_sensor
 from gcmlm_assets.pathology import assets as pathology_assets
 from gcmlm_assets.pathology import checks as pathology_checks
@@ -81,11 +82,18 @@ def build_resources(env: str, profile: Profile) -> dict:
     return resources
 
 
+def blocking_check_keys(assets: list[dg.AssetsDefinition], asset_names: tuple[str, ...]) -> list[dg.AssetCheckKey]:
+    """The blocking checks declared on `asset_names` (what decides whether the cohort may use a result)."""
+    return [spec.key for asset in assets for spec in asset.check_specs
+            if spec.blocking and spec.asset_key.to_user_string() in asset_names]
+
+
 def build_sensors(profile: Profile) -> list[dg.SensorDefinition]:
     interval = profile.sensor_interval_s
     cohort_keys = [asset.key for asset in cohort_assets.ASSETS]
+    input_checks = blocking_check_keys([*radiology_assets.ASSETS, *pathology_assets.ASSETS], PATIENT_FEATURE_ASSETS)
     return [landing_sensor, build_segmentation_training_sensor(interval), build_predicted_mask_sensor(interval),
-            build_cohort_refresh_sensor(interval, cohort_keys, (explanation_assets.RISK_EXPLANATIONS,)),
+            build_cohort_refresh_sensor(interval, cohort_keys, input_checks),
             build_risk_explanations_sensor(interval, explanation_assets.RISK_EXPLANATIONS, "risk_scores",
                                            cohort_assets.SCORES_FILE)]
 

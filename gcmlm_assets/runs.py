@@ -1,8 +1,12 @@
-"""What the automation sensors ask the Dagster instance about runs (thin wiring, no decisions)."""
+"""What the automation sensors ask the Dagster instance about runs and events (thin wiring, no decisions).
+
+Every question is a count or an indexed "latest" lookup: a sensor tick must cost the same with ten
+thousand runs queued or in the history as with ten.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import dagster as dg
 
@@ -14,50 +18,88 @@ IN_FLIGHT_STATUSES = [
     dg.DagsterRunStatus.CANCELING,
 ]
 FINISHED_STATUSES = [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
+RUN_END_EVENTS = (dg.DagsterEventType.RUN_SUCCESS, dg.DagsterEventType.RUN_FAILURE, dg.DagsterEventType.RUN_CANCELED)
 PARTITION_TAG = "dagster/partition"
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
 RUN_KEY_TAG = "dagster/run_key"
+# What a run requested by one of our sensors does, so that the others can count such runs without
+# loading them. A run launched by hand (the UI, a backfill) has no such tag and may touch anything.
+WORK_TAG = "gcmlm/work"
+RADIOLOGY, PATHOLOGY, TRAINING, COHORT, EXPLANATIONS = "radiology", "pathology", "training", "cohort", "explanations"
+WORK_KINDS = (RADIOLOGY, PATHOLOGY, TRAINING, COHORT, EXPLANATIONS)
+# One segmentation training at a time: the instance's tag concurrency limit on this tag.
+TRAINING_TAG = "gcmlm/training"
+# Partitions queried per in-flight lookup (an IN (...) list).
+PARTITIONS_PER_QUERY = 500
 
 
-def run_asset_names(run: dg.DagsterRun) -> set[str]:
-    return {key.to_user_string() for key in (run.asset_selection or ())}
+def work_tags(work: str) -> dict[str, str]:
+    assert work in WORK_KINDS, work
+    return {WORK_TAG: work}
 
 
-def in_flight_runs(instance: dg.DagsterInstance) -> list[dg.DagsterRun]:
-    """Runs queued, starting or running now (a handful: the queue, not the history)."""
-    return list(instance.get_runs(filters=dg.RunsFilter(statuses=IN_FLIGHT_STATUSES)))
+def in_flight_count(instance: dg.DagsterInstance, tags: dict | None = None) -> int:
+    """How many runs are queued, starting or running (with `tags`, when given): one COUNT query."""
+    return instance.get_runs_count(filters=dg.RunsFilter(statuses=IN_FLIGHT_STATUSES, tags=tags or {}))
 
 
-def touching(runs: Iterable[dg.DagsterRun], assets: Iterable[str]) -> list[dg.DagsterRun]:
-    """The runs that materialize any of `assets`."""
-    wanted = set(assets)
-    return [run for run in runs if run_asset_names(run) & wanted]
+def in_flight_doing(instance: dg.DagsterInstance, work: Iterable[str]) -> int:
+    """Runs in flight whose work is one of `work`, counting every untagged run too (it may be any)."""
+    total = in_flight_count(instance)
+    if not total:
+        return 0
+    tagged = in_flight_count(instance, {WORK_TAG: list(WORK_KINDS)})
+    wanted = in_flight_count(instance, {WORK_TAG: list(work)})
+    return wanted + (total - tagged)
 
 
-def partitions_of(runs: Iterable[dg.DagsterRun]) -> set[str]:
-    return {run.tags[PARTITION_TAG] for run in runs if PARTITION_TAG in run.tags}
+def in_flight_partitions(instance: dg.DagsterInstance, candidates: Iterable[str], assets: Iterable[str]) -> set[str]:
+    """Which of `candidates` a queued or running single-partition run that materializes any of
+    `assets` covers. Only the candidates' own runs are loaded (by their partition tag), in chunks.
+    Partition-range runs carry no partition tag and are not seen here."""
+    wanted, ordered = set(assets), sorted(set(candidates))
+    covered: set[str] = set()
+    for start in range(0, len(ordered), PARTITIONS_PER_QUERY):
+        chunk = ordered[start:start + PARTITIONS_PER_QUERY]
+        for run in instance.get_runs(filters=dg.RunsFilter(statuses=IN_FLIGHT_STATUSES, tags={PARTITION_TAG: chunk})):
+            if {key.to_user_string() for key in (run.asset_selection or ())} & wanted:
+                covered.add(run.tags[PARTITION_TAG])
+    return covered
 
 
 def run_key_exists(instance: dg.DagsterInstance, run_key: str) -> bool:
-    return bool(instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: run_key}), limit=1))
+    return bool(instance.get_run_ids(filters=dg.RunsFilter(tags={RUN_KEY_TAG: run_key}), limit=1))
 
 
-def latest_finished(instance: dg.DagsterInstance, *, excluding: Iterable[str] = (),
-                    window: int = 50, max_pages: int = 40) -> tuple[str, float] | None:
-    """(run id, end time) of the most recently ended run that materializes anything outside
-    `excluding`: among the newest `window` finished runs that hold one, paging back past runs of
-    excluded assets only (each risk_scores brings one explanation run per patient); None when
-    there is none in the newest `window * max_pages`."""
-    excluded = set(excluding)
-    cursor = None
-    for _ in range(max_pages):
-        records = instance.get_run_records(filters=dg.RunsFilter(statuses=FINISHED_STATUSES), limit=window,
-                                           cursor=cursor)
-        ended = [(record.end_time or record.update_timestamp.timestamp(), record.dagster_run.run_id)
-                 for record in records if run_asset_names(record.dagster_run) - excluded]
-        if ended:
-            end, run_id = max(ended)
-            return run_id, end
-        if len(records) < window:
-            return None
-        cursor = records[-1].dagster_run.run_id
-    return None
+def latest_run_end(instance: dg.DagsterInstance) -> float | None:
+    """When the most recent run ended (succeeded, failed or was canceled): one indexed lookup per
+    kind of end, whatever the length of the history; None when no run has ended."""
+    ends = []
+    for event_type in RUN_END_EVENTS:
+        records = instance.fetch_run_status_changes(event_type, limit=1).records
+        if records:
+            ends.append(records[0].timestamp)
+    return max(ends) if ends else None
+
+
+def latest_event_ids(instance: dg.DagsterInstance, assets: Iterable[str],
+                     check_keys: Iterable[dg.AssetCheckKey] = ()) -> dict[str, int]:
+    """The newest storage id of each asset's planned and recorded materializations and the newest
+    execution id of each check: they change whenever a run is planned for, materializes, or
+    checks any partition of these assets, and only then."""
+    storage = instance.event_log_storage
+    marks: dict[str, int] = {}
+    for name in sorted(set(assets)):
+        key = dg.AssetKey(name)
+        planned = storage.get_latest_planned_materialization_info(key)
+        materialized = instance.fetch_materializations(key, limit=1).records
+        marks[f"{name}:planned"] = planned.storage_id if planned else 0
+        marks[f"{name}:materialized"] = materialized[0].storage_id if materialized else 0
+    check_keys = sorted(set(check_keys), key=lambda k: k.to_user_string())
+    if check_keys:
+        latest = storage.get_latest_asset_check_execution_by_key(check_keys)
+        for check_key in check_keys:
+            record = latest.get(check_key)
+            marks[f"{check_key.to_user_string()}:checked"] = record.id if record else 0
+    return marks

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import dagster as dg
 
 from gcmlm_assets import runs
+from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS
 
 PER_PATIENT_ASSETS = ("ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_features", "slide_vector",
                       "risk_explanations")
@@ -16,6 +17,7 @@ COHORT_ASSETS = ("clinical_table", "fused_table", "risk_model", "risk_scores")
 EXPLANATIONS = "risk_explanations"  # per patient, requested by its sensor after each risk_scores
 COHORT_SENSOR = "cohort_refresh_sensor"
 SENSOR_NAME_TAG = "dagster/sensor_name"
+FUSED_TABLE = "fused_table"
 
 
 @dataclass(frozen=True)
@@ -54,25 +56,27 @@ def progress(instance: dg.DagsterInstance) -> Progress:
         in_progress = values.count(AssetPartitionStatus.IN_PROGRESS)
         per_asset[name] = {"done": done, "failed": failed, "in progress": in_progress,
                            "waiting": len(patients) - done - failed - in_progress}
-    in_flight = runs.in_flight_runs(instance)
-    queued = sum(run.status == dg.DagsterRunStatus.QUEUED for run in in_flight)
+    in_flight = runs.in_flight_count(instance)
+    queued = instance.get_runs_count(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED]))
     cohort = {name: instance.get_latest_materialization_event(dg.AssetKey(name)) is not None
               for name in COHORT_ASSETS}
-    training = bool(runs.touching(in_flight, ["segmentation_model"]))
-    return Progress(len(patients), per_asset, queued, len(in_flight) - queued, cohort, training)
+    training = bool(runs.in_flight_count(instance, {runs.TRAINING_TAG: "nnunet"}))
+    return Progress(len(patients), per_asset, queued, in_flight - queued, cohort, training)
 
 
 def settled(instance: dg.DagsterInstance, since: float) -> bool:
     """Nothing is queued or running, and a cohort refresh ran after every other run that ended
     (and after `since`): the daemon has nothing left to do until new data arrive."""
-    if runs.in_flight_runs(instance):
+    if runs.in_flight_count(instance):
         return False
     refreshes = instance.get_run_records(
         filters=dg.RunsFilter(tags={SENSOR_NAME_TAG: COHORT_SENSOR}, statuses=runs.FINISHED_STATUSES), limit=1)
     if not refreshes or refreshes[0].create_timestamp.timestamp() < since:
         return False
-    latest = runs.latest_finished(instance, excluding=(*COHORT_ASSETS, EXPLANATIONS))
-    if latest is not None and refreshes[0].create_timestamp.timestamp() < latest[1]:
+    # the latest refresh was planned after every run that planned or recorded the features it reads
+    refreshed = instance.event_log_storage.get_latest_planned_materialization_info(dg.AssetKey(FUSED_TABLE))
+    feature_marks = runs.latest_event_ids(instance, PATIENT_FEATURE_ASSETS)
+    if refreshed is None or max(feature_marks.values(), default=0) > refreshed.storage_id:
         return False
     return not unexplained(instance)
 

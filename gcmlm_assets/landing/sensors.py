@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from gcmlm_assets import runs
 from gcmlm_assets.landing.scan import plan_tick, scan_landing_zone
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.pathology.resources import PatchEncoder
@@ -53,7 +54,7 @@ def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingZone,
             run_key=run.run_key,
             partition_key=run.patient_id,
             asset_selection=MODALITY_ASSETS[run.modality],
-            tags={"gcmlm/modality": run.modality, "gcmlm/fingerprint": run.fingerprint},
+            tags={"gcmlm/modality": run.modality, "gcmlm/fingerprint": run.fingerprint, **runs.work_tags(run.modality)},
         )
         for run in plan.runs
     ]

@@ -27,8 +27,9 @@ from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZ
 
 SEGMENTATION_MODEL = dg.AssetKey(MODELS_ASSET)
 PREDICTED_MASK_ASSETS = [dg.AssetKey("ct_mask"), dg.AssetKey("radiomics_row")]
-# Runs that can change the training set or the model: while one is queued or running, wait.
-TRAINING_INPUT_ASSETS = ("ct_image", MODELS_ASSET)
+# Runs that can change the training set or the model: while one is queued or running, wait
+# (counted by their work tag; a run without one, launched by hand, counts too).
+TRAINING_INPUT_WORK = (runs.RADIOLOGY, runs.TRAINING)
 MAX_MASK_RUNS_PER_TICK = 200
 
 
@@ -52,15 +53,15 @@ def training_status(instance: dg.DagsterInstance, landing: LandingZone, storage:
     patients = instance.get_dynamic_partitions(patients_partitions.name)
     cases = model_lifecycle.reference_set(landing.path(), {pid: store.path("ct_image", pid, CT_FILE) for pid in patients})
     pointer = read_current_model(store.asset_dir(MODELS_ASSET, create=False)) or {}
-    busy = runs.touching(runs.in_flight_runs(instance), TRAINING_INPUT_ASSETS)
+    busy = runs.in_flight_doing(instance, TRAINING_INPUT_WORK)
     fingerprint = model_lifecycle.reference_set_fingerprint(cases) if cases else ""
     requested = bool(fingerprint) and runs.run_key_exists(instance, model_lifecycle.training_run_key(fingerprint))
     decision = model_lifecycle.decide_training(
         cases=cases, installed_fingerprint=pointer.get("reference_set"),
-        min_cases=segmentation.min_training_cases, busy_runs=len(busy), cursor=cursor,
+        min_cases=segmentation.min_training_cases, busy_runs=busy, cursor=cursor,
         now=time.time() if now is None else now, debounce_s=automation_settings.training_debounce_s,
         requested_before=requested)
-    training_running = bool(runs.touching(busy, [MODELS_ASSET]))
+    training_running = bool(busy) and bool(runs.in_flight_count(instance, {runs.TRAINING_TAG: "nnunet"}))
     # Due (or settling) but not yet requested, or requested and still running.
     pending = training_running or (bool(decision.fingerprint) and not requested
                                    and decision.fingerprint != pointer.get("reference_set"))
@@ -93,7 +94,8 @@ def build_segmentation_training_sensor(interval_s: int) -> dg.SensorDefinition:
             run_requests=[dg.RunRequest(run_key=model_lifecycle.training_run_key(decision.fingerprint),
                                         asset_selection=[SEGMENTATION_MODEL],
                                         # one training at a time: the instance's tag concurrency limit
-                                        tags={"gcmlm/reason": decision.reason, "gcmlm/training": "nnunet"})],
+                                        tags={"gcmlm/reason": decision.reason, runs.TRAINING_TAG: "nnunet",
+                                              **runs.work_tags(runs.TRAINING)})],
             cursor=new_cursor)
 
     return segmentation_training_sensor
@@ -122,12 +124,12 @@ def build_predicted_mask_sensor(interval_s: int) -> dg.SensorDefinition:
             return dg.SkipReason("no segmentation model installed yet: masks without a reference wait for it")
         instance = context.instance
         cursor = json.loads(context.cursor) if context.cursor else {}
-        in_flight = runs.partitions_of(runs.touching(runs.in_flight_runs(instance), ["ct_mask"]))
+        ct_done = instance.get_materialized_partitions(dg.AssetKey("ct_image"))
+        mask_done = instance.get_materialized_partitions(dg.AssetKey("ct_mask"))
+        # only the patients whose mask waits can be in flight in a way that matters: their runs alone are loaded
+        in_flight = runs.in_flight_partitions(instance, ct_done - mask_done, ["ct_mask"])
         chosen, new_cursor = model_lifecycle.masks_to_predict(
-            model_key=model_key, cursor=cursor,
-            ct_done=instance.get_materialized_partitions(dg.AssetKey("ct_image")),
-            mask_done=instance.get_materialized_partitions(dg.AssetKey("ct_mask")),
-            in_flight=in_flight,
+            model_key=model_key, cursor=cursor, ct_done=ct_done, mask_done=mask_done, in_flight=in_flight,
             has_reference=lambda pid: model_lifecycle.has_reference_mask(landing.path(), pid),
             limit=MAX_MASK_RUNS_PER_TICK)
         context.update_cursor(json.dumps(new_cursor, sort_keys=True))
@@ -137,7 +139,8 @@ def build_predicted_mask_sensor(interval_s: int) -> dg.SensorDefinition:
                          + ", ".join(chosen[:20]) + (" ..." if len(chosen) > 20 else ""))
         return [dg.RunRequest(run_key=model_lifecycle.mask_run_key(pid, model_key), partition_key=pid,
                               asset_selection=PREDICTED_MASK_ASSETS,
-                              tags={"gcmlm/modality": "radiology", "gcmlm/reason": f"predicted mask, model {model_key}"})
+                              tags={"gcmlm/modality": "radiology", "gcmlm/reason": f"predicted mask, model {model_key}",
+                                    **runs.work_tags(runs.RADIOLOGY)})
                 for pid in chosen]
 
     return predicted_mask_sensor
