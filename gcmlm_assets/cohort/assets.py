@@ -352,10 +352,11 @@ def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fuse
                                                features_asset=UNI_FEATURES)
     training_data = {"sha256": inputs["training_data_sha256"],
                      "patch_features_sha256": inputs["patch_features_sha256"]}
-    card = model_card.model_card(model, settings, fitted, metrics, cv,
-                                {"training_data_sha256": inputs["training_data_sha256"], "fused_table": str(fused_path)},
-                                **card_context.card_context(records, data, cv, settings, model, metrics, training_data),
-                                permutation_importance=importance)
+    card = model_card.model_card(
+        model, settings, fitted, metrics, cv,
+        {"training_data_sha256": inputs["training_data_sha256"], "fused_table": str(fused_path)},
+        **card_context.card_context(records, data, cv, settings, model, metrics, training_data),
+        permutation_importance=importance)
     labels = card["model_labels"]
     staging = new_version_folder(root)
     try:

@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gcmlm_assets.cohort import crossval, model_card, model_settings
+from gcmlm_assets.cohort import model_card, model_settings
 from gcmlm_assets.cohort.fusion import PATHOLOGY
 
 
@@ -74,7 +74,8 @@ def card_context(records: CohortRecords, data, cv, settings, model, metrics: dic
     has_block = data.any_block()
     labelled = [(str(p), int(y), bool(has)) for p, y, has in zip(data.patient_ids, data.labels, has_block)]
     flow = model_card.training_flow(labelled, records.fusion_report, int(len(cv.labels)))
-    counts = {"positive": sum(1 for _, y, _ in labelled if y == 1), "negative": sum(1 for _, y, _ in labelled if y == 0)}
+    counts = {"positive": sum(1 for _, y, _ in labelled if y == 1),
+              "negative": sum(1 for _, y, _ in labelled if y == 0)}
     exact = settings.classifier == "logistic"
     patches = ("and one share per patch of the pathology logit (mean pooling is affine)"
                if settings.pathology_pooling == "mean" else

@@ -114,7 +114,8 @@ NOT_TRAINING_DATA = ("patients without an MLM label (mlm empty), or with feature
                      "training data: the model scores them as it is. Adding such patients, or changing their "
                      "features, does not refit it; a new label, a labelled patient's changed features or a changed "
                      "setting does.")
-NOT_IN_TABLE = "rows of clinical.csv that fail validation are not in the table (the clinical_rows_valid check names them)"
+NOT_IN_TABLE = ("rows of clinical.csv that fail validation are not in the table (the clinical_rows_valid check "
+                "names them)")
 
 
 def training_flow(labelled: list[tuple[str, int, bool]], fusion_report: dict, cv_patients: int) -> list[dict]:
