@@ -96,7 +96,7 @@ def card_context(records: CohortRecords, data, cv, settings, model, metrics: dic
                      "rows": (f"the labelled rows of the fused table, sorted by patient id: {len(labelled)} "
                               f"patients ({counts['positive']} MLM, {counts['negative']} no MLM)"),
                      "patients": len(labelled), **counts, "sha256": training["sha256"],
-                     "patch_features_sha256": training.get("patch_features_sha256") or "none (no ABMIL block)"},
+                     "patch_features_sha256": training.get("patch_features_sha256") or "none (no patch features read)"},
                  "patients_added_later": ("without a label: scored by this model as it is, no refit; with a "
                                           "label, or a labelled patient's features changed: a new model"),
                  "not_in_flow": [model_card.NOT_TRAINING_DATA, model_card.NOT_IN_TABLE],
