@@ -9,7 +9,9 @@ reuses the stored files (same bytes, same data version) instead of recomputing.
 fused_table uses a patient's radiomics_row / slide_vector file only when that partition's latest
 materialization succeeded and passed its blocking checks (facts from the instance, decided in
 `soundness.py`). risk_model publishes each model as one version folder with a `current.json`
-pointer; with too few labelled patients it waits instead of failing and keeps its last good model.
+pointer; it is trained on the labelled patients' rows only and refits only when they (labels or
+features) or its settings change; with too few labelled patients it waits instead of failing and
+keeps its last good model.
 """
 
 import json
@@ -35,7 +37,6 @@ from gcmlm_assets.storage import (
 
 # Imported by the steps that use them, not when the definitions load (gcmlm_assets/lazy.py).
 pq = lazy("pyarrow.parquet")
-sklearn = lazy("sklearn")
 clinical = lazy("gcmlm_assets.cohort.clinical")
 fusion = lazy("gcmlm_assets.cohort.fusion")
 modelling = lazy("gcmlm_assets.cohort.modelling")
@@ -53,7 +54,7 @@ bags = lazy("gcmlm_assets.cohort.bags")
 GROUP = "cohort"
 CLINICAL_CSV = "clinical.csv"
 # Bump a version when its asset's output would change for the same inputs (it invalidates reuse).
-CODE_VERSIONS = {"clinical_table": "1", "fused_table": "3", "risk_model": "3", "risk_scores": "2"}
+CODE_VERSIONS = {"clinical_table": "1", "fused_table": "3", "risk_model": "4", "risk_scores": "2"}
 
 CLINICAL_FILE, CLINICAL_PROBLEMS = "clinical.parquet", "problems.json"
 FUSED_FILE, FUSION_REPORT = "fused.parquet", "fusion_report.json"
@@ -227,6 +228,7 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
 RISK_MODEL = "risk_model"
 MODEL_FILES = (MODEL_FILE, METRICS_FILE, MODEL_CARD, MODEL_CARD_MARKDOWN, CV_PREDICTIONS, *PLOTS.values())
 WAITING = "waiting for labelled patients"
+REUSED = "reused: labelled data and settings unchanged"
 
 
 def current_model_version(store: ArtifactStore) -> tuple[Path, dict] | None:
@@ -246,35 +248,40 @@ def current_model_version(store: ArtifactStore) -> tuple[Path, dict] | None:
     output_required=False,
     description="Per-modality models fused late (mean logit by default, or a stacked logistic combiner), "
     "validated by repeated stratified k-fold CV with an ablation (each block, pathology mean and ABMIL, both "
-    "fusions) on the same folds, and saved with skops; its model card follows TRIPOD+AI. With too few "
+    "fusions) on the same folds, and saved with skops; its model card follows TRIPOD+AI. Trained on the "
+    "labelled patients only: it refits when a label, a labelled patient's features or a setting changes, "
+    "never for a new unlabelled patient (risk_scores scores them with the installed model). With too few "
     "labelled patients it waits (an observation says how many) and keeps the last good model.",
 )
 def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage,
                      risk_model: RiskModelSettings) -> Iterator[dg.MaterializeResult]:
     store = storage.store()
     fused_path = _required_input(store, "fused_table", FUSED_FILE)
-    fused_sha = sha256_file(fused_path)
     settings = risk_model.model_settings()
-    fused = pq.read_table(fused_path)
+    # The fit reads the labelled patients' rows and nothing else; the reuse fingerprint covers exactly that.
+    table = training.training_table(pq.read_table(fused_path), settings.blocks())
     # ABMIL trains on the labelled patients only: the others' bags are not read
-    pathology_patients = (bags.pathology_patients(fused, labelled_only=True)
+    pathology_patients = (bags.pathology_patients(table)
                           if model_settings.PATHOLOGY_ABMIL in settings.blocks() else [])
-    # a new scikit-learn may fit differently and may not load old skops files: retrain
-    fingerprint = sha256_text(CODE_VERSIONS["risk_model"], sklearn.__version__, fused_sha,
-                              model_card.settings_json(settings),
-                              bags.bags_fingerprint(store, UNI_FEATURES, pathology_patients))
+    inputs = {"training_data_sha256": training.training_data_sha256(table), "labelled_patients": table.num_rows,
+              "patch_features_sha256": (bags.bags_fingerprint(store, UNI_FEATURES, pathology_patients)
+                                        if pathology_patients else None)}
+    fingerprint = sha256_text(CODE_VERSIONS["risk_model"], training.fitting_library_versions(),
+                              model_card.settings_json(settings), json.dumps(inputs, sort_keys=True))
     root = store.asset_dir(RISK_MODEL)
     pointer = _reusable_version(root, fingerprint)
     if pointer is not None:
-        context.log.info(f"risk_model: inputs and settings unchanged, version {pointer['version']} reused")
-        yield _model_result(root, pointer, "reused: fused table and settings unchanged")
+        context.log.info(f"risk_model: labelled data and settings unchanged, version {pointer['version']} kept "
+                         "(patients without a label are scored with it, not trained on)")
+        yield _restated_result(context, root, pointer, REUSED)
         return
     data = cohort_data.CohortData.from_table(
-        fused, settings.blocks(), bags=_patient_bags(store, pathology_patients, context, bags.TRAINING_BAG_PATCHES))
+        table, settings.blocks(), bags=_patient_bags(store, pathology_patients, context, bags.TRAINING_BAG_PATCHES))
     try:
-        pointer = _train_and_publish(context, root, data, fused_path, fused_sha, settings, fingerprint)
+        pointer = _train_and_publish(context, root, data, fused_path, settings, fingerprint, inputs)
     except model_settings.InsufficientLabels as exc:
-        yield from _wait_for_labels(context, root, crossval.labelled_counts(data), settings, fused_sha, str(exc))
+        yield from _wait_for_labels(context, root, crossval.labelled_counts(data), settings, sha256_file(fused_path),
+                                    str(exc))
         return
     yield _model_result(root, pointer, "trained")
 
@@ -323,13 +330,13 @@ def _wait_for_labels(context, root: Path, counts: dict[str, int], settings: "mod
         "model_in_use": previous["version"] if previous else "none",
     }))
     if previous is not None:
-        yield _model_result(root, previous, f"kept previous model, {waiting}",
-                            {"waiting_on_fused_table_sha256": fused_sha,
-                             "present_per_class": dg.MetadataValue.json(counts), "needed_per_class": needed})
+        yield _restated_result(context, root, previous, f"kept previous model, {waiting}",
+                               {"waiting_on_fused_table_sha256": fused_sha,
+                                "present_per_class": dg.MetadataValue.json(counts), "needed_per_class": needed})
 
 
-def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fused_path: Path, fused_sha: str,
-                       settings: "model_settings.ModelSettings", fingerprint: str) -> dict:
+def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fused_path: Path,
+                       settings: "model_settings.ModelSettings", fingerprint: str, inputs: dict) -> dict:
     cv = crossval.cross_validate(data, settings)
     context.log.info(f"cross-validated {len(cv.labels)} patients: {cv.n_splits} folds x {cv.n_repeats} repeats")
     for note in cv.notes:
@@ -340,15 +347,16 @@ def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fuse
     model, fitted = training.fit_risk_model(data, settings, threshold)
     importance = model_importance.permutation_importance(model_importance.model_predictor(model), data,
                                                          model.blocks, seed=settings.seed)
-    card = model_card.model_card(model, settings, fitted, metrics, cv,
-                                {"fused_table_sha256": fused_sha, "fused_table": str(fused_path)},
-                                **card_context.card_context(
-                                    card_context.read_cohort_records(
-                                        ArtifactStore(root.parent), data, fused_path, fused_sha,
-                                        clinical_problems=("clinical_table", CLINICAL_PROBLEMS),
-                                        fusion_report=FUSION_REPORT, features_asset=UNI_FEATURES),
-                                    data, cv, settings, model, metrics),
-                                permutation_importance=importance)
+    records = card_context.read_cohort_records(ArtifactStore(root.parent), data, fused_path,
+                                               clinical_asset="clinical_table", fusion_report=FUSION_REPORT,
+                                               features_asset=UNI_FEATURES)
+    training_data = {"sha256": inputs["training_data_sha256"],
+                     "patch_features_sha256": inputs["patch_features_sha256"]}
+    card = model_card.model_card(
+        model, settings, fitted, metrics, cv,
+        {"training_data_sha256": inputs["training_data_sha256"], "fused_table": str(fused_path)},
+        **card_context.card_context(records, data, cv, settings, model, metrics, training_data),
+        permutation_importance=importance)
     labels = card["model_labels"]
     staging = new_version_folder(root)
     try:
@@ -360,8 +368,7 @@ def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fuse
         fusion.write_parquet(crossval.cv_predictions_table(cv), staging / CV_PREDICTIONS)
         for kind, name in PLOTS.items():
             pictures.save_png(model_plots.plot_curves(curves, kind, labels), staging / name)
-        pointer = publish_version(root, staging, {"fingerprint": fingerprint,
-                                                  "inputs": {"fused_table_sha256": fused_sha}})
+        pointer = publish_version(root, staging, {"fingerprint": fingerprint, "inputs": inputs})
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already once published
     _remove_unversioned_files(root)
@@ -383,25 +390,38 @@ def _card_markdown(folder: Path, card: dict) -> str:
     return path.read_text() if path.is_file() else model_card.model_card_markdown(card)
 
 
-def _model_result(root: Path, pointer: dict, status: str, extra: dict | None = None) -> dg.MaterializeResult:
+def _model_summary(root: Path, pointer: dict, status: str) -> tuple[dict, dict]:
+    """(the metadata every risk_model materialization carries, the stored card)."""
     folder = root / pointer["version"]
     metrics = json.loads((folder / METRICS_FILE).read_text())
     card = json.loads((folder / MODEL_CARD).read_text())
     fused = metrics.get(model_settings.FUSED, {})
+    inputs = pointer.get("inputs") or {}
+    return {
+        "status": status,
+        "version": pointer["version"],
+        "path": dg.MetadataValue.path(str(folder / MODEL_FILE)),
+        "pointer": dg.MetadataValue.path(str(root / VERSION_POINTER)),
+        **({"training_data_sha256": inputs["training_data_sha256"], "labelled_patients": inputs["labelled_patients"]}
+           if "training_data_sha256" in inputs else {}),
+        "fused_auc": fused.get("auc"),
+        "fused_auc_ci": dg.MetadataValue.json([fused.get("auc_ci_low"), fused.get("auc_ci_high")]),
+        "ablation": dg.MetadataValue.md(model_metrics.ablation_markdown(metrics, card.get("model_labels"))),
+        "model_card_path": dg.MetadataValue.path(str(folder / MODEL_CARD_MARKDOWN)),
+        **{f"plot_{kind}_path": dg.MetadataValue.path(str(folder / name)) for kind, name in PLOTS.items()},
+    }, card
+
+
+def _model_result(root: Path, pointer: dict, status: str, extra: dict | None = None) -> dg.MaterializeResult:
+    """The version's materialization with everything the UI shows: the card, the plots, the settings."""
+    folder = root / pointer["version"]
+    summary, card = _model_summary(root, pointer, status)
     return dg.MaterializeResult(
         metadata={
-            "status": status,
-            "version": pointer["version"],
-            "path": dg.MetadataValue.path(str(folder / MODEL_FILE)),
-            "pointer": dg.MetadataValue.path(str(root / VERSION_POINTER)),
+            **summary,
             "files": dg.MetadataValue.json({name: str(folder / name) for name in pointer["files"]}),
-            "fused_table_sha256": pointer["inputs"]["fused_table_sha256"],
-            "fused_auc": fused.get("auc"),
-            "fused_auc_ci": dg.MetadataValue.json([fused.get("auc_ci_low"), fused.get("auc_ci_high")]),
-            "ablation": dg.MetadataValue.md(model_metrics.ablation_markdown(metrics, card.get("model_labels"))),
             **{f"plot_{kind}": dg.MetadataValue.md(pictures.picture_markdown(folder / name, pictures.PLOT, kind))
                for kind, name in PLOTS.items()},
-            **{f"plot_{kind}_path": dg.MetadataValue.path(str(folder / name)) for kind, name in PLOTS.items()},
             "model_card": dg.MetadataValue.md(_card_markdown(folder, card)),
             "model_card_json": dg.MetadataValue.json(card),
             "settings": dg.MetadataValue.json(card["settings"]),
@@ -409,6 +429,36 @@ def _model_result(root: Path, pointer: dict, status: str, extra: dict | None = N
         },
         data_version=dg.DataVersion(pointer["files"][MODEL_FILE]),
     )
+
+
+def _restated_result(context, root: Path, pointer: dict, status: str,
+                     extra: dict | None = None) -> dg.MaterializeResult:
+    """The installed version stated again (same data version), so that risk_scores runs after it.
+    The card and the plots (about 140 KB) are not copied into the event log once more when a run
+    that still exists shows them for this very version: a link to that run stands in for them."""
+    shown_in = _run_showing_version(context.instance.get_latest_materialization_event(context.asset_key),
+                                    pointer["version"])
+    if shown_in is None or not context.instance.has_run(shown_in):
+        return _model_result(root, pointer, status, extra)
+    summary, _ = _model_summary(root, pointer, status)
+    return dg.MaterializeResult(
+        metadata={**summary, "card_and_plots_in_run": dg.MetadataValue.dagster_run(shown_in), **(extra or {})},
+        data_version=dg.DataVersion(pointer["files"][MODEL_FILE]))
+
+
+def _run_showing_version(latest: "dg.EventLogEntry | None", version: str) -> str | None:
+    """The run whose risk_model materialization shows `version`'s card and plots, from the latest
+    materialization (a full one, or a re-statement that links to one); None when it is of another version."""
+    materialization = latest.asset_materialization if latest is not None else None
+    if materialization is None:
+        return None
+    metadata = materialization.metadata
+    if "version" not in metadata or metadata["version"].value != version:
+        return None
+    if "model_card" in metadata:
+        return latest.run_id
+    link = metadata.get("card_and_plots_in_run")
+    return link.value if link is not None else None
 
 
 # ---------------------------------------------------------------- risk_scores

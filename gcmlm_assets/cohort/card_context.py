@@ -1,20 +1,20 @@
-"""What the risk model's TRIPOD+AI card records beyond the fit: the data's sources and dates, the
-patients' flow from clinical.csv to the cross-validation, the fusion rule and why, the
+"""What the risk model's TRIPOD+AI card records beyond the fit: the training data's sources and
+hash, the labelled patients' flow to the cross-validation, the fusion rule and why, the
 explanation method, and the limitations (the patch encoder's among them).
 
-Plain Python (no Dagster): the risk_model asset hands it what the cohort assets stored.
+Plain Python (no Dagster): the risk_model asset hands it what the cohort assets stored. The card
+describes the data the model was trained on, the labelled patients, and nothing else: patients
+without a label are scored by the model, so the card (and the version's name, a hash of its
+files) stays the same when they come and go.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from gcmlm_assets.cohort import crossval, fusion, model_card, model_settings
+from gcmlm_assets.cohort import model_card, model_settings
 from gcmlm_assets.cohort.fusion import PATHOLOGY
 
 
@@ -32,25 +32,21 @@ WHY_STACKED = ("set by risk_model.fusion: weights learned from the blocks' out-o
 class CohortRecords:
     """What the cohort assets stored about the data the model was trained on."""
 
-    clinical_manifest: dict  # clinical_table's manifest: its source csv and the rows' summary
-    clinical_problems: list | None  # clinical_table's rejected rows
-    fusion_report: dict  # fused_table's report: rejected files, left-out results, ids without a match
+    clinical_manifest: dict  # clinical_table's manifest: its source csv
+    fusion_report: dict  # fused_table's report: why a patient's modality was left out
     fused_path: Path
-    fused_sha256: str
     encoder: dict | None  # the patch encoder's identity from a uni_features manifest (None: no pathology)
 
 
-def read_cohort_records(store, data, fused_path: Path, fused_sha: str, *, clinical_problems: tuple[str, str],
-                        fusion_report: str, features_asset: str) -> CohortRecords:
-    """The records from the store: `clinical_problems` is (asset, file name) of clinical_table's rejected
-    rows, `fusion_report` the report's file name beside the fused table, `features_asset` the patch
-    features' asset (its manifests name the encoder)."""
-    asset, problems_file = clinical_problems
+def read_cohort_records(store, data, fused_path: Path, *, clinical_asset: str, fusion_report: str,
+                        features_asset: str) -> CohortRecords:
+    """The records from the store: `clinical_asset` names clinical_table (its manifest names the
+    source csv), `fusion_report` the report's file name beside the fused table, `features_asset`
+    the patch features' asset (its manifests name the encoder)."""
     return CohortRecords(
-        clinical_manifest=store.read_manifest(asset, None) or {},
-        clinical_problems=_read_json(store.path(asset, None, problems_file)),
+        clinical_manifest=store.read_manifest(clinical_asset, None) or {},
         fusion_report=_read_json(fused_path.parent / fusion_report) or {}, fused_path=fused_path,
-        fused_sha256=fused_sha, encoder=_encoder_identity(store, data, features_asset))
+        encoder=_encoder_identity(store, data, features_asset))
 
 
 def _encoder_identity(store, data, features_asset: str) -> dict | None:
@@ -69,15 +65,17 @@ def _read_json(path: Path):
         return None
 
 
-def card_context(records: CohortRecords, data, cv, settings, model, metrics: dict) -> dict:
-    """What the TRIPOD+AI card needs beyond the fit: sources and dates, the patient flow, fusion,
-    explanation and limitations."""
+def card_context(records: CohortRecords, data, cv, settings, model, metrics: dict, training: dict) -> dict:
+    """What the TRIPOD+AI card needs beyond the fit: sources, the training data and its flow, fusion,
+    explanation and limitations. `data` holds the labelled patients only (training.training_table);
+    `training`: {"sha256": the training table's hash, "patch_features_sha256": the bags' hash or None}."""
     source = records.clinical_manifest.get("source") or {}
     csv_path = Path(source["path"]) if source.get("path") else None
-    flow = model_card.cohort_flow(records.clinical_manifest.get("summary") or {}, records.fusion_report,
-                                  fusion.fused_stats(pq.read_table(records.fused_path)),
-                                  crossval.labelled_counts(data), int(len(cv.labels)), records.clinical_problems,
-                                  [str(p) for p in data.patient_ids[data.any_block() & ~data.labelled]])
+    has_block = data.any_block()
+    labelled = [(str(p), int(y), bool(has)) for p, y, has in zip(data.patient_ids, data.labels, has_block)]
+    flow = model_card.training_flow(labelled, records.fusion_report, int(len(cv.labels)))
+    counts = {"positive": sum(1 for _, y, _ in labelled if y == 1),
+              "negative": sum(1 for _, y, _ in labelled if y == 0)}
     exact = settings.classifier == "logistic"
     patches = ("and one share per patch of the pathology logit (mean pooling is affine)"
                if settings.pathology_pooling == "mean" else
@@ -92,12 +90,18 @@ def card_context(records: CohortRecords, data, cv, settings, model, metrics: dic
     return {
         "limitations": model_card.default_limitations({**asdict(settings), "encoder": records.encoder}, metrics),
         "data": {"landing_zone": str(csv_path.parent) if csv_path else None,
-                 "clinical_csv": {"path": source.get("path"), "sha256": source.get("sha256"),
-                                  "modified": _modified(csv_path) if csv_path else None},
+                 "clinical_csv": {"path": source.get("path")},
+                 "fused_table": {"path": str(records.fused_path)},
+                 "training_data": {
+                     "rows": (f"the labelled rows of the fused table, sorted by patient id: {len(labelled)} "
+                              f"patients ({counts['positive']} MLM, {counts['negative']} no MLM)"),
+                     "patients": len(labelled), **counts, "sha256": training["sha256"],
+                     "patch_features_sha256": training.get("patch_features_sha256") or "none (no patch features read)"},
+                 "patients_added_later": ("without a label: scored by this model as it is, no refit; with a "
+                                          "label, or a labelled patient's features changed: a new model"),
+                 "not_in_flow": [model_card.NOT_TRAINING_DATA, model_card.NOT_IN_TABLE],
                  # no clock time of this run: the same inputs must give the same model files (and
                  # version name); Dagster records when each materialization happened
-                 "fused_table": {"path": str(records.fused_path), "sha256": records.fused_sha256,
-                                 "built": SEE_DAGSTER},
                  "trained_at": SEE_DAGSTER},
         "flow": flow,
         "fusion": {"rule": model_settings.fusion_strategy(settings), "default": settings.fusion,
@@ -107,10 +111,3 @@ def card_context(records: CohortRecords, data, cv, settings, model, metrics: dic
                         "notes": "permutation importance: drop in AUC of the final model when a block (or a "
                                  "feature) is shuffled across the labelled patients it was trained on (in-sample)"},
     }
-
-
-def _modified(path: Path) -> str | None:
-    try:
-        return datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.UTC).isoformat(timespec="seconds")
-    except OSError:
-        return None

@@ -6,8 +6,8 @@ Plain Python (no Dagster).
 - `model_card_markdown(card)`: the card rendered under the TRIPOD+AI headings for development
   and internal validation; any key may be missing (rendered "not recorded"), so cards written by
   older versions render too;
-- `cohort_flow(...)`: the participant flow (patients at each step, who was left out and why)
-  from the clinical table's summary, the fusion report and the fused table's counts;
+- `training_flow(...)`: the participant flow of the training data (labelled patients at each
+  step, who was left out and why), from the labelled rows and the fusion report;
 - `default_limitations(settings, metrics)`: the limitations that follow from the design and the
   recorded numbers.
 """
@@ -109,78 +109,42 @@ def _reasons_by_patient(fusion_report: dict) -> dict[str, list[str]]:
     return reasons
 
 
-def cohort_flow(clinical_summary: dict, fusion_report: dict, fused_stats: dict, labelled_with_features: dict,
-                cv_patients: int, clinical_problems: list[dict] | None = None,
-                unlabelled: list[str] | None = None) -> list[dict]:
-    """Steps {step, patients, excluded: [{patient_id, reason}]} from clinical.csv to the CV.
+# Said in every card: what happens to the patients who are not training data.
+NOT_TRAINING_DATA = ("patients without an MLM label (mlm empty), or with features but no clinical row, are not "
+                     "training data: the model scores them as it is. Adding such patients, or changing their "
+                     "features, does not refit it; a new label, a labelled patient's changed features or a changed "
+                     "setting does.")
+NOT_IN_TABLE = ("rows of clinical.csv that fail validation are not in the table (the clinical_rows_valid check "
+                "names them)")
 
-    `excluded` at a step lists who was lost between the previous step and this one, or (at the
-    fused table) a modality of a patient that was left out while the patient stayed. An entry
-    whose patient_id is None stands for patients counted but not named by the inputs (e.g. bad
-    rows when `clinical_problems`, clinical_table's problem list, is not given). `unlabelled`: the
-    ids of the patients with features but no label, to name them.
+
+def training_flow(labelled: list[tuple[str, int, bool]], fusion_report: dict, cv_patients: int) -> list[dict]:
+    """Steps {step, patients, excluded: [{patient_id, reason}]} of the training data, from the
+    labelled patients of the fused table to the cross-validation.
+
+    `labelled`: (patient_id, label, has a block the model uses) of every labelled patient;
+    `fusion_report`: fused_table's report, for why a labelled patient lost a modality. `excluded`
+    at a step lists who was lost between the previous step and this one, or (at the first step) a
+    modality of a patient that was left out while the patient stayed. Unlabelled patients are not
+    in the flow: they are not training data (NOT_TRAINING_DATA).
     """
     reasons = _reasons_by_patient(fusion_report)
-    steps: list[dict] = []
 
-    rows_read = clinical_summary.get("rows_read")
-    steps.append({"step": "data rows read from clinical.csv", "patients": rows_read, "excluded": []})
-    if clinical_problems is not None:
-        bad = [{"patient_id": p.get("patient_id") or None, "reason": f"line {p.get('line')}: {p.get('reason')}"}
-               for p in clinical_problems]
-    elif clinical_summary.get("bad_rows"):
-        bad = [{"patient_id": None, "reason": f"{clinical_summary['bad_rows']} rows rejected "
-                                              "(listed in clinical_table's problems file)"}]
-    else:
-        bad = []
-    steps.append({"step": "patients in the clinical table (one valid row each)",
-                  "patients": clinical_summary.get("patients"), "excluded": bad})
+    def counted(rows) -> str:
+        labels = [label for _, label, _ in rows]
+        return f"{labels.count(1)} MLM, {labels.count(0)} no MLM"
 
-    without_clinical = list(fusion_report.get("features_without_clinical", []))
-    steps.append({
-        "step": "patients in the fused table (a clinical row and/or feature files)",
-        "patients": fused_stats.get("patients"),
-        "excluded": [{"patient_id": pid, "reason": "; ".join(r) + " (patient kept with the data left)"}
-                     for pid, r in sorted(reasons.items())],
-    })
-
-    no_features = sorted(fusion_report.get("clinical_without_features", []))
-    excluded = [{"patient_id": pid, "reason": "; ".join(reasons[pid]) if pid in reasons
-                 else "clinical row but no feature file yet"} for pid in no_features]
-    with_features = fused_stats.get("with_features")
-    # Patients whose only files were rejected and who have no clinical row are in the table too; the
-    # report does not say who they are, only who might be (rejected, yet in neither list).
-    unnamed = (fused_stats["patients"] - with_features - len(no_features)
-               if with_features is not None and fused_stats.get("patients") is not None else 0)
-    if unnamed > 0:
-        candidates = sorted(set(reasons) - set(no_features) - set(without_clinical))
-        if len(candidates) == unnamed:
-            excluded += [{"patient_id": pid, "reason": "; ".join(reasons[pid]) + "; no clinical row"}
-                         for pid in candidates]
-        else:
-            excluded.append({"patient_id": None, "reason": f"{unnamed} patients without a clinical row whose "
-                                                           "feature files were all rejected or left out"})
-    steps.append({"step": "patients with at least one usable feature block", "patients": with_features,
-                  "excluded": excluded})
-
-    labelled = int(labelled_with_features.get("positive", 0)) + int(labelled_with_features.get("negative", 0))
-    lost = [{"patient_id": pid, "reason": "features but no clinical row: scored, not trained on"}
-            for pid in sorted(without_clinical)]
-    if with_features is not None:
-        unknown = with_features - labelled - len(without_clinical)
-        named = sorted(set(unlabelled or ()) - set(without_clinical))
-        if unknown > 0 and len(named) == unknown:
-            lost += [{"patient_id": pid, "reason": "no MLM label yet (mlm empty): scored, not trained on"}
-                     for pid in named]
-        elif unknown > 0:
-            lost.append({"patient_id": None, "reason": f"{unknown} patients with features have no MLM label "
-                                                       "yet (mlm empty): scored, not trained on"})
-    steps.append({"step": f"labelled patients with features ({labelled_with_features.get('positive', 0)} MLM, "
-                          f"{labelled_with_features.get('negative', 0)} no MLM)",
-                  "patients": labelled, "excluded": lost})
-
-    cv_lost = [] if cv_patients == labelled else [
-        {"patient_id": None, "reason": f"{labelled - cv_patients} labelled patients not cross-validated"}]
+    with_features = [row for row in labelled if row[2]]
+    steps = [
+        {"step": f"labelled patients in the fused table ({counted(labelled)})", "patients": len(labelled),
+         "excluded": [{"patient_id": pid, "reason": "; ".join(reasons[pid]) + " (patient kept with the data left)"}
+                      for pid, _, has in labelled if has and pid in reasons]},
+        {"step": f"labelled patients with features ({counted(with_features)})", "patients": len(with_features),
+         "excluded": [{"patient_id": pid, "reason": "; ".join(reasons[pid]) if pid in reasons
+                       else "clinical row but no feature file yet"} for pid, _, has in labelled if not has]},
+    ]
+    cv_lost = [] if cv_patients == len(with_features) else [
+        {"patient_id": None, "reason": f"{len(with_features) - cv_patients} labelled patients not cross-validated"}]
     steps.append({"step": "patients in the cross-validation", "patients": int(cv_patients), "excluded": cv_lost})
     return steps
 
@@ -282,14 +246,18 @@ def _source_section(card: dict) -> list[str]:
     clinical = _mapping(data.get("clinical_csv"))
     fused = _mapping(data.get("fused_table")) or {"path": versions.get("fused_table"),
                                                   "sha256": versions.get("fused_table_sha256")}
-    return _bullets([
-        ("landing zone", data.get("landing_zone")),
-        ("clinical.csv", clinical.get("path")), ("clinical.csv sha256", clinical.get("sha256")),
-        ("clinical.csv modified", clinical.get("modified")),
-        ("fused table", fused.get("path")), ("fused table sha256", fused.get("sha256")),
-        ("fused table built", fused.get("built")),
-        ("model trained", data.get("trained_at")),
-    ])
+    training = _mapping(data.get("training_data"))
+    lines = _bullets([("landing zone", data.get("landing_zone")), ("clinical.csv", clinical.get("path")),
+                      ("fused table", fused.get("path")), ("training data", training.get("rows")),
+                      ("training data sha256", training.get("sha256") or versions.get("training_data_sha256")),
+                      ("patch features (ABMIL) sha256", training.get("patch_features_sha256")),
+                      ("patients added later", data.get("patients_added_later")),
+                      ("model trained", data.get("trained_at"))])
+    # cards written before the training data was hashed on its own recorded the input files
+    lines += _bullets([(name, value) for name, value in (
+        ("clinical.csv sha256", clinical.get("sha256")), ("clinical.csv modified", clinical.get("modified")),
+        ("fused table sha256", fused.get("sha256")), ("fused table built", fused.get("built"))) if value])
+    return lines
 
 
 def _flow_section(card: dict) -> list[str]:
@@ -306,6 +274,9 @@ def _flow_section(card: dict) -> list[str]:
             details.append(f"- {_text(step.get('step'))} — {who}: {_text(entry.get('reason'))}")
     if details:
         lines += ["", "Patients left out (or a modality of theirs) and why:", *details]
+    outside = [note for note in _mapping(card.get("data")).get("not_in_flow") or [] if isinstance(note, str)]
+    if outside:
+        lines += ["", "Not in the flow:", *(f"- {_text(note)}" for note in outside)]
     return lines
 
 

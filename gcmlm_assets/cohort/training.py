@@ -3,20 +3,83 @@ combiner on out-of-fold logits, and the summary of what was fitted (for the mode
 
 Plain Python (no Dagster). The cross-validation (crossval) uses `out_of_fold_logits` inside each
 outer training part, so the stacked combiner never sees a test patient.
+
+What the fit reads (`training_table`) is the labelled patients' part of the fused table and
+nothing else, and `training_data_sha256` hashes exactly that: patients without a label are
+scored by the model, never trained on, so adding or changing them leaves the model as it is.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from sklearn.pipeline import Pipeline
 
-from gcmlm_assets.cohort.cohort_data import PATHOLOGY_ABMIL, CohortData, class_counts
+from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
+from gcmlm_assets.cohort.cohort_data import PATHOLOGY_ABMIL, CohortData, block_columns, class_counts
 from gcmlm_assets.cohort.combiners import make_combiner
-from gcmlm_assets.cohort.fusion import PATHOLOGY, RADIOLOGY
+from gcmlm_assets.cohort.fusion import AVAILABILITY, PATHOLOGY, RADIOLOGY
 from gcmlm_assets.cohort.model_settings import InsufficientLabels, ModelSettings
 from gcmlm_assets.cohort.modelling import FusedRiskModel, block_logits, fit_block
+
+
+def training_table(fused: pa.Table, blocks: tuple[str, ...]) -> pa.Table:
+    """The part of the fused table the fit reads: the labelled patients' rows (mlm 0 or 1), sorted
+    by patient id, with the id, the label, and the availability flag and feature columns of each
+    table block in `blocks`. A feature column that no labelled patient has a value in is dropped:
+    the imputer would drop it anyway, and this way a column that only unlabelled patients bring
+    cannot change the model."""
+    rows = fused.filter(pc.is_valid(fused.column(LABEL_COLUMN)))
+    rows = rows.take(pc.sort_indices(rows, sort_keys=[(ID_COLUMN, "ascending")]))
+    names = [ID_COLUMN, LABEL_COLUMN]
+    for block in (b for b in blocks if b in AVAILABILITY):
+        if AVAILABILITY[block] in rows.column_names:
+            names.append(AVAILABILITY[block])
+        names += [c for c in block_columns(rows.column_names, block) if _has_a_value(rows.column(c))]
+    return rows.select(names)
+
+
+def _has_a_value(column: pa.ChunkedArray) -> bool:
+    values = column.to_numpy(zero_copy_only=False).astype(np.float64)
+    return bool(np.isfinite(values).any())
+
+
+def training_data_sha256(table: pa.Table) -> str:
+    """One hash over a training table's column names, types and values (nulls and NaN told apart;
+    every NaN hashed alike): the same labelled data gives the same hash, whatever else the fused
+    table holds and however its file was written."""
+    digest = hashlib.sha256()
+    for name, column in zip(table.column_names, table.columns):
+        digest.update(json.dumps([name, str(column.type), len(column)]).encode())
+        if pa.types.is_floating(column.type) or pa.types.is_integer(column.type):
+            values = column.to_numpy(zero_copy_only=False).astype("<f8")
+            values[np.isnan(values)] = np.nan
+            digest.update(values.tobytes())
+            digest.update(pc.is_valid(column).to_numpy(zero_copy_only=False).tobytes())
+        else:
+            digest.update(json.dumps(column.to_pylist()).encode())
+    return digest.hexdigest()
+
+
+# The libraries that fit and store the model: a new one may fit differently or not load old skops files.
+FITTING_LIBRARIES = ("scikit-learn", "numpy", "scipy", "skops", "torch")
+
+
+def fitting_library_versions() -> str:
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    return ",".join(f"{name}={version(name)}" for name in FITTING_LIBRARIES)
 
 
 def out_of_fold_logits(data: CohortData, rows: np.ndarray, blocks: tuple[str, ...], settings: ModelSettings,

@@ -65,7 +65,8 @@ def test_small_cohort_through_dagster(data_root, instance, base_resources):
         assert row in model["ablation"].value, row
     assert model["plot_roc"].value.startswith("![roc](data:image/png;base64,")  # few lines: a sharp PNG
     card = model["model_card_json"].value
-    assert card["data_versions"]["fused_table_sha256"] == model["fused_table_sha256"].value
+    assert card["data_versions"]["training_data_sha256"] == model["training_data_sha256"].value
+    assert card["data"]["training_data"]["patients"] == model["labelled_patients"].value == 23  # P002: no label
     assert card["settings"]["n_repeats"] == 2 and "mean of the logits" in card["strategy"]
     card_markdown = model["model_card"].value
     assert "Calibration" in card_markdown and "P004" not in card_markdown.split("Participants")[0]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from gcmlm_assets.cohort import clinical, crossval, fusion, importance
+from gcmlm_assets.cohort import card_context, clinical, crossval, fusion, importance
 from gcmlm_assets.cohort import metrics as model_metrics
 from gcmlm_assets.cohort import model_card as MC
 from gcmlm_assets.cohort import modelling as M
@@ -23,7 +23,8 @@ SETTINGS = M.ModelSettings(n_splits=4, n_repeats=2, n_bootstrap=200)
 def realistic(tmp_path_factory):
     """A cohort run end to end through the real modules: clinical.csv with a bad row and a patient
     without files, a damaged radiomics file, a patient with features but no clinical row, an
-    unknown label; CV, metrics, the final model and its permutation importance."""
+    unknown label; the training table, CV, metrics, the final model, its permutation importance and
+    the card's context as risk_model builds them."""
     root = tmp_path_factory.mktemp("card")
     (root / "landing").mkdir()
     ids, _ = write_cohort_files(root, 40, seed=2, without_pathology={"P003", "P004"}, unknown_labels={"P005"})
@@ -35,40 +36,30 @@ def realistic(tmp_path_factory):
         handle.write("P500,1,61,12.5\nP501,7,70,3.0\n")  # P500: no files yet; P501: an impossible label
 
     parsed, problems = clinical.read_clinical_csv(csv_path)
-    summary = {"rows_read": parsed.rows_read, "patients": parsed.table.num_rows, "bad_rows": len(problems),
-               "covariates": parsed.covariates, "labels": clinical.label_counts(parsed.table)}
     table, report = fusion.build_fused_table(artifacts, parsed.table)
-    stats = fusion.fused_stats(table)
-    data = CohortData.from_table(table, SETTINGS.blocks())
+    rows_used = training.training_table(table, SETTINGS.blocks())
+    data = CohortData.from_table(rows_used, SETTINGS.blocks())
     cv = crossval.cross_validate(data, SETTINGS)
     metrics, _ = model_metrics.evaluate_cross_validation(cv, SETTINGS)
     # a row evaluate() cannot score: one positive patient
     metrics["radiology_small"], _ = model_metrics.evaluate(np.array([0, 0, 1]), np.full((1, 3), 0.4), 10, 0)
     model, fitted = training.fit_risk_model(data, SETTINGS, metrics["fused"]["youden_threshold"])
-    rows = importance.permutation_importance(importance.model_predictor(model), model.cohort_data(table),
+    rows = importance.permutation_importance(importance.model_predictor(model), model.cohort_data(rows_used),
                                              model.blocks, n_repeats=2)
-    flow = MC.cohort_flow(summary, json.loads(fusion.report_json(report)), stats,
-                          stats["labelled_with_features"], len(cv.labels),
-                          clinical_problems=[p.as_dict() for p in problems],
-                          unlabelled=[str(p) for p in data.patient_ids[data.any_block() & ~data.labelled]])
-    assert {"patient_id": "P005", "reason": "no MLM label yet (mlm empty): scored, not trained on"} in flow[4][
-        "excluded"]
+    records = card_context.CohortRecords(clinical_manifest={"source": {"path": str(csv_path)}},
+                                         fusion_report=json.loads(fusion.report_json(report)),
+                                         fused_path=root / "fused.parquet", encoder=None)
+    digest = training.training_data_sha256(rows_used)
     card = MC.model_card(
         model, settings=SETTINGS, fitted=fitted, metrics=metrics, cv=cv,
-        data_versions={"fused_table_sha256": "abc123", "fused_table": str(root / "fused.parquet")},
-        data={"landing_zone": str(root / "landing"),
-              "clinical_csv": {"path": str(csv_path), "sha256": "c0ffee", "modified": "2025-03-01T10:00:00"},
-              "fused_table": {"path": str(root / "fused.parquet"), "sha256": "abc123", "built": "2025-03-02T09:00:00"},
-              "trained_at": "2025-03-02T09:30:00"},
-        flow=flow,
-        fusion={"rule": model_settings.fusion_strategy(M.ModelSettings()), "default": "mean logit", "why": "no fitted combiner can overfit",
-                "combiner": {"kind": "none"}},
-        explanation={"method": "permutation importance on the final model", "notes": "training patients"},
+        data_versions={"training_data_sha256": digest, "fused_table": str(root / "fused.parquet")},
+        **card_context.card_context(records, data, cv, SETTINGS, model, metrics,
+                                    {"sha256": digest, "patch_features_sha256": None}),
         permutation_importance=rows)
     stored = json.loads(json.dumps(MC.json_safe(card)))  # as model_card.json holds it
     (root / "model_card.md").write_text(MC.model_card_markdown(stored))
     return {"card": stored, "markdown": MC.model_card_markdown(stored), "metrics": stored["metrics"],
-            "flow": flow, "problems": problems, "labels": card["model_labels"]}
+            "flow": card["flow"], "problems": problems, "labels": card["model_labels"], "digest": digest}
 
 
 def test_every_tripod_section_is_headed(realistic):
@@ -96,27 +87,32 @@ def test_every_row_shows_discrimination_calibration_and_net_benefit(realistic):
     assert f"{prevalence - (1 - prevalence) * 0.2 / 0.8:.4f}" in md  # treat all at 0.2
 
 
-def test_the_flow_counts_and_names_who_was_left_out(realistic):
+def test_the_flow_counts_and_names_the_labelled_patients_left_out(realistic):
     flow, md = realistic["flow"], realistic["markdown"]
-    assert [s["patients"] for s in flow] == [42, 41, 42, 41, 39, 39]
-    bad_line = realistic["problems"][0]
-    assert bad_line.patient_id == "P501"
-    assert f"P501: line {bad_line.line}: {bad_line.reason}" in md
-    assert "P007: radiology file rejected: unreadable parquet" in md
+    # 39 labelled of P000-P039 (P005 has no label) and P500; P500 has no features yet
+    assert [s["patients"] for s in flow] == [40, 39, 39]
+    [p007] = [line for line in md.splitlines() if "P007" in line]
+    assert "P007: radiology file rejected: unreadable parquet" in p007
+    assert p007.endswith("(patient kept with the data left)")
     assert "P500: clinical row but no feature file yet" in md
-    assert "P600: features but no clinical row" in md
-    assert "P005: no MLM label yet (mlm empty)" in md  # named, with the reason
+    # Patients who are not training data are not named: they come and go without changing the card.
+    for outside in ("P005", "P600", "P501"):
+        assert outside not in md
+    assert MC.NOT_TRAINING_DATA in md and MC.NOT_IN_TABLE in md
     assert "| radiology | 1 | 39 |" in md and "| pathology | 2 | 39 |" in md  # P007; P003, P004
 
 
 def test_development_explanations_and_limitations(realistic):
     md = realistic["markdown"]
-    assert "mean of the logits" in md and "combiner: kind = none" in md
+    assert "mean of the logits" in md and "combiner: rule = mean of the logits of the blocks" in md
     assert "radiology: 38 training patients" in md
     assert "| block | radiology | (whole block) |" in md and "| block | pathology | (whole block) |" in md
     assert "Internal validation only" in md and "Small cohort: 39 patients" in md
     assert "- scikit-learn: 1." in md and "- n_bootstrap: 200" in md and "- risk_threshold: null" in md
-    assert "2025-03-01T10:00:00" in md and "c0ffee" in md
+    assert f"- training data sha256: {realistic['digest']}" in md
+    assert "- training data: the labelled rows of the fused table, sorted by patient id: 40 patients" in md
+    assert "- patients added later: without a label: scored by this model as it is, no refit" in md
+    assert "- model trained: the time of this materialization in Dagster" in md
 
 
 def test_a_card_with_most_keys_missing_still_renders():
@@ -134,30 +130,33 @@ def test_a_card_with_most_keys_missing_still_renders():
     assert "| fused | not estimable | not recorded | not recorded |" in stored  # no labels recorded: the key
 
 
-def test_cohort_flow_names_patients_whose_only_files_were_rejected():
+def test_the_training_flow_gives_why_a_labelled_patient_lost_a_modality_or_every_block():
     report = {"file_problems": [{"patient_id": "P9", "modality": "radiology", "file": "f", "reason": "no rows"}],
               "excluded_results": [{"patient_id": "P2", "modality": "pathology", "file": "g",
-                                    "reason": "failed check"}],
-              "features_without_clinical": [], "clinical_without_features": ["P3"]}
-    stats = {"patients": 5, "with_features": 3}
-    flow = MC.cohort_flow({"rows_read": 4, "patients": 4, "bad_rows": 0}, {**report, "excluded_results": []},
-                          stats, {"positive": 1, "negative": 2}, 3)
-    step = flow[3]["excluded"]
-    assert {e["patient_id"] for e in step} == {"P3", "P9"}
-    assert "no rows; no clinical row" in next(e["reason"] for e in step if e["patient_id"] == "P9")
-    # with P2's pathology left out too, the report cannot tell which of P2 and P9 lost every block
-    flow = MC.cohort_flow({"rows_read": 4, "patients": 4, "bad_rows": 0}, report, stats,
-                          {"positive": 1, "negative": 2}, 3)
-    assert [e["patient_id"] for e in flow[3]["excluded"]] == ["P3", None]
-    assert "P2" in {e["patient_id"] for e in flow[2]["excluded"]}  # named where its pathology was left out
-    # the bad rows are counted when their list is not given
-    flow = MC.cohort_flow({"rows_read": 6, "patients": 4, "bad_rows": 2}, report, {**stats, "patients": 6},
-                          {"positive": 1, "negative": 2}, 2)
-    assert flow[1]["excluded"] == [{"patient_id": None, "reason": "2 rows rejected (listed in clinical_table's "
-                                                                  "problems file)"}]
-    # 2 patients lost at that step and exactly 2 candidates: both named
-    assert [e["patient_id"] for e in flow[3]["excluded"]] == ["P3", "P2", "P9"]
-    assert flow[-1]["excluded"][0]["reason"].startswith("1 labelled patients not cross-validated")
+                                    "reason": "failed check"},
+                                   {"patient_id": "P7", "modality": "radiology", "file": "h",
+                                    "reason": "failed check"}]}
+    labelled = [("P1", 1, True), ("P2", 0, True), ("P3", 1, False), ("P9", 0, False)]
+    flow = MC.training_flow(labelled, report, 2)
+    assert [s["patients"] for s in flow] == [4, 2, 2]
+    assert flow[0]["step"] == "labelled patients in the fused table (2 MLM, 2 no MLM)"
+    assert flow[0]["excluded"] == [{"patient_id": "P2", "reason": "pathology result left out: failed check "
+                                                                   "(patient kept with the data left)"}]
+    assert flow[1]["step"] == "labelled patients with features (1 MLM, 1 no MLM)"
+    assert flow[1]["excluded"] == [{"patient_id": "P3", "reason": "clinical row but no feature file yet"},
+                                   {"patient_id": "P9", "reason": "radiology file rejected: no rows"}]
+    assert flow[2]["excluded"] == []  # P7 is not labelled: not in the flow
+    assert MC.training_flow(labelled, report, 1)[-1]["excluded"] == [
+        {"patient_id": None, "reason": "1 labelled patients not cross-validated"}]
+
+
+def test_a_card_written_before_the_training_data_was_hashed_still_renders_its_sources():
+    md = MC.model_card_markdown({"data": {"clinical_csv": {"path": "/l/clinical.csv", "sha256": "c0ffee",
+                                                           "modified": "2025-03-01T10:00:00"},
+                                          "fused_table": {"path": "/a/fused.parquet", "sha256": "abc123"}}})
+    for line in ("- clinical.csv sha256: c0ffee", "- clinical.csv modified: 2025-03-01T10:00:00",
+                 "- fused table sha256: abc123", "- training data: not recorded"):
+        assert line in md
 
 
 def test_default_limitations_follow_the_settings_and_numbers():
