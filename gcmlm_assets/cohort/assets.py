@@ -159,6 +159,13 @@ def clinical_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
 # ---------------------------------------------------------------- fused_table
 
 
+EXCLUDED_SHOWN = 50  # patients named in fused_table's metadata; the report file names them all
+
+
+def _first(mapping: dict, n: int) -> dict:
+    return dict(list(mapping.items())[:n])
+
+
 @dg.asset(
     name="fused_table",
     group_name=GROUP,
@@ -172,7 +179,7 @@ def clinical_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
     description="One row per patient: `rad_*` (radiomics_row), `path_*` (slide_vector) and `clin_*` "
     "(clinical_table) columns, availability flags and the MLM label. A patient's result is used only "
     "when its latest materialization succeeded and passed its blocking checks; the ones left out are "
-    "listed with the reason (`excluded_patients`).",
+    "listed with the reason (`excluded_patients`: the first 50; the report file lists all).",
     metadata=column_schema_metadata(FUSED_TABLE_COLUMNS),
 )
 def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
@@ -199,6 +206,7 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
     for entry in report.excluded_results[:20]:
         context.log.warning(f"left out {entry['patient_id']}'s {entry['modality']}: {entry['reason']}")
     stats = fusion.fused_stats(table)
+    excluded = report.excluded_patients()
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(folder / FUSED_FILE)),
@@ -209,7 +217,9 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
                 "unknown": stats["label_unknown"], "labelled_with_features": stats["labelled_with_features"]}),
             "rejected_feature_files": len(report.file_problems),
             "excluded_results": len(report.excluded_results),
-            "excluded_patients": dg.MetadataValue.json(report.excluded_patients()),
+            # bounded: a refresh's event must not grow with the cohort (every patient is in the report file)
+            "excluded_patients": dg.MetadataValue.json(_first(excluded, EXCLUDED_SHOWN)),
+            "excluded_patients_shown": f"{min(len(excluded), EXCLUDED_SHOWN)} of {len(excluded)} (all in the report)",
             "input_feature_files": len(report.input_files),
             "input_fingerprint": fingerprint,
             "clinical_table_sha256": clinical_sha,
