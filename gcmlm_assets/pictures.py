@@ -30,6 +30,10 @@ MIN_DISPLAY_WIDTH = 800
 DISPLAY_WIDTH = 1200  # what wider pictures are scaled to
 KEEP_WIDTH_UP_TO = 1400  # narrower ones are shown as they are: resampling blurs lines and text
 MARKDOWN_LIMIT = 60_000  # bytes of one markdown metadata value, data URI included
+# A per-patient picture is stored with every materialization of every patient (three times on
+# SQLite: the step's output, the run's log and the asset index): half the limit keeps a full pass
+# under the instance's budget of 1 MB per patient.
+PATIENT_MARKDOWN_LIMIT = 30_000
 FULL_DPI = 150
 
 PLOT = "plot"  # line art and text: palette PNG keeps it sharp and small
@@ -112,9 +116,14 @@ def render(picture: Any, kind: str, alt: str = "picture") -> Picture:
     return Picture(full, display_version(full, kind, alt))
 
 
-def picture_markdown(path: str | Path, kind: str, alt: str = "picture") -> str:
+def picture_markdown(path: str | Path, kind: str, alt: str = "picture", limit: int = MARKDOWN_LIMIT) -> str:
     """The display markdown of a stored full-size picture."""
-    return display_version(Path(path).read_bytes(), kind, alt).markdown(alt)
+    return display_version(Path(path).read_bytes(), kind, alt, limit).markdown(alt)
+
+
+def patient_picture_markdown(path: str | Path, kind: str, alt: str = "picture") -> str:
+    """The display markdown of a per-patient picture (`PATIENT_MARKDOWN_LIMIT`)."""
+    return picture_markdown(path, kind, alt, PATIENT_MARKDOWN_LIMIT)
 
 
 def display_version(picture: Any, kind: str, alt: str = "picture", limit: int = MARKDOWN_LIMIT) -> Display:

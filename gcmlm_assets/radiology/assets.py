@@ -17,7 +17,7 @@ from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_eve
 from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
-from gcmlm_assets.pictures import PHOTO, picture_markdown, save_png
+from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.landing.scan import LandingInputError
 from gcmlm_assets.radiology import checks, model_lifecycle
@@ -137,7 +137,7 @@ def ct_image(context: dg.AssetExecutionContext, storage: ArtifactStorage,
             "hu_p01": summary.hu_p01,
             "hu_p50": summary.hu_p50,
             "hu_p99": summary.hu_p99,
-            "picture": dg.MetadataValue.md(picture_markdown(picture_path, PHOTO, "CT thumbnail")),
+            "picture": dg.MetadataValue.md(patient_picture_markdown(picture_path, PHOTO, "CT thumbnail")),
         },
         data_version=dg.DataVersion(manifest["files"][CT_FILE]),
         check_results=checks.ct_image_check_results(ct_path),
@@ -309,7 +309,7 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
             "volume_ml": stats["volume_ml"],
             "connected_components": stats["components"],
             "largest_component_voxels": stats["largest_component_voxels"],
-            "picture": dg.MetadataValue.md(picture_markdown(picture_path, PHOTO, "gastric mask")),
+            "picture": dg.MetadataValue.md(patient_picture_markdown(picture_path, PHOTO, "gastric mask")),
         },
         data_version=dg.DataVersion(manifest["files"][MASK_FILE]),
         check_results=[

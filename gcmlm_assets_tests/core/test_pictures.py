@@ -19,6 +19,7 @@ from gcmlm_assets import pictures
 # The issue's numbers, written out: a change of the module's constants must not loosen the tests.
 MIN_WIDTH = 800
 LIMIT_BYTES = 60_000
+PATIENT_LIMIT_BYTES = 30_000  # a per-patient picture: every patient's materializations carry one
 
 _DATA_URI = re.compile(r"!\[(?P<alt>[^\]]*)\]\(data:(?P<mime>image/[a-z]+);base64,(?P<data>[A-Za-z0-9+/=]+)\)")
 
@@ -34,10 +35,10 @@ def decode_markdown(markdown: str) -> tuple[str, str, Image.Image]:
     return match["alt"], match["mime"], image
 
 
-def assert_ui_picture(markdown: str, full_path: str | Path) -> Image.Image:
-    """The embedded picture is readable (>= 800 px wide), small (< 60,000 bytes of markdown) and its
+def assert_ui_picture(markdown: str, full_path: str | Path, limit: int = LIMIT_BYTES) -> Image.Image:
+    """The embedded picture is readable (>= 800 px wide), small (< `limit` bytes of markdown) and its
     full-size lossless PNG exists at `full_path`, at least as wide."""
-    assert len(markdown.encode()) < LIMIT_BYTES, len(markdown.encode())
+    assert len(markdown.encode()) < limit, len(markdown.encode())
     _, _, shown = decode_markdown(markdown)
     assert shown.width >= MIN_WIDTH, shown.size
     full_path = Path(full_path)
@@ -82,6 +83,18 @@ def test_worst_case_ct_planes_fit_the_budget_at_a_readable_width(tmp_path):
     assert red[0] > 150 and red[1] < 100 and red[2] < 100, red
     grey = rgb[round(100 * shown.height / planes.shape[0]), shown.width // 6]
     assert abs(grey[0] - grey[1]) < 25 and abs(grey[1] - grey[2]) < 25, grey
+
+
+def test_a_per_patient_picture_fits_half_the_budget_and_stays_readable(tmp_path):
+    planes = _noisy_ct_planes(np.random.default_rng(0))
+    path = pictures.save_png(pictures.rgb_png(planes), tmp_path / "ct.png")
+    markdown = pictures.patient_picture_markdown(path, pictures.PHOTO, "CT thumbnail")
+    shown = assert_ui_picture(markdown, path, PATIENT_LIMIT_BYTES)
+    rgb = np.asarray(shown.convert("RGB")).astype(int)
+    red = rgb[round(256 * shown.height / planes.shape[0]), shown.width // 4]
+    assert red[0] > 150 and red[1] < 100 and red[2] < 100, red
+    # the cohort's own pictures keep the whole budget
+    assert len(pictures.picture_markdown(path, pictures.PHOTO, "CT thumbnail").encode()) > PATIENT_LIMIT_BYTES
 
 
 def test_busy_plot_degrades_to_fit_but_stays_wide():

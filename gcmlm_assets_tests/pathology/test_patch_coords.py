@@ -14,7 +14,7 @@ import pytest
 from gcmlm_assets.pathology.assets import patch_coords
 from gcmlm_assets.pathology.resources import TilingSettings
 from gcmlm_assets.storage import TMP_PREFIX, sha256_file
-from gcmlm_assets_tests.core.test_pictures import assert_ui_picture
+from gcmlm_assets_tests.core.test_pictures import PATIENT_LIMIT_BYTES, assert_ui_picture
 
 from .slide_fixtures import (
     blank_slide,
@@ -84,7 +84,7 @@ def test_real_slide_end_to_end(instance, base_resources, data_root: Path, test_d
     metadata = materialization.metadata
     assert metadata["n_patches"].value == entry["n_patches"]
     assert metadata["picture_path"].value == str(folder / "tiling.png")
-    assert_ui_picture(metadata["picture"].value, metadata["picture_path"].value)
+    assert_ui_picture(metadata["picture"].value, metadata["picture_path"].value, PATIENT_LIMIT_BYTES)
     assert metadata["h5_files"].value == [str(h5_path)]
     assert metadata["input_fingerprints"].value[slide.name]["quickhash1"]
     assert materialization.tags["dagster/data_version"]

@@ -22,7 +22,7 @@ from gcmlm_assets.radiology.columns import RADIOMICS_ROW_COLUMNS
 from gcmlm_assets.radiology.assets import ASSETS, ct_image, ct_mask, radiomics_row
 from gcmlm_assets.radiology.resources import RadiomicsSettings
 
-from gcmlm_assets_tests.core.test_pictures import assert_ui_picture
+from gcmlm_assets_tests.core.test_pictures import PATIENT_LIMIT_BYTES, assert_ui_picture
 
 from .conftest import check_results, ct_crop, make_drop, mask_voxels, step_failure_text, write_dicom_series
 
@@ -73,7 +73,7 @@ def test_real_ct_through_the_branch(instance, data_root, radiology_resources, re
     assert (ct_meta["hu_min"], ct_meta["hu_max"]) == (-1100.0, 1207.0)
     assert ct_meta["picture"].startswith("![CT thumbnail](data:image/")
     assert ct_meta["picture_path"] == str(artifacts / "ct_image" / "TS001" / "ct_thumbnail.png")
-    assert_ui_picture(ct_meta["picture"], ct_meta["picture_path"])
+    assert_ui_picture(ct_meta["picture"], ct_meta["picture_path"], PATIENT_LIMIT_BYTES)
 
     # The stomach volume reported is the mask file's own voxel count times the voxel volume.
     mask_meta = metadata_of(result, "ct_mask")
@@ -84,7 +84,7 @@ def test_real_ct_through_the_branch(instance, data_root, radiology_resources, re
     assert mask_meta["voxels"] == reference_voxels
     assert math.isclose(mask_meta["volume_ml"], reference_voxels * float(np.prod(spacing)) / 1000.0, rel_tol=1e-12)
     assert mask_meta["input_ct_sha256"] == ct_meta["sha256"]
-    shown = assert_ui_picture(mask_meta["picture"], mask_meta["picture_path"])
+    shown = assert_ui_picture(mask_meta["picture"], mask_meta["picture_path"], PATIENT_LIMIT_BYTES)
     # The outline is drawn in red over the grey CT: the display copy still shows it in all three planes.
     rgb = np.asarray(shown.convert("RGB")).astype(int)
     red = (rgb[..., 0] > 180) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)
