@@ -29,7 +29,7 @@ from gcmlm_assets.pathology.pooling import (
     write_slide_vector,
 )
 from gcmlm_assets.pathology.resources import PatchEncoder, TilingSettings
-from gcmlm_assets_tests.core.test_pictures import PATIENT_LIMIT_BYTES, assert_ui_picture
+from gcmlm_assets_tests.core.test_pictures import assert_ui_picture
 from gcmlm_assets_tests.pathology.features_support import cosine_rows, materialize_patient, metadata_of, reference_features
 from gcmlm_assets_tests.pathology.slide_fixtures import copy_into, real_slide
 
@@ -147,7 +147,7 @@ def test_pathology_branch_end_to_end(instance, base_resources, data_root: Path, 
     vector_meta = metadata_of(result, "slide_vector")
     assert vector_meta["pooling"] == "mean"
     assert vector_meta["picture_path"] == str(artifacts / "slide_vector" / "P001" / "slide_vector.png")
-    shown = assert_ui_picture(vector_meta["picture"], vector_meta["picture_path"], PATIENT_LIMIT_BYTES)
+    shown = assert_ui_picture(vector_meta["picture"], vector_meta["picture_path"])
     # The slide's thumbnail, not a blank canvas: tissue colours and the pooled patches in red.
     rgb = np.asarray(shown.convert("RGB")).astype(int)
     assert ((rgb[..., 0] > 180) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)).sum() > 200
