@@ -134,7 +134,7 @@ class SegmentationModelResource(dg.ConfigurableResource):
                                       "first). A run started by hand trains regardless.")
     retrain_min_growth_fraction: float = Field(
         default=0.2, gt=0, description="... or once that many cases, as a fraction of the last training's "
-                                       "set, were added, changed or removed (0.2: a fifth more).")
+                                       "set, were added, changed or removed (0.2: a fifth of it).")
     holdout_fraction: float = Field(
         default=0.2, ge=0, le=1, description="A new model is installed only if it predicts reference cases "
                                              "held out of its training at least as well (mean Dice) as the "

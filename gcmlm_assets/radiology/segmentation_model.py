@@ -112,15 +112,13 @@ def _configured_model_result(context: dg.AssetExecutionContext, folder: str,
     op_tags=step_pods.op_tags(step_pods.GPU),
     # radiomics: which label of a reference label map is the stomach, as ct_mask takes it.
     required_resource_keys={"storage", "landing", "segmentation", "radiomics"},
-    description="The nnU-Net v2 gastric segmentation model (`3d_fullres`), trained on the patients with a "
-                "reference mask, or the trained folder that `segmentation.trained_model_folder` "
-                "(`GCMLM_NNUNET_MODEL_FOLDER`) names. Materializing it trains on the current reference masks "
-                "unless the installed model was trained on exactly these; a new model replaces the installed "
-                "one only if it predicts held-out reference cases at least as well (mean Dice). Warning: the "
-                "production profile trains nnU-Net's full-size network for 1000 x 250 iterations, which takes "
-                "a day or more on a GPU and is refused on a CPU. For a quick model use `GCMLM_PROFILE=demo` "
-                "(or `segmentation.tiny_plans` with a few epochs), or point `trained_model_folder` at a "
-                "trained model.",
+    description="The nnU-Net v2 gastric segmentation model (`3d_fullres`), trained on the current reference "
+                "masks (installed only if it predicts held-out reference cases at least as well as the installed "
+                "model, by mean Dice), or the trained folder that `segmentation.trained_model_folder` "
+                "(`GCMLM_NNUNET_MODEL_FOLDER`) names. Warning: the production profile trains nnU-Net's "
+                "full-size network for 1000 x 250 iterations, which takes a day or more on a GPU and is "
+                "refused on a CPU. For a quick model use `GCMLM_PROFILE=demo` (or `segmentation.tiny_plans` "
+                "with a few epochs), or point `trained_model_folder` at a trained model.",
 )
 def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     import shutil
