@@ -58,10 +58,13 @@ DEMO = Profile(
         # A tiny real nnU-Net v2 (see SegmentationModelResource.cpu_demo), trained longer: the demo's
         # reference CTs are larger than the tests' phantoms, and AdamW may find the stomach only
         # after 150 iterations (seen once in the demo: Dice 0.26 after 300 iterations), so 450.
+        # Retraining: the demo's dozen reference masks gain a few at a time, so 3 new (or a quarter
+        # more) retrain; one case is held out for the comparison, leaving the others to the new model.
         "segmentation": {"trainer": "nnUNetTrainerAdam", "epochs": 30, "iterations_per_epoch": 15,
                          "val_iterations": 2, "tiny_plans": True, "device": "cpu",
                          "preprocessing_workers": 1, "augmentation_workers": 0, "torch_threads": 2,
-                         "min_training_cases": 3},
+                         "min_training_cases": 3, "retrain_min_new_cases": 3, "retrain_min_growth_fraction": 0.25,
+                         "holdout_min_cases": 1},
         "risk_model": {"n_repeats": 3, "n_bootstrap": 300, "min_labelled_per_class": 3},
         # The phantom's anatomy is sized for a 19 cm field: its stomachs measure 35-90 ml, below an
         # adult's 50 ml minimum.
@@ -75,7 +78,9 @@ DEMO = Profile(
                    "tissue composition",
         "segmentation": "a tiny nnU-Net v2 (4 stages, 4..32 features, patch <= 32x64x64, AdamW) trained "
                         "for 30 x 15 iterations on CPU instead of nnU-Net's 1000 x 250 full-size "
-                        "training on a GPU; trains once 3 patients have a reference mask",
+                        "training on a GPU; trains once 3 patients have a reference mask, retrains after 3 "
+                        "new ones (or a quarter more) instead of 25 (or a fifth more), holding out at "
+                        "least 1 case for the comparison instead of 5",
         "risk_model": "3 x repeated CV, 300 bootstrap resamples, 3 labelled patients per class suffice",
         "radiomics": "gastric masks from 20 ml instead of 50 ml: the synthetic patients are small, their "
                      "stomachs measure 35-90 ml",

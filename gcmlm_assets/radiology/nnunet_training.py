@@ -23,6 +23,9 @@ model id say that a tiny network was trained.
 Progress: the training functions take `progress`, a callable that receives one
 line per phase (planning, preprocessing) and per epoch; nnU-Net's own printing
 is not redirected here (the caller decides where standard output goes).
+
+Seeded: the same cases and settings (`TrainingSettings.seed` included) give the same
+checkpoint, byte for byte (nnunet_seeding.py says how).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from gcmlm_assets.settings import scoped_environment
+from gcmlm_assets.radiology import nnunet_seeding
 from gcmlm_assets.radiology.nnunet import CONFIGURATION, STOMACH_LABEL, resolve_torch_device
 
 CHANNEL_NAME = "CT"
@@ -97,6 +101,8 @@ class TrainingSettings:
     # Foreground intensities the dataset fingerprint samples (nnU-Net: 1e8 over the dataset,
     # i.e. hundreds of MB for a handful of small cases); None keeps nnU-Net's number.
     intensity_samples: int | None = None
+    # Seeds the weights' initialisation, the patch sampling and the augmentation (module docstring).
+    seed: int = 0
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -360,12 +366,15 @@ def train_model(plans_identifier: str, settings: TrainingSettings, n_cases: int,
     if settings.val_iterations is not None:
         trainer.num_val_iterations_per_epoch = int(settings.val_iterations)
     _report_epochs(trainer, progress)
+    nnunet_seeding.seed_dataloaders(trainer, settings.seed)
+    nnunet_seeding.clockless_checkpoints(trainer)
     progress(f"training: {trainer.num_epochs} epochs of {trainer.num_iterations_per_epoch} + "
-             f"{trainer.num_val_iterations_per_epoch} iterations, {type(trainer).__name__} on {device}")
+             f"{trainer.num_val_iterations_per_epoch} iterations, {type(trainer).__name__} on {device}, "
+             f"seed {settings.seed}")
     # Only around training: nnU-Net's planner also reads nnUNet_n_proc_DA, as a torch thread count.
     augmentation = ({} if settings.augmentation_workers is None
                     else {"nnUNet_n_proc_DA": str(int(settings.augmentation_workers))})
-    with scoped_environment(augmentation):
+    with scoped_environment(augmentation), nnunet_seeding.seeded(settings.seed):
         trainer.run_training()
 
     def last(key: str) -> float | None:

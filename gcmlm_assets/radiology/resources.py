@@ -126,7 +126,23 @@ class SegmentationModelResource(dg.ConfigurableResource):
                                  "`mask_agrees_with_model` check warns (it never blocks).")
     min_training_cases: int = Field(
         default=5, description="segmentation_model trains by itself once this many patients have a reference "
-                               "mask and a materialized ct_image (and that set changed since the installed model).")
+                               "mask and a materialized ct_image and no model is installed.")
+    retrain_min_new_cases: int = Field(
+        default=25, ge=1, description="With a model installed, segmentation_training_sensor retrains once this "
+                                      "many reference cases were added, changed or removed since the last "
+                                      "training (or retrain_min_growth_fraction of its set, whichever comes "
+                                      "first). A run started by hand trains regardless.")
+    retrain_min_growth_fraction: float = Field(
+        default=0.2, gt=0, description="... or once that many cases, as a fraction of the last training's "
+                                       "set, were added, changed or removed (0.2: a fifth of it).")
+    holdout_fraction: float = Field(
+        default=0.2, ge=0, le=1, description="A new model is installed only if it predicts reference cases "
+                                             "held out of its training at least as well (mean Dice) as the "
+                                             "installed model: this fraction of the cases the installed model "
+                                             "did not train on is held out ...")
+    holdout_min_cases: int = Field(
+        default=5, ge=1, description="... but at least this many (all of them when fewer), always leaving "
+                                     "nnU-Net 2 training cases.")
 
     @classmethod
     def cpu_demo(cls, **overrides) -> "SegmentationModelResource":
@@ -188,6 +204,11 @@ class SegmentationModelResource(dg.ConfigurableResource):
             "nnunet_device": self.device,
             "nnunet_trained_model_folder": "none: segmentation_model trains the model here",
         }
+
+    def retrain_policy(self):
+        from gcmlm_assets.radiology.model_lifecycle import RetrainPolicy
+
+        return RetrainPolicy(self.retrain_min_new_cases, self.retrain_min_growth_fraction)
 
     def training_settings(self):
         from gcmlm_assets.devices import resolve_device

@@ -1,11 +1,16 @@
 """The radiology group's `segmentation_model` asset (Dagster wiring over nnunet.py, nnunet_training.py and
 model_lifecycle.py).
 
-One unpartitioned model for all patients: the nnU-Net v2 model trained on every patient with a
+One unpartitioned model for all patients: the nnU-Net v2 model trained on the patients with a
 reference mask and a materialized ct_image, installed under the artifact store and reused while its
 inputs, settings, code and nnU-Net version stay the same; or the trained folder the segmentation
 resource names. ct_mask (assets.py) predicts with it; segmentation_training_sensor (sensors.py)
-decides when it trains.
+decides when it trains by itself, and any run of this asset started by hand trains on the current set.
+
+A new model is compared with the installed one on reference cases held out of its training
+(model_lifecycle.choose_held_out) and installed only if its mean Dice there is at least the
+installed model's; a rejected model is deleted, and `current.json` keeps the installed model and
+records the rejection, so the same inputs are not trained again against it.
 """
 
 import json
@@ -33,11 +38,11 @@ SEGMENTATION_MODEL_VERSION = "1"
 MODELS_ASSET = "segmentation_model"
 
 
-def _training_candidates(context: dg.AssetExecutionContext, store, landing: LandingZone):
+def _training_candidates(patients: list[str], store, landing: LandingZone):
     """(patient, canonical CT, reference mask file) for every patient with a reference mask,
     and why the others that have one cannot be used."""
     usable, skipped = [], {}
-    for patient_id in sorted(context.instance.get_dynamic_partitions(patients_partitions.name)):
+    for patient_id in patients:
         label_dir = landing.patient_dir(patient_id) / "ct_label"
         try:
             landing.refuse_links_leaving(patient_id, "ct_label")  # nothing outside the landing zone is read
@@ -107,8 +112,9 @@ def _configured_model_result(context: dg.AssetExecutionContext, folder: str,
     op_tags=step_pods.op_tags(step_pods.GPU),
     # radiomics: which label of a reference label map is the stomach, as ct_mask takes it.
     required_resource_keys={"storage", "landing", "segmentation", "radiomics"},
-    description="The nnU-Net v2 gastric segmentation model (`3d_fullres`), trained on every patient with a "
-                "reference mask, or the trained folder that `segmentation.trained_model_folder` "
+    description="The nnU-Net v2 gastric segmentation model (`3d_fullres`), trained on the current reference "
+                "masks (installed only if it predicts held-out reference cases at least as well as the installed "
+                "model, by mean Dice), or the trained folder that `segmentation.trained_model_folder` "
                 "(`GCMLM_NNUNET_MODEL_FOLDER`) names. Warning: the production profile trains nnU-Net's "
                 "full-size network for 1000 x 250 iterations, which takes a day or more on a GPU and is "
                 "refused on a CPU. For a quick model use `GCMLM_PROFILE=demo` (or `segmentation.tiny_plans` "
@@ -130,10 +136,14 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
 
     store = storage.store()
     models_root = store.asset_dir(MODELS_ASSET)
-    candidates, skipped = _training_candidates(context, store, landing)
-    # What segmentation_training_sensor compares with the installed model (names, sizes, times).
-    reference_set = model_lifecycle.reference_set_fingerprint(model_lifecycle.reference_set(
-        landing.path(), {pid: ct_path for pid, ct_path, _ in candidates}))
+    patients = sorted(context.instance.get_dynamic_partitions(patients_partitions.name))
+    candidates, skipped = _training_candidates(patients, store, landing)
+    # The set as segmentation_training_sensor sees it (names, sizes, times over every patient): recorded
+    # for the training that saw it, installed or not, so the sensor measures changes from here.
+    reference_cases = model_lifecycle.reference_set(landing.path(),
+                                                    {pid: store.path("ct_image", pid, CT_FILE) for pid in patients})
+    seen_set = {"reference_set": model_lifecycle.reference_set_fingerprint(reference_cases),
+                "reference_cases": model_lifecycle.case_stamps(reference_cases)}
     settings = segmentation.training_settings()
     inputs = {pid: {"ct_image": sha256_file(ct), "reference_mask": sha256_file(ref)} for pid, ct, ref in candidates}
     label_setting = context.resources.radiomics.reference_mask_label or None
@@ -147,86 +157,182 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
                               json.dumps(inputs, sort_keys=True))
 
     pointer = nnunet.read_current_model(models_root)
-    reused = bool(pointer and pointer.get("fingerprint") == fingerprint)
-    if reused:
-        try:
-            # Verified against the digests recorded at install before anything is unpickled.
-            model = nnunet.describe_model_folder(models_root / pointer["folder"],
-                                                 nnunet.installed_model_pins(models_root, pointer))
-            reused = model.checkpoint_sha256 == pointer.get("checkpoint_sha256")
-        except nnunet.ModelFolderError as error:
-            context.log.warning(f"stored model unusable, retraining: {error}")
-            reused = False
-    if reused and pointer.get("reference_set") != reference_set:
-        # The same bytes under new names or times: keep the model, remember the set it now covers.
-        atomic_write_json(models_root / nnunet.CURRENT_POINTER, {**pointer, "reference_set": reference_set})
-    if not reused:
-        refusal = segmentation.training_refusal()
-        if refusal:
-            raise dg.Failure(description=refusal, allow_retries=False)
-        if len(candidates) < 2:
-            raise dg.Failure(
-                description=f"segmentation_model needs at least 2 patients with a reference mask in "
-                            f"<landing>/<patient>/ct_label/ and a materialized ct_image; found {len(candidates)} "
-                            f"({', '.join(pid for pid, _, _ in candidates) or 'none'}) under {landing.path()}"
-                            + (f"; unusable: {json.dumps(skipped)}" if skipped else ""),
-                allow_retries=False)
-        work_dir = models_root / f"{nnunet.TRAIN_TMP_PREFIX}{uuid.uuid4().hex[:12]}"
-        try:
-            cases = []
-            for patient_id, ct_path, reference in candidates:
-                image = sitk.ReadImage(str(ct_path))
-                try:
-                    conformed = masks.conform_mask(masks.load_mask(reference), image, reference, label_setting)
-                except masks.MaskInputError as error:
-                    skipped[patient_id] = str(error)
-                    continue
-                if conformed.resampled:
-                    context.log.info(f"{patient_id}: reference mask {reference} resampled onto the CT grid "
-                                     "(nearest neighbour)")
-                label_path = work_dir / "labels" / f"{patient_id}.nii.gz"
-                masks.write_mask(conformed.image, label_path)
-                cases.append(nnunet_training.TrainingCase(patient_id, ct_path, label_path))
-            if len(cases) < 2:
-                raise dg.Failure(description=f"segmentation_model: only {len(cases)} usable reference mask(s) "
-                                             f"(need 2); unusable: {json.dumps(skipped)}", allow_retries=False)
+    installed = _installed_model(context, models_root, pointer)
+    action = model_lifecycle.training_action(fingerprint=fingerprint, pointer=pointer if installed else None)
+    if action != model_lifecycle.TRAIN:
+        if pointer.get("reference_set") != seen_set["reference_set"]:
+            # The same inputs under new names or times: keep the model, remember the set it now covers.
+            pointer = {**pointer, **seen_set}
+            atomic_write_json(models_root / nnunet.CURRENT_POINTER, pointer)
+        if action == model_lifecycle.REUSE:
+            decision = "reused: the installed model was trained on exactly these inputs and settings"
+        else:
+            decision = (f"not retrained: a model trained on these inputs and settings was rejected before "
+                        f"({pointer['rejected']['evaluation']['decision']})")
+        context.log.info(decision)
+        return _installed_model_result(installed, models_root, pointer, decision=decision, trained=False)
+
+    refusal = segmentation.training_refusal()
+    if refusal:
+        raise dg.Failure(description=refusal, allow_retries=False)
+    if len(candidates) < 2:
+        raise dg.Failure(
+            description=f"segmentation_model needs at least 2 patients with a reference mask in "
+                        f"<landing>/<patient>/ct_label/ and a materialized ct_image; found {len(candidates)} "
+                        f"({', '.join(pid for pid, _, _ in candidates) or 'none'}) under {landing.path()}"
+                        + (f"; unusable: {json.dumps(skipped)}" if skipped else ""),
+            allow_retries=False)
+    work_dir = models_root / f"{nnunet.TRAIN_TMP_PREFIX}{uuid.uuid4().hex[:12]}"
+    try:  # everything trained lands in work_dir: a rejected model leaves with it
+        labelled = {}
+        for patient_id, ct_path, reference in candidates:
+            image = sitk.ReadImage(str(ct_path))
             try:
-                # Phases and epochs as info lines; what nnU-Net prints as debug lines (not raw stdout).
-                with stdout_to_log(context.log.debug):
-                    result = nnunet_training.train_segmentation_model(cases, work_dir / "nnunet", settings,
-                                                                      progress=context.log.info)
-            except nnunet_training.TrainingDataError as error:
-                raise input_failure(error) from error
-            training = {
-                "cases": [case.case_id for case in cases],
-                "skipped": skipped,
-                "inputs": {case.case_id: inputs[case.case_id] for case in cases},
-                "trainer": result.trainer,
-                "plans": result.plans_name,
-                "fold": result.fold,
-                "epochs": result.epochs,
-                "iterations_per_epoch": result.iterations_per_epoch,
-                "val_iterations": result.val_iterations,
-                "metrics": result.metrics,
-                "seconds": result.seconds,
-                "cpu_seconds": result.cpu_seconds,
-                "settings": settings.as_dict(),
-                "nnunetv2_version": _nnunet_version(),
-            }
+                conformed = masks.conform_mask(masks.load_mask(reference), image, reference, label_setting)
+            except masks.MaskInputError as error:
+                skipped[patient_id] = str(error)
+                continue
+            if conformed.resampled:
+                context.log.info(f"{patient_id}: reference mask {reference} resampled onto the CT grid "
+                                 "(nearest neighbour)")
+            label_path = work_dir / "labels" / f"{patient_id}.nii.gz"
+            masks.write_mask(conformed.image, label_path)
+            labelled[patient_id] = (ct_path, label_path)
+        # The first model has nothing to be compared with: it trains on every case.
+        held_out = (model_lifecycle.choose_held_out(
+            {pid: inputs[pid] for pid in labelled}, pointer["training"]["inputs"],
+            fraction=segmentation.holdout_fraction, min_cases=segmentation.holdout_min_cases)
+            if installed else model_lifecycle.HoldOut())
+        cases = [nnunet_training.TrainingCase(pid, ct_path, label_path)
+                 for pid, (ct_path, label_path) in labelled.items() if pid not in held_out.cases]
+        if len(cases) < 2:
+            raise dg.Failure(description=f"segmentation_model: only {len(cases)} usable reference mask(s) "
+                                         f"(need 2); unusable: {json.dumps(skipped)}", allow_retries=False)
+        if held_out.cases:
+            context.log.info(f"holding out {len(held_out.cases)} reference case(s) to compare the new model with "
+                             f"{installed.model_id}: {', '.join(held_out.cases)}")
+        try:
+            # Phases and epochs as info lines; what nnU-Net prints as debug lines (not raw stdout).
+            with stdout_to_log(context.log.debug):
+                result = nnunet_training.train_segmentation_model(cases, work_dir / "nnunet", settings,
+                                                                  progress=context.log.info)
+                evaluation = _evaluate(installed, models_root, pointer, result.model_folder, held_out,
+                                       {pid: labelled[pid] for pid in held_out.cases}, settings.device)
+        except nnunet_training.TrainingDataError as error:
+            raise input_failure(error) from error
+        context.log.info(f"trained on {len(cases)} cases in {result.seconds['total']:.0f} s; "
+                         f"{evaluation['decision']}")
+        training = {
+            "cases": [case.case_id for case in cases],
+            "held_out": held_out.cases,
+            "skipped": skipped,
+            "inputs": {case.case_id: inputs[case.case_id] for case in cases},
+            "trainer": result.trainer,
+            "plans": result.plans_name,
+            "fold": result.fold,
+            "epochs": result.epochs,
+            "iterations_per_epoch": result.iterations_per_epoch,
+            "val_iterations": result.val_iterations,
+            "metrics": result.metrics,
+            "seconds": result.seconds,
+            "cpu_seconds": result.cpu_seconds,
+            "settings": settings.as_dict(),
+            "nnunetv2_version": _nnunet_version(),
+            "evaluation": evaluation,
+        }
+        if evaluation["installed"]:
             model = nnunet.install_trained_model(result.model_folder, models_root,
-                                                 {"fingerprint": fingerprint, "training": training,
-                                                  "reference_set": reference_set})
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        pointer = nnunet.read_current_model(models_root)
-        context.log.info(f"trained {model.model_id} on {len(cases)} cases in {result.seconds['total']:.0f} s")
+                                                 {"fingerprint": fingerprint, "training": training, **seen_set})
+            pointer = nnunet.read_current_model(models_root)
+            return _installed_model_result(model, models_root, pointer, decision=evaluation["decision"], trained=True)
+        candidate = nnunet.describe_model_folder(result.model_folder,
+                                                 nnunet.CheckpointPins.of_fresh_training(result.model_folder))
+        # Kept: the installed model. Remembered: the set this training saw (the sensor does not ask for it
+        # again) and what was rejected (the same inputs are not trained again against the same model).
+        pointer = {**pointer, **seen_set,
+                   "rejected": {"fingerprint": fingerprint, "against": pointer["checkpoint_sha256"],
+                                "model_id": candidate.model_id, "checkpoint_sha256": candidate.checkpoint_sha256,
+                                "evaluation": evaluation, "cases": training["cases"],
+                                "seconds": result.seconds}}
+        atomic_write_json(models_root / nnunet.CURRENT_POINTER, pointer)
+        return _installed_model_result(installed, models_root, pointer, decision=evaluation["decision"],
+                                       trained=True, rejected=pointer["rejected"])
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _installed_model(context: dg.AssetExecutionContext, models_root, pointer: dict | None):
+    """The installed model, verified against the digests recorded at install (before anything is
+    unpickled), or None when there is none or it is unusable (then the next model installs as a first)."""
+    from gcmlm_assets.radiology import nnunet
+
+    if not pointer or not isinstance(pointer.get("training"), dict):
+        return None
+    try:
+        model = nnunet.describe_model_folder(models_root / pointer["folder"],
+                                             nnunet.installed_model_pins(models_root, pointer))
+    except nnunet.ModelFolderError as error:
+        context.log.warning(f"installed model unusable, a new one replaces it without comparison: {error}")
+        return None
+    return model if model.checkpoint_sha256 == pointer.get("checkpoint_sha256") else None
+
+
+def _evaluate(installed, models_root, pointer: dict | None, new_folder, held_out, held_cases: dict,
+              device: str) -> dict:
+    """Whether the freshly trained model replaces the installed one, with the Dice values it rests on."""
+    from gcmlm_assets.radiology import nnunet
+
+    if installed is None:
+        return {"installed": True, "decision": "installed: the first model (none installed to compare with)"}
+    if not held_out.cases:
+        return {"installed": False, "held_out": [],
+                "decision": "rejected: no reference case could be held out to compare with the installed "
+                            "model (nnU-Net needs 2 training cases); the installed model stays"}
+    new = model_lifecycle.held_out_dice(new_folder, nnunet.CheckpointPins.of_fresh_training(new_folder),
+                                        held_cases, device)
+    old = model_lifecycle.held_out_dice(installed.folder, nnunet.installed_model_pins(models_root, pointer),
+                                        held_cases, device)
+    accepted, decision = model_lifecycle.install_decision(new, old)
+    return {"installed": accepted, "decision": decision, "held_out": held_out.cases,
+            "held_out_seen_by_installed": held_out.seen_by_installed,
+            "new_model_dice": new, "installed_model_dice": old, "installed_model_id": installed.model_id,
+            "new_model_mean_dice": round(sum(new.values()) / len(new), 6),
+            "installed_model_mean_dice": round(sum(old.values()) / len(old), 6)}
+
+
+def _evaluation_metadata(evaluation: dict) -> dict:
+    if "new_model_dice" not in evaluation:
+        return {}
+    return {
+        "held_out_cases": ", ".join(evaluation["held_out"]),
+        "new_model_mean_dice": evaluation["new_model_mean_dice"],
+        "installed_model_mean_dice": evaluation["installed_model_mean_dice"],
+        "compared_with_model_id": evaluation["installed_model_id"],
+        "held_out_dice": dg.MetadataValue.json({pid: {"new": evaluation["new_model_dice"][pid],
+                                                      "installed": evaluation["installed_model_dice"][pid]}
+                                                for pid in evaluation["held_out"]}),
+        **({"held_out_seen_by_installed": ", ".join(evaluation["held_out_seen_by_installed"])}
+           if evaluation.get("held_out_seen_by_installed") else {}),
+    }
+
+
+def _installed_model_result(model, models_root, pointer: dict, *, decision: str, trained: bool,
+                            rejected: dict | None = None) -> dg.MaterializeResult:
+    """The materialization: the model now installed, what this step decided and, when it trained, why."""
+    from gcmlm_assets.radiology import nnunet
 
     training = pointer["training"]
     metrics = training["metrics"]
+    evaluation = (rejected or {}).get("evaluation") or (training.get("evaluation", {}) if trained else {})
     metadata = {
         "source": "trained here",
-        "trained": not reused,
-        "reused": reused,
+        "trained": trained,
+        # The installed model was kept (reused, or a newly trained one was rejected).
+        "reused": not trained or rejected is not None,
+        "decision": decision,
+        **_evaluation_metadata(evaluation),
+        **({"rejected_model_id": rejected["model_id"],
+            "rejected_model_training_cases": ", ".join(rejected["cases"])} if rejected else {}),
         "model_id": model.model_id,
         "model_folder": dg.MetadataValue.path(str(model.folder)),
         "current_pointer": dg.MetadataValue.path(str(models_root / nnunet.CURRENT_POINTER)),
@@ -256,6 +362,7 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
             "trainer": training["trainer"], "folds": ", ".join(model.folds), "epochs": training["epochs"],
             "iterations per epoch": training["iterations_per_epoch"],
             "training cases": f"{len(training['cases'])}: {', '.join(training['cases'])}",
+            "held-out cases": ", ".join(training.get("held_out", [])) or "none",
             "device": training["settings"]["device"], "checkpoint sha256": model.checkpoint_sha256}),
     }
     progress = model.folder / f"fold_{model.folds[0]}" / "progress.png"

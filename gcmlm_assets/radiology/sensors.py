@@ -1,7 +1,9 @@
 """The radiology group's automation: the segmentation model trains itself, and masks follow it.
 
 - `segmentation_training_sensor` requests `segmentation_model` when enough patients have a
-  reference mask, that set differs from the installed model's, and it has settled.
+  reference mask and no model is installed, or when that set changed by what the retraining
+  policy asks since the last training (`segmentation.retrain_min_new_cases` /
+  `retrain_min_growth_fraction`), once it has settled.
 - `predicted_mask_sensor` requests `ct_mask` + `radiomics_row` for patients without a reference
   mask once a model is installed (they waited, skipped), and again for all of them when a new model
   is installed. Patients with a reference mask are left alone.
@@ -57,14 +59,14 @@ def training_status(instance: dg.DagsterInstance, landing: LandingZone, storage:
     fingerprint = model_lifecycle.reference_set_fingerprint(cases) if cases else ""
     requested = bool(fingerprint) and runs.run_key_exists(instance, model_lifecycle.training_run_key(fingerprint))
     decision = model_lifecycle.decide_training(
-        cases=cases, installed_fingerprint=pointer.get("reference_set"),
+        cases=cases, trained=model_lifecycle.trained_case_stamps(pointer),
+        trained_fingerprint=pointer.get("reference_set"), policy=segmentation.retrain_policy(),
         min_cases=segmentation.min_training_cases, busy_runs=busy, cursor=cursor,
         now=time.time() if now is None else now, debounce_s=automation_settings.training_debounce_s,
         requested_before=requested)
     training_running = bool(busy) and bool(runs.in_flight_count(instance, {runs.TRAINING_TAG: "nnunet"}))
     # Due (or settling) but not yet requested, or requested and still running.
-    pending = training_running or (bool(decision.fingerprint) and not requested
-                                   and decision.fingerprint != pointer.get("reference_set"))
+    pending = training_running or (decision.due and not requested)
     return TrainingStatus(decision, pending)
 
 
@@ -75,9 +77,12 @@ def build_segmentation_training_sensor(interval_s: int) -> dg.SensorDefinition:
         asset_selection=[SEGMENTATION_MODEL],
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Trains segmentation_model when at least `segmentation.min_training_cases` patients have "
-                    "a reference mask and a materialized ct_image, that set changed since the installed model, "
-                    "stayed unchanged for `automation.training_debounce_s`, and no radiology run or training "
-                    "is queued or running.",
+                    "a reference mask and a materialized ct_image and no model is installed, or when at least "
+                    "`segmentation.retrain_min_new_cases` of those cases (or `retrain_min_growth_fraction` of "
+                    "the last training's set) were added, changed or removed since the last training; once "
+                    "the set stayed unchanged for `automation.training_debounce_s` and no radiology run or "
+                    "training is queued or running. A new model is installed only if it predicts held-out "
+                    "reference cases at least as well as the installed one.",
     )
     def segmentation_training_sensor(context: dg.SensorEvaluationContext, landing: LandingZone,
                                      storage: ArtifactStorage, segmentation: SegmentationModelResource,

@@ -40,9 +40,12 @@ def test_reference_set_needs_a_reference_mask_and_a_materialized_ct(tmp_path):
     assert lifecycle.has_reference_mask(landing, "A") and not lifecycle.has_reference_mask(landing, "B")
 
 
+POLICY = lifecycle.RetrainPolicy(min_new_cases=3, min_growth_fraction=0.5)
+
+
 def decide(cases, **overrides):
-    arguments = dict(cases=cases, installed_fingerprint=None, min_cases=2, busy_runs=0, cursor={}, now=NOW,
-                     debounce_s=60.0, requested_before=False)
+    arguments = dict(cases=cases, trained=None, trained_fingerprint=None, policy=POLICY, min_cases=2, busy_runs=0,
+                     cursor={}, now=NOW, debounce_s=60.0, requested_before=False)
     arguments.update(overrides)
     return lifecycle.decide_training(**arguments)
 
@@ -76,9 +79,116 @@ def test_training_is_not_requested_again_for_the_installed_or_an_already_request
     two = {"A": [1, []], "B": [2, []]}
     fingerprint = lifecycle.reference_set_fingerprint(two)
     settled = {"fp": fingerprint, "since": NOW - 600}
-    assert not decide(two, cursor=settled, installed_fingerprint=fingerprint).request
+    assert not decide(two, cursor=settled, trained_fingerprint=fingerprint).request
     again = decide(two, cursor=settled, requested_before=True)
     assert not again.request and "already requested" in again.reason
+
+
+def cohort(n: int, first: int = 0) -> dict[str, list]:
+    return {f"P{i:02d}": [i, [["stomach.nii.gz", 100 + i, i]]] for i in range(first, first + n)}
+
+
+def test_the_first_model_trains_once_enough_reference_masks_exist():
+    three = cohort(3)
+    settled = {"fp": lifecycle.reference_set_fingerprint(three), "since": NOW - 600}
+    first = decide(three, cursor=settled, trained=None)
+    assert first.request and first.due and "the first model" in first.reason
+    assert not decide(cohort(1), trained=None).due
+
+
+def test_retraining_waits_until_the_policy_threshold():
+    trained_set = cohort(10)
+    trained = lifecycle.case_stamps(trained_set)
+
+    def settled(cases, **overrides):
+        cursor = {"fp": lifecycle.reference_set_fingerprint(cases), "since": NOW - 600}
+        return decide(cases, cursor=cursor, trained=trained,
+                      trained_fingerprint=lifecycle.reference_set_fingerprint(trained_set), **overrides)
+
+    # 3 new cases, or half of the 10 trained on, whichever comes first: 3.
+    below = settled({**trained_set, **cohort(2, first=10)})
+    assert not below.request and not below.due and below.cursor == {}
+    assert "2 reference case(s) changed since the last training (2 added)" in below.reason
+    assert "retrains from 3" in below.reason and "Materialize segmentation_model" in below.reason
+    at = settled({**trained_set, **cohort(3, first=10)})
+    assert at.request and at.due and "3 added since the last training" in at.reason
+    # A replaced mask of a case the model saw, and a removed one, are changes of the set too.
+    changed = {**cohort(9), "P00": [0, [["stomach.nii.gz", 999, 5]]], **cohort(1, first=10)}
+    mixed = settled(changed)
+    assert mixed.request and "1 added, 1 changed, 1 removed" in mixed.reason
+    # The fraction counts when it is the smaller threshold: a fifth of 10 is 2.
+    by_fraction = settled({**trained_set, **cohort(2, first=10)},
+                          policy=lifecycle.RetrainPolicy(min_new_cases=100, min_growth_fraction=0.2))
+    assert by_fraction.request
+    # Due but busy or already requested: not requested, still due (the cohort refresh waits for it).
+    assert settled({**trained_set, **cohort(3, first=10)}, busy_runs=1).due
+    assert lifecycle.RetrainPolicy(3, 0.5).needed(0) == 1  # an empty last set: any change
+
+
+def test_the_stamps_of_an_older_pointer_are_its_training_cases():
+    assert lifecycle.trained_case_stamps(None) is None
+    assert lifecycle.trained_case_stamps({"folder": "m", "training": {"cases": ["A", "B"]}}) == {"A": None, "B": None}
+    stamps = lifecycle.case_stamps(cohort(2))
+    assert lifecycle.trained_case_stamps({"folder": "m", "reference_cases": stamps}) == stamps
+    # With no stamp a case the model trained on counts as unchanged; a new one as added.
+    changes = lifecycle.set_changes(cohort(3), {"P00": None, "P01": None})
+    assert (changes.added, changes.changed, changes.removed) == (["P02"], [], [])
+
+
+def test_a_run_started_by_hand_trains_below_the_policy_threshold():
+    """What a user's run of segmentation_model does: the policy does not apply to it."""
+    trained_set = cohort(10)
+    grown = {**trained_set, **cohort(1, first=10)}
+    cursor = {"fp": lifecycle.reference_set_fingerprint(grown), "since": NOW - 600}
+    assert not decide(grown, cursor=cursor, trained=lifecycle.case_stamps(trained_set)).due  # the sensor waits
+    pointer = {"folder": "m1", "fingerprint": "inputs-1", "checkpoint_sha256": "c1"}
+    assert lifecycle.training_action(fingerprint="inputs-2", pointer=pointer) == lifecycle.TRAIN
+    assert lifecycle.training_action(fingerprint="inputs-1", pointer=pointer) == lifecycle.REUSE
+    assert lifecycle.training_action(fingerprint="inputs-1", pointer=None) == lifecycle.TRAIN
+    # A model trained on these inputs was rejected against this installed model: not trained again ...
+    rejected = {**pointer, "rejected": {"fingerprint": "inputs-2", "against": "c1"}}
+    assert lifecycle.training_action(fingerprint="inputs-2", pointer=rejected) == lifecycle.REJECTED_BEFORE
+    # ... unless the installed model is another one now.
+    assert lifecycle.training_action(fingerprint="inputs-2",
+                                     pointer={**rejected, "checkpoint_sha256": "c2"}) == lifecycle.TRAIN
+
+
+def digests(patients, version: str = "1") -> dict[str, dict]:
+    return {pid: {"ct_image": f"ct-{pid}", "reference_mask": f"mask-{pid}-{version}"} for pid in patients}
+
+
+def test_held_out_cases_are_ones_the_installed_model_did_not_train_on():
+    seen = [f"P{i:02d}" for i in range(20)]
+    new = [f"N{i:02d}" for i in range(10)]
+    inputs = digests(seen + new)
+    installed = digests(seen)
+    held = lifecycle.choose_held_out(inputs, installed, fraction=0.2, min_cases=3)
+    # max(3, ceil(0.2 x 10)) of the 10 new ones, chosen by the hash of the id: the same every time.
+    assert len(held.cases) == 3 and set(held.cases) <= set(new) and held.seen_by_installed == []
+    assert lifecycle.choose_held_out(inputs, installed, fraction=0.2, min_cases=3) == held
+    more = lifecycle.choose_held_out(digests(seen + new + [f"M{i:02d}" for i in range(20)]), installed,
+                                     fraction=0.2, min_cases=3)
+    assert len(more.cases) == 6  # a fifth of 30
+    # A changed reference mask: the installed model did not train on that mask.
+    changed = lifecycle.choose_held_out({**inputs, **digests(["P05"], version="2")}, digests(seen + new),
+                                        fraction=0.2, min_cases=3)
+    assert changed.cases == ["P05"]
+    # Fewer new cases than the minimum: all of them, always leaving nnU-Net 2 training cases.
+    assert lifecycle.choose_held_out(digests(["A", "B", "N1"]), digests(["A", "B"]), fraction=0.2,
+                                     min_cases=5).cases == ["N1"]
+    assert lifecycle.choose_held_out(digests(["A", "N1"]), digests(["A"]), fraction=0.2, min_cases=5).cases == []
+    # Nothing new to the installed model (settings changed): held out among the cases it saw, and said so.
+    only_seen = lifecycle.choose_held_out(installed, installed, fraction=0.2, min_cases=3)
+    assert len(only_seen.cases) == 3 and only_seen.seen_by_installed == only_seen.cases
+
+
+def test_a_new_model_is_installed_only_if_at_least_as_good_on_the_held_out_cases():
+    installed = {"A": 0.80, "B": 0.70}
+    assert lifecycle.install_decision({"A": 0.80, "B": 0.70}, installed)[0]  # equal: installed
+    ok, text = lifecycle.install_decision({"A": 0.90, "B": 0.65}, installed)
+    assert ok and "mean Dice 0.775 on 2 held-out case(s), at least the installed model's 0.750" in text
+    ok, text = lifecycle.install_decision({"A": 0.80, "B": 0.69}, installed)
+    assert not ok and text.startswith("rejected: mean Dice 0.745") and "the installed model stays" in text
 
 
 def test_a_new_model_re_predicts_every_mask_without_reference_in_slices():

@@ -205,8 +205,10 @@ def test_segmentation_model_trains_and_installs_a_tiny_nnunet(trained):
     assert model_table(meta) == {
         "model id": meta["model_id"], "plans": "nnUNetPlans_tiny", "configuration": "3d_fullres",
         "trainer": "nnUNetTrainerAdam", "folds": "all", "epochs": "20", "iterations per epoch": "12",
-        "training cases": f"{len(TRAINING_CROPS)}: {', '.join(TRAINING_CROPS)}", "device": "cpu",
-        "checkpoint sha256": meta["checkpoint_sha256"]}
+        "training cases": f"{len(TRAINING_CROPS)}: {', '.join(TRAINING_CROPS)}", "held-out cases": "none",
+        "device": "cpu", "checkpoint sha256": meta["checkpoint_sha256"]}
+    # The first model: nothing installed to compare it with.
+    assert meta["decision"] == "installed: the first model (none installed to compare with)"
 
     # Installed atomically as <artifacts>/segmentation_model/<model_id>/ with a current.json pointer.
     folder = Path(meta["model_folder"])
