@@ -399,8 +399,11 @@ def mask_content(image: sitk.Image, mask: sitk.Image) -> MaskContent:
 
 def dice(a: sitk.Image | np.ndarray, b: sitk.Image | np.ndarray) -> float:
     """Dice overlap of two masks on the same grid (non-zero is inside); 1.0 when both are empty."""
-    a = sitk.GetArrayViewFromImage(a) if isinstance(a, sitk.Image) else np.asarray(a)
-    b = sitk.GetArrayViewFromImage(b) if isinstance(b, sitk.Image) else np.asarray(b)
+    # The array views borrow the images' buffers: `image_a`/`image_b` keep an image passed as a
+    # temporary alive until the views are done with.
+    image_a, image_b = a, b
+    a = sitk.GetArrayViewFromImage(image_a) if isinstance(image_a, sitk.Image) else np.asarray(image_a)
+    b = sitk.GetArrayViewFromImage(image_b) if isinstance(image_b, sitk.Image) else np.asarray(image_b)
     if a.shape != b.shape:
         raise ValueError(f"Dice of masks of different shapes: {a.shape} and {b.shape}")
     a, b = a != 0, b != 0

@@ -241,3 +241,22 @@ def test_checks_name_the_thresholds_the_computation_uses():
     from gcmlm_assets.radiology import checks
 
     assert (checks.BONE_HU, checks.AIR_HU) == (masks.BONE_HU, masks.AIR_HU)
+
+
+def test_dice_of_images_read_inline_is_right_every_time(tmp_path):
+    """The array views borrow the images' buffers: images passed as temporaries must stay alive
+    (they were freed mid-computation once, and Dice came out 1.0)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from gcmlm_assets.radiology.masks import dice
+
+    paths = []
+    for extra, name in ((0, "a.nii.gz"), (10, "b.nii.gz")):
+        array = np.zeros((40, 40, 40), np.uint8)
+        array[5:10 + extra, 5:20, 5:20] = 1
+        paths.append(tmp_path / name)
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(paths[-1]))
+    expected = 2 * 5 * 15 * 15 / (5 * 15 * 15 + 15 * 15 * 15)
+    values = {round(dice(sitk.ReadImage(str(paths[0])), sitk.ReadImage(str(paths[1]))), 9) for _ in range(30)}
+    assert values == {round(expected, 9)}
