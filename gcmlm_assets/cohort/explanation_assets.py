@@ -98,7 +98,12 @@ class _ExplanationRun:
         self.rows = {patient_id: (rows.slice(i, 1), digest)
                      for i, (patient_id, digest) in enumerate(zip(ids, explanation_keys.row_digests(rows)))}
         self.recorded = _recorded_keys(context.instance, patients)
-        self.model = LoadOnce(lambda path: modelling.load_model(path), errors=(modelling.UntrustedModelFile,))
+        self._model: LoadOnce | None = None  # made when a patient first needs the model
+
+    def model(self):
+        if self._model is None:
+            self._model = LoadOnce(modelling.load_model, errors=(modelling.UntrustedModelFile,))
+        return self._model.get(self.model_folder / MODEL_FILE)
 
     def explain(self, patient_id: str):
         if patient_id not in self.rows:
@@ -121,8 +126,8 @@ class _ExplanationRun:
         else:
             staging = new_version_folder(root)
             try:
-                _explain_and_write(self.context, self.model.get(self.model_folder / MODEL_FILE), row_table,
-                                   patient_id, staging, self.store, self.model_version)
+                _explain_and_write(self.context, self.model(), row_table, patient_id, staging, self.store,
+                                   self.model_version)
                 stored = publish_version(root, staging, {KEY_FIELD: key})
             finally:
                 shutil.rmtree(staging, ignore_errors=True)  # gone already once published

@@ -171,6 +171,8 @@ def test_only_patients_whose_key_changed_are_explained_in_ranges(cohort, instanc
     counts = {p: len(instance.fetch_materializations(dg.AssetRecordsFilter(
         asset_key=dg.AssetKey(EXPLANATIONS), asset_partitions=[p]), limit=10).records) for p in skipped}
     assert set(counts.values()) == {1}  # the first refresh's only
+    status = instance.get_status_by_partition(dg.AssetKey(EXPLANATIONS), spans[0], patients_partitions)
+    assert {str(s.value) for s in status.values()} == {"MATERIALIZED"}  # the skipped ones stay green
     _execute(instance, resources, requests[1])
     assert unexplained(instance) == set()
 
