@@ -29,6 +29,8 @@ KEY_COLUMN = "explanation_key"
 # automation and backfills write them.
 ASSET_PARTITION_RANGE_START_TAG = "dagster/asset_partition_range_start"
 ASSET_PARTITION_RANGE_END_TAG = "dagster/asset_partition_range_end"
+# What these runs do, for the sensors that count the runs in flight by this tag without loading them.
+WORK_TAGS = {"gcmlm/work": "explanations"}
 
 
 def _read_cursor(cursor: str | None) -> tuple[int | None, str | None, bool]:
@@ -56,14 +58,16 @@ def recorded_explanation_keys(instance: dg.DagsterInstance, explanations_asset: 
 
 
 def _run_request(explanations_asset: str, patients: list[str], scores_event: int) -> dg.RunRequest:
+    """One run for `patients` (consecutive changed patients): over the range from the first to the
+    last, or an ordinary one-patient run for a group of one."""
     first, last = patients[0], patients[-1]
+    tags = {"gcmlm/reason": f"{len(patients)} patient(s) whose explanation key changed with risk_scores "
+                            f"event {scores_event}", **WORK_TAGS}
     common = {"run_key": f"explain:{scores_event}:{first}:{last}",
               "asset_selection": [dg.AssetKey(explanations_asset)]}
-    reason = {"gcmlm/reason": f"{len(patients)} patient(s) whose explanation key changed with risk_scores "
-                              f"event {scores_event}"}
     if len(patients) == 1:
-        return dg.RunRequest(partition_key=first, tags=reason, **common)
-    return dg.RunRequest(tags={**reason, ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last},
+        return dg.RunRequest(partition_key=first, tags=tags, **common)
+    return dg.RunRequest(tags={**tags, ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last},
                          **common)
 
 

@@ -159,6 +159,7 @@ def test_only_patients_whose_key_changed_are_explained_in_ranges(cohort, instanc
     assert spans == [partitions[5:FIRST + 2], [changed[3]]]
     assert requests[0].tags["dagster/asset_partition_range_start"] == changed_patient
     assert requests[1].partition_key == changed[3]  # a group of one: an ordinary one-patient run
+    assert all(r.tags["gcmlm/work"] == "explanations" for r in requests)
 
     # The first range spans the unchanged patients between: they are skipped without an event.
     run = _execute(instance, resources, requests[0])
