@@ -15,8 +15,8 @@ from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import checks as cohort_checks
 from gcmlm_assets.cohort import resources as cohort_resources
 from gcmlm_assets.cohort import explanation_assets
-from gcmlm_assets.cohort.sensors import (
-    PATIENT_FEATURE_ASSETS, build_cohort_refresh_sensor, build_risk_explanations_sensor)
+from gcmlm_assets.cohort.explanation_sensors import build_risk_explanations_sensor
+from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS, build_cohort_refresh_sensor
 from gcmlm_assets.landing.sensors import landing_sensor
 from gcmlm_assets.pathology import assets as pathology_assets
 from gcmlm_assets.pathology import checks as pathology_checks

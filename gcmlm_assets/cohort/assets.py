@@ -50,11 +50,12 @@ model_card = lazy("gcmlm_assets.cohort.model_card")
 model_importance = lazy("gcmlm_assets.cohort.importance")
 card_context = lazy("gcmlm_assets.cohort.card_context")
 bags = lazy("gcmlm_assets.cohort.bags")
+explanation_keys = lazy("gcmlm_assets.cohort.explanation_keys")
 
 GROUP = "cohort"
 CLINICAL_CSV = "clinical.csv"
 # Bump a version when its asset's output would change for the same inputs (it invalidates reuse).
-CODE_VERSIONS = {"clinical_table": "1", "fused_table": "3", "risk_model": "4", "risk_scores": "2"}
+CODE_VERSIONS = {"clinical_table": "1", "fused_table": "3", "risk_model": "4", "risk_scores": "3"}
 
 CLINICAL_FILE, CLINICAL_PROBLEMS = "clinical.parquet", "problems.json"
 FUSED_FILE, FUSION_REPORT = "fused.parquet", "fusion_report.json"
@@ -483,7 +484,8 @@ def _run_showing_version(latest: "dg.EventLogEntry | None", version: str) -> str
           dg.AssetDep(UNI_FEATURES, partition_mapping=dg.AllPartitionMapping())],
     description="MLM probability and risk group (high: at or above the model's threshold) for every "
     "patient with radiology or pathology features, from the current risk_model version (an ABMIL model "
-    "reads the patch features too).",
+    "reads the patch features too). Each score records the model version it came from and the key of "
+    "the explanation it needs (risk_explanations_sensor explains the patients whose key changed).",
     metadata=column_schema_metadata(RISK_SCORES_COLUMNS),
 )
 def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
@@ -493,8 +495,11 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
     fused_path = _required_input(store, "fused_table", FUSED_FILE)
     model_sha, fused_sha = pointer["files"][MODEL_FILE], sha256_file(fused_path)
     fused = pq.read_table(fused_path)
+    # the explanation keys' inputs: the model file, the fused rows, the pathology patients' feature
+    # files (the bags) and the explanation code; the version name is written beside each score
     fingerprint = sha256_text(CODE_VERSIONS["risk_scores"], model_sha, fused_sha,
-                              bags.bags_fingerprint(store, UNI_FEATURES, bags.pathology_patients(fused)))
+                              bags.bags_fingerprint(store, UNI_FEATURES, bags.pathology_patients(fused)),
+                              explanation_keys.CODE_VERSION, pointer["version"])
     folder = store.asset_dir("risk_scores")
     manifest = _reuse_or_none(store, "risk_scores", fingerprint, context)
     if manifest is None:
@@ -506,7 +511,8 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
         except modelling.UntrustedModelFile as exc:
             raise dg.Failure(description=str(exc)) from None
         patient_bags = _patient_bags(store, bags.pathology_patients(fused), context) if model.needs_bags() else None
-        scores = model.score_table(fused, patient_bags)
+        scores = _with_versions(model.score_table(fused, patient_bags), pointer["version"],
+                                explanation_keys.explanation_keys(fused, model_sha, store, UNI_FEATURES))
         fusion.write_parquet(scores, folder / SCORES_FILE)
         _save_score_picture(scores, model.risk_threshold, folder / SCORES_PICTURE)
         manifest = {"fingerprint": fingerprint, "files": {SCORES_FILE: sha256_file(folder / SCORES_FILE),
@@ -540,6 +546,15 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
         },
         data_version=dg.DataVersion(manifest["files"][SCORES_FILE]),
     )
+
+
+def _with_versions(scores, model_version: str, keys: dict[str, str]):
+    """The scores with the model version they came from and each patient's explanation key."""
+    import pyarrow as pa
+
+    ids = scores.column("patient_id").to_pylist()
+    return (scores.append_column("model_version", pa.array([model_version] * len(ids), pa.string()))
+            .append_column("explanation_key", pa.array([keys[patient_id] for patient_id in ids], pa.string())))
 
 
 def _save_score_picture(scores, threshold: float, path: Path) -> None:

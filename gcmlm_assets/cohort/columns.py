@@ -50,4 +50,9 @@ RISK_SCORES_COLUMNS = (
     Column("probability_clinical", "double", "The clinical model's probability (only with "
                                              "risk_model.use_clinical)", optional=True),
     Column("mlm", "int8", "The known label, for comparison (null while unknown)"),
+    Column("model_version", "string", "The risk_model version that scored the patient (its folder under "
+                                      "risk_model/)"),
+    Column("explanation_key", "string", "The key of the explanation this score needs: a hash of the "
+                                        "explanation code, the model file, the patient's fused_table row and "
+                                        "patch features (risk_explanations records the key it explained)"),
 )

@@ -1,10 +1,14 @@
 """risk_explanations: why each patient got their score (thin wiring over patient_explanation.py).
 
 Partitioned by patient, in the cohort group, so that each patient's explanation has its own page
-in the UI. `risk_explanations_sensor` (sensors.py) asks for every scored patient's explanation
-after each new risk_scores. An explanation is reused while the model version, the fused table and
-the patient's patch features are unchanged. Each explanation is published as one version folder,
-`<artifacts>/risk_explanations/<patient>/<version>/`, named by `current.json` (as risk_model's).
+in the UI. `risk_explanations_sensor` (explanation_sensors.py) asks for the patients whose
+explanation key (explanation_keys.py: the code version, the risk model file, the patient's own
+fused_table row and patch features) differs from the one last recorded, many patients per run.
+A run explains its patients one by one with one loaded model and one read of the fused table; a
+patient whose key is recorded already is skipped without an event. Each explanation is published
+as one version folder, `<artifacts>/risk_explanations/<patient>/<version>/`, named by
+`current.json` (as risk_model's), which records the key it was made for; the materialization's
+data version is that key.
 """
 
 
@@ -15,6 +19,8 @@ from pathlib import Path
 import dagster as dg
 
 from gcmlm_assets import step_pods
+from gcmlm_assets.batching import DATA_VERSION_TAG, LoadOnce, batch_patients, per_patient_events
+from gcmlm_assets.cohort import explanation_keys
 from gcmlm_assets.cohort.assets import (
     FUSED_FILE, GROUP, MODEL_FILE, _current_model_or_fail, _required_input)
 from gcmlm_assets.lazy import lazy
@@ -22,10 +28,8 @@ from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.pathology.checks import UNI_FEATURES
 from gcmlm_assets.policies import TRANSIENT_RETRY
 from gcmlm_assets.pictures import PHOTO, picture_markdown, save_png
-from gcmlm_assets.resources import ArtifactStorage
 from gcmlm_assets.storage import (
-    atomic_write_json, new_version_folder, publish_version, read_version_pointer, sha256_file, sha256_text,
-    version_intact)
+    atomic_write_json, new_version_folder, publish_version, read_version_pointer, version_intact)
 
 np = lazy("numpy")
 pa = lazy("pyarrow")
@@ -38,65 +42,111 @@ pooling = lazy("gcmlm_assets.pathology.pooling")
 fusion = lazy("gcmlm_assets.cohort.fusion")
 
 RISK_EXPLANATIONS = "risk_explanations"
-CODE_VERSION = "1"
+CODE_VERSION = explanation_keys.CODE_VERSION
+KEY_FIELD = "explanation_key"  # in current.json: the key the published explanation was made for
 PATCHES_FILE = "patch_contributions.parquet"
 EXPLANATION_FILE = "explanation.json"
 SLIDES_IN_METADATA = 3  # heatmaps embedded in the metadata; every slide's is in the folder
 TOP_FEATURES = 10
+# Above this many patients a run asks for every patient's recorded key (one query either way):
+# a list of thousands of partitions would not fit SQLite's limit on a query's parameters.
+RECORDED_KEYS_BY_NAME = 500
 
 
-@dg.asset(
+@dg.multi_asset(
+    specs=[dg.AssetSpec(
+        RISK_EXPLANATIONS,
+        group_name=GROUP,
+        code_version=CODE_VERSION,
+        deps=[dg.AssetDep("risk_scores"), dg.AssetDep("risk_model"), dg.AssetDep("fused_table"),
+              dg.AssetDep(UNI_FEATURES)],
+        # Nothing is yielded for a patient whose explanation is recorded already, nor by a range step
+        # (per_patient_events logs each patient's materialization on its own).
+        skippable=True,
+        description="Why this patient got their score: how the blocks' logits combine into the fused probability; "
+        "the radiology and clinical features' exact contributions (coefficient x standardised value, top 10); "
+        "each patch's exact contribution to the pathology logit, stored beside its coordinates and drawn over "
+        "the slide (diverging colours centred on zero); ABMIL attention maps, labelled as attention. Non-linear "
+        "classifiers get no contributions (see risk_model's permutation importance). Made again only when the "
+        "patient's explanation key changes (the model file, the patient's fused_table row or patch features).",
+    )],
     name=RISK_EXPLANATIONS,
-    group_name=GROUP,
     partitions_def=patients_partitions,
     retry_policy=TRANSIENT_RETRY,
+    # A backfill from the UI explains up to GCMLM_GPU_BATCH_PATIENTS patients per run, as the sensor does.
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=batch_patients()),
     op_tags=step_pods.op_tags(step_pods.COHORT),
-    code_version=CODE_VERSION,
-    deps=[dg.AssetDep("risk_scores"), dg.AssetDep("risk_model"), dg.AssetDep("fused_table"),
-          dg.AssetDep(UNI_FEATURES)],
-    description="Why this patient got their score: how the blocks' logits combine into the fused probability; "
-    "the radiology and clinical features' exact contributions (coefficient x standardised value, top 10); "
-    "each patch's exact contribution to the pathology logit, stored beside its coordinates and drawn over "
-    "the slide (diverging colours centred on zero); ABMIL attention maps, labelled as attention. Non-linear "
-    "classifiers get no contributions (see risk_model's permutation importance).",
+    required_resource_keys={"storage"},
 )
-def risk_explanations(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
-    patient_id = context.partition_key
-    store = storage.store()
-    model_folder, pointer = _current_model_or_fail(store)
-    fused_path = _required_input(store, "fused_table", FUSED_FILE)
-    manifest = store.read_manifest(UNI_FEATURES, patient_id) or {}
-    fingerprint = sha256_text(CODE_VERSION, pointer["files"][MODEL_FILE], sha256_file(fused_path),
-                              json.dumps(manifest.get("files") or {}, sort_keys=True))
-    # each explanation is one version folder named by current.json: a reader never sees a mix of
-    # old and new files, and a slide or map that is gone does not linger
-    root = store.asset_dir(RISK_EXPLANATIONS, patient_id)
-    pointer_now = read_version_pointer(root)
-    if pointer_now and pointer_now.get("fingerprint") == fingerprint and version_intact(root, pointer_now):
-        context.log.info(f"{patient_id}: model, fused table and patch features unchanged; explanation reused")
-        explanation = pointer_now
-    else:
-        staging = new_version_folder(root)
-        try:
-            _explain_and_write(context, model_folder, fused_path, patient_id, staging, store, pointer["version"])
-            explanation = publish_version(root, staging, {"fingerprint": fingerprint})
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)  # gone already once published
-    folder = root / explanation["version"]
-    summary = json.loads((folder / EXPLANATION_FILE).read_text())
-    return dg.MaterializeResult(metadata=_metadata(folder, summary),
-                                data_version=dg.DataVersion(explanation["files"][EXPLANATION_FILE]))
+def risk_explanations(context: dg.AssetExecutionContext):
+    run = _ExplanationRun(context, context.resources.storage.store())
+    yield from per_patient_events(context, RISK_EXPLANATIONS, run.explain, [], CODE_VERSION)
 
 
-def _explain_and_write(context, model_folder: Path, fused_path: Path, patient_id: str, folder: Path, store,
-                       model_version: str) -> None:
-    model = modelling.load_model(model_folder / MODEL_FILE)
-    table = pq.read_table(fused_path)
-    ids = table.column("patient_id").to_pylist()
-    if patient_id not in ids:
-        raise dg.Failure(description=f"patient {patient_id} is not in {fused_path} (no usable radiomics or slide "
-                                     "features): nothing to explain", allow_retries=False)
-    row_table = table.slice(ids.index(patient_id), 1)
+class _ExplanationRun:
+    """What every patient of one run shares: the model (loaded once, when a patient first needs
+    it), the fused table's rows of the run's patients (read once) and their recorded keys."""
+
+    def __init__(self, context: dg.AssetExecutionContext, store):
+        self.context, self.store = context, store
+        self.model_folder, pointer = _current_model_or_fail(store)
+        self.model_sha, self.model_version = pointer["files"][MODEL_FILE], pointer["version"]
+        self.fused_path = _required_input(store, "fused_table", FUSED_FILE)
+        patients = list(context.partition_keys)
+        rows = explanation_keys.read_patient_rows(self.fused_path, patients)
+        ids = rows.column(explanation_keys.ID_COLUMN).to_pylist()
+        self.rows = {patient_id: (rows.slice(i, 1), digest)
+                     for i, (patient_id, digest) in enumerate(zip(ids, explanation_keys.row_digests(rows)))}
+        self.recorded = _recorded_keys(context.instance, patients)
+        self._model: LoadOnce | None = None  # made when a patient first needs the model
+
+    def model(self):
+        if self._model is None:
+            self._model = LoadOnce(modelling.load_model, errors=(modelling.UntrustedModelFile,))
+        return self._model.get(self.model_folder / MODEL_FILE)
+
+    def explain(self, patient_id: str):
+        if patient_id not in self.rows:
+            raise dg.Failure(description=f"patient {patient_id} is not in {self.fused_path} (no usable radiomics or "
+                                         "slide features): nothing to explain", allow_retries=False)
+        row_table, digest = self.rows[patient_id]
+        has_pathology = bool(row_table.column(explanation_keys.PATHOLOGY_FLAG)[0].as_py())
+        files = (explanation_keys.patient_feature_files(self.store, UNI_FEATURES, patient_id) if has_pathology
+                 else None)
+        key = explanation_keys.explanation_key(self.model_sha, digest, files)
+        root = self.store.asset_dir(RISK_EXPLANATIONS, patient_id)
+        stored = read_version_pointer(root)
+        if stored and stored.get(KEY_FIELD) == key and self.recorded.get(patient_id) == key:
+            # recorded and published for this key: nothing new to say (its files are not re-hashed here)
+            self.context.log.info(f"{patient_id}: model, fused_table row and patch features unchanged; the "
+                                  f"recorded explanation stands")
+            return
+        if stored and stored.get(KEY_FIELD) == key and version_intact(root, stored):
+            self.context.log.info(f"{patient_id}: explanation for these inputs found in {root}; reused")
+        else:
+            staging = new_version_folder(root)
+            try:
+                _explain_and_write(self.context, self.model(), row_table, patient_id, staging, self.store,
+                                   self.model_version)
+                stored = publish_version(root, staging, {KEY_FIELD: key})
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)  # gone already once published
+        folder = root / stored["version"]
+        summary = json.loads((folder / EXPLANATION_FILE).read_text())
+        yield dg.MaterializeResult(asset_key=RISK_EXPLANATIONS, metadata=_metadata(folder, summary),
+                                   data_version=dg.DataVersion(key))
+
+
+def _recorded_keys(instance: dg.DagsterInstance, patients: list[str]) -> dict[str, str]:
+    """{patient: the key of its latest explanation}, in one query."""
+    by_name = patients if len(patients) <= RECORDED_KEYS_BY_NAME else None
+    tags = instance.event_log_storage.get_latest_tags_by_partition(
+        dg.AssetKey(RISK_EXPLANATIONS), dg.DagsterEventType.ASSET_MATERIALIZATION, [DATA_VERSION_TAG],
+        asset_partitions=by_name)
+    return {patient_id: values[DATA_VERSION_TAG] for patient_id, values in tags.items() if DATA_VERSION_TAG in values}
+
+
+def _explain_and_write(context, model, row_table, patient_id: str, folder: Path, store, model_version: str) -> None:
     slides = _slide_patches(store, patient_id) if bool(row_table.column("has_pathology")[0].as_py()) else []
     # {} (not None): "this patient has no bag", which an ABMIL model accepts for a patient without slides
     bags = {patient_id: np.concatenate([s.features for s in slides]).astype(np.float32)} if slides else {}

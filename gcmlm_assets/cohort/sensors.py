@@ -1,5 +1,5 @@
 """cohort_refresh_sensor: the cohort assets refresh once per-patient work has settled.
-risk_explanations_sensor: each new risk_scores asks for every scored patient's explanation."""
+(risk_explanations_sensor is in explanation_sensors.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import dagster as dg
 from gcmlm_assets import runs
 from gcmlm_assets.cohort.refresh import decide_refresh
 from gcmlm_assets.landing.scan import CLINICAL_CSV
-from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.radiology.resources import SegmentationModelResource
 from gcmlm_assets.radiology.sensors import training_status
 from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZone
@@ -74,39 +73,3 @@ def build_cohort_refresh_sensor(interval_s: int, cohort_keys: list[dg.AssetKey],
             cursor=fingerprint)
 
     return cohort_refresh_sensor
-
-
-def build_risk_explanations_sensor(interval_s: int, explanations_asset: str, scores_asset: str,
-                                   scores_file: str) -> dg.SensorDefinition:
-    @dg.sensor(
-        name="risk_explanations_sensor",
-        minimum_interval_seconds=interval_s,
-        asset_selection=[explanations_asset],
-        default_status=dg.DefaultSensorStatus.RUNNING,
-        description=f"After each new {scores_asset} materialization, requests {explanations_asset} for every "
-                    "scored patient (one run each; an explanation whose inputs did not change is reused).",
-    )
-    def risk_explanations_sensor(context: dg.SensorEvaluationContext, storage: ArtifactStorage):
-        records = context.instance.fetch_materializations(dg.AssetKey(scores_asset), limit=1).records
-        if not records:
-            return dg.SkipReason(f"{scores_asset} has not been materialized")
-        event = records[0]  # an EventLogRecord: its storage_id orders the events
-        if context.cursor == str(event.storage_id):
-            return dg.SkipReason(f"every patient of {scores_asset}'s latest scores was already requested")
-        import pyarrow.parquet as pq
-
-        path = storage.store().path(scores_asset, None, scores_file)
-        try:
-            scored = pq.read_table(path, columns=["patient_id"]).column("patient_id").to_pylist()
-        except (OSError, ValueError) as error:
-            return dg.SkipReason(f"{path} cannot be read: {error}")
-        known = set(context.instance.get_dynamic_partitions(patients_partitions.name))
-        # keyed by the scores' event: each new risk_scores refreshes every explanation (an unchanged
-        # one is reused by its fingerprint, so a repeat costs little)
-        requests = [dg.RunRequest(run_key=f"explain:{patient_id}:{event.storage_id}", partition_key=patient_id,
-                                  asset_selection=[dg.AssetKey(explanations_asset)])
-                    for patient_id in sorted(set(scored) & known)]
-        context.log.info(f"{len(requests)} scored patient(s) to explain ({scores_asset} event {event.storage_id})")
-        return dg.SensorResult(run_requests=requests, cursor=str(event.storage_id))
-
-    return risk_explanations_sensor

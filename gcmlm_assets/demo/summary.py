@@ -13,6 +13,7 @@ from typing import Any
 import dagster as dg
 
 from gcmlm_assets.demo import synthetic
+from gcmlm_assets.demo.watch import unexplained
 
 PARTITION_TAG = "dagster/partition"
 
@@ -107,6 +108,9 @@ def summarise(instance: dg.DagsterInstance, defs: dg.Definitions, landing: Path,
         "segmentation_dice": predicted_mask_dice(spec, artifacts) if spec else {},
         "risk_scores": materialization_metadata(instance, "risk_scores"),
         "explanations": explanation_pictures(artifacts),
+        # scored patients whose explanation was not made for their latest score's key (a patient whose
+        # key did not change keeps its explanation and counts as explained)
+        "explanations_pending": sorted(unexplained(instance)),
         "landing": str(landing),
         "artifacts": str(artifacts),
         "dagster_home": str(home),
@@ -211,6 +215,10 @@ def format_summary(summary: dict[str, Any], wall_seconds: float) -> str:
                      "(per-patch contributions; ABMIL attention), e.g.:")
         example = next((p for p in explained.values() if p), [])
         lines += [f"  {path}" for path in example[:4]]
+        pending = summary.get("explanations_pending") or []
+        lines.append(f"  {len(pending)} scored patient(s) not yet explained for the latest scores: "
+                     f"{', '.join(pending[:10])}" if pending
+                     else "  every scored patient's explanation matches the latest scores")
     lines.append("")
     scores = summary["risk_scores"]
     lines.append(f"landing zone:   {summary['landing']}")

@@ -14,7 +14,7 @@ from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS
 PER_PATIENT_ASSETS = ("ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_features", "slide_vector",
                       "risk_explanations")
 COHORT_ASSETS = ("clinical_table", "fused_table", "risk_model", "risk_scores")
-EXPLANATIONS = "risk_explanations"  # per patient, requested by its sensor after each risk_scores
+EXPLANATIONS = "risk_explanations"  # per patient, requested by its sensor when a patient's key changes
 COHORT_SENSOR = "cohort_refresh_sensor"
 SENSOR_NAME_TAG = "dagster/sensor_name"
 FUSED_TABLE = "fused_table"
@@ -82,9 +82,13 @@ def settled(instance: dg.DagsterInstance, since: float) -> bool:
 
 
 def unexplained(instance: dg.DagsterInstance) -> set[str]:
-    """Scored patients whose explanation has neither been materialized since the latest risk_scores
-    nor failed (or been canceled) (the explanations sensor has not asked for it yet, or its run has not ended)."""
+    """Scored patients whose latest explanation was not made for the key their latest score names
+    (never explained, or explained for other inputs), unless their explanation's latest attempt
+    since those scores failed (or was canceled): the explanations sensor has not asked for it yet,
+    or its run has not ended. A patient whose key did not change counts as explained."""
     import pyarrow.parquet as pq
+
+    from gcmlm_assets.cohort.explanation_sensors import KEY_COLUMN, recorded_explanation_keys
 
     records = instance.fetch_materializations(dg.AssetKey("risk_scores"), limit=1).records
     if not records or records[0].asset_materialization is None:
@@ -92,22 +96,23 @@ def unexplained(instance: dg.DagsterInstance) -> set[str]:
     scores = records[0]
     path = scores.asset_materialization.metadata.get("path")
     try:
-        scored = set(pq.read_table(str(path.value), columns=["patient_id"]).column("patient_id").to_pylist())
+        keyed = KEY_COLUMN in pq.read_schema(str(path.value)).names  # scores written before keys have none
+        table = pq.read_table(str(path.value), columns=["patient_id", *([KEY_COLUMN] if keyed else [])])
     except (AttributeError, OSError, ValueError):
         return set()
-    explained = {record.partition_key for record in instance.fetch_materializations(
-        dg.AssetRecordsFilter(dg.AssetKey(EXPLANATIONS), after_storage_id=scores.storage_id), limit=10_000).records}
-    failed = {run.tags.get(runs.PARTITION_TAG) for run in instance.get_runs(
-        filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED],
-                              tags={SENSOR_NAME_TAG: "risk_explanations_sensor"},
-                              created_after=scores.timestamp and _utc(scores.timestamp)))}
-    return scored - explained - failed
-
-
-def _utc(timestamp: float):
-    import datetime
-
-    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    ids = table.column("patient_id").to_pylist()
+    keys = table.column(KEY_COLUMN).to_pylist() if keyed else [None] * len(ids)
+    recorded = recorded_explanation_keys(instance, EXPLANATIONS)
+    behind = {patient_id for patient_id, key in zip(ids, keys) if key is None or recorded.get(patient_id) != key}
+    if not behind:
+        return set()
+    # {patient: (run, event)} of the latest attempts since the scores that materialized nothing
+    attempts = instance.event_log_storage.get_latest_asset_partition_materialization_attempts_without_materializations(
+        dg.AssetKey(EXPLANATIONS), after_storage_id=scores.storage_id)
+    run_ids = sorted({attempts[p][0] for p in behind if p in attempts})
+    ended_badly = {run.run_id for run in instance.get_runs(filters=dg.RunsFilter(
+        run_ids=run_ids, statuses=[dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]))} if run_ids else set()
+    return {p for p in behind if p not in attempts or attempts[p][0] not in ended_badly}
 
 
 def failure_reasons(instance: dg.DagsterInstance, run_id: str) -> list[str]:

@@ -85,6 +85,8 @@ def test_small_cohort_through_dagster(data_root, instance, base_resources):
     assert scores["P004"]["modalities_used"] == "pathology"
     assert scores["P009"]["modalities_used"] == "radiology"
     assert scores["P002"]["mlm"] is None and 0 <= scores["P002"]["probability"] <= 1
+    assert {r["model_version"] for r in scores.values()} == {pointer["version"]}  # each score names its model
+    assert len({r["explanation_key"] for r in scores.values()}) == len(ids)
     names = {"model.skops", "model_card.json", "model_card.md", "metrics.json", "roc.png", "calibration.png",
              "decision_curve.png", "cv_predictions.parquet"}
     assert set(pointer["files"]) == names
@@ -121,7 +123,7 @@ def test_small_cohort_through_dagster(data_root, instance, base_resources):
     assert "columns" in fused_schema["rad_*"].description
     scores_schema = [c.name for c in materialized["risk_scores"]["dagster/column_schema"].value.columns]
     assert scores_schema == ["patient_id", "probability", "risk_group", "modalities_used", "probability_radiology",
-                             "probability_pathology", "mlm"]
+                             "probability_pathology", "mlm", "model_version", "explanation_key"]
 
     # Unchanged inputs and settings: the same outputs, byte for byte, without retraining.
     again = materialize_cohort(instance, base_resources)

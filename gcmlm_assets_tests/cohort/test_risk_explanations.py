@@ -2,65 +2,36 @@
 
 Each patient's slide vector is pooled by the real MeanPooling from CLAM-layout feature files, as
 slide_vector does, so the per-patch contributions can be checked against the model's own logit.
+(test_explanation_runs.py: which patients the sensor explains, and runs over ranges of patients.)
 """
 
 import json
 from pathlib import Path
 
 import dagster as dg
-import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import explanation_assets
+from gcmlm_assets.cohort.explanation_sensors import build_risk_explanations_sensor
 from gcmlm_assets.cohort.resources import RiskModelSettings
-from gcmlm_assets.cohort.sensors import build_risk_explanations_sensor
 from gcmlm_assets.demo.watch import unexplained
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.pathology.checks import UNI_FEATURES
-from gcmlm_assets.pathology.pooling import MeanPooling, patient_slides, write_slide_vector
-from gcmlm_assets.storage import ArtifactStore, read_version_pointer, sha256_file
-from gcmlm_assets_tests.cohort.synthetic import make_cohort, write_clinical_csv, write_radiomics_row
+from gcmlm_assets.storage import ArtifactStore, read_version_pointer
+from gcmlm_assets_tests.cohort.explained_cohort import NO_RADIOLOGY, QUICK, write_patient_files
+from gcmlm_assets_tests.cohort.synthetic import make_cohort, write_clinical_csv
 from gcmlm_assets_tests.cohort.upstream import report_sound_results
 from gcmlm_assets_tests.core.test_pictures import assert_ui_picture, decode_markdown
-
-DIM = 48
-GRID = 6  # patches per side of each synthetic slide
-NO_RADIOLOGY = "P003"
-
-
-def write_patch_features(store: ArtifactStore, patient_id: str, vector: np.ndarray, rng) -> None:
-    """One or two slides of patches on a grid whose features scatter around `vector`; the slide
-    vector is then pooled from them by the real MeanPooling."""
-    folder = store.asset_dir(UNI_FEATURES, patient_id)
-    slides = []
-    for k in range(1 + int(rng.integers(0, 2))):
-        coords = np.array([(x * 256, y * 256) for y in range(GRID) for x in range(GRID)], np.int64)
-        features = (vector[None, :] + rng.normal(0, 1.0, size=(len(coords), DIM))).astype(np.float32)
-        name = f"{patient_id}_slide{k + 1}.h5"
-        with h5py.File(folder / name, "w") as fh:
-            fh.create_dataset("features", data=features)
-            fh.create_dataset("coords", data=coords).attrs["patch_size_level0"] = 256
-            fh.attrs["slide_path"] = str(folder / f"{patient_id}_slide{k + 1}.tiff")  # absent: layout only
-        slides.append({"h5_file": name, "n_patches": len(coords)})
-    store.write_manifest(UNI_FEATURES, patient_id, {
-        "files": {s["h5_file"]: sha256_file(folder / s["h5_file"]) for s in slides}, "slides": slides})
-    pooled = MeanPooling().pool(patient_slides(store, UNI_FEATURES, patient_id))
-    write_slide_vector(store.path("slide_vector", patient_id, "slide_vector.parquet"), patient_id, pooled)
 
 
 @pytest.fixture
 def cohort(data_root: Path, instance):
     ids, labels, radiomics, pathology = make_cohort(30, seed=4)
     store = ArtifactStore(data_root / "artifacts")
-    rng = np.random.default_rng(0)
-    for i, patient_id in enumerate(ids):
-        if patient_id != NO_RADIOLOGY:
-            write_radiomics_row(store.root, patient_id, radiomics[i])
-        store.asset_dir("slide_vector", patient_id)
-        write_patch_features(store, patient_id, pathology[i, :DIM].astype(np.float64) * 3, rng)
+    write_patient_files(store, ids, radiomics, pathology)
     write_clinical_csv(data_root / "landing", ids, labels)
     instance.add_dynamic_partitions(patients_partitions.name, ids)
     report_sound_results(instance, store.root, ids)
@@ -152,21 +123,30 @@ def test_a_non_linear_classifier_gets_no_contributions_and_says_why(cohort, inst
         "radiology", "pathology"}
 
 
-def test_the_sensor_asks_once_per_new_scores_for_every_scored_patient(cohort, instance, base_resources):
+def test_after_the_first_scores_the_sensor_asks_for_everyone_in_ranges_a_few_runs_per_tick(
+        cohort, instance, base_resources, monkeypatch):
     ids, store = cohort
-    defs_sensor = build_risk_explanations_sensor(30, explanation_assets.RISK_EXPLANATIONS, "risk_scores",
-                                                 cohort_assets.SCORES_FILE)
+    monkeypatch.setenv("GCMLM_GPU_BATCH_PATIENTS", "4")
+    sensor = build_risk_explanations_sensor(30, explanation_assets.RISK_EXPLANATIONS, "risk_scores",
+                                            cohort_assets.SCORES_FILE, runs_per_tick=3)
     resources = {"storage": base_resources["storage"]}
     with dg.build_sensor_context(instance=instance, resources=resources) as context:
-        assert isinstance(defs_sensor(context), dg.SkipReason)  # no scores yet
-    settings = RiskModelSettings(n_splits=3, n_repeats=1, n_bootstrap=100, min_labelled_per_class=3,
-                                 inner_splits=3, abmil_in_ablation=False)
+        assert isinstance(sensor(context), dg.SkipReason)  # no scores yet
+    settings = RiskModelSettings(**QUICK, abmil_in_ablation=False)
     assert dg.materialize(cohort_assets.ASSETS, instance=instance,
                           resources={**base_resources, "risk_model": settings}).success
-    with dg.build_sensor_context(instance=instance, resources=resources) as context:
-        result = defs_sensor(context)
-    assert sorted(r.partition_key for r in result.run_requests) == sorted(ids)
-    assert all(r.asset_selection == [dg.AssetKey(explanation_assets.RISK_EXPLANATIONS)] for r in result.run_requests)
-    assert len({r.run_key for r in result.run_requests}) == len(ids)
-    with dg.build_sensor_context(instance=instance, resources=resources, cursor=result.cursor) as context:
-        assert isinstance(defs_sensor(context), dg.SkipReason)  # the same scores: nothing new
+
+    # 30 patients, none explained: 8 runs of at most 4 patients, 3 runs a tick, each tick after the last
+    cursor, ranges = None, []
+    for expected_runs in (3, 3, 2):
+        with dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor) as context:
+            result = sensor(context)
+        assert len(result.run_requests) == expected_runs
+        for request in result.run_requests:
+            assert request.asset_selection == [dg.AssetKey(explanation_assets.RISK_EXPLANATIONS)]
+            assert request.partition_key is None and request.partition_key_range is not None
+            ranges.append((request.partition_key_range.start, request.partition_key_range.end))
+        cursor = result.cursor
+    assert ranges == [(ids[i], ids[min(i + 3, len(ids) - 1)]) for i in range(0, len(ids), 4)]
+    with dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor) as context:
+        assert "was requested" in sensor(context).skip_message  # the same scores: nothing new

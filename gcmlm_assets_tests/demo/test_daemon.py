@@ -47,6 +47,14 @@ def explained_since(instance: dg.DagsterInstance, since: float) -> set[str]:
     return {r.partition_key for r in records if r.timestamp >= since}
 
 
+def scored_explanation_keys(instance: dg.DagsterInstance) -> dict[str, str]:
+    """patient -> the explanation key its latest risk score names."""
+    event = instance.get_latest_materialization_event(dg.AssetKey("risk_scores"))
+    assert event is not None, "risk_scores was never materialized"
+    table = pq.read_table(event.asset_materialization.metadata["path"].value, columns=["patient_id", "explanation_key"])
+    return dict(zip(table.column("patient_id").to_pylist(), table.column("explanation_key").to_pylist()))
+
+
 def latest_ct_mask_source(instance: dg.DagsterInstance, patient_id: str) -> str:
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("ct_mask"), asset_partitions=[patient_id]), limit=1).records
@@ -167,6 +175,7 @@ def test_daemon_takes_drops_to_risk_scores_and_reruns_only_fixed_patients(tmp_pa
                        if pid not in (BROKEN_CT, BROKEN_SLIDE))
             # ... and every scored patient's score is explained, after the scores it explains.
             assert explained_since(instance, 0.0) == set(patients)
+            keys_before = scored_explanation_keys(instance)
 
             # The uploader fixes both drops; only those two patients run again.
             fixed_at = time.time()
@@ -180,7 +189,12 @@ def test_daemon_takes_drops_to_risk_scores_and_reruns_only_fixed_patients(tmp_pa
             assert latest_ct_mask_source(instance, BROKEN_CT) == "predicted"
             used = modalities_used(instance)
             assert sorted(used) == patients and all(used[pid] == {"radiology", "pathology"} for pid in patients)
-            assert explained_since(instance, fixed_at) == set(patients)  # the new scores, explained again
+            # Explained again: exactly the patients whose explanation key changed (the two fixed ones,
+            # and everyone if the model changed); the others keep their explanation, with no run.
+            keys_after = scored_explanation_keys(instance)
+            rekeyed = {pid for pid in patients if keys_after[pid] != keys_before.get(pid)}
+            assert {BROKEN_CT, BROKEN_SLIDE} <= rekeyed
+            assert explained_since(instance, fixed_at) == rekeyed
             assert overlapping_runs_of_one_patient(instance) == []
 
             # Settled means settled: the sensors' next ticks request nothing.
