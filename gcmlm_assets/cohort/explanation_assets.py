@@ -46,7 +46,10 @@ CODE_VERSION = explanation_keys.CODE_VERSION
 KEY_FIELD = "explanation_key"  # in current.json: the key the published explanation was made for
 PATCHES_FILE = "patch_contributions.parquet"
 EXPLANATION_FILE = "explanation.json"
-SLIDES_IN_METADATA = 3  # heatmaps embedded in the metadata; every slide's is in the folder
+# Heatmaps embedded in the metadata: the first one (the first slide's contribution map, else its
+# attention map). Every map of every slide is in the folder, its path in the metadata: each embedded
+# picture is stored with every explanation of every patient, which the instance's budget allows once.
+PICTURES_IN_METADATA = 1
 TOP_FEATURES = 10
 # Above this many patients a run asks for every patient's recorded key (one query either way):
 # a list of thousands of partitions would not fit SQLite's limit on a query's parameters.
@@ -254,11 +257,12 @@ def _metadata(folder: Path, summary: dict) -> dict:
     for block, table in summary["features_markdown"].items():
         metadata[f"{block}_top_features"] = dg.MetadataValue.md(table)
     for i, picture in enumerate(summary["pictures"]):
-        if i < SLIDES_IN_METADATA * 2:
-            metadata[f"{picture['kind']}_{picture['slide']}"] = dg.MetadataValue.md(
-                picture_markdown(folder / picture["ui"], PHOTO, picture["title"]))
-        metadata[f"{picture['kind']}_{picture['slide']}_full_path"] = dg.MetadataValue.path(
-            str(folder / picture["full"]))
+        name = f"{picture['kind']}_{picture['slide']}"
+        if i < PICTURES_IN_METADATA:
+            metadata[name] = dg.MetadataValue.md(picture_markdown(folder / picture["ui"], PHOTO, picture["title"]))
+        else:
+            metadata[f"{name}_path"] = dg.MetadataValue.path(str(folder / picture["ui"]))
+        metadata[f"{name}_full_path"] = dg.MetadataValue.path(str(folder / picture["full"]))
     return metadata
 
 
