@@ -1,0 +1,496 @@
+"""A Dagster instance holding thousands of patients' runs, written in bulk (scale benchmark, tests).
+
+    python -m benchmarks.scale_instance --home DIR [--patients 1000] [--picture-bytes 55000]
+
+builds DIR as a DAGSTER_HOME (deploy/local/dagster.yaml: SQLite, the queued run coordinator) with
+the patients' runs, to look at in the UI (`DAGSTER_HOME=DIR dagster-webserver ...`) or time queries on.
+
+How: each kind of run (radiology, pathology, cohort, explanation) is executed once by Dagster,
+on an ephemeral instance, for a placeholder patient, with stand-ins of the real steps built from
+the real definitions' specs (`_scale_steps.py`). Its events, as Dagster serialized them, become a
+template. A run of patient P is that template with the run id, the patient id and the times
+replaced and its references to other events (a check's target materialization, the
+`dagster/input_event_pointer/*` tags) pointed at P's own events; it is written the way
+`SqliteEventLogStorage.store_event` writes each event (the run's own shard; asset, check and run
+status events mirrored in the index with their asset-key, tag and check-execution rows), but one
+transaction per batch instead of one per event. Runs go straight into the run storage's tables,
+finished (SUCCESS, with start and end times) or QUEUED. Dagster's own queries then read them as
+they read real runs (`gcmlm_assets_tests/core/test_scale_instance.py`).
+"""
+
+import argparse
+import contextlib
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+from dagster._core.events import ASSET_CHECK_EVENTS, ASSET_EVENTS, EVENT_TYPE_TO_PIPELINE_RUN_STATUS, DagsterEvent
+from dagster._core.events.log import EventLogEntry
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+from dagster._core.storage.event_log.schema import (
+    AssetCheckExecutionsTable, AssetEventTagsTable, SqlEventLogStorageTable)
+from dagster._core.storage.runs.schema import RunsTable, RunTagsTable
+from dagster._serdes import deserialize_value, serialize_value
+import sqlalchemy
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
+
+from benchmarks._scale_steps import COHORT, EXPLANATIONS, PATHOLOGY, RADIOLOGY, Shapes, stand_in_definitions
+
+PLACEHOLDER = "ZZPATIENTZZ"
+KINDS = {"radiology": RADIOLOGY, "pathology": PATHOLOGY, "cohort": COHORT, "explanation": EXPLANATIONS}
+SENSOR_TAG, RUN_KEY_TAG, PARTITION_TAG = "dagster/sensor_name", "dagster/run_key", "dagster/partition"
+DATA_VERSION_TAG = "dagster/data_version"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+LOCAL_INSTANCE_CONFIG = PROJECT_ROOT / "deploy" / "local" / "dagster.yaml"
+INDEXED = ASSET_EVENTS | ASSET_CHECK_EVENTS | set(EVENT_TYPE_TO_PIPELINE_RUN_STATUS)
+SHARD_THREADS = 3
+SECONDS_PER_RUN = 60.0  # a run's place on the time line (the recorded events keep their own spacing)
+
+
+# ---------------------------------------------------------------- templates
+
+
+@dataclass
+class EventTemplate:
+    parts: list  # literal strings and (kind, value) holes, see _compile
+    event_type: str | None
+    step_key: str | None
+    asset_key: str | None
+    partitioned: bool
+    indexed: bool
+    check: tuple | None  # what the check-execution row needs, see _check_row_facts
+    timestamp: float
+    storage_id: int  # in the ephemeral instance it was recorded on
+    data_version: str | None
+
+
+@dataclass
+class RunTemplate:
+    kind: str
+    run: dg.DagsterRun
+    events: list[EventTemplate]
+    start: float  # timestamp of the first event
+    queued_upto: int  # events[:queued_upto] are what a queued run has written
+
+    def offset_of(self, event_type: str) -> float:
+        return next(e.timestamp for e in self.events if e.event_type == event_type) - self.start
+
+
+_HOLES = (r'"timestamp": (?P<ts>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)'
+                    r'|"storage_id": (?P<sid>\d+)'
+                    r'|(?P<pointer>"dagster/input_event_pointer/[^"]+": ")(?P<pointed>\d+)"'
+                    r"|(?P<fixed>{run_id}|{patient})")  # both filled in by _compile
+
+
+def _compile(text: str, run_id: str) -> list:
+    pattern = re.compile(_HOLES.replace("{run_id}", re.escape(run_id)).replace("{patient}", PLACEHOLDER))
+    parts, last = [], 0
+    for match in pattern.finditer(text):
+        parts.append(text[last:match.start()])
+        if match.group("ts") is not None:
+            parts += ['"timestamp": ', ("ts", float(match.group("ts")))]
+        elif match.group("sid") is not None:
+            parts += ['"storage_id": ', ("id", int(match.group("sid")))]
+        elif match.group("pointer") is not None:
+            parts += [match.group("pointer"), ("id", int(match.group("pointed"))), '"']
+        else:
+            parts.append(("run",) if match.group("fixed") == run_id else ("patient",))
+        last = match.end()
+    parts.append(text[last:])
+    return [p for p in parts if p != ""]
+
+
+def _lifecycle_events(run: dg.DagsterRun, before: float) -> list[EventLogEntry]:
+    """What the queued run coordinator and its daemon add before the run starts."""
+    return [EventLogEntry(user_message="", level=20, job_name=run.job_name, run_id=run.run_id, error_info=None,
+                          timestamp=before - delay, step_key=None,
+                          dagster_event=DagsterEvent(event_type_value=kind.value, job_name=run.job_name))
+            for kind, delay in ((dg.DagsterEventType.RUN_ENQUEUED, 2.0), (dg.DagsterEventType.RUN_STARTING, 1.0))]
+
+
+@dataclass
+class Templates:
+    runs: dict[str, RunTemplate]
+    snapshots: list[tuple]  # (job snapshot, execution plan snapshot) of each run
+
+
+def record_templates(artifacts: str | Path, profile: str = "production", picture_bytes: int = 55_000,
+                     heatmaps: int = 2) -> Templates:
+    """Execute each kind of run once for the placeholder patient and keep its events."""
+    from gcmlm_assets.definitions import build_definitions
+
+    shapes = Shapes(Path(artifacts), picture_bytes, heatmaps)
+    stand_ins = stand_in_definitions(build_definitions("local", profile), shapes)
+    job = stand_ins.resolve_implicit_global_asset_job_def()
+    runs, snapshots = {}, []
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("patients", [PLACEHOLDER])
+        for kind, assets in KINDS.items():
+            result = job.execute_in_process(
+                instance=instance, asset_selection=[dg.AssetKey(a) for a in assets],
+                partition_key=None if kind == "cohort" else PLACEHOLDER,
+                run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}})
+            run = instance.get_run_by_id(result.run_id)
+            records = instance.event_log_storage.get_records_for_run(run.run_id).records
+            start = next(i for i, r in enumerate(records)
+                         if r.event_log_entry.dagster_event_type == dg.DagsterEventType.RUN_START)
+            lifecycle = [(-1, e) for e in _lifecycle_events(run, records[start].event_log_entry.timestamp)]
+            ordered = [(r.storage_id, r.event_log_entry) for r in records[:start]] + lifecycle + [
+                (r.storage_id, r.event_log_entry) for r in records[start:]]
+            events = [_event_template(storage_id, entry) for storage_id, entry in ordered]
+            runs[kind] = RunTemplate(kind, run, events, events[0].timestamp, queued_upto=start + 1)
+            snapshots.append((instance.get_job_snapshot(run.job_snapshot_id),
+                              instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)))
+    return Templates(runs, snapshots)
+
+
+def _event_template(storage_id: int, entry: EventLogEntry) -> EventTemplate:
+    event = entry.dagster_event
+    asset_key = event.asset_key.to_string() if event is not None and event.asset_key else None
+    data_version = None
+    if event is not None and event.is_step_materialization:
+        data_version = (event.step_materialization_data.materialization.tags or {}).get(DATA_VERSION_TAG)
+    return EventTemplate(
+        parts=_compile(serialize_value(entry), entry.run_id), event_type=event.event_type_value if event else None,
+        step_key=event.step_key if event else entry.step_key, asset_key=asset_key,
+        partitioned=bool(event is not None and event.partition), indexed=bool(event and event.event_type in INDEXED),
+        check=_check_row_facts(event) if event is not None and event.event_type in ASSET_CHECK_EVENTS else None,
+        timestamp=entry.timestamp, storage_id=storage_id, data_version=data_version)
+
+
+def _check_row_facts(event: DagsterEvent) -> tuple:
+    """What Dagster's check-execution rows take from a check event (`patient` stands for the
+    placeholder's partition, filled in per patient)."""
+    data = event.event_specific_data
+
+    def partition(key):
+        return "patient" if key == PLACEHOLDER else key
+
+    if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED:
+        keys = data.partitions_subset.get_partition_keys() if data.partitions_subset else [None]
+        return ("planned", data.asset_key.to_string(), data.check_name, [partition(k) for k in keys])
+    target = data.target_materialization_data
+    return ("evaluation", data.asset_key.to_string(), data.check_name, bool(data.passed),
+            target.storage_id if target else None, partition(data.partition))
+
+
+# ---------------------------------------------------------------- writing
+
+
+@dataclass
+class RunSpec:
+    """One run to write: which template, for whom, when, with which tags."""
+
+    kind: str
+    patient: str | None
+    start: float
+    tags: dict[str, str]
+    status: dg.DagsterRunStatus = dg.DagsterRunStatus.SUCCESS
+    run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+
+def workspace_job_origin(job_name: str):
+    """Where the daemon's runs come from: workspace.yaml's code location (a queued run must say)."""
+    from dagster._core.remote_origin import RemoteJobOrigin, RemoteRepositoryOrigin
+    from dagster._core.workspace.load import location_origin_from_module_name
+
+    location = location_origin_from_module_name("gcmlm_assets.definitions", None, str(PROJECT_ROOT), "gcmlm_assets")
+    return RemoteJobOrigin(RemoteRepositoryOrigin(location, "__repository__"), job_name)
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, timezone.utc).replace(tzinfo=None)
+
+
+class InstanceWriter:
+    """Writes templated runs into `instance` (SQLite run-sharded or a single-database storage)."""
+
+    def __init__(self, instance: dg.DagsterInstance, templates: Templates):
+        self.instance, self.templates = instance, templates
+        self.events = instance.event_log_storage
+        self.sharded = bool(getattr(self.events, "is_run_sharded", False))
+        self._latest: dict[int, int] = {}  # template storage id -> the newest written id of that event
+        self._by_patient: dict[str, dict[int, int]] = {}  # the same, per patient
+        self._empty_shard: Path | None = None
+        if self.sharded:
+            scratch = Path(tempfile.mkdtemp(prefix="empty-shard-"))
+            storage = type(self.events)(str(scratch))
+            with storage.run_connection("empty"):
+                pass
+            self._empty_shard = Path(storage.path_for_shard("empty"))
+        self._job_origin = workspace_job_origin(next(iter(templates.runs.values())).run.job_name)
+        runs = instance.run_storage
+        for job, plan in templates.snapshots:
+            if not runs.has_job_snapshot(job.snapshot_id):
+                runs.add_job_snapshot(job)
+            runs.add_execution_plan_snapshot(plan)
+
+    def close(self) -> None:
+        if self._empty_shard is not None:
+            shutil.rmtree(self._empty_shard.parent, ignore_errors=True)
+
+    def write(self, specs: list[RunSpec]) -> None:
+        """The runs of `specs`, in order, in one transaction per storage."""
+        with self.instance.run_storage.connect() as conn:
+            self._write_runs(conn, specs)
+        # The shards are separate files: threads write them while this one fills the index.
+        with self.events.index_connection() as conn, ThreadPoolExecutor(SHARD_THREADS) as shards:
+            newest: dict[tuple[str, str], tuple[int, str]] = {}
+            written = []
+            for spec in specs:
+                shard_rows = self._write_events(conn, spec, newest)
+                if shard_rows:
+                    written.append(shards.submit(self._write_shard, spec.run_id, shard_rows))
+            for future in written:
+                future.result()
+            # The asset-key rows hold each asset's newest materialization and planned event: what
+            # one update per event would leave.
+            for event_id, text in sorted(newest.values()):
+                self.events._store_asset_event(conn, deserialize_value(text, EventLogEntry), event_id)
+
+    def _write_runs(self, conn, specs: list[RunSpec]) -> None:
+        """The rows add_run writes, with what handle_run_event sets on RUN_START and RUN_SUCCESS."""
+        rows, tags = [], []
+        for spec in specs:
+            template = self.templates.runs[spec.kind]
+            run_tags = {k: v for k, v in template.run.tags.items() if k != PARTITION_TAG}
+            run_tags.update(spec.tags)
+            if spec.patient:
+                run_tags[PARTITION_TAG] = spec.patient
+            run = template.run._replace(run_id=spec.run_id, tags=run_tags, status=spec.status,
+                                        remote_job_origin=self._job_origin)
+            row = {"run_id": run.run_id, "pipeline_name": run.job_name, "status": run.status.value,
+                   "run_body": serialize_value(run), "snapshot_id": run.job_snapshot_id,
+                   "partition": run_tags.get(PARTITION_TAG), "partition_set": run_tags.get("dagster/partition_set"),
+                   "backfill_id": run_tags.get("dagster/backfill"), "create_timestamp": _utc(spec.start),
+                   "start_time": None, "end_time": None, "update_timestamp": _utc(spec.start + 2.0)}
+            if spec.status == dg.DagsterRunStatus.SUCCESS:
+                end = spec.start + template.offset_of("PIPELINE_SUCCESS")
+                row.update(start_time=spec.start + template.offset_of("PIPELINE_START"), end_time=end,
+                           update_timestamp=_utc(end))
+            rows.append(row)
+            tags += [{"run_id": run.run_id, "key": k, "value": v} for k, v in run.tags_for_storage().items()]
+        conn.execute(RunsTable.insert(), rows)
+        if tags:
+            conn.execute(RunTagsTable.insert(), tags)
+
+    def _write_events(self, conn, spec: RunSpec, newest: dict) -> list[dict]:
+        """The run's events in the index (all of them in a single-database storage); returns the
+        rows of its own shard (run-sharded SQLite)."""
+        template = self.templates.runs[spec.kind]
+        events = template.events if spec.status == dg.DagsterRunStatus.SUCCESS else template.events[:template.queued_upto]
+        delta = spec.start - template.start
+        own: dict[int, int] = {}
+        patient_ids = self._by_patient.setdefault(spec.patient, {}) if spec.patient else {}
+        holes = {"run": spec.run_id, "patient": spec.patient or PLACEHOLDER}
+
+        def written_id(template_id: int) -> int:
+            return own.get(template_id) or patient_ids.get(template_id) or self._latest.get(template_id, template_id)
+
+        def render(event: EventTemplate) -> str:
+            out = []
+            for part in event.parts:
+                if isinstance(part, str):
+                    out.append(part)
+                elif part[0] == "ts":
+                    out.append(repr(part[1] + delta))
+                elif part[0] == "id":
+                    out.append(str(written_id(part[1])))
+                else:
+                    out.append(holes[part[0]])
+            return "".join(out)
+
+        shard_rows, pending, checks, tag_rows = [], [], {}, []
+        insert = SqlEventLogStorageTable.insert()
+        for event in events:
+            text = render(event)
+            row = {"run_id": spec.run_id, "event": text, "dagster_event_type": event.event_type,
+                   "timestamp": _utc(event.timestamp + delta), "step_key": event.step_key,
+                   "asset_key": event.asset_key, "partition": spec.patient if event.partitioned else None}
+            if self.sharded:
+                shard_rows.append(row)
+                if not event.indexed:
+                    continue
+            elif not (event.asset_key or event.check):
+                pending.append(row)  # a single-database storage keeps every event in one table
+                continue
+            if pending:  # in order: ids follow the run's events
+                conn.execute(insert, pending)
+                pending.clear()
+            event_id = conn.execute(insert, row).inserted_primary_key[0]
+            if event.check:
+                self._check_rows(checks, event.check, spec, text, row["timestamp"], event_id, written_id)
+            elif event.asset_key:
+                own[event.storage_id] = self._latest[event.storage_id] = event_id
+                if spec.patient:
+                    patient_ids[event.storage_id] = event_id
+                if event.data_version is not None:
+                    tag_rows.append({"event_id": event_id, "asset_key": event.asset_key, "key": DATA_VERSION_TAG,
+                                     "value": event.data_version, "event_timestamp": row["timestamp"]})
+                newest[(event.asset_key, event.event_type)] = (event_id, text)
+        if pending:
+            conn.execute(insert, pending)
+        if tag_rows:
+            conn.execute(AssetEventTagsTable.insert(), tag_rows)
+        if checks:
+            conn.execute(AssetCheckExecutionsTable.insert(), list(checks.values()))
+        return shard_rows
+
+    @staticmethod
+    def _check_rows(rows: dict, facts: tuple, spec: RunSpec, text: str, timestamp: datetime, event_id: int,
+                    written_id) -> None:
+        """The check-execution rows Dagster leaves: a PLANNED row per planned check (and partition),
+        which the check's evaluation in the same run and partition then completes (or, with no
+        such row, adds its own)."""
+        def partition(value):
+            return spec.patient if value == "patient" else value
+
+        if facts[0] == "planned":
+            _, asset_key, check_name, partitions = facts
+            for key in map(partition, partitions):
+                rows[(asset_key, check_name, key, len(rows))] = {
+                    "asset_key": asset_key, "check_name": check_name, "partition": key, "run_id": spec.run_id,
+                    "execution_status": AssetCheckExecutionRecordStatus.PLANNED.value, "evaluation_event": text,
+                    "evaluation_event_timestamp": timestamp, "evaluation_event_storage_id": event_id,
+                    "materialization_event_storage_id": None}
+            return
+        _, asset_key, check_name, passed, target, key = facts
+        key = partition(key)
+        status = AssetCheckExecutionRecordStatus.SUCCEEDED if passed else AssetCheckExecutionRecordStatus.FAILED
+        values = {"execution_status": status.value, "evaluation_event": text, "evaluation_event_timestamp": timestamp,
+                  "evaluation_event_storage_id": event_id,
+                  "materialization_event_storage_id": written_id(target) if target is not None else None,
+                  "partition": key}
+        planned = [k for k, row in rows.items() if k[:3] == (asset_key, check_name, key)
+                   and row["execution_status"] == AssetCheckExecutionRecordStatus.PLANNED.value]
+        if planned:
+            rows[planned[0]].update(values)
+        else:
+            rows[(asset_key, check_name, key, len(rows))] = {"asset_key": asset_key, "check_name": check_name,
+                                                              "run_id": spec.run_id, **values}
+
+    def _write_shard(self, run_id: str, rows: list[dict]) -> None:
+        """The run's own SQLite file: a copy of an empty shard Dagster created, then its events
+        (without waiting for the disk on commit: the file's content is the same)."""
+        shutil.copyfile(self._empty_shard, self.events.path_for_shard(run_id))
+        engine = create_engine(self.events.conn_string_for_shard(run_id), poolclass=NullPool)
+        sqlalchemy.event.listen(engine, "connect", lambda dbapi, _: dbapi.execute("PRAGMA synchronous=OFF"))
+        try:
+            with engine.begin() as conn:
+                conn.execute(SqlEventLogStorageTable.insert(), rows)
+        finally:
+            engine.dispose()
+
+
+# ---------------------------------------------------------------- what a full pass writes
+
+
+def landing_run_tags(patient: str, modality: str) -> dict[str, str]:
+    fingerprint = uuid.uuid5(uuid.NAMESPACE_URL, f"{patient}/{modality}").hex[:16]
+    return {SENSOR_TAG: "landing_sensor", RUN_KEY_TAG: f"{patient}:{modality}:{fingerprint}",
+            "gcmlm/modality": modality, "gcmlm/fingerprint": fingerprint}
+
+
+def patient_run_specs(patients: Iterable[str], start: float, status=dg.DagsterRunStatus.SUCCESS) -> list[RunSpec]:
+    """A radiology and a pathology run per patient, as landing_sensor requests them, one after the other."""
+    specs = []
+    for i, patient in enumerate(patients):
+        for j, modality in enumerate(("radiology", "pathology")):
+            specs.append(RunSpec(modality, patient, start + (2 * i + j) * SECONDS_PER_RUN,
+                                 landing_run_tags(patient, modality), status))
+    return specs
+
+
+def request_run_specs(kind: str, sensor: str, requests: Iterable[dg.RunRequest], start: float) -> list[RunSpec]:
+    """Finished runs for a sensor's run requests (one run per request, with the request's tags)."""
+    return [RunSpec(kind, request.partition_key, start + i * SECONDS_PER_RUN,
+                    {**request.tags, SENSOR_TAG: sensor, **({RUN_KEY_TAG: request.run_key} if request.run_key else {})})
+            for i, request in enumerate(requests)]
+
+
+def write_in_batches(writer: InstanceWriter, specs: list[RunSpec], batch: int = 300) -> None:
+    for first in range(0, len(specs), batch):
+        writer.write(specs[first:first + batch])
+
+
+@dataclass
+class Population:
+    patients: list[str]
+    runs: dict[str, list[str]]  # kind -> run ids
+    seconds: float
+
+
+def populate(instance: dg.DagsterInstance, patients: list[str], *, templates: Templates | None = None,
+             artifacts: str | Path = "/artifacts", ended: float | None = None, cohort: bool = True,
+             explanations: bool = True) -> Population:
+    """A full pass for `patients`: each one's radiology and pathology run, then one cohort run, then
+    each one's explanation run (one run per patient, as risk_explanations_sensor requests them
+    today), every run finished; the last ended `ended` (default: an hour ago). The patients are
+    added to the `patients` partitions."""
+    started = time.perf_counter()
+    templates = templates or record_templates(artifacts)
+    known = set(instance.get_dynamic_partitions("patients"))
+    instance.add_dynamic_partitions("patients", [p for p in patients if p not in known])
+    count = 2 * len(patients) + int(cohort) + (len(patients) if explanations else 0)
+    start = (ended or time.time() - 3600) - count * SECONDS_PER_RUN
+    specs = patient_run_specs(patients, start)
+    t = start + 2 * len(patients) * SECONDS_PER_RUN
+    if cohort:
+        specs.append(RunSpec("cohort", None, t, {SENSOR_TAG: "cohort_refresh_sensor",
+                                                 RUN_KEY_TAG: f"cohort:{uuid.uuid4().hex[:16]}"}))
+        t += SECONDS_PER_RUN
+    if explanations:
+        specs += request_run_specs("explanation", "risk_explanations_sensor", [
+            dg.RunRequest(run_key=f"explain:{p}:0", partition_key=p) for p in patients], t)
+    writer = InstanceWriter(instance, templates)
+    try:
+        write_in_batches(writer, specs)
+    finally:
+        writer.close()
+    runs: dict[str, list[str]] = {}
+    for spec in specs:
+        runs.setdefault(spec.kind, []).append(spec.run_id)
+    return Population(list(patients), runs, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def local_instance(home: Path) -> Iterator[dg.DagsterInstance]:
+    """A DAGSTER_HOME-style instance in `home` with the local deployment's dagster.yaml."""
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        (home / "dagster.yaml").write_text(LOCAL_INSTANCE_CONFIG.read_text())
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        yield instance
+
+
+def patient_ids(count: int, prefix: str = "GC") -> list[str]:
+    return [f"{prefix}{i:06d}" for i in range(count)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", type=Path, required=True, help="the DAGSTER_HOME to build (new or empty)")
+    parser.add_argument("--patients", type=int, default=1000)
+    parser.add_argument("--picture-bytes", type=int, default=55_000)
+    parser.add_argument("--heatmaps", type=int, default=2, help="explanation pictures per patient (the code embeds up to 6)")
+    args = parser.parse_args()
+    if args.home.exists() and any(p.name != "dagster.yaml" for p in args.home.iterdir()):
+        raise SystemExit(f"{args.home} is not empty")
+    templates = record_templates(args.home / "artifacts", picture_bytes=args.picture_bytes, heatmaps=args.heatmaps)
+    with local_instance(args.home) as instance:
+        population = populate(instance, patient_ids(args.patients), templates=templates)
+        print(f"{args.patients:,} patients, {sum(len(r) for r in population.runs.values()):,} runs written in "
+              f"{population.seconds:.1f} s; runs: {instance.get_runs_count():,}")
+
+
+if __name__ == "__main__":
+    main()
