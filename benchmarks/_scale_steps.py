@@ -36,7 +36,8 @@ class Shapes:
     """Metadata of realistic shape for one patient's (or the cohort's) materializations."""
 
     def __init__(self, artifacts: Path, picture_bytes: int, heatmaps: int, slides: int = 2):
-        self.artifacts, self.picture_bytes, self.heatmaps, self.slides = Path(artifacts), picture_bytes, heatmaps, slides
+        self.artifacts, self.picture_bytes = Path(artifacts), picture_bytes
+        self.heatmaps, self.slides = heatmaps, slides
         self._random = random.Random(20)
 
     def picture(self, alt: str):
@@ -62,28 +63,33 @@ class Shapes:
         return getattr(self, asset)(pid)
 
     def ct_image(self, pid: str) -> dict:
-        return {"path": self.path("ct_image", pid, "ct.nii.gz"), "picture_path": self.path("ct_image", pid, "ct_thumbnail.png"),
+        return {"path": self.path("ct_image", pid, "ct.nii.gz"),
+                "picture_path": self.path("ct_image", pid, "ct_thumbnail.png"),
                 "sha256": self.sha("ct", pid), "input_folder": PATH(f"/landing/{pid}/ct"), "input_files": 312,
-                "input_sha256": self.sha("ct-input", pid), "source": f"DICOM series 1.2.840.113619.2.55.3.{pid} (312 slices)",
+                "input_sha256": self.sha("ct-input", pid),
+                "source": f"DICOM series 1.2.840.113619.2.55.3.{pid} (312 slices)",
                 "reused": False, "size": "(512, 512, 312)", "spacing_mm": "(0.7813, 0.7813, 1.25)",
                 "origin_mm": "(-200.0, -200.0, -512.5)", "orientation": "LPS", "original_orientation": "LPS",
                 "oblique": False, "pixel_type": "16-bit signed integer", "hu_min": -1024.0, "hu_max": 3071.0,
                 "hu_p01": -1002.0, "hu_p50": -61.0, "hu_p99": 412.0, "picture": self.picture("CT thumbnail")}
 
     def ct_mask(self, pid: str) -> dict:
-        return {"path": self.path("ct_mask", pid, "mask.nii.gz"), "picture_path": self.path("ct_mask", pid, "mask_overlay.png"),
+        return {"path": self.path("ct_mask", pid, "mask.nii.gz"),
+                "picture_path": self.path("ct_mask", pid, "mask_overlay.png"),
                 "sha256": self.sha("mask", pid), "input_ct_sha256": self.sha("ct", pid),
                 "input_source_sha256": self.sha("model"), "source": "predicted",
                 "model_id": "Dataset501_GastricCT__nnUNetTrainer__nnUNetPlans__3d_fullres__fold_0__0123456789ab",
                 "reference_file": "", "resampled_to_ct_grid": False, "resampling": "none (predicted on the CT grid)",
                 "reoriented_from": "", "reference_label": "", "model_agreement": "the mask is the model's own",
                 "reused": False, "voxels": 231_542, "voxel_volume_ml": 0.000763, "volume_ml": 176.7,
-                "connected_components": 1, "largest_component_voxels": 231_542, "picture": self.picture("gastric mask")}
+                "connected_components": 1, "largest_component_voxels": 231_542,
+                "picture": self.picture("gastric mask")}
 
     def radiomics_row(self, pid: str) -> dict:
         return {"path": self.path("radiomics_row", pid, "radiomics.parquet"), "sha256": self.sha("row", pid),
                 "input_ct_sha256": self.sha("ct", pid), "input_mask_sha256": self.sha("mask", pid),
-                "pyradiomics_version": "3.1.0", "params": "default", "params_file": PATH("/app/radiomics_params.yaml"),
+                "pyradiomics_version": "3.1.0", "params": "default",
+                "params_file": PATH("/app/radiomics_params.yaml"),
                 "settings_sha256": self.sha("settings"), "features": 107, "extraction_seconds": 21.4,
                 "reused": False, "resampled_roi_voxels": 231_542, **column_schema_metadata(RADIOMICS_ROW_COLUMNS)}
 
@@ -92,18 +98,23 @@ class Shapes:
 
     def patch_coords(self, pid: str) -> dict:
         slides = self._slide_names(pid)
-        table = ["| slide | size (px) | µm/px | source | patches | level | read px | s |", "|---|---|---|---|---|---|---|---|"]
+        table = ["| slide | size (px) | µm/px | source | patches | level | read px | s |",
+                 "|---|---|---|---|---|---|---|---|"]
         table += [f"| {s}.svs | 98304x74752 | 0.2527 | openslide.mpp-x | 8412 | 1 | 1024 | 14.2 |" for s in slides]
-        return {"n_slides": len(slides), "n_patches": 8412 * len(slides), "mode": "grid", "slides": MD("\n".join(table)),
-                "picture": self.picture(f"tiling of {pid}"), "picture_path": self.path("patch_coords", pid, "tiling.png"),
+        return {"n_slides": len(slides), "n_patches": 8412 * len(slides), "mode": "grid",
+                "slides": MD("\n".join(table)),
+                "picture": self.picture(f"tiling of {pid}"),
+                "picture_path": self.path("patch_coords", pid, "tiling.png"),
                 "folder": self.path("patch_coords", pid), "listing": self.path("patch_coords", pid, "slides.json"),
                 "h5_files": JSON([f"{s}.h5" for s in slides]),
-                "input_fingerprints": JSON({f"{s}.svs": {"size_bytes": 1_873_412_096, "mtime_ns": 1_700_000_000_000_000_000,
+                "input_fingerprints": JSON({f"{s}.svs": {"size_bytes": 1_873_412_096,
+                                                         "mtime_ns": 1_700_000_000_000_000_000,
                                                          "quickhash1": self.sha("slide", s)} for s in slides}),
                 "dicom_series": JSON({}),
                 "params": JSON({"patch_size_um": 256.0, "target_mpp": 0.5, "tissue_threshold": 0.6, "mode": "grid",
                                 "max_patches_per_slide": 20000, "seed": 0}),
-                "tiling_version": "4", "inputs_fingerprint": self.sha("tiling", pid), "reused": False, "seconds": 31.7}
+                "tiling_version": "4", "inputs_fingerprint": self.sha("tiling", pid), "reused": False,
+                "seconds": 31.7}
 
     def uni_features(self, pid: str) -> dict:
         slides = self._slide_names(pid)
@@ -115,22 +126,25 @@ class Shapes:
                 "readers": JSON({f"{s}.h5": "openslide (scaled JPEG decode)" for s in slides}),
                 "scaled_decode": True, "reading": "4 DataLoader workers, 4 read threads each",
                 "feature_dtype": "float16", "device": "cuda:0", "device_reason": "auto: the pod's GPU (NVIDIA L4)",
-                "folder": self.path("uni_features", pid), "h5_files": JSON([str(self.artifacts / "uni_features" / pid / f"{s}.h5")
-                                                                            for s in slides]),
-                "dicom_series": JSON({}), "input_patch_coords": JSON({f"{s}.h5": self.sha("coords", s) for s in slides}),
+                "folder": self.path("uni_features", pid),
+                "h5_files": JSON([str(self.artifacts / "uni_features" / pid / f"{s}.h5") for s in slides]),
+                "dicom_series": JSON({}),
+                "input_patch_coords": JSON({f"{s}.h5": self.sha("coords", s) for s in slides}),
                 "inputs_fingerprint": self.sha("features", pid), "seconds": 45.3}
 
     def slide_vector(self, pid: str) -> dict:
         return {"pooling": "mean", "n_patches": 8412 * self.slides, "n_slides": self.slides, "dim": 1024,
                 "encoder": "uni", "checkpoint_sha256": self.sha("uni"),
-                "path": self.path("slide_vector", pid, "slide_vector.parquet"), "picture": self.picture(f"slides of {pid}"),
+                "path": self.path("slide_vector", pid, "slide_vector.parquet"),
+                "picture": self.picture(f"slides of {pid}"),
                 "picture_path": self.path("slide_vector", pid, "slide_vector.png"),
                 "input_uni_features": JSON({f"{s}.h5": self.sha("features", s) for s in self._slide_names(pid)}),
                 "inputs_fingerprint": self.sha("pooled", pid), "reused": False,
                 **column_schema_metadata(SLIDE_VECTOR_COLUMNS)}
 
     def clinical_table(self, _pid: None) -> dict:
-        return {"path": self.path("clinical_table", "clinical.parquet"), "problems_path": self.path("clinical_table", "problems.json"),
+        return {"path": self.path("clinical_table", "clinical.parquet"),
+                "problems_path": self.path("clinical_table", "problems.json"),
                 "source_csv": PATH("/landing/clinical.csv"), "source_csv_sha256": self.sha("clinical.csv"),
                 "rows_read": 10_000, "patients": 10_000, "bad_rows": 0, "patients_without_drop": JSON([]),
                 "label_balance": JSON({"positive": 1210, "negative": 6540, "unknown": 2250}),
@@ -142,7 +156,8 @@ class Shapes:
                   "with_clinical": 10_000, "with_features": 10_000, "radiology_features": 107,
                   "pathology_features": 1024, "clinical_covariates": 4, "label_positive": 1210,
                   "label_negative": 6540, "label_unknown": 2250}
-        return {"path": self.path("fused_table", "fused.parquet"), "report": self.path("fused_table", "fusion_report.json"),
+        return {"path": self.path("fused_table", "fused.parquet"),
+                "report": self.path("fused_table", "fusion_report.json"),
                 **counts, "label_balance": JSON({"positive": 1210, "negative": 6540, "unknown": 2250,
                                                  "labelled_with_features": {"positive": 1210, "negative": 6540}}),
                 "rejected_feature_files": 0, "excluded_results": 0, "excluded_patients": JSON({}),
@@ -152,13 +167,15 @@ class Shapes:
 
     def risk_model(self, _pid: None) -> dict:
         plots = {kind: self.picture(kind) for kind in ("roc", "calibration", "decision_curve")}
-        card = {"model": "fused logistic blocks, stacked combiner", "settings": {"n_repeats": 10, "n_bootstrap": 2000},
+        card = {"model": "fused logistic blocks, stacked combiner",
+                "settings": {"n_repeats": 10, "n_bootstrap": 2000},
                 "sections": {f"section_{i}": "text " * 60 for i in range(12)}}
-        return {"status": "trained", "version": "v-20260101-0123456789ab", "path": self.path("risk_model", "v1", "model.skops"),
+        return {"status": "trained", "version": "v-20260101-0123456789ab",
+                "path": self.path("risk_model", "v1", "model.skops"),
                 "pointer": self.path("risk_model", "current.json"),
                 "files": JSON({name: str(self.artifacts / "risk_model" / "v1" / name) for name in
-                               ("model.skops", "metrics.json", "model_card.json", "model_card.md", "cv_predictions.parquet",
-                                "roc.png", "calibration.png", "decision_curve.png")}),
+                               ("model.skops", "metrics.json", "model_card.json", "model_card.md",
+                                "cv_predictions.parquet", "roc.png", "calibration.png", "decision_curve.png")}),
                 "fused_table_sha256": self.sha("fused"), "fused_auc": 0.742, "fused_auc_ci": JSON([0.711, 0.770]),
                 "ablation": MD(self.markdown_table(5, 9)), **{f"plot_{k}": v for k, v in plots.items()},
                 **{f"plot_{k}_path": self.path("risk_model", "v1", f"{k}.png") for k in plots},
@@ -167,7 +184,8 @@ class Shapes:
 
     def risk_scores(self, _pid: None) -> dict:
         return {"path": self.path("risk_scores", "scores.parquet"), "risk_model_version": "v-20260101-0123456789ab",
-                "risk_model_path": self.path("risk_model", "v1", "model.skops"), "risk_model_sha256": self.sha("model"),
+                "risk_model_path": self.path("risk_model", "v1", "model.skops"),
+                "risk_model_sha256": self.sha("model"),
                 "fused_table_sha256": self.sha("fused"), "scored": 10_000, "risk_threshold": 0.31,
                 "risk_groups": JSON({"high": 2410, "low": 7590}),
                 "modalities_used": JSON({"pathology": 50, "radiology": 100, "radiology+pathology": 9850}),
@@ -178,7 +196,8 @@ class Shapes:
     def risk_explanations(self, pid: str) -> dict:
         folder = ("risk_explanations", pid, "v1")
         top = "| feature | value | coefficient | contribution |\n|---|---|---|---|\n" + "\n".join(
-            f"| original_glcm_feature_{i} | {i * 0.37:.3f} | {0.2 - i * 0.01:.3f} | {0.05 - i * 0.004:.4f} |" for i in range(10))
+            f"| original_glcm_feature_{i} | {i * 0.37:.3f} | {0.2 - i * 0.01:.3f} | {0.05 - i * 0.004:.4f} |"
+            for i in range(10))
         metadata = {"probability": 0.27, "risk_group": "low", "risk_model_version": "v-20260101-0123456789ab",
                     "how_the_blocks_combine": MD(self.markdown_table(4, 4)),
                     "exactness": JSON({"radiology": "1.2e-15", "pathology": "3.4e-16"}),

@@ -49,9 +49,9 @@ from benchmarks.scale_instance import (
     SECONDS_PER_RUN, InstanceWriter, RunSpec, landing_run_tags, local_instance, patient_ids, patient_run_specs,
     record_templates, request_run_specs, write_in_batches)
 
-IDLE_SENSORS = ("segmentation_training_sensor", "predicted_mask_sensor", "cohort_refresh_sensor",
-                "risk_explanations_sensor")
-COHORT_SENSOR, EXPLANATIONS_SENSOR, MASK_SENSOR = "cohort_refresh_sensor", "risk_explanations_sensor", "predicted_mask_sensor"
+COHORT_SENSOR, EXPLANATIONS_SENSOR = "cohort_refresh_sensor", "risk_explanations_sensor"
+MASK_SENSOR, TRAINING_SENSOR = "predicted_mask_sensor", "segmentation_training_sensor"
+TICKED = (TRAINING_SENSOR, MASK_SENSOR, COHORT_SENSOR, EXPLANATIONS_SENSOR)  # landing_sensor: benchmarks.sensor_tick
 
 
 @dataclass
@@ -241,18 +241,18 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
         for _ in range(n // 200 + 5):  # predicted_mask_sensor sweeps once after a model is installed
             if not sensors.tick(MASK_SENSOR).requests:
                 break
-        sensors.tick("segmentation_training_sensor")
+        sensors.tick(TRAINING_SENSOR)
         rows["instance built (full pass written), s"] = f"{time.perf_counter() - built:.0f} s"
-        first_pass = "" if refresh.requests else f" (the first refresh was not requested: {refresh.skip or refresh.error})"
+        first = "" if refresh.requests else f" (no first refresh was requested: {refresh.skip or refresh.error})"
         rows["explanation runs after the full pass's risk_scores"] = (
-            f"{len(explain.requests):,}" if not explain.error else f"n/a ({explain.error[:120]})") + first_pass
+            f"{len(explain.requests):,}" if not explain.error else f"n/a ({explain.error[:120]})") + first
         sizes = instance_bytes(instance, work / "home")
-        rows["instance bytes per patient after one full pass"] = (
-            fmt_mb(sum(sizes.values()) / n) + " (" + ", ".join(f"{k} {fmt_mb(v / n)}" for k, v in sizes.items()) + ")")
+        parts = ", ".join(f"{k} {fmt_mb(v / n)}" for k, v in sizes.items())
+        rows["instance bytes per patient after one full pass"] = f"{fmt_mb(sum(sizes.values()) / n)} ({parts})"
         after = sensors.tick(COHORT_SENSOR)
         rows["cohort refresh after the pass's explanation runs (nothing changed)"] = decision(after)
 
-        for name in IDLE_SENSORS:
+        for name in TICKED:
             rows[f"{name} tick, nothing queued"] = fmt_tick(sensors.timed(name, args.repeats))
 
         # K new patients: their drops, partitions and finished runs, then the refresh they cause.
@@ -260,7 +260,7 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
         instance.add_dynamic_partitions("patients", new)
         write_in_batches(writer, patient_run_specs(new, now - 1800 - 2 * len(new) * SECONDS_PER_RUN))
         refresh = sensors.tick(COHORT_SENSOR)
-        others = {name: sensors.tick(name) for name in (MASK_SENSOR, "segmentation_training_sensor")}
+        others = {name: sensors.tick(name) for name in (MASK_SENSOR, TRAINING_SENSOR)}
         before = sum(instance_bytes(instance, work / "home").values())
         cohort_tags = refresh.requests[0].tags if refresh.requests else {}
         writer.write([RunSpec("cohort", None, now - 1500, {"dagster/sensor_name": COHORT_SENSOR, **cohort_tags})])
@@ -297,7 +297,7 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
         queued = [RunSpec("radiology", pid, now - 600, landing_run_tags(pid, "radiology"), dg.DagsterRunStatus.QUEUED)
                   for pid in patients]
         write_in_batches(writer, queued)
-        for name in IDLE_SENSORS:
+        for name in TICKED:
             rows[f"{name} tick, {n:,} runs queued"] = fmt_tick(sensors.timed(name, args.repeats))
         writer.close()
     print(f"{backend}, N = {n:,}: done", flush=True)
@@ -350,7 +350,7 @@ def postgres_instance(url: str, n: int):
         try:
             home.mkdir(parents=True, exist_ok=True)
             config = (Path(__file__).resolve().parents[1] / "deploy" / "local" / "dagster.yaml").read_text()
-            target = base.set(database=name).render_as_string(hide_password=False)
+            target = base.set(drivername="postgresql+psycopg2", database=name).render_as_string(hide_password=False)
             (home / "dagster.yaml").write_text(config + f"\nstorage:\n  postgres:\n    postgres_url: {target}\n")
             with dg.DagsterInstance.from_config(str(home)) as instance:
                 yield instance

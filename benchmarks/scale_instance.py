@@ -36,11 +36,13 @@ from dagster._core.events import ASSET_CHECK_EVENTS, ASSET_EVENTS, EVENT_TYPE_TO
 from dagster._core.events.log import EventLogEntry
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from dagster._core.storage.event_log.schema import (
-    AssetCheckExecutionsTable, AssetEventTagsTable, SqlEventLogStorageTable)
+    AssetCheckExecutionsTable,
+    AssetEventTagsTable,
+    SqlEventLogStorageTable,
+)
 from dagster._core.storage.runs.schema import RunsTable, RunTagsTable
 from dagster._serdes import deserialize_value, serialize_value
-import sqlalchemy
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, event as sqlalchemy_event
 from sqlalchemy.pool import NullPool
 
 from benchmarks._scale_steps import COHORT, EXPLANATIONS, PATHOLOGY, RADIOLOGY, Shapes, stand_in_definitions
@@ -85,13 +87,17 @@ class RunTemplate:
         return next(e.timestamp for e in self.events if e.event_type == event_type) - self.start
 
 
+# What differs between two patients' copies of an event: its times, the storage ids it refers to
+# (a check's target materialization, the input event pointer tags), its run id and patient id.
 _HOLES = (r'"timestamp": (?P<ts>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)'
-                    r'|"storage_id": (?P<sid>\d+)'
-                    r'|(?P<pointer>"dagster/input_event_pointer/[^"]+": ")(?P<pointed>\d+)"'
-                    r"|(?P<fixed>{run_id}|{patient})")  # both filled in by _compile
+          r'|"storage_id": (?P<sid>\d+)'
+          r'|(?P<pointer>"dagster/input_event_pointer/[^"]+": ")(?P<pointed>\d+)"'
+          r"|(?P<fixed>{run_id}|{patient})")  # both filled in by _compile
 
 
 def _compile(text: str, run_id: str) -> list:
+    """A serialized event as literal strings and holes: ("ts", t), ("id", template storage id),
+    ("run",), ("patient",)."""
     pattern = re.compile(_HOLES.replace("{run_id}", re.escape(run_id)).replace("{patient}", PLACEHOLDER))
     parts, last = [], 0
     for match in pattern.finditer(text):
@@ -243,7 +249,7 @@ class InstanceWriter:
         with self.instance.run_storage.connect() as conn:
             self._write_runs(conn, specs)
         # The shards are separate files: threads write them while this one fills the index.
-        with self.events.index_connection() as conn, ThreadPoolExecutor(SHARD_THREADS) as shards:
+        with self.events.index_transaction() as conn, ThreadPoolExecutor(SHARD_THREADS) as shards:
             newest: dict[tuple[str, str], tuple[int, str]] = {}
             written = []
             for spec in specs:
@@ -287,7 +293,9 @@ class InstanceWriter:
         """The run's events in the index (all of them in a single-database storage); returns the
         rows of its own shard (run-sharded SQLite)."""
         template = self.templates.runs[spec.kind]
-        events = template.events if spec.status == dg.DagsterRunStatus.SUCCESS else template.events[:template.queued_upto]
+        events = template.events
+        if spec.status != dg.DagsterRunStatus.SUCCESS:
+            events = events[:template.queued_upto]
         delta = spec.start - template.start
         own: dict[int, int] = {}
         patient_ids = self._by_patient.setdefault(spec.patient, {}) if spec.patient else {}
@@ -383,7 +391,7 @@ class InstanceWriter:
         (without waiting for the disk on commit: the file's content is the same)."""
         shutil.copyfile(self._empty_shard, self.events.path_for_shard(run_id))
         engine = create_engine(self.events.conn_string_for_shard(run_id), poolclass=NullPool)
-        sqlalchemy.event.listen(engine, "connect", lambda dbapi, _: dbapi.execute("PRAGMA synchronous=OFF"))
+        sqlalchemy_event.listen(engine, "connect", lambda dbapi, _: dbapi.execute("PRAGMA synchronous=OFF"))
         try:
             with engine.begin() as conn:
                 conn.execute(SqlEventLogStorageTable.insert(), rows)
@@ -413,7 +421,8 @@ def patient_run_specs(patients: Iterable[str], start: float, status=dg.DagsterRu
 def request_run_specs(kind: str, sensor: str, requests: Iterable[dg.RunRequest], start: float) -> list[RunSpec]:
     """Finished runs for a sensor's run requests (one run per request, with the request's tags)."""
     return [RunSpec(kind, request.partition_key, start + i * SECONDS_PER_RUN,
-                    {**request.tags, SENSOR_TAG: sensor, **({RUN_KEY_TAG: request.run_key} if request.run_key else {})})
+                    {**request.tags, SENSOR_TAG: sensor,
+                     **({RUN_KEY_TAG: request.run_key} if request.run_key else {})})
             for i, request in enumerate(requests)]
 
 
@@ -481,7 +490,8 @@ def main() -> None:
     parser.add_argument("--home", type=Path, required=True, help="the DAGSTER_HOME to build (new or empty)")
     parser.add_argument("--patients", type=int, default=1000)
     parser.add_argument("--picture-bytes", type=int, default=55_000)
-    parser.add_argument("--heatmaps", type=int, default=2, help="explanation pictures per patient (the code embeds up to 6)")
+    parser.add_argument("--heatmaps", type=int, default=2,
+                        help="explanation pictures per patient (the code embeds up to 6)")
     args = parser.parse_args()
     if args.home.exists() and any(p.name != "dagster.yaml" for p in args.home.iterdir()):
         raise SystemExit(f"{args.home} is not empty")

@@ -39,7 +39,8 @@ def test_a_populated_instance_answers_dagsters_queries(tmp_path):
             asset_key=dg.AssetKey("radiomics_row"), storage_ids=[latest["GC000003"]]), limit=1).records
         assert records[0].run_id == population.runs["radiology"][3]
         assert records[0].asset_materialization.partition == "GC000003"
-        assert "picture" in instance.get_latest_materialization_event(dg.AssetKey("ct_mask")).asset_materialization.metadata
+        latest_mask = instance.get_latest_materialization_event(dg.AssetKey("ct_mask")).asset_materialization
+        assert latest_mask.partition == patients[-1] and "picture" in latest_mask.metadata
         check = dg.AssetCheckKey(dg.AssetKey("radiomics_row"), "radiomics_row_complete")
         history = instance.event_log_storage.get_asset_check_execution_history(check, limit=100)
         assert {h.evaluation.target_materialization_data.storage_id for h in history} == set(latest.values())
