@@ -243,6 +243,7 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
                 break
         sensors.tick(TRAINING_SENSOR)
         rows["instance built (full pass written), s"] = f"{time.perf_counter() - built:.0f} s"
+        progress(backend, n, "full pass written")
         first = "" if refresh.requests else f" (no first refresh was requested: {refresh.skip or refresh.error})"
         rows["explanation runs after the full pass's risk_scores"] = (
             f"{len(explain.requests):,}" if not explain.error else f"n/a ({explain.error[:120]})") + first
@@ -274,6 +275,7 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
             + ("" if refresh.requests else f"; no refresh requested: {refresh.skip or refresh.error}"))
         rows["risk_explanations_sensor tick after a new risk_scores"] = fmt_tick(explain)
 
+        progress(backend, n, f"refresh of {len(new)} new patients evaluated; the daemon creates runs")
         rows["daemon: that tick's runs created and queued"] = daemon_row(instance, scores_cursor, args.create_limit)
 
         write_in_batches(writer, request_run_specs("explanation", EXPLANATIONS_SENSOR, explain.requests, now - 1200))
@@ -293,6 +295,7 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
         left_out = sum(len(v) for v in unsound.values())
         rows["fused_table's soundness filter"] = f"{statistics.median(durations):.2f} s ({left_out} results left out)"
 
+        progress(backend, n, f"soundness filter timed; {n:,} runs queued")
         # N runs queued (radiology runs as landing_sensor requests them), then every tick again.
         queued = [RunSpec("radiology", pid, now - 600, landing_run_tags(pid, "radiology"), dg.DagsterRunStatus.QUEUED)
                   for pid in patients]
@@ -300,8 +303,12 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
         for name in TICKED:
             rows[f"{name} tick, {n:,} runs queued"] = fmt_tick(sensors.timed(name, args.repeats))
         writer.close()
-    print(f"{backend}, N = {n:,}: done", flush=True)
+    progress(backend, n, "done")
     return rows
+
+
+def progress(backend: str, n: int, what: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {backend.split(' ')[0]}, N = {n:,}: {what}", flush=True)
 
 
 def decision(tick: Tick) -> str:
