@@ -242,7 +242,7 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
             if not sensors.tick(MASK_SENSOR).requests:
                 break
         sensors.tick(TRAINING_SENSOR)
-        rows["instance built (full pass written), s"] = f"{time.perf_counter() - built:.0f} s"
+        rows["instance build (a full pass written in bulk)"] = f"{time.perf_counter() - built:.0f} s"
         progress(backend, n, "full pass written")
         first = "" if refresh.requests else f" (no first refresh was requested: {refresh.skip or refresh.error})"
         rows["explanation runs after the full pass's risk_scores"] = (
@@ -301,7 +301,7 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
                   for pid in patients]
         write_in_batches(writer, queued)
         for name in TICKED:
-            rows[f"{name} tick, {n:,} runs queued"] = fmt_tick(sensors.timed(name, args.repeats))
+            rows[f"{name} tick, N runs queued"] = fmt_tick(sensors.timed(name, args.repeats))
         writer.close()
     progress(backend, n, "done")
     return rows
