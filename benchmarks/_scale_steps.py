@@ -5,9 +5,11 @@ blocking flags, code versions, subsetting) taken from `build_definitions()`, so 
 for it what it records for the real step: planned materializations and check evaluations, step
 outputs, materializations, check evaluations, logs. Only the body is replaced: it computes
 nothing and yields what the real step yields for one patient, with the real metadata keys
-(gcmlm_assets/*/assets.py) and values of realistic size. Pictures are markdown data URIs of
-`picture_bytes` bytes (the real ones are at most `pictures.MARKDOWN_LIMIT`, 60,000); their bytes
-are random, as compressed images are.
+(gcmlm_assets/*/assets.py) and values of realistic size. Pictures are markdown data URIs filling
+92 % of the limit the code in the tree sets for them (the display encoding takes the best one that
+fits, so a photo comes close to it): `pictures.PATIENT_MARKDOWN_LIMIT`, where it exists, for the
+CT, mask and patch-grid pictures, `pictures.MARKDOWN_LIMIT` for the others; or `picture_bytes`
+each when given. Their bytes are random, as compressed images are.
 """
 
 import base64
@@ -30,19 +32,27 @@ EXPLANATIONS = ("risk_explanations",)
 MD = dg.MetadataValue.md
 JSON = dg.MetadataValue.json
 PATH = dg.MetadataValue.path
+FILLED = 0.92  # of a picture's markdown limit
 
 
 class Shapes:
     """Metadata of realistic shape for one patient's (or the cohort's) materializations."""
 
-    def __init__(self, artifacts: Path, picture_bytes: int, heatmaps: int, slides: int = 2):
-        self.artifacts, self.picture_bytes = Path(artifacts), picture_bytes
+    def __init__(self, artifacts: Path, picture_bytes: int | None, heatmaps: int, slides: int = 2):
+        from gcmlm_assets import pictures
+
+        limit = pictures.MARKDOWN_LIMIT
+        self.artifacts = Path(artifacts)
+        self.picture_bytes = picture_bytes or int(FILLED * limit)
+        patient_limit = getattr(pictures, "PATIENT_MARKDOWN_LIMIT", limit)
+        self.patient_picture_bytes = picture_bytes or int(FILLED * patient_limit)
         self.heatmaps, self.slides = heatmaps, slides
         self._random = random.Random(20)
 
-    def picture(self, alt: str):
+    def picture(self, alt: str, per_patient_limit: bool = False):
+        size = self.patient_picture_bytes if per_patient_limit else self.picture_bytes
         head = f"![{alt}](data:image/webp;base64,"
-        raw = self._random.randbytes(max(0, (self.picture_bytes - len(head) - 1) * 3 // 4))
+        raw = self._random.randbytes(max(0, (size - len(head) - 1) * 3 // 4))
         return MD(head + base64.b64encode(raw).decode() + ")")
 
     def path(self, *parts: str):
@@ -71,7 +81,8 @@ class Shapes:
                 "reused": False, "size": "(512, 512, 312)", "spacing_mm": "(0.7813, 0.7813, 1.25)",
                 "origin_mm": "(-200.0, -200.0, -512.5)", "orientation": "LPS", "original_orientation": "LPS",
                 "oblique": False, "pixel_type": "16-bit signed integer", "hu_min": -1024.0, "hu_max": 3071.0,
-                "hu_p01": -1002.0, "hu_p50": -61.0, "hu_p99": 412.0, "picture": self.picture("CT thumbnail")}
+                "hu_p01": -1002.0, "hu_p50": -61.0, "hu_p99": 412.0,
+                "picture": self.picture("CT thumbnail", per_patient_limit=True)}
 
     def ct_mask(self, pid: str) -> dict:
         return {"path": self.path("ct_mask", pid, "mask.nii.gz"),
@@ -83,7 +94,7 @@ class Shapes:
                 "reoriented_from": "", "reference_label": "", "model_agreement": "the mask is the model's own",
                 "reused": False, "voxels": 231_542, "voxel_volume_ml": 0.000763, "volume_ml": 176.7,
                 "connected_components": 1, "largest_component_voxels": 231_542,
-                "picture": self.picture("gastric mask")}
+                "picture": self.picture("gastric mask", per_patient_limit=True)}
 
     def radiomics_row(self, pid: str) -> dict:
         return {"path": self.path("radiomics_row", pid, "radiomics.parquet"), "sha256": self.sha("row", pid),
@@ -103,7 +114,7 @@ class Shapes:
         table += [f"| {s}.svs | 98304x74752 | 0.2527 | openslide.mpp-x | 8412 | 1 | 1024 | 14.2 |" for s in slides]
         return {"n_slides": len(slides), "n_patches": 8412 * len(slides), "mode": "grid",
                 "slides": MD("\n".join(table)),
-                "picture": self.picture(f"tiling of {pid}"),
+                "picture": self.picture(f"tiling of {pid}", per_patient_limit=True),
                 "picture_path": self.path("patch_coords", pid, "tiling.png"),
                 "folder": self.path("patch_coords", pid), "listing": self.path("patch_coords", pid, "slides.json"),
                 "h5_files": JSON([f"{s}.h5" for s in slides]),

@@ -1,7 +1,7 @@
 """Hospital scale (issue 20): the automation and the instance with N patients on one instance.
 
     python -m benchmarks.scale [--patients 1000 10000] [--new 10] [--repeats 3] [--postgres URL]
-                               [--picture-bytes 55000] [--heatmaps 2] [--reference-every 10]
+                               [--picture-bytes B] [--heatmaps 2] [--reference-every 10]
                                [--create-limit 100] [--profile production]
 
 For each N it builds a DAGSTER_HOME-style instance (deploy/local/dagster.yaml: SQLite, the queued
@@ -30,12 +30,14 @@ each one when it executed stand-ins of the real steps (benchmarks/_scale_steps.p
 real assets' specs, check specs and metadata keys), and Dagster's own queries read them back.
 What is synthesized: the events of patients other than the one recorded (copied from it, with
 their run ids, patient ids, times and storage ids), the run rows (written in bulk, not through the
-daemon), the times (runs a minute apart, the last ones an hour ago), the picture bytes (random,
---picture-bytes each), and on disk only what the sensors read: each patient's landing folder with
-READY, a reference mask (ct_label/) and a ct_image file for every --reference-every'th patient,
-clinical.csv, an installed segmentation model folder (empty checkpoint) whose current.json names
-the current reference set, and risk_scores' scores.parquet. Sensor results are whatever the code
-in the tree returns; a sensor that fails or cannot read what is here reports n/a with the reason.
+daemon; their tags are those the real landing_sensor and the other sensors request), the times
+(runs a minute apart, the full pass ending two hours ago), the picture bytes (random, near the
+limits gcmlm_assets/pictures.py sets, or --picture-bytes each), and on disk only what the sensors
+read: each patient's landing folder with READY, a reference mask (ct_label/) and a ct_image file
+for every --reference-every'th patient, clinical.csv, an installed segmentation model folder
+(empty checkpoint) whose current.json names the current reference set, and risk_scores'
+scores.parquet. Sensor results are whatever the code in the tree returns; a sensor that fails or
+cannot read what is here reports n/a with the reason.
 """
 
 import argparse
@@ -50,7 +52,7 @@ from pathlib import Path
 import dagster as dg
 
 from benchmarks.scale_instance import (
-    SECONDS_PER_RUN, InstanceWriter, RunSpec, landing_run_tags, local_instance, patient_ids, patient_run_specs,
+    SECONDS_PER_RUN, InstanceWriter, LandingTags, RunSpec, local_instance, patient_ids, patient_run_specs,
     record_templates, request_run_specs, write_in_batches)
 
 COHORT_SENSOR, EXPLANATIONS_SENSOR = "cohort_refresh_sensor", "risk_explanations_sensor"
@@ -233,7 +235,8 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
         sensors = Sensors(instance, args.profile)
         built = time.perf_counter()
         instance.add_dynamic_partitions("patients", patients)
-        write_in_batches(writer, patient_run_specs(patients, start))
+        tags, probe_note = probe_landing_tags(instance, sensors, work / "landing-probe")
+        write_in_batches(writer, patient_run_specs(patients, start, tags=tags))
         t = start + 2 * n * SECONDS_PER_RUN
         refresh = sensors.tick(COHORT_SENSOR)
         cohort_tags = refresh.requests[0].tags if refresh.requests else {}
@@ -246,7 +249,7 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
             if not sensors.tick(MASK_SENSOR).requests:
                 break
         sensors.tick(TRAINING_SENSOR)
-        rows["instance build (a full pass written in bulk)"] = f"{time.perf_counter() - built:.0f} s"
+        rows["instance build (a full pass written in bulk)"] = f"{time.perf_counter() - built:.0f} s" + probe_note
         progress(backend, n, "full pass written")
         first = "" if refresh.requests else f" (no first refresh was requested: {refresh.skip or refresh.error})"
         rows["explanation runs after the full pass's risk_scores"] = (
@@ -263,7 +266,7 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
         # K new patients: their drops, partitions and finished runs, then the refresh they cause.
         write_landing(landing, artifacts, new, 0)
         instance.add_dynamic_partitions("patients", new)
-        write_in_batches(writer, patient_run_specs(new, now - 1800 - 2 * len(new) * SECONDS_PER_RUN))
+        write_in_batches(writer, patient_run_specs(new, now - 1800 - 2 * len(new) * SECONDS_PER_RUN, tags=tags))
         refresh = sensors.tick(COHORT_SENSOR)
         others = {name: sensors.tick(name) for name in (MASK_SENSOR, TRAINING_SENSOR)}
         before = sum(instance_bytes(instance, work / "home").values())
@@ -301,7 +304,7 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
 
         progress(backend, n, f"soundness filter timed; {n:,} runs queued")
         # N runs queued (radiology runs as landing_sensor requests them), then every tick again.
-        queued = [RunSpec("radiology", pid, now - 600, landing_run_tags(pid, "radiology"), dg.DagsterRunStatus.QUEUED)
+        queued = [RunSpec("radiology", pid, now - 600, tags(pid, "radiology"), dg.DagsterRunStatus.QUEUED)
                   for pid in patients]
         write_in_batches(writer, queued)
         for name in TICKED:
@@ -309,6 +312,30 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
         writer.close()
     progress(backend, n, "done")
     return rows
+
+
+def probe_landing_tags(instance: dg.DagsterInstance, sensors: Sensors, zone: Path) -> tuple[LandingTags, str]:
+    """The tags of the runs landing_sensor requests for one drop (a file in ct/ and wsi/, READY),
+    so that the patients' runs carry what the code in the tree puts on them. The demo profile's
+    encoder needs no weights: pathology is not held."""
+    from gcmlm_assets.definitions import build_definitions
+    from gcmlm_assets.resources import LandingZone
+
+    drop = zone / LandingTags.PROBE
+    for name in ("ct/IM000000.dcm", "wsi/slide.svs", "READY"):
+        (drop / name).parent.mkdir(parents=True, exist_ok=True)
+        (drop / name).write_bytes(b"probe")
+    encoder = build_definitions("local", "demo").get_repository_def().get_top_level_resources()["encoder"]
+    try:
+        resources = {"landing": LandingZone(root=str(zone)), "encoder": encoder}
+        with dg.build_sensor_context(instance_ref=instance.get_ref(), repository_def=sensors.repository,
+                                     sensor_name="landing_sensor", resources=resources) as context:
+            requests = sensors.repository.get_sensor_def("landing_sensor").evaluate_tick(context).run_requests or []
+    except Exception as error:  # noqa: BLE001 - the tags it has always put are used instead
+        return LandingTags(), f" (landing_sensor probe failed, {type(error).__name__}: {error}; usual tags)"
+    probes = {r.tags.get("gcmlm/modality"): r for r in requests if r.partition_key == LandingTags.PROBE}
+    return LandingTags(probes), "" if set(probes) >= {"radiology", "pathology"} else (
+        f" (landing_sensor probe requested {sorted(probes)}: usual tags for the others)")
 
 
 def progress(backend: str, n: int, what: str) -> None:
@@ -391,7 +418,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="ticks timed per sensor (the median is shown)")
     parser.add_argument("--postgres", help="also on this PostgreSQL server (postgresql://user:pw@host:port/db); "
                                            "a database is created per N and dropped")
-    parser.add_argument("--picture-bytes", type=int, default=55_000, help="bytes of each embedded picture")
+    parser.add_argument("--picture-bytes", type=int,
+                        help="bytes of each embedded picture (default: 92 %% of the limit the code sets for it)")
     parser.add_argument("--heatmaps", type=int, default=2, help="explanation pictures per patient (up to 6)")
     parser.add_argument("--reference-every", type=int, default=10, help="every k-th patient has a reference mask")
     parser.add_argument("--create-limit", type=int, default=100, help="runs the daemon creates in the timed tick")

@@ -1,6 +1,6 @@
 """A Dagster instance holding thousands of patients' runs, written in bulk (scale benchmark, tests).
 
-    python -m benchmarks.scale_instance --home DIR [--patients 1000] [--picture-bytes 55000]
+    python -m benchmarks.scale_instance --home DIR [--patients 1000] [--picture-bytes B] [--heatmaps 2]
 
 builds DIR as a DAGSTER_HOME (deploy/local/dagster.yaml: SQLite, the queued run coordinator) with
 the patients' runs, to look at in the UI (`DAGSTER_HOME=DIR dagster-webserver ...`) or time queries on.
@@ -129,7 +129,7 @@ class Templates:
     snapshots: list[tuple]  # (job snapshot, execution plan snapshot) of each run
 
 
-def record_templates(artifacts: str | Path, profile: str = "production", picture_bytes: int = 55_000,
+def record_templates(artifacts: str | Path, profile: str = "production", picture_bytes: int | None = None,
                      heatmaps: int = 2) -> Templates:
     """Execute each kind of run once for the placeholder patient and keep its events."""
     from gcmlm_assets.definitions import build_definitions
@@ -402,19 +402,42 @@ class InstanceWriter:
 # ---------------------------------------------------------------- what a full pass writes
 
 
-def landing_run_tags(patient: str, modality: str) -> dict[str, str]:
-    fingerprint = uuid.uuid5(uuid.NAMESPACE_URL, f"{patient}/{modality}").hex[:16]
-    return {SENSOR_TAG: "landing_sensor", RUN_KEY_TAG: f"{patient}:{modality}:{fingerprint}",
-            "gcmlm/modality": modality, "gcmlm/fingerprint": fingerprint}
+class LandingTags:
+    """The tags landing_sensor puts on a patient's run: those of one probe request per modality
+    (`from_requests`, what the code in the tree requests), else the ones it has always put."""
+
+    PROBE = "PROBE000000"
+
+    def __init__(self, probes: dict[str, dg.RunRequest] | None = None):
+        self.probes = probes or {}
+
+    def __call__(self, patient: str, modality: str) -> dict[str, str]:
+        fingerprint = uuid.uuid5(uuid.NAMESPACE_URL, f"{patient}/{modality}").hex[:16]
+        probe = self.probes.get(modality)
+        if probe is None:
+            return {SENSOR_TAG: "landing_sensor", RUN_KEY_TAG: f"{patient}:{modality}:{fingerprint}",
+                    "gcmlm/modality": modality, "gcmlm/fingerprint": fingerprint}
+        old = probe.tags.get("gcmlm/fingerprint")
+
+        def own(value: str) -> str:
+            value = value.replace(self.PROBE, patient)
+            return value.replace(old, fingerprint) if old else value
+
+        tags = {k: own(v) for k, v in probe.tags.items() if k != PARTITION_TAG}
+        return {**tags, SENSOR_TAG: "landing_sensor", **({RUN_KEY_TAG: own(probe.run_key)} if probe.run_key else {})}
 
 
-def patient_run_specs(patients: Iterable[str], start: float, status=dg.DagsterRunStatus.SUCCESS) -> list[RunSpec]:
+landing_run_tags = LandingTags()
+
+
+def patient_run_specs(patients: Iterable[str], start: float, status=dg.DagsterRunStatus.SUCCESS,
+                      tags=landing_run_tags) -> list[RunSpec]:
     """A radiology and a pathology run per patient, as landing_sensor requests them, one after the other."""
     specs = []
     for i, patient in enumerate(patients):
         for j, modality in enumerate(("radiology", "pathology")):
             specs.append(RunSpec(modality, patient, start + (2 * i + j) * SECONDS_PER_RUN,
-                                 landing_run_tags(patient, modality), status))
+                                 tags(patient, modality), status))
     return specs
 
 
@@ -489,7 +512,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, required=True, help="the DAGSTER_HOME to build (new or empty)")
     parser.add_argument("--patients", type=int, default=1000)
-    parser.add_argument("--picture-bytes", type=int, default=55_000)
+    parser.add_argument("--picture-bytes", type=int, help="bytes of each picture (default: near the code's limits)")
     parser.add_argument("--heatmaps", type=int, default=2,
                         help="explanation pictures per patient (the code embeds up to 6)")
     args = parser.parse_args()
