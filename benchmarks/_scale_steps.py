@@ -9,7 +9,8 @@ nothing and yields what the real step yields for one patient, with the real meta
 92 % of the limit the code in the tree sets for them (the display encoding takes the best one that
 fits, so a photo comes close to it): `pictures.PATIENT_MARKDOWN_LIMIT`, where it exists, for the
 CT, mask and patch-grid pictures, `pictures.MARKDOWN_LIMIT` for the others; or `picture_bytes`
-each when given. Their bytes are random, as compressed images are.
+each when given. Their bytes are random, as compressed images are. A patient has two slides; an
+explanation embeds their contribution maps, as many as risk_explanations embeds (or `heatmaps`).
 """
 
 import base64
@@ -38,8 +39,15 @@ FILLED = 0.92  # of a picture's markdown limit
 class Shapes:
     """Metadata of realistic shape for one patient's (or the cohort's) materializations."""
 
-    def __init__(self, artifacts: Path, picture_bytes: int | None, heatmaps: int, slides: int = 2):
+    def __init__(self, artifacts: Path, picture_bytes: int | None, heatmaps: int | None, slides: int = 2):
         from gcmlm_assets import pictures
+        from gcmlm_assets.cohort import explanation_assets
+
+        if heatmaps is None:  # each slide's contribution map, as many as the code embeds
+            embedded = getattr(explanation_assets, "PICTURES_IN_METADATA", None)
+            if embedded is None:
+                embedded = 2 * getattr(explanation_assets, "SLIDES_IN_METADATA", slides)
+            heatmaps = min(slides, embedded)
 
         limit = pictures.MARKDOWN_LIMIT
         self.artifacts = Path(artifacts)
@@ -222,6 +230,16 @@ class Shapes:
         return metadata
 
 
+def explanation_key(pid: str) -> str:
+    """A patient's explanation key (what risk_scores lists and risk_explanations records as its data
+    version, where the code keys explanations): the same for a patient until the model changes."""
+    return f"{pid}:{Shapes.sha('risk model v1')[:40]}"
+
+
+def data_version(asset: str, pid: str | None) -> str:
+    return explanation_key(pid) if asset == "risk_explanations" else Shapes.sha(asset, pid or "cohort")
+
+
 def _log_line(asset: str, pid: str | None) -> str:
     return f"{pid or 'cohort'}: {asset} written (stand-in of the real step for the scale benchmark)"
 
@@ -250,7 +268,7 @@ def stand_in(real: dg.AssetsDefinition, shapes: Shapes) -> dg.AssetsDefinition:
                        for spec in checks if spec.asset_key.to_user_string() == key
                        and spec.key in context.selected_asset_check_keys]
             yield dg.MaterializeResult(asset_key=key, metadata=shapes.metadata(key, pid),
-                                       data_version=dg.DataVersion(Shapes.sha(key, pid or "cohort")),
+                                       data_version=dg.DataVersion(data_version(key, pid)),
                                        check_results=None if separate else results)
             if separate:
                 yield from results

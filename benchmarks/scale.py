@@ -1,7 +1,7 @@
 """Hospital scale (issue 20): the automation and the instance with N patients on one instance.
 
     python -m benchmarks.scale [--patients 1000 10000] [--new 10] [--repeats 3] [--postgres URL]
-                               [--picture-bytes B] [--heatmaps 2] [--reference-every 10]
+                               [--picture-bytes B] [--heatmaps H] [--reference-every 10]
                                [--create-limit 100] [--profile production]
 
 For each N it builds a DAGSTER_HOME-style instance (deploy/local/dagster.yaml: SQLite, the queued
@@ -67,6 +67,8 @@ class Tick:
     cursor: str | None = None
     skip: str = ""
     error: str = ""
+    patients: int = 0  # the patients the requests cover (a range request covers several)
+    ticks: int = 0
 
 
 class Sensors:
@@ -155,9 +157,13 @@ def install_segmentation_model(landing: Path, artifacts: Path, patients: list[st
 
 
 def write_scores(artifacts: Path, patients: list[str]) -> None:
-    """risk_scores' table, with the columns the real asset writes."""
+    """risk_scores' table, with the columns the code in the tree declares for it (an explanation
+    key column holds the key each patient's explanation records)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from benchmarks._scale_steps import explanation_key
+    from gcmlm_assets.cohort.columns import RISK_SCORES_COLUMNS
 
     n = len(patients)
     probability = [((i * 7919) % 1000) / 1000 for i in range(n)]
@@ -168,6 +174,8 @@ def write_scores(artifacts: Path, patients: list[str]) -> None:
         "probability_radiology": pa.array(probability, pa.float64()),
         "probability_pathology": pa.array(probability, pa.float64()),
         "mlm": pa.array([None if i % 4 == 0 else i % 5 % 2 for i in range(n)], pa.int8())})
+    if "explanation_key" in {column.name for column in RISK_SCORES_COLUMNS}:
+        table = table.append_column("explanation_key", pa.array([explanation_key(p) for p in patients], pa.string()))
     folder = artifacts / "risk_scores"
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, folder / "scores.parquet.tmp", compression="zstd")
@@ -242,9 +250,7 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
         cohort_tags = refresh.requests[0].tags if refresh.requests else {}
         writer.write([RunSpec("cohort", None, t, {"dagster/sensor_name": COHORT_SENSOR, **cohort_tags})])
         write_scores(artifacts, patients)
-        explain = sensors.tick(EXPLANATIONS_SENSOR)
-        write_in_batches(writer, request_run_specs("explanation", EXPLANATIONS_SENSOR, explain.requests,
-                                                   t + SECONDS_PER_RUN))
+        explain = explain_until_done(sensors, writer, t + SECONDS_PER_RUN, patients)
         for _ in range(n // 200 + 5):  # predicted_mask_sensor sweeps once after a model is installed
             if not sensors.tick(MASK_SENSOR).requests:
                 break
@@ -252,8 +258,7 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
         rows["instance build (a full pass written in bulk)"] = f"{time.perf_counter() - built:.0f} s" + probe_note
         progress(backend, n, "full pass written")
         first = "" if refresh.requests else f" (no first refresh was requested: {refresh.skip or refresh.error})"
-        rows["explanation runs after the full pass's risk_scores"] = (
-            f"{len(explain.requests):,}" if not explain.error else f"n/a ({explain.error[:120]})") + first
+        rows["explanation runs after the full pass's risk_scores"] = describe_requests(explain) + first
         sizes = instance_bytes(instance, work / "home")
         parts = ", ".join(f"{k} {fmt_mb(v / n)}" for k, v in sizes.items())
         rows["instance bytes per patient after one full pass"] = f"{fmt_mb(sum(sizes.values()) / n)} ({parts})"
@@ -274,21 +279,22 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
         writer.write([RunSpec("cohort", None, now - 1500, {"dagster/sensor_name": COHORT_SENSOR, **cohort_tags})])
         write_scores(artifacts, patients + new)
         scores_cursor = sensors.cursors.get(EXPLANATIONS_SENSOR)
-        explain = sensors.timed(EXPLANATIONS_SENSOR, 1)
-        counts = {COHORT_SENSOR: len(refresh.requests), EXPLANATIONS_SENSOR: len(explain.requests),
-                  **{name: len(t.requests) for name, t in others.items() if t.requests}}
-        rows[f"runs requested per refresh, K = {args.new} new patients"] = (
-            f"{sum(counts.values()):,} (" + ", ".join(f"{name} {c:,}" for name, c in counts.items()) + ")"
-            + ("" if refresh.requests else f"; no refresh requested: {refresh.skip or refresh.error}"))
-        rows["risk_explanations_sensor tick after a new risk_scores"] = fmt_tick(explain)
-
+        first_tick = sensors.tick(EXPLANATIONS_SENSOR, keep_cursor=False)
+        sensors.cursors[EXPLANATIONS_SENSOR] = scores_cursor
         progress(backend, n, f"refresh of {len(new)} new patients evaluated; the daemon creates runs")
         rows["daemon: that tick's runs created and queued"] = daemon_row(instance, scores_cursor, args.create_limit)
-
-        write_in_batches(writer, request_run_specs("explanation", EXPLANATIONS_SENSOR, explain.requests, now - 1200))
+        explain = explain_until_done(sensors, writer, now - 1200, patients + new)
+        counts = {COHORT_SENSOR: len(refresh.requests), EXPLANATIONS_SENSOR: len(explain.requests),
+                  **{name: len(t.requests) for name, t in others.items() if t.requests}}
+        described = {name: f"{c:,}" for name, c in counts.items()}
+        described[EXPLANATIONS_SENSOR] = describe_requests(explain)
+        rows[f"runs requested per refresh, K = {args.new} new patients"] = (
+            f"{sum(counts.values()):,} (" + ", ".join(f"{name} {text}" for name, text in described.items()) + ")"
+            + ("" if refresh.requests else f"; no refresh requested: {refresh.skip or refresh.error}"))
+        rows["risk_explanations_sensor tick after a new risk_scores"] = fmt_tick(first_tick)
         added = sum(instance_bytes(instance, work / "home").values()) - before
         rows["instance bytes added per patient by one refresh"] = (
-            f"{fmt_mb(added / (n + len(new)))} (1 cohort run + {len(explain.requests):,} explanation runs)")
+            f"{fmt_mb(added / (n + len(new)))} (1 cohort run + {describe_requests(explain)} explanation runs)")
         rows["cohort refresh after the refresh's explanation runs (nothing changed)"] = decision(
             sensors.tick(COHORT_SENSOR))
 
@@ -336,6 +342,34 @@ def probe_landing_tags(instance: dg.DagsterInstance, sensors: Sensors, zone: Pat
     probes = {r.tags.get("gcmlm/modality"): r for r in requests if r.partition_key == LandingTags.PROBE}
     return LandingTags(probes), "" if set(probes) >= {"radiology", "pathology"} else (
         f" (landing_sensor probe requested {sorted(probes)}: usual tags for the others)")
+
+
+def explain_until_done(sensors: Sensors, writer: InstanceWriter, start: float, partitions: list[str]) -> Tick:
+    """risk_explanations_sensor ticked until it requests nothing more (a tick may carry on the
+    previous one's work), each tick's runs written finished; the ticks' requests together."""
+    total = Tick()
+    for ticks in range(1, 10_000):
+        tick = sensors.tick(EXPLANATIONS_SENSOR)
+        if tick.error or not tick.requests:
+            total.error, total.skip = total.error or tick.error, total.skip or tick.skip
+            break
+        total.requests += tick.requests
+        total.ticks = ticks
+        specs = request_run_specs("explanation", EXPLANATIONS_SENSOR, tick.requests, start, partitions)
+        total.patients += sum(len(spec.patients) or 1 for spec in specs)
+        write_in_batches(writer, specs)
+        start += len(specs) * SECONDS_PER_RUN
+    return total
+
+
+def describe_requests(total: Tick) -> str:
+    if total.error:
+        return f"n/a ({total.error[:120]})"
+    if not total.requests:
+        return f"0 ({total.skip[:150]})"
+    ticks = f" in {total.ticks} ticks" if total.ticks > 1 else ""
+    covered = "" if total.patients == len(total.requests) else f" for {total.patients:,} patients"
+    return f"{len(total.requests):,}{covered}{ticks}"
 
 
 def progress(backend: str, n: int, what: str) -> None:
@@ -420,7 +454,7 @@ def main() -> None:
                                            "a database is created per N and dropped")
     parser.add_argument("--picture-bytes", type=int,
                         help="bytes of each embedded picture (default: 92 %% of the limit the code sets for it)")
-    parser.add_argument("--heatmaps", type=int, default=2, help="explanation pictures per patient (up to 6)")
+    parser.add_argument("--heatmaps", type=int, help="explanation pictures per patient (default: as the code embeds)")
     parser.add_argument("--reference-every", type=int, default=10, help="every k-th patient has a reference mask")
     parser.add_argument("--create-limit", type=int, default=100, help="runs the daemon creates in the timed tick")
     parser.add_argument("--profile", default="production")

@@ -1,6 +1,6 @@
 """A Dagster instance holding thousands of patients' runs, written in bulk (scale benchmark, tests).
 
-    python -m benchmarks.scale_instance --home DIR [--patients 1000] [--picture-bytes B] [--heatmaps 2]
+    python -m benchmarks.scale_instance --home DIR [--patients 1000] [--picture-bytes B] [--heatmaps H]
 
 builds DIR as a DAGSTER_HOME (deploy/local/dagster.yaml: SQLite, the queued run coordinator) with
 the patients' runs, to look at in the UI (`DAGSTER_HOME=DIR dagster-webserver ...`) or time queries on.
@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -130,7 +130,7 @@ class Templates:
 
 
 def record_templates(artifacts: str | Path, profile: str = "production", picture_bytes: int | None = None,
-                     heatmaps: int = 2) -> Templates:
+                     heatmaps: int | None = None) -> Templates:
     """Execute each kind of run once for the placeholder patient and keep its events."""
     from gcmlm_assets.definitions import build_definitions
 
@@ -202,6 +202,7 @@ class RunSpec:
     tags: dict[str, str]
     status: dg.DagsterRunStatus = dg.DagsterRunStatus.SUCCESS
     run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    patients: tuple[str, ...] = ()  # a run over a range of patients (no partition tag)
 
 
 def workspace_job_origin(job_name: str):
@@ -298,32 +299,22 @@ class InstanceWriter:
             events = events[:template.queued_upto]
         delta = spec.start - template.start
         own: dict[int, int] = {}
-        patient_ids = self._by_patient.setdefault(spec.patient, {}) if spec.patient else {}
-        holes = {"run": spec.run_id, "patient": spec.patient or PLACEHOLDER}
-
-        def written_id(template_id: int) -> int:
-            return own.get(template_id) or patient_ids.get(template_id) or self._latest.get(template_id, template_id)
-
-        def render(event: EventTemplate) -> str:
-            out = []
-            for part in event.parts:
-                if isinstance(part, str):
-                    out.append(part)
-                elif part[0] == "ts":
-                    out.append(repr(part[1] + delta))
-                elif part[0] == "id":
-                    out.append(str(written_id(part[1])))
-                else:
-                    out.append(holes[part[0]])
-            return "".join(out)
-
         shard_rows, pending, checks, tag_rows = [], [], {}, []
         insert = SqlEventLogStorageTable.insert()
-        for event in events:
-            text = render(event)
+        for event, patient in self._sequence(events, spec):
+            patient_ids = self._by_patient.setdefault(patient, {}) if patient else {}
+
+            def written_id(template_id: int) -> int:
+                return (own.get((patient, template_id)) or patient_ids.get(template_id)
+                        or self._latest.get(template_id, template_id))
+
+            holes = {"run": spec.run_id, "patient": patient or PLACEHOLDER}
+            text = "".join(part if isinstance(part, str) else repr(part[1] + delta) if part[0] == "ts"
+                           else str(written_id(part[1])) if part[0] == "id" else holes[part[0]]
+                           for part in event.parts)
             row = {"run_id": spec.run_id, "event": text, "dagster_event_type": event.event_type,
                    "timestamp": _utc(event.timestamp + delta), "step_key": event.step_key,
-                   "asset_key": event.asset_key, "partition": spec.patient if event.partitioned else None}
+                   "asset_key": event.asset_key, "partition": patient if event.partitioned else None}
             if self.sharded:
                 shard_rows.append(row)
                 if not event.indexed:
@@ -336,14 +327,16 @@ class InstanceWriter:
                 pending.clear()
             event_id = conn.execute(insert, row).inserted_primary_key[0]
             if event.check:
-                self._check_rows(checks, event.check, spec, text, row["timestamp"], event_id, written_id)
+                self._check_rows(checks, event.check, spec.run_id, patient, text, row["timestamp"], event_id,
+                                 written_id)
             elif event.asset_key:
-                own[event.storage_id] = self._latest[event.storage_id] = event_id
-                if spec.patient:
+                own[(patient, event.storage_id)] = self._latest[event.storage_id] = event_id
+                if patient:
                     patient_ids[event.storage_id] = event_id
                 if event.data_version is not None:
                     tag_rows.append({"event_id": event_id, "asset_key": event.asset_key, "key": DATA_VERSION_TAG,
-                                     "value": event.data_version, "event_timestamp": row["timestamp"]})
+                                     "value": event.data_version.replace(PLACEHOLDER, patient or PLACEHOLDER),
+                                     "event_timestamp": row["timestamp"]})
                 newest[(event.asset_key, event.event_type)] = (event_id, text)
         if pending:
             conn.execute(insert, pending)
@@ -354,19 +347,36 @@ class InstanceWriter:
         return shard_rows
 
     @staticmethod
-    def _check_rows(rows: dict, facts: tuple, spec: RunSpec, text: str, timestamp: datetime, event_id: int,
-                    written_id) -> None:
+    def _sequence(events: list[EventTemplate], spec: RunSpec) -> Iterator[tuple[EventTemplate, str | None]]:
+        """(event, patient) in the order the run writes them. A run over a range of patients
+        (`spec.patients`) writes its run and step events once and each patient's own events (those
+        with a partition or naming the patient) once per patient; a range step logs materializations,
+        so the step output that carries a single patient's metadata is left out."""
+        if not spec.patients:
+            yield from ((event, spec.patient) for event in events)
+            return
+        for event in events:
+            if event.event_type == "STEP_OUTPUT" and ("patient",) in event.parts:
+                continue
+            if event.partitioned or ("patient",) in event.parts:
+                yield from ((event, patient) for patient in spec.patients)
+            else:
+                yield event, None
+
+    @staticmethod
+    def _check_rows(rows: dict, facts: tuple, run_id: str, patient: str | None, text: str, timestamp: datetime,
+                    event_id: int, written_id) -> None:
         """The check-execution rows Dagster leaves: a PLANNED row per planned check (and partition),
         which the check's evaluation in the same run and partition then completes (or, with no
         such row, adds its own)."""
         def partition(value):
-            return spec.patient if value == "patient" else value
+            return patient if value == "patient" else value
 
         if facts[0] == "planned":
             _, asset_key, check_name, partitions = facts
             for key in map(partition, partitions):
                 rows[(asset_key, check_name, key, len(rows))] = {
-                    "asset_key": asset_key, "check_name": check_name, "partition": key, "run_id": spec.run_id,
+                    "asset_key": asset_key, "check_name": check_name, "partition": key, "run_id": run_id,
                     "execution_status": AssetCheckExecutionRecordStatus.PLANNED.value, "evaluation_event": text,
                     "evaluation_event_timestamp": timestamp, "evaluation_event_storage_id": event_id,
                     "materialization_event_storage_id": None}
@@ -384,7 +394,7 @@ class InstanceWriter:
             rows[planned[0]].update(values)
         else:
             rows[(asset_key, check_name, key, len(rows))] = {"asset_key": asset_key, "check_name": check_name,
-                                                              "run_id": spec.run_id, **values}
+                                                              "run_id": run_id, **values}
 
     def _write_shard(self, run_id: str, rows: list[dict]) -> None:
         """The run's own SQLite file: a copy of an empty shard Dagster created, then its events
@@ -441,12 +451,23 @@ def patient_run_specs(patients: Iterable[str], start: float, status=dg.DagsterRu
     return specs
 
 
-def request_run_specs(kind: str, sensor: str, requests: Iterable[dg.RunRequest], start: float) -> list[RunSpec]:
-    """Finished runs for a sensor's run requests (one run per request, with the request's tags)."""
-    return [RunSpec(kind, request.partition_key, start + i * SECONDS_PER_RUN,
-                    {**request.tags, SENSOR_TAG: sensor,
-                     **({RUN_KEY_TAG: request.run_key} if request.run_key else {})})
-            for i, request in enumerate(requests)]
+RANGE_TAGS = ("dagster/asset_partition_range_start", "dagster/asset_partition_range_end")
+
+
+def request_run_specs(kind: str, sensor: str, requests: Iterable[dg.RunRequest], start: float,
+                      partitions: Sequence[str] = ()) -> list[RunSpec]:
+    """Finished runs for a sensor's run requests, one run per request with the request's tags. A
+    request over a range of `partitions` (in their order) is one run that materializes each patient
+    of the range."""
+    specs = []
+    for i, request in enumerate(requests):
+        tags = {**request.tags, SENSOR_TAG: sensor, **({RUN_KEY_TAG: request.run_key} if request.run_key else {})}
+        patients: tuple[str, ...] = ()
+        if request.partition_key is None and all(tag in request.tags for tag in RANGE_TAGS):
+            first, last = (partitions.index(request.tags[tag]) for tag in RANGE_TAGS)
+            patients = tuple(partitions[first:last + 1])
+        specs.append(RunSpec(kind, request.partition_key, start + i * SECONDS_PER_RUN, tags, patients=patients))
+    return specs
 
 
 def write_in_batches(writer: InstanceWriter, specs: list[RunSpec], batch: int = 300) -> None:
@@ -513,8 +534,7 @@ def main() -> None:
     parser.add_argument("--home", type=Path, required=True, help="the DAGSTER_HOME to build (new or empty)")
     parser.add_argument("--patients", type=int, default=1000)
     parser.add_argument("--picture-bytes", type=int, help="bytes of each picture (default: near the code's limits)")
-    parser.add_argument("--heatmaps", type=int, default=2,
-                        help="explanation pictures per patient (the code embeds up to 6)")
+    parser.add_argument("--heatmaps", type=int, help="explanation pictures per patient (default: as the code embeds)")
     args = parser.parse_args()
     if args.home.exists() and any(p.name != "dagster.yaml" for p in args.home.iterdir()):
         raise SystemExit(f"{args.home} is not empty")

@@ -4,8 +4,8 @@
 import dagster as dg
 
 from benchmarks.scale_instance import (
-    InstanceWriter, RunSpec, landing_run_tags, local_instance, patient_ids, populate, record_templates,
-    write_in_batches)
+    RANGE_TAGS, InstanceWriter, RunSpec, landing_run_tags, local_instance, patient_ids, populate, record_templates,
+    request_run_specs, write_in_batches)
 from gcmlm_assets.cohort.soundness_facts import declared_blocking_checks, unsound_results
 from gcmlm_assets.storage import ArtifactStore
 
@@ -51,12 +51,26 @@ def test_a_populated_instance_answers_dagsters_queries(tmp_path):
         assert {modality: set(reasons) for modality, reasons in unsound.items()} == {
             "radiology": {"ABSENT"}, "pathology": {"ABSENT"}}
 
+        # A run over a range of patients materializes each of them; queued runs are queued.
+        batched = dg.RunRequest(run_key="explain:batch", tags=dict(zip(RANGE_TAGS, ("GC000004", "GC000006"))))
+        [spec] = request_run_specs("explanation", "risk_explanations_sensor", [batched], 0.0, patients)
         writer = InstanceWriter(instance, templates)
         try:
-            write_in_batches(writer, [RunSpec("radiology", p, 0.0, landing_run_tags(p, "radiology"),
-                                              dg.DagsterRunStatus.QUEUED) for p in patients[:5]])
+            write_in_batches(writer, [spec, *(RunSpec("radiology", p, 0.0, landing_run_tags(p, "radiology"),
+                                                      dg.DagsterRunStatus.QUEUED) for p in patients[:5])])
         finally:
             writer.close()
+        materialized = instance.get_records_for_run(spec.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+        assert [r.event_log_entry.asset_materialization.partition for r in materialized.records] == [
+            "GC000004", "GC000005", "GC000006"]
+        latest = instance.get_latest_storage_id_by_partition(dg.AssetKey("risk_explanations"),
+                                                             dg.DagsterEventType.ASSET_MATERIALIZATION)
+        newest = instance.fetch_materializations(dg.AssetRecordsFilter(
+            asset_key=dg.AssetKey("risk_explanations"), storage_ids=[latest[f"GC00000{i}"] for i in (4, 5, 6)]),
+            limit=5).records
+        assert {(r.run_id, r.asset_materialization.partition) for r in newest} == {
+            (spec.run_id, f"GC00000{i}") for i in (4, 5, 6)}
+        assert "dagster/partition" not in instance.get_run_by_id(spec.run_id).tags
         queued = instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED]))
         assert {run.tags["dagster/partition"] for run in queued} == set(patients[:5])
         assert all(run.remote_job_origin is not None for run in queued)
