@@ -18,16 +18,17 @@ full pass of N patients, then plays the automation forward and prints one table 
 - fused_table's soundness filter (soundness_facts.unsound_results) over every patient;
 - the instance's bytes per patient after the full pass, and added by one refresh.
 
-Both default N took 17 minutes on this 2-core machine (N = 10,000: 6 minutes to write the full
-pass, about 25 GB of temporary disk, removed at the end unless --keep); PostgreSQL writes
-about 3 times slower.
+Both default N take 6 minutes on this 2-core machine when it is quiet, 17 when it is busy
+(N = 10,000: 2.5 to 6 minutes to write the full pass, about 25 GB of temporary disk, removed at
+the end unless --keep); PostgreSQL writes about 3 times slower.
 
 What is real: Dagster 1.13's instance and storages (the run-sharded SQLite event log, runs.db,
 PostgreSQL), the sensors of `build_definitions(profile=...)` evaluated as the code server does
 (`evaluate_tick` with the definitions' resources), the daemon's run-creation code against a code
 server of workspace.yaml's module, the soundness filter, and every event: Dagster serialized
 each one when it executed stand-ins of the real steps (benchmarks/_scale_steps.py, built from the
-real assets' specs, check specs and metadata keys), and Dagster's own queries read them back.
+real assets' specs, check specs and metadata keys; benchmarks/_scale_templates.py), and Dagster's
+own queries read them back (benchmarks/scale_instance.py writes them).
 What is synthesized: the events of patients other than the one recorded (copied from it, with
 their run ids, patient ids, times and storage ids), the run rows (written in bulk, not through the
 daemon; their tags are those the real landing_sensor and the other sensors request), the times
