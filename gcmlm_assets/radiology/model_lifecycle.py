@@ -273,28 +273,31 @@ def masks_to_predict(*, model_key: str, cursor: dict, ct_done: Iterable[str], ma
                      in_flight: Iterable[str], has_reference, limit: int) -> tuple[list[str], dict]:
     """Patients whose mask the installed model (`model_key`) should predict, and the next cursor.
 
-    A new model re-predicts every patient without a reference mask whose CT is materialized, in
-    slices of `limit` per tick (the cursor's `offset`). Besides, patients whose ct_mask waited for a
-    model (their CT is materialized, their mask is not) are predicted unless a run of theirs is in
-    flight. `has_reference(patient)` is asked only for those candidates.
+    A new model re-predicts every patient without a reference mask whose CT is materialized, once,
+    in slices of `limit` per tick in patient-id order (the cursor's `after`: the last patient the
+    sweep looked at; `swept` once it is done, so patients who arrive later, whose landing run
+    predicts with the installed model, are not swept again). Besides, patients whose ct_mask waited
+    for a model (their CT is materialized, their mask is not) are predicted unless a run of theirs
+    is in flight. `has_reference(patient)` is asked only for those candidates.
     """
     ct_done = sorted(set(ct_done))
     in_flight = set(in_flight)
-    if cursor.get("model") != model_key:
-        cursor = {"model": model_key, "offset": 0}
+    if cursor.get("model") != model_key or "after" not in cursor:
+        cursor = {"model": model_key, "after": "", "swept": False}
     chosen: list[str] = []
-    offset = int(cursor.get("offset", 0))
-    if offset < len(ct_done):  # the sweep after a model change is not finished
-        for patient_id in ct_done[offset:]:
-            offset += 1
+    if not cursor["swept"]:  # the sweep after a model change is not finished
+        after = cursor["after"]
+        remaining = [patient_id for patient_id in ct_done if patient_id > after]
+        for patient_id in remaining:
+            after = patient_id
             if not has_reference(patient_id):
                 chosen.append(patient_id)
             if len(chosen) >= limit:
                 break
-        cursor = {"model": model_key, "offset": offset}
-    else:
-        waiting = sorted(set(ct_done) - set(mask_done) - in_flight)
-        chosen = [pid for pid in waiting if not has_reference(pid)][:limit]
+        swept = not remaining or after == remaining[-1]
+        return chosen, {"model": model_key, "after": after, "swept": swept}
+    waiting = sorted(set(ct_done) - set(mask_done) - in_flight)
+    chosen = [pid for pid in waiting if not has_reference(pid)][:limit]
     return chosen, cursor
 
 

@@ -206,16 +206,22 @@ def test_a_new_model_re_predicts_every_mask_without_reference_in_slices():
     chosen, cursor = predict(cursor)
     assert chosen == ["P5", "P6"]
     chosen, cursor = predict(cursor)
-    assert chosen == ["P7"]
-    # The sweep is done: masks all made, nothing more for this model.
+    assert chosen == ["P7"] and cursor == {"model": "m1", "after": "P7", "swept": True}
+    # The sweep is done: masks all made, nothing more for this model, not even for patients who
+    # arrive later (their landing run predicts with the installed model).
     chosen, cursor = predict(cursor)
-    assert chosen == [] and cursor == {"model": "m1", "offset": 7}
+    assert chosen == [] and cursor == {"model": "m1", "after": "P7", "swept": True}
+    chosen, _ = predict(cursor, ct_done=["P0", *ct_done, "P8"], mask_done=["P0", *ct_done, "P8"])
+    assert chosen == []
     # Patients whose mask waited for a model (CT done, no mask) are predicted unless in flight.
     chosen, _ = predict(cursor, mask_done=["P1", "P2", "P3", "P4"], in_flight=["P6"])
     assert chosen == ["P5", "P7"]
     # Another model starts a new sweep.
     chosen, cursor = predict(cursor, model_key="m2", limit=10)
-    assert chosen == ["P2", "P3", "P5", "P6", "P7"] and cursor["model"] == "m2"
+    assert chosen == ["P2", "P3", "P5", "P6", "P7"] and cursor == {"model": "m2", "after": "P7", "swept": True}
+    # a cursor from before (an offset into the sorted patients) starts the sweep again
+    chosen, cursor = predict({"model": "m2", "offset": 7}, limit=10)
+    assert chosen == ["P2", "P3", "P5", "P6", "P7"]
     assert lifecycle.mask_run_key("P2", "m2") != lifecycle.mask_run_key("P2", "m1")
 
 
