@@ -25,6 +25,7 @@ fusion = lazy("gcmlm_assets.cohort.fusion")  # pyarrow only when a fused table i
 RUN_BATCH = 100  # run ids per get_runs query
 CHECK_HISTORY_PAGE = 1000  # check executions per history query (evaluations stored with partition None)
 EVALUATED = {CheckStatus.SUCCEEDED, CheckStatus.FAILED}
+EVENT_ID_BATCH = 500  # storage ids per event query (SQLite allows 999 parameters at least)
 
 
 def declared_blocking_checks() -> dict[str, list[str]]:
@@ -120,7 +121,8 @@ def check_outcomes(events, check_key: dg.AssetCheckKey, latest: dict[str, int]) 
     checked (batching.py). So one query per check (`get_asset_check_partition_info`) gives each
     partition's newest evaluation: passed or failed, and on which materialization. Only what that
     cannot say is read beyond it, each in a query whose size does not depend on the history:
-    - a failed one's severity (WARN does not block) and description: from its run's own events;
+    - a failed one's severity (WARN does not block) and description: its evaluation event, by the
+      storage id the row names (one query for all of them);
     - a partition whose newest row is only planned (a check spec with a partitions_def plans per
       partition): its newest evaluated row;
     - evaluations stored before they were stored per partition (partition None, one history for
@@ -129,7 +131,7 @@ def check_outcomes(events, check_key: dg.AssetCheckKey, latest: dict[str, int]) 
       the change; a patient run since then no longer needs it.
     """
     outcomes: dict[str, soundness.CheckOutcome] = {}
-    failed: dict[str, str] = {}  # partition -> run id of its newest (failed) evaluation
+    failed: dict[str, int] = {}  # partition -> storage id of its newest (failed) evaluation
     planned: list[str] = []
     stored_per_partition: set[str] = set()  # by batching.py: the evaluation names its materialization
     for info in events.get_asset_check_partition_info([check_key]):
@@ -145,9 +147,10 @@ def check_outcomes(events, check_key: dg.AssetCheckKey, latest: dict[str, int]) 
             if info.latest_execution_status == CheckStatus.SUCCEEDED:
                 outcomes[partition] = soundness.CheckOutcome(passed=True)
             else:
-                failed[partition] = info.latest_planned_run_id
-    for partition, run_id in failed.items():
-        evaluation = _evaluation_in_run(events, check_key, partition, run_id)
+                failed[partition] = info.latest_check_event_storage_id
+    evaluations = _evaluations_by_id(events, sorted(failed.values()))
+    for partition, storage_id in failed.items():
+        evaluation = evaluations.get(storage_id)
         outcome = _outcome(evaluation) if evaluation else _newest_outcome(events, check_key, partition,
                                                                            latest[partition])
         if outcome is not None:
@@ -165,17 +168,20 @@ def _outcome(evaluation) -> soundness.CheckOutcome:
     return soundness.CheckOutcome(evaluation.passed, evaluation.severity.value, evaluation.description or "")
 
 
-def _evaluation_in_run(events, check_key: dg.AssetCheckKey, partition: str, run_id: str):
-    """The partition's last evaluation of the check in run `run_id` (one run's own events: a
-    patient's run, or one batch of a backfill), None for a run without events (runless, deleted)."""
-    if not run_id:
-        return None
-    found = None
-    records = events.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records
-    for record in records:
-        evaluation = record.event_log_entry.dagster_event.event_specific_data
-        if evaluation.asset_check_key == check_key and evaluation.partition == partition:
-            found = evaluation
+def _evaluations_by_id(events, storage_ids: list[int]) -> dict[int, dg.AssetCheckEvaluation]:
+    """{storage id: the check evaluation event stored under it}, in one query per EVENT_ID_BATCH.
+
+    By primary key. The run-sharded SQLite storage answers its public `get_event_records` for
+    anything but asset events by opening every run's shard; its `_get_event_records` reads the
+    index shard, where check evaluations are mirrored under the very ids the check rows name (it is
+    the only implementation on the other SQL storages)."""
+    read = getattr(events, "_get_event_records", events.get_event_records)
+    found = {}
+    for start in range(0, len(storage_ids), EVENT_ID_BATCH):
+        ids = storage_ids[start:start + EVENT_ID_BATCH]
+        for record in read(dg.EventRecordsFilter(dg.DagsterEventType.ASSET_CHECK_EVALUATION, storage_ids=ids),
+                           limit=len(ids)):
+            found[record.storage_id] = record.event_log_entry.dagster_event.event_specific_data
     return found
 
 

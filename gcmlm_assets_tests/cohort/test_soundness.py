@@ -270,8 +270,8 @@ def test_single_partition_and_range_runs_store_each_check_under_its_patient(data
 
 
 def _outcomes_after_history(tmp_path, rounds: int):
-    """Three patients' latest runs (one passes, one fails a blocking check with ERROR, one with
-    WARN) after `rounds` older range runs of the same patients, every other one failing."""
+    """Three patients' latest results (one passes, one fails a blocking check with ERROR, one with
+    WARN) after `rounds` older runs of the same patients, every other one failing for all."""
     root = tmp_path / f"history_{rounds}"
     for folder in ("artifacts", "landing", "dagster_home"):
         (root / folder).mkdir(parents=True)
@@ -282,11 +282,9 @@ def _outcomes_after_history(tmp_path, rounds: int):
         for round_ in range(rounds):
             failing = StandInConfig(failing_check="radiomics_row_finite" if round_ % 2 else "")
             assert materialize_range(instance, artifacts, ids, {"radiomics_row": failing}).success
-        configs = {"P000": StandInConfig(),
-                   "P001": StandInConfig(failing_check="radiomics_row_finite"),
-                   "P002": StandInConfig(failing_check="radiomics_row_finite", failing_severity="WARN")}
-        for patient, config in configs.items():
-            materialize_patients(instance, artifacts, [patient], config={"radiomics_row": config})
+        latest_results = StandInConfig(failing_check="radiomics_row_finite",
+                                       failing_severity_by_patient={"P001": "ERROR", "P002": "WARN"})
+        assert materialize_range(instance, artifacts, ids, {"radiomics_row": latest_results}).success
         latest = latest_materializations(instance)
         reads = CountedReads(instance.event_log_storage)
         outcomes = {name: check_outcomes(reads, dg.AssetCheckKey(RADIOMICS, name), latest) for name in CHECKS}
@@ -296,15 +294,15 @@ def _outcomes_after_history(tmp_path, rounds: int):
 
 def test_reading_the_checks_does_not_depend_on_the_history(tmp_path):
     outcomes, reads, unsound = _outcomes_after_history(tmp_path, rounds=0)
-    again, longer_reads, unsound_again = _outcomes_after_history(tmp_path, rounds=3)
+    again, longer_reads, unsound_again = _outcomes_after_history(tmp_path, rounds=2)
 
     # the same answers, from the same queries returning the same number of rows
     assert again == outcomes and unsound_again == unsound
     assert longer_reads.queries == reads.queries and longer_reads.rows == reads.rows
-    # one query per check (a row per patient, and the runs' plans under partition None), and each
-    # failed result's own run read for its severity and description; no page of the history
-    assert reads.queries == {"get_asset_check_partition_info": 2, "get_records_for_run": 2}
-    assert reads.rows["get_asset_check_partition_info"] == 2 * (3 + 1)
+    # one query per check (a row per patient, and the run's plan under partition None), and one
+    # for the failed results' own events (severity, description); no page of the history
+    assert reads.queries == {"get_asset_check_partition_info": 2, "_get_event_records": 1}
+    assert reads.rows == {"get_asset_check_partition_info": 2 * (3 + 1), "_get_event_records": 2}
 
     finite = outcomes["radiomics_row_finite"]
     assert finite["P000"] == CheckOutcome(True)

@@ -4,7 +4,7 @@ They carry the real assets' names and check_specs and go through the real assets
 (`per_patient_events`: one patient per run, or a range of them in one run), so their checks are
 stored per partition as the real ones are. They publish the synthetic feature files already written
 under the artifacts root. Their config lets a test make a patient's latest materialization fail a
-check (ERROR, or WARN severity) or fail its step.
+check (with ERROR or WARN severity) or fail its step.
 """
 
 from pathlib import Path
@@ -23,7 +23,8 @@ SPECS = {"radiomics_row": RADIOMICS_ROW_CHECK_SPECS, "slide_vector": SLIDE_VECTO
 
 class StandInConfig(dg.Config):
     failing_check: str = ""  # this check's result fails
-    failing_severity: str = "ERROR"  # with this severity
+    # only for these patients, with this severity (when empty: for every patient, with ERROR)
+    failing_severity_by_patient: dict[str, str] = {}
     raise_error: bool = False  # the step fails before materializing
 
 
@@ -37,10 +38,11 @@ def _stand_in(name: str, artifacts: Path) -> dg.AssetsDefinition:
             if config.raise_error:
                 raise RuntimeError(f"{name} {patient}: simulated step failure")
             path = artifacts / name / patient / FILES[name]
+            by_patient = config.failing_severity_by_patient
+            failing = config.failing_check if not by_patient or patient in by_patient else ""
             results = [dg.AssetCheckResult(
-                check_name=spec.name, passed=spec.name != config.failing_check,
-                severity=dg.AssetCheckSeverity(config.failing_severity if spec.name == config.failing_check
-                                               else "ERROR"),
+                check_name=spec.name, passed=spec.name != failing,
+                severity=dg.AssetCheckSeverity(by_patient.get(patient, "ERROR")),
                 description=f"simulated result of {spec.name}") for spec in SPECS[name]]
             yield dg.MaterializeResult(asset_key=name, metadata={"path": dg.MetadataValue.path(str(path))},
                                        data_version=dg.DataVersion(sha256_file(path)), check_results=results)
