@@ -6,21 +6,22 @@ run (a `BackfillPolicy`), so the step loads nnU-Net or UNI once and loops over
 patient's single-partition step yields (a `MaterializeResult` and check results, or nothing when
 the patient is skipped); `per_patient_events` runs it for one patient or for a range.
 
-What Dagster 1.13 records for a range step, and how we use it:
+What Dagster 1.13 records for a range step (and for any step's check results), and how we use it:
 - A `MaterializeResult` returned for a range is recorded for *every* partition of the range, with
   the same metadata. So in a range each patient's materialization is logged on its own instead
   (`AssetMaterialization(partition=...)`), with that patient's metadata and data version.
 - A check result carries a partition only when its check spec has a partitions_def (a preview
-  feature our specs do not use); otherwise Dagster stores it under partition None, one history for
-  all patients, in a single-partition step too, and a range step's carry nothing at all. So every
-  patient's check results are stored as `AssetCheckEvaluation(partition=..., target=...)`: per
-  patient in the UI, and `get_asset_check_partition_info` answers for each patient what its
-  latest evaluation checked (what fused_table's soundness filter reads). A single-partition step
-  yields them (with the check's output, as Dagster does for an `AssetCheckResult`), so a failed
-  blocking check still fails the step and stops downstream; `store_checks_per_patient` does this
-  for the assets that do not go through `per_patient_events`. Dagster still records each run's
-  plan for the check under partition None; that row stays "planned" (shown as skipped once the
-  run ends) beside the patient's evaluation.
+  feature our specs do not use); otherwise Dagster stores it with partition None, one history for
+  all patients, from a single-partition step too. So every patient's check results are stored as
+  `AssetCheckEvaluation(partition=..., target_materialization_data=...)`: the UI shows them per
+  patient, and `get_asset_check_partition_info` tells for each patient whether its latest check
+  passed on which materialization (what fused_table's soundness filter reads). A range step logs
+  them after yielding the patient's materialization (so that it is stored when they look it up);
+  a single-partition step yields them, each after the check's output as Dagster does for an
+  `AssetCheckResult`, so a failed blocking check still fails the step and stops downstream steps.
+  `store_checks_per_patient` does the same for the per-patient assets without a range path.
+  Dagster still records each run's plan for a check with partition None; that row stays planned
+  (shown as skipped, or failed if the run failed) beside the patient's own evaluation.
 - Dagster has no public per-partition failure event. It marks a partition failed when the latest
   run that planned it failed without materializing it. So a patient that fails is logged with its
   reason, the others carry on, and the step then fails naming every failed patient: the run is
