@@ -8,7 +8,8 @@ of `history` passes over the cohort, one run per batch of 32 patients of `radiom
 `slide_vector`, each with its planned materializations, the runs' check plans, and per patient
 its materialization and its blocking checks' evaluations, stored under the patient (batching.py).
 In the newest pass every `failed_every`-th patient fails `radiomics_row_finite` (ERROR, left
-out) and the one after it fails it with WARN (kept); older passes fail others. `--unpartitioned`
+out) and the one after it fails it with WARN (kept), and 1 in 1,000 has no check result (its step
+was killed between its materializations and its checks: left out); older passes fail others. `--unpartitioned`
 stores the evaluations as they were stored before (partition None: one history for all patients),
 to time the fallback an instance upgraded from then pays until its patients are run again.
 `time_soundness_filter(n_patients, history_multiplier)` is the one measurement, for other
@@ -47,6 +48,7 @@ from gcmlm_assets.storage import ArtifactStore
 BATCH_PATIENTS = 32  # patients per run
 JOB = "__ASSET_JOB"
 FAILING_CHECK = "radiomics_row_finite"
+UNCHECKED_EVERY = 1000
 
 
 def patient_ids(n_patients: int) -> list[str]:
@@ -68,6 +70,11 @@ def _failure(n_pass: int, passes: int, index: int, failed_every: int) -> dg.Asse
     if (index - offset) % failed_every == 1:
         return dg.AssetCheckSeverity.WARN
     return None
+
+
+def _unchecked(index: int, unchecked_every: int) -> bool:
+    """Whether patient `index`'s newest materializations have no check result."""
+    return index % unchecked_every == 2
 
 
 class _Pass:
@@ -122,7 +129,7 @@ class _Pass:
 
 
 def build_instance(instance: dg.DagsterInstance, patients: list[str], passes: int, blocking: dict[str, list[str]],
-                   failed_every: int, unpartitioned: bool = False) -> None:
+                   failed_every: int, unpartitioned: bool = False, unchecked_every: int = UNCHECKED_EVERY) -> None:
     storage = instance.event_log_storage
     for n_pass in range(passes):
         run_shards: dict[str, list[EventLogEntry]] = {}  # events a run of a newest failed result keeps
@@ -150,6 +157,8 @@ def build_instance(instance: dg.DagsterInstance, patients: list[str], passes: in
                                        StepMaterializationData(materialization))
                         target = AssetCheckEvaluationTargetMaterializationData(
                             storage_id=events.add(entry), run_id=run_id, timestamp=entry.timestamp)
+                        if n_pass == passes - 1 and _unchecked(index, unchecked_every):
+                            continue  # its step was killed after the materialization, before its checks
                         for name in checks:
                             severity = _failure(n_pass, passes, index, failed_every) if name == FAILING_CHECK else None
                             evaluation = dg.AssetCheckEvaluation(
@@ -196,10 +205,11 @@ def measure_soundness_filter(n_patients: int, history_multiplier: int, *, failed
                 cpu.append(time.process_time() - started_cpu)
         finally:
             instance.dispose()
-    expected = sum(1 for i in range(n_patients) if i % failed_every == 0)
-    if len(unsound["radiology"]) != expected or unsound["pathology"]:
-        raise AssertionError(f"expected {expected} radiology results left out, got {len(unsound['radiology'])} "
-                             f"and {len(unsound['pathology'])} pathology")
+    unchecked = sum(1 for i in range(n_patients) if _unchecked(i, UNCHECKED_EVERY))
+    expected = (sum(1 for i in range(n_patients) if i % failed_every == 0) + unchecked, unchecked)
+    found = (len(unsound["radiology"]), len(unsound["pathology"]))
+    if found != expected:
+        raise AssertionError(f"expected {expected} (radiology, pathology) results left out, found {found}")
     return statistics.median(wall), statistics.median(cpu)
 
 
@@ -213,8 +223,8 @@ def main() -> None:
                         help="evaluations stored with partition None (an instance from before)")
     args = parser.parse_args()
     layout = "partition None (before)" if args.unpartitioned else "per patient"
-    print(f"unsound_results, check evaluations stored {layout}, 1 in {args.failed_every} failing (ERROR) "
-          f"and 1 in {args.failed_every} warning; median of {args.repeats}")
+    print(f"unsound_results, check evaluations stored {layout}, 1 in {args.failed_every} failing (ERROR), "
+          f"1 in {args.failed_every} warning, 1 in {UNCHECKED_EVERY} unchecked; median of {args.repeats}")
     print("| patients | check history | seconds | CPU seconds | seconds per 1,000 patients |")
     print("|---|---|---|---|---|")
     for n in args.patients:

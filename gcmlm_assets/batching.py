@@ -238,6 +238,9 @@ def _checks_under_partition(context: dg.AssetExecutionContext, patient_id: str, 
     """A single-partition step's events with each check result turned into what Dagster makes of
     it (the check's output, then its evaluation), the evaluation carrying the patient."""
     checked: dict[dg.AssetKey, CheckedMaterialization | None] = {}  # looked up once per materialization
+    declared: dict[dg.AssetKey, set[str]] = {}
+    for spec in context.assets_def.node_check_specs_by_output_name.values():  # selected or not
+        declared.setdefault(spec.asset_key, set()).add(spec.name)
     for event in events:
         if isinstance(event, dg.MaterializeResult):
             checked.clear()
@@ -253,7 +256,7 @@ def _checks_under_partition(context: dg.AssetExecutionContext, patient_id: str, 
             yield event
             continue
         for result in results:
-            key = dg.AssetCheckKey(result.asset_key or context.asset_key, result.check_name)
+            key = result.resolve_target_check_key(declared)  # as Dagster names an AssetCheckResult's check
             if key.asset_key not in checked:
                 # Dagster has stored the materialization above by the time the step resumes here
                 checked[key.asset_key] = latest_materialization(context.instance, key.asset_key, patient_id)

@@ -74,7 +74,8 @@ def materialize_patients(instance: dg.DagsterInstance, artifacts: Path, patients
 
 def report_sound_results(instance: dg.DagsterInstance, artifacts: Path, patients) -> None:
     """Record, without runs, a materialization and passing blocking checks for every existing file
-    (what the runs above record, in milliseconds: for tests that are not about soundness)."""
+    (what the runs above record, in milliseconds: for tests that are not about soundness). Once per
+    patient and instance: Dagster keeps one runless check result per check and partition."""
     from dagster._core.definitions.asset_checks.asset_check_evaluation import (
         AssetCheckEvaluationTargetMaterializationData)
 
