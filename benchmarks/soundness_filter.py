@@ -8,17 +8,17 @@ of `history` passes over the cohort, one run per batch of 32 patients of `radiom
 `slide_vector`, each with its planned materializations, the runs' check plans, and per patient
 its materialization and its blocking checks' evaluations, stored under the patient (batching.py).
 In the newest pass every `failed_every`-th patient fails `radiomics_row_finite` (ERROR, left
-out) and the one after it fails it with WARN (kept), and 1 in 1,000 has no check result (its step
-was killed between its materializations and its checks: left out); older passes fail others. `--unpartitioned`
-stores the evaluations as they were stored before (partition None: one history for all patients),
-to time the fallback an instance upgraded from then pays until its patients are run again.
-`time_soundness_filter(n_patients, history_multiplier)` is the one measurement, for other
+out), the one after it fails it with WARN (kept), and 1 in 1,000 has no check result (its step was
+killed between its materializations and its checks: left out); older passes fail others.
+`--unpartitioned` stores the evaluations as they were stored before (partition None: one history
+for all patients), to time what an instance upgraded from then pays until its patients are run
+again. `time_soundness_filter(n_patients, history_multiplier)` is the one measurement, for other
 benchmarks (benchmarks/scale.py).
 
 The events are written straight into the index shard, in bulk, one transaction per pass, with
-Dagster's own row layout (`_event_to_row`, its asset tag and asset rows, the check execution
-rows it writes); a run's events go to its own shard only where the filter reads them (the runs of
-the newest failed results). Storing 10^5 events one by one through the instance takes hours here. Then `unsound_results` is timed (median of `repeats`).
+Dagster's own row layout (`_event_to_row`, its asset tag and asset rows, the check execution rows
+it writes): storing 10^5 events one by one through the instance takes hours here. Then
+`unsound_results` is timed (median of `repeats`).
 """
 
 from __future__ import annotations
@@ -132,7 +132,6 @@ def build_instance(instance: dg.DagsterInstance, patients: list[str], passes: in
                    failed_every: int, unpartitioned: bool = False, unchecked_every: int = UNCHECKED_EVERY) -> None:
     storage = instance.event_log_storage
     for n_pass in range(passes):
-        run_shards: dict[str, list[EventLogEntry]] = {}  # events a run of a newest failed result keeps
         with storage.index_connection() as conn:
             last = conn.execute(db_select([db.func.max(SqlEventLogStorageTable.c.id)])).scalar()
             events = _Pass((last or 0) + 1)
@@ -169,13 +168,7 @@ def build_instance(instance: dg.DagsterInstance, patients: list[str], passes: in
                             check_entry = _entry(run_id, asset, dg.DagsterEventType.ASSET_CHECK_EVALUATION, evaluation)
                             events.add_check(check_entry, CheckStatus.FAILED if severity else CheckStatus.SUCCEEDED,
                                              target.storage_id)
-                            if severity and n_pass == passes - 1:
-                                run_shards.setdefault(run_id, []).append(check_entry)
             events.write(storage, conn)
-        for run_id, entries in run_shards.items():
-            with storage.run_connection(run_id) as conn:
-                conn.execute(SqlEventLogStorageTable.insert(),
-                             [storage._event_to_row(entry) for entry in entries])  # noqa: SLF001
 
 
 def time_soundness_filter(n_patients: int, history_multiplier: int, *, failed_every: int = 100,
