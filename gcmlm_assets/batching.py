@@ -6,12 +6,22 @@ run (a `BackfillPolicy`), so the step loads nnU-Net or UNI once and loops over
 patient's single-partition step yields (a `MaterializeResult` and check results, or nothing when
 the patient is skipped); `per_patient_events` runs it for one patient or for a range.
 
-What Dagster 1.13 records for a range step, and how we use it:
+What Dagster 1.13 records for a range step (and for any step's check results), and how we use it:
 - A `MaterializeResult` returned for a range is recorded for *every* partition of the range, with
   the same metadata. So in a range each patient's materialization is logged on its own instead
   (`AssetMaterialization(partition=...)`), with that patient's metadata and data version.
-- Check results of a range step carry no partition; each patient's are logged as
-  `AssetCheckEvaluation(partition=...)`, so the UI shows them per patient.
+- A check result carries a partition only when its check spec has a partitions_def (a preview
+  feature our specs do not use); otherwise Dagster stores it with partition None, one history for
+  all patients, from a single-partition step too. So every patient's check results are stored as
+  `AssetCheckEvaluation(partition=..., target_materialization_data=...)`: the UI shows them per
+  patient, and `get_asset_check_partition_info` tells for each patient whether its latest check
+  passed on which materialization (what fused_table's soundness filter reads). A range step logs
+  them after yielding the patient's materialization (so that it is stored when they look it up);
+  a single-partition step yields them, each after the check's output as Dagster does for an
+  `AssetCheckResult`, so a failed blocking check still fails the step and stops downstream steps.
+  `store_checks_per_patient` does the same for the per-patient assets without a range path.
+  Dagster still records each run's plan for a check with partition None; that row stays planned
+  (shown as skipped, or failed if the run failed) beside the patient's own evaluation.
 - Dagster has no public per-partition failure event. It marks a partition failed when the latest
   run that planned it failed without materializing it. So a patient that fails is logged with its
   reason, the others carry on, and the step then fails naming every failed patient: the run is
@@ -23,10 +33,14 @@ What Dagster 1.13 records for a range step, and how we use it:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable, Iterator
 
 import dagster as dg
+# not exported by dagster: which materialization an evaluation checked
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData as CheckedMaterialization)
 
 # Dagster's own tag names for a materialization's versions (dagster._core.definitions.data_version).
 DATA_VERSION_TAG = "dagster/data_version"
@@ -103,7 +117,7 @@ def per_patient_events(context: dg.AssetExecutionContext, asset_key: str, step: 
                        check_specs: list[dg.AssetCheckSpec], code_version: str | None = None) -> Iterator:
     """What the step yields: `step`'s own events for one patient, or a range done patient by patient."""
     if context.has_partition_key:
-        yield from step(context.partition_key)
+        yield from _checks_under_partition(context, context.partition_key, step(context.partition_key))
         return
     blocking = {spec.name for spec in check_specs if spec.blocking}
     failures: list[_PatientFailed] = []
@@ -118,12 +132,15 @@ def per_patient_events(context: dg.AssetExecutionContext, asset_key: str, step: 
         materialized = False
         for event in outcome:
             if isinstance(event, dg.MaterializeResult):
-                context.log_event(_materialization(context, asset_key, patient_id, event, code_version))
+                # yielded, not logged: it is stored before the checks below look it up
+                yield _materialization(context, asset_key, patient_id, event, code_version)
+                checked = latest_materialization(context.instance, dg.AssetKey(asset_key), patient_id)
                 for result in event.check_results or ():
-                    context.log_event(_check_evaluation(asset_key, patient_id, result, blocking))
+                    context.log_event(_check_evaluation(asset_key, patient_id, result, blocking, checked))
                 materialized = True
             else:
-                context.log_event(_check_evaluation(asset_key, patient_id, event, blocking))
+                checked = latest_materialization(context.instance, dg.AssetKey(asset_key), patient_id)
+                context.log_event(_check_evaluation(asset_key, patient_id, event, blocking, checked))
         if materialized:
             done += 1
         else:
@@ -158,9 +175,10 @@ def _run_one(context, asset_key: str, patient_id: str, step: PatientStep, blocki
 
 
 def _log_partial_checks(context, asset_key: str, patient_id: str, events: list, blocking: set[str]) -> None:
-    for event in events:
-        if isinstance(event, dg.AssetCheckResult):
-            context.log_event(_check_evaluation(asset_key, patient_id, event, blocking))
+    results = [event for event in events if isinstance(event, dg.AssetCheckResult)]
+    checked = latest_materialization(context.instance, dg.AssetKey(asset_key), patient_id) if results else None
+    for result in results:
+        context.log_event(_check_evaluation(asset_key, patient_id, result, blocking, checked))
 
 
 def _materialization(context, asset_key: str, patient_id: str, result: dg.MaterializeResult,
@@ -178,10 +196,79 @@ def _materialization(context, asset_key: str, patient_id: str, result: dg.Materi
                                    metadata=dict(result.metadata or {}), tags=tags)
 
 
-def _check_evaluation(asset_key: str, patient_id: str, result: dg.AssetCheckResult,
-                      blocking: set[str]) -> dg.AssetCheckEvaluation:
+def _check_evaluation(asset_key: str, patient_id: str, result: dg.AssetCheckResult, blocking: set[str],
+                      checked: CheckedMaterialization | None) -> dg.AssetCheckEvaluation:
     key = result.asset_key or dg.AssetKey(asset_key)
     return dg.AssetCheckEvaluation(
         asset_key=key, check_name=result.check_name, passed=result.passed, metadata=result.metadata,
         severity=result.severity, description=result.description, blocking=result.check_name in blocking,
-        partition=patient_id)
+        partition=patient_id, target_materialization_data=checked)
+
+
+def latest_materialization(instance: dg.DagsterInstance, key: dg.AssetKey,
+                           patient_id: str) -> CheckedMaterialization | None:
+    """The patient's latest materialization of `key`: what a check result yielded now has checked
+    (as Dagster looks it up for a single-partition step's `AssetCheckResult`)."""
+    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[patient_id]),
+                                              limit=1).records
+    if not records:
+        return None
+    return CheckedMaterialization(run_id=records[0].run_id, storage_id=records[0].storage_id,
+                                  timestamp=records[0].timestamp)
+
+
+def store_checks_per_patient(asset_fn: Callable) -> Callable:
+    """For a per-patient asset's function (under `@dg.asset`): its check results are stored under
+    the step's patient, as `per_patient_events` stores them (see the module's docstring)."""
+
+    @functools.wraps(asset_fn)
+    def one_patient_step(context: dg.AssetExecutionContext, *args, **kwargs):
+        events = asset_fn(context, *args, **kwargs)
+        if isinstance(events, (dg.MaterializeResult, dg.AssetCheckResult)):
+            events = [events]
+        if not context.has_partition_key:  # not one patient: left to Dagster
+            yield from events or ()
+            return
+        yield from _checks_under_partition(context, context.partition_key, events or ())
+
+    return one_patient_step
+
+
+def _checks_under_partition(context: dg.AssetExecutionContext, patient_id: str, events: Iterable) -> Iterator:
+    """A single-partition step's events with each check result turned into what Dagster makes of
+    it (the check's output, then its evaluation), the evaluation carrying the patient."""
+    checked: dict[dg.AssetKey, CheckedMaterialization | None] = {}  # looked up once per materialization
+    declared: dict[dg.AssetKey, set[str]] = {}
+    for spec in context.assets_def.node_check_specs_by_output_name.values():  # selected or not
+        declared.setdefault(spec.asset_key, set()).add(spec.name)
+    for event in events:
+        if isinstance(event, dg.MaterializeResult):
+            checked.clear()
+            if not event.check_results:
+                yield event
+                continue
+            yield dg.MaterializeResult(asset_key=event.asset_key, metadata=event.metadata,
+                                       data_version=event.data_version, tags=event.tags, value=event.value)
+            results = event.check_results
+        elif isinstance(event, dg.AssetCheckResult):
+            results = [event]
+        else:
+            yield event
+            continue
+        for result in results:
+            key = result.resolve_target_check_key(declared)  # as Dagster names an AssetCheckResult's check
+            if key.asset_key not in checked:
+                # Dagster has stored the materialization above by the time the step resumes here
+                checked[key.asset_key] = latest_materialization(context.instance, key.asset_key, patient_id)
+            yield from _stored_check(context, key, patient_id, result, checked[key.asset_key])
+
+
+def _stored_check(context: dg.AssetExecutionContext, key: dg.AssetCheckKey, patient_id: str,
+                  result: dg.AssetCheckResult, checked: CheckedMaterialization | None) -> Iterator:
+    if key in context.selected_asset_check_keys:  # the output downstream steps wait on
+        yield dg.Output(None, output_name=context.assets_def.get_output_name_for_asset_check_key(key))
+    yield dg.AssetCheckEvaluation(
+        asset_key=key.asset_key, check_name=key.name, passed=result.passed, metadata=result.metadata,
+        severity=result.severity, description=result.description,
+        blocking=context.assets_def.get_spec_for_check_key(key).blocking,
+        partition=patient_id, target_materialization_data=checked)

@@ -1,16 +1,18 @@
 """Which per-patient results fused_table may use: what the Dagster instance says about each one.
 
-Facts are read in a few bulk queries per asset (never one per partition) and decided in the
-plain `soundness.py`: the partition's latest materialization, a later attempt that failed or is
-still running, and each blocking check's outcome on that latest materialization.
+Facts are read in a few bulk queries per asset (never one per partition, never the whole check
+history) and decided in the plain `soundness.py`: the partition's latest materialization, a later
+attempt that failed or is still running, and each blocking check's outcome on that latest
+materialization (one query per check, plus one per failed outcome; see `check_outcomes`).
 """
 
 from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
-# not exported by dagster: the data version tag, the status filter of the check-execution history
+# not exported by dagster: the data version tag, the filters of the check-execution history
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
+from dagster._core.event_api import PartitionKeyFilter
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as CheckStatus
 
 from gcmlm_assets.cohort import soundness
@@ -21,7 +23,9 @@ from gcmlm_assets.storage import ArtifactStore, sha256_file
 fusion = lazy("gcmlm_assets.cohort.fusion")  # pyarrow only when a fused table is built
 
 RUN_BATCH = 100  # run ids per get_runs query
-CHECK_HISTORY_PAGE = 1000  # check executions per history query
+CHECK_HISTORY_PAGE = 1000  # check executions per history query (evaluations stored with partition None)
+EVALUATED = {CheckStatus.SUCCEEDED, CheckStatus.FAILED}
+EVENT_ID_BATCH = 500  # storage ids per event query (SQLite allows 999 parameters at least)
 
 
 def declared_blocking_checks() -> dict[str, list[str]]:
@@ -63,7 +67,7 @@ def partition_facts(instance: dg.DagsterInstance, key: dg.AssetKey, check_keys: 
     states = _unfinished_or_failed_runs(instance, {run_id for run_id, _ in attempts.values()})
     running = [p for p, (run, _) in attempts.items() if states.get(run) == soundness.IN_PROGRESS and p in latest]
     unchanged = _files_still_latest(events, key, running, file_of)
-    outcomes = {k.name: _check_outcomes(events, k, latest) for k in check_keys}
+    outcomes = {k.name: check_outcomes(events, k, latest) for k in check_keys}
     facts = {}
     for partition in set(latest) | set(attempts):
         run_id = attempts[partition][0] if partition in attempts else None
@@ -110,41 +114,105 @@ def _unfinished_or_failed_runs(instance: dg.DagsterInstance, run_ids: set[str]) 
     return states
 
 
-def _check_outcomes(events, check_key: dg.AssetCheckKey,
-                    latest: dict[str, int]) -> dict[str, soundness.CheckOutcome]:
+def check_outcomes(events, check_key: dg.AssetCheckKey, latest: dict[str, int]) -> dict[str, soundness.CheckOutcome]:
     """{partition: the check's newest outcome on the partition's latest materialization}.
 
-    Checks declared with a partitions_def are answered per partition by one query
-    (`get_asset_check_partition_info`). Checks without one (check_specs of our partitioned assets)
-    are stored with partition None, one row for all partitions; each evaluation still names the
-    materialization it checked, so the history is read newest first, in pages, until every
-    latest materialization is found (failed ones always come from there, with their description).
+    Our assets store each evaluation under its patient's partition, naming the materialization it
+    checked (batching.py). So one query per check (`get_asset_check_partition_info`) gives each
+    partition's newest evaluation: passed or failed, and on which materialization. Only what that
+    cannot say is read beyond it, each in a query whose size does not depend on the history:
+    - a failed one's severity (WARN does not block) and description: its evaluation event, by the
+      storage id the row names (one query for all of them);
+    - a partition whose newest row is only planned (a check spec with a partitions_def plans per
+      partition): its newest evaluated row;
+    - evaluations stored before they were stored per partition (partition None, one history for
+      all patients): read newest first, in pages, only for partitions without a per-partition
+      evaluation naming a materialization, until each is found. That history stopped growing with
+      the change; a patient run since then no longer needs it.
     """
-    outcomes = _passed_per_partition(events, check_key, latest)
-    waiting = {storage_id: partition for partition, storage_id in latest.items() if partition not in outcomes}
+    outcomes: dict[str, soundness.CheckOutcome] = {}
+    failed: dict[str, int] = {}  # partition -> storage id of its newest (failed) evaluation
+    planned: list[str] = []
+    stored_per_partition: set[str] = set()  # by batching.py: the evaluation names its materialization
+    for info in events.get_asset_check_partition_info([check_key]):
+        partition = info.partition_key
+        if partition is None or partition not in latest:
+            continue
+        if info.latest_execution_status == CheckStatus.PLANNED:
+            stored_per_partition.add(partition)
+            planned.append(partition)
+        elif info.latest_target_materialization_storage_id is not None:
+            stored_per_partition.add(partition)
+        if info.latest_target_materialization_storage_id == latest[partition]:
+            if info.latest_execution_status == CheckStatus.SUCCEEDED:
+                outcomes[partition] = soundness.CheckOutcome(passed=True)
+            else:
+                failed[partition] = info.latest_check_event_storage_id
+    evaluations = _evaluations_by_id(events, sorted(failed.values()))
+    for partition, storage_id in failed.items():
+        evaluation = evaluations.get(storage_id)
+        outcome = _outcome(evaluation) if evaluation else _newest_outcome(events, check_key, partition,
+                                                                           latest[partition])
+        if outcome is not None:
+            outcomes[partition] = outcome
+    for partition in planned:
+        outcome = _newest_outcome(events, check_key, partition, latest[partition])
+        if outcome is not None:
+            outcomes[partition] = outcome
+    unpartitioned = {latest[p]: p for p in latest if p not in stored_per_partition}
+    outcomes.update(_unpartitioned_outcomes(events, check_key, unpartitioned))
+    return outcomes
+
+
+def _outcome(evaluation) -> soundness.CheckOutcome:
+    return soundness.CheckOutcome(evaluation.passed, evaluation.severity.value, evaluation.description or "")
+
+
+def _evaluations_by_id(events, storage_ids: list[int]) -> dict[int, dg.AssetCheckEvaluation]:
+    """{storage id: the check evaluation event stored under it}, in one query per EVENT_ID_BATCH.
+
+    By primary key. The run-sharded SQLite storage answers its public `get_event_records` for
+    anything but asset events by opening every run's shard; its `_get_event_records` reads the
+    index shard, where check evaluations are mirrored under the very ids the check rows name (it is
+    the only implementation on the other SQL storages)."""
+    read = getattr(events, "_get_event_records", events.get_event_records)
+    found = {}
+    for start in range(0, len(storage_ids), EVENT_ID_BATCH):
+        ids = storage_ids[start:start + EVENT_ID_BATCH]
+        for record in read(dg.EventRecordsFilter(dg.DagsterEventType.ASSET_CHECK_EVALUATION, storage_ids=ids),
+                           limit=len(ids)):
+            found[record.storage_id] = record.event_log_entry.dagster_event.event_specific_data
+    return found
+
+
+def _newest_outcome(events, check_key: dg.AssetCheckKey, partition: str,
+                    materialization: int) -> soundness.CheckOutcome | None:
+    """The partition's newest evaluated row, if it checked `materialization`."""
+    records = events.get_asset_check_execution_history(
+        check_key, limit=1, status=EVALUATED, partition_filter=PartitionKeyFilter(key=partition))
+    evaluation = records[0].evaluation if records else None
+    target = evaluation.target_materialization_data if evaluation else None
+    return _outcome(evaluation) if target and target.storage_id == materialization else None
+
+
+def _unpartitioned_outcomes(events, check_key: dg.AssetCheckKey,
+                            waiting: dict[int, str]) -> dict[str, soundness.CheckOutcome]:
+    """{partition: outcome} from evaluations stored with partition None (before batching.py stored
+    them per partition), for the partitions whose latest materialization's storage id is in
+    `waiting`: newest first, in pages, until each is found or that history ends."""
+    outcomes = {}
     cursor = None
     while waiting:
         records = events.get_asset_check_execution_history(
-            check_key, limit=CHECK_HISTORY_PAGE, cursor=cursor, status={CheckStatus.SUCCEEDED, CheckStatus.FAILED})
+            check_key, limit=CHECK_HISTORY_PAGE, cursor=cursor, status=EVALUATED,
+            partition_filter=PartitionKeyFilter(key=None))
         for record in records:
             evaluation = record.evaluation
             target = evaluation.target_materialization_data if evaluation else None
             partition = waiting.pop(target.storage_id, None) if target else None
             if partition is not None:
-                outcomes[partition] = soundness.CheckOutcome(evaluation.passed, evaluation.severity.value,
-                                                             evaluation.description or "")
+                outcomes[partition] = _outcome(evaluation)
         if len(records) < CHECK_HISTORY_PAGE:
             break
         cursor = records[-1].id
     return outcomes
-
-
-def _passed_per_partition(events, check_key: dg.AssetCheckKey,
-                          latest: dict[str, int]) -> dict[str, soundness.CheckOutcome]:
-    passed = {}
-    for info in events.get_asset_check_partition_info([check_key]):
-        partition = info.partition_key
-        if (partition in latest and info.latest_execution_status == CheckStatus.SUCCEEDED
-                and info.latest_target_materialization_storage_id == latest[partition]):
-            passed[partition] = soundness.CheckOutcome(passed=True)
-    return passed

@@ -6,7 +6,7 @@ import time
 import dagster as dg
 
 from gcmlm_assets import step_pods
-from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events
+from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events, store_checks_per_patient
 from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.devices import DeviceError
 from gcmlm_assets.lazy import lazy
@@ -58,6 +58,7 @@ SLIDE_VECTOR_PICTURE = "slide_vector.png"
     description="Tissue patch coordinates of every slide in `<landing>/<patient>/wsi/`: one CLAM-layout "
                 "HDF5 per slide plus `slides.json`.",
 )
+@store_checks_per_patient
 def patch_coords(context: dg.AssetExecutionContext, storage: ArtifactStorage, landing: LandingZone,
                  pathology: TilingSettings):
     patient_id = context.partition_key
@@ -271,6 +272,7 @@ class SlideVectorConfig(dg.Config):
                 "vector (mean by default), with `n_patches` and `n_slides`.",
     metadata=column_schema_metadata(SLIDE_VECTOR_COLUMNS),
 )
+@store_checks_per_patient
 def slide_vector(context: dg.AssetExecutionContext, config: SlideVectorConfig, storage: ArtifactStorage):
     patient_id = context.partition_key
     store = storage.store()

@@ -13,7 +13,7 @@ from pathlib import Path
 import dagster as dg
 
 from gcmlm_assets import step_pods
-from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events
+from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events, store_checks_per_patient
 from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
@@ -79,6 +79,7 @@ def _combined_hash(hashes: dict[str, str]) -> str:
     description="The patient's CT from `<landing>/<patient>/ct/` (a DICOM series or one NIfTI, NRRD or "
                 "MHA volume), written as one canonical LPS-oriented `ct.nii.gz`.",
 )
+@store_checks_per_patient
 def ct_image(context: dg.AssetExecutionContext, storage: ArtifactStorage,
              landing: LandingZone) -> dg.MaterializeResult:
     patient_id = context.partition_key
@@ -383,6 +384,7 @@ def _agreement_metadata(agreement: dict) -> dict:
                 "column per feature (107 with the default params).",
     metadata=column_schema_metadata(RADIOMICS_ROW_COLUMNS),
 )
+@store_checks_per_patient
 def radiomics_row(context: dg.AssetExecutionContext, storage: ArtifactStorage,
                   radiomics: RadiomicsSettings) -> dg.MaterializeResult:
     patient_id = context.partition_key

@@ -2,10 +2,13 @@
 its blocking checks: the plain decisions, the fusion that applies them, and real Dagster runs."""
 
 import json
+from collections import Counter
 
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
+from dagster._core.event_api import PartitionKeyFilter
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as CheckStatus
 
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import checks as cohort_checks
@@ -14,9 +17,12 @@ from gcmlm_assets.cohort.fusion import build_fused_table, report_json
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.cohort.soundness import (
     CANCELED, FAILED, IN_PROGRESS, CheckOutcome, PartitionFacts, exclusion_reason, unsound_partitions)
+from gcmlm_assets.cohort.soundness_facts import check_outcomes, unsound_results
 from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.storage import ArtifactStore
 from gcmlm_assets_tests.cohort.synthetic import make_cohort, write_cohort_files, write_radiomics_row, write_slide_vector
-from gcmlm_assets_tests.cohort.upstream import StandInConfig, materialize_patients, report_sound_results, stand_ins
+from gcmlm_assets_tests.cohort.upstream import (
+    StandInConfig, materialize_patients, report_sound_results, stand_ins)
 
 CHECKS = ("radiomics_row_complete", "radiomics_row_finite")
 PASSED = {name: CheckOutcome(True) for name in CHECKS}
@@ -178,3 +184,152 @@ def test_a_run_in_progress_leaves_the_checked_file_in_use_until_it_replaces_it(d
     assert second["excluded_patients"]["P004"] == {"radiology": (
         f"the latest attempt to materialize radiomics_row is still running (run {pending['P004'].run_id[:8]}) "
         "and the file differs from the one its latest materialization recorded")}
+
+
+# ---------------------------------------------------------------- how the check results are stored and read
+
+
+RADIOMICS = dg.AssetKey("radiomics_row")
+BLOCKING = {"radiomics_row": list(CHECKS), "slide_vector": ["slide_vector_valid"]}
+EVALUATED = {CheckStatus.SUCCEEDED, CheckStatus.FAILED}
+
+
+class CountedReads:
+    """The instance's own event storage, counting the queries made of it and the rows they return."""
+
+    def __init__(self, storage):
+        self._storage, self.queries, self.rows = storage, Counter(), Counter()
+
+    def __getattr__(self, name):
+        method = getattr(self._storage, name)
+
+        def counted(*args, **kwargs):
+            answer = method(*args, **kwargs)
+            self.queries[name] += 1
+            self.rows[name] += len(getattr(answer, "records", answer))
+            return answer
+
+        return counted
+
+
+def materialize_range(instance, artifacts, patients, config: dict[str, StandInConfig] | None = None):
+    """One run of both stand-ins over a range of patients, as a batched backfill run."""
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+    run_config = {"ops": {name: {"config": (config or {}).get(name, StandInConfig()).model_dump()}
+                          for name in BLOCKING}}
+    return dg.materialize(stand_ins(artifacts), instance=instance, raise_on_error=False, run_config=run_config,
+                          tags={ASSET_PARTITION_RANGE_START_TAG: patients[0],
+                                ASSET_PARTITION_RANGE_END_TAG: patients[-1]})
+
+
+def latest_materializations(instance, key=RADIOMICS) -> dict[str, int]:
+    return instance.get_latest_storage_id_by_partition(key, dg.DagsterEventType.ASSET_MATERIALIZATION)
+
+
+def report_runless(instance, key, patient, checks, *, passed=True, partition=True):
+    """A runless materialization of the patient and results of `checks` on it: stored under the
+    patient (as our runs store them), or with partition None (as they were stored before)."""
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+        AssetCheckEvaluationTargetMaterializationData)
+
+    instance.report_runless_asset_event(dg.AssetMaterialization(key, partition=patient))
+    target = AssetCheckEvaluationTargetMaterializationData(
+        storage_id=latest_materializations(instance, key)[patient], run_id="", timestamp=0.0)
+    for name in checks:
+        instance.report_runless_asset_event(dg.AssetCheckEvaluation(
+            asset_key=key, check_name=name, passed=passed, description=f"older result of {name}",
+            partition=patient if partition else None, target_materialization_data=target))
+
+
+def test_single_partition_and_range_runs_store_each_check_under_its_patient(data_root, instance):
+    ids, _ = write_cohort_files(data_root, 4, seed=7)
+    artifacts = data_root / "artifacts"
+    instance.add_dynamic_partitions(patients_partitions.name, ids)
+    (single,) = materialize_patients(instance, artifacts, ["P000"])
+    ranged = materialize_range(instance, artifacts, ["P001", "P002", "P003"])
+    assert single.success and ranged.success
+
+    for asset, names in BLOCKING.items():
+        latest = latest_materializations(instance, dg.AssetKey(asset))
+        assert set(latest) == set(ids)
+        for name in names:
+            key = dg.AssetCheckKey(dg.AssetKey(asset), name)
+            infos = {i.partition_key: i for i in instance.event_log_storage.get_asset_check_partition_info([key])}
+            # each patient's evaluation names the materialization it checked; under partition None
+            # only the runs' plans are left (no evaluation)
+            assert {p: (i.latest_execution_status, i.latest_target_materialization_storage_id)
+                    for p, i in infos.items() if p is not None} == {
+                p: (CheckStatus.SUCCEEDED, latest[p]) for p in ids}
+            assert not instance.event_log_storage.get_asset_check_execution_history(
+                key, limit=10, status=EVALUATED, partition_filter=PartitionKeyFilter(key=None))
+    # what the UI shows per run: the check and its patient
+    evaluations = [e for result in (single, ranged) for e in result.get_asset_check_evaluations()]
+    assert {(e.partition, e.check_name) for e in evaluations} == {
+        (p, name) for p in ids for names in BLOCKING.values() for name in names}
+
+
+def _outcomes_after_history(tmp_path, rounds: int):
+    """Three patients' latest results (one passes, one fails a blocking check with ERROR, one with
+    WARN) after `rounds` older runs of the same patients, every other one failing for all."""
+    root = tmp_path / f"history_{rounds}"
+    for folder in ("artifacts", "landing", "dagster_home"):
+        (root / folder).mkdir(parents=True)
+    ids, _ = write_cohort_files(root, 3, seed=8)
+    artifacts = root / "artifacts"
+    with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
+        instance.add_dynamic_partitions(patients_partitions.name, ids)
+        for round_ in range(rounds):
+            failing = StandInConfig(failing_check="radiomics_row_finite" if round_ % 2 else "")
+            assert materialize_range(instance, artifacts, ids, {"radiomics_row": failing}).success
+        latest_results = StandInConfig(failing_check="radiomics_row_finite",
+                                       failing_severity_by_patient={"P001": "ERROR", "P002": "WARN"})
+        assert materialize_range(instance, artifacts, ids, {"radiomics_row": latest_results}).success
+        latest = latest_materializations(instance)
+        reads = CountedReads(instance.event_log_storage)
+        outcomes = {name: check_outcomes(reads, dg.AssetCheckKey(RADIOMICS, name), latest) for name in CHECKS}
+        unsound = unsound_results(instance, ids, BLOCKING, ArtifactStore(artifacts))
+    return outcomes, reads, unsound["radiology"]
+
+
+def test_reading_the_checks_does_not_depend_on_the_history(tmp_path):
+    outcomes, reads, unsound = _outcomes_after_history(tmp_path, rounds=0)
+    again, longer_reads, unsound_again = _outcomes_after_history(tmp_path, rounds=2)
+
+    # the same answers, from the same queries returning the same number of rows
+    assert again == outcomes and unsound_again == unsound
+    assert longer_reads.queries == reads.queries and longer_reads.rows == reads.rows
+    # one query per check (a row per patient, and the run's plan under partition None), and one
+    # for the failed results' own events (severity, description); no page of the history
+    assert reads.queries == {"get_asset_check_partition_info": 2, "_get_event_records": 1}
+    assert reads.rows == {"get_asset_check_partition_info": 2 * (3 + 1), "_get_event_records": 2}
+
+    finite = outcomes["radiomics_row_finite"]
+    assert finite["P000"] == CheckOutcome(True)
+    assert finite["P001"] == CheckOutcome(False, "ERROR", "simulated result of radiomics_row_finite")
+    assert finite["P002"] == CheckOutcome(False, "WARN", "simulated result of radiomics_row_finite")
+    # a failed ERROR blocking check leaves the result out; WARN does not block; passed is used
+    assert unsound == {"P001": "blocking check radiomics_row_finite failed on the latest radiomics_row "
+                               "materialization: simulated result of radiomics_row_finite"}
+
+
+def test_results_stored_before_per_partition_checks_are_still_judged(instance):
+    """An instance whose evaluations were stored with partition None (before they were stored per
+    patient) is judged as before: those are read only for patients without a per-partition one."""
+    for patient in ("OLD_PASS", "OLD_FAIL", "OLD_STALE", "NEW"):
+        instance.add_dynamic_partitions(patients_partitions.name, [patient])
+    report_runless(instance, RADIOMICS, "OLD_PASS", CHECKS, partition=False)
+    report_runless(instance, RADIOMICS, "OLD_FAIL", CHECKS, passed=False, partition=False)
+    report_runless(instance, RADIOMICS, "OLD_STALE", CHECKS, partition=False)
+    instance.report_runless_asset_event(dg.AssetMaterialization(RADIOMICS, partition="OLD_STALE"))  # unchecked
+    report_runless(instance, RADIOMICS, "NEW", CHECKS, passed=False, partition=False)
+    report_runless(instance, RADIOMICS, "NEW", CHECKS)  # checked again, stored per partition
+    latest = latest_materializations(instance)
+
+    reads = CountedReads(instance.event_log_storage)
+    outcomes = check_outcomes(reads, dg.AssetCheckKey(RADIOMICS, "radiomics_row_finite"), latest)
+
+    assert outcomes == {"OLD_PASS": CheckOutcome(True, "ERROR", "older result of radiomics_row_finite"),
+                        "OLD_FAIL": CheckOutcome(False, "ERROR", "older result of radiomics_row_finite"),
+                        "NEW": CheckOutcome(True)}
+    assert reads.queries["get_asset_check_execution_history"] == 1  # one page of the old history

@@ -1,14 +1,17 @@
 """Stand-ins for the per-patient assets fused_table reads, materialized through real Dagster runs.
 
-They carry the real assets' names and check_specs (so the same blocking checks are recorded per
-partition) and publish the synthetic feature files already written under the artifacts root. Their
-config lets a test make a patient's latest materialization fail a check or fail its step.
+They carry the real assets' names and check_specs and go through the real assets' own event path
+(`per_patient_events`: one patient per run, or a range of them in one run), so their checks are
+stored per partition as the real ones are. They publish the synthetic feature files already written
+under the artifacts root. Their config lets a test make a patient's latest materialization fail a
+check (with ERROR or WARN severity) or fail its step.
 """
 
 from pathlib import Path
 
 import dagster as dg
 
+from gcmlm_assets.batching import per_patient_events
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.pathology.checks import SLIDE_VECTOR_CHECK_SPECS
 from gcmlm_assets.radiology.checks import RADIOMICS_ROW_CHECK_SPECS
@@ -19,22 +22,32 @@ SPECS = {"radiomics_row": RADIOMICS_ROW_CHECK_SPECS, "slide_vector": SLIDE_VECTO
 
 
 class StandInConfig(dg.Config):
-    failing_check: str = ""  # this check's result fails (ERROR severity)
+    failing_check: str = ""  # this check's result fails
+    # only for these patients, with this severity (when empty: for every patient, with ERROR)
+    failing_severity_by_patient: dict[str, str] = {}
     raise_error: bool = False  # the step fails before materializing
 
 
 def _stand_in(name: str, artifacts: Path) -> dg.AssetsDefinition:
-    @dg.asset(name=name, partitions_def=patients_partitions, check_specs=SPECS[name])
-    def stand_in(context: dg.AssetExecutionContext, config: StandInConfig) -> dg.MaterializeResult:
-        if config.raise_error:
-            raise RuntimeError(f"{name} {context.partition_key}: simulated step failure")
-        path = artifacts / name / context.partition_key / FILES[name]
-        results = [dg.AssetCheckResult(check_name=spec.name, passed=spec.name != config.failing_check,
-                                       severity=dg.AssetCheckSeverity.ERROR,
-                                       description=f"simulated result of {spec.name}")
-                   for spec in SPECS[name]]
-        return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(path))},
-                                    data_version=dg.DataVersion(sha256_file(path)), check_results=results)
+    # subsettable, as the batched real assets are, so that a range step may leave its check outputs
+    # unyielded (it stores each patient's evaluations)
+    @dg.multi_asset(specs=[dg.AssetSpec(name)], partitions_def=patients_partitions, check_specs=SPECS[name],
+                    can_subset=True, name=name)
+    def stand_in(context: dg.AssetExecutionContext, config: StandInConfig):
+        def one_patient(patient: str):
+            if config.raise_error:
+                raise RuntimeError(f"{name} {patient}: simulated step failure")
+            path = artifacts / name / patient / FILES[name]
+            by_patient = config.failing_severity_by_patient
+            failing = config.failing_check if not by_patient or patient in by_patient else ""
+            results = [dg.AssetCheckResult(
+                check_name=spec.name, passed=spec.name != failing,
+                severity=dg.AssetCheckSeverity(by_patient.get(patient, "ERROR")),
+                description=f"simulated result of {spec.name}") for spec in SPECS[name]]
+            yield dg.MaterializeResult(asset_key=name, metadata={"path": dg.MetadataValue.path(str(path))},
+                                       data_version=dg.DataVersion(sha256_file(path)), check_results=results)
+
+        yield from per_patient_events(context, name, one_patient, SPECS[name])
 
     return stand_in
 
@@ -61,7 +74,8 @@ def materialize_patients(instance: dg.DagsterInstance, artifacts: Path, patients
 
 def report_sound_results(instance: dg.DagsterInstance, artifacts: Path, patients) -> None:
     """Record, without runs, a materialization and passing blocking checks for every existing file
-    (what the runs above record, in milliseconds: for tests that are not about soundness)."""
+    (what the runs above record, in milliseconds: for tests that are not about soundness). Once per
+    patient and instance: Dagster keeps one runless check result per check and partition."""
     from dagster._core.definitions.asset_checks.asset_check_evaluation import (
         AssetCheckEvaluationTargetMaterializationData)
 
@@ -78,4 +92,5 @@ def report_sound_results(instance: dg.DagsterInstance, artifacts: Path, patients
                                                                    timestamp=0.0)
             for spec in SPECS[name]:
                 instance.report_runless_asset_event(dg.AssetCheckEvaluation(
-                    asset_key=key, check_name=spec.name, passed=True, target_materialization_data=target))
+                    asset_key=key, check_name=spec.name, passed=True, partition=patient,
+                    target_materialization_data=target))
