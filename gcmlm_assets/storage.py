@@ -159,7 +159,7 @@ class ArtifactStore:
     def read_manifest(self, asset: str, patient_id: str | None) -> dict | None:
         path = self.path(asset, patient_id, self.MANIFEST)
         try:
-            return json.loads(path.read_text())
+            return json.loads(path.read_text(encoding="utf-8"))
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
@@ -201,7 +201,7 @@ def new_version_folder(root: str | os.PathLike) -> Path:
 def read_version_pointer(root: str | os.PathLike) -> dict | None:
     """The pointer of a versioned output, or None when there is none (or it is not a pointer)."""
     try:
-        pointer = json.loads((Path(root) / VERSION_POINTER).read_text())
+        pointer = json.loads((Path(root) / VERSION_POINTER).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     if not isinstance(pointer, dict) or not _is_version_name(pointer.get("version")):

@@ -130,7 +130,7 @@ def clinical_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
         store.write_manifest("clinical_table", None, manifest)
     summary = manifest["summary"]
     table = pq.read_table(folder / CLINICAL_FILE)
-    for problem in json.loads((folder / CLINICAL_PROBLEMS).read_text())[:20]:
+    for problem in json.loads((folder / CLINICAL_PROBLEMS).read_text(encoding="utf-8"))[:20]:
         context.log.warning(f"{csv_path}: line {problem['line']}: {problem['reason']}")
     # A row whose patient has no drop yet is kept (clinical data may come first), but said: it may be a typo.
     without_drop = [pid for pid in table.column("patient_id").to_pylist() if not landing.patient_dir(pid).is_dir()]
@@ -398,14 +398,14 @@ def _remove_unversioned_files(root: Path) -> None:
 def _card_markdown(folder: Path, card: dict) -> str:
     """The stored TRIPOD+AI card (versions published before it existed: rendered from the JSON card)."""
     path = folder / MODEL_CARD_MARKDOWN
-    return path.read_text() if path.is_file() else model_card.model_card_markdown(card)
+    return path.read_text(encoding="utf-8") if path.is_file() else model_card.model_card_markdown(card)
 
 
 def _model_summary(root: Path, pointer: dict, status: str) -> tuple[dict, dict]:
     """(the metadata every risk_model materialization carries, the stored card)."""
     folder = root / pointer["version"]
-    metrics = json.loads((folder / METRICS_FILE).read_text())
-    card = json.loads((folder / MODEL_CARD).read_text())
+    metrics = json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))
+    card = json.loads((folder / MODEL_CARD).read_text(encoding="utf-8"))
     fused = metrics.get(model_settings.FUSED, {})
     inputs = pointer.get("inputs") or {}
     return {

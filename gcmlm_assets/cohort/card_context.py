@@ -60,7 +60,7 @@ def _encoder_identity(store, data, features_asset: str) -> dict | None:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
 

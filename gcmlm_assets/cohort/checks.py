@@ -50,7 +50,7 @@ def clinical_rows_valid(storage: ArtifactStorage) -> dg.AssetCheckResult:
     path = storage.store().path("clinical_table", None, CLINICAL_PROBLEMS)
     if not path.is_file():
         return _missing(path)
-    return _result(qc.clinical_rows_valid(json.loads(path.read_text())))
+    return _result(qc.clinical_rows_valid(json.loads(path.read_text(encoding="utf-8"))))
 
 
 @dg.asset_check(asset=fused_table, blocking=True,
@@ -71,7 +71,7 @@ def modalities_aligned(storage: ArtifactStorage) -> dg.AssetCheckResult:
     path = storage.store().path("fused_table", None, FUSION_REPORT)
     if not path.is_file():
         return _missing(path)
-    return _result(qc.modalities_aligned(json.loads(path.read_text())))
+    return _result(qc.modalities_aligned(json.loads(path.read_text(encoding="utf-8"))))
 
 
 @dg.asset_check(asset=fused_table, blocking=False,
@@ -99,7 +99,7 @@ def cv_auc_reported(storage: ArtifactStorage) -> dg.AssetCheckResult:
     path = current[0] / METRICS_FILE
     if not path.is_file():
         return _missing(path)
-    return _result(qc.cv_auc_reported(json.loads(path.read_text())))
+    return _result(qc.cv_auc_reported(json.loads(path.read_text(encoding="utf-8"))))
 
 
 @dg.asset_check(asset=risk_scores, blocking=True,

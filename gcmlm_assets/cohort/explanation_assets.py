@@ -135,7 +135,7 @@ class _ExplanationRun:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)  # gone already once published
         folder = root / stored["version"]
-        summary = json.loads((folder / EXPLANATION_FILE).read_text())
+        summary = json.loads((folder / EXPLANATION_FILE).read_text(encoding="utf-8"))
         yield dg.MaterializeResult(asset_key=RISK_EXPLANATIONS, metadata=_metadata(folder, summary),
                                    data_version=dg.DataVersion(key))
 

@@ -34,7 +34,7 @@ def prepare_dagster_home(home: Path) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
-        config.write_text(LOCAL_INSTANCE_CONFIG.read_text())
+        config.write_text(LOCAL_INSTANCE_CONFIG.read_text(encoding="utf-8"))
     with dg.DagsterInstance.from_config(str(home)):
         pass
     return home

@@ -139,7 +139,7 @@ def risk_model_metrics(risk_model_metadata: dict[str, Any]) -> dict[str, dict]:
         return {}
     metrics_file = Path(str(path)).parent / "metrics.json"
     try:
-        return json.loads(metrics_file.read_text())
+        return json.loads(metrics_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return {}
 
@@ -148,7 +148,7 @@ def model_labels(risk_model_metadata: dict[str, Any]) -> dict[str, str]:
     """The ablation rows' names, as the model card records them."""
     path = risk_model_metadata.get("path")
     try:
-        card = json.loads((Path(str(path)).parent / "model_card.json").read_text()) if path else {}
+        card = json.loads((Path(str(path)).parent / "model_card.json").read_text(encoding="utf-8")) if path else {}
     except (OSError, json.JSONDecodeError):
         card = {}
     return card.get("model_labels") or {}

@@ -522,7 +522,7 @@ def write_cohort(landing: str | os.PathLike, spec: CohortSpec | None = None, *,
     plans = plan_cohort(spec)
     manifest_path = landing / COHORT_MANIFEST
     try:
-        recorded = json.loads(manifest_path.read_text()).get("patients", {})
+        recorded = json.loads(manifest_path.read_text(encoding="utf-8")).get("patients", {})
     except (FileNotFoundError, json.JSONDecodeError):
         recorded = {}
     result = CohortResult(landing, plans)

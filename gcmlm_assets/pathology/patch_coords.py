@@ -143,7 +143,7 @@ def write_patient_outputs(out_dir: Path, patient_id: str, outcomes: list[SlideOu
 
 
 def read_listing(out_dir: Path) -> dict:
-    return json.loads((out_dir / LISTING).read_text())
+    return json.loads((out_dir / LISTING).read_text(encoding="utf-8"))
 
 
 def output_version(listing: dict) -> str:

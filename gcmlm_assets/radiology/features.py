@@ -64,7 +64,7 @@ def resolve_params(name_or_path: str | Path) -> Path:
 
 def load_params(name_or_path: str | Path) -> dict:
     path = resolve_params(name_or_path)
-    params = yaml.safe_load(path.read_text()) or {}
+    params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(params, dict):
         raise ValueError(f"{path}: not a PyRadiomics params mapping")
     return params

@@ -141,7 +141,7 @@ def sidecar_labels(mask_path: Path) -> tuple[Path, dict[str, float]] | None:
         if not candidate.is_file():
             continue
         try:
-            labels = json.loads(candidate.read_text()).get("labels")
+            labels = json.loads(candidate.read_text(encoding="utf-8")).get("labels")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
             raise MaskInputError(f"{candidate}: label sidecar is not a JSON object ({error})") from error
         if not isinstance(labels, dict) or not all(

@@ -109,7 +109,7 @@ def find_trained_model_folder(path: str | os.PathLike) -> Path:
             problems.append(f"{name} is missing")
             continue
         try:
-            json.loads(file.read_text())
+            json.loads(file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             problems.append(f"{name} is not valid JSON ({error})")
     if not available_folds(folder):
@@ -126,8 +126,8 @@ def describe_model_folder(path: str | os.PathLike, pins: CheckpointPins) -> Mode
     Its checkpoints must match `pins` (CheckpointHashError otherwise) before one is unpickled.
     """
     folder = find_trained_model_folder(path)
-    plans = json.loads((folder / "plans.json").read_text())
-    dataset = json.loads((folder / "dataset.json").read_text())
+    plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
+    dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     channels = dataset.get("channel_names") or dataset.get("modality") or {}
     if len(channels) != 1:
         raise ModelFolderError(f"{folder / 'dataset.json'}: the model takes {len(channels)} input channels "
@@ -216,7 +216,7 @@ def _checkpoint_identity(checkpoint: Path) -> tuple[str, str]:
 def read_current_model(models_root: Path) -> dict | None:
     """The `current.json` pointer of an artifact folder of trained models, or None."""
     try:
-        pointer = json.loads((Path(models_root) / CURRENT_POINTER).read_text())
+        pointer = json.loads((Path(models_root) / CURRENT_POINTER).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return pointer if isinstance(pointer, dict) and pointer.get("folder") else None

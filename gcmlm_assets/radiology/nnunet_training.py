@@ -229,7 +229,7 @@ def write_raw_dataset(cases: Sequence[TrainingCase], raw_root: Path, dataset_id:
         "dataset": listing,
         "description": "Gastric (stomach) masks on CT, assembled by gcmlm_assets",
     }
-    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2), encoding="utf-8")
     return folder
 
 
