@@ -29,8 +29,8 @@ def latest_check_results(instance: dg.DagsterInstance, run_ids: Iterable[str]) -
     latest: dict[tuple[str, str, str], Any] = {}
     for run_id in run_ids:
         run = instance.get_run_by_id(run_id)
-        # Checks yielded by a partitioned asset carry no partition of their own; every per-patient
-        # run is for one partition, so the run's partition is theirs.
+        # A per-patient asset's check results carry their patient (batching.py); one stored without
+        # (an older instance's) belongs to its run's patient.
         run_partition = (run.tags.get(PARTITION_TAG, "") if run else "")
         for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
             evaluation = entry.dagster_event.event_specific_data
