@@ -21,6 +21,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from gcmlm_assets.batching import store_checks_per_patient
+
 from gcmlm_assets.cohort.columns import CLINICAL_TABLE_COLUMNS, FUSED_TABLE_COLUMNS, RISK_SCORES_COLUMNS
 from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.pathology.pooling import SLIDE_VECTOR_COLUMNS
@@ -255,6 +257,7 @@ def stand_in(real: dg.AssetsDefinition, shapes: Shapes) -> dg.AssetsDefinition:
 
     @dg.multi_asset(name=name, specs=list(real.specs), check_specs=checks, can_subset=real.can_subset,
                     partitions_def=real.partitions_def)
+    @store_checks_per_patient  # as the real per-patient assets store their check results
     def step(context: dg.AssetExecutionContext):
         pid = context.partition_key if context.has_partition_key else None
         for key in keys:

@@ -36,7 +36,7 @@ from gcmlm_assets.pathology.pooling import (
 from gcmlm_assets.pathology.resources import PatchEncoder, TilingSettings
 from gcmlm_assets.pathology.slides import SlideError, list_slides
 from gcmlm_assets.pathology.tiling import TILING_VERSION
-from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, picture_markdown, save_png
+from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import sha256_file, sha256_text
 
@@ -320,8 +320,8 @@ def slide_vector(context: dg.AssetExecutionContext, config: SlideVectorConfig, s
             "encoder": features["encoder"]["encoder"],
             "checkpoint_sha256": features["encoder"]["checkpoint_sha256"],
             "path": dg.MetadataValue.path(str(out_path)),
-            # the whole budget: a real slide's texture does not fit half of it at a readable width
-            "picture": dg.MetadataValue.md(picture_markdown(picture_path, PHOTO, f"slides of {patient_id}")),
+            # The slides with the pooled patches, as a file only: patch_coords' embedded picture shows
+            # the same slides and grid, and a second one per patient would double the event log's share.
             "picture_path": dg.MetadataValue.path(str(picture_path)),
             "input_uni_features": dg.MetadataValue.json(features["files"]),
             "inputs_fingerprint": fingerprint,

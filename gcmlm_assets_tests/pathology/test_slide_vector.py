@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from gcmlm_assets import columns
 from gcmlm_assets.pathology.assets import patch_coords, slide_vector, uni_features
@@ -29,7 +30,6 @@ from gcmlm_assets.pathology.pooling import (
     write_slide_vector,
 )
 from gcmlm_assets.pathology.resources import PatchEncoder, TilingSettings
-from gcmlm_assets_tests.core.test_pictures import assert_ui_picture
 from gcmlm_assets_tests.pathology.features_support import cosine_rows, materialize_patient, metadata_of, reference_features
 from gcmlm_assets_tests.pathology.slide_fixtures import copy_into, real_slide
 
@@ -147,7 +147,10 @@ def test_pathology_branch_end_to_end(instance, base_resources, data_root: Path, 
     vector_meta = metadata_of(result, "slide_vector")
     assert vector_meta["pooling"] == "mean"
     assert vector_meta["picture_path"] == str(artifacts / "slide_vector" / "P001" / "slide_vector.png")
-    shown = assert_ui_picture(vector_meta["picture"], vector_meta["picture_path"])
+    # Drawn to a file, not embedded (patch_coords' picture shows the slides in the UI).
+    assert "picture" not in vector_meta
+    shown = Image.open(vector_meta["picture_path"])
+    assert shown.format == "PNG" and shown.width >= 800
     # The slide's thumbnail, not a blank canvas: tissue colours and the pooled patches in red.
     rgb = np.asarray(shown.convert("RGB")).astype(int)
     assert ((rgb[..., 0] > 180) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)).sum() > 200
