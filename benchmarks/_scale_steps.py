@@ -157,7 +157,6 @@ class Shapes:
         return {"pooling": "mean", "n_patches": 8412 * self.slides, "n_slides": self.slides, "dim": 1024,
                 "encoder": "uni", "checkpoint_sha256": self.sha("uni"),
                 "path": self.path("slide_vector", pid, "slide_vector.parquet"),
-                "picture": self.picture(f"slides of {pid}"),
                 "picture_path": self.path("slide_vector", pid, "slide_vector.png"),
                 "input_uni_features": JSON({f"{s}.h5": self.sha("features", s) for s in self._slide_names(pid)}),
                 "inputs_fingerprint": self.sha("pooled", pid), "reused": False,
