@@ -8,7 +8,7 @@ nothing and yields what the real step yields for one patient, with the real meta
 (gcmlm_assets/*/assets.py) and values of realistic size. Pictures are markdown data URIs filling
 92 % of the limit the code in the tree sets for them (the display encoding takes the best one that
 fits, so a photo comes close to it): `pictures.PATIENT_MARKDOWN_LIMIT`, where it exists, for the
-CT, mask and patch-grid pictures, `pictures.MARKDOWN_LIMIT` for the others; or `picture_bytes`
+CT, mask, patch-grid and heatmap pictures, `pictures.MARKDOWN_LIMIT` for the others; or `picture_bytes`
 each when given. Their bytes are random, as compressed images are. A patient has two slides; an
 explanation embeds their contribution maps, as many as risk_explanations embeds (or `heatmaps`).
 """
@@ -226,7 +226,7 @@ class Shapes:
                     "notes": MD("none"), "radiology_top_features": MD(top), "pathology_top_features": MD(top)}
         for i in range(self.heatmaps):
             name = f"{'contribution' if i % 2 == 0 else 'attention'}_{pid}_slide{i // 2 + 1}"
-            metadata[name] = self.picture(name)
+            metadata[name] = self.picture(name, per_patient_limit=True)
             metadata[f"{name}_full_path"] = self.path(*folder, f"{name}_full.png")
         return metadata
 

@@ -31,9 +31,8 @@ DISPLAY_WIDTH = 1200  # what wider pictures are scaled to
 KEEP_WIDTH_UP_TO = 1400  # narrower ones are shown as they are: resampling blurs lines and text
 MARKDOWN_LIMIT = 60_000  # bytes of one markdown metadata value, data URI included
 # A per-patient picture is stored with every materialization of every patient (three times on
-# SQLite: the step's output, the run's log and the asset index): half the limit for those that
-# stay readable at it (CT planes, the mask, the patch grid) keeps a full pass within the
-# instance's budget per patient.
+# SQLite: the step's output, the run's log and the asset index): half the limit keeps a full
+# pass within the instance's budget per patient (a real slide's picture may then be narrower).
 PATIENT_MARKDOWN_LIMIT = 30_000
 FULL_DPI = 150
 

@@ -27,7 +27,7 @@ from gcmlm_assets.lazy import lazy
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.pathology.checks import UNI_FEATURES
 from gcmlm_assets.policies import TRANSIENT_RETRY
-from gcmlm_assets.pictures import PHOTO, picture_markdown, save_png
+from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
 from gcmlm_assets.storage import (
     atomic_write_json, new_version_folder, publish_version, read_version_pointer, version_intact)
 
@@ -259,7 +259,8 @@ def _metadata(folder: Path, summary: dict) -> dict:
     for i, picture in enumerate(summary["pictures"]):
         name = f"{picture['kind']}_{picture['slide']}"
         if i < PICTURES_IN_METADATA:
-            metadata[name] = dg.MetadataValue.md(picture_markdown(folder / picture["ui"], PHOTO, picture["title"]))
+            metadata[name] = dg.MetadataValue.md(patient_picture_markdown(folder / picture["ui"], PHOTO,
+                                                                          picture["title"]))
         else:
             metadata[f"{name}_path"] = dg.MetadataValue.path(str(folder / picture["ui"]))
         metadata[f"{name}_full_path"] = dg.MetadataValue.path(str(folder / picture["full"]))

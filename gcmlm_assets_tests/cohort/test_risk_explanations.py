@@ -24,7 +24,7 @@ from gcmlm_assets.storage import ArtifactStore, read_version_pointer
 from gcmlm_assets_tests.cohort.explained_cohort import NO_RADIOLOGY, QUICK, write_patient_files
 from gcmlm_assets_tests.cohort.synthetic import make_cohort, write_clinical_csv
 from gcmlm_assets_tests.cohort.upstream import report_sound_results
-from gcmlm_assets_tests.core.test_pictures import assert_ui_picture, decode_markdown
+from gcmlm_assets_tests.core.test_pictures import PATIENT_LIMIT_BYTES, assert_ui_picture, decode_markdown
 
 
 @pytest.fixture
@@ -95,7 +95,8 @@ def test_every_part_adds_up_to_the_patients_score(cohort, instance, base_resourc
                 full = Path(meta[f"{kind}_{slide}_full_path"].value)
                 assert full.is_file() and (folder / f"{kind}_{slide}.png").is_file()
                 if f"{kind}_{slide}" in embedded:
-                    assert_ui_picture(meta[f"{kind}_{slide}"].value, folder / f"{kind}_{slide}.png")
+                    assert_ui_picture(meta[f"{kind}_{slide}"].value, folder / f"{kind}_{slide}.png",
+                                      PATIENT_LIMIT_BYTES)
                     alt, _, _ = decode_markdown(meta[f"{kind}_{slide}"].value)
                     assert kind in alt.lower()
                 else:
