@@ -45,6 +45,7 @@ class Shapes:
         from gcmlm_assets import pictures
         from gcmlm_assets.cohort import explanation_assets
 
+        # getattr with fallbacks: the benchmark also measures commits from before these constants
         if heatmaps is None:  # each slide's contribution map, as many as the code embeds
             embedded = getattr(explanation_assets, "PICTURES_IN_METADATA", None)
             if embedded is None:

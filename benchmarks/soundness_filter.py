@@ -40,7 +40,6 @@ from dagster._core.events.log import EventLogEntry
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as CheckStatus
 from dagster._core.storage.event_log.schema import AssetCheckExecutionsTable, SqlEventLogStorageTable
 from dagster._core.storage.sqlalchemy_compat import db_select
-from dagster_shared.serdes import serialize_value
 
 from gcmlm_assets.cohort.soundness_facts import declared_blocking_checks, unsound_results
 from gcmlm_assets.storage import ArtifactStore

@@ -109,6 +109,11 @@ class _ExplanationRun:
         return self._model.get(self.model_folder / MODEL_FILE)
 
     def explain(self, patient_id: str):
+        if patient_id not in self.rows and not self.context.has_partition_key:
+            # a range covers every partition between its changed patients, scored or not: one that
+            # is not in the fused table (not yet processed, or left out) has nothing to explain
+            self.context.log.info(f"{patient_id}: not in {self.fused_path}; nothing to explain")
+            return
         if patient_id not in self.rows:
             raise dg.Failure(description=f"patient {patient_id} is not in {self.fused_path} (no usable radiomics or "
                                          "slide features): nothing to explain", allow_retries=False)

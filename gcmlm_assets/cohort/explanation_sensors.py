@@ -5,8 +5,8 @@ and risk_explanations records the key it explained as its materialization's data
 new risk_scores the sensor reads the scores' keys and every patient's recorded key (one query)
 and asks only for the patients whose keys differ, `GCMLM_GPU_BATCH_PATIENTS` at a time: each
 group is one run over the range of the `patients` partitions from its first patient to its last
-(the step skips the unchanged patients in between without an event; a group of one is an ordinary
-one-patient run). One tick asks for at most `runs_per_tick` runs; its cursor (the scores' event
+(the step skips the patients in between that are unchanged or unscored, without an event; a
+group of one is an ordinary one-patient run). One tick asks for at most `runs_per_tick` runs; its cursor (the scores' event
 and the last patient asked for) lets the next tick carry on.
 """
 
@@ -26,10 +26,6 @@ from gcmlm_assets.resources import ArtifactStorage
 # seven ticks instead of one tick of 313 runs.
 RUNS_PER_TICK = 50
 KEY_COLUMN = "explanation_key"
-# Dagster's tags for a run over a range of partitions (dagster._core.storage.tags), as its own
-# automation and backfills write them.
-ASSET_PARTITION_RANGE_START_TAG = runs.RANGE_START_TAG
-ASSET_PARTITION_RANGE_END_TAG = runs.RANGE_END_TAG
 
 
 def _read_cursor(cursor: str | None) -> tuple[int | None, str | None, bool]:
@@ -66,7 +62,7 @@ def _run_request(explanations_asset: str, patients: list[str], scores_event: int
               "asset_selection": [dg.AssetKey(explanations_asset)]}
     if len(patients) == 1:
         return dg.RunRequest(partition_key=first, tags=tags, **common)
-    return dg.RunRequest(tags={**tags, ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last},
+    return dg.RunRequest(tags={**tags, runs.RANGE_START_TAG: first, runs.RANGE_END_TAG: last},
                          **common)
 
 

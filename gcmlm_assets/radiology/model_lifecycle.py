@@ -269,8 +269,12 @@ def install_decision(new: dict[str, float], installed: dict[str, float]) -> tupl
                    f"model's {installed_mean:.3f}; the installed model stays")
 
 
+# Slices of waiting patients whose runs in flight one tick looks up (the rest wait for a later tick).
+IN_FLIGHT_LOOKUPS = 2
+
+
 def masks_to_predict(*, model_key: str, cursor: dict, ct_done: Iterable[str], mask_done: Iterable[str],
-                     in_flight: Iterable[str], has_reference, limit: int) -> tuple[list[str], dict]:
+                     in_flight, has_reference, limit: int) -> tuple[list[str], dict]:
     """Patients whose mask the installed model (`model_key`) should predict, and the next cursor.
 
     A new model re-predicts every patient without a reference mask whose CT is materialized, once,
@@ -278,10 +282,15 @@ def masks_to_predict(*, model_key: str, cursor: dict, ct_done: Iterable[str], ma
     sweep looked at; `swept` once it is done, so patients who arrive later, whose landing run
     predicts with the installed model, are not swept again). Besides, patients whose ct_mask waited
     for a model (their CT is materialized, their mask is not) are predicted unless a run of theirs
-    is in flight. `has_reference(patient)` is asked only for those candidates.
+    is in flight: `in_flight(patients)` says which of those few are, asked for at most
+    `IN_FLIGHT_LOOKUPS` slices of `limit` candidates per tick. `has_reference(patient)` is asked
+    only for candidates.
     """
     ct_done = sorted(set(ct_done))
-    in_flight = set(in_flight)
+    if cursor.get("model") == model_key and "offset" in cursor:  # the cursor's form before `after`
+        offset = int(cursor["offset"])
+        cursor = {"model": model_key, "after": ct_done[min(offset, len(ct_done)) - 1] if offset and ct_done else "",
+                  "swept": offset >= len(ct_done)}
     if cursor.get("model") != model_key or "after" not in cursor:
         cursor = {"model": model_key, "after": "", "swept": False}
     chosen: list[str] = []
@@ -296,8 +305,13 @@ def masks_to_predict(*, model_key: str, cursor: dict, ct_done: Iterable[str], ma
                 break
         swept = not remaining or after == remaining[-1]
         return chosen, {"model": model_key, "after": after, "swept": swept}
-    waiting = sorted(set(ct_done) - set(mask_done) - in_flight)
-    chosen = [pid for pid in waiting if not has_reference(pid)][:limit]
+    waiting = [pid for pid in sorted(set(ct_done) - set(mask_done)) if not has_reference(pid)]
+    for start in range(0, min(len(waiting), IN_FLIGHT_LOOKUPS * limit), limit):
+        candidates = waiting[start:start + limit]
+        busy = set(in_flight(candidates))
+        chosen += [pid for pid in candidates if pid not in busy][:limit - len(chosen)]
+        if len(chosen) >= limit:
+            break
     return chosen, cursor
 
 

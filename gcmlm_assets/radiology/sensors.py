@@ -131,10 +131,10 @@ def build_predicted_mask_sensor(interval_s: int) -> dg.SensorDefinition:
         cursor = json.loads(context.cursor) if context.cursor else {}
         ct_done = instance.get_materialized_partitions(dg.AssetKey("ct_image"))
         mask_done = instance.get_materialized_partitions(dg.AssetKey("ct_mask"))
-        # only the patients whose mask waits can be in flight in a way that matters: their runs alone are loaded
-        in_flight = runs.in_flight_partitions(instance, ct_done - mask_done, ["ct_mask"])
         chosen, new_cursor = model_lifecycle.masks_to_predict(
-            model_key=model_key, cursor=cursor, ct_done=ct_done, mask_done=mask_done, in_flight=in_flight,
+            model_key=model_key, cursor=cursor, ct_done=ct_done, mask_done=mask_done,
+            # asked only for the few waiting patients it could request now: their runs alone are loaded
+            in_flight=lambda patients: runs.in_flight_partitions(instance, patients, ["ct_mask"]),
             has_reference=lambda pid: model_lifecycle.has_reference_mask(landing.path(), pid),
             limit=MAX_MASK_RUNS_PER_TICK)
         context.update_cursor(json.dumps(new_cursor, sort_keys=True))

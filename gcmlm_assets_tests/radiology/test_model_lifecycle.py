@@ -196,7 +196,7 @@ def test_a_new_model_re_predicts_every_mask_without_reference_in_slices():
     ct_done = [f"P{i}" for i in range(1, 8)]
 
     def predict(cursor, **overrides):
-        arguments = dict(model_key="m1", cursor=cursor, ct_done=ct_done, mask_done=ct_done, in_flight=[],
+        arguments = dict(model_key="m1", cursor=cursor, ct_done=ct_done, mask_done=ct_done, in_flight=lambda _: set(),
                          has_reference=lambda pid: pid in references, limit=2)
         arguments.update(overrides)
         return lifecycle.masks_to_predict(**arguments)
@@ -214,14 +214,23 @@ def test_a_new_model_re_predicts_every_mask_without_reference_in_slices():
     chosen, _ = predict(cursor, ct_done=["P0", *ct_done, "P8"], mask_done=["P0", *ct_done, "P8"])
     assert chosen == []
     # Patients whose mask waited for a model (CT done, no mask) are predicted unless in flight.
-    chosen, _ = predict(cursor, mask_done=["P1", "P2", "P3", "P4"], in_flight=["P6"])
+    asked = []
+
+    def in_flight(patients):
+        asked.append(list(patients))
+        return {"P6"} & set(patients)
+
+    chosen, _ = predict(cursor, mask_done=["P1", "P2", "P3", "P4"], in_flight=in_flight)
     assert chosen == ["P5", "P7"]
+    assert asked == [["P5", "P6"], ["P7"]]  # only the candidates of this tick, a slice at a time
     # Another model starts a new sweep.
     chosen, cursor = predict(cursor, model_key="m2", limit=10)
     assert chosen == ["P2", "P3", "P5", "P6", "P7"] and cursor == {"model": "m2", "after": "P7", "swept": True}
-    # a cursor from before (an offset into the sorted patients) starts the sweep again
-    chosen, cursor = predict({"model": "m2", "offset": 7}, limit=10)
-    assert chosen == ["P2", "P3", "P5", "P6", "P7"]
+    # a cursor from before (an offset into the sorted patients) carries on where it stood
+    chosen, cursor = predict({"model": "m2", "offset": 7}, model_key="m2", limit=10)
+    assert chosen == [] and cursor == {"model": "m2", "after": "P7", "swept": True}
+    chosen, cursor = predict({"model": "m2", "offset": 3}, model_key="m2", limit=10)
+    assert chosen == ["P5", "P6", "P7"] and cursor["swept"]
     assert lifecycle.mask_run_key("P2", "m2") != lifecycle.mask_run_key("P2", "m1")
 
 
