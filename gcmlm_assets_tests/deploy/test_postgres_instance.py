@@ -159,20 +159,22 @@ def test_two_processes_materialize_patients_into_the_production_postgres_storage
             assert metadata["input_files"].value == 1
 
         # Check evaluations: each of ct_image's checks ran once per patient, in that patient's run, on that
-        # patient's materialization (not the other process's, written at the same moment), and passed.
-        # The project's check specs have no partitions_def, so Dagster stores their evaluations without a
-        # partition key: the patient is found through the run and the target materialization.
+        # patient's materialization (not the other process's, written at the same moment), and passed. Each
+        # result is stored under its patient (gcmlm_assets/batching.py); Dagster also keeps each run's plan
+        # for the check under no partition, never evaluated.
         patient_of_run = {run_id: patient for patient, run_id in run_of_patient.items()}
         for spec in checks.CT_IMAGE_CHECK_SPECS:
             history = instance.event_log_storage.get_asset_check_execution_history(
                 dg.AssetCheckKey(ct_key, spec.name), limit=100)
-            assert sorted(patient_of_run.get(e.run_id, e.run_id) for e in history) == sorted(patients), spec.name
-            for execution in history:
+            evaluated = [e for e in history if e.partition is not None]
+            assert all(e.status != AssetCheckExecutionRecordStatus.SUCCEEDED for e in history if e.partition is None)
+            assert sorted(patient_of_run.get(e.run_id, e.run_id) for e in evaluated) == sorted(patients), spec.name
+            for execution in evaluated:
                 patient = patient_of_run[execution.run_id]
                 assert execution.status == AssetCheckExecutionRecordStatus.SUCCEEDED, (spec.name, patient)
                 evaluation = execution.event.dagster_event.asset_check_evaluation_data
                 assert evaluation.passed, (spec.name, patient, evaluation.metadata)
-                assert evaluation.partition in (None, patient)
+                assert evaluation.partition == execution.partition == patient
                 target = evaluation.target_materialization_data
                 assert target.run_id == execution.run_id, (spec.name, patient)
                 assert target.storage_id == materialization_of_patient[patient], (spec.name, patient)
