@@ -38,6 +38,8 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 
 import dagster as dg
+
+from gcmlm_assets.patient_batches import PATIENTS_TAG, parse_patients_tag
 # not exported by dagster: which materialization an evaluation checked
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData as CheckedMaterialization)
@@ -122,7 +124,8 @@ def per_patient_events(context: dg.AssetExecutionContext, asset_key: str, step: 
     blocking = {spec.name for spec in check_specs if spec.blocking}
     failures: list[_PatientFailed] = []
     done = skipped = 0
-    for patient_id in context.partition_keys:
+    patients = range_patients(context)
+    for patient_id in patients:
         try:
             outcome = _run_one(context, asset_key, patient_id, step, blocking)
         except _PatientFailed as failure:
@@ -147,14 +150,22 @@ def per_patient_events(context: dg.AssetExecutionContext, asset_key: str, step: 
             skipped += 1
             context.log.info(f"patient {patient_id}: {asset_key} skipped (see the message above)")
     context.log.info(f"{asset_key}: {done} patient(s) materialized, {skipped} skipped, {len(failures)} failed "
-                     f"of {len(context.partition_keys)} in this run")
+                     f"of {len(patients)} in this run")
     if failures:
         raise dg.Failure(
-            description=f"{len(failures)} of {len(context.partition_keys)} patients failed: "
+            description=f"{len(failures)} of {len(patients)} patients failed: "
                         + "; ".join(str(f) for f in failures),
             metadata={"failed_patients": dg.MetadataValue.json({f.patient_id: f.reason for f in failures}),
                       "materialized_patients": done},
             allow_retries=any(f.retryable for f in failures))
+
+
+def range_patients(context: dg.AssetExecutionContext) -> list[str]:
+    """The patients a range step works on: the range's, or those of them the run names
+    (`PATIENTS_TAG`, set by a sensor whose batch skips patients inside its range)."""
+    named = parse_patients_tag(context.run.tags.get(PATIENTS_TAG))
+    keys = list(context.partition_keys)
+    return keys if named is None else [patient_id for patient_id in keys if patient_id in named]
 
 
 def _run_one(context, asset_key: str, patient_id: str, step: PatientStep, blocking: set[str]) -> list:

@@ -17,10 +17,11 @@ from gcmlm_assets.cohort import resources as cohort_resources
 from gcmlm_assets.cohort import explanation_assets
 from gcmlm_assets.cohort.explanation_sensors import build_risk_explanations_sensor
 from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS, build_cohort_refresh_sensor
-from gcmlm_assets.landing.sensors import landing_sensor
+from gcmlm_assets.landing.sensors import MODALITY_ASSETS, landing_sensor
 from gcmlm_assets.pathology import assets as pathology_assets
 from gcmlm_assets.pathology import checks as pathology_checks
 from gcmlm_assets.pathology import resources as pathology_resources
+from gcmlm_assets.patient_steps import build_patient_steps_sensor
 from gcmlm_assets.profiles import Profile, get_profile
 from gcmlm_assets.radiology import assets as radiology_assets
 from gcmlm_assets.radiology import checks as radiology_checks
@@ -92,7 +93,9 @@ def build_sensors(profile: Profile) -> list[dg.SensorDefinition]:
     interval = profile.sensor_interval_s
     cohort_keys = [asset.key for asset in cohort_assets.ASSETS]
     input_checks = blocking_check_keys([*radiology_assets.ASSETS, *pathology_assets.ASSETS], PATIENT_FEATURE_ASSETS)
-    return [landing_sensor, build_segmentation_training_sensor(interval), build_predicted_mask_sensor(interval),
+    steps = [build_patient_steps_sensor(f"{modality}_steps_sensor", chain, modality, interval)
+             for modality, chain in MODALITY_ASSETS.items()]
+    return [landing_sensor, *steps, build_segmentation_training_sensor(interval), build_predicted_mask_sensor(interval),
             build_cohort_refresh_sensor(interval, cohort_keys, input_checks),
             build_risk_explanations_sensor(interval, explanation_assets.RISK_EXPLANATIONS, "risk_scores",
                                            cohort_assets.SCORES_FILE)]

@@ -1,14 +1,16 @@
-"""Which patients share a run (no Dagster): contiguous ranges of the `patients` partitions, cut at buckets.
+"""Which patients share a run (no Dagster): one run per bucket of consecutive `patients` partitions.
 
 A run of several patients is a range of the dynamic partitions `patients`, which Dagster orders
 by when each patient was added. The partition order is cut into buckets of `batch_size`
-consecutive patients (positions 0..B-1, B..2B-1, ...), and every run a sensor requests for
-patients, of one patient or a range, stays inside one bucket and carries that bucket's tag. The
-instance runs one run per bucket value at a time (a tag concurrency limit), so two such runs that
-touch one patient never overlap, whether either is a range or not.
+consecutive patients (positions 0..B-1, B..2B-1, ...). Every run a sensor requests for patients
+stays inside one bucket and carries that bucket's tag; the instance runs one run per bucket value
+at a time (a tag concurrency limit in deploy/*), so two such runs that touch one patient never
+overlap, whether either is a range or not.
 
-New patients arrive together at the end of the order, so K new drops make at most
-ceil(K / B) + 1 batches; scattered changes make one run per contiguous stretch.
+A bucket's wanted patients make one run, over the range from the first to the last of them. When
+the range holds patients that are not wanted (scattered changes), the run names the wanted ones
+(`PATIENTS_TAG`) and its steps leave the others alone. New patients arrive together at the end of
+the order, so K new drops make at most ceil(K / B) + 1 runs.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 BUCKET_TAG = "gcmlm/bucket"
+# The patients of a range run that its steps work on, comma-separated, when not every patient of
+# the range (absent: all of them).
+PATIENTS_TAG = "gcmlm/patients"
 
 
 @dataclass(frozen=True)
 class PatientBatch:
-    patients: tuple[str, ...]  # in partition order, consecutive positions of one bucket
+    patients: tuple[str, ...]  # the wanted patients, in partition order, all of one bucket
     bucket: int
+    whole_range: bool  # no unwanted patient lies between the first and the last
 
     @property
     def first(self) -> str:
@@ -46,26 +52,24 @@ def bucket_name(bucket: int, batch_size: int) -> str:
 
 
 def plan_batches(order: Sequence[str], wanted: Iterable[str], batch_size: int) -> list[PatientBatch]:
-    """The fewest runs that cover exactly `wanted`: maximal stretches of consecutive positions in
-    `order` (the partitions' order), each inside one bucket of `batch_size`."""
+    """One batch per bucket of `batch_size` positions in `order` (the partitions' order) that holds
+    a wanted patient, in bucket order."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     position = {patient: i for i, patient in enumerate(order)}
-    missing = sorted(set(wanted) - set(position))
+    wanted = set(wanted)
+    missing = sorted(wanted - set(position))
     if missing:
         raise ValueError(f"not among the partitions: {', '.join(missing[:5])}")
-    batches: list[PatientBatch] = []
-    current: list[int] = []
-    for i in sorted({position[p] for p in wanted}):
-        if current and (i != current[-1] + 1 or i // batch_size != current[0] // batch_size):
-            batches.append(_batch(order, current, batch_size))
-            current = []
-        current.append(i)
-    if current:
-        batches.append(_batch(order, current, batch_size))
-    return batches
+    by_bucket: dict[int, list[int]] = {}
+    for i in sorted(position[p] for p in wanted):
+        by_bucket.setdefault(i // batch_size, []).append(i)
+    return [PatientBatch(tuple(order[i] for i in positions), bucket, positions[-1] - positions[0] + 1 == len(positions))
+            for bucket, positions in sorted(by_bucket.items())]
 
 
-def _batch(order: Sequence[str], positions: list[int], batch_size: int) -> PatientBatch:
-    return PatientBatch(tuple(order[i] for i in positions), positions[0] // batch_size)
-
+def parse_patients_tag(value: str | None) -> set[str] | None:
+    """The patients a run's `PATIENTS_TAG` names, or None (every patient of its range)."""
+    if value is None:
+        return None
+    return {patient for patient in value.split(",") if patient}

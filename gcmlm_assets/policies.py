@@ -8,6 +8,8 @@ their reason. A run whose own process dies is re-executed by the instance's run 
 
 import dagster as dg
 
+# The metadata entry of a materialization whose output a failed blocking check moved into quarantine.
+QUARANTINED_TO = "quarantined_to"
 TRANSIENT_RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 
 
@@ -26,7 +28,7 @@ def quarantine_on_blocking_failure(store, asset: str, patient_id: str, result: d
     if not failed:
         return result
     moved = quarantine_output(store, asset, patient_id, failed)
-    metadata = {**(result.metadata or {}), "quarantined_to": dg.MetadataValue.path(str(moved)),
+    metadata = {**(result.metadata or {}), QUARANTINED_TO: dg.MetadataValue.path(str(moved)),
                 "failed_blocking_checks": ", ".join(failed)}
     return dg.MaterializeResult(asset_key=result.asset_key, metadata=metadata, check_results=result.check_results,
                                 data_version=result.data_version, tags=result.tags)

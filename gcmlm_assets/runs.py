@@ -6,9 +6,11 @@ thousand runs queued or in the history as with ten.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import dagster as dg
+
+from gcmlm_assets.patient_batches import BUCKET_TAG, PATIENTS_TAG, PatientBatch, bucket_name, parse_patients_tag
 
 IN_FLIGHT_STATUSES = [
     dg.DagsterRunStatus.QUEUED,
@@ -55,18 +57,60 @@ def in_flight_doing(instance: dg.DagsterInstance, work: Iterable[str]) -> int:
     return wanted + (total - tagged)
 
 
-def in_flight_partitions(instance: dg.DagsterInstance, candidates: Iterable[str], assets: Iterable[str]) -> set[str]:
-    """Which of `candidates` a queued or running single-partition run that materializes any of
-    `assets` covers. Only the candidates' own runs are loaded (by their partition tag), in chunks.
-    Partition-range runs carry no partition tag and are not seen here."""
+def in_flight_partitions(instance: dg.DagsterInstance, candidates: Iterable[str], assets: Iterable[str],
+                         order: Sequence[str] = (), batch_size: int | None = None) -> set[str]:
+    """Which of `candidates` a queued or running run that materializes any of `assets` covers.
+
+    Single-partition runs are found by their partition tag; with the partitions' `order`, the range
+    runs our sensors requested are found too, by the bucket tag of each candidate's bucket (every
+    run of a bucket holds only that bucket's patients). Only those runs are loaded, in chunks."""
     wanted, ordered = set(assets), sorted(set(candidates))
     covered: set[str] = set()
     for start in range(0, len(ordered), PARTITIONS_PER_QUERY):
         chunk = ordered[start:start + PARTITIONS_PER_QUERY]
         for run in instance.get_runs(filters=dg.RunsFilter(statuses=IN_FLIGHT_STATUSES, tags={PARTITION_TAG: chunk})):
-            if {key.to_user_string() for key in (run.asset_selection or ())} & wanted:
+            if _selects(run, wanted):
                 covered.add(run.tags[PARTITION_TAG])
+    if order and ordered:
+        from gcmlm_assets.batching import batch_patients
+
+        size = batch_size or batch_patients()
+        position = {patient_id: i for i, patient_id in enumerate(order)}
+        buckets = sorted({bucket_name(position[p] // size, size) for p in ordered if p in position})
+        for start in range(0, len(buckets), PARTITIONS_PER_QUERY):
+            chunk = buckets[start:start + PARTITIONS_PER_QUERY]
+            for run in instance.get_runs(filters=dg.RunsFilter(statuses=IN_FLIGHT_STATUSES, tags={BUCKET_TAG: chunk})):
+                if _selects(run, wanted) and RANGE_START_TAG in run.tags:
+                    covered |= set(ordered) & range_run_patients(run.tags, position)
     return covered
+
+
+def _selects(run: dg.DagsterRun, assets: set[str]) -> bool:
+    return bool({key.to_user_string() for key in (run.asset_selection or ())} & assets)
+
+
+def range_run_patients(tags: dict[str, str], position: dict[str, int]) -> set[str]:
+    """The patients a range run works on: its range in the partition order, narrowed to the ones it names."""
+    first, last = position.get(tags[RANGE_START_TAG]), position.get(tags[RANGE_END_TAG])
+    if first is None or last is None:
+        return set()
+    in_range = {patient_id for patient_id, i in position.items() if first <= i <= last}
+    named = parse_patients_tag(tags.get(PATIENTS_TAG))
+    return in_range if named is None else in_range & named
+
+
+def batch_run_request(batch: PatientBatch, batch_size: int, *, run_key: str, asset_selection: list[dg.AssetKey],
+                      tags: dict[str, str]) -> dg.RunRequest:
+    """One run for a bucket's batch: an ordinary one-patient run, or a run over the range from its
+    first patient to its last that names its patients when others lie between. Either carries the
+    bucket's tag, which the instance runs one at a time."""
+    tags = {**tags, **batch.bucket_tag(batch_size)}
+    if batch.single:
+        return dg.RunRequest(run_key=run_key, partition_key=batch.first, asset_selection=asset_selection, tags=tags)
+    tags.update({RANGE_START_TAG: batch.first, RANGE_END_TAG: batch.last})
+    if not batch.whole_range:
+        tags[PATIENTS_TAG] = ",".join(batch.patients)
+    return dg.RunRequest(run_key=run_key, asset_selection=asset_selection, tags=tags)
 
 
 def run_key_exists(instance: dg.DagsterInstance, run_key: str) -> bool:

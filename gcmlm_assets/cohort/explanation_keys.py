@@ -6,8 +6,7 @@ the patient's own fused_table row and, when that row has pathology, the patient'
 changed patient changes no other patient's key, and a new model changes everyone's.
 
 risk_scores writes each scored patient's key beside the score; risk_explanations records the key
-it explained as its materialization's data version; `patients_to_explain` compares the two, and
-`batches` groups the patients that differ into runs.
+it explained as its materialization's data version; `patients_to_explain` compares the two.
 """
 
 from __future__ import annotations
@@ -95,10 +94,3 @@ def patients_to_explain(partitions: Sequence[str], scored: Mapping[str, str | No
     """The scored patients, in the order of `partitions`, whose recorded explanation key (None:
     never explained) differs from the key their score came with."""
     return [p for p in partitions if p in scored and recorded.get(p) != scored[p]]
-
-
-def batches(patients: Sequence[str], size: int, max_batches: int) -> tuple[list[list[str]], bool]:
-    """Up to `max_batches` consecutive groups of at most `size` patients, and whether they hold
-    every patient."""
-    groups = [list(patients[i:i + size]) for i in range(0, len(patients), size)]
-    return groups[:max_batches], len(groups) <= max_batches

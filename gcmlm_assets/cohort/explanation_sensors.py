@@ -3,10 +3,10 @@
 risk_scores writes each scored patient's explanation key (explanation_keys.py) beside the score,
 and risk_explanations records the key it explained as its materialization's data version. On a
 new risk_scores the sensor reads the scores' keys and every patient's recorded key (one query)
-and asks only for the patients whose keys differ, `GCMLM_GPU_BATCH_PATIENTS` at a time: each
-group is one run over the range of the `patients` partitions from its first patient to its last
-(the step skips the patients in between that are unchanged or unscored, without an event; a
-group of one is an ordinary one-patient run). One tick asks for at most `runs_per_tick` runs; its cursor (the scores' event
+and asks only for the patients whose keys differ, one run per bucket of `GCMLM_GPU_BATCH_PATIENTS`
+partitions (patient_batches.py; the run carries the bucket's tag): over the range from the
+bucket's first changed patient to its last (the step skips the patients in between that are
+unchanged or unscored, without an event), or an ordinary one-patient run for a bucket of one. One tick asks for at most `runs_per_tick` runs; its cursor (the scores' event
 and the last patient asked for) lets the next tick carry on.
 """
 
@@ -18,8 +18,9 @@ import dagster as dg
 
 from gcmlm_assets import runs
 from gcmlm_assets.batching import DATA_VERSION_TAG, batch_patients
-from gcmlm_assets.cohort.explanation_keys import batches, patients_to_explain
+from gcmlm_assets.cohort.explanation_keys import patients_to_explain
 from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.patient_batches import PatientBatch, plan_batches
 from gcmlm_assets.resources import ArtifactStorage
 
 # What the daemon turns into runs within seconds: 10,000 changed patients, 32 per run, take
@@ -52,18 +53,14 @@ def recorded_explanation_keys(instance: dg.DagsterInstance, explanations_asset: 
     return {patient_id: values[DATA_VERSION_TAG] for patient_id, values in tags.items() if DATA_VERSION_TAG in values}
 
 
-def _run_request(explanations_asset: str, patients: list[str], scores_event: int) -> dg.RunRequest:
-    """One run for `patients` (consecutive changed patients): over the range from the first to the
-    last, or an ordinary one-patient run for a group of one."""
-    first, last = patients[0], patients[-1]
-    tags = {"gcmlm/reason": f"{len(patients)} patient(s) whose explanation key changed with risk_scores "
-                            f"event {scores_event}", **runs.work_tags(runs.EXPLANATIONS)}
-    common = {"run_key": f"explain:{scores_event}:{first}:{last}",
-              "asset_selection": [dg.AssetKey(explanations_asset)]}
-    if len(patients) == 1:
-        return dg.RunRequest(partition_key=first, tags=tags, **common)
-    return dg.RunRequest(tags={**tags, runs.RANGE_START_TAG: first, runs.RANGE_END_TAG: last},
-                         **common)
+def _run_request(explanations_asset: str, batch: PatientBatch, size: int, scores_event: int) -> dg.RunRequest:
+    """One run for a bucket's changed patients: over the range from the first to the last (the step
+    leaves the unchanged ones between), or an ordinary one-patient run for a batch of one."""
+    return runs.batch_run_request(
+        batch, size, run_key=f"explain:{scores_event}:{batch.first}:{batch.last}",
+        asset_selection=[dg.AssetKey(explanations_asset)],
+        tags={"gcmlm/reason": f"{len(batch.patients)} patient(s) whose explanation key changed with risk_scores "
+                              f"event {scores_event}", **runs.work_tags(runs.EXPLANATIONS)})
 
 
 def build_risk_explanations_sensor(interval_s: int, explanations_asset: str, scores_asset: str, scores_file: str,
@@ -113,11 +110,13 @@ def build_risk_explanations_sensor(interval_s: int, explanations_asset: str, sco
                    f"latest scores (event {event})" if after is None else
                    f"every explanation that changed with {scores_asset}'s latest scores (event {event}) was requested")
             return dg.SensorResult(skip_reason=why, cursor=_cursor(event, after, True))
-        groups, complete = batches(changed, batch_patients(), runs_per_tick)
-        asked = sum(len(group) for group in groups)
+        size = batch_patients()
+        planned = plan_batches(partitions, changed, size)
+        groups, complete = planned[:runs_per_tick], len(planned) <= runs_per_tick
+        asked = sum(len(group.patients) for group in groups)
         context.log.info(f"{len(changed)} scored patient(s) to explain ({scores_asset} event {event}): {asked} in "
                          f"{len(groups)} run(s) now" + ("" if complete else ", the rest on the next ticks"))
-        return dg.SensorResult(run_requests=[_run_request(explanations_asset, group, event) for group in groups],
-                               cursor=_cursor(event, groups[-1][-1], complete))
+        return dg.SensorResult(run_requests=[_run_request(explanations_asset, group, size, event) for group in groups],
+                               cursor=_cursor(event, groups[-1].last, complete))
 
     return risk_explanations_sensor

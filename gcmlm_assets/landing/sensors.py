@@ -1,10 +1,19 @@
-"""landing_sensor: new or changed patient drops become partitions and runs."""
+"""landing_sensor: new or changed patient drops become partitions and runs.
+
+The drops of one tick are grouped per modality into batches of `GCMLM_GPU_BATCH_PATIENTS`
+(patient_batches.py). A batch of one patient is one run of its modality's whole chain; a larger
+batch is one run of the chain's first asset over the batch's range, and `patient_steps_sensor`s
+carry its patients on through the chain in batched runs (one model load per batch).
+"""
 
 from __future__ import annotations
 
 import dagster as dg
 
 from gcmlm_assets import runs
+from gcmlm_assets.batching import batch_patients
+from gcmlm_assets.patient_batches import plan_batches
+from gcmlm_assets.storage import sha256_text
 from gcmlm_assets.landing.scan import plan_tick, scan_landing_zone
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.pathology.resources import PatchEncoder
@@ -46,18 +55,10 @@ def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingZone,
     for folder, error in scan.unreadable:
         context.log.warning(f"landing zone: folder {folder!r} could not be scanned this tick ({error})")
 
-    known = set(context.instance.get_dynamic_partitions(patients_partitions.name))
+    order = list(context.instance.get_dynamic_partitions(patients_partitions.name))
+    known = set(order)
     new_patients = [d.patient_id for d in scan.drops if d.patient_id not in known]
-
-    run_requests = [
-        dg.RunRequest(
-            run_key=run.run_key,
-            partition_key=run.patient_id,
-            asset_selection=MODALITY_ASSETS[run.modality],
-            tags={"gcmlm/modality": run.modality, "gcmlm/fingerprint": run.fingerprint, **runs.work_tags(run.modality)},
-        )
-        for run in plan.runs
-    ]
+    run_requests = batched_run_requests(plan.runs, order + new_patients, batch_patients())
     if plan.deferred:
         context.log.info(f"{plan.deferred} changed drops wait for the next tick "
                          f"(cap {landing.max_runs_per_tick} runs per tick)")
@@ -83,6 +84,25 @@ def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingZone,
         ),
         cursor=plan.cursor,
     )
+
+
+def batched_run_requests(planned: list, order: list[str], batch_size: int) -> list[dg.RunRequest]:
+    """The tick's runs: per modality, one per bucket batch of its patients (see the module's docstring)."""
+    requests = []
+    for modality, assets in MODALITY_ASSETS.items():
+        mine = {run.patient_id: run for run in planned if run.modality == modality}
+        for batch in plan_batches(order, mine, batch_size):
+            tags = {"gcmlm/modality": modality, **runs.work_tags(modality)}
+            if batch.single:
+                run = mine[batch.first]
+                requests.append(runs.batch_run_request(batch, batch_size, run_key=run.run_key, asset_selection=assets,
+                                                       tags={**tags, "gcmlm/fingerprint": run.fingerprint}))
+                continue
+            # the run key names every patient's drop fingerprint: the same drops are never requested twice
+            key = sha256_text(*(f"{p}:{mine[p].fingerprint}" for p in batch.patients))[:24]
+            requests.append(runs.batch_run_request(batch, batch_size, run_key=f"landing:{modality}:{key}",
+                                                   asset_selection=assets[:1], tags=tags))
+    return requests
 
 
 def _names(patient_ids) -> str:

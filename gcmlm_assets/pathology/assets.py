@@ -6,7 +6,7 @@ import time
 import dagster as dg
 
 from gcmlm_assets import step_pods
-from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events, store_checks_per_patient
+from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events
 from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.devices import DeviceError
 from gcmlm_assets.lazy import lazy
@@ -49,19 +49,29 @@ SLIDE_VECTOR_FILE = "slide_vector.parquet"
 SLIDE_VECTOR_PICTURE = "slide_vector.png"
 
 
-@dg.asset(
-    group_name="pathology",
-    retry_policy=TRANSIENT_RETRY,
+@dg.multi_asset(
+    specs=[dg.AssetSpec(
+        "patch_coords",
+        group_name="pathology",
+        # Not yielded by a range step: each patient's materialization is logged on its own (batching.py).
+        skippable=True,
+        description="Tissue patch coordinates of every slide in `<landing>/<patient>/wsi/`: one CLAM-layout "
+                    "HDF5 per slide plus `slides.json`.",
+    )],
     partitions_def=patients_partitions,
     check_specs=checks.PATCH_COORDS_CHECK_SPECS,
+    can_subset=True,
+    retry_policy=TRANSIENT_RETRY,
     op_tags=step_pods.op_tags(step_pods.CPU),
-    description="Tissue patch coordinates of every slide in `<landing>/<patient>/wsi/`: one CLAM-layout "
-                "HDF5 per slide plus `slides.json`.",
 )
-@store_checks_per_patient
 def patch_coords(context: dg.AssetExecutionContext, storage: ArtifactStorage, landing: LandingZone,
                  pathology: TilingSettings):
-    patient_id = context.partition_key
+    yield from per_patient_events(context, "patch_coords",
+                                  lambda patient_id: _patch_coords_for(patient_id, storage, landing, pathology),
+                                  checks.PATCH_COORDS_CHECK_SPECS)
+
+
+def _patch_coords_for(patient_id: str, storage: ArtifactStorage, landing: LandingZone, pathology: TilingSettings):
     store = storage.store()
     params = pathology.tiling_params()
     wsi_dir = landing.patient_dir(patient_id) / "wsi"
@@ -107,6 +117,7 @@ def patch_coords(context: dg.AssetExecutionContext, storage: ArtifactStorage, la
                checks.tissue_found_result(entries),
                checks.patch_count_result(entries, pathology.min_patches_per_slide, pathology.max_patches_per_slide)]
     yield quarantine_on_blocking_failure(store, "patch_coords", patient_id, dg.MaterializeResult(
+        asset_key="patch_coords",
         metadata={
             "n_slides": len(entries),
             "n_patches": listing["n_patches"],
@@ -261,20 +272,29 @@ class SlideVectorConfig(dg.Config):
     pooling: str = "mean"
 
 
-@dg.asset(
-    group_name="pathology",
-    retry_policy=TRANSIENT_RETRY,
+@dg.multi_asset(
+    specs=[dg.AssetSpec(
+        checks.SLIDE_VECTOR,
+        group_name="pathology",
+        deps=[uni_features],
+        skippable=True,
+        description="One row per patient: the patch features of all of the patient's slides pooled into one "
+                    "vector (mean by default), with `n_patches` and `n_slides`.",
+        metadata=column_schema_metadata(SLIDE_VECTOR_COLUMNS),
+    )],
     partitions_def=patients_partitions,
-    deps=[uni_features],
     check_specs=checks.SLIDE_VECTOR_CHECK_SPECS,
+    can_subset=True,
+    retry_policy=TRANSIENT_RETRY,
     op_tags=step_pods.op_tags(step_pods.CPU),
-    description="One row per patient: the patch features of all of the patient's slides pooled into one "
-                "vector (mean by default), with `n_patches` and `n_slides`.",
-    metadata=column_schema_metadata(SLIDE_VECTOR_COLUMNS),
 )
-@store_checks_per_patient
 def slide_vector(context: dg.AssetExecutionContext, config: SlideVectorConfig, storage: ArtifactStorage):
-    patient_id = context.partition_key
+    yield from per_patient_events(context, checks.SLIDE_VECTOR,
+                                  lambda patient_id: _slide_vector_for(patient_id, config, storage),
+                                  checks.SLIDE_VECTOR_CHECK_SPECS)
+
+
+def _slide_vector_for(patient_id: str, config: SlideVectorConfig, storage: ArtifactStorage):
     store = storage.store()
     features = store.read_manifest(checks.UNI_FEATURES, patient_id)
     if not features:
@@ -312,6 +332,7 @@ def slide_vector(context: dg.AssetExecutionContext, config: SlideVectorConfig, s
     problems = validate_slide_vector(out_path, expected_dim=dim)
     result = checks.slide_vector_result(problems, dim, out_path)
     yield quarantine_on_blocking_failure(store, checks.SLIDE_VECTOR, patient_id, dg.MaterializeResult(
+        asset_key=checks.SLIDE_VECTOR,
         metadata={
             "pooling": pooling.name,
             "n_patches": summary["n_patches"],

@@ -13,7 +13,7 @@ from pathlib import Path
 import dagster as dg
 
 from gcmlm_assets import step_pods
-from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events, store_checks_per_patient
+from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events
 from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
@@ -69,20 +69,30 @@ def _combined_hash(hashes: dict[str, str]) -> str:
 # ---------------------------------------------------------------- ct_image
 
 
-@dg.asset(
-    group_name="radiology",
-    retry_policy=TRANSIENT_RETRY,
+@dg.multi_asset(
+    specs=[dg.AssetSpec(
+        "ct_image",
+        group_name="radiology",
+        code_version=CT_IMAGE_VERSION,
+        # Not yielded by a range step: each patient's materialization is logged on its own (batching.py).
+        skippable=True,
+        description="The patient's CT from `<landing>/<patient>/ct/` (a DICOM series or one NIfTI, NRRD or "
+                    "MHA volume), written as one canonical LPS-oriented `ct.nii.gz`.",
+    )],
     partitions_def=patients_partitions,
     check_specs=checks.CT_IMAGE_CHECK_SPECS,
-    code_version=CT_IMAGE_VERSION,
+    can_subset=True,
+    retry_policy=TRANSIENT_RETRY,
     op_tags=step_pods.op_tags(step_pods.CPU),
-    description="The patient's CT from `<landing>/<patient>/ct/` (a DICOM series or one NIfTI, NRRD or "
-                "MHA volume), written as one canonical LPS-oriented `ct.nii.gz`.",
 )
-@store_checks_per_patient
-def ct_image(context: dg.AssetExecutionContext, storage: ArtifactStorage,
-             landing: LandingZone) -> dg.MaterializeResult:
-    patient_id = context.partition_key
+def ct_image(context: dg.AssetExecutionContext, storage: ArtifactStorage, landing: LandingZone):
+    yield from per_patient_events(context, "ct_image", lambda patient_id: [_ct_image_for(context, patient_id, storage,
+                                                                                          landing)],
+                                  checks.CT_IMAGE_CHECK_SPECS, CT_IMAGE_VERSION)
+
+
+def _ct_image_for(context: dg.AssetExecutionContext, patient_id: str, storage: ArtifactStorage,
+                  landing: LandingZone) -> dg.MaterializeResult:
     store = storage.store()
     folder = landing.patient_dir(patient_id) / "ct"
     try:
@@ -117,6 +127,7 @@ def ct_image(context: dg.AssetExecutionContext, storage: ArtifactStorage,
     context.log.info(f"{patient_id}: CT {'reused' if reused else 'written'} {ct_path} "
                      f"({summary.size}, {summary.spacing} mm)")
     return quarantine_on_blocking_failure(store, "ct_image", patient_id, dg.MaterializeResult(
+        asset_key="ct_image",
         metadata={
             "path": dg.MetadataValue.path(str(ct_path)),
             "picture_path": dg.MetadataValue.path(str(picture_path)),
@@ -372,22 +383,31 @@ def _agreement_metadata(agreement: dict) -> dict:
 # ---------------------------------------------------------------- radiomics_row
 
 
-@dg.asset(
-    group_name="radiology",
-    retry_policy=TRANSIENT_RETRY,
+@dg.multi_asset(
+    specs=[dg.AssetSpec(
+        "radiomics_row",
+        group_name="radiology",
+        deps=[ct_image, ct_mask],
+        code_version=RADIOMICS_ROW_VERSION,
+        skippable=True,
+        description="PyRadiomics features inside the gastric mask as one parquet row: `patient_id`, then one "
+                    "column per feature (107 with the default params).",
+        metadata=column_schema_metadata(RADIOMICS_ROW_COLUMNS),
+    )],
     partitions_def=patients_partitions,
-    deps=[ct_image, ct_mask],
     check_specs=checks.RADIOMICS_ROW_CHECK_SPECS,
-    code_version=RADIOMICS_ROW_VERSION,
+    can_subset=True,
+    retry_policy=TRANSIENT_RETRY,
     op_tags=step_pods.op_tags(step_pods.CPU),
-    description="PyRadiomics features inside the gastric mask as one parquet row: `patient_id`, then one "
-                "column per feature (107 with the default params).",
-    metadata=column_schema_metadata(RADIOMICS_ROW_COLUMNS),
 )
-@store_checks_per_patient
-def radiomics_row(context: dg.AssetExecutionContext, storage: ArtifactStorage,
-                  radiomics: RadiomicsSettings) -> dg.MaterializeResult:
-    patient_id = context.partition_key
+def radiomics_row(context: dg.AssetExecutionContext, storage: ArtifactStorage, radiomics: RadiomicsSettings):
+    yield from per_patient_events(context, "radiomics_row",
+                                  lambda patient_id: [_radiomics_row_for(context, patient_id, storage, radiomics)],
+                                  checks.RADIOMICS_ROW_CHECK_SPECS, RADIOMICS_ROW_VERSION)
+
+
+def _radiomics_row_for(context: dg.AssetExecutionContext, patient_id: str, storage: ArtifactStorage,
+                       radiomics: RadiomicsSettings) -> dg.MaterializeResult:
     store = storage.store()
     ct_path = _upstream_file(store, "ct_image", patient_id, CT_FILE)
     mask_path = _upstream_file(store, "ct_mask", patient_id, MASK_FILE)
@@ -422,6 +442,7 @@ def radiomics_row(context: dg.AssetExecutionContext, storage: ArtifactStorage,
     took = "reused" if reused else f"{manifest['seconds']:.1f} s"
     context.log.info(f"{patient_id}: {manifest['features']} radiomics features ({took})")
     return quarantine_on_blocking_failure(store, "radiomics_row", patient_id, dg.MaterializeResult(
+        asset_key="radiomics_row",
         metadata={
             "path": dg.MetadataValue.path(str(row_path)),
             "sha256": manifest["files"][ROW_FILE],

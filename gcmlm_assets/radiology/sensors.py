@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import dagster as dg
 
 from gcmlm_assets import runs
+from gcmlm_assets.batching import batch_patients
 from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.patient_batches import plan_batches
 from gcmlm_assets.radiology import model_lifecycle
 from gcmlm_assets.radiology.assets import CT_FILE
 from gcmlm_assets.radiology.segmentation_model import MODELS_ASSET
@@ -28,7 +30,8 @@ from gcmlm_assets.radiology.resources import SegmentationModelResource
 from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZone
 
 SEGMENTATION_MODEL = dg.AssetKey(MODELS_ASSET)
-PREDICTED_MASK_ASSETS = [dg.AssetKey("ct_mask"), dg.AssetKey("radiomics_row")]
+MASK_ASSET = dg.AssetKey("ct_mask")
+PREDICTED_MASK_ASSETS = [MASK_ASSET, dg.AssetKey("radiomics_row")]
 # Runs that can change the training set or the model: while one is queued or running, wait
 # (counted by their work tag; a run without one, launched by hand, counts too).
 TRAINING_INPUT_WORK = (runs.RADIOLOGY, runs.TRAINING)
@@ -112,6 +115,16 @@ def installed_model_key(segmentation: SegmentationModelResource, storage: Artifa
     return model_lifecycle.model_identity(folder)[:16] if folder is not None else None
 
 
+def _not_waiting(instance: dg.DagsterInstance, patients: list[str], order: list[str], size: int) -> set[str]:
+    """Which of `patients` (CT materialized, no mask) are not waiting for a model: a run of their ct_mask
+    is queued or running, or none was ever planned (a batch's ct_mask that radiology_steps_sensor
+    has yet to request)."""
+    storage = instance.event_log_storage
+    never_planned = {p for p in patients if storage.get_latest_planned_materialization_info(MASK_ASSET, p) is None}
+    rest = [p for p in patients if p not in never_planned]
+    return never_planned | runs.in_flight_partitions(instance, rest, [MASK_ASSET.to_user_string()], order, size)
+
+
 def build_predicted_mask_sensor(interval_s: int) -> dg.SensorDefinition:
     @dg.sensor(
         name="predicted_mask_sensor",
@@ -131,21 +144,28 @@ def build_predicted_mask_sensor(interval_s: int) -> dg.SensorDefinition:
         cursor = json.loads(context.cursor) if context.cursor else {}
         ct_done = instance.get_materialized_partitions(dg.AssetKey("ct_image"))
         mask_done = instance.get_materialized_partitions(dg.AssetKey("ct_mask"))
+        order = list(instance.get_dynamic_partitions(patients_partitions.name))
+        size = batch_patients()
         chosen, new_cursor = model_lifecycle.masks_to_predict(
             model_key=model_key, cursor=cursor, ct_done=ct_done, mask_done=mask_done,
             # asked only for the few waiting patients it could request now: their runs alone are loaded
-            in_flight=lambda patients: runs.in_flight_partitions(instance, patients, ["ct_mask"]),
+            in_flight=lambda patients: _not_waiting(instance, patients, order, size),
             has_reference=lambda pid: model_lifecycle.has_reference_mask(landing.path(), pid),
             limit=MAX_MASK_RUNS_PER_TICK)
         context.update_cursor(json.dumps(new_cursor, sort_keys=True))
         if not chosen:
             return dg.SkipReason(f"every mask without a reference is predicted by model {model_key}")
-        context.log.info(f"model {model_key}: predicting the masks of {len(chosen)} patient(s): "
-                         + ", ".join(chosen[:20]) + (" ..." if len(chosen) > 20 else ""))
-        return [dg.RunRequest(run_key=model_lifecycle.mask_run_key(pid, model_key), partition_key=pid,
-                              asset_selection=PREDICTED_MASK_ASSETS,
-                              tags={"gcmlm/modality": "radiology", "gcmlm/reason": f"predicted mask, model {model_key}",
-                                    **runs.work_tags(runs.RADIOLOGY)})
-                for pid in chosen]
+        batches = plan_batches(order, chosen, size)
+        context.log.info(f"model {model_key}: predicting the masks of {len(chosen)} patient(s) in {len(batches)} "
+                         "run(s): " + ", ".join(chosen[:20]) + (" ..." if len(chosen) > 20 else ""))
+        # One patient: ct_mask and its radiomics_row in one run. A batch: ct_mask over its range with one
+        # loaded model; radiology_steps_sensor then requests the batch's radiomics_row.
+        return [runs.batch_run_request(
+            batch, size, run_key=model_lifecycle.mask_run_key(batch.first if batch.single else
+                                                              f"{batch.first}..{batch.last}", model_key),
+            asset_selection=PREDICTED_MASK_ASSETS if batch.single else PREDICTED_MASK_ASSETS[:1],
+            tags={"gcmlm/modality": "radiology", "gcmlm/reason": f"predicted mask, model {model_key}",
+                  **runs.work_tags(runs.RADIOLOGY)})
+            for batch in batches]
 
     return predicted_mask_sensor

@@ -24,6 +24,7 @@ from gcmlm_assets.cohort.explanation_sensors import build_risk_explanations_sens
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.demo.watch import unexplained
 from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.patient_batches import BUCKET_TAG, PATIENTS_TAG
 from gcmlm_assets.storage import ArtifactStore
 from gcmlm_assets_tests.cohort.explained_cohort import QUICK, write_patch_features, write_patient_files
 from gcmlm_assets_tests.cohort.synthetic import make_cohort, write_clinical_csv
@@ -31,7 +32,7 @@ from gcmlm_assets_tests.cohort.upstream import report_sound_results
 
 EXPLANATIONS = explanation_assets.RISK_EXPLANATIONS
 FIRST, NEW = 12, 3  # labelled patients of the first refresh; unlabelled patients dropped later
-BATCH = 3  # patients per run after the first refresh
+BATCH = 13  # patients per bucket after the first refresh: P000-P012, P013-P014
 
 
 def test_a_row_hashes_the_same_alone_as_in_its_table():
@@ -152,23 +153,26 @@ def test_only_patients_whose_key_changed_are_explained_in_ranges(cohort, instanc
     before = _tick(sensor, instance, storage, cursor)
     requests, cursor_after = _all_ticks(sensor, instance, storage, cursor)
     changed = [changed_patient, *ids[FIRST:]]
-    assert len(requests) == math.ceil(len(changed) / BATCH)
+    assert len(requests) == 2  # one run per bucket with a changed patient
     assert [r.run_key for r in requests] == [r.run_key for r in before.run_requests]  # the same tick, the same keys
     partitions = list(instance.get_dynamic_partitions(patients_partitions.name))
     spans = [_patients(r, partitions) for r in requests]
-    assert spans == [partitions[5:FIRST + 2], [changed[3]]]
+    assert spans == [partitions[5:FIRST + 1], changed[2:]]
     assert requests[0].tags["dagster/asset_partition_range_start"] == changed_patient
-    assert requests[1].partition_key == changed[3]  # a group of one: an ordinary one-patient run
+    # the range holds unchanged patients, so the run names its own; the second covers its whole range
+    assert requests[0].tags[PATIENTS_TAG] == ",".join(changed[:2]) and PATIENTS_TAG not in requests[1].tags
+    assert [r.tags[BUCKET_TAG] for r in requests] == [f"{BATCH}:0", f"{BATCH}:1"]
     assert all(r.tags["gcmlm/work"] == "explanations" for r in requests)
 
     # The first range spans the unchanged patients between: they are skipped without an event.
     run = _execute(instance, resources, requests[0])
     explained = _materialized(instance, run.run_id)
-    assert sorted(explained) == sorted(changed[:3])
+    assert sorted(explained) == sorted(changed[:2])
     for patient_id, meta in explained.items():
         assert meta["probability"] == pytest.approx(new_scores[patient_id]["probability"], abs=1e-12)
     skipped = [p for p in spans[0] if p not in changed]
     assert skipped == ids[6:FIRST]
+    assert not (set(_materialized(instance, run.run_id)) & set(skipped))
     counts = {p: len(instance.fetch_materializations(dg.AssetRecordsFilter(
         asset_key=dg.AssetKey(EXPLANATIONS), asset_partitions=[p]), limit=10).records) for p in skipped}
     assert set(counts.values()) == {1}  # the first refresh's only

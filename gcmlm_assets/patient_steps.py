@@ -1,0 +1,127 @@
+"""patient_steps sensors: a patient's chain of assets carried on in batched runs, one asset per run.
+
+A run over a range of patients cannot chain two assets in Dagster: a step lets the next one start
+only by yielding its output, and an output yielded for a range is recorded as a materialization of
+every patient of the range, the failed ones too (batching.py). So a batched run materializes one
+asset of a chain (ct_image -> ct_mask -> radiomics_row, patch_coords -> uni_features ->
+slide_vector), and this sensor requests the next asset for the patients it materialized, in
+bucket batches (patient_batches.py): one model load per batch for the GPU assets, each patient's
+result, checks and failure its own. A one-patient run carries its whole chain itself.
+
+Which patients go on: those with a new materialization of the upstream asset (read by storage id
+after the cursor, so a tick costs the same at any history), unless its blocking checks failed (the
+output was quarantined, as a one-patient run stops there) or the run that made it also planned
+the next asset for that patient. While a run of a patient's bucket is queued or running, the
+patient waits in the cursor, so a batch is requested once its upstream run has finished.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import dagster as dg
+
+from gcmlm_assets import runs
+from gcmlm_assets.batching import batch_patients
+from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.patient_batches import BUCKET_TAG, bucket_name, plan_batches
+from gcmlm_assets.policies import QUARANTINED_TO
+
+# New upstream materializations read per edge and tick; more wait for the next tick.
+RECORDS_PER_TICK = 1000
+
+
+def _read_cursor(cursor: str | None) -> dict:
+    return json.loads(cursor) if cursor else {}
+
+
+def build_patient_steps_sensor(name: str, chain: Sequence[dg.AssetKey], work: str,
+                               interval_s: int) -> dg.SensorDefinition:
+    edges = list(zip(chain[:-1], chain[1:]))
+
+    @dg.sensor(
+        name=name,
+        minimum_interval_seconds=interval_s,
+        asset_selection=list(chain[1:]),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Carries patients on through {' -> '.join(k.to_user_string() for k in chain)}: after a "
+                    "batched run materializes one asset of the chain, requests the next one for its patients, "
+                    "GCMLM_GPU_BATCH_PATIENTS per run (one run per bucket of patients), once no run of their "
+                    "bucket is queued or running. Patients whose blocking checks failed stop there.",
+    )
+    def patient_steps_sensor(context: dg.SensorEvaluationContext):
+        instance = context.instance
+        state = _read_cursor(context.cursor)
+        order = list(instance.get_dynamic_partitions(patients_partitions.name))
+        size = batch_patients()
+        requests, notes, new_state = [], [], {}
+        for upstream, downstream in edges:
+            edge = f"{upstream.to_user_string()}>{downstream.to_user_string()}"
+            after, waiting = _edge_state(instance, state, edge, upstream)
+            records = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=upstream, after_storage_id=after),
+                limit=RECORDS_PER_TICK, ascending=True).records
+            for record in records:  # the latest of each patient wins
+                waiting[record.partition_key] = record.storage_id
+                after = record.storage_id
+            ready, held = _ready_patients(instance, upstream, downstream, waiting, records, order, size)
+            new_state[edge] = {"after": after, "waiting": held}
+            if not ready:
+                continue
+            rest = list(chain[chain.index(downstream):])
+            for batch in plan_batches(order, ready, size):
+                last_event = max(waiting[p] for p in batch.patients)
+                requests.append(runs.batch_run_request(
+                    batch, size, run_key=f"{edge}:{last_event}:{bucket_name(batch.bucket, size)}",
+                    # one patient carries the rest of its chain itself; a range run one asset
+                    asset_selection=rest if batch.single else rest[:1],
+                    tags={"gcmlm/reason": f"after {upstream.to_user_string()}", **runs.work_tags(work)}))
+            notes.append(f"{downstream.to_user_string()} for {len(ready)} patient(s)")
+        cursor = json.dumps(new_state, sort_keys=True)
+        if not requests:
+            held = sum(len(s["waiting"]) for s in new_state.values())
+            return dg.SensorResult(skip_reason="nothing to carry on" + (
+                f" ({held} patient(s) wait for a run of their bucket to finish)" if held else ""), cursor=cursor)
+        context.log.info("requested " + "; ".join(notes))
+        return dg.SensorResult(run_requests=requests, cursor=cursor)
+
+    return patient_steps_sensor
+
+
+def _edge_state(instance: dg.DagsterInstance, state: dict, edge: str, upstream: dg.AssetKey) -> tuple[int, dict]:
+    """(storage id read up to, patients waiting with their upstream event) for one edge. A sensor
+    without a cursor starts at the present: the history before it was carried on by the runs of its time."""
+    if edge in state:
+        return int(state[edge]["after"]), dict(state[edge]["waiting"])
+    latest = instance.fetch_materializations(upstream, limit=1).records
+    return (latest[0].storage_id if latest else 0), {}
+
+
+def _ready_patients(instance: dg.DagsterInstance, upstream: dg.AssetKey, downstream: dg.AssetKey,
+                    waiting: dict[str, int], records: list, order: list[str], size: int) -> tuple[list[str], dict]:
+    """Which waiting patients go on now, and the ones that still wait. Patients that stop (a failed
+    blocking check, or the next asset done by the same run) leave the list."""
+    fresh = {record.partition_key: record for record in records}
+    storage = instance.event_log_storage
+    for patient_id, record in fresh.items():
+        if waiting.get(patient_id) != record.storage_id:
+            continue  # a later record of the same patient came in this tick
+        metadata = record.asset_materialization.metadata if record.asset_materialization else {}
+        planned = storage.get_latest_planned_materialization_info(downstream, patient_id)
+        if QUARANTINED_TO in metadata or (planned is not None and planned.run_id == record.run_id):
+            del waiting[patient_id]
+    known = set(order)
+    for patient_id in [p for p in waiting if p not in known]:  # a partition deleted meanwhile
+        del waiting[patient_id]
+    if not waiting:
+        return [], {}
+    position = {patient_id: i for i, patient_id in enumerate(order)}
+    buckets = {bucket_name(position[p] // size, size) for p in waiting}
+    busy = set()
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=runs.IN_FLIGHT_STATUSES,
+                                                       tags={BUCKET_TAG: sorted(buckets)})):
+        busy.add(run.tags[BUCKET_TAG])
+    ready = [p for p in waiting if bucket_name(position[p] // size, size) not in busy]
+    held = {p: event for p, event in waiting.items() if p not in set(ready)}
+    return ready, held
