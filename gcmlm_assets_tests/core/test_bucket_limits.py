@@ -1,0 +1,78 @@
+"""Two runs touching one patient never overlap, batched runs included (the instance's tag limits).
+
+A batched run over a range of patients has no `dagster/partition` tag; every run our sensors
+request carries its bucket's tag instead, and the instances in deploy/ run one run per bucket
+value at a time. Here the runs the sensors request are queued on a real instance and put to the
+run coordinator's own tag-limit counter, with the limits read from the deployed configurations.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+from dagster._utils.tags import TagConcurrencyLimitsCounter  # what the QueuedRunCoordinator decides with
+
+from gcmlm_assets import runs
+from gcmlm_assets.landing.scan import RunPlan
+from gcmlm_assets.landing.sensors import batched_run_requests
+from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.patient_batches import PATIENTS_TAG, plan_batches
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+ORDER = [f"P{i:03d}" for i in range(10)]
+BATCH = 4
+
+
+def _limits(config: str) -> list[dict]:
+    instance = yaml.safe_load((DEPLOY / config).read_text())
+    if "concurrency" in instance:
+        return instance["concurrency"]["runs"]["tag_concurrency_limits"]
+    return instance["run_coordinator"]["config"]["tag_concurrency_limits"]
+
+
+def _queued(instance: dg.DagsterInstance, request: dg.RunRequest) -> dg.DagsterRun:
+    tags = dict(request.tags)
+    if request.partition_key is not None:
+        tags[runs.PARTITION_TAG] = request.partition_key  # as Dagster tags a one-partition run
+    run = dg.DagsterRun(job_name="__ASSET_JOB", run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.NOT_STARTED,  # QUEUED needs a code location
+                        asset_selection=frozenset(request.asset_selection or ()), tags=tags)
+    instance.add_run(run)
+    return run
+
+
+@pytest.mark.parametrize("config", ["local/dagster.yaml", "k8s/dagster.yaml"])
+def test_a_batched_run_and_a_sensor_run_of_a_patient_in_its_range_never_overlap(instance, config, monkeypatch):
+    monkeypatch.setenv("GCMLM_GPU_BATCH_PATIENTS", str(BATCH))
+    instance.add_dynamic_partitions(patients_partitions.name, ORDER)
+    # landing_sensor's batch of four new drops (P004-P007): one run over their range
+    [batched] = batched_run_requests([RunPlan(p, "radiology", "f") for p in ORDER[4:8]], ORDER, BATCH)
+    assert batched.partition_key is None and runs.PARTITION_TAG not in batched.tags
+    # a sensor's one-patient run of P005 (here the predicted-mask kind), and one of P009 in the next bucket
+    single, elsewhere = (runs.batch_run_request(batch, BATCH, run_key=f"k{batch.first}",
+                                                asset_selection=[dg.AssetKey("ct_mask")], tags={})
+                         for batch in plan_batches(ORDER, ["P005", "P009"], BATCH))
+    running = _queued(instance, batched)
+    queued = [_queued(instance, single), _queued(instance, elsewhere)]
+
+    counter = TagConcurrencyLimitsCounter(_limits(config), [running])
+    assert counter.is_blocked(queued[0])  # P005 waits for the batch over P004-P007 to end
+    assert not counter.is_blocked(queued[1])  # another bucket's patient does not
+    # ... and the other way round: a queued batch waits for a one-patient run of its bucket
+    assert TagConcurrencyLimitsCounter(_limits(config), [queued[0]]).is_blocked(running)
+
+    # predicted_mask_sensor sees the batched run as covering its patients (not just its partition tag)
+    assert runs.in_flight_partitions(instance, ["P005", "P006", "P009"], ["ct_image"], ORDER, BATCH) == {"P005", "P006"}
+    assert runs.in_flight_partitions(instance, ["P005"], ["ct_image"]) == set()  # without the order: tags only
+
+
+def test_a_run_that_names_its_patients_covers_only_those(instance):
+    instance.add_dynamic_partitions(patients_partitions.name, ORDER)
+    [batch] = plan_batches(ORDER, ["P004", "P007"], BATCH)
+    request = runs.batch_run_request(batch, BATCH, run_key="k", asset_selection=[dg.AssetKey("ct_mask")], tags={})
+    assert request.tags[PATIENTS_TAG] == "P004,P007"
+    _queued(instance, request)
+    assert runs.in_flight_partitions(instance, ORDER[4:8], ["ct_mask"], ORDER, BATCH) == {"P004", "P007"}
