@@ -96,7 +96,7 @@ def build_sensors(profile: Profile) -> list[dg.SensorDefinition]:
     steps = [build_patient_steps_sensor(f"{modality}_steps_sensor", chain, modality, interval)
              for modality, chain in MODALITY_ASSETS.items()]
     return [landing_sensor, *steps, build_segmentation_training_sensor(interval), build_predicted_mask_sensor(interval),
-            build_cohort_refresh_sensor(interval, cohort_keys, input_checks),
+            build_cohort_refresh_sensor(interval, cohort_keys, input_checks, list(MODALITY_ASSETS.values())),
             build_risk_explanations_sensor(interval, explanation_assets.RISK_EXPLANATIONS, "risk_scores",
                                            cohort_assets.SCORES_FILE)]
 

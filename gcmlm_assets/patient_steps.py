@@ -125,3 +125,25 @@ def _ready_patients(instance: dg.DagsterInstance, upstream: dg.AssetKey, downstr
     ready = [p for p in waiting if bucket_name(position[p] // size, size) not in busy]
     held = {p: event for p, event in waiting.items() if p not in set(ready)}
     return ready, held
+
+
+def patients_in_between(instance: dg.DagsterInstance, chains: Sequence[Sequence[dg.AssetKey]]) -> set[str]:
+    """Patients between two assets of a chain: a newer materialization of one asset than any run
+    planned of the next, its checks passed. The steps sensor has yet to request (or the daemon to
+    queue) their next run; until then, nothing cohort-wide should count their work as done.
+    Two indexed queries per asset pair, whatever the history."""
+    storage = instance.event_log_storage
+    between: set[str] = set()
+    for chain in chains:
+        for upstream, downstream in zip(chain[:-1], chain[1:]):
+            made = storage.get_latest_storage_id_by_partition(upstream, dg.DagsterEventType.ASSET_MATERIALIZATION)
+            planned = storage.get_latest_storage_id_by_partition(
+                downstream, dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED)
+            ahead = [p for p, storage_id in made.items() if storage_id > planned.get(p, 0)]
+            if not ahead:
+                continue
+            records = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=upstream, storage_ids=[made[p] for p in ahead]), limit=len(ahead)).records
+            between |= {record.partition_key for record in records
+                        if QUARANTINED_TO not in (record.asset_materialization.metadata or {})}
+    return between

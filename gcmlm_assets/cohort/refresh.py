@@ -19,13 +19,17 @@ class RefreshDecision:
 
 def decide_refresh(*, features_exist: bool, busy_runs: int, training_pending: bool,
                    last_activity: float | None, now: float, quiet_s: float,
-                   inputs_fingerprint: str, refreshed_fingerprint: str | None) -> RefreshDecision:
+                   inputs_fingerprint: str, refreshed_fingerprint: str | None,
+                   patients_between_steps: int = 0) -> RefreshDecision:
     if not features_exist:
         return RefreshDecision(False, "no patient has radiomics or slide features yet")
     if inputs_fingerprint == refreshed_fingerprint:
         return RefreshDecision(False, "nothing changed since the last refresh")
     if busy_runs:
         return RefreshDecision(False, f"waiting for {busy_runs} queued or running run(s) to finish")
+    if patients_between_steps:
+        return RefreshDecision(False, f"waiting for {patients_between_steps} patient(s) between two batched "
+                                      "runs of their chain (the steps sensors request the next)")
     if training_pending:
         return RefreshDecision(False, "waiting for the segmentation model's training (due or running)")
     quiet_for = now - last_activity if last_activity is not None else quiet_s

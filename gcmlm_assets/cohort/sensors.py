@@ -12,6 +12,7 @@ import dagster as dg
 from gcmlm_assets import runs
 from gcmlm_assets.cohort.refresh import decide_refresh
 from gcmlm_assets.landing.scan import CLINICAL_CSV
+from gcmlm_assets.patient_steps import patients_in_between
 from gcmlm_assets.radiology.resources import SegmentationModelResource
 from gcmlm_assets.radiology.sensors import training_status
 from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZone
@@ -33,10 +34,13 @@ def _inputs_fingerprint(event_marks: dict[str, int], landing: LandingZone) -> st
 
 
 def build_cohort_refresh_sensor(interval_s: int, cohort_keys: list[dg.AssetKey],
-                                input_check_keys: list[dg.AssetCheckKey] = ()) -> dg.SensorDefinition:
+                                input_check_keys: list[dg.AssetCheckKey] = (),
+                                patient_chains: list[list[dg.AssetKey]] = ()) -> dg.SensorDefinition:
     """`input_check_keys`: the blocking checks of the per-patient assets the cohort reads (their
-    outcomes decide which patients fused_table may use)."""
+    outcomes decide which patients fused_table may use). `patient_chains`: the per-patient chains
+    the steps sensors carry batches through; a patient between two of their runs counts as busy."""
     check_keys = list(input_check_keys)
+    chains = [list(chain) for chain in patient_chains]
 
     @dg.sensor(
         name="cohort_refresh_sensor",
@@ -55,14 +59,17 @@ def build_cohort_refresh_sensor(interval_s: int, cohort_keys: list[dg.AssetKey],
         fingerprint = _inputs_fingerprint(marks, landing)
         features_exist = any(marks[f"{name}:materialized"] for name in PATIENT_FEATURE_ASSETS)
         busy_runs = runs.in_flight_count(instance)
+        # between two batched runs of a chain nothing is in flight for a moment: those patients count
+        between = (len(patients_in_between(instance, chains))
+                   if chains and not busy_runs and fingerprint != context.cursor else 0)
         # The training status scans every patient's ct_label/: only worth it when nothing else holds
         # the refresh back (decide_refresh looks at it after these).
-        training_pending = (features_exist and fingerprint != context.cursor and not busy_runs
+        training_pending = (features_exist and fingerprint != context.cursor and not busy_runs and not between
                             and training_status(instance, landing, storage, segmentation, automation, {}).pending)
         decision = decide_refresh(
             features_exist=features_exist, busy_runs=busy_runs, training_pending=training_pending,
             last_activity=runs.latest_run_end(instance), now=time.time(), quiet_s=automation.cohort_quiet_s,
-            inputs_fingerprint=fingerprint, refreshed_fingerprint=context.cursor)
+            inputs_fingerprint=fingerprint, refreshed_fingerprint=context.cursor, patients_between_steps=between)
         if not decision.request:
             return dg.SkipReason(decision.reason)
         context.log.info(decision.reason)

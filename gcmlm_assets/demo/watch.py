@@ -10,6 +10,8 @@ import dagster as dg
 
 from gcmlm_assets import runs
 from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS
+from gcmlm_assets.landing.sensors import MODALITY_ASSETS
+from gcmlm_assets.patient_steps import patients_in_between
 
 PER_PATIENT_ASSETS = ("ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_features", "slide_vector",
                       "risk_explanations")
@@ -67,7 +69,7 @@ def progress(instance: dg.DagsterInstance) -> Progress:
 def settled(instance: dg.DagsterInstance, since: float) -> bool:
     """Nothing is queued or running, and a cohort refresh ran after every other run that ended
     (and after `since`): the daemon has nothing left to do until new data arrive."""
-    if runs.in_flight_count(instance):
+    if runs.in_flight_count(instance) or patients_in_between(instance, list(MODALITY_ASSETS.values())):
         return False
     refreshes = instance.get_run_records(
         filters=dg.RunsFilter(tags={SENSOR_NAME_TAG: COHORT_SENSOR}, statuses=runs.FINISHED_STATUSES), limit=1)
@@ -133,11 +135,34 @@ def failure_reasons(instance: dg.DagsterInstance, run_id: str) -> list[str]:
 
 
 def failed_runs(instance: dg.DagsterInstance, since: float = 0.0) -> list[tuple[str, str, list[str]]]:
-    """(partition or '-', run id, failure reasons) of every failed run created after `since`."""
+    """(patient or '-', run id, failure reasons) of every failed run created after `since`; a
+    batched run gives one entry per patient that failed in it, with that patient's reasons."""
     records = instance.get_run_records(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]))
-    return [(record.dagster_run.tags.get(runs.PARTITION_TAG, "-"), record.dagster_run.run_id,
-             failure_reasons(instance, record.dagster_run.run_id))
-            for record in records if record.create_timestamp.timestamp() >= since]
+    found = []
+    for record in records:
+        if record.create_timestamp.timestamp() < since:
+            continue
+        run = record.dagster_run
+        if runs.RANGE_START_TAG in run.tags:
+            for patient_id, reasons in failed_patients(instance, run.run_id).items():
+                found.append((patient_id, run.run_id, reasons))
+        else:
+            found.append((run.tags.get(runs.PARTITION_TAG, "-"), run.run_id, failure_reasons(instance, run.run_id)))
+    return found
+
+
+def failed_patients(instance: dg.DagsterInstance, run_id: str) -> dict[str, list[str]]:
+    """{patient: ['step: reason']} of a batched run, from its steps' failure metadata (batching.py)."""
+    found: dict[str, list[str]] = {}
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
+        user = getattr(entry.dagster_event.event_specific_data, "user_failure_data", None)
+        failed = user.metadata.get("failed_patients") if user is not None else None
+        if failed is None:
+            found.setdefault("-", []).append(f"{entry.step_key}: {user.description if user else 'failed'}")
+            continue
+        for patient_id, reason in failed.value.items():
+            found.setdefault(patient_id, []).append(f"{entry.step_key}: {reason}")
+    return found
 
 
 def wait_until_settled(instance: dg.DagsterInstance, *, since: float, timeout_s: float, say=print,

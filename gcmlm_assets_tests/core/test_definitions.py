@@ -19,8 +19,9 @@ EXPECTED_GROUPS = {
 }
 PER_PATIENT = {"ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_features", "slide_vector",
                "risk_explanations"}
-AUTOMATION_SENSORS = ("landing_sensor", "segmentation_training_sensor", "predicted_mask_sensor",
-                      "cohort_refresh_sensor", "risk_explanations_sensor")
+AUTOMATION_SENSORS = ("landing_sensor", "radiology_steps_sensor", "pathology_steps_sensor",
+                      "segmentation_training_sensor", "predicted_mask_sensor", "cohort_refresh_sensor",
+                      "risk_explanations_sensor")
 
 
 def asset_groups(defs: dg.Definitions) -> dict[str, set[str]]:

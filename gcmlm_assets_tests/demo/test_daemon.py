@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import SimpleITK as sitk
 
+from gcmlm_assets import runs
 from gcmlm_assets.demo import synthetic
 from gcmlm_assets.demo.daemon import prepare_dagster_home, start_daemon
 from gcmlm_assets.demo.watch import failed_runs, wait_until_settled
@@ -62,11 +63,22 @@ def latest_ct_mask_source(instance: dg.DagsterInstance, patient_id: str) -> str:
 
 
 def overlapping_runs_of_one_patient(instance: dg.DagsterInstance) -> list[tuple[str, str, str]]:
-    """(patient, run, run) for every two runs of one patient whose run times overlap."""
+    """(patient, run, run) for every two runs touching one patient (its own, or a batch over a
+    range that holds it) whose run times overlap."""
+    position = {p: i for i, p in enumerate(instance.get_dynamic_partitions("patients"))}
     by_patient: dict[str, list] = {}
     for record in instance.get_run_records():
-        if PARTITION_TAG in record.dagster_run.tags and record.start_time is not None:
-            by_patient.setdefault(record.dagster_run.tags[PARTITION_TAG], []).append(record)
+        tags = record.dagster_run.tags
+        if record.start_time is None:
+            continue
+        if PARTITION_TAG in tags:
+            patients = {tags[PARTITION_TAG]}
+        elif runs.RANGE_START_TAG in tags:
+            patients = runs.range_run_patients(tags, position)
+        else:
+            continue
+        for patient_id in patients:
+            by_patient.setdefault(patient_id, []).append(record)
     overlaps = []
     for patient_id, records in by_patient.items():
         records.sort(key=lambda r: r.start_time)
@@ -144,15 +156,20 @@ def test_daemon_takes_drops_to_risk_scores_and_reruns_only_fixed_patients(tmp_pa
             log: list[str] = []
             assert wait_until_settled(instance, since=0.0, timeout_s=1200, say=log.append, alive=daemon.alive,
                                       min_wait_s=30), "\n".join(log) + "\n" + daemon.log_tail()
-            runs = instance.get_runs()
+            all_runs = instance.get_runs()
             # Every run was launched by a sensor of the definitions (or is a retry of one): none by the test.
-            assert all(SENSOR_TAG in run.tags or "dagster/parent_run_id" in run.tags for run in runs)
-            assert {run.tags.get(SENSOR_TAG) for run in runs} >= {
+            assert all(SENSOR_TAG in run.tags or "dagster/parent_run_id" in run.tags for run in all_runs)
+            assert {run.tags.get(SENSOR_TAG) for run in all_runs} >= {
                 "landing_sensor", "segmentation_training_sensor", "predicted_mask_sensor", "cohort_refresh_sensor",
                 EXPLANATIONS_SENSOR}
-            assert len([r for r in runs if r.tags.get(SENSOR_TAG) == "segmentation_training_sensor"]) == 1
-            # Each patient had a radiology and a pathology run (and a predicted-mask run): the queue's
-            # per-partition limit ran them one after the other, never at once.
+            assert len([r for r in all_runs if r.tags.get(SENSOR_TAG) == "segmentation_training_sensor"]) == 1
+            # The eight drops came in batches: one run per asset of each chain for all of them (plus
+            # one-patient reruns), run one after the other by the queue's per-partition and per-bucket
+            # limits, never two touching one patient at once.
+            batched = [r for r in all_runs if runs.RANGE_START_TAG in r.tags and r.tags.get(SENSOR_TAG) in (
+                "landing_sensor", "radiology_steps_sensor", "pathology_steps_sensor")]
+            assert {r.tags[SENSOR_TAG] for r in batched} == {"landing_sensor", "radiology_steps_sensor",
+                                                              "pathology_steps_sensor"}
             assert overlapping_runs_of_one_patient(instance) == []
 
             # The two broken drops failed once each, with the file and the problem named.
