@@ -127,16 +127,19 @@ def _ready_patients(instance: dg.DagsterInstance, upstream: dg.AssetKey, downstr
     return ready, held
 
 
-def patients_in_between(instance: dg.DagsterInstance, chains: Sequence[Sequence[dg.AssetKey]]) -> set[str]:
-    """Patients between two assets of a chain: a newer materialization of one asset than any run
-    planned of the next, its checks passed. The steps sensor has yet to request (or the daemon to
-    queue) their next run; until then, nothing cohort-wide should count their work as done.
-    Two indexed queries per asset pair, whatever the history."""
+def patients_in_between(instance: dg.DagsterInstance, chains: Sequence[Sequence[dg.AssetKey]],
+                        after_storage_id: int = 0) -> set[str]:
+    """Patients between two assets of a chain: a materialization of one asset (after
+    `after_storage_id`, e.g. the last cohort refresh) newer than any run planned of the next, its
+    checks passed. The steps sensor has yet to request (or the daemon to queue) their next run;
+    until then, nothing cohort-wide should count their work as done. Two indexed queries per asset
+    pair, whatever the history."""
     storage = instance.event_log_storage
     between: set[str] = set()
     for chain in chains:
         for upstream, downstream in zip(chain[:-1], chain[1:]):
-            made = storage.get_latest_storage_id_by_partition(upstream, dg.DagsterEventType.ASSET_MATERIALIZATION)
+            made = storage.get_latest_storage_id_by_partition(upstream, dg.DagsterEventType.ASSET_MATERIALIZATION,
+                                                              after_cursor=after_storage_id or None)
             planned = storage.get_latest_storage_id_by_partition(
                 downstream, dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED)
             ahead = [p for p, storage_id in made.items() if storage_id > planned.get(p, 0)]

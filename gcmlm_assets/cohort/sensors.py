@@ -33,6 +33,12 @@ def _inputs_fingerprint(event_marks: dict[str, int], landing: LandingZone) -> st
     return json.dumps({"events": event_marks, "clinical": clinical}, sort_keys=True)
 
 
+def _last_refresh(instance: dg.DagsterInstance, cohort_keys: list[dg.AssetKey]) -> int:
+    """The storage id of the latest run planned for the cohort assets (0 before the first)."""
+    planned = [instance.event_log_storage.get_latest_planned_materialization_info(key) for key in cohort_keys]
+    return max((info.storage_id for info in planned if info is not None), default=0)
+
+
 def build_cohort_refresh_sensor(interval_s: int, cohort_keys: list[dg.AssetKey],
                                 input_check_keys: list[dg.AssetCheckKey] = (),
                                 patient_chains: list[list[dg.AssetKey]] = ()) -> dg.SensorDefinition:
@@ -60,7 +66,7 @@ def build_cohort_refresh_sensor(interval_s: int, cohort_keys: list[dg.AssetKey],
         features_exist = any(marks[f"{name}:materialized"] for name in PATIENT_FEATURE_ASSETS)
         busy_runs = runs.in_flight_count(instance)
         # between two batched runs of a chain nothing is in flight for a moment: those patients count
-        between = (len(patients_in_between(instance, chains))
+        between = (len(patients_in_between(instance, chains, _last_refresh(instance, cohort_keys)))
                    if chains and not busy_runs and fingerprint != context.cursor else 0)
         # The training status scans every patient's ct_label/: only worth it when nothing else holds
         # the refresh back (decide_refresh looks at it after these).

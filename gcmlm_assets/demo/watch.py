@@ -69,7 +69,7 @@ def progress(instance: dg.DagsterInstance) -> Progress:
 def settled(instance: dg.DagsterInstance, since: float) -> bool:
     """Nothing is queued or running, and a cohort refresh ran after every other run that ended
     (and after `since`): the daemon has nothing left to do until new data arrive."""
-    if runs.in_flight_count(instance) or patients_in_between(instance, list(MODALITY_ASSETS.values())):
+    if runs.in_flight_count(instance):
         return False
     refreshes = instance.get_run_records(
         filters=dg.RunsFilter(tags={SENSOR_NAME_TAG: COHORT_SENSOR}, statuses=runs.FINISHED_STATUSES), limit=1)
@@ -79,6 +79,9 @@ def settled(instance: dg.DagsterInstance, since: float) -> bool:
     refreshed = instance.event_log_storage.get_latest_planned_materialization_info(dg.AssetKey(FUSED_TABLE))
     feature_marks = runs.latest_event_ids(instance, PATIENT_FEATURE_ASSETS)
     if refreshed is None or max(feature_marks.values(), default=0) > refreshed.storage_id:
+        return False
+    # ... and no patient went on since then to the middle of its chain (its next batched run is due)
+    if patients_in_between(instance, list(MODALITY_ASSETS.values()), refreshed.storage_id):
         return False
     return not unexplained(instance)
 

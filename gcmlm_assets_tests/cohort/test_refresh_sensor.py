@@ -104,7 +104,7 @@ def test_refresh_decision_is_right_after_thousands_of_runs(instance, ticker):
         add_run(instance, plans=("risk_explanations", f"GC{i:04d}"), tags=runs.work_tags(runs.EXPLANATIONS),
                 events=i >= 2490)
     for i in range(20):
-        add_run(instance, plans=("ct_image", f"GC{i:04d}"), materializes=True, status=dg.DagsterRunStatus.FAILURE)
+        add_run(instance, plans=("ct_image", f"GC{i:04d}"), status=dg.DagsterRunStatus.FAILURE)
     assert "nothing changed" in str(ticker.tick())
 
     # a new patient's features after all that history: refreshed once, then nothing
@@ -150,3 +150,13 @@ def test_in_flight_counts_and_partitions_load_only_what_they_ask_for(instance):
                                    asset_selection=frozenset({dg.AssetKey("patch_coords")}),
                                    tags={runs.PARTITION_TAG: "GC0008"}))
     assert runs.in_flight_partitions(instance, ["GC0007", "GC0008", "GC0009"], ["ct_mask"]) == {"GC0007"}
+
+
+def test_refresh_waits_for_patients_between_two_batched_runs(instance, ticker):
+    add_run(instance, plans=("slide_vector", "GC0001"), materializes=True, tags=runs.work_tags(runs.PATHOLOGY))
+    # GC0002's uni_features came from a batched run; its slide_vector is not yet requested
+    add_run(instance, plans=("uni_features", "GC0002"), materializes=True, tags=runs.work_tags(runs.PATHOLOGY))
+    assert "1 patient(s) between two batched runs" in str(ticker.tick())
+    # the steps sensor's run plans its slide_vector (and then ends): the refresh goes ahead
+    add_run(instance, plans=("slide_vector", "GC0002"), materializes=True, tags=runs.work_tags(runs.PATHOLOGY))
+    assert len(ticker.tick()) == 1
