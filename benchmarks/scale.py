@@ -58,7 +58,9 @@ from benchmarks.scale_instance import (
 
 COHORT_SENSOR, EXPLANATIONS_SENSOR = "cohort_refresh_sensor", "risk_explanations_sensor"
 MASK_SENSOR, TRAINING_SENSOR = "predicted_mask_sensor", "segmentation_training_sensor"
-TICKED = (TRAINING_SENSOR, MASK_SENSOR, COHORT_SENSOR, EXPLANATIONS_SENSOR)  # landing_sensor: benchmarks.sensor_tick
+STEPS_SENSORS = ("radiology_steps_sensor", "pathology_steps_sensor")
+# landing_sensor: benchmarks.sensor_tick
+TICKED = (TRAINING_SENSOR, MASK_SENSOR, COHORT_SENSOR, EXPLANATIONS_SENSOR, *STEPS_SENSORS)
 
 
 @dataclass

@@ -7,10 +7,13 @@ stays inside one bucket and carries that bucket's tag; the instance runs one run
 at a time (a tag concurrency limit in deploy/*), so two such runs that touch one patient never
 overlap, whether either is a range or not.
 
-A bucket's wanted patients make one run, over the range from the first to the last of them. When
-the range holds patients that are not wanted (scattered changes), the run names the wanted ones
-(`PATIENTS_TAG`) and its steps leave the others alone. New patients arrive together at the end of
-the order, so K new drops make at most ceil(K / B) + 1 runs.
+A bucket's wanted patients make one run per stretch of consecutive positions, so a run works on
+every patient of its range. New patients arrive together at the end of the order, so K new drops
+make at most ceil(K / B) + 1 runs; scattered patients make more, smaller runs. With `allow_gaps`
+a bucket's wanted patients make one run over the range from the first to the last of them, which
+names its patients (`PATIENTS_TAG`) when others lie between, and its steps leave those alone: the
+fewest runs, for work whose runs must stay few whatever the scatter (the explanations). Dagster
+shows the patients left alone as failed too when such a run fails, until a later run covers them.
 """
 
 from __future__ import annotations
@@ -51,9 +54,11 @@ def bucket_name(bucket: int, batch_size: int) -> str:
     return f"{batch_size}:{bucket}"
 
 
-def plan_batches(order: Sequence[str], wanted: Iterable[str], batch_size: int) -> list[PatientBatch]:
-    """One batch per bucket of `batch_size` positions in `order` (the partitions' order) that holds
-    a wanted patient, in bucket order."""
+def plan_batches(order: Sequence[str], wanted: Iterable[str], batch_size: int, *,
+                 allow_gaps: bool = False) -> list[PatientBatch]:
+    """The batches for `wanted` in the partitions' `order`, never across a bucket of `batch_size`
+    positions, in order: a batch per stretch of consecutive positions, or with `allow_gaps` one per
+    bucket (see the module's docstring)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     position = {patient: i for i, patient in enumerate(order)}
@@ -61,11 +66,16 @@ def plan_batches(order: Sequence[str], wanted: Iterable[str], batch_size: int) -
     missing = sorted(wanted - set(position))
     if missing:
         raise ValueError(f"not among the partitions: {', '.join(missing[:5])}")
-    by_bucket: dict[int, list[int]] = {}
+    groups: list[list[int]] = []
     for i in sorted(position[p] for p in wanted):
-        by_bucket.setdefault(i // batch_size, []).append(i)
-    return [PatientBatch(tuple(order[i] for i in positions), bucket, positions[-1] - positions[0] + 1 == len(positions))
-            for bucket, positions in sorted(by_bucket.items())]
+        current = groups[-1] if groups else None
+        same_bucket = current is not None and i // batch_size == current[0] // batch_size
+        if same_bucket and (allow_gaps or i == current[-1] + 1):
+            current.append(i)
+        else:
+            groups.append([i])
+    return [PatientBatch(tuple(order[i] for i in positions), positions[0] // batch_size,
+                         positions[-1] - positions[0] + 1 == len(positions)) for positions in groups]
 
 
 def parse_patients_tag(value: str | None) -> set[str] | None:

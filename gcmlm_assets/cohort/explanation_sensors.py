@@ -111,7 +111,7 @@ def build_risk_explanations_sensor(interval_s: int, explanations_asset: str, sco
                    f"every explanation that changed with {scores_asset}'s latest scores (event {event}) was requested")
             return dg.SensorResult(skip_reason=why, cursor=_cursor(event, after, True))
         size = batch_patients()
-        planned = plan_batches(partitions, changed, size)
+        planned = plan_batches(partitions, changed, size, allow_gaps=True)
         groups, complete = planned[:runs_per_tick], len(planned) <= runs_per_tick
         asked = sum(len(group.patients) for group in groups)
         context.log.info(f"{len(changed)} scored patient(s) to explain ({scores_asset} event {event}): {asked} in "
