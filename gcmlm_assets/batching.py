@@ -38,9 +38,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 
 import dagster as dg
-# not exported by dagster: which materialization an evaluation checked
-from dagster._core.definitions.asset_checks.asset_check_evaluation import (
-    AssetCheckEvaluationTargetMaterializationData as CheckedMaterialization)
+from gcmlm_assets.dagster_internals import AssetCheckEvaluationTargetMaterializationData as CheckedMaterialization
 
 # Dagster's own tag names for a materialization's versions (dagster._core.definitions.data_version).
 DATA_VERSION_TAG = "dagster/data_version"

@@ -10,13 +10,13 @@ import dagster as dg
 
 from gcmlm_assets import runs
 from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS
+from gcmlm_assets.dagster_internals import SENSOR_NAME_TAG
 
 PER_PATIENT_ASSETS = ("ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_features", "slide_vector",
                       "risk_explanations")
 COHORT_ASSETS = ("clinical_table", "fused_table", "risk_model", "risk_scores")
 EXPLANATIONS = "risk_explanations"  # per patient, requested by its sensor when a patient's key changes
 COHORT_SENSOR = "cohort_refresh_sensor"
-SENSOR_NAME_TAG = "dagster/sensor_name"
 FUSED_TABLE = "fused_table"
 
 
@@ -42,8 +42,6 @@ class Progress:
 
 
 def progress(instance: dg.DagsterInstance) -> Progress:
-    from dagster._core.storage.partition_status_cache import AssetPartitionStatus
-
     from gcmlm_assets.partitions import patients_partitions
 
     patients = list(instance.get_dynamic_partitions(patients_partitions.name))
@@ -51,9 +49,9 @@ def progress(instance: dg.DagsterInstance) -> Progress:
     for name in PER_PATIENT_ASSETS:
         statuses = instance.get_status_by_partition(dg.AssetKey(name), patients, patients_partitions) or {}
         values = list(statuses.values())
-        done = values.count(AssetPartitionStatus.MATERIALIZED)
-        failed = values.count(AssetPartitionStatus.FAILED)
-        in_progress = values.count(AssetPartitionStatus.IN_PROGRESS)
+        done = values.count(dg.AssetPartitionStatus.MATERIALIZED)
+        failed = values.count(dg.AssetPartitionStatus.FAILED)
+        in_progress = values.count(dg.AssetPartitionStatus.IN_PROGRESS)
         per_asset[name] = {"done": done, "failed": failed, "in progress": in_progress,
                            "waiting": len(patients) - done - failed - in_progress}
     in_flight = runs.in_flight_count(instance)
