@@ -39,16 +39,11 @@ from collections.abc import Callable, Iterable, Iterator
 
 import dagster as dg
 
+# Dagster's own names: which materialization an evaluation checked, and a materialization's tags
+from gcmlm_assets.dagster_internals import BACKFILL_ID_TAG, CODE_VERSION_TAG, DATA_VERSION_IS_USER_PROVIDED_TAG
+from gcmlm_assets.dagster_internals import AssetCheckEvaluationTargetMaterializationData as CheckedMaterialization
+from gcmlm_assets.dagster_internals import DATA_VERSION_TAG
 from gcmlm_assets.patient_batches import PATIENTS_TAG, parse_patients_tag
-# not exported by dagster: which materialization an evaluation checked
-from dagster._core.definitions.asset_checks.asset_check_evaluation import (
-    AssetCheckEvaluationTargetMaterializationData as CheckedMaterialization)
-
-# Dagster's own tag names for a materialization's versions (dagster._core.definitions.data_version).
-DATA_VERSION_TAG = "dagster/data_version"
-DATA_VERSION_IS_USER_PROVIDED_TAG = "dagster/data_version_is_user_provided"
-CODE_VERSION_TAG = "dagster/code_version"
-BACKFILL_ID_TAG = "dagster/backfill"
 
 DEFAULT_BATCH_PATIENTS = 32
 

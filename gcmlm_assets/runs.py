@@ -10,6 +10,11 @@ from collections.abc import Iterable, Sequence
 
 import dagster as dg
 
+# Dagster's tags for a run's partition, or its range of partitions (as Dagster's backfills write them).
+from gcmlm_assets.dagster_internals import ASSET_PARTITION_RANGE_END_TAG as RANGE_END_TAG
+from gcmlm_assets.dagster_internals import ASSET_PARTITION_RANGE_START_TAG as RANGE_START_TAG
+from gcmlm_assets.dagster_internals import PARTITION_NAME_TAG as PARTITION_TAG
+from gcmlm_assets.dagster_internals import RUN_KEY_TAG
 from gcmlm_assets.patient_batches import BUCKET_TAG, PATIENTS_TAG, PatientBatch, bucket_name, parse_patients_tag
 
 IN_FLIGHT_STATUSES = [
@@ -21,11 +26,6 @@ IN_FLIGHT_STATUSES = [
 ]
 FINISHED_STATUSES = [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
 RUN_END_EVENTS = (dg.DagsterEventType.RUN_SUCCESS, dg.DagsterEventType.RUN_FAILURE, dg.DagsterEventType.RUN_CANCELED)
-PARTITION_TAG = "dagster/partition"
-# Dagster's tags for a run over a range of partitions, as its own automation and backfills write them.
-RANGE_START_TAG = "dagster/asset_partition_range_start"
-RANGE_END_TAG = "dagster/asset_partition_range_end"
-RUN_KEY_TAG = "dagster/run_key"
 # What a run requested by one of our sensors does, so that the others can count such runs without
 # loading them. A run launched by hand (the UI, a backfill) has no such tag and may touch anything.
 WORK_TAG = "gcmlm/work"

@@ -10,12 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
-# not exported by dagster: the data version tag, the filters of the check-execution history
-from dagster._core.definitions.data_version import DATA_VERSION_TAG
-from dagster._core.event_api import PartitionKeyFilter
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as CheckStatus
 
 from gcmlm_assets.cohort import soundness
+from gcmlm_assets.dagster_internals import DATA_VERSION_TAG, PartitionKeyFilter
+from gcmlm_assets.dagster_internals import AssetCheckExecutionRecordStatus as CheckStatus
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.patients import patient_id_problem
 from gcmlm_assets.storage import ArtifactStore, sha256_file

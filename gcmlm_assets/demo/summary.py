@@ -12,10 +12,9 @@ from typing import Any
 
 import dagster as dg
 
+from gcmlm_assets.dagster_internals import PARTITION_NAME_TAG as PARTITION_TAG
 from gcmlm_assets.demo import synthetic
 from gcmlm_assets.demo.watch import unexplained
-
-PARTITION_TAG = "dagster/partition"
 
 
 def cpu_seconds() -> float:

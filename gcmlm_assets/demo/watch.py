@@ -10,6 +10,7 @@ import dagster as dg
 
 from gcmlm_assets import runs
 from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS
+from gcmlm_assets.dagster_internals import SENSOR_NAME_TAG
 from gcmlm_assets.landing.sensors import MODALITY_ASSETS
 from gcmlm_assets.patient_steps import patients_in_between
 
@@ -18,7 +19,6 @@ PER_PATIENT_ASSETS = ("ct_image", "ct_mask", "radiomics_row", "patch_coords", "u
 COHORT_ASSETS = ("clinical_table", "fused_table", "risk_model", "risk_scores")
 EXPLANATIONS = "risk_explanations"  # per patient, requested by its sensor when a patient's key changes
 COHORT_SENSOR = "cohort_refresh_sensor"
-SENSOR_NAME_TAG = "dagster/sensor_name"
 FUSED_TABLE = "fused_table"
 
 
@@ -44,8 +44,6 @@ class Progress:
 
 
 def progress(instance: dg.DagsterInstance) -> Progress:
-    from dagster._core.storage.partition_status_cache import AssetPartitionStatus
-
     from gcmlm_assets.partitions import patients_partitions
 
     patients = list(instance.get_dynamic_partitions(patients_partitions.name))
@@ -53,9 +51,9 @@ def progress(instance: dg.DagsterInstance) -> Progress:
     for name in PER_PATIENT_ASSETS:
         statuses = instance.get_status_by_partition(dg.AssetKey(name), patients, patients_partitions) or {}
         values = list(statuses.values())
-        done = values.count(AssetPartitionStatus.MATERIALIZED)
-        failed = values.count(AssetPartitionStatus.FAILED)
-        in_progress = values.count(AssetPartitionStatus.IN_PROGRESS)
+        done = values.count(dg.AssetPartitionStatus.MATERIALIZED)
+        failed = values.count(dg.AssetPartitionStatus.FAILED)
+        in_progress = values.count(dg.AssetPartitionStatus.IN_PROGRESS)
         per_asset[name] = {"done": done, "failed": failed, "in progress": in_progress,
                            "waiting": len(patients) - done - failed - in_progress}
     in_flight = runs.in_flight_count(instance)

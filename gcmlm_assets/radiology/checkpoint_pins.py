@@ -1,11 +1,11 @@
 """Pinned SHA-256 digests of nnU-Net checkpoints, checked before any checkpoint is unpickled.
 
-nnU-Net writes its checkpoints with `torch.save` and reads them with
-`torch.load(weights_only=False)`, in our code and in nnU-Net's own predictor: loading one runs
-whatever Python its pickle names. A model folder is therefore loaded only when every checkpoint
-it would load has the digest pinned by someone we trust: the configuration
-(`segmentation.trained_model_sha256`) for a folder trained elsewhere, `current.json` (written at
-install time) for a model this platform trained.
+nnU-Net writes its checkpoints with `torch.save`, as Python pickles, and its own predictor
+unpickles them in full, which runs whatever Python a pickle names. We read them with torch's
+weights-only unpickler instead (`nnunet.read_checkpoint`), and first, as the outer guard, load a
+model folder only when every checkpoint it would load has the digest pinned by someone we trust:
+the configuration (`segmentation.trained_model_sha256`) for a folder trained
+elsewhere, `current.json` (written at install time) for a model this platform trained.
 
 Plain Python (no Dagster, no torch): the resource parses the setting with it.
 """

@@ -3,6 +3,11 @@ freshly trained one, and predicting masks with it.
 
 Plain Python (no Dagster). Prediction goes through nnU-Net's own `nnUNetPredictor`;
 nothing shells out to its command-line tools. nnunet_training.py trains the models.
+
+Checkpoints are read with torch's weights-only unpickler (`read_checkpoint`), never as full
+pickles: the predictor is built from them with `manual_initialization`, because its
+`initialize_from_trained_model_folder` would unpickle them in full. The SHA-256 pins stay the
+outer guard: a checkpoint is opened only once its bytes are the ones pinned.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -196,21 +202,56 @@ def _importable_from_allowed(value) -> bool:
     return isinstance(home, str) and (home + ".").startswith(PLANS_IMPORT_PREFIXES)
 
 
-def _checkpoint_identity(checkpoint: Path) -> tuple[str, str]:
-    """Trainer class and configuration that nnU-Net recorded in a checkpoint (verified by the caller:
-    nnU-Net's checkpoints hold more than tensors, so this unpickles with weights_only=False)."""
+def _checkpoint_globals() -> list:
+    """What torch's weights-only unpickler must accept beyond tensors and plain containers to read an
+    nnU-Net v2 checkpoint: numpy scalars (its training log and EMA Dice are numpy floats), i.e. the
+    function that rebuilds a scalar from its bytes, `numpy.dtype` and the numeric dtype classes.
+    None of them runs code or imports anything. `numpy.core...` is the same function's name in
+    checkpoints written under numpy 1."""
+    import numpy
+
+    scalar = numpy._core.multiarray.scalar
+    dtype_classes = [type(numpy.dtype(code)) for code in ("?", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8",
+                                                          "f2", "f4", "f8")]
+    return [scalar, (scalar, "numpy.core.multiarray.scalar"), numpy.dtype, *dtype_classes]
+
+
+def read_checkpoint(checkpoint: Path, *, mmap: bool = False) -> dict:
+    """An nnU-Net checkpoint's dict, read by torch's weights-only unpickler (tensors, plain values,
+    numpy scalars; a pickle naming anything else is refused before it runs). `mmap` maps the tensors
+    instead of reading them (for a look at the small header entries). Raises ModelFolderError."""
     import torch
 
     try:
-        try:
-            # mmap: only the small header entries are read, not every weight.
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-        except RuntimeError:  # a checkpoint in torch's legacy (non-zip) format cannot be mapped
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        return str(state["trainer_name"]), str(state["init_args"]["configuration"])
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            try:
+                state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:
+                if not mmap:
+                    raise
+                # a checkpoint in torch's legacy (non-zip) format cannot be mapped
+                state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message is long and advises allowlisting the object or a full unpickling: keep the reason.
+        reason = str(error).partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or str(error)
+        reason = reason.split(" was not an allowed global")[0]
+        raise ModelFolderError(f"{checkpoint}: refused by torch's weights-only loader: it holds Python objects "
+                               f"an nnU-Net checkpoint does not ({reason}); nothing of it was run") from error
     except Exception as error:
         raise ModelFolderError(
             f"{checkpoint}: not a readable nnU-Net checkpoint ({type(error).__name__}: {error})") from error
+    if not isinstance(state, dict):
+        raise ModelFolderError(f"{checkpoint}: not an nnU-Net checkpoint (holds a {type(state).__name__}, not a dict)")
+    return state
+
+
+def _checkpoint_identity(checkpoint: Path) -> tuple[str, str]:
+    """Trainer class and configuration that nnU-Net recorded in a checkpoint (verified by the caller)."""
+    state = read_checkpoint(checkpoint, mmap=True)  # mapped: only the small header entries are read
+    try:
+        return str(state["trainer_name"]), str(state["init_args"]["configuration"])
+    except (KeyError, TypeError) as error:
+        raise ModelFolderError(f"{checkpoint}: not an nnU-Net checkpoint (no {error} entry)") from error
 
 
 def read_current_model(models_root: Path) -> dict | None:
@@ -289,7 +330,7 @@ class GastricSegmenter:
     @classmethod
     def load(cls, model_folder: Path, device: str = "cpu", *, pins: CheckpointPins, use_mirroring: bool = True,
              tile_step_size: float = 0.5) -> GastricSegmenter:
-        """Load the model once its checkpoints match `pins` (nnU-Net unpickles them with weights_only=False)."""
+        """Load the model once its checkpoints match `pins`, each read with torch's weights-only unpickler."""
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
         description = describe_model_folder(model_folder, pins)
@@ -297,10 +338,17 @@ class GastricSegmenter:
         predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
                                     perform_everything_on_device=torch_device.type == "cuda", device=torch_device,
                                     verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        weights, mirroring_axes = [], None
+        for index, fold in enumerate(description.folds):
+            checkpoint = description.folder / f"fold_{fold}" / CHECKPOINT
+            state = read_checkpoint(checkpoint)
+            if "network_weights" not in state:
+                raise ModelFolderError(f"{checkpoint}: not an nnU-Net checkpoint (no 'network_weights' entry)")
+            if index == 0:
+                mirroring_axes = state.get("inference_allowed_mirroring_axes")
+            weights.append(state["network_weights"])  # the optimiser state and training log are dropped
         try:
-            predictor.initialize_from_trained_model_folder(
-                str(description.folder), use_folds=tuple(f if f == "all" else int(f) for f in description.folds),
-                checkpoint_name=CHECKPOINT)
+            _initialize_predictor(predictor, description, weights, mirroring_axes)
         except Exception as error:
             raise ModelFolderError(f"{description.folder}: nnU-Net could not load the model "
                                    f"({type(error).__name__}: {error})") from error
@@ -331,3 +379,25 @@ class GastricSegmenter:
         # Reorienting back is a pure permutation/flip; copy the header so the grid is bit-identical.
         mask.CopyInformation(image)
         return mask
+
+
+def _initialize_predictor(predictor, description: ModelDescription, weights: list[dict],
+                          mirroring_axes: tuple[int, ...] | None) -> None:
+    """Give `predictor` the network of `description`'s plans with the checkpoints' `weights` (one set per
+    fold), as its `initialize_from_trained_model_folder` would, without letting it unpickle anything."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = PlansManager(json.loads((description.folder / "plans.json").read_text(encoding="utf-8")))
+    dataset = json.loads((description.folder / "dataset.json").read_text(encoding="utf-8"))
+    configuration = plans.get_configuration(description.configuration)
+    trainer_class = recursive_find_trainer_class_by_name(description.trainer)
+    network = trainer_class.build_network_architecture(
+        plans, configuration, determine_num_input_channels(plans, configuration, dataset),
+        plans.get_label_manager(dataset).num_segmentation_heads, enable_deep_supervision=False)
+    # The predictor loads each fold's weights before predicting; loading the first here makes weights
+    # that do not fit the plans fail now, at load time.
+    network.load_state_dict(weights[0])
+    predictor.manual_initialization(network, plans, configuration, weights, dataset, description.trainer,
+                                    mirroring_axes)

@@ -106,12 +106,15 @@ class _TouchOnUnpickle:
         return (Path.touch, (self.marker,))
 
 
-def write_trapped_checkpoint(path: Path, marker: Path) -> Path:
-    """A torch checkpoint whose loading with weights_only=False creates `marker`."""
+def write_trapped_checkpoint(path: Path, marker: Path, beside: dict | None = None) -> Path:
+    """A torch checkpoint whose loading with weights_only=False creates `marker`: a bare header, or the
+    entries of a real checkpoint `beside` plus the trap."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"trainer_name": _TouchOnUnpickle(marker), "init_args": {"configuration": "3d_fullres"}}, path)
+    state = ({**beside, "trap": _TouchOnUnpickle(marker)} if beside is not None
+             else {"trainer_name": _TouchOnUnpickle(marker), "init_args": {"configuration": "3d_fullres"}})
+    torch.save(state, path)
     return path
 
 

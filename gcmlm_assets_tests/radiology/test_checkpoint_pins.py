@@ -1,5 +1,6 @@
 """nnU-Net checkpoints are pickles: a model folder is refused before unpickling unless its
-checkpoints match pinned SHA-256 digests.
+checkpoints match pinned SHA-256 digests, and a pinned checkpoint is still read only by torch's
+weights-only unpickler (a pickle that would run code is refused).
 
 Each hostile folder here holds a checkpoint whose unpickling creates a marker file; a refusal
 "before unpickling" is proven by the marker's absence. The loads that succeed with a real model
@@ -91,9 +92,16 @@ def test_an_ensemble_needs_a_digest_per_fold(tmp_path):
         nnunet.describe_model_folder(folder, CheckpointPins.from_setting(None))
     assert f"`fold_0={digests['0']},fold_1={digests['1']}`" in str(refused.value)
     assert not marker.exists()
-    # Both pinned and matching: verified (only bytes read so far), so the trap now runs when loaded.
+    # Both pinned and matching: verified (only bytes read so far). Reading one is still refused, by
+    # torch's weights-only unpickler, and the trap does not run.
     pins = CheckpointPins.from_setting(f"fold_0={digests['0']}, fold_1={digests['1']}")
     assert pins.verify(folder) == digests and not marker.exists()
+    with pytest.raises(ModelFolderError) as refused:
+        nnunet.describe_model_folder(folder, pins)
+    message = str(refused.value)
+    assert f"{folder / 'fold_0' / nnunet.CHECKPOINT}: refused by torch's weights-only loader" in message
+    assert "nothing of it was run" in message and "weights_only=False" not in message and "safe_globals" not in message
+    assert not marker.exists()
 
 
 def test_an_installed_model_is_checked_against_the_digests_current_json_recorded(tmp_path):

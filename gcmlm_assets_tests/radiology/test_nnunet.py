@@ -27,8 +27,10 @@ import dagster as dg
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from gcmlm_assets.radiology import nnunet, nnunet_training
+from gcmlm_assets.radiology.checkpoint_pins import checkpoint_digests
 from gcmlm_assets.radiology.assets import ct_image, ct_mask
 from gcmlm_assets.radiology.segmentation_model import segmentation_model
 from gcmlm_assets.radiology.resources import RadiomicsSettings, SegmentationModelResource
@@ -289,6 +291,32 @@ def test_segmenter_keeps_the_grid_of_a_non_lps_image(trained):
     # Voxel for voxel the same answer as on the LPS copy of the image: orientation is undone exactly.
     lps = segmenter.predict(sitk.DICOMOrient(image, "LPS"))
     assert np.array_equal(sitk.GetArrayFromImage(sitk.DICOMOrient(mask, "LPS")), sitk.GetArrayFromImage(lps))
+
+
+def test_every_fold_of_a_pinned_model_is_read_without_running_code(trained, tmp_path):
+    # An ensemble whose second fold is the real checkpoint plus an object that runs code when
+    # unpickled, both folds pinned: the pins pass, the weights-only unpickler refuses that fold.
+    installed = Path(trained.training["model_folder"])
+    folder, marker = tmp_path / "model", tmp_path / "unpickled"
+    folder.mkdir()
+    for name in ("plans.json", "dataset.json"):
+        shutil.copy(installed / name, folder / name)
+    real = nnunet.read_checkpoint(installed / "fold_all" / nnunet.CHECKPOINT)
+    (folder / "fold_0").mkdir()
+    shutil.copy(installed / "fold_all" / nnunet.CHECKPOINT, folder / "fold_0" / nnunet.CHECKPOINT)
+    trapped = write_trapped_checkpoint(folder / "fold_1" / nnunet.CHECKPOINT, marker, beside=real)
+    pins = nnunet.CheckpointPins(checkpoint_digests(folder), "this test", "")
+    assert nnunet.describe_model_folder(folder, pins).folds == ("0", "1")  # fold 0 gives the identity
+    with pytest.raises(nnunet.ModelFolderError) as refused:
+        nnunet.GastricSegmenter.load(folder, "cpu", pins=pins)
+    assert f"{trapped}: refused by torch's weights-only loader" in str(refused.value)
+    assert not marker.exists()
+    # What the load avoids: nnU-Net's own loader unpickles every fold in full, and the trap runs.
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False).initialize_from_trained_model_folder(
+        str(folder), use_folds=(0, 1), checkpoint_name=nnunet.CHECKPOINT)
+    assert marker.exists()
 
 
 def test_unchanged_inputs_reuse_the_installed_model(trained):
