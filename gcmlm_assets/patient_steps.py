@@ -81,8 +81,9 @@ def build_patient_steps_sensor(name: str, chain: Sequence[dg.AssetKey], work: st
         cursor = json.dumps(new_state, sort_keys=True)
         if not requests:
             held = sum(len(s["waiting"]) for s in new_state.values())
-            return dg.SensorResult(skip_reason="nothing to carry on" + (
-                f" ({held} patient(s) wait for a run of their bucket to finish)" if held else ""), cursor=cursor)
+            why = (f"{held} patient(s) wait until no run of their bucket is queued or running" if held
+                   else "nothing to carry on")
+            return dg.SensorResult(skip_reason=why, cursor=cursor)
         context.log.info("requested " + "; ".join(notes))
         return dg.SensorResult(run_requests=requests, cursor=cursor)
 
