@@ -5,7 +5,8 @@ Dagster daemon alone.
    bytes would not change are left alone, so a second demo sees no change).
 2. `dagster-daemon run` starts over the project's workspace and the local SQLite instance in
    DAGSTER_HOME, with `GCMLM_PROFILE=demo` (see `gcmlm_assets.profiles`). Its sensors do the rest:
-   `landing_sensor` turns the drops into partitions and runs, `segmentation_training_sensor`
+   `landing_sensor` turns the drops into partitions and batched runs, the two steps sensors carry
+   the batches on through their chains, `segmentation_training_sensor`
    trains the tiny nnU-Net once enough reference masks are in, `predicted_mask_sensor` predicts
    the masks that waited for it, `cohort_refresh_sensor` refreshes the cohort assets once the
    per-patient work has settled. The demo launches no run and orders nothing.
