@@ -131,8 +131,8 @@ def _ready_patients(instance: dg.DagsterInstance, upstream: dg.AssetKey, downstr
 def patients_in_between(instance: dg.DagsterInstance, chains: Sequence[Sequence[dg.AssetKey]],
                         after_storage_id: int = 0) -> set[str]:
     """Patients between two assets of a chain: a materialization of one asset (after
-    `after_storage_id`, e.g. the last cohort refresh) newer than any run planned of the next, its
-    checks passed. The steps sensor has yet to request (or the daemon to queue) their next run;
+    `after_storage_id`, e.g. the last cohort refresh) newer than any run planned of the next (other
+    than its own run), its checks passed. The steps sensor has yet to request (or the daemon to queue) their next run;
     until then, nothing cohort-wide should count their work as done. Two indexed queries per asset
     pair, whatever the history."""
     storage = instance.event_log_storage
@@ -148,6 +148,11 @@ def patients_in_between(instance: dg.DagsterInstance, chains: Sequence[Sequence[
                 continue
             records = instance.fetch_materializations(
                 dg.AssetRecordsFilter(asset_key=upstream, storage_ids=[made[p] for p in ahead]), limit=len(ahead)).records
-            between |= {record.partition_key for record in records
-                        if QUARANTINED_TO not in (record.asset_materialization.metadata or {})}
+            for record in records:
+                if QUARANTINED_TO in (record.asset_materialization.metadata or {}):
+                    continue
+                # a run plans all its assets before it materializes any: the next one may be its own
+                planned = storage.get_latest_planned_materialization_info(downstream, record.partition_key)
+                if planned is None or planned.run_id != record.run_id:
+                    between.add(record.partition_key)
     return between

@@ -19,6 +19,7 @@ from dagster._core.events.log import EventLogEntry
 
 from gcmlm_assets import runs
 from gcmlm_assets.definitions import build_definitions
+from gcmlm_assets.patient_steps import patients_in_between
 
 JOB = "__ASSET_JOB"
 HOUR = 3600.0
@@ -159,4 +160,20 @@ def test_refresh_waits_for_patients_between_two_batched_runs(instance, ticker):
     assert "1 patient(s) between two batched runs" in str(ticker.tick())
     # the steps sensor's run plans its slide_vector (and then ends): the refresh goes ahead
     add_run(instance, plans=("slide_vector", "GC0002"), materializes=True, tags=runs.work_tags(runs.PATHOLOGY))
+    assert len(ticker.tick()) == 1
+
+
+def test_a_run_of_a_whole_chain_leaves_no_patient_between(instance, ticker):
+    # one run plans slide_vector before it materializes uni_features, then slide_vector
+    run_id = add_run(instance, tags=runs.work_tags(runs.PATHOLOGY), events=False)
+    when = time.time() - HOUR
+    _store(instance, run_id, DagsterEvent.build_asset_materialization_planned_event(
+        JOB, "step", AssetMaterializationPlannedData(dg.AssetKey("slide_vector"), partition="GC0001")), when - 2)
+    for offset, asset in ((1.5, "uni_features"), (1, "slide_vector")):
+        _store(instance, run_id, DagsterEvent(
+            event_type_value=DagsterEventType.ASSET_MATERIALIZATION.value, job_name=JOB, step_key="step",
+            event_specific_data=_materialization_data(asset, "GC0001")), when - offset)
+    _store(instance, run_id, DagsterEvent(event_type_value=DagsterEventType.RUN_SUCCESS.value, job_name=JOB), when)
+    chain = [dg.AssetKey("uni_features"), dg.AssetKey("slide_vector")]
+    assert patients_in_between(instance, [chain]) == set()
     assert len(ticker.tick()) == 1
