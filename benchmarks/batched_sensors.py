@@ -143,7 +143,7 @@ def request_patients(instance, request) -> int:
     if request.partition_key is not None:
         return 1
     order = instance.get_dynamic_partitions(patients_partitions.name)
-    return len(runs.range_run_patients(request.tags, {p: i for i, p in enumerate(order)}))
+    return len(runs.range_run_patients(request.tags, order, {p: i for i, p in enumerate(order)}))
 
 
 def run_payload(sensor_name: str, request, verbose: bool) -> str:

@@ -81,7 +81,7 @@ def in_flight_partitions(instance: dg.DagsterInstance, candidates: Iterable[str]
             chunk = buckets[start:start + PARTITIONS_PER_QUERY]
             for run in instance.get_runs(filters=dg.RunsFilter(statuses=IN_FLIGHT_STATUSES, tags={BUCKET_TAG: chunk})):
                 if _selects(run, wanted) and RANGE_START_TAG in run.tags:
-                    covered |= set(ordered) & range_run_patients(run.tags, position)
+                    covered |= set(ordered) & range_run_patients(run.tags, order, position)
     return covered
 
 
@@ -89,12 +89,13 @@ def _selects(run: dg.DagsterRun, assets: set[str]) -> bool:
     return bool({key.to_user_string() for key in (run.asset_selection or ())} & assets)
 
 
-def range_run_patients(tags: dict[str, str], position: dict[str, int]) -> set[str]:
-    """The patients a range run works on: its range in the partition order, narrowed to the ones it names."""
+def range_run_patients(tags: dict[str, str], order: Sequence[str], position: dict[str, int]) -> set[str]:
+    """The patients a range run works on: its range in the partition `order` (`position`: each
+    patient's index in it), narrowed to the ones it names."""
     first, last = position.get(tags[RANGE_START_TAG]), position.get(tags[RANGE_END_TAG])
     if first is None or last is None:
         return set()
-    in_range = {patient_id for patient_id, i in position.items() if first <= i <= last}
+    in_range = set(order[first:last + 1])
     named = parse_patients_tag(tags.get(PATIENTS_TAG))
     return in_range if named is None else in_range & named
 

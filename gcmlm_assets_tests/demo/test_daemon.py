@@ -65,7 +65,8 @@ def latest_ct_mask_source(instance: dg.DagsterInstance, patient_id: str) -> str:
 def overlapping_runs_of_one_patient(instance: dg.DagsterInstance) -> list[tuple[str, str, str]]:
     """(patient, run, run) for every two runs touching one patient (its own, or a batch over a
     range that holds it) whose run times overlap."""
-    position = {p: i for i, p in enumerate(instance.get_dynamic_partitions("patients"))}
+    order = list(instance.get_dynamic_partitions("patients"))
+    position = {p: i for i, p in enumerate(order)}
     by_patient: dict[str, list] = {}
     for record in instance.get_run_records():
         tags = record.dagster_run.tags
@@ -74,7 +75,7 @@ def overlapping_runs_of_one_patient(instance: dg.DagsterInstance) -> list[tuple[
         if PARTITION_TAG in tags:
             patients = {tags[PARTITION_TAG]}
         elif runs.RANGE_START_TAG in tags:
-            patients = runs.range_run_patients(tags, position)
+            patients = runs.range_run_patients(tags, order, position)
         else:
             continue
         for patient_id in patients:
