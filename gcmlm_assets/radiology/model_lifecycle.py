@@ -281,8 +281,9 @@ def masks_to_predict(*, model_key: str, cursor: dict, ct_done: Iterable[str], ma
     in slices of `limit` per tick in patient-id order (the cursor's `after`: the last patient the
     sweep looked at; `swept` once it is done, so patients who arrive later, whose landing run
     predicts with the installed model, are not swept again). Besides, patients whose ct_mask waited
-    for a model (their CT is materialized, their mask is not) are predicted unless a run of theirs
-    is in flight: `in_flight(patients)` says which of those few are, asked for at most
+    for a model (their CT is materialized, their mask is not) are predicted unless `in_flight(patients)`
+    names them: a run of theirs is in flight (or, as the sensor asks it, their ct_mask was never
+    planned: a batch's next run that radiology_steps_sensor has yet to request), asked for at most
     `IN_FLIGHT_LOOKUPS` slices of `limit` candidates per tick. `has_reference(patient)` is asked
     only for candidates.
     """
