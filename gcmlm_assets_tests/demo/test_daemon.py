@@ -35,11 +35,21 @@ SENSOR_TAG, PARTITION_TAG = "dagster/sensor_name", "dagster/partition"
 EXPLANATIONS_SENSOR = "risk_explanations_sensor"
 
 
-def patient_runs_since(instance: dg.DagsterInstance, since: float) -> list[dg.DagsterRun]:
-    """Runs of patients' data since `since` (not the explanations each new risk_scores asks for)."""
-    return [record.dagster_run for record in instance.get_run_records()
-            if record.create_timestamp.timestamp() >= since and PARTITION_TAG in record.dagster_run.tags
-            and record.dagster_run.tags.get(SENSOR_TAG) != EXPLANATIONS_SENSOR]
+def patient_runs_since(instance: dg.DagsterInstance, since: float) -> dict[str, set[str]]:
+    """{run id: its patients} of the runs of patients' data since `since` (one patient's, or a
+    batch's range; not the explanations each new risk_scores asks for)."""
+    order = list(instance.get_dynamic_partitions("patients"))
+    position = {p: i for i, p in enumerate(order)}
+    found = {}
+    for record in instance.get_run_records():
+        tags = record.dagster_run.tags
+        if record.create_timestamp.timestamp() < since or tags.get(SENSOR_TAG) == EXPLANATIONS_SENSOR:
+            continue
+        if PARTITION_TAG in tags:
+            found[record.dagster_run.run_id] = {tags[PARTITION_TAG]}
+        elif runs.RANGE_START_TAG in tags:
+            found[record.dagster_run.run_id] = runs.range_run_patients(tags, order, position)
+    return found
 
 
 def explained_since(instance: dg.DagsterInstance, since: float) -> set[str]:
@@ -202,8 +212,9 @@ def test_daemon_takes_drops_to_risk_scores_and_reruns_only_fixed_patients(tmp_pa
             assert wait_until_settled(instance, since=fixed_at, timeout_s=600, say=log.append,
                                       alive=daemon.alive), "\n".join(log) + "\n" + daemon.log_tail()
             rerun = patient_runs_since(instance, fixed_at)
-            assert {run.tags[PARTITION_TAG] for run in rerun} == {BROKEN_CT, BROKEN_SLIDE}
-            assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in rerun)
+            assert set().union(*rerun.values()) == {BROKEN_CT, BROKEN_SLIDE}
+            assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in instance.get_runs(
+                filters=dg.RunsFilter(run_ids=list(rerun))))
             assert latest_ct_mask_source(instance, BROKEN_CT) == "predicted"
             used = modalities_used(instance)
             assert sorted(used) == patients and all(used[pid] == {"radiology", "pathology"} for pid in patients)
