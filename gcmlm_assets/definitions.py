@@ -15,6 +15,7 @@ from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import checks as cohort_checks
 from gcmlm_assets.cohort import resources as cohort_resources
 from gcmlm_assets.cohort import explanation_assets
+from gcmlm_assets.cohort.asset_files import SCORES_FILE
 from gcmlm_assets.cohort.explanation_sensors import build_risk_explanations_sensor
 from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS, build_cohort_refresh_sensor
 from gcmlm_assets.landing.sensors import MODALITY_ASSETS, landing_sensor
@@ -98,7 +99,7 @@ def build_sensors(profile: Profile) -> list[dg.SensorDefinition]:
     return [landing_sensor, *steps, build_segmentation_training_sensor(interval), build_predicted_mask_sensor(interval),
             build_cohort_refresh_sensor(interval, cohort_keys, input_checks, list(MODALITY_ASSETS.values())),
             build_risk_explanations_sensor(interval, explanation_assets.RISK_EXPLANATIONS, "risk_scores",
-                                           cohort_assets.SCORES_FILE)]
+                                           SCORES_FILE)]
 
 
 def build_definitions(env: str | None = None, profile: str | None = None) -> dg.Definitions:

@@ -11,9 +11,9 @@ import json
 import dagster as dg
 
 from gcmlm_assets.cohort import qc
-from gcmlm_assets.cohort.assets import (
-    CLINICAL_PROBLEMS, FUSED_FILE, FUSION_REPORT, METRICS_FILE, RISK_MODEL, SCORES_FILE, clinical_table,
-    current_model_version, fused_table, risk_scores, train_risk_model)
+from gcmlm_assets.cohort.asset_files import CLINICAL_PROBLEMS, FUSED_FILE, FUSION_REPORT, METRICS_FILE, SCORES_FILE
+from gcmlm_assets.cohort.assets import clinical_table, fused_table, risk_scores
+from gcmlm_assets.cohort.risk_model_asset import RISK_MODEL, current_model_version, train_risk_model
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.resources import ArtifactStorage
 from gcmlm_assets.lazy import lazy

@@ -21,8 +21,8 @@ import dagster as dg
 from gcmlm_assets import step_pods
 from gcmlm_assets.batching import DATA_VERSION_TAG, LoadOnce, batch_patients, per_patient_events
 from gcmlm_assets.cohort import explanation_keys
-from gcmlm_assets.cohort.assets import (
-    FUSED_FILE, GROUP, MODEL_FILE, _current_model_or_fail, _required_input)
+from gcmlm_assets.cohort.asset_files import FUSED_FILE, GROUP, MODEL_FILE, _required_input
+from gcmlm_assets.cohort.assets import _current_model_or_fail
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.pathology.checks import UNI_FEATURES

@@ -19,6 +19,7 @@ import pytest
 
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import explanation_assets
+from gcmlm_assets.cohort.asset_files import SCORES_FILE
 from gcmlm_assets.cohort.explanation_keys import read_patient_rows, row_digests
 from gcmlm_assets.cohort.explanation_sensors import build_risk_explanations_sensor, recorded_explanation_keys
 from gcmlm_assets.cohort.resources import RiskModelSettings
@@ -49,7 +50,7 @@ def test_a_row_hashes_the_same_alone_as_in_its_table():
 
 
 def _sensor():
-    return build_risk_explanations_sensor(30, EXPLANATIONS, "risk_scores", cohort_assets.SCORES_FILE, runs_per_tick=2)
+    return build_risk_explanations_sensor(30, EXPLANATIONS, "risk_scores", SCORES_FILE, runs_per_tick=2)
 
 
 def _tick(sensor, instance, storage, cursor):

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from dagster._serdes import serialize_value
 
 from gcmlm_assets.cohort import assets as cohort_assets
-from gcmlm_assets.cohort import training
+from gcmlm_assets.cohort import risk_model_asset, training
 from gcmlm_assets.cohort.model_settings import ModelSettings
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.partitions import patients_partitions
@@ -81,7 +81,7 @@ def test_a_new_unlabelled_patient_is_scored_by_the_installed_model_without_a_ref
     assert kept["fused_table"].tags["dagster/data_version"] != made["fused_table"].tags["dagster/data_version"]
     model = kept["risk_model"]
     assert not trained(instance, second)
-    assert value(model, "status") == cohort_assets.REUSED and value(model, "version") == pointer["version"]
+    assert value(model, "status") == risk_model_asset.REUSED and value(model, "version") == pointer["version"]
     assert model.tags["dagster/data_version"] == made["risk_model"].tags["dagster/data_version"]
     assert read_version_pointer(root) == pointer and {p.name for p in root.iterdir()} == {"current.json",
                                                                                          pointer["version"]}

@@ -15,6 +15,7 @@ import pytest
 
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import explanation_assets
+from gcmlm_assets.cohort.asset_files import SCORES_FILE
 from gcmlm_assets.cohort.explanation_sensors import build_risk_explanations_sensor
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.demo.watch import unexplained
@@ -137,7 +138,7 @@ def test_after_the_first_scores_the_sensor_asks_for_everyone_in_ranges_a_few_run
     ids, store = cohort
     monkeypatch.setenv("GCMLM_GPU_BATCH_PATIENTS", "4")
     sensor = build_risk_explanations_sensor(30, explanation_assets.RISK_EXPLANATIONS, "risk_scores",
-                                            cohort_assets.SCORES_FILE, runs_per_tick=3)
+                                            SCORES_FILE, runs_per_tick=3)
     resources = {"storage": base_resources["storage"]}
     with dg.build_sensor_context(instance=instance, resources=resources) as context:
         assert isinstance(sensor(context), dg.SkipReason)  # no scores yet

@@ -1,0 +1,282 @@
+"""The cohort group's `risk_model` asset (thin Dagster wiring over training, crossval, metrics and model_card).
+
+Unpartitioned, refreshed with the rest of the cohort group by `cohort_refresh_sensor` (sensors.py);
+risk_scores (assets.py) scores every patient with the version it publishes. Each trained model is
+published as one version folder, `<artifacts>/risk_model/<version>/`, with every file of the set;
+`current.json` (replaced atomically) names the version and lists the files' hashes. Readers read
+current.json once and take everything from that folder.
+
+The model is trained on the labelled patients' rows only and refits only when they (labels or
+features) or its settings change; with too few labelled patients it waits instead of failing and
+keeps its last good model.
+"""
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+
+from gcmlm_assets import pictures, step_pods
+from gcmlm_assets.cohort.asset_files import (
+    CODE_VERSIONS, CV_PREDICTIONS, FUSED_FILE, FUSION_REPORT, GROUP, METRICS_FILE, MODEL_CARD, MODEL_CARD_MARKDOWN,
+    MODEL_FILE, PLOTS, _required_input)
+from gcmlm_assets.cohort.resources import RiskModelSettings
+from gcmlm_assets.lazy import lazy
+from gcmlm_assets.pathology.checks import UNI_FEATURES
+from gcmlm_assets.resources import ArtifactStorage
+from gcmlm_assets.storage import (
+    VERSION_POINTER, ArtifactStore, atomic_write_bytes, atomic_write_json, new_version_folder, publish_version,
+    read_version_pointer, sha256_file, sha256_text, version_intact)
+
+# Imported by the step that uses them, not when the definitions load (gcmlm_assets/lazy.py).
+pq = lazy("pyarrow.parquet")
+fusion = lazy("gcmlm_assets.cohort.fusion")
+modelling = lazy("gcmlm_assets.cohort.modelling")
+model_settings = lazy("gcmlm_assets.cohort.model_settings")
+training = lazy("gcmlm_assets.cohort.training")
+cohort_data = lazy("gcmlm_assets.cohort.cohort_data")
+crossval = lazy("gcmlm_assets.cohort.crossval")
+model_metrics = lazy("gcmlm_assets.cohort.metrics")
+model_plots = lazy("gcmlm_assets.cohort.plots")
+model_card = lazy("gcmlm_assets.cohort.model_card")
+model_importance = lazy("gcmlm_assets.cohort.importance")
+card_context = lazy("gcmlm_assets.cohort.card_context")
+bags = lazy("gcmlm_assets.cohort.bags")
+
+RISK_MODEL = "risk_model"
+MODEL_FILES = (MODEL_FILE, METRICS_FILE, MODEL_CARD, MODEL_CARD_MARKDOWN, CV_PREDICTIONS, *PLOTS.values())
+WAITING = "waiting for labelled patients"
+REUSED = "reused: labelled data and settings unchanged"
+
+
+def current_model_version(store: ArtifactStore) -> tuple[Path, dict] | None:
+    """(folder, pointer) of the published risk_model version, or None when none is published."""
+    root = store.asset_dir(RISK_MODEL, create=False)
+    pointer = read_version_pointer(root)
+    return (root / pointer["version"], pointer) if pointer else None
+
+
+@dg.asset(
+    name="risk_model",
+    group_name=GROUP,
+    op_tags=step_pods.op_tags(step_pods.COHORT),
+    code_version=CODE_VERSIONS["risk_model"],
+    # uni_features: the attention-MIL block reads the patch features themselves
+    deps=[dg.AssetDep("fused_table"), dg.AssetDep(UNI_FEATURES, partition_mapping=dg.AllPartitionMapping())],
+    output_required=False,
+    description="Per-modality models fused late (mean logit by default, or a stacked logistic combiner), "
+    "validated by repeated stratified k-fold CV with an ablation (each block, pathology mean and ABMIL, both "
+    "fusions) on the same folds, and saved with skops; its model card follows TRIPOD+AI. Trained on the "
+    "labelled patients only: it refits when a label, a labelled patient's features or a setting changes, "
+    "never for a new unlabelled patient (risk_scores scores them with the installed model). With too few "
+    "labelled patients it waits (an observation says how many) and keeps the last good model.",
+)
+def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage,
+                     risk_model: RiskModelSettings) -> Iterator[dg.MaterializeResult]:
+    store = storage.store()
+    fused_path = _required_input(store, "fused_table", FUSED_FILE)
+    settings = risk_model.model_settings()
+    # The fit reads the labelled patients' rows and nothing else; the reuse fingerprint covers exactly that.
+    table = training.training_table(pq.read_table(fused_path), settings.blocks())
+    # ABMIL trains on the labelled patients only: the others' bags are not read
+    pathology_patients = (bags.pathology_patients(table)
+                          if model_settings.PATHOLOGY_ABMIL in settings.blocks() else [])
+    inputs = {"training_data_sha256": training.training_data_sha256(table), "labelled_patients": table.num_rows,
+              "patch_features_sha256": (bags.bags_fingerprint(store, UNI_FEATURES, pathology_patients)
+                                        if pathology_patients else None)}
+    fingerprint = sha256_text(CODE_VERSIONS["risk_model"], training.fitting_library_versions(),
+                              model_card.settings_json(settings), json.dumps(inputs, sort_keys=True))
+    root = store.asset_dir(RISK_MODEL)
+    pointer = _reusable_version(root, fingerprint)
+    if pointer is not None:
+        context.log.info(f"risk_model: labelled data and settings unchanged, version {pointer['version']} kept "
+                         "(patients without a label are scored with it, not trained on)")
+        yield _restated_result(context, root, pointer, REUSED)
+        return
+    data = cohort_data.CohortData.from_table(
+        table, settings.blocks(), bags=_patient_bags(store, pathology_patients, context, bags.TRAINING_BAG_PATCHES))
+    try:
+        pointer = _train_and_publish(context, root, data, fused_path, settings, fingerprint, inputs)
+    except model_settings.InsufficientLabels as exc:
+        yield from _wait_for_labels(context, root, crossval.labelled_counts(data), settings, sha256_file(fused_path),
+                                    str(exc))
+        return
+    yield _model_result(root, pointer, "trained")
+
+
+def _patient_bags(store: ArtifactStore, patient_ids: list[str], context, max_patches: int | None = None) -> dict:
+    """The patients' patch features (ABMIL's input); a patient whose files cannot be read has no bag."""
+    if not patient_ids:
+        return {}
+    found, problems = bags.load_bags(store, UNI_FEATURES, patient_ids, max_patches)
+    for patient_id, problem in sorted(problems.items())[:20]:
+        context.log.warning(f"{patient_id}: no patch features for ABMIL: {problem}")
+    return found
+
+
+def _reusable_version(root: Path, fingerprint: str) -> dict | None:
+    """The current version's pointer when it was made from `fingerprint` and its files are intact."""
+    pointer = read_version_pointer(root)
+    if pointer is None or pointer.get("fingerprint") != fingerprint:
+        return None
+    return pointer if version_intact(root, pointer) else None
+
+
+def _wait_for_labels(context, root: Path, counts: dict[str, int], settings: "model_settings.ModelSettings",
+                     fused_sha: str, why: str) -> Iterator[dg.MaterializeResult]:
+    """Too few labelled patients: not a failure. Say so; re-state the last good model if any (so
+    risk_scores scores the new table with it), else yield nothing (risk_scores is skipped)."""
+    needed = settings.min_labelled_per_class
+    pointer = read_version_pointer(root)
+    previous = pointer if pointer is not None and version_intact(root, pointer) else None
+    waiting = (f"{WAITING}: {counts['positive']} with MLM and {counts['negative']} without are labelled "
+               f"and have features; each class needs {needed} (risk_model.min_labelled_per_class)")
+    if previous is not None:
+        kept = f"the previous model {previous['version']} stays in use"
+    elif pointer is not None:
+        kept = (f"the previous model {pointer['version']} cannot stay in use: its files differ from "
+                f"{root / VERSION_POINTER}; risk_scores waits too")
+    else:
+        kept = "no model has been trained yet, so risk_scores waits too"
+    context.log.warning(f"risk_model is {waiting}; {kept}")
+    context.log_event(dg.AssetObservation(asset_key=context.asset_key, metadata={
+        "status": WAITING,
+        "present_per_class": dg.MetadataValue.json(counts),
+        "needed_per_class": needed,
+        "fused_table_sha256": fused_sha,
+        "detail": why,
+        "model_in_use": previous["version"] if previous else "none",
+    }))
+    if previous is not None:
+        yield _restated_result(context, root, previous, f"kept previous model, {waiting}",
+                               {"waiting_on_fused_table_sha256": fused_sha,
+                                "present_per_class": dg.MetadataValue.json(counts), "needed_per_class": needed})
+
+
+def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fused_path: Path,
+                       settings: "model_settings.ModelSettings", fingerprint: str, inputs: dict) -> dict:
+    cv = crossval.cross_validate(data, settings)
+    context.log.info(f"cross-validated {len(cv.labels)} patients: {cv.n_splits} folds x {cv.n_repeats} repeats")
+    for note in cv.notes:
+        context.log.warning(note)
+    metrics, curves = model_metrics.evaluate_cross_validation(cv, settings)
+    fused = metrics.get(model_settings.FUSED, {})
+    threshold = settings.risk_threshold if settings.risk_threshold is not None else fused.get("youden_threshold", 0.5)
+    model, fitted = training.fit_risk_model(data, settings, threshold)
+    importance = model_importance.permutation_importance(model_importance.model_predictor(model), data,
+                                                         model.blocks, seed=settings.seed)
+    records = card_context.read_cohort_records(ArtifactStore(root.parent), data, fused_path,
+                                               clinical_asset="clinical_table", fusion_report=FUSION_REPORT,
+                                               features_asset=UNI_FEATURES)
+    training_data = {"sha256": inputs["training_data_sha256"],
+                     "patch_features_sha256": inputs["patch_features_sha256"]}
+    card = model_card.model_card(
+        model, settings, fitted, metrics, cv,
+        {"training_data_sha256": inputs["training_data_sha256"], "fused_table": str(fused_path)},
+        **card_context.card_context(records, data, cv, settings, model, metrics, training_data),
+        permutation_importance=importance)
+    labels = card["model_labels"]
+    staging = new_version_folder(root)
+    try:
+        modelling.save_model(model, staging / MODEL_FILE)
+        atomic_write_json(staging / METRICS_FILE, model_card.json_safe(metrics))
+        atomic_write_json(staging / MODEL_CARD, model_card.json_safe(card))
+        atomic_write_bytes(staging / MODEL_CARD_MARKDOWN,
+                           model_card.model_card_markdown(model_card.json_safe(card)).encode())
+        fusion.write_parquet(crossval.cv_predictions_table(cv), staging / CV_PREDICTIONS)
+        for kind, name in PLOTS.items():
+            pictures.save_png(model_plots.plot_curves(curves, kind, labels), staging / name)
+        pointer = publish_version(root, staging, {"fingerprint": fingerprint, "inputs": inputs})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once published
+    _remove_unversioned_files(root)
+    context.log.info(f"risk_model version {pointer['version']} published "
+                     f"(kept: {', '.join(pointer['recent_versions'])})")
+    return pointer
+
+
+def _remove_unversioned_files(root: Path) -> None:
+    """The files of the layout before versions (model files and a manifest beside current.json):
+    nothing reads them, and a stale metrics.json there would look current."""
+    for name in (*MODEL_FILES, ArtifactStore.MANIFEST):
+        (root / name).unlink(missing_ok=True)
+
+
+def _card_markdown(folder: Path, card: dict) -> str:
+    """The stored TRIPOD+AI card (versions published before it existed: rendered from the JSON card)."""
+    path = folder / MODEL_CARD_MARKDOWN
+    return path.read_text(encoding="utf-8") if path.is_file() else model_card.model_card_markdown(card)
+
+
+def _model_summary(root: Path, pointer: dict, status: str) -> tuple[dict, dict]:
+    """(the metadata every risk_model materialization carries, the stored card)."""
+    folder = root / pointer["version"]
+    metrics = json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))
+    card = json.loads((folder / MODEL_CARD).read_text(encoding="utf-8"))
+    fused = metrics.get(model_settings.FUSED, {})
+    inputs = pointer.get("inputs") or {}
+    return {
+        "status": status,
+        "version": pointer["version"],
+        "path": dg.MetadataValue.path(str(folder / MODEL_FILE)),
+        "pointer": dg.MetadataValue.path(str(root / VERSION_POINTER)),
+        **({"training_data_sha256": inputs["training_data_sha256"], "labelled_patients": inputs["labelled_patients"]}
+           if "training_data_sha256" in inputs else {}),
+        "fused_auc": fused.get("auc"),
+        "fused_auc_ci": dg.MetadataValue.json([fused.get("auc_ci_low"), fused.get("auc_ci_high")]),
+        "ablation": dg.MetadataValue.md(model_metrics.ablation_markdown(metrics, card.get("model_labels"))),
+        "model_card_path": dg.MetadataValue.path(str(folder / MODEL_CARD_MARKDOWN)),
+        **{f"plot_{kind}_path": dg.MetadataValue.path(str(folder / name)) for kind, name in PLOTS.items()},
+    }, card
+
+
+def _model_result(root: Path, pointer: dict, status: str, extra: dict | None = None) -> dg.MaterializeResult:
+    """The version's materialization with everything the UI shows: the card, the plots, the settings."""
+    folder = root / pointer["version"]
+    summary, card = _model_summary(root, pointer, status)
+    return dg.MaterializeResult(
+        metadata={
+            **summary,
+            "files": dg.MetadataValue.json({name: str(folder / name) for name in pointer["files"]}),
+            **{f"plot_{kind}": dg.MetadataValue.md(pictures.picture_markdown(folder / name, pictures.PLOT, kind))
+               for kind, name in PLOTS.items()},
+            "model_card": dg.MetadataValue.md(_card_markdown(folder, card)),
+            "model_card_json": dg.MetadataValue.json(card),
+            "settings": dg.MetadataValue.json(card["settings"]),
+            **(extra or {}),
+        },
+        data_version=dg.DataVersion(pointer["files"][MODEL_FILE]),
+    )
+
+
+def _restated_result(context, root: Path, pointer: dict, status: str,
+                     extra: dict | None = None) -> dg.MaterializeResult:
+    """The installed version stated again (same data version), so that risk_scores runs after it.
+    The card and the plots (about 140 KB) are not copied into the event log once more when a run
+    that still exists shows them for this very version: a link to that run stands in for them."""
+    shown_in = _run_showing_version(context.instance.get_latest_materialization_event(context.asset_key),
+                                    pointer["version"])
+    if shown_in is None or not context.instance.has_run(shown_in):
+        return _model_result(root, pointer, status, extra)
+    summary, _ = _model_summary(root, pointer, status)
+    return dg.MaterializeResult(
+        metadata={**summary, "card_and_plots_in_run": dg.MetadataValue.dagster_run(shown_in), **(extra or {})},
+        data_version=dg.DataVersion(pointer["files"][MODEL_FILE]))
+
+
+def _run_showing_version(latest: "dg.EventLogEntry | None", version: str) -> str | None:
+    """The run whose risk_model materialization shows `version`'s card and plots, from the latest
+    materialization (a full one, or a re-statement that links to one); None when it is of another version."""
+    materialization = latest.asset_materialization if latest is not None else None
+    if materialization is None:
+        return None
+    metadata = materialization.metadata
+    if "version" not in metadata or metadata["version"].value != version:
+        return None
+    if "model_card" in metadata:
+        return latest.run_id
+    link = metadata.get("card_and_plots_in_run")
+    return link.value if link is not None else None
+
