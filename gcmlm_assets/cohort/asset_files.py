@@ -26,7 +26,7 @@ SCORES_FILE = "scores.parquet"
 SCORES_PICTURE = "score_distribution.png"
 
 
-def _required_input(store: ArtifactStore, asset: str, filename: str) -> Path:
+def required_input(store: ArtifactStore, asset: str, filename: str) -> Path:
     path = store.path(asset, None, filename)
     if not path.is_file():
         raise dg.Failure(description=f"{path} not found: materialize {asset} first",

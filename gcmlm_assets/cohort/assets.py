@@ -20,7 +20,7 @@ import dagster as dg
 from gcmlm_assets import pictures, step_pods
 from gcmlm_assets.cohort.asset_files import (
     CLINICAL_FILE, CLINICAL_PROBLEMS, CODE_VERSIONS, FUSED_FILE, FUSION_REPORT, GROUP, MODEL_FILE, SCORES_FILE,
-    SCORES_PICTURE, _required_input)
+    SCORES_PICTURE, required_input)
 from gcmlm_assets.cohort.columns import CLINICAL_TABLE_COLUMNS, FUSED_TABLE_COLUMNS, RISK_SCORES_COLUMNS
 from gcmlm_assets.cohort.risk_model_asset import RISK_MODEL, _patient_bags, current_model_version, train_risk_model
 from gcmlm_assets.columns import column_schema_metadata
@@ -155,7 +155,7 @@ def _first(mapping: dict, n: int) -> dict:
 )
 def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
     store = storage.store()
-    clinical_path = _required_input(store, "clinical_table", CLINICAL_FILE)
+    clinical_path = required_input(store, "clinical_table", CLINICAL_FILE)
     clinical_sha = sha256_file(clinical_path)
     known = set(context.instance.get_dynamic_partitions(patients_partitions.name))
     unsound = unsound_results(context.instance, sorted(known), declared_blocking_checks(), store)
@@ -221,7 +221,7 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
     store = storage.store()
     model_folder, pointer = _current_model_or_fail(store)
     model_path = model_folder / MODEL_FILE
-    fused_path = _required_input(store, "fused_table", FUSED_FILE)
+    fused_path = required_input(store, "fused_table", FUSED_FILE)
     model_sha, fused_sha = pointer["files"][MODEL_FILE], sha256_file(fused_path)
     fused = pq.read_table(fused_path)
     # the explanation keys' inputs: the model file, the fused rows, the pathology patients' feature

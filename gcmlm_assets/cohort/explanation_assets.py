@@ -21,7 +21,7 @@ import dagster as dg
 from gcmlm_assets import step_pods
 from gcmlm_assets.batching import DATA_VERSION_TAG, LoadOnce, batch_patients, per_patient_events
 from gcmlm_assets.cohort import explanation_keys
-from gcmlm_assets.cohort.asset_files import FUSED_FILE, GROUP, MODEL_FILE, _required_input
+from gcmlm_assets.cohort.asset_files import FUSED_FILE, GROUP, MODEL_FILE, required_input
 from gcmlm_assets.cohort.assets import _current_model_or_fail
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.partitions import patients_partitions
@@ -94,7 +94,7 @@ class _ExplanationRun:
         self.context, self.store = context, store
         self.model_folder, pointer = _current_model_or_fail(store)
         self.model_sha, self.model_version = pointer["files"][MODEL_FILE], pointer["version"]
-        self.fused_path = _required_input(store, "fused_table", FUSED_FILE)
+        self.fused_path = required_input(store, "fused_table", FUSED_FILE)
         patients = list(context.partition_keys)
         rows = explanation_keys.read_patient_rows(self.fused_path, patients)
         ids = rows.column(explanation_keys.ID_COLUMN).to_pylist()

@@ -21,7 +21,7 @@ import dagster as dg
 from gcmlm_assets import pictures, step_pods
 from gcmlm_assets.cohort.asset_files import (
     CODE_VERSIONS, CV_PREDICTIONS, FUSED_FILE, FUSION_REPORT, GROUP, METRICS_FILE, MODEL_CARD, MODEL_CARD_MARKDOWN,
-    MODEL_FILE, PLOTS, _required_input)
+    MODEL_FILE, PLOTS, required_input)
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.pathology.checks import UNI_FEATURES
@@ -76,7 +76,7 @@ def current_model_version(store: ArtifactStore) -> tuple[Path, dict] | None:
 def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage,
                      risk_model: RiskModelSettings) -> Iterator[dg.MaterializeResult]:
     store = storage.store()
-    fused_path = _required_input(store, "fused_table", FUSED_FILE)
+    fused_path = required_input(store, "fused_table", FUSED_FILE)
     settings = risk_model.model_settings()
     # The fit reads the labelled patients' rows and nothing else; the reuse fingerprint covers exactly that.
     table = training.training_table(pq.read_table(fused_path), settings.blocks())
