@@ -44,8 +44,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.batched_backfill import (CT_SOURCE, SLIDE_SOURCE, STOMACH_SOURCE, CtMaskBench, ct_variant, drop,
-                                         failure_messages)
+from benchmarks.batched_backfill import CT_SOURCE, SLIDE_SOURCE, STOMACH_SOURCE, CtMaskBench, ct_variant, drop
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_PATIENT, BATCHED = "one run per patient", "batched by the sensors"

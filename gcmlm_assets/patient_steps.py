@@ -147,7 +147,8 @@ def patients_in_between(instance: dg.DagsterInstance, chains: Sequence[Sequence[
             if not ahead:
                 continue
             records = instance.fetch_materializations(
-                dg.AssetRecordsFilter(asset_key=upstream, storage_ids=[made[p] for p in ahead]), limit=len(ahead)).records
+                dg.AssetRecordsFilter(asset_key=upstream, storage_ids=[made[p] for p in ahead]),
+                limit=len(ahead)).records
             for record in records:
                 if QUARANTINED_TO in (record.asset_materialization.metadata or {}):
                     continue

@@ -6,7 +6,8 @@ new risk_scores the sensor reads the scores' keys and every patient's recorded k
 and asks only for the patients whose keys differ, one run per bucket of `GCMLM_GPU_BATCH_PATIENTS`
 partitions (patient_batches.py; the run carries the bucket's tag): over the range from the
 bucket's first changed patient to its last (the step skips the patients in between that are
-unchanged or unscored, without an event), or an ordinary one-patient run for a bucket of one. One tick asks for at most `runs_per_tick` runs; its cursor (the scores' event
+unchanged or unscored, without an event), or an ordinary one-patient run for a bucket of one.
+One tick asks for at most `runs_per_tick` runs; its cursor (the scores' event
 and the last patient asked for) lets the next tick carry on.
 """
 

@@ -38,7 +38,8 @@ def _queued(instance: dg.DagsterInstance, request: dg.RunRequest) -> dg.DagsterR
     tags = dict(request.tags)
     if request.partition_key is not None:
         tags[runs.PARTITION_TAG] = request.partition_key  # as Dagster tags a one-partition run
-    run = dg.DagsterRun(job_name="__ASSET_JOB", run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.NOT_STARTED,  # QUEUED needs a code location
+    # NOT_STARTED: in flight like QUEUED, which the instance accepts only with a code location
+    run = dg.DagsterRun(job_name="__ASSET_JOB", run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.NOT_STARTED,
                         asset_selection=frozenset(request.asset_selection or ()), tags=tags)
     instance.add_run(run)
     return run
