@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+from gcmlm_assets import runs
 from gcmlm_assets.cohort.assets import clinical_table
 from gcmlm_assets.cohort.checks import clinical_rows_valid
 from gcmlm_assets.pathology.assets import patch_coords
@@ -356,8 +357,12 @@ def run_landing(corpus: Corpus, cases: dict[str, Case]) -> None:
 
     ticker = Ticker(corpus.instance, corpus.landing)
     result = ticker.tick()
-    requested = {(r.partition_key, r.tags["gcmlm/modality"]) for r in result.run_requests}
-    partitions = set(corpus.instance.get_dynamic_partitions("patients"))
+    order = list(corpus.instance.get_dynamic_partitions("patients"))
+    partitions = set(order)
+    # (patient, modality) of every request: a batch's range covers several patients
+    requested = {(patient_id, r.tags["gcmlm/modality"]) for r in result.run_requests
+                 for patient_id in ([r.partition_key] if r.partition_key is not None else
+                                    runs.range_run_patients(r.tags, order, {p: i for i, p in enumerate(order)}))}
     good_ok = {(GOOD_DROP, "radiology"), (GOOD_DROP, "pathology")} <= requested and GOOD_DROP in partitions
     good_note = f"{GOOD_DROP}'s radiology and pathology requested in the same tick"
 
