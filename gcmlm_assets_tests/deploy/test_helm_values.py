@@ -6,7 +6,9 @@ chart version it was read from); every key path of the values file must be there
 JSON type. The rest checks what the values mean: a ClusterIP webserver and no ingress, the
 PostgreSQL password from a Secret only, the code location's module and environment, the run limits
 of deploy/k8s/dagster.yaml, the shared volume at /data, and that the instance the chart makes from
-these values is one Dagster 1.13 accepts.
+these values (chart_render.py) is one Dagster 1.13 accepts: step logs kept on the shared volume
+where the webserver reads them, and the same as deploy/k8s/dagster.yaml except where listed.
+Its PostgreSQL storage is opened on a real server in test_chart_instance.py.
 """
 
 from __future__ import annotations
