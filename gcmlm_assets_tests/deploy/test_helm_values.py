@@ -6,7 +6,9 @@ chart version it was read from); every key path of the values file must be there
 JSON type. The rest checks what the values mean: a ClusterIP webserver and no ingress, the
 PostgreSQL password from a Secret only, the code location's module and environment, the run limits
 of deploy/k8s/dagster.yaml, the shared volume at /data, and that the instance the chart makes from
-these values is one Dagster 1.13 accepts.
+these values (chart_render.py) is one Dagster 1.13 accepts: step logs kept on the shared volume
+where the webserver reads them, and the same as deploy/k8s/dagster.yaml except where listed.
+Its PostgreSQL storage is opened on a real server in test_chart_instance.py.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 import yaml
 
 from gcmlm_assets import step_pods
+from gcmlm_assets_tests.deploy import chart_render
 
 REPO = Path(__file__).resolve().parents[2]
 VALUES_FILE = REPO / "deploy" / "helm" / "values.yaml"
@@ -333,43 +336,24 @@ def test_daemon_runs_sensors_and_automation(values):
 
 
 # ---------------------------------------------------------------------------------------------
-# The instance the chart renders from these values, as far as they set it, loads in Dagster.
+# The instance the chart renders from these values (chart_render.py) loads in Dagster. Its storage
+# on PostgreSQL is tested in test_chart_instance.py; here SQLite stands in for it and the run
+# launcher, which needs a cluster, is checked against dagster-k8s's config schema.
 
-def _snake(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
-
-def rendered_instance_settings(values: dict) -> dict:
-    """The parts of the chart's dagster.yaml (templates/configmap-instance.yaml) these values set.
-
-    Mirrors the 1.13 templates: a QueuedRunCoordinator whose config carries no run limits while
-    `concurrency.enabled` (they are rendered under `concurrency:`), the concurrency block with its
-    keys in snake_case (tag limits as given), run retries, the sensor daemon's threads, telemetry,
-    and additionalInstanceConfig appended as it is.
-    """
-    daemon = values["dagsterDaemon"]
-    concurrency = values["concurrency"]
-    assert daemon["runCoordinator"]["type"] == "QueuedRunCoordinator"
-    settings: dict = {"run_coordinator": {"module": "dagster.core.run_coordinator", "class": "QueuedRunCoordinator"}}
-    if concurrency["enabled"]:
-        settings["concurrency"] = {
-            "pools": {_snake(k): v for k, v in concurrency["pools"].items() if v is not None},
-            "runs": {"max_concurrent_runs": concurrency["runs"]["maxConcurrentRuns"],
-                     "tag_concurrency_limits": concurrency["runs"]["tagConcurrencyLimits"]},
-        }
-    retries = daemon["runRetries"]
-    settings["run_retries"] = {"enabled": retries["enabled"], "max_retries": retries["maxRetries"],
-                               "retry_on_asset_or_op_failure": retries["retryOnAssetOrOpFailure"]}
-    settings["sensors"] = {"use_threads": daemon["sensors"]["useThreads"],
-                           "num_workers": daemon["sensors"]["numWorkers"]}
-    settings["telemetry"] = {"enabled": values["telemetry"]["enabled"]}
-    settings.update(values.get("additionalInstanceConfig") or {})
-    return settings
+def loadable_here(instance: dict) -> dict:
+    """The rendered instance less what needs a cluster (run launcher) or a server (PostgreSQL)."""
+    return {key: value for key, value in instance.items()
+            if key not in ("run_launcher", *chart_render.STORAGE_CLASSES)}
 
 
-def test_rendered_instance_loads_with_the_intended_limits(values, k8s_instance, tmp_path):
-    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(rendered_instance_settings(values)))
-    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:  # SQLite stands in for PostgreSQL
+@pytest.fixture(scope="module")
+def rendered(values) -> dict:
+    return chart_render.render_instance(values)
+
+
+def test_rendered_instance_loads_with_the_intended_limits(values, rendered, k8s_instance, tmp_path):
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(loadable_here(rendered)))
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         concurrency = instance.get_concurrency_config()
         assert concurrency.pool_config.default_pool_limit == values["concurrency"]["pools"]["defaultLimit"]
         assert concurrency.pool_config.pool_granularity.value == "op"
@@ -381,13 +365,134 @@ def test_rendered_instance_loads_with_the_intended_limits(values, k8s_instance, 
         assert instance.auto_materialize_enabled
 
 
-def test_run_limits_beside_a_concurrency_block_are_refused(values, tmp_path):
+def test_rendered_run_launcher_config_is_one_dagster_k8s_accepts(rendered):
+    from dagster._config import process_config
+    from dagster._config.field_utils import convert_potential_field
+    from dagster_k8s import K8sRunLauncher
+
+    launcher = rendered["run_launcher"]
+    assert (launcher["module"], launcher["class"]) == ("dagster_k8s", "K8sRunLauncher")
+    result = process_config(convert_potential_field(K8sRunLauncher.config_type()).config_type, launcher["config"])
+    assert result.success, result.errors
+
+
+def test_run_limits_beside_a_concurrency_block_are_refused(rendered, tmp_path):
     """Why the run limits sit under `concurrency.runs`, not in the run coordinator's config."""
-    settings = rendered_instance_settings(values)
-    settings["run_coordinator"]["config"] = {"max_concurrent_runs": 32}
+    settings = loadable_here(rendered)
+    settings["run_coordinator"] = {**settings["run_coordinator"], "config": {"max_concurrent_runs": 32}}
     (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(settings))
     with pytest.raises(dg.DagsterInvalidConfigError, match="incompatible"):
         dg.DagsterInstance.from_config(str(tmp_path))
+
+
+def test_the_renderer_refuses_values_it_does_not_reproduce(values):
+    """A key that would change the chart's dagster.yaml and that chart_render.py ignores fails loudly."""
+    import copy
+
+    changed = copy.deepcopy(values)
+    changed["runLauncher"]["config"]["k8sRunLauncher"]["envSecrets"] = [{"name": "x"}]
+    with pytest.raises(chart_render.UnsupportedValues, match="envSecrets"):
+        chart_render.render_instance(changed)
+    changed = copy.deepcopy(values)
+    changed["computeLogManager"]["type"] = "S3ComputeLogManager"
+    with pytest.raises(chart_render.UnsupportedValues, match="S3ComputeLogManager"):
+        chart_render.render_instance(changed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step logs: kept on the shared volume, readable by the webserver.
+
+def test_step_logs_are_kept_where_the_webserver_reads_them(values, rendered, deployment, launcher, tmp_path):
+    compute_logs = rendered["compute_logs"]
+    base_dir = compute_logs["config"]["base_dir"]
+    assert base_dir == "/data/dagster/compute_logs"
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump({"compute_logs": compute_logs}))
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        from dagster._core.storage.local_compute_log_manager import LocalComputeLogManager
+
+        manager = instance.compute_log_manager
+        assert isinstance(manager, LocalComputeLogManager), type(manager)
+        assert manager._base_dir == base_dir  # noqa: SLF001 (no public accessor)
+
+    # Step pods write there: they mount the volume's root at /data (the launcher's mounts, which
+    # dagster-k8s passes on to the step jobs).
+    def where_on_the_volume(volumes: list[dict], mounts: list[dict], path: str) -> str | None:
+        """The path inside the PVC gcmlm-data that `path` in the pod is, or None."""
+        claims = {v["name"] for v in volumes if v.get("persistentVolumeClaim", {}).get("claimName") == "gcmlm-data"}
+        for mount in mounts:
+            root = mount["mountPath"].rstrip("/")
+            if mount["name"] in claims and (path == root or path.startswith(root + "/")):
+                return "/".join(p for p in (mount.get("subPath", ""), path[len(root):].strip("/")) if p)
+        return None
+
+    on_volume = where_on_the_volume(launcher["volumes"], launcher["volumeMounts"], base_dir)
+    assert on_volume == "dagster/compute_logs"
+    webserver = values["dagsterWebserver"]
+    assert where_on_the_volume(webserver["volumes"], webserver["volumeMounts"], base_dir) == on_volume, \
+        "the webserver's pod sees the same folder of the volume at the same path"
+    assert webserver["volumes"] == deployment["volumes"], "one volume, the shared PVC"
+    assert where_on_the_volume(webserver["volumes"], webserver["volumeMounts"], "/data/landing") is None, \
+        "the webserver mounts the step logs only, not the patients' data"
+
+
+def test_the_chart_default_would_discard_step_logs(values):
+    """Without computeLogManager the chart writes the NoOp manager (what issue 21 found)."""
+    without = {key: value for key, value in values.items() if key != "computeLogManager"}
+    assert chart_render.render_instance(without)["compute_logs"]["class"] == "NoOpComputeLogManager"
+
+
+# ---------------------------------------------------------------------------------------------
+# The chart's instance and deploy/k8s/dagster.yaml: the same where they share a setting, and
+# different only where listed (with why).
+
+DELIBERATE_DIFFERENCES = {
+    # The chart writes three storage entries with the values' host, user, database and port; the
+    # plain file one `storage: postgres:` block reading them from DAGSTER_PG_* (same scheme, same
+    # password variable; compared below).
+    "storage": "storage", "run_storage": "storage", "event_log_storage": "storage",
+    "schedule_storage": "storage",
+    # The chart's daemon runs the scheduler and the threaded sensor daemon; the plain file leaves
+    # both at Dagster's defaults.
+    "scheduler": "daemon", "sensors": "daemon",
+    # Set in the values file only; the plain file keeps Dagster's defaults.
+    "telemetry": "values only", "auto_materialize": "values only",
+}
+# Run-launcher keys that name chart-made objects (service account, instance ConfigMap, the
+# password Secret, the namespace) or carry what the plain file gets from the `gcmlm-env` ConfigMap.
+LAUNCHER_DIFFERENCES = {"load_incluster_config", "job_namespace", "service_account_name", "dagster_home",
+                        "instance_config_map", "postgres_password_secret", "env_config_maps", "env_vars",
+                        "security_context", "run_k8s_config"}
+
+
+def _same_module(a: str, b: str) -> bool:
+    return a.replace("dagster._core.", "dagster.core.") == b.replace("dagster._core.", "dagster.core.")
+
+
+def test_the_chart_instance_and_the_plain_instance_agree_where_they_share(rendered, k8s_instance):
+    differing = sorted(set(rendered) ^ set(k8s_instance) | {key for key in set(rendered) & set(k8s_instance)
+                                                             if rendered[key] != k8s_instance[key]})
+    allowed = set(DELIBERATE_DIFFERENCES) | {"run_launcher", "run_coordinator", "compute_logs"}
+    assert set(differing) <= allowed, f"not listed as deliberate: {sorted(set(differing) - allowed)}"
+
+    plain_db = k8s_instance["storage"]["postgres"]["postgres_db"]
+    for key in chart_render.STORAGE_CLASSES:
+        chart_db = rendered[key]["config"]["postgres_db"]
+        assert chart_db["scheme"] == plain_db["scheme"] == "postgresql+psycopg2"
+        assert chart_db["password"] == plain_db["password"] == {"env": chart_render.PASSWORD_ENV}
+    assert rendered["concurrency"] == k8s_instance["concurrency"]
+    assert rendered["run_retries"] == k8s_instance["run_retries"]
+    for key in ("run_coordinator", "compute_logs"):  # equal up to dagster.core / dagster._core
+        assert rendered[key]["class"] == k8s_instance[key]["class"]
+        assert _same_module(rendered[key]["module"], k8s_instance[key]["module"])
+        assert rendered[key].get("config") == k8s_instance[key].get("config")
+    chart_launcher, plain_launcher = rendered["run_launcher"], k8s_instance["run_launcher"]
+    assert (chart_launcher["module"], chart_launcher["class"]) == (plain_launcher["module"], plain_launcher["class"])
+    shared = set(chart_launcher["config"]) & set(plain_launcher["config"]) - LAUNCHER_DIFFERENCES
+    assert shared == {"volumes", "volume_mounts"}
+    for key in shared:
+        assert chart_launcher["config"][key] == plain_launcher["config"][key], key
+    unlisted = (set(chart_launcher["config"]) | set(plain_launcher["config"])) - shared - LAUNCHER_DIFFERENCES
+    assert not unlisted, f"run launcher keys neither compared nor listed as deliberate: {sorted(unlisted)}"
 
 
 def test_values_file_has_no_json_typos_in_env(deployment):
