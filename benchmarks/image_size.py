@@ -59,7 +59,8 @@ def code_bytes() -> int:
     total = 0
     for relative in CODE:
         path = REPO / relative
-        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        files = [path] if path.is_file() else [
+            p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
         total += sum(f.stat().st_size for f in files)
     return total
 
