@@ -13,21 +13,44 @@ export GCMLM_DATA_ROOT ?= $(abspath data)
 # The local SQLite instance lives under the data root (make ui, make demo, dagster CLI from make).
 export DAGSTER_HOME ?= $(GCMLM_DATA_ROOT)/dagster_home
 
-.PHONY: install test demo ui bench validate clean
+# `make lock`: uv, in a virtualenv of its own, compiles deploy/lock/ (the image's dependencies with
+# their sha256 hashes) from pyproject.toml and deploy/lock/*.in, for Linux x86_64 and CPython 3.11,
+# from PyPI (never this machine's local indexes: the hashes are those of the files the image's build
+# downloads). Versions already in the lock are kept; `make lock UPGRADE=1` moves them to the newest.
+LOCK_VENV := .venv-lock
+UV := $(LOCK_VENV)/bin/uv
+LOCK_COMPILE = $(UV) pip compile --no-config --index-url https://pypi.org/simple \
+	--python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
+	--annotation-style line --custom-compile-command "make lock" --quiet $(if $(UPGRADE),--upgrade)
+# The lock's versions (without hashes) constrain this venv too, so development and CI run what the
+# image runs.
+LOCK_CONSTRAINTS := $(VENV)/lock-constraints.txt
+
+.PHONY: install test demo ui bench validate clean lock
 
 install: $(STAMP)
 
 # torch comes from the machine's local wheel index (pip only); PyRadiomics 3.0.1
 # has no 3.11 wheel and must be built against the numpy 2 already in the venv,
 # without build isolation or a cached wheel.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile deploy/lock/image.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.14.1 torchvision==0.29.1 numpy==2.4.6 versioneer "setuptools>=77" wheel
+	sed -n 's/^\([A-Za-z0-9._-]*==[^ ]*\).*/\1/p' deploy/lock/image.txt > $(LOCK_CONSTRAINTS)
+	$(PIP) install -q --upgrade pip -c $(LOCK_CONSTRAINTS)
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1 numpy==2.4.6 versioneer "setuptools>=77" wheel \
+	  -c $(LOCK_CONSTRAINTS)
 	$(PY) -c "import radiomics" 2>/dev/null || \
-	  $(PIP) install -q --no-build-isolation --no-cache-dir pyradiomics==3.0.1
-	$(PIP) install -q -e ".[test]"
+	  $(PIP) install -q --no-build-isolation --no-cache-dir pyradiomics==3.0.1 -c $(LOCK_CONSTRAINTS)
+	$(PIP) install -q -e ".[test]" -c $(LOCK_CONSTRAINTS)
 	touch $(STAMP)
+
+$(UV):
+	test -x $(LOCK_VENV)/bin/python || $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q uv==0.13.9
+
+lock: $(UV)
+	$(LOCK_COMPILE) pyproject.toml deploy/lock/image.in -o deploy/lock/image.txt
+	$(LOCK_COMPILE) deploy/lock/build.in -c deploy/lock/image.txt -o deploy/lock/build.txt
 
 $(CHECKOV): Makefile
 	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)

@@ -1,7 +1,8 @@
 """deploy/Dockerfile: hadolint finds nothing at warning level or above, and the image is what the
-deployment needs (a CUDA runtime base, the Makefile's install order with the project's pins,
-PyRadiomics built without build isolation, a numeric non-root user, GCMLM_ENV=k8s, dagster on
-PATH). No image is built here: there is no Docker daemon on the development machines.
+deployment needs (a CUDA runtime base, every dependency from the hash-locked deploy/lock/ before the
+code is copied, PyRadiomics built without build isolation, the project installed with --no-deps as
+the last layer, a numeric non-root user, GCMLM_ENV=k8s, dagster on PATH). No image is built here:
+base images cannot be pulled on the development machines.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
+IMAGE_LOCK = REPO / "deploy" / "lock" / "image.txt"
 CUDA_RUNTIME_IMAGE = re.compile(r"nvidia/cuda:(\d+)\.(\d+)\.(\d+)-cudnn-runtime-ubuntu(\d+\.\d+)")
 
 
@@ -141,7 +143,7 @@ def test_cuda_major_matches_the_torch_wheel(instructions):
     """PyPI's torch 2.14.1 Linux wheel is built for CUDA 13.0 (it depends on cuda-toolkit 13.0)."""
     base = next(i.args.split()[0] for i in instructions if i.name == "FROM")
     assert CUDA_RUNTIME_IMAGE.fullmatch(base).group(1) == "13"
-    assert pins(DOCKERFILE.read_text(encoding="utf-8"))["torch"] == "2.14.1"
+    assert pins(IMAGE_LOCK.read_text(encoding="utf-8"))["torch"] == "2.14.1"
 
 
 def test_python_311_from_the_distribution(instructions):
@@ -160,28 +162,58 @@ def test_apt_installs_are_minimal_and_cleaned(instructions):
             assert "rm -rf /var/lib/apt/lists/*" in instruction.args, f"line {instruction.line}"
 
 
-def test_install_order_and_pins_follow_the_makefile_and_pyproject(instructions):
-    runs = [i for i in instructions if i.name == "RUN" and "pip install" in i.args]
-    torch_step = next(n for n, i in enumerate(runs) if "torch==" in i.args)
-    radiomics_step = next(n for n, i in enumerate(runs) if "pyradiomics==" in i.args)
-    project_step = next(n for n, i in enumerate(runs) if re.search(r"pip install [^&]*(/src|\s\.)(\s|$)", i.args))
-    assert torch_step < radiomics_step < project_step, "torch and numpy, then PyRadiomics, then the project"
-    assert "numpy==" in runs[torch_step].args and "versioneer" in runs[torch_step].args
+def pip_installs(stage: list[Instruction]) -> list[Instruction]:
+    return [i for i in stage if i.name == "RUN" and "pip install" in i.args]
 
-    dockerfile_pins = pins(DOCKERFILE.read_text(encoding="utf-8"))
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
-    project_pins = pins(" ".join(pyproject["project"]["dependencies"]))
-    for name in ("torch", "torchvision", "numpy", "pyradiomics"):
-        assert dockerfile_pins[name] == project_pins[name], f"{name}: the Dockerfile and pyproject.toml agree"
+
+def test_dependencies_come_from_the_lock_with_hashes(instructions):
+    """The deps stage copies only deploy/lock/ and installs it with --require-hashes --no-deps: the
+    build tools first, then the rest; no version is resolved or pinned in the Dockerfile itself."""
+    deps = stages(instructions)[0]
+    copies = [i.args.split() for i in deps if i.name == "COPY"]
+    assert copies == [["deploy/lock/build.txt", "deploy/lock/image.txt", "/tmp/lock/"]], copies
+    installs = pip_installs(deps)
+    assert [re.search(r"-r (\S+)", i.args).group(1) for i in installs] == \
+        ["/tmp/lock/build.txt", "/tmp/lock/image.txt"]
+    for install in installs:
+        assert "--require-hashes" in install.args and "--no-deps" in install.args, f"line {install.line}"
+    assert not pins(DOCKERFILE.read_text(encoding="utf-8")), "versions come from the lock"
+
+
+def test_the_makefile_pins_agree_with_the_lock():
+    locked = pins(IMAGE_LOCK.read_text(encoding="utf-8"))
     makefile_pins = pins((REPO / "Makefile").read_text(encoding="utf-8"))
     for name in ("torch", "torchvision", "numpy", "pyradiomics"):
-        assert dockerfile_pins[name] == makefile_pins[name], f"{name}: the Dockerfile and the Makefile agree"
+        assert makefile_pins[name] == locked[name], f"{name}: the Makefile and deploy/lock/image.txt agree"
 
 
 def test_pyradiomics_is_built_without_build_isolation(instructions):
-    step = next(i for i in instructions if i.name == "RUN" and "pyradiomics==" in i.args)
+    """PyRadiomics' sdist is in image.txt: that install builds against build.txt's numpy."""
+    assert "pyradiomics" in pins(IMAGE_LOCK.read_text(encoding="utf-8"))
+    step = next(i for i in pip_installs(stages(instructions)[0]) if "image.txt" in i.args)
     assert "--no-build-isolation" in step.args
     assert "--no-cache-dir" in step.args, "a cached wheel built against another numpy must not be reused"
+
+
+def test_the_code_layer_comes_last(instructions):
+    """A code or README edit rebuilds only the final layers: the venv is copied from the deps stage
+    (which never sees the code), then the code is copied and the project installed with --no-deps."""
+    code_sources = {"pyproject.toml", "README.md", "gcmlm_assets"}
+    deps, final = stages(instructions)[0], stages(instructions)[-1]
+    for instruction in deps:
+        if instruction.name in ("COPY", "ADD"):
+            assert not code_sources & set(instruction.args.split()[:-1]), f"line {instruction.line}"
+    venv_copy = next(n for n, i in enumerate(final) if i.name == "COPY" and i.args.startswith("--from=deps"))
+    first_code = next(n for n, i in enumerate(final)
+                      if i.name == "COPY" and code_sources & set(i.args.split()[:-1]))
+    assert venv_copy < first_code
+    after = final[first_code:]
+    assert {i.name for i in after} <= {"COPY", "RUN", "WORKDIR", "USER", "EXPOSE", "CMD"}, \
+        "nothing heavy after the code"
+    runs = [i for i in after if i.name == "RUN"]
+    assert len(runs) == 1 and re.search(r"pip install [^&]*--no-deps[^&]* /src(\s|$)", runs[0].args), \
+        "one RUN after the code: the project alone, its dependencies are the lock's"
+    assert "pip check" in runs[0].args
 
 
 def test_runs_as_a_numeric_non_root_user(instructions):
