@@ -8,7 +8,7 @@ import dagster as dg
 from gcmlm_assets import step_pods
 from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events
 from gcmlm_assets.columns import column_schema_metadata
-from gcmlm_assets.devices import DeviceError
+from gcmlm_assets.devices import DeviceError, require_gpu_step_device
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.landing.scan import LandingInputError
 from gcmlm_assets.partitions import patients_partitions
@@ -187,6 +187,8 @@ def _slides_table(entries: list[dict], seconds: dict[str, float]) -> str:
 def uni_features(context: dg.AssetExecutionContext):
     store = context.resources.storage.store()
     encoder: PatchEncoder = context.resources.encoder
+    # On Kubernetes a GPU pod without a GPU is misplaced: the whole step fails now, naming its settings.
+    require_gpu_step_device(encoder.device, "encoder.device")
     model = LoadOnce(encoder.load, errors=(encoders.EncoderError, DeviceError))
     yield from per_patient_events(
         context, checks.UNI_FEATURES,

@@ -134,14 +134,15 @@ class PatchEncoder(dg.ConfigurableResource):
         """The encoder on its device. A step loads it once and encodes every patient of its run with it."""
         from gcmlm_assets.pathology.encoders import get_spec, load_encoder, resolve_checkpoint
 
-        device = resolve_device(self.device, "encoder.device")
+        device = resolve_device(self.device, "encoder.device", gpu_step=True)
         path = resolve_checkpoint(get_spec(self.name), self.checkpoint or None)
         return load_encoder(self.name, path, device.name), device
 
 
 def resources(env: str, profile: Profile = PRODUCTION) -> dict[str, dg.ConfigurableResource]:
     # A GPU pod (step_pods.GPU: 8 CPUs) reads with many workers and feeds larger batches; the device
-    # is "auto" everywhere, so a pod without a GPU says so in the metadata instead of failing at load.
+    # is "auto": CUDA when the pod has a GPU; on Kubernetes a GPU pod without one fails the step at
+    # once (devices.require_gpu_step_device), locally the CPU is used and the metadata say so.
     encoder = {"batch_size": 256, "num_workers": 8} if env == "k8s" else {}
     encoder.update(profile.resource_settings("encoder"))
     return {"pathology": TilingSettings(**profile.resource_settings("pathology")),

@@ -162,7 +162,7 @@ def _load_segmenter(model_folder: Path, pins, device_setting: str):
     from gcmlm_assets.devices import resolve_device
     from gcmlm_assets.radiology.nnunet import GastricSegmenter  # torch/nnU-Net only when predicting
 
-    device = resolve_device(device_setting, "segmentation.device")
+    device = resolve_device(device_setting, "segmentation.device", gpu_step=True)
     return GastricSegmenter.load(model_folder, device=device.name, pins=pins), device
 
 
@@ -196,10 +196,12 @@ def _load_segmenter(model_folder: Path, pins, device_setting: str):
     required_resource_keys={"storage", "landing", "segmentation", "radiomics"},
 )
 def ct_mask(context: dg.AssetExecutionContext):
-    from gcmlm_assets.devices import DeviceError
+    from gcmlm_assets.devices import DeviceError, require_gpu_step_device
     from gcmlm_assets.radiology.nnunet import ModelFolderError
 
     segmentation = context.resources.segmentation
+    # On Kubernetes a GPU pod without a GPU is misplaced: the whole step fails now, naming its settings.
+    require_gpu_step_device(segmentation.device, "segmentation.device")
     segmenter = LoadOnce(lambda folder, pins: _load_segmenter(folder, pins, segmentation.device),
                          errors=(DeviceError, ModelFolderError))
     yield from per_patient_events(context, "ct_mask", lambda patient_id: _ct_mask_for(context, patient_id, segmenter),

@@ -168,7 +168,7 @@ class SegmentationModelResource(dg.ConfigurableResource):
         from gcmlm_assets.devices import DeviceError, resolve_device
 
         try:
-            device = resolve_device(self.device, "segmentation.device").name
+            device = resolve_device(self.device, "segmentation.device", gpu_step=True).name
         except DeviceError as error:
             return str(error)
         if device == "cuda":
@@ -217,7 +217,7 @@ class SegmentationModelResource(dg.ConfigurableResource):
         return TrainingSettings(
             dataset_id=self.dataset_id, trainer=self.trainer, planner=self.planner, epochs=self.epochs,
             iterations_per_epoch=self.iterations_per_epoch, val_iterations=self.val_iterations, fold=self.fold,
-            device=resolve_device(self.device, "segmentation.device").name, tiny_plans=TinyPlans() if self.tiny_plans else None,
+            device=resolve_device(self.device, "segmentation.device", gpu_step=True).name, tiny_plans=TinyPlans() if self.tiny_plans else None,
             preprocessing_workers=self.preprocessing_workers, augmentation_workers=self.augmentation_workers,
             torch_threads=self.torch_threads, intensity_samples=1_000_000 if self.tiny_plans else None)
 

@@ -124,12 +124,15 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
     import shutil
     import uuid
 
+    from gcmlm_assets.devices import require_gpu_step_device
     from gcmlm_assets.radiology import nnunet, nnunet_training
     from gcmlm_assets.step_output import stdout_to_log
 
     storage: ArtifactStorage = context.resources.storage
     landing: LandingZone = context.resources.landing
     segmentation = context.resources.segmentation
+    # On Kubernetes a GPU pod without a GPU is misplaced: fail now, not after the inputs are read.
+    require_gpu_step_device(segmentation.device, "segmentation.device")
     if segmentation.trained_model_folder:
         return _configured_model_result(context, segmentation.trained_model_folder,
                                         segmentation.trained_model_sha256)

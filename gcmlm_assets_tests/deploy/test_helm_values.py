@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from gcmlm_assets import step_pods
-from gcmlm_assets_tests.deploy import chart_render
+from gcmlm_assets_tests.deploy import chart_launcher, chart_render
 
 REPO = Path(__file__).resolve().parents[2]
 VALUES_FILE = REPO / "deploy" / "helm" / "values.yaml"
@@ -168,6 +168,9 @@ def test_every_key_is_a_chart_key_of_the_right_type(values, schema_keys):
     used: set[str] = set()
     for key, node in values.items():
         check_tree(node, (key,), chart, kinds, "", used, errors)
+    # The pull secrets deploy/README.md tells an operator to set (empty lists in the file).
+    for key, node in chart_launcher.PULL_SECRET_OVERRIDES.items():
+        check_tree(node, (key,), chart, kinds, "(pull secrets set) ", used, errors)
     assert not errors, "\n".join(errors)
     stale = sorted(set(schema_keys["keys"]) - used)
     assert not stale, f"listed in chart_schema_keys.yaml but not used by the values file: {stale}"
@@ -221,7 +224,9 @@ def test_postgres_password_comes_from_a_secret_only(values):
     for path, value in all_key_paths(values):
         name = path[-1].lower()
         if "password" in name or "secret" in name or "token" in name:
-            assert path == ("global", "postgresqlSecretName") or name == "generatepostgresqlpasswordsecret", \
+            # Names of Secrets, never their contents: the password Secret and the pull secrets' list.
+            assert path == ("global", "postgresqlSecretName") or name == "generatepostgresqlpasswordsecret" \
+                or (name == "imagepullsecrets" and value == []), \
                 f"{show(path)} in the values file: secrets belong in Kubernetes Secrets"
     text = VALUES_FILE.read_text(encoding="utf-8")
     assert "postgresqlPassword" not in text

@@ -56,12 +56,14 @@ import pytest
 import yaml
 
 from gcmlm_assets import step_pods
+from gcmlm_assets_tests.deploy import chart_launcher
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 INSTANCE_YAML = PROJECT_ROOT / "deploy" / "k8s" / "dagster.yaml"
 
-# The one Kubernetes version manifests are validated against (kubernetes-validate's schemas).
-KUBERNETES_VERSION = "1.31"
+# The Kubernetes versions manifests are validated against (kubernetes-validate's strict schemas;
+# 1.37.0 of the package ships 1.25 to 1.37).
+KUBERNETES_VERSIONS = tuple(f"1.{minor}" for minor in range(29, 36))
 
 TEST_IMAGE = "registry.example.com/gcmlm/gcmlm-assets:0.1.0"
 TEST_NAMESPACE = "gcmlm-test"
@@ -127,8 +129,14 @@ def _kubeconfig(path: Path) -> Path:
     return path
 
 
-def build_step_jobs(workdir: Path) -> dict:
-    """Every step's Job, built by dagster-k8s's K8sStepHandler (see the module docstring)."""
+def build_step_jobs(workdir: Path, source: str = "plain") -> dict:
+    """Every step's Job, built by dagster-k8s's K8sStepHandler (see the module docstring).
+
+    `source`: "plain" takes the run launcher from deploy/k8s/dagster.yaml; "chart" takes it, and
+    the code location's container context, as the Helm chart renders them from
+    deploy/helm/values.yaml with pull secrets set (chart_launcher.py), and builds one run only.
+    Both also record the run worker's Job, made by `K8sRunLauncher.launch_run`.
+    """
     from unittest import mock
 
     import kubernetes
@@ -138,6 +146,7 @@ def build_step_jobs(workdir: Path) -> dict:
     from dagster._core.execution.context_creation_job import create_context_free_log_manager
     from dagster._core.execution.plan.active import ActiveExecution
     from dagster._core.executor.init import InitExecutorContext
+    from dagster._core.launcher import LaunchRunContext
     from dagster._core.system_config.objects import ResolvedRunConfig
     from dagster._core.test_utils import instance_for_test
     from dagster_k8s.container_context import K8sContainerContext
@@ -147,11 +156,21 @@ def build_step_jobs(workdir: Path) -> dict:
     defs = build_definitions(env="k8s")
     job_def = defs.resolve_implicit_global_asset_job_def()
     # The code location, as `dagster api grpc -m gcmlm_assets.definitions` serves it from the image.
+    if source == "chart":
+        values = chart_launcher.chart_values(chart_launcher.PULL_SECRET_OVERRIDES)
+        image = chart_launcher.image_name(chart_launcher.the_deployment(values))
+        container_context = chart_launcher.code_location_container_context(values)
+        launcher = chart_launcher.run_launcher(values)
+        run_tags = [("plain", {})]
+    else:
+        image, container_context = TEST_IMAGE, None
+        launcher = copy.deepcopy(yaml.safe_load(INSTANCE_YAML.read_text(encoding="utf-8"))["run_launcher"])
+        run_tags = [("plain", {}), ("tagged", {step_pods.K8S_CONFIG_TAG: json.dumps(RUN_TAG_CONFIG)})]
     repository = ReconstructableRepository.for_module(
-        "gcmlm_assets.definitions", "defs", str(PROJECT_ROOT), container_image=TEST_IMAGE)
+        "gcmlm_assets.definitions", "defs", str(PROJECT_ROOT), container_image=image,
+        container_context=container_context)
     recon_job = repository.get_reconstructable_job(job_def.name)
 
-    launcher = copy.deepcopy(yaml.safe_load(INSTANCE_YAML.read_text(encoding="utf-8"))["run_launcher"])
     launcher.setdefault("config", {}).update(
         load_incluster_config=False, kubeconfig_file=str(_kubeconfig(workdir / "kubeconfig")))
 
@@ -177,7 +196,7 @@ def build_step_jobs(workdir: Path) -> dict:
         result["executor"] = {"config": executor_config, "max_concurrent": executor._max_concurrent,  # noqa: SLF001
                               "step_handler": type(executor._step_handler).__name__}  # noqa: SLF001
         plan = create_execution_plan(recon_job)
-        for label, tags in (("plain", {}), ("tagged", {step_pods.K8S_CONFIG_TAG: json.dumps(RUN_TAG_CONFIG)})):
+        for label, tags in run_tags:
             run = instance.create_run_for_job(job_def, execution_plan=plan, tags=tags,
                                               job_code_origin=recon_job.get_python_origin())
             plan_context = PlanOrchestrationContext(
@@ -201,14 +220,19 @@ def build_step_jobs(workdir: Path) -> dict:
             # The run worker's pod (K8sRunLauncher) does read run tags: the control for the tagged run.
             run_pod_config = K8sContainerContext.create_for_run(
                 run, instance.run_launcher, include_run_tags=True).run_k8s_config.to_dict()
-            result["runs"][label] = {"tags": dict(run.tags), "jobs": jobs,
+            created.clear()
+            instance.run_launcher.launch_run(LaunchRunContext(dagster_run=run, workspace=None))
+            assert len(created) == 1, f"run worker: {len(created)} jobs created"
+            run_worker = serialize(created[0][0])
+            run_worker["metadata"]["namespace"] = created[0][1]
+            result["runs"][label] = {"tags": dict(run.tags), "jobs": jobs, "run_worker": run_worker,
                                      "run_pod_k8s_config": json.loads(json.dumps(run_pod_config, default=str))}
     return result
 
 
 def _main() -> None:
     out = Path(sys.argv[1])
-    out.write_text(json.dumps(build_step_jobs(out.parent), default=str))
+    out.write_text(json.dumps(build_step_jobs(out.parent, *sys.argv[2:]), default=str))
 
 
 if __name__ == "__main__":
@@ -217,20 +241,27 @@ if __name__ == "__main__":
 
 # ---------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("step_jobs") / "jobs.json"
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("GCMLM_ENV", "k8s")
-        env.setenv("GCMLM_GPU_NODE_SELECTOR", json.dumps(GPU_NODE_SELECTOR))
-        env.setenv("GCMLM_GPU_TOLERATIONS", json.dumps(GPU_TOLERATIONS))
-        env.delenv("GCMLM_GPU_SHM", raising=False)
-        env.setenv("DAGSTER_K8S_NAMESPACE", TEST_NAMESPACE)  # the run launcher's job_namespace
-        done = subprocess.run([sys.executable, "-m", "gcmlm_assets_tests.deploy.test_step_jobs", str(out)],
+def run_builder(out: Path, source: str, env: dict[str, str]) -> dict:
+    """`build_step_jobs(source)` in a child process with `env` over this one's (see the module docstring)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        patch.delenv("GCMLM_GPU_SHM", raising=False)
+        done = subprocess.run([sys.executable, "-m", "gcmlm_assets_tests.deploy.test_step_jobs", str(out), source],
                               cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         pytest.fail(f"building the step jobs failed (exit {done.returncode}):\n{done.stderr[-6000:]}")
     return json.loads(out.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict:
+    return run_builder(tmp_path_factory.mktemp("step_jobs") / "jobs.json", "plain", {
+        "GCMLM_ENV": "k8s",
+        "GCMLM_GPU_NODE_SELECTOR": json.dumps(GPU_NODE_SELECTOR),
+        "GCMLM_GPU_TOLERATIONS": json.dumps(GPU_TOLERATIONS),
+        "DAGSTER_K8S_NAMESPACE": TEST_NAMESPACE,  # the run launcher's job_namespace
+    })
 
 
 @pytest.fixture(scope="module")
@@ -364,17 +395,25 @@ def test_job_level_tags_never_reach_step_pods(built):
 
 # ---------------------------------------------------------------- the Kubernetes schema
 
-def test_every_step_job_is_valid_for_the_pinned_kubernetes_version(built):
+def validation_failures(manifests: dict[str, dict]) -> list[str]:
+    """Each manifest against each of KUBERNETES_VERSIONS, strict (unknown fields fail)."""
     import kubernetes_validate
 
     failures = []
-    for label, run in built["runs"].items():
-        for key, job in run["jobs"].items():
+    for version in KUBERNETES_VERSIONS:
+        for name, manifest in manifests.items():
             try:
-                assert kubernetes_validate.validate(job, KUBERNETES_VERSION, strict=True) == KUBERNETES_VERSION
+                assert kubernetes_validate.validate(manifest, version, strict=True) == version
             except kubernetes_validate.ValidationError as error:
-                failures.append(f"{label}/{key}: {'.'.join(map(str, error.path))}: {error.message}")
-    assert not failures, "\n".join(failures)
+                failures.append(f"{version} {name}: {'.'.join(map(str, error.path))}: {error.message}")
+    return failures
+
+
+def test_every_job_is_valid_for_kubernetes_1_29_to_1_35(built):
+    manifests = {f"{label}/{key}": job for label, run in built["runs"].items() for key, job in run["jobs"].items()}
+    manifests.update({f"{label}/run worker": run["run_worker"] for label, run in built["runs"].items()})
+    failures = validation_failures(manifests)
+    assert not failures, "\n".join(failures[:40])
 
 
 def test_strict_validation_rejects_an_unknown_field(jobs):
@@ -382,8 +421,9 @@ def test_strict_validation_rejects_an_unknown_field(jobs):
 
     job = copy.deepcopy(next(iter(jobs.values())))
     _container(job)["securityContext"]["readOnlyRootFileSystem"] = True  # misspelt
-    with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(job, KUBERNETES_VERSION, strict=True)
+    for version in KUBERNETES_VERSIONS:
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(job, version, strict=True)
 
 
 # ---------------------------------------------------------------- checkov
