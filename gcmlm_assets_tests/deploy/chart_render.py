@@ -17,7 +17,7 @@ What the chart writes there, and this module with it:
   `global.postgresqlSecretName`, key `postgresql-password`), `hostname` (the external host when
   `postgresql.enabled` is false), `port` from `postgresql.service.port`, `params` from
   `postgresqlParams` (`{}` by default) and `scheme` only when `postgresqlScheme` is set;
-- the K8sRunLauncher's wiring and the launcher keys our values set;
+- the K8sRunLauncher's block, rendered by `chart_launcher.run_launcher` (one rendering of it);
 - the QueuedRunCoordinator (no `config` while its own limits are unset), `compute_logs`,
   `run_retries`, `sensors`, `telemetry`, `concurrency` and `additionalInstanceConfig` appended as
   given.
@@ -33,16 +33,23 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from gcmlm_assets_tests.deploy import chart_launcher
+
 CHART = "dagster"
 RELEASE = "gcmlm"  # deploy/README.md: `helm upgrade --install gcmlm dagster/dagster ...`
 NAMESPACE = "gcmlm"
-DAGSTER_HOME = "/opt/dagster/dagster_home"  # the chart's global.dagsterHome default
 
 # The variable the chart sets from the password Secret in every Dagster pod (webserver, daemon,
 # code location, run and step pods) and the instance reads.
 PASSWORD_ENV = "DAGSTER_PG_PASSWORD"
 
 COMPUTE_LOG_TYPES = {"NoOpComputeLogManager", "CustomComputeLogManager"}
+
+
+# The k8sRunLauncher keys chart_launcher.run_launcher renders.
+LAUNCHER_KEYS = {"loadInclusterConfig", "jobNamespace", "imagePullPolicy", "kubeconfigFile", "image", "envConfigMaps",
+                 "envSecrets", "envVars", "volumeMounts", "volumes", "labels", "resources", "securityContext",
+                 "failPodOnRunFailure", "schedulerName", "runK8sConfig"}
 
 
 class UnsupportedValues(ValueError):
@@ -86,34 +93,6 @@ def storage_sections(values: dict) -> dict:
     """The chart's three storage entries, each a dagster_postgres class on the same database."""
     return {key: {"module": module, "class": cls, "config": {"postgres_db": postgres_db(values)}}
             for key, (module, cls) in STORAGE_CLASSES.items()}
-
-
-def _run_launcher(values: dict, release: str, namespace: str) -> dict:
-    launcher = values["runLauncher"]
-    if launcher["type"] != "K8sRunLauncher":
-        raise UnsupportedValues(f"runLauncher.type {launcher['type']!r}: only K8sRunLauncher is rendered here")
-    k8s = launcher["config"]["k8sRunLauncher"]
-    known = {"envVars", "volumes", "volumeMounts", "securityContext", "runK8sConfig"}
-    if set(k8s) - known:
-        raise UnsupportedValues(f"runLauncher.config.k8sRunLauncher keys not rendered here: {sorted(set(k8s) - known)}")
-    secret = values.get("global", {}).get("postgresqlSecretName") or f"{fullname(release)}-postgresql-secret"
-    config: dict[str, Any] = {
-        "load_incluster_config": True,
-        "job_namespace": namespace,
-        "service_account_name": fullname(release),
-        "dagster_home": DAGSTER_HOME,
-        "instance_config_map": f"{fullname(release)}-instance",
-        "postgres_password_secret": secret,
-        "env_config_maps": [f"{fullname(release)}-pipeline-env"],
-    }
-    renamed = {"envVars": "env_vars", "volumes": "volumes", "volumeMounts": "volume_mounts",
-               "securityContext": "security_context"}
-    for key, name in renamed.items():
-        if k8s.get(key):
-            config[name] = k8s[key]
-    if k8s.get("runK8sConfig"):
-        config["run_k8s_config"] = {_snake(key): value for key, value in k8s["runK8sConfig"].items() if value}
-    return {"module": "dagster_k8s", "class": "K8sRunLauncher", "config": config}
 
 
 def _run_coordinator(daemon: dict) -> dict:
@@ -167,7 +146,13 @@ def render_instance(values: dict, release: str = RELEASE, namespace: str = NAMES
     instance: dict[str, Any] = {"scheduler": {"module": "dagster._core.scheduler", "class": "DagsterDaemonScheduler"}}
     sections = storage_sections(values)
     instance["schedule_storage"] = sections["schedule_storage"]
-    instance["run_launcher"] = _run_launcher(values, release, namespace)
+    launcher_keys = set(values["runLauncher"]["config"]["k8sRunLauncher"])
+    if values["runLauncher"]["type"] != "K8sRunLauncher" or launcher_keys - LAUNCHER_KEYS:
+        raise UnsupportedValues(f"runLauncher {values['runLauncher']['type']} keys not rendered here: "
+                                f"{sorted(launcher_keys - LAUNCHER_KEYS)}")
+    # One rendering of the launcher block, chart_launcher's (over the chart's own defaults).
+    instance["run_launcher"] = chart_launcher.run_launcher(chart_launcher.merged(chart_launcher.CHART_DEFAULTS, values),
+                                                          release, namespace)
     instance["run_storage"] = sections["run_storage"]
     instance["event_log_storage"] = sections["event_log_storage"]
     if daemon["runCoordinator"].get("enabled", True):

@@ -6,7 +6,7 @@ location's container context as the dagster/dagster 1.13.27 chart renders them f
 deploy/helm/values.yaml (chart_launcher.py), with image pull secrets set as deploy/README.md
 says, and also records the run worker's Job from `K8sRunLauncher.launch_run`. Every Job is
 validated for Kubernetes 1.29 to 1.35 (strict), and every pod spec the tests render (step pods of
-both paths, run pods, the code server's) is checked against Pod Security "restricted"
+both paths, run pods, the code server's, deploy/k8s/seed-pod.yaml) is checked against Pod Security "restricted"
 (pod_security.py), whose rules are each shown to catch a violating pod.
 """
 
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from gcmlm_assets import deploy_k8s, step_pods
 from gcmlm_assets_tests.deploy import chart_launcher
@@ -51,6 +53,9 @@ def chart_run(chart_built) -> dict:
 
 
 # ---------------------------------------------------------------- the rendered launcher
+# The pod deploy/README.md has the operator start to seed the shared volume.
+SEED_POD = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "seed-pod.yaml").read_text())
+
 
 def test_the_rendered_launcher_names_the_charts_objects(values):
     config = chart_launcher.run_launcher(values)["config"]
@@ -140,11 +145,12 @@ def test_every_pod_we_render_is_admitted_by_pod_security_restricted(built, chart
     pods.update({f"chart/{key}": _pod(job) for key, job in chart_run["jobs"].items()})
     pods["chart/run worker"] = _pod(chart_run["run_worker"])
     pods["chart/code server"] = chart_launcher.code_server_pod_spec(values)
+    pods["seeding pod"] = SEED_POD["spec"]  # deploy/README.md, step 3
     failures = {name: problems for name, pod in pods.items() if (problems := restricted_violations(pod))}
     assert not failures, json.dumps(failures, indent=1)[:6000]
     assert validation_failures({"code server": {
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "code-server"},
-        "spec": chart_launcher.code_server_pod_spec(values)}}) == []
+        "spec": chart_launcher.code_server_pod_spec(values)}, "seeding pod": SEED_POD}) == []
 
 
 def _compliant_pod() -> dict:

@@ -395,8 +395,8 @@ def test_the_renderer_refuses_values_it_does_not_reproduce(values):
     import copy
 
     changed = copy.deepcopy(values)
-    changed["runLauncher"]["config"]["k8sRunLauncher"]["envSecrets"] = [{"name": "x"}]
-    with pytest.raises(chart_render.UnsupportedValues, match="envSecrets"):
+    changed["runLauncher"]["config"]["k8sRunLauncher"]["podAnnotations"] = {"a": "b"}
+    with pytest.raises(chart_render.UnsupportedValues, match="podAnnotations"):
         chart_render.render_instance(changed)
     changed = copy.deepcopy(values)
     changed["computeLogManager"]["type"] = "S3ComputeLogManager"
@@ -463,10 +463,12 @@ DELIBERATE_DIFFERENCES = {
     "telemetry": "values only", "auto_materialize": "values only",
 }
 # Run-launcher keys that name chart-made objects (service account, instance ConfigMap, the
-# password Secret, the namespace) or carry what the plain file gets from the `gcmlm-env` ConfigMap.
+# password Secret, the namespace) or carry what the plain file gets from the `gcmlm-env` ConfigMap;
+# and the pull policy, which the chart always writes (its default, Always) while run and step pods
+# take the code location's (IfNotPresent) through its container context (test_chart_jobs.py).
 LAUNCHER_DIFFERENCES = {"load_incluster_config", "job_namespace", "service_account_name", "dagster_home",
                         "instance_config_map", "postgres_password_secret", "env_config_maps", "env_vars",
-                        "security_context", "run_k8s_config"}
+                        "security_context", "run_k8s_config", "image_pull_policy"}
 
 
 def _same_module(a: str, b: str) -> bool:
