@@ -54,7 +54,10 @@ def _command_line(process: psutil.Process, width: int = 160) -> str:
 @pytest.mark.parametrize("how", ["SIGTERM to make", "SIGINT to the process group"])
 def test_make_ui_stops_with_all_its_processes(tmp_path, how):
     port = free_port()
-    env = {**os.environ, "GCMLM_DATA_ROOT": str(tmp_path / "data"),
+    # Not the caller's make (`make test`: its jobserver and flags) nor its data: a fresh instance.
+    inherited = {name: value for name, value in os.environ.items()
+                 if not name.startswith("GCMLM_") and name not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    env = {**inherited, "GCMLM_DATA_ROOT": str(tmp_path / "data"),
            "DAGSTER_HOME": str(tmp_path / "data" / "dagster_home"), "GCMLM_PROFILE": "demo"}
     log_path = tmp_path / "make_ui.log"
     # STAMP= drops the install prerequisite; VENV is the virtualenv running these tests.
