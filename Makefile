@@ -70,9 +70,12 @@ demo: $(STAMP)
 	GCMLM_PROFILE=$${GCMLM_PROFILE:-demo} $(PY) -m gcmlm_assets.demo
 
 # The instance's config and databases are made before `dagster dev` starts its processes at once.
+# `exec`: make passes SIGTERM to its child only, and the shell running the recipe would die of it
+# and leave dagster dev, its webserver, daemon and code server running.
+UI_PORT ?= 3000
 ui: $(STAMP)
 	$(PY) -c "from gcmlm_assets import settings; from gcmlm_assets.demo.daemon import prepare_dagster_home; prepare_dagster_home(settings.dagster_home())"
-	GCMLM_PROFILE=$${GCMLM_PROFILE:-demo} $(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+	GCMLM_PROFILE=$${GCMLM_PROFILE:-demo} exec $(VENV)/bin/dagster dev -h 127.0.0.1 -p $(UI_PORT) -w workspace.yaml
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

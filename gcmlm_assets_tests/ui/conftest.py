@@ -11,6 +11,7 @@ import pytest
 from gcmlm_assets_tests.ui.cockpit import (
     PROJECT_ROOT, build_cohort, start_cohort_daemon, start_webserver, stop_sensors,
 )
+from gcmlm_assets_tests.ui.onboarding import dismiss_onboarding, suppress_onboarding
 
 CHROMIUM = Path(os.environ.get("GCMLM_CHROMIUM", "/usr/bin/chromium"))
 # Git-ignored: the screenshots each run leaves for a person to look at.
@@ -68,17 +69,16 @@ def ui(cockpit, browser, request):
     """A fresh page; `ui.open(path)` loads a page of the webserver. A screenshot is kept per test."""
     _, server, _ = cockpit
     context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    # Dagster's "Join the Dagster community" dialog would open over any page (see onboarding.py).
+    suppress_onboarding(context)
     page = context.new_page()
+    dismiss_onboarding(page)
     page.set_default_timeout(30_000)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
 
     def open_page(path: str):
         page.goto(server.url + path)
         page.wait_for_load_state("networkidle")
-        # Dagster's one-off "Join the community" dialog covers the page on a new browser profile.
-        skip = page.get_by_role("button", name="Skip")
-        if skip.count():
-            skip.click()
         return page
 
     page.open = open_page

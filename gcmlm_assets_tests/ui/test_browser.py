@@ -11,6 +11,9 @@ import pytest
 
 from gcmlm_assets.pictures import MIN_DISPLAY_WIDTH
 from gcmlm_assets_tests.ui.conftest import SCREENSHOTS
+from gcmlm_assets_tests.ui.onboarding import (
+    COMMUNITY_NUX_KEY, COMMUNITY_NUX_SEEN, ONBOARDING_DIALOGS, dismiss_onboarding,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -153,3 +156,40 @@ def test_a_backfill_of_two_patients_slide_vector_from_the_ui_succeeds(ui, cockpi
     for patient in cohort.ready:
         shown(page, patient).first.wait_for()
     page.screenshot(path=str(SCREENSHOTS / "slide_vector_backfill.png"))
+
+
+def test_an_onboarding_dialog_that_opens_anyway_is_dismissed_before_the_next_click(browser, cockpit):
+    """A page without the seeded key, whose instance is made to ask for the community dialog: the
+    locator handler closes it, the click goes through, and the webapp records it seen exactly as
+    onboarding.py seeds it."""
+    _, server, _ = cockpit
+    [title] = ONBOARDING_DIALOGS
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+
+        def answer(route):
+            # The instance's own answer would depend on earlier dismissals; this one always asks.
+            operation = (route.request.post_data_json or {}).get("operationName")
+            if operation == "ShouldShowNux":
+                route.fulfill(json={"data": {"shouldShowNux": True}})
+            elif operation == "SetNuxSeen":
+                route.fulfill(json={"data": {"setNuxSeen": True}})
+            else:
+                route.fallback()
+
+        page.route("**/graphql*", answer)
+        dismissed = dismiss_onboarding(page)
+        page.goto(server.url + "/asset-groups")
+        page.wait_for_function(
+            "title => [...document.querySelectorAll('[role=dialog]')].some(d => d.innerText.includes(title))",
+            arg=title)
+        # A click the open dialog would take: the graph's settings menu.
+        page.get_by_role("button", name="settings", exact=True).click()
+        page.get_by_role("menuitem", name=re.compile("Expand all groups")).wait_for()
+        assert dismissed == [title]
+        assert page.get_by_role("dialog").filter(has_text=title).count() == 0
+        assert page.evaluate("key => window.localStorage.getItem(key)", COMMUNITY_NUX_KEY) == COMMUNITY_NUX_SEEN
+    finally:
+        context.close()
