@@ -51,6 +51,48 @@ def atomic_path(final: str | os.PathLike, *, suffix: str | None = None) -> Itera
         raise
 
 
+@contextlib.contextmanager
+def files_replaced_together(folder: str | os.PathLike, names: list[str],
+                            withdraw: str | os.PathLike | None = None) -> Iterator[dict[str, Path]]:
+    """Yield a temporary path for each of `names` (files of one output in `folder`); once the block
+    succeeds, rename them all onto their final names.
+
+    For rewriting an output that already exists: while the block writes, the previous files stay
+    untouched and complete. The renames come last and close together; `withdraw` (the output's
+    manifest) is removed before the first, so a kill between two renames leaves files without a
+    manifest (recomputed on the next run), never a manifest that lists other files.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staged: dict[str, Path] = {}
+    try:
+        for name in names:
+            fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX + name.split(".")[0] + "-",
+                                            suffix="".join(Path(name).suffixes) or ".tmp", dir=folder)
+            os.close(fd)
+            staged[name] = Path(tmp_name)
+        yield staged
+        for name, tmp in staged.items():
+            if tmp.stat().st_size == 0 and not _allow_empty(folder / name):
+                raise OSError(f"writer produced no data for {folder / name}")
+            _fsync_file(tmp)
+        if withdraw is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(withdraw)
+        for name, tmp in staged.items():
+            _rename_into_place(tmp, folder / name)
+        _fsync_dir(folder)
+    except BaseException:
+        for tmp in staged.values():
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        raise
+
+
+def _rename_into_place(tmp: Path, final: Path) -> None:
+    os.replace(tmp, final)
+
+
 def _allow_empty(final: Path) -> bool:
     return final.suffix in (".txt", ".csv")
 

@@ -103,19 +103,21 @@ def parse_clinical_csv(text: str, *, source: str = "clinical.csv") -> tuple[Clin
         rows_read += 1
         patient_id = fields[id_index].strip() if id_index < len(fields) else ""
         reasons: list[str] = []
+        # (A short line's missing id is told by its field count.)
+        id_problem = patient_id_problem(patient_id) if patient_id or len(fields) == len(header) else None
+        if id_problem:
+            reasons.append(f"invalid patient id ({_text_kind(patient_id)}): {id_problem}")
+            patient_id = ""  # not an id of ours: it may be anything, e.g. a name
         if len(fields) != len(header):
             reasons.append(f"has {len(fields)} fields, the header has {len(header)}")
         else:
-            id_problem = patient_id_problem(patient_id)
-            if id_problem:
-                reasons.append(f"invalid patient id {patient_id!r}: {id_problem}")
             label_text = fields[label_index].strip()
             label: int | None = None
             if label_text:
                 if label_text in LABEL_SPELLINGS:
                     label = LABEL_SPELLINGS[label_text]
                 else:
-                    reasons.append(f"{LABEL_COLUMN} must be 0, 1 or empty (unknown), got {label_text!r}")
+                    reasons.append(f"{LABEL_COLUMN} must be 0, 1 or empty (unknown), got {_text_kind(label_text)}")
             values: list[float] = []
             for name in covariates:
                 value, problem = _parse_number(fields[covariate_index[name]])
@@ -159,10 +161,21 @@ def _parse_number(text: str) -> tuple[float, str | None]:
     try:
         value = float(text)
     except ValueError:
-        return math.nan, f"not a number: {text!r}"
+        return math.nan, f"not a number: {_text_kind(text)}"
     if not math.isfinite(value):
         return math.nan, f"not a finite number: {text!r}"
     return value, None
+
+
+def _text_kind(text: str) -> str:
+    """A cell described without its value: a wrong cell may hold a name, a birth date or a hospital
+    number, and problems are recorded (problems.json, metadata, logs). The line and column locate it.
+    Numbers are shown: they are what the column is for."""
+    try:
+        float(text)
+    except ValueError:
+        return f"text of {len(text)} characters"
+    return repr(text)
 
 
 def _to_arrow(parsed: dict[str, tuple[int, int | None, list[float]]], covariates: list[str]) -> pa.Table:

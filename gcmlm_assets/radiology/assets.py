@@ -24,7 +24,7 @@ from gcmlm_assets.radiology import checks, model_lifecycle
 from gcmlm_assets.radiology.columns import RADIOMICS_ROW_COLUMNS
 from gcmlm_assets.radiology.resources import RadiomicsSettings
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
-from gcmlm_assets.storage import sha256_file, sha256_text
+from gcmlm_assets.storage import files_replaced_together, sha256_file, sha256_text
 
 # Imported by the steps that use them, not when the definitions load (gcmlm_assets/lazy.py).
 sitk = lazy("SimpleITK")
@@ -285,11 +285,16 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
                           "resampled_to_ct_grid": False, "resampling": "none (predicted on the CT grid)"}
             agreement = {"status": "predicted"}
         stats = masks.mask_stats(mask)
-        masks.write_mask(mask, mask_path)
-        save_png(masks.mask_overlay_png(image, mask), picture_path)
+        # A new model's mask replaces the previous one: both files are written beside it first, so a
+        # killed step leaves the previous mask and picture whole (storage.files_replaced_together).
+        with files_replaced_together(out_dir, [MASK_FILE, MASK_PICTURE],
+                                     withdraw=out_dir / store.MANIFEST) as staged:
+            masks.write_mask(mask, staged[MASK_FILE])
+            save_png(masks.mask_overlay_png(image, mask), staged[MASK_PICTURE])
+            files = {name: sha256_file(path) for name, path in staged.items()}
         manifest = {
             "fingerprint": fingerprint,
-            "files": {MASK_FILE: sha256_file(mask_path), MASK_PICTURE: sha256_file(picture_path)},
+            "files": files,
             "inputs": {"ct_image": ct_sha, mode: source_id},
             "source": mode,
             "provenance": provenance,

@@ -40,7 +40,9 @@ def test_every_bad_row_is_named_with_line_and_reason():
     by_line = {p.line: p for p in problems}
     assert sorted(by_line) == [3, 4, 5, 6, 7, 8, 9, 10]
     assert "whitespace" in by_line[3].reason
-    assert "mlm must be 0, 1 or empty" in by_line[4].reason and "'yes'" in by_line[4].reason
+    # The cell is described, never repeated: a wrong cell may hold a name or a hospital number.
+    assert "mlm must be 0, 1 or empty" in by_line[4].reason and "text of 3 characters" in by_line[4].reason
+    assert "yes" not in by_line[4].reason
     assert "covariate 'age'" in by_line[5].reason and "not a number" in by_line[5].reason
     assert "not a finite number" in by_line[6].reason
     assert "2 fields" in by_line[7].reason

@@ -146,7 +146,7 @@ def test_bad_clinical_rows_fail_the_check_and_are_named(data_root, instance, bas
     assert check.metadata["bad_lines"].value == [14, 15, 16]
     assert check.metadata["expected"].value == "every row of clinical.csv valid"
     found = check.metadata["found"].value
-    assert found.startswith("3 bad row(s): line 14 (patient 'P 99'): ") and "line 16 (patient 'P101'): " in found
+    assert found.startswith("3 bad row(s): line 14: invalid patient id ") and "line 16 (patient 'P101'): " in found
     assert check.metadata["bad_rows"].value == 3
     table = pq.read_table(data_root / "artifacts/clinical_table/clinical.parquet")
     assert table.num_rows == 12

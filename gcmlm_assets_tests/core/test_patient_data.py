@@ -20,47 +20,14 @@ from dagster._serdes import serialize_value
 
 from gcmlm_assets.radiology import resources as radiology_resources
 from gcmlm_assets.radiology.assets import ct_image, ct_mask, radiomics_row
+from gcmlm_assets_tests.phi_search import PATIENT_KEYWORDS, found_in, leaks_under
 from gcmlm_assets_tests.radiology.conftest import CT_NAME, STOMACH_NAME, ct_crop, make_drop, write_dicom_series
 
 PATIENT = "GC042"  # the landing folder's (pseudonymous) id: what the platform may record
-PATIENT_TAGS = {
-    "0010|0010": "ZZSECRETNAME^ZZGIVEN",  # PatientName
-    "0010|0020": "ZZSECRETID123",  # PatientID
-    "0010|0030": "19010203",  # PatientBirthDate
-    "0008|0050": "ZZACC98765",  # AccessionNumber
-    "0008|0080": "ZZSECRET HOSPITAL",  # InstitutionName
-}
-# What is searched for: each value, and the forms a reader might render it in.
-NEEDLES = [b"ZZSECRETNAME", b"ZZGIVEN", b"ZZSECRETID123", b"19010203", b"1901-02-03", b"ZZACC98765",
-           b"ZZSECRET HOSPITAL", b"ZZSECRET^HOSPITAL"]
-
-
-def found_in(data: bytes) -> list[str]:
-    upper = data.upper()
-    return [needle.decode() for needle in NEEDLES if needle in upper]
-
-
-def readable_forms(path: Path) -> list[bytes]:
-    """The file's bytes, and what gzip or a parquet encoding hides in them (a PNG's text chunks
-    are plain bytes; its pixels hold no text that a byte search could find)."""
-    data = path.read_bytes()
-    forms = [data]
-    if path.name.endswith(".gz"):
-        forms.append(gzip.decompress(data))
-    if path.suffix == ".parquet":
-        table = pq.read_table(path)
-        forms.append(repr(table.to_pylist()).encode())
-        forms.append(repr(table.schema.metadata).encode())
-    return forms
-
-
-def leaks_under(root: Path) -> dict[str, list[str]]:
-    leaks = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        hits = sorted({hit for form in readable_forms(path) for hit in found_in(form)})
-        if hits:
-            leaks[str(path.relative_to(root))] = hits
-    return leaks
+# The series' tags (group|element) carrying the distinctive values phi_search looks for.
+PATIENT_TAGS = {"0010|0010": PATIENT_KEYWORDS["PatientName"], "0010|0020": PATIENT_KEYWORDS["PatientID"],
+                "0010|0030": PATIENT_KEYWORDS["PatientBirthDate"], "0008|0050": PATIENT_KEYWORDS["AccessionNumber"],
+                "0008|0080": PATIENT_KEYWORDS["InstitutionName"]}
 
 
 def test_no_patient_tag_of_a_dicom_series_reaches_artifacts_metadata_or_the_event_log(

@@ -138,11 +138,25 @@ def visible_damage(artifacts: Path) -> list[str]:
                 listed = path.parent / name
                 if not listed.is_file() or sha256_file(listed) != digest:
                     problems.append(f"{listed.relative_to(artifacts)}: not the file its manifest lists")
-        if path.name == VERSION_POINTER:
+        if path.name == VERSION_POINTER and "folder" in json.loads(path.read_text()):
+            problems += _model_pointer_damage(path, artifacts)
+        elif path.name == VERSION_POINTER:
             pointer = read_version_pointer(path.parent)
             if pointer is None or not version_intact(path.parent, pointer):
                 problems.append(f"{path.relative_to(artifacts)}: points at a missing or changed version")
     return problems
+
+
+def _model_pointer_damage(path: Path, artifacts: Path) -> list[str]:
+    """segmentation_model's current.json: the folder it names holds the checkpoints it pins."""
+    from gcmlm_assets.radiology.nnunet import ModelFolderError, installed_model_pins
+
+    pointer = json.loads(path.read_text())
+    try:
+        installed_model_pins(path.parent, pointer).verify(path.parent / pointer["folder"])
+    except (ModelFolderError, OSError) as error:
+        return [f"{path.relative_to(artifacts)}: names an incomplete or changed model: {error}"]
+    return []
 
 
 # ---------------------------------------------------------------- comparing outputs

@@ -84,12 +84,26 @@ def _install_pause(pause: dict, marker: Path) -> None:
     setattr(owner, name, paused)
 
 
+def _override_profile(settings: dict) -> None:
+    """The profile's resource settings with `settings` (resource key -> fields) laid over them, for
+    this run only: e.g. a shorter nnU-Net training than the demo's."""
+    import dataclasses
+
+    from gcmlm_assets import profiles
+
+    base = profiles.PROFILES[PROFILE]
+    merged = {key: {**base.resource_settings(key), **settings.get(key, {})} for key in {*base.resources, *settings}}
+    profiles.PROFILES[PROFILE] = dataclasses.replace(base, resources=profiles._frozen(merged))
+
+
 def _child(request: dict) -> int:
     import dagster as dg
 
     from gcmlm_assets.definitions import build_definitions
 
     os.environ.update(request["env"])
+    if request.get("settings"):
+        _override_profile(request["settings"])
     if request.get("pause"):
         _install_pause(request["pause"], Path(request["marker"]))
     job = build_definitions("local", PROFILE).resolve_implicit_global_asset_job_def()
@@ -174,13 +188,14 @@ class RunServer:
                            + self.log.read_text(errors="replace")[-3000:])
 
     def run(self, env: dict[str, str], assets: list[str], partition: str | None = None,
-            pause: Pause | None = None, timeout_s: float = 240) -> RunOutcome:
-        """Materialize `assets`; with `pause`, SIGKILL the child once it stops there."""
+            pause: Pause | None = None, timeout_s: float = 240, settings: dict | None = None) -> RunOutcome:
+        """Materialize `assets`; with `pause`, SIGKILL the child once it stops there. `settings`:
+        resource settings laid over the profile's for this run (resource key -> fields)."""
         self.count += 1
         marker = self.work / f"paused-{self.count}"
         log = self.work / f"run-{self.count}.log"
         request = {"env": env, "assets": assets, "partition": partition, "marker": str(marker), "log": str(log),
-                   "pause": pause.__dict__ if pause else None}
+                   "pause": pause.__dict__ if pause else None, "settings": settings}
         started = time.monotonic()
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
@@ -201,9 +216,10 @@ class RunServer:
         return RunOutcome(pid=pid, exit_code=done["exit_code"], killed=done["signal"] == signal.SIGKILL,
                           paused_at=marker.read_text() if marker.exists() else "", seconds=time.monotonic() - started)
 
-    def materialize(self, env: dict[str, str], assets: list[str], partition: str | None = None) -> RunOutcome:
+    def materialize(self, env: dict[str, str], assets: list[str], partition: str | None = None,
+                    settings: dict | None = None, timeout_s: float = 240) -> RunOutcome:
         """An uninterrupted run that must succeed."""
-        outcome = self.run(env, assets, partition)
+        outcome = self.run(env, assets, partition, timeout_s=timeout_s, settings=settings)
         if outcome.exit_code != 0:
             log = self.work / f"run-{self.count}.log"
             raise AssertionError(f"{assets} for {partition or 'the cohort'} failed (exit {outcome.exit_code}); "

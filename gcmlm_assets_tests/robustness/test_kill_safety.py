@@ -43,9 +43,10 @@ def kill_points(asset: str, patient: str) -> list[KillPoint]:
         "ct_mask": [
             KillPoint("conforming the reference mask (nothing written)",
                       Pause("gcmlm_assets.radiology.masks:conform_mask")),
-            KillPoint("mask.nii.gz in its temporary, not renamed", Pause(f"{STORAGE}:_fsync_file", ".tmp-mask-")),
-            KillPoint("mask.nii.gz renamed, picture in its temporary",
+            KillPoint("mask.nii.gz and picture in their temporaries, none renamed",
                       Pause(f"{STORAGE}:_fsync_file", ".tmp-mask_overlay-")),
+            KillPoint("mask.nii.gz renamed, picture in its temporary",
+                      Pause(f"{STORAGE}:_rename_into_place", ".tmp-mask_overlay-")),
             KillPoint(renamed, manifest),
             KillPoint("manifest written, nothing recorded in Dagster",
                       Pause("gcmlm_assets.radiology.checks:ct_mask_check_results")),
