@@ -232,13 +232,13 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
     folder = store.asset_dir("risk_scores")
     manifest = _reuse_or_none(store, "risk_scores", fingerprint, context)
     if manifest is None:
-        if not model_path.is_file() or sha256_file(model_path) != model_sha:
-            raise dg.Failure(description=f"{model_path} does not match {model_folder.parent / VERSION_POINTER}: "
-                                         "re-materialize risk_model", metadata={"model": str(model_path)})
-        try:
-            model = modelling.load_model(model_path)
+        if not model_path.is_file():
+            raise dg.Failure(description=f"{model_path} (named by {model_folder.parent / VERSION_POINTER}) is "
+                                         "missing: re-materialize risk_model", metadata={"model": str(model_path)})
+        try:  # checked against the hash current.json recorded, then loaded from the same bytes
+            model = modelling.load_model(model_path, model_sha, str(model_folder.parent / VERSION_POINTER))
         except modelling.UntrustedModelFile as exc:
-            raise dg.Failure(description=str(exc)) from None
+            raise dg.Failure(description=str(exc), metadata={"model": str(model_path)}) from None
         patient_bags = _patient_bags(store, bags.pathology_patients(fused), context) if model.needs_bags() else None
         scores = _with_versions(model.score_table(fused, patient_bags), pointer["version"],
                                 explanation_keys.explanation_keys(fused, model_sha, store, UNI_FEATURES))
