@@ -18,6 +18,8 @@ from pathlib import Path
 import dagster as dg
 
 from gcmlm_assets import pictures, step_pods
+from gcmlm_assets.cohort import qc
+from gcmlm_assets.cohort.check_results import check_result
 from gcmlm_assets.cohort.asset_files import (
     CLINICAL_FILE, CLINICAL_PROBLEMS, CODE_VERSIONS, FUSED_FILE, FUSION_REPORT, GROUP, MODEL_FILE, SCORES_FILE,
     SCORES_PICTURE, required_input)
@@ -41,6 +43,7 @@ modelling = lazy("gcmlm_assets.cohort.modelling")
 model_plots = lazy("gcmlm_assets.cohort.plots")
 bags = lazy("gcmlm_assets.cohort.bags")
 explanation_keys = lazy("gcmlm_assets.cohort.explanation_keys")
+quarantine = lazy("gcmlm_assets.quarantine")
 
 CLINICAL_CSV = "clinical.csv"
 
@@ -204,6 +207,16 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
 # ---------------------------------------------------------------- risk_scores
 
 
+SCORES_VALID = "scores_valid"
+# Evaluated in the step on the new scores before they are written where readers (the explanations'
+# sensor, the demo's watcher) look: scores that fail are quarantined and the published ones stay.
+SCORES_VALID_CHECK = dg.AssetCheckSpec(
+    SCORES_VALID, asset="risk_scores", blocking=True,
+    description="Every patient with CT or slide features has exactly one risk score, a probability between 0 and "
+    "1, and a risk group of high or low. Checked before new scores are published: scores that fail are "
+    "quarantined and the previous scores stay where the explanations read them.")
+
+
 @dg.asset(
     name="risk_scores",
     group_name=GROUP,
@@ -216,8 +229,10 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
     "reads the patch features too). Each score records the model version it came from and the key of "
     "the explanation it needs (risk_explanations_sensor explains the patients whose key changed).",
     metadata=column_schema_metadata(RISK_SCORES_COLUMNS),
+    check_specs=[SCORES_VALID_CHECK],
+    output_required=False,  # scores that fail scores_valid are not materialized
 )
-def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
+def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
     store = storage.store()
     model_folder, pointer = _current_model_or_fail(store)
     model_path = model_folder / MODEL_FILE
@@ -242,6 +257,10 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
         patient_bags = _patient_bags(store, bags.pathology_patients(fused), context) if model.needs_bags() else None
         scores = _with_versions(model.score_table(fused, patient_bags), pointer["version"],
                                 explanation_keys.explanation_keys(fused, model_sha, store, UNI_FEATURES))
+        verdict = qc.scores_valid(scores, _expected_scored(fused))
+        if verdict.outcome == qc.ERROR:
+            yield _quarantined_scores(context, store, scores, verdict)
+            return
         fusion.write_parquet(scores, folder / SCORES_FILE)
         _save_score_picture(scores, model.risk_threshold, folder / SCORES_PICTURE)
         manifest = {"fingerprint": fingerprint, "files": {SCORES_FILE: sha256_file(folder / SCORES_FILE),
@@ -251,11 +270,19 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
                     "risk_threshold": model.risk_threshold, "model_blocks": list(model.blocks)}
         store.write_manifest("risk_scores", None, manifest)
     scores = pq.read_table(folder / SCORES_FILE)
+    verdict = qc.scores_valid(scores, _expected_scored(fused))
+    if verdict.outcome == qc.ERROR:  # stored scores that no longer pass (a damaged file): out of readers' way
+        moved = quarantine.quarantine_output(store, "risk_scores", None, [SCORES_VALID],
+                                             {"description": verdict.description})
+        context.log.error(f"risk_scores: the stored scores failed {SCORES_VALID}; moved to {moved}")
+        yield check_result(verdict, SCORES_VALID, {"quarantined_to": dg.MetadataValue.path(str(moved))})
+        return
+    check = check_result(verdict, SCORES_VALID)
     if not (folder / SCORES_PICTURE).is_file():  # reused scores stored before risk_scores had a picture
         _save_score_picture(scores, manifest["risk_threshold"], folder / SCORES_PICTURE)
     groups = scores.column("risk_group").to_pylist()
     used = scores.column("modalities_used").to_pylist()
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(folder / SCORES_FILE)),
             "risk_model_version": pointer["version"],
@@ -274,7 +301,31 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
             "picture_path": dg.MetadataValue.path(str(folder / SCORES_PICTURE)),
         },
         data_version=dg.DataVersion(manifest["files"][SCORES_FILE]),
+        check_results=[check],
     )
+
+
+def _expected_scored(fused) -> list[str]:
+    """The patients who must have a score: those with CT or slide features."""
+    flags = [flag for modality, flag in fusion.AVAILABILITY.items() if modality != fusion.CLINICAL]
+    rows = fused.select(["patient_id", *flags]).to_pylist()
+    return [row["patient_id"] for row in rows if any(row[flag] for flag in flags)]
+
+
+def _quarantined_scores(context, store: ArtifactStore, scores, verdict: "qc.Verdict") -> dg.AssetCheckResult:
+    """New scores that failed scores_valid: written into quarantine, never where readers look."""
+    from gcmlm_assets.storage import new_version_folder
+
+    staging = new_version_folder(store.asset_dir("risk_scores"))
+    fusion.write_parquet(scores, staging / SCORES_FILE)
+    published = store.path("risk_scores", None, SCORES_FILE)
+    kept = str(published) if published.is_file() else "none"
+    moved = quarantine.quarantine_unpublished(store, "risk_scores", staging, [SCORES_VALID],
+                                              {"description": verdict.description, "scores_in_use": kept})
+    context.log.error(f"risk_scores: the new scores failed {SCORES_VALID} ({verdict.description}); they are not "
+                      f"published (moved to {moved}); the scores in use stay {kept}")
+    return check_result(verdict, SCORES_VALID, {"quarantined_to": dg.MetadataValue.path(str(moved)),
+                                                "scores_in_use": kept})
 
 
 def _with_versions(scores, model_version: str, keys: dict[str, str]):

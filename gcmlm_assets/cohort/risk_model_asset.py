@@ -8,7 +8,9 @@ current.json once and take everything from that folder.
 
 The model is trained on the labelled patients' rows only and refits only when they (labels or
 features) or its settings change; with too few labelled patients it waits instead of failing and
-keeps its last good model.
+keeps its last good model. A new model is published only when its cross-validated AUC is
+reported (`cv_auc_reported`, checked in the step before `current.json` moves): one without is
+quarantined, the step fails, and the previous version stays current.
 """
 
 import json
@@ -19,6 +21,8 @@ from pathlib import Path
 import dagster as dg
 
 from gcmlm_assets import pictures, step_pods
+from gcmlm_assets.cohort import qc
+from gcmlm_assets.cohort.check_results import check_result
 from gcmlm_assets.cohort.asset_files import (
     CODE_VERSIONS, CV_PREDICTIONS, FUSED_FILE, FUSION_REPORT, GROUP, METRICS_FILE, MODEL_CARD, MODEL_CARD_MARKDOWN,
     MODEL_FILE, PLOTS, required_input)
@@ -44,11 +48,21 @@ model_card = lazy("gcmlm_assets.cohort.model_card")
 model_importance = lazy("gcmlm_assets.cohort.importance")
 card_context = lazy("gcmlm_assets.cohort.card_context")
 bags = lazy("gcmlm_assets.cohort.bags")
+quarantine = lazy("gcmlm_assets.quarantine")
 
 RISK_MODEL = "risk_model"
 MODEL_FILES = (MODEL_FILE, METRICS_FILE, MODEL_CARD, MODEL_CARD_MARKDOWN, CV_PREDICTIONS, *PLOTS.values())
 WAITING = "waiting for labelled patients"
 REUSED = "reused: labelled data and settings unchanged"
+CV_AUC_REPORTED = "cv_auc_reported"
+# Evaluated in the step on the new model's metrics before it is published: a model without a CV
+# AUC never becomes current (it goes into quarantine), and risk_scores keeps the previous one.
+CV_AUC_CHECK = dg.AssetCheckSpec(
+    CV_AUC_REPORTED, asset=RISK_MODEL, blocking=True,
+    description="The risk model's accuracy, estimated by cross-validation, is reported as an AUC with its 95 % "
+    "confidence interval; a warning when the interval includes 0.5, i.e. no evidence that the model does better "
+    "than chance. Checked before a new model is published: one without an AUC is quarantined and the previous "
+    "model stays in use.")
 
 
 def current_model_version(store: ArtifactStore) -> tuple[Path, dict] | None:
@@ -65,6 +79,7 @@ def current_model_version(store: ArtifactStore) -> tuple[Path, dict] | None:
     code_version=CODE_VERSIONS["risk_model"],
     # uni_features: the attention-MIL block reads the patch features themselves
     deps=[dg.AssetDep("fused_table"), dg.AssetDep(UNI_FEATURES, partition_mapping=dg.AllPartitionMapping())],
+    check_specs=[CV_AUC_CHECK],
     output_required=False,
     description="Per-modality models fused late (mean logit by default, or a stacked logistic combiner), "
     "validated by repeated stratified k-fold CV with an ablation (each block, pathology mean and ABMIL, both "
@@ -103,7 +118,30 @@ def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage
         yield from _wait_for_labels(context, root, crossval.labelled_counts(data), settings, sha256_file(fused_path),
                                     str(exc))
         return
+    except _Rejected as rejected:
+        # only the failed check: no materialization, so nothing downstream sees a new model, and the
+        # blocking failure fails the step
+        yield rejected.result
+        return
     yield _model_result(root, pointer, "trained")
+
+
+class _Rejected(Exception):
+    """A trained model that failed a blocking check; `result` says why and where it went."""
+
+    def __init__(self, result: dg.AssetCheckResult):
+        super().__init__(result.description)
+        self.result = result
+
+
+def _auc_check(folder: Path) -> dg.AssetCheckResult:
+    """cv_auc_reported on a published version (its metrics.json)."""
+    path = folder / METRICS_FILE
+    if not path.is_file():
+        return dg.AssetCheckResult(check_name=CV_AUC_REPORTED, passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                                   description=f"{path} does not exist: the model's accuracy is unknown",
+                                   metadata={"expected": f"{path.name} present", "found": "missing"})
+    return check_result(qc.cv_auc_reported(json.loads(path.read_text(encoding="utf-8"))), CV_AUC_REPORTED)
 
 
 def _patient_bags(store: ArtifactStore, patient_ids: list[str], context, max_patches: int | None = None) -> dict:
@@ -153,6 +191,12 @@ def _wait_for_labels(context, root: Path, counts: dict[str, int], settings: "mod
         yield _restated_result(context, root, previous, f"kept previous model, {waiting}",
                                {"waiting_on_fused_table_sha256": fused_sha,
                                 "present_per_class": dg.MetadataValue.json(counts), "needed_per_class": needed})
+    else:
+        # no model to report an AUC for: a warning while it waits, not a blocking failure
+        yield dg.AssetCheckResult(check_name=CV_AUC_REPORTED, passed=False, severity=dg.AssetCheckSeverity.WARN,
+                                  description=f"No model in use: risk_model is {waiting}",
+                                  metadata={"expected": "a cross-validated AUC whose 95 % CI lies above 0.5",
+                                            "found": "no model trained yet"})
 
 
 def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fused_path: Path,
@@ -188,6 +232,9 @@ def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fuse
         fusion.write_parquet(crossval.cv_predictions_table(cv), staging / CV_PREDICTIONS)
         for kind, name in PLOTS.items():
             pictures.save_png(model_plots.plot_curves(curves, kind, labels), staging / name)
+        verdict = qc.cv_auc_reported(json.loads((staging / METRICS_FILE).read_text(encoding="utf-8")))
+        if verdict.outcome == qc.ERROR:
+            raise _Rejected(_quarantined(context, root, staging, verdict))
         pointer = publish_version(root, staging, {"fingerprint": fingerprint, "inputs": inputs})
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already once published
@@ -195,6 +242,18 @@ def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fuse
     context.log.info(f"risk_model version {pointer['version']} published "
                      f"(kept: {', '.join(pointer['recent_versions'])})")
     return pointer
+
+
+def _quarantined(context, root: Path, staging: Path, verdict: "qc.Verdict") -> dg.AssetCheckResult:
+    """Move a trained version that failed cv_auc_reported into quarantine, unpublished; its check result."""
+    current = read_version_pointer(root)
+    in_use = current["version"] if current else "none"
+    moved = quarantine.quarantine_unpublished(ArtifactStore(root.parent), RISK_MODEL, staging, [CV_AUC_REPORTED],
+                                              {"description": verdict.description, "model_in_use": in_use})
+    context.log.error(f"risk_model: the new model failed {CV_AUC_REPORTED} ({verdict.description}); it is not "
+                      f"published (moved to {moved}) and the model in use stays {in_use}")
+    return check_result(verdict, CV_AUC_REPORTED, {"quarantined_to": dg.MetadataValue.path(str(moved)),
+                                                   "model_in_use": in_use})
 
 
 def _remove_unversioned_files(root: Path) -> None:
@@ -248,6 +307,7 @@ def _model_result(root: Path, pointer: dict, status: str, extra: dict | None = N
             **(extra or {}),
         },
         data_version=dg.DataVersion(pointer["files"][MODEL_FILE]),
+        check_results=[_auc_check(folder)],
     )
 
 
@@ -263,7 +323,8 @@ def _restated_result(context, root: Path, pointer: dict, status: str,
     summary, _ = _model_summary(root, pointer, status)
     return dg.MaterializeResult(
         metadata={**summary, "card_and_plots_in_run": dg.MetadataValue.dagster_run(shown_in), **(extra or {})},
-        data_version=dg.DataVersion(pointer["files"][MODEL_FILE]))
+        data_version=dg.DataVersion(pointer["files"][MODEL_FILE]),
+        check_results=[_auc_check(root / pointer["version"])])
 
 
 def _run_showing_version(latest: "dg.EventLogEntry | None", version: str) -> str | None:
