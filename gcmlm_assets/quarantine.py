@@ -7,7 +7,8 @@ asset's whole patient folder is renamed, in one step, to
 A reader then finds no output (and fails or skips with "missing"); the next materialization
 computes afresh. A cohort output (risk_model, risk_scores) is checked before it is published: one
 that fails goes from its staging folder to `<artifacts>/_quarantine/<asset>/<time>-<id>/`, and the
-published version stays the one readers see. Plain Python: the check results only need `check_name`, `passed` and `severity`.
+published version stays the one readers see. Plain Python: the check results only need
+`check_name`, `passed` and `severity`.
 """
 
 from __future__ import annotations

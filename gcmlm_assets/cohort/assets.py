@@ -24,7 +24,8 @@ from gcmlm_assets.cohort.asset_files import (
     CLINICAL_FILE, CLINICAL_PROBLEMS, CODE_VERSIONS, FUSED_FILE, FUSION_REPORT, GROUP, MODEL_FILE, SCORES_FILE,
     SCORES_PICTURE, required_input)
 from gcmlm_assets.cohort.columns import CLINICAL_TABLE_COLUMNS, FUSED_TABLE_COLUMNS, RISK_SCORES_COLUMNS
-from gcmlm_assets.cohort.risk_model_asset import RISK_MODEL, _patient_bags, current_model_version, train_risk_model
+from gcmlm_assets.cohort.risk_model_asset import (
+    RISK_MODEL, _patient_bags, current_model_version, excluded_metadata, train_risk_model, without_patients)
 from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.landing.scan import describe_links_leaving, link_leaving
 from gcmlm_assets.lazy import lazy
@@ -254,10 +255,12 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
             model = modelling.load_model(model_path, model_sha, str(model_folder.parent / VERSION_POINTER))
         except modelling.UntrustedModelFile as exc:
             raise dg.Failure(description=str(exc), metadata={"model": str(model_path)}) from None
-        patient_bags = _patient_bags(store, bags.pathology_patients(fused), context) if model.needs_bags() else None
-        scores = _with_versions(model.score_table(fused, patient_bags), pointer["version"],
-                                explanation_keys.explanation_keys(fused, model_sha, store, UNI_FEATURES))
-        verdict = qc.scores_valid(scores, _expected_scored(fused))
+        patient_bags, excluded = (_patient_bags(store, bags.pathology_patients(fused), context)
+                                  if model.needs_bags() else (None, {}))
+        scored = without_patients(fused, excluded)  # left out with the reason, never scored without their slides
+        scores = _with_versions(model.score_table(scored, patient_bags), pointer["version"],
+                                explanation_keys.explanation_keys(scored, model_sha, store, UNI_FEATURES))
+        verdict = qc.scores_valid(scores, _expected_scored(fused, excluded))
         if verdict.outcome == qc.ERROR:
             yield _quarantined_scores(context, store, scores, verdict)
             return
@@ -267,10 +270,12 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
                                                           SCORES_PICTURE: sha256_file(folder / SCORES_PICTURE)},
                     "inputs": {"risk_model_sha256": model_sha, "risk_model_version": pointer["version"],
                                "fused_table_sha256": fused_sha},
-                    "risk_threshold": model.risk_threshold, "model_blocks": list(model.blocks)}
+                    "risk_threshold": model.risk_threshold, "model_blocks": list(model.blocks),
+                    "excluded_patients": excluded}
         store.write_manifest("risk_scores", None, manifest)
     scores = pq.read_table(folder / SCORES_FILE)
-    verdict = qc.scores_valid(scores, _expected_scored(fused))
+    excluded = manifest.get("excluded_patients") or {}
+    verdict = qc.scores_valid(scores, _expected_scored(fused, excluded))
     if verdict.outcome == qc.ERROR:  # stored scores that no longer pass (a damaged file): out of readers' way
         moved = quarantine.quarantine_output(store, "risk_scores", None, [SCORES_VALID],
                                              {"description": verdict.description})
@@ -290,6 +295,7 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
             "risk_model_sha256": model_sha,
             "fused_table_sha256": fused_sha,
             "scored": scores.num_rows,
+            **excluded_metadata(excluded),
             "risk_threshold": manifest["risk_threshold"],
             "risk_groups": dg.MetadataValue.json({g: groups.count(g) for g in ("high", "low")}),
             "modalities_used": dg.MetadataValue.json({u: used.count(u) for u in sorted(set(used))}),
@@ -305,11 +311,12 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
     )
 
 
-def _expected_scored(fused) -> list[str]:
-    """The patients who must have a score: those with CT or slide features."""
+def _expected_scored(fused, excluded: dict[str, str]) -> list[str]:
+    """The patients who must have a score: those with CT or slide features, but the ones left out
+    with a reason (their patch features could not be read for an ABMIL model)."""
     flags = [flag for modality, flag in fusion.AVAILABILITY.items() if modality != fusion.CLINICAL]
     rows = fused.select(["patient_id", *flags]).to_pylist()
-    return [row["patient_id"] for row in rows if any(row[flag] for flag in flags)]
+    return [row["patient_id"] for row in rows if any(row[flag] for flag in flags) and row["patient_id"] not in excluded]
 
 
 def _quarantined_scores(context, store: ArtifactStore, scores, verdict: "qc.Verdict") -> dg.AssetCheckResult:

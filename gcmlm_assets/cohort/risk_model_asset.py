@@ -15,7 +15,7 @@ quarantined, the step fails, and the previous version stays current.
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import dagster as dg
@@ -55,6 +55,7 @@ MODEL_FILES = (MODEL_FILE, METRICS_FILE, MODEL_CARD, MODEL_CARD_MARKDOWN, CV_PRE
 WAITING = "waiting for labelled patients"
 REUSED = "reused: labelled data and settings unchanged"
 CV_AUC_REPORTED = "cv_auc_reported"
+EXCLUDED_SHOWN = 50
 # Evaluated in the step on the new model's metrics before it is published: a model without a CV
 # AUC never becomes current (it goes into quarantine), and risk_scores keeps the previous one.
 CV_AUC_CHECK = dg.AssetCheckSpec(
@@ -110,10 +111,10 @@ def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage
                          "(patients without a label are scored with it, not trained on)")
         yield _restated_result(context, root, pointer, REUSED)
         return
-    data = cohort_data.CohortData.from_table(
-        table, settings.blocks(), bags=_patient_bags(store, pathology_patients, context, bags.TRAINING_BAG_PATCHES))
+    patient_bags, excluded = _patient_bags(store, pathology_patients, context, bags.TRAINING_BAG_PATCHES)
+    data = cohort_data.CohortData.from_table(without_patients(table, excluded), settings.blocks(), bags=patient_bags)
     try:
-        pointer = _train_and_publish(context, root, data, fused_path, settings, fingerprint, inputs)
+        pointer = _train_and_publish(context, root, data, fused_path, settings, fingerprint, inputs, excluded)
     except model_settings.InsufficientLabels as exc:
         yield from _wait_for_labels(context, root, crossval.labelled_counts(data), settings, sha256_file(fused_path),
                                     str(exc))
@@ -144,14 +145,36 @@ def _auc_check(folder: Path) -> dg.AssetCheckResult:
     return check_result(qc.cv_auc_reported(json.loads(path.read_text(encoding="utf-8"))), CV_AUC_REPORTED)
 
 
-def _patient_bags(store: ArtifactStore, patient_ids: list[str], context, max_patches: int | None = None) -> dict:
-    """The patients' patch features (ABMIL's input); a patient whose files cannot be read has no bag."""
+def _patient_bags(store: ArtifactStore, patient_ids: list[str], context,
+                  max_patches: int | None = None) -> tuple[dict, dict[str, str]]:
+    """(the patients' patch features, ABMIL's input; {patient: why left out}). A patient whose
+    uni_features cannot be read (none published, e.g. quarantined by a blocking check, or a file
+    that does not read) is left out with the reason, never modelled as if it had no slides."""
     if not patient_ids:
-        return {}
+        return {}, {}
     found, problems = bags.load_bags(store, UNI_FEATURES, patient_ids, max_patches)
-    for patient_id, problem in sorted(problems.items())[:20]:
-        context.log.warning(f"{patient_id}: no patch features for ABMIL: {problem}")
-    return found
+    excluded = {patient_id: f"{UNI_FEATURES} unreadable for the ABMIL block: {problem}"
+                for patient_id, problem in sorted(problems.items())}
+    for patient_id, reason in list(excluded.items())[:20]:
+        context.log.warning(f"{patient_id}: left out: {reason}")
+    return found, excluded
+
+
+def without_patients(table, excluded: Mapping[str, str]):
+    """The table's rows of the patients not in `excluded`."""
+    if not excluded:
+        return table
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return table.filter(pc.invert(pc.is_in(table.column("patient_id"), value_set=pa.array(sorted(excluded)))))
+
+
+def excluded_metadata(excluded: Mapping[str, str]) -> dict:
+    """The left-out patients in a materialization: their count and the first EXCLUDED_SHOWN with reasons
+    (bounded: an event must not grow with the cohort; the stored pointer or manifest lists all)."""
+    shown = dict(list(sorted(excluded.items()))[:EXCLUDED_SHOWN])
+    return {"excluded_patients_count": len(excluded), "excluded_patients": dg.MetadataValue.json(shown)}
 
 
 def _reusable_version(root: Path, fingerprint: str) -> dict | None:
@@ -200,7 +223,8 @@ def _wait_for_labels(context, root: Path, counts: dict[str, int], settings: "mod
 
 
 def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fused_path: Path,
-                       settings: "model_settings.ModelSettings", fingerprint: str, inputs: dict) -> dict:
+                       settings: "model_settings.ModelSettings", fingerprint: str, inputs: dict,
+                       excluded: Mapping[str, str]) -> dict:
     cv = crossval.cross_validate(data, settings)
     context.log.info(f"cross-validated {len(cv.labels)} patients: {cv.n_splits} folds x {cv.n_repeats} repeats")
     for note in cv.notes:
@@ -235,7 +259,8 @@ def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fuse
         verdict = qc.cv_auc_reported(json.loads((staging / METRICS_FILE).read_text(encoding="utf-8")))
         if verdict.outcome == qc.ERROR:
             raise _Rejected(_quarantined(context, root, staging, verdict))
-        pointer = publish_version(root, staging, {"fingerprint": fingerprint, "inputs": inputs})
+        pointer = publish_version(root, staging, {"fingerprint": fingerprint, "inputs": inputs,
+                                                  "excluded_patients": dict(excluded)})
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already once published
     _remove_unversioned_files(root)
@@ -287,6 +312,7 @@ def _model_summary(root: Path, pointer: dict, status: str) -> tuple[dict, dict]:
         "fused_auc_ci": dg.MetadataValue.json([fused.get("auc_ci_low"), fused.get("auc_ci_high")]),
         "ablation": dg.MetadataValue.md(model_metrics.ablation_markdown(metrics, card.get("model_labels"))),
         "model_card_path": dg.MetadataValue.path(str(folder / MODEL_CARD_MARKDOWN)),
+        **excluded_metadata(pointer.get("excluded_patients") or {}),
         **{f"plot_{kind}_path": dg.MetadataValue.path(str(folder / name)) for kind, name in PLOTS.items()},
     }, card
 

@@ -12,9 +12,11 @@ from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import metrics as cohort_metrics
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.pathology.checks import UNI_FEATURES
 from gcmlm_assets.quarantine import QUARANTINE_FOLDER, REASON_FILE
-from gcmlm_assets.storage import read_version_pointer, sha256_file
-from gcmlm_assets_tests.cohort.synthetic import write_cohort_files
+from gcmlm_assets.storage import ArtifactStore, read_version_pointer, sha256_file
+from gcmlm_assets_tests.cohort.explained_cohort import QUICK, write_patient_files
+from gcmlm_assets_tests.cohort.synthetic import make_cohort, write_clinical_csv, write_cohort_files
 from gcmlm_assets_tests.cohort.test_cohort_assets import FAST_MODEL, check_results, materialize_cohort
 from gcmlm_assets_tests.cohort.upstream import report_sound_results
 
@@ -46,8 +48,9 @@ def test_a_model_without_a_cv_auc_never_becomes_current(data_root, instance, bas
         return metrics, curves
 
     monkeypatch.setattr(cohort_metrics, "evaluate_cross_validation", without_fused_auc)
+    reseeded = RiskModelSettings(**{**FAST_MODEL.model_dump(), "seed": 1})
     retrained = dg.materialize([*cohort_assets.ASSETS], instance=instance, raise_on_error=False,
-                               resources={**base_resources, "risk_model": RiskModelSettings(**{**FAST_MODEL.model_dump(), "seed": 1})})
+                               resources={**base_resources, "risk_model": reseeded})
 
     assert not retrained.success
     check = check_results(retrained)["cv_auc_reported"]
@@ -96,3 +99,34 @@ def test_scores_that_fail_scores_valid_are_not_where_the_explanations_read(data_
     assert Path(check.metadata["quarantined_to"].value) == moved
     assert pq.read_table(moved / "scores.parquet").num_rows == fused.num_rows + 1
     assert json.loads((moved / REASON_FILE).read_text())["failed_checks"] == ["scores_valid"]
+
+
+def test_a_patient_whose_patch_features_cannot_be_read_is_left_out_with_the_reason(data_root, instance,
+                                                                                    base_resources):
+    # An ABMIL model reads every pathology patient's patch features. One patient's file is damaged:
+    # neither trained on nor scored as if it had no slides, but left out, the reason in the metadata.
+    ids, labels, radiomics, pathology = make_cohort(24, seed=4)
+    store = ArtifactStore(data_root / "artifacts")
+    write_patient_files(store, ids, radiomics, pathology)
+    write_clinical_csv(data_root / "landing", ids, labels)
+    instance.add_dynamic_partitions(patients_partitions.name, ids)
+    report_sound_results(instance, store.root, ids)
+    damaged = store.path(UNI_FEATURES, "P005", "P005_slide1.h5")
+    damaged.write_bytes(b"not an HDF5 file")
+    settings = RiskModelSettings(**QUICK, pathology_pooling="abmil", abmil_max_epochs=4, abmil_in_ablation=False)
+
+    result = dg.materialize(cohort_assets.ASSETS, instance=instance,
+                            resources={**base_resources, "risk_model": settings})
+
+    assert result.success
+    for asset in ("risk_model", "risk_scores"):
+        meta = result.asset_materializations_for_node(asset)[0].metadata
+        assert meta["excluded_patients_count"].value == 1, asset
+        (reason,) = meta["excluded_patients"].value.values()
+        assert list(meta["excluded_patients"].value) == ["P005"]
+        assert reason.startswith("uni_features unreadable for the ABMIL block") and str(damaged) in reason
+    scores = pq.read_table(store.path("risk_scores", None, "scores.parquet")).column("patient_id").to_pylist()
+    assert "P005" not in scores and len(scores) == len(ids) - 1
+    assert check_results(result)["scores_valid"].passed  # left out with a reason, not missing
+    pointer = read_version_pointer(store.root / "risk_model")
+    assert list(pointer["excluded_patients"]) == ["P005"]
