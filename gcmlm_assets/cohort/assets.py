@@ -25,7 +25,8 @@ from gcmlm_assets.cohort.asset_files import (
     SCORES_PICTURE, required_input)
 from gcmlm_assets.cohort.columns import CLINICAL_TABLE_COLUMNS, FUSED_TABLE_COLUMNS, RISK_SCORES_COLUMNS
 from gcmlm_assets.cohort.risk_model_asset import (
-    RISK_MODEL, _patient_bags, current_model_version, excluded_metadata, train_risk_model, without_patients)
+    RISK_MODEL, _log_left_out, _patient_bags, current_model_version, excluded_metadata, train_risk_model,
+    without_patients)
 from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.landing.scan import describe_links_leaving, link_leaving
 from gcmlm_assets.lazy import lazy
@@ -257,6 +258,7 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
             raise dg.Failure(description=str(exc), metadata={"model": str(model_path)}) from None
         patient_bags, excluded = (_patient_bags(store, bags.pathology_patients(fused), context)
                                   if model.needs_bags() else (None, {}))
+        _log_left_out(context, excluded, "left out")
         scored = without_patients(fused, excluded)  # left out with the reason, never scored without their slides
         scores = _with_versions(model.score_table(scored, patient_bags), pointer["version"],
                                 explanation_keys.explanation_keys(scored, model_sha, store, UNI_FEATURES))

@@ -111,7 +111,15 @@ def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage
                          "(patients without a label are scored with it, not trained on)")
         yield _restated_result(context, root, pointer, REUSED)
         return
-    patient_bags, excluded = _patient_bags(store, pathology_patients, context, bags.TRAINING_BAG_PATCHES)
+    patient_bags, unreadable = _patient_bags(store, pathology_patients, context, bags.TRAINING_BAG_PATCHES)
+    if model_settings.PATHOLOGY_ABMIL in settings.fusion_blocks():
+        # the model's own pathology block: such a patient is left out, not trained on without slides
+        excluded = unreadable
+        _log_left_out(context, excluded, "left out")
+    else:
+        # ABMIL only in the ablation: its row has fewer patients (it says how many); the model is unchanged
+        excluded = {}
+        _log_left_out(context, unreadable, "not in the ABMIL ablation row")
     data = cohort_data.CohortData.from_table(without_patients(table, excluded), settings.blocks(), bags=patient_bags)
     try:
         pointer = _train_and_publish(context, root, data, fused_path, settings, fingerprint, inputs, excluded)
@@ -155,9 +163,14 @@ def _patient_bags(store: ArtifactStore, patient_ids: list[str], context,
     found, problems = bags.load_bags(store, UNI_FEATURES, patient_ids, max_patches)
     excluded = {patient_id: f"{UNI_FEATURES} unreadable for the ABMIL block: {problem}"
                 for patient_id, problem in sorted(problems.items())}
-    for patient_id, reason in list(excluded.items())[:20]:
-        context.log.warning(f"{patient_id}: left out: {reason}")
     return found, excluded
+
+
+def _log_left_out(context, excluded: Mapping[str, str], what: str) -> None:
+    for patient_id, reason in list(excluded.items())[:20]:
+        context.log.warning(f"{patient_id}: {what}: {reason}")
+    if len(excluded) > 20:
+        context.log.warning(f"... and {len(excluded) - 20} more patients ({what})")
 
 
 def without_patients(table, excluded: Mapping[str, str]):
