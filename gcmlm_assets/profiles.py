@@ -54,7 +54,7 @@ DEMO = Profile(
     name="demo",
     description="untrained ViT-Ti encoder, tiny CPU nnU-Net, small cross-validation, fast automation",
     resources=_frozen({
-        "encoder": {"name": "vit-tiny-random", "batch_size": 32, "num_workers": 0},
+        "encoder": {"name": "vit-tiny-random", "batch_size": 32, "num_workers": 0, "random_weights_allowed": True},
         # A tiny real nnU-Net v2 (see SegmentationModelResource.cpu_demo), trained longer: the demo's
         # reference CTs are larger than the tests' phantoms, and AdamW may find the stomach only
         # after 150 iterations (seen once in the demo: Dice 0.26 after 300 iterations), so 450.

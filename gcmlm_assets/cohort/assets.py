@@ -18,11 +18,15 @@ from pathlib import Path
 import dagster as dg
 
 from gcmlm_assets import pictures, step_pods
+from gcmlm_assets.cohort import qc
+from gcmlm_assets.cohort.check_results import check_result
 from gcmlm_assets.cohort.asset_files import (
     CLINICAL_FILE, CLINICAL_PROBLEMS, CODE_VERSIONS, FUSED_FILE, FUSION_REPORT, GROUP, MODEL_FILE, SCORES_FILE,
     SCORES_PICTURE, required_input)
 from gcmlm_assets.cohort.columns import CLINICAL_TABLE_COLUMNS, FUSED_TABLE_COLUMNS, RISK_SCORES_COLUMNS
-from gcmlm_assets.cohort.risk_model_asset import RISK_MODEL, _patient_bags, current_model_version, train_risk_model
+from gcmlm_assets.cohort.risk_model_asset import (
+    RISK_MODEL, _log_left_out, _patient_bags, current_model_version, excluded_metadata, train_risk_model,
+    without_patients)
 from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.landing.scan import describe_links_leaving, link_leaving
 from gcmlm_assets.lazy import lazy
@@ -41,6 +45,7 @@ modelling = lazy("gcmlm_assets.cohort.modelling")
 model_plots = lazy("gcmlm_assets.cohort.plots")
 bags = lazy("gcmlm_assets.cohort.bags")
 explanation_keys = lazy("gcmlm_assets.cohort.explanation_keys")
+quarantine = lazy("gcmlm_assets.quarantine")
 
 CLINICAL_CSV = "clinical.csv"
 
@@ -204,6 +209,16 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
 # ---------------------------------------------------------------- risk_scores
 
 
+SCORES_VALID = "scores_valid"
+# Evaluated in the step on the new scores before they are written where readers (the explanations'
+# sensor, the demo's watcher) look: scores that fail are quarantined and the published ones stay.
+SCORES_VALID_CHECK = dg.AssetCheckSpec(
+    SCORES_VALID, asset="risk_scores", blocking=True,
+    description="Every patient with CT or slide features has exactly one risk score, a probability between 0 and "
+    "1, and a risk group of high or low. Checked before new scores are published: scores that fail are "
+    "quarantined and the previous scores stay where the explanations read them.")
+
+
 @dg.asset(
     name="risk_scores",
     group_name=GROUP,
@@ -216,8 +231,10 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
     "reads the patch features too). Each score records the model version it came from and the key of "
     "the explanation it needs (risk_explanations_sensor explains the patients whose key changed).",
     metadata=column_schema_metadata(RISK_SCORES_COLUMNS),
+    check_specs=[SCORES_VALID_CHECK],
+    output_required=False,  # scores that fail scores_valid are not materialized
 )
-def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
+def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
     store = storage.store()
     model_folder, pointer = _current_model_or_fail(store)
     model_path = model_folder / MODEL_FILE
@@ -232,30 +249,47 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
     folder = store.asset_dir("risk_scores")
     manifest = _reuse_or_none(store, "risk_scores", fingerprint, context)
     if manifest is None:
-        if not model_path.is_file() or sha256_file(model_path) != model_sha:
-            raise dg.Failure(description=f"{model_path} does not match {model_folder.parent / VERSION_POINTER}: "
-                                         "re-materialize risk_model", metadata={"model": str(model_path)})
-        try:
-            model = modelling.load_model(model_path)
+        if not model_path.is_file():
+            raise dg.Failure(description=f"{model_path} (named by {model_folder.parent / VERSION_POINTER}) is "
+                                         "missing: re-materialize risk_model", metadata={"model": str(model_path)})
+        try:  # checked against the hash current.json recorded, then loaded from the same bytes
+            model = modelling.load_model(model_path, model_sha, str(model_folder.parent / VERSION_POINTER))
         except modelling.UntrustedModelFile as exc:
-            raise dg.Failure(description=str(exc)) from None
-        patient_bags = _patient_bags(store, bags.pathology_patients(fused), context) if model.needs_bags() else None
-        scores = _with_versions(model.score_table(fused, patient_bags), pointer["version"],
-                                explanation_keys.explanation_keys(fused, model_sha, store, UNI_FEATURES))
+            raise dg.Failure(description=str(exc), metadata={"model": str(model_path)}) from None
+        patient_bags, excluded = (_patient_bags(store, bags.pathology_patients(fused), context)
+                                  if model.needs_bags() else (None, {}))
+        _log_left_out(context, excluded, "left out")
+        scored = without_patients(fused, excluded)  # left out with the reason, never scored without their slides
+        scores = _with_versions(model.score_table(scored, patient_bags), pointer["version"],
+                                explanation_keys.explanation_keys(scored, model_sha, store, UNI_FEATURES))
+        verdict = qc.scores_valid(scores, _expected_scored(fused, excluded))
+        if verdict.outcome == qc.ERROR:
+            yield _quarantined_scores(context, store, scores, verdict)
+            return
         fusion.write_parquet(scores, folder / SCORES_FILE)
         _save_score_picture(scores, model.risk_threshold, folder / SCORES_PICTURE)
         manifest = {"fingerprint": fingerprint, "files": {SCORES_FILE: sha256_file(folder / SCORES_FILE),
                                                           SCORES_PICTURE: sha256_file(folder / SCORES_PICTURE)},
                     "inputs": {"risk_model_sha256": model_sha, "risk_model_version": pointer["version"],
                                "fused_table_sha256": fused_sha},
-                    "risk_threshold": model.risk_threshold, "model_blocks": list(model.blocks)}
+                    "risk_threshold": model.risk_threshold, "model_blocks": list(model.blocks),
+                    "excluded_patients": excluded}
         store.write_manifest("risk_scores", None, manifest)
     scores = pq.read_table(folder / SCORES_FILE)
+    excluded = manifest.get("excluded_patients") or {}
+    verdict = qc.scores_valid(scores, _expected_scored(fused, excluded))
+    if verdict.outcome == qc.ERROR:  # stored scores that no longer pass (a damaged file): out of readers' way
+        moved = quarantine.quarantine_output(store, "risk_scores", None, [SCORES_VALID],
+                                             {"description": verdict.description})
+        context.log.error(f"risk_scores: the stored scores failed {SCORES_VALID}; moved to {moved}")
+        yield check_result(verdict, SCORES_VALID, {"quarantined_to": dg.MetadataValue.path(str(moved))})
+        return
+    check = check_result(verdict, SCORES_VALID)
     if not (folder / SCORES_PICTURE).is_file():  # reused scores stored before risk_scores had a picture
         _save_score_picture(scores, manifest["risk_threshold"], folder / SCORES_PICTURE)
     groups = scores.column("risk_group").to_pylist()
     used = scores.column("modalities_used").to_pylist()
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(folder / SCORES_FILE)),
             "risk_model_version": pointer["version"],
@@ -263,6 +297,7 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
             "risk_model_sha256": model_sha,
             "fused_table_sha256": fused_sha,
             "scored": scores.num_rows,
+            **excluded_metadata(excluded),
             "risk_threshold": manifest["risk_threshold"],
             "risk_groups": dg.MetadataValue.json({g: groups.count(g) for g in ("high", "low")}),
             "modalities_used": dg.MetadataValue.json({u: used.count(u) for u in sorted(set(used))}),
@@ -274,7 +309,32 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
             "picture_path": dg.MetadataValue.path(str(folder / SCORES_PICTURE)),
         },
         data_version=dg.DataVersion(manifest["files"][SCORES_FILE]),
+        check_results=[check],
     )
+
+
+def _expected_scored(fused, excluded: dict[str, str]) -> list[str]:
+    """The patients who must have a score: those with CT or slide features, but the ones left out
+    with a reason (their patch features could not be read for an ABMIL model)."""
+    flags = [flag for modality, flag in fusion.AVAILABILITY.items() if modality != fusion.CLINICAL]
+    rows = fused.select(["patient_id", *flags]).to_pylist()
+    return [row["patient_id"] for row in rows if any(row[flag] for flag in flags) and row["patient_id"] not in excluded]
+
+
+def _quarantined_scores(context, store: ArtifactStore, scores, verdict: "qc.Verdict") -> dg.AssetCheckResult:
+    """New scores that failed scores_valid: written into quarantine, never where readers look."""
+    from gcmlm_assets.storage import new_version_folder
+
+    staging = new_version_folder(store.asset_dir("risk_scores"))
+    fusion.write_parquet(scores, staging / SCORES_FILE)
+    published = store.path("risk_scores", None, SCORES_FILE)
+    kept = str(published) if published.is_file() else "none"
+    moved = quarantine.quarantine_unpublished(store, "risk_scores", staging, [SCORES_VALID],
+                                              {"description": verdict.description, "scores_in_use": kept})
+    context.log.error(f"risk_scores: the new scores failed {SCORES_VALID} ({verdict.description}); they are not "
+                      f"published (moved to {moved}); the scores in use stay {kept}")
+    return check_result(verdict, SCORES_VALID, {"quarantined_to": dg.MetadataValue.path(str(moved)),
+                                                "scores_in_use": kept})
 
 
 def _with_versions(scores, model_version: str, keys: dict[str, str]):

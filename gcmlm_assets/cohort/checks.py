@@ -1,8 +1,12 @@
 """Asset checks of the cohort group: thin wrappers over the decisions in `qc.py`.
 
 Blocking where a downstream result would be wrong: duplicate fused rows, no CV AUC, invalid
-scores. Bad clinical rows and misaligned modalities are reported (ERROR/WARN) without blocking,
-because the rest of the cohort is still right and one bad row must not stop it. Too few labelled
+scores. The last two (`cv_auc_reported`, `scores_valid`) run inside the risk_model and
+risk_scores steps, before the new output is published: one that fails is moved into quarantine
+and the published version stays the one risk_scores and the explanations read (a stand-alone
+check would run after the output had become current). Bad clinical rows and misaligned
+modalities are reported (ERROR/WARN) without blocking, because the rest of the cohort is still
+right and one bad row must not stop it. Too few labelled
 patients is a non-blocking WARN: risk_model itself waits for more and keeps its last good model.
 """
 
@@ -11,27 +15,15 @@ import json
 import dagster as dg
 
 from gcmlm_assets.cohort import qc
-from gcmlm_assets.cohort.asset_files import CLINICAL_PROBLEMS, FUSED_FILE, FUSION_REPORT, METRICS_FILE, SCORES_FILE
-from gcmlm_assets.cohort.assets import clinical_table, fused_table, risk_scores
-from gcmlm_assets.cohort.risk_model_asset import RISK_MODEL, current_model_version, train_risk_model
+from gcmlm_assets.cohort.asset_files import CLINICAL_PROBLEMS, FUSED_FILE, FUSION_REPORT
+from gcmlm_assets.cohort.assets import clinical_table, fused_table
+from gcmlm_assets.cohort.check_results import check_result as _result
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.resources import ArtifactStorage
 from gcmlm_assets.lazy import lazy
-from gcmlm_assets.storage import VERSION_POINTER
 
 pq = lazy("pyarrow.parquet")
 fusion = lazy("gcmlm_assets.cohort.fusion")
-
-SEVERITY = {qc.WARN: dg.AssetCheckSeverity.WARN, qc.ERROR: dg.AssetCheckSeverity.ERROR,
-            qc.PASS: dg.AssetCheckSeverity.ERROR}
-
-
-def _result(verdict: qc.Verdict) -> dg.AssetCheckResult:
-    metadata = {k: (dg.MetadataValue.md(v) if isinstance(v, str) and v.startswith("|") else v)
-                for k, v in verdict.metadata.items()}
-    return dg.AssetCheckResult(passed=verdict.passed, severity=SEVERITY[verdict.outcome],
-                               description=verdict.description,
-                               metadata={"expected": verdict.expected, "found": verdict.found, **metadata})
 
 
 def _missing(path) -> dg.AssetCheckResult:
@@ -87,38 +79,6 @@ def enough_labelled_patients(storage: ArtifactStorage, risk_model: RiskModelSett
     return _result(qc.enough_labelled(table, risk_model.min_labelled_per_class))
 
 
-@dg.asset_check(asset=train_risk_model, blocking=True,
-                description="The risk model's accuracy, estimated by cross-validation, is reported as an AUC "
-                "with its 95 % confidence interval; a warning when the interval includes 0.5, i.e. no evidence "
-                "that the model does better than chance.")
-def cv_auc_reported(storage: ArtifactStorage) -> dg.AssetCheckResult:
-    store = storage.store()
-    current = current_model_version(store)
-    if current is None:
-        return _missing(store.path(RISK_MODEL, None, VERSION_POINTER))
-    path = current[0] / METRICS_FILE
-    if not path.is_file():
-        return _missing(path)
-    return _result(qc.cv_auc_reported(json.loads(path.read_text(encoding="utf-8"))))
-
-
-@dg.asset_check(asset=risk_scores, blocking=True,
-                description="Every patient with CT or slide features has exactly one risk score, a probability "
-                "between 0 and 1, and a risk group of high or low.")
-def scores_valid(storage: ArtifactStorage) -> dg.AssetCheckResult:
-    store = storage.store()
-    scores_path = store.path("risk_scores", None, SCORES_FILE)
-    fused_path = store.path("fused_table", None, FUSED_FILE)
-    for path in (scores_path, fused_path):
-        if not path.is_file():
-            return _missing(path)
-    flags = [f for m, f in fusion.AVAILABILITY.items() if m != fusion.CLINICAL]
-    fused = pq.read_table(fused_path, columns=["patient_id", *flags]).to_pylist()
-    expected = [row["patient_id"] for row in fused if any(row[f] for f in flags)]
-    return _result(qc.scores_valid(pq.read_table(scores_path), expected))
-
-
 CHECKS: list[dg.AssetChecksDefinition] = [
     clinical_rows_valid, fused_ids_unique, modalities_aligned, enough_labelled_patients,
-    cv_auc_reported, scores_valid,
 ]

@@ -29,7 +29,7 @@ from gcmlm_assets.pathology.checks import UNI_FEATURES
 from gcmlm_assets.policies import TRANSIENT_RETRY
 from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
 from gcmlm_assets.storage import (
-    atomic_write_json, new_version_folder, publish_version, read_version_pointer, version_intact)
+    VERSION_POINTER, atomic_write_json, new_version_folder, publish_version, read_version_pointer, version_intact)
 
 np = lazy("numpy")
 pa = lazy("pyarrow")
@@ -105,8 +105,10 @@ class _ExplanationRun:
 
     def model(self):
         if self._model is None:
-            self._model = LoadOnce(modelling.load_model, errors=(modelling.UntrustedModelFile,))
-        return self._model.get(self.model_folder / MODEL_FILE)
+            # the file must still hash to what risk_model's current.json recorded (read once, then loaded)
+            self._model = LoadOnce(modelling.load_model, errors=(modelling.UntrustedModelFile, OSError))
+        return self._model.get(self.model_folder / MODEL_FILE, self.model_sha,
+                               str(self.model_folder.parent / VERSION_POINTER))
 
     def explain(self, patient_id: str):
         if patient_id not in self.rows and not self.context.has_partition_key:

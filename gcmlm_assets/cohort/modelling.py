@@ -316,12 +316,28 @@ def save_model(model: FusedRiskModel, path: str | Path) -> Path:
     return Path(path)
 
 
-def load_model(path: str | Path) -> FusedRiskModel:
-    """Load with skops, refusing any type outside `TRUSTED_TYPES` (skops' own defaults aside)."""
-    untrusted = set(sio.get_untrusted_types(file=path)) - set(TRUSTED_TYPES)
+def load_model(path: str | Path, sha256: str | None = None, pinned_by: str = "its version pointer") -> FusedRiskModel:
+    """Load with skops, refusing any type outside `TRUSTED_TYPES` (skops' own defaults aside).
+
+    With `sha256` (what the pointer `pinned_by` recorded), the file's bytes are read once, checked
+    against it and loaded from memory: a file changed after publishing is refused, and nothing can
+    swap it between the check and the load."""
+    if sha256 is None:
+        data = None
+    else:
+        import hashlib
+
+        data = Path(path).read_bytes()
+        found = hashlib.sha256(data).hexdigest()
+        if found != sha256:
+            raise UntrustedModelFile(f"{path}: SHA-256 {found} differs from {sha256} recorded by {pinned_by}; the "
+                                     "model file changed after it was published and is not loaded (re-materialize "
+                                     "risk_model)")
+    source = {"file": path} if data is None else {"data": data}
+    untrusted = set(sio.get_untrusted_types(**source)) - set(TRUSTED_TYPES)
     if untrusted:
         raise UntrustedModelFile(f"{path}: refusing to load types not on the trusted list: {sorted(untrusted)}")
-    model = sio.load(path, trusted=TRUSTED_TYPES)
+    model = sio.load(path, trusted=TRUSTED_TYPES) if data is None else sio.loads(data, trusted=TRUSTED_TYPES)
     if not isinstance(model, FusedRiskModel):
         raise UntrustedModelFile(f"{path}: holds a {type(model).__name__}, not a FusedRiskModel")
     # a file written before fusion rules and side models existed fused by the mean logit

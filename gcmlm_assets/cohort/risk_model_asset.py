@@ -8,17 +8,21 @@ current.json once and take everything from that folder.
 
 The model is trained on the labelled patients' rows only and refits only when they (labels or
 features) or its settings change; with too few labelled patients it waits instead of failing and
-keeps its last good model.
+keeps its last good model. A new model is published only when its cross-validated AUC is
+reported (`cv_auc_reported`, checked in the step before `current.json` moves): one without is
+quarantined, the step fails, and the previous version stays current.
 """
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import dagster as dg
 
 from gcmlm_assets import pictures, step_pods
+from gcmlm_assets.cohort import qc
+from gcmlm_assets.cohort.check_results import check_result
 from gcmlm_assets.cohort.asset_files import (
     CODE_VERSIONS, CV_PREDICTIONS, FUSED_FILE, FUSION_REPORT, GROUP, METRICS_FILE, MODEL_CARD, MODEL_CARD_MARKDOWN,
     MODEL_FILE, PLOTS, required_input)
@@ -44,11 +48,22 @@ model_card = lazy("gcmlm_assets.cohort.model_card")
 model_importance = lazy("gcmlm_assets.cohort.importance")
 card_context = lazy("gcmlm_assets.cohort.card_context")
 bags = lazy("gcmlm_assets.cohort.bags")
+quarantine = lazy("gcmlm_assets.quarantine")
 
 RISK_MODEL = "risk_model"
 MODEL_FILES = (MODEL_FILE, METRICS_FILE, MODEL_CARD, MODEL_CARD_MARKDOWN, CV_PREDICTIONS, *PLOTS.values())
 WAITING = "waiting for labelled patients"
 REUSED = "reused: labelled data and settings unchanged"
+CV_AUC_REPORTED = "cv_auc_reported"
+EXCLUDED_SHOWN = 50
+# Evaluated in the step on the new model's metrics before it is published: a model without a CV
+# AUC never becomes current (it goes into quarantine), and risk_scores keeps the previous one.
+CV_AUC_CHECK = dg.AssetCheckSpec(
+    CV_AUC_REPORTED, asset=RISK_MODEL, blocking=True,
+    description="The risk model's accuracy, estimated by cross-validation, is reported as an AUC with its 95 % "
+    "confidence interval; a warning when the interval includes 0.5, i.e. no evidence that the model does better "
+    "than chance. Checked before a new model is published: one without an AUC is quarantined and the previous "
+    "model stays in use.")
 
 
 def current_model_version(store: ArtifactStore) -> tuple[Path, dict] | None:
@@ -65,6 +80,7 @@ def current_model_version(store: ArtifactStore) -> tuple[Path, dict] | None:
     code_version=CODE_VERSIONS["risk_model"],
     # uni_features: the attention-MIL block reads the patch features themselves
     deps=[dg.AssetDep("fused_table"), dg.AssetDep(UNI_FEATURES, partition_mapping=dg.AllPartitionMapping())],
+    check_specs=[CV_AUC_CHECK],
     output_required=False,
     description="Per-modality models fused late (mean logit by default, or a stacked logistic combiner), "
     "validated by repeated stratified k-fold CV with an ablation (each block, pathology mean and ABMIL, both "
@@ -95,25 +111,83 @@ def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage
                          "(patients without a label are scored with it, not trained on)")
         yield _restated_result(context, root, pointer, REUSED)
         return
-    data = cohort_data.CohortData.from_table(
-        table, settings.blocks(), bags=_patient_bags(store, pathology_patients, context, bags.TRAINING_BAG_PATCHES))
+    patient_bags, unreadable = _patient_bags(store, pathology_patients, context, bags.TRAINING_BAG_PATCHES)
+    if model_settings.PATHOLOGY_ABMIL in settings.fusion_blocks():
+        # the model's own pathology block: such a patient is left out, not trained on without slides
+        excluded = unreadable
+        _log_left_out(context, excluded, "left out")
+    else:
+        # ABMIL only in the ablation: its row has fewer patients (it says how many); the model is unchanged
+        excluded = {}
+        _log_left_out(context, unreadable, "not in the ABMIL ablation row")
+    data = cohort_data.CohortData.from_table(without_patients(table, excluded), settings.blocks(), bags=patient_bags)
     try:
-        pointer = _train_and_publish(context, root, data, fused_path, settings, fingerprint, inputs)
+        pointer = _train_and_publish(context, root, data, fused_path, settings, fingerprint, inputs, excluded)
     except model_settings.InsufficientLabels as exc:
         yield from _wait_for_labels(context, root, crossval.labelled_counts(data), settings, sha256_file(fused_path),
                                     str(exc))
         return
+    except _Rejected as rejected:
+        # only the failed check: no materialization, so nothing downstream sees a new model, and the
+        # blocking failure fails the step
+        yield rejected.result
+        return
     yield _model_result(root, pointer, "trained")
 
 
-def _patient_bags(store: ArtifactStore, patient_ids: list[str], context, max_patches: int | None = None) -> dict:
-    """The patients' patch features (ABMIL's input); a patient whose files cannot be read has no bag."""
+class _Rejected(Exception):
+    """A trained model that failed a blocking check; `result` says why and where it went."""
+
+    def __init__(self, result: dg.AssetCheckResult):
+        super().__init__(result.description)
+        self.result = result
+
+
+def _auc_check(folder: Path) -> dg.AssetCheckResult:
+    """cv_auc_reported on a published version (its metrics.json)."""
+    path = folder / METRICS_FILE
+    if not path.is_file():
+        return dg.AssetCheckResult(check_name=CV_AUC_REPORTED, passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                                   description=f"{path} does not exist: the model's accuracy is unknown",
+                                   metadata={"expected": f"{path.name} present", "found": "missing"})
+    return check_result(qc.cv_auc_reported(json.loads(path.read_text(encoding="utf-8"))), CV_AUC_REPORTED)
+
+
+def _patient_bags(store: ArtifactStore, patient_ids: list[str], context,
+                  max_patches: int | None = None) -> tuple[dict, dict[str, str]]:
+    """(the patients' patch features, ABMIL's input; {patient: why left out}). A patient whose
+    uni_features cannot be read (none published, e.g. quarantined by a blocking check, or a file
+    that does not read) is left out with the reason, never modelled as if it had no slides."""
     if not patient_ids:
-        return {}
+        return {}, {}
     found, problems = bags.load_bags(store, UNI_FEATURES, patient_ids, max_patches)
-    for patient_id, problem in sorted(problems.items())[:20]:
-        context.log.warning(f"{patient_id}: no patch features for ABMIL: {problem}")
-    return found
+    excluded = {patient_id: f"{UNI_FEATURES} unreadable for the ABMIL block: {problem}"
+                for patient_id, problem in sorted(problems.items())}
+    return found, excluded
+
+
+def _log_left_out(context, excluded: Mapping[str, str], what: str) -> None:
+    for patient_id, reason in list(excluded.items())[:20]:
+        context.log.warning(f"{patient_id}: {what}: {reason}")
+    if len(excluded) > 20:
+        context.log.warning(f"... and {len(excluded) - 20} more patients ({what})")
+
+
+def without_patients(table, excluded: Mapping[str, str]):
+    """The table's rows of the patients not in `excluded`."""
+    if not excluded:
+        return table
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return table.filter(pc.invert(pc.is_in(table.column("patient_id"), value_set=pa.array(sorted(excluded)))))
+
+
+def excluded_metadata(excluded: Mapping[str, str]) -> dict:
+    """The left-out patients in a materialization: their count and the first EXCLUDED_SHOWN with reasons
+    (bounded: an event must not grow with the cohort; the stored pointer or manifest lists all)."""
+    shown = dict(list(sorted(excluded.items()))[:EXCLUDED_SHOWN])
+    return {"excluded_patients_count": len(excluded), "excluded_patients": dg.MetadataValue.json(shown)}
 
 
 def _reusable_version(root: Path, fingerprint: str) -> dict | None:
@@ -153,10 +227,17 @@ def _wait_for_labels(context, root: Path, counts: dict[str, int], settings: "mod
         yield _restated_result(context, root, previous, f"kept previous model, {waiting}",
                                {"waiting_on_fused_table_sha256": fused_sha,
                                 "present_per_class": dg.MetadataValue.json(counts), "needed_per_class": needed})
+    else:
+        # no model to report an AUC for: a warning while it waits, not a blocking failure
+        yield dg.AssetCheckResult(check_name=CV_AUC_REPORTED, passed=False, severity=dg.AssetCheckSeverity.WARN,
+                                  description=f"No model in use: risk_model is {waiting}",
+                                  metadata={"expected": "a cross-validated AUC whose 95 % CI lies above 0.5",
+                                            "found": "no model trained yet"})
 
 
 def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fused_path: Path,
-                       settings: "model_settings.ModelSettings", fingerprint: str, inputs: dict) -> dict:
+                       settings: "model_settings.ModelSettings", fingerprint: str, inputs: dict,
+                       excluded: Mapping[str, str]) -> dict:
     cv = crossval.cross_validate(data, settings)
     context.log.info(f"cross-validated {len(cv.labels)} patients: {cv.n_splits} folds x {cv.n_repeats} repeats")
     for note in cv.notes:
@@ -188,13 +269,29 @@ def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fuse
         fusion.write_parquet(crossval.cv_predictions_table(cv), staging / CV_PREDICTIONS)
         for kind, name in PLOTS.items():
             pictures.save_png(model_plots.plot_curves(curves, kind, labels), staging / name)
-        pointer = publish_version(root, staging, {"fingerprint": fingerprint, "inputs": inputs})
+        verdict = qc.cv_auc_reported(json.loads((staging / METRICS_FILE).read_text(encoding="utf-8")))
+        if verdict.outcome == qc.ERROR:
+            raise _Rejected(_quarantined(context, root, staging, verdict))
+        pointer = publish_version(root, staging, {"fingerprint": fingerprint, "inputs": inputs,
+                                                  "excluded_patients": dict(excluded)})
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already once published
     _remove_unversioned_files(root)
     context.log.info(f"risk_model version {pointer['version']} published "
                      f"(kept: {', '.join(pointer['recent_versions'])})")
     return pointer
+
+
+def _quarantined(context, root: Path, staging: Path, verdict: "qc.Verdict") -> dg.AssetCheckResult:
+    """Move a trained version that failed cv_auc_reported into quarantine, unpublished; its check result."""
+    current = read_version_pointer(root)
+    in_use = current["version"] if current else "none"
+    moved = quarantine.quarantine_unpublished(ArtifactStore(root.parent), RISK_MODEL, staging, [CV_AUC_REPORTED],
+                                              {"description": verdict.description, "model_in_use": in_use})
+    context.log.error(f"risk_model: the new model failed {CV_AUC_REPORTED} ({verdict.description}); it is not "
+                      f"published (moved to {moved}) and the model in use stays {in_use}")
+    return check_result(verdict, CV_AUC_REPORTED, {"quarantined_to": dg.MetadataValue.path(str(moved)),
+                                                   "model_in_use": in_use})
 
 
 def _remove_unversioned_files(root: Path) -> None:
@@ -228,6 +325,7 @@ def _model_summary(root: Path, pointer: dict, status: str) -> tuple[dict, dict]:
         "fused_auc_ci": dg.MetadataValue.json([fused.get("auc_ci_low"), fused.get("auc_ci_high")]),
         "ablation": dg.MetadataValue.md(model_metrics.ablation_markdown(metrics, card.get("model_labels"))),
         "model_card_path": dg.MetadataValue.path(str(folder / MODEL_CARD_MARKDOWN)),
+        **excluded_metadata(pointer.get("excluded_patients") or {}),
         **{f"plot_{kind}_path": dg.MetadataValue.path(str(folder / name)) for kind, name in PLOTS.items()},
     }, card
 
@@ -248,6 +346,7 @@ def _model_result(root: Path, pointer: dict, status: str, extra: dict | None = N
             **(extra or {}),
         },
         data_version=dg.DataVersion(pointer["files"][MODEL_FILE]),
+        check_results=[_auc_check(folder)],
     )
 
 
@@ -263,7 +362,8 @@ def _restated_result(context, root: Path, pointer: dict, status: str,
     summary, _ = _model_summary(root, pointer, status)
     return dg.MaterializeResult(
         metadata={**summary, "card_and_plots_in_run": dg.MetadataValue.dagster_run(shown_in), **(extra or {})},
-        data_version=dg.DataVersion(pointer["files"][MODEL_FILE]))
+        data_version=dg.DataVersion(pointer["files"][MODEL_FILE]),
+        check_results=[_auc_check(root / pointer["version"])])
 
 
 def _run_showing_version(latest: "dg.EventLogEntry | None", version: str) -> str | None:

@@ -26,7 +26,7 @@ from gcmlm_assets import settings
 from gcmlm_assets.demo import synthetic
 from gcmlm_assets.demo.daemon import prepare_dagster_home, start_daemon
 from gcmlm_assets.demo.summary import format_summary, fused_auc, summarise
-from gcmlm_assets.demo.watch import failed_runs, wait_until_settled
+from gcmlm_assets.demo.watch import ScoresUnreadable, failed_runs, wait_until_settled
 from gcmlm_assets.profiles import PROFILE_ENV, get_profile
 
 DEMO_PROFILE = "demo"
@@ -99,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with dg.DagsterInstance.get() as instance:
-            done = wait_until_settled(instance, since=0.0, timeout_s=args.timeout, say=_say, alive=daemon.alive,
-                                      min_wait_s=MIN_WAIT_S)
+            try:
+                done = wait_until_settled(instance, since=0.0, timeout_s=args.timeout, say=_say,
+                                          alive=daemon.alive, min_wait_s=MIN_WAIT_S)
+            except ScoresUnreadable as error:
+                _say(f"error: {error}")
+                return 1
             _say("[3/3] summary")
             from gcmlm_assets.definitions import build_definitions
 

@@ -22,6 +22,11 @@ COHORT_SENSOR = "cohort_refresh_sensor"
 FUSED_TABLE = "fused_table"
 
 
+class ScoresUnreadable(RuntimeError):
+    """risk_scores' latest materialization names a scores file that cannot be read: the watcher
+    cannot tell whether every patient is explained, so it must not report the cohort as settled."""
+
+
 @dataclass(frozen=True)
 class Progress:
     patients: int
@@ -98,11 +103,16 @@ def unexplained(instance: dg.DagsterInstance) -> set[str]:
         return set()
     scores = records[0]
     path = scores.asset_materialization.metadata.get("path")
+    if path is None:
+        raise ScoresUnreadable(f"risk_scores' latest materialization (run {scores.run_id}) names no scores file "
+                               "(no 'path' metadata): the explanations cannot be checked against it")
     try:
         keyed = KEY_COLUMN in pq.read_schema(str(path.value)).names  # scores written before keys have none
         table = pq.read_table(str(path.value), columns=["patient_id", *([KEY_COLUMN] if keyed else [])])
-    except (AttributeError, OSError, ValueError):
-        return set()
+    except (OSError, ValueError) as error:
+        raise ScoresUnreadable(f"{path.value}: risk_scores' latest file (run {scores.run_id}) cannot be read "
+                               f"({type(error).__name__}: {error}); the explanations cannot be checked "
+                               "against it") from error
     ids = table.column("patient_id").to_pylist()
     keys = table.column(KEY_COLUMN).to_pylist() if keyed else [None] * len(ids)
     recorded = recorded_explanation_keys(instance, EXPLANATIONS)
@@ -169,6 +179,7 @@ def failed_patients(instance: dg.DagsterInstance, run_id: str) -> dict[str, list
 def wait_until_settled(instance: dg.DagsterInstance, *, since: float, timeout_s: float, say=print,
                        poll_s: float = 3.0, alive=lambda: True, min_wait_s: float = 0.0) -> bool:
     """Print a progress line whenever it changes until the cohort settles; False on time-out.
+    Raises ScoresUnreadable when the latest scores cannot be read (never "settled" then).
 
     `min_wait_s` gives the sensors time for their first ticks: without it, an instance that settled
     before (a second demo) would count as settled before the landing sensor looked at the drops.

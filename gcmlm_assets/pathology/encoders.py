@@ -6,6 +6,9 @@ and weights come from a local checkpoint file (`pytorch_model.bin` loaded with
 that may run without weights (the test/demo encoder, and CLAM's ResNet-50
 baseline when no ImageNet checkpoint is configured) are random-initialised
 from a fixed seed and say so (`untrained=True`, `checkpoint_sha256="untrained"`).
+An encoder whose features only mean something with its weights (it names a checkpoint
+setting) runs on random weights only when the caller allows it (the demo profile does):
+elsewhere a missing checkpoint is an error, never a silent random encoder.
 
 Every encoder takes RGB patches resized to `input_size` (antialiased bilinear,
 as PIL/torchvision `Resize` does) and normalised with `mean`/`std`; the
@@ -199,8 +202,12 @@ def get_spec(name: str) -> EncoderSpec:
 # ---------------------------------------------------------------- weights
 
 
-def resolve_checkpoint(spec: EncoderSpec, checkpoint: str | os.PathLike | None) -> Path | None:
-    """The checkpoint to load: the explicit setting, else the spec's environment variable."""
+def resolve_checkpoint(spec: EncoderSpec, checkpoint: str | os.PathLike | None, *,
+                       random_weights_allowed: bool = False) -> Path | None:
+    """The checkpoint to load: the explicit setting, else the spec's environment variable.
+
+    None (random weights) for an encoder that needs none; for one that names a checkpoint setting
+    but may run without it (resnet50-trunc) only when `random_weights_allowed`."""
     setting = _setting_names(spec)
     value = str(checkpoint) if checkpoint else (os.environ.get(spec.checkpoint_env, "") if spec.checkpoint_env else "")
     if not value:
@@ -208,6 +215,12 @@ def resolve_checkpoint(spec: EncoderSpec, checkpoint: str | os.PathLike | None) 
             raise EncoderError(
                 f"encoder {spec.name!r} needs local weights but no checkpoint is configured: set {setting} "
                 "to its pytorch_model.bin or .safetensors file (weights are never downloaded at run time)"
+            )
+        if spec.checkpoint_env and not random_weights_allowed:
+            raise EncoderError(
+                f"encoder {spec.name!r} has no checkpoint configured and would run on random weights, whose "
+                f"features mean nothing: set {setting} to its pytorch_model.bin or .safetensors file. Random "
+                "weights are allowed only in the demo profile (GCMLM_PROFILE=demo)"
             )
         return None
     path = Path(value).expanduser()
@@ -274,14 +287,16 @@ def _build_without_init(spec: EncoderSpec) -> nn.Module:
         return spec.build()
 
 
-def load_encoder(name: str, checkpoint: str | os.PathLike | None = None, device: str = "cpu") -> LoadedEncoder:
-    """Build encoder `name` with its weights (strict) on `device`, in eval mode."""
+def load_encoder(name: str, checkpoint: str | os.PathLike | None = None, device: str = "cpu", *,
+                 random_weights_allowed: bool = False) -> LoadedEncoder:
+    """Build encoder `name` with its weights (strict) on `device`, in eval mode
+    (`random_weights_allowed`: see `resolve_checkpoint`)."""
     spec = get_spec(name)
     torch_device = torch.device(device)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise EncoderError(f"encoder {spec.name!r}: device {device!r} requested (the `encoder.device` resource "
                            "field) but this process sees no CUDA device")
-    path = resolve_checkpoint(spec, checkpoint)
+    path = resolve_checkpoint(spec, checkpoint, random_weights_allowed=random_weights_allowed)
     if path is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)

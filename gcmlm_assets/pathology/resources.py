@@ -96,13 +96,18 @@ class PatchEncoder(dg.ConfigurableResource):
                     "the encoder input (e.g. 512 px at 0.25 µm/px -> 224 px); false: full decode + resize")
     device: str = Field(default="auto", description='"auto" (CUDA where the process sees a GPU, else CPU), '
                                                      '"cuda" (bf16 autocast) or "cpu"')
+    random_weights_allowed: bool = Field(
+        default=False,
+        description="let an encoder that names a checkpoint setting (resnet50-trunc) run on fixed-seed random "
+                    "weights when none is configured; only the demo profile sets it, elsewhere that is an error")
 
     def missing_weights(self) -> str | None:
         """Why the encoder cannot load its weights here (unknown name, no or unreadable checkpoint), or None."""
         from gcmlm_assets.pathology.encoders import EncoderError, get_spec, resolve_checkpoint
 
         try:
-            resolve_checkpoint(get_spec(self.name), self.checkpoint or None)
+            resolve_checkpoint(get_spec(self.name), self.checkpoint or None,
+                               random_weights_allowed=self.random_weights_allowed)
         except EncoderError as error:
             return str(error)
         return None
@@ -123,7 +128,7 @@ class PatchEncoder(dg.ConfigurableResource):
         path = self.checkpoint or (os.environ.get(spec.checkpoint_env, "") if spec.checkpoint_env else "")
         if path:
             weights = path
-        elif spec.requires_checkpoint:
+        elif spec.requires_checkpoint or (spec.checkpoint_env and not self.random_weights_allowed):
             weights = f"not configured: set encoder.checkpoint or {spec.checkpoint_env}"
         else:
             weights = "random init (test only)"
@@ -135,8 +140,9 @@ class PatchEncoder(dg.ConfigurableResource):
         from gcmlm_assets.pathology.encoders import get_spec, load_encoder, resolve_checkpoint
 
         device = resolve_device(self.device, "encoder.device", gpu_step=True)
-        path = resolve_checkpoint(get_spec(self.name), self.checkpoint or None)
-        return load_encoder(self.name, path, device.name), device
+        path = resolve_checkpoint(get_spec(self.name), self.checkpoint or None,
+                                  random_weights_allowed=self.random_weights_allowed)
+        return load_encoder(self.name, path, device.name, random_weights_allowed=self.random_weights_allowed), device
 
 
 def resources(env: str, profile: Profile = PRODUCTION) -> dict[str, dg.ConfigurableResource]:

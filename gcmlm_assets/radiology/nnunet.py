@@ -216,16 +216,28 @@ def _checkpoint_globals() -> list:
     return [scalar, (scalar, "numpy.core.multiarray.scalar"), numpy.dtype, *dtype_classes]
 
 
-def read_checkpoint(checkpoint: Path, *, mmap: bool = False) -> dict:
+def read_checkpoint(checkpoint: Path, *, mmap: bool = False, sha256: str | None = None) -> dict:
     """An nnU-Net checkpoint's dict, read by torch's weights-only unpickler (tensors, plain values,
     numpy scalars; a pickle naming anything else is refused before it runs). `mmap` maps the tensors
-    instead of reading them (for a look at the small header entries). Raises ModelFolderError."""
+    instead of reading them (for a look at the small header entries). With `sha256` (its pin), the
+    file is read once, its bytes checked against the pin and unpickled from memory, so a file swapped
+    after the pins were verified cannot be what is loaded. Raises ModelFolderError."""
+    import io
+
     import torch
 
+    source = checkpoint
+    if sha256 is not None:
+        data = Path(checkpoint).read_bytes()
+        found = hashlib.sha256(data).hexdigest()
+        if found != sha256:
+            raise CheckpointHashError(f"{checkpoint}: SHA-256 mismatch: expected {sha256}, found {found} (it changed "
+                                      "after its pins were verified); nothing was loaded")
+        source, mmap = io.BytesIO(data), False
     try:
         with torch.serialization.safe_globals(_checkpoint_globals()):
             try:
-                state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=mmap)
+                state = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
             except RuntimeError:
                 if not mmap:
                     raise
@@ -341,7 +353,7 @@ class GastricSegmenter:
         weights, mirroring_axes = [], None
         for index, fold in enumerate(description.folds):
             checkpoint = description.folder / f"fold_{fold}" / CHECKPOINT
-            state = read_checkpoint(checkpoint)
+            state = read_checkpoint(checkpoint, sha256=description.checkpoint_sha256_by_fold[fold])
             if "network_weights" not in state:
                 raise ModelFolderError(f"{checkpoint}: not an nnU-Net checkpoint (no 'network_weights' entry)")
             if index == 0:

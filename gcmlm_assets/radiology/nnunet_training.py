@@ -345,6 +345,17 @@ def _report_epochs(trainer, progress: Callable[[str], None]) -> None:
     trainer.on_epoch_end = on_epoch_end
 
 
+def _refuse_full_unpickling(trainer) -> None:
+    """Training always starts fresh: nothing may load a checkpoint through the trainer, whose
+    `load_checkpoint` unpickles in full (`weights_only=False`). Checkpoints are read by
+    `nnunet.read_checkpoint` only."""
+    def load_checkpoint(filename_or_checkpoint) -> None:
+        raise RuntimeError(f"{filename_or_checkpoint}: nnU-Net's trainer would unpickle this checkpoint in full; "
+                           "training here starts fresh and loads no checkpoint")
+
+    trainer.load_checkpoint = load_checkpoint
+
+
 def train_model(plans_identifier: str, settings: TrainingSettings, n_cases: int,
                 progress: Callable[[str], None] = lambda line: None) -> TrainingResult:
     """Train `3d_fullres` with nnU-Net's trainer (inside `nnunet_folders`); `progress` gets a line per epoch."""
@@ -366,6 +377,7 @@ def train_model(plans_identifier: str, settings: TrainingSettings, n_cases: int,
     if settings.val_iterations is not None:
         trainer.num_val_iterations_per_epoch = int(settings.val_iterations)
     _report_epochs(trainer, progress)
+    _refuse_full_unpickling(trainer)
     nnunet_seeding.seed_dataloaders(trainer, settings.seed)
     nnunet_seeding.clockless_checkpoints(trainer)
     progress(f"training: {trainer.num_epochs} epochs of {trainer.num_iterations_per_epoch} + "

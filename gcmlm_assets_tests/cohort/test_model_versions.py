@@ -138,4 +138,5 @@ def test_retraining_publishes_a_new_version_that_risk_scores_uses_as_published(d
                               resources={**base_resources, "risk_model": FAST_MODEL}, raise_on_error=False)
     assert not tampered.success
     failure = next(e for e in tampered.all_events if e.is_step_failure)
-    assert f"{model} does not match" in str(failure.event_specific_data.error)
+    assert f"{model}: SHA-256" in str(failure.event_specific_data.error)
+    assert "current.json" in str(failure.event_specific_data.error)

@@ -133,6 +133,29 @@ def test_a_non_linear_classifier_gets_no_contributions_and_says_why(cohort, inst
         "radiology", "pathology"}
 
 
+def test_a_tampered_model_file_is_refused_before_it_is_loaded(cohort, instance, base_resources):
+    # model.skops changed after risk_model published it (its pointer lists another hash): the
+    # explanation fails with the file and both digests named; nothing is explained with it.
+    ids, store = cohort
+    settings = RiskModelSettings(n_splits=3, n_repeats=1, n_bootstrap=100, min_labelled_per_class=3,
+                                 inner_splits=3, abmil_in_ablation=False)
+    assert dg.materialize(cohort_assets.ASSETS, instance=instance,
+                          resources={**base_resources, "risk_model": settings}).success
+    root = store.root / "risk_model"
+    pointer = read_version_pointer(root)
+    model = root / pointer["version"] / "model.skops"
+    model.write_bytes(model.read_bytes() + b"\0")
+    result = dg.materialize([*cohort_assets.ASSETS, *explanation_assets.ASSETS], instance=instance,
+                            resources={**base_resources, "risk_model": settings}, partition_key="P001",
+                            selection=[explanation_assets.RISK_EXPLANATIONS], raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    message = str(failure.event_specific_data.error or failure.event_specific_data.user_failure_data.description)
+    assert f"{model}: SHA-256" in message and pointer["files"]["model.skops"] in message
+    assert str(root / "current.json") in message
+    assert read_version_pointer(store.asset_dir(explanation_assets.RISK_EXPLANATIONS, "P001", create=False)) is None
+
+
 def test_after_the_first_scores_the_sensor_asks_for_everyone_in_ranges_a_few_runs_per_tick(
         cohort, instance, base_resources, monkeypatch):
     ids, store = cohort

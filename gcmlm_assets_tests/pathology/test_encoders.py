@@ -118,8 +118,27 @@ def test_resnet50_trunc_matches_layer3_average_pool(tmp_path, test_data):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert loaded.untrained is False and loaded.checkpoint_sha256 == sha256_file(checkpoint)
 
-    untrained = load_encoder("resnet50-trunc")
+    untrained = load_encoder("resnet50-trunc", random_weights_allowed=True)
     assert untrained.untrained and untrained.identity()["checkpoint_sha256"] == UNTRAINED
+
+
+def test_resnet50_trunc_without_weights_is_refused_outside_the_demo_profile(monkeypatch):
+    from gcmlm_assets.pathology.resources import resources
+    from gcmlm_assets.profiles import DEMO, PRODUCTION
+
+    monkeypatch.delenv("GCMLM_RESNET50_CHECKPOINT", raising=False)
+    with pytest.raises(EncoderError, match="would run on random weights") as refused:
+        load_encoder("resnet50-trunc")
+    assert "GCMLM_RESNET50_CHECKPOINT" in str(refused.value) and "demo profile" in str(refused.value)
+    production = resources("local", PRODUCTION)["encoder"].model_copy(update={"name": "resnet50-trunc"})
+    # the landing sensor holds pathology runs with this reason, and a step fails with it
+    assert "would run on random weights" in production.missing_weights()
+    assert production.configured_encoder()["encoder_checkpoint"].startswith("not configured")
+    with pytest.raises(EncoderError, match="would run on random weights"):
+        production.load()
+    demo = resources("local", DEMO)["encoder"].model_copy(update={"name": "resnet50-trunc"})
+    assert demo.missing_weights() is None
+    assert demo.load()[0].untrained
 
 
 def test_small_encoder_is_untrained_and_reproducible():

@@ -161,3 +161,17 @@ def test_the_digest_comes_from_the_environment_with_the_folder(monkeypatch, tmp_
     monkeypatch.delenv("GCMLM_NNUNET_MODEL_SHA256")
     shown = resources("local")["segmentation"].configured_model()["nnunet_trained_model_sha256"]
     assert shown.startswith("not set: the folder is refused")
+
+
+def test_a_checkpoint_is_unpickled_from_the_very_bytes_its_pin_was_checked_on(tmp_path):
+    # What GastricSegmenter.load does per fold: read once, check the pin, unpickle from memory. A file
+    # swapped after the folder's pins were verified fails the check; the pinned trap is still refused.
+    folder, marker = trapped_model_folder(tmp_path)
+    checkpoint = folder / "fold_all" / nnunet.CHECKPOINT
+    with pytest.raises(CheckpointHashError) as swapped:
+        nnunet.read_checkpoint(checkpoint, sha256=A)
+    assert f"{checkpoint}: SHA-256 mismatch: expected {A}, found {sha256_file(checkpoint)}" in str(swapped.value)
+    with pytest.raises(ModelFolderError) as refused:
+        nnunet.read_checkpoint(checkpoint, sha256=sha256_file(checkpoint))
+    assert f"{checkpoint}: refused by torch's weights-only loader" in str(refused.value)
+    assert not marker.exists()
