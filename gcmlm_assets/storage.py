@@ -130,6 +130,24 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+class DigestMismatch(ValueError):
+    """A pinned file's bytes are not the ones its pin names."""
+
+    def __init__(self, path: str | os.PathLike, expected: str, found: str):
+        super().__init__(f"{path}: SHA-256 {found}, expected {expected}")
+        self.path, self.expected, self.found = Path(path), expected, found
+
+
+def read_pinned_bytes(path: str | os.PathLike, sha256: str) -> bytes:
+    """The file's bytes, read once and checked against its pin: a loader that then reads from these
+    bytes loads exactly what was checked, even if the file is swapped meanwhile. Raises DigestMismatch."""
+    data = Path(path).read_bytes()
+    found = hashlib.sha256(data).hexdigest()
+    if found != sha256:
+        raise DigestMismatch(path, sha256, found)
+    return data
+
+
 def sha256_text(*parts: str) -> str:
     digest = hashlib.sha256()
     for part in parts:

@@ -70,7 +70,7 @@ from gcmlm_assets.cohort.cohort_data import PATHOLOGY_ABMIL, CohortData
 from gcmlm_assets.cohort.combiners import MeanLogitCombiner, probability_to_logit, sigmoid
 from gcmlm_assets.cohort.fusion import PATHOLOGY, RADIOLOGY
 from gcmlm_assets.cohort.model_settings import LOGISTIC_CS, ModelSettings
-from gcmlm_assets.storage import atomic_path
+from gcmlm_assets.storage import DigestMismatch, atomic_path, read_pinned_bytes
 
 # ---------------------------------------------------------------- transformers
 
@@ -322,17 +322,14 @@ def load_model(path: str | Path, sha256: str | None = None, pinned_by: str = "it
     With `sha256` (what the pointer `pinned_by` recorded), the file's bytes are read once, checked
     against it and loaded from memory: a file changed after publishing is refused, and nothing can
     swap it between the check and the load."""
-    if sha256 is None:
-        data = None
-    else:
-        import hashlib
-
-        data = Path(path).read_bytes()
-        found = hashlib.sha256(data).hexdigest()
-        if found != sha256:
-            raise UntrustedModelFile(f"{path}: SHA-256 {found} differs from {sha256} recorded by {pinned_by}; the "
-                                     "model file changed after it was published and is not loaded (re-materialize "
-                                     "risk_model)")
+    data = None
+    if sha256 is not None:
+        try:
+            data = read_pinned_bytes(path, sha256)
+        except DigestMismatch as mismatch:
+            raise UntrustedModelFile(f"{path}: SHA-256 {mismatch.found} differs from {sha256} recorded by {pinned_by}; "
+                                     "the model file changed after it was published and is not loaded "
+                                     "(re-materialize risk_model)") from None
     source = {"file": path} if data is None else {"data": data}
     untrusted = set(sio.get_untrusted_types(**source)) - set(TRUSTED_TYPES)
     if untrusted:

@@ -30,7 +30,7 @@ from gcmlm_assets.radiology.checkpoint_pins import (
     ModelFolderError,
     available_folds,
 )
-from gcmlm_assets.storage import atomic_write_json
+from gcmlm_assets.storage import DigestMismatch, atomic_write_json, read_pinned_bytes
 
 CONFIGURATION = "3d_fullres"
 STOMACH_LABEL = "stomach"
@@ -228,11 +228,11 @@ def read_checkpoint(checkpoint: Path, *, mmap: bool = False, sha256: str | None 
 
     source = checkpoint
     if sha256 is not None:
-        data = Path(checkpoint).read_bytes()
-        found = hashlib.sha256(data).hexdigest()
-        if found != sha256:
-            raise CheckpointHashError(f"{checkpoint}: SHA-256 mismatch: expected {sha256}, found {found} (it changed "
-                                      "after its pins were verified); nothing was loaded")
+        try:
+            data = read_pinned_bytes(checkpoint, sha256)
+        except DigestMismatch as mismatch:
+            raise CheckpointHashError(f"{checkpoint}: SHA-256 mismatch: expected {sha256}, found {mismatch.found} (it "
+                                      "changed after its pins were verified); nothing was loaded") from None
         source, mmap = io.BytesIO(data), False
     try:
         with torch.serialization.safe_globals(_checkpoint_globals()):
