@@ -26,7 +26,7 @@ LOCK_COMPILE = $(UV) pip compile --no-config --index-url https://pypi.org/simple
 # image runs.
 LOCK_CONSTRAINTS := $(VENV)/lock-constraints.txt
 
-.PHONY: install test demo ui bench validate clean lock
+.PHONY: install test demo ui bench validate clean lock chart-check
 
 install: $(STAMP)
 
@@ -60,6 +60,11 @@ $(CHECKOV): Makefile
 
 test: $(STAMP) $(CHECKOV)
 	$(PY) -m pytest -q gcmlm_assets_tests
+
+# The tests' re-statement of the dagster chart against the real one (deploy/README.md):
+# make chart-check CHART=<the chart, e.g. from helm pull dagster/dagster --version 1.13.27 --untar>
+chart-check: $(STAMP)
+	PYTHON=$(PY) deploy/check_chart.sh $(CHART)
 
 validate: $(STAMP)
 	mkdir -p $(DAGSTER_HOME)

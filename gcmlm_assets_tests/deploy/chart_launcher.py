@@ -30,6 +30,7 @@ Plain Python: no dagster import.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,7 @@ def code_location_container_context(values: dict, release: str = RELEASE, namesp
 
 
 def code_server_pod_spec(values: dict, release: str = RELEASE) -> dict:
-    """The code server's pod spec (the user deployment's Deployment), as far as pod security goes."""
+    """The code server's pod spec (the user deployment's Deployment), empty fields left out."""
     deployment = the_deployment(values)
     image = image_name(deployment)
     container = {
@@ -204,7 +205,12 @@ def code_server_pod_spec(values: dict, release: str = RELEASE) -> dict:
                  *deployment["dagsterApiGrpcArgs"]],
         "env": [{"name": "DAGSTER_CURRENT_IMAGE", "value": image},
                 {"name": "DAGSTER_PG_PASSWORD", "valueFrom": {"secretKeyRef": {
-                    "name": values["global"]["postgresqlSecretName"], "key": "postgresql-password"}}}],
+                    "name": values["global"]["postgresqlSecretName"], "key": "postgresql-password"}}},
+                # `dagster api grpc` reads its --container-context from this variable; Helm's toJson
+                # writes it compact with sorted keys.
+                {"name": "DAGSTER_CLI_API_GRPC_CONTAINER_CONTEXT",
+                 "value": json.dumps(code_location_container_context(values, release), sort_keys=True,
+                                     separators=(",", ":"))}],
         "envFrom": [{"configMapRef": {"name": f"{subchart_fullname(release)}-user-deployments-shared-env"}},
                     {"configMapRef": {"name": user_env_config_map(deployment, release)}}],
         "resources": copy.deepcopy(deployment.get("resources") or {}),
