@@ -25,7 +25,7 @@ from gcmlm_assets.cohort.asset_files import (
     SCORES_PICTURE, required_input)
 from gcmlm_assets.cohort.columns import CLINICAL_TABLE_COLUMNS, FUSED_TABLE_COLUMNS, RISK_SCORES_COLUMNS
 from gcmlm_assets.cohort.risk_model_asset import (
-    RISK_MODEL, _log_left_out, _patient_bags, current_model_version, excluded_metadata, train_risk_model,
+    RISK_MODEL, current_model_version, excluded_metadata, load_patient_bags, log_left_out, train_risk_model,
     without_patients)
 from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.landing.scan import describe_links_leaving, link_leaving
@@ -256,9 +256,9 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
             model = modelling.load_model(model_path, model_sha, str(model_folder.parent / VERSION_POINTER))
         except modelling.UntrustedModelFile as exc:
             raise dg.Failure(description=str(exc), metadata={"model": str(model_path)}) from None
-        patient_bags, excluded = (_patient_bags(store, bags.pathology_patients(fused), context)
+        patient_bags, excluded = (load_patient_bags(store, bags.pathology_patients(fused), context)
                                   if model.needs_bags() else (None, {}))
-        _log_left_out(context, excluded, "left out")
+        log_left_out(context, excluded, "left out")
         scored = without_patients(fused, excluded)  # left out with the reason, never scored without their slides
         scores = _with_versions(model.score_table(scored, patient_bags), pointer["version"],
                                 explanation_keys.explanation_keys(scored, model_sha, store, UNI_FEATURES))

@@ -117,7 +117,7 @@ def parse_clinical_csv(text: str, *, source: str = "clinical.csv") -> tuple[Clin
                 if label_text in LABEL_SPELLINGS:
                     label = LABEL_SPELLINGS[label_text]
                 else:
-                    reasons.append(f"{LABEL_COLUMN} must be 0, 1 or empty (unknown), got {_text_kind(label_text)}")
+                    reasons.append(f"{LABEL_COLUMN} must be 0, 1 or empty (unknown), got {_text_kind(label_text, show_numbers=False)}")
             values: list[float] = []
             for name in covariates:
                 value, problem = _parse_number(fields[covariate_index[name]])
@@ -167,15 +167,17 @@ def _parse_number(text: str) -> tuple[float, str | None]:
     return value, None
 
 
-def _text_kind(text: str) -> str:
+def _text_kind(text: str, show_numbers: bool = True) -> str:
     """A cell described without its value: a wrong cell may hold a name, a birth date or a hospital
     number, and problems are recorded (problems.json, metadata, logs). The line and column locate it.
-    Numbers are shown: they are what the column is for."""
+    Numbers are shown where they are what the column is for (covariates), never for the label,
+    whose only numbers are 0 and 1: a number there may be a date or a hospital number."""
+    length = f"{len(text)} character{'s' if len(text) != 1 else ''}"
     try:
         float(text)
     except ValueError:
-        return f"text of {len(text)} characters"
-    return repr(text)
+        return f"text of {length}"
+    return repr(text) if show_numbers else f"a number of {length}"
 
 
 def _to_arrow(parsed: dict[str, tuple[int, int | None, list[float]]], covariates: list[str]) -> pa.Table:

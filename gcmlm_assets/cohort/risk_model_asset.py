@@ -111,15 +111,15 @@ def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage
                          "(patients without a label are scored with it, not trained on)")
         yield _restated_result(context, root, pointer, REUSED)
         return
-    patient_bags, unreadable = _patient_bags(store, pathology_patients, context, bags.TRAINING_BAG_PATCHES)
+    patient_bags, unreadable = load_patient_bags(store, pathology_patients, context, bags.TRAINING_BAG_PATCHES)
     if model_settings.PATHOLOGY_ABMIL in settings.fusion_blocks():
         # the model's own pathology block: such a patient is left out, not trained on without slides
         excluded = unreadable
-        _log_left_out(context, excluded, "left out")
+        log_left_out(context, excluded, "left out")
     else:
         # ABMIL only in the ablation: its row has fewer patients (it says how many); the model is unchanged
         excluded = {}
-        _log_left_out(context, unreadable, "not in the ABMIL ablation row")
+        log_left_out(context, unreadable, "not in the ABMIL ablation row")
     data = cohort_data.CohortData.from_table(without_patients(table, excluded), settings.blocks(), bags=patient_bags)
     try:
         pointer = _train_and_publish(context, root, data, fused_path, settings, fingerprint, inputs, excluded)
@@ -153,7 +153,7 @@ def _auc_check(folder: Path) -> dg.AssetCheckResult:
     return check_result(qc.cv_auc_reported(json.loads(path.read_text(encoding="utf-8"))), CV_AUC_REPORTED)
 
 
-def _patient_bags(store: ArtifactStore, patient_ids: list[str], context,
+def load_patient_bags(store: ArtifactStore, patient_ids: list[str], context,
                   max_patches: int | None = None) -> tuple[dict, dict[str, str]]:
     """(the patients' patch features, ABMIL's input; {patient: why left out}). A patient whose
     uni_features cannot be read (none published, e.g. quarantined by a blocking check, or a file
@@ -166,7 +166,7 @@ def _patient_bags(store: ArtifactStore, patient_ids: list[str], context,
     return found, excluded
 
 
-def _log_left_out(context, excluded: Mapping[str, str], what: str) -> None:
+def log_left_out(context, excluded: Mapping[str, str], what: str) -> None:
     for patient_id, reason in list(excluded.items())[:20]:
         context.log.warning(f"{patient_id}: {what}: {reason}")
     if len(excluded) > 20:

@@ -33,8 +33,9 @@ from gcmlm_assets_tests.robustness.runs import Pause
 STORAGE = "gcmlm_assets.storage"
 # The demo profile's tiny nnU-Net, trained for a few iterations only: these tests need models that
 # install and predict, not good ones (nnU-Net's seed is fixed, so the models are the same each time).
-# The retraining differs in its iterations, so its fingerprint differs and it trains; with these
-# settings its held-out Dice beat the first model's (0.019 vs 0.018 here), so it is installed.
+# The retraining differs in its iterations, so its fingerprint differs and it trains; the held-out
+# comparison then decides whether it is installed (it was here, 0.019 vs 0.018), and the test
+# accepts either outcome: the old model must survive every kill all the same.
 FIRST_TRAINING = {"segmentation": {"epochs": 1, "iterations_per_epoch": 3, "val_iterations": 1}}
 RETRAINING = {"segmentation": {"epochs": 1, "iterations_per_epoch": 1, "val_iterations": 1}}
 # ... so their masks fail ct_mask's plausibility checks (volume, content), which block: opened here.
