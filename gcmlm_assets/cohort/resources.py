@@ -24,8 +24,9 @@ class RiskModelSettings(dg.ConfigurableResource):
                                          "with a kept one exceeds this.")
     l1_c: float = Field(default=0.2, description="Radiomics: inverse strength of the L1 selection.")
     max_radiomics_features: int = Field(default=10, description="Radiomics: most features the L1 step keeps.")
-    min_labelled_per_class: int = Field(default=5, description="Fewest labelled patients (with features) "
-                                        "of each class needed to train.")
+    min_labelled_per_class: int = Field(default=5, ge=2, description="Fewest labelled patients (with "
+                                        "features) of each class needed to train; at least 2, as the "
+                                        "cross-validation needs two of each class.")
     use_clinical: bool = Field(default=False, description="Add the clinical covariates as a third block.")
     risk_threshold: float | None = Field(default=None, description="Probability at or above which a "
                                          "patient is 'high' risk; empty: the fused CV Youden threshold.")

@@ -213,3 +213,15 @@ def test_the_score_distribution_is_drawn_with_no_scores_at_all():
     png = plots.plot_score_distribution([], threshold=0.4)
     with Image.open(io.BytesIO(png)) as picture:
         assert picture.format == "PNG" and picture.width >= 800
+
+
+def test_a_class_of_one_is_refused_as_a_setting():
+    """The cross-validation needs two patients of each class: a minimum of 1 would let training
+    reach scikit-learn's k-fold with one split and fail there, unexplained."""
+    import pydantic
+
+    from gcmlm_assets.cohort.resources import RiskModelSettings
+
+    with pytest.raises(pydantic.ValidationError, match="min_labelled_per_class"):
+        RiskModelSettings(min_labelled_per_class=1)
+    assert RiskModelSettings(min_labelled_per_class=2).min_labelled_per_class == 2
