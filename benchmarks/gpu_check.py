@@ -30,27 +30,32 @@ fits what is left, ct_mask predicts fewer patients when the one-patient warm-up 
 not fit, and the output says what was skipped or shrunk. A summary of every table is printed again
 at the end, after nnU-Net's own output.
 
-On the device machine (the `device` tool, /work/.library/device/README.md): it copies the session's
-checkout only (no venv, no ../shared/data), runs Python 3.12 with torch, timm, numpy, h5py,
-tifffile, opencv, scipy, scikit-learn, pandas, pyyaml and safetensors already installed, and reaches
-no package registry, so `make install` cannot run there. What else this script imports travels as
-wheels (pip downloads them here, where registries answer) and the two inputs as files, in folders
-that .git/info/exclude ignores and `carry` names. In the checkout's root, here:
+On the device machine (the `device` tool, /work/.library/device/README.md and KINDS.md): it gets a
+copy of the session's checkout only (no .venv, no ../shared/data), its python3 is 3.12 with torch,
+timm, numpy, h5py, tifffile, opencv, scipy, scikit-learn, pandas, pyyaml and safetensors already
+there, and it reaches no package registry, so `make install` cannot run there. The rest of what this
+script imports (benchmarks/gpu_check_wheels.txt: the project's pins of dagster, nnU-Net, SimpleITK,
+OpenSlide, imagecodecs...) travels as wheels, about 109 MiB, more than the 64 MiB one call may carry:
+SimpleITK goes in a first call, the rest in a second, both installed into `.gpu_site/`, an ignored
+folder that stays on the machine between calls while it is warm (30 s after a call). Here, once:
 
-    echo /.whl/ >> .git/info/exclude; echo /.gpu_data/ >> .git/info/exclude
-    mkdir -p .gpu_data && cp -r ../shared/data/ct ../shared/data/wsi .gpu_data/
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
-      -d .whl $(cat benchmarks/gpu_check_wheels.txt)
+    bash benchmarks/gpu_check_prepare.sh        # .gpu_whl1 (50 MiB), .gpu_whl2 (58 MiB), .gpu_data (2 MiB)
 
-then one device call, carry [".whl", ".gpu_data"], timeout_s 600:
+Device call 1, carry [".gpu_whl1", ".gpu_data"], timeout_s 120:
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
-    PYTHONPATH=$PWD:/tmp/site GCMLM_TEST_DATA=$PWD/.gpu_data PYTHONUNBUFFERED=1 \\
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target .gpu_site .gpu_whl1/*.whl
+
+Device call 2, AT ONCE (a machine given back loses .gpu_site: then make both calls again), carry
+[".gpu_whl2"], timeout_s 600:
+
+    set -o pipefail; \\
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target .gpu_site .gpu_whl2/*.whl && \\
+    PYTHONPATH=$PWD:$PWD/.gpu_site GCMLM_TEST_DATA=$PWD/.gpu_data PYTHONUNBUFFERED=1 \\
     python3 -m benchmarks.gpu_check --device cuda 2>&1 | tee $OUT/gpu_check.txt
 
-benchmarks/gpu_check_wheels.txt lists the wheels (the project's pinned versions of what the device
-image lacks); they must stay under the tool's 64 MiB per call together with the checkout.
+The second call carries the checkout (about 2.4 MiB) plus 58.4 MiB of wheels: keep the checkout's
+untracked files small. The device's torch (2.11) and numpy (2.5) are not the project's pins (2.14,
+2.4): the card and those versions head the output.
 """
 
 from __future__ import annotations
@@ -398,7 +403,10 @@ def main() -> int:
         return 2
     budget = Budget(args.budget or (900 if args.quick else 480))
     report = Report()
+    import numpy
+
     report.say(f"gpu_check on {device_description(args.device)}, python {platform.python_version()}, "
+               f"numpy {numpy.__version__}, "
                f"{'QUICK (toy sizes)' if args.quick else 'full sizes'}, budget {budget.seconds:.0f} s")
     # Training runs first: ct_mask predicts with the model it trains.
     order = [name for name in ("encoder", "training", "ct_mask") if name in sections]
