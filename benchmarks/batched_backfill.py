@@ -242,7 +242,8 @@ class CtMaskBench(Bench):
     asset = "ct_mask"
 
     @classmethod
-    def build(cls, work: Path, instance, n_patients: int, model_folder: str | None, verbose: bool) -> CtMaskBench:
+    def build(cls, work: Path, instance, n_patients: int, model_folder: str | None, verbose: bool, *,
+              device: str = "cpu", model_sha256: str | None = None) -> CtMaskBench:
         from gcmlm_assets.radiology.assets import ct_image, ct_mask
         from gcmlm_assets.radiology.segmentation_model import segmentation_model
         from gcmlm_assets.radiology.resources import RadiomicsSettings, SegmentationModelResource
@@ -250,10 +251,12 @@ class CtMaskBench(Bench):
 
         landing, sources = work / "landing", work / "sources"
         sources.mkdir(parents=True)
-        # A given folder is loaded only with its checkpoints' digests pinned (GCMLM_NNUNET_MODEL_SHA256).
+        # A given folder is loaded only with its checkpoints' digests pinned (`model_sha256`, else
+        # GCMLM_NNUNET_MODEL_SHA256).
         segmentation = (SegmentationModelResource.cpu_demo(
-            trained_model_folder=model_folder, trained_model_sha256=os.environ.get("GCMLM_NNUNET_MODEL_SHA256"))
-            if model_folder else SegmentationModelResource.cpu_demo())
+            device=device, trained_model_folder=model_folder,
+            trained_model_sha256=model_sha256 or os.environ.get("GCMLM_NNUNET_MODEL_SHA256"))
+            if model_folder else SegmentationModelResource.cpu_demo(device=device))
         resources = {"storage": ArtifactStorage(root=str(work / "artifacts")),
                      "landing": LandingZone(root=str(landing)), "radiomics": RadiomicsSettings(),
                      "segmentation": segmentation}
@@ -313,7 +316,7 @@ class CtMaskBench(Bench):
     def describe(self) -> str:
         voxels = sorted(x * y * z for x, y, z in self.sizes)
         return (f"ct_mask: {len(self.patients)} CTs at 5/6 mm ({voxels[0]:,}-{voxels[-1]:,} voxels), every mask "
-                f"predicted; {self.model_note}")
+                f"predicted on {self.resources['segmentation'].device}; {self.model_note}")
 
 
 class UniFeaturesBench(Bench):

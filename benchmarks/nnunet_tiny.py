@@ -31,10 +31,12 @@ def cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def on_grid(image: sitk.Image, spacing: float, interpolator) -> sitk.Image:
-    size = [int(round(n * s / spacing)) for n, s in zip(image.GetSize(), image.GetSpacing())]
+def on_grid(image: sitk.Image, spacing: float | tuple[float, float, float], interpolator) -> sitk.Image:
+    """`image` resampled to `spacing` mm (one value: isotropic; else x, y, z) over the same extent."""
+    spacings = [float(spacing)] * 3 if isinstance(spacing, (int, float)) else [float(s) for s in spacing]
+    size = [int(round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacings)]
     grid = sitk.Image(size, image.GetPixelID())
-    grid.SetSpacing([spacing] * 3)
+    grid.SetSpacing(spacings)
     grid.SetOrigin(image.GetOrigin())
     grid.SetDirection(image.GetDirection())
     return sitk.Resample(image, grid, sitk.Transform(), interpolator, -1024 if interpolator == sitk.sitkLinear else 0)
