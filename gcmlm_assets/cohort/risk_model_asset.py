@@ -154,7 +154,7 @@ def _auc_check(folder: Path) -> dg.AssetCheckResult:
 
 
 def load_patient_bags(store: ArtifactStore, patient_ids: list[str], context,
-                  max_patches: int | None = None) -> tuple[dict, dict[str, str]]:
+                      max_patches: int | None = None) -> tuple[dict, dict[str, str]]:
     """(the patients' patch features, ABMIL's input; {patient: why left out}). A patient whose
     uni_features cannot be read (none published, e.g. quarantined by a blocking check, or a file
     that does not read) is left out with the reason, never modelled as if it had no slides."""
