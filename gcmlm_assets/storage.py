@@ -90,6 +90,7 @@ def files_replaced_together(folder: str | os.PathLike, names: list[str],
 
 
 def _rename_into_place(tmp: Path, final: Path) -> None:
+    # A function of its own so that the kill tests can pause between two renames.
     os.replace(tmp, final)
 
 

@@ -347,7 +347,7 @@ def _report_epochs(trainer, progress: Callable[[str], None]) -> None:
 
 def _refuse_full_unpickling(trainer) -> None:
     """Training always starts fresh: nothing may load a checkpoint through the trainer, whose
-    `load_checkpoint` unpickles in full (`weights_only=False`). Checkpoints are read by
+    `load_checkpoint` unpickles in full, running whatever the pickle names. Checkpoints are read by
     `nnunet.read_checkpoint` only."""
     def load_checkpoint(filename_or_checkpoint) -> None:
         raise RuntimeError(f"{filename_or_checkpoint}: nnU-Net's trainer would unpickle this checkpoint in full; "

@@ -7,10 +7,12 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
+from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.pathology.checks import UNI_FEATURES
 from gcmlm_assets.pathology.pooling import MeanPooling, patient_slides, write_slide_vector
 from gcmlm_assets.storage import ArtifactStore, sha256_file
-from gcmlm_assets_tests.cohort.synthetic import write_radiomics_row
+from gcmlm_assets_tests.cohort.synthetic import make_cohort, write_clinical_csv, write_radiomics_row
+from gcmlm_assets_tests.cohort.upstream import report_sound_results
 
 DIM = 48
 GRID = 6  # patches per side of each synthetic slide
@@ -37,6 +39,18 @@ def write_patch_features(store: ArtifactStore, patient_id: str, vector: np.ndarr
         "files": {s["h5_file"]: sha256_file(folder / s["h5_file"]) for s in slides}, "slides": slides})
     pooled = MeanPooling().pool(patient_slides(store, UNI_FEATURES, patient_id))
     write_slide_vector(store.path("slide_vector", patient_id, "slide_vector.parquet"), patient_id, pooled)
+
+
+def sound_cohort(data_root, instance, n_patients: int, seed: int) -> tuple[list[str], ArtifactStore]:
+    """A cohort of `n_patients` written under `data_root` (feature files, clinical.csv), its patients
+    added to the instance and their upstream reported sound: (patient ids, the artifact store)."""
+    ids, labels, radiomics, pathology = make_cohort(n_patients, seed=seed)
+    store = ArtifactStore(data_root / "artifacts")
+    write_patient_files(store, ids, radiomics, pathology)
+    write_clinical_csv(data_root / "landing", ids, labels)
+    instance.add_dynamic_partitions(patients_partitions.name, ids)
+    report_sound_results(instance, store.root, ids)
+    return ids, store
 
 
 def write_patient_files(store: ArtifactStore, ids: list[str], radiomics: np.ndarray, pathology: np.ndarray,

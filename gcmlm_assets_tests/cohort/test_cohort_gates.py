@@ -14,9 +14,9 @@ from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.pathology.checks import UNI_FEATURES
 from gcmlm_assets.quarantine import QUARANTINE_FOLDER, REASON_FILE
-from gcmlm_assets.storage import ArtifactStore, read_version_pointer, sha256_file
-from gcmlm_assets_tests.cohort.explained_cohort import QUICK, write_patient_files
-from gcmlm_assets_tests.cohort.synthetic import make_cohort, write_clinical_csv, write_cohort_files
+from gcmlm_assets.storage import read_version_pointer, sha256_file
+from gcmlm_assets_tests.cohort.explained_cohort import QUICK, sound_cohort
+from gcmlm_assets_tests.cohort.synthetic import write_cohort_files
 from gcmlm_assets_tests.cohort.test_cohort_assets import FAST_MODEL, check_results, materialize_cohort
 from gcmlm_assets_tests.cohort.upstream import report_sound_results
 
@@ -105,12 +105,7 @@ def test_a_patient_whose_patch_features_cannot_be_read_is_left_out_with_the_reas
                                                                                     base_resources):
     # An ABMIL model reads every pathology patient's patch features. One patient's file is damaged:
     # neither trained on nor scored as if it had no slides, but left out, the reason in the metadata.
-    ids, labels, radiomics, pathology = make_cohort(24, seed=4)
-    store = ArtifactStore(data_root / "artifacts")
-    write_patient_files(store, ids, radiomics, pathology)
-    write_clinical_csv(data_root / "landing", ids, labels)
-    instance.add_dynamic_partitions(patients_partitions.name, ids)
-    report_sound_results(instance, store.root, ids)
+    ids, store = sound_cohort(data_root, instance, 24, seed=4)
     damaged = store.path(UNI_FEATURES, "P005", "P005_slide1.h5")
     damaged.write_bytes(b"not an HDF5 file")
     settings = RiskModelSettings(**QUICK, pathology_pooling="abmil", abmil_max_epochs=4, abmil_in_ablation=False)

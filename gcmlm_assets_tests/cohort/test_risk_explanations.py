@@ -19,24 +19,15 @@ from gcmlm_assets.cohort.asset_files import SCORES_FILE
 from gcmlm_assets.cohort.explanation_sensors import build_risk_explanations_sensor
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.demo.watch import unexplained
-from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.pathology.checks import UNI_FEATURES
-from gcmlm_assets.storage import ArtifactStore, read_version_pointer
-from gcmlm_assets_tests.cohort.explained_cohort import NO_RADIOLOGY, QUICK, write_patient_files
-from gcmlm_assets_tests.cohort.synthetic import make_cohort, write_clinical_csv
-from gcmlm_assets_tests.cohort.upstream import report_sound_results
+from gcmlm_assets.storage import read_version_pointer
+from gcmlm_assets_tests.cohort.explained_cohort import NO_RADIOLOGY, QUICK, sound_cohort
 from gcmlm_assets_tests.core.test_pictures import PATIENT_LIMIT_BYTES, assert_ui_picture, decode_markdown
 
 
 @pytest.fixture
 def cohort(data_root: Path, instance):
-    ids, labels, radiomics, pathology = make_cohort(30, seed=4)
-    store = ArtifactStore(data_root / "artifacts")
-    write_patient_files(store, ids, radiomics, pathology)
-    write_clinical_csv(data_root / "landing", ids, labels)
-    instance.add_dynamic_partitions(patients_partitions.name, ids)
-    report_sound_results(instance, store.root, ids)
-    return ids, store
+    return sound_cohort(data_root, instance, 30, seed=4)
 
 
 def materialize(instance, resources, settings: RiskModelSettings, patients: list[str]):
