@@ -42,7 +42,7 @@ class LandingZone(dg.ConfigurableResource):
         """Raise `LandingInputError` (naming each link and its target) when the patient's folder, or
         anything under its `subfolders`, is a symbolic link that leads outside the landing zone:
         no file outside the landing zone is ever read."""
-        from gcmlm_assets.landing.scan import LandingInputError, describe_links_leaving, link_leaving, links_leaving
+        from gcmlm_assets.landing_input import LandingInputError, describe_links_leaving, link_leaving, links_leaving
 
         folder = self.patient_dir(patient_id)
         links: list[tuple[str, str]] = []
