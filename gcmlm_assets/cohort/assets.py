@@ -32,7 +32,7 @@ from gcmlm_assets.landing.scan import describe_links_leaving, link_leaving
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.cohort.soundness_facts import declared_blocking_checks, unsound_results
 from gcmlm_assets.partitions import patients_partitions
-from gcmlm_assets.pathology.checks import UNI_FEATURES
+from gcmlm_assets.patch_features import UNI_FEATURES
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import (
     VERSION_POINTER, ArtifactStore, atomic_write_bytes, atomic_write_json, sha256_file, sha256_text)

@@ -14,7 +14,7 @@ import numpy as np
 
 from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
 from gcmlm_assets.cohort.fusion import AVAILABILITY, PATHOLOGY
-from gcmlm_assets.pathology.pooling import PoolingError, patient_slides
+from gcmlm_assets.patch_features import PoolingError, patient_slides
 from gcmlm_assets.storage import ArtifactStore, sha256_text
 
 # Patches per patient ABMIL trains and cross-validates on (evenly spaced; scoring reads them all):

@@ -25,7 +25,7 @@ from gcmlm_assets.cohort.asset_files import FUSED_FILE, GROUP, MODEL_FILE, requi
 from gcmlm_assets.cohort.assets import _current_model_or_fail
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.partitions import patients_partitions
-from gcmlm_assets.pathology.checks import UNI_FEATURES
+from gcmlm_assets.patch_features import UNI_FEATURES
 from gcmlm_assets.policies import TRANSIENT_RETRY
 from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
 from gcmlm_assets.storage import (
@@ -37,8 +37,8 @@ pq = lazy("pyarrow.parquet")
 modelling = lazy("gcmlm_assets.cohort.modelling")
 cohort_data = lazy("gcmlm_assets.cohort.cohort_data")
 patient_explanation = lazy("gcmlm_assets.cohort.patient_explanation")
-heatmaps = lazy("gcmlm_assets.pathology.heatmaps")
-pooling = lazy("gcmlm_assets.pathology.pooling")
+heatmaps = lazy("gcmlm_assets.heatmaps")
+patch_features = lazy("gcmlm_assets.patch_features")
 fusion = lazy("gcmlm_assets.cohort.fusion")
 
 RISK_EXPLANATIONS = "risk_explanations"
@@ -195,12 +195,12 @@ def _explain_and_write(context, model, row_table, patient_id: str, folder: Path,
 
 def _slide_patches(store, patient_id: str) -> list:
     slides = []
-    for features in pooling.patient_slides(store, UNI_FEATURES, patient_id):
+    for features in patch_features.patient_slides(store, UNI_FEATURES, patient_id):
         try:
             values, coords = features.read()
             slides.append(patient_explanation.SlidePatches(features.name, features.slide_path(),
                                                            features.patch_side_level0(), coords, values))
-        except pooling.PoolingError as error:
+        except patch_features.PoolingError as error:
             raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from None
     return slides
 

@@ -28,7 +28,7 @@ from gcmlm_assets.cohort.asset_files import (
     MODEL_FILE, PLOTS, required_input)
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.lazy import lazy
-from gcmlm_assets.pathology.checks import UNI_FEATURES
+from gcmlm_assets.patch_features import UNI_FEATURES
 from gcmlm_assets.resources import ArtifactStorage
 from gcmlm_assets.storage import (
     VERSION_POINTER, ArtifactStore, atomic_write_bytes, atomic_write_json, new_version_folder, publish_version,

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from gcmlm_assets.patch_features import UNI_FEATURES  # the asset whose files patch_features reads
+
 PATCH_COORDS = "patch_coords"
 
 PATCH_COORDS_CHECK_SPECS = [
@@ -128,7 +130,6 @@ def patch_count_result(entries: list[dict], low: int, high: int) -> dg.AssetChec
 # Evaluated inside the assets (check_specs) from the files they just wrote or
 # reused: a reused file is re-validated on every materialization.
 
-UNI_FEATURES = "uni_features"
 SLIDE_VECTOR = "slide_vector"
 
 UNI_FEATURES_CHECK_SPECS = [

@@ -13,85 +13,20 @@ number of patches.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from gcmlm_assets.columns import Column
 from gcmlm_assets.lazy import lazy
+# The uni_features files are read by the cohort too: their reader lives below both domains
+# (re-exported here, where pathology's assets and tests take them from).
+from gcmlm_assets.patch_features import PoolingError, SlideFeatures, patient_slides, slide_thumbnail
 
 # Imported on first use: the definitions import this module's constants and types, not its work.
 h5py = lazy("h5py")
 np = lazy("numpy")
-
-
-DEFAULT_CHUNK_ROWS = 8192
-
-
-class PoolingError(RuntimeError):
-    """The features cannot be pooled (names the file or the patient)."""
-
-
-@dataclass(frozen=True)
-class SlideFeatures:
-    """One slide's feature file (CLAM layout: `features` (N, D), `coords` (N, 2))."""
-
-    path: Path
-    chunk_rows: int = DEFAULT_CHUNK_ROWS
-
-    @property
-    def name(self) -> str:
-        return self.path.stem
-
-    def shape(self) -> tuple[int, int]:
-        with h5py.File(self.path, "r") as fh:
-            return tuple(int(n) for n in fh["features"].shape)  # type: ignore[return-value]
-
-    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(features float64 (n, D), coords (n, 2)) blocks of at most `chunk_rows` rows."""
-        try:
-            with h5py.File(self.path, "r") as fh:
-                features, coords = fh["features"], fh["coords"]
-                if features.ndim != 2:
-                    raise PoolingError(f"{self.path}: `features` has shape {features.shape}, expected (N, D)")
-                for start in range(0, features.shape[0], self.chunk_rows):
-                    stop = start + self.chunk_rows
-                    yield np.asarray(features[start:stop], dtype=np.float64), np.asarray(coords[start:stop])
-        except (OSError, KeyError) as exc:
-            raise PoolingError(f"{self.path}: cannot read patch features: {type(exc).__name__}: {exc}") from exc
-
-
-    def read(self) -> tuple[np.ndarray, np.ndarray]:
-        """(features (N, D) as stored, coords (N, 2) level-0 px) of the whole slide."""
-        try:
-            with h5py.File(self.path, "r") as fh:
-                return np.asarray(fh["features"][:]), np.asarray(fh["coords"][:], np.int64).reshape(-1, 2)
-        except (OSError, KeyError) as exc:
-            raise PoolingError(f"{self.path}: cannot read patch features: {type(exc).__name__}: {exc}") from exc
-
-    def slide_path(self) -> str | None:
-        """The slide file the features were extracted from (recorded in the feature file)."""
-        value = self._attribute(lambda fh: fh.attrs.get("slide_path"))
-        return str(value) if value else None
-
-    def patch_side_level0(self) -> float:
-        return float(self._attribute(lambda fh: fh["coords"].attrs.get("patch_size_level0", 0))) or 256.0
-
-    def _attribute(self, read):
-        try:
-            with h5py.File(self.path, "r") as fh:
-                return read(fh)
-        except (OSError, KeyError) as exc:
-            raise PoolingError(f"{self.path}: cannot read patch features: {type(exc).__name__}: {exc}") from exc
-
-
-def patient_slides(store, features_asset: str, patient_id: str) -> list[SlideFeatures]:
-    """The feature files of a patient, as the features asset's manifest lists them ([] if none)."""
-    manifest = store.read_manifest(features_asset, patient_id)
-    if not manifest:
-        return []
-    return [SlideFeatures(store.path(features_asset, patient_id, s["h5_file"])) for s in manifest["slides"]]
 
 
 @dataclass
@@ -263,7 +198,7 @@ def _slide_drawing(slide: SlideFeatures) -> tuple[str, int, np.ndarray, str]:
         coords = np.asarray(fh["coords"][:], np.int64).reshape(-1, 2)
         patch_side = float(fh["coords"].attrs.get("patch_size_level0", 0)) or 256.0
         slide_path = fh.attrs.get("slide_path")
-    thumbnail, level0_size = slide_thumbnail(slide_path)
+    thumbnail, level0_size = slide_thumbnail(slide_path, PICTURE_SIDE_PX)
     note = ""
     if thumbnail is None:
         note = " (slide file not readable: patch layout only)"
@@ -273,21 +208,6 @@ def _slide_drawing(slide: SlideFeatures) -> tuple[str, int, np.ndarray, str]:
         thumbnail = np.full((max(1, round(level0_size[1] * scale)), max(1, round(level0_size[0] * scale)), 3),
                             255, np.uint8)
     return slide.name, int(len(coords)), _outline_patches(thumbnail, coords, patch_side, level0_size), note
-
-
-def slide_thumbnail(slide_path, side_px: int = PICTURE_SIDE_PX) -> tuple[np.ndarray | None, tuple[float, float]]:
-    """(RGB thumbnail within side_px x side_px, level-0 (width, height)); (None, (0, 0)) when the
-    slide file is gone or OpenSlide cannot read it."""
-    if not slide_path or not Path(str(slide_path)).is_file():
-        return None, (0.0, 0.0)
-    import openslide
-
-    try:
-        with openslide.OpenSlide(str(slide_path)) as handle:
-            image = handle.get_thumbnail((side_px, side_px)).convert("RGB")
-            return np.asarray(image), tuple(float(v) for v in handle.dimensions)
-    except (openslide.OpenSlideError, OSError):
-        return None, (0.0, 0.0)
 
 
 def _outline_patches(image: np.ndarray, coords: np.ndarray, patch_side: float,

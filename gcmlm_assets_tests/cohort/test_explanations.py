@@ -20,7 +20,7 @@ from gcmlm_assets.cohort import modelling as M
 from gcmlm_assets.cohort import training
 from gcmlm_assets.cohort.combiners import PROBABILITY_CLIP
 from gcmlm_assets.cohort.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
-from gcmlm_assets.pathology import heatmaps as H
+from gcmlm_assets import heatmaps as H
 from gcmlm_assets.pathology.pooling import MeanPooling, SlideFeatures
 from gcmlm_assets_tests.cohort.synthetic import RADIOMICS_NAMES, make_cohort
 from gcmlm_assets_tests.core.test_pictures import MIN_WIDTH, assert_ui_picture
