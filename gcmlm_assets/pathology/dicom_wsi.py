@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from gcmlm_assets.pathology.slides import SlideError
+from gcmlm_assets.pathology.slide_error import SlideError
 
 # VL Whole Slide Microscopy Image Storage: the only SOP class OpenSlide reads as a slide.
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"

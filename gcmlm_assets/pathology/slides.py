@@ -19,19 +19,16 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from gcmlm_assets.lazy import lazy
-
-if TYPE_CHECKING:
-    from gcmlm_assets.pathology.dicom_wsi import DicomSeries
+from gcmlm_assets.pathology import dicom_wsi  # reads DICOM headers with pydicom, imported on first use there
+from gcmlm_assets.pathology.dicom_wsi import DicomSeries
+from gcmlm_assets.pathology.slide_error import SlideError  # raised here, by dicom_wsi and by the callers
 
 # Imported on first use: the definitions import this module's constants and types, not its work.
 cv2 = lazy("cv2")
 np = lazy("numpy")
 openslide = lazy("openslide")
-# Imports this module back (SlideError): loaded on first use.
-dicom_wsi = lazy("gcmlm_assets.pathology.dicom_wsi")
 
 
 # Where a slide's microns-per-pixel came from, best first.
@@ -61,15 +58,6 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"PK\x03\x04", "a ZIP archive"),
     (b"\x1f\x8b", "a gzip archive"),
 )
-
-
-class SlideError(Exception):
-    """A slide that cannot be used; the message names the file and the problem."""
-
-    def __init__(self, path: str | os.PathLike, problem: str):
-        self.path = Path(path)
-        self.problem = problem
-        super().__init__(f"{self.path.name}: {problem} ({self.path})")
 
 
 @dataclass(frozen=True)
