@@ -102,7 +102,7 @@ class Sensors:
 
     def __init__(self, instance, landing: Path):
         from gcmlm_assets import runs
-        from gcmlm_assets.landing.sensors import MODALITY_ASSETS
+        from gcmlm_assets.definitions import MODALITY_ASSETS
         from gcmlm_assets.pathology.resources import PatchEncoder
         from gcmlm_assets.patient_steps import build_patient_steps_sensor
         from gcmlm_assets.profiles import DEMO
@@ -127,7 +127,7 @@ class Sensors:
         return [(sensor.name, request) for request in result.run_requests or []]
 
     def landing(self) -> list:
-        from gcmlm_assets.landing.sensors import landing_sensor
+        from gcmlm_assets.definitions import landing_sensor
 
         return self._tick(landing_sensor, self.landing_resources)
 

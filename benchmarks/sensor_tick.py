@@ -25,7 +25,7 @@ from pathlib import Path
 import dagster as dg
 
 from gcmlm_assets.landing.scan import SETTLE_NS, plan_tick, scan_landing_zone
-from gcmlm_assets.landing.sensors import landing_sensor
+from gcmlm_assets.definitions import landing_sensor
 from gcmlm_assets.resources import LandingZone
 
 BUILT_MARKER = ".sensor-tick-benchmark"  # a file, not a folder: the scan ignores it

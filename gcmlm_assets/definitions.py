@@ -11,24 +11,13 @@ from __future__ import annotations
 import dagster as dg
 
 from gcmlm_assets import settings
-from gcmlm_assets.cohort import assets as cohort_assets
-from gcmlm_assets.cohort import checks as cohort_checks
-from gcmlm_assets.cohort import resources as cohort_resources
-from gcmlm_assets.cohort import explanation_assets
-from gcmlm_assets.cohort.asset_files import SCORES_FILE
-from gcmlm_assets.cohort.explanation_sensors import build_risk_explanations_sensor
-from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS, build_cohort_refresh_sensor
-from gcmlm_assets.landing.sensors import MODALITY_ASSETS, landing_sensor
-from gcmlm_assets.pathology import assets as pathology_assets
-from gcmlm_assets.pathology import checks as pathology_checks
-from gcmlm_assets.pathology import resources as pathology_resources
+from gcmlm_assets.cohort import definitions as cohort
+from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS
+from gcmlm_assets.landing.sensors import build_landing_sensor
+from gcmlm_assets.pathology import definitions as pathology
 from gcmlm_assets.patient_steps import build_patient_steps_sensor
 from gcmlm_assets.profiles import Profile, get_profile
-from gcmlm_assets.radiology import assets as radiology_assets
-from gcmlm_assets.radiology import checks as radiology_checks
-from gcmlm_assets.radiology import resources as radiology_resources
-from gcmlm_assets.radiology.segmentation_model import segmentation_model
-from gcmlm_assets.radiology.sensors import build_predicted_mask_sensor, build_segmentation_training_sensor
+from gcmlm_assets.radiology import definitions as radiology
 from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZone
 
 # What each asset is made with (the UI's kind badges) and which team answers for it.
@@ -76,12 +65,9 @@ def build_executor(env: str) -> dg.ExecutorDefinition:
     return dg.in_process_executor
 
 
-def build_resources(env: str, profile: Profile) -> dict:
-    resources: dict = {"storage": ArtifactStorage(), "landing": LandingZone(),
-                       "automation": AutomationSettings(**profile.resource_settings("automation"))}
-    for domain in (radiology_resources, pathology_resources, cohort_resources):
-        resources.update(domain.resources(env, profile))
-    return resources
+def shared_resources(profile: Profile) -> dict:
+    return {"storage": ArtifactStorage(), "landing": LandingZone(),
+            "automation": AutomationSettings(**profile.resource_settings("automation"))}
 
 
 def blocking_check_keys(assets: list[dg.AssetsDefinition], asset_names: tuple[str, ...]) -> list[dg.AssetCheckKey]:
@@ -90,27 +76,36 @@ def blocking_check_keys(assets: list[dg.AssetsDefinition], asset_names: tuple[st
             if spec.blocking and spec.asset_key.to_user_string() in asset_names]
 
 
-def build_sensors(profile: Profile) -> list[dg.SensorDefinition]:
-    interval = profile.sensor_interval_s
-    cohort_keys = [asset.key for asset in cohort_assets.ASSETS]
-    input_checks = blocking_check_keys([*radiology_assets.ASSETS, *pathology_assets.ASSETS], PATIENT_FEATURE_ASSETS)
-    steps = [build_patient_steps_sensor(f"{modality}_steps_sensor", chain, modality, interval)
-             for modality, chain in MODALITY_ASSETS.items()]
-    return [landing_sensor, *steps, build_segmentation_training_sensor(interval), build_predicted_mask_sensor(interval),
-            build_cohort_refresh_sensor(interval, cohort_keys, input_checks, list(MODALITY_ASSETS.values())),
-            build_risk_explanations_sensor(interval, explanation_assets.RISK_EXPLANATIONS, "risk_scores",
-                                           SCORES_FILE)]
+# What a change of each modality's drop re-materializes for that patient, in order.
+MODALITY_ASSETS: dict[str, list[dg.AssetKey]] = {"radiology": radiology.PATIENT_CHAIN,
+                                                 "pathology": pathology.PATIENT_CHAIN}
+landing_sensor = build_landing_sensor(MODALITY_ASSETS, holds=[pathology.LANDING_HOLD])
+
+
+def build_domains(env: str, profile: Profile) -> list[dg.Definitions]:
+    """Each domain's part of the definitions, in the UI's order; the cohort is told what it needs
+    of the others."""
+    parts = [radiology.definitions(env, profile), pathology.definitions(env, profile)]
+    input_checks = blocking_check_keys([asset for part in parts for asset in part.assets], PATIENT_FEATURE_ASSETS)
+    return [*parts, cohort.definitions(env, profile, input_check_keys=input_checks,
+                                       patient_chains=list(MODALITY_ASSETS.values()),
+                                       training_pending=radiology.training_pending,
+                                       training_resource_keys=radiology.TRAINING_STATUS_RESOURCES)]
 
 
 def build_definitions(env: str | None = None, profile: str | None = None) -> dg.Definitions:
     env = env or settings.environment()
     chosen = get_profile(profile)
-    resources = build_resources(env, chosen)
+    domains = build_domains(env, chosen)
+    resources = shared_resources(chosen)
+    for domain in domains:
+        resources.update(domain.resources or {})
+    steps = [build_patient_steps_sensor(f"{modality}_steps_sensor", chain, modality, chosen.sensor_interval_s)
+             for modality, chain in MODALITY_ASSETS.items()]
     return dg.Definitions(
-        assets=catalogued([*radiology_assets.ASSETS, segmentation_model, *pathology_assets.ASSETS,
-                           *cohort_assets.ASSETS, *explanation_assets.ASSETS], chosen, model_identities(resources)),
-        asset_checks=[*radiology_checks.CHECKS, *pathology_checks.CHECKS, *cohort_checks.CHECKS],
-        sensors=build_sensors(chosen),
+        assets=catalogued([asset for domain in domains for asset in domain.assets], chosen, model_identities(resources)),
+        asset_checks=[check for domain in domains for check in domain.asset_checks or ()],
+        sensors=[landing_sensor, *steps, *(sensor for domain in domains for sensor in domain.sensors or ())],
         resources=resources,
         executor=build_executor(env),
         metadata={"settings_profile": chosen.name, "environment": env},

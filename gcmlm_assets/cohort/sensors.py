@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Iterable
 
 import dagster as dg
 
@@ -13,9 +14,7 @@ from gcmlm_assets import runs
 from gcmlm_assets.cohort.refresh import decide_refresh
 from gcmlm_assets.landing.scan import CLINICAL_CSV
 from gcmlm_assets.patient_steps import patients_in_between
-from gcmlm_assets.radiology.resources import SegmentationModelResource
-from gcmlm_assets.radiology.sensors import training_status
-from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZone
+from gcmlm_assets.resources import AutomationSettings, LandingZone
 
 COHORT_GROUP = "cohort"
 PATIENT_FEATURE_ASSETS = ("radiomics_row", "slide_vector")
@@ -41,10 +40,14 @@ def _last_refresh(instance: dg.DagsterInstance, cohort_keys: list[dg.AssetKey]) 
 
 def build_cohort_refresh_sensor(interval_s: int, cohort_keys: list[dg.AssetKey],
                                 input_check_keys: list[dg.AssetCheckKey] = (),
-                                patient_chains: list[list[dg.AssetKey]] = ()) -> dg.SensorDefinition:
+                                patient_chains: list[list[dg.AssetKey]] = (),
+                                training_pending: Callable[[dg.SensorEvaluationContext], bool] | None = None,
+                                training_resource_keys: Iterable[str] = ()) -> dg.SensorDefinition:
     """`input_check_keys`: the blocking checks of the per-patient assets the cohort reads (their
     outcomes decide which patients fused_table may use). `patient_chains`: the per-patient chains
-    the steps sensors carry batches through; a patient between two of their runs counts as busy."""
+    the steps sensors carry batches through; a patient between two of their runs counts as busy.
+    `training_pending(context)`: whether a model training the cohort's inputs wait for is due or
+    running (radiology's segmentation training); it reads the resources `training_resource_keys`."""
     check_keys = list(input_check_keys)
     chains = [list(chain) for chain in patient_chains]
 
@@ -53,14 +56,18 @@ def build_cohort_refresh_sensor(interval_s: int, cohort_keys: list[dg.AssetKey],
         minimum_interval_seconds=interval_s,
         asset_selection=cohort_keys,
         default_status=dg.DefaultSensorStatus.RUNNING,
+        required_resource_keys={"landing", "automation", *training_resource_keys},
         description="Refreshes the cohort assets (clinical_table, fused_table, risk_model, risk_scores) in one run "
                     "once no run is queued or running, no segmentation training is due, nothing finished for "
                     "`automation.cohort_quiet_s`, and radiomics_row, slide_vector (a run planned, a result or a "
                     "check) or clinical.csv changed since the last refresh.",
     )
-    def cohort_refresh_sensor(context: dg.SensorEvaluationContext, landing: LandingZone, storage: ArtifactStorage,
-                              segmentation: SegmentationModelResource, automation: AutomationSettings):
+    def cohort_refresh_sensor(context: dg.SensorEvaluationContext, **_resources):
+        # The resources are read from the context (which ones depends on `training_resource_keys`);
+        # a direct call (tests) also passes them by name, hence the catch-all.
         instance = context.instance
+        landing: LandingZone = context.resources.landing
+        automation: AutomationSettings = context.resources.automation
         marks = runs.latest_event_ids(instance, PATIENT_FEATURE_ASSETS, check_keys)
         fingerprint = _inputs_fingerprint(marks, landing)
         features_exist = any(marks[f"{name}:materialized"] for name in PATIENT_FEATURE_ASSETS)
@@ -70,10 +77,10 @@ def build_cohort_refresh_sensor(interval_s: int, cohort_keys: list[dg.AssetKey],
                    if chains and not busy_runs and fingerprint != context.cursor else 0)
         # The training status scans every patient's ct_label/: only worth it when nothing else holds
         # the refresh back (decide_refresh looks at it after these).
-        training_pending = (features_exist and fingerprint != context.cursor and not busy_runs and not between
-                            and training_status(instance, landing, storage, segmentation, automation, {}).pending)
+        training_due = (features_exist and fingerprint != context.cursor and not busy_runs and not between
+                        and training_pending is not None and training_pending(context))
         decision = decide_refresh(
-            features_exist=features_exist, busy_runs=busy_runs, training_pending=training_pending,
+            features_exist=features_exist, busy_runs=busy_runs, training_pending=training_due,
             last_activity=runs.latest_run_end(instance), now=time.time(), quiet_s=automation.cohort_quiet_s,
             inputs_fingerprint=fingerprint, refreshed_fingerprint=context.cursor, patients_between_steps=between)
         if not decision.request:

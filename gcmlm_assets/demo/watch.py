@@ -11,7 +11,6 @@ import dagster as dg
 from gcmlm_assets import runs
 from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS
 from gcmlm_assets.dagster_internals import SENSOR_NAME_TAG
-from gcmlm_assets.landing.sensors import MODALITY_ASSETS
 from gcmlm_assets.patient_steps import patients_in_between
 
 PER_PATIENT_ASSETS = ("ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_features", "slide_vector",
@@ -84,6 +83,8 @@ def settled(instance: dg.DagsterInstance, since: float) -> bool:
     if refreshed is None or max(feature_marks.values(), default=0) > refreshed.storage_id:
         return False
     # ... and no patient went on since then to the middle of its chain (its next batched run is due)
+    from gcmlm_assets.definitions import MODALITY_ASSETS
+
     if patients_in_between(instance, list(MODALITY_ASSETS.values()), refreshed.storage_id):
         return False
     return not unexplained(instance)

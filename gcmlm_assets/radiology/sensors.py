@@ -73,6 +73,18 @@ def training_status(instance: dg.DagsterInstance, landing: LandingZone, storage:
     return TrainingStatus(decision, pending)
 
 
+# The resources `training_pending` reads.
+TRAINING_STATUS_RESOURCES = frozenset({"landing", "storage", "segmentation", "automation"})
+
+
+def training_pending(context: dg.SensorEvaluationContext) -> bool:
+    """Whether a segmentation training is due or running (the cohort refresh waits for it); reads
+    the sensor's resources `TRAINING_STATUS_RESOURCES`."""
+    resources = context.resources
+    return training_status(context.instance, resources.landing, resources.storage, resources.segmentation,
+                           resources.automation, {}).pending
+
+
 def build_segmentation_training_sensor(interval_s: int) -> dg.SensorDefinition:
     @dg.sensor(
         name="segmentation_training_sensor",

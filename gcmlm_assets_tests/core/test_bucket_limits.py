@@ -18,6 +18,7 @@ from dagster._utils.tags import TagConcurrencyLimitsCounter  # what the QueuedRu
 
 from gcmlm_assets import runs
 from gcmlm_assets.landing.scan import RunPlan
+from gcmlm_assets.definitions import MODALITY_ASSETS
 from gcmlm_assets.landing.sensors import batched_run_requests
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.patient_batches import PATIENTS_TAG, plan_batches
@@ -50,7 +51,8 @@ def test_a_batched_run_and_a_sensor_run_of_a_patient_in_its_range_never_overlap(
     monkeypatch.setenv("GCMLM_GPU_BATCH_PATIENTS", str(BATCH))
     instance.add_dynamic_partitions(patients_partitions.name, ORDER)
     # landing_sensor's batch of four new drops (P004-P007): one run over their range
-    [batched] = batched_run_requests([RunPlan(p, "radiology", "f") for p in ORDER[4:8]], ORDER, BATCH)
+    [batched] = batched_run_requests([RunPlan(p, "radiology", "f") for p in ORDER[4:8]], ORDER, BATCH,
+                                     MODALITY_ASSETS)
     assert batched.partition_key is None and runs.PARTITION_TAG not in batched.tags
     # a sensor's one-patient run of P005 (here the predicted-mask kind), and one of P009 in the next bucket
     single, elsewhere = (runs.batch_run_request(batch, BATCH, run_key=f"k{batch.first}",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from gcmlm_assets.landing.sensors import landing_sensor
+from gcmlm_assets.definitions import landing_sensor
 from gcmlm_assets.pathology.resources import PatchEncoder
 from gcmlm_assets.resources import LandingZone
 

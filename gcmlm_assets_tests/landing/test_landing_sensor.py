@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gcmlm_assets.landing.scan import plan_tick, scan_landing_zone
-from gcmlm_assets.landing.sensors import MODALITY_ASSETS
+from gcmlm_assets.definitions import MODALITY_ASSETS
 from gcmlm_assets_tests.landing.drops import (
     Ticker,
     make_drop,

@@ -12,7 +12,7 @@ import dagster as dg
 import SimpleITK as sitk
 
 from gcmlm_assets import runs
-from gcmlm_assets.landing.sensors import MODALITY_ASSETS
+from gcmlm_assets.definitions import MODALITY_ASSETS
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.patient_batches import BUCKET_TAG, PATIENTS_TAG
 from gcmlm_assets.patient_steps import build_patient_steps_sensor

@@ -1,0 +1,38 @@
+"""The cohort's part of the definitions: its assets, checks, sensors and resources.
+
+The cohort reads the other domains' per-patient results but imports none of them: what it needs
+to know of them (their blocking checks, their chains, a training to wait for) definitions.py
+passes in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import dagster as dg
+
+from gcmlm_assets.cohort import assets, checks, explanation_assets, resources
+from gcmlm_assets.cohort.asset_files import SCORES_FILE
+from gcmlm_assets.cohort.explanation_sensors import build_risk_explanations_sensor
+from gcmlm_assets.cohort.sensors import build_cohort_refresh_sensor
+from gcmlm_assets.profiles import Profile
+
+
+
+def definitions(env: str, profile: Profile, *, input_check_keys: Sequence[dg.AssetCheckKey],
+                patient_chains: Sequence[Sequence[dg.AssetKey]],
+                training_pending: Callable[[dg.SensorEvaluationContext], bool] | None = None,
+                training_resource_keys: Iterable[str] = ()) -> dg.Definitions:
+    """`input_check_keys`, `patient_chains`, `training_pending`: see `build_cohort_refresh_sensor`."""
+    interval = profile.sensor_interval_s
+    refresh = build_cohort_refresh_sensor(interval, [asset.key for asset in assets.ASSETS], list(input_check_keys),
+                                          [list(chain) for chain in patient_chains], training_pending,
+                                          training_resource_keys)
+    explain = build_risk_explanations_sensor(interval, explanation_assets.RISK_EXPLANATIONS, "risk_scores",
+                                             SCORES_FILE)
+    return dg.Definitions(
+        assets=[*assets.ASSETS, *explanation_assets.ASSETS],
+        asset_checks=checks.CHECKS,
+        sensors=[refresh, explain],
+        resources=resources.resources(env, profile),
+    )

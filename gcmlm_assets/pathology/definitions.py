@@ -1,0 +1,27 @@
+"""Pathology's part of the definitions: its assets, checks and resources (it has no sensor of its own).
+
+definitions.py assembles the domains' parts and adds the policy (kinds, owners, executor).
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from gcmlm_assets.landing.sensors import ModalityHold
+from gcmlm_assets.pathology import assets, checks, resources
+from gcmlm_assets.pathology.resources import PatchEncoder
+from gcmlm_assets.profiles import Profile
+
+# What a change of a patient's slide drop re-materializes, in order (the landing and steps sensors' chain).
+PATIENT_CHAIN = [dg.AssetKey(k) for k in ("patch_coords", "uni_features", "slide_vector")]
+
+# Pathology runs would all fail while the encoder has no weights: landing_sensor holds them.
+LANDING_HOLD = ModalityHold("pathology", "encoder", PatchEncoder.missing_weights)
+
+
+def definitions(env: str, profile: Profile) -> dg.Definitions:
+    return dg.Definitions(
+        assets=assets.ASSETS,
+        asset_checks=checks.CHECKS,
+        resources=resources.resources(env, profile),
+    )

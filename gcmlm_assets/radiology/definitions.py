@@ -1,0 +1,29 @@
+"""Radiology's part of the definitions: its assets, checks, sensors and resources.
+
+definitions.py assembles the domains' parts and adds the policy (kinds, owners, executor).
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from gcmlm_assets.profiles import Profile
+from gcmlm_assets.radiology import assets, checks, resources, sensors
+from gcmlm_assets.radiology.segmentation_model import segmentation_model
+
+# What a change of a patient's CT drop re-materializes, in order (the landing and steps sensors' chain).
+PATIENT_CHAIN = [dg.AssetKey(k) for k in ("ct_image", "ct_mask", "radiomics_row")]
+
+# What the cohort refresh waits for: a segmentation training that is due or running.
+training_pending = sensors.training_pending
+TRAINING_STATUS_RESOURCES = sensors.TRAINING_STATUS_RESOURCES
+
+
+def definitions(env: str, profile: Profile) -> dg.Definitions:
+    interval = profile.sensor_interval_s
+    return dg.Definitions(
+        assets=[*assets.ASSETS, segmentation_model],
+        asset_checks=checks.CHECKS,
+        sensors=[sensors.build_segmentation_training_sensor(interval), sensors.build_predicted_mask_sensor(interval)],
+        resources=resources.resources(env, profile),
+    )
