@@ -34,12 +34,12 @@ What Dagster 1.13 records for a range step (and for any step's check results), a
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Iterable, Iterator
 
 import dagster as dg
 
 # Dagster's own names: which materialization an evaluation checked, and a materialization's tags
+from gcmlm_assets import settings
 from gcmlm_assets.dagster_internals import BACKFILL_ID_TAG, CODE_VERSION_TAG, DATA_VERSION_IS_USER_PROVIDED_TAG
 from gcmlm_assets.dagster_internals import AssetCheckEvaluationTargetMaterializationData as CheckedMaterialization
 from gcmlm_assets.dagster_internals import DATA_VERSION_TAG
@@ -50,7 +50,7 @@ DEFAULT_BATCH_PATIENTS = 32
 
 def batch_patients() -> int:
     """Patients per backfill run of a GPU asset (`GCMLM_GPU_BATCH_PATIENTS`, default 32)."""
-    raw = os.environ.get("GCMLM_GPU_BATCH_PATIENTS", str(DEFAULT_BATCH_PATIENTS))
+    raw = settings.gpu_batch_patients(DEFAULT_BATCH_PATIENTS)
     try:
         value = int(raw)
     except ValueError:

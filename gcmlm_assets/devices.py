@@ -14,8 +14,9 @@ Plain Python; torch is imported only when a device is resolved.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+
+from gcmlm_assets import settings
 
 DEVICE_CHOICES = ("auto", "cuda", "cpu", "mps")
 
@@ -34,13 +35,12 @@ class ResolvedDevice:
 
 
 def on_kubernetes() -> bool:
-    return os.environ.get("GCMLM_ENV", "local").strip().lower() == "k8s"
+    return settings.on_kubernetes()
 
 
 def no_gpu_in_pod_message(setting: str, requested: str) -> str:
     """Why a GPU step on Kubernetes refuses to run without a GPU, and which pod settings to check."""
-    seen = {name: os.environ.get(name) for name in ("GCMLM_GPU_NODE_SELECTOR", "GCMLM_GPU_TOLERATIONS",
-                                                    "NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")}
+    seen = settings.gpu_pod_variables()
     shown = ", ".join(f"{name}={value!r}" for name, value in seen.items() if value is not None) or "none set"
     return (f"GPU step on Kubernetes (GCMLM_ENV=k8s) but this pod sees no CUDA GPU "
             f"(torch.cuda.is_available() is False, {setting}={requested!r}); it does not fall back to the CPU. "

@@ -92,6 +92,11 @@ DEMO = Profile(
 PROFILES: dict[str, Profile] = {profile.name: profile for profile in (PRODUCTION, DEMO)}
 
 
+def chosen_profile_name() -> str | None:
+    """`GCMLM_PROFILE` as set (None when unset or empty), before any default."""
+    return os.environ.get(PROFILE_ENV) or None
+
+
 def profile_name() -> str:
     name = os.environ.get(PROFILE_ENV, DEFAULT_PROFILE).strip().lower() or DEFAULT_PROFILE
     if name not in PROFILES:

@@ -21,8 +21,9 @@ Plain Python: no dagster import.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
+
+from gcmlm_assets import settings
 
 K8S_CONFIG_TAG = "dagster-k8s/config"
 GPU_POOL = "gpu"
@@ -62,8 +63,8 @@ WORK_CLASSES = {c.name: c for c in (GPU, CPU, COHORT)}
 BASELINE = WorkClass("baseline", cpu="1", memory="2Gi")
 
 
-def _json_env(name: str, default, kind: type):
-    raw = os.environ.get(name, "").strip()
+def _json_env(name: str, raw: str, default, kind: type):
+    raw = raw.strip()
     if not raw:
         return default
     try:
@@ -77,8 +78,8 @@ def _json_env(name: str, default, kind: type):
 
 def gpu_placement() -> tuple[dict, list]:
     """(node selector, tolerations) of GPU pods, from the environment."""
-    selector = _json_env("GCMLM_GPU_NODE_SELECTOR", {}, dict)
-    tolerations = _json_env("GCMLM_GPU_TOLERATIONS", DEFAULT_GPU_TOLERATIONS, list)
+    selector = _json_env("GCMLM_GPU_NODE_SELECTOR", settings.gpu_node_selector(), {}, dict)
+    tolerations = _json_env("GCMLM_GPU_TOLERATIONS", settings.gpu_tolerations(), DEFAULT_GPU_TOLERATIONS, list)
     return selector, tolerations
 
 
@@ -102,7 +103,7 @@ def k8s_config(work: WorkClass) -> dict:
         selector, tolerations = gpu_placement()
         pod_spec: dict = {
             "volumes": [{"name": "dshm", "empty_dir": {
-                "medium": "Memory", "size_limit": os.environ.get("GCMLM_GPU_SHM", "16Gi")}}],
+                "medium": "Memory", "size_limit": settings.gpu_shm_size()}}],
             "tolerations": tolerations,
         }
         if selector:

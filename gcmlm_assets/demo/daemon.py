@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gcmlm_assets import settings
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 WORKSPACE = PROJECT_ROOT / "workspace.yaml"
 LOCAL_INSTANCE_CONFIG = PROJECT_ROOT / "deploy" / "local" / "dagster.yaml"
@@ -91,7 +93,7 @@ class Daemon:
 
 def start_daemon(home: Path, log_path: Path, env: dict[str, str] | None = None) -> Daemon:
     """`dagster-daemon run` over the project's workspace and the instance in `home`."""
-    environment = {**os.environ, **(env or {}), "DAGSTER_HOME": str(home)}
+    environment = {**settings.process_environment(), **(env or {}), "DAGSTER_HOME": str(home)}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     executable = Path(sys.executable).parent / "dagster-daemon"
     with open(log_path, "ab") as log:

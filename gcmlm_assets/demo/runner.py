@@ -18,7 +18,6 @@ Dagster daemon alone.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -27,7 +26,7 @@ from gcmlm_assets.demo import synthetic
 from gcmlm_assets.demo.daemon import prepare_dagster_home, start_daemon
 from gcmlm_assets.demo.summary import format_summary, fused_auc, summarise
 from gcmlm_assets.demo.watch import ScoresUnreadable, failed_runs, wait_until_settled
-from gcmlm_assets.profiles import PROFILE_ENV, get_profile
+from gcmlm_assets.profiles import PROFILE_ENV, chosen_profile_name, get_profile
 
 DEMO_PROFILE = "demo"
 # The planted signal is strong enough that a pipeline keeping its information reaches this.
@@ -68,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    profile = os.environ.get(PROFILE_ENV) or DEMO_PROFILE
+    profile = chosen_profile_name() or DEMO_PROFILE
     home = prepare_dagster_home(settings.dagster_home())
-    os.environ["DAGSTER_HOME"] = str(home)
+    settings.use_dagster_home(home)
     landing, artifacts = settings.landing_root(), settings.artifacts_root()
     spec = (synthetic.CohortSpec.small(args.patients, seed=args.seed) if args.small
             else synthetic.CohortSpec(n_patients=args.patients, seed=args.seed))
-    real = None if args.no_real_data else synthetic.RealFiles.find(os.environ.get("GCMLM_TEST_DATA"))
+    real = None if args.no_real_data else synthetic.RealFiles.find(settings.test_data_root())
     for line in describe_profile(profile):
         _say(line)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gcmlm_assets import settings
 from gcmlm_assets.lazy import lazy
 
 # torch when an encoder is built or loaded, not when the registry is read (the landing sensor asks
@@ -209,7 +210,8 @@ def resolve_checkpoint(spec: EncoderSpec, checkpoint: str | os.PathLike | None, 
     None (random weights) for an encoder that needs none; for one that names a checkpoint setting
     but may run without it (resnet50-trunc) only when `random_weights_allowed`."""
     setting = _setting_names(spec)
-    value = str(checkpoint) if checkpoint else (os.environ.get(spec.checkpoint_env, "") if spec.checkpoint_env else "")
+    value = str(checkpoint) if checkpoint else (settings.encoder_checkpoint(spec.checkpoint_env) if spec.checkpoint_env
+                                                 else "")
     if not value:
         if spec.requires_checkpoint:
             raise EncoderError(

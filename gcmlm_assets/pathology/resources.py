@@ -9,6 +9,7 @@ from pydantic import Field
 
 from gcmlm_assets.devices import ResolvedDevice, resolve_device
 from gcmlm_assets.profiles import PRODUCTION, Profile
+from gcmlm_assets.settings import encoder_checkpoint
 from gcmlm_assets.pathology.slides import PLAUSIBLE_MPP
 from gcmlm_assets.pathology.tiling import ClamParams, TilingParams
 from gcmlm_assets.pathology.tissue import SegmentationParams
@@ -118,14 +119,12 @@ class PatchEncoder(dg.ConfigurableResource):
         The checkpoint is named, not hashed: a UNI checkpoint is 1.2 GB and every step process loads
         the definitions. uni_features' materializations record the hash.
         """
-        import os
-
         from gcmlm_assets.pathology.encoders import ENCODERS  # the registry only; torch stays unloaded
 
         spec = ENCODERS.get(self.name)
         if spec is None:
             return {"encoder": f"{self.name} (unknown: one of {', '.join(sorted(ENCODERS))})"}
-        path = self.checkpoint or (os.environ.get(spec.checkpoint_env, "") if spec.checkpoint_env else "")
+        path = self.checkpoint or (encoder_checkpoint(spec.checkpoint_env) if spec.checkpoint_env else "")
         if path:
             weights = path
         elif spec.requires_checkpoint or (spec.checkpoint_env and not self.random_weights_allowed):

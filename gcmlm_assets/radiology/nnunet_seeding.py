@@ -12,11 +12,11 @@ checkpoint, so the bytes (and the model id, which hashes them) do not depend on 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import numpy as np
 
+from gcmlm_assets import settings
 from gcmlm_assets.settings import scoped_environment
 
 _EPOCH_TIMES = ("epoch_start_timestamps", "epoch_end_timestamps")
@@ -36,7 +36,7 @@ def seeded(seed: int) -> Iterator[None]:
               torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    environment = {} if os.environ.get("CUBLAS_WORKSPACE_CONFIG") else _CUBLAS_DETERMINISTIC
+    environment = {} if settings.cublas_workspace_config() else _CUBLAS_DETERMINISTIC
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # every CUDA device too

@@ -1,12 +1,12 @@
 """Resources of the radiology group, keyed by resource name."""
 
-import os
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
 from gcmlm_assets.profiles import PRODUCTION, Profile
+from gcmlm_assets.settings import nnunet_model_folder, nnunet_model_sha256
 
 
 class RadiomicsSettings(dg.ConfigurableResource):
@@ -266,8 +266,8 @@ def resources(env: str, profile: Profile = PRODUCTION) -> dict[str, dg.Configura
     # The device is "auto" everywhere (a GPU pod uses its GPU); a trained folder can be given with
     # GCMLM_NNUNET_MODEL_FOLDER and its checkpoints' digests with GCMLM_NNUNET_MODEL_SHA256. The
     # profile's settings come last (the demo profile trains a tiny CPU model).
-    segmentation = {"trained_model_folder": os.environ.get("GCMLM_NNUNET_MODEL_FOLDER") or None,
-                    "trained_model_sha256": os.environ.get("GCMLM_NNUNET_MODEL_SHA256") or None,
+    segmentation = {"trained_model_folder": nnunet_model_folder(),
+                    "trained_model_sha256": nnunet_model_sha256(),
                     **profile.resource_settings("segmentation")}
     return {
         "radiomics": RadiomicsSettings(**profile.resource_settings("radiomics")),
