@@ -1,5 +1,10 @@
 """The one `Definitions` of the project.
 
+Each domain exports its own part (`radiology/`, `pathology/`, `cohort/` definitions.py); this
+module only assembles them, tells the cohort what it needs of the others, and adds the policy:
+kinds, owners and the settings profile on every asset, the executor, the landing and steps
+sensors that carry a patient's drop through its modality's chain.
+
 `GCMLM_ENV` picks the executor: `local` (default) runs each run's steps one after the other in
 the run's own process; `k8s` runs each step as a Kubernetes job (dagster-k8s). `GCMLM_PROFILE` picks the settings
 profile (`production` by default, or `demo`; see `profiles.py`) that the resources and the
