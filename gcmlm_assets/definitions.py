@@ -11,11 +11,12 @@ from __future__ import annotations
 import dagster as dg
 
 from gcmlm_assets import settings
+from gcmlm_assets.catalogue import (
+    CT_MASK, RISK_EXPLANATIONS, RISK_SCORES, SCORES_FILE, SEGMENTATION_MODEL, UNI_FEATURES)
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import checks as cohort_checks
 from gcmlm_assets.cohort import resources as cohort_resources
 from gcmlm_assets.cohort import explanation_assets
-from gcmlm_assets.cohort.asset_files import SCORES_FILE
 from gcmlm_assets.cohort.explanation_sensors import build_risk_explanations_sensor
 from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS, build_cohort_refresh_sensor
 from gcmlm_assets.landing.sensors import MODALITY_ASSETS, landing_sensor
@@ -31,36 +32,23 @@ from gcmlm_assets.radiology.segmentation_model import segmentation_model
 from gcmlm_assets.radiology.sensors import build_predicted_mask_sensor, build_segmentation_training_sensor
 from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZone
 
-# What each asset is made with (the UI's kind badges) and which team answers for it.
-ASSET_KINDS: dict[str, set[str]] = {
-    "ct_image": {"simpleitk"}, "ct_mask": {"nnunet"}, "segmentation_model": {"nnunet"},
-    "radiomics_row": {"pyradiomics"}, "patch_coords": {"openslide"}, "uni_features": {"torch"},
-    "slide_vector": {"numpy"}, "clinical_table": {"pyarrow"}, "fused_table": {"pyarrow"},
-    "risk_model": {"sklearn"}, "risk_scores": {"sklearn"}, "risk_explanations": {"sklearn"},
-}
-GROUP_OWNERS = {"radiology": "team:radiology", "pathology": "team:pathology", "cohort": "team:biostatistics"}
-
-
 def model_identities(resources: dict) -> dict[str, dict]:
     """Asset name -> the configured model's identity (encoder, nnU-Net settings), read from the
     resources without loading or hashing any weights (the materializations record the hashes)."""
     segmentation = resources["segmentation"].configured_model()
-    return {"uni_features": resources["encoder"].configured_encoder(),
-            "segmentation_model": segmentation, "ct_mask": segmentation}
+    return {UNI_FEATURES.key: resources["encoder"].configured_encoder(),
+            SEGMENTATION_MODEL.key: segmentation, CT_MASK.key: segmentation}
 
 
-def catalogued(assets: list[dg.AssetsDefinition], profile: Profile,
-               identities: dict[str, dict] | None = None) -> list[dg.AssetsDefinition]:
-    """The assets with their kinds, owners, the settings profile they run with and the models they
-    are made with (on every asset page)."""
+def with_profile(assets: list[dg.AssetsDefinition], profile: Profile,
+                 identities: dict[str, dict] | None = None) -> list[dg.AssetsDefinition]:
+    """The assets with the settings profile they run with and the models they are made with (on
+    every asset page; key, group, kinds, owners and code version come from catalogue.py)."""
     identities = identities or {}
 
     def describe(spec: dg.AssetSpec) -> dg.AssetSpec:
-        name = spec.key.to_user_string()
-        return spec.replace_attributes(
-            kinds=ASSET_KINDS[name], owners=[GROUP_OWNERS[spec.group_name]],
-        ).merge_attributes(metadata={"settings_profile": f"{profile.name}: {profile.description}",
-                                     **identities.get(name, {})})
+        return spec.merge_attributes(metadata={"settings_profile": f"{profile.name}: {profile.description}",
+                                               **identities.get(spec.key.to_user_string(), {})})
 
     return list(dg.map_asset_specs(describe, assets))
 
@@ -98,8 +86,7 @@ def build_sensors(profile: Profile) -> list[dg.SensorDefinition]:
              for modality, chain in MODALITY_ASSETS.items()]
     return [landing_sensor, *steps, build_segmentation_training_sensor(interval), build_predicted_mask_sensor(interval),
             build_cohort_refresh_sensor(interval, cohort_keys, input_checks, list(MODALITY_ASSETS.values())),
-            build_risk_explanations_sensor(interval, explanation_assets.RISK_EXPLANATIONS, "risk_scores",
-                                           SCORES_FILE)]
+            build_risk_explanations_sensor(interval, RISK_EXPLANATIONS.key, RISK_SCORES.key, SCORES_FILE.name)]
 
 
 def build_definitions(env: str | None = None, profile: str | None = None) -> dg.Definitions:
@@ -107,7 +94,7 @@ def build_definitions(env: str | None = None, profile: str | None = None) -> dg.
     chosen = get_profile(profile)
     resources = build_resources(env, chosen)
     return dg.Definitions(
-        assets=catalogued([*radiology_assets.ASSETS, segmentation_model, *pathology_assets.ASSETS,
+        assets=with_profile([*radiology_assets.ASSETS, segmentation_model, *pathology_assets.ASSETS,
                            *cohort_assets.ASSETS, *explanation_assets.ASSETS], chosen, model_identities(resources)),
         asset_checks=[*radiology_checks.CHECKS, *pathology_checks.CHECKS, *cohort_checks.CHECKS],
         sensors=build_sensors(chosen),

@@ -10,6 +10,7 @@ import time
 import dagster as dg
 
 from gcmlm_assets import runs
+from gcmlm_assets.catalogue import PATIENT_FEATURES
 from gcmlm_assets.cohort.refresh import decide_refresh
 from gcmlm_assets.landing.scan import CLINICAL_CSV
 from gcmlm_assets.patient_steps import patients_in_between
@@ -17,8 +18,7 @@ from gcmlm_assets.radiology.resources import SegmentationModelResource
 from gcmlm_assets.radiology.sensors import training_status
 from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZone
 
-COHORT_GROUP = "cohort"
-PATIENT_FEATURE_ASSETS = ("radiomics_row", "slide_vector")
+PATIENT_FEATURE_ASSETS = tuple(file.asset.key for file in PATIENT_FEATURES.values())
 
 
 def _inputs_fingerprint(event_marks: dict[str, int], landing: LandingZone) -> str:

@@ -12,6 +12,7 @@ import dagster as dg
 
 from gcmlm_assets import runs
 from gcmlm_assets.batching import batch_patients
+from gcmlm_assets.catalogue import MODALITY_CHAINS
 from gcmlm_assets.patient_batches import plan_batches
 from gcmlm_assets.storage import sha256_text
 from gcmlm_assets.landing.scan import plan_tick, scan_landing_zone
@@ -24,9 +25,7 @@ NAMED_IN_LOG = 5
 
 # What a change of each modality re-materializes for that patient.
 MODALITY_ASSETS: dict[str, list[dg.AssetKey]] = {
-    "radiology": [dg.AssetKey(k) for k in ("ct_image", "ct_mask", "radiomics_row")],
-    "pathology": [dg.AssetKey(k) for k in ("patch_coords", "uni_features", "slide_vector")],
-}
+    modality: [dg.AssetKey(asset.key) for asset in chain] for modality, chain in MODALITY_CHAINS.items()}
 
 
 @dg.sensor(
