@@ -20,17 +20,14 @@ from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failur
 from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.landing.scan import LandingInputError
-from gcmlm_assets.radiology import checks, model_lifecycle
+from gcmlm_assets.radiology import checks, ct_io, features, masks, model_lifecycle
 from gcmlm_assets.radiology.columns import RADIOMICS_ROW_COLUMNS
 from gcmlm_assets.radiology.resources import RadiomicsSettings
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import files_replaced_together, sha256_file, sha256_text
 
-# Imported by the steps that use them, not when the definitions load (gcmlm_assets/lazy.py).
+# Imported by the steps that use it, not when the definitions load (gcmlm_assets/lazy.py).
 sitk = lazy("SimpleITK")
-ct_io = lazy("gcmlm_assets.radiology.ct_io")
-features = lazy("gcmlm_assets.radiology.features")
-masks = lazy("gcmlm_assets.radiology.masks")
 
 # Bump when a change of code changes an asset's output bytes: stored outputs are then recomputed.
 # 2: the full-size three-plane picture, and cut-short .nii/.nii.gz files refused (ct.nii.gz's bytes are

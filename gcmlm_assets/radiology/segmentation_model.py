@@ -23,14 +23,13 @@ from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.landing.scan import LandingInputError
 from gcmlm_assets.pictures import PLOT, picture_markdown
 from gcmlm_assets.policies import TRANSIENT_RETRY
-from gcmlm_assets.radiology import model_lifecycle
+from gcmlm_assets.radiology import masks, model_lifecycle
 from gcmlm_assets.radiology.assets import CT_FILE, input_failure
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import atomic_write_json, sha256_file, sha256_text
 
-# Imported by the step that uses them, not when the definitions load (gcmlm_assets/lazy.py).
+# Imported by the step that uses it, not when the definitions load (gcmlm_assets/lazy.py).
 sitk = lazy("SimpleITK")
-masks = lazy("gcmlm_assets.radiology.masks")
 
 # Bump when a change of code changes the trained model: the installed model is then retrained.
 SEGMENTATION_MODEL_VERSION = "1"
