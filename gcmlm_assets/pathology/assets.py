@@ -15,7 +15,7 @@ from gcmlm_assets.lazy import lazy
 from gcmlm_assets.landing.scan import LandingInputError
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
-from gcmlm_assets.pathology import checks
+from gcmlm_assets.pathology import checks, encoders
 from gcmlm_assets.pathology.patch_coords import (
     inputs_fingerprint,
     output_version,
@@ -40,9 +40,7 @@ from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import sha256_file, sha256_text
 
-# torch only in the step that encodes (gcmlm_assets/lazy.py): the definitions must load light.
-encoders = lazy("gcmlm_assets.pathology.encoders")
-extract = lazy("gcmlm_assets.pathology.extract")
+# Imported by the step that uses it, not when the definitions load (gcmlm_assets/lazy.py).
 pq = lazy("pyarrow.parquet")
 
 
@@ -194,6 +192,8 @@ def uni_features(context: dg.AssetExecutionContext):
 
 
 def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_model: LoadOnce, log):
+    # extract.py subclasses torch's Dataset, so importing it imports torch: only in the step that encodes.
+    from gcmlm_assets.pathology import extract
     from gcmlm_assets.step_output import stdout_to_log
 
     coords_dir = PATCH_COORDS.folder(store, patient_id, create=False)

@@ -13,28 +13,25 @@ from pathlib import Path
 import dagster as dg
 
 from gcmlm_assets import step_pods
+from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events
 from gcmlm_assets.catalogue import (
     CT_IMAGE, CT_MASK, CT_THUMBNAIL, CT_VOLUME, MASK_OVERLAY, MASK_VOLUME, RADIOMICS_ROW, RADIOMICS_TABLE,
     SEGMENTATION_MODEL)
-from gcmlm_assets.inputs import required_file
-from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events
 from gcmlm_assets.columns import column_schema_metadata
+from gcmlm_assets.inputs import required_file
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
 from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.landing.scan import LandingInputError
-from gcmlm_assets.radiology import checks, model_lifecycle
+from gcmlm_assets.radiology import checks, ct_io, features, masks, model_lifecycle
 from gcmlm_assets.radiology.columns import RADIOMICS_ROW_COLUMNS
 from gcmlm_assets.radiology.resources import RadiomicsSettings
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import files_replaced_together, sha256_file, sha256_text
 
-# Imported by the steps that use them, not when the definitions load (gcmlm_assets/lazy.py).
+# Imported by the steps that use it, not when the definitions load (gcmlm_assets/lazy.py).
 sitk = lazy("SimpleITK")
-ct_io = lazy("gcmlm_assets.radiology.ct_io")
-features = lazy("gcmlm_assets.radiology.features")
-masks = lazy("gcmlm_assets.radiology.masks")
 
 
 

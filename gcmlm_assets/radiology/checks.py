@@ -18,14 +18,14 @@ from pathlib import Path
 import dagster as dg
 from gcmlm_assets.catalogue import CT_IMAGE, CT_MASK, RADIOMICS_ROW
 from gcmlm_assets.lazy import lazy
+from gcmlm_assets.radiology import features as radiomics_features
+from gcmlm_assets.radiology import masks
 from gcmlm_assets.radiology.hounsfield import AIR_HU, BONE_HU
 
 # Imported when a check runs, not when the definitions (which declare the checks) load.
 np = lazy("numpy")
 pa = lazy("pyarrow")
 sitk = lazy("SimpleITK")
-radiomics_features = lazy("gcmlm_assets.radiology.features")
-masks = lazy("gcmlm_assets.radiology.masks")
 
 CHECKS: list[dg.AssetChecksDefinition] = []
 

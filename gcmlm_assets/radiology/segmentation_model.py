@@ -23,16 +23,14 @@ from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.landing.scan import LandingInputError
 from gcmlm_assets.pictures import PLOT, picture_markdown
 from gcmlm_assets.policies import TRANSIENT_RETRY
-from gcmlm_assets.radiology import model_lifecycle
 from gcmlm_assets.catalogue import CT_IMAGE, CT_VOLUME, SEGMENTATION_MODEL, MissingAssetFile
+from gcmlm_assets.radiology import masks, model_lifecycle
 from gcmlm_assets.radiology.assets import input_failure
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import atomic_write_json, sha256_file, sha256_text
 
-# Imported by the step that uses them, not when the definitions load (gcmlm_assets/lazy.py).
+# Imported by the step that uses it, not when the definitions load (gcmlm_assets/lazy.py).
 sitk = lazy("SimpleITK")
-masks = lazy("gcmlm_assets.radiology.masks")
-
 
 
 def _training_candidates(patients: list[str], store, landing: LandingZone):
