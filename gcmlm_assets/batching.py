@@ -38,8 +38,9 @@ from collections.abc import Callable, Iterable, Iterator
 
 import dagster as dg
 
-# Dagster's own names: which materialization an evaluation checked, and a materialization's tags
 from gcmlm_assets import settings
+from gcmlm_assets.catalogue import Asset
+# Dagster's own names: which materialization an evaluation checked, and a materialization's tags
 from gcmlm_assets.dagster_internals import BACKFILL_ID_TAG, CODE_VERSION_TAG, DATA_VERSION_IS_USER_PROVIDED_TAG
 from gcmlm_assets.dagster_internals import AssetCheckEvaluationTargetMaterializationData as CheckedMaterialization
 from gcmlm_assets.dagster_internals import DATA_VERSION_TAG
@@ -110,9 +111,10 @@ class _PatientFailed(Exception):
         self.patient_id, self.reason, self.retryable = patient_id, reason, retryable
 
 
-def per_patient_events(context: dg.AssetExecutionContext, asset_key: str, step: PatientStep,
-                       check_specs: list[dg.AssetCheckSpec], code_version: str | None = None) -> Iterator:
+def per_patient_events(context: dg.AssetExecutionContext, asset: Asset, step: PatientStep,
+                       check_specs: list[dg.AssetCheckSpec]) -> Iterator:
     """What the step yields: `step`'s own events for one patient, or a range done patient by patient."""
+    asset_key, code_version = asset.key, asset.code_version
     if context.has_partition_key:
         yield from _checks_under_partition(context, context.partition_key, step(context.partition_key))
         return

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dagster as dg
 
 from gcmlm_assets import settings
+from gcmlm_assets.catalogue import CT_MASK, MODALITY_CHAINS, SEGMENTATION_MODEL, UNI_FEATURES
 from gcmlm_assets.cohort import definitions as cohort
 from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS
 from gcmlm_assets.landing.sensors import build_landing_sensor
@@ -25,36 +26,23 @@ from gcmlm_assets.profiles import Profile, get_profile
 from gcmlm_assets.radiology import definitions as radiology
 from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZone
 
-# What each asset is made with (the UI's kind badges) and which team answers for it.
-ASSET_KINDS: dict[str, set[str]] = {
-    "ct_image": {"simpleitk"}, "ct_mask": {"nnunet"}, "segmentation_model": {"nnunet"},
-    "radiomics_row": {"pyradiomics"}, "patch_coords": {"openslide"}, "uni_features": {"torch"},
-    "slide_vector": {"numpy"}, "clinical_table": {"pyarrow"}, "fused_table": {"pyarrow"},
-    "risk_model": {"sklearn"}, "risk_scores": {"sklearn"}, "risk_explanations": {"sklearn"},
-}
-GROUP_OWNERS = {"radiology": "team:radiology", "pathology": "team:pathology", "cohort": "team:biostatistics"}
-
-
 def model_identities(resources: dict) -> dict[str, dict]:
     """Asset name -> the configured model's identity (encoder, nnU-Net settings), read from the
     resources without loading or hashing any weights (the materializations record the hashes)."""
     segmentation = resources["segmentation"].configured_model()
-    return {"uni_features": resources["encoder"].configured_encoder(),
-            "segmentation_model": segmentation, "ct_mask": segmentation}
+    return {UNI_FEATURES.key: resources["encoder"].configured_encoder(),
+            SEGMENTATION_MODEL.key: segmentation, CT_MASK.key: segmentation}
 
 
-def catalogued(assets: list[dg.AssetsDefinition], profile: Profile,
-               identities: dict[str, dict] | None = None) -> list[dg.AssetsDefinition]:
-    """The assets with their kinds, owners, the settings profile they run with and the models they
-    are made with (on every asset page)."""
+def with_profile(assets: list[dg.AssetsDefinition], profile: Profile,
+                 identities: dict[str, dict] | None = None) -> list[dg.AssetsDefinition]:
+    """The assets with the settings profile they run with and the models they are made with (on
+    every asset page; key, group, kinds, owners and code version come from catalogue.py)."""
     identities = identities or {}
 
     def describe(spec: dg.AssetSpec) -> dg.AssetSpec:
-        name = spec.key.to_user_string()
-        return spec.replace_attributes(
-            kinds=ASSET_KINDS[name], owners=[GROUP_OWNERS[spec.group_name]],
-        ).merge_attributes(metadata={"settings_profile": f"{profile.name}: {profile.description}",
-                                     **identities.get(name, {})})
+        return spec.merge_attributes(metadata={"settings_profile": f"{profile.name}: {profile.description}",
+                                               **identities.get(spec.key.to_user_string(), {})})
 
     return list(dg.map_asset_specs(describe, assets))
 
@@ -82,8 +70,8 @@ def blocking_check_keys(assets: list[dg.AssetsDefinition], asset_names: tuple[st
 
 
 # What a change of each modality's drop re-materializes for that patient, in order.
-MODALITY_ASSETS: dict[str, list[dg.AssetKey]] = {"radiology": radiology.PATIENT_CHAIN,
-                                                 "pathology": pathology.PATIENT_CHAIN}
+MODALITY_ASSETS: dict[str, list[dg.AssetKey]] = {
+    modality: [dg.AssetKey(asset.key) for asset in chain] for modality, chain in MODALITY_CHAINS.items()}
 landing_sensor = build_landing_sensor(MODALITY_ASSETS, holds=[pathology.LANDING_HOLD])
 
 
@@ -108,7 +96,7 @@ def build_definitions(env: str | None = None, profile: str | None = None) -> dg.
     steps = [build_patient_steps_sensor(f"{modality}_steps_sensor", chain, modality, chosen.sensor_interval_s)
              for modality, chain in MODALITY_ASSETS.items()]
     return dg.Definitions(
-        assets=catalogued([asset for domain in domains for asset in domain.assets], chosen, model_identities(resources)),
+        assets=with_profile([asset for domain in domains for asset in domain.assets], chosen, model_identities(resources)),
         asset_checks=[check for domain in domains for check in domain.asset_checks or ()],
         sensors=[landing_sensor, *steps, *(sensor for domain in domains for sensor in domain.sensors or ())],
         resources=resources,

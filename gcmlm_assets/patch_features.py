@@ -1,4 +1,4 @@
-"""The files of the uni_features asset, as their readers see them: one HDF5 file per slide.
+"""The files of the uni_features asset (catalogue.UNI_FEATURES), as their readers see them: one HDF5 file per slide.
 
 Pathology writes them (extract.py) and pools them (pooling.py); the cohort reads them again for
 the ABMIL block and the per-patch explanations. The reader lives here, below both domains, so
@@ -16,8 +16,6 @@ from gcmlm_assets.lazy import lazy
 # Imported on first use: the definitions import this module's names, not its work.
 h5py = lazy("h5py")
 np = lazy("numpy")
-
-UNI_FEATURES = "uni_features"  # the asset whose files these are
 
 DEFAULT_CHUNK_ROWS = 8192
 

@@ -9,7 +9,7 @@ reuses the stored files (same bytes, same data version) instead of recomputing.
 fused_table uses a patient's radiomics_row / slide_vector file only when that partition's latest
 materialization succeeded and passed its blocking checks (facts from the instance, decided in
 `soundness.py`). risk_model, trained on fused_table and read by risk_scores, is in
-`risk_model_asset.py`; the names and files the group shares are in `asset_files.py`.
+`risk_model_asset.py`; every asset's key, code version and files are in `gcmlm_assets/catalogue.py`.
 """
 
 import json
@@ -20,19 +20,19 @@ import dagster as dg
 from gcmlm_assets import pictures, step_pods
 from gcmlm_assets.cohort import qc
 from gcmlm_assets.cohort.check_results import check_result
-from gcmlm_assets.cohort.asset_files import (
-    CLINICAL_FILE, CLINICAL_PROBLEMS, CODE_VERSIONS, FUSED_FILE, FUSION_REPORT, GROUP, MODEL_FILE, SCORES_FILE,
-    SCORES_PICTURE, required_input)
+from gcmlm_assets.catalogue import (
+    CLINICAL_FILE, CLINICAL_PROBLEMS, CLINICAL_TABLE, FUSED_FILE, FUSED_TABLE, FUSION_REPORT, MODEL_FILE,
+    PATIENT_FEATURES, RISK_MODEL, RISK_SCORES, SCORES_FILE, SCORES_PICTURE, UNI_FEATURES)
+from gcmlm_assets.inputs import required_file
 from gcmlm_assets.cohort.columns import CLINICAL_TABLE_COLUMNS, FUSED_TABLE_COLUMNS, RISK_SCORES_COLUMNS
 from gcmlm_assets.cohort.risk_model_asset import (
-    RISK_MODEL, current_model_version, excluded_metadata, load_patient_bags, log_left_out, train_risk_model,
+    current_model_version, excluded_metadata, load_patient_bags, log_left_out, train_risk_model,
     without_patients)
 from gcmlm_assets.columns import column_schema_metadata
-from gcmlm_assets.landing.scan import describe_links_leaving, link_leaving
+from gcmlm_assets.landing.scan import CLINICAL_CSV, describe_links_leaving, link_leaving
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.cohort.soundness_facts import declared_blocking_checks, unsound_results
 from gcmlm_assets.partitions import patients_partitions
-from gcmlm_assets.patch_features import UNI_FEATURES
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import (
     VERSION_POINTER, ArtifactStore, atomic_write_bytes, atomic_write_json, sha256_file, sha256_text)
@@ -47,8 +47,6 @@ bags = lazy("gcmlm_assets.cohort.bags")
 explanation_keys = lazy("gcmlm_assets.cohort.explanation_keys")
 quarantine = lazy("gcmlm_assets.quarantine")
 
-CLINICAL_CSV = "clinical.csv"
-
 
 def _reuse_or_none(store: ArtifactStore, asset: str, fingerprint: str, context) -> dict | None:
     manifest = store.reusable(asset, None, fingerprint)
@@ -61,10 +59,8 @@ def _reuse_or_none(store: ArtifactStore, asset: str, fingerprint: str, context) 
 
 
 @dg.asset(
-    name="clinical_table",
-    group_name=GROUP,
+    **CLINICAL_TABLE.dagster_attributes(),
     op_tags=step_pods.op_tags(step_pods.COHORT),
-    code_version=CODE_VERSIONS["clinical_table"],
     description="The landing zone's `clinical.csv`, validated: one row per patient with `patient_id`, `mlm` "
     "(0, 1 or unknown) and the numeric covariates. Bad rows are left out and named by the "
     "clinical_rows_valid check.",
@@ -81,31 +77,31 @@ def clinical_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
     if not csv_path.is_file():
         raise dg.Failure(description=f"{csv_path}: clinical table not found (columns patient_id, mlm, "
                                      "optional numeric covariates)", metadata={"expected": str(csv_path)})
-    folder = store.asset_dir("clinical_table")
+    folder = CLINICAL_TABLE.folder(store)
     csv_sha = sha256_file(csv_path)
-    fingerprint = sha256_text(CODE_VERSIONS["clinical_table"], csv_sha)
-    manifest = _reuse_or_none(store, "clinical_table", fingerprint, context)
+    fingerprint = sha256_text(CLINICAL_TABLE.code_version, csv_sha)
+    manifest = _reuse_or_none(store, CLINICAL_TABLE.key, fingerprint, context)
     if manifest is None:
         try:
             parsed, problems = clinical.read_clinical_csv(csv_path)
         except clinical.ClinicalFileError as exc:
             raise dg.Failure(description=str(exc), metadata={"file": str(csv_path)}) from None
-        table_path = folder / CLINICAL_FILE
+        table_path = CLINICAL_FILE.in_folder(folder)
         fusion.write_parquet(parsed.table, table_path)
-        atomic_write_json(folder / CLINICAL_PROBLEMS, [p.as_dict() for p in problems])
+        atomic_write_json(CLINICAL_PROBLEMS.in_folder(folder), [p.as_dict() for p in problems])
         manifest = {
             "fingerprint": fingerprint,
-            "files": {CLINICAL_FILE: sha256_file(table_path),
-                      CLINICAL_PROBLEMS: sha256_file(folder / CLINICAL_PROBLEMS)},
+            "files": {CLINICAL_FILE.name: sha256_file(table_path),
+                      CLINICAL_PROBLEMS.name: sha256_file(CLINICAL_PROBLEMS.in_folder(folder))},
             "source": {"path": str(csv_path), "sha256": csv_sha},
             "summary": {"rows_read": parsed.rows_read, "patients": parsed.table.num_rows,
                         "bad_rows": len(problems), "covariates": parsed.covariates,
                         "labels": clinical.label_counts(parsed.table)},
         }
-        store.write_manifest("clinical_table", None, manifest)
+        store.write_manifest(CLINICAL_TABLE.key, None, manifest)
     summary = manifest["summary"]
-    table = pq.read_table(folder / CLINICAL_FILE)
-    for problem in json.loads((folder / CLINICAL_PROBLEMS).read_text(encoding="utf-8"))[:20]:
+    table = pq.read_table(CLINICAL_FILE.in_folder(folder))
+    for problem in json.loads(CLINICAL_PROBLEMS.in_folder(folder).read_text(encoding="utf-8"))[:20]:
         context.log.warning(f"{csv_path}: line {problem['line']}: {problem['reason']}")
     # A row whose patient has no drop yet is kept (clinical data may come first), but said: it may be a typo.
     without_drop = [pid for pid in table.column("patient_id").to_pylist() if not landing.patient_dir(pid).is_dir()]
@@ -115,8 +111,8 @@ def clinical_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
                             f"for a typo): {', '.join(without_drop[:20])}{' ...' if len(without_drop) > 20 else ''}")
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(folder / CLINICAL_FILE)),
-            "problems_path": dg.MetadataValue.path(str(folder / CLINICAL_PROBLEMS)),
+            "path": dg.MetadataValue.path(str(CLINICAL_FILE.in_folder(folder))),
+            "problems_path": dg.MetadataValue.path(str(CLINICAL_PROBLEMS.in_folder(folder))),
             "source_csv": dg.MetadataValue.path(str(csv_path)),
             "source_csv_sha256": csv_sha,
             "rows_read": summary["rows_read"],
@@ -128,7 +124,7 @@ def clinical_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
             "preview": dg.MetadataValue.md(fusion.markdown_table(table, table.column_names[:8])),
             **column_schema_metadata(CLINICAL_TABLE_COLUMNS, table),
         },
-        data_version=dg.DataVersion(manifest["files"][CLINICAL_FILE]),
+        data_version=dg.DataVersion(manifest["files"][CLINICAL_FILE.name]),
     )
 
 
@@ -143,14 +139,12 @@ def _first(mapping: dict, n: int) -> dict:
 
 
 @dg.asset(
-    name="fused_table",
-    group_name=GROUP,
+    **FUSED_TABLE.dagster_attributes(),
     op_tags=step_pods.op_tags(step_pods.COHORT),
-    code_version=CODE_VERSIONS["fused_table"],
     deps=[
-        dg.AssetDep("radiomics_row", partition_mapping=dg.AllPartitionMapping()),
-        dg.AssetDep("slide_vector", partition_mapping=dg.AllPartitionMapping()),
-        dg.AssetDep("clinical_table"),
+        *(dg.AssetDep(file.asset.key, partition_mapping=dg.AllPartitionMapping())
+          for file in PATIENT_FEATURES.values()),
+        dg.AssetDep(CLINICAL_TABLE.key),
     ],
     description="One row per patient: `rad_*` (radiomics_row), `path_*` (slide_vector) and `clin_*` "
     "(clinical_table) columns, availability flags and the MLM label. A patient's result is used only "
@@ -160,23 +154,23 @@ def _first(mapping: dict, n: int) -> dict:
 )
 def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
     store = storage.store()
-    clinical_path = required_input(store, "clinical_table", CLINICAL_FILE)
+    clinical_path = required_file(CLINICAL_FILE, store)
     clinical_sha = sha256_file(clinical_path)
     known = set(context.instance.get_dynamic_partitions(patients_partitions.name))
     unsound = unsound_results(context.instance, sorted(known), declared_blocking_checks(), store)
     table, report = fusion.build_fused_table(store.root, pq.read_table(clinical_path), known_patients=known,
                                              unsound=unsound)
-    fingerprint = sha256_text(CODE_VERSIONS["fused_table"], report.input_fingerprint(clinical_sha))
-    folder = store.asset_dir("fused_table")
-    manifest = _reuse_or_none(store, "fused_table", fingerprint, context)
+    fingerprint = sha256_text(FUSED_TABLE.code_version, report.input_fingerprint(clinical_sha))
+    folder = FUSED_TABLE.folder(store)
+    manifest = _reuse_or_none(store, FUSED_TABLE.key, fingerprint, context)
     if manifest is None:
-        fusion.write_parquet(table, folder / FUSED_FILE)
-        atomic_write_bytes(folder / FUSION_REPORT, fusion.report_json(report).encode())
+        fusion.write_parquet(table, FUSED_FILE.in_folder(folder))
+        atomic_write_bytes(FUSION_REPORT.in_folder(folder), fusion.report_json(report).encode())
         manifest = {"fingerprint": fingerprint,
-                    "files": {FUSED_FILE: sha256_file(folder / FUSED_FILE),
-                              FUSION_REPORT: sha256_file(folder / FUSION_REPORT)},
+                    "files": {FUSED_FILE.name: sha256_file(FUSED_FILE.in_folder(folder)),
+                              FUSION_REPORT.name: sha256_file(FUSION_REPORT.in_folder(folder))},
                     "inputs": {"clinical_table_sha256": clinical_sha, "feature_files": len(report.input_files)}}
-        store.write_manifest("fused_table", None, manifest)
+        store.write_manifest(FUSED_TABLE.key, None, manifest)
     for problem in report.file_problems[:20]:
         context.log.warning(f"{problem['file']}: {problem['reason']}")
     for entry in report.excluded_results[:20]:
@@ -185,8 +179,8 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
     excluded = report.excluded_patients()
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(folder / FUSED_FILE)),
-            "report": dg.MetadataValue.path(str(folder / FUSION_REPORT)),
+            "path": dg.MetadataValue.path(str(FUSED_FILE.in_folder(folder))),
+            "report": dg.MetadataValue.path(str(FUSION_REPORT.in_folder(folder))),
             **{k: v for k, v in stats.items() if isinstance(v, int)},
             "label_balance": dg.MetadataValue.json({
                 "positive": stats["label_positive"], "negative": stats["label_negative"],
@@ -202,7 +196,7 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
             "preview": dg.MetadataValue.md(fusion.preview_markdown(table)),
             **column_schema_metadata(FUSED_TABLE_COLUMNS, table),
         },
-        data_version=dg.DataVersion(manifest["files"][FUSED_FILE]),
+        data_version=dg.DataVersion(manifest["files"][FUSED_FILE.name]),
     )
 
 
@@ -213,19 +207,17 @@ SCORES_VALID = "scores_valid"
 # Evaluated in the step on the new scores before they are written where readers (the explanations'
 # sensor, the demo's watcher) look: scores that fail are quarantined and the published ones stay.
 SCORES_VALID_CHECK = dg.AssetCheckSpec(
-    SCORES_VALID, asset="risk_scores", blocking=True,
+    SCORES_VALID, asset=RISK_SCORES.key, blocking=True,
     description="Every patient with CT or slide features has exactly one risk score, a probability between 0 and "
     "1, and a risk group of high or low. Checked before new scores are published: scores that fail are "
     "quarantined and the previous scores stay where the explanations read them.")
 
 
 @dg.asset(
-    name="risk_scores",
-    group_name=GROUP,
+    **RISK_SCORES.dagster_attributes(),
     op_tags=step_pods.op_tags(step_pods.COHORT),
-    code_version=CODE_VERSIONS["risk_scores"],
-    deps=[dg.AssetDep("risk_model"), dg.AssetDep("fused_table"),
-          dg.AssetDep(UNI_FEATURES, partition_mapping=dg.AllPartitionMapping())],
+    deps=[dg.AssetDep(RISK_MODEL.key), dg.AssetDep(FUSED_TABLE.key),
+          dg.AssetDep(UNI_FEATURES.key, partition_mapping=dg.AllPartitionMapping())],
     description="MLM probability and risk group (high: at or above the model's threshold) for every "
     "patient with radiology or pathology features, from the current risk_model version (an ABMIL model "
     "reads the patch features too). Each score records the model version it came from and the key of "
@@ -237,17 +229,17 @@ SCORES_VALID_CHECK = dg.AssetCheckSpec(
 def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
     store = storage.store()
     model_folder, pointer = _current_model_or_fail(store)
-    model_path = model_folder / MODEL_FILE
-    fused_path = required_input(store, "fused_table", FUSED_FILE)
-    model_sha, fused_sha = pointer["files"][MODEL_FILE], sha256_file(fused_path)
+    model_path = MODEL_FILE.in_folder(model_folder)
+    fused_path = required_file(FUSED_FILE, store)
+    model_sha, fused_sha = pointer["files"][MODEL_FILE.name], sha256_file(fused_path)
     fused = pq.read_table(fused_path)
     # the explanation keys' inputs: the model file, the fused rows, the pathology patients' feature
     # files (the bags) and the explanation code; the version name is written beside each score
-    fingerprint = sha256_text(CODE_VERSIONS["risk_scores"], model_sha, fused_sha,
-                              bags.bags_fingerprint(store, UNI_FEATURES, bags.pathology_patients(fused)),
+    fingerprint = sha256_text(RISK_SCORES.code_version, model_sha, fused_sha,
+                              bags.bags_fingerprint(store, UNI_FEATURES.key, bags.pathology_patients(fused)),
                               explanation_keys.CODE_VERSION, pointer["version"])
-    folder = store.asset_dir("risk_scores")
-    manifest = _reuse_or_none(store, "risk_scores", fingerprint, context)
+    folder = RISK_SCORES.folder(store)
+    manifest = _reuse_or_none(store, RISK_SCORES.key, fingerprint, context)
     if manifest is None:
         if not model_path.is_file():
             raise dg.Failure(description=f"{model_path} (named by {model_folder.parent / VERSION_POINTER}) is "
@@ -261,37 +253,37 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
         log_left_out(context, excluded, "left out")
         scored = without_patients(fused, excluded)  # left out with the reason, never scored without their slides
         scores = _with_versions(model.score_table(scored, patient_bags), pointer["version"],
-                                explanation_keys.explanation_keys(scored, model_sha, store, UNI_FEATURES))
+                                explanation_keys.explanation_keys(scored, model_sha, store, UNI_FEATURES.key))
         verdict = qc.scores_valid(scores, _expected_scored(fused, excluded))
         if verdict.outcome == qc.ERROR:
             yield _quarantined_scores(context, store, scores, verdict)
             return
-        fusion.write_parquet(scores, folder / SCORES_FILE)
-        _save_score_picture(scores, model.risk_threshold, folder / SCORES_PICTURE)
-        manifest = {"fingerprint": fingerprint, "files": {SCORES_FILE: sha256_file(folder / SCORES_FILE),
-                                                          SCORES_PICTURE: sha256_file(folder / SCORES_PICTURE)},
+        fusion.write_parquet(scores, SCORES_FILE.in_folder(folder))
+        _save_score_picture(scores, model.risk_threshold, SCORES_PICTURE.in_folder(folder))
+        manifest = {"fingerprint": fingerprint,
+                    "files": {file.name: sha256_file(file.in_folder(folder)) for file in (SCORES_FILE, SCORES_PICTURE)},
                     "inputs": {"risk_model_sha256": model_sha, "risk_model_version": pointer["version"],
                                "fused_table_sha256": fused_sha},
                     "risk_threshold": model.risk_threshold, "model_blocks": list(model.blocks),
                     "excluded_patients": excluded}
-        store.write_manifest("risk_scores", None, manifest)
-    scores = pq.read_table(folder / SCORES_FILE)
+        store.write_manifest(RISK_SCORES.key, None, manifest)
+    scores = pq.read_table(SCORES_FILE.in_folder(folder))
     excluded = manifest.get("excluded_patients") or {}
     verdict = qc.scores_valid(scores, _expected_scored(fused, excluded))
     if verdict.outcome == qc.ERROR:  # stored scores that no longer pass (a damaged file): out of readers' way
-        moved = quarantine.quarantine_output(store, "risk_scores", None, [SCORES_VALID],
+        moved = quarantine.quarantine_output(store, RISK_SCORES.key, None, [SCORES_VALID],
                                              {"description": verdict.description})
         context.log.error(f"risk_scores: the stored scores failed {SCORES_VALID}; moved to {moved}")
         yield check_result(verdict, SCORES_VALID, {"quarantined_to": dg.MetadataValue.path(str(moved))})
         return
     check = check_result(verdict, SCORES_VALID)
-    if not (folder / SCORES_PICTURE).is_file():  # reused scores stored before risk_scores had a picture
-        _save_score_picture(scores, manifest["risk_threshold"], folder / SCORES_PICTURE)
+    if not SCORES_PICTURE.in_folder(folder).is_file():  # reused scores stored before risk_scores had a picture
+        _save_score_picture(scores, manifest["risk_threshold"], SCORES_PICTURE.in_folder(folder))
     groups = scores.column("risk_group").to_pylist()
     used = scores.column("modalities_used").to_pylist()
     yield dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(folder / SCORES_FILE)),
+            "path": dg.MetadataValue.path(str(SCORES_FILE.in_folder(folder))),
             "risk_model_version": pointer["version"],
             "risk_model_path": dg.MetadataValue.path(str(model_path)),
             "risk_model_sha256": model_sha,
@@ -304,11 +296,11 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
             "preview": dg.MetadataValue.md(fusion.markdown_table(
                 scores, ["patient_id", "probability", "risk_group", "modalities_used", "mlm"], rows=10)),
             **column_schema_metadata(RISK_SCORES_COLUMNS, scores),
-            "picture": dg.MetadataValue.md(pictures.picture_markdown(folder / SCORES_PICTURE, pictures.PLOT,
+            "picture": dg.MetadataValue.md(pictures.picture_markdown(SCORES_PICTURE.in_folder(folder), pictures.PLOT,
                                                                      "risk score distribution")),
-            "picture_path": dg.MetadataValue.path(str(folder / SCORES_PICTURE)),
+            "picture_path": dg.MetadataValue.path(str(SCORES_PICTURE.in_folder(folder))),
         },
-        data_version=dg.DataVersion(manifest["files"][SCORES_FILE]),
+        data_version=dg.DataVersion(manifest["files"][SCORES_FILE.name]),
         check_results=[check],
     )
 
@@ -325,11 +317,11 @@ def _quarantined_scores(context, store: ArtifactStore, scores, verdict: "qc.Verd
     """New scores that failed scores_valid: written into quarantine, never where readers look."""
     from gcmlm_assets.storage import new_version_folder
 
-    staging = new_version_folder(store.asset_dir("risk_scores"))
-    fusion.write_parquet(scores, staging / SCORES_FILE)
-    published = store.path("risk_scores", None, SCORES_FILE)
+    staging = new_version_folder(RISK_SCORES.folder(store))
+    fusion.write_parquet(scores, SCORES_FILE.in_folder(staging))
+    published = SCORES_FILE.path(store)
     kept = str(published) if published.is_file() else "none"
-    moved = quarantine.quarantine_unpublished(store, "risk_scores", staging, [SCORES_VALID],
+    moved = quarantine.quarantine_unpublished(store, RISK_SCORES.key, staging, [SCORES_VALID],
                                               {"description": verdict.description, "scores_in_use": kept})
     context.log.error(f"risk_scores: the new scores failed {SCORES_VALID} ({verdict.description}); they are not "
                       f"published (moved to {moved}); the scores in use stay {kept}")
@@ -354,7 +346,7 @@ def _save_score_picture(scores, threshold: float, path: Path) -> None:
 def _current_model_or_fail(store: ArtifactStore) -> tuple[Path, dict]:
     current = current_model_version(store)
     if current is None:
-        pointer = store.path(RISK_MODEL, None, VERSION_POINTER)
+        pointer = store.path(RISK_MODEL.key, None, VERSION_POINTER)
         raise dg.Failure(description=f"{pointer} not found: materialize risk_model first",
                          metadata={"missing": str(pointer)})
     return current

@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from gcmlm_assets.catalogue import FUSED_TABLE
 from gcmlm_assets.cohort import model_card, model_settings
 from gcmlm_assets.cohort.fusion import PATHOLOGY
 
@@ -91,7 +92,7 @@ def card_context(records: CohortRecords, data, cv, settings, model, metrics: dic
         "limitations": model_card.default_limitations({**asdict(settings), "encoder": records.encoder}, metrics),
         "data": {"landing_zone": str(csv_path.parent) if csv_path else None,
                  "clinical_csv": {"path": source.get("path")},
-                 "fused_table": {"path": str(records.fused_path)},
+                 FUSED_TABLE.key: {"path": str(records.fused_path)},
                  "training_data": {
                      "rows": (f"the labelled rows of the fused table, sorted by patient id: {len(labelled)} "
                               f"patients ({counts['positive']} MLM, {counts['negative']} no MLM)"),

@@ -15,7 +15,7 @@ import json
 import dagster as dg
 
 from gcmlm_assets.cohort import qc
-from gcmlm_assets.cohort.asset_files import CLINICAL_PROBLEMS, FUSED_FILE, FUSION_REPORT
+from gcmlm_assets.catalogue import CLINICAL_PROBLEMS, FUSED_FILE, FUSION_REPORT
 from gcmlm_assets.cohort.assets import clinical_table, fused_table
 from gcmlm_assets.cohort.check_results import check_result as _result
 from gcmlm_assets.cohort.resources import RiskModelSettings
@@ -39,7 +39,7 @@ def _missing(path) -> dg.AssetCheckResult:
                 "liver metastasis (MLM) status of 0, 1 or empty, and numbers where numbers belong. A bad row is "
                 "left out of the analysis and named here with its line number and reason.")
 def clinical_rows_valid(storage: ArtifactStorage) -> dg.AssetCheckResult:
-    path = storage.store().path("clinical_table", None, CLINICAL_PROBLEMS)
+    path = CLINICAL_PROBLEMS.path(storage.store())
     if not path.is_file():
         return _missing(path)
     return _result(qc.clinical_rows_valid(json.loads(path.read_text(encoding="utf-8"))))
@@ -49,7 +49,7 @@ def clinical_rows_valid(storage: ArtifactStorage) -> dg.AssetCheckResult:
                 description="Each patient appears only once in the combined table of CT, slide and clinical "
                 "data; a patient counted twice would weigh double in the model.")
 def fused_ids_unique(storage: ArtifactStorage) -> dg.AssetCheckResult:
-    path = storage.store().path("fused_table", None, FUSED_FILE)
+    path = FUSED_FILE.path(storage.store())
     if not path.is_file():
         return _missing(path)
     return _result(qc.fused_ids_unique(pq.read_table(path, columns=["patient_id"]).column(0).to_pylist()))
@@ -60,7 +60,7 @@ def fused_ids_unique(storage: ArtifactStorage) -> dg.AssetCheckResult:
                 "together. A feature file that cannot be used is an error (that part of the patient's data counts "
                 "as missing); features without a clinical row, or a clinical row without features, are warnings.")
 def modalities_aligned(storage: ArtifactStorage) -> dg.AssetCheckResult:
-    path = storage.store().path("fused_table", None, FUSION_REPORT)
+    path = FUSION_REPORT.path(storage.store())
     if not path.is_file():
         return _missing(path)
     return _result(qc.modalities_aligned(json.loads(path.read_text(encoding="utf-8"))))
@@ -71,7 +71,7 @@ def modalities_aligned(storage: ArtifactStorage) -> dg.AssetCheckResult:
                 "features, both with and without MLM, to train the risk model; a warning while the model waits "
                 "for more patients.")
 def enough_labelled_patients(storage: ArtifactStorage, risk_model: RiskModelSettings) -> dg.AssetCheckResult:
-    path = storage.store().path("fused_table", None, FUSED_FILE)
+    path = FUSED_FILE.path(storage.store())
     if not path.is_file():
         return _missing(path)
     flags = [f for m, f in fusion.AVAILABILITY.items() if m != fusion.CLINICAL]

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 import dagster as dg
 
 from gcmlm_assets.cohort import assets, checks, explanation_assets, resources
-from gcmlm_assets.cohort.asset_files import SCORES_FILE
+from gcmlm_assets.catalogue import RISK_EXPLANATIONS, RISK_SCORES, SCORES_FILE
 from gcmlm_assets.cohort.explanation_sensors import build_risk_explanations_sensor
 from gcmlm_assets.cohort.sensors import build_cohort_refresh_sensor
 from gcmlm_assets.profiles import Profile
@@ -28,8 +28,7 @@ def definitions(env: str, profile: Profile, *, input_check_keys: Sequence[dg.Ass
     refresh = build_cohort_refresh_sensor(interval, [asset.key for asset in assets.ASSETS], list(input_check_keys),
                                           [list(chain) for chain in patient_chains], training_pending,
                                           training_resource_keys)
-    explain = build_risk_explanations_sensor(interval, explanation_assets.RISK_EXPLANATIONS, "risk_scores",
-                                             SCORES_FILE)
+    explain = build_risk_explanations_sensor(interval, RISK_EXPLANATIONS.key, RISK_SCORES.key, SCORES_FILE.name)
     return dg.Definitions(
         assets=[*assets.ASSETS, *explanation_assets.ASSETS],
         asset_checks=checks.CHECKS,

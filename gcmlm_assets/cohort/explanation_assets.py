@@ -21,11 +21,13 @@ import dagster as dg
 from gcmlm_assets import step_pods
 from gcmlm_assets.batching import DATA_VERSION_TAG, LoadOnce, batch_patients, per_patient_events
 from gcmlm_assets.cohort import explanation_keys
-from gcmlm_assets.cohort.asset_files import FUSED_FILE, GROUP, MODEL_FILE, required_input
+from gcmlm_assets.catalogue import (
+    EXPLANATION_FILE, FUSED_FILE, FUSED_TABLE, MODEL_FILE, PATCHES_FILE, RISK_EXPLANATIONS, RISK_MODEL, RISK_SCORES,
+    UNI_FEATURES)
 from gcmlm_assets.cohort.assets import _current_model_or_fail
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.partitions import patients_partitions
-from gcmlm_assets.patch_features import UNI_FEATURES
+from gcmlm_assets.inputs import required_file
 from gcmlm_assets.policies import TRANSIENT_RETRY
 from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
 from gcmlm_assets.storage import (
@@ -41,11 +43,7 @@ heatmaps = lazy("gcmlm_assets.heatmaps")
 patch_features = lazy("gcmlm_assets.patch_features")
 fusion = lazy("gcmlm_assets.cohort.fusion")
 
-RISK_EXPLANATIONS = "risk_explanations"
-CODE_VERSION = explanation_keys.CODE_VERSION
 KEY_FIELD = "explanation_key"  # in current.json: the key the published explanation was made for
-PATCHES_FILE = "patch_contributions.parquet"
-EXPLANATION_FILE = "explanation.json"
 # Heatmaps embedded in the metadata: the first one (the first slide's contribution map, else its
 # attention map). Every map of every slide is in the folder, its path in the metadata: each embedded
 # picture is stored with every explanation of every patient, which the instance's budget allows once.
@@ -58,11 +56,9 @@ RECORDED_KEYS_BY_NAME = 500
 
 @dg.multi_asset(
     specs=[dg.AssetSpec(
-        RISK_EXPLANATIONS,
-        group_name=GROUP,
-        code_version=CODE_VERSION,
-        deps=[dg.AssetDep("risk_scores"), dg.AssetDep("risk_model"), dg.AssetDep("fused_table"),
-              dg.AssetDep(UNI_FEATURES)],
+        **RISK_EXPLANATIONS.dagster_attributes(),
+        deps=[dg.AssetDep(RISK_SCORES.key), dg.AssetDep(RISK_MODEL.key), dg.AssetDep(FUSED_TABLE.key),
+              dg.AssetDep(UNI_FEATURES.key)],
         # Nothing is yielded for a patient whose explanation is recorded already, nor by a range step
         # (per_patient_events logs each patient's materialization on its own).
         skippable=True,
@@ -73,7 +69,7 @@ RECORDED_KEYS_BY_NAME = 500
         "classifiers get no contributions (see risk_model's permutation importance). Made again only when the "
         "patient's explanation key changes (the model file, the patient's fused_table row or patch features).",
     )],
-    name=RISK_EXPLANATIONS,
+    name=RISK_EXPLANATIONS.key,
     partitions_def=patients_partitions,
     retry_policy=TRANSIENT_RETRY,
     # A backfill from the UI explains up to GCMLM_GPU_BATCH_PATIENTS patients per run, as the sensor does.
@@ -83,7 +79,7 @@ RECORDED_KEYS_BY_NAME = 500
 )
 def risk_explanations(context: dg.AssetExecutionContext):
     run = _ExplanationRun(context, context.resources.storage.store())
-    yield from per_patient_events(context, RISK_EXPLANATIONS, run.explain, [], CODE_VERSION)
+    yield from per_patient_events(context, RISK_EXPLANATIONS, run.explain, [])
 
 
 class _ExplanationRun:
@@ -93,8 +89,8 @@ class _ExplanationRun:
     def __init__(self, context: dg.AssetExecutionContext, store):
         self.context, self.store = context, store
         self.model_folder, pointer = _current_model_or_fail(store)
-        self.model_sha, self.model_version = pointer["files"][MODEL_FILE], pointer["version"]
-        self.fused_path = required_input(store, "fused_table", FUSED_FILE)
+        self.model_sha, self.model_version = pointer["files"][MODEL_FILE.name], pointer["version"]
+        self.fused_path = required_file(FUSED_FILE, store)
         patients = list(context.partition_keys)
         rows = explanation_keys.read_patient_rows(self.fused_path, patients)
         ids = rows.column(explanation_keys.ID_COLUMN).to_pylist()
@@ -107,7 +103,7 @@ class _ExplanationRun:
         if self._model is None:
             # the file must still hash to what risk_model's current.json recorded (read once, then loaded)
             self._model = LoadOnce(modelling.load_model, errors=(modelling.UntrustedModelFile, OSError))
-        return self._model.get(self.model_folder / MODEL_FILE, self.model_sha,
+        return self._model.get(MODEL_FILE.in_folder(self.model_folder), self.model_sha,
                                str(self.model_folder.parent / VERSION_POINTER))
 
     def explain(self, patient_id: str):
@@ -121,10 +117,10 @@ class _ExplanationRun:
                                          "slide features): nothing to explain", allow_retries=False)
         row_table, digest = self.rows[patient_id]
         has_pathology = bool(row_table.column(explanation_keys.PATHOLOGY_FLAG)[0].as_py())
-        files = (explanation_keys.patient_feature_files(self.store, UNI_FEATURES, patient_id) if has_pathology
+        files = (explanation_keys.patient_feature_files(self.store, UNI_FEATURES.key, patient_id) if has_pathology
                  else None)
         key = explanation_keys.explanation_key(self.model_sha, digest, files)
-        root = self.store.asset_dir(RISK_EXPLANATIONS, patient_id)
+        root = RISK_EXPLANATIONS.folder(self.store, patient_id)
         stored = read_version_pointer(root)
         if stored and stored.get(KEY_FIELD) == key and self.recorded.get(patient_id) == key:
             # recorded and published for this key: nothing new to say (its files are not re-hashed here)
@@ -142,8 +138,8 @@ class _ExplanationRun:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)  # gone already once published
         folder = root / stored["version"]
-        summary = json.loads((folder / EXPLANATION_FILE).read_text(encoding="utf-8"))
-        yield dg.MaterializeResult(asset_key=RISK_EXPLANATIONS, metadata=_metadata(folder, summary),
+        summary = json.loads(EXPLANATION_FILE.in_folder(folder).read_text(encoding="utf-8"))
+        yield dg.MaterializeResult(asset_key=RISK_EXPLANATIONS.key, metadata=_metadata(folder, summary),
                                    data_version=dg.DataVersion(key))
 
 
@@ -151,7 +147,7 @@ def _recorded_keys(instance: dg.DagsterInstance, patients: list[str]) -> dict[st
     """{patient: the key of its latest explanation}, in one query."""
     by_name = patients if len(patients) <= RECORDED_KEYS_BY_NAME else None
     tags = instance.event_log_storage.get_latest_tags_by_partition(
-        dg.AssetKey(RISK_EXPLANATIONS), dg.DagsterEventType.ASSET_MATERIALIZATION, [DATA_VERSION_TAG],
+        dg.AssetKey(RISK_EXPLANATIONS.key), dg.DagsterEventType.ASSET_MATERIALIZATION, [DATA_VERSION_TAG],
         asset_partitions=by_name)
     return {patient_id: values[DATA_VERSION_TAG] for patient_id, values in tags.items() if DATA_VERSION_TAG in values}
 
@@ -167,7 +163,7 @@ def _explain_and_write(context, model, row_table, patient_id: str, folder: Path,
         raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from None
     for note in explanation.notes:
         context.log.info(f"{patient_id}: {note}")
-    _write_patches(explanation, slides, folder / PATCHES_FILE)
+    _write_patches(explanation, slides, PATCHES_FILE.in_folder(folder))
     pictures = _draw_heatmaps(explanation, slides, folder)
     summary = {
         "probability": explanation.probability,
@@ -190,12 +186,12 @@ def _explain_and_write(context, model, row_table, patient_id: str, folder: Path,
         "patches": int(sum(len(s.features) for s in slides)),
         "model_version": model_version,
     }
-    atomic_write_json(folder / EXPLANATION_FILE, summary)
+    atomic_write_json(EXPLANATION_FILE.in_folder(folder), summary)
 
 
 def _slide_patches(store, patient_id: str) -> list:
     slides = []
-    for features in patch_features.patient_slides(store, UNI_FEATURES, patient_id):
+    for features in patch_features.patient_slides(store, UNI_FEATURES.key, patient_id):
         try:
             values, coords = features.read()
             slides.append(patient_explanation.SlidePatches(features.name, features.slide_path(),
@@ -256,8 +252,8 @@ def _metadata(folder: Path, summary: dict) -> dict:
         "risk_model_version": summary.get("model_version", ""),
         "how_the_blocks_combine": dg.MetadataValue.md(summary["combination_markdown"]),
         "exactness": dg.MetadataValue.json({b: f"{r:.2e}" for b, r in summary["residuals"].items()}),
-        "patch_contributions_path": dg.MetadataValue.path(str(folder / PATCHES_FILE)),
-        "explanation_path": dg.MetadataValue.path(str(folder / EXPLANATION_FILE)),
+        "patch_contributions_path": dg.MetadataValue.path(str(PATCHES_FILE.in_folder(folder))),
+        "explanation_path": dg.MetadataValue.path(str(EXPLANATION_FILE.in_folder(folder))),
         "patches": summary["patches"],
         "notes": dg.MetadataValue.md("\n".join(f"- {n}" for n in summary["notes"]) or "none"),
     }

@@ -15,6 +15,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 
+from gcmlm_assets.catalogue import RISK_EXPLANATIONS
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.storage import ArtifactStore, sha256_text
 
@@ -23,9 +24,9 @@ pa = lazy("pyarrow")
 pc = lazy("pyarrow.compute")
 pq = lazy("pyarrow.parquet")
 
-# risk_explanations' code version: bump it when an explanation would differ for the same inputs
-# (every patient is then explained again). 2: the key below is the explanation's data version.
-CODE_VERSION = "2"
+# risk_explanations' code version (catalogue.py): part of every explanation key, so bumping it
+# explains every patient again.
+CODE_VERSION = RISK_EXPLANATIONS.code_version
 ID_COLUMN = "patient_id"
 PATHOLOGY_FLAG = "has_pathology"
 

@@ -1,8 +1,8 @@
 """The fused cohort table: one row per patient from the per-patient feature files and the clinical table.
 
-Plain Python + pyarrow (no Dagster). Each patient's `radiomics.parquet` and `slide_vector.parquet`
-is read on its own (one small row at a time), so memory grows with the cohort table, never with
-whatever else a partitioned asset may hold.
+Plain Python + pyarrow (no Dagster). Each patient's feature row of each modality (the files
+`catalogue.PATIENT_FEATURES` names) is read on its own (one small row at a time), so memory grows
+with the cohort table, never with whatever else a partitioned asset may hold.
 
 Columns, in this order:
   patient_id, has_radiology, has_pathology, has_clinical, mlm (int8, null = unknown),
@@ -33,11 +33,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gcmlm_assets.catalogue import PATHOLOGY, PATIENT_FEATURES, RADIOLOGY
 from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
 from gcmlm_assets.patients import patient_id_problem
 from gcmlm_assets.storage import atomic_path, sha256_file, sha256_text
 
-RADIOLOGY, PATHOLOGY, CLINICAL = "radiology", "pathology", "clinical"
+CLINICAL = "clinical"  # the third block, beside the two modalities the catalogue names
 AVAILABILITY = {RADIOLOGY: "has_radiology", PATHOLOGY: "has_pathology", CLINICAL: "has_clinical"}
 PREFIX = {RADIOLOGY: "rad_", PATHOLOGY: "path_", CLINICAL: "clin_"}
 # slide_vector's bookkeeping columns: kept in the table, not model features.
@@ -51,10 +52,7 @@ class FeatureSource:
     filename: str
 
 
-SOURCES = (
-    FeatureSource(RADIOLOGY, "radiomics_row", "radiomics.parquet"),
-    FeatureSource(PATHOLOGY, "slide_vector", "slide_vector.parquet"),
-)
+SOURCES = tuple(FeatureSource(modality, file.asset.key, file.name) for modality, file in PATIENT_FEATURES.items())
 
 
 @dataclass

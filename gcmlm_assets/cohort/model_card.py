@@ -24,6 +24,7 @@ import numpy as np
 import sklearn
 import skops
 
+from gcmlm_assets.catalogue import FUSED_TABLE
 from gcmlm_assets.cohort.cohort_data import class_counts
 from gcmlm_assets.cohort.model_settings import FUSED, ModelSettings, fusion_strategy, in_ablation_order, model_labels
 from gcmlm_assets.cohort.modelling import FusedRiskModel
@@ -244,7 +245,7 @@ def _source_section(card: dict) -> list[str]:
     data = _mapping(card.get("data"))
     versions = _mapping(card.get("data_versions"))
     clinical = _mapping(data.get("clinical_csv"))
-    fused = _mapping(data.get("fused_table")) or {"path": versions.get("fused_table"),
+    fused = _mapping(data.get(FUSED_TABLE.key)) or {"path": versions.get(FUSED_TABLE.key),
                                                   "sha256": versions.get("fused_table_sha256")}
     training = _mapping(data.get("training_data"))
     lines = _bullets([("landing zone", data.get("landing_zone")), ("clinical.csv", clinical.get("path")),

@@ -23,12 +23,12 @@ import dagster as dg
 from gcmlm_assets import pictures, step_pods
 from gcmlm_assets.cohort import qc
 from gcmlm_assets.cohort.check_results import check_result
-from gcmlm_assets.cohort.asset_files import (
-    CODE_VERSIONS, CV_PREDICTIONS, FUSED_FILE, FUSION_REPORT, GROUP, METRICS_FILE, MODEL_CARD, MODEL_CARD_MARKDOWN,
-    MODEL_FILE, PLOTS, required_input)
+from gcmlm_assets.catalogue import (
+    CLINICAL_TABLE, CV_PREDICTIONS, FUSED_FILE, FUSED_TABLE, FUSION_REPORT, METRICS_FILE, MODEL_CARD,
+    MODEL_CARD_MARKDOWN, MODEL_FILE, PLOTS, RISK_MODEL, UNI_FEATURES)
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.lazy import lazy
-from gcmlm_assets.patch_features import UNI_FEATURES
+from gcmlm_assets.inputs import required_file
 from gcmlm_assets.resources import ArtifactStorage
 from gcmlm_assets.storage import (
     VERSION_POINTER, ArtifactStore, atomic_write_bytes, atomic_write_json, new_version_folder, publish_version,
@@ -50,8 +50,8 @@ card_context = lazy("gcmlm_assets.cohort.card_context")
 bags = lazy("gcmlm_assets.cohort.bags")
 quarantine = lazy("gcmlm_assets.quarantine")
 
-RISK_MODEL = "risk_model"
-MODEL_FILES = (MODEL_FILE, METRICS_FILE, MODEL_CARD, MODEL_CARD_MARKDOWN, CV_PREDICTIONS, *PLOTS.values())
+MODEL_FILES = tuple(file.name for file in (MODEL_FILE, METRICS_FILE, MODEL_CARD, MODEL_CARD_MARKDOWN, CV_PREDICTIONS,
+                                            *PLOTS.values()))
 WAITING = "waiting for labelled patients"
 REUSED = "reused: labelled data and settings unchanged"
 CV_AUC_REPORTED = "cv_auc_reported"
@@ -59,7 +59,7 @@ EXCLUDED_SHOWN = 50
 # Evaluated in the step on the new model's metrics before it is published: a model without a CV
 # AUC never becomes current (it goes into quarantine), and risk_scores keeps the previous one.
 CV_AUC_CHECK = dg.AssetCheckSpec(
-    CV_AUC_REPORTED, asset=RISK_MODEL, blocking=True,
+    CV_AUC_REPORTED, asset=RISK_MODEL.key, blocking=True,
     description="The risk model's accuracy, estimated by cross-validation, is reported as an AUC with its 95 % "
     "confidence interval; a warning when the interval includes 0.5, i.e. no evidence that the model does better "
     "than chance. Checked before a new model is published: one without an AUC is quarantined and the previous "
@@ -68,18 +68,16 @@ CV_AUC_CHECK = dg.AssetCheckSpec(
 
 def current_model_version(store: ArtifactStore) -> tuple[Path, dict] | None:
     """(folder, pointer) of the published risk_model version, or None when none is published."""
-    root = store.asset_dir(RISK_MODEL, create=False)
+    root = RISK_MODEL.folder(store, create=False)
     pointer = read_version_pointer(root)
     return (root / pointer["version"], pointer) if pointer else None
 
 
 @dg.asset(
-    name="risk_model",
-    group_name=GROUP,
+    **RISK_MODEL.dagster_attributes(),
     op_tags=step_pods.op_tags(step_pods.COHORT),
-    code_version=CODE_VERSIONS["risk_model"],
     # uni_features: the attention-MIL block reads the patch features themselves
-    deps=[dg.AssetDep("fused_table"), dg.AssetDep(UNI_FEATURES, partition_mapping=dg.AllPartitionMapping())],
+    deps=[dg.AssetDep(FUSED_TABLE.key), dg.AssetDep(UNI_FEATURES.key, partition_mapping=dg.AllPartitionMapping())],
     check_specs=[CV_AUC_CHECK],
     output_required=False,
     description="Per-modality models fused late (mean logit by default, or a stacked logistic combiner), "
@@ -92,7 +90,7 @@ def current_model_version(store: ArtifactStore) -> tuple[Path, dict] | None:
 def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage,
                      risk_model: RiskModelSettings) -> Iterator[dg.MaterializeResult]:
     store = storage.store()
-    fused_path = required_input(store, "fused_table", FUSED_FILE)
+    fused_path = required_file(FUSED_FILE, store)
     settings = risk_model.model_settings()
     # The fit reads the labelled patients' rows and nothing else; the reuse fingerprint covers exactly that.
     table = training.training_table(pq.read_table(fused_path), settings.blocks())
@@ -100,11 +98,11 @@ def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage
     pathology_patients = (bags.pathology_patients(table)
                           if model_settings.PATHOLOGY_ABMIL in settings.blocks() else [])
     inputs = {"training_data_sha256": training.training_data_sha256(table), "labelled_patients": table.num_rows,
-              "patch_features_sha256": (bags.bags_fingerprint(store, UNI_FEATURES, pathology_patients)
+              "patch_features_sha256": (bags.bags_fingerprint(store, UNI_FEATURES.key, pathology_patients)
                                         if pathology_patients else None)}
-    fingerprint = sha256_text(CODE_VERSIONS["risk_model"], training.fitting_library_versions(),
+    fingerprint = sha256_text(RISK_MODEL.code_version, training.fitting_library_versions(),
                               model_card.settings_json(settings), json.dumps(inputs, sort_keys=True))
-    root = store.asset_dir(RISK_MODEL)
+    root = RISK_MODEL.folder(store)
     pointer = _reusable_version(root, fingerprint)
     if pointer is not None:
         context.log.info(f"risk_model: labelled data and settings unchanged, version {pointer['version']} kept "
@@ -145,7 +143,7 @@ class _Rejected(Exception):
 
 def _auc_check(folder: Path) -> dg.AssetCheckResult:
     """cv_auc_reported on a published version (its metrics.json)."""
-    path = folder / METRICS_FILE
+    path = METRICS_FILE.in_folder(folder)
     if not path.is_file():
         return dg.AssetCheckResult(check_name=CV_AUC_REPORTED, passed=False, severity=dg.AssetCheckSeverity.ERROR,
                                    description=f"{path} does not exist: the model's accuracy is unknown",
@@ -160,8 +158,8 @@ def load_patient_bags(store: ArtifactStore, patient_ids: list[str], context,
     that does not read) is left out with the reason, never modelled as if it had no slides."""
     if not patient_ids:
         return {}, {}
-    found, problems = bags.load_bags(store, UNI_FEATURES, patient_ids, max_patches)
-    excluded = {patient_id: f"{UNI_FEATURES} unreadable for the ABMIL block: {problem}"
+    found, problems = bags.load_bags(store, UNI_FEATURES.key, patient_ids, max_patches)
+    excluded = {patient_id: f"{UNI_FEATURES.key} unreadable for the ABMIL block: {problem}"
                 for patient_id, problem in sorted(problems.items())}
     return found, excluded
 
@@ -249,27 +247,27 @@ def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fuse
     importance = model_importance.permutation_importance(model_importance.model_predictor(model), data,
                                                          model.blocks, seed=settings.seed)
     records = card_context.read_cohort_records(ArtifactStore(root.parent), data, fused_path,
-                                               clinical_asset="clinical_table", fusion_report=FUSION_REPORT,
-                                               features_asset=UNI_FEATURES)
+                                               clinical_asset=CLINICAL_TABLE.key, fusion_report=FUSION_REPORT.name,
+                                               features_asset=UNI_FEATURES.key)
     training_data = {"sha256": inputs["training_data_sha256"],
                      "patch_features_sha256": inputs["patch_features_sha256"]}
     card = model_card.model_card(
         model, settings, fitted, metrics, cv,
-        {"training_data_sha256": inputs["training_data_sha256"], "fused_table": str(fused_path)},
+        {"training_data_sha256": inputs["training_data_sha256"], FUSED_TABLE.key: str(fused_path)},
         **card_context.card_context(records, data, cv, settings, model, metrics, training_data),
         permutation_importance=importance)
     labels = card["model_labels"]
     staging = new_version_folder(root)
     try:
-        modelling.save_model(model, staging / MODEL_FILE)
-        atomic_write_json(staging / METRICS_FILE, model_card.json_safe(metrics))
-        atomic_write_json(staging / MODEL_CARD, model_card.json_safe(card))
-        atomic_write_bytes(staging / MODEL_CARD_MARKDOWN,
+        modelling.save_model(model, MODEL_FILE.in_folder(staging))
+        atomic_write_json(METRICS_FILE.in_folder(staging), model_card.json_safe(metrics))
+        atomic_write_json(MODEL_CARD.in_folder(staging), model_card.json_safe(card))
+        atomic_write_bytes(MODEL_CARD_MARKDOWN.in_folder(staging),
                            model_card.model_card_markdown(model_card.json_safe(card)).encode())
-        fusion.write_parquet(crossval.cv_predictions_table(cv), staging / CV_PREDICTIONS)
-        for kind, name in PLOTS.items():
-            pictures.save_png(model_plots.plot_curves(curves, kind, labels), staging / name)
-        verdict = qc.cv_auc_reported(json.loads((staging / METRICS_FILE).read_text(encoding="utf-8")))
+        fusion.write_parquet(crossval.cv_predictions_table(cv), CV_PREDICTIONS.in_folder(staging))
+        for kind, plot in PLOTS.items():
+            pictures.save_png(model_plots.plot_curves(curves, kind, labels), plot.in_folder(staging))
+        verdict = qc.cv_auc_reported(json.loads(METRICS_FILE.in_folder(staging).read_text(encoding="utf-8")))
         if verdict.outcome == qc.ERROR:
             raise _Rejected(_quarantined(context, root, staging, verdict))
         pointer = publish_version(root, staging, {"fingerprint": fingerprint, "inputs": inputs,
@@ -286,7 +284,7 @@ def _quarantined(context, root: Path, staging: Path, verdict: "qc.Verdict") -> d
     """Move a trained version that failed cv_auc_reported into quarantine, unpublished; its check result."""
     current = read_version_pointer(root)
     in_use = current["version"] if current else "none"
-    moved = quarantine.quarantine_unpublished(ArtifactStore(root.parent), RISK_MODEL, staging, [CV_AUC_REPORTED],
+    moved = quarantine.quarantine_unpublished(ArtifactStore(root.parent), RISK_MODEL.key, staging, [CV_AUC_REPORTED],
                                               {"description": verdict.description, "model_in_use": in_use})
     context.log.error(f"risk_model: the new model failed {CV_AUC_REPORTED} ({verdict.description}); it is not "
                       f"published (moved to {moved}) and the model in use stays {in_use}")
@@ -303,30 +301,30 @@ def _remove_unversioned_files(root: Path) -> None:
 
 def _card_markdown(folder: Path, card: dict) -> str:
     """The stored TRIPOD+AI card (versions published before it existed: rendered from the JSON card)."""
-    path = folder / MODEL_CARD_MARKDOWN
+    path = MODEL_CARD_MARKDOWN.in_folder(folder)
     return path.read_text(encoding="utf-8") if path.is_file() else model_card.model_card_markdown(card)
 
 
 def _model_summary(root: Path, pointer: dict, status: str) -> tuple[dict, dict]:
     """(the metadata every risk_model materialization carries, the stored card)."""
     folder = root / pointer["version"]
-    metrics = json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))
-    card = json.loads((folder / MODEL_CARD).read_text(encoding="utf-8"))
+    metrics = json.loads(METRICS_FILE.in_folder(folder).read_text(encoding="utf-8"))
+    card = json.loads(MODEL_CARD.in_folder(folder).read_text(encoding="utf-8"))
     fused = metrics.get(model_settings.FUSED, {})
     inputs = pointer.get("inputs") or {}
     return {
         "status": status,
         "version": pointer["version"],
-        "path": dg.MetadataValue.path(str(folder / MODEL_FILE)),
+        "path": dg.MetadataValue.path(str(MODEL_FILE.in_folder(folder))),
         "pointer": dg.MetadataValue.path(str(root / VERSION_POINTER)),
         **({"training_data_sha256": inputs["training_data_sha256"], "labelled_patients": inputs["labelled_patients"]}
            if "training_data_sha256" in inputs else {}),
         "fused_auc": fused.get("auc"),
         "fused_auc_ci": dg.MetadataValue.json([fused.get("auc_ci_low"), fused.get("auc_ci_high")]),
         "ablation": dg.MetadataValue.md(model_metrics.ablation_markdown(metrics, card.get("model_labels"))),
-        "model_card_path": dg.MetadataValue.path(str(folder / MODEL_CARD_MARKDOWN)),
+        "model_card_path": dg.MetadataValue.path(str(MODEL_CARD_MARKDOWN.in_folder(folder))),
         **excluded_metadata(pointer.get("excluded_patients") or {}),
-        **{f"plot_{kind}_path": dg.MetadataValue.path(str(folder / name)) for kind, name in PLOTS.items()},
+        **{f"plot_{kind}_path": dg.MetadataValue.path(str(plot.in_folder(folder))) for kind, plot in PLOTS.items()},
     }, card
 
 
@@ -338,14 +336,15 @@ def _model_result(root: Path, pointer: dict, status: str, extra: dict | None = N
         metadata={
             **summary,
             "files": dg.MetadataValue.json({name: str(folder / name) for name in pointer["files"]}),
-            **{f"plot_{kind}": dg.MetadataValue.md(pictures.picture_markdown(folder / name, pictures.PLOT, kind))
-               for kind, name in PLOTS.items()},
+            **{f"plot_{kind}": dg.MetadataValue.md(pictures.picture_markdown(plot.in_folder(folder), pictures.PLOT,
+                                                                             kind))
+               for kind, plot in PLOTS.items()},
             "model_card": dg.MetadataValue.md(_card_markdown(folder, card)),
             "model_card_json": dg.MetadataValue.json(card),
             "settings": dg.MetadataValue.json(card["settings"]),
             **(extra or {}),
         },
-        data_version=dg.DataVersion(pointer["files"][MODEL_FILE]),
+        data_version=dg.DataVersion(pointer["files"][MODEL_FILE.name]),
         check_results=[_auc_check(folder)],
     )
 
@@ -362,7 +361,7 @@ def _restated_result(context, root: Path, pointer: dict, status: str,
     summary, _ = _model_summary(root, pointer, status)
     return dg.MaterializeResult(
         metadata={**summary, "card_and_plots_in_run": dg.MetadataValue.dagster_run(shown_in), **(extra or {})},
-        data_version=dg.DataVersion(pointer["files"][MODEL_FILE]),
+        data_version=dg.DataVersion(pointer["files"][MODEL_FILE.name]),
         check_results=[_auc_check(root / pointer["version"])])
 
 

@@ -11,13 +11,13 @@ from collections.abc import Callable, Iterable
 import dagster as dg
 
 from gcmlm_assets import runs
+from gcmlm_assets.catalogue import PATIENT_FEATURES
 from gcmlm_assets.cohort.refresh import decide_refresh
 from gcmlm_assets.landing.scan import CLINICAL_CSV
 from gcmlm_assets.patient_steps import patients_in_between
 from gcmlm_assets.resources import AutomationSettings, LandingZone
 
-COHORT_GROUP = "cohort"
-PATIENT_FEATURE_ASSETS = ("radiomics_row", "slide_vector")
+PATIENT_FEATURE_ASSETS = tuple(file.asset.key for file in PATIENT_FEATURES.values())
 
 
 def _inputs_fingerprint(event_marks: dict[str, int], landing: LandingZone) -> str:

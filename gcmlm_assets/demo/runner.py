@@ -22,6 +22,7 @@ import sys
 import time
 
 from gcmlm_assets import settings
+from gcmlm_assets.catalogue import RISK_MODEL
 from gcmlm_assets.demo import synthetic
 from gcmlm_assets.demo.daemon import prepare_dagster_home, start_daemon
 from gcmlm_assets.demo.summary import format_summary, fused_auc, summarise
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if failures:
         return 1
-    auc, _ = fused_auc(summary["risk_model"])
+    auc, _ = fused_auc(summary[RISK_MODEL.key])
     if args.auc_target > 0:
         if not isinstance(auc, (int, float)) or auc <= args.auc_target:
             _say(f"fused CV AUC {auc} is not above {args.auc_target}: the pipeline lost the planted signal")

@@ -12,8 +12,10 @@ from typing import Any
 
 import dagster as dg
 
+from gcmlm_assets.catalogue import MASK_VOLUME, METRICS_FILE, MODEL_CARD, RISK_EXPLANATIONS, RISK_MODEL, RISK_SCORES
 from gcmlm_assets.dagster_internals import PARTITION_NAME_TAG as PARTITION_TAG
 from gcmlm_assets.demo import synthetic
+from gcmlm_assets.storage import ArtifactStore
 from gcmlm_assets.demo.watch import unexplained
 
 
@@ -47,7 +49,7 @@ def predicted_mask_dice(spec: synthetic.CohortSpec, artifacts: Path) -> dict[str
 
     scores = {}
     for plan in synthetic.plan_cohort(spec):
-        path = artifacts / "ct_mask" / plan.patient_id / "mask.nii.gz"
+        path = MASK_VOLUME.path(ArtifactStore(artifacts), plan.patient_id)
         if plan.has_reference_mask or not path.is_file():
             continue
         predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(bool)
@@ -103,9 +105,9 @@ def summarise(instance: dg.DagsterInstance, defs: dg.Definitions, landing: Path,
         "assets": assets,
         "checks": check_counts,
         "check_failures": failures,
-        "risk_model": materialization_metadata(instance, "risk_model"),
+        RISK_MODEL.key: materialization_metadata(instance, RISK_MODEL.key),
         "segmentation_dice": predicted_mask_dice(spec, artifacts) if spec else {},
-        "risk_scores": materialization_metadata(instance, "risk_scores"),
+        RISK_SCORES.key: materialization_metadata(instance, RISK_SCORES.key),
         "explanations": explanation_pictures(artifacts),
         # scored patients whose explanation was not made for their latest score's key (a patient whose
         # key did not change keeps its explanation and counts as explained)
@@ -121,7 +123,7 @@ def explanation_pictures(artifacts: Path) -> dict[str, list[str]]:
     """{patient: [heatmap files]} of the published explanations (UI-sized pictures)."""
     from gcmlm_assets.storage import read_version_pointer
 
-    root = artifacts / "risk_explanations"
+    root = ArtifactStore(artifacts).asset_dir(RISK_EXPLANATIONS.key, create=False)  # every patient's folder
     found: dict[str, list[str]] = {}
     for patient in sorted(root.iterdir()) if root.is_dir() else []:
         pointer = read_version_pointer(patient) if patient.is_dir() else None
@@ -136,7 +138,7 @@ def risk_model_metrics(risk_model_metadata: dict[str, Any]) -> dict[str, dict]:
     path = risk_model_metadata.get("path")
     if not path:
         return {}
-    metrics_file = Path(str(path)).parent / "metrics.json"
+    metrics_file = METRICS_FILE.in_folder(Path(str(path)).parent)
     try:
         return json.loads(metrics_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
@@ -147,7 +149,7 @@ def model_labels(risk_model_metadata: dict[str, Any]) -> dict[str, str]:
     """The ablation rows' names, as the model card records them."""
     path = risk_model_metadata.get("path")
     try:
-        card = json.loads((Path(str(path)).parent / "model_card.json").read_text(encoding="utf-8")) if path else {}
+        card = json.loads(MODEL_CARD.in_folder(Path(str(path)).parent).read_text(encoding="utf-8")) if path else {}
     except (OSError, json.JSONDecodeError):
         card = {}
     return card.get("model_labels") or {}
@@ -189,16 +191,16 @@ def format_summary(summary: dict[str, Any], wall_seconds: float) -> str:
         lines.append("")
         lines.append(f"nnU-Net masks vs the generator's truth ({len(values)} predicted patients): Dice mean "
                      f"{sum(values) / len(values):.2f}, min {values[0]:.2f}, max {values[-1]:.2f}")
-    rows = ablation_rows(summary["risk_model"])
+    rows = ablation_rows(summary[RISK_MODEL.key])
     lines.append("")
-    auc, ci = fused_auc(summary["risk_model"])
+    auc, ci = fused_auc(summary[RISK_MODEL.key])
     if isinstance(auc, (int, float)):
         ci_text = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if isinstance(ci, list) and None not in ci else ""
         lines.append(f"fused CV AUC: {auc:.3f}{ci_text}")
     if rows:
         lines.append("risk_model cross-validated AUC (same folds for every model)")
         lines.append(f"{'model':<40} {'AUC':>6} {'95% CI':>16} {'n':>4}")
-        labels = model_labels(summary["risk_model"])
+        labels = model_labels(summary[RISK_MODEL.key])
         for model, model_auc, low, high, n in rows:
             ci = f"[{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
             auc_text = f"{model_auc:.3f}" if isinstance(model_auc, (int, float)) else "n/a"
@@ -219,7 +221,7 @@ def format_summary(summary: dict[str, Any], wall_seconds: float) -> str:
                      f"{', '.join(pending[:10])}" if pending
                      else "  every scored patient's explanation matches the latest scores")
     lines.append("")
-    scores = summary["risk_scores"]
+    scores = summary[RISK_SCORES.key]
     lines.append(f"landing zone:   {summary['landing']}")
     lines.append(f"artifacts:      {summary['artifacts']}")
     if scores.get("path"):

@@ -9,16 +9,16 @@ from dataclasses import dataclass
 import dagster as dg
 
 from gcmlm_assets import runs
+from gcmlm_assets.catalogue import ASSETS, COHORT, FUSED_TABLE, RISK_EXPLANATIONS, RISK_SCORES
 from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS
 from gcmlm_assets.dagster_internals import SENSOR_NAME_TAG
 from gcmlm_assets.patient_steps import patients_in_between
 
-PER_PATIENT_ASSETS = ("ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_features", "slide_vector",
-                      "risk_explanations")
-COHORT_ASSETS = ("clinical_table", "fused_table", "risk_model", "risk_scores")
-EXPLANATIONS = "risk_explanations"  # per patient, requested by its sensor when a patient's key changes
+PER_PATIENT_ASSETS = tuple(key for key, asset in ASSETS.items() if asset.per_patient)
+# The cohort refresh's assets (risk_explanations, per patient, is requested by its own sensor).
+COHORT_ASSETS = tuple(key for key, asset in ASSETS.items() if asset.group == COHORT and not asset.per_patient)
+EXPLANATIONS = RISK_EXPLANATIONS.key
 COHORT_SENSOR = "cohort_refresh_sensor"
-FUSED_TABLE = "fused_table"
 
 
 class ScoresUnreadable(RuntimeError):
@@ -78,7 +78,7 @@ def settled(instance: dg.DagsterInstance, since: float) -> bool:
     if not refreshes or refreshes[0].create_timestamp.timestamp() < since:
         return False
     # the latest refresh was planned after every run that planned or recorded the features it reads
-    refreshed = instance.event_log_storage.get_latest_planned_materialization_info(dg.AssetKey(FUSED_TABLE))
+    refreshed = instance.event_log_storage.get_latest_planned_materialization_info(dg.AssetKey(FUSED_TABLE.key))
     feature_marks = runs.latest_event_ids(instance, PATIENT_FEATURE_ASSETS)
     if refreshed is None or max(feature_marks.values(), default=0) > refreshed.storage_id:
         return False
@@ -99,7 +99,7 @@ def unexplained(instance: dg.DagsterInstance) -> set[str]:
 
     from gcmlm_assets.cohort.explanation_sensors import KEY_COLUMN, recorded_explanation_keys
 
-    records = instance.fetch_materializations(dg.AssetKey("risk_scores"), limit=1).records
+    records = instance.fetch_materializations(dg.AssetKey(RISK_SCORES.key), limit=1).records
     if not records or records[0].asset_materialization is None:
         return set()
     scores = records[0]

@@ -7,16 +7,16 @@ import dagster as dg
 
 from gcmlm_assets import step_pods
 from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events
+from gcmlm_assets.catalogue import (
+    PATCH_COORDS, SLIDE_LISTING, SLIDE_VECTOR, SLIDE_VECTOR_PICTURE, SLIDE_VECTOR_TABLE, TILING_PICTURE, UNI_FEATURES)
 from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.devices import DeviceError, require_gpu_step_device
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.landing.scan import LandingInputError
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
-from gcmlm_assets.pathology import checks
+from gcmlm_assets.pathology import checks, encoders
 from gcmlm_assets.pathology.patch_coords import (
-    LISTING,
-    PICTURE,
     inputs_fingerprint,
     output_version,
     read_listing,
@@ -40,19 +40,14 @@ from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import sha256_file, sha256_text
 
-# torch only in the step that encodes (gcmlm_assets/lazy.py): the definitions must load light.
-encoders = lazy("gcmlm_assets.pathology.encoders")
-extract = lazy("gcmlm_assets.pathology.extract")
+# Imported by the step that uses it, not when the definitions load (gcmlm_assets/lazy.py).
 pq = lazy("pyarrow.parquet")
 
-SLIDE_VECTOR_FILE = "slide_vector.parquet"
-SLIDE_VECTOR_PICTURE = "slide_vector.png"
 
 
 @dg.multi_asset(
     specs=[dg.AssetSpec(
-        "patch_coords",
-        group_name="pathology",
+        **PATCH_COORDS.dagster_attributes(),
         # Not yielded by a range step: each patient's materialization is logged on its own (batching.py).
         skippable=True,
         description="Tissue patch coordinates of every slide in `<landing>/<patient>/wsi/`: one CLAM-layout "
@@ -66,7 +61,7 @@ SLIDE_VECTOR_PICTURE = "slide_vector.png"
 )
 def patch_coords(context: dg.AssetExecutionContext, storage: ArtifactStorage, landing: LandingZone,
                  pathology: TilingSettings):
-    yield from per_patient_events(context, "patch_coords",
+    yield from per_patient_events(context, PATCH_COORDS,
                                   lambda patient_id: _patch_coords_for(patient_id, storage, landing, pathology),
                                   checks.PATCH_COORDS_CHECK_SPECS)
 
@@ -82,9 +77,9 @@ def _patch_coords_for(patient_id: str, storage: ArtifactStorage, landing: Landin
         raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from error
 
     fingerprint = inputs_fingerprint(slides, params)
-    out_dir = store.asset_dir("patch_coords", patient_id)
+    out_dir = PATCH_COORDS.folder(store, patient_id)
     started = time.perf_counter()
-    reused = store.reusable("patch_coords", patient_id, fingerprint) is not None
+    reused = store.reusable(PATCH_COORDS.key, patient_id, fingerprint) is not None
     if reused:
         listing = read_listing(out_dir)
         seconds: dict[str, float] = {}
@@ -107,7 +102,7 @@ def _patch_coords_for(patient_id: str, storage: ArtifactStorage, landing: Landin
                                          f"{reasons}",
                              allow_retries=False)
         listing = write_patient_outputs(out_dir, patient_id, outcomes, params)
-        store.write_manifest("patch_coords", patient_id, {
+        store.write_manifest(PATCH_COORDS.key, patient_id, {
             "fingerprint": fingerprint, "files": listing.pop("files"), "tiling_version": TILING_VERSION,
         })
 
@@ -116,17 +111,18 @@ def _patch_coords_for(patient_id: str, storage: ArtifactStorage, landing: Landin
     results = [checks.slides_open_result(entries, []), checks.mpp_known_result(entries),
                checks.tissue_found_result(entries),
                checks.patch_count_result(entries, pathology.min_patches_per_slide, pathology.max_patches_per_slide)]
-    yield quarantine_on_blocking_failure(store, "patch_coords", patient_id, dg.MaterializeResult(
-        asset_key="patch_coords",
+    yield quarantine_on_blocking_failure(store, PATCH_COORDS.key, patient_id, dg.MaterializeResult(
+        asset_key=PATCH_COORDS.key,
         metadata={
             "n_slides": len(entries),
             "n_patches": listing["n_patches"],
             "mode": params.mode,
             "slides": dg.MetadataValue.md(_slides_table(entries, seconds)),
-            "picture": dg.MetadataValue.md(patient_picture_markdown(out_dir / PICTURE, PHOTO, f"tiling of {patient_id}")),
-            "picture_path": dg.MetadataValue.path(str(out_dir / PICTURE)),
+            "picture": dg.MetadataValue.md(patient_picture_markdown(TILING_PICTURE.in_folder(out_dir), PHOTO,
+                                                                    f"tiling of {patient_id}")),
+            "picture_path": dg.MetadataValue.path(str(TILING_PICTURE.in_folder(out_dir))),
             "folder": dg.MetadataValue.path(str(out_dir)),
-            "listing": dg.MetadataValue.path(str(out_dir / LISTING)),
+            "listing": dg.MetadataValue.path(str(SLIDE_LISTING.in_folder(out_dir))),
             "h5_files": dg.MetadataValue.json([e["h5"] for e in entries if e["h5"]]),
             "input_fingerprints": dg.MetadataValue.json({
                 e["file"]: {"size_bytes": e["size_bytes"], "mtime_ns": e["mtime_ns"], "quickhash1": e["quickhash1"],
@@ -164,8 +160,7 @@ def _slides_table(entries: list[dict], seconds: dict[str, float]) -> str:
 
 @dg.multi_asset(
     specs=[dg.AssetSpec(
-        checks.UNI_FEATURES,
-        group_name="pathology",
+        **UNI_FEATURES.dagster_attributes(),
         deps=[patch_coords],
         # Not yielded by a range step: each patient's materialization is logged on its own.
         skippable=True,
@@ -191,23 +186,25 @@ def uni_features(context: dg.AssetExecutionContext):
     require_gpu_step_device(encoder.device, "encoder.device")
     model = LoadOnce(encoder.load, errors=(encoders.EncoderError, DeviceError))
     yield from per_patient_events(
-        context, checks.UNI_FEATURES,
+        context, UNI_FEATURES,
         lambda patient_id: _uni_features_for(patient_id, store, encoder, model, context.log),
         checks.UNI_FEATURES_CHECK_SPECS)
 
 
 def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_model: LoadOnce, log):
+    # extract.py subclasses torch's Dataset, so importing it imports torch: only in the step that encodes.
+    from gcmlm_assets.pathology import extract
     from gcmlm_assets.step_output import stdout_to_log
 
-    coords_dir = store.asset_dir("patch_coords", patient_id, create=False)
-    if not (coords_dir / LISTING).is_file():
-        raise dg.Failure(description=f"patient {patient_id}: {coords_dir / LISTING} is missing; "
+    coords_dir = PATCH_COORDS.folder(store, patient_id, create=False)
+    if not SLIDE_LISTING.in_folder(coords_dir).is_file():
+        raise dg.Failure(description=f"patient {patient_id}: {SLIDE_LISTING.in_folder(coords_dir)} is missing; "
                                      "materialize patch_coords first", allow_retries=False)
     listing = read_listing(coords_dir)
     # What timm, torch or the slide readers print goes to the step's debug log, not raw stdout.
     with stdout_to_log(log.debug):
         model, device = loaded_model.get()
-        out_dir = store.asset_dir(checks.UNI_FEATURES, patient_id)
+        out_dir = UNI_FEATURES.folder(store, patient_id)
         started = time.perf_counter()
         try:
             done = extract.extract_patient(listing, out_dir, model, batch_size=encoder.batch_size,
@@ -225,7 +222,7 @@ def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_mode
                                              expected_rows=extract.read_patch_grid(r.attrs["coords_path"]).n_patches)
                for r in done.results]
     files = {r.output.name: sha256_file(r.output) for r in done.results}
-    store.write_manifest(checks.UNI_FEATURES, patient_id, {
+    store.write_manifest(UNI_FEATURES.key, patient_id, {
         "fingerprint": done.fingerprint, "files": files, "encoder": identity,
         "slides": [{"h5_file": r.output.name, "slide_file": r.attrs.get("slide_file"), "n_patches": r.n_patches}
                    for r in done.results],
@@ -234,8 +231,8 @@ def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_mode
     computed = [r for r in done.results if not r.reused]
     computed_patches = sum(r.n_patches for r in computed)
     results = list(checks.uni_features_results(reports, identity))
-    yield quarantine_on_blocking_failure(store, checks.UNI_FEATURES, patient_id, dg.MaterializeResult(
-        asset_key=checks.UNI_FEATURES,
+    yield quarantine_on_blocking_failure(store, UNI_FEATURES.key, patient_id, dg.MaterializeResult(
+        asset_key=UNI_FEATURES.key,
         metadata={
             "encoder": model.name,
             "embedding_dim": model.embedding_dim,
@@ -276,8 +273,7 @@ class SlideVectorConfig(dg.Config):
 
 @dg.multi_asset(
     specs=[dg.AssetSpec(
-        checks.SLIDE_VECTOR,
-        group_name="pathology",
+        **SLIDE_VECTOR.dagster_attributes(),
         deps=[uni_features],
         skippable=True,
         description="One row per patient: the patch features of all of the patient's slides pooled into one "
@@ -291,29 +287,29 @@ class SlideVectorConfig(dg.Config):
     op_tags=step_pods.op_tags(step_pods.CPU),
 )
 def slide_vector(context: dg.AssetExecutionContext, config: SlideVectorConfig, storage: ArtifactStorage):
-    yield from per_patient_events(context, checks.SLIDE_VECTOR,
+    yield from per_patient_events(context, SLIDE_VECTOR,
                                   lambda patient_id: _slide_vector_for(patient_id, config, storage),
                                   checks.SLIDE_VECTOR_CHECK_SPECS)
 
 
 def _slide_vector_for(patient_id: str, config: SlideVectorConfig, storage: ArtifactStorage):
     store = storage.store()
-    features = store.read_manifest(checks.UNI_FEATURES, patient_id)
+    features = store.read_manifest(UNI_FEATURES.key, patient_id)
     if not features:
         raise dg.Failure(description=f"patient {patient_id}: uni_features has not been materialized "
-                                     f"({store.path(checks.UNI_FEATURES, patient_id, store.MANIFEST)} missing)",
+                                     f"({store.path(UNI_FEATURES.key, patient_id, store.MANIFEST)} missing)",
                          allow_retries=False)
     try:
         pooling = get_pooling(config.pooling)
     except PoolingError as error:
         raise dg.Failure(description=str(error), allow_retries=False) from error
     dim = int(features["encoder"]["embedding_dim"])
-    fingerprint = sha256_text("slide_vector", json.dumps(pooling.describe(), sort_keys=True),
+    fingerprint = sha256_text(SLIDE_VECTOR.key, json.dumps(pooling.describe(), sort_keys=True),
                               *(f"{name}:{digest}" for name, digest in sorted(features["files"].items())))
-    out_path = store.asset_dir(checks.SLIDE_VECTOR, patient_id) / SLIDE_VECTOR_FILE
-    picture_path = out_path.parent / SLIDE_VECTOR_PICTURE
-    slides = patient_slides(store, checks.UNI_FEATURES, patient_id)
-    reused = store.reusable(checks.SLIDE_VECTOR, patient_id, fingerprint)
+    out_path = SLIDE_VECTOR_TABLE.in_folder(SLIDE_VECTOR.folder(store, patient_id))
+    picture_path = SLIDE_VECTOR_PICTURE.in_folder(out_path.parent)
+    slides = patient_slides(store, UNI_FEATURES.key, patient_id)
+    reused = store.reusable(SLIDE_VECTOR.key, patient_id, fingerprint)
     if reused:
         summary = reused["summary"]
     else:
@@ -325,7 +321,7 @@ def _slide_vector_for(patient_id: str, config: SlideVectorConfig, storage: Artif
         save_png(slide_vector_picture(patient_id, slides, pooling.name), picture_path)
         summary = {"n_patches": pooled.n_patches, "n_slides": pooled.n_slides, "dim": int(pooled.vector.shape[0]),
                    **pooled.details}
-        store.write_manifest(checks.SLIDE_VECTOR, patient_id, {
+        store.write_manifest(SLIDE_VECTOR.key, patient_id, {
             "fingerprint": fingerprint, "summary": summary,
             "files": {out_path.name: sha256_file(out_path), picture_path.name: sha256_file(picture_path)},
         })
@@ -333,8 +329,8 @@ def _slide_vector_for(patient_id: str, config: SlideVectorConfig, storage: Artif
         save_png(slide_vector_picture(patient_id, slides, pooling.name), picture_path)
     problems = validate_slide_vector(out_path, expected_dim=dim)
     result = checks.slide_vector_result(problems, dim, out_path)
-    yield quarantine_on_blocking_failure(store, checks.SLIDE_VECTOR, patient_id, dg.MaterializeResult(
-        asset_key=checks.SLIDE_VECTOR,
+    yield quarantine_on_blocking_failure(store, SLIDE_VECTOR.key, patient_id, dg.MaterializeResult(
+        asset_key=SLIDE_VECTOR.key,
         metadata={
             "pooling": pooling.name,
             "n_patches": summary["n_patches"],

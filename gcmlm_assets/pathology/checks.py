@@ -11,24 +11,23 @@ from pathlib import Path
 
 import dagster as dg
 
-from gcmlm_assets.patch_features import UNI_FEATURES  # the asset whose files patch_features reads
+from gcmlm_assets.catalogue import PATCH_COORDS, SLIDE_VECTOR, UNI_FEATURES
 
-PATCH_COORDS = "patch_coords"
 
 PATCH_COORDS_CHECK_SPECS = [
-    dg.AssetCheckSpec("slides_open", asset=PATCH_COORDS, blocking=True,
+    dg.AssetCheckSpec("slides_open", asset=PATCH_COORDS.key, blocking=True,
                       description="Every whole-slide image of the patient opens and can be read at a usable "
                                   "resolution. If one cannot be read, none of the patient's slides are used until "
                                   "it is replaced or removed, so the patient is never analysed on part of the "
                                   "slides."),
-    dg.AssetCheckSpec("mpp_known", asset=PATCH_COORDS,
+    dg.AssetCheckSpec("mpp_known", asset=PATCH_COORDS.key,
                       description="Every slide records its scanning resolution (micrometres per pixel). When one "
                                   "does not, a default resolution is assumed and its patches may be cut at the "
                                   "wrong magnification (a warning)."),
-    dg.AssetCheckSpec("tissue_found", asset=PATCH_COORDS,
+    dg.AssetCheckSpec("tissue_found", asset=PATCH_COORDS.key,
                       description="Tissue is found on every slide. A slide without tissue (blank glass, or "
                                   "tissue too faint to detect) adds nothing to the patient's features."),
-    dg.AssetCheckSpec("patch_count_in_bounds", asset=PATCH_COORDS,
+    dg.AssetCheckSpec("patch_count_in_bounds", asset=PATCH_COORDS.key,
                       description="Each slide yields a number of tissue patches within the range expected for "
                                   "the project; far fewer or far more usually means a wrong resolution or poor "
                                   "tissue detection (a warning)."),
@@ -57,7 +56,7 @@ def slides_open_result(entries: list[dict], failures: list[str]) -> dg.AssetChec
     found = (f"{len(failures)} of {total} slide(s) cannot be read: {'; '.join(failures[:LISTED])}" if failures
              else f"all {total} slide(s) open")
     return dg.AssetCheckResult(
-        check_name="slides_open", asset_key=PATCH_COORDS, passed=not failures,
+        check_name="slides_open", asset_key=PATCH_COORDS.key, passed=not failures,
         severity=dg.AssetCheckSeverity.ERROR,
         description=(f"{len(failures)} of {total} slide(s){_of_patient(entries)} cannot be read, so none of the "
                      f"patient's slides were used: {'; '.join(failures)}" if failures
@@ -72,7 +71,7 @@ def mpp_known_result(entries: list[dict]) -> dg.AssetCheckResult:
     defaulted = [e for e in entries if e["mpp_source"] == "default"]
     named = [f"{e['file']} ({e['mpp'][0]:g} µm/px assumed)" for e in defaulted]
     return dg.AssetCheckResult(
-        check_name="mpp_known", asset_key=PATCH_COORDS, passed=not defaulted,
+        check_name="mpp_known", asset_key=PATCH_COORDS.key, passed=not defaulted,
         severity=dg.AssetCheckSeverity.WARN,
         description=(f"{len(defaulted)} slide(s){_of_patient(entries)} do not record their scanning resolution; "
                      f"a default was assumed, so their patches may be cut at the wrong magnification: "
@@ -93,7 +92,7 @@ def tissue_found_result(entries: list[dict]) -> dg.AssetCheckResult:
     named = [f"{name} ({reason})" for name, reason in empty.items()]
     total_patches = sum(e["n_patches"] for e in entries)
     return dg.AssetCheckResult(
-        check_name="tissue_found", asset_key=PATCH_COORDS, passed=not empty,
+        check_name="tissue_found", asset_key=PATCH_COORDS.key, passed=not empty,
         severity=dg.AssetCheckSeverity.ERROR,
         description=(f"No tissue patch on {len(empty)} slide(s){_of_patient(entries)}, which add nothing to the "
                      f"patient's features: {'; '.join(named)}" if empty
@@ -112,7 +111,7 @@ def patch_count_result(entries: list[dict], low: int, high: int) -> dg.AssetChec
     counts = [e["n_patches"] for e in entries]
     named = [f"{name} ({n} patches)" for name, n in outside.items()]
     return dg.AssetCheckResult(
-        check_name="patch_count_in_bounds", asset_key=PATCH_COORDS, passed=not outside,
+        check_name="patch_count_in_bounds", asset_key=PATCH_COORDS.key, passed=not outside,
         severity=dg.AssetCheckSeverity.WARN,
         description=(f"{len(outside)} slide(s){_of_patient(entries)} have a patch count outside the expected "
                      f"{low}-{high}, which often means a wrong resolution or poor tissue detection: "
@@ -130,27 +129,26 @@ def patch_count_result(entries: list[dict], low: int, high: int) -> dg.AssetChec
 # Evaluated inside the assets (check_specs) from the files they just wrote or
 # reused: a reused file is re-validated on every materialization.
 
-SLIDE_VECTOR = "slide_vector"
 
 UNI_FEATURES_CHECK_SPECS = [
-    dg.AssetCheckSpec("feature_shape", asset=UNI_FEATURES, blocking=True,
+    dg.AssetCheckSpec("feature_shape", asset=UNI_FEATURES.key, blocking=True,
                       description="Every slide's feature file holds one feature vector per tissue patch, each of "
                                   "the length the image encoder produces; otherwise patches and features no "
                                   "longer correspond."),
-    dg.AssetCheckSpec("features_finite", asset=UNI_FEATURES, blocking=True,
+    dg.AssetCheckSpec("features_finite", asset=UNI_FEATURES.key, blocking=True,
                       description="Every feature value computed from the slides is a real number (none missing "
                                   "or infinite); one bad value would spoil the patient's slide summary."),
-    dg.AssetCheckSpec("features_nonzero_rows", asset=UNI_FEATURES, blocking=True,
+    dg.AssetCheckSpec("features_nonzero_rows", asset=UNI_FEATURES.key, blocking=True,
                       description="No tissue patch has a feature vector of all zeros, which happens when a patch "
                                   "was read as blank or failed to be encoded."),
-    dg.AssetCheckSpec("encoder_recorded", asset=UNI_FEATURES, blocking=True,
+    dg.AssetCheckSpec("encoder_recorded", asset=UNI_FEATURES.key, blocking=True,
                       description="Every feature file records which image encoder and which exact model weights "
                                   "produced it ('untrained' for a random test encoder), so that results can be "
                                   "traced and compared."),
 ]
 
 SLIDE_VECTOR_CHECK_SPECS = [
-    dg.AssetCheckSpec("slide_vector_valid", asset=SLIDE_VECTOR, blocking=True,
+    dg.AssetCheckSpec("slide_vector_valid", asset=SLIDE_VECTOR.key, blocking=True,
                       description="The patient's slide summary is one row with the number of patches and slides "
                                   "and one real number per encoder feature, ready to be combined with the CT and "
                                   "clinical data."),
@@ -180,7 +178,7 @@ def uni_features_results(reports: list, identity: dict) -> list[dg.AssetCheckRes
     weights = _encoder_line(identity)
     return [
         dg.AssetCheckResult(
-            check_name="feature_shape", asset_key=UNI_FEATURES, passed=not shape, severity=error,
+            check_name="feature_shape", asset_key=UNI_FEATURES.key, passed=not shape, severity=error,
             description=(f"The feature file(s) of {len(shape)} slide(s){of_patient} do not hold one {dim}-long "
                          f"vector per tissue patch: {'; '.join(per_file(shape))}" if shape
                          else f"Passed: {len(reports)} file(s) with one {dim}-long vector per patch."),
@@ -191,7 +189,7 @@ def uni_features_results(reports: list, identity: dict) -> list[dg.AssetCheckRes
                       "shapes": shapes},
         ),
         dg.AssetCheckResult(
-            check_name="features_finite", asset_key=UNI_FEATURES, passed=not non_finite, severity=error,
+            check_name="features_finite", asset_key=UNI_FEATURES.key, passed=not non_finite, severity=error,
             description=(f"{sum(non_finite.values())} feature value(s){of_patient} are missing or infinite, in "
                          + _listed([f"{name} ({n})" for name, n in non_finite.items()]) if non_finite
                          else "Passed: every feature value is a finite number."),
@@ -203,7 +201,7 @@ def uni_features_results(reports: list, identity: dict) -> list[dg.AssetCheckRes
                       "non_finite_values": dg.MetadataValue.json(non_finite)},
         ),
         dg.AssetCheckResult(
-            check_name="features_nonzero_rows", asset_key=UNI_FEATURES, passed=not zero_rows, severity=error,
+            check_name="features_nonzero_rows", asset_key=UNI_FEATURES.key, passed=not zero_rows, severity=error,
             description=(f"{sum(zero_rows.values())} tissue patch(es){of_patient} have an all-zero feature vector "
                          "(read as blank or not encoded), in "
                          + _listed([f"{name} ({n} of {rows[name]})" for name, n in zero_rows.items()]) if zero_rows
@@ -216,7 +214,7 @@ def uni_features_results(reports: list, identity: dict) -> list[dg.AssetCheckRes
                       "zero_rows": dg.MetadataValue.json(zero_rows)},
         ),
         dg.AssetCheckResult(
-            check_name="encoder_recorded", asset_key=UNI_FEATURES, passed=not identity_problems, severity=error,
+            check_name="encoder_recorded", asset_key=UNI_FEATURES.key, passed=not identity_problems, severity=error,
             description=(f"The feature file(s) of {len(identity_problems)} slide(s){of_patient} do not record the "
                          f"encoder of this run ({weights}), so they cannot be traced: "
                          f"{'; '.join(per_file(identity_problems))}" if identity_problems
@@ -242,7 +240,7 @@ def slide_vector_result(problems: list[str], expected_dim: int, path: Path | Non
     # The file lies in <artifacts>/slide_vector/<patient>/.
     where = f" of patient {path.parent.name} ({path})" if path else ""
     return dg.AssetCheckResult(
-        check_name="slide_vector_valid", asset_key=SLIDE_VECTOR, passed=not problems,
+        check_name="slide_vector_valid", asset_key=SLIDE_VECTOR.key, passed=not problems,
         severity=dg.AssetCheckSeverity.ERROR,
         description=(f"The slide summary{where} is not valid: {'; '.join(problems)}" if problems
                      else f"Passed: one row of {expected_dim} finite features."),

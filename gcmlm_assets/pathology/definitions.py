@@ -12,9 +12,6 @@ from gcmlm_assets.pathology import assets, checks, resources
 from gcmlm_assets.pathology.resources import PatchEncoder
 from gcmlm_assets.profiles import Profile
 
-# What a change of a patient's slide drop re-materializes, in order (the landing and steps sensors' chain).
-PATIENT_CHAIN = [dg.AssetKey(k) for k in ("patch_coords", "uni_features", "slide_vector")]
-
 # Pathology runs would all fail while the encoder has no weights: landing_sensor holds them.
 LANDING_HOLD = ModalityHold("pathology", "encoder", PatchEncoder.missing_weights)
 

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gcmlm_assets.catalogue import UNI_FEATURES
 from gcmlm_assets.pathology.encoders import LoadedEncoder
 from gcmlm_assets.pathology.region_readers import (
     ReadThreads,
@@ -356,7 +357,7 @@ def extraction_fingerprint(
 ) -> str:
     identity = encoder.identity()
     return sha256_text(
-        "uni_features", EXTRACTION_VERSION, coords_sha256, slide_fingerprint, identity["encoder"],
+        UNI_FEATURES.key, EXTRACTION_VERSION, coords_sha256, slide_fingerprint, identity["encoder"],
         identity["checkpoint_sha256"], identity["weights_sha256"], str(encoder.spec.input_size),
         repr(encoder.spec.mean), repr(encoder.spec.std), feature_dtype, precision, f"scaled_decode={scaled_decode}",
     )

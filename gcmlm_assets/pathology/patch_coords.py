@@ -22,14 +22,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gcmlm_assets.catalogue import SLIDE_LISTING, TILING_PICTURE
 from gcmlm_assets.pathology.slides import SlideError, SlideInfo, SlideSource, opened, slide_source
 from gcmlm_assets.pathology.tiling import TILING_VERSION, TilingParams, TilingResult, tile_slide, tiling_picture, \
     write_coords_h5
 from gcmlm_assets.pictures import save_png
 from gcmlm_assets.storage import atomic_write_json, sha256_file, sha256_text
 
-LISTING = "slides.json"
-PICTURE = "tiling.png"
 
 
 @dataclass
@@ -124,8 +123,8 @@ def write_patient_outputs(out_dir: Path, patient_id: str, outcomes: list[SlideOu
             digest = sha256_file(h5_path)
             files[h5_path.name] = digest
         entries.append(slide_entry(outcome, h5_path, digest))
-    picture = save_png(tiling_picture([o.result for o in outcomes if o.result]), out_dir / PICTURE)
-    files[PICTURE] = sha256_file(picture)
+    picture = save_png(tiling_picture([o.result for o in outcomes if o.result]), TILING_PICTURE.in_folder(out_dir))
+    files[TILING_PICTURE.name] = sha256_file(picture)
     listing = {
         "patient_id": patient_id,
         "tiling_version": TILING_VERSION,
@@ -134,8 +133,8 @@ def write_patient_outputs(out_dir: Path, patient_id: str, outcomes: list[SlideOu
         "n_patches": sum(e["n_patches"] for e in entries),
         "slides": entries,
     }
-    listing_path = atomic_write_json(out_dir / LISTING, listing)
-    files[LISTING] = sha256_file(listing_path)
+    listing_path = atomic_write_json(SLIDE_LISTING.in_folder(out_dir), listing)
+    files[SLIDE_LISTING.name] = sha256_file(listing_path)
     for stale in out_dir.glob("*.h5"):
         if stale.name not in files:
             stale.unlink(missing_ok=True)
@@ -143,7 +142,7 @@ def write_patient_outputs(out_dir: Path, patient_id: str, outcomes: list[SlideOu
 
 
 def read_listing(out_dir: Path) -> dict:
-    return json.loads((out_dir / LISTING).read_text(encoding="utf-8"))
+    return json.loads(SLIDE_LISTING.in_folder(out_dir).read_text(encoding="utf-8"))
 
 
 def output_version(listing: dict) -> str:

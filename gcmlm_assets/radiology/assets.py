@@ -14,52 +14,31 @@ import dagster as dg
 
 from gcmlm_assets import step_pods
 from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events
+from gcmlm_assets.catalogue import (
+    CT_IMAGE, CT_MASK, CT_THUMBNAIL, CT_VOLUME, MASK_OVERLAY, MASK_VOLUME, RADIOMICS_ROW, RADIOMICS_TABLE,
+    SEGMENTATION_MODEL)
 from gcmlm_assets.columns import column_schema_metadata
+from gcmlm_assets.inputs import required_file
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
 from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.landing.scan import LandingInputError
-from gcmlm_assets.radiology import checks, model_lifecycle
+from gcmlm_assets.radiology import checks, ct_io, features, masks, model_lifecycle
 from gcmlm_assets.radiology.columns import RADIOMICS_ROW_COLUMNS
 from gcmlm_assets.radiology.resources import RadiomicsSettings
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import files_replaced_together, sha256_file, sha256_text
 
-# Imported by the steps that use them, not when the definitions load (gcmlm_assets/lazy.py).
+# Imported by the steps that use it, not when the definitions load (gcmlm_assets/lazy.py).
 sitk = lazy("SimpleITK")
-ct_io = lazy("gcmlm_assets.radiology.ct_io")
-features = lazy("gcmlm_assets.radiology.features")
-masks = lazy("gcmlm_assets.radiology.masks")
 
-# Bump when a change of code changes an asset's output bytes: stored outputs are then recomputed.
-# 2: the full-size three-plane picture, and cut-short .nii/.nii.gz files refused (ct.nii.gz's bytes are
-# unchanged for a sound file, so nothing downstream is recomputed).
-# 3: float volumes with NaN or infinite voxels refused (ITK read a NIfTI's as 0), non-image DICOM files named.
-CT_IMAGE_VERSION = "3"
-# ct_mask 2: label maps are refused or narrowed to the configured label (they were binarised whole).
-CT_MASK_VERSION = "2"
-RADIOMICS_ROW_VERSION = "1"
-
-CT_FILE = "ct.nii.gz"
-CT_PICTURE = "ct_thumbnail.png"
-MASK_FILE = "mask.nii.gz"
-MASK_PICTURE = "mask_overlay.png"
-ROW_FILE = "radiomics.parquet"
 
 
 def input_failure(error: Exception) -> dg.Failure:
     """Bad input: fail the step with the message (file + problem), without retries
     (segmentation_model.py raises it too)."""
     return dg.Failure(description=str(error), metadata={"problem": str(error)}, allow_retries=False)
-
-
-def _upstream_file(store, asset: str, patient_id: str, name: str) -> Path:
-    path = store.path(asset, patient_id, name)
-    if not path.is_file():
-        raise dg.Failure(description=f"{path}: missing; materialize {asset} for patient {patient_id} first",
-                         allow_retries=False)
-    return path
 
 
 def _combined_hash(hashes: dict[str, str]) -> str:
@@ -71,9 +50,7 @@ def _combined_hash(hashes: dict[str, str]) -> str:
 
 @dg.multi_asset(
     specs=[dg.AssetSpec(
-        "ct_image",
-        group_name="radiology",
-        code_version=CT_IMAGE_VERSION,
+        **CT_IMAGE.dagster_attributes(),
         # Not yielded by a range step: each patient's materialization is logged on its own (batching.py).
         skippable=True,
         description="The patient's CT from `<landing>/<patient>/ct/` (a DICOM series or one NIfTI, NRRD or "
@@ -86,9 +63,9 @@ def _combined_hash(hashes: dict[str, str]) -> str:
     op_tags=step_pods.op_tags(step_pods.CPU),
 )
 def ct_image(context: dg.AssetExecutionContext, storage: ArtifactStorage, landing: LandingZone):
-    yield from per_patient_events(context, "ct_image", lambda patient_id: [_ct_image_for(context, patient_id, storage,
+    yield from per_patient_events(context, CT_IMAGE, lambda patient_id: [_ct_image_for(context, patient_id, storage,
                                                                                           landing)],
-                                  checks.CT_IMAGE_CHECK_SPECS, CT_IMAGE_VERSION)
+                                  checks.CT_IMAGE_CHECK_SPECS)
 
 
 def _ct_image_for(context: dg.AssetExecutionContext, patient_id: str, storage: ArtifactStorage,
@@ -101,11 +78,11 @@ def _ct_image_for(context: dg.AssetExecutionContext, patient_id: str, storage: A
         input_hashes = {path.name: sha256_file(path) for path in ct_io.input_files(folder)}
     except (ct_io.CTInputError, LandingInputError) as error:
         raise input_failure(error) from error
-    fingerprint = sha256_text("ct_image", CT_IMAGE_VERSION, json.dumps(input_hashes, sort_keys=True))
-    out_dir = store.asset_dir("ct_image", patient_id)
-    ct_path, picture_path = out_dir / CT_FILE, out_dir / CT_PICTURE
+    fingerprint = sha256_text(CT_IMAGE.key, CT_IMAGE.code_version, json.dumps(input_hashes, sort_keys=True))
+    out_dir = CT_IMAGE.folder(store, patient_id)
+    ct_path, picture_path = CT_VOLUME.in_folder(out_dir), CT_THUMBNAIL.in_folder(out_dir)
 
-    manifest = store.reusable("ct_image", patient_id, fingerprint)
+    manifest = store.reusable(CT_IMAGE.key, patient_id, fingerprint)
     reused = manifest is not None
     if not reused:
         try:
@@ -117,21 +94,21 @@ def _ct_image_for(context: dg.AssetExecutionContext, patient_id: str, storage: A
         save_png(ct_io.ct_thumbnail_png(image), picture_path)
         manifest = {
             "fingerprint": fingerprint,
-            "files": {CT_FILE: sha256_file(ct_path), CT_PICTURE: sha256_file(picture_path)},
+            "files": {CT_VOLUME.name: sha256_file(ct_path), CT_THUMBNAIL.name: sha256_file(picture_path)},
             "inputs": input_hashes,
             "source": source.describe(),
             "summary": summary.as_dict(),
         }
-        store.write_manifest("ct_image", patient_id, manifest)
+        store.write_manifest(CT_IMAGE.key, patient_id, manifest)
     summary = ct_io.CTSummary.from_dict(manifest["summary"])
     context.log.info(f"{patient_id}: CT {'reused' if reused else 'written'} {ct_path} "
                      f"({summary.size}, {summary.spacing} mm)")
-    return quarantine_on_blocking_failure(store, "ct_image", patient_id, dg.MaterializeResult(
-        asset_key="ct_image",
+    return quarantine_on_blocking_failure(store, CT_IMAGE.key, patient_id, dg.MaterializeResult(
+        asset_key=CT_IMAGE.key,
         metadata={
             "path": dg.MetadataValue.path(str(ct_path)),
             "picture_path": dg.MetadataValue.path(str(picture_path)),
-            "sha256": manifest["files"][CT_FILE],
+            "sha256": manifest["files"][CT_VOLUME.name],
             "input_folder": dg.MetadataValue.path(str(folder)),
             "input_files": len(input_hashes),
             "input_sha256": _combined_hash(input_hashes),
@@ -151,7 +128,7 @@ def _ct_image_for(context: dg.AssetExecutionContext, patient_id: str, storage: A
             "hu_p99": summary.hu_p99,
             "picture": dg.MetadataValue.md(patient_picture_markdown(picture_path, PHOTO, "CT thumbnail")),
         },
-        data_version=dg.DataVersion(manifest["files"][CT_FILE]),
+        data_version=dg.DataVersion(manifest["files"][CT_VOLUME.name]),
         check_results=checks.ct_image_check_results(ct_path),
     ), checks.CT_IMAGE_CHECK_SPECS)
 
@@ -168,12 +145,10 @@ def _load_segmenter(model_folder: Path, pins, device_setting: str):
 
 @dg.multi_asset(
     specs=[dg.AssetSpec(
-        "ct_mask",
-        group_name="radiology",
+        **CT_MASK.dagster_attributes(),
         # The model is an input only of predicted masks; the edge shows it in the lineage and marks
         # masks stale when the model changes (reference masks then re-materialize to the same bytes).
-        deps=[ct_image, dg.AssetKey("segmentation_model")],
-        code_version=CT_MASK_VERSION,
+        deps=[ct_image, dg.AssetKey(SEGMENTATION_MODEL.key)],
         # Skipped, not failed, while a patient without a reference mask waits for a trained model;
         # predicted_mask_sensor runs it again once one is installed.
         skippable=True,
@@ -204,8 +179,8 @@ def ct_mask(context: dg.AssetExecutionContext):
     require_gpu_step_device(segmentation.device, "segmentation.device")
     segmenter = LoadOnce(lambda folder, pins: _load_segmenter(folder, pins, segmentation.device),
                          errors=(DeviceError, ModelFolderError))
-    yield from per_patient_events(context, "ct_mask", lambda patient_id: _ct_mask_for(context, patient_id, segmenter),
-                                  checks.CT_MASK_CHECK_SPECS, CT_MASK_VERSION)
+    yield from per_patient_events(context, CT_MASK, lambda patient_id: _ct_mask_for(context, patient_id, segmenter),
+                                  checks.CT_MASK_CHECK_SPECS)
 
 
 def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: LoadOnce):
@@ -217,7 +192,7 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
     segmentation = context.resources.segmentation
     radiomics: RadiomicsSettings = context.resources.radiomics
     store = storage.store()
-    ct_path = _upstream_file(store, "ct_image", patient_id, CT_FILE)
+    ct_path = required_file(CT_VOLUME, store, patient_id)
     ct_sha = sha256_file(ct_path)
     label_dir = landing.patient_dir(patient_id) / "ct_label"
     try:
@@ -255,11 +230,11 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
         source_id = model_lifecycle.model_identity(model_folder)
         extra = ()
     mode = "reference" if reference is not None else "predicted"
-    fingerprint = sha256_text("ct_mask", CT_MASK_VERSION, ct_sha, mode, source_id, *extra)
-    out_dir = store.asset_dir("ct_mask", patient_id)
-    mask_path, picture_path = out_dir / MASK_FILE, out_dir / MASK_PICTURE
+    fingerprint = sha256_text(CT_MASK.key, CT_MASK.code_version, ct_sha, mode, source_id, *extra)
+    out_dir = CT_MASK.folder(store, patient_id)
+    mask_path, picture_path = MASK_VOLUME.in_folder(out_dir), MASK_OVERLAY.in_folder(out_dir)
 
-    manifest = store.reusable("ct_mask", patient_id, fingerprint)
+    manifest = store.reusable(CT_MASK.key, patient_id, fingerprint)
     reused = manifest is not None
     if not reused:
         image = sitk.ReadImage(str(ct_path))
@@ -287,31 +262,31 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
         stats = masks.mask_stats(mask)
         # A new model's mask replaces the previous one: both files are written beside it first, so a
         # killed step leaves the previous mask and picture whole (storage.files_replaced_together).
-        with files_replaced_together(out_dir, [MASK_FILE, MASK_PICTURE],
+        with files_replaced_together(out_dir, [MASK_VOLUME.name, MASK_OVERLAY.name],
                                      withdraw=out_dir / store.MANIFEST) as staged:
-            masks.write_mask(mask, staged[MASK_FILE])
-            save_png(masks.mask_overlay_png(image, mask), staged[MASK_PICTURE])
+            masks.write_mask(mask, staged[MASK_VOLUME.name])
+            save_png(masks.mask_overlay_png(image, mask), staged[MASK_OVERLAY.name])
             files = {name: sha256_file(path) for name, path in staged.items()}
         manifest = {
             "fingerprint": fingerprint,
             "files": files,
-            "inputs": {"ct_image": ct_sha, mode: source_id},
+            "inputs": {CT_IMAGE.key: ct_sha, mode: source_id},
             "source": mode,
             "provenance": provenance,
             "stats": stats.as_dict(),
             "model_agreement": agreement,
         }
-        store.write_manifest("ct_mask", patient_id, manifest)
+        store.write_manifest(CT_MASK.key, patient_id, manifest)
     stats, provenance = manifest["stats"], manifest["provenance"]
     if provenance.get("resampled_to_ct_grid"):
         context.log.warning(f"{patient_id}: reference mask {provenance.get('reference_file')} was on another grid "
                             "and was resampled onto the CT grid with nearest neighbour")
-    yield quarantine_on_blocking_failure(store, "ct_mask", patient_id, dg.MaterializeResult(
-        asset_key="ct_mask",
+    yield quarantine_on_blocking_failure(store, CT_MASK.key, patient_id, dg.MaterializeResult(
+        asset_key=CT_MASK.key,
         metadata={
             "path": dg.MetadataValue.path(str(mask_path)),
             "picture_path": dg.MetadataValue.path(str(picture_path)),
-            "sha256": manifest["files"][MASK_FILE],
+            "sha256": manifest["files"][MASK_VOLUME.name],
             "input_ct_sha256": ct_sha,
             "input_source_sha256": source_id,
             "source": manifest["source"],
@@ -330,7 +305,7 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
             "largest_component_voxels": stats["largest_component_voxels"],
             "picture": dg.MetadataValue.md(patient_picture_markdown(picture_path, PHOTO, "gastric mask")),
         },
-        data_version=dg.DataVersion(manifest["files"][MASK_FILE]),
+        data_version=dg.DataVersion(manifest["files"][MASK_VOLUME.name]),
         check_results=[
             *checks.ct_mask_check_results(mask_path, ct_path, radiomics.mask_volume_min_ml,
                                           radiomics.mask_volume_max_ml, radiomics.mask_bone_fraction_max,
@@ -392,10 +367,8 @@ def _agreement_metadata(agreement: dict) -> dict:
 
 @dg.multi_asset(
     specs=[dg.AssetSpec(
-        "radiomics_row",
-        group_name="radiology",
+        **RADIOMICS_ROW.dagster_attributes(),
         deps=[ct_image, ct_mask],
-        code_version=RADIOMICS_ROW_VERSION,
         skippable=True,
         description="PyRadiomics features inside the gastric mask as one parquet row: `patient_id`, then one "
                     "column per feature (107 with the default params).",
@@ -408,24 +381,24 @@ def _agreement_metadata(agreement: dict) -> dict:
     op_tags=step_pods.op_tags(step_pods.CPU),
 )
 def radiomics_row(context: dg.AssetExecutionContext, storage: ArtifactStorage, radiomics: RadiomicsSettings):
-    yield from per_patient_events(context, "radiomics_row",
+    yield from per_patient_events(context, RADIOMICS_ROW,
                                   lambda patient_id: [_radiomics_row_for(context, patient_id, storage, radiomics)],
-                                  checks.RADIOMICS_ROW_CHECK_SPECS, RADIOMICS_ROW_VERSION)
+                                  checks.RADIOMICS_ROW_CHECK_SPECS)
 
 
 def _radiomics_row_for(context: dg.AssetExecutionContext, patient_id: str, storage: ArtifactStorage,
                        radiomics: RadiomicsSettings) -> dg.MaterializeResult:
     store = storage.store()
-    ct_path = _upstream_file(store, "ct_image", patient_id, CT_FILE)
-    mask_path = _upstream_file(store, "ct_mask", patient_id, MASK_FILE)
+    ct_path = required_file(CT_VOLUME, store, patient_id)
+    mask_path = required_file(MASK_VOLUME, store, patient_id)
     ct_sha, mask_sha = sha256_file(ct_path), sha256_file(mask_path)
     params = radiomics.load_params()
     settings_sha = features.settings_hash(params)
     version = features.pyradiomics_version()
-    fingerprint = sha256_text("radiomics_row", RADIOMICS_ROW_VERSION, ct_sha, mask_sha, settings_sha, version)
-    row_path = store.asset_dir("radiomics_row", patient_id) / ROW_FILE
+    fingerprint = sha256_text(RADIOMICS_ROW.key, RADIOMICS_ROW.code_version, ct_sha, mask_sha, settings_sha, version)
+    row_path = RADIOMICS_TABLE.in_folder(RADIOMICS_ROW.folder(store, patient_id))
 
-    manifest = store.reusable("radiomics_row", patient_id, fingerprint)
+    manifest = store.reusable(RADIOMICS_ROW.key, patient_id, fingerprint)
     reused = manifest is not None
     if not reused:
         extractor = features.extractor_from_params(params)
@@ -438,21 +411,21 @@ def _radiomics_row_for(context: dg.AssetExecutionContext, patient_id: str, stora
             "pyradiomics_version": version, "settings_sha256": settings_sha, "params": radiomics.params})
         manifest = {
             "fingerprint": fingerprint,
-            "files": {ROW_FILE: sha256_file(row_path)},
-            "inputs": {"ct_image": ct_sha, "ct_mask": mask_sha},
+            "files": {RADIOMICS_TABLE.name: sha256_file(row_path)},
+            "inputs": {CT_IMAGE.key: ct_sha, CT_MASK.key: mask_sha},
             "seconds": row.seconds,
             "features": len(row.features),
             "diagnostics": row.diagnostics,
         }
-        store.write_manifest("radiomics_row", patient_id, manifest)
+        store.write_manifest(RADIOMICS_ROW.key, patient_id, manifest)
     table = features.read_row(row_path)
     took = "reused" if reused else f"{manifest['seconds']:.1f} s"
     context.log.info(f"{patient_id}: {manifest['features']} radiomics features ({took})")
-    return quarantine_on_blocking_failure(store, "radiomics_row", patient_id, dg.MaterializeResult(
-        asset_key="radiomics_row",
+    return quarantine_on_blocking_failure(store, RADIOMICS_ROW.key, patient_id, dg.MaterializeResult(
+        asset_key=RADIOMICS_ROW.key,
         metadata={
             "path": dg.MetadataValue.path(str(row_path)),
-            "sha256": manifest["files"][ROW_FILE],
+            "sha256": manifest["files"][RADIOMICS_TABLE.name],
             "input_ct_sha256": ct_sha,
             "input_mask_sha256": mask_sha,
             "pyradiomics_version": version,
@@ -465,7 +438,7 @@ def _radiomics_row_for(context: dg.AssetExecutionContext, patient_id: str, stora
             "resampled_roi_voxels": manifest["diagnostics"].get("diagnostics_Mask-interpolated_VoxelNum", ""),
             **column_schema_metadata(RADIOMICS_ROW_COLUMNS, table),
         },
-        data_version=dg.DataVersion(manifest["files"][ROW_FILE]),
+        data_version=dg.DataVersion(manifest["files"][RADIOMICS_TABLE.name]),
         check_results=checks.radiomics_row_check_results(table, patient_id,
                                                          features.expected_feature_names(params)),
     ), checks.RADIOMICS_ROW_CHECK_SPECS)

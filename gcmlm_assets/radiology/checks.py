@@ -16,15 +16,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import dagster as dg
+from gcmlm_assets.catalogue import CT_IMAGE, CT_MASK, RADIOMICS_ROW
 from gcmlm_assets.lazy import lazy
+from gcmlm_assets.radiology import features as radiomics_features
+from gcmlm_assets.radiology import masks
 from gcmlm_assets.radiology.hounsfield import AIR_HU, BONE_HU
 
 # Imported when a check runs, not when the definitions (which declare the checks) load.
 np = lazy("numpy")
 pa = lazy("pyarrow")
 sitk = lazy("SimpleITK")
-radiomics_features = lazy("gcmlm_assets.radiology.features")
-masks = lazy("gcmlm_assets.radiology.masks")
 
 CHECKS: list[dg.AssetChecksDefinition] = []
 
@@ -51,34 +52,34 @@ def _mm(value: float) -> str:
 
 
 CT_IMAGE_CHECK_SPECS = [
-    _spec("ct_geometry_plausible", "ct_image",
+    _spec("ct_geometry_plausible", CT_IMAGE.key,
           f"The CT has a realistic voxel size ({_mm(CT_SPACING_MM[0])} to {_mm(CT_SPACING_MM[1])} mm in each "
           f"direction) and a realistic number of voxels ({CT_VOXELS_PER_AXIS[0]} to {CT_VOXELS_PER_AXIS[1]} "
           "per direction). Outside these, the scan's header is wrong and every size and volume measured on it "
           "would be wrong too."),
-    _spec("ct_hu_range_plausible", "ct_image",
+    _spec("ct_hu_range_plausible", CT_IMAGE.key,
           "The CT values are Hounsfield units, as in any real CT: some air or fat is present (the lowest 1 % "
           f"of values at or below {_mm(CT_LOW_PERCENTILE_MAX_HU)} HU) and no value lies beyond what a scanner "
           f"produces ({_mm(CT_HU_LIMITS[0])} to {_mm(CT_HU_LIMITS[1])} HU). Otherwise the file is not a CT or "
           "lost its calibration on export, and the texture features would be meaningless."),
 ]
 CT_MASK_CHECK_SPECS = [
-    _spec("mask_matches_ct_geometry", "ct_mask",
+    _spec("mask_matches_ct_geometry", CT_MASK.key,
           "The stomach outline (mask) lies on exactly the same voxel grid as the patient's CT and marks each "
           "voxel only as stomach or not; otherwise the features would be measured in the wrong place."),
-    _spec("mask_not_empty", "ct_mask",
+    _spec("mask_not_empty", CT_MASK.key,
           "The stomach outline marks at least one voxel; an empty outline gives no radiomics features for the "
           "patient."),
-    _spec("mask_volume_plausible", "ct_mask",
+    _spec("mask_volume_plausible", CT_MASK.key,
           "The outlined stomach volume lies within the plausible range set for the project (in millilitres); "
           "a much smaller or larger volume usually means a failed segmentation or a wrong reference outline."),
-    _spec("mask_content_plausible", "ct_mask",
+    _spec("mask_content_plausible", CT_MASK.key,
           "The outlined stomach holds what a stomach holds on CT: soft tissue, fluid and its own gas. Only a "
           f"small share of its voxels may be as dense as bone (above {BONE_HU} HU) or be air outside the body "
           f"(below {AIR_HU} HU and joined to the edge of the image). More means the outline sits on the wrong "
           "anatomy, for example a reference mask whose file header places it on the spine or outside the "
           "patient."),
-    _spec("mask_agrees_with_model", "ct_mask",
+    _spec("mask_agrees_with_model", CT_MASK.key,
           "For a patient with a reference outline, once a segmentation model is installed: the model's own "
           "outline overlaps the reference well (Dice at or above the threshold set for the project). A low "
           "overlap is a warning, not a stop: either the reference outline is misplaced or mislabelled, or the "
@@ -86,10 +87,10 @@ CT_MASK_CHECK_SPECS = [
           "model's own.", blocking=False),
 ]
 RADIOMICS_ROW_CHECK_SPECS = [
-    _spec("radiomics_row_complete", "radiomics_row",
+    _spec("radiomics_row_complete", RADIOMICS_ROW.key,
           "The patient has exactly one row of radiomics features with every feature the settings ask for, in "
           "the agreed order, so that the patient lines up with the rest of the cohort."),
-    _spec("radiomics_row_finite", "radiomics_row",
+    _spec("radiomics_row_finite", RADIOMICS_ROW.key,
           "Every radiomics feature of the patient is a real number (none missing or infinite); a missing value "
           "means a feature could not be computed from this scan and outline."),
 ]

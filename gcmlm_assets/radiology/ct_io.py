@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import SimpleITK as sitk
-
+from gcmlm_assets.lazy import lazy
 from gcmlm_assets.radiology import ct_voxels
 from gcmlm_assets.storage import atomic_path
+
+if TYPE_CHECKING:
+    import numpy as np
+    import SimpleITK as sitk
+else:  # imported on first use: the definitions import this module, not its work (gcmlm_assets/lazy.py)
+    np = lazy("numpy")
+    sitk = lazy("SimpleITK")
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 _KIND_OF_SUFFIX = {".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd", ".mha": "mha"}

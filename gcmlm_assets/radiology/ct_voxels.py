@@ -13,9 +13,16 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import SimpleITK as sitk
+from gcmlm_assets.lazy import lazy
+
+if TYPE_CHECKING:
+    import numpy as np
+    import SimpleITK as sitk
+else:  # imported on first use: the definitions import this module, not its work (gcmlm_assets/lazy.py)
+    np = lazy("numpy")
+    sitk = lazy("SimpleITK")
 
 GZIP_MAGIC = b"\x1f\x8b"
 # NIfTI datatype codes of floating-point voxels, and their numpy types.

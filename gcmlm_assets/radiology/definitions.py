@@ -11,9 +11,6 @@ from gcmlm_assets.profiles import Profile
 from gcmlm_assets.radiology import assets, checks, resources, sensors
 from gcmlm_assets.radiology.segmentation_model import segmentation_model
 
-# What a change of a patient's CT drop re-materializes, in order (the landing and steps sensors' chain).
-PATIENT_CHAIN = [dg.AssetKey(k) for k in ("ct_image", "ct_mask", "radiomics_row")]
-
 # What the cohort refresh waits for: a segmentation training that is due or running.
 training_pending = sensors.training_pending
 TRAINING_STATUS_RESOURCES = sensors.TRAINING_STATUS_RESOURCES

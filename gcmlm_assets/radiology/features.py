@@ -18,24 +18,31 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import radiomics
-import SimpleITK as sitk
 import yaml
-from radiomics import featureextractor
 
+from gcmlm_assets.lazy import lazy
 from gcmlm_assets.storage import atomic_path
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import SimpleITK as sitk
+    from radiomics import featureextractor
+else:  # imported on first use: the definitions import this module, not its work (gcmlm_assets/lazy.py)
+    np = lazy("numpy")
+    pa = lazy("pyarrow")
+    pq = lazy("pyarrow.parquet")
+    sitk = lazy("SimpleITK")
 
 PARAMS_DIR = Path(__file__).resolve().parent / "params"
 NAMED_PARAMS = ("default", "rich")
 PATIENT_COLUMN = "patient_id"
 
-# PyRadiomics logs every step at INFO to its own stderr handler; keep warnings and errors only.
-radiomics.setVerbosity(logging.WARNING)
-# Its GLCM class warns on every image that SumAverage equals 2 x JointAverage: a known property of
+# PyRadiomics' GLCM class warns on every image that SumAverage equals 2 x JointAverage: a known property of
 # the default feature list, not a problem of the case, so it is dropped to keep run logs readable.
 logging.getLogger("radiomics.glcm").addFilter(lambda record: "Sum Average" not in record.getMessage())
 
@@ -44,8 +51,19 @@ class RadiomicsError(RuntimeError):
     """Extraction failed for a case; the message names the files."""
 
 
+@functools.cache
+def _radiomics() -> ModuleType:
+    """PyRadiomics with its feature extractor, imported on first use (not when the definitions load)."""
+    import radiomics
+    import radiomics.featureextractor
+
+    # PyRadiomics logs every step at INFO to its own stderr handler; keep warnings and errors only.
+    radiomics.setVerbosity(logging.WARNING)
+    return radiomics
+
+
 def pyradiomics_version() -> str:
-    return str(radiomics.__version__)
+    return str(_radiomics().__version__)
 
 
 # ---------------------------------------------------------------- params
@@ -81,7 +99,7 @@ def settings_hash(params: Mapping) -> str:
 
 def extractor_from_params(params: Mapping) -> featureextractor.RadiomicsFeatureExtractor:
     """An extractor from a params mapping (`imageType`/`featureClass`/`setting`), validated by PyRadiomics."""
-    return featureextractor.RadiomicsFeatureExtractor(copy.deepcopy(dict(params)))
+    return _radiomics().featureextractor.RadiomicsFeatureExtractor(copy.deepcopy(dict(params)))
 
 
 def extractor_from_settings(settings: Mapping, image_types: Mapping | None = None,
@@ -89,7 +107,7 @@ def extractor_from_settings(settings: Mapping, image_types: Mapping | None = Non
     """An extractor from explicit extraction settings (e.g. the `diagnostics_Configuration_Settings`
     PyRadiomics records), Original image only unless `image_types` says otherwise, and the given
     feature classes (name -> list of features or None for the class defaults; default: all 3-D classes)."""
-    extractor = featureextractor.RadiomicsFeatureExtractor(**copy.deepcopy(dict(settings)))
+    extractor = _radiomics().featureextractor.RadiomicsFeatureExtractor(**copy.deepcopy(dict(settings)))
     extractor.disableAllImageTypes()
     extractor.enableImageTypes(**copy.deepcopy(dict(image_types or {"Original": {}})))
     if feature_classes is not None:

@@ -11,10 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import SimpleITK as sitk
-
+from gcmlm_assets.lazy import lazy
 from gcmlm_assets.radiology.ct_io import (
     CANONICAL_ORIENTATION,
     CTInputError,
@@ -23,6 +22,13 @@ from gcmlm_assets.radiology.ct_io import (
     volume_suffix,
 )
 from gcmlm_assets.radiology.hounsfield import AIR_HU, BONE_HU
+
+if TYPE_CHECKING:
+    import numpy as np
+    import SimpleITK as sitk
+else:  # imported on first use: the definitions import this module, not its work (gcmlm_assets/lazy.py)
+    np = lazy("numpy")
+    sitk = lazy("SimpleITK")
 
 # Grids whose spacing/origin differ by less than this fraction of a voxel (and
 # whose direction cosines differ by less than this) are the same grid written

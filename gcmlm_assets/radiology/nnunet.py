@@ -30,11 +30,13 @@ from gcmlm_assets.radiology.checkpoint_pins import (
     ModelFolderError,
     available_folds,
 )
-from gcmlm_assets.storage import DigestMismatch, atomic_write_json, read_pinned_bytes
+from gcmlm_assets.storage import VERSION_POINTER, DigestMismatch, atomic_write_json, read_pinned_bytes
 
 CONFIGURATION = "3d_fullres"
 STOMACH_LABEL = "stomach"
-CURRENT_POINTER = "current.json"
+# The installed model's pointer: the name every versioned output uses, with fields of its own
+# (folder, checkpoint pins, the reference set it was trained on).
+CURRENT_POINTER = VERSION_POINTER
 TRAIN_TMP_PREFIX = ".tmp-train-"
 DEVICES = ("cpu", "cuda", "mps")
 # plans.json names Python objects that nnU-Net imports by dotted path (pydoc.locate) and calls:

@@ -5,6 +5,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from gcmlm_assets.catalogue import SEGMENTATION_MODEL
 from gcmlm_assets.profiles import PRODUCTION, Profile
 from gcmlm_assets.settings import nnunet_model_folder, nnunet_model_sha256
 
@@ -236,7 +237,7 @@ class SegmentationModelResource(dg.ConfigurableResource):
 
         if self.trained_model_folder:
             return find_trained_model_folder(self.trained_model_folder)
-        models_root = store.asset_dir("segmentation_model", create=False)
+        models_root = SEGMENTATION_MODEL.folder(store, create=False)
         pointer = read_current_model(models_root)
         if pointer is None:
             return None
@@ -258,7 +259,7 @@ class SegmentationModelResource(dg.ConfigurableResource):
             return None
         if self.trained_model_folder:
             return folder, CheckpointPins.from_setting(self.trained_model_sha256)
-        models_root = store.asset_dir("segmentation_model", create=False)
+        models_root = SEGMENTATION_MODEL.folder(store, create=False)
         return folder, installed_model_pins(models_root, read_current_model(models_root) or {})
 
 

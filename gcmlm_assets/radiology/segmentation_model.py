@@ -23,19 +23,14 @@ from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.landing.scan import LandingInputError
 from gcmlm_assets.pictures import PLOT, picture_markdown
 from gcmlm_assets.policies import TRANSIENT_RETRY
-from gcmlm_assets.radiology import model_lifecycle
-from gcmlm_assets.radiology.assets import CT_FILE, input_failure
+from gcmlm_assets.catalogue import CT_IMAGE, CT_VOLUME, SEGMENTATION_MODEL, MissingAssetFile
+from gcmlm_assets.radiology import masks, model_lifecycle
+from gcmlm_assets.radiology.assets import input_failure
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import atomic_write_json, sha256_file, sha256_text
 
-# Imported by the step that uses them, not when the definitions load (gcmlm_assets/lazy.py).
+# Imported by the step that uses it, not when the definitions load (gcmlm_assets/lazy.py).
 sitk = lazy("SimpleITK")
-masks = lazy("gcmlm_assets.radiology.masks")
-
-# Bump when a change of code changes the trained model: the installed model is then retrained.
-SEGMENTATION_MODEL_VERSION = "1"
-# The asset's name, and its folder in the artifact store (sensors.py reads the installed model there).
-MODELS_ASSET = "segmentation_model"
 
 
 def _training_candidates(patients: list[str], store, landing: LandingZone):
@@ -52,9 +47,10 @@ def _training_candidates(patients: list[str], store, landing: LandingZone):
             continue
         if reference is None:
             continue
-        ct_path = store.path("ct_image", patient_id, CT_FILE)
-        if not ct_path.is_file():
-            skipped[patient_id] = f"{ct_path}: missing; materialize ct_image for this patient first"
+        try:
+            ct_path = CT_VOLUME.required(store, patient_id)
+        except MissingAssetFile as missing:
+            skipped[patient_id] = str(missing)
             continue
         usable.append((patient_id, ct_path, reference))
     return usable, skipped
@@ -104,10 +100,9 @@ def _configured_model_result(context: dg.AssetExecutionContext, folder: str,
 
 
 @dg.asset(
-    group_name="radiology",
+    **SEGMENTATION_MODEL.dagster_attributes(),
     retry_policy=TRANSIENT_RETRY,
-    deps=[dg.AssetDep("ct_image", partition_mapping=dg.AllPartitionMapping())],
-    code_version=SEGMENTATION_MODEL_VERSION,
+    deps=[dg.AssetDep(CT_IMAGE.key, partition_mapping=dg.AllPartitionMapping())],
     pool=step_pods.GPU_POOL,
     op_tags=step_pods.op_tags(step_pods.GPU),
     # radiomics: which label of a reference label map is the stomach, as ct_mask takes it.
@@ -138,24 +133,24 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
                                         segmentation.trained_model_sha256)
 
     store = storage.store()
-    models_root = store.asset_dir(MODELS_ASSET)
+    models_root = SEGMENTATION_MODEL.folder(store)
     patients = sorted(context.instance.get_dynamic_partitions(patients_partitions.name))
     candidates, skipped = _training_candidates(patients, store, landing)
     # The set as segmentation_training_sensor sees it (names, sizes, times over every patient): recorded
     # for the training that saw it, installed or not, so the sensor measures changes from here.
     reference_cases = model_lifecycle.reference_set(landing.path(),
-                                                    {pid: store.path("ct_image", pid, CT_FILE) for pid in patients})
+                                                    {pid: CT_VOLUME.path(store, pid) for pid in patients})
     seen_set = {"reference_set": model_lifecycle.reference_set_fingerprint(reference_cases),
                 "reference_cases": model_lifecycle.case_stamps(reference_cases)}
     settings = segmentation.training_settings()
-    inputs = {pid: {"ct_image": sha256_file(ct), "reference_mask": sha256_file(ref)} for pid, ct, ref in candidates}
+    inputs = {pid: {CT_IMAGE.key: sha256_file(ct), "reference_mask": sha256_file(ref)} for pid, ct, ref in candidates}
     label_setting = context.resources.radiomics.reference_mask_label or None
     if label_setting:  # the stomach is one label of the masks: which one is an input of the training
         for pid, _, ref in candidates:
             inputs[pid]["reference_label"] = label_setting
             inputs[pid].update({p.name: sha256_file(p) for p in masks.label_sidecars(ref) if p.is_file()})
     # Same inputs, settings, code and nnU-Net version: the installed model is reused, not retrained.
-    fingerprint = sha256_text(MODELS_ASSET, SEGMENTATION_MODEL_VERSION, _nnunet_version(),
+    fingerprint = sha256_text(SEGMENTATION_MODEL.key, SEGMENTATION_MODEL.code_version, _nnunet_version(),
                               json.dumps(settings.as_dict(), sort_keys=True, default=str),
                               json.dumps(inputs, sort_keys=True))
 

@@ -24,14 +24,13 @@ from gcmlm_assets.batching import batch_patients
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.patient_batches import plan_batches
 from gcmlm_assets.radiology import model_lifecycle
-from gcmlm_assets.radiology.assets import CT_FILE
-from gcmlm_assets.radiology.segmentation_model import MODELS_ASSET
+from gcmlm_assets.catalogue import CT_IMAGE, CT_MASK, CT_VOLUME, RADIOMICS_ROW, SEGMENTATION_MODEL
 from gcmlm_assets.radiology.resources import SegmentationModelResource
 from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZone
 
-SEGMENTATION_MODEL = dg.AssetKey(MODELS_ASSET)
-MASK_ASSET = dg.AssetKey("ct_mask")
-PREDICTED_MASK_ASSETS = [MASK_ASSET, dg.AssetKey("radiomics_row")]
+SEGMENTATION_MODEL_KEY = dg.AssetKey(SEGMENTATION_MODEL.key)
+MASK_ASSET = dg.AssetKey(CT_MASK.key)
+PREDICTED_MASK_ASSETS = [MASK_ASSET, dg.AssetKey(RADIOMICS_ROW.key)]
 # Runs that can change the training set or the model: while one is queued or running, wait
 # (counted by their work tag; a run without one, launched by hand, counts too).
 TRAINING_INPUT_WORK = (runs.RADIOLOGY, runs.TRAINING)
@@ -56,8 +55,8 @@ def training_status(instance: dg.DagsterInstance, landing: LandingZone, storage:
 
     store = storage.store()
     patients = instance.get_dynamic_partitions(patients_partitions.name)
-    cases = model_lifecycle.reference_set(landing.path(), {pid: store.path("ct_image", pid, CT_FILE) for pid in patients})
-    pointer = read_current_model(store.asset_dir(MODELS_ASSET, create=False)) or {}
+    cases = model_lifecycle.reference_set(landing.path(), {pid: CT_VOLUME.path(store, pid) for pid in patients})
+    pointer = read_current_model(SEGMENTATION_MODEL.folder(store, create=False)) or {}
     busy = runs.in_flight_doing(instance, TRAINING_INPUT_WORK)
     fingerprint = model_lifecycle.reference_set_fingerprint(cases) if cases else ""
     requested = bool(fingerprint) and runs.run_key_exists(instance, model_lifecycle.training_run_key(fingerprint))
@@ -89,7 +88,7 @@ def build_segmentation_training_sensor(interval_s: int) -> dg.SensorDefinition:
     @dg.sensor(
         name="segmentation_training_sensor",
         minimum_interval_seconds=interval_s,
-        asset_selection=[SEGMENTATION_MODEL],
+        asset_selection=[SEGMENTATION_MODEL_KEY],
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Trains segmentation_model when at least `segmentation.min_training_cases` patients have "
                     "a reference mask and a materialized ct_image and no model is installed, or when at least "
@@ -112,7 +111,7 @@ def build_segmentation_training_sensor(interval_s: int) -> dg.SensorDefinition:
         context.log.info(decision.reason)
         return dg.SensorResult(
             run_requests=[dg.RunRequest(run_key=model_lifecycle.training_run_key(decision.fingerprint),
-                                        asset_selection=[SEGMENTATION_MODEL],
+                                        asset_selection=[SEGMENTATION_MODEL_KEY],
                                         # one training at a time: the instance's tag concurrency limit
                                         tags={"gcmlm/reason": decision.reason, runs.TRAINING_TAG: "nnunet",
                                               **runs.work_tags(runs.TRAINING)})],
@@ -154,8 +153,8 @@ def build_predicted_mask_sensor(interval_s: int) -> dg.SensorDefinition:
             return dg.SkipReason("no segmentation model installed yet: masks without a reference wait for it")
         instance = context.instance
         cursor = json.loads(context.cursor) if context.cursor else {}
-        ct_done = instance.get_materialized_partitions(dg.AssetKey("ct_image"))
-        mask_done = instance.get_materialized_partitions(dg.AssetKey("ct_mask"))
+        ct_done = instance.get_materialized_partitions(dg.AssetKey(CT_IMAGE.key))
+        mask_done = instance.get_materialized_partitions(MASK_ASSET)
         order = list(instance.get_dynamic_partitions(patients_partitions.name))
         size = batch_patients()
         chosen, new_cursor = model_lifecycle.masks_to_predict(

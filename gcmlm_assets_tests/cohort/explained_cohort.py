@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 
 from gcmlm_assets.partitions import patients_partitions
-from gcmlm_assets.pathology.checks import UNI_FEATURES
+from gcmlm_assets.catalogue import UNI_FEATURES
 from gcmlm_assets.pathology.pooling import MeanPooling, patient_slides, write_slide_vector
 from gcmlm_assets.storage import ArtifactStore, sha256_file
 from gcmlm_assets_tests.cohort.synthetic import make_cohort, write_clinical_csv, write_radiomics_row
@@ -24,7 +24,7 @@ QUICK = dict(n_splits=3, n_repeats=1, n_bootstrap=100, min_labelled_per_class=3,
 def write_patch_features(store: ArtifactStore, patient_id: str, vector: np.ndarray, rng) -> None:
     """One or two slides of patches on a grid whose features scatter around `vector`; the slide
     vector is then pooled from them by the real MeanPooling."""
-    folder = store.asset_dir(UNI_FEATURES, patient_id)
+    folder = store.asset_dir(UNI_FEATURES.key, patient_id)
     slides = []
     for k in range(1 + int(rng.integers(0, 2))):
         coords = np.array([(x * 256, y * 256) for y in range(GRID) for x in range(GRID)], np.int64)
@@ -35,9 +35,9 @@ def write_patch_features(store: ArtifactStore, patient_id: str, vector: np.ndarr
             fh.create_dataset("coords", data=coords).attrs["patch_size_level0"] = 256
             fh.attrs["slide_path"] = str(folder / f"{patient_id}_slide{k + 1}.tiff")  # absent: layout only
         slides.append({"h5_file": name, "n_patches": len(coords)})
-    store.write_manifest(UNI_FEATURES, patient_id, {
+    store.write_manifest(UNI_FEATURES.key, patient_id, {
         "files": {s["h5_file"]: sha256_file(folder / s["h5_file"]) for s in slides}, "slides": slides})
-    pooled = MeanPooling().pool(patient_slides(store, UNI_FEATURES, patient_id))
+    pooled = MeanPooling().pool(patient_slides(store, UNI_FEATURES.key, patient_id))
     write_slide_vector(store.path("slide_vector", patient_id, "slide_vector.parquet"), patient_id, pooled)
 
 

@@ -71,7 +71,7 @@ def test_small_cohort_through_dagster(data_root, instance, base_resources):
     assert card["settings"]["n_repeats"] == 2 and "mean of the logits" in card["strategy"]
     card_markdown = model["model_card"].value
     assert "Calibration" in card_markdown and "P004" not in card_markdown.split("Participants")[0]
-    assert card_markdown == (pathlib.Path(model["path"].value).parent / "model_card.md").read_text()
+    assert card_markdown == (pathlib.Path(model["path"].value).parent / "model_card.md").read_text(encoding="utf-8")
     assert 0 < model["fused_auc"].value <= 1
     assert model["status"].value == "trained"
 

@@ -12,7 +12,7 @@ from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import metrics as cohort_metrics
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.partitions import patients_partitions
-from gcmlm_assets.pathology.checks import UNI_FEATURES
+from gcmlm_assets.catalogue import UNI_FEATURES
 from gcmlm_assets.quarantine import QUARANTINE_FOLDER, REASON_FILE
 from gcmlm_assets.storage import read_version_pointer, sha256_file
 from gcmlm_assets_tests.cohort.explained_cohort import QUICK, sound_cohort
@@ -106,7 +106,7 @@ def test_a_patient_whose_patch_features_cannot_be_read_is_left_out_with_the_reas
     # An ABMIL model reads every pathology patient's patch features. One patient's file is damaged:
     # neither trained on nor scored as if it had no slides, but left out, the reason in the metadata.
     ids, store = sound_cohort(data_root, instance, 24, seed=4)
-    damaged = store.path(UNI_FEATURES, "P005", "P005_slide1.h5")
+    damaged = store.path(UNI_FEATURES.key, "P005", "P005_slide1.h5")
     damaged.write_bytes(b"not an HDF5 file")
     settings = RiskModelSettings(**QUICK, pathology_pooling="abmil", abmil_max_epochs=4, abmil_in_ablation=False)
 

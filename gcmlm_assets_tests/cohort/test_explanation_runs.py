@@ -19,7 +19,7 @@ import pytest
 
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import explanation_assets
-from gcmlm_assets.cohort.asset_files import SCORES_FILE
+from gcmlm_assets.catalogue import RISK_EXPLANATIONS, SCORES_FILE
 from gcmlm_assets.cohort.explanation_keys import read_patient_rows, row_digests
 from gcmlm_assets.cohort.explanation_sensors import build_risk_explanations_sensor, recorded_explanation_keys
 from gcmlm_assets.cohort.resources import RiskModelSettings
@@ -31,7 +31,7 @@ from gcmlm_assets_tests.cohort.explained_cohort import QUICK, write_patch_featur
 from gcmlm_assets_tests.cohort.synthetic import make_cohort, write_clinical_csv
 from gcmlm_assets_tests.cohort.upstream import report_sound_results
 
-EXPLANATIONS = explanation_assets.RISK_EXPLANATIONS
+EXPLANATIONS = RISK_EXPLANATIONS.key
 FIRST, NEW = 12, 3  # labelled patients of the first refresh; unlabelled patients dropped later
 BATCH = 13  # patients per bucket after the first refresh: P000-P012, P013-P014
 
@@ -50,7 +50,7 @@ def test_a_row_hashes_the_same_alone_as_in_its_table():
 
 
 def _sensor():
-    return build_risk_explanations_sensor(30, EXPLANATIONS, "risk_scores", SCORES_FILE, runs_per_tick=2)
+    return build_risk_explanations_sensor(30, EXPLANATIONS, "risk_scores", SCORES_FILE.name, runs_per_tick=2)
 
 
 def _tick(sensor, instance, storage, cursor):

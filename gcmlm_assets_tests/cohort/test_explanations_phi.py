@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from gcmlm_assets.catalogue import RISK_EXPLANATIONS
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import explanation_assets
 from gcmlm_assets.cohort.resources import RiskModelSettings
@@ -47,7 +48,7 @@ def test_no_identifying_value_of_the_clinical_file_reaches_explanations_the_mode
     assert cohort.success, [e.step_failure_data.error for e in cohort.get_step_failure_events()]
     explained = dg.materialize([*cohort_assets.ASSETS, *explanation_assets.ASSETS], instance=instance,
                                resources=resources, partition_key=ids[0],
-                               selection=[explanation_assets.RISK_EXPLANATIONS], raise_on_error=False)
+                               selection=[RISK_EXPLANATIONS.key], raise_on_error=False)
     assert explained.success, [e.step_failure_data.error for e in explained.get_step_failure_events()]
 
     written = {str(p.relative_to(store.root)) for p in store.root.rglob("*") if p.is_file()}

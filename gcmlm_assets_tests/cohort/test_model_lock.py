@@ -86,7 +86,7 @@ def test_a_new_unlabelled_patient_is_scored_by_the_installed_model_without_a_ref
     assert read_version_pointer(root) == pointer and {p.name for p in root.iterdir()} == {"current.json",
                                                                                          pointer["version"]}
     assert model_file.read_bytes() == model_bytes and model_file.stat().st_mtime_ns == model_written
-    assert "P900" not in (model_file.parent / "model_card.md").read_text()
+    assert "P900" not in (model_file.parent / "model_card.md").read_text(encoding="utf-8")
     # The re-statement is small: the card and plots stay on the materialization that trained the model.
     assert value(model, "card_and_plots_in_run") == first.run_id
     assert not {"model_card", "model_card_json", "plot_roc"} & set(model.metadata)

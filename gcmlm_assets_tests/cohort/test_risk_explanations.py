@@ -15,11 +15,11 @@ import pytest
 
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import explanation_assets
-from gcmlm_assets.cohort.asset_files import SCORES_FILE
+from gcmlm_assets.catalogue import RISK_EXPLANATIONS, SCORES_FILE
 from gcmlm_assets.cohort.explanation_sensors import build_risk_explanations_sensor
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.demo.watch import unexplained
-from gcmlm_assets.pathology.checks import UNI_FEATURES
+from gcmlm_assets.catalogue import UNI_FEATURES
 from gcmlm_assets.storage import read_version_pointer
 from gcmlm_assets_tests.cohort.explained_cohort import NO_RADIOLOGY, QUICK, sound_cohort
 from gcmlm_assets_tests.core.test_pictures import PATIENT_LIMIT_BYTES, assert_ui_picture, decode_markdown
@@ -35,9 +35,9 @@ def materialize(instance, resources, settings: RiskModelSettings, patients: list
     assert cohort.success
     results = [dg.materialize([*cohort_assets.ASSETS, *explanation_assets.ASSETS], instance=instance,
                               resources={**resources, "risk_model": settings}, partition_key=patient_id,
-                              selection=[explanation_assets.RISK_EXPLANATIONS])
+                              selection=[RISK_EXPLANATIONS.key])
                for patient_id in patients]
-    return [r.asset_materializations_for_node(explanation_assets.RISK_EXPLANATIONS)[0].metadata for r in results]
+    return [r.asset_materializations_for_node(RISK_EXPLANATIONS.key)[0].metadata for r in results]
 
 
 def logit(p: float) -> float:
@@ -54,7 +54,7 @@ def test_every_part_adds_up_to_the_patients_score(cohort, instance, base_resourc
     scores = {r["patient_id"]: r for r in pq.read_table(store.root / "risk_scores/scores.parquet").to_pylist()}
 
     for patient_id, meta in zip(patients, metadata):
-        root = store.asset_dir(explanation_assets.RISK_EXPLANATIONS, patient_id, create=False)
+        root = store.asset_dir(RISK_EXPLANATIONS.key, patient_id, create=False)
         folder = root / read_version_pointer(root)["version"]
         explanation = json.loads((folder / "explanation.json").read_text())
         # how the blocks combine: the terms sum to the fused logit, which is the scored probability's
@@ -66,7 +66,7 @@ def test_every_part_adds_up_to_the_patients_score(cohort, instance, base_resourc
 
         # pathology: one exact part per patch, beside its coordinates
         patches = pq.read_table(folder / "patch_contributions.parquet").to_pylist()
-        assert len(patches) == sum(s["n_patches"] for s in store.read_manifest(UNI_FEATURES, patient_id)["slides"])
+        assert len(patches) == sum(s["n_patches"] for s in store.read_manifest(UNI_FEATURES.key, patient_id)["slides"])
         parts = np.array([p["contribution_pathology_logit"] for p in patches])
         pathology = blocks["pathology"]
         assert parts.sum() + explanation["pathology_constant"] == pytest.approx(pathology["block_logit"], abs=1e-6)
@@ -112,7 +112,7 @@ def test_a_non_linear_classifier_gets_no_contributions_and_says_why(cohort, inst
     settings = RiskModelSettings(classifier="random_forest", n_splits=3, n_repeats=1, n_bootstrap=100,
                                  min_labelled_per_class=3, inner_splits=3, abmil_in_ablation=False)
     (meta,) = materialize(instance, base_resources, settings, ["P001"])
-    root = store.asset_dir(explanation_assets.RISK_EXPLANATIONS, "P001", create=False)
+    root = store.asset_dir(RISK_EXPLANATIONS.key, "P001", create=False)
     folder = root / read_version_pointer(root)["version"]
     explanation = json.loads((folder / "explanation.json").read_text())
     assert explanation["features"] == {} and explanation["pathology_constant"] is None
@@ -138,21 +138,21 @@ def test_a_tampered_model_file_is_refused_before_it_is_loaded(cohort, instance, 
     model.write_bytes(model.read_bytes() + b"\0")
     result = dg.materialize([*cohort_assets.ASSETS, *explanation_assets.ASSETS], instance=instance,
                             resources={**base_resources, "risk_model": settings}, partition_key="P001",
-                            selection=[explanation_assets.RISK_EXPLANATIONS], raise_on_error=False)
+                            selection=[RISK_EXPLANATIONS.key], raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure)
     message = str(failure.event_specific_data.error or failure.event_specific_data.user_failure_data.description)
     assert f"{model}: SHA-256" in message and pointer["files"]["model.skops"] in message
     assert str(root / "current.json") in message
-    assert read_version_pointer(store.asset_dir(explanation_assets.RISK_EXPLANATIONS, "P001", create=False)) is None
+    assert read_version_pointer(store.asset_dir(RISK_EXPLANATIONS.key, "P001", create=False)) is None
 
 
 def test_after_the_first_scores_the_sensor_asks_for_everyone_in_ranges_a_few_runs_per_tick(
         cohort, instance, base_resources, monkeypatch):
     ids, store = cohort
     monkeypatch.setenv("GCMLM_GPU_BATCH_PATIENTS", "4")
-    sensor = build_risk_explanations_sensor(30, explanation_assets.RISK_EXPLANATIONS, "risk_scores",
-                                            SCORES_FILE, runs_per_tick=3)
+    sensor = build_risk_explanations_sensor(30, RISK_EXPLANATIONS.key, "risk_scores",
+                                            SCORES_FILE.name, runs_per_tick=3)
     resources = {"storage": base_resources["storage"]}
     with dg.build_sensor_context(instance=instance, resources=resources) as context:
         assert isinstance(sensor(context), dg.SkipReason)  # no scores yet
@@ -167,7 +167,7 @@ def test_after_the_first_scores_the_sensor_asks_for_everyone_in_ranges_a_few_run
             result = sensor(context)
         assert len(result.run_requests) == expected_runs
         for request in result.run_requests:
-            assert request.asset_selection == [dg.AssetKey(explanation_assets.RISK_EXPLANATIONS)]
+            assert request.asset_selection == [dg.AssetKey(RISK_EXPLANATIONS.key)]
             assert request.partition_key is None and request.partition_key_range is not None
             ranges.append((request.partition_key_range.start, request.partition_key_range.end))
         cursor = result.cursor

@@ -1,0 +1,164 @@
+"""Every asset of the platform, declared once.
+
+An entry says what the asset is (key, group, whether it has one partition per patient), what it is
+made with (kinds) and who answers for it (owners), its code version, and the files it writes. The
+asset's own module declares it with `entry.dagster_attributes()`; its consumers (other assets,
+checks, sensors, `cohort/fusion.py`, the demo's summary) find its files through the entry's
+`AssetFile`s. No asset key or output file name is written anywhere else, so renaming a file or
+bumping a version is a change to this module only (`gcmlm_assets_tests/core/test_catalogue.py`
+holds the definitions to it).
+
+Plain Python: no Dagster, nothing heavy; every domain and the landing zone may import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gcmlm_assets.storage import ArtifactStore
+
+RADIOLOGY, PATHOLOGY, COHORT = "radiology", "pathology", "cohort"
+GROUP_OWNERS = {RADIOLOGY: "team:radiology", PATHOLOGY: "team:pathology", COHORT: "team:biostatistics"}
+
+
+class MissingAssetFile(FileNotFoundError):
+    """An input asset's file is not in the artifact store: the asset has not been materialized
+    (for that patient)."""
+
+
+@dataclass(frozen=True)
+class Asset:
+    key: str
+    group: str
+    per_patient: bool
+    # Bump when a change of code changes the asset's output for the same inputs: stored outputs are
+    # then recomputed instead of reused. None: the asset folds its algorithms' versions into its
+    # fingerprints instead (pathology).
+    code_version: str | None
+    kinds: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def owners(self) -> list[str]:
+        return [GROUP_OWNERS[self.group]]
+
+    def file(self, name: str) -> AssetFile:
+        return AssetFile(self, name)
+
+    def folder(self, store: ArtifactStore, patient_id: str | None = None, *, create: bool = True) -> Path:
+        """The asset's folder in the artifact store (one per patient when partitioned)."""
+        return store.asset_dir(self.key, self._partition(patient_id), create=create)
+
+    def dagster_attributes(self) -> dict[str, Any]:
+        """Keyword arguments of `dg.AssetSpec` and `@dg.asset` that this entry decides."""
+        return {"key": self.key, "group_name": self.group, "code_version": self.code_version,
+                "kinds": set(self.kinds), "owners": self.owners}
+
+    def _partition(self, patient_id: str | None) -> str | None:
+        if self.per_patient and patient_id is None:
+            raise ValueError(f"{self.key} has one output per patient: name the patient")
+        if not self.per_patient and patient_id is not None:
+            raise ValueError(f"{self.key} is not partitioned by patient (got patient {patient_id!r})")
+        return patient_id
+
+
+@dataclass(frozen=True)
+class AssetFile:
+    """A file an asset writes, under its folder (or the folder's published version: see storage.py)."""
+
+    asset: Asset
+    name: str
+
+    def path(self, store: ArtifactStore, patient_id: str | None = None) -> Path:
+        return self.asset.folder(store, patient_id, create=False) / self.name
+
+    def in_folder(self, folder: Path) -> Path:
+        """The file inside a given folder of the asset (a version folder being written or read)."""
+        return Path(folder) / self.name
+
+    def required(self, store: ArtifactStore, patient_id: str | None = None) -> Path:
+        """The file's path; MissingAssetFile (naming the file and what to materialize) if it is not there."""
+        path = self.path(store, patient_id)
+        if not path.is_file():
+            whose = f" for patient {patient_id}" if patient_id is not None else ""
+            raise MissingAssetFile(f"{path}: missing; materialize {self.asset.key}{whose} first")
+        return path
+
+
+# ---------------------------------------------------------------- radiology
+# ct_image 2: the full-size three-plane picture, and cut-short .nii/.nii.gz files refused (ct.nii.gz's
+# bytes are unchanged for a sound file, so nothing downstream is recomputed).
+# 3: float volumes with NaN or infinite voxels refused (ITK read a NIfTI's as 0), non-image DICOM files named.
+CT_IMAGE = Asset("ct_image", RADIOLOGY, per_patient=True, code_version="3", kinds=frozenset({"simpleitk"}))
+CT_VOLUME = CT_IMAGE.file("ct.nii.gz")
+CT_THUMBNAIL = CT_IMAGE.file("ct_thumbnail.png")
+
+# ct_mask 2: label maps are refused or narrowed to the configured label (they were binarised whole).
+CT_MASK = Asset("ct_mask", RADIOLOGY, per_patient=True, code_version="2", kinds=frozenset({"nnunet"}))
+MASK_VOLUME = CT_MASK.file("mask.nii.gz")
+MASK_OVERLAY = CT_MASK.file("mask_overlay.png")
+
+RADIOMICS_ROW = Asset("radiomics_row", RADIOLOGY, per_patient=True, code_version="1",
+                      kinds=frozenset({"pyradiomics"}))
+RADIOMICS_TABLE = RADIOMICS_ROW.file("radiomics.parquet")
+
+# Versioned model folders under one pointer (radiology/nnunet.py).
+SEGMENTATION_MODEL = Asset("segmentation_model", RADIOLOGY, per_patient=False, code_version="1",
+                           kinds=frozenset({"nnunet"}))
+
+# ---------------------------------------------------------------- pathology
+# One `<slide>.h5` of coordinates per slide with tissue, listed in slides.json (pathology/patch_coords.py).
+PATCH_COORDS = Asset("patch_coords", PATHOLOGY, per_patient=True, code_version=None, kinds=frozenset({"openslide"}))
+SLIDE_LISTING = PATCH_COORDS.file("slides.json")
+TILING_PICTURE = PATCH_COORDS.file("tiling.png")
+
+# One `<slide>.h5` of patch embeddings per slide, listed in the asset's manifest (pathology/extract.py).
+UNI_FEATURES = Asset("uni_features", PATHOLOGY, per_patient=True, code_version=None, kinds=frozenset({"torch"}))
+
+SLIDE_VECTOR = Asset("slide_vector", PATHOLOGY, per_patient=True, code_version=None, kinds=frozenset({"numpy"}))
+SLIDE_VECTOR_TABLE = SLIDE_VECTOR.file("slide_vector.parquet")
+SLIDE_VECTOR_PICTURE = SLIDE_VECTOR.file("slide_vector.png")
+
+# ---------------------------------------------------------------- cohort
+CLINICAL_TABLE = Asset("clinical_table", COHORT, per_patient=False, code_version="1", kinds=frozenset({"pyarrow"}))
+CLINICAL_FILE = CLINICAL_TABLE.file("clinical.parquet")
+CLINICAL_PROBLEMS = CLINICAL_TABLE.file("problems.json")
+
+FUSED_TABLE = Asset("fused_table", COHORT, per_patient=False, code_version="3", kinds=frozenset({"pyarrow"}))
+FUSED_FILE = FUSED_TABLE.file("fused.parquet")
+FUSION_REPORT = FUSED_TABLE.file("fusion_report.json")
+
+# Versioned folders under one pointer (storage.py): a reader sees one complete model.
+RISK_MODEL = Asset("risk_model", COHORT, per_patient=False, code_version="4", kinds=frozenset({"sklearn"}))
+MODEL_FILE = RISK_MODEL.file("model.skops")
+METRICS_FILE = RISK_MODEL.file("metrics.json")
+MODEL_CARD = RISK_MODEL.file("model_card.json")
+MODEL_CARD_MARKDOWN = RISK_MODEL.file("model_card.md")
+CV_PREDICTIONS = RISK_MODEL.file("cv_predictions.parquet")
+PLOTS = {"roc": RISK_MODEL.file("roc.png"), "calibration": RISK_MODEL.file("calibration.png"),
+               "decision_curve": RISK_MODEL.file("decision_curve.png")}
+
+RISK_SCORES = Asset("risk_scores", COHORT, per_patient=False, code_version="3", kinds=frozenset({"sklearn"}))
+SCORES_FILE = RISK_SCORES.file("scores.parquet")
+SCORES_PICTURE = RISK_SCORES.file("score_distribution.png")
+
+# One version folder per patient (and model) under the patient's pointer (cohort/explanation_assets.py).
+# 2: the explanation key (cohort/explanation_keys.py) is the explanation's data version.
+RISK_EXPLANATIONS = Asset("risk_explanations", COHORT, per_patient=True, code_version="2",
+                          kinds=frozenset({"sklearn"}))
+PATCHES_FILE = RISK_EXPLANATIONS.file("patch_contributions.parquet")
+EXPLANATION_FILE = RISK_EXPLANATIONS.file("explanation.json")
+
+ASSETS: dict[str, Asset] = {asset.key: asset for asset in (
+    CT_IMAGE, CT_MASK, RADIOMICS_ROW, SEGMENTATION_MODEL, PATCH_COORDS, UNI_FEATURES, SLIDE_VECTOR,
+    CLINICAL_TABLE, FUSED_TABLE, RISK_MODEL, RISK_SCORES, RISK_EXPLANATIONS)}
+
+# The per-patient chain each modality's drop starts (the landing sensor's runs), and the row of
+# features per patient that the chain ends in (what the cohort fuses).
+MODALITY_CHAINS: dict[str, tuple[Asset, ...]] = {
+    RADIOLOGY: (CT_IMAGE, CT_MASK, RADIOMICS_ROW),
+    PATHOLOGY: (PATCH_COORDS, UNI_FEATURES, SLIDE_VECTOR),
+}
+PATIENT_FEATURES: dict[str, AssetFile] = {RADIOLOGY: RADIOMICS_TABLE, PATHOLOGY: SLIDE_VECTOR_TABLE}

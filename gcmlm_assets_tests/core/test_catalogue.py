@@ -1,0 +1,98 @@
+"""The catalogue is the one declaration of each asset: the definitions agree with it, and no asset
+key or output file name is written as a literal anywhere else in the package."""
+
+import ast
+from pathlib import Path
+
+import dagster as dg
+
+import gcmlm_assets
+from gcmlm_assets import catalogue
+from gcmlm_assets.definitions import build_definitions
+
+PACKAGE = Path(gcmlm_assets.__file__).parent
+# The risk model's settings resource is keyed by the asset it configures (a resource key, not an
+# asset key: renaming the asset leaves it as it is).
+RESOURCE_KEYS = {("risk_model", "profiles.py"), ("risk_model", "cohort/resources.py")}
+
+
+def _literals(path: Path):
+    """(string, line) of every string constant in the module that is not a docstring."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node.value, node.lineno
+
+
+def _declared_files() -> set[str]:
+    return {value.name for value in vars(catalogue).values() if isinstance(value, catalogue.AssetFile)} | {
+        file.name for file in catalogue.PLOTS.values()}
+
+
+def test_every_defined_asset_is_the_catalogue_entry_of_its_key():
+    graph = build_definitions(env="local", profile="demo").resolve_asset_graph()
+    defined = {key.to_user_string(): graph.get(key) for key in graph.get_all_asset_keys()}
+    assert set(defined) == set(catalogue.ASSETS)
+    for name, node in defined.items():
+        entry = catalogue.ASSETS[name]
+        assert node.group_name == entry.group, name
+        assert node.code_version == entry.code_version, name
+        assert (node.partitions_def is not None) == entry.per_patient, name
+        assert set(node.kinds) == set(entry.kinds), name
+        assert list(node.owners) == entry.owners, name
+
+
+def test_no_asset_key_or_output_file_name_is_written_outside_the_catalogue():
+    names = set(catalogue.ASSETS) | _declared_files()
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative == "catalogue.py":
+            continue
+        for value, line in _literals(path):
+            if value in names and (value, relative) not in RESOURCE_KEYS:
+                found.append(f"{relative}:{line}: {value!r}")
+    assert not found, "take these from gcmlm_assets/catalogue.py:\n" + "\n".join(found)
+
+
+def test_the_scan_finds_a_restated_name(tmp_path):
+    # The scan above must be able to fail: a module that types a catalogued file name is caught,
+    # its docstring is not.
+    module = tmp_path / "restates.py"
+    module.write_text('"""Reads radiomics.parquet."""\nROW = "radiomics.parquet"\n', encoding="utf-8")
+    assert [value for value, _ in _literals(module)] == [catalogue.RADIOMICS_TABLE.name]
+
+
+def test_a_file_path_names_the_patient_of_a_per_patient_asset_and_only_then(tmp_path):
+    from gcmlm_assets.storage import ArtifactStore
+
+    store = ArtifactStore(tmp_path)
+    assert catalogue.RADIOMICS_TABLE.path(store, "P001") == tmp_path / "radiomics_row" / "P001" / "radiomics.parquet"
+    assert catalogue.SCORES_FILE.path(store) == tmp_path / "risk_scores" / "scores.parquet"
+    for file, patient in ((catalogue.RADIOMICS_TABLE, None), (catalogue.SCORES_FILE, "P001")):
+        try:
+            file.path(store, patient)
+        except ValueError as error:
+            assert file.asset.key in str(error)
+        else:
+            raise AssertionError(f"{file} accepted patient {patient!r}")
+
+
+def test_a_missing_input_file_names_the_file_and_what_to_materialize(tmp_path):
+    from gcmlm_assets.inputs import required_file
+    from gcmlm_assets.storage import ArtifactStore
+
+    store = ArtifactStore(tmp_path)
+    try:
+        required_file(catalogue.MASK_VOLUME, store, "P007")
+    except dg.Failure as failure:
+        assert str(catalogue.MASK_VOLUME.path(store, "P007")) in failure.description
+        assert "materialize ct_mask for patient P007" in failure.description
+    else:
+        raise AssertionError("a missing mask was not refused")
