@@ -42,14 +42,15 @@ def values_of(settings: Any, settings_class: type) -> dict[str, Any]:
     return {f.name: getattr(settings, f.name) for f in settings_of(settings_class)}
 
 
-def settings_resource(name: str, base: type, settings_class: type, module: str, doc: str) -> type:
+def settings_resource(name: str, base: type, settings_class: type, module: str) -> type:
     """The class `name` derived from `base` (a `dg.ConfigurableResource` with the resource's methods)
     whose fields are the `setting()` fields of `settings_class`: same type, default, description and
-    bounds. `module` is the resource module's `__name__` (Dagster and pickling name the class by it)."""
+    bounds, and `base`'s docstring (the Launchpad's description). `module` is the resource module's
+    `__name__` (Dagster and pickling name the class by it)."""
     import pydantic
 
     hints = typing.get_type_hints(settings_class)
     fields = {f.name: (hints[f.name], pydantic.Field(default=f.default, description=f.metadata[DESCRIPTION],
                                                      **{k: f.metadata[k] for k in BOUNDS if k in f.metadata}))
               for f in settings_of(settings_class)}
-    return pydantic.create_model(name, __base__=base, __module__=module, __doc__=doc, **fields)
+    return pydantic.create_model(name, __base__=base, __module__=module, __doc__=base.__doc__, **fields)

@@ -10,7 +10,9 @@ from gcmlm_assets.setting_fields import settings_resource, values_of
 
 
 class _RiskModelResource(dg.ConfigurableResource):
-    """RiskModelSettings' methods; its fields are ModelSettingFields'."""
+    """Settings of `risk_model` (key "risk_model"); changing any of them retrains the model."""
+
+    # RiskModelSettings below: these methods, with ModelSettingFields' fields.
 
     def model_settings(self):
         from gcmlm_assets.cohort.model_settings import ModelSettings
@@ -18,9 +20,7 @@ class _RiskModelResource(dg.ConfigurableResource):
         return ModelSettings(**values_of(self, ModelSettingFields))
 
 
-RiskModelSettings = settings_resource(
-    "RiskModelSettings", _RiskModelResource, ModelSettingFields, __name__,
-    'Settings of `risk_model` (key "risk_model"); changing any of them retrains the model.')
+RiskModelSettings = settings_resource("RiskModelSettings", _RiskModelResource, ModelSettingFields, __name__)
 
 
 def resources(env: str, profile: Profile = PRODUCTION) -> dict[str, dg.ConfigurableResource]:

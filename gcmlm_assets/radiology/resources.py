@@ -63,7 +63,23 @@ CPU_FULL_PLANS_MAX_ITERATIONS = 1000
 
 
 class _SegmentationModelResource(dg.ConfigurableResource):
-    """SegmentationModelResource's methods and the fields that are not nnU-Net training settings."""
+    """The nnU-Net gastric segmentation model: an existing trained folder, or how to train one.
+
+    With `trained_model_folder` set (an nnU-Net results folder holding `plans.json`,
+    `dataset.json` and `fold_<f>/checkpoint_final.pth`), `segmentation_model` trains
+    nothing and `ct_mask` predicts with that folder. Otherwise `segmentation_model`
+    trains on the patients with a reference mask and installs the result under
+    `<artifacts>/segmentation_model/<model_id>/` with a `current.json` pointer.
+
+    The defaults (the production profile) are nnU-Net's own: its default trainer, 1000 epochs
+    of 250 iterations, on full-size plans. That takes a day or more on a GPU (`device="auto"`
+    uses one where the step runs) and is refused on a CPU. For a quick model use
+    `GCMLM_PROFILE=demo` (`tiny_plans=true` and a few epochs: minutes on a CPU; `cpu_demo()`
+    builds it), or point `trained_model_folder` (`GCMLM_NNUNET_MODEL_FOLDER`) at a model
+    trained elsewhere, with its checkpoints' SHA-256 in `trained_model_sha256`
+    (`GCMLM_NNUNET_MODEL_SHA256`): nnU-Net checkpoints are pickles that run code when loaded,
+    so a folder whose checkpoints do not match is refused before anything loads them.
+    """
 
     trained_model_folder: str | None = Field(
         default=None, description="Existing nnU-Net trained-model folder (also GCMLM_NNUNET_MODEL_FOLDER); when "
@@ -209,25 +225,9 @@ class _SegmentationModelResource(dg.ConfigurableResource):
         return folder, installed_model_pins(models_root, read_current_model(models_root) or {})
 
 
-
-SegmentationModelResource = settings_resource(
-    "SegmentationModelResource", _SegmentationModelResource, NnunetTrainingFields, __name__, """The nnU-Net gastric segmentation model: an existing trained folder, or how to train one.
-
-With `trained_model_folder` set (an nnU-Net results folder holding `plans.json`,
-`dataset.json` and `fold_<f>/checkpoint_final.pth`), `segmentation_model` trains
-nothing and `ct_mask` predicts with that folder. Otherwise `segmentation_model`
-trains on the patients with a reference mask and installs the result under
-`<artifacts>/segmentation_model/<model_id>/` with a `current.json` pointer.
-
-The defaults (the production profile) are nnU-Net's own: its default trainer, 1000 epochs
-of 250 iterations, on full-size plans. That takes a day or more on a GPU (`device="auto"`
-uses one where the step runs) and is refused on a CPU. For a quick model use
-`GCMLM_PROFILE=demo` (`tiny_plans=true` and a few epochs: minutes on a CPU; `cpu_demo()`
-builds it), or point `trained_model_folder` (`GCMLM_NNUNET_MODEL_FOLDER`) at a model
-trained elsewhere, with its checkpoints' SHA-256 in `trained_model_sha256`
-(`GCMLM_NNUNET_MODEL_SHA256`): nnU-Net checkpoints are pickles that run code when loaded,
-so a folder whose checkpoints do not match is refused before anything loads them.
-""")
+# The resource: _SegmentationModelResource's fields and methods, with NnunetTrainingFields' fields.
+SegmentationModelResource = settings_resource("SegmentationModelResource", _SegmentationModelResource,
+                                              NnunetTrainingFields, __name__)
 
 
 def resources(env: str, profile: Profile = PRODUCTION) -> dict[str, dg.ConfigurableResource]:
