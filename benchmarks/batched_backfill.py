@@ -14,7 +14,7 @@ executor, a real SQLite instance from `dg.instance_for_test`) in two ways on the
 ct_mask: `--patients` CTs derived from the real abdominal CT (../shared/data/ct/totalsegmentator),
 resampled to 5 or 6 mm and cropped a little differently each, none with a reference mask, so every
 mask is predicted. The model is a tiny nnU-Net trained once up front through `segmentation_model`
-(`SegmentationModelResource.cpu_demo()`, four 6 mm crops with their stomach masks, 1-2 minutes),
+(the demo profile's, `SegmentationModelResource.cpu_demo()`, on four 6 mm crops with their stomach masks),
 or the trained folder given by `--model-folder` / `GCMLM_NNUNET_MODEL_FOLDER` (no training).
 `ct_image` is materialized for every patient before timing.
 

@@ -4,7 +4,8 @@
 
 The cohort of the nnU-Net test, without Dagster: four crops of the real abdominal
 CT (../shared/data/ct/totalsegmentator) resampled to 6 mm with their stomach
-masks, trained with `SegmentationModelResource.cpu_demo()`'s settings through
+masks, trained with the demo profile's settings (`SegmentationModelResource.cpu_demo()`; the
+defaults here are the tests' 20 x 12 iterations on one thread) through
 `nnunet_training.train_segmentation_model`; then `GastricSegmenter` loads the model and
 predicts the whole CT resampled to 5 mm (a grid it never saw). Prints wall and
 CPU seconds per phase (CPU includes nnU-Net's worker processes), the pseudo

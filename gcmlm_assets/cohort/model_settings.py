@@ -9,9 +9,8 @@ from dataclasses import dataclass
 
 from gcmlm_assets.cohort.cohort_data import PATHOLOGY_ABMIL
 from gcmlm_assets.cohort.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
+from gcmlm_assets.cohort.model_setting_fields import ModelSettingFields
 
-CLASSIFIERS = ("logistic", "svm", "random_forest")
-POOLINGS = ("mean", "abmil")
 FUSED = "fused"  # the configured fusion (setting `fusion`)
 FUSED_MEAN, FUSED_STACKED = "fused_mean", "fused_stacked"  # the other fusion, reported beside it
 FUSED_COMPLETE = "fused_all_modalities"
@@ -30,40 +29,8 @@ LOGISTIC_CS = (0.001, 0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried on inn
 
 
 @dataclass(frozen=True)
-class ModelSettings:
-    classifier: str = "logistic"
-    n_splits: int = 5
-    n_repeats: int = 5
-    n_bootstrap: int = 1000
-    pca_components: int = 8
-    correlation_threshold: float = 0.9
-    l1_c: float = 0.2
-    max_radiomics_features: int = 10
-    min_labelled_per_class: int = 5
-    use_clinical: bool = False
-    risk_threshold: float | None = None  # None: the fused model's Youden threshold from the CV
-    fusion: str = "mean"  # README "Fusion": why the mean logit is the default
-    inner_splits: int = 10  # folds of the inner CV whose out-of-fold logits train the stacked combiner
-    pathology_pooling: str = "mean"
-    abmil_in_ablation: bool = True  # evaluate ABMIL beside mean pooling when patch features are at hand
-    abmil_max_epochs: int = 60
-    seed: int = 0
-
-    def __post_init__(self):
-        from gcmlm_assets.cohort.combiners import FUSIONS
-
-        if self.classifier not in CLASSIFIERS:
-            raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {self.classifier!r}")
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
-        if self.pathology_pooling not in POOLINGS:
-            raise ValueError(f"pathology_pooling must be one of {', '.join(POOLINGS)}, got {self.pathology_pooling!r}")
-        if self.n_splits < 2 or self.n_repeats < 1 or self.n_bootstrap < 1 or self.inner_splits < 2:
-            raise ValueError("n_splits and inner_splits must be >= 2, n_repeats and n_bootstrap >= 1")
-        if self.abmil_max_epochs < 1:
-            raise ValueError(f"abmil_max_epochs must be >= 1, got {self.abmil_max_epochs}")
-        if self.risk_threshold is not None and not 0 < self.risk_threshold < 1:
-            raise ValueError(f"risk_threshold must lie in (0, 1), got {self.risk_threshold}")
+class ModelSettings(ModelSettingFields):
+    """The risk model's settings (declared in ModelSettingFields) and what follows from them."""
 
     def fusion_blocks(self) -> tuple[str, ...]:
         """The blocks the fused model combines."""

@@ -10,12 +10,13 @@ from pydantic import Field
 from gcmlm_assets.devices import ResolvedDevice, resolve_device
 from gcmlm_assets.profiles import PRODUCTION, Profile
 from gcmlm_assets.settings import encoder_checkpoint
-from gcmlm_assets.pathology.slides import PLAUSIBLE_MPP
 from gcmlm_assets.pathology.tiling import ClamParams, TilingParams
 from gcmlm_assets.pathology.tissue import SegmentationParams
 
 if TYPE_CHECKING:  # torch only when a step loads the encoder
     from gcmlm_assets.pathology.encoders import LoadedEncoder
+
+TILING = TilingParams()  # the tiling defaults
 
 
 class TilingSettings(dg.ConfigurableResource):
@@ -26,29 +27,34 @@ class TilingSettings(dg.ConfigurableResource):
     (the `clam_*` fields, or a CLAM preset CSV in `clam_preset`).
     """
 
-    mode: str = Field(default="default", description='"default" or "clam"')
-    patch_size: int = Field(default=256, description="patch side in px at target_mpp")
-    target_mpp: float = Field(default=0.5, description="µm per pixel of the patches (0.5 ~ 20x)")
-    min_tissue: float = Field(default=0.25, description="minimum tissue fraction of a kept patch")
-    default_mpp: float = Field(default=0.5, description="µm/px assumed (with a WARN) for slides without resolution")
-    min_plausible_mpp: float = PLAUSIBLE_MPP[0]
-    max_plausible_mpp: float = PLAUSIBLE_MPP[1]
-    level_match_tolerance: float = 0.02
-    seg_mpp: float = Field(default=8.0, description="µm per pixel of the image tissue is segmented on")
-    sthresh: int = 8
-    mthresh: int = 7
-    close: int = 4
-    use_otsu: bool = False
-    min_tissue_area: float = Field(default=1.0, description="drop tissue regions under this many patch areas")
-    min_hole_area: float = Field(default=1.0, description="fill holes under this many patch areas")
-    max_n_holes: Optional[int] = Field(default=None, description="keep only the largest N holes per region")
+    # The defaults are TilingParams', SegmentationParams' and ClamParams' own (one definition each);
+    # only the settings that no plain class has are set here.
+    mode: str = Field(default=TILING.mode, description='"default" or "clam"')
+    patch_size: int = Field(default=TILING.patch_size, description="patch side in px at target_mpp")
+    target_mpp: float = Field(default=TILING.target_mpp, description="µm per pixel of the patches (0.5 ~ 20x)")
+    min_tissue: float = Field(default=TILING.min_tissue, description="minimum tissue fraction of a kept patch")
+    default_mpp: float = Field(default=TILING.default_mpp,
+                               description="µm/px assumed (with a WARN) for slides without resolution")
+    min_plausible_mpp: float = TILING.plausible_mpp[0]
+    max_plausible_mpp: float = TILING.plausible_mpp[1]
+    level_match_tolerance: float = TILING.level_match_tolerance
+    seg_mpp: float = Field(default=TILING.seg_mpp, description="µm per pixel of the image tissue is segmented on")
+    sthresh: int = TILING.segmentation.sthresh
+    mthresh: int = TILING.segmentation.mthresh
+    close: int = TILING.segmentation.close
+    use_otsu: bool = TILING.segmentation.use_otsu
+    min_tissue_area: float = Field(default=TILING.min_tissue_area,
+                                   description="drop tissue regions under this many patch areas")
+    min_hole_area: float = Field(default=TILING.min_hole_area, description="fill holes under this many patch areas")
+    max_n_holes: Optional[int] = Field(default=TILING.max_n_holes,
+                                       description="keep only the largest N holes per region")
     clam_preset: Optional[str] = Field(default=None, description="CLAM preset CSV; overrides the `clam_*` fields")
-    clam_seg_level: int = -1
-    clam_a_t: float = 100.0
-    clam_a_h: float = 16.0
-    clam_max_n_holes: int = 8
-    clam_contour_fn: str = "four_pt"
-    clam_use_padding: bool = True
+    clam_seg_level: int = TILING.clam.seg_level
+    clam_a_t: float = TILING.clam.a_t
+    clam_a_h: float = TILING.clam.a_h
+    clam_max_n_holes: int = TILING.clam.max_n_holes
+    clam_contour_fn: str = TILING.clam.contour_fn
+    clam_use_padding: bool = TILING.clam.use_padding
     min_patches_per_slide: int = Field(default=10, description="patch_count_in_bounds warns below this")
     max_patches_per_slide: int = Field(default=200_000, description="patch_count_in_bounds warns above this")
 

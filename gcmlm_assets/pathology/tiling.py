@@ -59,11 +59,12 @@ class ClamParams:
     """
 
     seg_level: int = -1  # -1: level 0 if the slide has one level, else the best level for downsample 64
-    sthresh: int = 8
-    sthresh_up: int = 255
-    mthresh: int = 7
-    close: int = 4
-    use_otsu: bool = False
+    # CLAM's segmentation defaults are the ones `default` mode uses (SegmentationParams').
+    sthresh: int = SegmentationParams.sthresh
+    sthresh_up: int = SegmentationParams.sthresh_up
+    mthresh: int = SegmentationParams.mthresh
+    close: int = SegmentationParams.close
+    use_otsu: bool = SegmentationParams.use_otsu
     a_t: float = 100.0
     a_h: float = 16.0
     max_n_holes: int = 8

@@ -47,6 +47,7 @@ import SimpleITK as sitk
 from gcmlm_assets.settings import scoped_environment
 from gcmlm_assets.radiology import nnunet_seeding
 from gcmlm_assets.radiology.nnunet import CONFIGURATION, STOMACH_LABEL, resolve_torch_device
+from gcmlm_assets.radiology.nnunet_settings import NnunetTrainingFields
 
 CHANNEL_NAME = "CT"
 FILE_ENDING = ".nii.gz"
@@ -80,24 +81,12 @@ class TinyPlans:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainingSettings:
-    """What to train. `None` keeps nnU-Net's own default (1000 epochs of 250 + 50 iterations)."""
+class TrainingSettings(NnunetTrainingFields):
+    """What to train: the user's settings (NnunetTrainingFields) with `device` resolved to the one
+    that trains (cpu, cuda or mps) and `tiny_plans` the sizes that `shrink_plans` cuts to (None: nnU-Net's
+    own plans). `None` keeps nnU-Net's own default (1000 epochs of 250 + 50 iterations)."""
 
-    dataset_id: int = 501
-    trainer: str = "nnUNetTrainer"
-    planner: str = "ExperimentPlanner"
-    epochs: int | None = None
-    iterations_per_epoch: int | None = None
-    val_iterations: int | None = None
-    fold: str = "all"  # "all" trains on every case; "0".."4" uses nnU-Net's 5-fold split
-    device: str = "cpu"
-    tiny_plans: TinyPlans | None = None
-    preprocessing_workers: int = 1
-    # nnU-Net's data-augmentation worker processes (its nnUNet_n_proc_DA); 0 augments in
-    # the training process itself, None keeps nnU-Net's choice.
-    augmentation_workers: int | None = None
-    # Torch CPU threads while planning and training; None keeps torch's default.
-    torch_threads: int | None = None
+    tiny_plans: TinyPlans | None = None  # in NnunetTrainingFields' place: as_dict() keeps its order
     # Foreground intensities the dataset fingerprint samples (nnU-Net: 1e8 over the dataset,
     # i.e. hundreds of MB for a handful of small cases); None keeps nnU-Net's number.
     intensity_samples: int | None = None

@@ -6,7 +6,9 @@ import dagster as dg
 from pydantic import Field
 
 from gcmlm_assets.catalogue import SEGMENTATION_MODEL
-from gcmlm_assets.profiles import PRODUCTION, Profile
+from gcmlm_assets.profiles import DEMO, PRODUCTION, Profile
+from gcmlm_assets.radiology.nnunet_settings import NnunetTrainingFields
+from gcmlm_assets.setting_fields import settings_resource, values_of
 from gcmlm_assets.settings import nnunet_model_folder, nnunet_model_sha256
 
 
@@ -61,7 +63,7 @@ NNUNET_DEFAULT_EPOCHS, NNUNET_DEFAULT_ITERATIONS = 1000, 250
 CPU_FULL_PLANS_MAX_ITERATIONS = 1000
 
 
-class SegmentationModelResource(dg.ConfigurableResource):
+class _SegmentationModelResource(dg.ConfigurableResource):
     """The nnU-Net gastric segmentation model: an existing trained folder, or how to train one.
 
     With `trained_model_folder` set (an nnU-Net results folder holding `plans.json`,
@@ -74,7 +76,7 @@ class SegmentationModelResource(dg.ConfigurableResource):
     of 250 iterations, on full-size plans. That takes a day or more on a GPU (`device="auto"`
     uses one where the step runs) and is refused on a CPU. For a quick model use
     `GCMLM_PROFILE=demo` (`tiny_plans=true` and a few epochs: minutes on a CPU; `cpu_demo()`
-    in tests), or point `trained_model_folder` (`GCMLM_NNUNET_MODEL_FOLDER`) at a model
+    builds it), or point `trained_model_folder` (`GCMLM_NNUNET_MODEL_FOLDER`) at a model
     trained elsewhere, with its checkpoints' SHA-256 in `trained_model_sha256`
     (`GCMLM_NNUNET_MODEL_SHA256`): nnU-Net checkpoints are pickles that run code when loaded,
     so a folder whose checkpoints do not match is refused before anything loads them.
@@ -92,35 +94,6 @@ class SegmentationModelResource(dg.ConfigurableResource):
                                   "fold, separated by commas (`sha256sum fold_*/checkpoint_final.pth`). The "
                                   "checkpoints are pickles that run code when loaded: a folder whose "
                                   "checkpoints do not match is refused before anything loads them.")
-    dataset_id: int = Field(default=501, description="nnU-Net dataset id: the dataset is `DatasetNNN_GastricCT`.")
-    trainer: str = Field(default="nnUNetTrainer", description="nnU-Net trainer class name (the demo profile: "
-                                                              "nnUNetTrainerAdam).")
-    planner: str = Field(default="ExperimentPlanner", description="nnU-Net experiment planner class name.")
-    epochs: int | None = Field(
-        default=None, description="Training epochs; empty keeps nnU-Net's 1000. With full-size plans that is "
-                                  "a day or more on a GPU and refused on a CPU: for a quick model set a few "
-                                  "epochs with tiny_plans=true (the demo profile: 30).")
-    iterations_per_epoch: int | None = Field(
-        default=None, description="Training iterations per epoch; empty keeps nnU-Net's 250 (the demo "
-                                  "profile: 15). Full-size plans on a CPU are refused above 1000 iterations "
-                                  "in all.")
-    val_iterations: int | None = Field(default=None, description="Validation iterations per epoch; empty: 50.")
-    fold: str = Field(default="all", description="`all` trains on every case; `0`..`4` a 5-fold split "
-                                                 "(at least 5 cases).")
-    tiny_plans: bool = Field(
-        default=False, description="false (production): nnU-Net's full-size 3d_fullres U-Net, made for a GPU "
-                                   "(a day or more of training; refused on a CPU). true: shrink the plans to a "
-                                   "tiny U-Net (4 stages, 4..32 features, patch at most 32x64x64) that a CPU "
-                                   "trains in minutes, as GCMLM_PROFILE=demo does.")
-    device: str = Field(default="auto", description="auto (CUDA where the process sees a GPU, else CPU) | cuda | "
-                                                    "cpu | mps, for training and prediction. Full-size training "
-                                                    "on a CPU is refused: set tiny_plans=true with a few "
-                                                    "epochs, or use trained_model_folder.")
-    preprocessing_workers: int = Field(default=2, description="nnU-Net fingerprint/preprocessing processes.")
-    augmentation_workers: int | None = Field(
-        default=None, description="nnU-Net data-augmentation processes (nnUNet_n_proc_DA); 0: in-process.")
-    torch_threads: int | None = Field(default=None, description="Torch CPU threads while training; empty: "
-                                                                "torch's own.")
     agreement_min_dice: float = Field(
         default=0.7, description="For a patient with a reference mask, ct_mask also runs the installed model and "
                                  "records the Dice overlap of the two masks; below this value its "
@@ -147,18 +120,9 @@ class SegmentationModelResource(dg.ConfigurableResource):
 
     @classmethod
     def cpu_demo(cls, **overrides) -> "SegmentationModelResource":
-        """A tiny real nnU-Net that a CPU trains in about a minute on a few small CTs.
-
-        AdamW (nnU-Net's `nnUNetTrainerAdam`) rather than SGD: in our trials SGD with nnU-Net's
-        momentum still predicted only background after 300 iterations. AdamW first predicts
-        only background too and finds the stomach after 50-110 iterations; 240 iterations leave
-        room for that (a 150-iteration schedule missed it in 1 of 9 runs).
-        """
-        settings = dict(trainer="nnUNetTrainerAdam", epochs=20, iterations_per_epoch=12, val_iterations=2,
-                        tiny_plans=True, device="cpu", preprocessing_workers=1, augmentation_workers=0,
-                        torch_threads=1)
-        settings.update(overrides)
-        return cls(**settings)
+        """The demo profile's model (profiles.DEMO: a tiny nnU-Net that a CPU trains in minutes),
+        `overrides` on top."""
+        return cls(**{**DEMO.resource_settings("segmentation"), **overrides})
 
     def training_refusal(self) -> str | None:
         """Why training with these settings cannot finish on this machine, or None.
@@ -215,12 +179,11 @@ class SegmentationModelResource(dg.ConfigurableResource):
         from gcmlm_assets.devices import resolve_device
         from gcmlm_assets.radiology.nnunet_training import TinyPlans, TrainingSettings
 
-        return TrainingSettings(
-            dataset_id=self.dataset_id, trainer=self.trainer, planner=self.planner, epochs=self.epochs,
-            iterations_per_epoch=self.iterations_per_epoch, val_iterations=self.val_iterations, fold=self.fold,
-            device=resolve_device(self.device, "segmentation.device", gpu_step=True).name, tiny_plans=TinyPlans() if self.tiny_plans else None,
-            preprocessing_workers=self.preprocessing_workers, augmentation_workers=self.augmentation_workers,
-            torch_threads=self.torch_threads, intensity_samples=1_000_000 if self.tiny_plans else None)
+        return TrainingSettings(**{
+            **values_of(self, NnunetTrainingFields),
+            "device": resolve_device(self.device, "segmentation.device", gpu_step=True).name,
+            "tiny_plans": TinyPlans() if self.tiny_plans else None,
+            "intensity_samples": 1_000_000 if self.tiny_plans else None})
 
     def model_folder(self, store) -> Path | None:
         """The configured trained folder, else the one `current.json` points at, else None.
@@ -261,6 +224,11 @@ class SegmentationModelResource(dg.ConfigurableResource):
             return folder, CheckpointPins.from_setting(self.trained_model_sha256)
         models_root = SEGMENTATION_MODEL.folder(store, create=False)
         return folder, installed_model_pins(models_root, read_current_model(models_root) or {})
+
+
+# The resource: _SegmentationModelResource's fields and methods, with NnunetTrainingFields' fields.
+SegmentationModelResource = settings_resource("SegmentationModelResource", _SegmentationModelResource,
+                                              NnunetTrainingFields, __name__)
 
 
 def resources(env: str, profile: Profile = PRODUCTION) -> dict[str, dg.ConfigurableResource]:

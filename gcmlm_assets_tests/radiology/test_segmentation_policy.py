@@ -5,7 +5,7 @@ One history, three trainings on tiny plans (test_nnunet.py's cohort of crops of 
 1. a weak first model (1 iteration, one augmentation worker) on GC001-GC004: installed, nothing to
    compare with;
 2. two new reference masks (GC005, GC006), below the retraining policy: the sensor does not train;
-3. a user's run with the CPU demo's 240 iterations: both new cases are held out, the new model's
+3. a user's run with the tests' 240 iterations (test_nnunet.TEST_TRAINING): both new cases are held out, the new model's
    mean Dice on them is compared with the weak model's, and it is installed;
 4. a user's run with the weak settings again: the same 4 cases and settings as model 1, so the
    seeded training gives model 1 again, byte for byte; worse than the installed model, it is rejected
@@ -28,7 +28,8 @@ from gcmlm_assets.radiology.sensors import build_segmentation_training_sensor, t
 from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZone
 
 from .conftest import make_drop
-from .test_nnunet import TRAIN_SPACING_MM, TRAINING_CROPS, Cohort, metadata_of, model_table, resampled
+from .test_nnunet import TRAIN_SPACING_MM, TRAINING_CROPS, Cohort, demo_segmentation, metadata_of, model_table, \
+    resampled
 
 NEW_CROPS = {"GC005": (3, 3, 0, 56, 46, 15), "GC006": (6, 1, 1, 52, 47, 14)}
 # The 2 new cases are below the sensor's threshold (3) and both held out for the comparison.
@@ -63,8 +64,8 @@ def history(tmp_path_factory, real_ct, real_stomach):
     (root / "artifacts").mkdir()
     (root / "dagster_home").mkdir()
     write_drops(root, real_ct, real_stomach, TRAINING_CROPS)
-    weak = SegmentationModelResource.cpu_demo(**POLICY, **WEAK)
-    demo = SegmentationModelResource.cpu_demo(**POLICY)
+    weak = demo_segmentation(**POLICY, **WEAK)
+    demo = demo_segmentation(**POLICY)
     with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
         cohort = Cohort(root, instance, {
             "storage": ArtifactStorage(root=str(root / "artifacts")),
