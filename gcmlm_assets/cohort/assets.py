@@ -18,7 +18,7 @@ from pathlib import Path
 import dagster as dg
 
 from gcmlm_assets import pictures, step_pods
-from gcmlm_assets.cohort import qc
+from gcmlm_assets.cohort.tables import qc
 from gcmlm_assets.cohort.check_results import check_result
 from gcmlm_assets.cohort.asset_files import (
     CLINICAL_FILE, CLINICAL_PROBLEMS, CODE_VERSIONS, FUSED_FILE, FUSION_REPORT, GROUP, MODEL_FILE, SCORES_FILE,
@@ -39,12 +39,12 @@ from gcmlm_assets.storage import (
 
 # Imported by the steps that use them, not when the definitions load (gcmlm_assets/lazy.py).
 pq = lazy("pyarrow.parquet")
-clinical = lazy("gcmlm_assets.cohort.clinical")
-fusion = lazy("gcmlm_assets.cohort.fusion")
-modelling = lazy("gcmlm_assets.cohort.modelling")
-model_plots = lazy("gcmlm_assets.cohort.plots")
-bags = lazy("gcmlm_assets.cohort.bags")
-explanation_keys = lazy("gcmlm_assets.cohort.explanation_keys")
+clinical = lazy("gcmlm_assets.cohort.tables.clinical")
+fusion = lazy("gcmlm_assets.cohort.tables.fusion")
+modelling = lazy("gcmlm_assets.cohort.model.modelling")
+model_plots = lazy("gcmlm_assets.cohort.card.plots")
+bags = lazy("gcmlm_assets.cohort.tables.bags")
+explanation_keys = lazy("gcmlm_assets.cohort.explain.explanation_keys")
 quarantine = lazy("gcmlm_assets.quarantine")
 
 CLINICAL_CSV = "clinical.csv"

@@ -3,7 +3,7 @@ the checks that risk_model and risk_scores evaluate in their own step before pub
 
 import dagster as dg
 
-from gcmlm_assets.cohort import qc
+from gcmlm_assets.cohort.tables import qc
 
 SEVERITY = {qc.WARN: dg.AssetCheckSeverity.WARN, qc.ERROR: dg.AssetCheckSeverity.ERROR,
             qc.PASS: dg.AssetCheckSeverity.ERROR}

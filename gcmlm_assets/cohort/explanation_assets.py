@@ -20,7 +20,7 @@ import dagster as dg
 
 from gcmlm_assets import step_pods
 from gcmlm_assets.batching import DATA_VERSION_TAG, LoadOnce, batch_patients, per_patient_events
-from gcmlm_assets.cohort import explanation_keys
+from gcmlm_assets.cohort.explain import explanation_keys
 from gcmlm_assets.cohort.asset_files import FUSED_FILE, GROUP, MODEL_FILE, required_input
 from gcmlm_assets.cohort.assets import _current_model_or_fail
 from gcmlm_assets.lazy import lazy
@@ -34,12 +34,12 @@ from gcmlm_assets.storage import (
 np = lazy("numpy")
 pa = lazy("pyarrow")
 pq = lazy("pyarrow.parquet")
-modelling = lazy("gcmlm_assets.cohort.modelling")
-cohort_data = lazy("gcmlm_assets.cohort.cohort_data")
-patient_explanation = lazy("gcmlm_assets.cohort.patient_explanation")
+modelling = lazy("gcmlm_assets.cohort.model.modelling")
+cohort_data = lazy("gcmlm_assets.cohort.tables.cohort_data")
+patient_explanation = lazy("gcmlm_assets.cohort.explain.patient_explanation")
 heatmaps = lazy("gcmlm_assets.pathology.heatmaps")
 pooling = lazy("gcmlm_assets.pathology.pooling")
-fusion = lazy("gcmlm_assets.cohort.fusion")
+fusion = lazy("gcmlm_assets.cohort.tables.fusion")
 
 RISK_EXPLANATIONS = "risk_explanations"
 CODE_VERSION = explanation_keys.CODE_VERSION

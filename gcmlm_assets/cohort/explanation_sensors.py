@@ -19,7 +19,7 @@ import dagster as dg
 
 from gcmlm_assets import runs
 from gcmlm_assets.batching import DATA_VERSION_TAG, batch_patients
-from gcmlm_assets.cohort.explanation_keys import patients_to_explain
+from gcmlm_assets.cohort.explain.explanation_keys import patients_to_explain
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.patient_batches import PatientBatch, plan_batches
 from gcmlm_assets.resources import ArtifactStorage

@@ -46,7 +46,7 @@ class RiskModelSettings(dg.ConfigurableResource):
     seed: int = Field(default=0, description="Seed of the splits, bootstrap and stochastic estimators.")
 
     def model_settings(self):
-        from gcmlm_assets.cohort.model_settings import ModelSettings
+        from gcmlm_assets.cohort.model.model_settings import ModelSettings
 
         return ModelSettings(**{name: getattr(self, name) for name in ModelSettings.__dataclass_fields__})
 

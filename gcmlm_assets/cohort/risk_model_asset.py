@@ -21,7 +21,7 @@ from pathlib import Path
 import dagster as dg
 
 from gcmlm_assets import pictures, step_pods
-from gcmlm_assets.cohort import qc
+from gcmlm_assets.cohort.tables import qc
 from gcmlm_assets.cohort.check_results import check_result
 from gcmlm_assets.cohort.asset_files import (
     CODE_VERSIONS, CV_PREDICTIONS, FUSED_FILE, FUSION_REPORT, GROUP, METRICS_FILE, MODEL_CARD, MODEL_CARD_MARKDOWN,
@@ -36,18 +36,18 @@ from gcmlm_assets.storage import (
 
 # Imported by the step that uses them, not when the definitions load (gcmlm_assets/lazy.py).
 pq = lazy("pyarrow.parquet")
-fusion = lazy("gcmlm_assets.cohort.fusion")
-modelling = lazy("gcmlm_assets.cohort.modelling")
-model_settings = lazy("gcmlm_assets.cohort.model_settings")
-training = lazy("gcmlm_assets.cohort.training")
-cohort_data = lazy("gcmlm_assets.cohort.cohort_data")
-crossval = lazy("gcmlm_assets.cohort.crossval")
-model_metrics = lazy("gcmlm_assets.cohort.metrics")
-model_plots = lazy("gcmlm_assets.cohort.plots")
-model_card = lazy("gcmlm_assets.cohort.model_card")
-model_importance = lazy("gcmlm_assets.cohort.importance")
-card_context = lazy("gcmlm_assets.cohort.card_context")
-bags = lazy("gcmlm_assets.cohort.bags")
+fusion = lazy("gcmlm_assets.cohort.tables.fusion")
+modelling = lazy("gcmlm_assets.cohort.model.modelling")
+model_settings = lazy("gcmlm_assets.cohort.model.model_settings")
+training = lazy("gcmlm_assets.cohort.model.training")
+cohort_data = lazy("gcmlm_assets.cohort.tables.cohort_data")
+crossval = lazy("gcmlm_assets.cohort.model.crossval")
+model_metrics = lazy("gcmlm_assets.cohort.model.metrics")
+model_plots = lazy("gcmlm_assets.cohort.card.plots")
+model_card = lazy("gcmlm_assets.cohort.card.model_card")
+model_importance = lazy("gcmlm_assets.cohort.explain.importance")
+card_context = lazy("gcmlm_assets.cohort.card.card_context")
+bags = lazy("gcmlm_assets.cohort.tables.bags")
 quarantine = lazy("gcmlm_assets.quarantine")
 
 RISK_MODEL = "risk_model"

@@ -12,12 +12,14 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from gcmlm_assets.cohort import cohort_data, crossval, plots
-from gcmlm_assets.cohort import metrics as model_metrics
-from gcmlm_assets.cohort import modelling as M
-from gcmlm_assets.cohort import model_settings
-from gcmlm_assets.cohort import training
-from gcmlm_assets.cohort import qc
+from gcmlm_assets.cohort.tables import cohort_data
+from gcmlm_assets.cohort.model import crossval
+from gcmlm_assets.cohort.card import plots
+from gcmlm_assets.cohort.model import metrics as model_metrics
+from gcmlm_assets.cohort.model import modelling as M
+from gcmlm_assets.cohort.model import model_settings
+from gcmlm_assets.cohort.model import training
+from gcmlm_assets.cohort.tables import qc
 from gcmlm_assets_tests.cohort.synthetic import RADIOMICS_NAMES, make_cohort
 
 FAST = M.ModelSettings(n_splits=5, n_repeats=3, n_bootstrap=300)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gcmlm_assets.cohort.cohort_data import PATHOLOGY_ABMIL
-from gcmlm_assets.cohort.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
+from gcmlm_assets.cohort.tables.cohort_data import PATHOLOGY_ABMIL
+from gcmlm_assets.cohort.tables.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
 
 CLASSIFIERS = ("logistic", "svm", "random_forest")
 POOLINGS = ("mean", "abmil")
@@ -50,7 +50,7 @@ class ModelSettings:
     seed: int = 0
 
     def __post_init__(self):
-        from gcmlm_assets.cohort.combiners import FUSIONS
+        from gcmlm_assets.cohort.model.combiners import FUSIONS
 
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {self.classifier!r}")
@@ -81,7 +81,7 @@ class ModelSettings:
         return FUSED_MEAN if self.fusion == "stacked" else FUSED_STACKED
 
     def abmil_settings(self):
-        from gcmlm_assets.cohort.abmil import AbmilSettings
+        from gcmlm_assets.cohort.model.abmil import AbmilSettings
 
         return AbmilSettings(max_epochs=self.abmil_max_epochs, seed=self.seed)
 

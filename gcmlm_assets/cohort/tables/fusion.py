@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
+from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
 from gcmlm_assets.patients import patient_id_problem
 from gcmlm_assets.storage import atomic_path, sha256_file, sha256_text
 

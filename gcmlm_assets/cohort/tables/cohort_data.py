@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
-from gcmlm_assets.cohort.fusion import AVAILABILITY, PATHOLOGY, PREFIX
+from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
+from gcmlm_assets.cohort.tables.fusion import AVAILABILITY, PATHOLOGY, PREFIX
 
 PATHOLOGY_ABMIL = "pathology_abmil"
 

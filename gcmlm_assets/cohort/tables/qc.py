@@ -14,8 +14,8 @@ from gcmlm_assets.lazy import lazy
 
 # The check steps import these when they run; the definitions (which name the checks) do not.
 np = lazy("numpy")
-clinical = lazy("gcmlm_assets.cohort.clinical")
-fusion = lazy("gcmlm_assets.cohort.fusion")
+clinical = lazy("gcmlm_assets.cohort.tables.clinical")
+fusion = lazy("gcmlm_assets.cohort.tables.fusion")
 
 PASS, WARN, ERROR = "pass", "warn", "error"
 LISTED = 20  # problems spelled out in a description; the metadata table holds them all

@@ -65,11 +65,11 @@ from sklearn.svm import SVC
 from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
-from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
-from gcmlm_assets.cohort.cohort_data import PATHOLOGY_ABMIL, CohortData
-from gcmlm_assets.cohort.combiners import MeanLogitCombiner, probability_to_logit, sigmoid
-from gcmlm_assets.cohort.fusion import PATHOLOGY, RADIOLOGY
-from gcmlm_assets.cohort.model_settings import LOGISTIC_CS, ModelSettings
+from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
+from gcmlm_assets.cohort.tables.cohort_data import PATHOLOGY_ABMIL, CohortData
+from gcmlm_assets.cohort.model.combiners import MeanLogitCombiner, probability_to_logit, sigmoid
+from gcmlm_assets.cohort.tables.fusion import PATHOLOGY, RADIOLOGY
+from gcmlm_assets.cohort.model.model_settings import LOGISTIC_CS, ModelSettings
 from gcmlm_assets.storage import DigestMismatch, atomic_path, read_pinned_bytes
 
 # ---------------------------------------------------------------- transformers
@@ -193,7 +193,7 @@ def fit_block(block: str, X, y: np.ndarray, settings: ModelSettings):
     if counts.min() < 2:
         return None
     if block == PATHOLOGY_ABMIL:
-        from gcmlm_assets.cohort.abmil import fit_abmil
+        from gcmlm_assets.cohort.model.abmil import fit_abmil
 
         return fit_abmil(list(X), y.astype(int), settings.abmil_settings())
     pipeline = build_block_pipeline(block, settings, len(y), int(counts.min()))
@@ -297,9 +297,9 @@ TRUSTED_TYPES = [
     f"{__name__}.CorrelationFilter",
     f"{__name__}.FusedRiskModel",
     f"{__name__}.L1Selection",
-    "gcmlm_assets.cohort.combiners.MeanLogitCombiner",
-    "gcmlm_assets.cohort.combiners.StackedCombiner",
-    "gcmlm_assets.cohort.abmil.AbmilModel",
+    "gcmlm_assets.cohort.model.combiners.MeanLogitCombiner",
+    "gcmlm_assets.cohort.model.combiners.StackedCombiner",
+    "gcmlm_assets.cohort.model.abmil.AbmilModel",
 ]
 
 
@@ -308,7 +308,7 @@ class UntrustedModelFile(ValueError):
 
 
 def save_model(model: FusedRiskModel, path: str | Path) -> Path:
-    from gcmlm_assets.cohort.skops_bytes import normalise_skops_file
+    from gcmlm_assets.cohort.model.skops_bytes import normalise_skops_file
 
     with atomic_path(path) as tmp:
         sio.dump(model, tmp)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gcmlm_assets.cohort.model_settings import FUSED
+from gcmlm_assets.cohort.model.model_settings import FUSED
 
 
 def plot_curves(curves: dict, kind: str, labels: dict[str, str] | None = None) -> bytes:

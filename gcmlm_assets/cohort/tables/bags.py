@@ -12,8 +12,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
-from gcmlm_assets.cohort.fusion import AVAILABILITY, PATHOLOGY
+from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
+from gcmlm_assets.cohort.tables.fusion import AVAILABILITY, PATHOLOGY
 from gcmlm_assets.pathology.pooling import PoolingError, patient_slides
 from gcmlm_assets.storage import ArtifactStore, sha256_text
 
