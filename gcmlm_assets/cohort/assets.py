@@ -17,8 +17,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from gcmlm_assets import pictures, step_pods
-from gcmlm_assets.cohort.tables import qc
+from gcmlm_assets import pictures, quarantine, step_pods
+from gcmlm_assets.cohort.card import plots as model_plots
+from gcmlm_assets.cohort.explain import explanation_keys
+from gcmlm_assets.cohort.tables import bags, clinical, fusion, qc
 from gcmlm_assets.cohort.check_results import check_result
 from gcmlm_assets.cohort.asset_files import (
     CLINICAL_FILE, CLINICAL_PROBLEMS, CODE_VERSIONS, FUSED_FILE, FUSION_REPORT, GROUP, MODEL_FILE, SCORES_FILE,
@@ -37,15 +39,8 @@ from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import (
     VERSION_POINTER, ArtifactStore, atomic_write_bytes, atomic_write_json, sha256_file, sha256_text)
 
-# Imported by the steps that use them, not when the definitions load (gcmlm_assets/lazy.py).
+# Imported by the steps that use it, not when the definitions load (gcmlm_assets/lazy.py).
 pq = lazy("pyarrow.parquet")
-clinical = lazy("gcmlm_assets.cohort.tables.clinical")
-fusion = lazy("gcmlm_assets.cohort.tables.fusion")
-modelling = lazy("gcmlm_assets.cohort.model.modelling")
-model_plots = lazy("gcmlm_assets.cohort.card.plots")
-bags = lazy("gcmlm_assets.cohort.tables.bags")
-explanation_keys = lazy("gcmlm_assets.cohort.explain.explanation_keys")
-quarantine = lazy("gcmlm_assets.quarantine")
 
 CLINICAL_CSV = "clinical.csv"
 
@@ -235,6 +230,8 @@ SCORES_VALID_CHECK = dg.AssetCheckSpec(
     output_required=False,  # scores that fail scores_valid are not materialized
 )
 def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
+    from gcmlm_assets.cohort.model import modelling  # scikit-learn at import: only in this step
+
     store = storage.store()
     model_folder, pointer = _current_model_or_fail(store)
     model_path = model_folder / MODEL_FILE

@@ -14,7 +14,7 @@ import json
 
 import dagster as dg
 
-from gcmlm_assets.cohort.tables import qc
+from gcmlm_assets.cohort.tables import fusion, qc
 from gcmlm_assets.cohort.asset_files import CLINICAL_PROBLEMS, FUSED_FILE, FUSION_REPORT
 from gcmlm_assets.cohort.assets import clinical_table, fused_table
 from gcmlm_assets.cohort.check_results import check_result as _result
@@ -23,7 +23,6 @@ from gcmlm_assets.resources import ArtifactStorage
 from gcmlm_assets.lazy import lazy
 
 pq = lazy("pyarrow.parquet")
-fusion = lazy("gcmlm_assets.cohort.tables.fusion")
 
 
 def _missing(path) -> dg.AssetCheckResult:

@@ -23,23 +23,21 @@ from gcmlm_assets.batching import DATA_VERSION_TAG, LoadOnce, batch_patients, pe
 from gcmlm_assets.cohort.explain import explanation_keys
 from gcmlm_assets.cohort.asset_files import FUSED_FILE, GROUP, MODEL_FILE, required_input
 from gcmlm_assets.cohort.assets import _current_model_or_fail
+from gcmlm_assets.cohort.tables import fusion
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.pathology import heatmaps, pooling
 from gcmlm_assets.pathology.checks import UNI_FEATURES
 from gcmlm_assets.policies import TRANSIENT_RETRY
 from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
 from gcmlm_assets.storage import (
     VERSION_POINTER, atomic_write_json, new_version_folder, publish_version, read_version_pointer, version_intact)
 
+# Imported by the step that uses them, not when the definitions load (gcmlm_assets/lazy.py); the
+# model and explanation modules import scikit-learn, so the functions that use them import them.
 np = lazy("numpy")
 pa = lazy("pyarrow")
 pq = lazy("pyarrow.parquet")
-modelling = lazy("gcmlm_assets.cohort.model.modelling")
-cohort_data = lazy("gcmlm_assets.cohort.tables.cohort_data")
-patient_explanation = lazy("gcmlm_assets.cohort.explain.patient_explanation")
-heatmaps = lazy("gcmlm_assets.pathology.heatmaps")
-pooling = lazy("gcmlm_assets.pathology.pooling")
-fusion = lazy("gcmlm_assets.cohort.tables.fusion")
 
 RISK_EXPLANATIONS = "risk_explanations"
 CODE_VERSION = explanation_keys.CODE_VERSION
@@ -104,6 +102,8 @@ class _ExplanationRun:
         self._model: LoadOnce | None = None  # made when a patient first needs the model
 
     def model(self):
+        from gcmlm_assets.cohort.model import modelling
+
         if self._model is None:
             # the file must still hash to what risk_model's current.json recorded (read once, then loaded)
             self._model = LoadOnce(modelling.load_model, errors=(modelling.UntrustedModelFile, OSError))
@@ -157,6 +157,8 @@ def _recorded_keys(instance: dg.DagsterInstance, patients: list[str]) -> dict[st
 
 
 def _explain_and_write(context, model, row_table, patient_id: str, folder: Path, store, model_version: str) -> None:
+    from gcmlm_assets.cohort.explain import patient_explanation
+
     slides = _slide_patches(store, patient_id) if bool(row_table.column("has_pathology")[0].as_py()) else []
     # {} (not None): "this patient has no bag", which an ABMIL model accepts for a patient without slides
     bags = {patient_id: np.concatenate([s.features for s in slides]).astype(np.float32)} if slides else {}
@@ -194,6 +196,8 @@ def _explain_and_write(context, model, row_table, patient_id: str, folder: Path,
 
 
 def _slide_patches(store, patient_id: str) -> list:
+    from gcmlm_assets.cohort.explain import patient_explanation
+
     slides = []
     for features in pooling.patient_slides(store, UNI_FEATURES, patient_id):
         try:

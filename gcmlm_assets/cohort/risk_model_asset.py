@@ -20,8 +20,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from gcmlm_assets import pictures, step_pods
-from gcmlm_assets.cohort.tables import qc
+from gcmlm_assets import pictures, quarantine, step_pods
+from gcmlm_assets.cohort.card import plots as model_plots
+from gcmlm_assets.cohort.model import model_settings
+from gcmlm_assets.cohort.tables import bags, cohort_data, fusion, qc
 from gcmlm_assets.cohort.check_results import check_result
 from gcmlm_assets.cohort.asset_files import (
     CODE_VERSIONS, CV_PREDICTIONS, FUSED_FILE, FUSION_REPORT, GROUP, METRICS_FILE, MODEL_CARD, MODEL_CARD_MARKDOWN,
@@ -34,21 +36,10 @@ from gcmlm_assets.storage import (
     VERSION_POINTER, ArtifactStore, atomic_write_bytes, atomic_write_json, new_version_folder, publish_version,
     read_version_pointer, sha256_file, sha256_text, version_intact)
 
-# Imported by the step that uses them, not when the definitions load (gcmlm_assets/lazy.py).
+# Imported by the step that uses it, not when the definitions load (gcmlm_assets/lazy.py). The
+# model/ modules (and model_card, importance, card_context over them) import scikit-learn when
+# imported: the functions that use them import them.
 pq = lazy("pyarrow.parquet")
-fusion = lazy("gcmlm_assets.cohort.tables.fusion")
-modelling = lazy("gcmlm_assets.cohort.model.modelling")
-model_settings = lazy("gcmlm_assets.cohort.model.model_settings")
-training = lazy("gcmlm_assets.cohort.model.training")
-cohort_data = lazy("gcmlm_assets.cohort.tables.cohort_data")
-crossval = lazy("gcmlm_assets.cohort.model.crossval")
-model_metrics = lazy("gcmlm_assets.cohort.model.metrics")
-model_plots = lazy("gcmlm_assets.cohort.card.plots")
-model_card = lazy("gcmlm_assets.cohort.card.model_card")
-model_importance = lazy("gcmlm_assets.cohort.explain.importance")
-card_context = lazy("gcmlm_assets.cohort.card.card_context")
-bags = lazy("gcmlm_assets.cohort.tables.bags")
-quarantine = lazy("gcmlm_assets.quarantine")
 
 RISK_MODEL = "risk_model"
 MODEL_FILES = (MODEL_FILE, METRICS_FILE, MODEL_CARD, MODEL_CARD_MARKDOWN, CV_PREDICTIONS, *PLOTS.values())
@@ -91,6 +82,9 @@ def current_model_version(store: ArtifactStore) -> tuple[Path, dict] | None:
 )
 def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage,
                      risk_model: RiskModelSettings) -> Iterator[dg.MaterializeResult]:
+    from gcmlm_assets.cohort.card import model_card
+    from gcmlm_assets.cohort.model import crossval, training
+
     store = storage.store()
     fused_path = required_input(store, "fused_table", FUSED_FILE)
     settings = risk_model.model_settings()
@@ -238,6 +232,11 @@ def _wait_for_labels(context, root: Path, counts: dict[str, int], settings: "mod
 def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fused_path: Path,
                        settings: "model_settings.ModelSettings", fingerprint: str, inputs: dict,
                        excluded: Mapping[str, str]) -> dict:
+    from gcmlm_assets.cohort.card import card_context, model_card
+    from gcmlm_assets.cohort.explain import importance as model_importance
+    from gcmlm_assets.cohort.model import crossval, modelling, training
+    from gcmlm_assets.cohort.model import metrics as model_metrics
+
     cv = crossval.cross_validate(data, settings)
     context.log.info(f"cross-validated {len(cv.labels)} patients: {cv.n_splits} folds x {cv.n_repeats} repeats")
     for note in cv.notes:
@@ -303,12 +302,16 @@ def _remove_unversioned_files(root: Path) -> None:
 
 def _card_markdown(folder: Path, card: dict) -> str:
     """The stored TRIPOD+AI card (versions published before it existed: rendered from the JSON card)."""
+    from gcmlm_assets.cohort.card import model_card
+
     path = folder / MODEL_CARD_MARKDOWN
     return path.read_text(encoding="utf-8") if path.is_file() else model_card.model_card_markdown(card)
 
 
 def _model_summary(root: Path, pointer: dict, status: str) -> tuple[dict, dict]:
     """(the metadata every risk_model materialization carries, the stored card)."""
+    from gcmlm_assets.cohort.model import metrics as model_metrics
+
     folder = root / pointer["version"]
     metrics = json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))
     card = json.loads((folder / MODEL_CARD).read_text(encoding="utf-8"))
