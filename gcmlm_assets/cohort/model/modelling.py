@@ -44,6 +44,8 @@ the model card and strict JSON (model_card).
 
 from __future__ import annotations
 
+import importlib
+import sys
 import warnings
 
 from pathlib import Path
@@ -301,6 +303,13 @@ TRUSTED_TYPES = [
     "gcmlm_assets.cohort.model.combiners.StackedCombiner",
     "gcmlm_assets.cohort.model.abmil.AbmilModel",
 ]
+# A file written before cohort/ was split into packages names these classes by their old modules.
+# It loads into the same classes, its bytes (and the hash its version pointer pinned) unchanged, so
+# an installed model stays usable without a refit.
+MOVED_MODULES = {f"gcmlm_assets.cohort.{name}": f"gcmlm_assets.cohort.model.{name}"
+                 for name in ("modelling", "combiners", "abmil")}
+FORMER_TRUSTED_TYPES = [f"{old}.{name.rpartition('.')[2]}" for name in TRUSTED_TYPES
+                        for old, new in MOVED_MODULES.items() if name.rpartition(".")[0] == new]
 
 
 class UntrustedModelFile(ValueError):
@@ -331,10 +340,16 @@ def load_model(path: str | Path, sha256: str | None = None, pinned_by: str = "it
                                      "the model file changed after it was published and is not loaded "
                                      "(re-materialize risk_model)") from None
     source = {"file": path} if data is None else {"data": data}
-    untrusted = set(sio.get_untrusted_types(**source)) - set(TRUSTED_TYPES)
+    named = set(sio.get_untrusted_types(**source))
+    untrusted = named - set(TRUSTED_TYPES) - set(FORMER_TRUSTED_TYPES)
     if untrusted:
         raise UntrustedModelFile(f"{path}: refusing to load types not on the trusted list: {sorted(untrusted)}")
-    model = sio.load(path, trusted=TRUSTED_TYPES) if data is None else sio.loads(data, trusted=TRUSTED_TYPES)
+    trusted = TRUSTED_TYPES
+    if named & set(FORMER_TRUSTED_TYPES):
+        for old, new in MOVED_MODULES.items():  # skops imports a class by the module its file names
+            sys.modules.setdefault(old, importlib.import_module(new))
+        trusted = TRUSTED_TYPES + FORMER_TRUSTED_TYPES
+    model = sio.load(path, trusted=trusted) if data is None else sio.loads(data, trusted=trusted)
     if not isinstance(model, FusedRiskModel):
         raise UntrustedModelFile(f"{path}: holds a {type(model).__name__}, not a FusedRiskModel")
     # a file written before fusion rules and side models existed fused by the mean logit
