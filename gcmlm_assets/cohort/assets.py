@@ -8,7 +8,7 @@ reuses the stored files (same bytes, same data version) instead of recomputing.
 
 fused_table uses a patient's radiomics_row / slide_vector file only when that partition's latest
 materialization succeeded and passed its blocking checks (facts from the instance, decided in
-`soundness.py`). risk_model, trained on fused_table and read by risk_scores, is in
+`tables/soundness.py`). risk_model, trained on fused_table and read by risk_scores, is in
 `risk_model_asset.py`; the names and files the group shares are in `asset_files.py`.
 """
 

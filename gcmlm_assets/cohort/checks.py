@@ -1,4 +1,4 @@
-"""Asset checks of the cohort group: thin wrappers over the decisions in `qc.py`.
+"""Asset checks of the cohort group: thin wrappers over the decisions in `tables/qc.py`.
 
 Blocking where a downstream result would be wrong: duplicate fused rows, no CV AUC, invalid
 scores. The last two (`cv_auc_reported`, `scores_valid`) run inside the risk_model and

@@ -1,8 +1,8 @@
-"""risk_explanations: why each patient got their score (thin wiring over patient_explanation.py).
+"""risk_explanations: why each patient got their score (thin wiring over explain/patient_explanation.py).
 
 Partitioned by patient, in the cohort group, so that each patient's explanation has its own page
 in the UI. `risk_explanations_sensor` (explanation_sensors.py) asks for the patients whose
-explanation key (explanation_keys.py: the code version, the risk model file, the patient's own
+explanation key (explain/explanation_keys.py: the code version, the risk model file, the patient's own
 fused_table row and patch features) differs from the one last recorded, many patients per run.
 A run explains its patients one by one with one loaded model and one read of the fused table; a
 patient whose key is recorded already is skipped without an event. Each explanation is published

@@ -1,6 +1,6 @@
 """risk_explanations_sensor: after a new risk_scores, explains the patients whose explanation changed.
 
-risk_scores writes each scored patient's explanation key (explanation_keys.py) beside the score,
+risk_scores writes each scored patient's explanation key (explain/explanation_keys.py) beside the score,
 and risk_explanations records the key it explained as its materialization's data version. On a
 new risk_scores the sensor reads the scores' keys and every patient's recorded key (one query)
 and asks only for the patients whose keys differ, one run per bucket of `GCMLM_GPU_BATCH_PATIENTS`

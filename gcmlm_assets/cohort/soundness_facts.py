@@ -1,7 +1,7 @@
 """Which per-patient results fused_table may use: what the Dagster instance says about each one.
 
 Facts are read in a few bulk queries per asset (never one per partition, never the whole check
-history) and decided in the plain `soundness.py`: the partition's latest materialization, a later
+history) and decided in the plain `tables/soundness.py`: the partition's latest materialization, a later
 attempt that failed or is still running, and each blocking check's outcome on that latest
 materialization (one query per check, plus one per failed outcome; see `check_outcomes`).
 """
