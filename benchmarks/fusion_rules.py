@@ -16,9 +16,10 @@ import dataclasses
 
 import numpy as np
 
-from gcmlm_assets.cohort import cohort_data, crossval
-from gcmlm_assets.cohort import metrics as model_metrics
-from gcmlm_assets.cohort import model_settings
+from gcmlm_assets.cohort.tables import cohort_data
+from gcmlm_assets.cohort.model import crossval
+from gcmlm_assets.cohort.model import metrics as model_metrics
+from gcmlm_assets.cohort.model import model_settings
 
 # (name, patients, radiology signal, pathology signal): the generator's signal scales, 1.0 = its default
 SCENARIOS = [

@@ -8,7 +8,7 @@ reuses the stored files (same bytes, same data version) instead of recomputing.
 
 fused_table uses a patient's radiomics_row / slide_vector file only when that partition's latest
 materialization succeeded and passed its blocking checks (facts from the instance, decided in
-`soundness.py`). risk_model, trained on fused_table and read by risk_scores, is in
+`tables/soundness.py`). risk_model, trained on fused_table and read by risk_scores, is in
 `risk_model_asset.py`; every asset's key, code version and files are in `gcmlm_assets/catalogue.py`.
 """
 
@@ -17,8 +17,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from gcmlm_assets import pictures, step_pods
-from gcmlm_assets.cohort import qc
+from gcmlm_assets import pictures, quarantine, step_pods
+from gcmlm_assets.cohort.card import plots as model_plots
+from gcmlm_assets.cohort.explain import explanation_keys
+from gcmlm_assets.cohort.tables import bags, clinical, fusion, qc
 from gcmlm_assets.cohort.check_results import check_result
 from gcmlm_assets.catalogue import (
     CLINICAL_FILE, CLINICAL_PROBLEMS, CLINICAL_TABLE, FUSED_FILE, FUSED_TABLE, FUSION_REPORT, MODEL_FILE,
@@ -29,7 +31,8 @@ from gcmlm_assets.cohort.risk_model_asset import (
     current_model_version, excluded_metadata, load_patient_bags, log_left_out, train_risk_model,
     without_patients)
 from gcmlm_assets.columns import column_schema_metadata
-from gcmlm_assets.landing.scan import CLINICAL_CSV, describe_links_leaving, link_leaving
+from gcmlm_assets.landing.scan import CLINICAL_CSV
+from gcmlm_assets.landing_input import describe_links_leaving, link_leaving
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.cohort.soundness_facts import declared_blocking_checks, unsound_results
 from gcmlm_assets.partitions import patients_partitions
@@ -37,15 +40,8 @@ from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import (
     VERSION_POINTER, ArtifactStore, atomic_write_bytes, atomic_write_json, sha256_file, sha256_text)
 
-# Imported by the steps that use them, not when the definitions load (gcmlm_assets/lazy.py).
+# Imported by the steps that use it, not when the definitions load (gcmlm_assets/lazy.py).
 pq = lazy("pyarrow.parquet")
-clinical = lazy("gcmlm_assets.cohort.clinical")
-fusion = lazy("gcmlm_assets.cohort.fusion")
-modelling = lazy("gcmlm_assets.cohort.modelling")
-model_plots = lazy("gcmlm_assets.cohort.plots")
-bags = lazy("gcmlm_assets.cohort.bags")
-explanation_keys = lazy("gcmlm_assets.cohort.explanation_keys")
-quarantine = lazy("gcmlm_assets.quarantine")
 
 
 def _reuse_or_none(store: ArtifactStore, asset: str, fingerprint: str, context) -> dict | None:
@@ -227,6 +223,8 @@ SCORES_VALID_CHECK = dg.AssetCheckSpec(
     output_required=False,  # scores that fail scores_valid are not materialized
 )
 def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
+    from gcmlm_assets.cohort.model import modelling  # scikit-learn at import: only in this step
+
     store = storage.store()
     model_folder, pointer = _current_model_or_fail(store)
     model_path = MODEL_FILE.in_folder(model_folder)

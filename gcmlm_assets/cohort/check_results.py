@@ -1,9 +1,9 @@
-"""A QC verdict (qc.py) as a Dagster check result: shared by the stand-alone checks (checks.py) and
+"""A QC verdict (tables/qc.py) as a Dagster check result: shared by the stand-alone checks (checks.py) and
 the checks that risk_model and risk_scores evaluate in their own step before publishing."""
 
 import dagster as dg
 
-from gcmlm_assets.cohort import qc
+from gcmlm_assets.cohort.tables import qc
 
 SEVERITY = {qc.WARN: dg.AssetCheckSeverity.WARN, qc.ERROR: dg.AssetCheckSeverity.ERROR,
             qc.PASS: dg.AssetCheckSeverity.ERROR}

@@ -1,4 +1,4 @@
-"""Asset checks of the cohort group: thin wrappers over the decisions in `qc.py`.
+"""Asset checks of the cohort group: thin wrappers over the decisions in `tables/qc.py`.
 
 Blocking where a downstream result would be wrong: duplicate fused rows, no CV AUC, invalid
 scores. The last two (`cv_auc_reported`, `scores_valid`) run inside the risk_model and
@@ -14,8 +14,8 @@ import json
 
 import dagster as dg
 
-from gcmlm_assets.cohort import qc
 from gcmlm_assets.catalogue import CLINICAL_PROBLEMS, FUSED_FILE, FUSION_REPORT
+from gcmlm_assets.cohort.tables import fusion, qc
 from gcmlm_assets.cohort.assets import clinical_table, fused_table
 from gcmlm_assets.cohort.check_results import check_result as _result
 from gcmlm_assets.cohort.resources import RiskModelSettings
@@ -23,7 +23,6 @@ from gcmlm_assets.resources import ArtifactStorage
 from gcmlm_assets.lazy import lazy
 
 pq = lazy("pyarrow.parquet")
-fusion = lazy("gcmlm_assets.cohort.fusion")
 
 
 def _missing(path) -> dg.AssetCheckResult:

@@ -1,8 +1,8 @@
 """The column schemas of the cohort tables (plain data, light to import).
 
-The tables are built by `clinical.py` (clinical_table), `fusion.py` (fused_table) and
-`modelling.py` (risk_scores, `FusedRiskModel.score_table`); those import pyarrow, numpy and
-scikit-learn, which loading the definitions must not, so the schemas the asset pages show live here.
+The tables are built by `tables/clinical.py` (clinical_table), `tables/fusion.py` (fused_table) and
+`model/modelling.py` (risk_scores, `FusedRiskModel.score_table`); they use pyarrow, numpy and
+scikit-learn, which loading the definitions must not import, so the schemas the asset pages show live here.
 Tests compare each with a real table (gcmlm_assets_tests/cohort/test_cohort_assets.py).
 """
 

@@ -1,8 +1,8 @@
-"""risk_explanations: why each patient got their score (thin wiring over patient_explanation.py).
+"""risk_explanations: why each patient got their score (thin wiring over explain/patient_explanation.py).
 
 Partitioned by patient, in the cohort group, so that each patient's explanation has its own page
 in the UI. `risk_explanations_sensor` (explanation_sensors.py) asks for the patients whose
-explanation key (explanation_keys.py: the code version, the risk model file, the patient's own
+explanation key (explain/explanation_keys.py: the code version, the risk model file, the patient's own
 fused_table row and patch features) differs from the one last recorded, many patients per run.
 A run explains its patients one by one with one loaded model and one read of the fused table; a
 patient whose key is recorded already is skipped without an event. Each explanation is published
@@ -20,28 +20,26 @@ import dagster as dg
 
 from gcmlm_assets import step_pods
 from gcmlm_assets.batching import DATA_VERSION_TAG, LoadOnce, batch_patients, per_patient_events
-from gcmlm_assets.cohort import explanation_keys
 from gcmlm_assets.catalogue import (
     EXPLANATION_FILE, FUSED_FILE, FUSED_TABLE, MODEL_FILE, PATCHES_FILE, RISK_EXPLANATIONS, RISK_MODEL, RISK_SCORES,
     UNI_FEATURES)
+from gcmlm_assets.cohort.explain import explanation_keys
 from gcmlm_assets.cohort.assets import _current_model_or_fail
+from gcmlm_assets.cohort.tables import fusion
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.inputs import required_file
+from gcmlm_assets import heatmaps, patch_features
 from gcmlm_assets.policies import TRANSIENT_RETRY
 from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
 from gcmlm_assets.storage import (
     VERSION_POINTER, atomic_write_json, new_version_folder, publish_version, read_version_pointer, version_intact)
 
+# Imported by the step that uses them, not when the definitions load (gcmlm_assets/lazy.py); the
+# model and explanation modules import scikit-learn, so the functions that use them import them.
 np = lazy("numpy")
 pa = lazy("pyarrow")
 pq = lazy("pyarrow.parquet")
-modelling = lazy("gcmlm_assets.cohort.modelling")
-cohort_data = lazy("gcmlm_assets.cohort.cohort_data")
-patient_explanation = lazy("gcmlm_assets.cohort.patient_explanation")
-heatmaps = lazy("gcmlm_assets.heatmaps")
-patch_features = lazy("gcmlm_assets.patch_features")
-fusion = lazy("gcmlm_assets.cohort.fusion")
 
 KEY_FIELD = "explanation_key"  # in current.json: the key the published explanation was made for
 # Heatmaps embedded in the metadata: the first one (the first slide's contribution map, else its
@@ -100,6 +98,8 @@ class _ExplanationRun:
         self._model: LoadOnce | None = None  # made when a patient first needs the model
 
     def model(self):
+        from gcmlm_assets.cohort.model import modelling
+
         if self._model is None:
             # the file must still hash to what risk_model's current.json recorded (read once, then loaded)
             self._model = LoadOnce(modelling.load_model, errors=(modelling.UntrustedModelFile, OSError))
@@ -153,6 +153,8 @@ def _recorded_keys(instance: dg.DagsterInstance, patients: list[str]) -> dict[st
 
 
 def _explain_and_write(context, model, row_table, patient_id: str, folder: Path, store, model_version: str) -> None:
+    from gcmlm_assets.cohort.explain import patient_explanation
+
     slides = _slide_patches(store, patient_id) if bool(row_table.column("has_pathology")[0].as_py()) else []
     # {} (not None): "this patient has no bag", which an ABMIL model accepts for a patient without slides
     bags = {patient_id: np.concatenate([s.features for s in slides]).astype(np.float32)} if slides else {}
@@ -190,6 +192,8 @@ def _explain_and_write(context, model, row_table, patient_id: str, folder: Path,
 
 
 def _slide_patches(store, patient_id: str) -> list:
+    from gcmlm_assets.cohort.explain import patient_explanation
+
     slides = []
     for features in patch_features.patient_slides(store, UNI_FEATURES.key, patient_id):
         try:

@@ -1,6 +1,6 @@
 """risk_explanations_sensor: after a new risk_scores, explains the patients whose explanation changed.
 
-risk_scores writes each scored patient's explanation key (explanation_keys.py) beside the score,
+risk_scores writes each scored patient's explanation key (explain/explanation_keys.py) beside the score,
 and risk_explanations records the key it explained as its materialization's data version. On a
 new risk_scores the sensor reads the scores' keys and every patient's recorded key (one query)
 and asks only for the patients whose keys differ, one run per bucket of `GCMLM_GPU_BATCH_PATIENTS`
@@ -19,7 +19,7 @@ import dagster as dg
 
 from gcmlm_assets import runs
 from gcmlm_assets.batching import DATA_VERSION_TAG, batch_patients
-from gcmlm_assets.cohort.explanation_keys import patients_to_explain
+from gcmlm_assets.cohort.explain.explanation_keys import patients_to_explain
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.patient_batches import PatientBatch, plan_batches
 from gcmlm_assets.resources import ArtifactStorage

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from gcmlm_assets.cohort.model_setting_fields import ModelSettingFields
+from gcmlm_assets.cohort.model.setting_fields import ModelSettingFields
 from gcmlm_assets.profiles import PRODUCTION, Profile
 from gcmlm_assets.setting_fields import settings_resource, values_of
 
@@ -15,7 +15,7 @@ class _RiskModelResource(dg.ConfigurableResource):
     # RiskModelSettings below: these methods, with ModelSettingFields' fields.
 
     def model_settings(self):
-        from gcmlm_assets.cohort.model_settings import ModelSettings
+        from gcmlm_assets.cohort.model.model_settings import ModelSettings
 
         return ModelSettings(**values_of(self, ModelSettingFields))
 

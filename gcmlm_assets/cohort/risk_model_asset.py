@@ -20,8 +20,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from gcmlm_assets import pictures, step_pods
-from gcmlm_assets.cohort import qc
+from gcmlm_assets import pictures, quarantine, step_pods
+from gcmlm_assets.cohort.card import plots as model_plots
+from gcmlm_assets.cohort.model import model_settings
+from gcmlm_assets.cohort.tables import bags, cohort_data, fusion, qc
 from gcmlm_assets.cohort.check_results import check_result
 from gcmlm_assets.catalogue import (
     CLINICAL_TABLE, CV_PREDICTIONS, FUSED_FILE, FUSED_TABLE, FUSION_REPORT, METRICS_FILE, MODEL_CARD,
@@ -34,21 +36,10 @@ from gcmlm_assets.storage import (
     VERSION_POINTER, ArtifactStore, atomic_write_bytes, atomic_write_json, new_version_folder, publish_version,
     read_version_pointer, sha256_file, sha256_text, version_intact)
 
-# Imported by the step that uses them, not when the definitions load (gcmlm_assets/lazy.py).
+# Imported by the step that uses it, not when the definitions load (gcmlm_assets/lazy.py). The
+# model/ modules (and model_card, importance, card_context over them) import scikit-learn when
+# imported: the functions that use them import them.
 pq = lazy("pyarrow.parquet")
-fusion = lazy("gcmlm_assets.cohort.fusion")
-modelling = lazy("gcmlm_assets.cohort.modelling")
-model_settings = lazy("gcmlm_assets.cohort.model_settings")
-training = lazy("gcmlm_assets.cohort.training")
-cohort_data = lazy("gcmlm_assets.cohort.cohort_data")
-crossval = lazy("gcmlm_assets.cohort.crossval")
-model_metrics = lazy("gcmlm_assets.cohort.metrics")
-model_plots = lazy("gcmlm_assets.cohort.plots")
-model_card = lazy("gcmlm_assets.cohort.model_card")
-model_importance = lazy("gcmlm_assets.cohort.importance")
-card_context = lazy("gcmlm_assets.cohort.card_context")
-bags = lazy("gcmlm_assets.cohort.bags")
-quarantine = lazy("gcmlm_assets.quarantine")
 
 MODEL_FILES = tuple(file.name for file in (MODEL_FILE, METRICS_FILE, MODEL_CARD, MODEL_CARD_MARKDOWN, CV_PREDICTIONS,
                                             *PLOTS.values()))
@@ -89,6 +80,9 @@ def current_model_version(store: ArtifactStore) -> tuple[Path, dict] | None:
 )
 def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage,
                      risk_model: RiskModelSettings) -> Iterator[dg.MaterializeResult]:
+    from gcmlm_assets.cohort.card import model_card
+    from gcmlm_assets.cohort.model import crossval, training
+
     store = storage.store()
     fused_path = required_file(FUSED_FILE, store)
     settings = risk_model.model_settings()
@@ -236,6 +230,11 @@ def _wait_for_labels(context, root: Path, counts: dict[str, int], settings: "mod
 def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fused_path: Path,
                        settings: "model_settings.ModelSettings", fingerprint: str, inputs: dict,
                        excluded: Mapping[str, str]) -> dict:
+    from gcmlm_assets.cohort.card import card_context, model_card
+    from gcmlm_assets.cohort.explain import importance as model_importance
+    from gcmlm_assets.cohort.model import crossval, modelling, training
+    from gcmlm_assets.cohort.model import metrics as model_metrics
+
     cv = crossval.cross_validate(data, settings)
     context.log.info(f"cross-validated {len(cv.labels)} patients: {cv.n_splits} folds x {cv.n_repeats} repeats")
     for note in cv.notes:
@@ -301,12 +300,16 @@ def _remove_unversioned_files(root: Path) -> None:
 
 def _card_markdown(folder: Path, card: dict) -> str:
     """The stored TRIPOD+AI card (versions published before it existed: rendered from the JSON card)."""
+    from gcmlm_assets.cohort.card import model_card
+
     path = MODEL_CARD_MARKDOWN.in_folder(folder)
     return path.read_text(encoding="utf-8") if path.is_file() else model_card.model_card_markdown(card)
 
 
 def _model_summary(root: Path, pointer: dict, status: str) -> tuple[dict, dict]:
     """(the metadata every risk_model materialization carries, the stored card)."""
+    from gcmlm_assets.cohort.model import metrics as model_metrics
+
     folder = root / pointer["version"]
     metrics = json.loads(METRICS_FILE.in_folder(folder).read_text(encoding="utf-8"))
     card = json.loads(MODEL_CARD.in_folder(folder).read_text(encoding="utf-8"))

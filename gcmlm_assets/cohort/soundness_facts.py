@@ -1,7 +1,7 @@
 """Which per-patient results fused_table may use: what the Dagster instance says about each one.
 
 Facts are read in a few bulk queries per asset (never one per partition, never the whole check
-history) and decided in the plain `soundness.py`: the partition's latest materialization, a later
+history) and decided in the plain `tables/soundness.py`: the partition's latest materialization, a later
 attempt that failed or is still running, and each blocking check's outcome on that latest
 materialization (one query per check, plus one per failed outcome; see `check_outcomes`).
 """
@@ -11,14 +11,11 @@ from pathlib import Path
 
 import dagster as dg
 
-from gcmlm_assets.cohort import soundness
+from gcmlm_assets.cohort.tables import fusion, soundness
 from gcmlm_assets.dagster_internals import DATA_VERSION_TAG, PartitionKeyFilter
 from gcmlm_assets.dagster_internals import AssetCheckExecutionRecordStatus as CheckStatus
-from gcmlm_assets.lazy import lazy
 from gcmlm_assets.patients import patient_id_problem
 from gcmlm_assets.storage import ArtifactStore, sha256_file
-
-fusion = lazy("gcmlm_assets.cohort.fusion")  # pyarrow only when a fused table is built
 
 RUN_BATCH = 100  # run ids per get_runs query
 CHECK_HISTORY_PAGE = 1000  # check executions per history query (evaluations stored with partition None)

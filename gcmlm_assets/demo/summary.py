@@ -157,7 +157,7 @@ def model_labels(risk_model_metadata: dict[str, Any]) -> dict[str, str]:
 
 def ablation_rows(risk_model_metadata: dict[str, Any]) -> list[tuple[str, float | None, float | None, float | None, int | None]]:
     """(model, AUC, CI low, CI high, patients) per model of the ablation."""
-    from gcmlm_assets.cohort.model_settings import in_ablation_order
+    from gcmlm_assets.cohort.model.model_settings import in_ablation_order
 
     rows = []
     metrics = risk_model_metrics(risk_model_metadata)

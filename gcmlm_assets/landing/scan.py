@@ -33,8 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The domains raise LandingInputError from here; the resources refuse the same links (landing_input.py).
-from gcmlm_assets.landing_input import LandingInputError, describe_links_leaving, link_leaving
+# The scan reports the links the resources refuse (landing_input.py, below the domains).
+from gcmlm_assets.landing_input import describe_links_leaving, link_leaving
 from gcmlm_assets.patients import patient_id_problem
 
 READY_MARKER = "READY"

@@ -12,7 +12,7 @@ from gcmlm_assets.catalogue import (
 from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.devices import DeviceError, require_gpu_step_device
 from gcmlm_assets.lazy import lazy
-from gcmlm_assets.landing.scan import LandingInputError
+from gcmlm_assets.landing_input import LandingInputError
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
 from gcmlm_assets.pathology import checks, encoders

@@ -96,8 +96,6 @@ class SlideSource:
 
 def slide_source(path: str | os.PathLike) -> SlideSource:
     """The slide that `path` opens: itself, or the DICOM series it belongs to (from its folder)."""
-    from gcmlm_assets.pathology import dicom_wsi  # imports this module back (SlideError)
-
     path = Path(path)
     if path.is_file() and dicom_wsi.looks_like_dicom(path):
         series = dicom_wsi.series_containing(path)
@@ -141,8 +139,6 @@ def list_slides(wsi_dir: str | os.PathLike) -> list[SlideSource]:
     instance is refused); every other file is a slide of its own. Two slides
     with the same stem would write the same output name and are refused.
     """
-    from gcmlm_assets.pathology import dicom_wsi  # imports this module back (SlideError)
-
     folder = Path(wsi_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"no slide folder {folder}")

@@ -23,7 +23,7 @@ from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
 from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
 from gcmlm_assets.lazy import lazy
-from gcmlm_assets.landing.scan import LandingInputError
+from gcmlm_assets.landing_input import LandingInputError
 from gcmlm_assets.radiology import checks, ct_io, features, masks, model_lifecycle
 from gcmlm_assets.radiology.columns import RADIOMICS_ROW_COLUMNS
 from gcmlm_assets.radiology.resources import RadiomicsSettings

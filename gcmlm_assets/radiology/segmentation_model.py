@@ -20,7 +20,7 @@ import dagster as dg
 from gcmlm_assets import step_pods
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.partitions import patients_partitions
-from gcmlm_assets.landing.scan import LandingInputError
+from gcmlm_assets.landing_input import LandingInputError
 from gcmlm_assets.pictures import PLOT, picture_markdown
 from gcmlm_assets.policies import TRANSIENT_RETRY
 from gcmlm_assets.catalogue import CT_IMAGE, CT_VOLUME, SEGMENTATION_MODEL, MissingAssetFile

@@ -11,7 +11,7 @@ import skops.io as sio
 import torch
 from sklearn.metrics import roc_auc_score
 
-from gcmlm_assets.cohort import abmil as A
+from gcmlm_assets.cohort.model import abmil as A
 
 N_FEATURES = 32
 SHIFT = 4.0  # how far a "tumour" patch lies along the planted direction, in patch-noise SDs
@@ -133,7 +133,7 @@ def test_skops_round_trip_gives_identical_logits(model, held_out_cohort):
     sio.dump(model, buffer)
     data = buffer.getvalue()
     # The model's state is numpy arrays (trusted by skops by default) and plain values: only the class is reported.
-    assert sio.get_untrusted_types(data=data) == ["gcmlm_assets.cohort.abmil.AbmilModel"] == A.TRUSTED_TYPES
+    assert sio.get_untrusted_types(data=data) == ["gcmlm_assets.cohort.model.abmil.AbmilModel"] == A.TRUSTED_TYPES
     loaded = sio.load(io.BytesIO(data), trusted=A.TRUSTED_TYPES)
     assert isinstance(loaded, A.AbmilModel)
     assert np.array_equal(loaded.logits(bags), model.logits(bags))

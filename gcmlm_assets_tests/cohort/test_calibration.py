@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from gcmlm_assets.cohort import metrics as M
-from gcmlm_assets.cohort.model_card import json_safe
+from gcmlm_assets.cohort.model import metrics as M
+from gcmlm_assets.cohort.card.model_card import json_safe
 
 
 def _expit(x):

@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from gcmlm_assets.cohort import qc
-from gcmlm_assets.cohort.clinical import ClinicalFileError, parse_clinical_csv, read_clinical_csv
+from gcmlm_assets.cohort.tables import qc
+from gcmlm_assets.cohort.tables.clinical import ClinicalFileError, parse_clinical_csv, read_clinical_csv
 
 
 def test_valid_file_with_bom_blank_lines_and_unknown_labels(tmp_path):

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gcmlm_assets.cohort import assets as cohort_assets
-from gcmlm_assets.cohort import metrics as cohort_metrics
+from gcmlm_assets.cohort.model import metrics as cohort_metrics
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.catalogue import UNI_FEATURES

@@ -20,7 +20,7 @@ import pytest
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import explanation_assets
 from gcmlm_assets.catalogue import RISK_EXPLANATIONS, SCORES_FILE
-from gcmlm_assets.cohort.explanation_keys import read_patient_rows, row_digests
+from gcmlm_assets.cohort.explain.explanation_keys import read_patient_rows, row_digests
 from gcmlm_assets.cohort.explanation_sensors import build_risk_explanations_sensor, recorded_explanation_keys
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.demo.watch import unexplained

@@ -15,11 +15,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 
 from gcmlm_assets import pictures
-from gcmlm_assets.cohort import explanations as E
-from gcmlm_assets.cohort import modelling as M
-from gcmlm_assets.cohort import training
-from gcmlm_assets.cohort.combiners import PROBABILITY_CLIP
-from gcmlm_assets.cohort.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
+from gcmlm_assets.cohort.explain import explanations as E
+from gcmlm_assets.cohort.model import modelling as M
+from gcmlm_assets.cohort.model import training
+from gcmlm_assets.cohort.model.combiners import PROBABILITY_CLIP
+from gcmlm_assets.cohort.tables.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
 from gcmlm_assets import heatmaps as H
 from gcmlm_assets.pathology.pooling import MeanPooling, SlideFeatures
 from gcmlm_assets_tests.cohort.synthetic import RADIOMICS_NAMES, make_cohort

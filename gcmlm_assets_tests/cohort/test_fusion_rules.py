@@ -5,12 +5,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gcmlm_assets.cohort import cohort_data, crossval
-from gcmlm_assets.cohort import metrics as model_metrics
-from gcmlm_assets.cohort import modelling as M
-from gcmlm_assets.cohort import model_settings
-from gcmlm_assets.cohort import training
-from gcmlm_assets.cohort.patient_explanation import SlidePatches, explain_patient
+from gcmlm_assets.cohort.tables import cohort_data
+from gcmlm_assets.cohort.model import crossval
+from gcmlm_assets.cohort.model import metrics as model_metrics
+from gcmlm_assets.cohort.model import modelling as M
+from gcmlm_assets.cohort.model import model_settings
+from gcmlm_assets.cohort.model import training
+from gcmlm_assets.cohort.explain.patient_explanation import SlidePatches, explain_patient
 from gcmlm_assets_tests.cohort.synthetic import make_cohort
 from gcmlm_assets_tests.cohort.test_modelling import cohort_table
 

@@ -1,14 +1,14 @@
-"""Permutation importance (cohort/importance.py) on a known predictor and on a fitted risk model."""
+"""Permutation importance (cohort/explain/importance.py) on a known predictor and on a fitted risk model."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from gcmlm_assets.cohort import importance as I
-from gcmlm_assets.cohort import modelling as M
-from gcmlm_assets.cohort import training
-from gcmlm_assets.cohort.cohort_data import BlockData, CohortData
+from gcmlm_assets.cohort.explain import importance as I
+from gcmlm_assets.cohort.model import modelling as M
+from gcmlm_assets.cohort.model import training
+from gcmlm_assets.cohort.tables.cohort_data import BlockData, CohortData
 
 
 def _expit(x):

@@ -7,13 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from gcmlm_assets.cohort import card_context, clinical, crossval, fusion, importance
-from gcmlm_assets.cohort import metrics as model_metrics
-from gcmlm_assets.cohort import model_card as MC
-from gcmlm_assets.cohort import modelling as M
-from gcmlm_assets.cohort import model_settings
-from gcmlm_assets.cohort import training
-from gcmlm_assets.cohort.cohort_data import CohortData
+from gcmlm_assets.cohort.card import card_context
+from gcmlm_assets.cohort.tables import clinical, fusion
+from gcmlm_assets.cohort.model import crossval
+from gcmlm_assets.cohort.explain import importance
+from gcmlm_assets.cohort.model import metrics as model_metrics
+from gcmlm_assets.cohort.card import model_card as MC
+from gcmlm_assets.cohort.model import modelling as M
+from gcmlm_assets.cohort.model import training
+from gcmlm_assets.cohort.tables.cohort_data import CohortData
 from gcmlm_assets_tests.cohort.synthetic import make_cohort, write_cohort_files, write_radiomics_row
 
 SETTINGS = M.ModelSettings(n_splits=4, n_repeats=2, n_bootstrap=200)

@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 from dagster._serdes import serialize_value
 
 from gcmlm_assets.cohort import assets as cohort_assets
-from gcmlm_assets.cohort import risk_model_asset, training
-from gcmlm_assets.cohort.model_settings import ModelSettings
+from gcmlm_assets.cohort import risk_model_asset
+from gcmlm_assets.cohort.model import training
+from gcmlm_assets.cohort.model.model_settings import ModelSettings
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.storage import read_version_pointer

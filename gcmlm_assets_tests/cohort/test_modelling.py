@@ -1,6 +1,7 @@
 """Risk model: no leakage in the CV, the planted signal is found, missing modalities, skops round trip."""
 
 import io
+import zipfile
 
 import numpy as np
 import pyarrow as pa
@@ -12,12 +13,15 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from gcmlm_assets.cohort import cohort_data, crossval, plots
-from gcmlm_assets.cohort import metrics as model_metrics
-from gcmlm_assets.cohort import modelling as M
-from gcmlm_assets.cohort import model_settings
-from gcmlm_assets.cohort import training
-from gcmlm_assets.cohort import qc
+from gcmlm_assets.cohort.tables import cohort_data
+from gcmlm_assets.cohort.model import crossval
+from gcmlm_assets.cohort.card import plots
+from gcmlm_assets.cohort.model import metrics as model_metrics
+from gcmlm_assets.cohort.model import modelling as M
+from gcmlm_assets.cohort.model import model_settings
+from gcmlm_assets.cohort.model import training
+from gcmlm_assets.cohort.tables import qc
+from gcmlm_assets.storage import sha256_file
 from gcmlm_assets_tests.cohort.synthetic import RADIOMICS_NAMES, make_cohort
 
 FAST = M.ModelSettings(n_splits=5, n_repeats=3, n_bootstrap=300)
@@ -163,6 +167,24 @@ def test_loading_refuses_types_off_the_trusted_list(tmp_path):
     sio.dump(model, path)
     with pytest.raises(M.UntrustedModelFile, match="test_modelling.Unlisted"):
         M.load_model(path)
+
+
+def test_a_model_file_written_before_cohort_was_split_still_loads(tmp_path):
+    ids, labels, radiomics, pathology = make_cohort(24, seed=9)
+    table = cohort_table(ids, labels, radiomics, pathology)
+    model, _ = training.fit_risk_model(cohort_data.CohortData.from_table(table, FAST.blocks()), FAST, 0.5)
+    M.save_model(model, tmp_path / "new.skops")
+    # the same file as the flat cohort/ wrote it: its classes named by gcmlm_assets.cohort.<module>
+    former = tmp_path / "former.skops"
+    with zipfile.ZipFile(tmp_path / "new.skops") as new, zipfile.ZipFile(former, "w") as old:
+        for entry in new.infolist():
+            content = new.read(entry)
+            old.writestr(entry, content.replace(b"gcmlm_assets.cohort.model.", b"gcmlm_assets.cohort.")
+                         if entry.filename == "schema.json" else content)
+    assert "gcmlm_assets.cohort.modelling.FusedRiskModel" in sio.get_untrusted_types(file=former)
+    loaded = M.load_model(former, sha256_file(former))
+    assert isinstance(loaded, M.FusedRiskModel)
+    assert loaded.score_table(table).equals(model.score_table(table))
 
 
 def test_too_few_labels_is_a_clear_error():

@@ -12,10 +12,10 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import checks as cohort_checks
-from gcmlm_assets.cohort import qc
-from gcmlm_assets.cohort.fusion import build_fused_table, report_json
+from gcmlm_assets.cohort.tables import qc
+from gcmlm_assets.cohort.tables.fusion import build_fused_table, report_json
 from gcmlm_assets.cohort.resources import RiskModelSettings
-from gcmlm_assets.cohort.soundness import (
+from gcmlm_assets.cohort.tables.soundness import (
     CANCELED, FAILED, IN_PROGRESS, CheckOutcome, PartitionFacts, exclusion_reason, unsound_partitions)
 from gcmlm_assets.cohort.soundness_facts import check_outcomes, unsound_results
 from gcmlm_assets.partitions import patients_partitions

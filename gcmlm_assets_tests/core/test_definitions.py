@@ -155,10 +155,6 @@ def test_loading_the_definitions_imports_no_heavy_library():
     assert out.strip().splitlines()[-1] == "[]"
 
 
-# TODO(issue 22): cohort/ still names its own modules through lazy(); remove this once its split lands.
-LAZY_OWN_MODULES_ALLOWED_UNDER = ("cohort",)
-
-
 def test_lazy_names_only_third_party_libraries():
     """The project's own modules are imported as usual, so that readers, IDEs and type checkers see the
     wiring; lazy() is for heavy third-party libraries only (gcmlm_assets/lazy.py)."""
@@ -170,8 +166,6 @@ def test_lazy_names_only_third_party_libraries():
     offenders = []
     for path in sorted(package.rglob("*.py")):
         relative = path.relative_to(package)
-        if relative.parts[0] in LAZY_OWN_MODULES_ALLOWED_UNDER:
-            continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
             if (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "lazy"
                     and node.args and isinstance(node.args[0], ast.Constant)

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 from sklearn.metrics import roc_auc_score
 
-from gcmlm_assets.cohort.clinical import read_clinical_csv
+from gcmlm_assets.cohort.tables.clinical import read_clinical_csv
 from gcmlm_assets.demo import synthetic
 from gcmlm_assets.landing.scan import scan_landing_zone
 

@@ -30,8 +30,8 @@ PROFILE = "demo"
 WARM_IMPORTS = ("SimpleITK", "radiomics.featureextractor", "torch", "timm", "h5py", "openslide", "pyarrow.parquet",
                 "sklearn.linear_model", "skops.io", "matplotlib.pyplot", "gcmlm_assets.radiology.features",
                 "gcmlm_assets.radiology.masks", "gcmlm_assets.pathology.extract", "gcmlm_assets.pathology.encoders",
-                "gcmlm_assets.cohort.modelling", "gcmlm_assets.cohort.crossval", "gcmlm_assets.cohort.metrics",
-                "gcmlm_assets.cohort.plots", "gcmlm_assets.cohort.model_card", "gcmlm_assets.definitions")
+                "gcmlm_assets.cohort.model.modelling", "gcmlm_assets.cohort.model.crossval", "gcmlm_assets.cohort.model.metrics",
+                "gcmlm_assets.cohort.card.plots", "gcmlm_assets.cohort.card.model_card", "gcmlm_assets.definitions")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import json
 import shutil
 from collections import Counter
 
-from gcmlm_assets.cohort import modelling
+from gcmlm_assets.cohort.model import modelling
 from gcmlm_assets.storage import read_version_pointer
 from gcmlm_assets_tests.robustness.artifacts import (
     digests,

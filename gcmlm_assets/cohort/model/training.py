@@ -20,12 +20,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from sklearn.pipeline import Pipeline
 
-from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
-from gcmlm_assets.cohort.cohort_data import PATHOLOGY_ABMIL, CohortData, block_columns, class_counts
-from gcmlm_assets.cohort.combiners import make_combiner
-from gcmlm_assets.cohort.fusion import AVAILABILITY, PATHOLOGY, RADIOLOGY
-from gcmlm_assets.cohort.model_settings import InsufficientLabels, ModelSettings
-from gcmlm_assets.cohort.modelling import FusedRiskModel, block_logits, fit_block
+from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
+from gcmlm_assets.cohort.tables.cohort_data import PATHOLOGY_ABMIL, CohortData, block_columns, class_counts
+from gcmlm_assets.cohort.model.combiners import make_combiner
+from gcmlm_assets.cohort.tables.fusion import AVAILABILITY, PATHOLOGY, RADIOLOGY
+from gcmlm_assets.cohort.model.model_settings import InsufficientLabels, ModelSettings
+from gcmlm_assets.cohort.model.modelling import FusedRiskModel, block_logits, fit_block
 
 
 def training_table(fused: pa.Table, blocks: tuple[str, ...]) -> pa.Table:

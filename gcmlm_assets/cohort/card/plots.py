@@ -5,9 +5,11 @@ Plain Python (no Dagster); matplotlib comes through gcmlm_assets.pictures, impor
 
 from __future__ import annotations
 
-import numpy as np
+from gcmlm_assets.cohort.model.model_settings import FUSED
+from gcmlm_assets.lazy import lazy
 
-from gcmlm_assets.cohort.model_settings import FUSED
+# imported on first use: the definitions import this module, the steps compute (gcmlm_assets/lazy.py)
+np = lazy("numpy")
 
 
 def plot_curves(curves: dict, kind: str, labels: dict[str, str] | None = None) -> bytes:

@@ -10,12 +10,11 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+from gcmlm_assets.cohort.tables import clinical, fusion
 from gcmlm_assets.lazy import lazy
 
-# The check steps import these when they run; the definitions (which name the checks) do not.
+# The check steps import numpy when they run; the definitions (which name the checks) do not.
 np = lazy("numpy")
-clinical = lazy("gcmlm_assets.cohort.clinical")
-fusion = lazy("gcmlm_assets.cohort.fusion")
 
 PASS, WARN, ERROR = "pass", "warn", "error"
 LISTED = 20  # problems spelled out in a description; the metadata table holds them all

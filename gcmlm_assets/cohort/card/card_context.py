@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gcmlm_assets.catalogue import FUSED_TABLE
-from gcmlm_assets.cohort import model_card, model_settings
-from gcmlm_assets.cohort.fusion import PATHOLOGY
+from gcmlm_assets.cohort.card import model_card
+from gcmlm_assets.cohort.model import model_settings
+from gcmlm_assets.cohort.tables.fusion import PATHOLOGY
 
 
 SEE_DAGSTER = "the time of this materialization in Dagster (kept out of the card: same inputs, same files)"

@@ -57,7 +57,7 @@ class ModelSettingFields:
     seed: int = setting(0, "Seed of the splits, bootstrap and stochastic estimators.")
 
     def __post_init__(self):
-        from gcmlm_assets.cohort.combiners import FUSIONS
+        from gcmlm_assets.cohort.model.combiners import FUSIONS
 
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {self.classifier!r}")

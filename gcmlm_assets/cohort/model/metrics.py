@@ -20,12 +20,12 @@ import scipy.stats
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, roc_curve
 
-from gcmlm_assets.cohort.cohort_data import class_counts
-from gcmlm_assets.cohort.combiners import probability_to_logit
-from gcmlm_assets.cohort.model_settings import ModelSettings, in_ablation_order
+from gcmlm_assets.cohort.tables.cohort_data import class_counts
+from gcmlm_assets.cohort.model.combiners import probability_to_logit
+from gcmlm_assets.cohort.model.model_settings import ModelSettings, in_ablation_order
 
 if TYPE_CHECKING:
-    from gcmlm_assets.cohort.crossval import CrossValidation
+    from gcmlm_assets.cohort.model.crossval import CrossValidation
 
 
 def _rank_auc(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:

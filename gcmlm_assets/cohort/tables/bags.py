@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import numpy as np
-
-from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
-from gcmlm_assets.cohort.fusion import AVAILABILITY, PATHOLOGY
+from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
+from gcmlm_assets.cohort.tables.fusion import AVAILABILITY, PATHOLOGY
+from gcmlm_assets.lazy import lazy
 from gcmlm_assets.patch_features import PoolingError, patient_slides
 from gcmlm_assets.storage import ArtifactStore, sha256_text
+
+# imported on first use: the definitions import this module, the steps compute (gcmlm_assets/lazy.py)
+np = lazy("numpy")
 
 # Patches per patient ABMIL trains and cross-validates on (evenly spaced; scoring reads them all):
 # 2048 UNI embeddings are 8 MiB, so a cohort of hundreds of patients fits in the step's memory.

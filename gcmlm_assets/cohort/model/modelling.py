@@ -44,6 +44,8 @@ the model card and strict JSON (model_card).
 
 from __future__ import annotations
 
+import importlib
+import sys
 import warnings
 
 from pathlib import Path
@@ -65,11 +67,11 @@ from sklearn.svm import SVC
 from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
-from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
-from gcmlm_assets.cohort.cohort_data import PATHOLOGY_ABMIL, CohortData
-from gcmlm_assets.cohort.combiners import MeanLogitCombiner, probability_to_logit, sigmoid
-from gcmlm_assets.cohort.fusion import PATHOLOGY, RADIOLOGY
-from gcmlm_assets.cohort.model_settings import LOGISTIC_CS, ModelSettings
+from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
+from gcmlm_assets.cohort.tables.cohort_data import PATHOLOGY_ABMIL, CohortData
+from gcmlm_assets.cohort.model.combiners import MeanLogitCombiner, probability_to_logit, sigmoid
+from gcmlm_assets.cohort.tables.fusion import PATHOLOGY, RADIOLOGY
+from gcmlm_assets.cohort.model.model_settings import LOGISTIC_CS, ModelSettings
 from gcmlm_assets.storage import DigestMismatch, atomic_path, read_pinned_bytes
 
 # ---------------------------------------------------------------- transformers
@@ -193,7 +195,7 @@ def fit_block(block: str, X, y: np.ndarray, settings: ModelSettings):
     if counts.min() < 2:
         return None
     if block == PATHOLOGY_ABMIL:
-        from gcmlm_assets.cohort.abmil import fit_abmil
+        from gcmlm_assets.cohort.model.abmil import fit_abmil
 
         return fit_abmil(list(X), y.astype(int), settings.abmil_settings())
     pipeline = build_block_pipeline(block, settings, len(y), int(counts.min()))
@@ -297,10 +299,17 @@ TRUSTED_TYPES = [
     f"{__name__}.CorrelationFilter",
     f"{__name__}.FusedRiskModel",
     f"{__name__}.L1Selection",
-    "gcmlm_assets.cohort.combiners.MeanLogitCombiner",
-    "gcmlm_assets.cohort.combiners.StackedCombiner",
-    "gcmlm_assets.cohort.abmil.AbmilModel",
+    "gcmlm_assets.cohort.model.combiners.MeanLogitCombiner",
+    "gcmlm_assets.cohort.model.combiners.StackedCombiner",
+    "gcmlm_assets.cohort.model.abmil.AbmilModel",
 ]
+# A file written before cohort/ was split into packages names these classes by their old modules.
+# It loads into the same classes, its bytes (and the hash its version pointer pinned) unchanged, so
+# an installed model stays usable without a refit.
+MOVED_MODULES = {f"gcmlm_assets.cohort.{name}": f"gcmlm_assets.cohort.model.{name}"
+                 for name in ("modelling", "combiners", "abmil")}
+FORMER_TRUSTED_TYPES = [f"{old}.{name.rpartition('.')[2]}" for name in TRUSTED_TYPES
+                        for old, new in MOVED_MODULES.items() if name.rpartition(".")[0] == new]
 
 
 class UntrustedModelFile(ValueError):
@@ -308,7 +317,7 @@ class UntrustedModelFile(ValueError):
 
 
 def save_model(model: FusedRiskModel, path: str | Path) -> Path:
-    from gcmlm_assets.cohort.skops_bytes import normalise_skops_file
+    from gcmlm_assets.cohort.model.skops_bytes import normalise_skops_file
 
     with atomic_path(path) as tmp:
         sio.dump(model, tmp)
@@ -331,10 +340,16 @@ def load_model(path: str | Path, sha256: str | None = None, pinned_by: str = "it
                                      "the model file changed after it was published and is not loaded "
                                      "(re-materialize risk_model)") from None
     source = {"file": path} if data is None else {"data": data}
-    untrusted = set(sio.get_untrusted_types(**source)) - set(TRUSTED_TYPES)
+    named = set(sio.get_untrusted_types(**source))
+    untrusted = named - set(TRUSTED_TYPES) - set(FORMER_TRUSTED_TYPES)
     if untrusted:
         raise UntrustedModelFile(f"{path}: refusing to load types not on the trusted list: {sorted(untrusted)}")
-    model = sio.load(path, trusted=TRUSTED_TYPES) if data is None else sio.loads(data, trusted=TRUSTED_TYPES)
+    trusted = TRUSTED_TYPES
+    if named & set(FORMER_TRUSTED_TYPES):
+        for old, new in MOVED_MODULES.items():  # skops imports a class by the module its file names
+            sys.modules.setdefault(old, importlib.import_module(new))
+        trusted = TRUSTED_TYPES + FORMER_TRUSTED_TYPES
+    model = sio.load(path, trusted=trusted) if data is None else sio.loads(data, trusted=trusted)
     if not isinstance(model, FusedRiskModel):
         raise UntrustedModelFile(f"{path}: holds a {type(model).__name__}, not a FusedRiskModel")
     # a file written before fusion rules and side models existed fused by the mean logit

@@ -29,14 +29,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from gcmlm_assets.catalogue import PATHOLOGY, PATIENT_FEATURES, RADIOLOGY
-from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
+from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
+from gcmlm_assets.lazy import lazy
 from gcmlm_assets.patients import patient_id_problem
 from gcmlm_assets.storage import atomic_path, sha256_file, sha256_text
+
+# imported on first use: the definitions import this module, the steps compute (gcmlm_assets/lazy.py)
+np = lazy("numpy")
+pa = lazy("pyarrow")
+pq = lazy("pyarrow.parquet")
 
 CLINICAL = "clinical"  # the third block, beside the two modalities the catalogue names
 AVAILABILITY = {RADIOLOGY: "has_radiology", PATHOLOGY: "has_pathology", CLINICAL: "has_clinical"}

@@ -87,7 +87,7 @@ def block_logit(pipeline: Pipeline, X) -> np.ndarray:
     """The block's logit per row of X (n, D), exactly as the risk model computes it
     (modelling.block_logits: the decision function of a linear classifier, else the log-odds of the
     clipped probability)."""
-    from gcmlm_assets.cohort.modelling import block_logits
+    from gcmlm_assets.cohort.model.modelling import block_logits
 
     return block_logits(pipeline, np.atleast_2d(np.asarray(X, dtype=np.float64)))
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
-import pyarrow as pa
+from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
+from gcmlm_assets.cohort.tables.fusion import AVAILABILITY, PATHOLOGY, PREFIX
+from gcmlm_assets.lazy import lazy
 
-from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
-from gcmlm_assets.cohort.fusion import AVAILABILITY, PATHOLOGY, PREFIX
+# imported on first use: the definitions import this module, the steps compute (gcmlm_assets/lazy.py)
+np = lazy("numpy")
+pa = lazy("pyarrow")
 
 PATHOLOGY_ABMIL = "pathology_abmil"
 

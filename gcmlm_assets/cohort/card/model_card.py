@@ -25,12 +25,12 @@ import sklearn
 import skops
 
 from gcmlm_assets.catalogue import FUSED_TABLE
-from gcmlm_assets.cohort.cohort_data import class_counts
-from gcmlm_assets.cohort.model_settings import FUSED, ModelSettings, fusion_strategy, in_ablation_order, model_labels
-from gcmlm_assets.cohort.modelling import FusedRiskModel
+from gcmlm_assets.cohort.tables.cohort_data import class_counts
+from gcmlm_assets.cohort.model.model_settings import FUSED, ModelSettings, fusion_strategy, in_ablation_order, model_labels
+from gcmlm_assets.cohort.model.modelling import FusedRiskModel
 
 if TYPE_CHECKING:
-    from gcmlm_assets.cohort.crossval import CrossValidation
+    from gcmlm_assets.cohort.model.crossval import CrossValidation
 
 
 IMPUTATION = ("single missing feature values: median imputation inside each block's pipeline, "
@@ -402,7 +402,7 @@ def _decision_curve_section(rows: list[tuple[str, dict]]) -> list[str]:
 
 
 def _explanation_section(card: dict) -> list[str]:
-    from gcmlm_assets.cohort.importance import importance_markdown
+    from gcmlm_assets.cohort.explain.importance import importance_markdown
 
     explanation = _mapping(card.get("explanation"))
     lines = _bullets([("method", explanation.get("method")), ("notes", explanation.get("notes"))])

@@ -17,9 +17,11 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pyarrow as pa
-
+from gcmlm_assets.lazy import lazy
 from gcmlm_assets.patients import patient_id_problem
+
+# imported on first use: the definitions import this module, the steps compute (gcmlm_assets/lazy.py)
+pa = lazy("pyarrow")
 
 ID_COLUMN = "patient_id"
 LABEL_COLUMN = "mlm"

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gcmlm_assets.cohort import explanations
-from gcmlm_assets.cohort.cohort_data import PATHOLOGY_ABMIL, CohortData
-from gcmlm_assets.cohort.combiners import sigmoid
-from gcmlm_assets.cohort.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
+from gcmlm_assets.cohort.explain import explanations
+from gcmlm_assets.cohort.tables.cohort_data import PATHOLOGY_ABMIL, CohortData
+from gcmlm_assets.cohort.model.combiners import sigmoid
+from gcmlm_assets.cohort.tables.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
 
 EXACT_TOLERANCE = 1e-6  # |sum of the parts - the model's logit| allowed per block
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gcmlm_assets.cohort.cohort_data import PATHOLOGY_ABMIL
-from gcmlm_assets.cohort.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
-from gcmlm_assets.cohort.model_setting_fields import ModelSettingFields
+from gcmlm_assets.cohort.tables.cohort_data import PATHOLOGY_ABMIL
+from gcmlm_assets.cohort.tables.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
+from gcmlm_assets.cohort.model.setting_fields import ModelSettingFields
 
 FUSED = "fused"  # the configured fusion (setting `fusion`)
 FUSED_MEAN, FUSED_STACKED = "fused_mean", "fused_stacked"  # the other fusion, reported beside it
@@ -48,7 +48,7 @@ class ModelSettings(ModelSettingFields):
         return FUSED_MEAN if self.fusion == "stacked" else FUSED_STACKED
 
     def abmil_settings(self):
-        from gcmlm_assets.cohort.abmil import AbmilSettings
+        from gcmlm_assets.cohort.model.abmil import AbmilSettings
 
         return AbmilSettings(max_epochs=self.abmil_max_epochs, seed=self.seed)
 

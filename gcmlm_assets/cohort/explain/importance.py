@@ -22,8 +22,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from gcmlm_assets.cohort.cohort_data import PATHOLOGY_ABMIL, BlockData, CohortData
-from gcmlm_assets.cohort.metrics import auc
+from gcmlm_assets.cohort.tables.cohort_data import PATHOLOGY_ABMIL, BlockData, CohortData
+from gcmlm_assets.cohort.model.metrics import auc
 
 Predictor = Callable[[CohortData], np.ndarray]
 
@@ -31,7 +31,7 @@ Predictor = Callable[[CohortData], np.ndarray]
 def model_predictor(model) -> Predictor:
     """The fused probability of a fitted FusedRiskModel as a function of CohortData (the
     data must hold the model's blocks with the model's columns: `model.cohort_data(table)`)."""
-    from gcmlm_assets.cohort.combiners import sigmoid
+    from gcmlm_assets.cohort.model.combiners import sigmoid
 
     # A permutation changes one block's inputs: the other blocks' logits are taken from the last
     # call whose inputs were the very same objects (an ABMIL pass over every bag is not repeated

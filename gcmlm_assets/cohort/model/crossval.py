@@ -22,12 +22,12 @@ import numpy as np
 import pyarrow as pa
 from sklearn.model_selection import RepeatedStratifiedKFold
 
-from gcmlm_assets.cohort.clinical import ID_COLUMN, LABEL_COLUMN
-from gcmlm_assets.cohort.cohort_data import CohortData, class_counts
-from gcmlm_assets.cohort.combiners import make_combiner, sigmoid
-from gcmlm_assets.cohort.model_settings import FUSED, FUSED_COMPLETE, InsufficientLabels, ModelSettings
-from gcmlm_assets.cohort.modelling import block_logits, fit_block
-from gcmlm_assets.cohort.training import out_of_fold_logits
+from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
+from gcmlm_assets.cohort.tables.cohort_data import CohortData, class_counts
+from gcmlm_assets.cohort.model.combiners import make_combiner, sigmoid
+from gcmlm_assets.cohort.model.model_settings import FUSED, FUSED_COMPLETE, InsufficientLabels, ModelSettings
+from gcmlm_assets.cohort.model.modelling import block_logits, fit_block
+from gcmlm_assets.cohort.model.training import out_of_fold_logits
 
 
 @dataclass
