@@ -31,7 +31,7 @@ SCENARIOS = [
 
 
 def cohort_aucs(n: int, seed: int, radiology_signal: float, pathology_signal: float, settings) -> dict[str, float]:
-    from gcmlm_assets_tests.cohort.synthetic import make_cohort
+    from gcmlm_assets_tests.support.cohort.synthetic import make_cohort
     from gcmlm_assets_tests.cohort.test_modelling import cohort_table
 
     # the generator draws the labels first, so both calls share them; each keeps one block

@@ -13,8 +13,8 @@ from gcmlm_assets.cohort.columns import CLINICAL_TABLE_COLUMNS, FUSED_TABLE_COLU
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.storage import read_version_pointer
-from gcmlm_assets_tests.cohort.synthetic import write_clinical_csv, write_cohort_files
-from gcmlm_assets_tests.cohort.upstream import report_sound_results
+from gcmlm_assets_tests.support.cohort.synthetic import write_clinical_csv, write_cohort_files
+from gcmlm_assets_tests.support.cohort.upstream import report_sound_results
 from gcmlm_assets_tests.core.test_pictures import assert_ui_picture, decode_markdown
 
 FAST_MODEL = RiskModelSettings(n_splits=4, n_repeats=2, n_bootstrap=200)

@@ -15,8 +15,8 @@ from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.storage import (
     STALE_TEMPORARY_S, TMP_PREFIX, VERSION_POINTER, ArtifactStore, new_version_folder, publish_version,
     read_version_pointer, version_intact)
-from gcmlm_assets_tests.cohort.synthetic import write_cohort_files
-from gcmlm_assets_tests.cohort.upstream import report_sound_results
+from gcmlm_assets_tests.support.cohort.synthetic import write_cohort_files
+from gcmlm_assets_tests.support.cohort.upstream import report_sound_results
 
 FAST_MODEL = RiskModelSettings(n_splits=4, n_repeats=2, n_bootstrap=200)
 

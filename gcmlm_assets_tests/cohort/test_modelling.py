@@ -18,7 +18,7 @@ from gcmlm_assets.cohort import modelling as M
 from gcmlm_assets.cohort import model_settings
 from gcmlm_assets.cohort import training
 from gcmlm_assets.cohort import qc
-from gcmlm_assets_tests.cohort.synthetic import RADIOMICS_NAMES, make_cohort
+from gcmlm_assets_tests.support.cohort.synthetic import RADIOMICS_NAMES, make_cohort
 
 FAST = M.ModelSettings(n_splits=5, n_repeats=3, n_bootstrap=300)
 

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import tifffile
 from pydicom.uid import generate_uid
 
-from gcmlm_assets_tests.pathology.slide_fixtures import real_slide, write_pyramid_tiff
+from gcmlm_assets_tests.support.pathology.slide_fixtures import real_slide, write_pyramid_tiff
 from gcmlm_assets_tests.radiology.conftest import ct_crop, write_dicom_series
 
 TS = ("ct", "totalsegmentator")

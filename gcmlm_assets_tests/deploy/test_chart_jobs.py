@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from gcmlm_assets import deploy_k8s, step_pods
-from gcmlm_assets_tests.deploy import chart_launcher
+from gcmlm_assets_tests.support.deploy import chart_launcher
 from gcmlm_assets_tests.deploy.pod_security import restricted_violations
 from gcmlm_assets_tests.deploy.test_step_jobs import (
     ASSET_CLASSES,

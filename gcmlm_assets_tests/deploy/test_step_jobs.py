@@ -56,7 +56,7 @@ import pytest
 import yaml
 
 from gcmlm_assets import step_pods
-from gcmlm_assets_tests.deploy import chart_launcher
+from gcmlm_assets_tests.support.deploy import chart_launcher
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 INSTANCE_YAML = PROJECT_ROOT / "deploy" / "k8s" / "dagster.yaml"
