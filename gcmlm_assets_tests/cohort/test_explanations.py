@@ -23,7 +23,7 @@ from gcmlm_assets.cohort.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
 from gcmlm_assets.pathology import heatmaps as H
 from gcmlm_assets.pathology.pooling import MeanPooling, SlideFeatures
 from gcmlm_assets_tests.support.cohort.synthetic import RADIOMICS_NAMES, make_cohort
-from gcmlm_assets_tests.core.test_pictures import MIN_WIDTH, assert_ui_picture
+from gcmlm_assets_tests.support.pictures import MIN_WIDTH, assert_ui_picture
 from gcmlm_assets_tests.support.pathology.slide_fixtures import write_pyramid_tiff
 
 SETTINGS = M.ModelSettings()

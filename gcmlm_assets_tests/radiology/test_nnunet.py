@@ -36,7 +36,7 @@ from gcmlm_assets.radiology.segmentation_model import segmentation_model
 from gcmlm_assets.radiology.resources import RadiomicsSettings, SegmentationModelResource
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import sha256_file
-from gcmlm_assets_tests.core.test_pictures import assert_ui_picture
+from gcmlm_assets_tests.support.pictures import assert_ui_picture
 
 from .conftest import make_drop, step_failure_text, write_trapped_checkpoint
 

@@ -22,7 +22,7 @@ from gcmlm_assets.radiology.columns import RADIOMICS_ROW_COLUMNS
 from gcmlm_assets.radiology.assets import ASSETS, ct_image, ct_mask, radiomics_row
 from gcmlm_assets.radiology.resources import RadiomicsSettings
 
-from gcmlm_assets_tests.core.test_pictures import PATIENT_LIMIT_BYTES, assert_ui_picture
+from gcmlm_assets_tests.support.pictures import PATIENT_LIMIT_BYTES, assert_ui_picture
 
 from .conftest import check_results, ct_crop, make_drop, mask_voxels, step_failure_text, write_dicom_series
 
