@@ -91,7 +91,7 @@ def test_the_scan_sees_each_kind_of_forbidden_import():
     assert violations(benchmark, imported_modules("from gcmlm_assets_tests.cohort import synthetic\n", benchmark))
     # What is allowed: helpers beside a test, the support package, project code.
     assert not violations(radiology_test, imported_modules(
-        "from . import inputs\nfrom gcmlm_assets_tests.support.runs import metadata_of\nimport gcmlm_assets\n",
+        "from . import inputs\nfrom gcmlm_assets_tests.support.run_results import metadata_of\nimport gcmlm_assets\n",
         radiology_test))
     assert not violations(benchmark, imported_modules(
         "from gcmlm_assets_tests.support.cohort.synthetic import make_cohort\n", benchmark))

@@ -41,7 +41,7 @@ from gcmlm_assets_tests.support.radiology.ct import make_drop
 from gcmlm_assets_tests.support.radiology.nnunet_cohort import (
     TRAIN_SPACING_MM, TRAINING_CROPS, Cohort, model_table, resampled,
 )
-from gcmlm_assets_tests.support.runs import metadata_of, step_failure_text
+from gcmlm_assets_tests.support.run_results import metadata_of, step_failure_text
 
 HELD_OUT_SPACING_MM = 5.0
 MASK_ON_ORIGINAL_GRID = "GC004"

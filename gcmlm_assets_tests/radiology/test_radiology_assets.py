@@ -23,7 +23,7 @@ from gcmlm_assets.radiology.assets import ASSETS, ct_image, ct_mask, radiomics_r
 from gcmlm_assets.radiology.resources import RadiomicsSettings
 from gcmlm_assets_tests.support.pictures import PATIENT_LIMIT_BYTES, assert_ui_picture
 from gcmlm_assets_tests.support.radiology.ct import ct_crop, make_drop, write_dicom_series
-from gcmlm_assets_tests.support.runs import metadata_of, step_failure_text
+from gcmlm_assets_tests.support.run_results import metadata_of, step_failure_text
 
 BRANCH = [ct_image, ct_mask, radiomics_row]
 ALL_CHECKS = {"ct_geometry_plausible", "ct_hu_range_plausible", "mask_matches_ct_geometry", "mask_not_empty",

@@ -30,7 +30,7 @@ from gcmlm_assets_tests.support.radiology.ct import make_drop
 from gcmlm_assets_tests.support.radiology.nnunet_cohort import (
     TRAIN_SPACING_MM, TRAINING_CROPS, Cohort, model_table, resampled,
 )
-from gcmlm_assets_tests.support.runs import metadata_of
+from gcmlm_assets_tests.support.run_results import metadata_of
 
 NEW_CROPS = {"GC005": (3, 3, 0, 56, 46, 15), "GC006": (6, 1, 1, 52, 47, 14)}
 # The 2 new cases are below the sensor's threshold (3) and both held out for the comparison.
