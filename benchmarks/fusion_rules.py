@@ -3,8 +3,8 @@
     python -m benchmarks.fusion_rules [--seeds 4] [--repeats 2]
 
 Each row is one scenario, averaged over `--seeds` independent synthetic cohorts (the tests'
-feature generator, gcmlm_assets_tests/cohort/synthetic.py, seeds 100, 101, ...; never the demo's
-cohort or any model's own folds). Every cohort is cross-validated once with the real
+feature generator, gcmlm_assets_tests/support/cohort/synthetic.py, seeds 100, 101, ...; never the
+demo's cohort or any model's own folds). Every cohort is cross-validated once with the real
 `crossval.cross_validate`, which scores both fusions on the same folds; the table gives the mean
 CV AUC of each block, the better block, and each fusion, and how often stacking beat the mean.
 """
@@ -32,8 +32,7 @@ SCENARIOS = [
 
 
 def cohort_aucs(n: int, seed: int, radiology_signal: float, pathology_signal: float, settings) -> dict[str, float]:
-    from gcmlm_assets_tests.cohort.synthetic import make_cohort
-    from gcmlm_assets_tests.cohort.test_modelling import cohort_table
+    from gcmlm_assets_tests.support.cohort.synthetic import cohort_table, make_cohort
 
     # the generator draws the labels first, so both calls share them; each keeps one block
     ids, labels, radiomics, _ = make_cohort(n, seed=seed, signal=radiology_signal)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Check the tests' re-statement of the dagster chart (gcmlm_assets_tests/deploy/chart_render.py,
+# Check the tests' re-statement of the dagster chart (gcmlm_assets_tests/support/deploy/chart_render.py,
 # chart_launcher.py) against the real chart, rendered by Helm from deploy/helm/values.yaml.
 # CI cannot download the chart; run this wherever the chart and Helm are, after any change to the
 # values, the renderers or the chart's version:

@@ -10,24 +10,12 @@ from gcmlm_assets import columns
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import checks as cohort_checks
 from gcmlm_assets.cohort.columns import CLINICAL_TABLE_COLUMNS, FUSED_TABLE_COLUMNS, RISK_SCORES_COLUMNS
-from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.storage import read_version_pointer
-from gcmlm_assets_tests.cohort.synthetic import write_clinical_csv, write_cohort_files
-from gcmlm_assets_tests.cohort.upstream import report_sound_results
-from gcmlm_assets_tests.core.test_pictures import assert_ui_picture, decode_markdown
-
-FAST_MODEL = RiskModelSettings(n_splits=4, n_repeats=2, n_bootstrap=200)
-
-
-def materialize_cohort(instance, resources, selection=None):
-    return dg.materialize([*cohort_assets.ASSETS, *cohort_checks.CHECKS], instance=instance,
-                          resources={**resources, "risk_model": FAST_MODEL}, raise_on_error=False,
-                          selection=selection)
-
-
-def check_results(result) -> dict[str, dg.AssetCheckEvaluation]:
-    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+from gcmlm_assets_tests.support.cohort.synthetic import write_clinical_csv, write_cohort_files
+from gcmlm_assets_tests.support.cohort.runs import FAST_MODEL, check_results, materialize_cohort
+from gcmlm_assets_tests.support.cohort.upstream import report_sound_results
+from gcmlm_assets_tests.support.pictures import assert_ui_picture, decode_markdown
 
 
 def data_versions(result) -> dict[str, str]:

@@ -15,10 +15,10 @@ from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.catalogue import UNI_FEATURES
 from gcmlm_assets.quarantine import QUARANTINE_FOLDER, REASON_FILE
 from gcmlm_assets.storage import read_version_pointer, sha256_file
-from gcmlm_assets_tests.cohort.explained_cohort import QUICK, sound_cohort
-from gcmlm_assets_tests.cohort.synthetic import write_cohort_files
-from gcmlm_assets_tests.cohort.test_cohort_assets import FAST_MODEL, check_results, materialize_cohort
-from gcmlm_assets_tests.cohort.upstream import report_sound_results
+from gcmlm_assets_tests.support.cohort.explained_cohort import QUICK, sound_cohort
+from gcmlm_assets_tests.support.cohort.runs import FAST_MODEL, check_results, materialize_cohort
+from gcmlm_assets_tests.support.cohort.synthetic import write_cohort_files
+from gcmlm_assets_tests.support.cohort.upstream import report_sound_results
 
 
 def _first_cohort(data_root: Path, instance, base_resources):

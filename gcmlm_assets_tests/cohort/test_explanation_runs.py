@@ -27,9 +27,9 @@ from gcmlm_assets.demo.watch import unexplained
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.patient_batches import BUCKET_TAG, PATIENTS_TAG
 from gcmlm_assets.storage import ArtifactStore
-from gcmlm_assets_tests.cohort.explained_cohort import QUICK, write_patch_features, write_patient_files
-from gcmlm_assets_tests.cohort.synthetic import make_cohort, write_clinical_csv
-from gcmlm_assets_tests.cohort.upstream import report_sound_results
+from gcmlm_assets_tests.support.cohort.explained_cohort import QUICK, write_patch_features, write_patient_files
+from gcmlm_assets_tests.support.cohort.synthetic import make_cohort, write_clinical_csv
+from gcmlm_assets_tests.support.cohort.upstream import report_sound_results
 
 EXPLANATIONS = RISK_EXPLANATIONS.key
 FIRST, NEW = 12, 3  # labelled patients of the first refresh; unlabelled patients dropped later

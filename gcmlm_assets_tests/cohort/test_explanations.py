@@ -22,9 +22,9 @@ from gcmlm_assets.cohort.model.combiners import PROBABILITY_CLIP
 from gcmlm_assets.cohort.tables.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
 from gcmlm_assets import heatmaps as H
 from gcmlm_assets.pathology.pooling import MeanPooling, SlideFeatures
-from gcmlm_assets_tests.cohort.synthetic import RADIOMICS_NAMES, make_cohort
-from gcmlm_assets_tests.core.test_pictures import MIN_WIDTH, assert_ui_picture
-from gcmlm_assets_tests.pathology.slide_fixtures import write_pyramid_tiff
+from gcmlm_assets_tests.support.cohort.synthetic import RADIOMICS_NAMES, make_cohort
+from gcmlm_assets_tests.support.pictures import MIN_WIDTH, assert_ui_picture
+from gcmlm_assets_tests.support.pathology.slide_fixtures import write_pyramid_tiff
 
 SETTINGS = M.ModelSettings()
 RAD_COLUMNS = ["rad_" + name for name in RADIOMICS_NAMES]

@@ -21,10 +21,10 @@ from gcmlm_assets.cohort import explanation_assets
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.storage import ArtifactStore
-from gcmlm_assets_tests.cohort.explained_cohort import QUICK, write_patient_files
-from gcmlm_assets_tests.cohort.synthetic import make_cohort, write_clinical_csv
-from gcmlm_assets_tests.cohort.upstream import report_sound_results
-from gcmlm_assets_tests.phi_search import PATIENT_KEYWORDS, found_in, leaks_in_run, leaks_under
+from gcmlm_assets_tests.support.cohort.explained_cohort import QUICK, write_patient_files
+from gcmlm_assets_tests.support.cohort.synthetic import make_cohort, write_clinical_csv
+from gcmlm_assets_tests.support.cohort.upstream import report_sound_results
+from gcmlm_assets_tests.support.phi_search import PATIENT_KEYWORDS, found_in, leaks_in_run, leaks_under
 
 
 def test_no_identifying_value_of_the_clinical_file_reaches_explanations_the_model_card_or_the_log(

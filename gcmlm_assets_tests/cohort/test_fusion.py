@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from gcmlm_assets.cohort.tables import qc
 from gcmlm_assets.cohort.tables.clinical import parse_clinical_csv
 from gcmlm_assets.cohort.tables.fusion import build_fused_table, fused_stats, report_json, write_parquet
-from gcmlm_assets_tests.cohort.synthetic import (
+from gcmlm_assets_tests.support.cohort.synthetic import (
     RADIOMICS_NAMES, make_cohort, write_radiomics_row, write_slide_vector)
 
 

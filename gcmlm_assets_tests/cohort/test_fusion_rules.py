@@ -12,8 +12,7 @@ from gcmlm_assets.cohort.model import modelling as M
 from gcmlm_assets.cohort.model import model_settings
 from gcmlm_assets.cohort.model import training
 from gcmlm_assets.cohort.explain.patient_explanation import SlidePatches, explain_patient
-from gcmlm_assets_tests.cohort.synthetic import make_cohort
-from gcmlm_assets_tests.cohort.test_modelling import cohort_table
+from gcmlm_assets_tests.support.cohort.synthetic import cohort_table, make_cohort
 
 SETTINGS = M.ModelSettings(n_splits=5, n_repeats=2, n_bootstrap=300, abmil_max_epochs=25)
 BAG_DIM = 32

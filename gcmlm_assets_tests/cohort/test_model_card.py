@@ -16,7 +16,7 @@ from gcmlm_assets.cohort.card import model_card as MC
 from gcmlm_assets.cohort.model import modelling as M
 from gcmlm_assets.cohort.model import training
 from gcmlm_assets.cohort.tables.cohort_data import CohortData
-from gcmlm_assets_tests.cohort.synthetic import make_cohort, write_cohort_files, write_radiomics_row
+from gcmlm_assets_tests.support.cohort.synthetic import make_cohort, write_cohort_files, write_radiomics_row
 
 SETTINGS = M.ModelSettings(n_splits=4, n_repeats=2, n_bootstrap=200)
 

@@ -16,9 +16,9 @@ from gcmlm_assets.cohort.model.model_settings import ModelSettings
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.storage import read_version_pointer
-from gcmlm_assets_tests.cohort.synthetic import (
+from gcmlm_assets_tests.support.cohort.synthetic import (
     make_cohort, write_clinical_csv, write_cohort_files, write_radiomics_row, write_slide_vector)
-from gcmlm_assets_tests.cohort.upstream import report_sound_results
+from gcmlm_assets_tests.support.cohort.upstream import report_sound_results
 
 FAST = RiskModelSettings(n_splits=3, n_repeats=1, n_bootstrap=100, min_labelled_per_class=3, inner_splits=3,
                          abmil_in_ablation=False)

@@ -9,16 +9,14 @@ from pathlib import Path
 import dagster as dg
 
 from gcmlm_assets.cohort import assets as cohort_assets
-from gcmlm_assets.cohort import checks as cohort_checks
 from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.storage import (
     STALE_TEMPORARY_S, TMP_PREFIX, VERSION_POINTER, ArtifactStore, new_version_folder, publish_version,
     read_version_pointer, version_intact)
-from gcmlm_assets_tests.cohort.synthetic import write_cohort_files
-from gcmlm_assets_tests.cohort.upstream import report_sound_results
-
-FAST_MODEL = RiskModelSettings(n_splits=4, n_repeats=2, n_bootstrap=200)
+from gcmlm_assets_tests.support.cohort.runs import FAST_MODEL, materialize_cohort
+from gcmlm_assets_tests.support.cohort.synthetic import write_cohort_files
+from gcmlm_assets_tests.support.cohort.upstream import report_sound_results
 
 
 def publish(root: Path, **files: str) -> dict:
@@ -92,11 +90,6 @@ def test_a_killed_writers_version_folder_is_cleaned_as_a_stale_temporary(tmp_pat
     assert not staging.exists()
 
 
-def materialize_cohort(instance, resources, settings=FAST_MODEL):
-    return dg.materialize([*cohort_assets.ASSETS, *cohort_checks.CHECKS], instance=instance,
-                          resources={**resources, "risk_model": settings}, raise_on_error=False)
-
-
 def metadata(result, asset: str) -> dict:
     (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == asset]
     return {k: v.value for k, v in event.materialization.metadata.items()}
@@ -113,7 +106,8 @@ def test_retraining_publishes_a_new_version_that_risk_scores_uses_as_published(d
     (root / "_manifest.json").write_text("{}")
 
     first = materialize_cohort(instance, base_resources)
-    second = materialize_cohort(instance, base_resources, RiskModelSettings(**{**FAST_MODEL.model_dump(), "seed": 1}))
+    second = materialize_cohort(instance, base_resources,
+                                settings=RiskModelSettings(**{**FAST_MODEL.model_dump(), "seed": 1}))
 
     assert first.success and second.success
     old, new = metadata(first, "risk_model"), metadata(second, "risk_model")

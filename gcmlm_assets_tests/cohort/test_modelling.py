@@ -22,24 +22,9 @@ from gcmlm_assets.cohort.model import model_settings
 from gcmlm_assets.cohort.model import training
 from gcmlm_assets.cohort.tables import qc
 from gcmlm_assets.storage import sha256_file
-from gcmlm_assets_tests.cohort.synthetic import RADIOMICS_NAMES, make_cohort
+from gcmlm_assets_tests.support.cohort.synthetic import cohort_table, make_cohort
 
 FAST = M.ModelSettings(n_splits=5, n_repeats=3, n_bootstrap=300)
-
-
-def cohort_table(ids, labels, radiomics, pathology, *, without_radiology=(), without_pathology=(),
-                 unknown=()) -> pa.Table:
-    """A fused table as fused_table writes it (nulls where a modality is absent)."""
-    has_rad = np.array([p not in without_radiology for p in ids])
-    has_path = np.array([p not in without_pathology for p in ids])
-    columns = {"patient_id": pa.array(ids), "has_radiology": pa.array(has_rad), "has_pathology": pa.array(has_path),
-               "has_clinical": pa.array([True] * len(ids)),
-               "mlm": pa.array([None if p in unknown else int(v) for p, v in zip(ids, labels)], pa.int8())}
-    for j, name in enumerate(RADIOMICS_NAMES):
-        columns["rad_" + name] = pa.array(radiomics[:, j], mask=~has_rad)
-    for j in range(pathology.shape[1]):
-        columns[f"path_feat_{j:04d}"] = pa.array(pathology[:, j], mask=~has_path)
-    return pa.table(columns)
 
 
 def fused_cv_auc(table: pa.Table, settings: M.ModelSettings) -> dict:

@@ -21,8 +21,8 @@ from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.demo.watch import unexplained
 from gcmlm_assets.catalogue import UNI_FEATURES
 from gcmlm_assets.storage import read_version_pointer
-from gcmlm_assets_tests.cohort.explained_cohort import NO_RADIOLOGY, QUICK, sound_cohort
-from gcmlm_assets_tests.core.test_pictures import PATIENT_LIMIT_BYTES, assert_ui_picture, decode_markdown
+from gcmlm_assets_tests.support.cohort.explained_cohort import NO_RADIOLOGY, QUICK, sound_cohort
+from gcmlm_assets_tests.support.pictures import PATIENT_LIMIT_BYTES, assert_ui_picture, decode_markdown
 
 
 @pytest.fixture

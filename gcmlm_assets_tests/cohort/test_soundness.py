@@ -20,8 +20,10 @@ from gcmlm_assets.cohort.tables.soundness import (
 from gcmlm_assets.cohort.soundness_facts import check_outcomes, unsound_results
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.storage import ArtifactStore
-from gcmlm_assets_tests.cohort.synthetic import make_cohort, write_cohort_files, write_radiomics_row, write_slide_vector
-from gcmlm_assets_tests.cohort.upstream import (
+from gcmlm_assets_tests.support.cohort.synthetic import (
+    make_cohort, write_cohort_files, write_radiomics_row, write_slide_vector,
+)
+from gcmlm_assets_tests.support.cohort.upstream import (
     StandInConfig, materialize_patients, report_sound_results, stand_ins)
 
 CHECKS = ("radiomics_row_complete", "radiomics_row_finite")

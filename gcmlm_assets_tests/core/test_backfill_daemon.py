@@ -20,7 +20,7 @@ from gcmlm_assets.pathology.assets import patch_coords, uni_features
 from gcmlm_assets.pathology.resources import TilingSettings
 from gcmlm_assets.profiles import PROFILE_ENV
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
-from gcmlm_assets_tests.pathology.slide_fixtures import real_slide
+from gcmlm_assets_tests.support.pathology.slide_fixtures import real_slide
 
 PATIENTS = ["P1", "P2", "P3", "P4"]
 WITHOUT_PATCH_COORDS = "P3"

@@ -20,8 +20,8 @@ from dagster._serdes import serialize_value
 
 from gcmlm_assets.radiology import resources as radiology_resources
 from gcmlm_assets.radiology.assets import ct_image, ct_mask, radiomics_row
-from gcmlm_assets_tests.phi_search import PATIENT_KEYWORDS, found_in, leaks_under
-from gcmlm_assets_tests.radiology.conftest import CT_NAME, STOMACH_NAME, ct_crop, make_drop, write_dicom_series
+from gcmlm_assets_tests.support.phi_search import PATIENT_KEYWORDS, found_in, leaks_under
+from gcmlm_assets_tests.support.radiology.ct import CT_NAME, STOMACH_NAME, ct_crop, make_drop, write_dicom_series
 
 PATIENT = "GC042"  # the landing folder's (pseudonymous) id: what the platform may record
 # The series' tags (group|element) carrying the distinctive values phi_search looks for.

@@ -14,8 +14,8 @@ import SimpleITK as sitk
 import tifffile
 from pydicom.uid import generate_uid
 
-from gcmlm_assets_tests.pathology.slide_fixtures import real_slide, write_pyramid_tiff
-from gcmlm_assets_tests.radiology.conftest import ct_crop, write_dicom_series
+from gcmlm_assets_tests.support.pathology.slide_fixtures import real_slide, write_pyramid_tiff
+from gcmlm_assets_tests.support.radiology.ct import ct_crop, write_dicom_series
 
 TS = ("ct", "totalsegmentator")
 CT_SMALL = ("ct", "pydicom", "CT_small.dcm")

@@ -33,8 +33,8 @@ from gcmlm_assets.radiology import resources as radiology_resource_defs
 from gcmlm_assets.radiology.assets import ct_image, ct_mask, radiomics_row
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import sha256_file
-from gcmlm_assets_tests.landing.drops import Ticker
-from gcmlm_assets_tests.pathology.slide_fixtures import copy_into, real_slide
+from gcmlm_assets_tests.support.landing.drops import Ticker
+from gcmlm_assets_tests.support.pathology.slide_fixtures import copy_into, real_slide
 
 from . import inputs
 

@@ -24,8 +24,7 @@ from gcmlm_assets.demo import synthetic
 from gcmlm_assets.demo.daemon import prepare_dagster_home, start_daemon
 from gcmlm_assets.demo.watch import failed_runs, wait_until_settled
 from gcmlm_assets.profiles import PROFILE_ENV
-
-from ..radiology.conftest import write_dicom_series
+from gcmlm_assets_tests.support.radiology.ct import write_dicom_series
 
 N_PATIENTS = 8
 BROKEN_CT, BROKEN_SLIDE = "GC0004", "GC0003"

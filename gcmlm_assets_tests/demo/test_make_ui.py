@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gcmlm_assets_tests.ui.cockpit import PROJECT_ROOT, free_port
+from gcmlm_assets_tests.support.ui.cockpit import PROJECT_ROOT, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

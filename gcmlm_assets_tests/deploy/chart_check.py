@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from gcmlm_assets_tests.deploy import chart_launcher, chart_render
+from gcmlm_assets_tests.support.deploy import chart_launcher, chart_render
 
 # Instance keys the chart writes from its own defaults and chart_render does not model (its docstring).
 NOT_RENDERED = {"run_monitoring", "retention", "python_logs", "schedules", "backfills"}

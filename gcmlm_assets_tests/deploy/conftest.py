@@ -1,4 +1,4 @@
-"""A real PostgreSQL for the deploy tests.
+"""Fixtures of the deploy tests: a real PostgreSQL, and every step's Job as dagster-k8s builds it.
 
 The server is CI's when the DAGSTER_PG_* variables are set (.ci/run exports them; they are the
 ones deploy/k8s/dagster.yaml reads), else a throwaway one started here when PostgreSQL's server
@@ -8,6 +8,7 @@ binaries are installed. Without either the tests skip, or fail under GCMLM_REQUI
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pwd
 import secrets
@@ -23,26 +24,13 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+from gcmlm_assets_tests.support.deploy.postgres import PostgresServer
+from gcmlm_assets_tests.support.deploy.step_jobs import (
+    GPU_NODE_SELECTOR, GPU_TOLERATIONS, TEST_NAMESPACE, run_builder,
+)
+
 PG_USER = "gcmlm"
 START_TIMEOUT_S = 60.0
-
-
-@dataclasses.dataclass(frozen=True)
-class PostgresServer:
-    host: str
-    port: int
-    user: str
-    password: str
-    db: str
-
-    def connect(self, db: str | None = None):
-        return psycopg2.connect(host=self.host, port=self.port, user=self.user, password=self.password,
-                                dbname=db or self.db, connect_timeout=10)
-
-    def env(self) -> dict[str, str]:
-        """The variables the production instance's storage section reads."""
-        return {"DAGSTER_PG_HOST": self.host, "DAGSTER_PG_PORT": str(self.port), "DAGSTER_PG_USER": self.user,
-                "DAGSTER_PG_PASSWORD": self.password, "DAGSTER_PG_DB": self.db}
 
 
 def _unavailable(reason: str):
@@ -193,3 +181,14 @@ def postgres_database(postgres_server: PostgresServer) -> Iterator[PostgresServe
             cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         admin.close()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict:
+    """Every step's Job of a plain and a run-tagged run (test_step_jobs.py, test_chart_jobs.py)."""
+    return run_builder(tmp_path_factory.mktemp("step_jobs") / "jobs.json", "plain", {
+        "GCMLM_ENV": "k8s",
+        "GCMLM_GPU_NODE_SELECTOR": json.dumps(GPU_NODE_SELECTOR),
+        "GCMLM_GPU_TOLERATIONS": json.dumps(GPU_TOLERATIONS),
+        "DAGSTER_K8S_NAMESPACE": TEST_NAMESPACE,  # the run launcher's job_namespace
+    })

@@ -10,7 +10,8 @@ import copy
 
 import yaml
 
-from gcmlm_assets_tests.deploy import chart_check, chart_launcher, chart_render
+from gcmlm_assets_tests.deploy import chart_check
+from gcmlm_assets_tests.support.deploy import chart_launcher, chart_render
 
 
 def _manifests(values: dict) -> list[dict]:

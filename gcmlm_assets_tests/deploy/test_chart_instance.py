@@ -17,7 +17,7 @@ import dagster as dg
 import pytest
 import yaml
 
-from gcmlm_assets_tests.deploy import chart_render
+from gcmlm_assets_tests.support.deploy import chart_render
 
 VALUES_FILE = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "values.yaml"
 

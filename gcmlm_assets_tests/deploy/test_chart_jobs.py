@@ -20,15 +20,10 @@ import pytest
 import yaml
 
 from gcmlm_assets import deploy_k8s, step_pods
-from gcmlm_assets_tests.deploy import chart_launcher
+from gcmlm_assets_tests.support.deploy import chart_launcher
 from gcmlm_assets_tests.deploy.pod_security import restricted_violations
-from gcmlm_assets_tests.deploy.test_step_jobs import (
-    ASSET_CLASSES,
-    _container,
-    _pod,
-    built,  # noqa: F401  (the plain path's fixture, for the pod security check)
-    run_builder,
-    validation_failures,
+from gcmlm_assets_tests.support.deploy.step_jobs import (
+    ASSET_CLASSES, INSTANCE_YAML, container_of, offline_kubeconfig, pod_spec_of, run_builder, validation_failures,
 )
 
 
@@ -76,10 +71,9 @@ def test_the_rendered_launcher_is_one_dagster_k8s_accepts(values, tmp_path):
     import dagster as dg
     import yaml
 
-    from gcmlm_assets_tests.deploy.test_step_jobs import _kubeconfig
-
     block = chart_launcher.run_launcher(values)
-    block["config"].update(load_incluster_config=False, kubeconfig_file=str(_kubeconfig(tmp_path / "kubeconfig")))
+    block["config"].update(load_incluster_config=False,
+                           kubeconfig_file=str(offline_kubeconfig(tmp_path / "kubeconfig")))
     (tmp_path / "dagster.yaml").write_text(yaml.safe_dump({"run_launcher": block}))
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         launcher = instance.run_launcher
@@ -102,17 +96,17 @@ def test_step_and_run_pods_get_the_charts_account_config_map_and_pull_secret(cha
     assert set(chart_run["jobs"]) == set(chart_built["steps"])
     pods = {**{key: job for key, job in chart_run["jobs"].items()}, "run worker": chart_run["run_worker"]}
     for key, job in pods.items():
-        pod, container = _pod(job), _container(job)
+        pod, container = pod_spec_of(job), container_of(job)
         assert pod["serviceAccountName"] == account, key
         assert pod["imagePullSecrets"] == [{"name": chart_launcher.PULL_SECRET}], key
         assert config_map in container["envFrom"], key
         assert container["image"] == chart_launcher.image_name(deployment), key
         assert job["metadata"]["namespace"] == chart_launcher.NAMESPACE, key
         assert {"mountPath": "/data", "name": "gcmlm-data"} in container["volumeMounts"], key
-    run_pod = _pod(chart_run["run_worker"])
+    run_pod = pod_spec_of(chart_run["run_worker"])
     assert run_pod["automountServiceAccountToken"] is True, "the run worker creates the step Jobs"
-    assert _container(chart_run["run_worker"])["imagePullPolicy"] == deployment["image"]["pullPolicy"]
-    env = {e["name"]: e.get("value") for e in _container(chart_run["run_worker"])["env"]}
+    assert container_of(chart_run["run_worker"])["imagePullPolicy"] == deployment["image"]["pullPolicy"]
+    env = {e["name"]: e.get("value") for e in container_of(chart_run["run_worker"])["env"]}
     assert all(env[name] == value for name, value in deployment["env"].items())
 
 
@@ -121,7 +115,7 @@ def test_chart_step_pods_keep_their_class_sizing_and_security(chart_built, chart
     gpu_selector = json.loads(deployment["env"]["GCMLM_GPU_NODE_SELECTOR"])
     for asset, work in ASSET_CLASSES.items():
         [key] = [k for k, step in chart_built["steps"].items() if asset in step["assets"]]
-        pod, container = _pod(chart_run["jobs"][key]), _container(chart_run["jobs"][key])
+        pod, container = pod_spec_of(chart_run["jobs"][key]), container_of(chart_run["jobs"][key])
         assert container["resources"] == json.loads(json.dumps(step_pods.resources(work))), asset
         assert pod.get("nodeSelector") == (gpu_selector if work.gpus else None), asset
         assert pod["automountServiceAccountToken"] is False, asset
@@ -138,12 +132,12 @@ def test_every_chart_job_is_valid_for_kubernetes_1_29_to_1_35(chart_run):
 
 # ---------------------------------------------------------------- Pod Security "restricted"
 
-def test_every_pod_we_render_is_admitted_by_pod_security_restricted(built, chart_run, values):  # noqa: F811
-    pods = {f"plain/{label}/{key}": _pod(job) for label, run in built["runs"].items()
+def test_every_pod_we_render_is_admitted_by_pod_security_restricted(built, chart_run, values):
+    pods = {f"plain/{label}/{key}": pod_spec_of(job) for label, run in built["runs"].items()
             for key, job in run["jobs"].items()}
-    pods.update({f"plain/{label}/run worker": _pod(run["run_worker"]) for label, run in built["runs"].items()})
-    pods.update({f"chart/{key}": _pod(job) for key, job in chart_run["jobs"].items()})
-    pods["chart/run worker"] = _pod(chart_run["run_worker"])
+    pods.update({f"plain/{label}/run worker": pod_spec_of(run["run_worker"]) for label, run in built["runs"].items()})
+    pods.update({f"chart/{key}": pod_spec_of(job) for key, job in chart_run["jobs"].items()})
+    pods["chart/run worker"] = pod_spec_of(chart_run["run_worker"])
     pods["chart/code server"] = chart_launcher.code_server_pod_spec(values)
     pods["seeding pod"] = SEED_POD["spec"]  # deploy/README.md, step 3
     failures = {name: problems for name, pod in pods.items() if (problems := restricted_violations(pod))}
@@ -233,8 +227,6 @@ def test_the_restricted_checker_rejects_each_violation(rule):
 
 def test_the_plain_instances_run_pod_security_matches_the_charts(values):
     import yaml
-
-    from gcmlm_assets_tests.deploy.test_step_jobs import INSTANCE_YAML
 
     plain = yaml.safe_load(INSTANCE_YAML.read_text(encoding="utf-8"))["run_launcher"]["config"]
     chart = chart_launcher.run_launcher(values)["config"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gcmlm_assets_tests.deploy import chart_render
+from gcmlm_assets_tests.support.deploy import chart_render
 
 REPO = Path(__file__).resolve().parents[2]
 

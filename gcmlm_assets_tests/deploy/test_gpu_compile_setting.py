@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gcmlm_assets_tests.deploy.test_image import DOCKERFILE, env_of, parse_dockerfile, stages
+from gcmlm_assets_tests.support.deploy.dockerfile import DOCKERFILE, env_of, parse_dockerfile, stages
 
 REPO = Path(__file__).resolve().parents[2]
 SWITCH = "nnUNet_compile"

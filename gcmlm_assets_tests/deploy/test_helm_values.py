@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from gcmlm_assets import step_pods
-from gcmlm_assets_tests.deploy import chart_launcher, chart_render
+from gcmlm_assets_tests.support.deploy import chart_launcher, chart_render
 
 REPO = Path(__file__).resolve().parents[2]
 VALUES_FILE = REPO / "deploy" / "helm" / "values.yaml"

@@ -18,7 +18,7 @@ import psycopg2
 import pytest
 import yaml
 
-from gcmlm_assets_tests.deploy.conftest import PostgresServer
+from gcmlm_assets_tests.support.deploy.postgres import PostgresServer
 
 K8S_INSTANCE = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "dagster.yaml"
 # The first PostgreSQL without CREATE on `public` for every role.

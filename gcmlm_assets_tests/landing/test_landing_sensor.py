@@ -10,7 +10,7 @@ import pytest
 
 from gcmlm_assets.landing.scan import plan_tick, scan_landing_zone
 from gcmlm_assets.definitions import MODALITY_ASSETS
-from gcmlm_assets_tests.landing.drops import (
+from gcmlm_assets_tests.support.landing.drops import (
     Ticker,
     make_drop,
     requested,

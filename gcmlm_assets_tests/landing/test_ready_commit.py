@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from gcmlm_assets.landing.scan import plan_tick, scan_landing_zone
-from gcmlm_assets_tests.landing.drops import (
+from gcmlm_assets_tests.support.landing.drops import (
     Ticker,
     make_drop,
     requested,

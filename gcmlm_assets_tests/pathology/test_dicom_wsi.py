@@ -20,9 +20,11 @@ from gcmlm_assets.pathology.resources import PatchEncoder, TilingSettings
 from gcmlm_assets.pathology.slides import MPP_FROM_DEFAULT, MPP_FROM_OPENSLIDE, SlideError, list_slides, opened
 from gcmlm_assets.pathology.tiling import TilingParams, tile_slide
 
-from .dicom_wsi_fixtures import write_ct_slice, write_dicom_wsi
-from .features_support import cosine_rows, materialize_patient, metadata_of, reference_features
-from .slide_fixtures import copy_into, real_slide, real_tissue_rgb
+from gcmlm_assets_tests.support.pathology.dicom_wsi_fixtures import write_ct_slice, write_dicom_wsi
+from gcmlm_assets_tests.support.pathology.features import (
+    cosine_rows, materialize_patient, metadata_of, reference_features,
+)
+from gcmlm_assets_tests.support.pathology.slide_fixtures import copy_into, real_slide, real_tissue_rgb
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from gcmlm_assets.pathology.assets import patch_coords, slide_vector, uni_features
 from gcmlm_assets.pathology.resources import PatchEncoder, TilingSettings
-from gcmlm_assets_tests.phi_search import PATIENT_KEYWORDS, found_in, leaks_in_run, leaks_under
+from gcmlm_assets_tests.support.phi_search import PATIENT_KEYWORDS, found_in, leaks_in_run, leaks_under
 
-from .dicom_wsi_fixtures import write_dicom_wsi
-from .features_support import materialize_patient
-from .slide_fixtures import real_tissue_rgb
+from gcmlm_assets_tests.support.pathology.dicom_wsi_fixtures import write_dicom_wsi
+from gcmlm_assets_tests.support.pathology.features import materialize_patient
+from gcmlm_assets_tests.support.pathology.slide_fixtures import real_tissue_rgb
 
 PATIENT = "PW042"  # the landing folder's (pseudonymous) id: what the platform may record
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from gcmlm_assets.pathology.encoders import UNTRAINED, EncoderError, get_spec, load_encoder
 from gcmlm_assets.pathology.extract import normalisation_constants, normalise_batch
 from gcmlm_assets.storage import sha256_file
-from gcmlm_assets_tests.pathology.features_support import slide_path
+from gcmlm_assets_tests.support.pathology.features import slide_path
 
 
 def _one_patch(test_data: Path, encoder) -> torch.Tensor:

@@ -28,7 +28,7 @@ from gcmlm_assets.pathology.region_readers import (
     decode_scale,
 )
 from gcmlm_assets.storage import STALE_TEMPORARY_S, TMP_PREFIX, ArtifactStore, sha256_file
-from gcmlm_assets_tests.pathology.features_support import (
+from gcmlm_assets_tests.support.pathology.features import (
     cosine_rows,
     grid_coords,
     reference_features,

@@ -14,9 +14,9 @@ import pytest
 from gcmlm_assets.pathology.assets import patch_coords
 from gcmlm_assets.pathology.resources import TilingSettings
 from gcmlm_assets.storage import TMP_PREFIX, sha256_file
-from gcmlm_assets_tests.core.test_pictures import PATIENT_LIMIT_BYTES, assert_ui_picture
+from gcmlm_assets_tests.support.pictures import PATIENT_LIMIT_BYTES, assert_ui_picture
 
-from .slide_fixtures import (
+from gcmlm_assets_tests.support.pathology.slide_fixtures import (
     blank_slide,
     copy_into,
     png_renamed,

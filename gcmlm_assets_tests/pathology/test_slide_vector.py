@@ -30,8 +30,10 @@ from gcmlm_assets.pathology.pooling import (
     write_slide_vector,
 )
 from gcmlm_assets.pathology.resources import PatchEncoder, TilingSettings
-from gcmlm_assets_tests.pathology.features_support import cosine_rows, materialize_patient, metadata_of, reference_features
-from gcmlm_assets_tests.pathology.slide_fixtures import copy_into, real_slide
+from gcmlm_assets_tests.support.pathology.features import (
+    cosine_rows, materialize_patient, metadata_of, reference_features,
+)
+from gcmlm_assets_tests.support.pathology.slide_fixtures import copy_into, real_slide
 
 
 def _feature_file(path: Path, features: np.ndarray) -> SlideFeatures:

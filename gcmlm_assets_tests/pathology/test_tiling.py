@@ -33,7 +33,7 @@ from gcmlm_assets.pathology.tiling import (
 )
 from gcmlm_assets.pathology.tissue import find_tissue_regions, rasterise
 
-from .slide_fixtures import (
+from gcmlm_assets_tests.support.pathology.slide_fixtures import (
     blank_slide,
     png_renamed,
     real_slide,

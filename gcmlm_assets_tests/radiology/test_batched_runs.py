@@ -18,8 +18,8 @@ from gcmlm_assets.patient_batches import BUCKET_TAG, PATIENTS_TAG
 from gcmlm_assets.patient_steps import build_patient_steps_sensor
 from gcmlm_assets.radiology.assets import ASSETS
 from gcmlm_assets.radiology.segmentation_model import segmentation_model
-from gcmlm_assets_tests.landing.drops import Ticker
-from gcmlm_assets_tests.radiology.conftest import make_drop
+from gcmlm_assets_tests.support.landing.drops import Ticker
+from gcmlm_assets_tests.support.radiology.ct import make_drop
 
 BATCH = 8
 GOOD = ["TS001", "TS002", "TS003"]

@@ -19,8 +19,7 @@ from gcmlm_assets.radiology import nnunet
 from gcmlm_assets.radiology.checkpoint_pins import CheckpointHashError, CheckpointPins, ModelFolderError, parse_pins
 from gcmlm_assets.radiology.resources import SegmentationModelResource, resources
 from gcmlm_assets.storage import sha256_file
-
-from .conftest import write_trapped_checkpoint
+from gcmlm_assets_tests.support.radiology.checkpoints import write_trapped_checkpoint
 
 A, B, C = "a" * 64, "b" * 64, "0123456789abcdef" * 4
 

@@ -10,8 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from gcmlm_assets.radiology import ct_io
-
-from .conftest import ct_crop, write_dicom_series
+from gcmlm_assets_tests.support.radiology.ct import ct_crop, write_dicom_series
 
 
 def test_good_dicom_series_matches_source_volume(real_ct: Path, tmp_path: Path):

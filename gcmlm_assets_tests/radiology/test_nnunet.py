@@ -32,45 +32,21 @@ import torch
 from gcmlm_assets.radiology import nnunet, nnunet_training
 from gcmlm_assets.radiology.checkpoint_pins import checkpoint_digests
 from gcmlm_assets.radiology.assets import ct_image, ct_mask
-from gcmlm_assets.radiology.segmentation_model import segmentation_model
-from gcmlm_assets.radiology.resources import RadiomicsSettings, SegmentationModelResource
+from gcmlm_assets.radiology.resources import RadiomicsSettings
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.storage import sha256_file
-from gcmlm_assets_tests.core.test_pictures import assert_ui_picture
+from gcmlm_assets_tests.support.pictures import assert_ui_picture
+from gcmlm_assets_tests.support.radiology.checkpoints import write_trapped_checkpoint
+from gcmlm_assets_tests.support.radiology.ct import make_drop
+from gcmlm_assets_tests.support.radiology.nnunet_cohort import (
+    TRAIN_SPACING_MM, TRAINING_CROPS, Cohort, demo_segmentation, model_table, resampled,
+)
+from gcmlm_assets_tests.support.run_results import metadata_of, step_failure_text
 
-from .conftest import make_drop, step_failure_text, write_trapped_checkpoint
-
-# The tests train the demo profile's tiny nnU-Net for 20 x 12 iterations on one thread instead of the
-# demo's 30 x 15 on two: their 6 mm crops are smaller than the demo's CTs (profiles.DEMO says why 240 do).
-TEST_TRAINING = {"epochs": 20, "iterations_per_epoch": 12, "torch_threads": 1}
-
-
-def demo_segmentation(**overrides) -> SegmentationModelResource:
-    return SegmentationModelResource.cpu_demo(**{**TEST_TRAINING, **overrides})
-
-
-TRAIN_SPACING_MM = 6.0
 HELD_OUT_SPACING_MM = 5.0
-# (x0, y0, z0, nx, ny, nz) on the 6 mm grid (61 x 50 x 15 voxels)
-TRAINING_CROPS = {
-    "GC001": (0, 0, 0, 61, 50, 15),
-    "GC002": (5, 2, 0, 51, 45, 15),
-    "GC003": (0, 4, 1, 55, 46, 14),
-    "GC004": (7, 0, 0, 54, 48, 15),
-}
 MASK_ON_ORIGINAL_GRID = "GC004"
 HELD_OUT = "GC005"
 EMPTY_MASK = "GC006"
-
-
-def resampled(image: sitk.Image, spacing: float, interpolator) -> sitk.Image:
-    """`image` on a coarser grid covering the same box, in its own (non-LPS) orientation."""
-    size = [int(round(n * s / spacing)) for n, s in zip(image.GetSize(), image.GetSpacing())]
-    grid = sitk.Image(size, image.GetPixelID())
-    grid.SetSpacing([spacing] * 3)
-    grid.SetOrigin(image.GetOrigin())
-    grid.SetDirection(image.GetDirection())
-    return sitk.Resample(image, grid, sitk.Transform(), interpolator, -1024 if interpolator == sitk.sitkLinear else 0)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -101,29 +77,6 @@ def log_lines(instance, result: dg.ExecuteInProcessResult, step: str, level: int
     """The plain log lines (context.log) a step of the run wrote at `level`, in order."""
     return [entry.user_message for entry in instance.all_logs(result.run_id)
             if entry.dagster_event is None and entry.step_key == step and entry.level == level]
-
-
-def metadata_of(result: dg.ExecuteInProcessResult, asset: str) -> dict:
-    [materialization] = result.asset_materializations_for_node(asset)
-    return {key: value.value for key, value in materialization.metadata.items()}
-
-
-def model_table(meta: dict) -> dict[str, str]:
-    """segmentation_model's `model` metadata table as {property: value}."""
-    return {record.data["property"]: record.data["value"] for record in meta["model"].records}
-
-
-class Cohort:
-    def __init__(self, root: Path, instance, resources: dict):
-        self.root, self.instance, self.resources = root, instance, resources
-        self.landing, self.artifacts = root / "landing", root / "artifacts"
-
-    def materialize(self, assets, *, partition: str | None = None, selection=None, **resources):
-        return dg.materialize(assets, partition_key=partition, selection=selection, instance=self.instance,
-                              resources={**self.resources, **resources}, raise_on_error=False)
-
-    def train(self, **resources):
-        return self.materialize([ct_image, segmentation_model], selection=[segmentation_model], **resources)
 
 
 def build_cohort(root: Path, real_ct: Path, real_stomach: Path) -> tuple[dict, sitk.Image]:

@@ -21,10 +21,9 @@ from gcmlm_assets.radiology import ct_io
 from gcmlm_assets.radiology.columns import RADIOMICS_ROW_COLUMNS
 from gcmlm_assets.radiology.assets import ASSETS, ct_image, ct_mask, radiomics_row
 from gcmlm_assets.radiology.resources import RadiomicsSettings
-
-from gcmlm_assets_tests.core.test_pictures import PATIENT_LIMIT_BYTES, assert_ui_picture
-
-from .conftest import check_results, ct_crop, make_drop, mask_voxels, step_failure_text, write_dicom_series
+from gcmlm_assets_tests.support.pictures import PATIENT_LIMIT_BYTES, assert_ui_picture
+from gcmlm_assets_tests.support.radiology.ct import ct_crop, make_drop, write_dicom_series
+from gcmlm_assets_tests.support.run_results import metadata_of, step_failure_text
 
 BRANCH = [ct_image, ct_mask, radiomics_row]
 ALL_CHECKS = {"ct_geometry_plausible", "ct_hu_range_plausible", "mask_matches_ct_geometry", "mask_not_empty",
@@ -39,9 +38,12 @@ def materialize(instance, resources: dict, patient_id: str, assets=BRANCH) -> dg
                           raise_on_error=False)
 
 
-def metadata_of(result: dg.ExecuteInProcessResult, asset: str) -> dict:
-    [materialization] = result.asset_materializations_for_node(asset)
-    return {key: value.value for key, value in materialization.metadata.items()}
+def check_results(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
+    return {evaluation.check_name: evaluation.passed for evaluation in result.get_asset_check_evaluations()}
+
+
+def mask_voxels(path: Path) -> int:
+    return int(np.count_nonzero(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))))
 
 
 def files_under(folder: Path) -> list[str]:

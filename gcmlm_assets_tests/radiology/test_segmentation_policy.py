@@ -26,10 +26,11 @@ from gcmlm_assets.radiology.resources import RadiomicsSettings, SegmentationMode
 from gcmlm_assets.radiology.segmentation_model import segmentation_model
 from gcmlm_assets.radiology.sensors import build_segmentation_training_sensor, training_status
 from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZone
-
-from .conftest import make_drop
-from .test_nnunet import TRAIN_SPACING_MM, TRAINING_CROPS, Cohort, demo_segmentation, metadata_of, model_table, \
-    resampled
+from gcmlm_assets_tests.support.radiology.ct import make_drop
+from gcmlm_assets_tests.support.radiology.nnunet_cohort import (
+    TRAIN_SPACING_MM, TRAINING_CROPS, Cohort, demo_segmentation, model_table, resampled,
+)
+from gcmlm_assets_tests.support.run_results import metadata_of
 
 NEW_CROPS = {"GC005": (3, 3, 0, 56, 46, 15), "GC006": (6, 1, 1, 52, 47, 14)}
 # The 2 new cases are below the sensor's threshold (3) and both held out for the comparison.

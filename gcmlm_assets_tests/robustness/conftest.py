@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gcmlm_assets_tests.robustness.artifacts import DataRoot, materialize_cohort, prepare_root, visible_damage
-from gcmlm_assets_tests.robustness.runs import RunServer
+from gcmlm_assets_tests.support.robustness.artifacts import DataRoot, materialize_cohort, prepare_root, visible_damage
+from gcmlm_assets_tests.support.robustness.runs import RunServer
 
 # Six patients: three per class (the demo profile's risk_model needs three labelled per class), four with
 # a reference stomach mask (no nnU-Net is trained), two with two slides; slides kept small.

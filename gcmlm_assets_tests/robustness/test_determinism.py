@@ -18,7 +18,7 @@ from collections import Counter
 
 from gcmlm_assets.cohort.model import modelling
 from gcmlm_assets.storage import read_version_pointer
-from gcmlm_assets_tests.robustness.artifacts import (
+from gcmlm_assets_tests.support.robustness.artifacts import (
     digests,
     materialize_cohort,
     prepare_root,

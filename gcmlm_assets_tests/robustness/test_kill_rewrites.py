@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from gcmlm_assets_tests.robustness.artifacts import DataRoot, digests, prepare_root, visible_damage
-from gcmlm_assets_tests.phi_search import PATIENT_KEYWORDS, leaks_under
-from gcmlm_assets_tests.robustness.runs import Pause
+from gcmlm_assets_tests.support.robustness.artifacts import DataRoot, digests, prepare_root, visible_damage
+from gcmlm_assets_tests.support.phi_search import PATIENT_KEYWORDS, leaks_under
+from gcmlm_assets_tests.support.robustness.runs import Pause
 
 STORAGE = "gcmlm_assets.storage"
 # The demo profile's tiny nnU-Net, trained for a few iterations only: these tests need models that

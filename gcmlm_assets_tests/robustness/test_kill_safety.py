@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from gcmlm_assets_tests.robustness.artifacts import digests, temporaries, visible_damage, without_timing
-from gcmlm_assets_tests.robustness.runs import Pause
+from gcmlm_assets_tests.support.robustness.artifacts import digests, temporaries, visible_damage, without_timing
+from gcmlm_assets_tests.support.robustness.runs import Pause
 
 STORAGE = "gcmlm_assets.storage"
 

@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from gcmlm_assets_tests.ui.cockpit import (
-    PROJECT_ROOT, build_cohort, start_cohort_daemon, start_webserver, stop_sensors,
+from gcmlm_assets_tests.support.ui.cockpit import (
+    SCREENSHOTS, build_cohort, start_cohort_daemon, start_webserver, stop_sensors,
 )
-from gcmlm_assets_tests.ui.onboarding import dismiss_onboarding, suppress_onboarding
+from gcmlm_assets_tests.support.ui.onboarding import dismiss_onboarding, suppress_onboarding
 
 CHROMIUM = Path(os.environ.get("GCMLM_CHROMIUM", "/usr/bin/chromium"))
-# Git-ignored: the screenshots each run leaves for a person to look at.
-SCREENSHOTS = PROJECT_ROOT / "test-artifacts" / "ui"
 # Flags for a sandboxed machine without a network: no background connections, no GPU, no sandbox as root.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
                  "--disable-background-networking", "--disable-component-update"]

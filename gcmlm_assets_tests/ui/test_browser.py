@@ -10,8 +10,8 @@ import time
 import pytest
 
 from gcmlm_assets.pictures import MIN_DISPLAY_WIDTH
-from gcmlm_assets_tests.ui.conftest import SCREENSHOTS
-from gcmlm_assets_tests.ui.onboarding import (
+from gcmlm_assets_tests.support.ui.cockpit import SCREENSHOTS
+from gcmlm_assets_tests.support.ui.onboarding import (
     COMMUNITY_NUX_KEY, COMMUNITY_NUX_SEEN, ONBOARDING_DIALOGS, dismiss_onboarding,
 )
 

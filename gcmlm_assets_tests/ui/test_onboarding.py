@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gcmlm_assets_tests.ui.onboarding import COMMUNITY_NUX_KEY, ONBOARDING_DIALOGS
+from gcmlm_assets_tests.support.ui.onboarding import COMMUNITY_NUX_KEY, ONBOARDING_DIALOGS
 
 
 def _webapp_scripts() -> list[Path]:

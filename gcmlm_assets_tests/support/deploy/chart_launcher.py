@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 VALUES_FILE = REPO / "deploy" / "helm" / "values.yaml"
 
 # The release and namespace of deploy/README.md's `helm upgrade --install gcmlm ... --namespace gcmlm`.

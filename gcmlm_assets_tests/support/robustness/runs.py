@@ -1,6 +1,6 @@
 """Materializations in child processes that a test can SIGKILL at a chosen point.
 
-A run server (`python -m gcmlm_assets_tests.robustness.runs`) imports Dagster, the definitions'
+A run server (`python -m gcmlm_assets_tests.support.robustness.runs`) imports Dagster, the definitions'
 modules and the heavy libraries once, then forks one child per run request read from its stdin:
 the child builds the definitions for the request's data root, opens the Dagster instance of its
 DAGSTER_HOME and materializes the assets (one patient's partition, or the cohort assets). Forking
@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 PROFILE = "demo"
 # What the server imports before forking (the steps would import them anyway).
 WARM_IMPORTS = ("SimpleITK", "radiomics.featureextractor", "torch", "timm", "h5py", "openslide", "pyarrow.parquet",
@@ -164,7 +164,7 @@ class RunServer:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
                                                                           os.environ.get("PYTHONPATH")]))}
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "gcmlm_assets_tests.robustness.runs"],
+            self.process = subprocess.Popen([sys.executable, "-m", "gcmlm_assets_tests.support.robustness.runs"],
                                             cwd=PROJECT_ROOT, env=env, stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1)
         self.count = 0

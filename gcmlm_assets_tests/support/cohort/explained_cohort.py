@@ -11,8 +11,8 @@ from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.catalogue import UNI_FEATURES
 from gcmlm_assets.pathology.pooling import MeanPooling, patient_slides, write_slide_vector
 from gcmlm_assets.storage import ArtifactStore, sha256_file
-from gcmlm_assets_tests.cohort.synthetic import make_cohort, write_clinical_csv, write_radiomics_row
-from gcmlm_assets_tests.cohort.upstream import report_sound_results
+from gcmlm_assets_tests.support.cohort.synthetic import make_cohort, write_clinical_csv, write_radiomics_row
+from gcmlm_assets_tests.support.cohort.upstream import report_sound_results
 
 DIM = 48
 GRID = 6  # patches per side of each synthetic slide

@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from gcmlm_assets_tests.deploy import chart_launcher
+from gcmlm_assets_tests.support.deploy import chart_launcher
 
 CHART = "dagster"
 RELEASE = "gcmlm"  # deploy/README.md: `helm upgrade --install gcmlm dagster/dagster ...`

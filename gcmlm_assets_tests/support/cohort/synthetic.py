@@ -3,7 +3,8 @@
 Radiology: PyRadiomics-named float64 columns; a few carry a label shift, some are near-copies of
 others (as radiomic feature families are), the rest are noise. Pathology: a 1024-D slide vector
 with low-rank structure (as foundation-model embeddings have); one latent factor is shifted by
-the label. `signal=0` gives features independent of the label.
+the label. `signal=0` gives features independent of the label. `cohort_table` lays them out as
+fused_table's table. Only numpy and pyarrow are imported: benchmarks/fusion_rules.py uses it too.
 """
 
 from __future__ import annotations
@@ -49,6 +50,21 @@ def make_cohort(n_patients: int, *, seed: int = 0, signal: float = 1.0, positive
     loadings = rng.normal(size=(PATHOLOGY_FACTORS, PATHOLOGY_DIM)) / np.sqrt(PATHOLOGY_FACTORS)
     pathology = factors @ loadings + 0.3 * rng.normal(size=(n_patients, PATHOLOGY_DIM))
     return ids, labels, radiomics, pathology.astype(np.float32)
+
+
+def cohort_table(ids, labels, radiomics, pathology, *, without_radiology=(), without_pathology=(),
+                 unknown=()) -> pa.Table:
+    """A fused table as fused_table writes it (nulls where a modality is absent)."""
+    has_rad = np.array([p not in without_radiology for p in ids])
+    has_path = np.array([p not in without_pathology for p in ids])
+    columns = {"patient_id": pa.array(ids), "has_radiology": pa.array(has_rad), "has_pathology": pa.array(has_path),
+               "has_clinical": pa.array([True] * len(ids)),
+               "mlm": pa.array([None if p in unknown else int(v) for p, v in zip(ids, labels)], pa.int8())}
+    for j, name in enumerate(RADIOMICS_NAMES):
+        columns["rad_" + name] = pa.array(radiomics[:, j], mask=~has_rad)
+    for j in range(pathology.shape[1]):
+        columns[f"path_feat_{j:04d}"] = pa.array(pathology[:, j], mask=~has_path)
+    return pa.table(columns)
 
 
 def write_radiomics_row(artifacts: Path, patient_id: str, values: np.ndarray) -> Path:

@@ -25,7 +25,9 @@ from gcmlm_assets.demo.daemon import WORKSPACE, Daemon, prepare_dagster_home, st
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.settings import scoped_environment
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+# Git-ignored: the screenshots each run leaves for a person to look at.
+SCREENSHOTS = PROJECT_ROOT / "test-artifacts" / "ui"
 SENSORS = ("landing_sensor", "radiology_steps_sensor", "pathology_steps_sensor", "segmentation_training_sensor",
            "predicted_mask_sensor", "cohort_refresh_sensor")
 
