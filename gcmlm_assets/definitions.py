@@ -2,7 +2,8 @@
 
 Each domain exports its own part (`radiology/`, `pathology/`, `cohort/` definitions.py); this
 module only assembles them, tells the cohort what it needs of the others, and adds the policy:
-kinds, owners and the settings profile on every asset, the executor, the landing and steps
+the settings profile and the configured models on every asset page (key, group, kinds, owners and
+code version are the catalogue's, gcmlm_assets/catalogue.py), the executor, the landing and steps
 sensors that carry a patient's drop through its modality's chain.
 
 `GCMLM_ENV` picks the executor: `local` (default) runs each run's steps one after the other in
@@ -25,6 +26,7 @@ from gcmlm_assets.patient_steps import build_patient_steps_sensor
 from gcmlm_assets.profiles import Profile, get_profile
 from gcmlm_assets.radiology import definitions as radiology
 from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZone
+
 
 def model_identities(resources: dict) -> dict[str, dict]:
     """Asset name -> the configured model's identity (encoder, nnU-Net settings), read from the
@@ -96,7 +98,8 @@ def build_definitions(env: str | None = None, profile: str | None = None) -> dg.
     steps = [build_patient_steps_sensor(f"{modality}_steps_sensor", chain, modality, chosen.sensor_interval_s)
              for modality, chain in MODALITY_ASSETS.items()]
     return dg.Definitions(
-        assets=with_profile([asset for domain in domains for asset in domain.assets], chosen, model_identities(resources)),
+        assets=with_profile([asset for domain in domains for asset in domain.assets], chosen,
+                            model_identities(resources)),
         asset_checks=[check for domain in domains for check in domain.asset_checks or ()],
         sensors=[landing_sensor, *steps, *(sensor for domain in domains for sensor in domain.sensors or ())],
         resources=resources,

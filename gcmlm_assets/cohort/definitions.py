@@ -18,7 +18,6 @@ from gcmlm_assets.cohort.sensors import build_cohort_refresh_sensor
 from gcmlm_assets.profiles import Profile
 
 
-
 def definitions(env: str, profile: Profile, *, input_check_keys: Sequence[dg.AssetCheckKey],
                 patient_chains: Sequence[Sequence[dg.AssetKey]],
                 training_pending: Callable[[dg.SensorEvaluationContext], bool] | None = None,

@@ -7,8 +7,8 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
+from gcmlm_assets.catalogue import SLIDE_VECTOR, SLIDE_VECTOR_TABLE, UNI_FEATURES
 from gcmlm_assets.partitions import patients_partitions
-from gcmlm_assets.catalogue import UNI_FEATURES
 from gcmlm_assets.pathology.pooling import MeanPooling, patient_slides, write_slide_vector
 from gcmlm_assets.storage import ArtifactStore, sha256_file
 from gcmlm_assets_tests.support.cohort.synthetic import make_cohort, write_clinical_csv, write_radiomics_row
@@ -38,7 +38,7 @@ def write_patch_features(store: ArtifactStore, patient_id: str, vector: np.ndarr
     store.write_manifest(UNI_FEATURES.key, patient_id, {
         "files": {s["h5_file"]: sha256_file(folder / s["h5_file"]) for s in slides}, "slides": slides})
     pooled = MeanPooling().pool(patient_slides(store, UNI_FEATURES.key, patient_id))
-    write_slide_vector(store.path("slide_vector", patient_id, "slide_vector.parquet"), patient_id, pooled)
+    write_slide_vector(SLIDE_VECTOR_TABLE.path(store, patient_id), patient_id, pooled)
 
 
 def sound_cohort(data_root, instance, n_patients: int, seed: int) -> tuple[list[str], ArtifactStore]:
@@ -60,5 +60,5 @@ def write_patient_files(store: ArtifactStore, ids: list[str], radiomics: np.ndar
     for i, patient_id in enumerate(ids):
         if patient_id != NO_RADIOLOGY:
             write_radiomics_row(store.root, patient_id, radiomics[i])
-        store.asset_dir("slide_vector", patient_id)
+        SLIDE_VECTOR.folder(store, patient_id)
         write_patch_features(store, patient_id, pathology[i, :DIM].astype(np.float64) * 3, rng)

@@ -15,6 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gcmlm_assets.catalogue import RADIOMICS_TABLE, SLIDE_VECTOR_TABLE
+from gcmlm_assets.storage import ArtifactStore
+
 RADIOMICS_NAMES = [f"original_{family}_{name}" for family, names in {
     "shape": ["MeshVolume", "Sphericity", "Elongation", "Flatness", "SurfaceArea"],
     "firstorder": ["Mean", "Median", "Energy", "Entropy", "Kurtosis", "Skewness", "Variance", "Range"],
@@ -68,7 +71,7 @@ def cohort_table(ids, labels, radiomics, pathology, *, without_radiology=(), wit
 
 
 def write_radiomics_row(artifacts: Path, patient_id: str, values: np.ndarray) -> Path:
-    path = artifacts / "radiomics_row" / patient_id / "radiomics.parquet"
+    path = RADIOMICS_TABLE.path(ArtifactStore(artifacts), patient_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = {"patient_id": pa.array([patient_id])}
     columns.update({name: pa.array([float(v)], pa.float64()) for name, v in zip(RADIOMICS_NAMES, values)})
@@ -77,7 +80,7 @@ def write_radiomics_row(artifacts: Path, patient_id: str, values: np.ndarray) ->
 
 
 def write_slide_vector(artifacts: Path, patient_id: str, vector: np.ndarray, n_patches: int = 120) -> Path:
-    path = artifacts / "slide_vector" / patient_id / "slide_vector.parquet"
+    path = SLIDE_VECTOR_TABLE.path(ArtifactStore(artifacts), patient_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = {"patient_id": pa.array([patient_id]), "n_patches": pa.array([n_patches], pa.int64()),
                "n_slides": pa.array([1], pa.int64())}

@@ -12,13 +12,14 @@ from pathlib import Path
 import dagster as dg
 
 from gcmlm_assets.batching import per_patient_events
+from gcmlm_assets.catalogue import RADIOMICS_TABLE, SLIDE_VECTOR_TABLE
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.pathology.checks import SLIDE_VECTOR_CHECK_SPECS
 from gcmlm_assets.radiology.checks import RADIOMICS_ROW_CHECK_SPECS
-from gcmlm_assets.storage import sha256_file
+from gcmlm_assets.storage import ArtifactStore, sha256_file
 
-FILES = {"radiomics_row": "radiomics.parquet", "slide_vector": "slide_vector.parquet"}
-SPECS = {"radiomics_row": RADIOMICS_ROW_CHECK_SPECS, "slide_vector": SLIDE_VECTOR_CHECK_SPECS}
+FILES = {file.asset.key: file for file in (RADIOMICS_TABLE, SLIDE_VECTOR_TABLE)}
+SPECS = {RADIOMICS_TABLE.asset.key: RADIOMICS_ROW_CHECK_SPECS, SLIDE_VECTOR_TABLE.asset.key: SLIDE_VECTOR_CHECK_SPECS}
 
 
 class StandInConfig(dg.Config):
@@ -37,7 +38,7 @@ def _stand_in(name: str, artifacts: Path) -> dg.AssetsDefinition:
         def one_patient(patient: str):
             if config.raise_error:
                 raise RuntimeError(f"{name} {patient}: simulated step failure")
-            path = artifacts / name / patient / FILES[name]
+            path = FILES[name].path(ArtifactStore(artifacts), patient)
             by_patient = config.failing_severity_by_patient
             failing = config.failing_check if not by_patient or patient in by_patient else ""
             results = [dg.AssetCheckResult(
@@ -47,7 +48,7 @@ def _stand_in(name: str, artifacts: Path) -> dg.AssetsDefinition:
             yield dg.MaterializeResult(asset_key=name, metadata={"path": dg.MetadataValue.path(str(path))},
                                        data_version=dg.DataVersion(sha256_file(path)), check_results=results)
 
-        yield from per_patient_events(context, name, one_patient, SPECS[name])
+        yield from per_patient_events(context, FILES[name].asset, one_patient, SPECS[name])
 
     return stand_in
 
@@ -85,11 +86,12 @@ def report_sound_results(instance: dg.DagsterInstance, artifacts: Path, patients
 
     run_id = f"report-{uuid.uuid4()}"
 
-    for name, filename in FILES.items():
+    store = ArtifactStore(artifacts)
+    for name, file in FILES.items():
         key = dg.AssetKey(name)
-        present = [p for p in patients if (artifacts / name / p / filename).is_file()]
+        present = [p for p in patients if file.path(store, p).is_file()]
         for patient in present:
-            digest = sha256_file(artifacts / name / patient / filename)  # the assets' data version
+            digest = sha256_file(file.path(store, patient))  # the assets' data version
             instance.report_runless_asset_event(dg.AssetMaterialization(
                 key, partition=patient, tags={"dagster/data_version": digest}))
         latest = instance.get_latest_storage_id_by_partition(key, dg.DagsterEventType.ASSET_MATERIALIZATION)
