@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from gcmlm_assets.catalogue import RADIOMICS_TABLE
+from gcmlm_assets.storage import ArtifactStore
 from gcmlm_assets.cohort.card import card_context
 from gcmlm_assets.cohort.tables import clinical, fusion
 from gcmlm_assets.cohort.model import crossval
@@ -31,7 +33,7 @@ def realistic(tmp_path_factory):
     (root / "landing").mkdir()
     ids, _ = write_cohort_files(root, 40, seed=2, without_pathology={"P003", "P004"}, unknown_labels={"P005"})
     artifacts = root / "artifacts"
-    (artifacts / "radiomics_row" / "P007" / "radiomics.parquet").write_bytes(b"not a parquet file")
+    RADIOMICS_TABLE.path(ArtifactStore(artifacts), "P007").write_bytes(b"not a parquet file")
     write_radiomics_row(artifacts, "P600", make_cohort(1, seed=9)[2][0])
     csv_path = root / "landing" / "clinical.csv"
     with csv_path.open("a") as handle:

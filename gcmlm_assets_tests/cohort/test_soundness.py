@@ -10,6 +10,7 @@ import pytest
 from dagster._core.event_api import PartitionKeyFilter
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as CheckStatus
 
+from gcmlm_assets.catalogue import RADIOMICS_TABLE
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import checks as cohort_checks
 from gcmlm_assets.cohort.tables import qc
@@ -79,7 +80,7 @@ def test_fusion_leaves_unsound_results_out_unread(tmp_path):
     for i, patient in enumerate(ids):
         write_radiomics_row(artifacts, patient, radiomics[i])
         write_slide_vector(artifacts, patient, pathology[i])
-    (artifacts / "radiomics_row" / "P001" / "radiomics.parquet").write_bytes(b"not parquet")  # never read
+    RADIOMICS_TABLE.path(ArtifactStore(artifacts), "P001").write_bytes(b"not parquet")  # never read
     unsound = {"radiology": {"P001": "blocking check radiomics_row_finite failed"},
                "pathology": {"P002": "the latest attempt to materialize slide_vector failed (run 1)"}}
 

@@ -65,7 +65,8 @@ def test_the_scan_finds_a_restated_name(tmp_path):
     # The scan above must be able to fail: a module that types a catalogued file name is caught,
     # its docstring is not.
     module = tmp_path / "restates.py"
-    module.write_text('"""Reads radiomics.parquet."""\nROW = "radiomics.parquet"\n', encoding="utf-8")
+    name = catalogue.RADIOMICS_TABLE.name
+    module.write_text(f'"""Reads {name}."""\nROW = "{name}"\n', encoding="utf-8")
     assert [value for value, _ in _literals(module)] == [catalogue.RADIOMICS_TABLE.name]
 
 
@@ -73,8 +74,9 @@ def test_a_file_path_names_the_patient_of_a_per_patient_asset_and_only_then(tmp_
     from gcmlm_assets.storage import ArtifactStore
 
     store = ArtifactStore(tmp_path)
-    assert catalogue.RADIOMICS_TABLE.path(store, "P001") == tmp_path / "radiomics_row" / "P001" / "radiomics.parquet"
-    assert catalogue.SCORES_FILE.path(store) == tmp_path / "risk_scores" / "scores.parquet"
+    row, scores = catalogue.RADIOMICS_TABLE, catalogue.SCORES_FILE
+    assert row.path(store, "P001") == tmp_path / row.asset.key / "P001" / row.name
+    assert scores.path(store) == tmp_path / scores.asset.key / scores.name
     for file, patient in ((catalogue.RADIOMICS_TABLE, None), (catalogue.SCORES_FILE, "P001")):
         try:
             file.path(store, patient)

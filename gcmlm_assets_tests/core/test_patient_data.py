@@ -18,6 +18,8 @@ import pyarrow.parquet as pq
 import SimpleITK as sitk
 from dagster._serdes import serialize_value
 
+from gcmlm_assets.catalogue import RADIOMICS_TABLE
+from gcmlm_assets.storage import ArtifactStore
 from gcmlm_assets.radiology import resources as radiology_resources
 from gcmlm_assets.radiology.assets import ct_image, ct_mask, radiomics_row
 from gcmlm_assets_tests.support.phi_search import PATIENT_KEYWORDS, found_in, leaks_under
@@ -54,7 +56,7 @@ def test_no_patient_tag_of_a_dicom_series_reaches_artifacts_metadata_or_the_even
     assert result.success, [e.step_failure_data.error for e in result.get_step_failure_events()]
     ct_meta = {k: v.value for k, v in result.asset_materializations_for_node("ct_image")[0].metadata.items()}
     assert ct_meta["source"].startswith(f"DICOM series of {len(slices)} files")
-    assert (artifacts / "radiomics_row" / PATIENT / "radiomics.parquet").is_file()
+    assert RADIOMICS_TABLE.path(ArtifactStore(artifacts), PATIENT).is_file()
 
     # Artifacts: every file, as bytes and decompressed.
     written = sorted(str(p.relative_to(artifacts)) for p in artifacts.rglob("*") if p.is_file())

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gcmlm_assets.catalogue import RADIOMICS_ROW, RADIOMICS_TABLE
 from gcmlm_assets.patients import InvalidPatientId
 from gcmlm_assets.storage import (
     STALE_TEMPORARY_S,
@@ -113,7 +114,7 @@ def test_layout_and_patient_id_guard(tmp_path: Path):
 
 def test_manifest_reuse_detects_changes(tmp_path: Path):
     store = ArtifactStore(tmp_path)
-    out = store.asset_dir("radiomics_row", "P001") / "radiomics.parquet"
+    out = RADIOMICS_TABLE.in_folder(RADIOMICS_ROW.folder(store, "P001"))
     atomic_write_bytes(out, b"row")
     store.write_manifest("radiomics_row", "P001",
                          {"fingerprint": "abc", "files": {out.name: sha256_file(out)}})

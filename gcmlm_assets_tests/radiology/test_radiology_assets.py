@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 import SimpleITK as sitk
 
 from gcmlm_assets import columns
+from gcmlm_assets.catalogue import RADIOMICS_TABLE
+from gcmlm_assets.storage import ArtifactStore
 from gcmlm_assets.radiology import ct_io
 from gcmlm_assets.radiology.columns import RADIOMICS_ROW_COLUMNS
 from gcmlm_assets.radiology.assets import ASSETS, ct_image, ct_mask, radiomics_row
@@ -97,7 +99,7 @@ def test_real_ct_through_the_branch(instance, data_root, radiology_resources, re
            (ct.GetSize(), ct.GetSpacing(), ct.GetOrigin(), ct.GetDirection())
 
     row_meta = metadata_of(result, "radiomics_row")
-    table = pq.read_table(artifacts / "radiomics_row" / "TS001" / "radiomics.parquet")
+    table = pq.read_table(RADIOMICS_TABLE.path(ArtifactStore(artifacts), "TS001"))
     assert table.num_rows == 1 and table.column_names[0] == "patient_id"
     assert table.column("patient_id").to_pylist() == ["TS001"]
     values = [table.column(name)[0].as_py() for name in table.column_names[1:]]

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from gcmlm_assets.catalogue import RADIOMICS_TABLE
+from gcmlm_assets.storage import ArtifactStore
 from gcmlm_assets_tests.support.robustness.artifacts import digests, temporaries, visible_damage, without_timing
 from gcmlm_assets_tests.support.robustness.runs import Pause
 
@@ -143,7 +145,7 @@ def test_the_damage_check_sees_a_truncated_file_and_a_stale_manifest(reference_c
     (features.parent / f".tmp-{patient}_slide1-x.h5").write_bytes(data[: len(data) // 2])
     assert visible_damage(artifacts) == []
     features.write_bytes(data[: len(data) // 2])
-    row = artifacts / "radiomics_row" / patient / "radiomics.parquet"
+    row = RADIOMICS_TABLE.path(ArtifactStore(artifacts), patient)
     row.write_bytes(row.read_bytes() + b"\0")
     damage = visible_damage(artifacts)
     assert any(line.startswith(f"uni_features/{patient}/{patient}_slide1.h5: OSError") for line in damage), damage
