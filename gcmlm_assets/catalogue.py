@@ -34,9 +34,9 @@ class Asset:
     key: str
     group: str
     per_patient: bool
-    # Bump when a change of code changes the asset's output for the same inputs: stored outputs are
-    # then recomputed instead of reused. None: the asset folds its algorithms' versions into its
-    # fingerprints instead (pathology).
+    # Bump when a change of code changes the asset's output for the same inputs: it is in the asset's
+    # fingerprints, so stored outputs are then recomputed instead of reused. None: slide_vector, whose
+    # pooling (chosen in the run's config) has its own version in the fingerprint (pathology/pooling.py).
     code_version: str | None
     kinds: frozenset[str] = field(default_factory=frozenset)
 
@@ -110,12 +110,14 @@ SEGMENTATION_MODEL = Asset("segmentation_model", RADIOLOGY, per_patient=False, c
 
 # ---------------------------------------------------------------- pathology
 # One `<slide>.h5` of coordinates per slide with tissue, listed in slides.json (pathology/patch_coords.py).
-PATCH_COORDS = Asset("patch_coords", PATHOLOGY, per_patient=True, code_version=None, kinds=frozenset({"openslide"}))
+# Its code version is the tiling's (pathology/tiling.py's TILING_VERSION).
+PATCH_COORDS = Asset("patch_coords", PATHOLOGY, per_patient=True, code_version="2", kinds=frozenset({"openslide"}))
 SLIDE_LISTING = PATCH_COORDS.file("slides.json")
 TILING_PICTURE = PATCH_COORDS.file("tiling.png")
 
 # One `<slide>.h5` of patch embeddings per slide, listed in the asset's manifest (pathology/extract.py).
-UNI_FEATURES = Asset("uni_features", PATHOLOGY, per_patient=True, code_version=None, kinds=frozenset({"torch"}))
+# Its code version is the extraction's (pathology/extract.py's EXTRACTION_VERSION).
+UNI_FEATURES = Asset("uni_features", PATHOLOGY, per_patient=True, code_version="1", kinds=frozenset({"torch"}))
 
 SLIDE_VECTOR = Asset("slide_vector", PATHOLOGY, per_patient=True, code_version=None, kinds=frozenset({"numpy"}))
 SLIDE_VECTOR_TABLE = SLIDE_VECTOR.file("slide_vector.parquet")

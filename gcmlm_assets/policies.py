@@ -6,7 +6,14 @@ their reason. A run whose own process dies is re-executed by the instance's run 
 `deploy/*/dagster.yaml`), which leave step failures to this policy.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import dagster as dg
+
+if TYPE_CHECKING:
+    from gcmlm_assets.reuse import StoredOutput
 
 # The metadata entry of a materialization whose output a failed blocking check moved into quarantine.
 QUARANTINED_TO = "quarantined_to"
@@ -32,3 +39,18 @@ def quarantine_on_blocking_failure(store, asset: str, patient_id: str, result: d
                 "failed_blocking_checks": ", ".join(failed)}
     return dg.MaterializeResult(asset_key=result.asset_key, metadata=metadata, check_results=result.check_results,
                                 data_version=result.data_version, tags=result.tags)
+
+
+def stored_materialization(output: StoredOutput, metadata: dict, data_version: str, *,
+                           check_results: list[dg.AssetCheckResult] | None = None,
+                           specs: list[dg.AssetCheckSpec] = (),
+                           separate_results: list[dg.AssetCheckResult] = ()) -> dg.MaterializeResult:
+    """The materialization of a stored output (reuse.py): its metadata, data version (a file's
+    sha256, see `StoredOutput.sha256`) and check results, the output quarantined when one of the
+    blocking checks among `specs` failed."""
+    result = dg.MaterializeResult(asset_key=output.asset.key, metadata=metadata, check_results=check_results,
+                                  data_version=dg.DataVersion(data_version))
+    if not specs:
+        return result
+    return quarantine_on_blocking_failure(output.store, output.asset.key, output.patient_id, result, specs,
+                                          separate_results)

@@ -243,6 +243,9 @@ class ArtifactStore:
 # An output made of several files is written into a temporary folder, renamed to a folder named
 # by its content, and published by atomically replacing a small pointer file. A reader that reads
 # the pointer once and then only that folder always sees one complete, consistent set.
+# `publish_version` / `read_version_pointer` are risk_model's and risk_explanations' pointer;
+# segmentation_model's (radiology/nnunet.py) names a model folder and pins its checkpoints, and is
+# read and written through the same `read_pointer` / `write_pointer`.
 
 VERSION_POINTER = "current.json"
 VERSIONS_KEPT = 3
@@ -259,13 +262,24 @@ def new_version_folder(root: str | os.PathLike) -> Path:
     return Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "version-", dir=root))
 
 
-def read_version_pointer(root: str | os.PathLike) -> dict | None:
-    """The pointer of a versioned output, or None when there is none (or it is not a pointer)."""
+def read_pointer(root: str | os.PathLike) -> dict | None:
+    """The `current.json` in `root` as a dict, or None when there is none (or it is not a JSON object)."""
     try:
         pointer = json.loads((Path(root) / VERSION_POINTER).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    if not isinstance(pointer, dict) or not _is_version_name(pointer.get("version")):
+    return pointer if isinstance(pointer, dict) else None
+
+
+def write_pointer(root: str | os.PathLike, pointer: dict) -> Path:
+    """Replace `root`'s `current.json` atomically: a reader sees the previous pointer or this one."""
+    return atomic_write_json(Path(root) / VERSION_POINTER, pointer)
+
+
+def read_version_pointer(root: str | os.PathLike) -> dict | None:
+    """The pointer of a versioned output, or None when there is none (or it is not a pointer)."""
+    pointer = read_pointer(root)
+    if pointer is None or not _is_version_name(pointer.get("version")):
         return None
     return pointer
 
@@ -298,7 +312,7 @@ def publish_version(root: str | os.PathLike, staging: Path, extra: dict | None =
     previous = read_version_pointer(root) or {}
     recent = [version] + [v for v in previous.get("recent_versions", []) if v != version]
     pointer = {**(extra or {}), "version": version, "files": files, "recent_versions": recent[:max(keep, 1)]}
-    atomic_write_json(root / VERSION_POINTER, pointer)
+    write_pointer(root, pointer)
     prune_versions(root, pointer, dropped=set(recent[max(keep, 1):]))
     return pointer
 

@@ -23,7 +23,7 @@ from gcmlm_assets.cohort.explain import explanation_keys
 from gcmlm_assets.cohort.tables import bags, clinical, fusion, qc
 from gcmlm_assets.cohort.check_results import check_result
 from gcmlm_assets.catalogue import (
-    CLINICAL_FILE, CLINICAL_PROBLEMS, CLINICAL_TABLE, FUSED_FILE, FUSED_TABLE, FUSION_REPORT, MODEL_FILE,
+    Asset, CLINICAL_FILE, CLINICAL_PROBLEMS, CLINICAL_TABLE, FUSED_FILE, FUSED_TABLE, FUSION_REPORT, MODEL_FILE,
     PATIENT_FEATURES, RISK_MODEL, RISK_SCORES, SCORES_FILE, SCORES_PICTURE, UNI_FEATURES)
 from gcmlm_assets.inputs import required_file
 from gcmlm_assets.cohort.columns import CLINICAL_TABLE_COLUMNS, FUSED_TABLE_COLUMNS, RISK_SCORES_COLUMNS
@@ -36,7 +36,9 @@ from gcmlm_assets.landing_input import describe_links_leaving, link_leaving
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.cohort.soundness_facts import declared_blocking_checks, unsound_results
 from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.policies import stored_materialization
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
+from gcmlm_assets.reuse import StoredOutput
 from gcmlm_assets.storage import (
     VERSION_POINTER, ArtifactStore, atomic_write_bytes, atomic_write_json, sha256_file, sha256_text)
 
@@ -44,11 +46,11 @@ from gcmlm_assets.storage import (
 pq = lazy("pyarrow.parquet")
 
 
-def _reuse_or_none(store: ArtifactStore, asset: str, fingerprint: str, context) -> dict | None:
-    manifest = store.reusable(asset, None, fingerprint)
-    if manifest is not None:
-        context.log.info(f"{asset}: inputs and settings unchanged, stored output reused")
-    return manifest
+def _stored_output(store: ArtifactStore, asset: Asset, fingerprint: str, context) -> StoredOutput:
+    output = StoredOutput(store, asset, None, fingerprint)
+    if output.reused:
+        context.log.info(f"{asset.key}: inputs and settings unchanged, stored output reused")
+    return output
 
 
 # ---------------------------------------------------------------- clinical_table
@@ -73,11 +75,10 @@ def clinical_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
     if not csv_path.is_file():
         raise dg.Failure(description=f"{csv_path}: clinical table not found (columns patient_id, mlm, "
                                      "optional numeric covariates)", metadata={"expected": str(csv_path)})
-    folder = CLINICAL_TABLE.folder(store)
     csv_sha = sha256_file(csv_path)
-    fingerprint = sha256_text(CLINICAL_TABLE.code_version, csv_sha)
-    manifest = _reuse_or_none(store, CLINICAL_TABLE.key, fingerprint, context)
-    if manifest is None:
+    output = _stored_output(store, CLINICAL_TABLE, sha256_text(CLINICAL_TABLE.code_version, csv_sha), context)
+    folder = output.folder
+    if not output.reused:
         try:
             parsed, problems = clinical.read_clinical_csv(csv_path)
         except clinical.ClinicalFileError as exc:
@@ -85,17 +86,11 @@ def clinical_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
         table_path = CLINICAL_FILE.in_folder(folder)
         fusion.write_parquet(parsed.table, table_path)
         atomic_write_json(CLINICAL_PROBLEMS.in_folder(folder), [p.as_dict() for p in problems])
-        manifest = {
-            "fingerprint": fingerprint,
-            "files": {CLINICAL_FILE.name: sha256_file(table_path),
-                      CLINICAL_PROBLEMS.name: sha256_file(CLINICAL_PROBLEMS.in_folder(folder))},
-            "source": {"path": str(csv_path), "sha256": csv_sha},
-            "summary": {"rows_read": parsed.rows_read, "patients": parsed.table.num_rows,
-                        "bad_rows": len(problems), "covariates": parsed.covariates,
-                        "labels": clinical.label_counts(parsed.table)},
-        }
-        store.write_manifest(CLINICAL_TABLE.key, None, manifest)
-    summary = manifest["summary"]
+        output.record([CLINICAL_FILE, CLINICAL_PROBLEMS], source={"path": str(csv_path), "sha256": csv_sha},
+                      summary={"rows_read": parsed.rows_read, "patients": parsed.table.num_rows,
+                               "bad_rows": len(problems), "covariates": parsed.covariates,
+                               "labels": clinical.label_counts(parsed.table)})
+    summary = output.manifest["summary"]
     table = pq.read_table(CLINICAL_FILE.in_folder(folder))
     for problem in json.loads(CLINICAL_PROBLEMS.in_folder(folder).read_text(encoding="utf-8"))[:20]:
         context.log.warning(f"{csv_path}: line {problem['line']}: {problem['reason']}")
@@ -105,7 +100,8 @@ def clinical_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
         context.log.warning(f"{csv_path}: {len(without_drop)} patient(s) have a row but no drop in the landing zone "
                             f"(no folder {landing.path()}/<patient_id>; not scored until one arrives, check the id "
                             f"for a typo): {', '.join(without_drop[:20])}{' ...' if len(without_drop) > 20 else ''}")
-    return dg.MaterializeResult(
+    return stored_materialization(
+        output,
         metadata={
             "path": dg.MetadataValue.path(str(CLINICAL_FILE.in_folder(folder))),
             "problems_path": dg.MetadataValue.path(str(CLINICAL_PROBLEMS.in_folder(folder))),
@@ -120,7 +116,7 @@ def clinical_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
             "preview": dg.MetadataValue.md(fusion.markdown_table(table, table.column_names[:8])),
             **column_schema_metadata(CLINICAL_TABLE_COLUMNS, table),
         },
-        data_version=dg.DataVersion(manifest["files"][CLINICAL_FILE.name]),
+        data_version=output.sha256(CLINICAL_FILE),
     )
 
 
@@ -156,24 +152,22 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
     unsound = unsound_results(context.instance, sorted(known), declared_blocking_checks(), store)
     table, report = fusion.build_fused_table(store.root, pq.read_table(clinical_path), known_patients=known,
                                              unsound=unsound)
-    fingerprint = sha256_text(FUSED_TABLE.code_version, report.input_fingerprint(clinical_sha))
-    folder = FUSED_TABLE.folder(store)
-    manifest = _reuse_or_none(store, FUSED_TABLE.key, fingerprint, context)
-    if manifest is None:
+    output = _stored_output(store, FUSED_TABLE,
+                            sha256_text(FUSED_TABLE.code_version, report.input_fingerprint(clinical_sha)), context)
+    folder = output.folder
+    if not output.reused:
         fusion.write_parquet(table, FUSED_FILE.in_folder(folder))
         atomic_write_bytes(FUSION_REPORT.in_folder(folder), fusion.report_json(report).encode())
-        manifest = {"fingerprint": fingerprint,
-                    "files": {FUSED_FILE.name: sha256_file(FUSED_FILE.in_folder(folder)),
-                              FUSION_REPORT.name: sha256_file(FUSION_REPORT.in_folder(folder))},
-                    "inputs": {"clinical_table_sha256": clinical_sha, "feature_files": len(report.input_files)}}
-        store.write_manifest(FUSED_TABLE.key, None, manifest)
+        output.record([FUSED_FILE, FUSION_REPORT],
+                      inputs={"clinical_table_sha256": clinical_sha, "feature_files": len(report.input_files)})
     for problem in report.file_problems[:20]:
         context.log.warning(f"{problem['file']}: {problem['reason']}")
     for entry in report.excluded_results[:20]:
         context.log.warning(f"left out {entry['patient_id']}'s {entry['modality']}: {entry['reason']}")
     stats = fusion.fused_stats(table)
     excluded = report.excluded_patients()
-    return dg.MaterializeResult(
+    return stored_materialization(
+        output,
         metadata={
             "path": dg.MetadataValue.path(str(FUSED_FILE.in_folder(folder))),
             "report": dg.MetadataValue.path(str(FUSION_REPORT.in_folder(folder))),
@@ -187,12 +181,12 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> 
             "excluded_patients": dg.MetadataValue.json(_first(excluded, EXCLUDED_SHOWN)),
             "excluded_patients_shown": f"{min(len(excluded), EXCLUDED_SHOWN)} of {len(excluded)} (all in the report)",
             "input_feature_files": len(report.input_files),
-            "input_fingerprint": fingerprint,
+            "input_fingerprint": output.fingerprint,
             "clinical_table_sha256": clinical_sha,
             "preview": dg.MetadataValue.md(fusion.preview_markdown(table)),
             **column_schema_metadata(FUSED_TABLE_COLUMNS, table),
         },
-        data_version=dg.DataVersion(manifest["files"][FUSED_FILE.name]),
+        data_version=output.sha256(FUSED_FILE),
     )
 
 
@@ -236,9 +230,9 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
     fingerprint = sha256_text(RISK_SCORES.code_version, model_sha, fused_sha,
                               bags.bags_fingerprint(store, UNI_FEATURES.key, bags.pathology_patients(fused)),
                               explanation_keys.CODE_VERSION, pointer["version"])
-    folder = RISK_SCORES.folder(store)
-    manifest = _reuse_or_none(store, RISK_SCORES.key, fingerprint, context)
-    if manifest is None:
+    output = _stored_output(store, RISK_SCORES, fingerprint, context)
+    folder = output.folder
+    if not output.reused:
         if not model_path.is_file():
             raise dg.Failure(description=f"{model_path} (named by {model_folder.parent / VERSION_POINTER}) is "
                                          "missing: re-materialize risk_model", metadata={"model": str(model_path)})
@@ -258,13 +252,12 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
             return
         fusion.write_parquet(scores, SCORES_FILE.in_folder(folder))
         _save_score_picture(scores, model.risk_threshold, SCORES_PICTURE.in_folder(folder))
-        manifest = {"fingerprint": fingerprint,
-                    "files": {file.name: sha256_file(file.in_folder(folder)) for file in (SCORES_FILE, SCORES_PICTURE)},
-                    "inputs": {"risk_model_sha256": model_sha, "risk_model_version": pointer["version"],
-                               "fused_table_sha256": fused_sha},
-                    "risk_threshold": model.risk_threshold, "model_blocks": list(model.blocks),
-                    "excluded_patients": excluded}
-        store.write_manifest(RISK_SCORES.key, None, manifest)
+        output.record([SCORES_FILE, SCORES_PICTURE],
+                      inputs={"risk_model_sha256": model_sha, "risk_model_version": pointer["version"],
+                              "fused_table_sha256": fused_sha},
+                      risk_threshold=model.risk_threshold, model_blocks=list(model.blocks),
+                      excluded_patients=excluded)
+    manifest = output.manifest
     scores = pq.read_table(SCORES_FILE.in_folder(folder))
     excluded = manifest.get("excluded_patients") or {}
     verdict = qc.scores_valid(scores, _expected_scored(fused, excluded))
@@ -279,7 +272,8 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
         _save_score_picture(scores, manifest["risk_threshold"], SCORES_PICTURE.in_folder(folder))
     groups = scores.column("risk_group").to_pylist()
     used = scores.column("modalities_used").to_pylist()
-    yield dg.MaterializeResult(
+    yield stored_materialization(
+        output,
         metadata={
             "path": dg.MetadataValue.path(str(SCORES_FILE.in_folder(folder))),
             "risk_model_version": pointer["version"],
@@ -298,7 +292,7 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
                                                                      "risk score distribution")),
             "picture_path": dg.MetadataValue.path(str(SCORES_PICTURE.in_folder(folder))),
         },
-        data_version=dg.DataVersion(manifest["files"][SCORES_FILE.name]),
+        data_version=output.sha256(SCORES_FILE),
         check_results=[check],
     )
 

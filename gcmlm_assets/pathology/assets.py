@@ -14,7 +14,7 @@ from gcmlm_assets.devices import DeviceError, require_gpu_step_device
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.landing_input import LandingInputError
 from gcmlm_assets.partitions import patients_partitions
-from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
+from gcmlm_assets.policies import TRANSIENT_RETRY, stored_materialization
 from gcmlm_assets.pathology import checks, encoders
 from gcmlm_assets.pathology.patch_coords import (
     inputs_fingerprint,
@@ -38,7 +38,8 @@ from gcmlm_assets.pathology.slides import SlideError, list_slides
 from gcmlm_assets.pathology.tiling import TILING_VERSION
 from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
-from gcmlm_assets.storage import sha256_file, sha256_text
+from gcmlm_assets.reuse import StoredOutput
+from gcmlm_assets.storage import sha256_text
 
 # Imported by the step that uses it, not when the definitions load (gcmlm_assets/lazy.py).
 pq = lazy("pyarrow.parquet")
@@ -76,11 +77,10 @@ def _patch_coords_for(patient_id: str, storage: ArtifactStorage, landing: Landin
     except (FileNotFoundError, SlideError, LandingInputError) as error:
         raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from error
 
-    fingerprint = inputs_fingerprint(slides, params)
-    out_dir = PATCH_COORDS.folder(store, patient_id)
     started = time.perf_counter()
-    reused = store.reusable(PATCH_COORDS.key, patient_id, fingerprint) is not None
-    if reused:
+    output = StoredOutput(store, PATCH_COORDS, patient_id, inputs_fingerprint(slides, params))
+    out_dir = output.folder
+    if output.reused:
         listing = read_listing(out_dir)
         seconds: dict[str, float] = {}
     else:
@@ -102,17 +102,15 @@ def _patch_coords_for(patient_id: str, storage: ArtifactStorage, landing: Landin
                                          f"{reasons}",
                              allow_retries=False)
         listing = write_patient_outputs(out_dir, patient_id, outcomes, params)
-        store.write_manifest(PATCH_COORDS.key, patient_id, {
-            "fingerprint": fingerprint, "files": listing.pop("files"), "tiling_version": TILING_VERSION,
-        })
+        output.record_digests(listing.pop("files"), tiling_version=TILING_VERSION)
 
     entries = listing["slides"]
     version = output_version(listing)
     results = [checks.slides_open_result(entries, []), checks.mpp_known_result(entries),
                checks.tissue_found_result(entries),
                checks.patch_count_result(entries, pathology.min_patches_per_slide, pathology.max_patches_per_slide)]
-    yield quarantine_on_blocking_failure(store, PATCH_COORDS.key, patient_id, dg.MaterializeResult(
-        asset_key=PATCH_COORDS.key,
+    yield stored_materialization(
+        output,
         metadata={
             "n_slides": len(entries),
             "n_patches": listing["n_patches"],
@@ -131,12 +129,12 @@ def _patch_coords_for(patient_id: str, storage: ArtifactStorage, landing: Landin
             "dicom_series": dg.MetadataValue.json({e["file"]: e["dicom"] for e in entries if e.get("dicom")}),
             "params": dg.MetadataValue.json(listing["params"]),
             "tiling_version": TILING_VERSION,
-            "inputs_fingerprint": fingerprint,
-            "reused": reused,
+            "inputs_fingerprint": output.fingerprint,
+            "reused": output.reused,
             "seconds": round(time.perf_counter() - started, 3),
         },
-        data_version=dg.DataVersion(version),
-    ), checks.PATCH_COORDS_CHECK_SPECS, results)
+        data_version=version,
+        specs=checks.PATCH_COORDS_CHECK_SPECS, separate_results=results)
     yield from results
 
 
@@ -221,18 +219,17 @@ def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_mode
     reports = [extract.validate_feature_file(r.output, expected_dim=model.embedding_dim, expected_encoder=identity,
                                              expected_rows=extract.read_patch_grid(r.attrs["coords_path"]).n_patches)
                for r in done.results]
-    files = {r.output.name: sha256_file(r.output) for r in done.results}
-    store.write_manifest(UNI_FEATURES.key, patient_id, {
-        "fingerprint": done.fingerprint, "files": files, "encoder": identity,
-        "slides": [{"h5_file": r.output.name, "slide_file": r.attrs.get("slide_file"), "n_patches": r.n_patches}
-                   for r in done.results],
-        "slides_without_patches": done.without_patches,
-    })
+    # Each slide's features were reused or computed by extract.py: the whole output is only recorded.
+    output = StoredOutput(store, UNI_FEATURES, patient_id, done.fingerprint, look_up=False)
+    output.record({r.output.name: r.output for r in done.results}, encoder=identity,
+                  slides=[{"h5_file": r.output.name, "slide_file": r.attrs.get("slide_file"),
+                           "n_patches": r.n_patches} for r in done.results],
+                  slides_without_patches=done.without_patches)
     computed = [r for r in done.results if not r.reused]
     computed_patches = sum(r.n_patches for r in computed)
     results = list(checks.uni_features_results(reports, identity))
-    yield quarantine_on_blocking_failure(store, UNI_FEATURES.key, patient_id, dg.MaterializeResult(
-        asset_key=UNI_FEATURES.key,
+    yield stored_materialization(
+        output,
         metadata={
             "encoder": model.name,
             "embedding_dim": model.embedding_dim,
@@ -262,9 +259,16 @@ def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_mode
             "inputs_fingerprint": done.fingerprint,
             "seconds": round(seconds, 3),
         },
-        data_version=dg.DataVersion(sha256_text(*(f"{name}:{digest}" for name, digest in sorted(files.items())))),
-    ), checks.UNI_FEATURES_CHECK_SPECS, results)
+        data_version=output.files_digest(),
+        specs=checks.UNI_FEATURES_CHECK_SPECS, separate_results=results)
     yield from results
+
+
+def slide_vector_fingerprint(pooling_description: dict, feature_files: dict[str, str]) -> str:
+    """What a slide vector is made from: the pooling (its name, version and parameters) and the
+    patient's feature files' hashes (pinned by gcmlm_assets_tests/core/test_fingerprints.py)."""
+    return sha256_text(SLIDE_VECTOR.key, json.dumps(pooling_description, sort_keys=True),
+                       *(f"{name}:{digest}" for name, digest in sorted(feature_files.items())))
 
 
 class SlideVectorConfig(dg.Config):
@@ -304,14 +308,12 @@ def _slide_vector_for(patient_id: str, config: SlideVectorConfig, storage: Artif
     except PoolingError as error:
         raise dg.Failure(description=str(error), allow_retries=False) from error
     dim = int(features["encoder"]["embedding_dim"])
-    fingerprint = sha256_text(SLIDE_VECTOR.key, json.dumps(pooling.describe(), sort_keys=True),
-                              *(f"{name}:{digest}" for name, digest in sorted(features["files"].items())))
-    out_path = SLIDE_VECTOR_TABLE.in_folder(SLIDE_VECTOR.folder(store, patient_id))
-    picture_path = SLIDE_VECTOR_PICTURE.in_folder(out_path.parent)
+    output = StoredOutput(store, SLIDE_VECTOR, patient_id,
+                          slide_vector_fingerprint(pooling.describe(), features["files"]))
+    out_path, picture_path = output.path(SLIDE_VECTOR_TABLE), output.path(SLIDE_VECTOR_PICTURE)
     slides = patient_slides(store, UNI_FEATURES.key, patient_id)
-    reused = store.reusable(SLIDE_VECTOR.key, patient_id, fingerprint)
-    if reused:
-        summary = reused["summary"]
+    if output.reused:
+        summary = output.manifest["summary"]
     else:
         try:
             pooled = pooling.pool(slides)
@@ -321,16 +323,13 @@ def _slide_vector_for(patient_id: str, config: SlideVectorConfig, storage: Artif
         save_png(slide_vector_picture(patient_id, slides, pooling.name), picture_path)
         summary = {"n_patches": pooled.n_patches, "n_slides": pooled.n_slides, "dim": int(pooled.vector.shape[0]),
                    **pooled.details}
-        store.write_manifest(SLIDE_VECTOR.key, patient_id, {
-            "fingerprint": fingerprint, "summary": summary,
-            "files": {out_path.name: sha256_file(out_path), picture_path.name: sha256_file(picture_path)},
-        })
+        output.record([SLIDE_VECTOR_TABLE, SLIDE_VECTOR_PICTURE], summary=summary)
     if not picture_path.is_file():  # reused output stored before slide_vector had a picture
         save_png(slide_vector_picture(patient_id, slides, pooling.name), picture_path)
     problems = validate_slide_vector(out_path, expected_dim=dim)
     result = checks.slide_vector_result(problems, dim, out_path)
-    yield quarantine_on_blocking_failure(store, SLIDE_VECTOR.key, patient_id, dg.MaterializeResult(
-        asset_key=SLIDE_VECTOR.key,
+    yield stored_materialization(
+        output,
         metadata={
             "pooling": pooling.name,
             "n_patches": summary["n_patches"],
@@ -343,12 +342,13 @@ def _slide_vector_for(patient_id: str, config: SlideVectorConfig, storage: Artif
             # the same slides and grid, and a second one per patient would double the event log's share.
             "picture_path": dg.MetadataValue.path(str(picture_path)),
             "input_uni_features": dg.MetadataValue.json(features["files"]),
-            "inputs_fingerprint": fingerprint,
-            "reused": bool(reused),
+            "inputs_fingerprint": output.fingerprint,
+            "reused": output.reused,
             **column_schema_metadata(SLIDE_VECTOR_COLUMNS, pq.read_schema(out_path)),
         },
-        data_version=dg.DataVersion(sha256_file(out_path)),
-    ), checks.SLIDE_VECTOR_CHECK_SPECS, [result])
+        # The file as recorded (and, when reused, found intact) in the manifest.
+        data_version=output.sha256(SLIDE_VECTOR_TABLE),
+        specs=checks.SLIDE_VECTOR_CHECK_SPECS, separate_results=[result])
     yield result
 
 

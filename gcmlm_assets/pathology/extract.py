@@ -60,8 +60,9 @@ from gcmlm_assets.pathology.region_readers import (
 from gcmlm_assets.step_output import ProgressPacer
 from gcmlm_assets.storage import atomic_path, sha256_text
 
-# Bump when the extraction's output would change for the same inputs.
-EXTRACTION_VERSION = "1"
+# uni_features' code version (catalogue.py): bump it there when the extraction's output would change
+# for the same inputs. It is in each slide's extraction fingerprint.
+EXTRACTION_VERSION = UNI_FEATURES.code_version
 BLOCK_PATCHES = 8
 FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
 CHUNK_ROWS = 256

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+from gcmlm_assets.catalogue import PATCH_COORDS
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.pathology.slides import PLAUSIBLE_MPP, Slide, SlideError, SlideInfo
 from gcmlm_assets.pathology.tissue import (
@@ -44,8 +45,9 @@ cv2 = lazy("cv2")
 h5py = lazy("h5py")
 np = lazy("numpy")
 
-# Bump when a change of this module changes its output for the same inputs.
-TILING_VERSION = "2"
+# patch_coords' code version (catalogue.py): bump it there when a change of this module changes its
+# output for the same inputs. It is in patch_coords' fingerprint and in its data version.
+TILING_VERSION = PATCH_COORDS.code_version
 MODES = ("default", "clam")
 CLAM_CONTOUR_FNS = ("four_pt", "four_pt_hard", "center", "basic")
 

@@ -20,7 +20,7 @@ from gcmlm_assets.catalogue import (
 from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.inputs import required_file
 from gcmlm_assets.partitions import patients_partitions
-from gcmlm_assets.policies import TRANSIENT_RETRY, quarantine_on_blocking_failure
+from gcmlm_assets.policies import TRANSIENT_RETRY, stored_materialization
 from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.landing_input import LandingInputError
@@ -28,6 +28,7 @@ from gcmlm_assets.radiology import checks, ct_io, features, masks, model_lifecyc
 from gcmlm_assets.radiology.columns import RADIOMICS_ROW_COLUMNS
 from gcmlm_assets.radiology.resources import RadiomicsSettings
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
+from gcmlm_assets.reuse import StoredOutput, combined_digest
 from gcmlm_assets.storage import files_replaced_together, sha256_file, sha256_text
 
 # Imported by the steps that use it, not when the definitions load (gcmlm_assets/lazy.py).
@@ -41,8 +42,20 @@ def input_failure(error: Exception) -> dg.Failure:
     return dg.Failure(description=str(error), metadata={"problem": str(error)}, allow_retries=False)
 
 
-def _combined_hash(hashes: dict[str, str]) -> str:
-    return sha256_text(*(f"{name}:{digest}" for name, digest in sorted(hashes.items())))
+# What each output is made from (reuse.py). Any change to a formula recomputes every stored output
+# (nnU-Net on every patient for ct_mask): gcmlm_assets_tests/core/test_fingerprints.py pins them.
+
+def ct_image_fingerprint(input_hashes: dict[str, str]) -> str:
+    return sha256_text(CT_IMAGE.key, CT_IMAGE.code_version, json.dumps(input_hashes, sort_keys=True))
+
+
+def ct_mask_fingerprint(ct_sha: str, mode: str, source_id: str, extra: tuple[str, ...]) -> str:
+    return sha256_text(CT_MASK.key, CT_MASK.code_version, ct_sha, mode, source_id, *extra)
+
+
+def radiomics_row_fingerprint(ct_sha: str, mask_sha: str, settings_sha: str, pyradiomics_version: str) -> str:
+    return sha256_text(RADIOMICS_ROW.key, RADIOMICS_ROW.code_version, ct_sha, mask_sha, settings_sha,
+                       pyradiomics_version)
 
 
 # ---------------------------------------------------------------- ct_image
@@ -78,13 +91,9 @@ def _ct_image_for(context: dg.AssetExecutionContext, patient_id: str, storage: A
         input_hashes = {path.name: sha256_file(path) for path in ct_io.input_files(folder)}
     except (ct_io.CTInputError, LandingInputError) as error:
         raise input_failure(error) from error
-    fingerprint = sha256_text(CT_IMAGE.key, CT_IMAGE.code_version, json.dumps(input_hashes, sort_keys=True))
-    out_dir = CT_IMAGE.folder(store, patient_id)
-    ct_path, picture_path = CT_VOLUME.in_folder(out_dir), CT_THUMBNAIL.in_folder(out_dir)
-
-    manifest = store.reusable(CT_IMAGE.key, patient_id, fingerprint)
-    reused = manifest is not None
-    if not reused:
+    output = StoredOutput(store, CT_IMAGE, patient_id, ct_image_fingerprint(input_hashes))
+    ct_path, picture_path = output.path(CT_VOLUME), output.path(CT_THUMBNAIL)
+    if not output.reused:
         try:
             image, source = ct_io.load_ct(folder)
         except ct_io.CTInputError as error:
@@ -92,28 +101,23 @@ def _ct_image_for(context: dg.AssetExecutionContext, patient_id: str, storage: A
         summary = ct_io.summarise(image, source)
         ct_io.write_volume(image, ct_path)
         save_png(ct_io.ct_thumbnail_png(image), picture_path)
-        manifest = {
-            "fingerprint": fingerprint,
-            "files": {CT_VOLUME.name: sha256_file(ct_path), CT_THUMBNAIL.name: sha256_file(picture_path)},
-            "inputs": input_hashes,
-            "source": source.describe(),
-            "summary": summary.as_dict(),
-        }
-        store.write_manifest(CT_IMAGE.key, patient_id, manifest)
+        output.record([CT_VOLUME, CT_THUMBNAIL], inputs=input_hashes, source=source.describe(),
+                      summary=summary.as_dict())
+    manifest = output.manifest
     summary = ct_io.CTSummary.from_dict(manifest["summary"])
-    context.log.info(f"{patient_id}: CT {'reused' if reused else 'written'} {ct_path} "
+    context.log.info(f"{patient_id}: CT {'reused' if output.reused else 'written'} {ct_path} "
                      f"({summary.size}, {summary.spacing} mm)")
-    return quarantine_on_blocking_failure(store, CT_IMAGE.key, patient_id, dg.MaterializeResult(
-        asset_key=CT_IMAGE.key,
+    return stored_materialization(
+        output,
         metadata={
             "path": dg.MetadataValue.path(str(ct_path)),
             "picture_path": dg.MetadataValue.path(str(picture_path)),
-            "sha256": manifest["files"][CT_VOLUME.name],
+            "sha256": output.sha256(CT_VOLUME),
             "input_folder": dg.MetadataValue.path(str(folder)),
             "input_files": len(input_hashes),
-            "input_sha256": _combined_hash(input_hashes),
+            "input_sha256": combined_digest(input_hashes),
             "source": manifest["source"],
-            "reused": reused,
+            "reused": output.reused,
             "size": str(summary.size),
             "spacing_mm": str(tuple(round(s, 4) for s in summary.spacing)),
             "origin_mm": str(tuple(round(o, 3) for o in summary.origin)),
@@ -128,9 +132,9 @@ def _ct_image_for(context: dg.AssetExecutionContext, patient_id: str, storage: A
             "hu_p99": summary.hu_p99,
             "picture": dg.MetadataValue.md(patient_picture_markdown(picture_path, PHOTO, "CT thumbnail")),
         },
-        data_version=dg.DataVersion(manifest["files"][CT_VOLUME.name]),
+        data_version=output.sha256(CT_VOLUME),
         check_results=checks.ct_image_check_results(ct_path),
-    ), checks.CT_IMAGE_CHECK_SPECS)
+        specs=checks.CT_IMAGE_CHECK_SPECS)
 
 
 # ---------------------------------------------------------------- ct_mask
@@ -230,13 +234,10 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
         source_id = model_lifecycle.model_identity(model_folder)
         extra = ()
     mode = "reference" if reference is not None else "predicted"
-    fingerprint = sha256_text(CT_MASK.key, CT_MASK.code_version, ct_sha, mode, source_id, *extra)
-    out_dir = CT_MASK.folder(store, patient_id)
-    mask_path, picture_path = MASK_VOLUME.in_folder(out_dir), MASK_OVERLAY.in_folder(out_dir)
-
-    manifest = store.reusable(CT_MASK.key, patient_id, fingerprint)
-    reused = manifest is not None
-    if not reused:
+    output = StoredOutput(store, CT_MASK, patient_id, ct_mask_fingerprint(ct_sha, mode, source_id, extra))
+    out_dir = output.folder
+    mask_path, picture_path = output.path(MASK_VOLUME), output.path(MASK_OVERLAY)
+    if not output.reused:
         image = sitk.ReadImage(str(ct_path))
         if reference is not None:
             try:
@@ -267,26 +268,19 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
             masks.write_mask(mask, staged[MASK_VOLUME.name])
             save_png(masks.mask_overlay_png(image, mask), staged[MASK_OVERLAY.name])
             files = {name: sha256_file(path) for name, path in staged.items()}
-        manifest = {
-            "fingerprint": fingerprint,
-            "files": files,
-            "inputs": {CT_IMAGE.key: ct_sha, mode: source_id},
-            "source": mode,
-            "provenance": provenance,
-            "stats": stats.as_dict(),
-            "model_agreement": agreement,
-        }
-        store.write_manifest(CT_MASK.key, patient_id, manifest)
+        output.record_digests(files, inputs={CT_IMAGE.key: ct_sha, mode: source_id}, source=mode,
+                              provenance=provenance, stats=stats.as_dict(), model_agreement=agreement)
+    manifest = output.manifest
     stats, provenance = manifest["stats"], manifest["provenance"]
     if provenance.get("resampled_to_ct_grid"):
         context.log.warning(f"{patient_id}: reference mask {provenance.get('reference_file')} was on another grid "
                             "and was resampled onto the CT grid with nearest neighbour")
-    yield quarantine_on_blocking_failure(store, CT_MASK.key, patient_id, dg.MaterializeResult(
-        asset_key=CT_MASK.key,
+    yield stored_materialization(
+        output,
         metadata={
             "path": dg.MetadataValue.path(str(mask_path)),
             "picture_path": dg.MetadataValue.path(str(picture_path)),
-            "sha256": manifest["files"][MASK_VOLUME.name],
+            "sha256": output.sha256(MASK_VOLUME),
             "input_ct_sha256": ct_sha,
             "input_source_sha256": source_id,
             "source": manifest["source"],
@@ -297,7 +291,7 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
             "reoriented_from": provenance.get("reoriented_from", ""),
             "reference_label": provenance.get("label", ""),
             **_agreement_metadata(manifest["model_agreement"]),
-            "reused": reused,
+            "reused": output.reused,
             "voxels": stats["voxels"],
             "voxel_volume_ml": stats["voxel_volume_ml"],
             "volume_ml": stats["volume_ml"],
@@ -305,14 +299,14 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
             "largest_component_voxels": stats["largest_component_voxels"],
             "picture": dg.MetadataValue.md(patient_picture_markdown(picture_path, PHOTO, "gastric mask")),
         },
-        data_version=dg.DataVersion(manifest["files"][MASK_VOLUME.name]),
+        data_version=output.sha256(MASK_VOLUME),
         check_results=[
             *checks.ct_mask_check_results(mask_path, ct_path, radiomics.mask_volume_min_ml,
                                           radiomics.mask_volume_max_ml, radiomics.mask_bone_fraction_max,
                                           radiomics.mask_outside_air_fraction_max),
             checks.mask_agreement_result(mask_path, manifest["model_agreement"], segmentation.agreement_min_dice),
         ],
-    ), checks.CT_MASK_CHECK_SPECS)
+        specs=checks.CT_MASK_CHECK_SPECS)
 
 
 def _label_key(label_setting: str | None, reference: Path) -> str:
@@ -395,12 +389,10 @@ def _radiomics_row_for(context: dg.AssetExecutionContext, patient_id: str, stora
     params = radiomics.load_params()
     settings_sha = features.settings_hash(params)
     version = features.pyradiomics_version()
-    fingerprint = sha256_text(RADIOMICS_ROW.key, RADIOMICS_ROW.code_version, ct_sha, mask_sha, settings_sha, version)
-    row_path = RADIOMICS_TABLE.in_folder(RADIOMICS_ROW.folder(store, patient_id))
-
-    manifest = store.reusable(RADIOMICS_ROW.key, patient_id, fingerprint)
-    reused = manifest is not None
-    if not reused:
+    output = StoredOutput(store, RADIOMICS_ROW, patient_id,
+                          radiomics_row_fingerprint(ct_sha, mask_sha, settings_sha, version))
+    row_path = output.path(RADIOMICS_TABLE)
+    if not output.reused:
         extractor = features.extractor_from_params(params)
         try:
             # The very files the mask was made on: no geometry tolerance can trip.
@@ -409,23 +401,17 @@ def _radiomics_row_for(context: dg.AssetExecutionContext, patient_id: str, stora
             raise input_failure(error) from error
         features.write_row(row_path, patient_id, row.features, {
             "pyradiomics_version": version, "settings_sha256": settings_sha, "params": radiomics.params})
-        manifest = {
-            "fingerprint": fingerprint,
-            "files": {RADIOMICS_TABLE.name: sha256_file(row_path)},
-            "inputs": {CT_IMAGE.key: ct_sha, CT_MASK.key: mask_sha},
-            "seconds": row.seconds,
-            "features": len(row.features),
-            "diagnostics": row.diagnostics,
-        }
-        store.write_manifest(RADIOMICS_ROW.key, patient_id, manifest)
+        output.record([RADIOMICS_TABLE], inputs={CT_IMAGE.key: ct_sha, CT_MASK.key: mask_sha},
+                      seconds=row.seconds, features=len(row.features), diagnostics=row.diagnostics)
+    manifest = output.manifest
     table = features.read_row(row_path)
-    took = "reused" if reused else f"{manifest['seconds']:.1f} s"
+    took = "reused" if output.reused else f"{manifest['seconds']:.1f} s"
     context.log.info(f"{patient_id}: {manifest['features']} radiomics features ({took})")
-    return quarantine_on_blocking_failure(store, RADIOMICS_ROW.key, patient_id, dg.MaterializeResult(
-        asset_key=RADIOMICS_ROW.key,
+    return stored_materialization(
+        output,
         metadata={
             "path": dg.MetadataValue.path(str(row_path)),
-            "sha256": manifest["files"][RADIOMICS_TABLE.name],
+            "sha256": output.sha256(RADIOMICS_TABLE),
             "input_ct_sha256": ct_sha,
             "input_mask_sha256": mask_sha,
             "pyradiomics_version": version,
@@ -434,14 +420,14 @@ def _radiomics_row_for(context: dg.AssetExecutionContext, patient_id: str, stora
             "settings_sha256": settings_sha,
             "features": manifest["features"],
             "extraction_seconds": manifest["seconds"],
-            "reused": reused,
+            "reused": output.reused,
             "resampled_roi_voxels": manifest["diagnostics"].get("diagnostics_Mask-interpolated_VoxelNum", ""),
             **column_schema_metadata(RADIOMICS_ROW_COLUMNS, table),
         },
-        data_version=dg.DataVersion(manifest["files"][RADIOMICS_TABLE.name]),
+        data_version=output.sha256(RADIOMICS_TABLE),
         check_results=checks.radiomics_row_check_results(table, patient_id,
                                                          features.expected_feature_names(params)),
-    ), checks.RADIOMICS_ROW_CHECK_SPECS)
+        specs=checks.RADIOMICS_ROW_CHECK_SPECS)
 
 
 # The per-patient assets; segmentation_model.py holds the group's fourth, the model ct_mask predicts with.

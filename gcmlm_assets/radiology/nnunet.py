@@ -30,7 +30,7 @@ from gcmlm_assets.radiology.checkpoint_pins import (
     ModelFolderError,
     available_folds,
 )
-from gcmlm_assets.storage import VERSION_POINTER, DigestMismatch, atomic_write_json, read_pinned_bytes
+from gcmlm_assets.storage import VERSION_POINTER, DigestMismatch, read_pinned_bytes, read_pointer, write_pointer
 
 CONFIGURATION = "3d_fullres"
 STOMACH_LABEL = "stomach"
@@ -270,11 +270,8 @@ def _checkpoint_identity(checkpoint: Path) -> tuple[str, str]:
 
 def read_current_model(models_root: Path) -> dict | None:
     """The `current.json` pointer of an artifact folder of trained models, or None."""
-    try:
-        pointer = json.loads((Path(models_root) / CURRENT_POINTER).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return pointer if isinstance(pointer, dict) and pointer.get("folder") else None
+    pointer = read_pointer(models_root)
+    return pointer if pointer is not None and pointer.get("folder") else None
 
 
 def install_trained_model(trained_folder: Path, models_root: Path,
@@ -305,7 +302,7 @@ def install_trained_model(trained_folder: Path, models_root: Path,
     pointer = {"model_id": installed.model_id, "folder": installed.model_id,
                "checkpoint_sha256": installed.checkpoint_sha256,
                "checkpoint_sha256_by_fold": installed.checkpoint_sha256_by_fold, **(pointer_extra or {})}
-    atomic_write_json(Path(models_root) / CURRENT_POINTER, pointer)
+    write_pointer(models_root, pointer)
     return installed
 
 

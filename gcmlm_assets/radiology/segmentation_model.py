@@ -27,7 +27,7 @@ from gcmlm_assets.catalogue import CT_IMAGE, CT_VOLUME, SEGMENTATION_MODEL, Miss
 from gcmlm_assets.radiology import masks, model_lifecycle
 from gcmlm_assets.radiology.assets import input_failure
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
-from gcmlm_assets.storage import atomic_write_json, sha256_file, sha256_text
+from gcmlm_assets.storage import sha256_file, sha256_text, write_pointer
 
 # Imported by the step that uses it, not when the definitions load (gcmlm_assets/lazy.py).
 sitk = lazy("SimpleITK")
@@ -161,7 +161,7 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
         if pointer.get("reference_set") != seen_set["reference_set"]:
             # The same inputs under new names or times: keep the model, remember the set it now covers.
             pointer = {**pointer, **seen_set}
-            atomic_write_json(models_root / nnunet.CURRENT_POINTER, pointer)
+            write_pointer(models_root, pointer)
         if action == model_lifecycle.REUSE:
             decision = "reused: the installed model was trained on exactly these inputs and settings"
         else:
@@ -252,7 +252,7 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
                                 "model_id": candidate.model_id, "checkpoint_sha256": candidate.checkpoint_sha256,
                                 "evaluation": evaluation, "cases": training["cases"],
                                 "seconds": result.seconds}}
-        atomic_write_json(models_root / nnunet.CURRENT_POINTER, pointer)
+        write_pointer(models_root, pointer)
         return _installed_model_result(installed, models_root, pointer, decision=evaluation["decision"],
                                        trained=True, rejected=pointer["rejected"])
     finally:
