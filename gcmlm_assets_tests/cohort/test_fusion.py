@@ -6,9 +6,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gcmlm_assets.catalogue import RADIOMICS_TABLE, SLIDE_VECTOR_TABLE
 from gcmlm_assets.cohort.tables import qc
 from gcmlm_assets.cohort.tables.clinical import parse_clinical_csv
 from gcmlm_assets.cohort.tables.fusion import build_fused_table, fused_stats, report_json, write_parquet
+from gcmlm_assets.storage import ArtifactStore
 from gcmlm_assets_tests.support.cohort.synthetic import (
     RADIOMICS_NAMES, make_cohort, write_radiomics_row, write_slide_vector)
 
@@ -66,13 +68,15 @@ def test_bad_feature_files_are_rejected_and_named(tmp_path):
         write_radiomics_row(artifacts, patient_id, radiomics[i])
         write_slide_vector(artifacts, patient_id, pathology[i])
     # P000: its radiomics file claims another patient
-    table = pq.read_table(artifacts / "radiomics_row/P000/radiomics.parquet")
-    write_parquet(table.set_column(0, "patient_id", pa.array(["P001"])), artifacts / "radiomics_row/P000/radiomics.parquet")
+    store = ArtifactStore(artifacts)
+    row = RADIOMICS_TABLE.path(store, "P000")
+    write_parquet(pq.read_table(row).set_column(0, "patient_id", pa.array(["P001"])), row)
     # P001: a radiomics file with one feature fewer than the cohort's
-    table = pq.read_table(artifacts / "radiomics_row/P001/radiomics.parquet")
-    write_parquet(table.drop_columns([table.column_names[-1]]), artifacts / "radiomics_row/P001/radiomics.parquet")
+    row = RADIOMICS_TABLE.path(store, "P001")
+    table = pq.read_table(row)
+    write_parquet(table.drop_columns([table.column_names[-1]]), row)
     # P002: not parquet at all
-    (artifacts / "slide_vector/P002/slide_vector.parquet").write_bytes(b"not parquet")
+    SLIDE_VECTOR_TABLE.path(store, "P002").write_bytes(b"not parquet")
     # P003: slide vector of zero patches
     write_slide_vector(artifacts, "P003", pathology[3], n_patches=0)
     # P005: a leftover folder of a patient that is no longer a partition
@@ -87,7 +91,7 @@ def test_bad_feature_files_are_rejected_and_named(tmp_path):
     assert "1 missing (original_gldm_LargeDependenceEmphasis)" in problems[("P001", "radiology")]["reason"]
     assert "unreadable parquet" in problems[("P002", "pathology")]["reason"]
     assert "n_patches is 0" in problems[("P003", "pathology")]["reason"]
-    assert problems[("P002", "pathology")]["file"].endswith("slide_vector/P002/slide_vector.parquet")
+    assert problems[("P002", "pathology")]["file"] == str(SLIDE_VECTOR_TABLE.path(store, "P002"))
     assert [s["folder"].split("/")[-1] for s in report.stale_folders] == ["P005", "P005"]
 
     rows = {r["patient_id"]: r for r in fused.to_pylist()}

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import SimpleITK as sitk
 from dagster._serdes import serialize_value
 
-from gcmlm_assets.catalogue import RADIOMICS_TABLE
+from gcmlm_assets.catalogue import RADIOMICS_ROW, RADIOMICS_TABLE
 from gcmlm_assets.storage import ArtifactStore
 from gcmlm_assets.radiology import resources as radiology_resources
 from gcmlm_assets.radiology.assets import ct_image, ct_mask, radiomics_row
@@ -61,7 +61,7 @@ def test_no_patient_tag_of_a_dicom_series_reaches_artifacts_metadata_or_the_even
     # Artifacts: every file, as bytes and decompressed.
     written = sorted(str(p.relative_to(artifacts)) for p in artifacts.rglob("*") if p.is_file())
     assert {f"ct_image/{PATIENT}/ct.nii.gz", f"ct_mask/{PATIENT}/mask.nii.gz",
-            f"radiomics_row/{PATIENT}/radiomics.parquet"} <= set(written)
+            f"{RADIOMICS_ROW.key}/{PATIENT}/{RADIOMICS_TABLE.name}"} <= set(written)
     assert leaks_under(artifacts) == {}
 
     # Metadata of every materialization and check result.

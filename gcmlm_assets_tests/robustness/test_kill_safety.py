@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from gcmlm_assets.catalogue import RADIOMICS_TABLE
+from gcmlm_assets.catalogue import RADIOMICS_ROW, RADIOMICS_TABLE
 from gcmlm_assets.storage import ArtifactStore
 from gcmlm_assets_tests.support.robustness.artifacts import digests, temporaries, visible_damage, without_timing
 from gcmlm_assets_tests.support.robustness.runs import Pause
@@ -56,8 +56,8 @@ def kill_points(asset: str, patient: str) -> list[KillPoint]:
         "radiomics_row": [
             KillPoint("PyRadiomics computing features",
                       Pause("radiomics.featureextractor:RadiomicsFeatureExtractor.computeFeatures")),
-            KillPoint("radiomics.parquet in its temporary, not renamed",
-                      Pause(f"{STORAGE}:_fsync_file", ".tmp-radiomics-")),
+            KillPoint(f"{RADIOMICS_TABLE.name} in its temporary, not renamed",
+                      Pause(f"{STORAGE}:_fsync_file", f".tmp-{RADIOMICS_TABLE.name.split('.')[0]}-")),
             KillPoint(renamed, manifest),
         ],
         "patch_coords": [
@@ -150,4 +150,4 @@ def test_the_damage_check_sees_a_truncated_file_and_a_stale_manifest(reference_c
     damage = visible_damage(artifacts)
     assert any(line.startswith(f"uni_features/{patient}/{patient}_slide1.h5: OSError") for line in damage), damage
     assert f"uni_features/{patient}/{patient}_slide1.h5: not the file its manifest lists" in damage
-    assert f"radiomics_row/{patient}/radiomics.parquet: not the file its manifest lists" in damage
+    assert f"{RADIOMICS_ROW.key}/{patient}/{RADIOMICS_TABLE.name}: not the file its manifest lists" in damage
