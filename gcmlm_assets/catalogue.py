@@ -3,7 +3,7 @@
 An entry says what the asset is (key, group, whether it has one partition per patient), what it is
 made with (kinds) and who answers for it (owners), its code version, and the files it writes. The
 asset's own module declares it with `entry.dagster_attributes()`; its consumers (other assets,
-checks, sensors, `cohort/fusion.py`, the demo's summary) find its files through the entry's
+checks, sensors, `cohort/tables/fusion.py`, the demo's summary) find its files through the entry's
 `AssetFile`s. No asset key or output file name is written anywhere else, so renaming a file or
 bumping a version is a change to this module only (`gcmlm_assets_tests/core/test_catalogue.py`
 holds the definitions to it).
@@ -110,13 +110,13 @@ SEGMENTATION_MODEL = Asset("segmentation_model", RADIOLOGY, per_patient=False, c
 
 # ---------------------------------------------------------------- pathology
 # One `<slide>.h5` of coordinates per slide with tissue, listed in slides.json (pathology/patch_coords.py).
-# Its code version is the tiling's (pathology/tiling.py's TILING_VERSION).
+# Its code version is the tiling's: pathology/tiling.py's TILING_VERSION is this value.
 PATCH_COORDS = Asset("patch_coords", PATHOLOGY, per_patient=True, code_version="2", kinds=frozenset({"openslide"}))
 SLIDE_LISTING = PATCH_COORDS.file("slides.json")
 TILING_PICTURE = PATCH_COORDS.file("tiling.png")
 
 # One `<slide>.h5` of patch embeddings per slide, listed in the asset's manifest (pathology/extract.py).
-# Its code version is the extraction's (pathology/extract.py's EXTRACTION_VERSION).
+# Its code version is the extraction's: pathology/extract.py's EXTRACTION_VERSION is this value.
 UNI_FEATURES = Asset("uni_features", PATHOLOGY, per_patient=True, code_version="1", kinds=frozenset({"torch"}))
 
 SLIDE_VECTOR = Asset("slide_vector", PATHOLOGY, per_patient=True, code_version=None, kinds=frozenset({"numpy"}))
@@ -147,7 +147,7 @@ SCORES_FILE = RISK_SCORES.file("scores.parquet")
 SCORES_PICTURE = RISK_SCORES.file("score_distribution.png")
 
 # One version folder per patient (and model) under the patient's pointer (cohort/explanation_assets.py).
-# 2: the explanation key (cohort/explanation_keys.py) is the explanation's data version.
+# 2: the explanation key (cohort/explain/explanation_keys.py) is the explanation's data version.
 RISK_EXPLANATIONS = Asset("risk_explanations", COHORT, per_patient=True, code_version="2",
                           kinds=frozenset({"sklearn"}))
 PATCHES_FILE = RISK_EXPLANATIONS.file("patch_contributions.parquet")

@@ -94,6 +94,9 @@ def build_definitions(env: str | None = None, profile: str | None = None) -> dg.
     domains = build_domains(env, chosen)
     resources = shared_resources(chosen)
     for domain in domains:
+        clash = set(resources) & set(domain.resources or {})
+        if clash:  # a later domain must not replace another's resource unnoticed
+            raise ValueError(f"resource key(s) defined twice: {', '.join(sorted(clash))}")
         resources.update(domain.resources or {})
     steps = [build_patient_steps_sensor(f"{modality}_steps_sensor", chain, modality, chosen.sensor_interval_s)
              for modality, chain in MODALITY_ASSETS.items()]

@@ -1,7 +1,7 @@
 """What may be read of the landing zone: a symbolic link leading out of it never is.
 
 Below the landing package and the domains, so that the shared `LandingZone` resource and the
-landing sensor's scan refuse the same links with the same message (`landing/scan.py` re-exports these).
+landing sensor's scan refuse the same links with the same message.
 """
 
 from __future__ import annotations

@@ -235,7 +235,8 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
     if not output.reused:
         if not model_path.is_file():
             raise dg.Failure(description=f"{model_path} (named by {model_folder.parent / VERSION_POINTER}) is "
-                                         "missing: re-materialize risk_model", metadata={"model": str(model_path)})
+                                         f"missing: re-materialize {RISK_MODEL.key}",
+                             metadata={"model": str(model_path)})
         try:  # checked against the hash current.json recorded, then loaded from the same bytes
             model = modelling.load_model(model_path, model_sha, str(model_folder.parent / VERSION_POINTER))
         except modelling.UntrustedModelFile as exc:
@@ -339,7 +340,7 @@ def _current_model_or_fail(store: ArtifactStore) -> tuple[Path, dict]:
     current = current_model_version(store)
     if current is None:
         pointer = store.path(RISK_MODEL.key, None, VERSION_POINTER)
-        raise dg.Failure(description=f"{pointer} not found: materialize risk_model first",
+        raise dg.Failure(description=f"{pointer} not found: materialize {RISK_MODEL.key} first",
                          metadata={"missing": str(pointer)})
     return current
 

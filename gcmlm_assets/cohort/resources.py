@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from gcmlm_assets.cohort.model.setting_fields import ModelSettingFields
+from gcmlm_assets.cohort.model.risk_model_fields import ModelSettingFields
 from gcmlm_assets.profiles import PRODUCTION, Profile
 from gcmlm_assets.setting_fields import settings_resource, values_of
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import dagster as dg
 
 from gcmlm_assets import runs
-from gcmlm_assets.catalogue import ASSETS, COHORT, FUSED_TABLE, RISK_EXPLANATIONS, RISK_SCORES
+from gcmlm_assets.catalogue import ASSETS, COHORT, FUSED_TABLE, MODALITY_CHAINS, RISK_EXPLANATIONS, RISK_SCORES
 from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS
 from gcmlm_assets.dagster_internals import SENSOR_NAME_TAG
 from gcmlm_assets.patient_steps import patients_in_between
@@ -83,9 +83,8 @@ def settled(instance: dg.DagsterInstance, since: float) -> bool:
     if refreshed is None or max(feature_marks.values(), default=0) > refreshed.storage_id:
         return False
     # ... and no patient went on since then to the middle of its chain (its next batched run is due)
-    from gcmlm_assets.definitions import MODALITY_ASSETS
-
-    if patients_in_between(instance, list(MODALITY_ASSETS.values()), refreshed.storage_id):
+    chains = [[dg.AssetKey(asset.key) for asset in chain] for chain in MODALITY_CHAINS.values()]
+    if patients_in_between(instance, chains, refreshed.storage_id):
         return False
     return not unexplained(instance)
 

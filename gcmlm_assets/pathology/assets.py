@@ -10,6 +10,7 @@ from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_eve
 from gcmlm_assets.catalogue import (
     PATCH_COORDS, SLIDE_LISTING, SLIDE_VECTOR, SLIDE_VECTOR_PICTURE, SLIDE_VECTOR_TABLE, TILING_PICTURE, UNI_FEATURES)
 from gcmlm_assets.columns import column_schema_metadata
+from gcmlm_assets.inputs import required_file
 from gcmlm_assets.devices import DeviceError, require_gpu_step_device
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.landing_input import LandingInputError
@@ -43,7 +44,6 @@ from gcmlm_assets.storage import sha256_text
 
 # Imported by the step that uses it, not when the definitions load (gcmlm_assets/lazy.py).
 pq = lazy("pyarrow.parquet")
-
 
 
 @dg.multi_asset(
@@ -194,10 +194,7 @@ def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_mode
     from gcmlm_assets.pathology import extract
     from gcmlm_assets.step_output import stdout_to_log
 
-    coords_dir = PATCH_COORDS.folder(store, patient_id, create=False)
-    if not SLIDE_LISTING.in_folder(coords_dir).is_file():
-        raise dg.Failure(description=f"patient {patient_id}: {SLIDE_LISTING.in_folder(coords_dir)} is missing; "
-                                     "materialize patch_coords first", allow_retries=False)
+    coords_dir = required_file(SLIDE_LISTING, store, patient_id).parent
     listing = read_listing(coords_dir)
     # What timm, torch or the slide readers print goes to the step's debug log, not raw stdout.
     with stdout_to_log(log.debug):
@@ -300,7 +297,7 @@ def _slide_vector_for(patient_id: str, config: SlideVectorConfig, storage: Artif
     store = storage.store()
     features = store.read_manifest(UNI_FEATURES.key, patient_id)
     if not features:
-        raise dg.Failure(description=f"patient {patient_id}: uni_features has not been materialized "
+        raise dg.Failure(description=f"patient {patient_id}: {UNI_FEATURES.key} has not been materialized "
                                      f"({store.path(UNI_FEATURES.key, patient_id, store.MANIFEST)} missing)",
                          allow_retries=False)
     try:

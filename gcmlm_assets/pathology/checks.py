@@ -129,7 +129,6 @@ def patch_count_result(entries: list[dict], low: int, high: int) -> dg.AssetChec
 # Evaluated inside the assets (check_specs) from the files they just wrote or
 # reused: a reused file is re-validated on every materialization.
 
-
 UNI_FEATURES_CHECK_SPECS = [
     dg.AssetCheckSpec("feature_shape", asset=UNI_FEATURES.key, blocking=True,
                       description="Every slide's feature file holds one feature vector per tissue patch, each of "

@@ -1,6 +1,7 @@
 """Pathology's part of the definitions: its assets, checks and resources (it has no sensor of its own).
 
-definitions.py assembles the domains' parts and adds the policy (kinds, owners, executor).
+definitions.py assembles the domains' parts and adds the policy (settings profile, executor);
+keys, groups, kinds, owners and code versions are the catalogue's (gcmlm_assets/catalogue.py).
 """
 
 from __future__ import annotations

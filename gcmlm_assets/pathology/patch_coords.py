@@ -30,7 +30,6 @@ from gcmlm_assets.pictures import save_png
 from gcmlm_assets.storage import atomic_write_json, sha256_file, sha256_text
 
 
-
 @dataclass
 class SlideOutcome:
     path: Path

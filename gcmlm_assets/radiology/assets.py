@@ -35,7 +35,6 @@ from gcmlm_assets.storage import files_replaced_together, sha256_file, sha256_te
 sitk = lazy("SimpleITK")
 
 
-
 def input_failure(error: Exception) -> dg.Failure:
     """Bad input: fail the step with the message (file + problem), without retries
     (segmentation_model.py raises it too)."""

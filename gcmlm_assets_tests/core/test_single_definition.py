@@ -77,7 +77,7 @@ def defined_twice(found: dict[str, set[str]]) -> dict[tuple[str, str], list[str]
 def test_no_setting_has_its_default_written_in_two_classes():
     found = literal_defaults()
     assert defined_twice(found) == {}
-    assert "gcmlm_assets.cohort.model.setting_fields.ModelSettingFields" in found  # the scan reads the settings
+    assert "gcmlm_assets.cohort.model.risk_model_fields.ModelSettingFields" in found  # the scan reads the settings
 
 
 def test_the_scan_finds_a_setting_written_twice(tmp_path):
@@ -93,7 +93,7 @@ def test_the_scan_finds_a_setting_written_twice(tmp_path):
 
 def test_risk_model_settings_are_built_from_their_one_declaration():
     from gcmlm_assets.cohort.model.combiners import FUSIONS
-    from gcmlm_assets.cohort.model.setting_fields import Fusion, ModelSettingFields
+    from gcmlm_assets.cohort.model.risk_model_fields import Fusion, ModelSettingFields
     from gcmlm_assets.cohort.model.model_settings import ModelSettings
     from gcmlm_assets.cohort.resources import RiskModelSettings
 

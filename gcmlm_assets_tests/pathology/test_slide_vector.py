@@ -233,7 +233,7 @@ def test_tampered_features_fail_the_checks(instance, base_resources, data_root: 
 
 def test_features_need_patch_coords_first(instance, base_resources):
     result = materialize_patient(instance, [uni_features], _resources(base_resources), "P404")
-    assert not result.success and "materialize patch_coords first" in _failure(result)
+    assert not result.success and "materialize patch_coords for patient" in _failure(result)
 
 
 def test_a_backfill_range_encodes_many_patients_with_one_encoder(instance, base_resources, data_root: Path,
@@ -259,7 +259,7 @@ def test_a_backfill_range_encodes_many_patients_with_one_encoder(instance, base_
                             tags={ASSET_PARTITION_RANGE_START_TAG: "B001", ASSET_PARTITION_RANGE_END_TAG: "B003"})
     assert not result.success
     failure = _failure(result)
-    assert "1 of 3 patients failed: patient B002: " in failure and "materialize patch_coords first" in failure
+    assert "1 of 3 patients failed: patient B002: " in failure and "materialize patch_coords for patient B002" in failure
     assert "patient B002: patient B002" not in failure
     assert loads == ["vit-tiny-random"]
 

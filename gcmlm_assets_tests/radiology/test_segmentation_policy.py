@@ -1,12 +1,12 @@
 """When segmentation_model retrains and whether its new model is installed, with real nnU-Net trainings.
 
-One history, three trainings on tiny plans (test_nnunet.py's cohort of crops of the real CT):
+One history, three trainings on tiny plans (support/radiology/nnunet_cohort.py's crops of the real CT):
 
 1. a weak first model (1 iteration, one augmentation worker) on GC001-GC004: installed, nothing to
    compare with;
 2. two new reference masks (GC005, GC006), below the retraining policy: the sensor does not train;
-3. a user's run with the tests' 240 iterations (test_nnunet.TEST_TRAINING): both new cases are held out, the new model's
-   mean Dice on them is compared with the weak model's, and it is installed;
+3. a user's run with the tests' 240 iterations (nnunet_cohort.TEST_TRAINING): both new cases are held
+   out, the new model's mean Dice on them is compared with the weak model's, and it is installed;
 4. a user's run with the weak settings again: the same 4 cases and settings as model 1, so the
    seeded training gives model 1 again, byte for byte; worse than the installed model, it is rejected
    and deleted, the sensor does not ask for that set, and the same run again trains nothing.

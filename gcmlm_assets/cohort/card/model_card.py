@@ -24,7 +24,7 @@ import numpy as np
 import sklearn
 import skops
 
-from gcmlm_assets.catalogue import FUSED_TABLE
+from gcmlm_assets.catalogue import FUSED_TABLE, PLOTS
 from gcmlm_assets.cohort.tables.cohort_data import class_counts
 from gcmlm_assets.cohort.model.model_settings import FUSED, ModelSettings, fusion_strategy, in_ablation_order, model_labels
 from gcmlm_assets.cohort.model.modelling import FusedRiskModel
@@ -397,7 +397,7 @@ def _decision_curve_section(rows: list[tuple[str, dict]]) -> list[str]:
                                   for t in thresholds)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {treat_all} |")
     lines += ["", "Net benefit = TP/n − FP/n · t/(1 − t) at threshold probability t; treat none has net "
-                  "benefit 0. The full curve is in decision_curve.png."]
+                  f"benefit 0. The full curve is in {PLOTS['decision_curve'].name}."]
     return lines
 
 

@@ -195,7 +195,7 @@ class SlidePatchContributions:
 
 def mean_pooled_patch_contributions(weights, constant: float, slides: Iterable) -> Iterator[SlidePatchContributions]:
     """Per-slide patch contributions for a patient pooled by the mean over all of its slides
-    (`slides`: objects with `name`, `shape()` and `chunks()`, as pooling.SlideFeatures).
+    (`slides`: objects with `name`, `shape()` and `chunks()`, as patch_features.SlideFeatures).
 
     Two passes: the total patch count first (each patch weighs 1 / N_total), then the features in
     chunks; summed over all slides, plus `constant`, they give the logit of the pooled vector."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gcmlm_assets.catalogue import SLIDE_VECTOR
 from gcmlm_assets.cohort.explain import explanations
 from gcmlm_assets.cohort.tables.cohort_data import PATHOLOGY_ABMIL, CohortData
 from gcmlm_assets.cohort.model.combiners import sigmoid
@@ -141,8 +142,8 @@ def _explain_block(explanation: PatientExplanation, block: str, block_model, col
         explanation.residuals[block] = total + float(constant) - logit
     residual = explanation.residuals.get(block)
     if residual is not None and abs(residual) > EXACT_TOLERANCE:
-        source = ("its patch features differ from the slide vector the model scored: re-materialize slide_vector"
-                  if block == PATHOLOGY else "the parts do not reproduce the model's logit")
+        source = ("its patch features differ from the slide vector the model scored: re-materialize "
+                  f"{SLIDE_VECTOR.key}" if block == PATHOLOGY else "the parts do not reproduce the model's logit")
         raise ExplanationError(f"patient {patient_id}: {block} contributions add up to {logit + residual:.9f}, "
                                f"not the model's logit {logit:.9f}: {source}")
 

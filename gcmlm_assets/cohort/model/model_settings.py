@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from gcmlm_assets.cohort.tables.cohort_data import PATHOLOGY_ABMIL
 from gcmlm_assets.cohort.tables.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
-from gcmlm_assets.cohort.model.setting_fields import ModelSettingFields
+from gcmlm_assets.cohort.model.risk_model_fields import ModelSettingFields
 
 FUSED = "fused"  # the configured fusion (setting `fusion`)
 FUSED_MEAN, FUSED_STACKED = "fused_mean", "fused_stacked"  # the other fusion, reported beside it

@@ -33,8 +33,9 @@ the out-of-fold logits of an inner cross-validation of all of them). Its risk gr
 `risk_threshold`, by default the Youden threshold of the fused out-of-fold probabilities.
 The fitted model is saved with skops (never pickle) and loaded only with the explicit list of
 types in `TRUSTED_TYPES`; the classes a model file names (`FusedRiskModel`, `CorrelationFilter`,
-`L1Selection`; the combiners and `AbmilModel` in theirs) must stay where they are, as the file
-records their module path.
+`L1Selection`; the combiners and `AbmilModel` in theirs) are recorded in the file by module path:
+a module moved since a file was written is named in `MOVED_MODULES`, so the file still loads
+(`FORMER_TRUSTED_TYPES`).
 
 Elsewhere: the settings and the ablation's names (model_settings), fitting the whole model
 (training), the fused table as matrices (cohort_data), the fusion rules (combiners), ABMIL

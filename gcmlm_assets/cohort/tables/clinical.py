@@ -17,6 +17,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from gcmlm_assets.landing.scan import CLINICAL_CSV
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.patients import patient_id_problem
 
@@ -72,7 +73,7 @@ def read_clinical_csv(path: str | Path) -> tuple[ClinicalTable, list[RowProblem]
     return parse_clinical_csv(text, source=str(path))
 
 
-def parse_clinical_csv(text: str, *, source: str = "clinical.csv") -> tuple[ClinicalTable, list[RowProblem]]:
+def parse_clinical_csv(text: str, *, source: str = CLINICAL_CSV) -> tuple[ClinicalTable, list[RowProblem]]:
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)

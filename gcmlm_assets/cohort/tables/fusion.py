@@ -29,7 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gcmlm_assets.catalogue import PATHOLOGY, PATIENT_FEATURES, RADIOLOGY
+from gcmlm_assets import catalogue
+from gcmlm_assets.catalogue import AssetFile
 from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.patients import patient_id_problem
@@ -40,7 +41,9 @@ np = lazy("numpy")
 pa = lazy("pyarrow")
 pq = lazy("pyarrow.parquet")
 
-CLINICAL = "clinical"  # the third block, beside the two modalities the catalogue names
+# The model's blocks: their names are in stored model files, metrics and the fused table's flags,
+# so they are the model's own, not the UI's group names.
+RADIOLOGY, PATHOLOGY, CLINICAL = "radiology", "pathology", "clinical"
 AVAILABILITY = {RADIOLOGY: "has_radiology", PATHOLOGY: "has_pathology", CLINICAL: "has_clinical"}
 PREFIX = {RADIOLOGY: "rad_", PATHOLOGY: "path_", CLINICAL: "clin_"}
 # slide_vector's bookkeeping columns: kept in the table, not model features.
@@ -49,12 +52,22 @@ SLIDE_COUNT_COLUMNS = ("n_patches", "n_slides")
 
 @dataclass(frozen=True)
 class FeatureSource:
+    """A block's per-patient feature row: <artifacts>/<asset>/<patient_id>/<filename>."""
+
     modality: str
-    asset: str  # artifact folder: <artifacts>/<asset>/<patient_id>/<filename>
-    filename: str
+    file: AssetFile
+
+    @property
+    def asset(self) -> str:
+        return self.file.asset.key
+
+    @property
+    def filename(self) -> str:
+        return self.file.name
 
 
-SOURCES = tuple(FeatureSource(modality, file.asset.key, file.name) for modality, file in PATIENT_FEATURES.items())
+SOURCES = (FeatureSource(RADIOLOGY, catalogue.PATIENT_FEATURES[catalogue.RADIOLOGY]),
+           FeatureSource(PATHOLOGY, catalogue.PATIENT_FEATURES[catalogue.PATHOLOGY]))
 
 
 @dataclass
