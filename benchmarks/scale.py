@@ -424,7 +424,7 @@ def postgres_instance(url: str, n: int):
             conn.execute(text(f'CREATE DATABASE "{name}"'))
         try:
             home.mkdir(parents=True, exist_ok=True)
-            config = (Path(__file__).resolve().parents[1] / "deploy" / "local" / "dagster.yaml").read_text()
+            config = (Path(__file__).resolve().parents[1] / "deploy" / "local" / "dagster.yaml").read_text(encoding="utf-8")
             target = base.set(drivername="postgresql+psycopg2", database=name).render_as_string(hide_password=False)
             (home / "dagster.yaml").write_text(config + f"\nstorage:\n  postgres:\n    postgres_url: {target}\n")
             with dg.DagsterInstance.from_config(str(home)) as instance:

@@ -384,7 +384,7 @@ def local_instance(home: Path) -> Iterator[dg.DagsterInstance]:
     """A DAGSTER_HOME-style instance in `home` with the local deployment's dagster.yaml."""
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
-        (home / "dagster.yaml").write_text(LOCAL_INSTANCE_CONFIG.read_text())
+        (home / "dagster.yaml").write_text(LOCAL_INSTANCE_CONFIG.read_text(encoding="utf-8"))
     with dg.DagsterInstance.from_config(str(home)) as instance:
         yield instance
 

@@ -52,7 +52,7 @@ def build(root: Path, patients: int, files: int) -> float | None:
     """Build the existing drops unless `root` already holds them; seconds taken, or None."""
     spec = f"{patients} patients x {files} files\n"
     marker = root / BUILT_MARKER
-    if marker.is_file() and marker.read_text() == spec:
+    if marker.is_file() and marker.read_text(encoding="utf-8") == spec:
         return None
     if any(root.iterdir()):
         raise SystemExit(f"{root} is not empty and was not built for {spec.strip()}")

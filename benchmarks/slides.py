@@ -90,7 +90,7 @@ def build_pyramidal_slide(path: str | os.PathLike | None = None, *, width: int =
               "downsamples": list(downsamples), "quality": quality, "seed": seed, "source": source.name,
               "source_bytes": source.stat().st_size}
     sidecar = path.with_suffix(path.suffix + ".json")
-    if not force and path.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()) == recipe:
+    if not force and path.is_file() and sidecar.is_file() and json.loads(sidecar.read_text(encoding="utf-8")) == recipe:
         return path
     if downsamples[0] != 1 or any(tile % d for d in downsamples):
         raise ValueError("downsamples must start at 1 and divide the tile size")

@@ -28,7 +28,7 @@ def peak_rss_mib() -> float:
     """This process's own peak RSS. VmHWM belongs to the address space made at exec; ru_maxrss
     would also carry the parent's peak over fork + exec on Linux."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except OSError:

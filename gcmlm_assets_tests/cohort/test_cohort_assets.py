@@ -123,7 +123,7 @@ def test_small_cohort_through_dagster(data_root, instance, base_resources):
 def test_bad_clinical_rows_fail_the_check_and_are_named(data_root, instance, base_resources):
     ids, labels = write_cohort_files(data_root, 12, seed=3)
     csv = data_root / "landing" / "clinical.csv"
-    csv.write_text(csv.read_text() + "P 99,1,50,3\nP100,maybe,60,2\nP101,0,sixty,1\n")
+    csv.write_text(csv.read_text(encoding="utf-8") + "P 99,1,50,3\nP100,maybe,60,2\nP101,0,sixty,1\n")
 
     result = materialize_cohort(instance, base_resources, selection=["clinical_table"])
 

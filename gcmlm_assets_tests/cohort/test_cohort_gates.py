@@ -62,7 +62,7 @@ def test_a_model_without_a_cv_auc_never_becomes_current(data_root, instance, bas
     assert read_version_pointer(root) == before  # the previous model stays current
     (moved,) = _quarantined(data_root, "risk_model")
     assert Path(check.metadata["quarantined_to"].value) == moved and (moved / "model.skops").is_file()
-    assert json.loads((moved / REASON_FILE).read_text())["failed_checks"] == ["cv_auc_reported"]
+    assert json.loads((moved / REASON_FILE).read_text(encoding="utf-8"))["failed_checks"] == ["cv_auc_reported"]
 
     # risk_scores, run on its own, scores with the model still current
     monkeypatch.undo()
@@ -98,7 +98,7 @@ def test_scores_that_fail_scores_valid_are_not_where_the_explanations_read(data_
     (moved,) = _quarantined(data_root, "risk_scores")
     assert Path(check.metadata["quarantined_to"].value) == moved
     assert pq.read_table(moved / "scores.parquet").num_rows == fused.num_rows + 1
-    assert json.loads((moved / REASON_FILE).read_text())["failed_checks"] == ["scores_valid"]
+    assert json.loads((moved / REASON_FILE).read_text(encoding="utf-8"))["failed_checks"] == ["scores_valid"]
 
 
 def test_a_patient_whose_patch_features_cannot_be_read_is_left_out_with_the_reason(data_root, instance,

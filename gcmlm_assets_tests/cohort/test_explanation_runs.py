@@ -120,7 +120,7 @@ def test_only_patients_whose_key_changed_are_explained_in_ranges(cohort, instanc
     assert dg.materialize(cohort_assets.ASSETS, instance=instance, resources=resources).success
     scores = _scores(store)
     [model_version] = {row["model_version"] for row in scores.values()}
-    assert model_version == json.loads((store.root / "risk_model/current.json").read_text())["version"]
+    assert model_version == json.loads((store.root / "risk_model/current.json").read_text(encoding="utf-8"))["version"]
 
     # First scores: everyone, in one run over the range of all patients (batches of FIRST here);
     # each patient is materialized on its own, with its own metadata and key.

@@ -40,9 +40,9 @@ def test_a_version_is_published_whole_and_named_by_its_content(tmp_path):
 
     assert set(pointer["files"]) == {"model.skops", "metrics.json"} and pointer["note"] == "test"
     assert versions(root) == {pointer["version"]}  # the temporary folder became the version
-    assert (root / pointer["version"] / "model.skops").read_text() == "m1"
+    assert (root / pointer["version"] / "model.skops").read_text(encoding="utf-8") == "m1"
     assert read_version_pointer(root) == pointer and version_intact(root, pointer)
-    assert json.loads((root / VERSION_POINTER).read_text())["recent_versions"] == [pointer["version"]]
+    assert json.loads((root / VERSION_POINTER).read_text(encoding="utf-8"))["recent_versions"] == [pointer["version"]]
     # the same content again: the installed folder is reused, the staging folder discarded
     assert publish(root, **{"model.skops": "m1", "metrics.json": "{}"})["version"] == pointer["version"]
     assert versions(root) == {pointer["version"]}

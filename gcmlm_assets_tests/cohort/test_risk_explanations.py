@@ -56,7 +56,7 @@ def test_every_part_adds_up_to_the_patients_score(cohort, instance, base_resourc
     for patient_id, meta in zip(patients, metadata):
         root = store.asset_dir(RISK_EXPLANATIONS.key, patient_id, create=False)
         folder = root / read_version_pointer(root)["version"]
-        explanation = json.loads((folder / "explanation.json").read_text())
+        explanation = json.loads((folder / "explanation.json").read_text(encoding="utf-8"))
         # how the blocks combine: the terms sum to the fused logit, which is the scored probability's
         terms = sum(row["contribution"] for row in explanation["combination"])
         assert terms == pytest.approx(explanation["fused_logit"], abs=1e-9)
@@ -114,12 +114,12 @@ def test_a_non_linear_classifier_gets_no_contributions_and_says_why(cohort, inst
     (meta,) = materialize(instance, base_resources, settings, ["P001"])
     root = store.asset_dir(RISK_EXPLANATIONS.key, "P001", create=False)
     folder = root / read_version_pointer(root)["version"]
-    explanation = json.loads((folder / "explanation.json").read_text())
+    explanation = json.loads((folder / "explanation.json").read_text(encoding="utf-8"))
     assert explanation["features"] == {} and explanation["pathology_constant"] is None
     assert not any(key.startswith(("contribution_", "attention_")) for key in meta)  # never a fake heatmap
     assert "random_forest is not linear" in meta["notes"].value
     card = json.loads((store.root / "risk_model" / json.loads(
-        (store.root / "risk_model/current.json").read_text())["version"] / "model_card.json").read_text())
+        (store.root / "risk_model/current.json").read_text(encoding="utf-8"))["version"] / "model_card.json").read_text(encoding="utf-8"))
     assert {row["block"] for row in card["permutation_importance"] if row["feature"] is None} == {
         "radiology", "pathology"}
 

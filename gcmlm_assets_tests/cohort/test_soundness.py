@@ -150,7 +150,7 @@ def test_fused_table_leaves_out_results_whose_latest_materialization_failed(data
     assert (table["P002"]["has_radiology"], table["P002"]["has_pathology"]) == (True, False)
     assert (table["P003"]["has_radiology"], table["P003"]["has_pathology"]) == (True, True)
     assert (table[by_hand]["has_radiology"], table[by_hand]["has_pathology"]) == (False, False)
-    report = json.loads((artifacts / "fused_table" / "fusion_report.json").read_text())
+    report = json.loads((artifacts / "fused_table" / "fusion_report.json").read_text(encoding="utf-8"))
     assert {(e["patient_id"], e["modality"]) for e in report["excluded_results"]} == {
         ("P001", "radiology"), ("P002", "pathology"), (by_hand, "radiology"), (by_hand, "pathology")}
     aligned = {e.check_name: e for e in result.get_asset_check_evaluations()}["modalities_aligned"]

@@ -29,7 +29,7 @@ BATCH = 4
 
 
 def _limits(config: str) -> list[dict]:
-    instance = yaml.safe_load((DEPLOY / config).read_text())
+    instance = yaml.safe_load((DEPLOY / config).read_text(encoding="utf-8"))
     if "concurrency" in instance:
         return instance["concurrency"]["runs"]["tag_concurrency_limits"]
     return instance["run_coordinator"]["config"]["tag_concurrency_limits"]

@@ -49,7 +49,7 @@ def chart_run(chart_built) -> dict:
 
 # ---------------------------------------------------------------- the rendered launcher
 # The pod deploy/README.md has the operator start to seed the shared volume.
-SEED_POD = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "seed-pod.yaml").read_text())
+SEED_POD = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "seed-pod.yaml").read_text(encoding="utf-8"))
 
 
 def test_the_rendered_launcher_names_the_charts_objects(values):

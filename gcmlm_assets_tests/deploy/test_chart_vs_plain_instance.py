@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def rendered() -> dict:
-    return chart_render.render_instance(yaml.safe_load((REPO / "deploy" / "helm" / "values.yaml").read_text()))
+    return chart_render.render_instance(yaml.safe_load((REPO / "deploy" / "helm" / "values.yaml").read_text(encoding="utf-8")))
 
 
 @pytest.fixture(scope="module")

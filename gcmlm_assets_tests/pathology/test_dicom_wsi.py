@@ -172,7 +172,7 @@ def test_patch_coords_and_uni_features_take_the_series_as_one_slide(instance, ba
     assert all(e.passed for e in result.get_asset_check_evaluations())
 
     folder = data_root / "artifacts" / "patch_coords" / "PDCM"
-    listing = json.loads((folder / "slides.json").read_text())
+    listing = json.loads((folder / "slides.json").read_text(encoding="utf-8"))
     [entry] = listing["slides"]
     assert listing["n_slides"] == 1 and sorted(p.name for p in folder.glob("*.h5")) == ["cmu1-level0.h5"]
     assert entry["file"] == "cmu1-level0.dcm" and entry["vendor"] == "dicom" and entry["mpp"] == [0.499, 0.499]

@@ -59,7 +59,7 @@ def test_real_slide_end_to_end(instance, base_resources, data_root: Path, test_d
     result = materialize(instance, base_resources, "P001")
     assert result.success
     folder = patient_folder(data_root, "P001")
-    listing = json.loads((folder / "slides.json").read_text())
+    listing = json.loads((folder / "slides.json").read_text(encoding="utf-8"))
     entry = listing["slides"][0]
     assert listing["n_slides"] == 1 and entry["file"] == slide.name
     assert entry["mpp_source"] == "openslide.mpp" and entry["mpp"][0] == pytest.approx(0.499)
@@ -141,7 +141,7 @@ def test_checks_fail_when_they_should(instance, base_resources, data_root: Path,
     assert mpp["found"].value.endswith(" µm/px assumed)") and mpp["n_defaulted"].value == 1
     assert checks["slides_open"].metadata["found"].value == "all 3 slide(s) open"
     assert checks["patch_count_in_bounds"].metadata["expected"].value == "10-20 patches per slide"
-    listing = json.loads((patient_folder(data_root, "P002") / "slides.json").read_text())
+    listing = json.loads((patient_folder(data_root, "P002") / "slides.json").read_text(encoding="utf-8"))
     by_file = {e["file"]: e for e in listing["slides"]}
     assert by_file["glass_only.tiff"]["h5"] is None and by_file["glass_only.tiff"]["reason"] == "no tissue found"
     assert by_file["no_resolution.tiff"]["mpp_source"] == "default"

@@ -121,7 +121,7 @@ def test_an_installed_model_is_checked_against_the_digests_current_json_recorded
 def test_plans_naming_code_outside_the_network_packages_is_refused_before_unpickling(tmp_path):
     folder, marker = trapped_model_folder(tmp_path)
     pins = CheckpointPins.from_setting(sha256_file(folder / "fold_all" / nnunet.CHECKPOINT))  # the right digest
-    plans = json.loads((folder / "plans.json").read_text())
+    plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
     plans["configurations"] = {"3d_fullres": {"architecture": {
         "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
         "arch_kwargs": {"conv_op": "torch.nn.modules.conv.Conv3d", "nonlin": "subprocess.Popen"},

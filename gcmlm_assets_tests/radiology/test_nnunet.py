@@ -177,7 +177,7 @@ def test_segmentation_model_trains_and_installs_a_tiny_nnunet(trained):
     # Installed atomically as <artifacts>/segmentation_model/<model_id>/ with a current.json pointer.
     folder = Path(meta["model_folder"])
     assert folder == models_root / meta["model_id"]
-    pointer = json.loads((models_root / "current.json").read_text())
+    pointer = json.loads((models_root / "current.json").read_text(encoding="utf-8"))
     assert pointer["folder"] == meta["model_id"]
     assert not [p for p in models_root.iterdir() if p.name.startswith(".tmp")]
     assert nnunet.find_trained_model_folder(folder) == folder
@@ -189,10 +189,10 @@ def test_segmentation_model_trains_and_installs_a_tiny_nnunet(trained):
     assert meta["model_id"].endswith(meta["checkpoint_sha256"][:12])
 
     # The tiny plans that were trained: 4 stages of 4..32 features.
-    arch = json.loads((folder / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"]
+    arch = json.loads((folder / "plans.json").read_text(encoding="utf-8"))["configurations"]["3d_fullres"]["architecture"]
     assert arch["arch_kwargs"]["n_stages"] == 4
     assert arch["arch_kwargs"]["features_per_stage"] == [4, 8, 16, 32]
-    dataset = json.loads((folder / "dataset.json").read_text())
+    dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert dataset["labels"] == {"background": 0, "stomach": 1} and dataset["channel_names"] == {"0": "CT"}
 
 

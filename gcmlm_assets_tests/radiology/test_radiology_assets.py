@@ -172,7 +172,7 @@ def test_failing_blocking_check_fails_the_step_and_stops_downstream(instance, da
     assert not (data_root / "artifacts" / "ct_mask" / "TS002").exists()
     [moved] = (data_root / "artifacts" / "_quarantine" / "ct_mask" / "TS002").iterdir()
     assert (moved / "mask.nii.gz").is_file()
-    assert json.loads((moved / "quarantine.json").read_text())["failed_checks"] == ["mask_volume_plausible"]
+    assert json.loads((moved / "quarantine.json").read_text(encoding="utf-8"))["failed_checks"] == ["mask_volume_plausible"]
     assert metadata_of(result, "ct_mask")["quarantined_to"] == str(moved)
     # A later run with a plausible range computes the mask afresh and downstream runs.
     again = materialize(instance, radiology_resources, "TS002")
@@ -214,7 +214,7 @@ def test_a_label_map_is_refused_without_a_label_and_narrowed_with_one(instance, 
     named = metadata_of(by_name, "ct_mask")
     assert named["reused"] is False and named["sha256"] == meta["sha256"]
     assert named["reference_label"] == f"label 6 (stomach, from {drop / 'ct_label' / 'dataset.json'})"
-    manifest = json.loads((data_root / "artifacts" / "ct_mask" / "LMAP1" / "_manifest.json").read_text())
+    manifest = json.loads((data_root / "artifacts" / "ct_mask" / "LMAP1" / "_manifest.json").read_text(encoding="utf-8"))
     assert manifest["provenance"]["label_value"] == 6 and manifest["provenance"]["label_name"] == "stomach"
 
 

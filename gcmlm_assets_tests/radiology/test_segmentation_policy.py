@@ -85,7 +85,7 @@ def history(tmp_path_factory, real_ct, real_stomach):
             result = cohort.train(segmentation=segmentation)
             assert result.success, [e.step_failure_data.error for e in result.get_step_failure_events()]
             return {"meta": metadata_of(result, "segmentation_model"),
-                    "pointer": json.loads((models_root / "current.json").read_text()),
+                    "pointer": json.loads((models_root / "current.json").read_text(encoding="utf-8")),
                     "folders": sorted(p.name for p in models_root.iterdir())}
 
         add_patients(TRAINING_CROPS)

@@ -55,7 +55,7 @@ def test_the_same_cohort_twice_from_scratch_gives_the_same_artifacts(reference_c
     # The model is published under the same version name, with the same metrics.
     pointer = read_version_pointer(again.artifacts / "risk_model")
     assert pointer == read_version_pointer(ref.snapshot / "risk_model")
-    metrics = json.loads((again.artifacts / "risk_model" / pointer["version"] / "metrics.json").read_text())
+    metrics = json.loads((again.artifacts / "risk_model" / pointer["version"] / "metrics.json").read_text(encoding="utf-8"))
     assert 0 <= metrics["fused"]["auc"] <= 1
 
     by_asset: dict[str, Counter] = {}

@@ -54,7 +54,7 @@ class Installed:
         return self.data.artifacts / "segmentation_model"
 
     def pointer(self) -> dict:
-        return json.loads((self.models_root / "current.json").read_text())
+        return json.loads((self.models_root / "current.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def installed_model(tmp_path_factory, run_server) -> Installed:
     run_server.materialize(data.env, ["segmentation_model"], settings=FIRST_TRAINING, timeout_s=TRAINING_TIMEOUT_S)
     predicted = next(p.patient_id for p in cohort.patients if not p.has_reference_mask)
     run_server.materialize(data.env, ["ct_mask"], predicted, settings=OPEN_MASK_CHECKS)
-    manifest = json.loads((data.artifacts / "ct_mask" / predicted / "_manifest.json").read_text())
+    manifest = json.loads((data.artifacts / "ct_mask" / predicted / "_manifest.json").read_text(encoding="utf-8"))
     assert manifest["source"] == "predicted", manifest
     return Installed(data, predicted)
 
@@ -189,7 +189,7 @@ def test_a_killed_prediction_by_a_new_model_keeps_the_previous_mask(installed_mo
     patient = setup.predicted_patient
     folder = setup.data.artifacts / "ct_mask" / patient
     before = digests(folder)
-    old_model = json.loads((folder / "_manifest.json").read_text())["provenance"]["model_id"]
+    old_model = json.loads((folder / "_manifest.json").read_text(encoding="utf-8"))["provenance"]["model_id"]
     env = {**setup.data.env, "GCMLM_NNUNET_MODEL_FOLDER": str(second),
            "GCMLM_NNUNET_MODEL_SHA256": format_pins(checkpoint_digests(second))}
 
@@ -212,7 +212,7 @@ def test_a_killed_prediction_by_a_new_model_keeps_the_previous_mask(installed_mo
 
     rerun = run_server.run(env, ["ct_mask"], patient, settings=OPEN_MASK_CHECKS)
     assert rerun.exit_code == 0
-    manifest = json.loads((folder / "_manifest.json").read_text())
+    manifest = json.loads((folder / "_manifest.json").read_text(encoding="utf-8"))
     assert manifest["source"] == "predicted" and manifest["provenance"]["model_id"] != old_model
     assert digests(folder) != before and visible_damage(setup.data.artifacts) == []
 

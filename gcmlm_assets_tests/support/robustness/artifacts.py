@@ -92,7 +92,7 @@ def _open_fully(path: Path) -> None:
     """Read the whole file in its own format; raises on a truncated or damaged one."""
     name = path.name
     if name.endswith(".json"):
-        json.loads(path.read_text())
+        json.loads(path.read_text(encoding="utf-8"))
     elif name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -134,11 +134,11 @@ def visible_damage(artifacts: Path) -> list[str]:
         except Exception as error:  # any failure to read is what this looks for
             problems.append(f"{path.relative_to(artifacts)}: {type(error).__name__}: {error}")
         if path.name == ArtifactStore.MANIFEST:
-            for name, digest in json.loads(path.read_text()).get("files", {}).items():
+            for name, digest in json.loads(path.read_text(encoding="utf-8")).get("files", {}).items():
                 listed = path.parent / name
                 if not listed.is_file() or sha256_file(listed) != digest:
                     problems.append(f"{listed.relative_to(artifacts)}: not the file its manifest lists")
-        if path.name == VERSION_POINTER and "folder" in json.loads(path.read_text()):
+        if path.name == VERSION_POINTER and "folder" in json.loads(path.read_text(encoding="utf-8")):
             problems += _model_pointer_damage(path, artifacts)
         elif path.name == VERSION_POINTER:
             pointer = read_version_pointer(path.parent)
@@ -151,7 +151,7 @@ def _model_pointer_damage(path: Path, artifacts: Path) -> list[str]:
     """segmentation_model's current.json: the folder it names holds the checkpoints it pins."""
     from gcmlm_assets.radiology.nnunet import ModelFolderError, installed_model_pins
 
-    pointer = json.loads(path.read_text())
+    pointer = json.loads(path.read_text(encoding="utf-8"))
     try:
         installed_model_pins(path.parent, pointer).verify(path.parent / pointer["folder"])
     except (ModelFolderError, OSError) as error:
@@ -169,6 +169,6 @@ def digests(folder: Path) -> dict[str, str]:
 
 def without_timing(manifest: Path) -> dict:
     """A manifest without the wall-clock seconds some record (radiomics_row's `seconds`)."""
-    content = json.loads(manifest.read_text())
+    content = json.loads(manifest.read_text(encoding="utf-8"))
     content.pop("seconds", None)
     return content
