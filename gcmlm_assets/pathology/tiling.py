@@ -84,7 +84,7 @@ class ClamParams:
     def from_preset_csv(cls, path: str | os.PathLike, base: ClamParams | None = None) -> ClamParams:
         """`base` (default: CLAM's defaults) with the columns of a CLAM preset CSV
         (`presets/*.csv`: one row of seg/filter/patch parameters) applied on top."""
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8") as fh:
             row = next(csv.DictReader(fh))
         values = dataclasses.asdict(base or cls())
         for item in dataclasses.fields(cls):

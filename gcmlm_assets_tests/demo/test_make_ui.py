@@ -39,7 +39,7 @@ def _wait_until_serving(make: subprocess.Popen, url: str, log_path: Path) -> Non
         except OSError:
             if make.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"make ui did not serve {url}; its output:\n"
-                                     + log_path.read_text(errors="replace")[-3000:]) from None
+                                     + log_path.read_text(encoding="utf-8", errors="replace")[-3000:]) from None
             time.sleep(1)
 
 

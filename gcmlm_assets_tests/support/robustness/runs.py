@@ -185,7 +185,7 @@ class RunServer:
             if self.process.poll() is not None:
                 break
         raise RuntimeError(f"run server gave no answer in {timeout_s:.0f} s; its log {self.log}:\n"
-                           + self.log.read_text(errors="replace")[-3000:])
+                           + self.log.read_text(encoding="utf-8", errors="replace")[-3000:])
 
     def run(self, env: dict[str, str], assets: list[str], partition: str | None = None,
             pause: Pause | None = None, timeout_s: float = 240, settings: dict | None = None) -> RunOutcome:
@@ -212,7 +212,7 @@ class RunServer:
         done = self._read(timeout_s)
         if pause is not None and done["signal"] != signal.SIGKILL:
             raise AssertionError(f"run {self.count} ended ({done}) before {pause} could kill it; its log {log}:\n"
-                                 + log.read_text(errors="replace")[-3000:])
+                                 + log.read_text(encoding="utf-8", errors="replace")[-3000:])
         return RunOutcome(pid=pid, exit_code=done["exit_code"], killed=done["signal"] == signal.SIGKILL,
                           paused_at=marker.read_text(encoding="utf-8") if marker.exists() else "", seconds=time.monotonic() - started)
 
@@ -237,7 +237,7 @@ class RunServer:
 
 
 def _failures(log: Path) -> list[str]:
-    lines = log.read_text(errors="replace").splitlines()
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
     picked = [line for line in lines if "STEP_FAILURE" in line or "Error" in line]
     return (picked or lines)[-20:]
 

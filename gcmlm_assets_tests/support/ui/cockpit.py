@@ -136,7 +136,7 @@ def start_webserver(cohort: Cohort, log_path: Path, timeout_s: float = 180) -> W
             if process.poll() is not None or time.monotonic() > deadline:
                 server.stop()
                 raise RuntimeError(f"dagster-webserver did not come up; its log {log_path}:\n"
-                                   + log_path.read_text(errors="replace")[-3000:]) from None
+                                   + log_path.read_text(encoding="utf-8", errors="replace")[-3000:]) from None
             time.sleep(1)
 
 
