@@ -118,7 +118,8 @@ class ThrowawayServer:
                 except psycopg2.OperationalError:
                     time.sleep(0.2)
             self.stop_server()
-        raise RuntimeError(f"postgres did not start; {log}:\n{log.read_text(encoding='utf-8', errors='replace')[-3000:]}")
+        tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise RuntimeError(f"postgres did not start; {log}:\n{tail}")
 
     def stop_server(self) -> None:
         """Fast shutdown (SIGINT ends the sessions), SIGKILL if the postmaster is still there after 30 s."""

@@ -214,7 +214,8 @@ class RunServer:
             raise AssertionError(f"run {self.count} ended ({done}) before {pause} could kill it; its log {log}:\n"
                                  + log.read_text(encoding="utf-8", errors="replace")[-3000:])
         return RunOutcome(pid=pid, exit_code=done["exit_code"], killed=done["signal"] == signal.SIGKILL,
-                          paused_at=marker.read_text(encoding="utf-8") if marker.exists() else "", seconds=time.monotonic() - started)
+                          paused_at=marker.read_text(encoding="utf-8") if marker.exists() else "",
+                          seconds=time.monotonic() - started)
 
     def materialize(self, env: dict[str, str], assets: list[str], partition: str | None = None,
                     settings: dict | None = None, timeout_s: float = 240) -> RunOutcome:
