@@ -25,6 +25,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 # Generous: dagster dev takes about 5 s to stop on a busy machine; the bug left everything running.
 STOP_BOUND_S = 60.0
 START_BOUND_S = 240.0
+# What `make ui` is given of this process's environment.
+SHELL_VARIABLES = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "TERM")
 # The processes `dagster dev` runs, by a part of their command line.
 SERVICES = {"dagster dev": "dagster dev", "webserver": "dagster_webserver", "daemon": "dagster._daemon",
             "code server": "code-server start"}
@@ -54,9 +56,9 @@ def _command_line(process: psutil.Process, width: int = 160) -> str:
 @pytest.mark.parametrize("how", ["SIGTERM to make", "SIGINT to the process group"])
 def test_make_ui_stops_with_all_its_processes(tmp_path, how):
     port = free_port()
-    # Not the caller's make (`make test`: its jobserver and flags) nor its data: a fresh instance.
-    inherited = {name: value for name, value in os.environ.items()
-                 if not name.startswith("GCMLM_") and name not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    # A user's shell, not the test process's environment (earlier tests in this process, make's
+    # jobserver and flags) nor its data: a fresh instance.
+    inherited = {name: os.environ[name] for name in SHELL_VARIABLES if name in os.environ}
     env = {**inherited, "GCMLM_DATA_ROOT": str(tmp_path / "data"),
            "DAGSTER_HOME": str(tmp_path / "data" / "dagster_home"), "GCMLM_PROFILE": "demo"}
     log_path = tmp_path / "make_ui.log"
