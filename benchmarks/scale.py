@@ -223,8 +223,9 @@ def fmt_mb(value: float) -> str:
 
 def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_instance) -> dict[str, str]:
     """Build the instance for `n` patients in `work`, play the automation forward, return the rows."""
-    from gcmlm_assets.cohort.soundness_facts import declared_blocking_checks, unsound_results
+    from gcmlm_assets.cohort.soundness_facts import unsound_results
     from gcmlm_assets.storage import ArtifactStore
+    from gcmlm_assets_tests.support.definitions import patient_result_checks
 
     data = work / "data"
     landing, artifacts = data / "landing", data / "artifacts"
@@ -306,7 +307,7 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
         durations, unsound = [], {}
         for _ in range(args.repeats):
             started = time.perf_counter()
-            unsound = unsound_results(instance, everyone, declared_blocking_checks(), store)
+            unsound = unsound_results(instance, everyone, patient_result_checks().blocking, store)
             durations.append(time.perf_counter() - started)
         left_out = sum(len(v) for v in unsound.values())
         rows["fused_table's soundness filter"] = f"{statistics.median(durations):.2f} s ({left_out} results left out)"

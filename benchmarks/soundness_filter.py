@@ -41,8 +41,9 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 from dagster._core.storage.event_log.schema import AssetCheckExecutionsTable, SqlEventLogStorageTable
 from dagster._core.storage.sqlalchemy_compat import db_select
 
-from gcmlm_assets.cohort.soundness_facts import declared_blocking_checks, unsound_results
+from gcmlm_assets.cohort.soundness_facts import unsound_results
 from gcmlm_assets.storage import ArtifactStore
+from gcmlm_assets_tests.support.definitions import patient_result_checks
 
 BATCH_PATIENTS = 32  # patients per run
 JOB = "__ASSET_JOB"
@@ -182,7 +183,7 @@ def measure_soundness_filter(n_patients: int, history_multiplier: int, *, failed
                              unpartitioned: bool = False, repeats: int = 3) -> tuple[float, float]:
     """(wall-clock, CPU) seconds of `unsound_results`, medians of `repeats`: on a shared machine
     the CPU time is the steadier of the two (SQLite runs in this process)."""
-    blocking = declared_blocking_checks()
+    blocking = patient_result_checks().blocking
     patients = patient_ids(n_patients)
     with tempfile.TemporaryDirectory() as folder:
         instance = dg.DagsterInstance.local_temp(tempdir=folder)

@@ -9,6 +9,7 @@ import dagster as dg
 import pytest
 
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
+from gcmlm_assets_tests.support.definitions import patient_result_checks
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,4 +69,5 @@ def base_resources(data_root: Path) -> dict:
     return {
         "storage": ArtifactStorage(root=str(data_root / "artifacts")),
         "landing": LandingZone(root=str(data_root / "landing")),
+        "patient_result_checks": patient_result_checks(),
     }

@@ -27,6 +27,7 @@ from gcmlm_assets.catalogue import (
     PATIENT_FEATURES, RISK_MODEL, RISK_SCORES, SCORES_FILE, SCORES_PICTURE, UNI_FEATURES)
 from gcmlm_assets.inputs import required_file
 from gcmlm_assets.cohort.columns import CLINICAL_TABLE_COLUMNS, FUSED_TABLE_COLUMNS, RISK_SCORES_COLUMNS
+from gcmlm_assets.cohort.resources import PatientResultChecks
 from gcmlm_assets.cohort.risk_model_asset import (
     current_model_version, excluded_metadata, load_patient_bags, log_left_out, train_risk_model,
     without_patients)
@@ -34,7 +35,7 @@ from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.landing.scan import CLINICAL_CSV
 from gcmlm_assets.landing_input import describe_links_leaving, link_leaving
 from gcmlm_assets.lazy import lazy
-from gcmlm_assets.cohort.soundness_facts import declared_blocking_checks, unsound_results
+from gcmlm_assets.cohort.soundness_facts import unsound_results
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import stored_materialization
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
@@ -144,12 +145,13 @@ def _first(mapping: dict, n: int) -> dict:
     "listed with the reason (`excluded_patients`: the first 50; the report file lists all).",
     metadata=column_schema_metadata(FUSED_TABLE_COLUMNS),
 )
-def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
+def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
+                patient_result_checks: PatientResultChecks) -> dg.MaterializeResult:
     store = storage.store()
     clinical_path = required_file(CLINICAL_FILE, store)
     clinical_sha = sha256_file(clinical_path)
     known = set(context.instance.get_dynamic_partitions(patients_partitions.name))
-    unsound = unsound_results(context.instance, sorted(known), declared_blocking_checks(), store)
+    unsound = unsound_results(context.instance, sorted(known), patient_result_checks.blocking, store)
     table, report = fusion.build_fused_table(store.root, pq.read_table(clinical_path), known_patients=known,
                                              unsound=unsound)
     output = _stored_output(store, FUSED_TABLE,

@@ -22,7 +22,8 @@ def definitions(env: str, profile: Profile, *, input_check_keys: Sequence[dg.Ass
                 patient_chains: Sequence[Sequence[dg.AssetKey]],
                 training_pending: Callable[[dg.SensorEvaluationContext], bool] | None = None,
                 training_resource_keys: Iterable[str] = ()) -> dg.Definitions:
-    """`input_check_keys`, `patient_chains`, `training_pending`: see `build_cohort_refresh_sensor`."""
+    """`input_check_keys`, `patient_chains`, `training_pending`: see `build_cohort_refresh_sensor`;
+    fused_table reads `input_check_keys` from the `patient_result_checks` resource."""
     interval = profile.sensor_interval_s
     refresh = build_cohort_refresh_sensor(interval, [asset.key for asset in assets.ASSETS], list(input_check_keys),
                                           [list(chain) for chain in patient_chains], training_pending,
@@ -32,5 +33,5 @@ def definitions(env: str, profile: Profile, *, input_check_keys: Sequence[dg.Ass
         assets=[*assets.ASSETS, *explanation_assets.ASSETS],
         asset_checks=checks.CHECKS,
         sensors=[refresh, explain],
-        resources=resources.resources(env, profile),
+        resources=resources.resources(env, profile, input_check_keys),
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import dagster as dg
 
 from gcmlm_assets.cohort.model.risk_model_fields import ModelSettingFields
@@ -23,5 +25,22 @@ class _RiskModelResource(dg.ConfigurableResource):
 RiskModelSettings = settings_resource("RiskModelSettings", _RiskModelResource, ModelSettingFields, __name__)
 
 
-def resources(env: str, profile: Profile = PRODUCTION) -> dict[str, dg.ConfigurableResource]:
-    return {"risk_model": RiskModelSettings(**profile.resource_settings("risk_model"))}
+class PatientResultChecks(dg.ConfigurableResource):
+    """The blocking checks of each per-patient asset fused_table reads (key "patient_result_checks"):
+    a patient's result is used only when they passed on its latest materialization. The cohort
+    imports no other domain, so definitions.py fills this from their check specs."""
+
+    blocking: dict[str, list[str]]
+
+
+def blocking_checks_by_asset(check_keys: Iterable[dg.AssetCheckKey]) -> dict[str, list[str]]:
+    by_asset: dict[str, list[str]] = {}
+    for key in check_keys:
+        by_asset.setdefault(key.asset_key.to_user_string(), []).append(key.name)
+    return by_asset
+
+
+def resources(env: str, profile: Profile = PRODUCTION,
+              input_check_keys: Iterable[dg.AssetCheckKey] = ()) -> dict[str, dg.ConfigurableResource]:
+    return {"risk_model": RiskModelSettings(**profile.resource_settings("risk_model")),
+            "patient_result_checks": PatientResultChecks(blocking=blocking_checks_by_asset(input_check_keys))}

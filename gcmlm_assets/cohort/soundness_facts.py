@@ -23,23 +23,10 @@ EVALUATED = {CheckStatus.SUCCEEDED, CheckStatus.FAILED}
 EVENT_ID_BATCH = 500  # storage ids per event query (SQLite allows 999 parameters at least)
 
 
-def declared_blocking_checks() -> dict[str, list[str]]:
-    """{asset: blocking check names} of the per-patient assets fused_table reads, from their
-    check_specs. (A run's own definitions cannot tell: an in-process run has no repository and its
-    job's asset graph holds only the selected assets.)"""
-    from gcmlm_assets.pathology.checks import SLIDE_VECTOR_CHECK_SPECS
-    from gcmlm_assets.radiology.checks import RADIOMICS_ROW_CHECK_SPECS  # loads PyRadiomics: only here
-
-    declared: dict[str, list[str]] = {source.asset: [] for source in fusion.SOURCES}
-    for spec in (*RADIOMICS_ROW_CHECK_SPECS, *SLIDE_VECTOR_CHECK_SPECS):
-        if spec.blocking and spec.asset_key.to_user_string() in declared:
-            declared[spec.asset_key.to_user_string()].append(spec.name)
-    return declared
-
-
 def unsound_results(instance: dg.DagsterInstance, patients: list[str], blocking_checks: dict[str, list[str]],
                     store: ArtifactStore) -> dict[str, dict[str, str]]:
-    """{modality: {patient: reason}} for each per-patient result fused_table must leave out."""
+    """{modality: {patient: reason}} for each per-patient result fused_table must leave out.
+    `blocking_checks`: {asset: its blocking check names} (the `patient_result_checks` resource)."""
     unsound = {}
     for source in fusion.SOURCES:
         key = dg.AssetKey(source.asset)

@@ -100,6 +100,21 @@ def test_a_cuda_setting_without_a_gpu_is_refused_naming_the_setting():
     assert refusal and "segmentation.device='cuda' but this process sees no CUDA GPU" in refusal
 
 
+def test_fused_table_is_told_the_blocking_checks_of_every_result_it_reads():
+    """The cohort imports no other domain: the definitions hand fused_table the blocking checks of
+    radiomics_row and slide_vector (its resource), which must be exactly those assets' own."""
+    from gcmlm_assets.catalogue import PATIENT_FEATURES
+
+    defs = build_definitions("local")
+    graph = defs.resolve_asset_graph()
+    told = defs.resources["patient_result_checks"].blocking
+    read = {file.asset.key for file in PATIENT_FEATURES.values()}
+    declared = {asset: sorted(key.name for key in graph.get_check_keys_for_assets({dg.AssetKey(asset)})
+                              if graph.get_check_spec(key).blocking) for asset in read}
+    assert {asset: sorted(names) for asset, names in told.items()} == declared
+    assert all(declared.values()), declared  # each result fused_table reads has a blocking check
+
+
 def test_every_per_patient_asset_retries_transient_failures():
     from gcmlm_assets.policies import TRANSIENT_RETRY
 

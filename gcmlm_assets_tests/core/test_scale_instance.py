@@ -6,7 +6,8 @@ import dagster as dg
 from benchmarks.scale_instance import (
     RANGE_TAGS, InstanceWriter, RunSpec, landing_run_tags, local_instance, patient_ids, populate, record_templates,
     request_run_specs, write_in_batches)
-from gcmlm_assets.cohort.soundness_facts import declared_blocking_checks, unsound_results
+from gcmlm_assets.cohort.soundness_facts import unsound_results
+from gcmlm_assets_tests.support.definitions import patient_result_checks
 from gcmlm_assets.storage import ArtifactStore
 
 PER_PATIENT = ("ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_features", "slide_vector",
@@ -51,7 +52,7 @@ def test_a_populated_instance_answers_dagsters_queries(tmp_path):
         assert all(h.partition is None for h in history if h.status.value != "SUCCEEDED")
 
         store = ArtifactStore(tmp_path / "artifacts")
-        unsound = unsound_results(instance, [*patients, "ABSENT"], declared_blocking_checks(), store)
+        unsound = unsound_results(instance, [*patients, "ABSENT"], patient_result_checks().blocking, store)
         assert {modality: set(reasons) for modality, reasons in unsound.items()} == {
             "radiology": {"ABSENT"}, "pathology": {"ABSENT"}}
 
