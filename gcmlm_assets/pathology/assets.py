@@ -52,7 +52,7 @@ pq = lazy("pyarrow.parquet")
         # Not yielded by a range step: each patient's materialization is logged on its own (batching.py).
         skippable=True,
         description="Tissue patch coordinates of every slide in `<landing>/<patient>/wsi/`: one CLAM-layout "
-                    "HDF5 per slide plus `slides.json`.",
+                    f"HDF5 per slide plus `{SLIDE_LISTING.name}`.",
     )],
     partitions_def=patients_partitions,
     check_specs=checks.PATCH_COORDS_CHECK_SPECS,

@@ -66,7 +66,7 @@ def radiomics_row_fingerprint(ct_sha: str, mask_sha: str, settings_sha: str, pyr
         # Not yielded by a range step: each patient's materialization is logged on its own (batching.py).
         skippable=True,
         description="The patient's CT from `<landing>/<patient>/ct/` (a DICOM series or one NIfTI, NRRD or "
-                    "MHA volume), written as one canonical LPS-oriented `ct.nii.gz`.",
+                    f"MHA volume), written as one canonical LPS-oriented `{CT_VOLUME.name}`.",
     )],
     partitions_def=patients_partitions,
     check_specs=checks.CT_IMAGE_CHECK_SPECS,

@@ -2,6 +2,7 @@
 key or output file name is written as a literal anywhere else in the package."""
 
 import ast
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -14,6 +15,8 @@ PACKAGE = Path(gcmlm_assets.__file__).parent
 # The risk model's settings resource is keyed by the asset it configures (a resource key, not an
 # asset key: renaming the asset leaves it as it is).
 RESOURCE_KEYS = {("risk_model", "profiles.py"), ("risk_model", "cohort/resources.py")}
+# Strings that contain a catalogued file name without meaning the asset's file.
+NOT_THE_ASSETS_FILE = {"ct/ct.nii.gz": "a landing drop's CT (demo/), whose name the landing zone accepts, not ct_image's"}
 
 
 def _literals(path: Path):
@@ -59,6 +62,35 @@ def test_no_asset_key_or_output_file_name_is_written_outside_the_catalogue():
             if value in names and (value, relative) not in RESOURCE_KEYS:
                 found.append(f"{relative}:{line}: {value!r}")
     assert not found, "take these from gcmlm_assets/catalogue.py:\n" + "\n".join(found)
+
+
+def _file_name_pattern() -> re.Pattern:
+    """A catalogued file name as a path component inside a longer string."""
+    names = sorted(_declared_files(), key=len, reverse=True)
+    return re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, names)) + r")(?![\w.-])")
+
+
+def test_no_output_file_name_is_written_inside_a_longer_string():
+    # Paths and messages ("fused_table/fused.parquet", f"... {name}/mask.nii.gz") are where a
+    # renamed file would be missed. Asset keys inside prose (descriptions, log lines) are words
+    # for the reader, like docstrings, and are not scanned.
+    pattern = _file_name_pattern()
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative == "catalogue.py":
+            continue
+        for value, line in _literals(path):
+            if value not in _declared_files() and value not in NOT_THE_ASSETS_FILE and pattern.search(value):
+                found.append(f"{relative}:{line}: {value!r}")
+    assert not found, "take the file names from gcmlm_assets/catalogue.py:\n" + "\n".join(found)
+
+
+def test_the_longer_string_scan_finds_a_file_name_in_a_path():
+    pattern = _file_name_pattern()
+    name = catalogue.FUSED_FILE.name
+    assert pattern.search(f"{catalogue.FUSED_TABLE.key}/{name}") and pattern.search(f"read {name}: missing")
+    assert not pattern.search(f"{name}.tmp-x") and not pattern.search(f"old_{name}")
 
 
 def test_the_scan_finds_a_restated_name(tmp_path):
