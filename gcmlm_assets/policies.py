@@ -20,7 +20,7 @@ QUARANTINED_TO = "quarantined_to"
 TRANSIENT_RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 
 
-def quarantine_on_blocking_failure(store, asset: str, patient_id: str, result: dg.MaterializeResult,
+def _quarantine_on_blocking_failure(store, asset: str, patient_id: str, result: dg.MaterializeResult,
                                    specs: list[dg.AssetCheckSpec],
                                    separate_results: list[dg.AssetCheckResult] = ()) -> dg.MaterializeResult:
     """The materialization, its output moved into quarantine when a blocking check failed.
@@ -52,5 +52,5 @@ def stored_materialization(output: StoredOutput, metadata: dict, data_version: s
                                   data_version=dg.DataVersion(data_version))
     if not specs:
         return result
-    return quarantine_on_blocking_failure(output.store, output.asset.key, output.patient_id, result, specs,
+    return _quarantine_on_blocking_failure(output.store, output.asset.key, output.patient_id, result, specs,
                                           separate_results)

@@ -23,13 +23,13 @@ from gcmlm_assets.batching import DATA_VERSION_TAG, LoadOnce, batch_patients, pe
 from gcmlm_assets.catalogue import (
     EXPLANATION_FILE, FUSED_FILE, FUSED_TABLE, MODEL_FILE, PATCHES_FILE, RISK_EXPLANATIONS, RISK_MODEL, RISK_SCORES,
     UNI_FEATURES)
-from gcmlm_assets.cohort.explain import explanation_keys
+from gcmlm_assets.cohort.explain import explanation_keys, heatmaps
 from gcmlm_assets.cohort.assets import _current_model_or_fail
 from gcmlm_assets.cohort.tables import fusion
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.inputs import required_file
-from gcmlm_assets import heatmaps, patch_features
+from gcmlm_assets import patch_features
 from gcmlm_assets.policies import TRANSIENT_RETRY
 from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
 from gcmlm_assets.storage import (

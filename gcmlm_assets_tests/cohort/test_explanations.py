@@ -20,7 +20,7 @@ from gcmlm_assets.cohort.model import modelling as M
 from gcmlm_assets.cohort.model import training
 from gcmlm_assets.cohort.model.combiners import PROBABILITY_CLIP
 from gcmlm_assets.cohort.tables.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
-from gcmlm_assets import heatmaps as H
+from gcmlm_assets.cohort.explain import heatmaps as H
 from gcmlm_assets.pathology.pooling import MeanPooling, SlideFeatures
 from gcmlm_assets_tests.support.cohort.synthetic import RADIOMICS_NAMES, make_cohort
 from gcmlm_assets_tests.support.pictures import MIN_WIDTH, assert_ui_picture
