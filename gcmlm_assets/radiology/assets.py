@@ -350,8 +350,11 @@ def _agreement_metadata(agreement: dict) -> dict:
     if status == "compared":
         return {"model_agreement": f"Dice {agreement['dice']:.3f} with model {agreement['model_id']}",
                 "model_agreement_dice": float(agreement["dice"]), "agreement_model_id": agreement["model_id"]}
-    text = {"no model": "no segmentation model installed", "predicted": "the mask is the model's own"}.get(
-        status, f"not compared: {agreement.get('reason', '')}")
+    # Said of the moment the mask was made: a model trained later (often on these very reference
+    # masks) is compared only when ct_mask is materialized again.
+    text = {"no model": "not compared: no segmentation model was installed when this mask was made; "
+                        "materialize ct_mask again to compare with the model installed now",
+            "predicted": "the mask is the model's own"}.get(status, f"not compared: {agreement.get('reason', '')}")
     return {"model_agreement": text}
 
 

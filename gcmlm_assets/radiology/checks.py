@@ -297,7 +297,8 @@ def mask_agreement_result(mask_path: Path, agreement: dict, min_dice: float) -> 
             failure=f"The reference stomach mask of patient {patient} ({agreement.get('reference_file', '')}) "
                     f"could not be compared with the segmentation model: {reason}.",
             severity=warn, reference_file=agreement.get("reference_file", ""))
-    found = ("no segmentation model installed: nothing to compare with" if status == "no model"
+    found = ("no segmentation model was installed when this mask was made: nothing to compare with"
+             if status == "no model"
              else "the mask is the model's own prediction: nothing to compare with")
     return _result("mask_agrees_with_model", True, expected=expected, found=found, failure="", severity=warn)
 
