@@ -148,7 +148,7 @@ SCORES_PICTURE = RISK_SCORES.file("score_distribution.png")
 
 # One version folder per patient (and model) under the patient's pointer (cohort/explanation_assets.py).
 # 2: the explanation key (cohort/explain/explanation_keys.py) is the explanation's data version.
-RISK_EXPLANATIONS = Asset("risk_explanations", COHORT, per_patient=True, code_version="2",
+RISK_EXPLANATIONS = Asset("risk_explanations", COHORT, per_patient=True, code_version="3",
                           kinds=frozenset({"sklearn"}))
 PATCHES_FILE = RISK_EXPLANATIONS.file("patch_contributions.parquet")
 EXPLANATION_FILE = RISK_EXPLANATIONS.file("explanation.json")

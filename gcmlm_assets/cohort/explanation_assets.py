@@ -47,6 +47,8 @@ KEY_FIELD = "explanation_key"  # in current.json: the key the published explanat
 # picture is stored with every explanation of every patient, which the instance's budget allows once.
 PICTURES_IN_METADATA = 1
 TOP_FEATURES = 10
+REFERENCE = ("the training cohort's average patient with the same modalities (each block's input at its training "
+             "mean): every part is this patient's difference from that patient")
 # Above this many patients a run asks for every patient's recorded key (one query either way):
 # a list of thousands of partitions would not fit SQLite's limit on a query's parameters.
 RECORDED_KEYS_BY_NAME = 500
@@ -63,7 +65,9 @@ RECORDED_KEYS_BY_NAME = 500
         description="Why this patient got their score: how the blocks' logits combine into the fused probability; "
         "the radiology and clinical features' exact contributions (coefficient x standardised value, top 10); "
         "each patch's exact contribution to the pathology logit, stored beside its coordinates and drawn over "
-        "the slide (diverging colours centred on zero); ABMIL attention maps, labelled as attention. Non-linear "
+        "the slide (diverging colours centred on zero). Every part is relative to the training cohort's average "
+        "patient with the same modalities (red: raises the risk above that patient's); the patient's probability, "
+        "the decision threshold and the reference's probability are stated on each explanation. ABMIL attention maps, labelled as attention. Non-linear "
         "classifiers get no contributions (see risk_model's permutation importance). Made again only when the "
         "patient's explanation key changes (the model file, the patient's fused_table row or patch features).",
     )],
@@ -169,8 +173,12 @@ def _explain_and_write(context, model, row_table, patient_id: str, folder: Path,
     pictures = _draw_heatmaps(explanation, slides, folder)
     summary = {
         "probability": explanation.probability,
-        "risk_group": "high" if explanation.probability >= model.risk_threshold else "low",
+        "risk_group": explanation.risk_group,
         "risk_threshold": model.risk_threshold,
+        "reference": REFERENCE,
+        "reference_probability": explanation.reference_probability,
+        "reference_fused_logit": explanation.reference_fused_logit,
+        "reading": explanation.reading(),
         "fused_logit": explanation.fused_logit,
         "combination": explanation.combination,
         "combination_markdown": explanation.combination_markdown(),
@@ -180,6 +188,7 @@ def _explain_and_write(context, model, row_table, patient_id: str, folder: Path,
         "features_markdown": {block: parts.markdown(TOP_FEATURES)
                               for block, parts in explanation.feature_contributions.items()},
         "pathology_constant": explanation.pathology_constant,
+        "pathology_reference_logit": explanation.pathology_reference_logit,
         "pathology_weight": explanation.pathology_weight,
         "residuals": explanation.residuals,
         "attention_role": explanation.attention_role,
@@ -206,7 +215,9 @@ def _slide_patches(store, patient_id: str) -> list:
 
 
 def _write_patches(explanation, slides: list, path: Path) -> None:
-    """Each patch's parts beside its coordinates (empty without pathology)."""
+    """Each patch's parts beside its coordinates (empty without pathology); the contributions are
+    relative to the training cohort's average patient (they sum to the pathology logit minus
+    that patient's, explanation.json's pathology_reference_logit)."""
     columns: dict[str, list] = {"slide": [], "x": [], "y": [], "contribution_pathology_logit": [],
                                 "contribution_fused_logit": [], "attention": []}
     for slide in slides:
@@ -234,10 +245,14 @@ def _draw_heatmaps(explanation, slides: list, folder: Path) -> list[dict]:
         maps = []
         if slide.name in explanation.patch_contributions:
             maps.append(("contribution", explanation.patch_contributions[slide.name],
-                         f"{slide.name}: each patch's contribution to the pathology logit"))
+                         f"{slide.name}: each patch's contribution to the pathology logit relative to the training "
+                         f"cohort's average patient\npathology logit: this patient "
+                         f"{_block_logit(explanation, 'pathology'):+.3f}, average patient "
+                         f"{explanation.pathology_reference_logit:+.3f}; {_probability_line(explanation)}"))
         if slide.name in explanation.attention:
             maps.append(("attention", explanation.attention[slide.name],
-                         f"{slide.name}: ABMIL attention ({explanation.attention_role})"))
+                         f"{slide.name}: ABMIL attention ({explanation.attention_role})\n"
+                         f"{_probability_line(explanation)}"))
         for kind, values, title in maps:
             names = {}
             for size, suffix in (("ui", ""), ("full", "_full")):
@@ -249,10 +264,27 @@ def _draw_heatmaps(explanation, slides: list, folder: Path) -> list[dict]:
     return drawn
 
 
+def _block_logit(explanation, block: str) -> float:
+    return next(row["block_logit"] for row in explanation.combination if row["term"] == block)
+
+
+def _probability_line(explanation) -> str:
+    line = (f"probability {explanation.probability:.3f} ({explanation.risk_group} risk; decision threshold "
+            f"{explanation.risk_threshold:.3f})")
+    if explanation.reference_probability is not None:
+        line += f"; average training patient {explanation.reference_probability:.3f}"
+    return line
+
+
 def _metadata(folder: Path, summary: dict) -> dict:
     metadata = {
+        "reading": dg.MetadataValue.md(summary["reading"]),
         "probability": summary["probability"],
         "risk_group": summary["risk_group"],
+        "risk_threshold": summary["risk_threshold"],
+        "reference": summary["reference"],
+        "reference_probability": dg.MetadataValue.float(summary["reference_probability"])
+        if summary["reference_probability"] is not None else "none (an ABMIL block has no training average)",
         "risk_model_version": summary.get("model_version", ""),
         "how_the_blocks_combine": dg.MetadataValue.md(summary["combination_markdown"]),
         "exactness": dg.MetadataValue.json({b: f"{r:.2e}" for b, r in summary["residuals"].items()}),

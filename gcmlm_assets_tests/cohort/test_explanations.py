@@ -138,10 +138,42 @@ def test_pathology_patch_contributions_sum_to_the_logit_of_the_mean(cohort, tmp_
     logit = E.block_logit(pipeline, pooled.vector[None, :])[0]
     assert sum(s.contributions.sum() for s in per_slide) + constant == pytest.approx(logit, abs=1e-6)
 
+    # relative to the training cohort's average patient: the parts sum to logit - reference logit
+    average = E.training_mean_input(pipeline, X.shape[1])
+    reference_logit = E.reference_logit(pipeline, X.shape[1])
+    relative = list(E.mean_pooled_patch_contributions(weights, constant, slides, average))
+    assert sum(s.contributions.sum() for s in relative) + reference_logit == pytest.approx(logit, abs=1e-6)
+
     half = pathology_bags(X[0], rng)[0].astype(np.float16)
     exact = E.patch_contributions(weights, constant, half, 0.5)
     assert exact.dtype == np.float64
     np.testing.assert_allclose(exact, 0.5 * (half.astype(np.float64) @ weights), rtol=1e-12, atol=0)
+
+
+def test_the_reference_is_the_training_cohorts_average_patient(cohort):
+    _, labels, radiomics, pathology = cohort
+    X = pathology.astype(np.float64)
+    pipeline = M.fit_block(PATHOLOGY, X, labels, SETTINGS)
+    average = E.training_mean_input(pipeline, X.shape[1])
+    np.testing.assert_allclose(average, X.mean(axis=0), rtol=0, atol=1e-9)  # read from the model, no refit
+    assert E.reference_logit(pipeline, X.shape[1]) == pytest.approx(pipeline.decision_function(average[None])[0],
+                                                                     abs=1e-9)
+    # a standardised block's intercept is the average patient's logit: its features are already relative
+    rad = M.fit_block(RADIOLOGY, radiomics, labels, SETTINGS)
+    split = E.feature_contributions(rad, RAD_COLUMNS, radiomics[0])
+    assert E.reference_logit(rad, len(RAD_COLUMNS)) == pytest.approx(split.intercept, abs=1e-9)
+    assert "| intercept (the average training patient's logit) |" in split.markdown()
+
+    # a patient below the average patient gets parts that sum below zero (blue overall), however
+    # far below zero the block's constant lies
+    weights, constant = E.affine_map(pipeline, X.shape[1])
+    logits = pipeline.decision_function(X)
+    reference_logit = E.reference_logit(pipeline, X.shape[1])
+    low = int(np.argmin(logits))
+    parts = E.patch_contributions(weights, constant, X[low:low + 1], 1.0, average)
+    assert parts.sum() == pytest.approx(logits[low] - reference_logit, abs=1e-9) and parts.sum() < 0
+    shifted = E.patch_contributions(weights, constant - 100.0, X[low:low + 1], 1.0, average)
+    np.testing.assert_allclose(shifted, parts, rtol=0, atol=0)  # the constant does not colour the patches
 
 
 # ---------------------------------------------------------------- 2. non-linear models
@@ -240,7 +272,8 @@ def test_top_patches_lie_in_the_planted_region_and_are_drawn_red(tmp_path):
     assert_ui_picture(pictures.display_version(png, pictures.PHOTO, "heatmap").markdown("heatmap"), full)
 
     drawing = H.patch_value_drawing(slide, coords, PATCH, contributions, "contribution")
-    assert drawing.note == "" and drawing.label == "contribution to the pathology logit"
+    assert drawing.note == "" and drawing.label == H.LABELS[H.CONTRIBUTION]
+    assert "average training patient" in drawing.label and "red raises" in drawing.label
     height, width = drawing.rgb.shape[:2]
     assert max(height, width) == H.UI_SIDE_PX
     layout = H.figure_layout(width, height, title)

@@ -69,7 +69,10 @@ def test_every_part_adds_up_to_the_patients_score(cohort, instance, base_resourc
         assert len(patches) == sum(s["n_patches"] for s in store.read_manifest(UNI_FEATURES.key, patient_id)["slides"])
         parts = np.array([p["contribution_pathology_logit"] for p in patches])
         pathology = blocks["pathology"]
-        assert parts.sum() + explanation["pathology_constant"] == pytest.approx(pathology["block_logit"], abs=1e-6)
+        # relative to the training cohort's average patient: the parts plus that patient's logit
+        assert parts.sum() + explanation["pathology_reference_logit"] == pytest.approx(pathology["block_logit"],
+                                                                                        abs=1e-6)
+        assert pathology["reference_logit"] == pytest.approx(explanation["pathology_reference_logit"], abs=1e-9)
         fused_parts = np.array([p["contribution_fused_logit"] for p in patches])
         assert fused_parts == pytest.approx(parts * pathology["weight"], abs=1e-12)
         assert all(p["attention"] is not None for p in patches)  # ABMIL fitted for its attention maps
@@ -94,6 +97,18 @@ def test_every_part_adds_up_to_the_patients_score(cohort, instance, base_resourc
                 else:
                     assert Path(meta[f"{kind}_{slide}_path"].value) == folder / f"{kind}_{slide}.png"
         assert "| **fused logit** |" in meta["how_the_blocks_combine"].value
+        # the reference, the probability and the threshold, stated on every explanation
+        relative = sum(row["relative"] for row in explanation["combination"])
+        assert relative + explanation["reference_fused_logit"] == pytest.approx(explanation["fused_logit"], abs=1e-9)
+        assert meta["risk_threshold"].value == pytest.approx(explanation["risk_threshold"])
+        assert meta["reference_probability"].value == pytest.approx(explanation["reference_probability"])
+        assert "average patient" in meta["reference"].value
+        reading = meta["reading"].value
+        assert f"probability {explanation['probability']:.3f}" in reading
+        assert f"decision threshold {explanation['risk_threshold']:.3f}" in reading
+        assert f"probability {explanation['reference_probability']:.3f}" in reading
+        for picture in explanation["pictures"]:
+            assert f"decision threshold {explanation['risk_threshold']:.3f}" in picture["title"]
 
         if patient_id == NO_RADIOLOGY:
             assert "radiology_top_features" not in meta
@@ -103,7 +118,8 @@ def test_every_part_adds_up_to_the_patients_score(cohort, instance, base_resourc
             total = sum(f["contribution"] for f in radiology)
             intercept = blocks["radiology"]["block_logit"] - total
             assert abs(explanation["residuals"]["radiology"]) <= 1e-6
-            assert "| intercept |" in meta["radiology_top_features"].value
+            assert "| intercept (the average training patient's logit) |" in meta["radiology_top_features"].value
+            assert intercept == pytest.approx(blocks["radiology"]["reference_logit"], abs=1e-9)
             assert np.isfinite(intercept)
 
 

@@ -15,6 +15,13 @@ two exact decompositions follow:
   slides, so `weights @ mean + constant` splits into `weights @ patch / N` per patch plus the
   constant. These are contributions, not saliencies: they add up to the model's output.
 
+Both are stated against a reference, the training cohort's average patient: the block's input at
+the training mean (`training_mean_input`: the standardiser's mean, which every block has). A
+standardised feature is already its distance from that mean, so the intercept of the feature split
+is the average patient's logit; a patch's part is `weights @ (patch - mean) / N`, and the parts sum
+to the patient's logit minus the average patient's. Red therefore means "raises this patient's
+logit above an average patient's", not merely "adds to a logit that starts far below zero".
+
 An SVM or a random forest is not linear: no such decomposition exists, and the functions here say
 so (`exact_contributions_available`) instead of approximating; permutation importance is the
 honest summary for those.
@@ -125,7 +132,9 @@ class FeatureContributions:
             shown = {name for name, *_ in self.top(n)}
             others = sum(c for name, c in zip(self.names, self.contributions) if name not in shown)
             lines.append(f"| ({rest} other features) | | | {others:+.{digits}f} |")
-        lines.append(f"| intercept | | | {self.intercept:+.{digits}f} |")
+        # with a standardised input the intercept is the logit of the training cohort's average patient,
+        # and each contribution the patient's difference from that patient in one feature
+        lines.append(f"| intercept (the average training patient's logit) | | | {self.intercept:+.{digits}f} |")
         lines.append(f"| **logit** | | | **{self.logit:+.{digits}f}** |")
         return "\n".join(lines)
 
@@ -163,8 +172,41 @@ def affine_map(pipeline: Pipeline, n_features: int) -> tuple[np.ndarray, float]:
     return logits[1:] - constant, constant
 
 
-def patch_contributions(weights, constant: float, patch_features, patch_weights) -> np.ndarray:
-    """Each patch's contribution to the block logit: patch_weight * (weights @ features).
+def training_mean_input(pipeline: Pipeline, n_features: int) -> np.ndarray:
+    """The block's input at the training cohort's mean (n_features,): the standardiser's mean,
+    placed back at the columns the imputer kept (a column empty in training gets 0: its weight is 0).
+
+    The training cohort's average patient: its logit is the reference the contributions are stated
+    against. Read from the fitted model, so a model file needs no new statistic."""
+    _require_exact(pipeline)
+    kept = np.ones(n_features, dtype=bool)
+    for _, step in pipeline.steps[:-1]:
+        if isinstance(step, SimpleImputer):
+            # keep_empty_features=False drops the columns whose statistic is NaN
+            kept = kept & ~np.isnan(np.asarray(step.statistics_, dtype=np.float64))
+        elif isinstance(step, StandardScaler):
+            mean = np.zeros(n_features, dtype=np.float64)
+            centre = np.zeros(int(kept.sum())) if step.mean_ is None else np.asarray(step.mean_, np.float64)
+            if centre.shape[0] != kept.sum():
+                raise ValueError(f"the standardiser has {centre.shape[0]} means for {int(kept.sum())} columns")
+            mean[kept] = centre
+            return mean
+        else:
+            break  # a selector or PCA before any standardiser: its input is no longer the raw columns
+    raise ValueError("the block standardises no raw input: its training mean is not in the model")
+
+
+def reference_logit(pipeline: Pipeline, n_features: int) -> float:
+    """The block logit of the training cohort's average patient (`training_mean_input`)."""
+    return float(block_logit(pipeline, training_mean_input(pipeline, n_features)[None, :])[0])
+
+
+def patch_contributions(weights, constant: float, patch_features, patch_weights, reference=None) -> np.ndarray:
+    """Each patch's contribution to the block logit: patch_weight * (weights @ (features - reference)).
+
+    `reference` (D,), usually `training_mean_input`: with it, the parts sum to the block logit
+    minus the reference's logit (`weights @ reference + constant`), which then stands in for the
+    constant below; without it (zeros) they sum to the logit minus the constant.
 
     `constant` is the affine map's; it is not spread over the patches but stays one term, so that
     with patch_weights = 1 / N_total (mean pooling over all of a patient's slides, possibly one
@@ -176,12 +218,13 @@ def patch_contributions(weights, constant: float, patch_features, patch_weights)
     features = np.asarray(patch_features)
     if features.ndim != 2 or features.shape[1] != w.shape[0]:
         raise ValueError(f"patch_features has shape {features.shape}, expected (N, {w.shape[0]})")
+    offset = 0.0 if reference is None else float(np.asarray(reference, dtype=np.float64).reshape(-1) @ w)
     scale = np.broadcast_to(np.asarray(patch_weights, dtype=np.float64), (features.shape[0],))
     out = np.empty(features.shape[0], dtype=np.float64)
     for start in range(0, features.shape[0], PATCH_CHUNK_ROWS):
         stop = start + PATCH_CHUNK_ROWS
         out[start:stop] = np.asarray(features[start:stop], dtype=np.float64) @ w
-    return out * scale
+    return (out - offset) * scale
 
 
 @dataclass(frozen=True)
@@ -193,12 +236,14 @@ class SlidePatchContributions:
     contributions: np.ndarray  # (N,) float64
 
 
-def mean_pooled_patch_contributions(weights, constant: float, slides: Iterable) -> Iterator[SlidePatchContributions]:
+def mean_pooled_patch_contributions(weights, constant: float, slides: Iterable,
+                                    reference=None) -> Iterator[SlidePatchContributions]:
     """Per-slide patch contributions for a patient pooled by the mean over all of its slides
     (`slides`: objects with `name`, `shape()` and `chunks()`, as patch_features.SlideFeatures).
 
     Two passes: the total patch count first (each patch weighs 1 / N_total), then the features in
-    chunks; summed over all slides, plus `constant`, they give the logit of the pooled vector."""
+    chunks; summed over all slides, plus `constant`, they give the logit of the pooled vector
+    (plus `weights @ reference + constant` instead when relative to a `reference`)."""
     slides = list(slides)
     total = sum(slide.shape()[0] for slide in slides)
     if total == 0:
@@ -206,7 +251,7 @@ def mean_pooled_patch_contributions(weights, constant: float, slides: Iterable) 
     for slide in slides:
         coords, values = [], []
         for features, chunk_coords in slide.chunks():
-            values.append(patch_contributions(weights, constant, features, 1.0 / total))
+            values.append(patch_contributions(weights, constant, features, 1.0 / total, reference))
             coords.append(np.asarray(chunk_coords).reshape(-1, 2))
         yield SlidePatchContributions(
             slide.name,

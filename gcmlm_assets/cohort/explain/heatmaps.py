@@ -5,8 +5,9 @@ over the slide's thumbnail (OpenSlide); a slide that cannot be read any more is 
 layout on white, with a note, as the slide_vector picture does. A colour bar with its label
 says what the colours mean:
 
-- "contribution": a diverging map CENTRED ON ZERO (limits +-max|value|), so white means "no
-  effect", red raises and blue lowers the pathology logit, whatever the range of the values;
+- "contribution": a diverging map CENTRED ON ZERO (limits +-max|value|), so white means "as in
+  the reference" (the explanations pass parts relative to the training cohort's average patient),
+  red raises and blue lowers the pathology logit, whatever the range of the values;
 - "attention": a sequential map from 0 to the largest weight, labelled as attention, which is
   NOT a contribution (a patch can draw attention and still push the logit either way).
 
@@ -37,7 +38,9 @@ np = lazy("numpy")
 CONTRIBUTION = "contribution"
 ATTENTION = "attention"
 COLOURS = {CONTRIBUTION: "RdBu_r", ATTENTION: "viridis"}
-LABELS = {CONTRIBUTION: "contribution to the pathology logit", ATTENTION: "ABMIL attention (not a contribution)"}
+LABELS = {CONTRIBUTION: "pathology logit vs. the average training patient\n"
+                        "red raises, blue lowers the risk",
+          ATTENTION: "ABMIL attention (not a contribution)"}
 
 UI_SIDE_PX = 1000  # the drawing's longer side in the UI form
 MIN_PATCH_PX = 16  # each patch's side in the full-resolution form (unless the cap below binds)
@@ -160,7 +163,8 @@ def figure_layout(drawing_width: int, drawing_height: int, title: str) -> Figure
     pad = round(16 * font_scale)
     bar_gap, bar_width, bar_labels = round(20 * font_scale), round(22 * font_scale), round(150 * font_scale)
     width = max(MIN_DISPLAY_WIDTH, pad + drawing_width + bar_gap + bar_width + bar_labels + pad)
-    characters = max(20, int((width - 2 * pad) / (13 * font_scale * 0.6)))
+    # 13 pt at DPI pixels per inch; an average character is about 0.6 of the size
+    characters = max(20, int((width - 2 * pad) / (13 * font_scale * DPI / 72 * 0.6)))
     lines = tuple(line for part in title.splitlines() for line in (textwrap.wrap(part, characters) or [""]))
     title_height = pad + round(len(lines) * 22 * font_scale) + pad
     return FigureLayout(width, title_height + drawing_height + pad, pad, title_height,

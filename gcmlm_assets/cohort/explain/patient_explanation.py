@@ -10,6 +10,13 @@ Plain Python (no Dagster). The fused logit is `intercept + sum_k w_k * logit_k +
   a patient whose patch features no longer match the slide vector the model scored is refused.
 A patch's share of the FUSED logit is its share of the pathology logit times the block's weight.
 
+Every part is stated against one reference, the training cohort's average patient with the same
+modalities (each block's input at its training mean, explanations.training_mean_input): a block's
+logit is split into the average patient's logit plus the patient's differences from it, and the
+fused logit into the average patient's fused logit plus weight x (block logit - average block
+logit). A patch is red when it raises the patient's risk above the average patient's. The
+explanation states the reference, the patient's probability and the decision threshold.
+
 What is not linear gets no contribution: an SVM or random-forest block says so (the risk model's
 permutation importance is the cohort-level alternative), and an ABMIL block gives attention
 weights, which show where the model looked, not how much each patch added to the score.
@@ -51,23 +58,57 @@ class PatientExplanation:
     probability: float
     fused_logit: float
     combination: list[dict]  # one row per term of the fused logit
+    risk_threshold: float = 0.5  # the model's decision threshold (a probability)
+    # the training cohort's average patient with this patient's modalities (None: a block has no
+    # training mean, as ABMIL, so there is no reference)
+    reference_fused_logit: float | None = None
     feature_contributions: dict[str, explanations.FeatureContributions] = field(default_factory=dict)
     patch_contributions: dict[str, np.ndarray] = field(default_factory=dict)  # slide -> (N,) to the block logit
     pathology_weight: float = 0.0  # the pathology block's weight in the fused logit
     pathology_constant: float | None = None
+    pathology_reference_logit: float | None = None  # the average patient's pathology logit
     attention: dict[str, np.ndarray] = field(default_factory=dict)  # slide -> (N,), sums to 1 over all slides
     attention_role: str = ""  # "in the score" or "explanation model only"
     residuals: dict[str, float] = field(default_factory=dict)  # block -> parts - logit
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def risk_group(self) -> str:
+        return "high" if self.probability >= self.risk_threshold else "low"
+
+    @property
+    def reference_probability(self) -> float | None:
+        return None if self.reference_fused_logit is None else float(sigmoid(self.reference_fused_logit))
+
+    def reading(self) -> str:
+        """One line to read every part by: the patient's probability, the threshold, the reference."""
+        line = (f"This patient: probability {self.probability:.3f}, {self.risk_group} risk (decision threshold "
+                f"{self.risk_threshold:.3f}).")
+        if self.reference_probability is None:
+            return line + " No reference: a block of the model (ABMIL) has no training-average input."
+        return (line + f" Reference: the training cohort's average patient with the same modalities, probability "
+                f"{self.reference_probability:.3f}; parts are relative to that patient (positive/red raises the "
+                "risk above it).")
+
     def combination_markdown(self) -> str:
-        lines = ["| term | block logit | weight | part of the fused logit |", "|---|---|---|---|"]
+        lines = ["| term | block logit | average patient's | weight | part of the fused logit | "
+                 "part vs. the average patient |", "|---|---|---|---|---|---|"]
         for row in self.combination:
             logit = "–" if row["block_logit"] is None else f"{row['block_logit']:+.4f}"
+            reference = "–" if row.get("reference_logit") is None else f"{row['reference_logit']:+.4f}"
             weight = "–" if row["weight"] is None else f"{row['weight']:.4f}"
-            lines.append(f"| {row['term']} | {logit} | {weight} | {row['contribution']:+.4f} |")
-        lines.append(f"| **fused logit** | | | **{self.fused_logit:+.4f}** |")
-        lines.append(f"\nProbability = 1 / (1 + exp(−fused logit)) = **{self.probability:.4f}**")
+            relative = "–" if row.get("relative") is None else f"{row['relative']:+.4f}"
+            lines.append(f"| {row['term']} | {logit} | {reference} | {weight} | {row['contribution']:+.4f} | "
+                         f"{relative} |")
+        reference = "–" if self.reference_fused_logit is None else f"**{self.reference_fused_logit:+.4f}**"
+        lines.append(f"| **fused logit** | | {reference} | | **{self.fused_logit:+.4f}** | |")
+        lines.append(f"\nProbability = 1 / (1 + exp(−fused logit)) = **{self.probability:.4f}**; decision "
+                     f"threshold {self.risk_threshold:.4f}: **{self.risk_group} risk**.")
+        if self.reference_probability is not None:
+            lines.append(f"Reference: the training cohort's average patient with the same modalities (each block's "
+                         f"input at its training mean), fused logit {self.reference_fused_logit:+.4f}, probability "
+                         f"{self.reference_probability:.4f}; the last column (patient − average, weighted) sums to "
+                         f"{self.fused_logit - self.reference_fused_logit:+.4f}.")
         return "\n".join(lines)
 
 
@@ -79,28 +120,49 @@ def explain_patient(model, data: CohortData, row: int, slides: list[SlidePatches
     fused_logit = float(model.combiner.fused_logit(logits)[0])
     if not np.isfinite(fused_logit):
         raise ExplanationError(f"patient {patient_id}: no block of the model has inputs for this patient")
-    explanation = PatientExplanation(patient_id, float(sigmoid(fused_logit)), fused_logit, [])
+    explanation = PatientExplanation(patient_id, float(sigmoid(fused_logit)), fused_logit, [],
+                                     risk_threshold=float(model.risk_threshold))
+    # the same terms (weights, indicators) apply to the average patient with the same blocks, so the
+    # intercept and indicators cancel in "patient - average"
+    reference_logits = np.full_like(logits, np.nan)
     combination = [{"term": "intercept", "block_logit": None, "weight": None,
-                    "contribution": float(terms["intercept"][0])}]
+                    "contribution": float(terms["intercept"][0]), "reference_logit": None, "relative": 0.0}]
     for k, (block, block_model) in enumerate(model.pipelines.items()):
         logit = float(logits[0, k])
         if not np.isfinite(logit):
             combination.append({"term": f"{block} (missing: logit taken as 0)", "block_logit": None,
-                                "weight": None, "contribution": 0.0})
+                                "weight": None, "contribution": 0.0, "reference_logit": None, "relative": 0.0})
             continue
         weight = float(terms["weights"][0, k])
-        combination.append({"term": block, "block_logit": logit, "weight": weight, "contribution": weight * logit})
+        reference = _reference_logit(block_model, len(model.columns.get(block, [])))
+        reference_logits[0, k] = np.nan if reference is None else reference
+        combination.append({"term": block, "block_logit": logit, "weight": weight, "contribution": weight * logit,
+                            "reference_logit": reference,
+                            "relative": None if reference is None else weight * (logit - reference)})
         indicator = float(terms["indicator_weights"][0, k])
         if indicator:
             combination.append({"term": f"{block} present (indicator)", "block_logit": None, "weight": None,
-                                "contribution": indicator})
+                                "contribution": indicator, "reference_logit": None, "relative": 0.0})
         _explain_block(explanation, block, block_model, model.columns.get(block, []), data, row, logit, weight,
                        slides)
     explanation.combination = combination
+    if np.array_equal(np.isfinite(reference_logits), np.isfinite(logits)):
+        explanation.reference_fused_logit = float(model.combiner.fused_logit(reference_logits)[0])
     for block, side_model in getattr(model, "side_models", {}).items():
         if block == PATHOLOGY_ABMIL and slides:
             _attention(explanation, side_model, slides, "explanation model only: not in the score")
     return explanation
+
+
+def _reference_logit(block_model, n_columns: int) -> float | None:
+    """The block logit of the training cohort's average patient; None for a block without a
+    training-mean input (ABMIL, or a pipeline that standardises nothing)."""
+    if not hasattr(block_model, "steps"):
+        return None
+    try:
+        return explanations.reference_logit(block_model, n_columns)
+    except ValueError:
+        return None
 
 
 def _explain_block(explanation: PatientExplanation, block: str, block_model, columns: list[str], data: CohortData,
@@ -130,16 +192,19 @@ def _explain_block(explanation: PatientExplanation, block: str, block_model, col
             explanation.notes.append("pathology: no patch features at hand, so no per-patch contributions")
             return
         weights, constant = explanations.affine_map(block_model, len(columns))
+        average = explanations.training_mean_input(block_model, len(columns))
+        reference = float(weights @ average + constant)  # the average patient's pathology logit
         n_total = sum(len(s.features) for s in slides)
         total = 0.0
         for slide in slides:
             parts = explanations.patch_contributions(weights, constant, slide.features,
-                                                     np.full(len(slide.features), 1.0 / n_total))
+                                                     np.full(len(slide.features), 1.0 / n_total), average)
             explanation.patch_contributions[slide.name] = parts
             total += float(np.sum(parts))
         explanation.pathology_constant = float(constant)
+        explanation.pathology_reference_logit = reference
         explanation.pathology_weight = weight
-        explanation.residuals[block] = total + float(constant) - logit
+        explanation.residuals[block] = total + reference - logit
     residual = explanation.residuals.get(block)
     if residual is not None and abs(residual) > EXACT_TOLERANCE:
         source = ("its patch features differ from the slide vector the model scored: re-materialize "
