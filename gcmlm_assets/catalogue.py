@@ -142,7 +142,7 @@ CV_PREDICTIONS = RISK_MODEL.file("cv_predictions.parquet")
 PLOTS = {"roc": RISK_MODEL.file("roc.png"), "calibration": RISK_MODEL.file("calibration.png"),
                "decision_curve": RISK_MODEL.file("decision_curve.png")}
 
-RISK_SCORES = Asset("risk_scores", COHORT, per_patient=False, code_version="3", kinds=frozenset({"sklearn"}))
+RISK_SCORES = Asset("risk_scores", COHORT, per_patient=False, code_version="4", kinds=frozenset({"sklearn"}))
 SCORES_FILE = RISK_SCORES.file("scores.parquet")
 SCORES_PICTURE = RISK_SCORES.file("score_distribution.png")
 

@@ -212,7 +212,9 @@ SCORES_VALID_CHECK = dg.AssetCheckSpec(
           dg.AssetDep(UNI_FEATURES.key, partition_mapping=dg.AllPartitionMapping())],
     description="MLM probability and risk group (high: at or above the model's threshold) for every "
     "patient with radiology or pathology features, from the current risk_model version (an ABMIL model "
-    "reads the patch features too). Each score records the model version it came from and the key of "
+    "reads the patch features too). A patient lacking a modality (a failed CT, no slides) is scored from the "
+    "others and says so (`modalities_missing`; `scored_without` counts them). Each score records the model "
+    "version it came from and the key of "
     "the explanation it needs (risk_explanations_sensor explains the patients whose key changed).",
     metadata=column_schema_metadata(RISK_SCORES_COLUMNS),
     check_specs=[SCORES_VALID_CHECK],
@@ -275,6 +277,12 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
         _save_score_picture(scores, manifest["risk_threshold"], SCORES_PICTURE.in_folder(folder))
     groups = scores.column("risk_group").to_pylist()
     used = scores.column("modalities_used").to_pylist()
+    # scores written before the column existed lack it (their code version differs: not reused)
+    missing = scores.column("modalities_missing").to_pylist() if "modalities_missing" in scores.column_names else []
+    scored_without = {}
+    for blocks in missing:
+        for block in filter(None, (blocks or "").split("+")):
+            scored_without[block] = scored_without.get(block, 0) + 1
     yield stored_materialization(
         output,
         metadata={
@@ -288,8 +296,11 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
             "risk_threshold": manifest["risk_threshold"],
             "risk_groups": dg.MetadataValue.json({g: groups.count(g) for g in ("high", "low")}),
             "modalities_used": dg.MetadataValue.json({u: used.count(u) for u in sorted(set(used))}),
+            # patients scored WITHOUT a modality of the model (a failed CT scores from the slides alone)
+            "scored_without": dg.MetadataValue.json(dict(sorted(scored_without.items()))),
             "preview": dg.MetadataValue.md(fusion.markdown_table(
-                scores, ["patient_id", "probability", "risk_group", "modalities_used", "mlm"], rows=10)),
+                scores, ["patient_id", "probability", "risk_group", "modalities_used", "modalities_missing", "mlm"],
+                rows=10)),
             **column_schema_metadata(RISK_SCORES_COLUMNS, scores),
             "picture": dg.MetadataValue.md(pictures.picture_markdown(SCORES_PICTURE.in_folder(folder), pictures.PLOT,
                                                                      "risk score distribution")),

@@ -42,6 +42,8 @@ RISK_SCORES_COLUMNS = (
                                    "threshold, else low"),
     Column("modalities_used", "string", "The modality models that scored the patient, such as "
                                         "radiology+pathology"),
+    Column("modalities_missing", "string", "The model's modalities the patient was scored WITHOUT, such as "
+                                           "radiology (its CT failed or there is none): empty when none"),
     Column("probability_radiology", "double", "The radiology model's probability (null without radiomics)"),
     Column("probability_pathology", "double", "The pathology model's probability (null without a slide "
                                               "vector; absent when the model pools by ABMIL)", optional=True),

@@ -21,7 +21,7 @@ import dagster as dg
 from gcmlm_assets import step_pods
 from gcmlm_assets.batching import DATA_VERSION_TAG, LoadOnce, batch_patients, per_patient_events
 from gcmlm_assets.catalogue import (
-    EXPLANATION_FILE, FUSED_FILE, FUSED_TABLE, MODEL_FILE, PATCHES_FILE, RISK_EXPLANATIONS, RISK_MODEL, RISK_SCORES,
+    EXPLANATION_FILE, FUSED_FILE, FUSED_TABLE, FUSION_REPORT, MODEL_FILE, PATCHES_FILE, RISK_EXPLANATIONS, RISK_MODEL, RISK_SCORES,
     UNI_FEATURES)
 from gcmlm_assets.cohort.explain import explanation_keys, heatmaps
 from gcmlm_assets.cohort.assets import _current_model_or_fail
@@ -100,6 +100,17 @@ class _ExplanationRun:
                      for i, (patient_id, digest) in enumerate(zip(ids, explanation_keys.row_digests(rows)))}
         self.recorded = _recorded_keys(context.instance, patients)
         self._model: LoadOnce | None = None  # made when a patient first needs the model
+        self._left_out: dict | None = None  # fused_table's report, read when a patient first lacks a modality
+
+    def missing_reasons(self, patient_id: str, blocks: list[str]) -> dict[str, str]:
+        """{block: why the patient was scored without it}, from fused_table's report (read once)."""
+        if not blocks:
+            return {}
+        if self._left_out is None:
+            self._left_out = _left_out_by_patient(FUSION_REPORT.path(self.store))
+        known = self._left_out.get(patient_id, {})
+        return {block: known.get(_MODALITY.get(block, block), _NO_RESULT.get(_MODALITY.get(block, block), "no input"))
+                for block in blocks}
 
     def model(self):
         from gcmlm_assets.cohort.model import modelling
@@ -137,7 +148,7 @@ class _ExplanationRun:
             staging = new_version_folder(root)
             try:
                 _explain_and_write(self.context, self.model(), row_table, patient_id, staging, self.store,
-                                   self.model_version)
+                                   self.model_version, self.missing_reasons)
                 stored = publish_version(root, staging, {KEY_FIELD: key})
             finally:
                 shutil.rmtree(staging, ignore_errors=True)  # gone already once published
@@ -156,7 +167,32 @@ def _recorded_keys(instance: dg.DagsterInstance, patients: list[str]) -> dict[st
     return {patient_id: values[DATA_VERSION_TAG] for patient_id, values in tags.items() if DATA_VERSION_TAG in values}
 
 
-def _explain_and_write(context, model, row_table, patient_id: str, folder: Path, store, model_version: str) -> None:
+# a block's modality, and what its absence means when fused_table's report names no reason
+_MODALITY = {"pathology_abmil": "pathology"}
+_NO_RESULT = {
+    "radiology": "no usable radiomics_row: no CT in the drop, or the CT's steps (ct_image, ct_mask, radiomics_row) "
+                 "failed or have not finished",
+    "pathology": "no usable slide features: no slides in the drop, or their steps failed or have not finished",
+    "clinical": "no clinical_table row",
+}
+
+
+def _left_out_by_patient(report_path: Path) -> dict[str, dict[str, str]]:
+    """{patient: {modality: reason}} for the results fused_table left out or rejected."""
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, dict[str, str]] = {}
+    for key, how in (("excluded_results", "its result was left out"), ("file_problems", "its feature file was "
+                                                                                         "rejected")):
+        for entry in report.get(key) or []:
+            out.setdefault(entry["patient_id"], {})[entry["modality"]] = f"{how}: {entry['reason']}"
+    return out
+
+
+def _explain_and_write(context, model, row_table, patient_id: str, folder: Path, store, model_version: str,
+                       missing_reasons) -> None:
     from gcmlm_assets.cohort.explain import patient_explanation
 
     slides = _slide_patches(store, patient_id) if bool(row_table.column("has_pathology")[0].as_py()) else []
@@ -167,6 +203,7 @@ def _explain_and_write(context, model, row_table, patient_id: str, folder: Path,
         explanation = patient_explanation.explain_patient(model, data, 0, slides)
     except (patient_explanation.ExplanationError, ValueError) as error:  # ValueError: bags the model refuses
         raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from None
+    missing = missing_reasons(patient_id, explanation.modalities_missing)
     for note in explanation.notes:
         context.log.info(f"{patient_id}: {note}")
     _write_patches(explanation, slides, PATCHES_FILE.in_folder(folder))
@@ -179,6 +216,7 @@ def _explain_and_write(context, model, row_table, patient_id: str, folder: Path,
         "reference_probability": explanation.reference_probability,
         "reference_fused_logit": explanation.reference_fused_logit,
         "reading": explanation.reading(),
+        "modalities_missing": missing,
         "fused_logit": explanation.fused_logit,
         "combination": explanation.combination,
         "combination_markdown": explanation.combination_markdown(),
@@ -269,7 +307,8 @@ def _block_logit(explanation, block: str) -> float:
 
 
 def _probability_line(explanation) -> str:
-    line = (f"probability {explanation.probability:.3f} ({explanation.risk_group} risk; decision threshold "
+    line = f"scored WITHOUT {' and '.join(explanation.modalities_missing)}; " if explanation.modalities_missing else ""
+    line += (f"probability {explanation.probability:.3f} ({explanation.risk_group} risk; decision threshold "
             f"{explanation.risk_threshold:.3f})")
     if explanation.reference_probability is not None:
         line += f"; average training patient {explanation.reference_probability:.3f}"
@@ -279,6 +318,9 @@ def _probability_line(explanation) -> str:
 def _metadata(folder: Path, summary: dict) -> dict:
     metadata = {
         "reading": dg.MetadataValue.md(summary["reading"]),
+        "modalities_missing": dg.MetadataValue.md(
+            "\n".join(f"- **Scored WITHOUT {block}**: {why}" for block, why in summary["modalities_missing"].items())
+            or "none: scored with every modality of the model"),
         "probability": summary["probability"],
         "risk_group": summary["risk_group"],
         "risk_threshold": summary["risk_threshold"],

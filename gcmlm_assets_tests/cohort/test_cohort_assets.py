@@ -73,6 +73,9 @@ def test_small_cohort_through_dagster(data_root, instance, base_resources):
     assert sorted(scores) == ids
     assert scores["P004"]["modalities_used"] == "pathology"
     assert scores["P009"]["modalities_used"] == "radiology"
+    assert scores["P004"]["modalities_missing"] == "radiology" and scores["P009"]["modalities_missing"] == "pathology"
+    assert {r["modalities_missing"] for p, r in scores.items() if p not in ("P004", "P009", "P013")} == {""}
+    assert materialized["risk_scores"]["scored_without"].value == {"pathology": 2, "radiology": 1}
     assert scores["P002"]["mlm"] is None and 0 <= scores["P002"]["probability"] <= 1
     assert {r["model_version"] for r in scores.values()} == {pointer["version"]}  # each score names its model
     assert len({r["explanation_key"] for r in scores.values()}) == len(ids)
@@ -111,7 +114,8 @@ def test_small_cohort_through_dagster(data_root, instance, base_resources):
     assert {"clin_*", "rad_*", "path_n_patches", "path_feat_*"} <= set(fused_schema)
     assert "columns" in fused_schema["rad_*"].description
     scores_schema = [c.name for c in materialized["risk_scores"]["dagster/column_schema"].value.columns]
-    assert scores_schema == ["patient_id", "probability", "risk_group", "modalities_used", "probability_radiology",
+    assert scores_schema == ["patient_id", "probability", "risk_group", "modalities_used", "modalities_missing",
+                             "probability_radiology",
                              "probability_pathology", "mlm", "model_version", "explanation_key"]
 
     # Unchanged inputs and settings: the same outputs, byte for byte, without retraining.

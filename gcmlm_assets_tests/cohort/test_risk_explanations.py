@@ -113,7 +113,17 @@ def test_every_part_adds_up_to_the_patients_score(cohort, instance, base_resourc
         if patient_id == NO_RADIOLOGY:
             assert "radiology_top_features" not in meta
             assert "radiology" not in blocks
+            # said where one reads: the scores table, the explanation's metadata and its markdown
+            assert scores[patient_id]["modalities_missing"] == "radiology"
+            assert "**Scored WITHOUT radiology**: no usable radiomics_row" in meta["modalities_missing"].value
+            assert reading.startswith("**Scored WITHOUT radiology.**")
+            assert meta["how_the_blocks_combine"].value.startswith("**Scored WITHOUT radiology**")
+            assert all("scored WITHOUT radiology" in picture["title"] for picture in explanation["pictures"])
+            assert explanation["modalities_missing"] == {"radiology": meta["modalities_missing"].value.split(": ", 1)[1]}
         else:
+            assert scores[patient_id]["modalities_missing"] == ""
+            assert meta["modalities_missing"].value == "none: scored with every modality of the model"
+            assert "WITHOUT" not in reading
             radiology = explanation["features"]["radiology"]
             total = sum(f["contribution"] for f in radiology)
             intercept = blocks["radiology"]["block_logit"] - total

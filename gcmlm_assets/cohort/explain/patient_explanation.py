@@ -62,6 +62,7 @@ class PatientExplanation:
     # the training cohort's average patient with this patient's modalities (None: a block has no
     # training mean, as ABMIL, so there is no reference)
     reference_fused_logit: float | None = None
+    modalities_missing: list[str] = field(default_factory=list)  # the model's blocks scored without
     feature_contributions: dict[str, explanations.FeatureContributions] = field(default_factory=dict)
     patch_contributions: dict[str, np.ndarray] = field(default_factory=dict)  # slide -> (N,) to the block logit
     pathology_weight: float = 0.0  # the pathology block's weight in the fused logit
@@ -84,6 +85,8 @@ class PatientExplanation:
         """One line to read every part by: the patient's probability, the threshold, the reference."""
         line = (f"This patient: probability {self.probability:.3f}, {self.risk_group} risk (decision threshold "
                 f"{self.risk_threshold:.3f}).")
+        if self.modalities_missing:
+            line = f"**Scored WITHOUT {' and '.join(self.modalities_missing)}.** " + line
         if self.reference_probability is None:
             return line + " No reference: a block of the model (ABMIL) has no training-average input."
         return (line + f" Reference: the training cohort's average patient with the same modalities, probability "
@@ -91,8 +94,10 @@ class PatientExplanation:
                 "risk above it).")
 
     def combination_markdown(self) -> str:
-        lines = ["| term | block logit | average patient's | weight | part of the fused logit | "
-                 "part vs. the average patient |", "|---|---|---|---|---|---|"]
+        lines = [f"**Scored WITHOUT {' and '.join(self.modalities_missing)}**: the fused logit is made from the "
+                 "other blocks.\n"] if self.modalities_missing else []
+        lines += ["| term | block logit | average patient's | weight | part of the fused logit | "
+                  "part vs. the average patient |", "|---|---|---|---|---|---|"]
         for row in self.combination:
             logit = "–" if row["block_logit"] is None else f"{row['block_logit']:+.4f}"
             reference = "–" if row.get("reference_logit") is None else f"{row['reference_logit']:+.4f}"
@@ -130,6 +135,7 @@ def explain_patient(model, data: CohortData, row: int, slides: list[SlidePatches
     for k, (block, block_model) in enumerate(model.pipelines.items()):
         logit = float(logits[0, k])
         if not np.isfinite(logit):
+            explanation.modalities_missing.append(block)
             combination.append({"term": f"{block} (missing: logit taken as 0)", "block_logit": None,
                                 "weight": None, "contribution": 0.0, "reference_logit": None, "relative": 0.0})
             continue

@@ -274,12 +274,16 @@ class FusedRiskModel:
         fused = sigmoid(self.combiner.fused_logit(logits))
         rows = np.isfinite(fused)
         used = ["+".join(b for k, b in enumerate(self.blocks) if np.isfinite(logits[i, k])) for i in range(len(fused))]
+        # the model's blocks the patient was scored without ("" when none): a failed CT must show
+        missing = ["+".join(b for k, b in enumerate(self.blocks) if not np.isfinite(logits[i, k]))
+                   for i in range(len(fused))]
         columns: dict[str, pa.Array] = {
             ID_COLUMN: pa.array(data.patient_ids[rows].tolist(), pa.string()),
             "probability": pa.array(fused[rows], pa.float64()),
             "risk_group": pa.array(np.where(fused[rows] >= self.risk_threshold, "high", "low").tolist(),
                                    pa.string()),
             "modalities_used": pa.array([u for u, r in zip(used, rows) if r], pa.string()),
+            "modalities_missing": pa.array([m for m, r in zip(missing, rows) if r], pa.string()),
         }
         for k, block in enumerate(self.blocks):
             values = sigmoid(logits[rows, k])
