@@ -25,6 +25,7 @@ from gcmlm_assets.cohort.check_results import check_result
 from gcmlm_assets.catalogue import (
     Asset, CLINICAL_FILE, CLINICAL_PROBLEMS, CLINICAL_TABLE, FUSED_FILE, FUSED_TABLE, FUSION_REPORT, MODEL_FILE,
     PATIENT_FEATURES, RISK_MODEL, RISK_SCORES, SCORES_FILE, SCORES_PICTURE, UNI_FEATURES)
+from gcmlm_assets.cohort.tables import score_changes
 from gcmlm_assets.inputs import required_file
 from gcmlm_assets.cohort.columns import CLINICAL_TABLE_COLUMNS, FUSED_TABLE_COLUMNS, RISK_SCORES_COLUMNS
 from gcmlm_assets.cohort.resources import PatientResultChecks
@@ -255,13 +256,15 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
         if verdict.outcome == qc.ERROR:
             yield _quarantined_scores(context, store, scores, verdict)
             return
+        # against the scores being replaced (their id and probability columns only), before they are
+        changes = score_changes.score_changes(SCORES_FILE.in_folder(folder), scores)
         fusion.write_parquet(scores, SCORES_FILE.in_folder(folder))
         _save_score_picture(scores, model.risk_threshold, SCORES_PICTURE.in_folder(folder))
         output.record([SCORES_FILE, SCORES_PICTURE],
                       inputs={"risk_model_sha256": model_sha, "risk_model_version": pointer["version"],
                               "fused_table_sha256": fused_sha},
                       risk_threshold=model.risk_threshold, model_blocks=list(model.blocks),
-                      excluded_patients=excluded)
+                      excluded_patients=excluded, changes=changes)
     manifest = output.manifest
     scores = pq.read_table(SCORES_FILE.in_folder(folder))
     excluded = manifest.get("excluded_patients") or {}
@@ -298,9 +301,7 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
             "modalities_used": dg.MetadataValue.json({u: used.count(u) for u in sorted(set(used))}),
             # patients scored WITHOUT a modality of the model (a failed CT scores from the slides alone)
             "scored_without": dg.MetadataValue.json(dict(sorted(scored_without.items()))),
-            "preview": dg.MetadataValue.md(fusion.markdown_table(
-                scores, ["patient_id", "probability", "risk_group", "modalities_used", "modalities_missing", "mlm"],
-                rows=10)),
+            **_changes_metadata(scores, manifest.get("changes") or {}),
             **column_schema_metadata(RISK_SCORES_COLUMNS, scores),
             "picture": dg.MetadataValue.md(pictures.picture_markdown(SCORES_PICTURE.in_folder(folder), pictures.PLOT,
                                                                      "risk score distribution")),
@@ -309,6 +310,24 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
         data_version=output.sha256(SCORES_FILE),
         check_results=[check],
     )
+
+
+PREVIEW_COLUMNS = ["patient_id", "probability", "risk_group", "modalities_used", "modalities_missing", "mlm"]
+
+
+def _changes_metadata(scores, changes: dict) -> dict:
+    """The preview with the new and changed scores first, and their counts (from the manifest, so a
+    reused materialization shows what the run that wrote the scores saw)."""
+    rows = score_changes.preview_table(scores, changes, [c for c in PREVIEW_COLUMNS if c in scores.column_names])
+    more = scores.num_rows - rows.num_rows
+    preview = fusion.markdown_table(rows, rows.column_names, rows.num_rows)
+    if more > 0:
+        preview += f"\n\n{more} more rows; {scores.num_columns} columns in all."
+    return {
+        "newly_scored": int(changes.get("new", 0)),
+        "score_changed": int(changes.get("changed", 0)),
+        "preview": dg.MetadataValue.md(score_changes.changes_line(changes, scores.num_rows) + "\n\n" + preview),
+    }
 
 
 def _expected_scored(fused, excluded: dict[str, str]) -> list[str]:

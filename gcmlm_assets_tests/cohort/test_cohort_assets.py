@@ -121,6 +121,11 @@ def test_small_cohort_through_dagster(data_root, instance, base_resources):
     # Unchanged inputs and settings: the same outputs, byte for byte, without retraining.
     again = materialize_cohort(instance, base_resources)
     assert again.success and data_versions(again) == data_versions(result)
+    # the preview: the first scores are all new, said, and a reused materialization shows the same
+    assert risk["newly_scored"].value == len(ids) and risk["score_changed"].value == 0
+    assert risk["preview"].value.startswith(f"First scores: all {len(ids)} patients are newly scored.")
+    reused = again.asset_materializations_for_node("risk_scores")[0].metadata
+    assert reused["preview"].value == risk["preview"].value
     assert read_version_pointer(artifacts / "risk_model") == pointer
 
 
