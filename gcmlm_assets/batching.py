@@ -21,7 +21,14 @@ What Dagster 1.13 records for a range step (and for any step's check results), a
   `AssetCheckResult`, so a failed blocking check still fails the step and stops downstream steps.
   `store_checks_per_patient` does the same for the per-patient assets without a range path.
   Dagster still records each run's plan for a check with partition None; that row stays planned
-  (shown as skipped, or failed if the run failed) beside the patient's own evaluation.
+  (shown as skipped, or failed if the run failed) beside the patient's own evaluation. A patient
+  the step failed or skipped gets no evaluation of its own, so that plan would be the check's newest
+  row, its "latest execution" naming no patient ("Partition —"). So the patient's checks are then
+  recorded as not evaluated, under the patient, saying why (`_not_evaluated`). A failed patient's
+  record fails on the patient's newest materialization, severity ERROR: fused_table leaves that
+  result out until the patient's step succeeds again, as it does after a failed run. A skipped
+  patient without a materialization gets a WARN record naming none (nothing reads it but the UI);
+  one with a materialization gets none: its newest evaluation stands.
 - Dagster has no public per-partition failure event. It marks a partition failed when the latest
   run that planned it failed without materializing it. So a patient that fails is logged with its
   reason, the others carry on, and the step then fails naming every failed patient: the run is
@@ -104,11 +111,12 @@ class LoadOnce:
 
 
 class _PatientFailed(Exception):
-    def __init__(self, patient_id: str, reason: str, retryable: bool):
+    def __init__(self, patient_id: str, reason: str, retryable: bool, evaluated: frozenset[str] = frozenset()):
         prefix = f"patient {patient_id}: "
         reason = reason[len(prefix):] if reason.startswith(prefix) else reason  # said once, not twice
         super().__init__(f"{prefix}{reason}")
         self.patient_id, self.reason, self.retryable = patient_id, reason, retryable
+        self.evaluated = evaluated  # the checks whose results the patient's step yielded before failing
 
 
 def per_patient_events(context: dg.AssetExecutionContext, asset: Asset, step: PatientStep,
@@ -116,7 +124,7 @@ def per_patient_events(context: dg.AssetExecutionContext, asset: Asset, step: Pa
     """What the step yields: `step`'s own events for one patient, or a range done patient by patient."""
     asset_key, code_version = asset.key, asset.code_version
     if context.has_partition_key:
-        yield from _checks_under_partition(context, context.partition_key, step(context.partition_key))
+        yield from _checks_under_partition(context, context.partition_key, lambda: step(context.partition_key))
         return
     blocking = {spec.name for spec in check_specs if spec.blocking}
     failures: list[_PatientFailed] = []
@@ -128,6 +136,9 @@ def per_patient_events(context: dg.AssetExecutionContext, asset: Asset, step: Pa
         except _PatientFailed as failure:
             failures.append(failure)
             context.log.error(str(failure))
+            for evaluation in _not_evaluated(context, dg.AssetKey(asset_key), patient_id, failure.evaluated,
+                                             f"failed for this patient: {failure.reason}", failed=True):
+                context.log_event(evaluation)
             continue
         materialized = False
         for event in outcome:
@@ -146,6 +157,10 @@ def per_patient_events(context: dg.AssetExecutionContext, asset: Asset, step: Pa
         else:
             skipped += 1
             context.log.info(f"patient {patient_id}: {asset_key} skipped (see the message above)")
+            evaluated = {e.check_name for e in outcome if isinstance(e, dg.AssetCheckResult)}
+            for evaluation in _not_evaluated(context, dg.AssetKey(asset_key), patient_id, evaluated,
+                                             "skipped for this patient (see the run's log)", failed=False):
+                context.log_event(evaluation)
     context.log.info(f"{asset_key}: {done} patient(s) materialized, {skipped} skipped, {len(failures)} failed "
                      f"of {len(patients)} in this run")
     if failures:
@@ -175,11 +190,37 @@ def _run_one(context, asset_key: str, patient_id: str, step: PatientStep, blocki
         raise
     except dg.Failure as error:
         _log_partial_checks(context, asset_key, patient_id, events, blocking)
-        raise _PatientFailed(patient_id, error.description or str(error), retryable=error.allow_retries) from error
+        raise _PatientFailed(patient_id, error.description or str(error), retryable=error.allow_retries,
+                             evaluated=_checks_in(events)) from error
     except Exception as error:  # noqa: BLE001 - any other error fails this patient only (and may be retried)
         _log_partial_checks(context, asset_key, patient_id, events, blocking)
-        raise _PatientFailed(patient_id, f"{type(error).__name__}: {error}", retryable=True) from error
+        raise _PatientFailed(patient_id, f"{type(error).__name__}: {error}", retryable=True,
+                             evaluated=_checks_in(events)) from error
     return events
+
+
+def _checks_in(events: list) -> frozenset[str]:
+    return frozenset(e.check_name for e in events if isinstance(e, dg.AssetCheckResult))
+
+
+def _not_evaluated(context: dg.AssetExecutionContext, asset_key: dg.AssetKey, patient_id: str, evaluated,
+                   why: str, *, failed: bool) -> list[dg.AssetCheckEvaluation]:
+    """The run's checks of `asset_key` that have no result for the patient, recorded under the
+    patient as not evaluated (see the module's docstring); [] for a skipped patient that has a
+    materialization (its newest evaluation stands)."""
+    keys = [key for key in context.selected_asset_check_keys
+            if key.asset_key == asset_key and key.name not in evaluated]
+    if not keys:
+        return []
+    checked = latest_materialization(context.instance, asset_key, patient_id)
+    if checked is not None and not failed:
+        return []
+    return [dg.AssetCheckEvaluation(
+        asset_key=asset_key, check_name=key.name, passed=False,
+        severity=dg.AssetCheckSeverity.ERROR if failed else dg.AssetCheckSeverity.WARN,
+        description=f"patient {patient_id}: not evaluated: {asset_key.to_user_string()} {why}",
+        metadata={"evaluated": False}, blocking=context.assets_def.get_spec_for_check_key(key).blocking,
+        partition=patient_id, target_materialization_data=checked) for key in keys]
 
 
 def _log_partial_checks(context, asset_key: str, patient_id: str, events: list, blocking: set[str]) -> None:
@@ -231,44 +272,69 @@ def store_checks_per_patient(asset_fn: Callable) -> Callable:
 
     @functools.wraps(asset_fn)
     def one_patient_step(context: dg.AssetExecutionContext, *args, **kwargs):
-        events = asset_fn(context, *args, **kwargs)
-        if isinstance(events, (dg.MaterializeResult, dg.AssetCheckResult)):
-            events = [events]
+        def events():
+            made = asset_fn(context, *args, **kwargs)
+            return [made] if isinstance(made, (dg.MaterializeResult, dg.AssetCheckResult)) else made or ()
+
         if not context.has_partition_key:  # not one patient: left to Dagster
-            yield from events or ()
+            yield from events()
             return
-        yield from _checks_under_partition(context, context.partition_key, events or ())
+        yield from _checks_under_partition(context, context.partition_key, events)
 
     return one_patient_step
 
 
-def _checks_under_partition(context: dg.AssetExecutionContext, patient_id: str, events: Iterable) -> Iterator:
-    """A single-partition step's events with each check result turned into what Dagster makes of
-    it (the check's output, then its evaluation), the evaluation carrying the patient."""
+def _checks_under_partition(context: dg.AssetExecutionContext, patient_id: str,
+                            make_events: Callable[[], Iterable]) -> Iterator:
+    """A single-partition step's events (made by `make_events`, which may fail) with each check
+    result turned into what Dagster makes of it (the check's output, then its evaluation), the
+    evaluation carrying the patient; its checks left without a result are recorded as not evaluated."""
     checked: dict[dg.AssetKey, CheckedMaterialization | None] = {}  # looked up once per materialization
     declared: dict[dg.AssetKey, set[str]] = {}
     for spec in context.assets_def.node_check_specs_by_output_name.values():  # selected or not
         declared.setdefault(spec.asset_key, set()).add(spec.name)
-    for event in events:
-        if isinstance(event, dg.MaterializeResult):
-            checked.clear()
-            if not event.check_results:
+    evaluated: set[dg.AssetCheckKey] = set()
+    materialized: set[dg.AssetKey] = set()
+    own = set(context.selected_asset_keys)
+    try:
+        for event in make_events():
+            if isinstance(event, dg.MaterializeResult):
+                checked.clear()
+                # without a key it is the step's one asset (Dagster refuses it otherwise)
+                materialized.update([event.asset_key] if event.asset_key else own)
+                if not event.check_results:
+                    yield event
+                    continue
+                yield dg.MaterializeResult(asset_key=event.asset_key, metadata=event.metadata,
+                                           data_version=event.data_version, tags=event.tags, value=event.value)
+                results = event.check_results
+            elif isinstance(event, dg.AssetCheckResult):
+                results = [event]
+            else:
                 yield event
                 continue
-            yield dg.MaterializeResult(asset_key=event.asset_key, metadata=event.metadata,
-                                       data_version=event.data_version, tags=event.tags, value=event.value)
-            results = event.check_results
-        elif isinstance(event, dg.AssetCheckResult):
-            results = [event]
-        else:
-            yield event
-            continue
-        for result in results:
-            key = result.resolve_target_check_key(declared)  # as Dagster names an AssetCheckResult's check
-            if key.asset_key not in checked:
-                # Dagster has stored the materialization above by the time the step resumes here
-                checked[key.asset_key] = latest_materialization(context.instance, key.asset_key, patient_id)
-            yield from _stored_check(context, key, patient_id, result, checked[key.asset_key])
+            for result in results:
+                key = result.resolve_target_check_key(declared)  # as Dagster names an AssetCheckResult's check
+                evaluated.add(key)
+                if key.asset_key not in checked:
+                    # Dagster has stored the materialization above by the time the step resumes here
+                    checked[key.asset_key] = latest_materialization(context.instance, key.asset_key, patient_id)
+                yield from _stored_check(context, key, patient_id, result, checked[key.asset_key])
+    except Exception as error:  # the step fails: its checks are recorded under the patient first
+        reason = error.description if isinstance(error, dg.Failure) and error.description else (
+            f"{type(error).__name__}: {error}")
+        _log_not_evaluated(context, own, patient_id, evaluated, f"failed for this patient: {reason}", failed=True)
+        raise
+    _log_not_evaluated(context, own - materialized, patient_id, evaluated,
+                       "skipped for this patient (see the run's log)", failed=False)
+
+
+def _log_not_evaluated(context, asset_keys, patient_id: str, evaluated: set[dg.AssetCheckKey], why: str, *,
+                       failed: bool) -> None:
+    for asset_key in asset_keys:
+        names = {key.name for key in evaluated if key.asset_key == asset_key}
+        for evaluation in _not_evaluated(context, asset_key, patient_id, names, why, failed=failed):
+            context.log_event(evaluation)
 
 
 def _stored_check(context: dg.AssetExecutionContext, key: dg.AssetCheckKey, patient_id: str,
