@@ -62,14 +62,14 @@ RECORDED_KEYS_BY_NAME = 500
         # Nothing is yielded for a patient whose explanation is recorded already, nor by a range step
         # (per_patient_events logs each patient's materialization on its own).
         skippable=True,
-        description="Why this patient got their score: how the blocks' logits combine into the fused probability; "
-        "the radiology and clinical features' exact contributions (coefficient x standardised value, top 10); "
-        "each patch's exact contribution to the pathology logit, stored beside its coordinates and drawn over "
-        "the slide (diverging colours centred on zero). Every part is relative to the training cohort's average "
-        "patient with the same modalities (red: raises the risk above that patient's); the patient's probability, "
-        "the decision threshold and the reference's probability are stated on each explanation. ABMIL attention maps, labelled as attention. Non-linear "
-        "classifiers get no contributions (see risk_model's permutation importance). Made again only when the "
-        "patient's explanation key changes (the model file, the patient's fused_table row or patch features).",
+        description="Why this patient got their score, each part relative to the training cohort's average patient "
+        "with the same modalities (red: raises the risk above that patient's), with the patient's probability, the "
+        "decision threshold and the modalities scored without: how the blocks' logits combine; the radiology and "
+        "clinical features' exact contributions (top 10); each patch's exact contribution to the pathology logit, "
+        "beside its coordinates and drawn over the slide (centred on zero); ABMIL attention maps, labelled as "
+        "attention. Non-linear classifiers get no contributions (see risk_model's permutation importance). Made "
+        "again only when the patient's explanation key changes (the model file, the patient's fused_table row or "
+        "patch features).",
     )],
     name=RISK_EXPLANATIONS.key,
     partitions_def=patients_partitions,
