@@ -42,3 +42,8 @@ def test_first_scores_are_all_new_and_the_preview_is_bounded(tmp_path):
     assert not changes["previous"] and changes["new"] == 10_000 and len(changes["shown"]) == S.PREVIEW_ROWS
     assert S.changes_line(changes, 10_000) == "First scores: all 10000 patients are newly scored."
     assert S.preview_table(table, changes, ["patient_id"]).num_rows == S.PREVIEW_ROWS
+
+    damaged = tmp_path / "damaged.parquet"
+    damaged.write_bytes(b"PAR1 not a parquet file")
+    changes = S.score_changes(damaged, table)  # the new scores are not held up by the old file
+    assert changes["new"] == 10_000 and str(damaged) in S.changes_line(changes, 10_000)

@@ -31,9 +31,13 @@ def score_changes(previous_path: Path | None, scores, shown: int = PREVIEW_ROWS)
     probabilities = scores.column(PROBABILITY).to_pylist()
     previous: dict[str, float] = {}
     had_previous = previous_path is not None and Path(previous_path).is_file()
+    unreadable = ""
     if had_previous:
-        old = pq.read_table(previous_path, columns=[ID_COLUMN, PROBABILITY])
-        previous = dict(zip(old.column(ID_COLUMN).to_pylist(), old.column(PROBABILITY).to_pylist()))
+        try:
+            old = pq.read_table(previous_path, columns=[ID_COLUMN, PROBABILITY])
+            previous = dict(zip(old.column(ID_COLUMN).to_pylist(), old.column(PROBABILITY).to_pylist()))
+        except (OSError, ValueError, KeyError, pa.ArrowException) as error:  # a damaged file: no comparison
+            had_previous, unreadable = False, f"{previous_path}: {type(error).__name__}: {error}"
     new = sorted(p for p in ids if p not in previous)
     moves = {p: value - previous[p] for p, value in zip(ids, probabilities)
              if p in previous and value is not None and previous[p] is not None
@@ -41,7 +45,7 @@ def score_changes(previous_path: Path | None, scores, shown: int = PREVIEW_ROWS)
     changed = sorted(moves, key=lambda p: (-abs(moves[p]), p))
     first = (new + changed)[:shown]
     return {"previous": had_previous, "new": len(new), "changed": len(changed), "shown": first,
-            "moves": {p: moves[p] for p in first if p in moves}}
+            "moves": {p: moves[p] for p in first if p in moves}, "previous_unreadable": unreadable}
 
 
 def preview_table(scores, changes: dict, names: list[str], rows: int = PREVIEW_ROWS):
@@ -61,6 +65,9 @@ def preview_table(scores, changes: dict, names: list[str], rows: int = PREVIEW_R
 
 def changes_line(changes: dict, scored: int) -> str:
     """One sentence saying how many scores are new and changed, and which rows come first."""
+    if changes.get("previous_unreadable"):
+        return (f"The previous scores could not be read ({changes['previous_unreadable']}): all {scored} patients "
+                "are counted as newly scored.")
     if not changes.get("previous"):
         return f"First scores: all {scored} patients are newly scored."
     return (f"{changes['new']} newly scored and {changes['changed']} with a changed score since the previous "
