@@ -22,13 +22,12 @@ What Dagster 1.13 records for a range step (and for any step's check results), a
   `store_checks_per_patient` does the same for the per-patient assets without a range path.
   Dagster still records each run's plan for a check with partition None; that row stays planned
   (shown as skipped, or failed if the run failed) beside the patient's own evaluation. A patient
-  the step failed or skipped gets no evaluation of its own, so that plan would be the check's newest
-  row, its "latest execution" naming no patient ("Partition —"). So the patient's checks are then
-  recorded as not evaluated, under the patient, saying why (`_not_evaluated`). A failed patient's
-  record fails on the patient's newest materialization, severity ERROR: fused_table leaves that
-  result out until the patient's step succeeds again, as it does after a failed run. A skipped
-  patient without a materialization gets a WARN record naming none (nothing reads it but the UI);
-  one with a materialization gets none: its newest evaluation stands.
+  whose step failed gets no evaluation of its own, so that plan would be the check's newest row,
+  its "latest execution" naming no patient ("Partition —"). So a failed patient's checks are
+  recorded under the patient as not evaluated, saying why (`_not_evaluated`): failed, on the
+  patient's newest materialization if any, so fused_table leaves that result out until the
+  patient's step succeeds again, as after any failed run. A skipped patient (nothing to do, e.g.
+  ct_mask waiting for a model) gets none: skipped is not failed, and its newest evaluation stands.
 - Dagster has no public per-partition failure event. It marks a partition failed when the latest
   run that planned it failed without materializing it. So a patient that fails is logged with its
   reason, the others carry on, and the step then fails naming every failed patient: the run is
@@ -137,7 +136,7 @@ def per_patient_events(context: dg.AssetExecutionContext, asset: Asset, step: Pa
             failures.append(failure)
             context.log.error(str(failure))
             for evaluation in _not_evaluated(context, dg.AssetKey(asset_key), patient_id, failure.evaluated,
-                                             f"failed for this patient: {failure.reason}", failed=True):
+                                             f"failed for this patient: {failure.reason}"):
                 context.log_event(evaluation)
             continue
         materialized = False
@@ -157,10 +156,6 @@ def per_patient_events(context: dg.AssetExecutionContext, asset: Asset, step: Pa
         else:
             skipped += 1
             context.log.info(f"patient {patient_id}: {asset_key} skipped (see the message above)")
-            evaluated = {e.check_name for e in outcome if isinstance(e, dg.AssetCheckResult)}
-            for evaluation in _not_evaluated(context, dg.AssetKey(asset_key), patient_id, evaluated,
-                                             "skipped for this patient (see the run's log)", failed=False):
-                context.log_event(evaluation)
     context.log.info(f"{asset_key}: {done} patient(s) materialized, {skipped} skipped, {len(failures)} failed "
                      f"of {len(patients)} in this run")
     if failures:
@@ -204,20 +199,16 @@ def _checks_in(events: list) -> frozenset[str]:
 
 
 def _not_evaluated(context: dg.AssetExecutionContext, asset_key: dg.AssetKey, patient_id: str, evaluated,
-                   why: str, *, failed: bool) -> list[dg.AssetCheckEvaluation]:
-    """The run's checks of `asset_key` that have no result for the patient, recorded under the
-    patient as not evaluated (see the module's docstring); [] for a skipped patient that has a
-    materialization (its newest evaluation stands)."""
+                   why: str) -> list[dg.AssetCheckEvaluation]:
+    """The run's checks of `asset_key` that have no result for the failed patient, recorded under
+    the patient as not evaluated (see the module's docstring)."""
     keys = [key for key in context.selected_asset_check_keys
             if key.asset_key == asset_key and key.name not in evaluated]
     if not keys:
         return []
     checked = latest_materialization(context.instance, asset_key, patient_id)
-    if checked is not None and not failed:
-        return []
     return [dg.AssetCheckEvaluation(
-        asset_key=asset_key, check_name=key.name, passed=False,
-        severity=dg.AssetCheckSeverity.ERROR if failed else dg.AssetCheckSeverity.WARN,
+        asset_key=asset_key, check_name=key.name, passed=False, severity=dg.AssetCheckSeverity.ERROR,
         description=f"patient {patient_id}: not evaluated: {asset_key.to_user_string()} {why}",
         metadata={"evaluated": False}, blocking=context.assets_def.get_spec_for_check_key(key).blocking,
         partition=patient_id, target_materialization_data=checked) for key in keys]
@@ -294,14 +285,10 @@ def _checks_under_partition(context: dg.AssetExecutionContext, patient_id: str,
     for spec in context.assets_def.node_check_specs_by_output_name.values():  # selected or not
         declared.setdefault(spec.asset_key, set()).add(spec.name)
     evaluated: set[dg.AssetCheckKey] = set()
-    materialized: set[dg.AssetKey] = set()
-    own = set(context.selected_asset_keys)
     try:
         for event in make_events():
             if isinstance(event, dg.MaterializeResult):
                 checked.clear()
-                # without a key it is the step's one asset (Dagster refuses it otherwise)
-                materialized.update([event.asset_key] if event.asset_key else own)
                 if not event.check_results:
                     yield event
                     continue
@@ -323,18 +310,12 @@ def _checks_under_partition(context: dg.AssetExecutionContext, patient_id: str,
     except Exception as error:  # the step fails: its checks are recorded under the patient first
         reason = error.description if isinstance(error, dg.Failure) and error.description else (
             f"{type(error).__name__}: {error}")
-        _log_not_evaluated(context, own, patient_id, evaluated, f"failed for this patient: {reason}", failed=True)
+        for asset_key in context.selected_asset_keys:
+            names = {key.name for key in evaluated if key.asset_key == asset_key}
+            for evaluation in _not_evaluated(context, asset_key, patient_id, names,
+                                             f"failed for this patient: {reason}"):
+                context.log_event(evaluation)
         raise
-    _log_not_evaluated(context, own - materialized, patient_id, evaluated,
-                       "skipped for this patient (see the run's log)", failed=False)
-
-
-def _log_not_evaluated(context, asset_keys, patient_id: str, evaluated: set[dg.AssetCheckKey], why: str, *,
-                       failed: bool) -> None:
-    for asset_key in asset_keys:
-        names = {key.name for key in evaluated if key.asset_key == asset_key}
-        for evaluation in _not_evaluated(context, asset_key, patient_id, names, why, failed=failed):
-            context.log_event(evaluation)
 
 
 def _stored_check(context: dg.AssetExecutionContext, key: dg.AssetCheckKey, patient_id: str,

@@ -39,12 +39,14 @@ def _execute(instance, resources, request: dg.RunRequest) -> dg.ExecuteInProcess
                           tags=request.tags, raise_on_error=False)
 
 
-def _checked_patients(instance, run_id: str) -> dict[str, set[str]]:
-    """{patient: names of the checks evaluated for it} in a run."""
+def _checked_patients(instance, run_id: str, evaluated: bool = True) -> dict[str, set[str]]:
+    """{patient: names of the checks evaluated for it} in a run (evaluated=False: the checks recorded
+    as not evaluated because the patient failed, batching.py)."""
     found: dict[str, set[str]] = {}
     for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
         evaluation = entry.dagster_event.asset_check_evaluation_data
-        found.setdefault(evaluation.partition, set()).add(evaluation.check_name)
+        if ("evaluated" not in evaluation.metadata) == evaluated:
+            found.setdefault(evaluation.partition, set()).add(evaluation.check_name)
     return found
 
 
@@ -89,6 +91,7 @@ def test_a_landing_batch_goes_through_the_chain_patient_by_patient(instance, dat
     status = instance.get_status_by_partition(dg.AssetKey("ct_image"), order, patients_partitions)
     assert {p for p, s in status.items() if str(s.value) == "FAILED"} == {"ZERO"}
     assert set(_checked_patients(instance, result.run_id)) == {*GOOD, "FAR"}
+    assert set(_checked_patients(instance, result.run_id, evaluated=False)) == {"ZERO"}  # named, not checked
 
     # The steps sensor: ct_mask for the four whose CT is good, one run, the bad one left out.
     [request] = step_tick().run_requests
@@ -103,6 +106,7 @@ def test_a_landing_batch_goes_through_the_chain_patient_by_patient(instance, dat
         assert f"/ct_mask/{patient_id}/" in record.asset_materialization.metadata["path"].value
     checked = _checked_patients(instance, result.run_id)
     assert set(checked) == set(GOOD) and all("mask_not_empty" in names for names in checked.values()), checked
+    assert set(_checked_patients(instance, result.run_id, evaluated=False)) == {"FAR"}
 
     # radiomics_row for the three whose mask is good; then nothing is left to carry on.
     [request] = step_tick().run_requests
