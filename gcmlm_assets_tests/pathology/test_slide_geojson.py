@@ -37,17 +37,18 @@ def patch_coords_dir(tmp_path_factory, test_data: Path) -> Path:
     return tiled(tmp_path_factory.mktemp("patch_coords"), real_slide(test_data), TilingParams())
 
 
-def write_patch_values(path: Path, coords: np.ndarray, *, attention: bool = True, seed: int = 0) -> Path:
+def write_patch_values(path: Path, coords: np.ndarray, *, attention: bool = True, seed: int = 0,
+                       slide_name: str = SLIDE) -> Path:
     """A patch file as risk_explanations writes it, its patches in another order than the grid's
     (feature extraction may store them so)."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(coords))
-    slide = SlidePatches(SLIDE, None, 256.0, coords[order], np.zeros((len(coords), 4), np.float32))
+    slide = SlidePatches(slide_name, None, 256.0, coords[order], np.zeros((len(coords), 4), np.float32))
     explanation = PatientExplanation("P1", 0.3, -0.8, [], pathology_weight=0.7)
-    explanation.patch_contributions[SLIDE] = rng.normal(0, 0.05, len(coords))
+    explanation.patch_contributions[slide_name] = rng.normal(0, 0.05, len(coords))
     if attention:
         weights = rng.random(len(coords))
-        explanation.attention[SLIDE] = weights / weights.sum()
+        explanation.attention[slide_name] = weights / weights.sum()
     _write_patches(explanation, [slide], path)
     return path
 
@@ -138,6 +139,9 @@ def test_values_from_another_grid_are_refused_and_nothing_is_written(patch_coord
     out = tmp_path / "geojson"
     with pytest.raises(GeoJsonInputError, match=r"shifted\.parquet.*not in its patch grid"):
         write_patient_geojson(patch_coords_dir, out, shifted)
+    other = write_patch_values(tmp_path / "other.parquet", grid.coords, slide_name="another-slide")
+    with pytest.raises(GeoJsonInputError, match=r"other\.parquet: values for slide\(s\) another-slide"):
+        write_patient_geojson(patch_coords_dir, out, other)
     assert not out.exists()
 
 
