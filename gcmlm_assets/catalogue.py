@@ -110,13 +110,13 @@ SEGMENTATION_MODEL = Asset("segmentation_model", RADIOLOGY, per_patient=False, c
 
 # ---------------------------------------------------------------- pathology
 # One `<slide>.h5` of coordinates per slide with tissue, listed in slides.json (pathology/patch_coords.py).
-# Its code version is the tiling's: pathology/tiling.py's TILING_VERSION is this value.
+# Its code version is the tiling's: pathology/tiling_params.py's TILING_VERSION is this value.
 PATCH_COORDS = Asset("patch_coords", PATHOLOGY, per_patient=True, code_version="2", kinds=frozenset({"openslide"}))
 SLIDE_LISTING = PATCH_COORDS.file("slides.json")
 TILING_PICTURE = PATCH_COORDS.file("tiling.png")
 
 # One `<slide>.h5` of patch embeddings per slide, listed in the asset's manifest (pathology/extract.py).
-# Its code version is the extraction's: pathology/extract.py's EXTRACTION_VERSION is this value.
+# Its code version is the extraction's: pathology/feature_files.py's EXTRACTION_VERSION is this value.
 UNI_FEATURES = Asset("uni_features", PATHOLOGY, per_patient=True, code_version="1", kinds=frozenset({"torch"}))
 
 SLIDE_VECTOR = Asset("slide_vector", PATHOLOGY, per_patient=True, code_version=None, kinds=frozenset({"numpy"}))

@@ -155,7 +155,7 @@ SLIDE_VECTOR_CHECK_SPECS = [
 
 
 def uni_features_results(reports: list, identity: dict) -> list[dg.AssetCheckResult]:
-    """Check results from `extract.FeatureFileReport`s of one patient's feature files."""
+    """Check results from `feature_files.FeatureFileReport`s of one patient's feature files."""
     def failing(predicate) -> dict[str, list[str]]:
         return {r.path.name: [p for p in r.problems if predicate(p)] for r in reports
                 if any(predicate(p) for p in r.problems)}

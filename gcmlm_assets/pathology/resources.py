@@ -10,7 +10,7 @@ from pydantic import Field
 from gcmlm_assets.devices import ResolvedDevice, resolve_device
 from gcmlm_assets.profiles import PRODUCTION, Profile
 from gcmlm_assets.settings import encoder_checkpoint
-from gcmlm_assets.pathology.tiling import ClamParams, TilingParams
+from gcmlm_assets.pathology.tiling_params import ClamParams, TilingParams
 from gcmlm_assets.pathology.tissue import SegmentationParams
 
 if TYPE_CHECKING:  # torch only when a step loads the encoder

@@ -22,8 +22,9 @@ from pathlib import Path
 from gcmlm_assets.catalogue import SLIDE_LISTING
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.pathology.slides import opened
-from gcmlm_assets.pathology.tiling import (
-    TILING_VERSION, ClamParams, TilingParams, TilingResult, read_coords_h5, tile_slide)
+from gcmlm_assets.pathology.coords_h5 import read_coords_h5
+from gcmlm_assets.pathology.tiling import tile_slide
+from gcmlm_assets.pathology.tiling_params import TILING_VERSION, ClamParams, TilingParams, TilingResult
 from gcmlm_assets.pathology.tissue import SegmentationParams
 from gcmlm_assets.pathology.qupath_geojson import (
     GeoJsonInputError, feature_collection, geojson_problems, patch_measurements, patch_tiles, slides_in,

@@ -15,7 +15,7 @@ from gcmlm_assets.catalogue import CLINICAL_FILE, CLINICAL_TABLE, CT_IMAGE, CT_V
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.pathology.assets import slide_vector_fingerprint
 from gcmlm_assets.pathology.patch_coords import inputs_fingerprint
-from gcmlm_assets.pathology.tiling import TilingParams
+from gcmlm_assets.pathology.tiling_params import TilingParams
 from gcmlm_assets.radiology.assets import ct_image_fingerprint, ct_mask_fingerprint, radiomics_row_fingerprint
 from gcmlm_assets.reuse import StoredOutput, combined_digest
 from gcmlm_assets.storage import ArtifactStore

@@ -20,7 +20,8 @@ import pytest
 import SimpleITK as sitk
 
 from gcmlm_assets import runs
-from gcmlm_assets.demo import synthetic
+from gcmlm_assets.demo.synthetic import write_cohort
+from gcmlm_assets.demo.synthetic_plan import CohortSpec, plan_cohort
 from gcmlm_assets.demo.daemon import prepare_dagster_home, start_daemon
 from gcmlm_assets.demo.watch import failed_runs, wait_until_settled
 from gcmlm_assets.profiles import PROFILE_ENV
@@ -153,10 +154,10 @@ def test_daemon_takes_drops_to_risk_scores_and_reruns_only_fixed_patients(tmp_pa
     monkeypatch.setenv("DAGSTER_HOME", str(prepare_dagster_home(home)))
     monkeypatch.setenv(PROFILE_ENV, "demo")
 
-    spec = synthetic.CohortSpec.small(N_PATIENTS)
-    plans = {plan.patient_id: plan for plan in synthetic.plan_cohort(spec)}
+    spec = CohortSpec.small(N_PATIENTS)
+    plans = {plan.patient_id: plan for plan in plan_cohort(spec)}
     assert not plans[BROKEN_CT].has_reference_mask and not plans[BROKEN_SLIDE].has_reference_mask
-    synthetic.write_cohort(landing, spec)
+    write_cohort(landing, spec)
     ct_bytes, slide_bytes = break_drops(landing)
     patients = sorted(plans)
 

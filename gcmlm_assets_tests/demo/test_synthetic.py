@@ -13,9 +13,12 @@ from sklearn.metrics import roc_auc_score
 
 from gcmlm_assets.cohort.tables.clinical import read_clinical_csv
 from gcmlm_assets.demo import synthetic
+from gcmlm_assets.demo.synthetic_ct import make_ct
+from gcmlm_assets.demo.synthetic_plan import CLINICAL_COLUMNS, CohortSpec, plan_cohort
+from gcmlm_assets.demo.synthetic_slides import make_slide
 from gcmlm_assets.landing.scan import scan_landing_zone
 
-SPEC = synthetic.CohortSpec.small(6, slide_width=(800, 900))
+SPEC = CohortSpec.small(6, slide_width=(800, 900))
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -31,7 +34,7 @@ def cohort(tmp_path_factory) -> synthetic.CohortResult:
 def test_same_settings_give_identical_bytes(cohort, tmp_path):
     again = synthetic.write_cohort(tmp_path / "landing", SPEC)
     assert tree_digest(again.landing) == tree_digest(cohort.landing)
-    other_seed = synthetic.write_cohort(tmp_path / "other", synthetic.CohortSpec.small(
+    other_seed = synthetic.write_cohort(tmp_path / "other", CohortSpec.small(
         6, slide_width=(800, 900), seed=SPEC.seed + 1))
     assert (tree_digest(other_seed.landing)["GC0001/ct/ct.nii.gz"]
             != tree_digest(cohort.landing)["GC0001/ct/ct.nii.gz"])
@@ -57,7 +60,7 @@ def test_rewriting_touches_nothing_and_repairs_a_damaged_drop(tmp_path):
 def test_smaller_cohort_removes_the_extra_patients(tmp_path):
     landing = tmp_path / "landing"
     synthetic.write_cohort(landing, SPEC)
-    smaller = synthetic.CohortSpec.small(4, slide_width=(800, 900))
+    smaller = CohortSpec.small(4, slide_width=(800, 900))
     synthetic.write_cohort(landing, smaller)
     assert sorted(p.name for p in landing.iterdir() if p.is_dir()) == ["GC0001", "GC0002", "GC0003", "GC0004"]
     table, problems = read_clinical_csv(landing / "clinical.csv")
@@ -81,7 +84,7 @@ def test_drops_follow_the_landing_contract(cohort):
     assert problems == []
     assert table.patient_ids == sorted(plans)
     assert table.table.column("mlm").to_pylist() == [plans[p].mlm for p in sorted(plans)]
-    assert set(table.table.column_names) == set(synthetic.CLINICAL_COLUMNS)
+    assert set(table.table.column_names) == set(CLINICAL_COLUMNS)
 
 
 def test_ct_and_mask_are_readable_and_aligned(cohort):
@@ -129,18 +132,18 @@ def _purple_fraction(rgb: np.ndarray) -> float:
 def test_planted_signal_is_in_both_modalities():
     """Measured on the generated images (not on the latent severities): the stomach volume and the
     share of nuclear (dark purple) pixels separate the classes, neither perfectly."""
-    spec = synthetic.CohortSpec.small(16)
-    plans = synthetic.plan_cohort(spec)
+    spec = CohortSpec.small(16)
+    plans = plan_cohort(spec)
     labels = np.array([p.mlm for p in plans])
     assert labels.sum() == 8
     volumes, heterogeneity, nuclei = [], [], []
     for plan in plans:
-        ct, mask = synthetic.make_ct(plan, spec)
+        ct, mask = make_ct(plan, spec)
         inside = sitk.GetArrayFromImage(mask).astype(bool)
         volumes.append(inside.sum())
         heterogeneity.append(float(sitk.GetArrayFromImage(ct)[inside].std()))
         rng = np.random.default_rng([spec.seed, 3, plan.index])
-        nuclei.append(_purple_fraction(synthetic.make_slide(rng, 700, 520, plan.pathology_severity, spec.mpp)))
+        nuclei.append(_purple_fraction(make_slide(rng, 700, 520, plan.pathology_severity, spec.mpp)))
     for name, values in (("stomach volume", volumes), ("stomach HU SD", heterogeneity), ("nuclear pixels", nuclei)):
         auc = roc_auc_score(labels, values)
         assert 0.7 <= auc < 1.0, f"{name}: AUC {auc:.2f}"
@@ -149,7 +152,7 @@ def test_planted_signal_is_in_both_modalities():
 def test_real_patient_is_blended_in_with_unknown_label(test_data, tmp_path):
     real = synthetic.RealFiles.find(test_data)
     assert real is not None
-    result = synthetic.write_cohort(tmp_path / "landing", synthetic.CohortSpec.small(2, slide_width=(600, 700)),
+    result = synthetic.write_cohort(tmp_path / "landing", CohortSpec.small(2, slide_width=(600, 700)),
                                     real=real)
     folder = tmp_path / "landing" / synthetic.REAL_PATIENT_ID
     assert result.patient_ids[-1] == synthetic.REAL_PATIENT_ID
@@ -161,12 +164,12 @@ def test_real_patient_is_blended_in_with_unknown_label(test_data, tmp_path):
     row = table.table.to_pylist()[table.patient_ids.index(synthetic.REAL_PATIENT_ID)]
     assert row["mlm"] is None
     # Without the real files, the next write takes the real patient out again.
-    synthetic.write_cohort(tmp_path / "landing", synthetic.CohortSpec.small(2, slide_width=(600, 700)))
+    synthetic.write_cohort(tmp_path / "landing", CohortSpec.small(2, slide_width=(600, 700)))
     assert not folder.exists()
 
 
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="at least 2 patients"):
-        synthetic.CohortSpec(n_patients=1)
+        CohortSpec(n_patients=1)
     with pytest.raises(ValueError, match="ct_size"):
-        synthetic.CohortSpec(ct_size=(8, 8, 8))
+        CohortSpec(ct_size=(8, 8, 8))

@@ -17,7 +17,8 @@ from gcmlm_assets.cohort.explanation_assets import _write_patches
 from gcmlm_assets.pathology.patch_coords import tile_patient, write_patient_outputs
 from gcmlm_assets.pathology.slide_geojson import (
     GEOJSON_SUFFIX, inputs_fingerprint, tiling_params_from_listing, write_patient_geojson)
-from gcmlm_assets.pathology.tiling import ClamParams, TilingParams, read_coords_h5
+from gcmlm_assets.pathology.coords_h5 import read_coords_h5
+from gcmlm_assets.pathology.tiling_params import ClamParams, TilingParams
 from gcmlm_assets.pathology.qupath_geojson import (
     GeoJsonInputError, closed_ring, geojson_problems, patch_tiles, write_geojson)
 from gcmlm_assets_tests.support.pathology.slide_fixtures import real_slide

@@ -49,7 +49,8 @@ def _environment(root: Path, home: Path) -> dict[str, str]:
 def build_cohort(root: Path) -> Cohort:
     """Write the drops and materialize them in this process, as the landing sensor's runs would."""
     from gcmlm_assets.definitions import build_definitions
-    from gcmlm_assets.demo.synthetic import CohortSpec, plan_cohort, write_cohort
+    from gcmlm_assets.demo.synthetic import write_cohort
+    from gcmlm_assets.demo.synthetic_plan import CohortSpec, plan_cohort
 
     spec = CohortSpec.small(n_patients=4, id_prefix="GC")
     with_masks = [plan.patient_id for plan in plan_cohort(spec) if plan.has_reference_mask][:2]
