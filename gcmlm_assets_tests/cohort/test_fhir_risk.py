@@ -185,3 +185,13 @@ def test_the_fhir_models_refuse_a_damaged_bundle(scored, tmp_path):
     path.write_text(json.dumps(document))
     with pytest.raises(ValidationError, match="probabilityDecimal"):
         fhir_risk.read_bundle(path)
+
+
+def test_the_module_imports_neither_dagster_nor_fhir_resources_until_used():
+    import subprocess
+    import sys
+
+    probe = ("import sys, gcmlm_assets.cohort.fhir_risk; "
+             "print(sorted(m for m in ('dagster', 'fhir.resources', 'numpy', 'pyarrow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
