@@ -9,7 +9,7 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.device import Device
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
-from gcmlm_assets.cohort import fhir_risk
+from gcmlm_assets.cohort.exchange import fhir_risk
 from gcmlm_assets.cohort.columns import RISK_SCORES_COLUMNS
 from gcmlm_assets.cohort.model import modelling, training
 from gcmlm_assets.cohort.model.model_settings import ModelSettings
@@ -52,7 +52,7 @@ def test_every_bundle_holds_the_tables_values(scored, tmp_path):
     rows, model = scored
     meta = fhir_risk.write_risk_assessments(rows, model, SCORED_AT, tmp_path)
     assert meta["bundles"] == meta["written"] == len(rows) and meta["removed"] == 0
-    index = json.loads((tmp_path / fhir_risk.INDEX_FILE).read_text())
+    index = json.loads((tmp_path / fhir_risk.INDEX_FILE).read_text(encoding="utf-8"))
     assert sorted(index["patients"]) == sorted(r["patient_id"] for r in rows)
     for row in rows:
         entry = index["patients"][row["patient_id"]]
@@ -146,7 +146,7 @@ def test_a_refresh_rebuilds_only_changed_patients_and_removes_those_no_longer_sc
     assert (again["written"], again["unchanged"], again["removed"]) == (2, len(rows) - 2, 0)
     after = {p.name: p.read_bytes() for p in bundles.iterdir()}
     assert {name for name in after if after[name] != before[name]} == {f"{changed['patient_id']}.json"}
-    index = json.loads((tmp_path / fhir_risk.INDEX_FILE).read_text())["patients"]
+    index = json.loads((tmp_path / fhir_risk.INDEX_FILE).read_text(encoding="utf-8"))["patients"]
     assert index[changed["patient_id"]]["scored_at"] == later.isoformat()
     assert index[damaged]["scored_at"] == index[rows[0]["patient_id"]]["scored_at"] == SCORED_AT.isoformat()
     _, ra = _resources(fhir_risk.read_bundle(bundles / f"{changed['patient_id']}.json"))
@@ -154,7 +154,7 @@ def test_a_refresh_rebuilds_only_changed_patients_and_removes_those_no_longer_sc
     fewer = fhir_risk.write_risk_assessments(rows[1:], model, later, tmp_path)
     assert (fewer["written"], fewer["removed"]) == (1, 1)  # P005 back to its first score, P000 gone
     assert not (bundles / f"{rows[0]['patient_id']}.json").exists()
-    assert rows[0]["patient_id"] not in json.loads((tmp_path / fhir_risk.INDEX_FILE).read_text())["patients"]
+    assert rows[0]["patient_id"] not in json.loads((tmp_path / fhir_risk.INDEX_FILE).read_text(encoding="utf-8"))["patients"]
 
 
 def test_the_hl7_likelihood_code_is_given_only_where_its_definition_holds():
@@ -180,7 +180,7 @@ def test_the_fhir_models_refuse_a_damaged_bundle(scored, tmp_path):
     rows, model = scored
     fhir_risk.write_risk_assessments(rows[:1], model, SCORED_AT, tmp_path)
     path = tmp_path / "bundles" / f"{rows[0]['patient_id']}.json"
-    document = json.loads(path.read_text())
+    document = json.loads(path.read_text(encoding="utf-8"))
     document["entry"][1]["resource"]["prediction"][0]["probabilityDecimal"] = "likely"
     path.write_text(json.dumps(document))
     with pytest.raises(ValidationError, match="probabilityDecimal"):
