@@ -191,7 +191,7 @@ def test_the_module_imports_neither_dagster_nor_fhir_resources_until_used():
     import subprocess
     import sys
 
-    probe = ("import sys, gcmlm_assets.cohort.fhir_risk; "
+    probe = ("import sys, gcmlm_assets.cohort.exchange.fhir_risk; "
              "print(sorted(m for m in ('dagster', 'fhir.resources', 'numpy', 'pyarrow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
