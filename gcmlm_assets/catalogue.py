@@ -153,9 +153,13 @@ RISK_EXPLANATIONS = Asset("risk_explanations", COHORT, per_patient=True, code_ve
 PATCHES_FILE = RISK_EXPLANATIONS.file("patch_contributions.parquet")
 EXPLANATION_FILE = RISK_EXPLANATIONS.file("explanation.json")
 
+# The scores as FHIR R4 RiskAssessments: bundles/<patient>.json and their index (cohort/exchange/fhir_risk.py).
+RISK_ASSESSMENTS = Asset("risk_assessments", COHORT, per_patient=False, code_version="1", kinds=frozenset({"fhir"}))
+ASSESSMENT_INDEX = RISK_ASSESSMENTS.file("index.json")
+
 ASSETS: dict[str, Asset] = {asset.key: asset for asset in (
     CT_IMAGE, CT_MASK, RADIOMICS_ROW, SEGMENTATION_MODEL, PATCH_COORDS, UNI_FEATURES, SLIDE_VECTOR,
-    CLINICAL_TABLE, FUSED_TABLE, RISK_MODEL, RISK_SCORES, RISK_EXPLANATIONS)}
+    CLINICAL_TABLE, FUSED_TABLE, RISK_MODEL, RISK_SCORES, RISK_EXPLANATIONS, RISK_ASSESSMENTS)}
 
 # The per-patient chain each modality's drop starts (the landing sensor's runs), and the row of
 # features per patient that the chain ends in (what the cohort fuses).

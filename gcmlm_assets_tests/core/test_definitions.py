@@ -15,7 +15,7 @@ from gcmlm_assets.definitions import build_definitions
 EXPECTED_GROUPS = {
     "radiology": {"ct_image", "ct_mask", "radiomics_row", "segmentation_model"},
     "pathology": {"patch_coords", "uni_features", "slide_vector"},
-    "cohort": {"clinical_table", "fused_table", "risk_model", "risk_scores", "risk_explanations"},
+    "cohort": {"clinical_table", "fused_table", "risk_model", "risk_scores", "risk_assessments", "risk_explanations"},
 }
 PER_PATIENT = {"ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_features", "slide_vector",
                "risk_explanations"}

@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 GROUPS = {"radiology": ["ct_image", "segmentation_model", "ct_mask", "radiomics_row"],
           "pathology": ["patch_coords", "uni_features", "slide_vector"],
-          "cohort": ["clinical_table", "fused_table", "risk_model", "risk_scores", "risk_explanations"]}
+          "cohort": ["clinical_table", "fused_table", "risk_model", "risk_scores", "risk_assessments",
+                     "risk_explanations"]}
 
 
 def shown(page, text: str):

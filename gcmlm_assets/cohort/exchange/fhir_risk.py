@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from gcmlm_assets.catalogue import ASSESSMENT_INDEX
 from gcmlm_assets.patients import patient_id_problem
 from gcmlm_assets.storage import atomic_write_bytes, sha256_file
 
@@ -59,7 +60,7 @@ HL7_LIKELIHOOD = {"high": "High likelihood", "low": "Low likelihood"}
 
 BUNDLES_FOLDER = "bundles"
 BUNDLE_FORMAT = "1"  # raise when the Bundle's content changes: every patient's Bundle is rebuilt
-INDEX_FILE = "index.json"
+INDEX_FILE = ASSESSMENT_INDEX.name
 
 # The risk model's blocks (cohort/model: RADIOLOGY, PATHOLOGY, PATHOLOGY_ABMIL, CLINICAL) and the
 # per-patient input each reads; named here so that this module imports neither numpy nor pyarrow.
@@ -379,6 +380,12 @@ def write_risk_assessments(rows: list[dict], model: RiskModel, scored_at: dateti
             "patients_with_missing_modalities": len(with_missing),
             "missing_modalities_shown": with_missing[:20],
             "example": str(bundles / f"{min(entries)}.json") if entries else None}
+
+
+def read_index(path: str | Path) -> dict:
+    """The index `write_risk_assessments` wrote: the FHIR package, the model and per patient its file,
+    hash, scoring time, probability, risk group and missing modalities."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def read_bundle(path: str | Path):
