@@ -2,22 +2,31 @@
 
 A fingerprint that changes makes every stored output look out of date: at 10,000 patients that is
 nnU-Net, tiling and feature extraction run again for everyone. The values below were computed with
-the formulas as they stood before the reusable-output path was shared; change one only together
-with the asset's code version in catalogue.py, on purpose.
+the formulas as they stood before the reusable-output path was shared (segmentation_model's,
+risk_model's, fused_table's and risk_scores' from the inline formulas before they became functions);
+change one only together with the asset's code version in catalogue.py, on purpose.
 """
 
 import hashlib
+import json
 import os
 
 import dagster as dg
 
-from gcmlm_assets.catalogue import CLINICAL_FILE, CLINICAL_TABLE, CT_IMAGE, CT_VOLUME
+from gcmlm_assets.catalogue import (
+    CLINICAL_FILE, CLINICAL_TABLE, CT_IMAGE, CT_VOLUME, METRICS_FILE, MODEL_FILE, RISK_MODEL)
 from gcmlm_assets.cohort import assets as cohort_assets
+from gcmlm_assets.cohort.explain.explanation_keys import explanation_key
+from gcmlm_assets.cohort.model.model_settings import ModelSettings
+from gcmlm_assets.cohort.risk_model_asset import risk_model_fingerprint
+from gcmlm_assets.cohort.tables.fusion import FusionReport
 from gcmlm_assets.pathology.assets import slide_vector_fingerprint
 from gcmlm_assets.pathology.patch_coords import inputs_fingerprint
 from gcmlm_assets.pathology.tiling_params import TilingParams
 from gcmlm_assets.radiology.assets import ct_image_fingerprint, ct_mask_fingerprint, radiomics_row_fingerprint
-from gcmlm_assets.reuse import StoredOutput, combined_digest
+from gcmlm_assets.radiology.nnunet_training import TinyPlans, TrainingSettings
+from gcmlm_assets.radiology.segmentation_model import segmentation_model_fingerprint
+from gcmlm_assets.reuse import StoredOutput, VersionedOutput, combined_digest
 from gcmlm_assets.storage import ArtifactStore
 
 
@@ -49,6 +58,57 @@ def test_pathology_fingerprints_are_pinned(tmp_path):
     assert combined_digest(features) == "6ff45fe5d6181e0e98bed1117f7bc028eba3af81523669ba5809d06c53e8ddb9"
 
 
+def test_segmentation_model_fingerprint_is_pinned():
+    # A change retrains nnU-Net (hours on a GPU): the settings' serialization is pinned with it.
+    settings = TrainingSettings(device="cpu", epochs=30, iterations_per_epoch=15, tiny_plans=TinyPlans())
+    inputs = {"P001": {"ct_image": digest("11"), "reference_mask": digest("22")},
+              "P002": {"ct_image": digest("33"), "reference_mask": digest("44"), "reference_label": "stomach",
+                       "mask.json": digest("55")}}
+    assert segmentation_model_fingerprint("2.5.1", settings.as_dict(), inputs) == (
+        "b771070074ca1ea0fd100b715493957d156566f98e22c13088731a134e36425e")
+
+
+def test_uni_features_extraction_fingerprint_is_pinned():
+    import torch
+
+    from gcmlm_assets.pathology.encoders import LoadedEncoder, get_spec
+    from gcmlm_assets.pathology.extract import extraction_fingerprint
+
+    encoder = LoadedEncoder(spec=get_spec("uni"), module=torch.nn.Identity(), checkpoint=None,
+                            checkpoint_sha256="untrained", weights_sha256=digest("ff"))
+    assert extraction_fingerprint(coords_sha256=digest("13"), slide_fingerprint=digest("24"), encoder=encoder,
+                                  feature_dtype="float16", precision="float32") == (
+        "0f4915e820c05bdc25fd9e77e347204b19cf180b09cbe62b87841d1369fd94c8")
+    assert extraction_fingerprint(coords_sha256=digest("13"), slide_fingerprint=digest("24"), encoder=encoder,
+                                  feature_dtype="float16", precision="bf16-autocast", scaled_decode=False) == (
+        "59d9c620b78ecf4ecd40d68230bb7b38aec83fcf8b259ec36b26128d8dd2d00e")
+
+
+def test_cohort_model_fingerprints_are_pinned():
+    report = FusionReport(input_files={"slide_vector/P002/slide_vector.parquet": digest("88"),
+                                       "radiomics_row/P001/radiomics.parquet": digest("99")},
+                          excluded_results=[{"patient_id": "P003", "modality": "radiology", "file": "x",
+                                             "reason": "ct_mask failed mask_plausible"}])
+    assert cohort_assets.fused_table_fingerprint(report, digest("aa")) == (
+        "59f36adbed3830d5fe60a0b95f25cb69640940b472ee51944c291010ef1cab98")
+    assert cohort_assets.fused_table_fingerprint(FusionReport(), None) == (
+        "c30d4be5d384662331de74c2b884afd98f390ae2746d3ee501b8802a0da97164")
+    # the default settings' serialization is pinned with the formula: a change refits the model
+    inputs = {"training_data_sha256": digest("66"), "labelled_patients": 40, "patch_features_sha256": None}
+    assert risk_model_fingerprint("scikit-learn=1.5.0", ModelSettings(), inputs) == (
+        "859bb98ebeee11d14169a9c7ffca610b020b02730c31ac960c3c20d2f880fbe0")
+    assert risk_model_fingerprint("scikit-learn=1.5.0", ModelSettings(),
+                                  {**inputs, "patch_features_sha256": digest("77")}) == (
+        "0b942630421abb4c2a53765036e04b6a7229e64bf670cf2826107d18924db3be")
+    assert cohort_assets.risk_scores_fingerprint(digest("bb"), digest("cc"), digest("dd"), "0123456789abcdef") == (
+        "e7b3f62a95068117617941544f482ee8f4d4b7d021b7ef34547676b2acc050d2")
+    # each patient's explanation is made again when its key changes
+    assert explanation_key(digest("bb"), digest("ee"), {"s2.h5": digest("12"), "s1.h5": digest("34")}) == (
+        "fb7df7fdf425a342393980c1701a2721e67228572b53767e7d8ec695f5abc7df")
+    assert explanation_key(digest("bb"), digest("ee"), None) == (
+        "9b88867b995be618bc0018edac769faeb4e3ce98c5c95559b35d66c5e225fa69")
+
+
 def test_cohort_fingerprint_is_pinned(data_root, instance, base_resources):
     (data_root / "landing" / "clinical.csv").write_bytes(b"patient_id,mlm,age\nP001,1,60\nP002,0,55\n")
     result = dg.materialize([cohort_assets.clinical_table], instance=instance, resources=base_resources)
@@ -75,3 +135,35 @@ def test_stored_output_is_reused_only_while_its_files_are_intact(tmp_path):
     assert not StoredOutput(store, CT_IMAGE, "P001", "fp-2").reused  # other inputs
     again.path(CT_VOLUME).write_bytes(b"damaged")
     assert not StoredOutput(store, CT_IMAGE, "P001", "fp-1").reused  # the file no longer hashes as recorded
+
+
+# risk_model's current.json as the code before VersionedOutput wrote it: a model trained then is reused.
+PUBLISHED_BEFORE = {
+    "excluded_patients": {}, "fingerprint": "fp-1", "inputs": {"labelled_patients": 40},
+    "files": {"metrics.json": hashlib.sha256(b"{}").hexdigest(), "model.skops": hashlib.sha256(b"model").hexdigest()},
+    "recent_versions": ["3a2deaeecd51e85c"], "version": "3a2deaeecd51e85c"}
+
+
+def test_versioned_output_reuses_a_version_published_before_it_existed(tmp_path):
+    store = ArtifactStore(tmp_path)
+    root = RISK_MODEL.folder(store)
+    (root / "3a2deaeecd51e85c").mkdir()
+    MODEL_FILE.in_folder(root / "3a2deaeecd51e85c").write_bytes(b"model")
+    METRICS_FILE.in_folder(root / "3a2deaeecd51e85c").write_bytes(b"{}")
+    (root / "current.json").write_text(json.dumps(PUBLISHED_BEFORE, indent=2, sort_keys=True), encoding="utf-8")
+
+    kept = VersionedOutput(store, RISK_MODEL, "fp-1")
+    assert kept.reused and kept.pointer == PUBLISHED_BEFORE
+    assert kept.folder == root / "3a2deaeecd51e85c" and kept.sha256(MODEL_FILE) == hashlib.sha256(b"model").hexdigest()
+    assert not VersionedOutput(store, RISK_MODEL, "fp-2").reused  # other inputs or settings
+
+    # the same files published again: the same version and pointer, byte for byte
+    again = VersionedOutput(store, RISK_MODEL, "fp-1")
+    staging = again.staging()
+    MODEL_FILE.in_folder(staging).write_bytes(b"model")
+    METRICS_FILE.in_folder(staging).write_bytes(b"{}")
+    assert again.publish(staging, inputs={"labelled_patients": 40}, excluded_patients={}) == PUBLISHED_BEFORE
+    assert json.loads((root / "current.json").read_text(encoding="utf-8")) == PUBLISHED_BEFORE
+
+    MODEL_FILE.in_folder(root / "3a2deaeecd51e85c").write_bytes(b"damaged")
+    assert not VersionedOutput(store, RISK_MODEL, "fp-1").reused  # a file no longer hashes as recorded
