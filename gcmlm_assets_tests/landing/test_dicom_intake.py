@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
+import signal
 import subprocess
+import sys
 import time
 
 import dagster as dg
 import pydicom
 import pytest
 
-from gcmlm_assets.landing.intake.deidentify import METHOD_CODES
+from gcmlm_assets.landing.intake.deidentify import METHOD_CODES, IntakeRefusal
 from gcmlm_assets.landing.intake.pseudonyms import PseudonymTableError
 from gcmlm_assets.landing.intake.receiver import DicomReceiver
 from gcmlm_assets.landing.intake.staging import IntakeZone
@@ -122,8 +126,8 @@ def test_a_series_in_two_associations_commits_ready_once_after_the_quiet_time_de
         assert leaks == {}, root
     assert held_back_values_in(caplog.text.encode()) == [] and "committed" in caplog.text
 
-    # Last (it skips without dicom3tools): dciodvfy (dicom3tools) finds no error in a received instance that its source did not have
-    # (the test series lacks a few CT attributes a scanner writes).
+    # Last, as it skips without dicom3tools: dciodvfy finds no error in a received instance that its
+    # source did not have (the test series lacks a few CT attributes a scanner writes).
     assert dciodvfy_errors(landing / pseudonym / "ct" / f"{source.SOPInstanceUID}.dcm") <= dciodvfy_errors(series[0])
 
 
@@ -217,6 +221,56 @@ def test_a_restart_commits_what_a_stopped_receiver_left_pending_and_drops_unfini
     assert restarted.recover() == (["PS01"], 1)
     assert not (landing / "PS02").exists()
     wait_for(restarted.commit_due, "the pending commit")
-    assert (landing / "PS01" / "READY").is_file() and (landing / "PS01" / "ct" / "1.2.3.1.dcm").read_bytes() == b"DICM-1"
-    assert sorted(p.relative_to(landing).as_posix() for p in files_under(landing)) == ["PS01/READY",
-                                                                                         "PS01/ct/1.2.3.1.dcm"]
+    assert (landing / "PS01" / "ct" / "1.2.3.1.dcm").read_bytes() == b"DICM-1"
+    assert sorted(p.relative_to(landing).as_posix() for p in files_under(landing)) == [
+        "PS01/READY", "PS01/ct/1.2.3.1.dcm"]
+
+
+def test_python_m_intake_refuses_a_table_in_the_landing_zone_and_otherwise_serves_until_sigterm(
+        series, tmp_path):
+    landing = tmp_path / "landing"
+    command = [sys.executable, "-m", "gcmlm_assets.landing.intake", "--landing", str(landing), "--port", "0",
+               "--quiet-s", "0.3"]
+    environment = {**os.environ, "GCMLM_INTAKE_PSEUDONYM_TABLE": str(landing / "pseudonyms.json"),
+                   "GCMLM_DATA_ROOT": str(tmp_path)}
+    refused = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "refusing to start" in refused.stderr and "inside the landing zone" in \
+        refused.stderr
+
+    environment["GCMLM_INTAKE_PSEUDONYM_TABLE"] = str(tmp_path / "secure" / "pseudonyms.json")
+    process = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        for line in process.stderr:  # ends if the process dies
+            if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+                port = int(match.group(1))
+                break
+        assert port, "the receiver did not start"
+        assert storescu(port, series[0].parent).returncode == 0
+        pseudonym = _only_pseudonym(tmp_path / "secure" / "pseudonyms.json")
+        wait_for(lambda: (landing / pseudonym / "READY").exists(), "READY")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    assert len(_ct_files(landing, pseudonym)) == 12
+
+
+def test_a_second_series_for_a_patient_is_refused_until_its_ct_folder_is_removed(tmp_path):
+    landing = tmp_path / "landing"
+    zone = IntakeZone(landing, quiet_s=0.01)
+    zone.open("a1")
+    assert zone.stage("a1", "PS01", "1.2.3", "1.2.3.1", b"DICM-1")
+    zone.open("a2")
+    with pytest.raises(IntakeRefusal, match=r"patient PS01 already holds series 1\.2\.3 \(one CT series per drop"):
+        zone.stage("a2", "PS01", "1.2.9", "1.2.9.1", b"DICM-9")  # while a1 stages it
+    zone.finish("a1")
+    with pytest.raises(IntakeRefusal, match=r"already holds series 1\.2\.3"):
+        zone.stage("a2", "PS01", "1.2.9", "1.2.9.1", b"DICM-9")  # once it is in ct/
+    shutil.rmtree(landing / "PS01" / "ct")
+    assert zone.stage("a2", "PS01", "1.2.9", "1.2.9.1", b"DICM-9")
+    zone.finish("a2")
+    assert [p.name for p in (landing / "PS01" / "ct").iterdir()] == ["1.2.9.1.dcm"]

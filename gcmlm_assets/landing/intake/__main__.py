@@ -19,8 +19,10 @@ from gcmlm_assets.landing.intake.receiver import DicomReceiver
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gcmlm_assets.landing.intake", description=__doc__.splitlines()[0])
-    parser.add_argument("--landing", type=Path, default=settings.landing_root(), help="landing zone (GCMLM_LANDING_ROOT)")
+    parser = argparse.ArgumentParser(prog="python -m gcmlm_assets.landing.intake",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--landing", type=Path, default=settings.landing_root(),
+                        help="landing zone (GCMLM_LANDING_ROOT)")
     parser.add_argument("--pseudonym-table", type=Path, default=settings.intake_pseudonym_table(),
                         help="real id -> pseudonym table, outside the landing zone and artifacts "
                              "(GCMLM_INTAKE_PSEUDONYM_TABLE; required)")

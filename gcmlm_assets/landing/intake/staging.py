@@ -109,15 +109,23 @@ class IntakeZone:
             path = self._staging(pseudonym, association) / (sop_uid + INSTANCE_SUFFIX)
             record.staged[sop_uid] = (pseudonym, path)
         # Written outside the lock: each association writes only into its own folder.
-        atomic_write_bytes(path, data)
+        try:
+            atomic_write_bytes(path, data)
+        except BaseException:
+            with self._lock:
+                del record.staged[sop_uid]
+            raise
         return True
 
     def _series_held(self, pseudonym: str) -> str | None:
         for other in self._open.values():
             if pseudonym in other.series:
                 return other.series[pseudonym]
+        ct = self.drop(pseudonym) / CT_FOLDER
+        if not ct.is_dir():  # never delivered, or removed by the operator to replace the series
+            self._series.pop(pseudonym, None)
+            return None
         if pseudonym not in self._series:
-            ct = self.drop(pseudonym) / CT_FOLDER
             first = next((p for p in sorted(ct.glob("*" + INSTANCE_SUFFIX)) if not p.name.startswith(".")), None)
             if first is None:
                 return None
@@ -192,13 +200,17 @@ class IntakeZone:
                 if now - last < self.quiet_s:
                     continue
                 drop = self.drop(pseudonym)
-                instances = sum(1 for p in (drop / CT_FOLDER).iterdir() if p.name.endswith(INSTANCE_SUFFIX))
-                atomic_write_bytes(drop / READY_MARKER, f"DICOM intake: {instances} instances\n".encode())
+                ct = drop / CT_FOLDER
+                instances = sum(1 for p in ct.iterdir() if p.name.endswith(INSTANCE_SUFFIX)) if ct.is_dir() else 0
+                if instances:  # else the operator removed ct/ meanwhile: nothing to commit
+                    atomic_write_bytes(drop / READY_MARKER, f"DICOM intake: {instances} instances\n".encode())
+                self._pending.discard(pseudonym)  # after the write: a failed one is retried
                 with contextlib.suppress(FileNotFoundError):
                     (drop / STAGING_FOLDER / PENDING_MARKER).unlink()
                 with contextlib.suppress(OSError):
                     (drop / STAGING_FOLDER).rmdir()
-                self._pending.discard(pseudonym)
+                if not instances:
+                    continue
                 record = CommitRecord(pseudonym, instances, last, now)
                 self.commits.append(record)
                 committed.append(record)
