@@ -9,7 +9,6 @@ values are searched for in every byte written to the landing zone and the artifa
 from __future__ import annotations
 
 import json
-import locale
 import logging
 import os
 import re
@@ -37,15 +36,6 @@ from gcmlm_assets_tests.support.phi_search import PATIENT_KEYWORDS, readable_for
 
 QUIET_S = 0.3
 LOGGER = "gcmlm_assets.landing.intake"
-
-
-@pytest.fixture(autouse=True)
-def keep_locale():
-    """GDCM's DICOM writer (write_dicom_series) leaves the process's locale at "C", after which
-    text from subprocesses decodes as ASCII in every later test of the session: put it back."""
-    saved = locale.setlocale(locale.LC_ALL)
-    yield
-    locale.setlocale(locale.LC_ALL, saved)
 
 
 @pytest.fixture
