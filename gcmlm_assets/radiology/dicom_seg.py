@@ -103,7 +103,10 @@ def seg_absent_reason(ct_folder: Path) -> str | None:
                 "must reference the study, series and instances it segments, and this CT has none")
     if not files:
         return f"{ct_folder}: no CT files"
-    header = pydicom.dcmread(files[0], stop_before_pixels=True)
+    try:
+        header = pydicom.dcmread(files[0], stop_before_pixels=True)
+    except Exception as error:  # noqa: BLE001 - any parse failure: name the file
+        return f"{files[0].name} cannot be read as DICOM ({error})"
     missing = [name for name in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID")
                if not header.get(name)]
     if missing:

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from gcmlm_assets.radiology import dicom_seg, dicom_sr, features
-from gcmlm_assets_tests.support.radiology.dicom_results import radiomics_case
+from gcmlm_assets_tests.support.radiology.dicom_results import radiomics_case, single_slice_case
 
 MODEL_ID = "Dataset501_GastricMask__nnUNetTrainer__nnUNetPlans__3d_fullres__fold_0__0123456789ab"
 
@@ -123,9 +123,15 @@ DCIODVFY = shutil.which("dciodvfy")
 
 @pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy not installed (Debian package dicom3tools: "
                                              "apt-get install dicom3tools)")
-@pytest.mark.parametrize("which", ["seg_path", "sr_path"])
-def test_dciodvfy_finds_no_error(written: dict, which: str):
-    result = subprocess.run([DCIODVFY, str(written[which])], capture_output=True, text=True, timeout=60, check=False)
+@pytest.mark.parametrize("which", ["seg_path", "sr_path", "real_slice_seg"])
+def test_dciodvfy_finds_no_error(written: dict, which: str, test_data: Path, tmp_path: Path):
+    if which == "real_slice_seg":  # a reference (MANUAL) SEG of a real scanner's slice
+        case = single_slice_case(test_data, tmp_path)
+        path = tmp_path / "mask.seg.dcm"
+        dicom_seg.write_seg(case.ct_folder, case.mask_path, path, dicom_seg.reference_origin("stomach.nii.gz"))
+    else:
+        path = written[which]
+    result = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60, check=False)
     lines = (result.stdout + result.stderr).splitlines()
     errors = [line for line in lines if line.startswith("Error")]
     assert not errors, "\n".join(lines)
