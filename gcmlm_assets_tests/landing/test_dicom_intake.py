@@ -33,6 +33,7 @@ from gcmlm_assets_tests.support.landing.intake import (
     associate, files_under, held_back_values_in, identifying_series, running_receiver, send, storescu,
     timer_rounds_pass, wait_for)
 from gcmlm_assets_tests.support.phi_search import PATIENT_KEYWORDS, readable_forms
+from gcmlm_assets_tests.support.dicom_tools import dciodvfy_report
 
 QUIET_S = 0.3
 LOGGER = "gcmlm_assets.landing.intake"
@@ -49,10 +50,7 @@ def table(tmp_path):
 
 
 def dciodvfy_errors(path) -> set[str]:
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed")
-    report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return {line.strip() for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")}
+    return {line.strip() for line in dciodvfy_report(path) if line.startswith("Error")}
 
 
 def _only_pseudonym(table) -> str:
