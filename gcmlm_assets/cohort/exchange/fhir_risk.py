@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from gcmlm_assets.catalogue import ASSESSMENT_INDEX
+from gcmlm_assets.catalogue import (
+    ASSESSMENT_INDEX, CLINICAL_TABLE, FUSED_TABLE, MODEL_FILE, RADIOMICS_ROW, RISK_MODEL, SLIDE_VECTOR, UNI_FEATURES)
 from gcmlm_assets.patients import patient_id_problem
 from gcmlm_assets.storage import atomic_write_bytes, sha256_file
 
@@ -65,10 +66,10 @@ INDEX_FILE = ASSESSMENT_INDEX.name
 # The risk model's blocks (cohort/model: RADIOLOGY, PATHOLOGY, PATHOLOGY_ABMIL, CLINICAL) and the
 # per-patient input each reads; named here so that this module imports neither numpy nor pyarrow.
 BLOCK_INPUTS = {
-    "radiology": ("radiomics_row", "PyRadiomics features of the CT's gastric mask"),
-    "pathology": ("slide_vector", "mean-pooled patch features of the H&E slides"),
-    "pathology_abmil": ("uni_features", "patch features of the H&E slides, pooled by attention (ABMIL)"),
-    "clinical": ("clinical_table", "clinical covariates"),
+    "radiology": (RADIOMICS_ROW.key, "PyRadiomics features of the CT's gastric mask"),
+    "pathology": (SLIDE_VECTOR.key, "mean-pooled patch features of the H&E slides"),
+    "pathology_abmil": (UNI_FEATURES.key, "patch features of the H&E slides, pooled by attention (ABMIL)"),
+    "clinical": (CLINICAL_TABLE.key, "clinical covariates"),
 }
 PROBABILITY_PREFIX = "probability_"
 
@@ -180,8 +181,8 @@ def device_resource(model: RiskModel, systems: dict[str, str]) -> dict:
         "deviceName": [{"name": model.name, "type": "model-name"}],
         "type": {"text": "risk prediction software (scikit-learn model, saved with skops)"},
         "version": [{"value": model.version}],
-        "note": [{"text": f"Intended use: {model.intended_use}. The model file model.skops of risk_model "
-                          f"version {model.version} has SHA-256 {model.sha256}."}],
+        "note": [{"text": f"Intended use: {model.intended_use}. The model file {MODEL_FILE.name} of "
+                          f"{RISK_MODEL.key} version {model.version} has SHA-256 {model.sha256}."}],
     }
 
 
@@ -199,8 +200,8 @@ def qualitative_risk(group: str, probability: float, threshold: float, systems: 
 
 def _basis(row: dict, used: list[str], systems: dict[str, str]) -> list[dict]:
     patient_id = row["patient_id"]
-    basis = [{"identifier": {"system": systems["input"], "value": f"fused_table/{patient_id}"},
-              "display": f"fused_table row of {patient_id} (the inputs of every modality model)"}]
+    basis = [{"identifier": {"system": systems["input"], "value": f"{FUSED_TABLE.key}/{patient_id}"},
+              "display": f"{FUSED_TABLE.key} row of {patient_id} (the inputs of every modality model)"}]
     for block in used:
         asset, what = BLOCK_INPUTS[block]
         probability = row[PROBABILITY_PREFIX + block]
