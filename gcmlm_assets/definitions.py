@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dagster as dg
 
-from gcmlm_assets import settings
-from gcmlm_assets.catalogue import CT_MASK, MODALITY_CHAINS, SEGMENTATION_MODEL, UNI_FEATURES
+from gcmlm_assets import runs, settings
+from gcmlm_assets.catalogue import (
+    CT_MASK, MODALITY_CHAINS, PATCH_COORDS, QUPATH_GEOJSON, RISK_EXPLANATIONS, SEGMENTATION_MODEL, UNI_FEATURES)
 from gcmlm_assets.cohort import definitions as cohort
 from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS
 from gcmlm_assets.landing.sensors import build_landing_sensor
@@ -75,6 +76,15 @@ def blocking_check_keys(assets: list[dg.AssetsDefinition], asset_names: tuple[st
 MODALITY_ASSETS: dict[str, list[dg.AssetKey]] = {
     modality: [dg.AssetKey(asset.key) for asset in chain] for modality, chain in MODALITY_CHAINS.items()}
 landing_sensor = build_landing_sensor(MODALITY_ASSETS, holds=[pathology.LANDING_HOLD])
+# The QuPath GeoJSON follows a new grid (the tissue and tiles at once, before any explanation) and a
+# new explanation (the patch values): a steps sensor per edge, in batched runs. It stays out of
+# pathology's chain, which the cohort refresh waits on (patient_steps.patients_in_between).
+GEOJSON_EDGES: dict[str, tuple[list[dg.AssetKey], str]] = {
+    "qupath_geojson_after_tiling_sensor": ([dg.AssetKey(PATCH_COORDS.key), dg.AssetKey(QUPATH_GEOJSON.key)],
+                                           runs.PATHOLOGY),
+    "qupath_geojson_after_explanations_sensor": (
+        [dg.AssetKey(RISK_EXPLANATIONS.key), dg.AssetKey(QUPATH_GEOJSON.key)], runs.EXPLANATIONS),
+}
 
 
 def build_domains(env: str, profile: Profile) -> list[dg.Definitions]:
@@ -85,7 +95,8 @@ def build_domains(env: str, profile: Profile) -> list[dg.Definitions]:
     return [*parts, cohort.definitions(env, profile, input_check_keys=input_checks,
                                        patient_chains=list(MODALITY_ASSETS.values()),
                                        training_pending=radiology.training_pending,
-                                       training_resource_keys=radiology.TRAINING_STATUS_RESOURCES)]
+                                       training_resource_keys=radiology.TRAINING_STATUS_RESOURCES,
+                                       explanation_followers=[QUPATH_GEOJSON.key])]
 
 
 def build_definitions(env: str | None = None, profile: str | None = None) -> dg.Definitions:
@@ -100,6 +111,8 @@ def build_definitions(env: str | None = None, profile: str | None = None) -> dg.
         resources.update(domain.resources or {})
     steps = [build_patient_steps_sensor(f"{modality}_steps_sensor", chain, modality, chosen.sensor_interval_s)
              for modality, chain in MODALITY_ASSETS.items()]
+    steps += [build_patient_steps_sensor(name, chain, work, chosen.sensor_interval_s)
+              for name, (chain, work) in GEOJSON_EDGES.items()]
     return dg.Definitions(
         assets=with_profile([asset for domain in domains for asset in domain.assets], chosen,
                             model_identities(resources)),
