@@ -252,9 +252,9 @@ def slide_vector_result(problems: list[str], expected_dim: int, path: Path | Non
 
 QUPATH_GEOJSON_CHECK_SPECS = [
     dg.AssetCheckSpec("geojson_matches_grid", asset=QUPATH_GEOJSON.key, blocking=True,
-                      description="Each slide's GeoJSON, read back from disk, has one tile per tissue patch of "
-                                  "patch_coords, in order, each at that patch's level-0 position, so that what "
-                                  "QuPath draws is the grid the patient was analysed on."),
+                      description="Each slide's GeoJSON file, read back from disk, has one tile per tissue patch of "
+                                  "the slide's tiling, in order, each at that patch's full-resolution position, so "
+                                  "that what QuPath draws is the grid the patient was analysed on."),
 ]
 
 

@@ -106,6 +106,7 @@ def _geojson_for(patient_id: str, store, log):
                 note = (f"grid and tissue only: the current explanation (version {explanation_version}) was made "
                         f"from another tiling ({stale}); values return when {RISK_EXPLANATIONS.key} runs again")
                 summary = write_patient_geojson(listing_path.parent, output.folder, None)
+                values = None
         except GeoJsonInputError as error:
             raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from error
         if values and not any(s["tiles_with_values"] for s in summary["slides"]):

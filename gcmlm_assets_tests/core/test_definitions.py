@@ -212,7 +212,7 @@ def test_every_check_says_in_plain_words_what_it_checks():
 
     graph = defs.resolve_asset_graph()
     keys = sorted(graph.asset_check_keys, key=str)
-    assert len(keys) == 24  # 9 radiology, 9 pathology, 6 cohort
+    assert len(keys) == 25  # 9 radiology, 10 pathology, 6 cohort
     for key in keys:
         description = graph.get_check_spec(key).description or ""
         prose = re.sub(r"`[^`]*`", "", description)
