@@ -174,3 +174,6 @@ MODALITY_CHAINS: dict[str, tuple[Asset, ...]] = {
     PATHOLOGY: (PATCH_COORDS, UNI_FEATURES, SLIDE_VECTOR),
 }
 PATIENT_FEATURES: dict[str, AssetFile] = {RADIOLOGY: RADIOMICS_TABLE, PATHOLOGY: SLIDE_VECTOR_TABLE}
+# Per-patient assets made after another one outside those chains, as (upstream, downstream): each
+# pair gets a steps sensor (definitions.py), and the demo waits for them (demo/watch.py).
+FOLLOW_ONS: tuple[tuple[Asset, Asset], ...] = ((PATCH_COORDS, QUPATH_GEOJSON), (RISK_EXPLANATIONS, QUPATH_GEOJSON))

@@ -18,7 +18,8 @@ import dagster as dg
 
 from gcmlm_assets import runs, settings
 from gcmlm_assets.catalogue import (
-    CT_MASK, MODALITY_CHAINS, PATCH_COORDS, QUPATH_GEOJSON, RISK_EXPLANATIONS, SEGMENTATION_MODEL, UNI_FEATURES)
+    CT_MASK, FOLLOW_ONS, MODALITY_CHAINS, PATCH_COORDS, QUPATH_GEOJSON, RISK_EXPLANATIONS, SEGMENTATION_MODEL,
+    UNI_FEATURES)
 from gcmlm_assets.cohort import definitions as cohort
 from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS
 from gcmlm_assets.landing.sensors import build_landing_sensor
@@ -76,15 +77,14 @@ def blocking_check_keys(assets: list[dg.AssetsDefinition], asset_names: tuple[st
 MODALITY_ASSETS: dict[str, list[dg.AssetKey]] = {
     modality: [dg.AssetKey(asset.key) for asset in chain] for modality, chain in MODALITY_CHAINS.items()}
 landing_sensor = build_landing_sensor(MODALITY_ASSETS, holds=[pathology.LANDING_HOLD])
-# The QuPath GeoJSON follows a new grid (the tissue and tiles at once, before any explanation) and a
-# new explanation (the patch values): a steps sensor per edge, in batched runs. It stays out of
-# pathology's chain, which the cohort refresh waits on (patient_steps.patients_in_between).
-GEOJSON_EDGES: dict[str, tuple[list[dg.AssetKey], str]] = {
-    "qupath_geojson_after_tiling_sensor": ([dg.AssetKey(PATCH_COORDS.key), dg.AssetKey(QUPATH_GEOJSON.key)],
-                                           runs.PATHOLOGY),
-    "qupath_geojson_after_explanations_sensor": (
-        [dg.AssetKey(RISK_EXPLANATIONS.key), dg.AssetKey(QUPATH_GEOJSON.key)], runs.EXPLANATIONS),
-}
+# A steps sensor per follow-on pair (catalogue.FOLLOW_ONS), in batched runs tagged as the upstream's
+# work: the QuPath GeoJSON follows a new grid (tissue and tiles, before any explanation) and a new
+# explanation (the patch values). It stays out of pathology's chain, which the cohort refresh waits on.
+FOLLOW_ON_WORK = {PATCH_COORDS.key: runs.PATHOLOGY, RISK_EXPLANATIONS.key: runs.EXPLANATIONS}
+FOLLOW_ON_SENSORS: dict[str, tuple[list[dg.AssetKey], str]] = {
+    f"{downstream.key}_after_{upstream.key}_sensor": ([dg.AssetKey(upstream.key), dg.AssetKey(downstream.key)],
+                                                      FOLLOW_ON_WORK[upstream.key])
+    for upstream, downstream in FOLLOW_ONS}
 
 
 def build_domains(env: str, profile: Profile) -> list[dg.Definitions]:
@@ -112,7 +112,7 @@ def build_definitions(env: str | None = None, profile: str | None = None) -> dg.
     steps = [build_patient_steps_sensor(f"{modality}_steps_sensor", chain, modality, chosen.sensor_interval_s)
              for modality, chain in MODALITY_ASSETS.items()]
     steps += [build_patient_steps_sensor(name, chain, work, chosen.sensor_interval_s)
-              for name, (chain, work) in GEOJSON_EDGES.items()]
+              for name, (chain, work) in FOLLOW_ON_SENSORS.items()]
     return dg.Definitions(
         assets=with_profile([asset for domain in domains for asset in domain.assets], chosen,
                             model_identities(resources)),

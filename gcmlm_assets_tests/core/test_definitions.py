@@ -21,8 +21,8 @@ PER_PATIENT = {"ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_feat
                "qupath_geojson", "risk_explanations"}
 AUTOMATION_SENSORS = ("landing_sensor", "radiology_steps_sensor", "pathology_steps_sensor",
                       "segmentation_training_sensor", "predicted_mask_sensor", "cohort_refresh_sensor",
-                      "risk_explanations_sensor", "qupath_geojson_after_tiling_sensor",
-                      "qupath_geojson_after_explanations_sensor")
+                      "risk_explanations_sensor", "qupath_geojson_after_patch_coords_sensor",
+                      "qupath_geojson_after_risk_explanations_sensor")
 
 
 def asset_groups(defs: dg.Definitions) -> dict[str, set[str]]:

@@ -127,7 +127,7 @@ def test_a_patient_without_slides_is_skipped_and_a_range_writes_each_patient(ins
 
     # The follow-on sensor after a (range) run of explanations: one run over the range, the
     # GeoJSON only; each patient's materialization and check are its own.
-    sensor = _geojson_sensor("qupath_geojson_after_explanations_sensor")
+    sensor = _geojson_sensor("qupath_geojson_after_risk_explanations_sensor")
     with dg.build_sensor_context(instance=instance) as context:
         cursor = sensor(context).cursor
     _, grid = _grid(store, "P001")
@@ -150,10 +150,10 @@ def test_a_patient_without_slides_is_skipped_and_a_range_writes_each_patient(ins
 
 
 def _geojson_sensor(name: str) -> dg.SensorDefinition:
-    from gcmlm_assets.definitions import GEOJSON_EDGES
+    from gcmlm_assets.definitions import FOLLOW_ON_SENSORS
     from gcmlm_assets.patient_steps import build_patient_steps_sensor
 
-    chain, work = GEOJSON_EDGES[name]
+    chain, work = FOLLOW_ON_SENSORS[name]
     return build_patient_steps_sensor(name, chain, work, 30)
 
 
@@ -190,7 +190,7 @@ def test_the_definitions_wire_the_geojson_to_its_sensors():
     explain = defs.get_sensor_def("risk_explanations_sensor")
     graph = defs.resolve_asset_graph()
     assert dg.AssetKey(QUPATH_GEOJSON.key) in explain.asset_selection.resolve(graph)
-    for name in ("qupath_geojson_after_tiling_sensor", "qupath_geojson_after_explanations_sensor"):
+    for name in ("qupath_geojson_after_patch_coords_sensor", "qupath_geojson_after_risk_explanations_sensor"):
         assert defs.get_sensor_def(name).asset_selection.resolve(graph) == {dg.AssetKey(QUPATH_GEOJSON.key)}
     assert {k.to_user_string() for k in graph.get(dg.AssetKey(QUPATH_GEOJSON.key)).parent_keys} == {
         "patch_coords", RISK_EXPLANATIONS.key}
