@@ -25,7 +25,7 @@ from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, stored_materialization
 from gcmlm_assets.resources import ArtifactStorage
 from gcmlm_assets.reuse import StoredOutput
-from gcmlm_assets.storage import read_version_pointer, sha256_file, sha256_text
+from gcmlm_assets.storage import VERSION_POINTER, read_version_pointer, sha256_file, sha256_text
 
 HOW_TO_OPEN = ("Open the slide in QuPath (0.4 or later) and drag its .geojson onto the viewer (or File > Import "
                "objects): tissue is drawn as locked annotations, patches as tiles; Measure > Show measurement "
@@ -71,9 +71,9 @@ def current_patch_values(store, patient_id: str) -> tuple[Path | None, str | Non
     recorded = pointer.get("files", {}).get(PATCHES_FILE.name)
     found = sha256_file(path) if path.is_file() else None
     if recorded is None or found != recorded:
-        raise dg.Failure(description=f"patient {patient_id}: {path} is missing or not the file {root}/current.json "
-                                     f"recorded; materialize {RISK_EXPLANATIONS.key} for the patient again",
-                         allow_retries=False)
+        raise dg.Failure(description=f"patient {patient_id}: {path} is missing or not the file "
+                                     f"{root / VERSION_POINTER} recorded; materialize {RISK_EXPLANATIONS.key} "
+                                     "for the patient again", allow_retries=False)
     return path, found, pointer["version"]
 
 
