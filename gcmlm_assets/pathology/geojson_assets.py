@@ -140,7 +140,8 @@ def _geojson_for(patient_id: str, store, log):
 
 
 def _slides_table(slides: list[dict]) -> str:
-    lines = ["| slide | file | tissue regions | tiles | tiles with values | measurements |", "|---|---|---|---|---|---|"]
+    lines = ["| slide | file | tissue regions | tiles | tiles with values | measurements |",
+             "|---|---|---|---|---|---|"]
     for s in slides:
         lines.append(f"| {s['slide']} | {s['file']} | {s['tissue_regions']} | {s['tiles']} | {s['tiles_with_values']} "
                      f"| {', '.join(s['measurements']) or '—'} |")
