@@ -123,6 +123,12 @@ SLIDE_VECTOR = Asset("slide_vector", PATHOLOGY, per_patient=True, code_version=N
 SLIDE_VECTOR_TABLE = SLIDE_VECTOR.file("slide_vector.parquet")
 SLIDE_VECTOR_PICTURE = SLIDE_VECTOR.file("slide_vector.png")
 
+# One `<slide>.geojson` per slide of patch_coords' listing, for QuPath: tissue, the patch grid and the
+# patient's current risk_explanations patch values as tile measurements (pathology/slide_geojson.py).
+# Its code version is the GeoJSON writer's: pathology/slide_geojson.py's GEOJSON_VERSION is this value.
+QUPATH_GEOJSON = Asset("qupath_geojson", PATHOLOGY, per_patient=True, code_version="1",
+                       kinds=frozenset({"geojson"}))
+
 # ---------------------------------------------------------------- cohort
 CLINICAL_TABLE = Asset("clinical_table", COHORT, per_patient=False, code_version="1", kinds=frozenset({"pyarrow"}))
 CLINICAL_FILE = CLINICAL_TABLE.file("clinical.parquet")
@@ -159,7 +165,7 @@ ASSESSMENT_INDEX = RISK_ASSESSMENTS.file("index.json")
 
 ASSETS: dict[str, Asset] = {asset.key: asset for asset in (
     CT_IMAGE, CT_MASK, RADIOMICS_ROW, SEGMENTATION_MODEL, PATCH_COORDS, UNI_FEATURES, SLIDE_VECTOR,
-    CLINICAL_TABLE, FUSED_TABLE, RISK_MODEL, RISK_SCORES, RISK_EXPLANATIONS, RISK_ASSESSMENTS)}
+    QUPATH_GEOJSON, CLINICAL_TABLE, FUSED_TABLE, RISK_MODEL, RISK_SCORES, RISK_EXPLANATIONS, RISK_ASSESSMENTS)}
 
 # The per-patient chain each modality's drop starts (the landing sensor's runs), and the row of
 # features per patient that the chain ends in (what the cohort fuses).
@@ -168,3 +174,6 @@ MODALITY_CHAINS: dict[str, tuple[Asset, ...]] = {
     PATHOLOGY: (PATCH_COORDS, UNI_FEATURES, SLIDE_VECTOR),
 }
 PATIENT_FEATURES: dict[str, AssetFile] = {RADIOLOGY: RADIOMICS_TABLE, PATHOLOGY: SLIDE_VECTOR_TABLE}
+# Per-patient assets made after another one outside those chains, as (upstream, downstream): each
+# pair gets a steps sensor (definitions.py), and the demo waits for them (demo/watch.py).
+FOLLOW_ONS: tuple[tuple[Asset, Asset], ...] = ((PATCH_COORDS, QUPATH_GEOJSON), (RISK_EXPLANATIONS, QUPATH_GEOJSON))

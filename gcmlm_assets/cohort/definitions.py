@@ -21,15 +21,19 @@ from gcmlm_assets.profiles import Profile
 def definitions(env: str, profile: Profile, *, input_check_keys: Sequence[dg.AssetCheckKey],
                 patient_chains: Sequence[Sequence[dg.AssetKey]],
                 training_pending: Callable[[dg.SensorEvaluationContext], bool] | None = None,
-                training_resource_keys: Iterable[str] = ()) -> dg.Definitions:
+                training_resource_keys: Iterable[str] = (),
+                explanation_followers: Sequence[str] = ()) -> dg.Definitions:
     """`input_check_keys`, `patient_chains`, `training_pending`: see `build_cohort_refresh_sensor`;
-    fused_table reads `input_check_keys` from the `patient_result_checks` resource."""
+    fused_table reads `input_check_keys` from the `patient_result_checks` resource.
+    `explanation_followers`: other domains' per-patient assets made from risk_explanations, which a
+    one-patient explanation run carries on (`build_risk_explanations_sensor`'s `carried_on`)."""
     interval = profile.sensor_interval_s
     cohort_keys = [asset.key for asset in (*assets.ASSETS, *exchange_assets.ASSETS)]
     refresh = build_cohort_refresh_sensor(interval, cohort_keys, list(input_check_keys),
                                           [list(chain) for chain in patient_chains], training_pending,
                                           training_resource_keys)
-    explain = build_risk_explanations_sensor(interval, RISK_EXPLANATIONS.key, RISK_SCORES.key, SCORES_FILE.name)
+    explain = build_risk_explanations_sensor(interval, RISK_EXPLANATIONS.key, RISK_SCORES.key, SCORES_FILE.name,
+                                             carried_on=explanation_followers)
     return dg.Definitions(
         assets=[*assets.ASSETS, *exchange_assets.ASSETS, *explanation_assets.ASSETS],
         asset_checks=checks.CHECKS,

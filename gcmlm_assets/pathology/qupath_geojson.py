@@ -42,6 +42,11 @@ class GeoJsonInputError(ValueError):
     """The inputs do not describe one consistent slide (names the file and the problem)."""
 
 
+class StaleValuesError(GeoJsonInputError):
+    """The patch values were made from another tiling than the grid's (the patient was tiled again
+    since it was explained): the values do not belong to this grid."""
+
+
 # ---------------------------------------------------------------- geometry
 
 
@@ -199,7 +204,7 @@ def _positions(grid, rows, path: Path, slide: str):
     matched = (grid_keys[order][found] == row_keys) if len(grid_keys) else np.zeros(len(row_keys), bool)
     if not matched.all():
         x, y = rows[np.flatnonzero(~matched)[0]].tolist()
-        raise GeoJsonInputError(f"{path}: slide {slide!r} has values for {int((~matched).sum())} patch(es) that "
+        raise StaleValuesError(f"{path}: slide {slide!r} has values for {int((~matched).sum())} patch(es) that "
                                 f"are not in its patch grid (first at x={x}, y={y}): the explanation was made "
                                 "from another tiling; explain the patient again")
     return order[found]

@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from gcmlm_assets.catalogue import SLIDE_LISTING
+from gcmlm_assets.catalogue import QUPATH_GEOJSON, SLIDE_LISTING
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.pathology.slides import opened
 from gcmlm_assets.pathology.coords_h5 import read_coords_h5
@@ -27,14 +27,15 @@ from gcmlm_assets.pathology.tiling import tile_slide
 from gcmlm_assets.pathology.tiling_params import TILING_VERSION, ClamParams, TilingParams, TilingResult
 from gcmlm_assets.pathology.tissue import SegmentationParams
 from gcmlm_assets.pathology.qupath_geojson import (
-    GeoJsonInputError, feature_collection, geojson_problems, patch_measurements, patch_tiles, slides_in,
-    tissue_annotations, write_geojson)
+    GeoJsonInputError, StaleValuesError, feature_collection, geojson_problems, patch_measurements, patch_tiles,
+    slides_in, tissue_annotations, write_geojson)
 from gcmlm_assets.storage import sha256_file, sha256_text
 
 np = lazy("numpy")
 
-# Bump when a change here or in qupath_geojson.py changes the files written for the same inputs.
-GEOJSON_VERSION = "1"
+# Bump it in catalogue.py when a change here or in qupath_geojson.py changes the files written for
+# the same inputs.
+GEOJSON_VERSION = QUPATH_GEOJSON.code_version
 GEOJSON_SUFFIX = ".geojson"
 
 
@@ -118,7 +119,7 @@ def write_patient_geojson(patch_coords_dir: str | os.PathLike, out_dir: str | os
     if patch_values is not None:
         unknown = slides_in(patch_values) - {entry["name"] for entry in listing["slides"]}
         if unknown:
-            raise GeoJsonInputError(f"{patch_values}: values for slide(s) {', '.join(sorted(unknown))} that "
+            raise StaleValuesError(f"{patch_values}: values for slide(s) {', '.join(sorted(unknown))} that "
                                     f"{listing_path} does not list: explain the patient again")
     slides, files, collections = [], {}, []
     for entry in listing["slides"]:  # all made and checked before any is written
@@ -154,3 +155,27 @@ def inputs_fingerprint(listing: dict, patch_values_sha256: str | None) -> str:
         parts.append("|".join(str(entry.get(key)) for key in
                               ("name", "size_bytes", "mtime_ns", "quickhash1", "h5_file", "h5_sha256")))
     return sha256_text(*parts)
+
+
+def grid_mismatches(listing: dict, out_dir: str | os.PathLike) -> list[str]:
+    """How the written files differ from patch_coords' grid: per listed slide, its file must hold
+    one tile per HDF5 `coords` row, in order, each tile's first corner that row. [] when they agree."""
+    problems = []
+    for entry in listing["slides"]:
+        path = Path(out_dir) / f"{entry['name']}{GEOJSON_SUFFIX}"
+        try:
+            collection = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            problems.append(f"{path.name}: cannot be read back: {error}")
+            continue
+        grid = read_coords_h5(entry["h5"]).coords if entry.get("h5") else np.zeros((0, 2), np.int64)
+        corners = [f["geometry"]["coordinates"][0][0] for f in collection.get("features", [])
+                   if (f.get("properties") or {}).get("objectType") == "tile"]
+        corners = np.asarray(corners, np.float64).reshape(-1, 2)
+        if len(corners) != len(grid):
+            problems.append(f"{path.name}: {len(corners)} tiles for {len(grid)} patches in the HDF5")
+        elif not np.array_equal(corners, grid):
+            first = int(np.flatnonzero(np.any(corners != grid, axis=1))[0])
+            problems.append(f"{path.name}: tile {first} starts at {corners[first].tolist()}, the HDF5's patch at "
+                            f"{grid[first].tolist()}")
+    return problems

@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gcmlm_assets.cohort.explain.patient_explanation import PatientExplanation, SlidePatches
-from gcmlm_assets.cohort.explanation_assets import _write_patches
 from gcmlm_assets.pathology.patch_coords import tile_patient, write_patient_outputs
 from gcmlm_assets.pathology.slide_geojson import (
     GEOJSON_SUFFIX, inputs_fingerprint, tiling_params_from_listing, write_patient_geojson)
@@ -21,6 +19,7 @@ from gcmlm_assets.pathology.coords_h5 import read_coords_h5
 from gcmlm_assets.pathology.tiling_params import ClamParams, TilingParams
 from gcmlm_assets.pathology.qupath_geojson import (
     GeoJsonInputError, closed_ring, geojson_problems, patch_tiles, write_geojson)
+from gcmlm_assets_tests.support.pathology.patch_values import write_patch_values
 from gcmlm_assets_tests.support.pathology.slide_fixtures import real_slide
 
 SLIDE = "cmu-1-small-region"
@@ -36,22 +35,6 @@ def tiled(folder: Path, slide: Path, params: TilingParams) -> Path:
 @pytest.fixture(scope="module")
 def patch_coords_dir(tmp_path_factory, test_data: Path) -> Path:
     return tiled(tmp_path_factory.mktemp("patch_coords"), real_slide(test_data), TilingParams())
-
-
-def write_patch_values(path: Path, coords: np.ndarray, *, attention: bool = True, seed: int = 0,
-                       slide_name: str = SLIDE) -> Path:
-    """A patch file as risk_explanations writes it, its patches in another order than the grid's
-    (feature extraction may store them so)."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(coords))
-    slide = SlidePatches(slide_name, None, 256.0, coords[order], np.zeros((len(coords), 4), np.float32))
-    explanation = PatientExplanation("P1", 0.3, -0.8, [], pathology_weight=0.7)
-    explanation.patch_contributions[slide_name] = rng.normal(0, 0.05, len(coords))
-    if attention:
-        weights = rng.random(len(coords))
-        explanation.attention[slide_name] = weights / weights.sum()
-    _write_patches(explanation, [slide], path)
-    return path
 
 
 def parquet_rows(path: Path) -> dict[tuple[int, int], dict]:
