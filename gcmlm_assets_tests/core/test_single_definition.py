@@ -1,7 +1,8 @@
 """Each setting is defined once.
 
 A setting's default is written in one class; every other class that has the setting reads it from
-there (inherits it, as a resource inherits its plain settings dataclass, or `default=` naming it). The scan below reads every module of gcmlm_assets (ast: nothing imported) and collects, per
+there (inherits it, as a resource inherits its plain settings dataclass, or `default=` naming it).
+The scan below reads every module of gcmlm_assets (ast: nothing imported) and collects, per
 settings class (a dataclass, or a pydantic / Dagster config class), the fields whose default is
 written as a literal; two classes writing literal defaults for the same names are a setting
 defined twice.
@@ -157,7 +158,8 @@ def test_risk_model_settings_are_their_one_declaration():
     declared = _declared(ModelSettingFields)
     assert all(description for _, description, _ in declared.values())  # the Launchpad explains each
     assert RiskModelSettings.model_fields.keys() == declared.keys()
-    assert issubclass(ModelSettings, ModelSettingFields) and ModelSettings.__dataclass_fields__.keys() == declared.keys()
+    assert issubclass(ModelSettings, ModelSettingFields)
+    assert ModelSettings.__dataclass_fields__.keys() == declared.keys()
     assert RiskModelSettings(n_splits=3).model_settings() == ModelSettings(n_splits=3)
     assert get_args(Fusion) == FUSIONS
 
