@@ -124,3 +124,20 @@ def test_nifti_drop_says_why_there_is_no_seg_or_sr(instance, data_root, radiolog
     assert not MASK_SEG_FILE.path(store, "NII001").exists() and not RADIOMICS_SR_FILE.path(store, "NII001").exists()
     again = _materialize(instance, radiology_resources, "NII001", [ct_mask_seg, radiomics_sr])
     assert again.success and metadata_of(again, "radiomics_sr")["reused"] is True
+
+
+def test_the_demo_drops_dicom_series_that_get_a_seg_and_an_sr(instance, data_root, radiology_resources, test_data):
+    """The demo's real patient and a synthetic one with a reference mask, as the demo writes them."""
+    from gcmlm_assets.demo import synthetic
+    from gcmlm_assets.demo.synthetic_plan import CohortSpec
+
+    cohort = synthetic.write_cohort(data_root / "landing", CohortSpec.small(2, slide_width=(600, 700)),
+                                    real=synthetic.RealFiles.find(test_data))
+    with_mask = next(p.patient_id for p in cohort.patients if p.has_reference_mask)
+    for patient_id in (synthetic.REAL_PATIENT_ID, with_mask):
+        result = _materialize(instance, radiology_resources, patient_id)
+        assert result.success, [step_failure_text(result, step) for step in result.get_failed_step_keys()]
+        checks = _checks(result)
+        assert checks["seg_matches_mask"].passed and checks["sr_matches_row"].passed
+        assert metadata_of(result, "ct_mask_seg")["seg"] == "written"
+        assert metadata_of(result, "radiomics_sr")["sr"] == "written"
