@@ -60,7 +60,8 @@ def dicom_series_files(volume: sitk.Image, patient_id: str, identity: str,
         item.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         item.Modality, item.Manufacturer, item.SeriesDescription = "CT", MANUFACTURER, description
         item.PatientName, item.PatientID, item.PatientBirthDate, item.PatientSex = patient_id, patient_id, "", ""
-        item.StudyDate, item.StudyTime, item.StudyID, item.AccessionNumber, item.ReferringPhysicianName = "", "", "1", "", ""
+        item.StudyDate, item.StudyTime, item.StudyID = "", "", "1"  # no clock: the same bytes every time
+        item.AccessionNumber, item.ReferringPhysicianName = "", ""
         item.SeriesNumber, item.InstanceNumber, item.PositionReferenceIndicator = 1, k + 1, ""
         item.BodyPartExamined, item.KVP = "ABDOMEN", ""
         item.ImageOrientationPatient = ds((*direction[0::3], *direction[1::3]))
