@@ -104,6 +104,14 @@ RADIOMICS_ROW = Asset("radiomics_row", RADIOLOGY, per_patient=True, code_version
                       kinds=frozenset({"pyradiomics"}))
 RADIOMICS_TABLE = RADIOMICS_ROW.file("radiomics.parquet")
 
+# The mask and the features in DICOM, for a PACS viewer (radiology/dicom_assets.py): a SEG of the CT
+# series the mask was made on, and a TID 1500 SR of the row that references it. A CT that came in
+# as a NIfTI/NRRD/MHA volume gets neither; the manifest says why.
+CT_MASK_SEG = Asset("ct_mask_seg", RADIOLOGY, per_patient=True, code_version="1", kinds=frozenset({"dicom"}))
+MASK_SEG_FILE = CT_MASK_SEG.file("mask.seg.dcm")
+RADIOMICS_SR = Asset("radiomics_sr", RADIOLOGY, per_patient=True, code_version="1", kinds=frozenset({"dicom"}))
+RADIOMICS_SR_FILE = RADIOMICS_SR.file("radiomics.sr.dcm")
+
 # Versioned model folders under one pointer (radiology/nnunet.py).
 SEGMENTATION_MODEL = Asset("segmentation_model", RADIOLOGY, per_patient=False, code_version="1",
                            kinds=frozenset({"nnunet"}))
@@ -164,13 +172,14 @@ RISK_ASSESSMENTS = Asset("risk_assessments", COHORT, per_patient=False, code_ver
 ASSESSMENT_INDEX = RISK_ASSESSMENTS.file("index.json")
 
 ASSETS: dict[str, Asset] = {asset.key: asset for asset in (
-    CT_IMAGE, CT_MASK, RADIOMICS_ROW, SEGMENTATION_MODEL, PATCH_COORDS, UNI_FEATURES, SLIDE_VECTOR,
-    QUPATH_GEOJSON, CLINICAL_TABLE, FUSED_TABLE, RISK_MODEL, RISK_SCORES, RISK_EXPLANATIONS, RISK_ASSESSMENTS)}
+    CT_IMAGE, CT_MASK, RADIOMICS_ROW, CT_MASK_SEG, RADIOMICS_SR, SEGMENTATION_MODEL, PATCH_COORDS, UNI_FEATURES,
+    SLIDE_VECTOR, QUPATH_GEOJSON, CLINICAL_TABLE, FUSED_TABLE, RISK_MODEL, RISK_SCORES, RISK_EXPLANATIONS,
+    RISK_ASSESSMENTS)}
 
 # The per-patient chain each modality's drop starts (the landing sensor's runs), and the row of
-# features per patient that the chain ends in (what the cohort fuses).
+# features per patient that the chain yields (what the cohort fuses).
 MODALITY_CHAINS: dict[str, tuple[Asset, ...]] = {
-    RADIOLOGY: (CT_IMAGE, CT_MASK, RADIOMICS_ROW),
+    RADIOLOGY: (CT_IMAGE, CT_MASK, RADIOMICS_ROW, CT_MASK_SEG, RADIOMICS_SR),
     PATHOLOGY: (PATCH_COORDS, UNI_FEATURES, SLIDE_VECTOR),
 }
 PATIENT_FEATURES: dict[str, AssetFile] = {RADIOLOGY: RADIOMICS_TABLE, PATHOLOGY: SLIDE_VECTOR_TABLE}

@@ -2,7 +2,8 @@
 
 Each patient gets what a real upload would hold (see the README's landing-zone contract):
 
-- `ct/ct.nii.gz`: a small abdominal CT in HU with a stomach (synthetic_ct.py).
+- `ct/IM00001.dcm ...`: a small abdominal CT in HU with a stomach (synthetic_ct.py), as a DICOM
+  series (synthetic_dicom.py), so that its mask goes back as a DICOM SEG of that series.
 - `ct_label/stomach.nii.gz`: the reference stomach mask (uint8, the CT's grid) for half of the
   patients, balanced over the label; the others are segmented by the trained nnU-Net.
 - `wsi/<id>_slide<k>.tiff`: one or two pyramidal tiled TIFFs with H&E-like tissue
@@ -29,13 +30,15 @@ from pathlib import Path
 import numpy as np
 
 from gcmlm_assets.demo.synthetic_ct import make_ct, nifti_bytes
+from gcmlm_assets.demo.synthetic_dicom import dicom_series_files
 from gcmlm_assets.demo.synthetic_plan import CohortSpec, PatientPlan, clinical_csv_text, plan_cohort
 from gcmlm_assets.demo.synthetic_slides import make_slide, pyramidal_tiff_bytes
 from gcmlm_assets.landing.scan import CLINICAL_CSV, READY_MARKER
 from gcmlm_assets.storage import atomic_write_bytes, sha256_file
 
 # Bump when the bytes the generator writes would change for the same settings.
-GENERATOR_VERSION = "1"
+# 2: the CTs (the real patient's too) are DICOM series instead of one ct.nii.gz.
+GENERATOR_VERSION = "2"
 # Kept outside every patient folder; the landing scan only looks at folders and clinical.csv.
 COHORT_MANIFEST = ".synthetic_cohort.json"
 # The real patient blended in from GCMLM_TEST_DATA (label unknown: scored, never trained on).
@@ -83,7 +86,8 @@ def write_patient(landing: Path, plan: PatientPlan, spec: CohortSpec, written: l
     folder = landing / plan.patient_id
     files: dict[str, bytes] = {}
     ct, mask = make_ct(plan, spec)
-    files["ct/ct.nii.gz"] = nifti_bytes(ct)
+    series = dicom_series_files(ct, plan.patient_id, _plan_digest(spec, plan), "synthetic abdominal CT")
+    files.update({f"ct/{name}": data for name, data in series.items()})
     if plan.has_reference_mask:
         files["ct_label/stomach.nii.gz"] = nifti_bytes(mask)
     rng = np.random.default_rng([spec.seed, 3, plan.index])
@@ -135,9 +139,14 @@ class RealFiles:
 
 
 def write_real_patient(landing: Path, real: RealFiles, written: list[str]) -> bool:
-    """The real TotalSegmentator CT with its stomach mask and the real CMU-1 H&E region."""
+    """The real TotalSegmentator CT (as a DICOM series of its voxels) with its stomach mask and the
+    real CMU-1 H&E region."""
+    import SimpleITK as sitk
+
+    series = dicom_series_files(sitk.ReadImage(str(real.ct)), REAL_PATIENT_ID, sha256_file(real.ct),
+                                f"TotalSegmentator {real.ct.name}")
     files = {
-        "ct/ct.nii.gz": real.ct.read_bytes(),
+        **{f"ct/{name}": data for name, data in series.items()},
         "ct_label/stomach.nii.gz": real.stomach_mask.read_bytes(),
         f"wsi/{real.slide.name}": real.slide.read_bytes(),
     }

@@ -13,12 +13,12 @@ import pytest
 from gcmlm_assets.definitions import build_definitions
 
 EXPECTED_GROUPS = {
-    "radiology": {"ct_image", "ct_mask", "radiomics_row", "segmentation_model"},
+    "radiology": {"ct_image", "ct_mask", "radiomics_row", "ct_mask_seg", "radiomics_sr", "segmentation_model"},
     "pathology": {"patch_coords", "uni_features", "slide_vector", "qupath_geojson"},
     "cohort": {"clinical_table", "fused_table", "risk_model", "risk_scores", "risk_assessments", "risk_explanations"},
 }
-PER_PATIENT = {"ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_features", "slide_vector",
-               "qupath_geojson", "risk_explanations"}
+PER_PATIENT = {"ct_image", "ct_mask", "radiomics_row", "ct_mask_seg", "radiomics_sr", "patch_coords", "uni_features",
+               "slide_vector", "qupath_geojson", "risk_explanations"}
 AUTOMATION_SENSORS = ("landing_sensor", "radiology_steps_sensor", "pathology_steps_sensor",
                       "segmentation_training_sensor", "predicted_mask_sensor", "cohort_refresh_sensor",
                       "risk_explanations_sensor", "qupath_geojson_after_patch_coords_sensor",
@@ -212,7 +212,7 @@ def test_every_check_says_in_plain_words_what_it_checks():
 
     graph = defs.resolve_asset_graph()
     keys = sorted(graph.asset_check_keys, key=str)
-    assert len(keys) == 25  # 9 radiology, 10 pathology, 6 cohort
+    assert len(keys) == 27  # 11 radiology, 10 pathology, 6 cohort
     for key in keys:
         description = graph.get_check_spec(key).description or ""
         prose = re.sub(r"`[^`]*`", "", description)

@@ -24,6 +24,7 @@ from gcmlm_assets.pathology.assets import slide_vector_fingerprint
 from gcmlm_assets.pathology.patch_coords import inputs_fingerprint
 from gcmlm_assets.pathology.tiling_params import TilingParams
 from gcmlm_assets.radiology.assets import ct_image_fingerprint, ct_mask_fingerprint, radiomics_row_fingerprint
+from gcmlm_assets.radiology.dicom_assets import ct_mask_seg_fingerprint, radiomics_sr_fingerprint
 from gcmlm_assets.radiology.nnunet_training import TinyPlans, TrainingSettings
 from gcmlm_assets.radiology.segmentation_model import segmentation_model_fingerprint
 from gcmlm_assets.reuse import StoredOutput, VersionedOutput, combined_digest
@@ -43,6 +44,10 @@ def test_radiology_fingerprints_are_pinned():
             == "6149dff633b7b1ddcf9884e4a568eaae60b98806cde084409f89c8724ee469f3")
     assert (radiomics_row_fingerprint(digest("33"), digest("88"), digest("55"), "3.1.0")
             == "2b567e08983f576cb2b240a30fbda62e95df22191154dc61071887780b4269d0")
+    assert (ct_mask_seg_fingerprint(digest("11"), digest("88"), "MaskOrigin(x)")
+            == "ca5db2a0dd0a2d4bf5ccd5fd25e7fc19d555b10eb3753ebf4b4239e76f32f8c6")
+    assert (radiomics_sr_fingerprint(digest("77"), digest("99"), digest("55"))
+            == "31ea14b4c1324742f6c237bd234fd55611aaa6f1efccc7408e922a90c77b57a5")
 
 
 def test_pathology_fingerprints_are_pinned(tmp_path):

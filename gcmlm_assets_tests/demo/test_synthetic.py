@@ -17,6 +17,7 @@ from gcmlm_assets.demo.synthetic_ct import make_ct
 from gcmlm_assets.demo.synthetic_plan import CLINICAL_COLUMNS, CohortSpec, plan_cohort
 from gcmlm_assets.demo.synthetic_slides import make_slide
 from gcmlm_assets.landing.scan import scan_landing_zone
+from gcmlm_assets.radiology import dicom_seg
 
 SPEC = CohortSpec.small(6, slide_width=(800, 900))
 
@@ -36,8 +37,8 @@ def test_same_settings_give_identical_bytes(cohort, tmp_path):
     assert tree_digest(again.landing) == tree_digest(cohort.landing)
     other_seed = synthetic.write_cohort(tmp_path / "other", CohortSpec.small(
         6, slide_width=(800, 900), seed=SPEC.seed + 1))
-    assert (tree_digest(other_seed.landing)["GC0001/ct/ct.nii.gz"]
-            != tree_digest(cohort.landing)["GC0001/ct/ct.nii.gz"])
+    assert (tree_digest(other_seed.landing)["GC0001/ct/IM00010.dcm"]
+            != tree_digest(cohort.landing)["GC0001/ct/IM00010.dcm"])
 
 
 def test_rewriting_touches_nothing_and_repairs_a_damaged_drop(tmp_path):
@@ -49,7 +50,7 @@ def test_rewriting_touches_nothing_and_repairs_a_damaged_drop(tmp_path):
     del times[landing / synthetic.COHORT_MANIFEST]  # bookkeeping, outside every patient folder
     assert all(p.stat().st_mtime_ns == t for p, t in times.items())
 
-    damaged = landing / "GC0002" / "ct" / "ct.nii.gz"
+    damaged = landing / "GC0002" / "ct" / "IM00003.dcm"
     original = damaged.read_bytes()
     damaged.write_bytes(b"not a volume")
     third = synthetic.write_cohort(landing, SPEC)
@@ -89,9 +90,13 @@ def test_drops_follow_the_landing_contract(cohort):
 
 def test_ct_and_mask_are_readable_and_aligned(cohort):
     plan = next(p for p in cohort.patients if p.has_reference_mask)
-    ct = sitk.ReadImage(str(cohort.landing / plan.patient_id / "ct" / "ct.nii.gz"))
+    ct_folder = cohort.landing / plan.patient_id / "ct"
+    ct = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(ct_folder)))
     mask = sitk.ReadImage(str(cohort.landing / plan.patient_id / "ct_label" / "stomach.nii.gz"))
     assert ct.GetSize() == SPEC.ct_size and ct.GetSpacing() == pytest.approx(SPEC.ct_spacing)
+    # A DICOM series with its study, series and frame of reference: what a SEG can reference.
+    assert dicom_seg.seg_absent_reason(ct_folder) is None
+    assert sitk.GetArrayFromImage(ct).tolist() == sitk.GetArrayFromImage(make_ct(plan, SPEC)[0]).tolist()
     assert mask.GetPixelID() == sitk.sitkUInt8
     for attribute in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
         assert getattr(mask, attribute)() == pytest.approx(getattr(ct, attribute)())
@@ -156,7 +161,12 @@ def test_real_patient_is_blended_in_with_unknown_label(test_data, tmp_path):
                                     real=real)
     folder = tmp_path / "landing" / synthetic.REAL_PATIENT_ID
     assert result.patient_ids[-1] == synthetic.REAL_PATIENT_ID
-    assert (folder / "ct" / "ct.nii.gz").read_bytes() == real.ct.read_bytes()
+    # The real CT as a DICOM series of exactly its voxels, on its grid.
+    series = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder / "ct")))
+    original = sitk.ReadImage(str(real.ct))
+    assert (sitk.GetArrayFromImage(series) == sitk.GetArrayFromImage(original)).all()
+    assert series.GetOrigin() == pytest.approx(original.GetOrigin(), abs=1e-6)
+    assert series.GetDirection() == pytest.approx(original.GetDirection())
     assert (folder / "ct_label" / "stomach.nii.gz").read_bytes() == real.stomach_mask.read_bytes()
     assert (folder / "wsi" / real.slide.name).read_bytes() == real.slide.read_bytes()
     table, problems = read_clinical_csv(tmp_path / "landing" / "clinical.csv")
