@@ -265,13 +265,19 @@ def build_seg(ct_folder: Path, mask_path: Path, origin: MaskOrigin):
         segmented_property_type=_code(SEGMENT_TYPE), algorithm_type=origin.algorithm_type,
         algorithm_identification=algorithm)
     identity = (str(headers[0].SeriesInstanceUID), sha256_file(mask_path), repr(origin))
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=headers, pixel_array=frames, segmentation_type="BINARY", segment_descriptions=[segment],
         series_instance_uid=derived_uid("seg series", *identity), series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=derived_uid("seg instance", *identity), instance_number=1, manufacturer=MANUFACTURER,
         manufacturer_model_name=MODEL_NAME, software_versions=_software_version(), device_serial_number="1",
         content_description=origin.description, content_label="GASTRIC_MASK",
         series_description=origin.description)
+    # highdicom draws the dimension organization's UID at random: derived from the inputs instead,
+    # like the other UIDs, so the same mask gives the same object but for its creation times.
+    dimensions = derived_uid("seg dimensions", *identity)
+    for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
+        item.DimensionOrganizationUID = dimensions
+    return seg
 
 
 def write_seg(ct_folder: Path, mask_path: Path, seg_path: Path, origin: MaskOrigin) -> dict:

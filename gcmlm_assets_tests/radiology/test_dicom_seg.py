@@ -74,6 +74,26 @@ def test_the_real_one_slice_series_round_trips(test_data: Path, tmp_path: Path):
     assert metadata["frames"] == 1 and metadata["referenced_instances"] == 1
 
 
+def _without_times(dataset) -> list:
+    """The dataset's elements, recursively, with its date and time values blanked."""
+    out = []
+    for element in dataset:
+        if element.VR == "SQ":
+            out.append((element.tag, [_without_times(item) for item in element.value]))
+        elif element.VR not in ("DA", "TM", "DT"):
+            out.append((element.tag, element.value))
+    return out
+
+
+def test_the_same_inputs_give_the_same_seg_but_for_its_creation_times(test_data: Path, tmp_path: Path):
+    case = single_slice_case(test_data, tmp_path)
+    origin = dicom_seg.reference_origin("CT_small_mask.nii.gz")
+    first, second = tmp_path / "first.seg.dcm", tmp_path / "second.seg.dcm"
+    dicom_seg.write_seg(case.ct_folder, case.mask_path, first, origin)
+    dicom_seg.write_seg(case.ct_folder, case.mask_path, second, origin)
+    assert _without_times(pydicom.dcmread(first)) == _without_times(pydicom.dcmread(second))
+
+
 def test_segment_codes_and_algorithm_are_recorded(real_ct: Path, tmp_path: Path):
     case = dicom_case(real_ct, tmp_path)
     predicted, reference = tmp_path / "predicted.dcm", tmp_path / "reference.dcm"
