@@ -81,6 +81,7 @@ def current_model_version(store: ArtifactStore) -> tuple[Path, dict] | None:
 )
 def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage,
                      risk_model: RiskModelSettings) -> Iterator[dg.MaterializeResult]:
+    from gcmlm_assets.cohort.card import model_card
     from gcmlm_assets.cohort.model import crossval, training
 
     store = storage.store()
@@ -95,7 +96,8 @@ def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage
               "patch_features_sha256": (bags.bags_fingerprint(store, UNI_FEATURES.key, pathology_patients)
                                         if pathology_patients else None)}
     output = VersionedOutput(store, RISK_MODEL,
-                             risk_model_fingerprint(training.fitting_library_versions(), settings, inputs))
+                             risk_model_fingerprint(training.fitting_library_versions(),
+                                                    model_card.settings_json(settings), inputs))
     root = output.root
     if output.reused:
         context.log.info(f"risk_model: labelled data and settings unchanged, version {output.pointer['version']} "
@@ -181,13 +183,11 @@ def excluded_metadata(excluded: Mapping[str, str]) -> dict:
     return {"excluded_patients_count": len(excluded), "excluded_patients": dg.MetadataValue.json(shown)}
 
 
-def risk_model_fingerprint(library_versions: str, settings: "model_settings.ModelSettings", inputs: dict) -> str:
-    """What a trained model is made from: the fitting libraries' versions, the settings and the labelled
-    patients' data (`inputs`). Pinned by core/test_fingerprints.py: a change refits the model."""
-    from gcmlm_assets.cohort.card import model_card
-
-    return sha256_text(RISK_MODEL.code_version, library_versions, model_card.settings_json(settings),
-                       json.dumps(inputs, sort_keys=True))
+def risk_model_fingerprint(library_versions: str, settings_json: str, inputs: dict) -> str:
+    """What a trained model is made from: the fitting libraries' versions, the settings (as
+    `model_card.settings_json` writes them) and the labelled patients' data (`inputs`). Pinned by
+    core/test_fingerprints.py: a change refits the model."""
+    return sha256_text(RISK_MODEL.code_version, library_versions, settings_json, json.dumps(inputs, sort_keys=True))
 
 
 def _wait_for_labels(context, root: Path, counts: dict[str, int], settings: "model_settings.ModelSettings",

@@ -7,6 +7,7 @@ risk_model's, fused_table's and risk_scores' from the inline formulas before the
 change one only together with the asset's code version in catalogue.py, on purpose.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import dagster as dg
 from gcmlm_assets.catalogue import (
     CLINICAL_FILE, CLINICAL_TABLE, CT_IMAGE, CT_VOLUME, METRICS_FILE, MODEL_FILE, RISK_MODEL)
 from gcmlm_assets.cohort import assets as cohort_assets
+from gcmlm_assets.cohort.card.model_card import settings_json
 from gcmlm_assets.cohort.explain.explanation_keys import explanation_key
 from gcmlm_assets.cohort.model.model_settings import ModelSettings
 from gcmlm_assets.cohort.risk_model_asset import risk_model_fingerprint
@@ -64,13 +66,17 @@ def test_pathology_fingerprints_are_pinned(tmp_path):
 
 
 def test_segmentation_model_fingerprint_is_pinned():
-    # A change retrains nnU-Net (hours on a GPU): the settings' serialization is pinned with it.
-    settings = TrainingSettings(device="cpu", epochs=30, iterations_per_epoch=15, tiny_plans=TinyPlans())
+    # A change retrains nnU-Net (hours on a GPU). The formula is pinned on fixed settings; how the
+    # settings are written into it, below (a new setting changes them without touching this pin).
     inputs = {"P001": {"ct_image": digest("11"), "reference_mask": digest("22")},
               "P002": {"ct_image": digest("33"), "reference_mask": digest("44"), "reference_label": "stomach",
                        "mask.json": digest("55")}}
-    assert segmentation_model_fingerprint("2.5.1", settings.as_dict(), inputs) == (
-        "b771070074ca1ea0fd100b715493957d156566f98e22c13088731a134e36425e")
+    assert segmentation_model_fingerprint("2.5.1", {"device": "cpu", "epochs": 30}, inputs) == (
+        "91d6c164db1766af40d0a8590f5b898ce02b8cdce336a25da1f4f52b7055cf97")
+    settings = TrainingSettings(device="cpu", epochs=30, iterations_per_epoch=15, tiny_plans=TinyPlans())
+    written = settings.as_dict()
+    assert set(written) == {field.name for field in dataclasses.fields(TrainingSettings)}
+    assert written["tiny_plans"] == dataclasses.asdict(TinyPlans()) and written["epochs"] == 30
 
 
 def test_uni_features_extraction_fingerprint_is_pinned():
@@ -98,13 +104,14 @@ def test_cohort_model_fingerprints_are_pinned():
         "59f36adbed3830d5fe60a0b95f25cb69640940b472ee51944c291010ef1cab98")
     assert cohort_assets.fused_table_fingerprint(FusionReport(), None) == (
         "c30d4be5d384662331de74c2b884afd98f390ae2746d3ee501b8802a0da97164")
-    # the default settings' serialization is pinned with the formula: a change refits the model
+    # the formula, on the settings as model_card.settings_json writes them (a new setting changes
+    # those, and so refits the model, without touching this pin)
     inputs = {"training_data_sha256": digest("66"), "labelled_patients": 40, "patch_features_sha256": None}
-    assert risk_model_fingerprint("scikit-learn=1.5.0", ModelSettings(), inputs) == (
-        "859bb98ebeee11d14169a9c7ffca610b020b02730c31ac960c3c20d2f880fbe0")
-    assert risk_model_fingerprint("scikit-learn=1.5.0", ModelSettings(),
-                                  {**inputs, "patch_features_sha256": digest("77")}) == (
-        "0b942630421abb4c2a53765036e04b6a7229e64bf670cf2826107d18924db3be")
+    settings = json.dumps({"fusion": "mean", "n_splits": 5}, sort_keys=True)
+    assert risk_model_fingerprint("scikit-learn=1.5.0", settings, inputs) == (
+        "2f64a7263723d5f02ecd2103dd3d78311228579309be1d8f6735ca344fe40fb0")
+    assert risk_model_fingerprint("scikit-learn=1.5.0", settings, {**inputs, "patch_features_sha256": digest("77")}) == (
+        "8218f341a3075aba03a8a3b85dd2ade1b6e120cc361657cd53a530b814a90ba5")
     assert cohort_assets.risk_scores_fingerprint(digest("bb"), digest("cc"), digest("dd"), "0123456789abcdef") == (
         "e7b3f62a95068117617941544f482ee8f4d4b7d021b7ef34547676b2acc050d2")
     # each patient's explanation is made again when its key changes
@@ -112,6 +119,14 @@ def test_cohort_model_fingerprints_are_pinned():
         "fb7df7fdf425a342393980c1701a2721e67228572b53767e7d8ec695f5abc7df")
     assert explanation_key(digest("bb"), digest("ee"), None) == (
         "9b88867b995be618bc0018edac769faeb4e3ce98c5c95559b35d66c5e225fa69")
+
+
+def test_the_model_settings_are_written_into_the_fingerprint_as_their_fields():
+    # every field by name with its value, nothing else: a refactor that wrote them otherwise (nested,
+    # renamed, with extra keys) would refit every stored model
+    written = json.loads(settings_json(ModelSettings()))
+    assert written == {field.name: json.loads(json.dumps(getattr(ModelSettings(), field.name)))
+                       for field in dataclasses.fields(ModelSettings)}
 
 
 def test_cohort_fingerprint_is_pinned(data_root, instance, base_resources):
