@@ -26,7 +26,7 @@ LOCK_COMPILE = $(UV) pip compile --no-config --index-url https://pypi.org/simple
 # image runs.
 LOCK_CONSTRAINTS := $(VENV)/lock-constraints.txt
 
-.PHONY: install test demo ui bench validate clean lock chart-check
+.PHONY: install test demo ui bench validate clean lock chart-check receive
 
 install: $(STAMP)
 
@@ -81,6 +81,12 @@ UI_PORT ?= 3000
 ui: $(STAMP)
 	$(PY) -c "from gcmlm_assets import settings; from gcmlm_assets.demo.daemon import prepare_dagster_home; prepare_dagster_home(settings.dagster_home())"
 	GCMLM_PROFILE=$${GCMLM_PROFILE:-demo} exec $(VENV)/bin/dagster dev -h 127.0.0.1 -p $(UI_PORT) -w workspace.yaml
+
+# The DICOM receiver (README "Intake from a PACS"), until Ctrl-C; its settings are the GCMLM_INTAKE_*
+# variables or RECEIVE_ARGS, e.g. make receive RECEIVE_ARGS="--pseudonym-table /secure/pseudonyms.json".
+# `exec`: SIGTERM reaches the receiver, which aborts open associations and stops.
+receive: $(STAMP)
+	exec $(PY) -m gcmlm_assets.landing.intake $(RECEIVE_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

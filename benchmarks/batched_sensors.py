@@ -3,15 +3,16 @@
     python -m benchmarks.batched_sensors [--patients 8] [--concurrency 1] [--model-folder PATH] [--verbose]
 
 K new patient drops (`--patients`, each a CT without a reference mask and a slide) go through the
-radiology chain ct_image -> ct_mask (predicted by a tiny nnU-Net) -> radiomics_row and the
-pathology chain patch_coords -> uni_features (`vit-tiny-random`) -> slide_vector, twice, with the
-demo profile's settings (`GCMLM_PROFILE=demo`):
+radiology chain ct_image -> ct_mask (predicted by a tiny nnU-Net) -> radiomics_row -> ct_mask_seg
+-> radiomics_sr (both without a file: the CTs are NIfTI) and the pathology chain patch_coords ->
+uni_features (`vit-tiny-random`) -> slide_vector, twice, with the demo profile's settings
+(`GCMLM_PROFILE=demo`):
 
 - one run per patient: `GCMLM_GPU_BATCH_PATIENTS=1`, so landing_sensor requests one run of each
   patient's whole chain per modality (2 K runs, 2 K model loads), what it requested before batching;
 - batched: `GCMLM_GPU_BATCH_PATIENTS=K` (one bucket): landing_sensor requests one range run of each
   chain's first asset, then radiology_steps_sensor and pathology_steps_sensor are ticked after
-  every finished run until they have nothing left to carry on (one run per asset: 6 runs, 2 loads).
+  every finished run until they have nothing left to carry on (one run per asset: 8 runs, 2 loads).
 
 The sensors are evaluated here against the mode's own instance (a fresh DAGSTER_HOME with
 deploy/local/dagster.yaml); every RunRequest is executed like the daemon's run worker does it, in
@@ -308,7 +309,8 @@ def main() -> None:
 
     print(f"\nautomatic path, {args.patients} new drops (CT + slide each), every run in a fresh process, "
           f"{args.concurrency} run(s) at a time; cpus {os.cpu_count()}")
-    print(f"  radiology: ct_image -> ct_mask -> radiomics_row, every mask predicted by the {model_note}")
+    print(f"  radiology: ct_image -> ct_mask -> radiomics_row -> ct_mask_seg -> radiomics_sr (no SEG: NIfTI CTs), "
+          f"every mask predicted by the {model_note}")
     print(f"  pathology: patch_coords -> uni_features ({SLIDE_SOURCE.name}, vit-tiny-random, cpu) -> slide_vector")
     print()
     print_table(results, args.patients)

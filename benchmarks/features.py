@@ -53,15 +53,9 @@ import torch
 from benchmarks.read_path import coords_file, tiled_benchmark_slide
 from gcmlm_assets.pathology import extract
 from gcmlm_assets.pathology.encoders import load_encoder
-from gcmlm_assets.pathology.extract import (
-    PatchBatches,
-    block_major_order,
-    describe_reading,
-    extract_slide_features,
-    normalisation_constants,
-    normalise_batch,
-    read_patch_grid,
-)
+from gcmlm_assets.pathology.extract import extract_slide_features, normalisation_constants, normalise_batch
+from gcmlm_assets.pathology.patch_batches import PatchBatches, block_major_order, describe_reading
+from gcmlm_assets.pathology.patch_grid import read_patch_grid
 from gcmlm_assets.pathology.region_readers import OPENSLIDE
 
 

@@ -141,9 +141,11 @@ def encoder_section(args: argparse.Namespace, budget: Budget, report: Report, wo
     from benchmarks import features
     from benchmarks.read_path import coords_file, tiled_benchmark_slide
     from benchmarks.slides import build_pyramidal_slide
-    from gcmlm_assets.pathology.extract import describe_reading, extract_slide_features
+    from gcmlm_assets.pathology.extract import extract_slide_features
+    from gcmlm_assets.pathology.patch_batches import describe_reading
     from gcmlm_assets.pathology.slides import PLAUSIBLE_MPP, opened
-    from gcmlm_assets.pathology.tiling import TilingParams, tile_slide
+    from gcmlm_assets.pathology.tiling import tile_slide
+    from gcmlm_assets.pathology.tiling_params import TilingParams
 
     budget.require("encoder", 60 if not args.quick else 10)
     encoder_name = "vit-tiny-random" if args.quick else "uni"

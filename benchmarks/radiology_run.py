@@ -29,7 +29,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_patient(root: Path) -> str:
-    from gcmlm_assets.demo.synthetic import CohortSpec, plan_cohort, write_cohort
+    from gcmlm_assets.demo.synthetic import write_cohort
+    from gcmlm_assets.demo.synthetic_plan import CohortSpec, plan_cohort
 
     spec = CohortSpec.small(n_patients=2)
     [patient] = [plan.patient_id for plan in plan_cohort(spec) if plan.has_reference_mask][:1]

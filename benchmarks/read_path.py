@@ -10,7 +10,7 @@ encoder's 224 px), compares:
 - simple: the simplest correct loop, in the tiler's order: one
   `read_region` per patch, `.convert("RGB")`, torchvision `Resize(224)`,
   `ToTensor`, `Normalize`;
-- streaming, direct tile decode: `extract.PatchBatches` as a DataLoader
+- streaming, direct tile decode: `patch_batches.PatchBatches` as a DataLoader
   worker runs it (block-major order, JPEG tiles decoded directly and cached,
   batched antialiased resize on uint8) plus the batched normalisation the main
   process does;
@@ -40,16 +40,15 @@ import torch
 from torchvision import transforms
 
 from benchmarks.slides import build_pyramidal_slide
+from gcmlm_assets.pathology.coords_h5 import write_coords_h5
 from gcmlm_assets.pathology.encoders import IMAGENET_MEAN, IMAGENET_STD
-from gcmlm_assets.pathology.extract import (
-    PatchBatches,
-    block_major_order,
-    normalise_batch,
-    read_patch_grid,
-)
+from gcmlm_assets.pathology.extract import normalise_batch
+from gcmlm_assets.pathology.patch_batches import PatchBatches, block_major_order
+from gcmlm_assets.pathology.patch_grid import read_patch_grid
 from gcmlm_assets.pathology.region_readers import OPENSLIDE, choose_reader, decode_scale
 from gcmlm_assets.pathology.slides import PLAUSIBLE_MPP, opened
-from gcmlm_assets.pathology.tiling import TilingParams, TilingResult, tile_slide, write_coords_h5
+from gcmlm_assets.pathology.tiling import tile_slide
+from gcmlm_assets.pathology.tiling_params import TilingParams, TilingResult
 
 INPUT_SIZE = 224
 BATCH_SIZE = 64

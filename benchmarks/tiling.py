@@ -39,7 +39,7 @@ def peak_rss_mib() -> float:
 def measure(slide: Path, mode: str, repeats: int, clam_preset: str | None) -> dict:
     """Runs in the child process."""
     from gcmlm_assets.pathology.patch_coords import tile_patient, write_patient_outputs
-    from gcmlm_assets.pathology.tiling import ClamParams, TilingParams
+    from gcmlm_assets.pathology.tiling_params import ClamParams, TilingParams
 
     clam = ClamParams.from_preset_csv(clam_preset) if clam_preset else ClamParams()
     params = TilingParams(mode=mode, clam=clam)

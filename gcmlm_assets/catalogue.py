@@ -104,24 +104,38 @@ RADIOMICS_ROW = Asset("radiomics_row", RADIOLOGY, per_patient=True, code_version
                       kinds=frozenset({"pyradiomics"}))
 RADIOMICS_TABLE = RADIOMICS_ROW.file("radiomics.parquet")
 
+# The mask and the features in DICOM, for a PACS viewer (radiology/dicom_assets.py): a SEG of the CT
+# series the mask was made on, and a TID 1500 SR of the row that references it. A CT that came in
+# as a NIfTI/NRRD/MHA volume gets neither; the manifest says why.
+CT_MASK_SEG = Asset("ct_mask_seg", RADIOLOGY, per_patient=True, code_version="1", kinds=frozenset({"dicom"}))
+MASK_SEG_FILE = CT_MASK_SEG.file("mask.seg.dcm")
+RADIOMICS_SR = Asset("radiomics_sr", RADIOLOGY, per_patient=True, code_version="1", kinds=frozenset({"dicom"}))
+RADIOMICS_SR_FILE = RADIOMICS_SR.file("radiomics.sr.dcm")
+
 # Versioned model folders under one pointer (radiology/nnunet.py).
 SEGMENTATION_MODEL = Asset("segmentation_model", RADIOLOGY, per_patient=False, code_version="1",
                            kinds=frozenset({"nnunet"}))
 
 # ---------------------------------------------------------------- pathology
 # One `<slide>.h5` of coordinates per slide with tissue, listed in slides.json (pathology/patch_coords.py).
-# Its code version is the tiling's: pathology/tiling.py's TILING_VERSION is this value.
+# Its code version is the tiling's: pathology/tiling_params.py's TILING_VERSION is this value.
 PATCH_COORDS = Asset("patch_coords", PATHOLOGY, per_patient=True, code_version="2", kinds=frozenset({"openslide"}))
 SLIDE_LISTING = PATCH_COORDS.file("slides.json")
 TILING_PICTURE = PATCH_COORDS.file("tiling.png")
 
 # One `<slide>.h5` of patch embeddings per slide, listed in the asset's manifest (pathology/extract.py).
-# Its code version is the extraction's: pathology/extract.py's EXTRACTION_VERSION is this value.
+# Its code version is the extraction's: pathology/feature_files.py's EXTRACTION_VERSION is this value.
 UNI_FEATURES = Asset("uni_features", PATHOLOGY, per_patient=True, code_version="1", kinds=frozenset({"torch"}))
 
 SLIDE_VECTOR = Asset("slide_vector", PATHOLOGY, per_patient=True, code_version=None, kinds=frozenset({"numpy"}))
 SLIDE_VECTOR_TABLE = SLIDE_VECTOR.file("slide_vector.parquet")
 SLIDE_VECTOR_PICTURE = SLIDE_VECTOR.file("slide_vector.png")
+
+# One `<slide>.geojson` per slide of patch_coords' listing, for QuPath: tissue, the patch grid and the
+# patient's current risk_explanations patch values as tile measurements (pathology/slide_geojson.py).
+# Its code version is the GeoJSON writer's: pathology/slide_geojson.py's GEOJSON_VERSION is this value.
+QUPATH_GEOJSON = Asset("qupath_geojson", PATHOLOGY, per_patient=True, code_version="1",
+                       kinds=frozenset({"geojson"}))
 
 # ---------------------------------------------------------------- cohort
 CLINICAL_TABLE = Asset("clinical_table", COHORT, per_patient=False, code_version="1", kinds=frozenset({"pyarrow"}))
@@ -153,14 +167,22 @@ RISK_EXPLANATIONS = Asset("risk_explanations", COHORT, per_patient=True, code_ve
 PATCHES_FILE = RISK_EXPLANATIONS.file("patch_contributions.parquet")
 EXPLANATION_FILE = RISK_EXPLANATIONS.file("explanation.json")
 
+# The scores as FHIR R4 RiskAssessments: bundles/<patient>.json and their index (cohort/exchange/fhir_risk.py).
+RISK_ASSESSMENTS = Asset("risk_assessments", COHORT, per_patient=False, code_version="1", kinds=frozenset({"fhir"}))
+ASSESSMENT_INDEX = RISK_ASSESSMENTS.file("index.json")
+
 ASSETS: dict[str, Asset] = {asset.key: asset for asset in (
-    CT_IMAGE, CT_MASK, RADIOMICS_ROW, SEGMENTATION_MODEL, PATCH_COORDS, UNI_FEATURES, SLIDE_VECTOR,
-    CLINICAL_TABLE, FUSED_TABLE, RISK_MODEL, RISK_SCORES, RISK_EXPLANATIONS)}
+    CT_IMAGE, CT_MASK, RADIOMICS_ROW, CT_MASK_SEG, RADIOMICS_SR, SEGMENTATION_MODEL, PATCH_COORDS, UNI_FEATURES,
+    SLIDE_VECTOR, QUPATH_GEOJSON, CLINICAL_TABLE, FUSED_TABLE, RISK_MODEL, RISK_SCORES, RISK_EXPLANATIONS,
+    RISK_ASSESSMENTS)}
 
 # The per-patient chain each modality's drop starts (the landing sensor's runs), and the row of
-# features per patient that the chain ends in (what the cohort fuses).
+# features per patient that the chain yields (what the cohort fuses).
 MODALITY_CHAINS: dict[str, tuple[Asset, ...]] = {
-    RADIOLOGY: (CT_IMAGE, CT_MASK, RADIOMICS_ROW),
+    RADIOLOGY: (CT_IMAGE, CT_MASK, RADIOMICS_ROW, CT_MASK_SEG, RADIOMICS_SR),
     PATHOLOGY: (PATCH_COORDS, UNI_FEATURES, SLIDE_VECTOR),
 }
 PATIENT_FEATURES: dict[str, AssetFile] = {RADIOLOGY: RADIOMICS_TABLE, PATHOLOGY: SLIDE_VECTOR_TABLE}
+# Per-patient assets made after another one outside those chains, as (upstream, downstream): each
+# pair gets a steps sensor (definitions.py), and the demo waits for them (demo/watch.py).
+FOLLOW_ONS: tuple[tuple[Asset, Asset], ...] = ((PATCH_COORDS, QUPATH_GEOJSON), (RISK_EXPLANATIONS, QUPATH_GEOJSON))

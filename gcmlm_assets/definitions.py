@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import dagster as dg
 
-from gcmlm_assets import settings
-from gcmlm_assets.catalogue import CT_MASK, MODALITY_CHAINS, SEGMENTATION_MODEL, UNI_FEATURES
+from gcmlm_assets import runs, settings
+from gcmlm_assets.catalogue import (
+    CT_MASK, FOLLOW_ONS, MODALITY_CHAINS, PATCH_COORDS, QUPATH_GEOJSON, RISK_EXPLANATIONS, SEGMENTATION_MODEL,
+    UNI_FEATURES)
 from gcmlm_assets.cohort import definitions as cohort
 from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS
 from gcmlm_assets.landing.sensors import build_landing_sensor
@@ -75,6 +77,14 @@ def blocking_check_keys(assets: list[dg.AssetsDefinition], asset_names: tuple[st
 MODALITY_ASSETS: dict[str, list[dg.AssetKey]] = {
     modality: [dg.AssetKey(asset.key) for asset in chain] for modality, chain in MODALITY_CHAINS.items()}
 landing_sensor = build_landing_sensor(MODALITY_ASSETS, holds=[pathology.LANDING_HOLD])
+# A steps sensor per follow-on pair (catalogue.FOLLOW_ONS), in batched runs tagged as the upstream's
+# work: the QuPath GeoJSON follows a new grid (tissue and tiles, before any explanation) and a new
+# explanation (the patch values). It stays out of pathology's chain, which the cohort refresh waits on.
+FOLLOW_ON_WORK = {PATCH_COORDS.key: runs.PATHOLOGY, RISK_EXPLANATIONS.key: runs.EXPLANATIONS}
+FOLLOW_ON_SENSORS: dict[str, tuple[list[dg.AssetKey], str]] = {
+    f"{downstream.key}_after_{upstream.key}_sensor": ([dg.AssetKey(upstream.key), dg.AssetKey(downstream.key)],
+                                                      FOLLOW_ON_WORK[upstream.key])
+    for upstream, downstream in FOLLOW_ONS}
 
 
 def build_domains(env: str, profile: Profile) -> list[dg.Definitions]:
@@ -85,7 +95,8 @@ def build_domains(env: str, profile: Profile) -> list[dg.Definitions]:
     return [*parts, cohort.definitions(env, profile, input_check_keys=input_checks,
                                        patient_chains=list(MODALITY_ASSETS.values()),
                                        training_pending=radiology.training_pending,
-                                       training_resource_keys=radiology.TRAINING_STATUS_RESOURCES)]
+                                       training_resource_keys=radiology.TRAINING_STATUS_RESOURCES,
+                                       explanation_followers=[QUPATH_GEOJSON.key])]
 
 
 def build_definitions(env: str | None = None, profile: str | None = None) -> dg.Definitions:
@@ -100,6 +111,8 @@ def build_definitions(env: str | None = None, profile: str | None = None) -> dg.
         resources.update(domain.resources or {})
     steps = [build_patient_steps_sensor(f"{modality}_steps_sensor", chain, modality, chosen.sensor_interval_s)
              for modality, chain in MODALITY_ASSETS.items()]
+    steps += [build_patient_steps_sensor(name, chain, work, chosen.sensor_interval_s)
+              for name, (chain, work) in FOLLOW_ON_SENSORS.items()]
     return dg.Definitions(
         assets=with_profile([asset for domain in domains for asset in domain.assets], chosen,
                             model_identities(resources)),

@@ -7,6 +7,10 @@ record the manifest (`fingerprint`, `files`: name -> sha256, and the asset's own
 version from a file's sha256. `StoredOutput` is that path; `policies.stored_materialization` turns it
 into the Dagster materialization (data version, checks, quarantine on a blocking failure).
 
+An output whose files must be read together (`risk_model`) takes the same path with a versioned
+folder instead of a manifest: `VersionedOutput` keeps the fingerprint and the files' hashes in the
+pointer `current.json` that names the folder (storage.publish_version).
+
 Plain Python (no Dagster). The fingerprint formula stays each asset's own: changing it recomputes
 every stored output.
 """
@@ -18,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from gcmlm_assets.catalogue import Asset, AssetFile
-from gcmlm_assets.storage import ArtifactStore, sha256_file, sha256_text
+from gcmlm_assets.storage import (
+    ArtifactStore, new_version_folder, publish_version, read_version_pointer, sha256_file, sha256_text, version_intact)
 
 
 def combined_digest(digests: Mapping[str, str]) -> str:
@@ -69,3 +74,47 @@ class StoredOutput:
         if self.manifest is None:
             raise RuntimeError(f"{self.asset.key}: no manifest yet (record the output first)")
         return combined_digest(self.manifest["files"])
+
+
+class VersionedOutput:
+    """The published version of the unpartitioned `asset` made from `fingerprint`: StoredOutput for
+    files that are read together.
+
+    Each version is a folder `<asset>/<version>/` named by its files' hashes; `current.json` names the
+    current one and holds what a manifest holds (`fingerprint`, `files`: name -> sha256, the asset's
+    facts) with `version` and `recent_versions`. On creation `reused` is True when the current version
+    names `fingerprint` and its files are intact; `pointer` is then its pointer. Otherwise the caller
+    writes the files into `staging()` and calls `publish`.
+    """
+
+    def __init__(self, store: ArtifactStore, asset: Asset, fingerprint: str):
+        self.store, self.asset, self.fingerprint = store, asset, fingerprint
+        self.root = asset.folder(store)
+        current = read_version_pointer(self.root)
+        self.reused = (current is not None and current.get("fingerprint") == fingerprint
+                       and version_intact(self.root, current))
+        self.pointer: dict | None = current if self.reused else None
+
+    def staging(self) -> Path:
+        """An empty folder to write the new version's files into (a stale temporary if never published)."""
+        return new_version_folder(self.root)
+
+    def publish(self, staging: Path, **facts: Any) -> dict:
+        """Install `staging`'s files as the current version, its pointer recording the fingerprint and
+        `facts`. Returns the pointer."""
+        self.pointer = publish_version(self.root, staging, {"fingerprint": self.fingerprint, **facts})
+        return self.pointer
+
+    @property
+    def folder(self) -> Path:
+        """The current version's folder."""
+        return self.root / self._pointer()["version"]
+
+    def sha256(self, file: AssetFile) -> str:
+        """The recorded hash of one of the version's files: its data version when it is the main file."""
+        return self._pointer()["files"][file.name]
+
+    def _pointer(self) -> dict:
+        if self.pointer is None:
+            raise RuntimeError(f"{self.asset.key}: no version yet (publish one first)")
+        return self.pointer

@@ -95,6 +95,38 @@ def test_data_root() -> str | None:
     return os.environ.get("GCMLM_TEST_DATA")
 
 
+def intake_pseudonym_table() -> Path | None:
+    """`GCMLM_INTAKE_PSEUDONYM_TABLE`: the DICOM receiver's real id -> pseudonym table (no default:
+    the operator chooses a place outside the landing zone and the artifacts)."""
+    value = os.environ.get("GCMLM_INTAKE_PSEUDONYM_TABLE")
+    return Path(value).resolve() if value else None
+
+
+def intake_host() -> str:
+    """`GCMLM_INTAKE_HOST`: the address the DICOM receiver listens on (this machine only by default)."""
+    return os.environ.get("GCMLM_INTAKE_HOST", "127.0.0.1")
+
+
+def intake_port() -> int:
+    """`GCMLM_INTAKE_PORT`: the DICOM receiver's port (11112, DICOM's registered non-privileged port)."""
+    return int(os.environ.get("GCMLM_INTAKE_PORT", "11112"))
+
+
+def intake_ae_title() -> str:
+    """`GCMLM_INTAKE_AE_TITLE`: the DICOM receiver's AE title."""
+    return os.environ.get("GCMLM_INTAKE_AE_TITLE", "GCMLM")
+
+
+def intake_calling_ae_titles() -> tuple[str, ...]:
+    """`GCMLM_INTAKE_CALLING_AE_TITLES`: comma-separated AE titles allowed to send (empty: any)."""
+    return tuple(t.strip() for t in os.environ.get("GCMLM_INTAKE_CALLING_AE_TITLES", "").split(",") if t.strip())
+
+
+def intake_quiet_s() -> float:
+    """`GCMLM_INTAKE_QUIET_S`: seconds without a new instance before a patient's READY is written."""
+    return float(os.environ.get("GCMLM_INTAKE_QUIET_S", "60"))
+
+
 def process_environment() -> dict[str, str]:
     """A copy of this process's environment (for a child process to start from)."""
     return dict(os.environ)

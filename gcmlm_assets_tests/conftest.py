@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import os
 from pathlib import Path
 
@@ -12,10 +13,21 @@ from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets_tests.support.definitions import patient_result_checks
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SESSION_LOCALE = locale.setlocale(locale.LC_ALL)  # read before any test module is imported
 
 
 def _test_data_root() -> Path:
     return Path(os.environ.get("GCMLM_TEST_DATA", PROJECT_ROOT.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(autouse=True)
+def keep_locale():
+    """SimpleITK's and GDCM's readers and writers set the process's locale to "C", after which Python
+    decodes text (a subprocess's output, a file opened without an encoding) as ASCII in every later
+    test of the session: each test starts with the locale the session started with."""
+    locale.setlocale(locale.LC_ALL, SESSION_LOCALE)
+    yield
+    locale.setlocale(locale.LC_ALL, SESSION_LOCALE)
 
 
 @pytest.fixture(scope="session")

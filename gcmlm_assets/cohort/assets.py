@@ -132,6 +132,12 @@ def _first(mapping: dict, n: int) -> dict:
     return dict(list(mapping.items())[:n])
 
 
+def fused_table_fingerprint(report: "fusion.FusionReport", clinical_sha256: str | None) -> str:
+    """What the fused table is made from (every input file and why a result was left out); pinned by
+    core/test_fingerprints.py."""
+    return sha256_text(FUSED_TABLE.code_version, report.input_fingerprint(clinical_sha256))
+
+
 @dg.asset(
     **FUSED_TABLE.dagster_attributes(),
     op_tags=step_pods.op_tags(step_pods.COHORT),
@@ -155,8 +161,7 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
     unsound = unsound_results(context.instance, sorted(known), patient_result_checks.blocking, store)
     table, report = fusion.build_fused_table(store.root, pq.read_table(clinical_path), known_patients=known,
                                              unsound=unsound)
-    output = _stored_output(store, FUSED_TABLE,
-                            sha256_text(FUSED_TABLE.code_version, report.input_fingerprint(clinical_sha)), context)
+    output = _stored_output(store, FUSED_TABLE, fused_table_fingerprint(report, clinical_sha), context)
     folder = output.folder
     if not output.reused:
         fusion.write_parquet(table, FUSED_FILE.in_folder(folder))
@@ -206,6 +211,12 @@ SCORES_VALID_CHECK = dg.AssetCheckSpec(
     "quarantined and the previous scores stay where the explanations read them.")
 
 
+def risk_scores_fingerprint(model_sha256: str, fused_sha256: str, bags_sha256: str, model_version: str) -> str:
+    """What the scores are made from (see risk_scores); pinned by core/test_fingerprints.py."""
+    return sha256_text(RISK_SCORES.code_version, model_sha256, fused_sha256, bags_sha256,
+                       explanation_keys.CODE_VERSION, model_version)
+
+
 @dg.asset(
     **RISK_SCORES.dagster_attributes(),
     op_tags=step_pods.op_tags(step_pods.COHORT),
@@ -232,9 +243,9 @@ def risk_scores(context: dg.AssetExecutionContext, storage: ArtifactStorage):
     fused = pq.read_table(fused_path)
     # the explanation keys' inputs: the model file, the fused rows, the pathology patients' feature
     # files (the bags) and the explanation code; the version name is written beside each score
-    fingerprint = sha256_text(RISK_SCORES.code_version, model_sha, fused_sha,
-                              bags.bags_fingerprint(store, UNI_FEATURES.key, bags.pathology_patients(fused)),
-                              explanation_keys.CODE_VERSION, pointer["version"])
+    fingerprint = risk_scores_fingerprint(
+        model_sha, fused_sha, bags.bags_fingerprint(store, UNI_FEATURES.key, bags.pathology_patients(fused)),
+        pointer["version"])
     output = _stored_output(store, RISK_SCORES, fingerprint, context)
     folder = output.folder
     if not output.reused:

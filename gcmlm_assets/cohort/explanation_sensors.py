@@ -9,11 +9,17 @@ bucket's first changed patient to its last (the step skips the patients in betwe
 unchanged or unscored, without an event), or an ordinary one-patient run for a bucket of one.
 One tick asks for at most `runs_per_tick` runs; its cursor (the scores' event
 and the last patient asked for) lets the next tick carry on.
+
+Assets made from the explanation (`carried_on`, e.g. pathology's QuPath GeoJSON, named by
+definitions.py so that the cohort imports no other domain) are selected in a one-patient run,
+which carries them on itself; a range run cannot chain steps (patient_steps.py), so a steps
+sensor carries them on after it.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import dagster as dg
 
@@ -54,22 +60,30 @@ def recorded_explanation_keys(instance: dg.DagsterInstance, explanations_asset: 
     return {patient_id: values[DATA_VERSION_TAG] for patient_id, values in tags.items() if DATA_VERSION_TAG in values}
 
 
-def _run_request(explanations_asset: str, batch: PatientBatch, size: int, scores_event: int) -> dg.RunRequest:
+def _run_request(explanations_asset: str, batch: PatientBatch, size: int, scores_event: int,
+                 carried_on: Sequence[str] = ()) -> dg.RunRequest:
     """One run for a bucket's changed patients: over the range from the first to the last (the step
-    leaves the unchanged ones between), or an ordinary one-patient run for a batch of one."""
+    leaves the unchanged ones between), or an ordinary one-patient run for a batch of one, which
+    also materializes the `carried_on` assets."""
+    selection = [explanations_asset, *(carried_on if batch.single else ())]
     return runs.batch_run_request(
         batch, size, run_key=f"explain:{scores_event}:{batch.first}:{batch.last}",
-        asset_selection=[dg.AssetKey(explanations_asset)],
+        asset_selection=[dg.AssetKey(key) for key in selection],
         tags={"gcmlm/reason": f"{len(batch.patients)} patient(s) whose explanation key changed with risk_scores "
                               f"event {scores_event}", **runs.work_tags(runs.EXPLANATIONS)})
 
 
 def build_risk_explanations_sensor(interval_s: int, explanations_asset: str, scores_asset: str, scores_file: str,
-                                   runs_per_tick: int = RUNS_PER_TICK) -> dg.SensorDefinition:
+                                   runs_per_tick: int = RUNS_PER_TICK,
+                                   carried_on: Sequence[str] = ()) -> dg.SensorDefinition:
+    """`carried_on`: per-patient assets downstream of the explanation that a one-patient run
+    materializes after it."""
+    carried_on = list(carried_on)
+
     @dg.sensor(
         name="risk_explanations_sensor",
         minimum_interval_seconds=interval_s,
-        asset_selection=[explanations_asset],
+        asset_selection=[explanations_asset, *carried_on],
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"After each new {scores_asset} materialization, requests {explanations_asset} for the scored "
                     "patients whose explanation key (model file, the patient's fused_table row and patch features) "
@@ -117,7 +131,8 @@ def build_risk_explanations_sensor(interval_s: int, explanations_asset: str, sco
         asked = sum(len(group.patients) for group in groups)
         context.log.info(f"{len(changed)} scored patient(s) to explain ({scores_asset} event {event}): {asked} in "
                          f"{len(groups)} run(s) now" + ("" if complete else ", the rest on the next ticks"))
-        return dg.SensorResult(run_requests=[_run_request(explanations_asset, group, size, event) for group in groups],
+        return dg.SensorResult(run_requests=[_run_request(explanations_asset, group, size, event, carried_on)
+                                               for group in groups],
                                cursor=_cursor(event, groups[-1].last, complete))
 
     return risk_explanations_sensor

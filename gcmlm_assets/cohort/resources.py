@@ -8,21 +8,18 @@ import dagster as dg
 
 from gcmlm_assets.cohort.model.risk_model_fields import ModelSettingFields
 from gcmlm_assets.profiles import PRODUCTION, Profile
-from gcmlm_assets.setting_fields import settings_resource, values_of
+from gcmlm_assets.setting_fields import values_of
 
 
-class _RiskModelResource(dg.ConfigurableResource):
+class RiskModelSettings(dg.ConfigurableResource, ModelSettingFields):
     """Settings of `risk_model` (key "risk_model"); changing any of them retrains the model."""
 
-    # RiskModelSettings below: these methods, with ModelSettingFields' fields.
+    # The fields are ModelSettingFields' (declared there once, with their defaults and descriptions).
 
     def model_settings(self):
         from gcmlm_assets.cohort.model.model_settings import ModelSettings
 
         return ModelSettings(**values_of(self, ModelSettingFields))
-
-
-RiskModelSettings = settings_resource("RiskModelSettings", _RiskModelResource, ModelSettingFields, __name__)
 
 
 class PatientResultChecks(dg.ConfigurableResource):

@@ -32,9 +32,10 @@ from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.inputs import required_file
 from gcmlm_assets.resources import ArtifactStorage
+from gcmlm_assets.reuse import VersionedOutput
 from gcmlm_assets.storage import (
-    VERSION_POINTER, ArtifactStore, atomic_write_bytes, atomic_write_json, new_version_folder, publish_version,
-    read_version_pointer, sha256_file, sha256_text, version_intact)
+    VERSION_POINTER, ArtifactStore, atomic_write_bytes, atomic_write_json, read_version_pointer, sha256_file,
+    sha256_text, version_intact)
 
 # Imported by the step that uses it, not when the definitions load (gcmlm_assets/lazy.py). The
 # model/ modules (and model_card, importance, card_context over them) import scikit-learn when
@@ -94,14 +95,14 @@ def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage
     inputs = {"training_data_sha256": training.training_data_sha256(table), "labelled_patients": table.num_rows,
               "patch_features_sha256": (bags.bags_fingerprint(store, UNI_FEATURES.key, pathology_patients)
                                         if pathology_patients else None)}
-    fingerprint = sha256_text(RISK_MODEL.code_version, training.fitting_library_versions(),
-                              model_card.settings_json(settings), json.dumps(inputs, sort_keys=True))
-    root = RISK_MODEL.folder(store)
-    pointer = _reusable_version(root, fingerprint)
-    if pointer is not None:
-        context.log.info(f"risk_model: labelled data and settings unchanged, version {pointer['version']} kept "
-                         "(patients without a label are scored with it, not trained on)")
-        yield _restated_result(context, root, pointer, REUSED)
+    output = VersionedOutput(store, RISK_MODEL,
+                             risk_model_fingerprint(training.fitting_library_versions(),
+                                                    model_card.settings_json(settings), inputs))
+    root = output.root
+    if output.reused:
+        context.log.info(f"risk_model: labelled data and settings unchanged, version {output.pointer['version']} "
+                         "kept (patients without a label are scored with it, not trained on)")
+        yield _restated_result(context, root, output.pointer, REUSED)
         return
     patient_bags, unreadable = load_patient_bags(store, pathology_patients, context, bags.TRAINING_BAG_PATCHES)
     if model_settings.PATHOLOGY_ABMIL in settings.fusion_blocks():
@@ -114,7 +115,7 @@ def train_risk_model(context: dg.AssetExecutionContext, storage: ArtifactStorage
         log_left_out(context, unreadable, "not in the ABMIL ablation row")
     data = cohort_data.CohortData.from_table(without_patients(table, excluded), settings.blocks(), bags=patient_bags)
     try:
-        pointer = _train_and_publish(context, root, data, fused_path, settings, fingerprint, inputs, excluded)
+        pointer = _train_and_publish(context, output, data, fused_path, settings, inputs, excluded)
     except model_settings.InsufficientLabels as exc:
         yield from _wait_for_labels(context, root, crossval.labelled_counts(data), settings, sha256_file(fused_path),
                                     str(exc))
@@ -182,12 +183,11 @@ def excluded_metadata(excluded: Mapping[str, str]) -> dict:
     return {"excluded_patients_count": len(excluded), "excluded_patients": dg.MetadataValue.json(shown)}
 
 
-def _reusable_version(root: Path, fingerprint: str) -> dict | None:
-    """The current version's pointer when it was made from `fingerprint` and its files are intact."""
-    pointer = read_version_pointer(root)
-    if pointer is None or pointer.get("fingerprint") != fingerprint:
-        return None
-    return pointer if version_intact(root, pointer) else None
+def risk_model_fingerprint(library_versions: str, settings_json: str, inputs: dict) -> str:
+    """What a trained model is made from: the fitting libraries' versions, the settings (as
+    `model_card.settings_json` writes them) and the labelled patients' data (`inputs`). Pinned by
+    core/test_fingerprints.py: a change refits the model."""
+    return sha256_text(RISK_MODEL.code_version, library_versions, settings_json, json.dumps(inputs, sort_keys=True))
 
 
 def _wait_for_labels(context, root: Path, counts: dict[str, int], settings: "model_settings.ModelSettings",
@@ -227,14 +227,14 @@ def _wait_for_labels(context, root: Path, counts: dict[str, int], settings: "mod
                                             "found": "no model trained yet"})
 
 
-def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fused_path: Path,
-                       settings: "model_settings.ModelSettings", fingerprint: str, inputs: dict,
-                       excluded: Mapping[str, str]) -> dict:
+def _train_and_publish(context, output: VersionedOutput, data: "cohort_data.CohortData", fused_path: Path,
+                       settings: "model_settings.ModelSettings", inputs: dict, excluded: Mapping[str, str]) -> dict:
     from gcmlm_assets.cohort.card import card_context, model_card
     from gcmlm_assets.cohort.explain import importance as model_importance
     from gcmlm_assets.cohort.model import crossval, modelling, training
     from gcmlm_assets.cohort.model import metrics as model_metrics
 
+    root = output.root
     cv = crossval.cross_validate(data, settings)
     context.log.info(f"cross-validated {len(cv.labels)} patients: {cv.n_splits} folds x {cv.n_repeats} repeats")
     for note in cv.notes:
@@ -256,7 +256,7 @@ def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fuse
         **card_context.card_context(records, data, cv, settings, model, metrics, training_data),
         permutation_importance=importance)
     labels = card["model_labels"]
-    staging = new_version_folder(root)
+    staging = output.staging()
     try:
         modelling.save_model(model, MODEL_FILE.in_folder(staging))
         atomic_write_json(METRICS_FILE.in_folder(staging), model_card.json_safe(metrics))
@@ -269,8 +269,7 @@ def _train_and_publish(context, root: Path, data: "cohort_data.CohortData", fuse
         verdict = qc.cv_auc_reported(json.loads(METRICS_FILE.in_folder(staging).read_text(encoding="utf-8")))
         if verdict.outcome == qc.ERROR:
             raise _Rejected(_quarantined(context, root, staging, verdict))
-        pointer = publish_version(root, staging, {"fingerprint": fingerprint, "inputs": inputs,
-                                                  "excluded_patients": dict(excluded)})
+        pointer = output.publish(staging, inputs=inputs, excluded_patients=dict(excluded))
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already once published
     _remove_unversioned_files(root)

@@ -57,7 +57,8 @@ def build_cohort_refresh_sensor(interval_s: int, cohort_keys: list[dg.AssetKey],
         asset_selection=cohort_keys,
         default_status=dg.DefaultSensorStatus.RUNNING,
         required_resource_keys={"landing", "automation", *training_resource_keys},
-        description="Refreshes the cohort assets (clinical_table, fused_table, risk_model, risk_scores) in one run "
+        description=f"Refreshes the cohort assets ({', '.join(key.to_user_string() for key in cohort_keys)}) "
+                    "in one run "
                     "once no run is queued or running, no segmentation training is due, nothing finished for "
                     "`automation.cohort_quiet_s`, and radiomics_row, slide_vector (a run planned, a result or a "
                     "check) or clinical.csv changed since the last refresh.",

@@ -24,6 +24,7 @@ import time
 from gcmlm_assets import settings
 from gcmlm_assets.catalogue import RISK_MODEL
 from gcmlm_assets.demo import synthetic
+from gcmlm_assets.demo.synthetic_plan import CohortSpec
 from gcmlm_assets.demo.daemon import prepare_dagster_home, start_daemon
 from gcmlm_assets.demo.summary import format_summary, fused_auc, summarise
 from gcmlm_assets.demo.watch import ScoresUnreadable, failed_runs, wait_until_settled
@@ -57,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m gcmlm_assets.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--patients", type=int, default=synthetic.CohortSpec.n_patients)
-    parser.add_argument("--seed", type=int, default=synthetic.CohortSpec.seed)
+    parser.add_argument("--patients", type=int, default=CohortSpec.n_patients)
+    parser.add_argument("--seed", type=int, default=CohortSpec.seed)
     parser.add_argument("--small", action="store_true", help="tiny volumes and slides (a test-sized cohort)")
     parser.add_argument("--timeout", type=float, default=DEMO_TIMEOUT_S, help="seconds to wait for the daemon")
     parser.add_argument("--auc-target", type=float, default=DEMO_AUC_TARGET,
@@ -72,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     home = prepare_dagster_home(settings.dagster_home())
     settings.use_dagster_home(home)
     landing, artifacts = settings.landing_root(), settings.artifacts_root()
-    spec = (synthetic.CohortSpec.small(args.patients, seed=args.seed) if args.small
-            else synthetic.CohortSpec(n_patients=args.patients, seed=args.seed))
+    spec = (CohortSpec.small(args.patients, seed=args.seed) if args.small
+            else CohortSpec(n_patients=args.patients, seed=args.seed))
     real = None if args.no_real_data else synthetic.RealFiles.find(settings.test_data_root())
     for line in describe_profile(profile):
         _say(line)

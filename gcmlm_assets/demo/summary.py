@@ -14,7 +14,8 @@ import dagster as dg
 
 from gcmlm_assets.catalogue import MASK_VOLUME, METRICS_FILE, MODEL_CARD, RISK_EXPLANATIONS, RISK_MODEL, RISK_SCORES
 from gcmlm_assets.dagster_internals import PARTITION_NAME_TAG as PARTITION_TAG
-from gcmlm_assets.demo import synthetic
+from gcmlm_assets.demo.synthetic_ct import true_stomach_lps
+from gcmlm_assets.demo.synthetic_plan import CohortSpec, plan_cohort
 from gcmlm_assets.storage import ArtifactStore
 from gcmlm_assets.demo.watch import unexplained
 
@@ -41,19 +42,19 @@ def latest_check_results(instance: dg.DagsterInstance, run_ids: Iterable[str]) -
     return latest
 
 
-def predicted_mask_dice(spec: synthetic.CohortSpec, artifacts: Path) -> dict[str, float]:
+def predicted_mask_dice(spec: CohortSpec, artifacts: Path) -> dict[str, float]:
     """Dice of each nnU-Net-predicted ct_mask against the generator's true stomach (synthetic
     patients without a reference mask; the generator knows what the network had to find)."""
     import numpy as np
     import SimpleITK as sitk
 
     scores = {}
-    for plan in synthetic.plan_cohort(spec):
+    for plan in plan_cohort(spec):
         path = MASK_VOLUME.path(ArtifactStore(artifacts), plan.patient_id)
         if plan.has_reference_mask or not path.is_file():
             continue
         predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(bool)
-        truth = sitk.GetArrayFromImage(synthetic.true_stomach_lps(plan, spec)).astype(bool)
+        truth = sitk.GetArrayFromImage(true_stomach_lps(plan, spec)).astype(bool)
         if predicted.shape != truth.shape:
             continue
         total = int(predicted.sum() + truth.sum())
@@ -69,7 +70,7 @@ def materialization_metadata(instance: dg.DagsterInstance, asset: str) -> dict[s
 
 
 def summarise(instance: dg.DagsterInstance, defs: dg.Definitions, landing: Path, artifacts: Path,
-              home: Path, spec: synthetic.CohortSpec | None = None) -> dict[str, Any]:
+              home: Path, spec: CohortSpec | None = None) -> dict[str, Any]:
     graph = defs.resolve_asset_graph()
     patients = sorted(instance.get_dynamic_partitions("patients"))
     assets: dict[str, dict[str, int]] = {}

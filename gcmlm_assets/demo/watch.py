@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import dagster as dg
 
 from gcmlm_assets import runs
-from gcmlm_assets.catalogue import ASSETS, COHORT, FUSED_TABLE, MODALITY_CHAINS, RISK_EXPLANATIONS, RISK_SCORES
+from gcmlm_assets.catalogue import (
+    ASSETS, COHORT, FOLLOW_ONS, FUSED_TABLE, MODALITY_CHAINS, RISK_EXPLANATIONS, RISK_SCORES)
 from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS
 from gcmlm_assets.dagster_internals import SENSOR_NAME_TAG
 from gcmlm_assets.patient_steps import patients_in_between
@@ -85,6 +86,9 @@ def settled(instance: dg.DagsterInstance, since: float) -> bool:
     # ... and no patient went on since then to the middle of its chain (its next batched run is due)
     chains = [[dg.AssetKey(asset.key) for asset in chain] for chain in MODALITY_CHAINS.values()]
     if patients_in_between(instance, chains, refreshed.storage_id):
+        return False
+    # ... nor to a follow-on whose run is due (its upstream may be older than the refresh)
+    if patients_in_between(instance, [[dg.AssetKey(up.key), dg.AssetKey(down.key)] for up, down in FOLLOW_ONS]):
         return False
     return not unexplained(instance)
 

@@ -36,7 +36,7 @@ from gcmlm_assets.pathology.pooling import (
 )
 from gcmlm_assets.pathology.resources import PatchEncoder, TilingSettings
 from gcmlm_assets.pathology.slides import SlideError, list_slides
-from gcmlm_assets.pathology.tiling import TILING_VERSION
+from gcmlm_assets.pathology.tiling_params import TILING_VERSION
 from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.reuse import StoredOutput
@@ -190,8 +190,12 @@ def uni_features(context: dg.AssetExecutionContext):
 
 
 def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_model: LoadOnce, log):
-    # extract.py subclasses torch's Dataset, so importing it imports torch: only in the step that encodes.
+    # extract.py and patch_batches.py import torch (patch_batches subclasses its Dataset): only in the step
+    # that encodes.
     from gcmlm_assets.pathology import extract
+    from gcmlm_assets.pathology.feature_files import validate_feature_file
+    from gcmlm_assets.pathology.patch_batches import describe_reading
+    from gcmlm_assets.pathology.patch_grid import ExtractionError, read_patch_grid
     from gcmlm_assets.step_output import stdout_to_log
 
     coords_dir = required_file(SLIDE_LISTING, store, patient_id).parent
@@ -207,14 +211,14 @@ def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_mode
                                            feature_dtype="float16" if encoder.float16_features else "float32",
                                            scaled_decode=encoder.scaled_decode,
                                            progress=lambda line: log.info(f"{patient_id}: {line}"))
-        except extract.ExtractionError as error:
+        except ExtractionError as error:
             raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from error
     seconds = time.perf_counter() - started
 
     identity = model.identity()
     # Expected rows come from the coordinate files themselves, not from what extraction reported.
-    reports = [extract.validate_feature_file(r.output, expected_dim=model.embedding_dim, expected_encoder=identity,
-                                             expected_rows=extract.read_patch_grid(r.attrs["coords_path"]).n_patches)
+    reports = [validate_feature_file(r.output, expected_dim=model.embedding_dim, expected_encoder=identity,
+                                     expected_rows=read_patch_grid(r.attrs["coords_path"]).n_patches)
                for r in done.results]
     # Each slide's features were reused or computed by extract.py: the whole output is only recorded.
     output = StoredOutput(store, UNI_FEATURES, patient_id, done.fingerprint, look_up=False)
@@ -243,7 +247,7 @@ def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_mode
             "reused_slides": dg.MetadataValue.json([r.output.name for r in done.results if r.reused]),
             "readers": dg.MetadataValue.json({r.output.name: r.reader_label for r in done.results}),
             "scaled_decode": encoder.scaled_decode,
-            "reading": extract.describe_reading(encoder.num_workers, encoder.read_threads),
+            "reading": describe_reading(encoder.num_workers, encoder.read_threads),
             "feature_dtype": "float16" if encoder.float16_features else "float32",
             "device": str(model.device),
             "device_reason": device.reason,

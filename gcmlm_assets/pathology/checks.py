@@ -11,7 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from gcmlm_assets.catalogue import PATCH_COORDS, SLIDE_VECTOR, UNI_FEATURES
+from gcmlm_assets.catalogue import PATCH_COORDS, QUPATH_GEOJSON, SLIDE_VECTOR, UNI_FEATURES
 
 
 PATCH_COORDS_CHECK_SPECS = [
@@ -155,7 +155,7 @@ SLIDE_VECTOR_CHECK_SPECS = [
 
 
 def uni_features_results(reports: list, identity: dict) -> list[dg.AssetCheckResult]:
-    """Check results from `extract.FeatureFileReport`s of one patient's feature files."""
+    """Check results from `feature_files.FeatureFileReport`s of one patient's feature files."""
     def failing(predicate) -> dict[str, list[str]]:
         return {r.path.name: [p for p in r.problems if predicate(p)] for r in reports
                 if any(predicate(p) for p in r.problems)}
@@ -247,6 +247,26 @@ def slide_vector_result(problems: list[str], expected_dim: int, path: Path | Non
                   "found": "; ".join(problems) if problems else f"1 row of {expected_dim} finite features",
                   "expected_dim": expected_dim, "n_problems": len(problems),
                   "problems": dg.MetadataValue.json(problems)},
+    )
+
+
+QUPATH_GEOJSON_CHECK_SPECS = [
+    dg.AssetCheckSpec("geojson_matches_grid", asset=QUPATH_GEOJSON.key, blocking=True,
+                      description="Each slide's GeoJSON file, read back from disk, has one tile per tissue patch of "
+                                  "the slide's tiling, in order, each at that patch's full-resolution position, so "
+                                  "that what QuPath draws is the grid the patient was analysed on."),
+]
+
+
+def geojson_matches_grid_result(problems: list[str], n_slides: int, n_tiles: int) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name="geojson_matches_grid", asset_key=QUPATH_GEOJSON.key, passed=not problems,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=(f"The GeoJSON does not match the patch grid: {'; '.join(problems[:LISTED])}" if problems
+                     else f"Passed: {n_tiles} tile(s) of {n_slides} slide(s) are the HDF5 patches."),
+        metadata={"expected": "one tile per HDF5 patch, in order, at its coordinates",
+                  "found": "; ".join(problems[:LISTED]) if problems else f"{n_tiles} tile(s) equal to the HDF5 rows",
+                  "n_problems": len(problems)},
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dagster as dg
 
 from gcmlm_assets.landing.sensors import ModalityHold
-from gcmlm_assets.pathology import assets, checks, resources
+from gcmlm_assets.pathology import assets, checks, geojson_assets, resources
 from gcmlm_assets.pathology.resources import PatchEncoder
 from gcmlm_assets.profiles import Profile
 
@@ -19,7 +19,7 @@ LANDING_HOLD = ModalityHold("pathology", "encoder", PatchEncoder.missing_weights
 
 def definitions(env: str, profile: Profile) -> dg.Definitions:
     return dg.Definitions(
-        assets=assets.ASSETS,
+        assets=[*assets.ASSETS, *geojson_assets.ASSETS],
         asset_checks=checks.CHECKS,
         resources=resources.resources(env, profile),
     )

@@ -2,7 +2,7 @@
 
 Outputs in the patient's folder (`<artifacts>/patch_coords/<pid>/`):
 
-* `<slide_stem>.h5` per slide with at least one patch (CLAM layout, see `tiling.py`);
+* `<slide_stem>.h5` per slide with at least one patch (CLAM layout, see `coords_h5.py`);
 * `slides.json`: every slide of the patient, with its fingerprint, resolution
   and source, patch count and HDF5 file (null when the slide has no patch,
   with the reason). Downstream assets read this listing, not the folder. A
@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gcmlm_assets.catalogue import SLIDE_LISTING, TILING_PICTURE
+from gcmlm_assets.pathology.coords_h5 import write_coords_h5
 from gcmlm_assets.pathology.slides import SlideError, SlideInfo, SlideSource, opened, slide_source
-from gcmlm_assets.pathology.tiling import TILING_VERSION, TilingParams, TilingResult, tile_slide, tiling_picture, \
-    write_coords_h5
+from gcmlm_assets.pathology.tiling import tile_slide
+from gcmlm_assets.pathology.tiling_params import TILING_VERSION, TilingParams, TilingResult
+from gcmlm_assets.pathology.tiling_picture import tiling_picture
 from gcmlm_assets.pictures import save_png
 from gcmlm_assets.storage import atomic_write_json, sha256_file, sha256_text
 

@@ -20,7 +20,7 @@ full-resolution path within `SCALED_PROBE_MEAN_DIFF` grey levels on average;
 a misread colour space differs by tens.
 
 `choose_reader` picks the reader for a slide level once (it probes the slide);
-`open_reader` opens it, in the process that reads (extract.py's `PatchBatches`).
+`open_reader` opens it, in the process that reads (patch_batches.py's `PatchBatches`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import Field
@@ -10,16 +10,13 @@ from pydantic import Field
 from gcmlm_assets.devices import ResolvedDevice, resolve_device
 from gcmlm_assets.profiles import PRODUCTION, Profile
 from gcmlm_assets.settings import encoder_checkpoint
-from gcmlm_assets.pathology.tiling import ClamParams, TilingParams
-from gcmlm_assets.pathology.tissue import SegmentationParams
+from gcmlm_assets.pathology.tiling_settings import TilingFields
 
 if TYPE_CHECKING:  # torch only when a step loads the encoder
     from gcmlm_assets.pathology.encoders import LoadedEncoder
 
-TILING = TilingParams()  # the tiling defaults
 
-
-class TilingSettings(dg.ConfigurableResource):
+class TilingSettings(dg.ConfigurableResource, TilingFields):
     """How `patch_coords` finds tissue and lays patches (resource key "pathology").
 
     `mode="default"` tiles at `target_mpp` with a tissue-fraction rule;
@@ -27,55 +24,7 @@ class TilingSettings(dg.ConfigurableResource):
     (the `clam_*` fields, or a CLAM preset CSV in `clam_preset`).
     """
 
-    # The defaults are TilingParams', SegmentationParams' and ClamParams' own (one definition each);
-    # only the settings that no plain class has are set here.
-    mode: str = Field(default=TILING.mode, description='"default" or "clam"')
-    patch_size: int = Field(default=TILING.patch_size, description="patch side in px at target_mpp")
-    target_mpp: float = Field(default=TILING.target_mpp, description="µm per pixel of the patches (0.5 ~ 20x)")
-    min_tissue: float = Field(default=TILING.min_tissue, description="minimum tissue fraction of a kept patch")
-    default_mpp: float = Field(default=TILING.default_mpp,
-                               description="µm/px assumed (with a WARN) for slides without resolution")
-    min_plausible_mpp: float = TILING.plausible_mpp[0]
-    max_plausible_mpp: float = TILING.plausible_mpp[1]
-    level_match_tolerance: float = TILING.level_match_tolerance
-    seg_mpp: float = Field(default=TILING.seg_mpp, description="µm per pixel of the image tissue is segmented on")
-    sthresh: int = TILING.segmentation.sthresh
-    mthresh: int = TILING.segmentation.mthresh
-    close: int = TILING.segmentation.close
-    use_otsu: bool = TILING.segmentation.use_otsu
-    min_tissue_area: float = Field(default=TILING.min_tissue_area,
-                                   description="drop tissue regions under this many patch areas")
-    min_hole_area: float = Field(default=TILING.min_hole_area, description="fill holes under this many patch areas")
-    max_n_holes: Optional[int] = Field(default=TILING.max_n_holes,
-                                       description="keep only the largest N holes per region")
-    clam_preset: Optional[str] = Field(default=None, description="CLAM preset CSV; overrides the `clam_*` fields")
-    clam_seg_level: int = TILING.clam.seg_level
-    clam_a_t: float = TILING.clam.a_t
-    clam_a_h: float = TILING.clam.a_h
-    clam_max_n_holes: int = TILING.clam.max_n_holes
-    clam_contour_fn: str = TILING.clam.contour_fn
-    clam_use_padding: bool = TILING.clam.use_padding
-    min_patches_per_slide: int = Field(default=10, description="patch_count_in_bounds warns below this")
-    max_patches_per_slide: int = Field(default=200_000, description="patch_count_in_bounds warns above this")
-
-    def tiling_params(self) -> TilingParams:
-        clam = ClamParams(seg_level=self.clam_seg_level, sthresh=self.sthresh, mthresh=self.mthresh,
-                          close=self.close, use_otsu=self.use_otsu, a_t=self.clam_a_t, a_h=self.clam_a_h,
-                          max_n_holes=self.clam_max_n_holes, contour_fn=self.clam_contour_fn,
-                          use_padding=self.clam_use_padding, patch_size=self.patch_size,
-                          step_size=self.patch_size)
-        if self.clam_preset:
-            clam = ClamParams.from_preset_csv(self.clam_preset, base=clam)
-        return TilingParams(
-            mode=self.mode, patch_size=self.patch_size, target_mpp=self.target_mpp,
-            min_tissue=self.min_tissue, default_mpp=self.default_mpp,
-            plausible_mpp=(self.min_plausible_mpp, self.max_plausible_mpp),
-            level_match_tolerance=self.level_match_tolerance, seg_mpp=self.seg_mpp,
-            segmentation=SegmentationParams(sthresh=self.sthresh, mthresh=self.mthresh, close=self.close,
-                                            use_otsu=self.use_otsu),
-            min_tissue_area=self.min_tissue_area, min_hole_area=self.min_hole_area,
-            max_n_holes=self.max_n_holes, clam=clam,
-        )
+    # The fields and tiling_params() are TilingFields' (tiling_settings.py: declared there once).
 
 
 class PatchEncoder(dg.ConfigurableResource):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import dagster as dg
-from gcmlm_assets.catalogue import CT_IMAGE, CT_MASK, RADIOMICS_ROW
+from gcmlm_assets.catalogue import CT_IMAGE, CT_MASK, CT_MASK_SEG, RADIOMICS_ROW, RADIOMICS_SR
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.radiology import features as radiomics_features
 from gcmlm_assets.radiology import masks
@@ -93,6 +93,18 @@ RADIOMICS_ROW_CHECK_SPECS = [
     _spec("radiomics_row_finite", RADIOMICS_ROW.key,
           "Every radiomics feature of the patient is a real number (none missing or infinite); a missing value "
           "means a feature could not be computed from this scan and outline."),
+]
+CT_MASK_SEG_CHECK_SPECS = [
+    _spec("seg_matches_mask", CT_MASK_SEG.key,
+          "The DICOM SEG, read back and placed by each frame's own position and orientation, marks exactly the "
+          "voxels of the stomach mask it was made from, voxel for voxel: what a radiologist sees in the PACS "
+          "viewer is what the features were measured in. Passes with the reason when the CT came in without "
+          "a DICOM series (no SEG)."),
+]
+RADIOMICS_SR_CHECK_SPECS = [
+    _spec("sr_matches_row", RADIOMICS_SR.key,
+          "The DICOM SR, read back, holds every finite feature of the patient's radiomics row with exactly the "
+          "row's value, and nothing else. Passes with the reason when there is no SEG (and so no SR)."),
 ]
 
 
@@ -356,3 +368,55 @@ def radiomics_row_check_results(table, patient_id: str,
                         f"(missing, NaN or infinite): {shown_non_finite}.",
                 non_finite=", ".join(list(non_finite)[:20]), non_finite_count=len(non_finite)),
     ]
+
+
+# ---------------------------------------------------------------- ct_mask_seg, radiomics_sr
+
+
+def seg_matches_mask_result(seg_path: Path | None, mask_path: Path, absent_reason: str = "") -> dg.AssetCheckResult:
+    """The SEG at `seg_path` read back onto the mask's grid against the mask (None: no SEG, and why)."""
+    from gcmlm_assets.radiology.dicom_seg import SegInputError, read_seg_mask
+
+    expected = f"the SEG marks exactly the voxels of {mask_path}"
+    if seg_path is None:
+        return _result("seg_matches_mask", True, expected=expected, found=f"no SEG: {absent_reason}", failure="")
+    mask = sitk.ReadImage(str(mask_path))
+    try:
+        read_back = sitk.GetArrayFromImage(read_seg_mask(seg_path, mask)) != 0
+    except SegInputError as error:
+        return _result("seg_matches_mask", False, expected=expected, found=str(error),
+                       failure=f"The SEG of patient {_patient_of(seg_path)} cannot be read back: {error}.")
+    truth = sitk.GetArrayViewFromImage(mask) != 0
+    differing = int(np.count_nonzero(read_back != truth))
+    found = (f"{int(truth.sum())} voxels, all equal" if not differing
+             else f"{differing} of {truth.size} voxels differ ({int(read_back.sum())} in the SEG, "
+                  f"{int(truth.sum())} in the mask)")
+    return _result("seg_matches_mask", not differing, expected=expected, found=found,
+                   failure=f"The SEG {seg_path} of patient {_patient_of(seg_path)} does not match {mask_path}: "
+                           f"{found}.", differing_voxels=differing)
+
+
+def sr_matches_row_result(sr_path: Path | None, row_path: Path, absent_reason: str = "") -> dg.AssetCheckResult:
+    """The SR's measurements read back against the row's finite features (None: no SR, and why)."""
+    from gcmlm_assets.radiology.dicom_sr import SRInputError, read_feature_row, read_sr_measurements
+
+    expected = f"every finite feature of {row_path} with its exact value"
+    if sr_path is None:
+        return _result("sr_matches_row", True, expected=expected, found=f"no SR: {absent_reason}", failure="")
+    _, row, _ = read_feature_row(row_path)
+    finite = {name: value for name, value in row.items() if math.isfinite(value)}
+    try:
+        measured = read_sr_measurements(sr_path, features=list(row))
+    except SRInputError as error:
+        return _result("sr_matches_row", False, expected=expected, found=str(error),
+                       failure=f"The SR of patient {_patient_of(sr_path)} cannot be read back: {error}.")
+    missing = [name for name in finite if name not in measured]
+    extra = [name for name in measured if name not in finite]
+    different = [name for name in finite if name in measured and measured[name] != finite[name]]
+    problems = [f"{len(names)} {what}: {_listed(names)}" for names, what in (
+        (missing, "feature(s) missing"), (extra, "measurement(s) not in the row"), (different, "value(s) differ"))
+        if names]
+    found = "; ".join(problems) if problems else f"{len(measured)} measurements, all equal to the row"
+    return _result("sr_matches_row", not problems, expected=expected, found=found,
+                   failure=f"The SR {sr_path} of patient {_patient_of(sr_path)} does not match {row_path}: {found}.",
+                   measurements=len(measured))

@@ -8,7 +8,7 @@ from pydantic import Field
 from gcmlm_assets.catalogue import SEGMENTATION_MODEL
 from gcmlm_assets.profiles import DEMO, PRODUCTION, Profile
 from gcmlm_assets.radiology.nnunet_settings import NnunetTrainingFields
-from gcmlm_assets.setting_fields import settings_resource, values_of
+from gcmlm_assets.setting_fields import values_of
 from gcmlm_assets.settings import nnunet_model_folder, nnunet_model_sha256
 
 
@@ -63,7 +63,7 @@ NNUNET_DEFAULT_EPOCHS, NNUNET_DEFAULT_ITERATIONS = 1000, 250
 CPU_FULL_PLANS_MAX_ITERATIONS = 1000
 
 
-class _SegmentationModelResource(dg.ConfigurableResource):
+class SegmentationModelResource(dg.ConfigurableResource, NnunetTrainingFields):
     """The nnU-Net gastric segmentation model: an existing trained folder, or how to train one.
 
     With `trained_model_folder` set (an nnU-Net results folder holding `plans.json`,
@@ -82,6 +82,7 @@ class _SegmentationModelResource(dg.ConfigurableResource):
     so a folder whose checkpoints do not match is refused before anything loads them.
     """
 
+    # How nnU-Net trains: NnunetTrainingFields' fields (declared there once). The model's own:
     trained_model_folder: str | None = Field(
         default=None, description="Existing nnU-Net trained-model folder (also GCMLM_NNUNET_MODEL_FOLDER); when "
                                   "set, nothing is trained and ct_mask predicts with it. The quickest way to a "
@@ -224,11 +225,6 @@ class _SegmentationModelResource(dg.ConfigurableResource):
             return folder, CheckpointPins.from_setting(self.trained_model_sha256)
         models_root = SEGMENTATION_MODEL.folder(store, create=False)
         return folder, installed_model_pins(models_root, read_current_model(models_root) or {})
-
-
-# The resource: _SegmentationModelResource's fields and methods, with NnunetTrainingFields' fields.
-SegmentationModelResource = settings_resource("SegmentationModelResource", _SegmentationModelResource,
-                                              NnunetTrainingFields, __name__)
 
 
 def resources(env: str, profile: Profile = PRODUCTION) -> dict[str, dg.ConfigurableResource]:

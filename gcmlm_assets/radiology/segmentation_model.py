@@ -33,6 +33,13 @@ from gcmlm_assets.storage import sha256_file, sha256_text, write_pointer
 sitk = lazy("SimpleITK")
 
 
+def segmentation_model_fingerprint(nnunet_version: str, settings: dict, inputs: dict[str, dict]) -> str:
+    """What a trained model is made from: its training settings (`TrainingSettings.as_dict()`) and each
+    training case's input hashes. Pinned by core/test_fingerprints.py: a change retrains the model."""
+    return sha256_text(SEGMENTATION_MODEL.key, SEGMENTATION_MODEL.code_version, nnunet_version,
+                       json.dumps(settings, sort_keys=True, default=str), json.dumps(inputs, sort_keys=True))
+
+
 def _training_candidates(patients: list[str], store, landing: LandingZone):
     """(patient, canonical CT, reference mask file) for every patient with a reference mask,
     and why the others that have one cannot be used."""
@@ -150,9 +157,7 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
             inputs[pid]["reference_label"] = label_setting
             inputs[pid].update({p.name: sha256_file(p) for p in masks.label_sidecars(ref) if p.is_file()})
     # Same inputs, settings, code and nnU-Net version: the installed model is reused, not retrained.
-    fingerprint = sha256_text(SEGMENTATION_MODEL.key, SEGMENTATION_MODEL.code_version, _nnunet_version(),
-                              json.dumps(settings.as_dict(), sort_keys=True, default=str),
-                              json.dumps(inputs, sort_keys=True))
+    fingerprint = segmentation_model_fingerprint(_nnunet_version(), settings.as_dict(), inputs)
 
     pointer = nnunet.read_current_model(models_root)
     installed = _installed_model(context, models_root, pointer)

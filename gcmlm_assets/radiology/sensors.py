@@ -4,7 +4,8 @@
   reference mask and no model is installed, or when that set changed by what the retraining
   policy asks since the last training (`segmentation.retrain_min_new_cases` /
   `retrain_min_growth_fraction`), once it has settled.
-- `predicted_mask_sensor` requests `ct_mask` + `radiomics_row` for patients without a reference
+- `predicted_mask_sensor` requests `ct_mask` and what follows it (`radiomics_row`, `ct_mask_seg`,
+  `radiomics_sr`) for patients without a reference
   mask once a model is installed (they waited, skipped), and again for all of them when a new model
   is installed. Patients with a reference mask are left alone.
 
@@ -24,13 +25,15 @@ from gcmlm_assets.batching import batch_patients
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.patient_batches import plan_batches
 from gcmlm_assets.radiology import model_lifecycle
-from gcmlm_assets.catalogue import CT_IMAGE, CT_MASK, CT_VOLUME, RADIOMICS_ROW, SEGMENTATION_MODEL
+from gcmlm_assets.catalogue import (
+    CT_IMAGE, CT_MASK, CT_MASK_SEG, CT_VOLUME, RADIOMICS_ROW, RADIOMICS_SR, SEGMENTATION_MODEL)
 from gcmlm_assets.radiology.resources import SegmentationModelResource
 from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZone
 
 SEGMENTATION_MODEL_KEY = dg.AssetKey(SEGMENTATION_MODEL.key)
 MASK_ASSET = dg.AssetKey(CT_MASK.key)
-PREDICTED_MASK_ASSETS = [MASK_ASSET, dg.AssetKey(RADIOMICS_ROW.key)]
+# The mask and what is made from it, in the radiology chain's order.
+PREDICTED_MASK_ASSETS = [MASK_ASSET, *(dg.AssetKey(a.key) for a in (RADIOMICS_ROW, CT_MASK_SEG, RADIOMICS_SR))]
 # Runs that can change the training set or the model: while one is queued or running, wait
 # (counted by their work tag; a run without one, launched by hand, counts too).
 TRAINING_INPUT_WORK = (runs.RADIOLOGY, runs.TRAINING)
@@ -142,7 +145,8 @@ def build_predicted_mask_sensor(interval_s: int) -> dg.SensorDefinition:
         minimum_interval_seconds=interval_s,
         asset_selection=PREDICTED_MASK_ASSETS,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Once a segmentation model is installed, predicts the masks (ct_mask + radiomics_row) of "
+        description="Once a segmentation model is installed, predicts the masks (ct_mask, then radiomics_row, "
+                    "ct_mask_seg and radiomics_sr) of "
                     "patients without a reference mask that waited for it; after a new model, re-predicts all "
                     "of them. Patients with a reference mask are left alone.",
     )
@@ -169,8 +173,8 @@ def build_predicted_mask_sensor(interval_s: int) -> dg.SensorDefinition:
         batches = plan_batches(order, chosen, size)
         context.log.info(f"model {model_key}: predicting the masks of {len(chosen)} patient(s) in {len(batches)} "
                          "run(s): " + ", ".join(chosen[:20]) + (" ..." if len(chosen) > 20 else ""))
-        # One patient: ct_mask and its radiomics_row in one run. A batch: ct_mask over its range with one
-        # loaded model; radiology_steps_sensor then requests the batch's radiomics_row.
+        # One patient: ct_mask and what follows it in one run. A batch: ct_mask over its range with one
+        # loaded model; radiology_steps_sensor then carries the batch on through the chain.
         return [runs.batch_run_request(
             batch, size, run_key=model_lifecycle.mask_run_key(batch.first if batch.single else
                                                               f"{batch.first}..{batch.last}", model_key),

@@ -1,4 +1,4 @@
-"""cohort/'s layout: the computing parts (tables/, model/, explain/, card/) are plain Python beside the
+"""cohort/'s layout: the computing parts (tables/, model/, explain/, card/, exchange/) are plain Python beside the
 Dagster wiring (that no lazy() names a project module is core/test_definitions.py's)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import gcmlm_assets.cohort
 
 COHORT = Path(gcmlm_assets.cohort.__file__).parent
-PARTS = ("tables", "model", "explain", "card")
+PARTS = ("tables", "model", "explain", "card", "exchange")
 
 
 def test_the_computing_parts_import_no_dagster():

@@ -2,22 +2,34 @@
 
 A fingerprint that changes makes every stored output look out of date: at 10,000 patients that is
 nnU-Net, tiling and feature extraction run again for everyone. The values below were computed with
-the formulas as they stood before the reusable-output path was shared; change one only together
-with the asset's code version in catalogue.py, on purpose.
+the formulas as they stood before the reusable-output path was shared (segmentation_model's,
+risk_model's, fused_table's and risk_scores' from the inline formulas before they became functions);
+change one only together with the asset's code version in catalogue.py, on purpose.
 """
 
+import dataclasses
 import hashlib
+import json
 import os
 
 import dagster as dg
 
-from gcmlm_assets.catalogue import CLINICAL_FILE, CLINICAL_TABLE, CT_IMAGE, CT_VOLUME
+from gcmlm_assets.catalogue import (
+    CLINICAL_FILE, CLINICAL_TABLE, CT_IMAGE, CT_VOLUME, METRICS_FILE, MODEL_FILE, RISK_MODEL)
 from gcmlm_assets.cohort import assets as cohort_assets
+from gcmlm_assets.cohort.card.model_card import settings_json
+from gcmlm_assets.cohort.explain.explanation_keys import explanation_key
+from gcmlm_assets.cohort.model.model_settings import ModelSettings
+from gcmlm_assets.cohort.risk_model_asset import risk_model_fingerprint
+from gcmlm_assets.cohort.tables.fusion import FusionReport
 from gcmlm_assets.pathology.assets import slide_vector_fingerprint
 from gcmlm_assets.pathology.patch_coords import inputs_fingerprint
-from gcmlm_assets.pathology.tiling import TilingParams
+from gcmlm_assets.pathology.tiling_params import TilingParams
 from gcmlm_assets.radiology.assets import ct_image_fingerprint, ct_mask_fingerprint, radiomics_row_fingerprint
-from gcmlm_assets.reuse import StoredOutput, combined_digest
+from gcmlm_assets.radiology.dicom_assets import ct_mask_seg_fingerprint, radiomics_sr_fingerprint
+from gcmlm_assets.radiology.nnunet_training import TinyPlans, TrainingSettings
+from gcmlm_assets.radiology.segmentation_model import segmentation_model_fingerprint
+from gcmlm_assets.reuse import StoredOutput, VersionedOutput, combined_digest
 from gcmlm_assets.storage import ArtifactStore
 
 
@@ -34,6 +46,10 @@ def test_radiology_fingerprints_are_pinned():
             == "6149dff633b7b1ddcf9884e4a568eaae60b98806cde084409f89c8724ee469f3")
     assert (radiomics_row_fingerprint(digest("33"), digest("88"), digest("55"), "3.1.0")
             == "2b567e08983f576cb2b240a30fbda62e95df22191154dc61071887780b4269d0")
+    assert (ct_mask_seg_fingerprint(digest("11"), digest("88"), "MaskOrigin(x)")
+            == "ca5db2a0dd0a2d4bf5ccd5fd25e7fc19d555b10eb3753ebf4b4239e76f32f8c6")
+    assert (radiomics_sr_fingerprint(digest("77"), digest("99"), digest("55"))
+            == "31ea14b4c1324742f6c237bd234fd55611aaa6f1efccc7408e922a90c77b57a5")
 
 
 def test_pathology_fingerprints_are_pinned(tmp_path):
@@ -47,6 +63,70 @@ def test_pathology_fingerprints_are_pinned(tmp_path):
         "9d69cdac7796cbaedf47cb34a5ab0a356ac077885cd98d96c4a856ddf61c86ca")
     # uni_features' data version: all its files' hashes in one
     assert combined_digest(features) == "6ff45fe5d6181e0e98bed1117f7bc028eba3af81523669ba5809d06c53e8ddb9"
+
+
+def test_segmentation_model_fingerprint_is_pinned():
+    # A change retrains nnU-Net (hours on a GPU). The formula is pinned on fixed settings; how the
+    # settings are written into it, below (a new setting changes them without touching this pin).
+    inputs = {"P001": {"ct_image": digest("11"), "reference_mask": digest("22")},
+              "P002": {"ct_image": digest("33"), "reference_mask": digest("44"), "reference_label": "stomach",
+                       "mask.json": digest("55")}}
+    assert segmentation_model_fingerprint("2.5.1", {"device": "cpu", "epochs": 30}, inputs) == (
+        "91d6c164db1766af40d0a8590f5b898ce02b8cdce336a25da1f4f52b7055cf97")
+    settings = TrainingSettings(device="cpu", epochs=30, iterations_per_epoch=15, tiny_plans=TinyPlans())
+    written = settings.as_dict()
+    assert set(written) == {field.name for field in dataclasses.fields(TrainingSettings)}
+    assert written["tiny_plans"] == dataclasses.asdict(TinyPlans()) and written["epochs"] == 30
+
+
+def test_uni_features_extraction_fingerprint_is_pinned():
+    import torch
+
+    from gcmlm_assets.pathology.encoders import LoadedEncoder, get_spec
+    from gcmlm_assets.pathology.extract import extraction_fingerprint
+
+    encoder = LoadedEncoder(spec=get_spec("uni"), module=torch.nn.Identity(), checkpoint=None,
+                            checkpoint_sha256="untrained", weights_sha256=digest("ff"))
+    assert extraction_fingerprint(coords_sha256=digest("13"), slide_fingerprint=digest("24"), encoder=encoder,
+                                  feature_dtype="float16", precision="float32") == (
+        "0f4915e820c05bdc25fd9e77e347204b19cf180b09cbe62b87841d1369fd94c8")
+    assert extraction_fingerprint(coords_sha256=digest("13"), slide_fingerprint=digest("24"), encoder=encoder,
+                                  feature_dtype="float16", precision="bf16-autocast", scaled_decode=False) == (
+        "59d9c620b78ecf4ecd40d68230bb7b38aec83fcf8b259ec36b26128d8dd2d00e")
+
+
+def test_cohort_model_fingerprints_are_pinned():
+    report = FusionReport(input_files={"slide_vector/P002/slide_vector.parquet": digest("88"),
+                                       "radiomics_row/P001/radiomics.parquet": digest("99")},
+                          excluded_results=[{"patient_id": "P003", "modality": "radiology", "file": "x",
+                                             "reason": "ct_mask failed mask_plausible"}])
+    assert cohort_assets.fused_table_fingerprint(report, digest("aa")) == (
+        "59f36adbed3830d5fe60a0b95f25cb69640940b472ee51944c291010ef1cab98")
+    assert cohort_assets.fused_table_fingerprint(FusionReport(), None) == (
+        "c30d4be5d384662331de74c2b884afd98f390ae2746d3ee501b8802a0da97164")
+    # the formula, on the settings as model_card.settings_json writes them (a new setting changes
+    # those, and so refits the model, without touching this pin)
+    inputs = {"training_data_sha256": digest("66"), "labelled_patients": 40, "patch_features_sha256": None}
+    settings = json.dumps({"fusion": "mean", "n_splits": 5}, sort_keys=True)
+    assert risk_model_fingerprint("scikit-learn=1.5.0", settings, inputs) == (
+        "2f64a7263723d5f02ecd2103dd3d78311228579309be1d8f6735ca344fe40fb0")
+    assert risk_model_fingerprint("scikit-learn=1.5.0", settings, {**inputs, "patch_features_sha256": digest("77")}) == (
+        "8218f341a3075aba03a8a3b85dd2ade1b6e120cc361657cd53a530b814a90ba5")
+    assert cohort_assets.risk_scores_fingerprint(digest("bb"), digest("cc"), digest("dd"), "0123456789abcdef") == (
+        "1aef393503317e660c8f129ce40da30880890412a0e6f215c67a2432d303ea45")
+    # each patient's explanation is made again when its key changes
+    assert explanation_key(digest("bb"), digest("ee"), {"s2.h5": digest("12"), "s1.h5": digest("34")}) == (
+        "ad63a5b61125c0cf0fa50f1e5d36c1a11778a43a441c4cd11dd620c3b06a0faa")
+    assert explanation_key(digest("bb"), digest("ee"), None) == (
+        "a81511c9edb870df6f3d214ec5e46325417b9303df63f854b2a2a0824bc76a76")
+
+
+def test_the_model_settings_are_written_into_the_fingerprint_as_their_fields():
+    # every field by name with its value, nothing else: a refactor that wrote them otherwise (nested,
+    # renamed, with extra keys) would refit every stored model
+    written = json.loads(settings_json(ModelSettings()))
+    assert written == {field.name: json.loads(json.dumps(getattr(ModelSettings(), field.name)))
+                       for field in dataclasses.fields(ModelSettings)}
 
 
 def test_cohort_fingerprint_is_pinned(data_root, instance, base_resources):
@@ -75,3 +155,35 @@ def test_stored_output_is_reused_only_while_its_files_are_intact(tmp_path):
     assert not StoredOutput(store, CT_IMAGE, "P001", "fp-2").reused  # other inputs
     again.path(CT_VOLUME).write_bytes(b"damaged")
     assert not StoredOutput(store, CT_IMAGE, "P001", "fp-1").reused  # the file no longer hashes as recorded
+
+
+# risk_model's current.json as the code before VersionedOutput wrote it: a model trained then is reused.
+PUBLISHED_BEFORE = {
+    "excluded_patients": {}, "fingerprint": "fp-1", "inputs": {"labelled_patients": 40},
+    "files": {"metrics.json": hashlib.sha256(b"{}").hexdigest(), "model.skops": hashlib.sha256(b"model").hexdigest()},
+    "recent_versions": ["3a2deaeecd51e85c"], "version": "3a2deaeecd51e85c"}
+
+
+def test_versioned_output_reuses_a_version_published_before_it_existed(tmp_path):
+    store = ArtifactStore(tmp_path)
+    root = RISK_MODEL.folder(store)
+    (root / "3a2deaeecd51e85c").mkdir()
+    MODEL_FILE.in_folder(root / "3a2deaeecd51e85c").write_bytes(b"model")
+    METRICS_FILE.in_folder(root / "3a2deaeecd51e85c").write_bytes(b"{}")
+    (root / "current.json").write_text(json.dumps(PUBLISHED_BEFORE, indent=2, sort_keys=True), encoding="utf-8")
+
+    kept = VersionedOutput(store, RISK_MODEL, "fp-1")
+    assert kept.reused and kept.pointer == PUBLISHED_BEFORE
+    assert kept.folder == root / "3a2deaeecd51e85c" and kept.sha256(MODEL_FILE) == hashlib.sha256(b"model").hexdigest()
+    assert not VersionedOutput(store, RISK_MODEL, "fp-2").reused  # other inputs or settings
+
+    # the same files published again: the same version and pointer, byte for byte
+    again = VersionedOutput(store, RISK_MODEL, "fp-1")
+    staging = again.staging()
+    MODEL_FILE.in_folder(staging).write_bytes(b"model")
+    METRICS_FILE.in_folder(staging).write_bytes(b"{}")
+    assert again.publish(staging, inputs={"labelled_patients": 40}, excluded_patients={}) == PUBLISHED_BEFORE
+    assert json.loads((root / "current.json").read_text(encoding="utf-8")) == PUBLISHED_BEFORE
+
+    MODEL_FILE.in_folder(root / "3a2deaeecd51e85c").write_bytes(b"damaged")
+    assert not VersionedOutput(store, RISK_MODEL, "fp-1").reused  # a file no longer hashes as recorded

@@ -1,8 +1,8 @@
 """Each setting is defined once.
 
 A setting's default is written in one class; every other class that has the setting reads it from
-there (built from it with setting_fields.settings_resource, derived from it, or `default=` naming
-it). The scan below reads every module of gcmlm_assets (ast: nothing imported) and collects, per
+there (inherits it, as a resource inherits its plain settings dataclass, or `default=` naming it).
+The scan below reads every module of gcmlm_assets (ast: nothing imported) and collects, per
 settings class (a dataclass, or a pydantic / Dagster config class), the fields whose default is
 written as a literal; two classes writing literal defaults for the same names are a setting
 defined twice.
@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import itertools
+import sys
 from pathlib import Path
-from typing import get_args
+from typing import get_args, get_type_hints
+
+from pydantic.fields import FieldInfo
 
 import gcmlm_assets
 
@@ -37,13 +41,13 @@ def _is_literal(node: ast.AST | None) -> bool:
 
 def _default(value: ast.AST | None) -> ast.AST | None:
     """The default expression of a field: the value itself, or `default=` / the first argument of a
-    field-making call (pydantic's Field, dataclasses' field, setting_fields.setting)."""
+    field-making call (pydantic's Field, dataclasses' field)."""
     if isinstance(value, ast.Call):
         for keyword in value.keywords:
             if keyword.arg == "default":
                 return keyword.value
         name = value.func.attr if isinstance(value.func, ast.Attribute) else getattr(value.func, "id", "")
-        return value.args[0] if name in ("Field", "setting") and value.args else None
+        return value.args[0] if name == "Field" and value.args else None
     return value
 
 
@@ -91,15 +95,72 @@ def test_the_scan_finds_a_setting_written_twice(tmp_path):
     assert defined_twice(literal_defaults(package)) == {("pkg.plain.Plain", "pkg.wired.Wired"): ["a", "b", "c"]}
 
 
-def test_risk_model_settings_are_built_from_their_one_declaration():
+def _resources_and_their_declarations():
+    from gcmlm_assets.cohort.model.risk_model_fields import ModelSettingFields
+    from gcmlm_assets.cohort.resources import RiskModelSettings
+    from gcmlm_assets.pathology.resources import TilingSettings
+    from gcmlm_assets.pathology.tiling_settings import TilingFields
+    from gcmlm_assets.radiology.nnunet_settings import NnunetTrainingFields
+    from gcmlm_assets.radiology.resources import SegmentationModelResource
+
+    return [(RiskModelSettings, ModelSettingFields), (SegmentationModelResource, NnunetTrainingFields),
+            (TilingSettings, TilingFields)]
+
+
+def _declared(settings_class: type) -> dict[str, tuple]:
+    """{name: (default, description, bounds)} as the plain dataclass declares them (the description
+    and bounds in its `Annotated` metadata, setting_fields.setting)."""
+    hints = get_type_hints(settings_class, include_extras=True)
+    declared = {}
+    for field in dataclasses.fields(settings_class):
+        info = next((m for m in getattr(hints[field.name], "__metadata__", ()) if isinstance(m, FieldInfo)), None)
+        declared[field.name] = (field.default, info.description if info else None,
+                                [repr(m) for m in info.metadata] if info else [])
+    return declared
+
+
+def test_each_resource_inherits_its_settings_as_declared():
+    for resource, settings_class in _resources_and_their_declarations():
+        assert issubclass(resource, settings_class), resource
+        fields = resource.model_fields
+        assert {name: (fields[name].default, fields[name].description, [repr(m) for m in fields[name].metadata])
+                for name in _declared(settings_class)} == _declared(settings_class), resource
+        # What the Launchpad shows: Dagster's config schema has the same defaults and descriptions.
+        schema = resource.to_config_schema().as_field().config_type.fields
+        for name, (default, description, _) in _declared(settings_class).items():
+            assert (schema[name].default_value, schema[name].description) == (default, description), name
+
+
+def test_the_resources_are_ordinary_classes_a_type_checker_reads():
+    """Every field of a resource is annotated in a `class` statement (the resource's or a base's),
+    not added at run time, so IDEs and type checkers see it."""
+    for resource, _ in _resources_and_their_declarations():
+        assert getattr(sys.modules[resource.__module__], resource.__qualname__) is resource
+        assert get_type_hints(resource).keys() >= resource.model_fields.keys(), resource
+        written = {}  # class -> the names its class statement annotates
+        for owner in resource.__mro__[:-1]:
+            try:
+                statement = ast.parse(inspect.getsource(owner)).body[0]
+            except (OSError, TypeError):  # a class made at run time has no source
+                continue
+            written[owner] = {item.target.id for item in statement.body
+                              if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)}
+        for name in resource.model_fields:
+            assert any(name in names for names in written.values()), (resource, name)
+
+
+def test_risk_model_settings_are_their_one_declaration():
     from gcmlm_assets.cohort.model.combiners import FUSIONS
     from gcmlm_assets.cohort.model.risk_model_fields import Fusion, ModelSettingFields
     from gcmlm_assets.cohort.model.model_settings import ModelSettings
     from gcmlm_assets.cohort.resources import RiskModelSettings
 
-    declared = {f.name: (f.default, f.metadata["description"]) for f in dataclasses.fields(ModelSettingFields)}
-    assert {name: (f.default, f.description) for name, f in RiskModelSettings.model_fields.items()} == declared
-    assert issubclass(ModelSettings, ModelSettingFields) and ModelSettings.__dataclass_fields__.keys() == declared.keys()
+    declared = _declared(ModelSettingFields)
+    assert all(description for _, description, _ in declared.values())  # the Launchpad explains each
+    assert RiskModelSettings.model_fields.keys() == declared.keys()
+    assert issubclass(ModelSettings, ModelSettingFields)
+    assert ModelSettings.__dataclass_fields__.keys() == declared.keys()
+    assert RiskModelSettings(n_splits=3).model_settings() == ModelSettings(n_splits=3)
     assert get_args(Fusion) == FUSIONS
 
 
@@ -109,9 +170,14 @@ def test_nnunet_training_settings_are_the_resources_and_the_demo_is_the_profile(
     from gcmlm_assets.radiology.nnunet_training import TrainingSettings
     from gcmlm_assets.radiology.resources import SegmentationModelResource
 
-    fields = SegmentationModelResource.model_fields
-    for declared in dataclasses.fields(NnunetTrainingFields):
-        assert (fields[declared.name].default, fields[declared.name].description) == \
-            (declared.default, declared.metadata["description"]), declared.name
+    assert all(description for _, description, _ in _declared(NnunetTrainingFields).values())
     assert issubclass(TrainingSettings, NnunetTrainingFields)
     assert SegmentationModelResource.cpu_demo() == SegmentationModelResource(**DEMO.resource_settings("segmentation"))
+
+
+def test_tiling_settings_default_to_the_plain_tiling_classes():
+    from gcmlm_assets.pathology.resources import TilingSettings
+    from gcmlm_assets.pathology.tiling_params import TilingParams
+    from gcmlm_assets.pathology.tiling_settings import TilingFields
+
+    assert TilingSettings().tiling_params() == TilingFields().tiling_params() == TilingParams()

@@ -17,17 +17,17 @@ from pathlib import Path
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
-import SimpleITK as sitk
 
 from gcmlm_assets import runs
-from gcmlm_assets.demo import synthetic
+from gcmlm_assets.demo.synthetic import write_cohort
+from gcmlm_assets.demo.synthetic_plan import CohortSpec, plan_cohort
 from gcmlm_assets.demo.daemon import prepare_dagster_home, start_daemon
 from gcmlm_assets.demo.watch import failed_runs, wait_until_settled
 from gcmlm_assets.profiles import PROFILE_ENV
-from gcmlm_assets_tests.support.radiology.ct import write_dicom_series
 
 N_PATIENTS = 8
 BROKEN_CT, BROKEN_SLIDE = "GC0004", "GC0003"
+BROKEN_SLICE = "IM00006.dcm"  # of GC0004's DICOM series (demo/synthetic_dicom.py)
 SENSOR_TAG, PARTITION_TAG = "dagster/sensor_name", "dagster/partition"
 
 
@@ -69,6 +69,17 @@ def latest_ct_mask_source(instance: dg.DagsterInstance, patient_id: str) -> str:
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("ct_mask"), asset_partitions=[patient_id]), limit=1).records
     return records[0].asset_materialization.metadata["source"].value if records else "none"
+
+
+def dicom_results_written(instance: dg.DagsterInstance, patient_id: str) -> tuple[str, str]:
+    """What the patient's latest ct_mask_seg and radiomics_sr say of their file ("written", "none", or
+    "missing" before the first)."""
+    said = []
+    for asset, key in (("ct_mask_seg", "seg"), ("radiomics_sr", "sr")):
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[patient_id]), limit=1).records
+        said.append(records[0].asset_materialization.metadata[key].value if records else "missing")
+    return said[0], said[1]
 
 
 def overlapping_runs_of_one_patient(instance: dg.DagsterInstance) -> list[tuple[str, str, str]]:
@@ -116,14 +127,11 @@ def alive(proc) -> bool:
 
 
 def break_drops(landing: Path) -> tuple[bytes, bytes]:
-    """GC0004's CT becomes a DICOM series with one truncated slice; GC0003's first slide 0 bytes.
-    Returns what the fix puts back: the original CT volume's bytes and the slide's bytes."""
-    ct_file = landing / BROKEN_CT / "ct" / "ct.nii.gz"
-    ct_bytes = ct_file.read_bytes()
-    slices = write_dicom_series(sitk.ReadImage(str(ct_file)), landing / BROKEN_CT / "ct")
-    ct_file.unlink()
-    data = slices[5].read_bytes()
-    slices[5].write_bytes(data[: len(data) // 3])
+    """GC0004's DICOM series gets one truncated slice; GC0003's first slide 0 bytes. Returns what
+    the fix puts back: the slice's bytes and the slide's bytes."""
+    broken_slice = landing / BROKEN_CT / "ct" / BROKEN_SLICE
+    ct_bytes = broken_slice.read_bytes()
+    broken_slice.write_bytes(ct_bytes[: len(ct_bytes) // 3])
     slide = sorted((landing / BROKEN_SLIDE / "wsi").iterdir())[0]
     slide_bytes = slide.read_bytes()
     slide.write_bytes(b"")
@@ -132,10 +140,7 @@ def break_drops(landing: Path) -> tuple[bytes, bytes]:
 
 def fix_drops(landing: Path, ct_bytes: bytes, slide_bytes: bytes) -> None:
     """What an uploader does: replace the files, then touch READY (the commit point)."""
-    ct_dir = landing / BROKEN_CT / "ct"
-    for path in ct_dir.iterdir():
-        path.unlink()
-    (ct_dir / "ct.nii.gz").write_bytes(ct_bytes)
+    (landing / BROKEN_CT / "ct" / BROKEN_SLICE).write_bytes(ct_bytes)
     slide = sorted((landing / BROKEN_SLIDE / "wsi").iterdir())[0]
     slide.write_bytes(slide_bytes)
     for patient_id in (BROKEN_CT, BROKEN_SLIDE):
@@ -153,10 +158,10 @@ def test_daemon_takes_drops_to_risk_scores_and_reruns_only_fixed_patients(tmp_pa
     monkeypatch.setenv("DAGSTER_HOME", str(prepare_dagster_home(home)))
     monkeypatch.setenv(PROFILE_ENV, "demo")
 
-    spec = synthetic.CohortSpec.small(N_PATIENTS)
-    plans = {plan.patient_id: plan for plan in synthetic.plan_cohort(spec)}
+    spec = CohortSpec.small(N_PATIENTS)
+    plans = {plan.patient_id: plan for plan in plan_cohort(spec)}
     assert not plans[BROKEN_CT].has_reference_mask and not plans[BROKEN_SLIDE].has_reference_mask
-    synthetic.write_cohort(landing, spec)
+    write_cohort(landing, spec)
     ct_bytes, slide_bytes = break_drops(landing)
     patients = sorted(plans)
 
@@ -185,7 +190,7 @@ def test_daemon_takes_drops_to_risk_scores_and_reruns_only_fixed_patients(tmp_pa
             # The two broken drops failed once each, with the file and the problem named.
             failures = {partition: reasons for partition, _, reasons in failed_runs(instance)}
             assert set(failures) == {BROKEN_CT, BROKEN_SLIDE}, failures
-            assert any(r.startswith("ct_image") and "slice005.dcm: damaged or truncated" in r
+            assert any(r.startswith("ct_image") and f"{BROKEN_SLICE}: damaged or truncated" in r
                        for r in failures[BROKEN_CT]), failures
             assert any(r.startswith("patch_coords") and "GC0003_slide1.tiff" in r and "empty" in r
                        for r in failures[BROKEN_SLIDE]), failures
@@ -215,6 +220,9 @@ def test_daemon_takes_drops_to_risk_scores_and_reruns_only_fixed_patients(tmp_pa
             assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in instance.get_runs(
                 filters=dg.RunsFilter(run_ids=list(rerun))))
             assert latest_ct_mask_source(instance, BROKEN_CT) == "predicted"
+            # Every patient's mask and features went back as a DICOM SEG and SR of its CT series.
+            assert {pid: dicom_results_written(instance, pid) for pid in patients} == {
+                pid: ("written", "written") for pid in patients}
             used = modalities_used(instance)
             assert sorted(used) == patients and all(used[pid] == {"radiology", "pathology"} for pid in patients)
             # Explained again: exactly the patients whose explanation key changed (the two fixed ones,

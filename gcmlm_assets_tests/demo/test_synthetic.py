@@ -13,9 +13,13 @@ from sklearn.metrics import roc_auc_score
 
 from gcmlm_assets.cohort.tables.clinical import read_clinical_csv
 from gcmlm_assets.demo import synthetic
+from gcmlm_assets.demo.synthetic_ct import make_ct
+from gcmlm_assets.demo.synthetic_plan import CLINICAL_COLUMNS, CohortSpec, plan_cohort
+from gcmlm_assets.demo.synthetic_slides import make_slide
 from gcmlm_assets.landing.scan import scan_landing_zone
+from gcmlm_assets.radiology import dicom_seg
 
-SPEC = synthetic.CohortSpec.small(6, slide_width=(800, 900))
+SPEC = CohortSpec.small(6, slide_width=(800, 900))
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -31,10 +35,10 @@ def cohort(tmp_path_factory) -> synthetic.CohortResult:
 def test_same_settings_give_identical_bytes(cohort, tmp_path):
     again = synthetic.write_cohort(tmp_path / "landing", SPEC)
     assert tree_digest(again.landing) == tree_digest(cohort.landing)
-    other_seed = synthetic.write_cohort(tmp_path / "other", synthetic.CohortSpec.small(
+    other_seed = synthetic.write_cohort(tmp_path / "other", CohortSpec.small(
         6, slide_width=(800, 900), seed=SPEC.seed + 1))
-    assert (tree_digest(other_seed.landing)["GC0001/ct/ct.nii.gz"]
-            != tree_digest(cohort.landing)["GC0001/ct/ct.nii.gz"])
+    assert (tree_digest(other_seed.landing)["GC0001/ct/IM00010.dcm"]
+            != tree_digest(cohort.landing)["GC0001/ct/IM00010.dcm"])
 
 
 def test_rewriting_touches_nothing_and_repairs_a_damaged_drop(tmp_path):
@@ -46,7 +50,7 @@ def test_rewriting_touches_nothing_and_repairs_a_damaged_drop(tmp_path):
     del times[landing / synthetic.COHORT_MANIFEST]  # bookkeeping, outside every patient folder
     assert all(p.stat().st_mtime_ns == t for p, t in times.items())
 
-    damaged = landing / "GC0002" / "ct" / "ct.nii.gz"
+    damaged = landing / "GC0002" / "ct" / "IM00003.dcm"
     original = damaged.read_bytes()
     damaged.write_bytes(b"not a volume")
     third = synthetic.write_cohort(landing, SPEC)
@@ -57,7 +61,7 @@ def test_rewriting_touches_nothing_and_repairs_a_damaged_drop(tmp_path):
 def test_smaller_cohort_removes_the_extra_patients(tmp_path):
     landing = tmp_path / "landing"
     synthetic.write_cohort(landing, SPEC)
-    smaller = synthetic.CohortSpec.small(4, slide_width=(800, 900))
+    smaller = CohortSpec.small(4, slide_width=(800, 900))
     synthetic.write_cohort(landing, smaller)
     assert sorted(p.name for p in landing.iterdir() if p.is_dir()) == ["GC0001", "GC0002", "GC0003", "GC0004"]
     table, problems = read_clinical_csv(landing / "clinical.csv")
@@ -81,14 +85,18 @@ def test_drops_follow_the_landing_contract(cohort):
     assert problems == []
     assert table.patient_ids == sorted(plans)
     assert table.table.column("mlm").to_pylist() == [plans[p].mlm for p in sorted(plans)]
-    assert set(table.table.column_names) == set(synthetic.CLINICAL_COLUMNS)
+    assert set(table.table.column_names) == set(CLINICAL_COLUMNS)
 
 
 def test_ct_and_mask_are_readable_and_aligned(cohort):
     plan = next(p for p in cohort.patients if p.has_reference_mask)
-    ct = sitk.ReadImage(str(cohort.landing / plan.patient_id / "ct" / "ct.nii.gz"))
+    ct_folder = cohort.landing / plan.patient_id / "ct"
+    ct = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(ct_folder)))
     mask = sitk.ReadImage(str(cohort.landing / plan.patient_id / "ct_label" / "stomach.nii.gz"))
     assert ct.GetSize() == SPEC.ct_size and ct.GetSpacing() == pytest.approx(SPEC.ct_spacing)
+    # A DICOM series with its study, series and frame of reference: what a SEG can reference.
+    assert dicom_seg.seg_absent_reason(ct_folder) is None
+    assert sitk.GetArrayFromImage(ct).tolist() == sitk.GetArrayFromImage(make_ct(plan, SPEC)[0]).tolist()
     assert mask.GetPixelID() == sitk.sitkUInt8
     for attribute in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
         assert getattr(mask, attribute)() == pytest.approx(getattr(ct, attribute)())
@@ -129,18 +137,18 @@ def _purple_fraction(rgb: np.ndarray) -> float:
 def test_planted_signal_is_in_both_modalities():
     """Measured on the generated images (not on the latent severities): the stomach volume and the
     share of nuclear (dark purple) pixels separate the classes, neither perfectly."""
-    spec = synthetic.CohortSpec.small(16)
-    plans = synthetic.plan_cohort(spec)
+    spec = CohortSpec.small(16)
+    plans = plan_cohort(spec)
     labels = np.array([p.mlm for p in plans])
     assert labels.sum() == 8
     volumes, heterogeneity, nuclei = [], [], []
     for plan in plans:
-        ct, mask = synthetic.make_ct(plan, spec)
+        ct, mask = make_ct(plan, spec)
         inside = sitk.GetArrayFromImage(mask).astype(bool)
         volumes.append(inside.sum())
         heterogeneity.append(float(sitk.GetArrayFromImage(ct)[inside].std()))
         rng = np.random.default_rng([spec.seed, 3, plan.index])
-        nuclei.append(_purple_fraction(synthetic.make_slide(rng, 700, 520, plan.pathology_severity, spec.mpp)))
+        nuclei.append(_purple_fraction(make_slide(rng, 700, 520, plan.pathology_severity, spec.mpp)))
     for name, values in (("stomach volume", volumes), ("stomach HU SD", heterogeneity), ("nuclear pixels", nuclei)):
         auc = roc_auc_score(labels, values)
         assert 0.7 <= auc < 1.0, f"{name}: AUC {auc:.2f}"
@@ -149,11 +157,16 @@ def test_planted_signal_is_in_both_modalities():
 def test_real_patient_is_blended_in_with_unknown_label(test_data, tmp_path):
     real = synthetic.RealFiles.find(test_data)
     assert real is not None
-    result = synthetic.write_cohort(tmp_path / "landing", synthetic.CohortSpec.small(2, slide_width=(600, 700)),
+    result = synthetic.write_cohort(tmp_path / "landing", CohortSpec.small(2, slide_width=(600, 700)),
                                     real=real)
     folder = tmp_path / "landing" / synthetic.REAL_PATIENT_ID
     assert result.patient_ids[-1] == synthetic.REAL_PATIENT_ID
-    assert (folder / "ct" / "ct.nii.gz").read_bytes() == real.ct.read_bytes()
+    # The real CT as a DICOM series of exactly its voxels, on its grid.
+    series = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder / "ct")))
+    original = sitk.ReadImage(str(real.ct))
+    assert (sitk.GetArrayFromImage(series) == sitk.GetArrayFromImage(original)).all()
+    assert series.GetOrigin() == pytest.approx(original.GetOrigin(), abs=1e-6)
+    assert series.GetDirection() == pytest.approx(original.GetDirection())
     assert (folder / "ct_label" / "stomach.nii.gz").read_bytes() == real.stomach_mask.read_bytes()
     assert (folder / "wsi" / real.slide.name).read_bytes() == real.slide.read_bytes()
     table, problems = read_clinical_csv(tmp_path / "landing" / "clinical.csv")
@@ -161,12 +174,12 @@ def test_real_patient_is_blended_in_with_unknown_label(test_data, tmp_path):
     row = table.table.to_pylist()[table.patient_ids.index(synthetic.REAL_PATIENT_ID)]
     assert row["mlm"] is None
     # Without the real files, the next write takes the real patient out again.
-    synthetic.write_cohort(tmp_path / "landing", synthetic.CohortSpec.small(2, slide_width=(600, 700)))
+    synthetic.write_cohort(tmp_path / "landing", CohortSpec.small(2, slide_width=(600, 700)))
     assert not folder.exists()
 
 
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="at least 2 patients"):
-        synthetic.CohortSpec(n_patients=1)
+        CohortSpec(n_patients=1)
     with pytest.raises(ValueError, match="ct_size"):
-        synthetic.CohortSpec(ct_size=(8, 8, 8))
+        CohortSpec(ct_size=(8, 8, 8))

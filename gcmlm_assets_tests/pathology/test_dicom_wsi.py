@@ -18,7 +18,8 @@ from gcmlm_assets.pathology.extract import slide_fingerprint
 from gcmlm_assets.pathology.patch_coords import inputs_fingerprint, slide_entry, tile_patient
 from gcmlm_assets.pathology.resources import PatchEncoder, TilingSettings
 from gcmlm_assets.pathology.slides import MPP_FROM_DEFAULT, MPP_FROM_OPENSLIDE, SlideError, list_slides, opened
-from gcmlm_assets.pathology.tiling import TilingParams, tile_slide
+from gcmlm_assets.pathology.tiling import tile_slide
+from gcmlm_assets.pathology.tiling_params import TilingParams
 
 from gcmlm_assets_tests.support.pathology.dicom_wsi_fixtures import write_ct_slice, write_dicom_wsi
 from gcmlm_assets_tests.support.pathology.features import (

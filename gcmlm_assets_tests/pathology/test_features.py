@@ -19,7 +19,9 @@ import tifffile
 
 from gcmlm_assets.pathology import region_readers
 from gcmlm_assets.pathology.encoders import load_encoder
-from gcmlm_assets.pathology.extract import ExtractionError, extract_slide_features, validate_feature_file
+from gcmlm_assets.pathology.extract import extract_slide_features
+from gcmlm_assets.pathology.feature_files import validate_feature_file
+from gcmlm_assets.pathology.patch_grid import ExtractionError
 from gcmlm_assets.pathology.region_readers import (
     OpenSlideReader,
     ReadThreads,

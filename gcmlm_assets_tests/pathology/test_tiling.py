@@ -20,17 +20,10 @@ from gcmlm_assets.pathology.slides import (
     opened,
     resolve_mpp,
 )
-from gcmlm_assets.pathology.tiling import (
-    ClamParams,
-    TilingParams,
-    TilingResult,
-    plan_read,
-    polygon_point_test,
-    read_coords_h5,
-    tile_slide,
-    tissue_fractions,
-    write_coords_h5,
-)
+from gcmlm_assets.pathology.clam_tiling import polygon_point_test
+from gcmlm_assets.pathology.coords_h5 import read_coords_h5, write_coords_h5
+from gcmlm_assets.pathology.tiling import plan_read, tile_slide, tissue_fractions
+from gcmlm_assets.pathology.tiling_params import ClamParams, TilingParams, TilingResult
 from gcmlm_assets.pathology.tissue import find_tissue_regions, rasterise
 
 from gcmlm_assets_tests.support.pathology.slide_fixtures import (

@@ -1,9 +1,10 @@
 """Batched runs from the sensors, on a real instance with the real radiology assets.
 
 A landing tick of several patients is one run of ct_image over their range; radiology_steps_sensor
-then carries the patients it materialized on to ct_mask and radiomics_row, one run per asset and
-bucket. Each patient's results, checks and failures stay its own: a bad CT fails its patient
-(the run is red and names it), and the patient goes no further; the others go on.
+then carries the patients it materialized on to ct_mask, radiomics_row, ct_mask_seg and
+radiomics_sr, one run per asset and bucket. Each patient's results, checks and failures stay its
+own: a bad CT fails its patient (the run is red and names it), and the patient goes no further;
+the others go on.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from gcmlm_assets.definitions import MODALITY_ASSETS
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.patient_batches import BUCKET_TAG, PATIENTS_TAG
 from gcmlm_assets.patient_steps import build_patient_steps_sensor
-from gcmlm_assets.radiology.assets import ASSETS
+from gcmlm_assets.radiology import assets, dicom_assets
 from gcmlm_assets.radiology.segmentation_model import segmentation_model
 from gcmlm_assets_tests.support.landing.drops import Ticker
 from gcmlm_assets_tests.support.radiology.ct import make_drop
@@ -34,8 +35,8 @@ def _patients(request: dg.RunRequest, order: list[str]) -> list[str]:
 
 
 def _execute(instance, resources, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
-    return dg.materialize([*ASSETS, segmentation_model], instance=instance, resources=resources,
-                          selection=request.asset_selection, partition_key=request.partition_key,
+    return dg.materialize([*assets.ASSETS, *dicom_assets.ASSETS, segmentation_model], instance=instance,
+                          resources=resources, selection=request.asset_selection, partition_key=request.partition_key,
                           tags=request.tags, raise_on_error=False)
 
 
@@ -108,11 +109,15 @@ def test_a_landing_batch_goes_through_the_chain_patient_by_patient(instance, dat
     assert set(checked) == set(GOOD) and all("mask_not_empty" in names for names in checked.values()), checked
     assert set(_checked_patients(instance, result.run_id, evaluated=False)) == {"FAR"}
 
-    # radiomics_row for the three whose mask is good; then nothing is left to carry on.
-    [request] = step_tick().run_requests
-    assert request.asset_selection == [dg.AssetKey("radiomics_row")]
-    assert sorted(_patients(request, order)) == GOOD
-    assert _execute(instance, radiology_resources, request).success
-    assert instance.get_materialized_partitions(dg.AssetKey("radiomics_row")) == set(GOOD)
+    # radiomics_row, then the SEG and SR (none: NIfTI CTs), for the three whose mask is good; then
+    # nothing is left to carry on.
+    for asset in ("radiomics_row", "ct_mask_seg", "radiomics_sr"):
+        [request] = step_tick().run_requests
+        assert request.asset_selection == [dg.AssetKey(asset)]
+        assert sorted(_patients(request, order)) == GOOD
+        result = _execute(instance, radiology_resources, request)
+        assert result.success
+        assert instance.get_materialized_partitions(dg.AssetKey(asset)) == set(GOOD)
+        assert set(_checked_patients(instance, result.run_id)) == set(GOOD)
     result = step_tick()
     assert not result.run_requests and "nothing to carry on" in result.skip_reason.skip_message

@@ -38,7 +38,8 @@ def run_server(tmp_path_factory) -> RunServer:
 
 @pytest.fixture(scope="session")
 def reference_cohort(tmp_path_factory, run_server) -> Reference:
-    from gcmlm_assets.demo.synthetic import CohortSpec, write_cohort
+    from gcmlm_assets.demo.synthetic import write_cohort
+    from gcmlm_assets.demo.synthetic_plan import CohortSpec
 
     base = tmp_path_factory.mktemp("robustness")
     cohort = write_cohort(base / "landing", CohortSpec.small(COHORT_SIZE, slide_width=SLIDE_WIDTH))

@@ -59,7 +59,8 @@ class Installed:
 
 @pytest.fixture(scope="module")
 def installed_model(tmp_path_factory, run_server) -> Installed:
-    from gcmlm_assets.demo.synthetic import CohortSpec, write_cohort
+    from gcmlm_assets.demo.synthetic import write_cohort
+    from gcmlm_assets.demo.synthetic_plan import CohortSpec
 
     base = tmp_path_factory.mktemp("rewrites")
     cohort = write_cohort(base / "landing", CohortSpec.small(6, slide_width=(800, 1000)))

@@ -17,9 +17,10 @@ from gcmlm_assets_tests.support.ui.onboarding import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-GROUPS = {"radiology": ["ct_image", "segmentation_model", "ct_mask", "radiomics_row"],
-          "pathology": ["patch_coords", "uni_features", "slide_vector"],
-          "cohort": ["clinical_table", "fused_table", "risk_model", "risk_scores", "risk_explanations"]}
+GROUPS = {"radiology": ["ct_image", "segmentation_model", "ct_mask", "radiomics_row", "ct_mask_seg", "radiomics_sr"],
+          "pathology": ["patch_coords", "uni_features", "slide_vector", "qupath_geojson"],
+          "cohort": ["clinical_table", "fused_table", "risk_model", "risk_scores", "risk_assessments",
+                     "risk_explanations"]}
 
 
 def shown(page, text: str):

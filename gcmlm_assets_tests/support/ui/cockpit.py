@@ -29,7 +29,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[3]
 # Git-ignored: the screenshots each run leaves for a person to look at.
 SCREENSHOTS = PROJECT_ROOT / "test-artifacts" / "ui"
 SENSORS = ("landing_sensor", "radiology_steps_sensor", "pathology_steps_sensor", "segmentation_training_sensor",
-           "predicted_mask_sensor", "cohort_refresh_sensor")
+           "predicted_mask_sensor", "cohort_refresh_sensor", "qupath_geojson_after_patch_coords_sensor",
+           "qupath_geojson_after_risk_explanations_sensor")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ def _environment(root: Path, home: Path) -> dict[str, str]:
 def build_cohort(root: Path) -> Cohort:
     """Write the drops and materialize them in this process, as the landing sensor's runs would."""
     from gcmlm_assets.definitions import build_definitions
-    from gcmlm_assets.demo.synthetic import CohortSpec, plan_cohort, write_cohort
+    from gcmlm_assets.demo.synthetic import write_cohort
+    from gcmlm_assets.demo.synthetic_plan import CohortSpec, plan_cohort
 
     spec = CohortSpec.small(n_patients=4, id_prefix="GC")
     with_masks = [plan.patient_id for plan in plan_cohort(spec) if plan.has_reference_mask][:2]
