@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gcmlm_assets import runs
+from gcmlm_assets.cohort.exchange import fhir_risk
 from gcmlm_assets.demo.synthetic import write_cohort
 from gcmlm_assets.demo.synthetic_plan import CohortSpec, plan_cohort
 from gcmlm_assets.demo.daemon import prepare_dagster_home, start_daemon
@@ -80,6 +81,24 @@ def dicom_results_written(instance: dg.DagsterInstance, patient_id: str) -> tupl
             dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[patient_id]), limit=1).records
         said.append(records[0].asset_materialization.metadata[key].value if records else "missing")
     return said[0], said[1]
+
+
+def geojson_tiles_with_values(instance: dg.DagsterInstance, patient_id: str) -> int:
+    """How many patch tiles of the patient's latest qupath_geojson carry values (-1 before the first)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("qupath_geojson"), asset_partitions=[patient_id]), limit=1).records
+    return records[0].asset_materialization.metadata["tiles_with_values"].value if records else -1
+
+
+def assessed_patients(instance: dg.DagsterInstance) -> set[str]:
+    """The patients of the latest risk_assessments, each Bundle read back with fhir.resources."""
+    event = instance.get_latest_materialization_event(dg.AssetKey("risk_assessments"))
+    assert event is not None, "risk_assessments was never materialized"
+    index_path = Path(event.asset_materialization.metadata["path"].value)
+    index = fhir_risk.read_index(index_path)
+    for entry in index["patients"].values():
+        fhir_risk.read_bundle(index_path.parent / entry["file"])
+    return set(index["patients"])
 
 
 def overlapping_runs_of_one_patient(instance: dg.DagsterInstance) -> list[tuple[str, str, str]]:
@@ -225,6 +244,11 @@ def test_daemon_takes_drops_to_risk_scores_and_reruns_only_fixed_patients(tmp_pa
                 pid: ("written", "written") for pid in patients}
             used = modalities_used(instance)
             assert sorted(used) == patients and all(used[pid] == {"radiology", "pathology"} for pid in patients)
+            # ...each slide's QuPath GeoJSON carries the explanation's patch values, and each score is
+            # a FHIR RiskAssessment.
+            assert {pid: geojson_tiles_with_values(instance, pid) > 0 for pid in patients} == {
+                pid: True for pid in patients}
+            assert assessed_patients(instance) == set(patients)
             # Explained again: exactly the patients whose explanation key changed (the two fixed ones,
             # and everyone if the model changed); the others keep their explanation, with no run.
             keys_after = scored_explanation_keys(instance)
