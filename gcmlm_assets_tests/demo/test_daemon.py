@@ -33,17 +33,19 @@ SENSOR_TAG, PARTITION_TAG = "dagster/sensor_name", "dagster/partition"
 
 
 EXPLANATIONS_SENSOR = "risk_explanations_sensor"
+# What follows each new explanation (a new model re-explains everyone): not a run of patients' data.
+AFTER_EXPLANATIONS = (EXPLANATIONS_SENSOR, "qupath_geojson_after_risk_explanations_sensor")
 
 
 def patient_runs_since(instance: dg.DagsterInstance, since: float) -> dict[str, set[str]]:
     """{run id: its patients} of the runs of patients' data since `since` (one patient's, or a
-    batch's range; not the explanations each new risk_scores asks for)."""
+    batch's range; not the explanations each new risk_scores asks for, nor their GeoJSON)."""
     order = list(instance.get_dynamic_partitions("patients"))
     position = {p: i for i, p in enumerate(order)}
     found = {}
     for record in instance.get_run_records():
         tags = record.dagster_run.tags
-        if record.create_timestamp.timestamp() < since or tags.get(SENSOR_TAG) == EXPLANATIONS_SENSOR:
+        if record.create_timestamp.timestamp() < since or tags.get(SENSOR_TAG) in AFTER_EXPLANATIONS:
             continue
         if PARTITION_TAG in tags:
             found[record.dagster_run.run_id] = {tags[PARTITION_TAG]}
