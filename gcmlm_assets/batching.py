@@ -307,9 +307,12 @@ def _checks_under_partition(context: dg.AssetExecutionContext, patient_id: str,
                     # Dagster has stored the materialization above by the time the step resumes here
                     checked[key.asset_key] = latest_materialization(context.instance, key.asset_key, patient_id)
                 yield from _stored_check(context, key, patient_id, result, checked[key.asset_key])
+    except dg.RetryRequested:  # tried again: the next attempt records the checks
+        raise
     except Exception as error:  # the step fails: its checks are recorded under the patient first
         reason = error.description if isinstance(error, dg.Failure) and error.description else (
             f"{type(error).__name__}: {error}")
+        reason = reason.removeprefix(f"patient {patient_id}: ")  # the record names the patient already
         for asset_key in context.selected_asset_keys:
             names = {key.name for key in evaluated if key.asset_key == asset_key}
             for evaluation in _not_evaluated(context, asset_key, patient_id, names,

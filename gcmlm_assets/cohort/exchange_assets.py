@@ -86,11 +86,13 @@ def risk_assessments(context: dg.AssetExecutionContext, storage: ArtifactStorage
         summary = {key: written[key] for key in ("bundles", "written", "unchanged", "removed", "risk_groups",
                                                  "patients_with_missing_modalities", "missing_modalities_shown",
                                                  "example", "fhir", "model_version")}
+        # the preview is made once, here: a reused materialization shows it without reading the index
+        index = fhir_risk.read_index(ASSESSMENT_INDEX.in_folder(output.folder))
+        shown = [{"patient_id": patient_id, **entry} for patient_id, entry in index["patients"].items()]
+        shown.sort(key=lambda row: (not row["modalities_missing"], row["patient_id"]))  # the incomplete first
+        summary["preview"] = _preview(shown)
         output.record([ASSESSMENT_INDEX], inputs={"risk_scores_sha256": scores_sha}, summary=summary)
     summary = output.manifest["summary"]
-    index = fhir_risk.read_index(ASSESSMENT_INDEX.in_folder(output.folder))
-    rows = [{"patient_id": patient_id, **entry} for patient_id, entry in index["patients"].items()]
-    rows.sort(key=lambda row: (not row["modalities_missing"], row["patient_id"]))  # the incomplete first
     return stored_materialization(
         output,
         metadata={
@@ -103,7 +105,7 @@ def risk_assessments(context: dg.AssetExecutionContext, storage: ArtifactStorage
             "risk_groups": dg.MetadataValue.json(summary["risk_groups"]),
             "patients_with_missing_modalities": summary["patients_with_missing_modalities"],
             "reused": output.reused,
-            "preview": dg.MetadataValue.md(_preview(rows)),
+            "preview": dg.MetadataValue.md(summary["preview"]),
         },
         data_version=output.sha256(ASSESSMENT_INDEX),
     )

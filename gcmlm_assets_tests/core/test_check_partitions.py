@@ -44,7 +44,7 @@ def test_a_checks_latest_execution_names_its_patient_also_when_the_patient_faile
     latest, _ = latest_shown(instance)
     assert latest["evaluation"]["partition"] == "P2"
     assert latest["evaluation"]["description"] == ("patient P2: not evaluated: scan failed for this patient: "
-                                                   "patient P2: the scan is unreadable")
+                                                   "the scan is unreadable")
 
     # a range of patients, one failing: each has its own row; the run's plan is the only one without
     ranged = run(instance, {"failing": ["P2"]}, tags={ASSET_PARTITION_RANGE_START_TAG: "P1",
