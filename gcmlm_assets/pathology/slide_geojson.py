@@ -29,7 +29,7 @@ from gcmlm_assets.pathology.tissue import SegmentationParams
 from gcmlm_assets.pathology.qupath_geojson import (
     GeoJsonInputError, StaleValuesError, feature_collection, geojson_problems, patch_measurements, patch_tiles,
     slides_in, tissue_annotations, write_geojson)
-from gcmlm_assets.storage import sha256_file, sha256_text
+from gcmlm_assets.storage import atomic_write_bytes, sha256_file, sha256_text
 
 np = lazy("numpy")
 
@@ -37,6 +37,9 @@ np = lazy("numpy")
 # the same inputs.
 GEOJSON_VERSION = QUPATH_GEOJSON.code_version
 GEOJSON_SUFFIX = ".geojson"
+# Each slide's tissue outlines, beside the files, keyed by what they are made from: new values (a new
+# model explains everyone again) redraw the tiles without tiling every slide again.
+OUTLINES_FOLDER = ".tissue_outlines"
 
 
 def tiling_params_from_listing(recorded: dict) -> TilingParams:
@@ -85,15 +88,47 @@ def slide_tissue_polygons(entry: dict, params: TilingParams, stored_coords) -> l
     return tissue_polygons_level0(result, dimensions)
 
 
-def slide_feature_collection(entry: dict, params: TilingParams, patch_values: str | os.PathLike | None) -> dict:
+def _outlines_key(entry: dict, params: TilingParams) -> str:
+    return sha256_text(TILING_VERSION, GEOJSON_VERSION, json.dumps(entry, sort_keys=True, default=str), repr(params))
+
+
+def cached_tissue_polygons(entry: dict, params: TilingParams, stored_coords, cache: Path | None,
+                           to_keep: dict[Path, bytes] | None = None) -> list[tuple]:
+    """`slide_tissue_polygons`, kept in `cache`/<slide>.json under a key of the listing entry (its
+    slide, HDF5 and grid) and the parameters; read back while that key holds. New outlines go into
+    `to_keep` (path -> bytes) for the caller to write once everything is checked (None: now)."""
+    path = cache / f"{entry['name']}.json" if cache is not None else None
+    key = _outlines_key(entry, params)
+    if path is not None and path.is_file():
+        try:
+            kept = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            kept = {}
+        if kept.get("key") == key:
+            return [(np.asarray(outer, np.float64), [np.asarray(hole, np.float64) for hole in holes])
+                    for outer, holes in kept["polygons"]]
+    polygons = slide_tissue_polygons(entry, params, stored_coords)
+    if path is not None:
+        data = json.dumps({"key": key, "polygons": [(outer.tolist(), [hole.tolist() for hole in holes])
+                                                    for outer, holes in polygons]}).encode()
+        if to_keep is None:
+            atomic_write_bytes(path, data)
+        else:
+            to_keep[path] = data
+    return polygons
+
+
+def slide_feature_collection(entry: dict, params: TilingParams, patch_values: str | os.PathLike | None,
+                             outlines: Path | None = None, to_keep: dict[Path, bytes] | None = None) -> dict:
     """One listed slide's FeatureCollection: tissue annotations, then one tile per patch with the
-    patch file's values of that slide (if any) as measurements."""
+    patch file's values of that slide (if any) as measurements. `outlines`, `to_keep`: the folder
+    keeping the slides' tissue outlines (None: tile the slide again), see cached_tissue_polygons."""
     if entry.get("h5"):
         grid = read_coords_h5(entry["h5"])
         coords, side = grid.coords, int(grid.attrs["patch_size_level0"])
     else:  # no patch on this slide: its tissue (if any) is still drawn
         coords, side = np.zeros((0, 2), np.int64), int(entry["patch_size_level0"])
-    polygons = slide_tissue_polygons(entry, params, coords)
+    polygons = cached_tissue_polygons(entry, params, coords, outlines, to_keep)
     measurements = patch_measurements(patch_values, entry["name"], coords) if patch_values else None
     return feature_collection(tissue_annotations(polygons) + patch_tiles(coords, side, measurements))
 
@@ -121,9 +156,9 @@ def write_patient_geojson(patch_coords_dir: str | os.PathLike, out_dir: str | os
         if unknown:
             raise StaleValuesError(f"{patch_values}: values for slide(s) {', '.join(sorted(unknown))} that "
                                     f"{listing_path} does not list: explain the patient again")
-    slides, files, collections = [], {}, []
+    slides, files, collections, outlines = [], {}, [], {}
     for entry in listing["slides"]:  # all made and checked before any is written
-        collection = slide_feature_collection(entry, params, patch_values)
+        collection = slide_feature_collection(entry, params, patch_values, out_dir / OUTLINES_FOLDER, outlines)
         width, height = entry["dimensions"]
         overhang = float(entry["patch_size_level0"]) if params.mode == "clam" and params.clam.use_padding else 0.0
         problems = geojson_problems(collection, width, height, tile_overhang=overhang)
@@ -131,6 +166,8 @@ def write_patient_geojson(patch_coords_dir: str | os.PathLike, out_dir: str | os
             raise GeoJsonInputError(f"{entry['slide_path']}: the GeoJSON would be invalid: {'; '.join(problems[:5])}")
         collections.append((entry, collection))
     out_dir.mkdir(parents=True, exist_ok=True)
+    for path, data in outlines.items():
+        atomic_write_bytes(path, data)
     for entry, collection in collections:
         path = write_geojson(out_dir / f"{entry['name']}{GEOJSON_SUFFIX}", collection)
         files[path.name] = sha256_file(path)
@@ -140,8 +177,12 @@ def write_patient_geojson(patch_coords_dir: str | os.PathLike, out_dir: str | os
                        "tissue_regions": len(collection["features"]) - len(tiles), "tiles": len(tiles),
                        "tiles_with_values": sum(1 for f in tiles if f["properties"].get("measurements")),
                        "measurements": names})
+    listed = {entry["name"] for entry in listing["slides"]}
     for stale in out_dir.glob(f"*{GEOJSON_SUFFIX}"):
         if stale.name not in files:
+            stale.unlink(missing_ok=True)
+    for stale in (out_dir / OUTLINES_FOLDER).glob("*.json"):
+        if stale.stem not in listed:
             stale.unlink(missing_ok=True)
     return {"n_slides": len(slides), "n_tiles": sum(s["tiles"] for s in slides), "slides": slides, "files": files}
 

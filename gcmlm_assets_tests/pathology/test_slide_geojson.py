@@ -117,6 +117,26 @@ def test_a_missing_value_is_left_out_and_no_values_give_the_bare_grid(patch_coor
     assert summary["slides"][0]["tiles_with_values"] == 0
 
 
+def test_new_values_redraw_the_tiles_without_tiling_the_slide_again(test_data: Path, tmp_path: Path):
+    # A new model re-explains every patient: the tissue outlines are kept, not made again. Shown
+    # by taking the slide away after the first file: only the kept outlines can draw the second.
+    slide = tmp_path / "slide" / real_slide(test_data).name
+    slide.parent.mkdir()
+    shutil.copyfile(real_slide(test_data), slide)
+    folder = tiled(tmp_path / "patch_coords", slide, TilingParams())
+    first = write_patient_geojson(folder, tmp_path / "out")
+    slide.unlink()
+    grid = read_coords_h5(folder / f"{SLIDE}.h5")
+    second = write_patient_geojson(folder, tmp_path / "out", write_patch_values(tmp_path / "v.parquet", grid.coords))
+
+    def tissue(summary):
+        collection = read_geojson(Path(summary["slides"][0]["path"]))
+        return [f for f in collection["features"] if f["properties"]["objectType"] == "annotation"]
+
+    assert second["slides"][0]["tiles_with_values"] == len(grid.coords)
+    assert tissue(second) == tissue(first) and tissue(first)
+
+
 def test_values_from_another_grid_are_refused_and_nothing_is_written(patch_coords_dir: Path, tmp_path: Path):
     grid = read_coords_h5(patch_coords_dir / f"{SLIDE}.h5")
     shifted = write_patch_values(tmp_path / "shifted.parquet", grid.coords + np.array([1, 0]))
