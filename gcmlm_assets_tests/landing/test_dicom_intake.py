@@ -1,8 +1,9 @@
 """The DICOM receiver on loopback: a real pynetdicom SCP on a free port, pynetdicom's own SCU.
 
 A series in two overlapping associations commits READY once, after the quiet time, with every
-instance, de-identified, and reads as `ct_image`; a duplicate instance is written once; an aborted
-association commits nothing; a non-CT SOP class is refused with its reason. The held-back identifying
+instance, de-identified, and reads as `ct_image`; an instance sent after a commit is not read by the
+landing scan before the quiet time, then commits once with the rest; a duplicate instance is written
+once; an aborted association commits nothing; a non-CT SOP class is refused with its reason. The held-back identifying
 values are searched for in every byte written to the landing zone and the artifacts, and in the log.
 """
 
