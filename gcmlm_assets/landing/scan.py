@@ -39,14 +39,15 @@ from gcmlm_assets.patients import patient_id_problem
 
 READY_MARKER = "READY"
 CLINICAL_CSV = "clinical.csv"
+CT_FOLDER = "ct"  # a drop's CT series (a NIfTI or a DICOM series); the DICOM intake writes into it
 
 # Modality -> the sub-folders of a patient's drop that feed it.
 MODALITY_FOLDERS: dict[str, tuple[str, ...]] = {
-    "radiology": ("ct", "ct_label"),
+    "radiology": (CT_FOLDER, "ct_label"),
     "pathology": ("wsi",),
 }
 # The folders whose presence makes a modality runnable at all.
-MODALITY_REQUIRED: dict[str, str] = {"radiology": "ct", "pathology": "wsi"}
+MODALITY_REQUIRED: dict[str, str] = {"radiology": CT_FOLDER, "pathology": "wsi"}
 SETTLE_NS = 2_000_000_000
 
 

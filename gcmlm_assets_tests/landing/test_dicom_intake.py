@@ -1,8 +1,9 @@
 """The DICOM receiver on loopback: a real pynetdicom SCP on a free port, pynetdicom's own SCU.
 
 A series in two overlapping associations commits READY once, after the quiet time, with every
-instance, de-identified, and reads as `ct_image`; a duplicate instance is written once; an aborted
-association commits nothing; a non-CT SOP class is refused with its reason. The held-back identifying
+instance, de-identified, and reads as `ct_image`; an instance sent after a commit is not read by the
+landing scan before the quiet time, then commits once with the rest; a duplicate instance is written
+once; an aborted association commits nothing; a non-CT SOP class is refused with its reason. The held-back identifying
 values are searched for in every byte written to the landing zone and the artifacts, and in the log.
 """
 
@@ -75,7 +76,9 @@ def test_a_series_in_two_associations_commits_ready_once_after_the_quiet_time_de
         first.release()
         pseudonym = _only_pseudonym(table)
         wait_for(lambda: any(r.outcome == "released" for r in receiver.zone.associations), "the first release")
-        assert len(_ct_files(landing, pseudonym)) == 6  # moved in; the drop is not committed yet
+        # Released, still hidden: the drop is not committed yet.
+        assert len(list((landing / pseudonym / ".intake" / "released").glob("*.dcm"))) == 6
+        assert _ct_files(landing, pseudonym) == []
         # Quiet long enough, but the second association is open and has sent this patient an instance.
         wait_for(lambda: time.monotonic() > receiver.zone.last_activity(pseudonym) + QUIET_S, "the quiet time")
         timer_rounds_pass(receiver)
@@ -151,6 +154,44 @@ def test_a_duplicate_instance_is_written_once(series, table, tmp_path):
     assert [(r.moved, r.duplicates) for r in receiver.zone.associations] == [(12, 1), (0, 1)]
     assert {p.name: p.stat().st_ino for p in _ct_files(landing, pseudonym)} == before and len(before) == 12
     assert len(receiver.zone.commits) == 1 and ready.stat().st_mtime_ns == committed
+
+
+def test_an_instance_sent_after_the_commit_is_not_read_before_the_quiet_time_then_committed_once(
+        series, table, tmp_path):
+    landing = tmp_path / "landing"
+    with running_receiver(landing, table, QUIET_S) as receiver:
+        first = associate(receiver.port)
+        assert [s.Status for s in send(first, series[:11])] == [0] * 11
+        first.release()
+        pseudonym = _only_pseudonym(table)
+        ready = wait_for(lambda: (landing / pseudonym / "READY").exists() and landing / pseudonym / "READY", "READY")
+        committed = ready.stat().st_mtime_ns
+        seen = plan_tick(scan_landing_zone(landing), None, 10)
+        assert [(r.patient_id, r.modality) for r in seen.runs] == [(pseudonym, "radiology")]
+
+        # The quiet time "does not pass" until the test shortens it again: what a tick sees meanwhile
+        # is checked without a race against the timer.
+        receiver.zone.quiet_s = 3600.0
+        second = associate(receiver.port)
+        assert send(second, series[11:])[0].Status == 0
+        second.release()
+        wait_for(lambda: len(receiver.zone.associations) == 2, "the second release")
+        timer_rounds_pass(receiver)
+        assert [(r.moved, r.duplicates) for r in receiver.zone.associations] == [(11, 0), (1, 0)]
+        assert receiver.zone.pending() == [pseudonym] and len(receiver.zone.commits) == 1
+        assert len(_ct_files(landing, pseudonym)) == 11 and ready.stat().st_mtime_ns == committed
+        scan = scan_landing_zone(landing)
+        assert plan_tick(scan, seen.cursor, 10).runs == []  # the drop is not read again, nor requested
+
+        receiver.zone.quiet_s = QUIET_S
+        wait_for(lambda: len(receiver.zone.commits) == 2, "the second commit")
+        timer_rounds_pass(receiver)
+    assert [c.instances for c in receiver.zone.commits] == [11, 12]
+    assert len(_ct_files(landing, pseudonym)) == 12 and not (landing / pseudonym / ".intake").exists()
+    assert ready.stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in _ct_files(landing, pseudonym))
+    again = plan_tick(scan_landing_zone(landing), seen.cursor, 10)
+    assert [(r.patient_id, r.modality) for r in again.runs] == [(pseudonym, "radiology")]
+    assert plan_tick(scan_landing_zone(landing), again.cursor, 10).runs == []
 
 
 def test_an_aborted_association_commits_nothing(series, table, tmp_path):
@@ -267,8 +308,12 @@ def test_a_second_series_for_a_patient_is_refused_until_its_ct_folder_is_removed
         zone.stage("a2", "PS01", "1.2.9", "1.2.9.1", b"DICM-9")  # while a1 stages it
     zone.finish("a1")
     with pytest.raises(IntakeRefusal, match=r"already holds series 1\.2\.3"):
+        zone.stage("a2", "PS01", "1.2.9", "1.2.9.1", b"DICM-9")  # once it is released
+    wait_for(zone.commit_due, "the commit")
+    with pytest.raises(IntakeRefusal, match=r"already holds series 1\.2\.3"):
         zone.stage("a2", "PS01", "1.2.9", "1.2.9.1", b"DICM-9")  # once it is in ct/
     shutil.rmtree(landing / "PS01" / "ct")
     assert zone.stage("a2", "PS01", "1.2.9", "1.2.9.1", b"DICM-9")
     zone.finish("a2")
+    wait_for(zone.commit_due, "the commit")
     assert [p.name for p in (landing / "PS01" / "ct").iterdir()] == ["1.2.9.1.dcm"]

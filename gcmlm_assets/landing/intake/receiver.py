@@ -194,7 +194,8 @@ class DicomReceiver:
         if name is None:
             return
         record = self.zone.finish(name)
-        log.info("association %s released: %d instance(s) moved into ct/ of %s, %d duplicate(s) not written",
+        log.info("association %s released: %d instance(s) for %s, into ct/ at the commit; %d duplicate(s) "
+                 "not written",
                  name, record.moved, ", ".join(record.patients) or "no patient", record.duplicates)
 
     def _on_aborted(self, event) -> None:

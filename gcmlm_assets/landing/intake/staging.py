@@ -1,20 +1,28 @@
 """Received instances on their way into a landing drop (no Dagster, no networking).
 
 Each association stages its de-identified instances in its own hidden folder inside the patient's
-drop, `<landing>/<pseudonym>/.intake/<association>/<SOPInstanceUID>.dcm` (same filesystem, so the
-move into `ct/` is a rename; hidden, so neither the landing sensor nor `ct_image` sees it). Then:
+drop, `<landing>/<pseudonym>/.intake/<association>/<SOPInstanceUID>.dcm` (same filesystem, so every
+move is a rename; hidden, so neither the landing sensor nor `ct_image` sees it). Then:
 
-- released association: its instances are renamed into `<pseudonym>/ct/`, an instance already there
-  (same SOPInstanceUID) is dropped, and the patient is marked pending (`.intake/PENDING`, so a
-  restart still commits it);
-- aborted or broken association: its staged instances are deleted, nothing of it reaches `ct/`
+- released association: its instances are renamed into `<pseudonym>/.intake/released/`, still
+  hidden; an instance already there or in `ct/` (same SOPInstanceUID) is dropped. The folder marks
+  the patient pending, so a restart still commits it;
+- aborted or broken association: its staged instances are deleted, nothing of it is released
   (the sender re-sends; what earlier released associations delivered stays pending);
 - `commit_due`: a pending patient with no open association that has sent it instances, and no
-  instance received, moved or discarded for `quiet_s`, gets its `READY` written (commits once;
-  the landing sensor takes it from there, unchanged).
+  instance received, moved or discarded for `quiet_s`, is committed: `READY` removed, the released
+  instances renamed into `ct/`, `READY` written, `.intake/released/` removed, in that order.
 
-A drop holds one CT series: an instance of another series than the one the patient's `ct/` holds (or
-an open association is staging) is refused; remove `<pseudonym>/ct/` to replace a series.
+So `ct/` changes only while `READY` is absent, and the landing sensor's contract holds for a patient
+sent more after a commit: whenever `READY` is there, it is newer than every file in the drop. Had the
+released instances gone into `ct/` at once, under the earlier `READY`, the next tick would have seen a
+changed series and requested `ct_image` before the quiet time, maybe on part of the series. (Removing
+`READY` at the release instead would show a drop already analysed as an unfinished upload for the whole
+quiet time; this way it is not ready only for the few renames of the commit.)
+
+A drop holds one CT series: an instance of another series than the one the patient's `ct/` or
+`.intake/released/` holds (or an open association is staging) is refused; remove `<pseudonym>/ct/` to
+replace a series.
 """
 
 from __future__ import annotations
@@ -29,12 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gcmlm_assets.landing.intake.deidentify import IntakeRefusal
-from gcmlm_assets.landing.scan import READY_MARKER
+from gcmlm_assets.landing.scan import CT_FOLDER, READY_MARKER
 from gcmlm_assets.storage import atomic_write_bytes
 
 STAGING_FOLDER = ".intake"
-PENDING_MARKER = "PENDING"
-CT_FOLDER = "ct"
+RELEASED_FOLDER = "released"  # inside STAGING_FOLDER: released, not yet committed (the patient is pending)
 INSTANCE_SUFFIX = ".dcm"
 RECORDS_KEPT = 1000  # recent commits and associations, for the log and the tests
 
@@ -51,8 +58,8 @@ class OpenAssociation:
 class AssociationRecord:
     name: str
     outcome: str  # "released" or why it was discarded
-    moved: int  # instances renamed into ct/
-    duplicates: int  # instances already in ct/ (or sent twice), not written again
+    moved: int  # instances released (renamed into .intake/released/, into ct/ at the commit)
+    duplicates: int  # instances already released or in ct/ (or sent twice), not written again
     discarded: int  # staged instances deleted with an aborted association
     patients: tuple[str, ...]
 
@@ -87,9 +94,18 @@ class IntakeZone:
     def _staging(self, pseudonym: str, association: str) -> Path:
         return self.drop(pseudonym) / STAGING_FOLDER / association
 
+    def _released(self, pseudonym: str) -> Path:
+        return self.drop(pseudonym) / STAGING_FOLDER / RELEASED_FOLDER
+
+    def _delivered(self, pseudonym: str, sop_uid: str) -> bool:
+        name = sop_uid + INSTANCE_SUFFIX
+        return (self._released(pseudonym) / name).exists() or (self.drop(pseudonym) / CT_FOLDER / name).exists()
+
     # ------------------------------------------------------------ associations
 
     def open(self, association: str) -> None:
+        if association == RELEASED_FOLDER:
+            raise ValueError(f"{association!r} names the released instances' folder, not an association")
         with self._lock:
             self._open[association] = OpenAssociation(association)
 
@@ -102,7 +118,7 @@ class IntakeZone:
             if held is not None and held != series_uid:
                 raise IntakeRefusal(f"patient {pseudonym} already holds series {held} (one CT series per drop; "
                                     f"remove {self.drop(pseudonym) / CT_FOLDER} to replace it)")
-            if sop_uid in record.staged or (self.drop(pseudonym) / CT_FOLDER / (sop_uid + INSTANCE_SUFFIX)).exists():
+            if sop_uid in record.staged or self._delivered(pseudonym, sop_uid):
                 record.duplicates += 1
                 return False
             record.series[pseudonym] = series_uid
@@ -121,12 +137,13 @@ class IntakeZone:
         for other in self._open.values():
             if pseudonym in other.series:
                 return other.series[pseudonym]
-        ct = self.drop(pseudonym) / CT_FOLDER
-        if not ct.is_dir():  # never delivered, or removed by the operator to replace the series
+        released, ct = self._released(pseudonym), self.drop(pseudonym) / CT_FOLDER
+        if not released.is_dir() and not ct.is_dir():  # never delivered, or ct/ removed to replace the series
             self._series.pop(pseudonym, None)
             return None
         if pseudonym not in self._series:
-            first = next((p for p in sorted(ct.glob("*" + INSTANCE_SUFFIX)) if not p.name.startswith(".")), None)
+            first = next((p for folder in (released, ct) if folder.is_dir()
+                          for p in sorted(folder.glob("*" + INSTANCE_SUFFIX)) if not p.name.startswith(".")), None)
             if first is None:
                 return None
             import pydicom
@@ -136,19 +153,19 @@ class IntakeZone:
         return self._series[pseudonym]
 
     def finish(self, association: str) -> AssociationRecord:
-        """A released association: its instances into ct/, its patients pending."""
+        """A released association: its instances into .intake/released/, its patients pending."""
         with self._lock:
             record = self._open.pop(association)
             moved: collections.Counter[str] = collections.Counter()
             duplicates = record.duplicates
             for sop_uid, (pseudonym, path) in sorted(record.staged.items()):
-                final = self.drop(pseudonym) / CT_FOLDER / (sop_uid + INSTANCE_SUFFIX)
-                if final.exists():  # delivered meanwhile by another association
+                if self._delivered(pseudonym, sop_uid):  # delivered meanwhile by another association
                     path.unlink()
                     duplicates += 1
                     continue
-                final.parent.mkdir(exist_ok=True)
-                os.replace(path, final)
+                released = self._released(pseudonym)
+                released.mkdir(exist_ok=True)
+                os.replace(path, released / path.name)
                 moved[pseudonym] += 1
             now = time.monotonic()
             for pseudonym in {p for p, _ in record.staged.values()}:
@@ -156,8 +173,6 @@ class IntakeZone:
                 self._remove_staging(pseudonym, association)
                 if moved[pseudonym]:
                     self._series[pseudonym] = record.series[pseudonym]
-                    atomic_write_bytes(self.drop(pseudonym) / STAGING_FOLDER / PENDING_MARKER,
-                                       b"instances moved into ct/, READY not yet written\n")
                     self._pending.add(pseudonym)
             result = AssociationRecord(association, "released", sum(moved.values()), duplicates, 0,
                                        tuple(sorted(moved)))
@@ -190,7 +205,8 @@ class IntakeZone:
     # ------------------------------------------------------------ commits
 
     def commit_due(self) -> list[CommitRecord]:
-        """Write READY for every pending patient that is quiet and has no open association."""
+        """Commit every pending patient that is quiet and has no open association: its released
+        instances into ct/ while READY is absent, then READY."""
         committed = []
         with self._lock:
             busy = {p for record in self._open.values() for p in record.series}
@@ -199,16 +215,25 @@ class IntakeZone:
                 last = self._last_activity.get(pseudonym, 0.0)
                 if now - last < self.quiet_s:
                     continue
-                drop = self.drop(pseudonym)
+                drop, released = self.drop(pseudonym), self._released(pseudonym)
                 ct = drop / CT_FOLDER
+                arrived = sorted(released.glob("*" + INSTANCE_SUFFIX)) if released.is_dir() else []
+                if arrived:
+                    # ct/ changes only while READY is absent: no tick sees new content under an old READY.
+                    with contextlib.suppress(FileNotFoundError):
+                        (drop / READY_MARKER).unlink()
+                    ct.mkdir(exist_ok=True)
+                    for path in arrived:
+                        os.replace(path, ct / path.name)
                 instances = sum(1 for p in ct.iterdir() if p.name.endswith(INSTANCE_SUFFIX)) if ct.is_dir() else 0
                 if instances:  # else the operator removed ct/ meanwhile: nothing to commit
                     atomic_write_bytes(drop / READY_MARKER, f"DICOM intake: {instances} instances\n".encode())
-                self._pending.discard(pseudonym)  # after the write: a failed one is retried
-                with contextlib.suppress(FileNotFoundError):
-                    (drop / STAGING_FOLDER / PENDING_MARKER).unlink()
+                # After READY: a commit that stopped half-way is redone at the restart (`recover`).
+                with contextlib.suppress(OSError):
+                    released.rmdir()
                 with contextlib.suppress(OSError):
                     (drop / STAGING_FOLDER).rmdir()
+                self._pending.discard(pseudonym)
                 if not instances:
                     continue
                 record = CommitRecord(pseudonym, instances, last, now)
@@ -229,10 +254,10 @@ class IntakeZone:
                 if not entry.is_dir(follow_symlinks=False) or not staging.is_dir():
                     continue
                 for leftover in staging.iterdir():
-                    if leftover.is_dir():
+                    if leftover.is_dir() and leftover.name != RELEASED_FOLDER:
                         discarded += sum(1 for _ in leftover.iterdir())
                         shutil.rmtree(leftover, ignore_errors=True)
-                if (staging / PENDING_MARKER).exists():
+                if (staging / RELEASED_FOLDER).is_dir():
                     self._pending.add(entry.name)
                     self._last_activity[entry.name] = now
                     pending.append(entry.name)
