@@ -107,9 +107,9 @@ RADIOMICS_TABLE = RADIOMICS_ROW.file("radiomics.parquet")
 # The mask and the features in DICOM, for a PACS viewer (radiology/dicom_assets.py): a SEG of the CT
 # series the mask was made on, and a TID 1500 SR of the row that references it. A CT that came in
 # as a NIfTI/NRRD/MHA volume gets neither; the manifest says why.
-CT_MASK_SEG = Asset("ct_mask_seg", RADIOLOGY, per_patient=True, code_version="1", kinds=frozenset({"dicom"}))
+CT_MASK_SEG = Asset("ct_mask_seg", RADIOLOGY, per_patient=True, code_version="2", kinds=frozenset({"dicom"}))
 MASK_SEG_FILE = CT_MASK_SEG.file("mask.seg.dcm")
-RADIOMICS_SR = Asset("radiomics_sr", RADIOLOGY, per_patient=True, code_version="1", kinds=frozenset({"dicom"}))
+RADIOMICS_SR = Asset("radiomics_sr", RADIOLOGY, per_patient=True, code_version="2", kinds=frozenset({"dicom"}))
 RADIOMICS_SR_FILE = RADIOMICS_SR.file("radiomics.sr.dcm")
 
 # Versioned model folders under one pointer (radiology/nnunet.py).

@@ -15,6 +15,7 @@ from gcmlm_assets.catalogue import (
     CT_IMAGE, CT_MASK, CT_MASK_SEG, MASK_SEG_FILE, MASK_VOLUME, RADIOMICS_ROW, RADIOMICS_SR, RADIOMICS_SR_FILE,
     RADIOMICS_TABLE, Asset)
 from gcmlm_assets.inputs import required_file
+from gcmlm_assets.landing.scan import MODALITY_REQUIRED
 from gcmlm_assets.landing_input import LandingInputError
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, stored_materialization
@@ -26,6 +27,7 @@ from gcmlm_assets.reuse import StoredOutput, combined_digest
 from gcmlm_assets.storage import ArtifactStore, sha256_file, sha256_text
 
 WRITTEN, NONE = "written", "none"
+CT_FOLDER = MODALITY_REQUIRED["radiology"]  # the drop's CT folder, `<landing>/<patient>/ct/`
 
 
 # What each output is made from (reuse.py); gcmlm_assets_tests/core/test_fingerprints.py pins them.
@@ -105,9 +107,9 @@ def _ct_mask_seg_for(context: dg.AssetExecutionContext, patient_id: str, storage
                           ct_mask_seg_fingerprint(combined_digest(ct_inputs), mask_sha, repr(origin)))
     seg_path = output.path(MASK_SEG_FILE)
     if not output.reused:
-        folder = landing.patient_dir(patient_id) / "ct"
+        folder = landing.patient_dir(patient_id) / CT_FOLDER
         try:
-            landing.refuse_links_leaving(patient_id, "ct")
+            landing.refuse_links_leaving(patient_id, CT_FOLDER)
             now = {path.name: sha256_file(path) for path in ct_io.input_files(folder)}
         except (ct_io.CTInputError, LandingInputError) as error:
             raise input_failure(error) from error
@@ -121,7 +123,7 @@ def _ct_mask_seg_for(context: dg.AssetExecutionContext, patient_id: str, storage
             _absent(output, MASK_SEG_FILE, reason, seg=NONE, inputs=inputs)
         else:
             try:
-                written = dicom_seg.write_seg(folder, mask_path, seg_path, origin)
+                written = dicom_seg.write_seg(folder, mask_path, seg_path, origin, patient_id)
             except dicom_seg.SegInputError as error:
                 raise input_failure(error) from error
             output.record([MASK_SEG_FILE], seg=WRITTEN, inputs=inputs, **written)
@@ -198,7 +200,7 @@ def _radiomics_sr_for(context: dg.AssetExecutionContext, patient_id: str, storag
                     raise dicom_sr.SRInputError(
                         f"{row_path}: extracted with other PyRadiomics settings ({recorded}) than the configured "
                         f"{radiomics.params} ({settings_sha}); materialize radiomics_row again")
-                written = dicom_sr.write_sr(seg_path, row_path, sr_path, params)
+                written = dicom_sr.write_sr(seg_path, row_path, sr_path, params, patient_id)
             except dicom_sr.SRInputError as error:
                 raise input_failure(error) from error
             output.record([RADIOMICS_SR_FILE], sr=WRITTEN, inputs=inputs, **written)

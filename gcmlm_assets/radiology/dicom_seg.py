@@ -15,8 +15,10 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gcmlm_assets.catalogue import CT_MASK_SEG
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.radiology.ct_io import visible_files, volume_suffix
+from gcmlm_assets.radiology.dicom_patient import pseudonymise
 from gcmlm_assets.storage import atomic_path, sha256_file
 
 if TYPE_CHECKING:
@@ -246,8 +248,9 @@ def _software_version() -> str:
     return "; ".join(versions) or "unknown"
 
 
-def build_seg(ct_folder: Path, mask_path: Path, origin: MaskOrigin):
-    """The highdicom Segmentation of the mask at `mask_path` over the CT series in `ct_folder`."""
+def build_seg(ct_folder: Path, mask_path: Path, origin: MaskOrigin, patient_id: str):
+    """The highdicom Segmentation of the mask at `mask_path` over the CT series in `ct_folder`,
+    whose patient is the platform's `patient_id` (dicom_patient.py: no identity of the source's)."""
     import highdicom as hd
 
     headers = read_source_series(ct_folder)
@@ -264,7 +267,8 @@ def build_seg(ct_folder: Path, mask_path: Path, origin: MaskOrigin):
         segment_number=1, segment_label=SEGMENT_LABEL, segmented_property_category=_code(SEGMENT_CATEGORY),
         segmented_property_type=_code(SEGMENT_TYPE), algorithm_type=origin.algorithm_type,
         algorithm_identification=algorithm)
-    identity = (str(headers[0].SeriesInstanceUID), sha256_file(mask_path), repr(origin))
+    # The code version too: a new one rewrites stored SEGs, and a rewritten SEG is a new instance.
+    identity = (str(headers[0].SeriesInstanceUID), sha256_file(mask_path), repr(origin), CT_MASK_SEG.code_version)
     seg = hd.seg.Segmentation(
         source_images=headers, pixel_array=frames, segmentation_type="BINARY", segment_descriptions=[segment],
         series_instance_uid=derived_uid("seg series", *identity), series_number=SEG_SERIES_NUMBER,
@@ -277,13 +281,14 @@ def build_seg(ct_folder: Path, mask_path: Path, origin: MaskOrigin):
     dimensions = derived_uid("seg dimensions", *identity)
     for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
         item.DimensionOrganizationUID = dimensions
+    pseudonymise(seg, patient_id)
     return seg
 
 
-def write_seg(ct_folder: Path, mask_path: Path, seg_path: Path, origin: MaskOrigin) -> dict:
-    """Write the mask as a DICOM SEG of the CT series in `ct_folder` to `seg_path`, atomically;
-    return what the asset shows (UIDs, frames, segment, algorithm)."""
-    seg = build_seg(ct_folder, mask_path, origin)
+def write_seg(ct_folder: Path, mask_path: Path, seg_path: Path, origin: MaskOrigin, patient_id: str) -> dict:
+    """Write the mask as a DICOM SEG of the CT series in `ct_folder` to `seg_path`, atomically, as
+    the SEG of the platform's `patient_id`; return what the asset shows (UIDs, frames, segment, algorithm)."""
+    seg = build_seg(ct_folder, mask_path, origin, patient_id)
     with atomic_path(seg_path) as tmp:
         seg.save_as(tmp, enforce_file_format=True)
     referenced = seg.ReferencedSeriesSequence[0]

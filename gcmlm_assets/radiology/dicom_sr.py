@@ -19,7 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gcmlm_assets.catalogue import RADIOMICS_SR
 from gcmlm_assets.lazy import lazy
+from gcmlm_assets.radiology.dicom_patient import pseudonymise
 from gcmlm_assets.radiology.dicom_seg import MANUFACTURER, SEGMENT_TYPE, derived_uid
 from gcmlm_assets.storage import atomic_path, sha256_file
 
@@ -201,10 +203,10 @@ def read_feature_row(row_path: Path) -> tuple[str, dict[str, float], dict[str, s
 # ---------------------------------------------------------------- building and writing
 
 
-def build_sr(seg_path: Path, row_path: Path, params: Mapping):
-    """The TID 1500 Comprehensive 3D SR of the row at `row_path`, measured in the SEG at `seg_path`;
-    `params` are the PyRadiomics settings the row was extracted with. Returns (SR, names of the
-    features left out as not finite, the row's patient id)."""
+def build_sr(seg_path: Path, row_path: Path, params: Mapping, patient_id: str):
+    """The TID 1500 Comprehensive 3D SR of the row at `row_path`, measured in the SEG at `seg_path`,
+    whose patient is the platform's `patient_id` (dicom_patient.py); `params` are the PyRadiomics
+    settings the row was extracted with. Returns (SR, names of the features left out as not finite)."""
     import highdicom as hd
     from highdicom.coding_schemes import CodingSchemeIdentificationItem
     from pydicom.sr.codedict import codes
@@ -212,7 +214,9 @@ def build_sr(seg_path: Path, row_path: Path, params: Mapping):
 
     from gcmlm_assets.radiology.features import settings_hash
 
-    patient_id, row, metadata = read_feature_row(row_path)
+    row_patient, row, metadata = read_feature_row(row_path)
+    if row_patient != patient_id:
+        raise SRInputError(f"{row_path}: the row is patient {row_patient}'s, not {patient_id}'s")
     version = metadata.get("pyradiomics_version")
     if not version:
         raise SRInputError(f"{row_path}: the row does not record its pyradiomics_version")
@@ -255,20 +259,21 @@ def build_sr(seg_path: Path, row_path: Path, params: Mapping):
         observation_context=hd.sr.ObservationContext(observer_person_context=None,
                                                      observer_device_context=observer),
         procedure_reported=Code(*PROCEDURE), imaging_measurements=[group])
-    identity = (str(seg.SOPInstanceUID), sha256_file(row_path), settings)
+    identity = (str(seg.SOPInstanceUID), sha256_file(row_path), settings, RADIOMICS_SR.code_version)
     sr = hd.sr.Comprehensive3DSR(
         evidence=[seg], content=report, series_instance_uid=derived_uid("sr series", *identity),
         series_number=SR_SERIES_NUMBER, sop_instance_uid=derived_uid("sr instance", *identity), instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True, series_description="Radiomics of the gastric mask",
         coding_schemes=[CodingSchemeIdentificationItem(designator=PRIVATE_SCHEME, name=PRIVATE_SCHEME_NAME,
                                                        responsible_organization=MANUFACTURER)])
-    return sr, skipped, patient_id
+    pseudonymise(sr, patient_id)  # highdicom copies the patient of the SEG (the evidence)
+    return sr, skipped
 
 
-def write_sr(seg_path: Path, row_path: Path, sr_path: Path, params: Mapping) -> dict:
+def write_sr(seg_path: Path, row_path: Path, sr_path: Path, params: Mapping, patient_id: str) -> dict:
     """Write the radiomics row at `row_path` as a TID 1500 SR referencing the SEG at `seg_path` to
-    `sr_path`, atomically; return what the asset shows."""
-    sr, skipped, patient_id = build_sr(seg_path, row_path, params)
+    `sr_path`, atomically, as the SR of the platform's `patient_id`; return what the asset shows."""
+    sr, skipped = build_sr(seg_path, row_path, params, patient_id)
     with atomic_path(sr_path) as tmp:
         sr.save_as(tmp, enforce_file_format=True)
     measured = read_sr_measurements(sr_path)

@@ -47,9 +47,9 @@ def test_radiology_fingerprints_are_pinned():
     assert (radiomics_row_fingerprint(digest("33"), digest("88"), digest("55"), "3.1.0")
             == "2b567e08983f576cb2b240a30fbda62e95df22191154dc61071887780b4269d0")
     assert (ct_mask_seg_fingerprint(digest("11"), digest("88"), "MaskOrigin(x)")
-            == "ca5db2a0dd0a2d4bf5ccd5fd25e7fc19d555b10eb3753ebf4b4239e76f32f8c6")
+            == "1783a3832efd52f2ed03762493f16b77e64bb8559caf0606abe06cb550b22878")
     assert (radiomics_sr_fingerprint(digest("77"), digest("99"), digest("55"))
-            == "31ea14b4c1324742f6c237bd234fd55611aaa6f1efccc7408e922a90c77b57a5")
+            == "f1d22212b43c13c4b9a2992dd88e2a8ff32d5591c1b24dd71faf5b6fa99fac6c")
 
 
 def test_pathology_fingerprints_are_pinned(tmp_path):

@@ -1,7 +1,8 @@
 """No DICOM patient tag of an input series reaches the artifacts, the metadata or the event log.
 
 A DICOM CT series gets distinctive patient tags; ct_image -> ct_mask (reference mask) ->
-radiomics_row run through the real assets on a real instance; then every artifact file (raw
+radiomics_row -> ct_mask_seg -> radiomics_sr run through the real assets on a real instance; then
+every artifact file (the DICOM SEG and SR too, whose patient is the platform's id; raw
 bytes, gz-decompressed, parquet contents), every materialization's and check's metadata, every
 event of the instance's log and every file of the instance's home (event database, compute logs)
 is searched for them. The same search finds them in the landing drop, so it can fail.
@@ -18,12 +19,14 @@ import pyarrow.parquet as pq
 import SimpleITK as sitk
 from dagster._serdes import serialize_value
 
-from gcmlm_assets.catalogue import RADIOMICS_ROW, RADIOMICS_TABLE
+from gcmlm_assets.catalogue import MASK_SEG_FILE, RADIOMICS_ROW, RADIOMICS_SR_FILE, RADIOMICS_TABLE
 from gcmlm_assets.storage import ArtifactStore
 from gcmlm_assets.radiology import resources as radiology_resources
 from gcmlm_assets.radiology.assets import ct_image, ct_mask, radiomics_row
+from gcmlm_assets.radiology.dicom_assets import ct_mask_seg, radiomics_sr
 from gcmlm_assets_tests.support.phi_search import PATIENT_KEYWORDS, found_in, leaks_under
 from gcmlm_assets_tests.support.radiology.ct import CT_NAME, STOMACH_NAME, ct_crop, make_drop, write_dicom_series
+from gcmlm_assets_tests.support.radiology.dicom_results import SERIES_TAGS, assert_pseudonymised
 
 PATIENT = "GC042"  # the landing folder's (pseudonymous) id: what the platform may record
 # The series' tags (group|element) carrying the distinctive values phi_search looks for.
@@ -40,7 +43,8 @@ def test_no_patient_tag_of_a_dicom_series_reaches_artifacts_metadata_or_the_even
     mask_file = tmp_path / "stomach.nii.gz"
     sitk.WriteImage(stomach[30:94, 20:84, 9:21], str(mask_file), True)  # the crop ct_crop takes
     drop = make_drop(landing, PATIENT, [], mask_file)
-    slices = write_dicom_series(ct_crop(real_ct), drop / "ct", tags=PATIENT_TAGS)
+    # SERIES_TAGS: a frame of reference, without which the series gets no SEG
+    slices = write_dicom_series(ct_crop(real_ct), drop / "ct", tags={**SERIES_TAGS, **PATIENT_TAGS})
 
     # The drop carries the tags (as a DICOM reader sees them), and the search finds them there.
     header = pydicom.dcmread(slices[0], stop_before_pixels=True)
@@ -51,17 +55,22 @@ def test_no_patient_tag_of_a_dicom_series_reaches_artifacts_metadata_or_the_even
 
     instance.add_dynamic_partitions("patients", [PATIENT])
     resources = {**radiology_resources.resources("local"), **base_resources}
-    result = dg.materialize([ct_image, ct_mask, radiomics_row], partition_key=PATIENT, instance=instance,
-                            resources=resources, raise_on_error=False)
+    result = dg.materialize([ct_image, ct_mask, radiomics_row, ct_mask_seg, radiomics_sr], partition_key=PATIENT,
+                            instance=instance, resources=resources, raise_on_error=False)
     assert result.success, [e.step_failure_data.error for e in result.get_step_failure_events()]
     ct_meta = {k: v.value for k, v in result.asset_materializations_for_node("ct_image")[0].metadata.items()}
     assert ct_meta["source"].startswith(f"DICOM series of {len(slices)} files")
-    assert RADIOMICS_TABLE.path(ArtifactStore(artifacts), PATIENT).is_file()
+    store = ArtifactStore(artifacts)
+    assert RADIOMICS_TABLE.path(store, PATIENT).is_file()
+    # The SEG and SR were written (not skipped), in the CT's study, as the platform's patient.
+    for file in (MASK_SEG_FILE, RADIOMICS_SR_FILE):
+        assert_pseudonymised(file.path(store, PATIENT), PATIENT, slices[0])
 
     # Artifacts: every file, as bytes and decompressed.
     written = sorted(str(p.relative_to(artifacts)) for p in artifacts.rglob("*") if p.is_file())
     assert {f"ct_image/{PATIENT}/ct.nii.gz", f"ct_mask/{PATIENT}/mask.nii.gz",
-            f"{RADIOMICS_ROW.key}/{PATIENT}/{RADIOMICS_TABLE.name}"} <= set(written)
+            f"{RADIOMICS_ROW.key}/{PATIENT}/{RADIOMICS_TABLE.name}", f"ct_mask_seg/{PATIENT}/{MASK_SEG_FILE.name}",
+            f"radiomics_sr/{PATIENT}/{RADIOMICS_SR_FILE.name}"} <= set(written)
     assert leaks_under(artifacts) == {}
 
     # Metadata of every materialization and check result.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -11,13 +12,17 @@ import pytest
 import SimpleITK as sitk
 
 from gcmlm_assets.radiology import dicom_seg
+from gcmlm_assets_tests.support.dicom_tools import dciodvfy_report
 from gcmlm_assets_tests.support.radiology.dicom_results import (
     GEOMETRIES,
+    IDENTIFYING_TAGS,
     DicomCase,
+    assert_pseudonymised,
     dicom_case,
     single_slice_case,
 )
 
+PATIENT = "GC007"  # the platform's pseudonymous id, the only patient id a SEG may carry
 MODEL_ID = "Dataset501_GastricMask__nnUNetTrainer__nnUNetPlans__3d_fullres__fold_0__0123456789ab"
 
 
@@ -58,7 +63,8 @@ def _assert_references(case: DicomCase, seg_path: Path, metadata: dict) -> None:
 def test_seg_read_back_equals_the_mask_voxel_for_voxel(real_ct: Path, tmp_path: Path, geometry: str):
     case = dicom_case(real_ct, tmp_path, geometry)
     seg_path = tmp_path / "out" / "mask.seg.dcm"
-    metadata = dicom_seg.write_seg(case.ct_folder, case.mask_path, seg_path, dicom_seg.model_origin(MODEL_ID))
+    metadata = dicom_seg.write_seg(case.ct_folder, case.mask_path, seg_path, dicom_seg.model_origin(MODEL_ID),
+                                   PATIENT)
     _assert_round_trip(case, seg_path)
     _assert_references(case, seg_path, metadata)
     assert sorted(p.name for p in seg_path.parent.iterdir()) == ["mask.seg.dcm"]  # no temporary left
@@ -68,7 +74,7 @@ def test_the_real_one_slice_series_round_trips(test_data: Path, tmp_path: Path):
     case = single_slice_case(test_data, tmp_path)
     seg_path = tmp_path / "mask.seg.dcm"
     metadata = dicom_seg.write_seg(case.ct_folder, case.mask_path, seg_path,
-                                   dicom_seg.reference_origin("CT_small_mask.nii.gz"))
+                                   dicom_seg.reference_origin("CT_small_mask.nii.gz"), PATIENT)
     _assert_round_trip(case, seg_path)
     _assert_references(case, seg_path, metadata)
     assert metadata["frames"] == 1 and metadata["referenced_instances"] == 1
@@ -89,16 +95,17 @@ def test_the_same_inputs_give_the_same_seg_but_for_its_creation_times(test_data:
     case = single_slice_case(test_data, tmp_path)
     origin = dicom_seg.reference_origin("CT_small_mask.nii.gz")
     first, second = tmp_path / "first.seg.dcm", tmp_path / "second.seg.dcm"
-    dicom_seg.write_seg(case.ct_folder, case.mask_path, first, origin)
-    dicom_seg.write_seg(case.ct_folder, case.mask_path, second, origin)
+    dicom_seg.write_seg(case.ct_folder, case.mask_path, first, origin, PATIENT)
+    dicom_seg.write_seg(case.ct_folder, case.mask_path, second, origin, PATIENT)
     assert _without_times(pydicom.dcmread(first)) == _without_times(pydicom.dcmread(second))
 
 
 def test_segment_codes_and_algorithm_are_recorded(real_ct: Path, tmp_path: Path):
     case = dicom_case(real_ct, tmp_path)
     predicted, reference = tmp_path / "predicted.dcm", tmp_path / "reference.dcm"
-    dicom_seg.write_seg(case.ct_folder, case.mask_path, predicted, dicom_seg.model_origin(MODEL_ID))
-    dicom_seg.write_seg(case.ct_folder, case.mask_path, reference, dicom_seg.reference_origin("stomach.nii.gz"))
+    dicom_seg.write_seg(case.ct_folder, case.mask_path, predicted, dicom_seg.model_origin(MODEL_ID), PATIENT)
+    dicom_seg.write_seg(case.ct_folder, case.mask_path, reference, dicom_seg.reference_origin("stomach.nii.gz"),
+                        PATIENT)
 
     (segment,) = pydicom.dcmread(predicted).SegmentSequence
     assert (segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue,
@@ -119,7 +126,7 @@ def test_segment_codes_and_algorithm_are_recorded(real_ct: Path, tmp_path: Path)
     # Another origin is another SEG instance; the same inputs give the same UIDs.
     assert reference_seg.SOPInstanceUID != pydicom.dcmread(predicted).SOPInstanceUID
     again = dicom_seg.write_seg(case.ct_folder, case.mask_path, tmp_path / "again.dcm",
-                                dicom_seg.model_origin(MODEL_ID))
+                                dicom_seg.model_origin(MODEL_ID), PATIENT)
     assert again["sop_instance_uid"] == pydicom.dcmread(predicted).SOPInstanceUID
 
 
@@ -150,9 +157,35 @@ def test_a_mask_on_another_grid_is_refused(real_ct: Path, tmp_path: Path):
     mask.SetOrigin(tuple(o + 0.4 * s for o, s in zip(mask.GetOrigin(), mask.GetSpacing(), strict=True)))
     sitk.WriteImage(mask, str(shifted), True)
     with pytest.raises(dicom_seg.SegInputError, match=r"shifted\.nii\.gz.*do not fall on the mask's voxel grid"):
-        dicom_seg.write_seg(case.ct_folder, shifted, tmp_path / "seg.dcm", dicom_seg.model_origin(MODEL_ID))
+        dicom_seg.write_seg(case.ct_folder, shifted, tmp_path / "seg.dcm", dicom_seg.model_origin(MODEL_ID), PATIENT)
     cropped = tmp_path / "cropped.nii.gz"
     sitk.WriteImage(sitk.ReadImage(str(case.mask_path))[:, :, 1:], str(cropped), True)
     with pytest.raises(dicom_seg.SegInputError, match=r"cropped\.nii\.gz.*outside the mask grid"):
-        dicom_seg.write_seg(case.ct_folder, cropped, tmp_path / "seg.dcm", dicom_seg.model_origin(MODEL_ID))
+        dicom_seg.write_seg(case.ct_folder, cropped, tmp_path / "seg.dcm", dicom_seg.model_origin(MODEL_ID), PATIENT)
     assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_the_seg_carries_the_platforms_patient_id_and_no_identity_of_the_source(real_ct: Path, tmp_path: Path):
+    case = dicom_case(real_ct, tmp_path, tags=IDENTIFYING_TAGS)
+    seg_path = tmp_path / "mask.seg.dcm"
+    metadata = dicom_seg.write_seg(case.ct_folder, case.mask_path, seg_path, dicom_seg.model_origin(MODEL_ID),
+                                   PATIENT)
+    source = sorted(case.ct_folder.iterdir())[0]
+    assert pydicom.dcmread(source).PatientID == IDENTIFYING_TAGS["0010|0020"]  # the source carries them
+    assert_pseudonymised(seg_path, PATIENT, source)
+    seg = pydicom.dcmread(seg_path)
+    assert seg.FrameOfReferenceUID == pydicom.dcmread(source).FrameOfReferenceUID
+    assert metadata["study_instance_uid"] == seg.StudyInstanceUID
+    lines = dciodvfy_report(seg_path)
+    assert not [line for line in lines if line.startswith("Error")], "\n".join(lines)
+
+
+def test_the_seg_uids_follow_the_code_version(test_data: Path, tmp_path: Path, monkeypatch):
+    case = single_slice_case(test_data, tmp_path)
+    origin = dicom_seg.reference_origin("CT_small_mask.nii.gz")
+    before = dicom_seg.write_seg(case.ct_folder, case.mask_path, tmp_path / "a.dcm", origin, PATIENT)
+    monkeypatch.setattr(dicom_seg, "CT_MASK_SEG", dataclasses.replace(dicom_seg.CT_MASK_SEG, code_version="next"))
+    after = dicom_seg.write_seg(case.ct_folder, case.mask_path, tmp_path / "b.dcm", origin, PATIENT)
+    assert before["sop_instance_uid"] != after["sop_instance_uid"]
+    assert before["series_instance_uid"] != after["series_instance_uid"]
+    assert before["study_instance_uid"] == after["study_instance_uid"]

@@ -8,9 +8,16 @@ import pydicom
 import pytest
 
 from gcmlm_assets.radiology import dicom_seg, dicom_sr, features
-from gcmlm_assets_tests.support.radiology.dicom_results import radiomics_case, single_slice_case
+from gcmlm_assets_tests.support.radiology.dicom_results import (
+    IDENTIFYING_TAGS,
+    assert_pseudonymised,
+    dicom_case,
+    radiomics_case,
+    single_slice_case,
+)
 from gcmlm_assets_tests.support.dicom_tools import dciodvfy_report
 
+PATIENT = "P001"  # radiomics_case's row
 MODEL_ID = "Dataset501_GastricMask__nnUNetTrainer__nnUNetPlans__3d_fullres__fold_0__0123456789ab"
 
 
@@ -20,8 +27,8 @@ def written(real_ct: Path, tmp_path_factory) -> dict:
     tmp_path = tmp_path_factory.mktemp("sr")
     case, row_path, params = radiomics_case(real_ct, tmp_path)
     seg_path, sr_path = tmp_path / "mask.seg.dcm", tmp_path / "radiomics.sr.dcm"
-    seg = dicom_seg.write_seg(case.ct_folder, case.mask_path, seg_path, dicom_seg.model_origin(MODEL_ID))
-    sr = dicom_sr.write_sr(seg_path, row_path, sr_path, params)
+    seg = dicom_seg.write_seg(case.ct_folder, case.mask_path, seg_path, dicom_seg.model_origin(MODEL_ID), PATIENT)
+    sr = dicom_sr.write_sr(seg_path, row_path, sr_path, params, PATIENT)
     return {"seg_path": seg_path, "sr_path": sr_path, "row_path": row_path, "params": params, "seg": seg, "sr": sr}
 
 
@@ -105,7 +112,7 @@ def test_a_non_finite_feature_is_left_out_and_named(written: dict, tmp_path: Pat
     patient_id, row, metadata = dicom_sr.read_feature_row(written["row_path"])
     row["original_glcm_MCC"] = float("nan")
     row_path = features.write_row(tmp_path / "row.parquet", patient_id, row, metadata)
-    result = dicom_sr.write_sr(written["seg_path"], row_path, tmp_path / "sr.dcm", written["params"])
+    result = dicom_sr.write_sr(written["seg_path"], row_path, tmp_path / "sr.dcm", written["params"], PATIENT)
     assert result["features_not_finite"] == "original_glcm_MCC" and result["measurements"] == 106
     assert "original_glcm_MCC" not in dicom_sr.read_sr_measurements(tmp_path / "sr.dcm")
 
@@ -114,7 +121,7 @@ def test_a_row_without_its_pyradiomics_version_is_refused(written: dict, tmp_pat
     patient_id, row, _ = dicom_sr.read_feature_row(written["row_path"])
     row_path = features.write_row(tmp_path / "row.parquet", patient_id, row, {"params": "default"})
     with pytest.raises(dicom_sr.SRInputError, match=r"row\.parquet: the row does not record its pyradiomics_version"):
-        dicom_sr.write_sr(written["seg_path"], row_path, tmp_path / "sr.dcm", written["params"])
+        dicom_sr.write_sr(written["seg_path"], row_path, tmp_path / "sr.dcm", written["params"], PATIENT)
 
 
 @pytest.mark.parametrize("which", ["seg_path", "sr_path", "real_slice_seg"])
@@ -122,9 +129,25 @@ def test_dciodvfy_finds_no_error(written: dict, which: str, test_data: Path, tmp
     if which == "real_slice_seg":  # a reference (MANUAL) SEG of a real scanner's slice
         case = single_slice_case(test_data, tmp_path)
         path = tmp_path / "mask.seg.dcm"
-        dicom_seg.write_seg(case.ct_folder, case.mask_path, path, dicom_seg.reference_origin("stomach.nii.gz"))
+        dicom_seg.write_seg(case.ct_folder, case.mask_path, path, dicom_seg.reference_origin("stomach.nii.gz"), PATIENT)
     else:
         path = written[which]
     lines = dciodvfy_report(path)
     errors = [line for line in lines if line.startswith("Error")]
     assert not errors, "\n".join(lines)
+
+
+def test_the_sr_carries_the_platforms_patient_id_and_no_identity_of_the_source(written: dict, real_ct: Path,
+                                                                               tmp_path: Path):
+    case = dicom_case(real_ct, tmp_path, tags=IDENTIFYING_TAGS)
+    seg_path, sr_path = tmp_path / "mask.seg.dcm", tmp_path / "radiomics.sr.dcm"
+    dicom_seg.write_seg(case.ct_folder, case.mask_path, seg_path, dicom_seg.model_origin(MODEL_ID), PATIENT)
+    dicom_sr.write_sr(seg_path, written["row_path"], sr_path, written["params"], PATIENT)
+    assert_pseudonymised(sr_path, PATIENT, sorted(case.ct_folder.iterdir())[0])
+    lines = dciodvfy_report(sr_path)
+    assert not [line for line in lines if line.startswith("Error")], "\n".join(lines)
+
+
+def test_a_row_of_another_patient_is_refused(written: dict, tmp_path: Path):
+    with pytest.raises(dicom_sr.SRInputError, match=r"radiomics\.parquet: the row is patient P001's, not GC999's"):
+        dicom_sr.write_sr(written["seg_path"], written["row_path"], tmp_path / "sr.dcm", written["params"], "GC999")

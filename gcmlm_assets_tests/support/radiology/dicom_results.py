@@ -11,11 +11,22 @@ import numpy as np
 import SimpleITK as sitk
 
 from gcmlm_assets.radiology import ct_io, masks
+from gcmlm_assets_tests.support.phi_search import PATIENT_KEYWORDS, found_in
 from gcmlm_assets_tests.support.radiology.ct import ct_crop, write_dicom_series
 
 # Tags a scanner always sets that write_dicom_series leaves out.
 SERIES_TAGS = {"0020|0052": "1.2.826.0.1.3680043.2.1125.5.1", "0020|0011": "3", "0020|0010": "1"}
 GEOMETRIES = ("normal", "flipped", "oblique")
+# A series straight from a hospital: the identifying values phi_search looks for, more names of
+# the patient's, the site's and its staff's, and the patient's sex and age (which a SEG keeps).
+IDENTIFYING_TAGS = {
+    "0010|0010": PATIENT_KEYWORDS["PatientName"], "0010|0020": PATIENT_KEYWORDS["PatientID"],
+    "0010|0030": PATIENT_KEYWORDS["PatientBirthDate"], "0008|0050": PATIENT_KEYWORDS["AccessionNumber"],
+    "0008|0080": PATIENT_KEYWORDS["InstitutionName"], "0008|0081": "ZZ HOSPITAL STREET 1",
+    "0008|0090": "ZZREFERRING^DOCTOR", "0020|0010": "ZZSTUDY7", "0008|1010": "ZZSTATION",
+    "0008|1070": "ZZOPERATOR^ONE", "0010|1030": "77", "0010|4000": "ZZ patient comment", "0010|0040": "F",
+    "0010|1010": "061Y",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +70,10 @@ def canonical_case(ct_folder: Path, out: Path, image: sitk.Image | None = None) 
     return DicomCase(ct_folder, ct_path, mask_path)
 
 
-def dicom_case(real_ct: Path, tmp_path: Path, geometry: str = "normal") -> DicomCase:
-    """A DICOM series of the CT crop in `geometry`, its canonical CT and a mask on it."""
+def dicom_case(real_ct: Path, tmp_path: Path, geometry: str = "normal", tags: dict | None = None) -> DicomCase:
+    """A DICOM series of the CT crop in `geometry` (with `tags` added), its canonical CT and a mask on it."""
     folder = tmp_path / geometry / "ct"
-    write_dicom_series(source_volume(real_ct, geometry), folder, tags=SERIES_TAGS)
+    write_dicom_series(source_volume(real_ct, geometry), folder, tags={**SERIES_TAGS, **(tags or {})})
     return canonical_case(folder, tmp_path / geometry)
 
 
@@ -98,3 +109,27 @@ def radiomics_case(real_ct: Path, tmp_path: Path, patient_id: str = "P001") -> t
         "pyradiomics_version": features.pyradiomics_version(), "settings_sha256": features.settings_hash(params),
         "params": "default"})
     return case, row_path, params
+
+
+def assert_pseudonymised(path: Path, patient_id: str, source: Path) -> None:
+    """The DICOM file at `path` carries, of the patient in the `source` slice's header, only the
+    platform's `patient_id` (as Patient ID and Name), sex and age; it stays in the source's study."""
+    import pydicom
+
+    dataset, header = pydicom.dcmread(path), pydicom.dcmread(source, stop_before_pixels=True)
+    assert (dataset.PatientID, dataset.PatientName.family_name, dataset.PatientName.given_name) == (
+        patient_id, patient_id, "")
+    for keyword in ("PatientBirthDate", "AccessionNumber", "StudyID", "ReferringPhysicianName"):
+        assert keyword in dataset and not dataset[keyword].value, keyword  # type 2: present, empty
+    patient = {e.keyword for e in dataset.iterall() if e.tag.group == 0x0010}
+    assert patient <= {"PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge"}, patient
+    assert (dataset.get("PatientSex"), dataset.get("PatientAge")) == (header.get("PatientSex"), header.get("PatientAge"))
+    copied = {e.keyword for e in dataset.iterall()} & {"InstitutionName", "InstitutionAddress", "StationName",
+                                                       "OperatorsName"}
+    assert not copied, copied
+    assert dataset.PatientIdentityRemoved == "YES" and dataset.DeidentificationMethod
+    assert dataset.StudyInstanceUID == header.StudyInstanceUID
+    data = path.read_bytes()
+    assert found_in(data) == []
+    for value in ("ZZREFERRING", "ZZSTUDY7", "ZZSTATION", "ZZOPERATOR", "ZZ HOSPITAL STREET", "ZZ PATIENT COMMENT"):
+        assert value.encode() not in data.upper(), value
