@@ -15,7 +15,7 @@ from gcmlm_assets.catalogue import (
     CT_IMAGE, CT_MASK, CT_MASK_SEG, MASK_SEG_FILE, MASK_VOLUME, RADIOMICS_ROW, RADIOMICS_SR, RADIOMICS_SR_FILE,
     RADIOMICS_TABLE, Asset)
 from gcmlm_assets.inputs import required_file
-from gcmlm_assets.landing.scan import MODALITY_REQUIRED
+from gcmlm_assets.landing.scan import CT_FOLDER  # the drop's CT folder, `<landing>/<patient>/ct/`
 from gcmlm_assets.landing_input import LandingInputError
 from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, stored_materialization
@@ -27,7 +27,6 @@ from gcmlm_assets.reuse import StoredOutput, combined_digest
 from gcmlm_assets.storage import ArtifactStore, sha256_file, sha256_text
 
 WRITTEN, NONE = "written", "none"
-CT_FOLDER = MODALITY_REQUIRED["radiology"]  # the drop's CT folder, `<landing>/<patient>/ct/`
 
 
 # What each output is made from (reuse.py); gcmlm_assets_tests/core/test_fingerprints.py pins them.
