@@ -51,10 +51,12 @@ def build_cohort(root: Path) -> Cohort:
     """Write the drops and materialize them in this process, as the landing sensor's runs would."""
     from gcmlm_assets.definitions import build_definitions
     from gcmlm_assets.demo.synthetic import write_cohort
+    from gcmlm_assets.demo.synthetic_ct import make_ct, nifti_bytes
     from gcmlm_assets.demo.synthetic_plan import CohortSpec, plan_cohort
 
     spec = CohortSpec.small(n_patients=4, id_prefix="GC")
-    with_masks = [plan.patient_id for plan in plan_cohort(spec) if plan.has_reference_mask][:2]
+    plans = [plan for plan in plan_cohort(spec) if plan.has_reference_mask][:2]
+    with_masks = [plan.patient_id for plan in plans]
     landing = root / "landing"
     write_cohort(landing, spec)
     for folder in landing.iterdir():
@@ -65,7 +67,8 @@ def build_cohort(root: Path) -> Cohort:
         marker.unlink()
     broken = "GC9001"
     (landing / broken / "ct").mkdir(parents=True)
-    ct_bytes = (landing / with_masks[0] / "ct" / "ct.nii.gz").read_bytes()
+    # A NIfTI cut short (the demo's own drops are DICOM series): its error names the one file.
+    ct_bytes = nifti_bytes(make_ct(plans[0], spec)[0])
     (landing / broken / "ct" / "ct.nii.gz").write_bytes(ct_bytes[: len(ct_bytes) // 3])
 
     home = prepare_dagster_home(root / "dagster_home")
