@@ -307,8 +307,6 @@ def _checks_under_partition(context: dg.AssetExecutionContext, patient_id: str,
                     # Dagster has stored the materialization above by the time the step resumes here
                     checked[key.asset_key] = latest_materialization(context.instance, key.asset_key, patient_id)
                 yield from _stored_check(context, key, patient_id, result, checked[key.asset_key])
-    except dg.RetryRequested:  # tried again: the next attempt records the checks
-        raise
     except Exception as error:  # the step fails: its checks are recorded under the patient first
         reason = error.description if isinstance(error, dg.Failure) and error.description else (
             f"{type(error).__name__}: {error}")

@@ -102,11 +102,12 @@ def cached_tissue_polygons(entry: dict, params: TilingParams, stored_coords, cac
     if path is not None and path.is_file():
         try:
             kept = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            kept = {}
-        if kept.get("key") == key:
-            return [(np.asarray(outer, np.float64), [np.asarray(hole, np.float64) for hole in holes])
-                    for outer, holes in kept["polygons"]]
+            if kept["key"] == key:
+                return [(np.asarray(outer, np.float64).reshape(-1, 2),
+                         [np.asarray(hole, np.float64).reshape(-1, 2) for hole in holes])
+                        for outer, holes in kept["polygons"]]
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable or damaged: made again
+            pass
     polygons = slide_tissue_polygons(entry, params, stored_coords)
     if path is not None:
         data = json.dumps({"key": key, "polygons": [(outer.tolist(), [hole.tolist() for hole in holes])

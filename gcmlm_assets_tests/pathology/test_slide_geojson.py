@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import pytest
 
 from gcmlm_assets.pathology.patch_coords import tile_patient, write_patient_outputs
 from gcmlm_assets.pathology.slide_geojson import (
-    GEOJSON_SUFFIX, inputs_fingerprint, tiling_params_from_listing, write_patient_geojson)
+    GEOJSON_SUFFIX, OUTLINES_FOLDER, inputs_fingerprint, tiling_params_from_listing, write_patient_geojson)
 from gcmlm_assets.pathology.coords_h5 import read_coords_h5
+from gcmlm_assets.pathology.slide_error import SlideError
 from gcmlm_assets.pathology.tiling_params import ClamParams, TilingParams
 from gcmlm_assets.pathology.qupath_geojson import (
     GeoJsonInputError, closed_ring, geojson_problems, patch_tiles, write_geojson)
@@ -135,6 +137,11 @@ def test_new_values_redraw_the_tiles_without_tiling_the_slide_again(test_data: P
 
     assert second["slides"][0]["tiles_with_values"] == len(grid.coords)
     assert tissue(second) == tissue(first) and tissue(first)
+    # kept outlines of another listing entry (or damaged ones) are not used: the slide is tiled again
+    kept = tmp_path / "out" / OUTLINES_FOLDER / f"{SLIDE}.json"
+    kept.write_text(json.dumps({**json.loads(kept.read_text(encoding="utf-8")), "key": "another"}), encoding="utf-8")
+    with pytest.raises(SlideError, match=re.escape(slide.name)):
+        write_patient_geojson(folder, tmp_path / "out")
 
 
 def test_values_from_another_grid_are_refused_and_nothing_is_written(patch_coords_dir: Path, tmp_path: Path):

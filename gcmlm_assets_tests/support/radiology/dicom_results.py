@@ -25,7 +25,9 @@ IDENTIFYING_TAGS = {
     "0008|0080": PATIENT_KEYWORDS["InstitutionName"], "0008|0081": "ZZ HOSPITAL STREET 1",
     "0008|0090": "ZZREFERRING^DOCTOR", "0020|0010": "ZZSTUDY7", "0008|1010": "ZZSTATION",
     "0008|1070": "ZZOPERATOR^ONE", "0010|1030": "77", "0010|4000": "ZZ patient comment", "0010|0040": "F",
-    "0010|1010": "061Y",
+    "0010|1010": "061Y", "0008|1030": "ZZ STUDY OF SECRETNAME", "0008|009C": "ZZCONSULTING^DOCTOR",
+    "0008|1048": "ZZRECORD^DOCTOR", "0008|1060": "ZZREADING^DOCTOR", "0038|0010": "ZZADMISSION42",
+    "0012|0040": "ZZTRIALSUBJECT9", "0012|0031": "ZZ TRIAL SITE",
 }
 
 
@@ -131,5 +133,6 @@ def assert_pseudonymised(path: Path, patient_id: str, source: Path) -> None:
     assert dataset.StudyInstanceUID == header.StudyInstanceUID
     data = path.read_bytes()
     assert found_in(data) == []
-    for value in ("ZZREFERRING", "ZZSTUDY7", "ZZSTATION", "ZZOPERATOR", "ZZ HOSPITAL STREET", "ZZ PATIENT COMMENT"):
+    for value in ("ZZREFERRING", "ZZSTUDY7", "ZZSTATION", "ZZOPERATOR", "ZZ HOSPITAL STREET", "ZZ PATIENT COMMENT",
+                  "SECRETNAME", "ZZCONSULTING", "ZZRECORD", "ZZREADING", "ZZADMISSION", "ZZTRIAL"):
         assert value.encode() not in data.upper(), value
