@@ -18,8 +18,8 @@ import dagster as dg
 
 from gcmlm_assets import runs, settings
 from gcmlm_assets.catalogue import (
-    CT_MASK, FOLLOW_ONS, MODALITY_CHAINS, PATCH_COORDS, QUPATH_GEOJSON, RISK_EXPLANATIONS, SEGMENTATION_MODEL,
-    UNI_FEATURES)
+    CT_MASK, FOLLOW_ONS, MODALITY_CHAINS, PATCH_COORDS, PATIENT_FEATURES, QUPATH_GEOJSON, RISK_EXPLANATIONS,
+    SEGMENTATION_MODEL, UNI_FEATURES)
 from gcmlm_assets.cohort import definitions as cohort
 from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS
 from gcmlm_assets.landing.sensors import build_landing_sensor
@@ -77,6 +77,11 @@ def blocking_check_keys(assets: list[dg.AssetsDefinition], asset_names: tuple[st
 MODALITY_ASSETS: dict[str, list[dg.AssetKey]] = {
     modality: [dg.AssetKey(asset.key) for asset in chain] for modality, chain in MODALITY_CHAINS.items()}
 landing_sensor = build_landing_sensor(MODALITY_ASSETS, holds=[pathology.LANDING_HOLD])
+# What the cohort refresh waits on: each chain up to the row it fuses (catalogue.PATIENT_FEATURES),
+# not what follows it there (radiology's DICOM SEG and SR), which the scores do not read.
+FEATURE_CHAINS: list[list[dg.AssetKey]] = [
+    chain[:chain.index(dg.AssetKey(PATIENT_FEATURES[modality].asset.key)) + 1]
+    for modality, chain in MODALITY_ASSETS.items()]
 # A steps sensor per follow-on pair (catalogue.FOLLOW_ONS), in batched runs tagged as the upstream's
 # work: the QuPath GeoJSON follows a new grid (tissue and tiles, before any explanation) and a new
 # explanation (the patch values). It stays out of pathology's chain, which the cohort refresh waits on.
@@ -93,7 +98,7 @@ def build_domains(env: str, profile: Profile) -> list[dg.Definitions]:
     parts = [radiology.definitions(env, profile), pathology.definitions(env, profile)]
     input_checks = blocking_check_keys([asset for part in parts for asset in part.assets], PATIENT_FEATURE_ASSETS)
     return [*parts, cohort.definitions(env, profile, input_check_keys=input_checks,
-                                       patient_chains=list(MODALITY_ASSETS.values()),
+                                       patient_chains=FEATURE_CHAINS,
                                        training_pending=radiology.training_pending,
                                        training_resource_keys=radiology.TRAINING_STATUS_RESOURCES,
                                        explanation_followers=[QUPATH_GEOJSON.key])]
