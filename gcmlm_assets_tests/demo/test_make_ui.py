@@ -22,8 +22,10 @@ from gcmlm_assets_tests.support.ui.cockpit import PROJECT_ROOT, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-# Generous: dagster dev takes about 5 s to stop on a busy machine; the bug left everything running.
-STOP_BOUND_S = 60.0
+# The bug this guards against left everything running. dagster dev usually stops in seconds, but it
+# gives its webserver and its daemon up to 60 s each to stop before it kills them (dagster/_cli/dev.py),
+# which on a loaded CI machine, after the daemon test, it has been seen to need: that is the bound.
+STOP_BOUND_S = 2 * 60.0 + 30.0
 START_BOUND_S = 240.0
 # What `make ui` is given of this process's environment.
 SHELL_VARIABLES = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "TERM")

@@ -500,7 +500,9 @@ def test_a_backfill_range_loads_the_model_once_and_records_each_patient_as_its_o
         if event.event_type_value == "ASSET_CHECK_EVALUATION":
             evaluation = event.event_specific_data
             checked.setdefault(evaluation.partition, {})[evaluation.check_name] = evaluation.passed
-    assert set(checked) == {predicted, referenced}
+    # the broken patient's checks are recorded under it as not evaluated (batching.py), never passed
+    assert set(checked) == {predicted, broken, referenced}
+    assert checked[broken] and not any(checked[broken].values())
     # The real reference mask passes every blocking check; its comparison with the model was recorded.
     blocking = {spec.name for spec in ct_mask.check_specs if spec.blocking}
     assert blocking and all(checked[referenced][name] for name in blocking)

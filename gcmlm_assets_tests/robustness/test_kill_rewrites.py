@@ -60,10 +60,18 @@ class Installed:
 @pytest.fixture(scope="module")
 def installed_model(tmp_path_factory, run_server) -> Installed:
     from gcmlm_assets.demo.synthetic import write_cohort
+    from gcmlm_assets.demo.synthetic_ct import make_ct, nifti_bytes
     from gcmlm_assets.demo.synthetic_plan import CohortSpec
 
     base = tmp_path_factory.mktemp("rewrites")
-    cohort = write_cohort(base / "landing", CohortSpec.small(6, slide_width=(800, 1000)))
+    spec = CohortSpec.small(6, slide_width=(800, 1000))
+    cohort = write_cohort(base / "landing", spec)
+    # The CTs as NIfTI (the demo drops DICOM series): their headers' free text is what is searched.
+    for plan in cohort.patients:
+        ct_folder = cohort.landing / plan.patient_id / "ct"
+        for slice_file in ct_folder.iterdir():
+            slice_file.unlink()
+        (ct_folder / "ct.nii.gz").write_bytes(nifti_bytes(make_ct(plan, spec)[0]))
     for image in sorted(cohort.landing.glob("*/ct*/*.nii.gz")):
         with_identifying_header(image)
     data = prepare_root(base / "root", cohort.landing, cohort.patient_ids)

@@ -78,7 +78,7 @@ def kill_points(asset: str, patient: str) -> list[KillPoint]:
             KillPoint("cross-validated, fitting the final model (nothing written)",
                       Pause("gcmlm_assets.cohort.model.training:fit_risk_model")),
             KillPoint("version staged in a temporary folder, not installed",
-                      Pause("gcmlm_assets.cohort.risk_model_asset:publish_version")),
+                      Pause("gcmlm_assets.reuse:publish_version")),
             KillPoint("version folder installed, current.json in its temporary",
                       Pause(f"{STORAGE}:_fsync_file", ".tmp-current-")),
         ],
