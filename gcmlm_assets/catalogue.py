@@ -137,6 +137,28 @@ SLIDE_VECTOR_PICTURE = SLIDE_VECTOR.file("slide_vector.png")
 QUPATH_GEOJSON = Asset("qupath_geojson", PATHOLOGY, per_patient=True, code_version="1",
                        kinds=frozenset({"geojson"}))
 
+# ---------------------------------------------------------------- pathology: lymph nodes
+# The lymph-node slides of a drop's `ln_wsi/` go through the same tiling and encoder as the primary
+# tumour's (pathology/assets.py), into assets of their own, so that neither chain waits on the other.
+LYMPH_NODE = "lymph_node"  # the modality (a landing folder, a chain, a block of the fused table)
+LN_PATCH_COORDS = Asset("ln_patch_coords", PATHOLOGY, per_patient=True, code_version=PATCH_COORDS.code_version,
+                        kinds=frozenset({"openslide"}))
+LN_SLIDE_LISTING = LN_PATCH_COORDS.file("slides.json")
+LN_TILING_PICTURE = LN_PATCH_COORDS.file("tiling.png")
+LN_FEATURES = Asset("ln_features", PATHOLOGY, per_patient=True, code_version=UNI_FEATURES.code_version,
+                    kinds=frozenset({"torch"}))
+# Patch-level tumour classifier on the encoder's embeddings, trained on the annotated lymph-node
+# slides (`ln_annotations/`); versioned folders under one pointer, like risk_model.
+TUMOUR_CLASSIFIER = Asset("tumour_classifier", PATHOLOGY, per_patient=False, code_version="1",
+                          kinds=frozenset({"sklearn"}))
+CLASSIFIER_FILE = TUMOUR_CLASSIFIER.file("classifier.skops")
+CLASSIFIER_METRICS = TUMOUR_CLASSIFIER.file("metrics.json")
+# Per patient: the nodes and tumour regions of every lymph-node slide (a picture, a QuPath GeoJSON and
+# the patches' tumour probabilities per slide, listed in regions.json) and one row of counts, areas and T/MLN.
+LYMPH_NODES = Asset("lymph_nodes", PATHOLOGY, per_patient=True, code_version="1", kinds=frozenset({"numpy"}))
+LYMPH_NODE_TABLE = LYMPH_NODES.file("lymph_nodes.parquet")
+LYMPH_NODE_REGIONS = LYMPH_NODES.file("regions.json")
+
 # ---------------------------------------------------------------- cohort
 CLINICAL_TABLE = Asset("clinical_table", COHORT, per_patient=False, code_version="1", kinds=frozenset({"pyarrow"}))
 CLINICAL_FILE = CLINICAL_TABLE.file("clinical.parquet")
