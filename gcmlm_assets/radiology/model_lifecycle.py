@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gcmlm_assets.model_sweeps import patients_to_rerun
+
 # nnU-Net trains on at least this many cases: the held-out cases leave them to the new model.
 MIN_TRAINING_CASES = 2
 
@@ -269,51 +271,13 @@ def install_decision(new: dict[str, float], installed: dict[str, float]) -> tupl
                    f"model's {installed_mean:.3f}; the installed model stays")
 
 
-# Slices of waiting patients whose runs in flight one tick looks up (the rest wait for a later tick).
-IN_FLIGHT_LOOKUPS = 2
-
-
 def masks_to_predict(*, model_key: str, cursor: dict, ct_done: Iterable[str], mask_done: Iterable[str],
                      in_flight, has_reference, limit: int) -> tuple[list[str], dict]:
-    """Patients whose mask the installed model (`model_key`) should predict, and the next cursor.
-
-    A new model re-predicts every patient without a reference mask whose CT is materialized, once,
-    in slices of `limit` per tick in patient-id order (the cursor's `after`: the last patient the
-    sweep looked at; `swept` once it is done, so patients who arrive later, whose landing run
-    predicts with the installed model, are not swept again). Besides, patients whose ct_mask waited
-    for a model (their CT is materialized, their mask is not) are predicted unless `in_flight(patients)`
-    names them: a run of theirs is in flight (or, as the sensor asks it, their ct_mask was never
-    planned: a batch's next run that radiology_steps_sensor has yet to request), asked for at most
-    `IN_FLIGHT_LOOKUPS` slices of `limit` candidates per tick. `has_reference(patient)` is asked
-    only for candidates.
-    """
-    ct_done = sorted(set(ct_done))
-    if cursor.get("model") == model_key and "offset" in cursor:  # the cursor's form before `after`
-        offset = int(cursor["offset"])
-        cursor = {"model": model_key, "after": ct_done[min(offset, len(ct_done)) - 1] if offset and ct_done else "",
-                  "swept": offset >= len(ct_done)}
-    if cursor.get("model") != model_key or "after" not in cursor:
-        cursor = {"model": model_key, "after": "", "swept": False}
-    chosen: list[str] = []
-    if not cursor["swept"]:  # the sweep after a model change is not finished
-        after = cursor["after"]
-        remaining = [patient_id for patient_id in ct_done if patient_id > after]
-        for patient_id in remaining:
-            after = patient_id
-            if not has_reference(patient_id):
-                chosen.append(patient_id)
-            if len(chosen) >= limit:
-                break
-        swept = not remaining or after == remaining[-1]
-        return chosen, {"model": model_key, "after": after, "swept": swept}
-    waiting = [pid for pid in sorted(set(ct_done) - set(mask_done)) if not has_reference(pid)]
-    for start in range(0, min(len(waiting), IN_FLIGHT_LOOKUPS * limit), limit):
-        candidates = waiting[start:start + limit]
-        busy = set(in_flight(candidates))
-        chosen += [pid for pid in candidates if pid not in busy][:limit - len(chosen)]
-        if len(chosen) >= limit:
-            break
-    return chosen, cursor
+    """Patients whose mask the installed model (`model_key`) should predict, and the next cursor:
+    every patient without a reference mask whose CT is materialized, swept once per model, and those
+    whose ct_mask waited for a model (model_sweeps.patients_to_rerun)."""
+    return patients_to_rerun(model_key=model_key, cursor=cursor, upstream_done=ct_done, downstream_done=mask_done,
+                             in_flight=in_flight, excluded=has_reference, limit=limit)
 
 
 def mask_run_key(patient_id: str, model_key: str) -> str:
