@@ -22,7 +22,7 @@ from gcmlm_assets.pathology.lymph_nodes.patient import (
     LymphNodeInputError, analyse_patient, node_problems, read_regions, slide_files, tissue_problems)
 from gcmlm_assets.pathology.lymph_nodes.patient_row import (
     lymph_node_row_problems, read_row, row_schema, row_table, write_row_table)
-from gcmlm_assets.pathology.lymph_nodes.regions import tumour_regions_on_grid
+from gcmlm_assets.pathology.lymph_nodes.regions import analyse_slide, tumour_regions_on_grid
 from gcmlm_assets.pathology.lymph_nodes.settings import LymphNodeFields
 from gcmlm_assets.pathology.lymph_nodes.slide_outputs import CLEAN_COLOUR, METASTATIC_COLOUR, NODE_CLASS, TUMOUR_CLASS
 from gcmlm_assets.pathology.qupath_geojson import geojson_problems
@@ -242,7 +242,8 @@ def test_tumour_regions_join_diagonal_neighbours_and_drop_small_ones():
     tumour = np.array([True, True, True, True, True, False])
     regions = tumour_regions_on_grid(coords, side, tumour, min_patches=2)
     assert regions.tolist() == [1, 1, 1, 0, 0, 0]
-    assert tumour_regions_on_grid(coords, side, tumour, min_patches=1).tolist() == [1, 1, 1, 3, 2, 0]  # numbered in grid reading order
+    # numbered in the grid's reading order
+    assert tumour_regions_on_grid(coords, side, tumour, min_patches=1).tolist() == [1, 1, 1, 3, 2, 0]
 
 
 def test_settings_are_a_plain_frozen_dataclass_with_the_design_defaults():
@@ -251,3 +252,13 @@ def test_settings_are_a_plain_frozen_dataclass_with_the_design_defaults():
     assert {"min_node_area_mm2", "max_node_area_mm2", "max_nodes_per_slide"} <= set(fields)
     with pytest.raises(dataclasses.FrozenInstanceError):
         LymphNodeFields().tumour_threshold = 0.3  # type: ignore[misc]
+
+
+def test_a_slide_without_patches_still_has_its_nodes_and_no_tumour():
+    square = np.array([[100.0, 100.0], [700.0, 100.0], [700.0, 500.0], [100.0, 500.0]])
+    hole = np.array([[300.0, 200.0], [400.0, 200.0], [400.0, 300.0], [300.0, 300.0]])
+    slide = analyse_slide("empty", [(square, [hole])], np.zeros((0, 2)), np.zeros(0), mpp=(0.5, 0.5),
+                          dimensions=(1000, 800), side_level0=32, tumour_threshold=0.5, min_tumour_patches=2,
+                          min_node_area_mm2=0.0)
+    assert slide.n_nodes == 1 and slide.n_metastatic_nodes == 0 and slide.tumour_regions == []
+    assert slide.nodes[0].area_mm2 == pytest.approx((600 * 400 - 100 * 100) * 0.25e-6, rel=0.01)

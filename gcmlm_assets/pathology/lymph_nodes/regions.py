@@ -255,19 +255,20 @@ def analyse_slide(name: str, tissue_polygons, coords, probabilities, *, mpp, dim
                   float(node_tumour_cells[index + 1] * cell_mm2), int(node_patches[index + 1]),
                   int(node_tumour_patches[index + 1])) for index, outline in enumerate(outlines)]
     regions = [region for node in nodes if node.tumour_area_mm2 > 0
-               for region in _tumour_outlines(node.id, labels, tumour_cells, raster, cell_mm2, dimensions)]
+               for region in _tumour_outlines(node, labels, tumour_cells, raster, cell_mm2, dimensions)]
     return SlideNodes(name, (float(mpp[0]), float(mpp[1])), (int(dimensions[0]), int(dimensions[1])), side,
                       raster.cell, nodes, regions, coords, probabilities, patch_node_ids, tumour_patch,
                       int(above.sum()))
 
 
-def _tumour_outlines(node_id: int, labels, tumour_cells, raster: SlideRaster, cell_mm2: float,
+def _tumour_outlines(node: Node, labels, tumour_cells, raster: SlideRaster, cell_mm2: float,
                      dimensions) -> list[TumourRegion]:
-    """Each 8-connected piece of `node_id`'s tumour cells, outlined through its edge cells' centres."""
-    rows, columns = np.nonzero(labels == node_id)
-    r0, c0 = rows.min(), columns.min()
-    window = (slice(r0, rows.max() + 1), slice(c0, columns.max() + 1))
-    mask = ((labels[window] == node_id) & tumour_cells[window]).astype(np.uint8)
+    """Each 8-connected piece of the node's tumour cells, outlined through its edge cells' centres."""
+    x0, y0, x1, y1 = node.bbox  # the node's cells have their centres inside its outline, so in here
+    r0, r1 = int(y0 // raster.cell), int(y1 // raster.cell) + 1
+    c0, c1 = int(x0 // raster.cell), int(x1 // raster.cell) + 1
+    window = (slice(r0, r1), slice(c0, c1))
+    mask = ((labels[window] == node.id) & tumour_cells[window]).astype(np.uint8)
     n, pieces, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     limit = np.asarray(dimensions, np.float64)
     offset = np.array([c0, r0], np.float64)
@@ -283,6 +284,6 @@ def _tumour_outlines(node_id: int, labels, tumour_cells, raster: SlideRaster, ce
         if not outer:
             continue
         holes = [level0(contours[i]) for i in range(len(contours)) if hierarchy[0][i][3] == outer[0]]
-        regions.append(TumourRegion(node_id, level0(contours[outer[0]]), holes,
+        regions.append(TumourRegion(node.id, level0(contours[outer[0]]), holes,
                                     float(stats[piece, cv2.CC_STAT_AREA] * cell_mm2)))
     return regions
