@@ -322,7 +322,7 @@ class UntrustedModelFile(ValueError):
 
 
 def save_model(model: FusedRiskModel, path: str | Path) -> Path:
-    from gcmlm_assets.cohort.model.skops_bytes import normalise_skops_file
+    from gcmlm_assets.skops_bytes import normalise_skops_file
 
     with atomic_path(path) as tmp:
         sio.dump(model, tmp)

@@ -6,7 +6,8 @@ bytes. risk_model names its published version by its files' hashes, and risk_sco
 the model's sha256: with such bytes an unchanged retraining (a re-run after a killed one, or the same
 cohort from scratch) would publish a new version and re-score. Here the ids are renumbered in order
 of first appearance in schema.json and every entry gets one fixed time; skops loads the result the
-same way (ids only have to be unique within the file).
+same way (ids only have to be unique within the file). Shared: the cohort's risk model and pathology's
+tumour classifier are both skops files published as versions.
 """
 
 from __future__ import annotations
