@@ -15,6 +15,7 @@ is outside that polygon.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -55,6 +56,7 @@ class SlideAnnotations:
     nodes: tuple[Region, ...]
     tumours: tuple[Region, ...]
     ignored: Mapping[str, int] = field(default_factory=dict)  # class (or object type) -> number of objects
+    sha256: str = ""  # of the bytes read, so that what was read and what a fingerprint names cannot differ
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,8 @@ def read_annotations(path: str | os.PathLike, *, dimensions: tuple[int, int] | N
     in level-0 pixels. Raises AnnotationError naming the file and the problem."""
     path = Path(path)
     try:
-        document = json.loads(path.read_bytes())
+        data = path.read_bytes()
+        document = json.loads(data)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AnnotationError(f"{path}: not a readable JSON file ({type(exc).__name__}: {exc})") from None
     features = _features_of(document, path)
@@ -120,7 +123,8 @@ def read_annotations(path: str | os.PathLike, *, dimensions: tuple[int, int] | N
         found = ", ".join(f"{k} ({n})" for k, n in sorted(ignored.items())) or "no features"
         raise AnnotationError(f"{path}: no lymph-node or tumour annotation (classes "
                               f"{sorted(NODE_CLASSES)} or {sorted(TUMOUR_CLASSES)}); found {found}")
-    return SlideAnnotations(path, tuple(nodes), tuple(tumours), dict(sorted(ignored.items())))
+    return SlideAnnotations(path, tuple(nodes), tuple(tumours), dict(sorted(ignored.items())),
+                            hashlib.sha256(data).hexdigest())
 
 
 def class_name(properties: Mapping[str, Any]) -> str | None:
@@ -183,7 +187,8 @@ def _ring(ring: Any, where: str, dimensions: tuple[int, int] | None):
     if dimensions is not None:
         width, height = dimensions
         low, high = points.min(axis=0), points.max(axis=0)
-        if (low < -EDGE_TOLERANCE_PX).any() or high[0] > width + EDGE_TOLERANCE_PX or high[1] > height + EDGE_TOLERANCE_PX:
+        limit = np.array([width, height], dtype=np.float64) + EDGE_TOLERANCE_PX
+        if (low < -EDGE_TOLERANCE_PX).any() or (high > limit).any():
             raise AnnotationError(
                 f"{where}: coordinates span x {low[0]:g}..{high[0]:g}, y {low[1]:g}..{high[1]:g}, outside the slide's "
                 f"level-0 {width} x {height} px (annotations must be in level-0 pixels of this slide)")
