@@ -8,10 +8,17 @@ Each patient gets what a real upload would hold (see the README's landing-zone c
   patients, balanced over the label; the others are segmented by the trained nnU-Net.
 - `wsi/<id>_slide<k>.tiff`: one or two pyramidal tiled TIFFs with H&E-like tissue
   (synthetic_slides.py).
+- `ln_wsi/<id>_ln<k>.tiff`: for part of the cohort, one or two lymph-node slides (pyramidal tiled
+  TIFFs, 0.5 µm/px) with 2-4 separated nodes, some holding tumour (synthetic_lymph_nodes.py).
+- `ln_annotations/<id>_ln<k>.geojson`: for a few of those patients, the planted nodes and tumour
+  regions as a QuPath GeoJSON export ("Lymph node" and "Tumor" annotations, level-0 px).
 - `READY` (written last) and the cohort's `clinical.csv` (patient_id, mlm, age, sex, pt_stage,
   tumour_size_mm).
 
-What is drawn for each patient, the planted signal included, is in synthetic_plan.py.
+What is drawn for each patient, the planted signal included, is in synthetic_plan.py. Beside the
+patient folders, `.lymph_node_truth.json` holds the planted lymph nodes (per slide: centre, bounding
+box, area, tumour area, metastatic) and each patient's totals and T/MLN, for the demo summary to
+compare against (`read_lymph_node_truth`); the landing scan does not look at it.
 
 Everything is drawn from `numpy.random.default_rng([seed, patient_index, ...])`, so a cohort is
 byte-identical for the same settings; files whose bytes would not change are left untouched
@@ -31,6 +38,7 @@ import numpy as np
 
 from gcmlm_assets.demo.synthetic_ct import make_ct, nifti_bytes
 from gcmlm_assets.demo.synthetic_dicom import dicom_series_files
+from gcmlm_assets.demo.synthetic_lymph_nodes import annotation_geojson, patient_layouts, patient_truth, render_slide
 from gcmlm_assets.demo.synthetic_plan import CohortSpec, PatientPlan, clinical_csv_text, plan_cohort
 from gcmlm_assets.demo.synthetic_slides import make_slide, pyramidal_tiff_bytes
 from gcmlm_assets.landing.scan import CLINICAL_CSV, READY_MARKER
@@ -38,9 +46,11 @@ from gcmlm_assets.storage import atomic_write_bytes, sha256_file
 
 # Bump when the bytes the generator writes would change for the same settings.
 # 2: the CTs (the real patient's too) are DICOM series instead of one ct.nii.gz.
-GENERATOR_VERSION = "2"
+# 3: lymph-node slides (ln_wsi/) and annotations (ln_annotations/) for part of the cohort.
+GENERATOR_VERSION = "3"
 # Kept outside every patient folder; the landing scan only looks at folders and clinical.csv.
 COHORT_MANIFEST = ".synthetic_cohort.json"
+LYMPH_NODE_TRUTH = ".lymph_node_truth.json"
 # The real patient blended in from GCMLM_TEST_DATA (label unknown: scored, never trained on).
 REAL_PATIENT_ID = "REAL0001"
 
@@ -97,6 +107,13 @@ def write_patient(landing: Path, plan: PatientPlan, spec: CohortSpec, written: l
         rgb = make_slide(rng, width, height, plan.pathology_severity, spec.mpp)
         files[f"wsi/{plan.patient_id}_slide{k + 1}.tiff"] = pyramidal_tiff_bytes(
             rgb, spec.mpp, spec.pyramid_levels, spec.jpeg_quality)
+    for k, layout in enumerate(patient_layouts(plan, spec)):
+        rgb = render_slide(layout, plan, k, spec)
+        files[f"ln_wsi/{layout.name}.tiff"] = pyramidal_tiff_bytes(rgb, spec.mpp, spec.pyramid_levels,
+                                                                   spec.jpeg_quality)
+        del rgb
+        if plan.ln_annotated:
+            files[f"ln_annotations/{layout.name}.geojson"] = annotation_geojson(layout)
     return _write_drop(folder, files, written)
 
 
@@ -159,6 +176,29 @@ def _plan_digest(spec: CohortSpec, plan: PatientPlan) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def lymph_node_truth_bytes(plans: list[PatientPlan], spec: CohortSpec) -> bytes:
+    """The planted lymph nodes of every patient with lymph-node slides (shapes only, no pixels)."""
+    truth = {p.patient_id: patient_truth(p, spec) for p in plans if p.ln_slides}
+    return json.dumps({"generator_version": GENERATOR_VERSION, "mpp": spec.mpp, "patients": truth},
+                      indent=1, sort_keys=True).encode()
+
+
+def read_lymph_node_truth(landing: str | os.PathLike) -> dict[str, dict]:
+    """Patient id -> {"annotated", "slides": [{"name", "width", "height", "mpp", "nodes": [{"id",
+    "centre_level0", "bbox_level0", "area_mm2", "tumour_area_mm2", "metastatic", "tumour_regions"}]}],
+    "totals": the lymph_nodes row's values}, as `write_cohort` left it in `landing`."""
+    path = Path(landing) / LYMPH_NODE_TRUTH
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no lymph-node truth; write the synthetic cohort first") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("patients"), dict):
+        raise ValueError(f"{path}: no 'patients' mapping; not a lymph-node truth file")
+    return document["patients"]
+
+
 def write_cohort(landing: str | os.PathLike, spec: CohortSpec | None = None, *,
                  real: RealFiles | None = None, progress=None) -> CohortResult:
     """Write (or confirm) the cohort in `landing`.
@@ -207,10 +247,12 @@ def write_cohort(landing: str | os.PathLike, spec: CohortSpec | None = None, *,
         manifest[REAL_PATIENT_ID] = {"plan": "real", "files": _drop_digest(landing / REAL_PATIENT_ID)}
     _write_if_changed(landing / CLINICAL_CSV, clinical_csv_text(plans, result.real_patient).encode(),
                       result.written)
+    _write_if_changed(landing / LYMPH_NODE_TRUTH, lymph_node_truth_bytes(plans, spec), result.written)
     atomic_write_bytes(manifest_path, json.dumps(
         {"generator_version": GENERATOR_VERSION, "spec": spec.as_dict(), "patients": manifest},
         indent=1, sort_keys=True).encode())
     return result
 
 
-__all__ = ["CohortResult", "RealFiles", "write_cohort", "REAL_PATIENT_ID"]
+__all__ = ["CohortResult", "LYMPH_NODE_TRUTH", "RealFiles", "read_lymph_node_truth", "write_cohort",
+           "REAL_PATIENT_ID"]

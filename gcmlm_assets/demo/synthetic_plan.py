@@ -10,6 +10,16 @@ imperfectly (AUC about `Phi(strength / sqrt(2))`); together they separate them b
 has something to add. Clinical covariates carry at most a weak association (pT stage), never the
 answer.
 
+Part of the cohort (`ln_fraction`, balanced over the label) also has lymph-node slides: one per
+patient (two for some), each with 2-4 separated nodes. A third latent severity, drawn the same way,
+sets the chance that a node is metastatic and the share of a metastatic node taken by tumour, so
+the number of metastatic nodes and T/MLN (tumour area / metastatic node area) carry part of the
+signal. A few of these patients (`ln_annotated`, both classes, with tumour-bearing and clean
+nodes) get region annotations: the tumour classifier's training set. Sizes are in units of the
+tiling's patch (`ln_unit_px` level-0 px); the shapes and pixels are made in
+synthetic_lymph_nodes.py. These draws use their own streams (`[seed, 2]`, `[seed, 2, i]`), so the
+radiology and pathology draws are those of a cohort without lymph-node slides.
+
 Everything is drawn from `numpy.random.default_rng([seed, patient_index, ...])`, so a plan is the
 same for the same settings.
 """
@@ -19,7 +29,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -43,6 +54,17 @@ class CohortSpec:
     jpeg_quality: int = 90
     # Class separation of each modality's latent severity, in noise SDs.
     signal_strength: float = 1.8
+    # Lymph-node slides. Sizes in units of `ln_unit_px` level-0 px: the tiling's 256 px patch at
+    # 0.5 µm/px, so that tumour regions span enough patches for patch-level areas within a few %.
+    ln_fraction: float = 0.5  # share of each class with lymph-node slides
+    ln_second_slide: float = 0.2  # chance that such a patient has a second slide
+    ln_nodes: tuple[int, int] = (2, 4)  # nodes per slide, inclusive
+    ln_node_radius: tuple[float, float] = (6.0, 10.0)  # a node's equivalent radius, units
+    ln_min_tumour_radius: float = 5.0  # a tumour region's smallest equivalent radius, units
+    ln_max_units: float = 650.0  # the nodes' total area per slide, units² (about its patch count)
+    ln_gap: float = 2.0  # glass between nodes' bounding boxes, units
+    ln_unit_px: int = 256
+    ln_annotated: int = 6  # patients whose lymph-node slides come with annotations
 
     def __post_init__(self) -> None:
         if self.n_patients < 2:
@@ -51,17 +73,40 @@ class CohortSpec:
             raise ValueError(f"ct_size {self.ct_size} is too small for the phantom (>= 16 voxels per axis)")
         if self.slide_width[0] < 512 or self.slide_width[1] < self.slide_width[0]:
             raise ValueError(f"slide_width {self.slide_width} must be an increasing range from >= 512 px")
+        if not 0.0 <= self.ln_fraction <= 1.0 or not 0.0 <= self.ln_second_slide <= 1.0:
+            raise ValueError(f"ln_fraction {self.ln_fraction} and ln_second_slide {self.ln_second_slide} "
+                             "must lie in [0, 1]")
+        if not 1 <= self.ln_nodes[0] <= self.ln_nodes[1]:
+            raise ValueError(f"ln_nodes {self.ln_nodes} must be an increasing range from >= 1")
+        low, high = self.ln_node_radius
+        if not self.ln_min_tumour_radius < low <= high:
+            raise ValueError(f"ln_node_radius {self.ln_node_radius} must be an increasing range above "
+                             f"ln_min_tumour_radius {self.ln_min_tumour_radius}")
+        if self.ln_unit_px < 8:
+            raise ValueError(f"ln_unit_px {self.ln_unit_px} is too small (>= 8 px)")
 
     @classmethod
     def small(cls, n_patients: int = 8, **overrides) -> CohortSpec:
         """A cohort for tests: a few seconds per asset."""
         settings = dict(n_patients=n_patients, ct_size=(48, 48, 24), ct_spacing=(4.0, 4.0, 5.0),
-                        slide_width=(1200, 1600), pyramid_levels=3)
+                        slide_width=(1200, 1600), pyramid_levels=3, ln_unit_px=32)
         settings.update(overrides)
         return cls(**settings)
 
     def as_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
+
+
+@dataclass(frozen=True)
+class PlannedNode:
+    """One lymph node as planned: its size and whether (and how much) tumour it holds."""
+
+    radius: float  # equivalent radius (sqrt of the semi-axes' product), units
+    aspect: float  # minor / major semi-axis
+    angle: float  # degrees, the major axis from the x axis
+    metastatic: bool
+    tumour_share: float  # planned share of the node's area in tumour (0 for a clean node)
+    tumour_regions: int  # 0, 1 or 2
 
 
 @dataclass(frozen=True)
@@ -79,6 +124,9 @@ class PatientPlan:
     sex: int  # 1 = male
     pt_stage: int
     tumour_size_mm: float
+    lymph_node_severity: float = 0.0
+    ln_slides: tuple[tuple[PlannedNode, ...], ...] = ()  # per lymph-node slide, its nodes
+    ln_annotated: bool = False  # the lymph-node slides come with region annotations
 
 
 def patient_id(spec: CohortSpec, index: int) -> str:
@@ -118,7 +166,77 @@ def plan_cohort(spec: CohortSpec) -> list[PatientPlan]:
             pt_stage=stage,
             tumour_size_mm=round(float(np.clip(prng.normal(35 + 5 * stage, 12), 8, 120)), 1),
         ))
-    return plans
+    return _with_lymph_nodes(spec, plans, labels)
+
+
+def _with_lymph_nodes(spec: CohortSpec, plans: list[PatientPlan], labels: np.ndarray) -> list[PatientPlan]:
+    """The lymph-node severity of every patient, the slides of `ln_fraction` of each class and the
+    annotated subset, from streams the other draws never use."""
+    rng = np.random.default_rng([spec.seed, 2])
+    chosen = np.zeros(len(plans), dtype=bool)
+    for cls in (0, 1):
+        members = np.flatnonzero(labels == cls)
+        chosen[rng.permutation(members)[: int(round(spec.ln_fraction * len(members)))]] = True
+    plans = [replace(plan, **_lymph_node_draws(spec, plan, bool(chosen[plan.index]))) for plan in plans]
+    annotated = _annotated_subset(spec, plans, rng)
+    return [replace(plan, ln_annotated=plan.index in annotated) for plan in plans]
+
+
+def _lymph_node_draws(spec: CohortSpec, plan: PatientPlan, has_slides: bool) -> dict:
+    prng = np.random.default_rng([spec.seed, 2, plan.index])
+    severity = float(spec.signal_strength * (2 * plan.mlm - 1) / 2 + prng.normal())
+    if not has_slides:
+        return {"lymph_node_severity": round(severity, 6)}
+    n_slides = 2 if prng.random() < spec.ln_second_slide else 1
+    return {"lymph_node_severity": round(severity, 6),
+            "ln_slides": tuple(_planned_slide(spec, severity, prng) for _ in range(n_slides))}
+
+
+def _planned_slide(spec: CohortSpec, severity: float, rng: np.random.Generator) -> tuple[PlannedNode, ...]:
+    n_nodes = int(rng.integers(spec.ln_nodes[0], spec.ln_nodes[1] + 1))
+    low, high = spec.ln_node_radius
+    # Keep the nodes' total area (about the slide's patch count) within the budget.
+    high = float(np.clip(math.sqrt(spec.ln_max_units / (math.pi * n_nodes)), low, high))
+    # A node is metastatic with a chance rising with the severity; tumour takes a larger share of
+    # it as the severity rises, never less than a region of ln_min_tumour_radius.
+    p_metastatic = 1.0 / (1.0 + math.exp(-1.3 * severity))
+    nodes = []
+    for _ in range(n_nodes):
+        metastatic = bool(rng.random() < p_metastatic)
+        # Metastatic nodes are enlarged: drawn from the upper part of the size range.
+        radius = float(rng.uniform(low + 0.4 * (high - low) if metastatic else low, high))
+        aspect = float(rng.uniform(0.65, 0.95))
+        angle = float(rng.uniform(0.0, 180.0))
+        share, regions = 0.0, 0
+        if metastatic:
+            floor = (spec.ln_min_tumour_radius / radius) ** 2
+            share = float(np.clip(0.55 + 0.15 * severity + rng.normal(0, 0.06), floor, 0.85))
+            two_fit = share * radius**2 >= 2 * (1.1 * spec.ln_min_tumour_radius) ** 2 and aspect < 0.8
+            regions = 2 if two_fit and rng.random() < 0.5 else 1
+        nodes.append(PlannedNode(radius=round(radius, 4), aspect=round(aspect, 4), angle=round(angle, 2),
+                                 metastatic=metastatic, tumour_share=round(share, 4), tumour_regions=regions))
+    return tuple(nodes)
+
+
+def _annotated_subset(spec: CohortSpec, plans: list[PatientPlan], rng: np.random.Generator) -> set[int]:
+    """`ln_annotated` patients with lymph-node slides, alternating over the classes; patients whose
+    slides hold both tumour-bearing and clean nodes first, so the classifier sees both in one slide."""
+    queues = []
+    for cls in (1, 0):
+        members = [p for p in plans if p.ln_slides and p.mlm == cls]
+        shuffled = [members[k] for k in rng.permutation(len(members))]
+        queues.append(sorted(shuffled, key=lambda p: not _mixed(p)))  # stable: mixed first, then drawn order
+    chosen: list[int] = []
+    while len(chosen) < spec.ln_annotated and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < spec.ln_annotated:
+                chosen.append(queue.pop(0).index)
+    return set(chosen)
+
+
+def _mixed(plan: PatientPlan) -> bool:
+    flags = {node.metastatic for nodes in plan.ln_slides for node in nodes}
+    return flags == {True, False}
 
 
 def clinical_csv_text(plans: list[PatientPlan], real_patient: str | None = None) -> str:

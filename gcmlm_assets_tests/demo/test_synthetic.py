@@ -16,7 +16,7 @@ from gcmlm_assets.demo import synthetic
 from gcmlm_assets.demo.synthetic_ct import make_ct
 from gcmlm_assets.demo.synthetic_plan import CLINICAL_COLUMNS, CohortSpec, plan_cohort
 from gcmlm_assets.demo.synthetic_slides import make_slide
-from gcmlm_assets.landing.scan import scan_landing_zone
+from gcmlm_assets.landing.scan import MODALITY_FOLDERS, scan_landing_zone
 from gcmlm_assets.radiology import dicom_seg
 
 SPEC = CohortSpec.small(6, slide_width=(800, 900))
@@ -73,7 +73,10 @@ def test_drops_follow_the_landing_contract(cohort):
     scan = scan_landing_zone(cohort.landing)
     assert scan.invalid == [] and scan.not_ready == []
     assert sorted(d.patient_id for d in scan.drops) == sorted(plans)
-    assert all(set(d.modalities) == {"radiology", "pathology"} for d in scan.drops)
+    # Lymph-node slides (ln_wsi/) only for part of the cohort: their own modality where the scan has it.
+    for drop in scan.drops:
+        extra = {"lymph_node"} if plans[drop.patient_id].ln_slides and "lymph_node" in MODALITY_FOLDERS else set()
+        assert set(drop.modalities) == {"radiology", "pathology"} | extra
     with_mask = [pid for pid, p in plans.items() if p.has_reference_mask]
     assert sorted(with_mask) == sorted(pid for pid in plans if (cohort.landing / pid / "ct_label").is_dir())
     # Half of each class has a reference mask, so which CTs nnU-Net segments does not follow the label.
