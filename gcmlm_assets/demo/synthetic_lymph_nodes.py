@@ -103,7 +103,8 @@ def _tumour_outlines(rng: np.random.Generator, node: PlannedNode, outline: np.nd
         ta = [a * math.sqrt(share) for share in shares]
         tb = [b * math.sqrt(share) for share in shares]
         # Centres on the major axis, the regions one unit apart, the pair centred in the node.
-        left, right = -(ta[0] + ta[1] + unit) / 2 + ta[0], (ta[0] + ta[1] + unit) / 2 - ta[1]
+        half = (2 * ta[0] + 2 * ta[1] + unit) / 2  # half the pair's length along the axis
+        left, right = -half + ta[0], half - ta[1]
         regions = [(ta[0], tb[0], left * axis), (ta[1], tb[1], right * axis)]
         shapes = [_fit(rng, outline, sa, sb, node.angle, centre, margin) for sa, sb, centre in regions]
         if all(shape is not None for shape in shapes):
@@ -111,9 +112,12 @@ def _tumour_outlines(rng: np.random.Generator, node: PlannedNode, outline: np.nd
     scale = math.sqrt(node.tumour_share)
     slack = (1 - scale) * b / 2
     centre = rng.uniform(-slack, slack, size=2)
-    shape = _fit(rng, outline, a * scale, b * scale, node.angle + rng.uniform(-20, 20), centre, margin)
+    turn = rng.uniform(-20, 20)
+    # Centred and aligned with the node first: the planned share fits there with the least shrinking,
+    # so the tumour area (and T/MLN) stays what the severity planned.
+    shape = _fit(rng, outline, a * scale, b * scale, node.angle, np.zeros(2), margin)
     if shape is None:
-        shape = _fit(rng, outline, a * scale, b * scale, node.angle, np.zeros(2), margin)
+        shape = _fit(rng, outline, a * scale, b * scale, node.angle + turn, centre, margin)
     if shape is None:
         raise RuntimeError(f"no tumour region fits in a node of radius {node.radius}")
     return [shape]
@@ -182,7 +186,8 @@ def _node_masks(node: NodeShape) -> tuple[tuple[int, int], np.ndarray, np.ndarra
     cv2.fillPoly(node_mask, [node.outline - origin], 1)
     tumour_mask = np.zeros_like(node_mask)
     if node.tumours:
-        cv2.fillPoly(tumour_mask, [t - origin for t in node.tumours], 1)
+        for tumour in node.tumours:  # one at a time: one call would fill where two overlap as a hole
+            cv2.fillPoly(tumour_mask, [tumour - origin], 1)
     return (x0, y0), node_mask.astype(bool), tumour_mask.astype(bool) & node_mask.astype(bool)
 
 

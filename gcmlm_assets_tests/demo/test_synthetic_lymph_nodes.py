@@ -18,7 +18,7 @@ from gcmlm_assets.demo.lymph_node_truth import compare_lymph_nodes
 from gcmlm_assets.demo.synthetic_plan import CohortSpec, plan_cohort
 from gcmlm_assets.demo.synthetic_slides import pyramidal_tiff_bytes
 
-SPEC = CohortSpec.small(8, slide_width=(600, 700), ln_annotated=2)
+SPEC = CohortSpec.small(8, slide_width=(600, 700), ln_annotated=2, ln_fraction=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -175,13 +175,14 @@ def test_demo_plan_sizes_and_separation():
 
 
 def test_label_is_carried_by_the_lymph_nodes():
-    spec = CohortSpec.small(24)
+    spec = CohortSpec.small(24, ln_fraction=0.5, ln_second_slide=0.2)
     plans = plan_cohort(spec)
     with_ln = ln_plans(plans)
-    # Half of each class, a few with two slides; both classes in the annotated subset, with
-    # tumour-bearing and clean nodes.
+    # Half of each class, a few with two slides (when asked for); both classes in the annotated subset,
+    # with tumour-bearing and clean nodes.
     assert sum(p.mlm for p in with_ln) == len(with_ln) - sum(p.mlm for p in with_ln) == 6
     assert any(len(p.ln_slides) == 2 for p in with_ln)
+    assert all(len(p.ln_slides) == 1 for p in ln_plans(plan_cohort(CohortSpec())))  # the demo's: one each
     annotated = [p for p in with_ln if p.ln_annotated]
     assert len(annotated) == spec.ln_annotated and {p.mlm for p in annotated} == {0, 1}
     assert {n.metastatic for p in annotated for s in p.ln_slides for n in s} == {True, False}
