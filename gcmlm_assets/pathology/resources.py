@@ -10,6 +10,8 @@ from pydantic import Field
 from gcmlm_assets.devices import ResolvedDevice, resolve_device
 from gcmlm_assets.profiles import PRODUCTION, Profile
 from gcmlm_assets.settings import encoder_checkpoint
+from gcmlm_assets.pathology.lymph_nodes.settings import LymphNodeFields
+from gcmlm_assets.pathology.lymph_nodes.tumour_classifier import TumourClassifierFields
 from gcmlm_assets.pathology.tiling_settings import TilingFields
 
 if TYPE_CHECKING:  # torch only when a step loads the encoder
@@ -25,6 +27,18 @@ class TilingSettings(dg.ConfigurableResource, TilingFields):
     """
 
     # The fields and tiling_params() are TilingFields' (tiling_settings.py: declared there once).
+
+
+class LymphNodeSettings(dg.ConfigurableResource, LymphNodeFields):
+    """How `lymph_nodes` finds nodes and tumour regions on the lymph-node slides (resource key "lymph_node").
+
+    The fields are LymphNodeFields' (lymph_nodes/settings.py: declared there once)."""
+
+
+class TumourClassifierSettings(dg.ConfigurableResource, TumourClassifierFields):
+    """How `tumour_classifier` trains on the annotated lymph-node slides (resource key "tumour_classifier").
+
+    The fields are TumourClassifierFields' (lymph_nodes/tumour_classifier.py: declared there once)."""
 
 
 class PatchEncoder(dg.ConfigurableResource):
@@ -106,4 +120,6 @@ def resources(env: str, profile: Profile = PRODUCTION) -> dict[str, dg.Configura
     encoder = {"batch_size": 256, "num_workers": 8} if env == "k8s" else {}
     encoder.update(profile.resource_settings("encoder"))
     return {"pathology": TilingSettings(**profile.resource_settings("pathology")),
-            "encoder": PatchEncoder(**encoder)}
+            "encoder": PatchEncoder(**encoder),
+            "lymph_node": LymphNodeSettings(**profile.resource_settings("lymph_node")),
+            "tumour_classifier": TumourClassifierSettings(**profile.resource_settings("tumour_classifier"))}
