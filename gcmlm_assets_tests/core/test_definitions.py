@@ -353,3 +353,17 @@ def test_a_schema_that_drifted_from_its_table_is_named():
     shown = summarise(SLIDE_VECTOR_COLUMNS, [*fields, ("pooling", "string")])
     assert [c.name for c in shown] == ["patient_id", "n_patches", "n_slides", "feat_*", "pooling"]
     assert shown[3].description.endswith("(12 columns: feat_0000 .. feat_0011)")
+
+
+def test_the_cohort_refresh_waits_on_each_fused_chain_and_only_those():
+    """A chain whose modality yields no row the cohort fuses (the lymph-node chain until lymph_nodes
+    joins fused_table) is carried by its steps sensor but not waited on by the cohort refresh."""
+    from gcmlm_assets import definitions
+    from gcmlm_assets.catalogue import LYMPH_NODE, PATIENT_FEATURES
+
+    ends = {chain[-1].to_user_string() for chain in definitions.FEATURE_CHAINS}
+    assert ends == {file.asset.key for file in PATIENT_FEATURES.values()}
+    assert len(definitions.FEATURE_CHAINS) == len(PATIENT_FEATURES)
+    if LYMPH_NODE not in PATIENT_FEATURES:
+        assert definitions.MODALITY_ASSETS[LYMPH_NODE][0] not in {key for c in definitions.FEATURE_CHAINS for key in c}
+    assert definitions.defs.get_sensor_def(f"{LYMPH_NODE}_steps_sensor") is not None
