@@ -18,8 +18,8 @@ import dagster as dg
 
 from gcmlm_assets import runs, settings
 from gcmlm_assets.catalogue import (
-    CT_MASK, FOLLOW_ONS, MODALITY_CHAINS, PATCH_COORDS, PATIENT_FEATURES, QUPATH_GEOJSON, RISK_EXPLANATIONS,
-    SEGMENTATION_MODEL, UNI_FEATURES)
+    CT_MASK, FOLLOW_ONS, LN_FEATURES, MODALITY_CHAINS, PATCH_COORDS, PATIENT_FEATURES, QUPATH_GEOJSON,
+    RISK_EXPLANATIONS, SEGMENTATION_MODEL, UNI_FEATURES)
 from gcmlm_assets.cohort import definitions as cohort
 from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS
 from gcmlm_assets.landing.sensors import build_landing_sensor
@@ -33,8 +33,8 @@ from gcmlm_assets.resources import ArtifactStorage, AutomationSettings, LandingZ
 def model_identities(resources: dict) -> dict[str, dict]:
     """Asset name -> the configured model's identity (encoder, nnU-Net settings), read from the
     resources without loading or hashing any weights (the materializations record the hashes)."""
-    segmentation = resources["segmentation"].configured_model()
-    return {UNI_FEATURES.key: resources["encoder"].configured_encoder(),
+    segmentation, encoder = resources["segmentation"].configured_model(), resources["encoder"].configured_encoder()
+    return {UNI_FEATURES.key: encoder, LN_FEATURES.key: encoder,
             SEGMENTATION_MODEL.key: segmentation, CT_MASK.key: segmentation}
 
 
@@ -76,12 +76,14 @@ def blocking_check_keys(assets: list[dg.AssetsDefinition], asset_names: tuple[st
 # What a change of each modality's drop re-materializes for that patient, in order.
 MODALITY_ASSETS: dict[str, list[dg.AssetKey]] = {
     modality: [dg.AssetKey(asset.key) for asset in chain] for modality, chain in MODALITY_CHAINS.items()}
-landing_sensor = build_landing_sensor(MODALITY_ASSETS, holds=[pathology.LANDING_HOLD])
+landing_sensor = build_landing_sensor(MODALITY_ASSETS, holds=pathology.LANDING_HOLDS)
 # What the cohort refresh waits on: each chain up to the row it fuses (catalogue.PATIENT_FEATURES),
-# not what follows it there (radiology's DICOM SEG and SR), which the scores do not read.
+# not what follows it there (radiology's DICOM SEG and SR), which the scores do not read. A chain
+# that yields no row the cohort fuses (yet: the lymph-node chain until lymph_nodes joins fused_table)
+# is not waited on at all.
 FEATURE_CHAINS: list[list[dg.AssetKey]] = [
     chain[:chain.index(dg.AssetKey(PATIENT_FEATURES[modality].asset.key)) + 1]
-    for modality, chain in MODALITY_ASSETS.items()]
+    for modality, chain in MODALITY_ASSETS.items() if modality in PATIENT_FEATURES]
 # A steps sensor per follow-on pair (catalogue.FOLLOW_ONS), in batched runs tagged as the upstream's
 # work: the QuPath GeoJSON follows a new grid (tissue and tiles, before any explanation) and a new
 # explanation (the patch values). It stays out of pathology's chain, which the cohort refresh waits on.

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import dagster as dg
 
+from gcmlm_assets import catalogue
 # Dagster's tags for a run's partition, or its range of partitions (as Dagster's backfills write them).
 from gcmlm_assets.dagster_internals import ASSET_PARTITION_RANGE_END_TAG as RANGE_END_TAG
 from gcmlm_assets.dagster_internals import ASSET_PARTITION_RANGE_START_TAG as RANGE_START_TAG
@@ -30,7 +31,11 @@ RUN_END_EVENTS = (dg.DagsterEventType.RUN_SUCCESS, dg.DagsterEventType.RUN_FAILU
 # loading them. A run launched by hand (the UI, a backfill) has no such tag and may touch anything.
 WORK_TAG = "gcmlm/work"
 RADIOLOGY, PATHOLOGY, TRAINING, COHORT, EXPLANATIONS = "radiology", "pathology", "training", "cohort", "explanations"
-WORK_KINDS = (RADIOLOGY, PATHOLOGY, TRAINING, COHORT, EXPLANATIONS)
+# The lymph-node chain (the landing and steps sensors tag a modality's runs with its name). A kind of
+# its own, not pathology's: no waiting rule counts it (segmentation training waits on radiology work
+# only), and listed here it is not counted as an untagged run that may be anything.
+LYMPH_NODE = catalogue.LYMPH_NODE
+WORK_KINDS = (RADIOLOGY, PATHOLOGY, LYMPH_NODE, TRAINING, COHORT, EXPLANATIONS)
 # One segmentation training at a time: the instance's tag concurrency limit on this tag.
 TRAINING_TAG = "gcmlm/training"
 # Partitions queried per in-flight lookup (an IN (...) list).

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gcmlm_assets.catalogue import LYMPH_NODE, PATHOLOGY, RADIOLOGY
 # The scan reports the links the resources refuse (landing_input.py, below the domains).
 from gcmlm_assets.landing_input import describe_links_leaving, link_leaving
 from gcmlm_assets.patients import patient_id_problem
@@ -40,14 +41,18 @@ from gcmlm_assets.patients import patient_id_problem
 READY_MARKER = "READY"
 CLINICAL_CSV = "clinical.csv"
 CT_FOLDER = "ct"  # a drop's CT series (a NIfTI or a DICOM series); the DICOM intake writes into it
+WSI_FOLDER = "wsi"  # the primary tumour's slides
+LN_WSI_FOLDER = "ln_wsi"  # the lymph-node slides
+LN_ANNOTATIONS_FOLDER = "ln_annotations"  # QuPath GeoJSON of the lymph-node slides, `<slide name>.geojson`
 
 # Modality -> the sub-folders of a patient's drop that feed it.
 MODALITY_FOLDERS: dict[str, tuple[str, ...]] = {
-    "radiology": (CT_FOLDER, "ct_label"),
-    "pathology": ("wsi",),
+    RADIOLOGY: (CT_FOLDER, "ct_label"),
+    PATHOLOGY: (WSI_FOLDER,),
+    LYMPH_NODE: (LN_WSI_FOLDER, LN_ANNOTATIONS_FOLDER),
 }
 # The folders whose presence makes a modality runnable at all.
-MODALITY_REQUIRED: dict[str, str] = {"radiology": CT_FOLDER, "pathology": "wsi"}
+MODALITY_REQUIRED: dict[str, str] = {RADIOLOGY: CT_FOLDER, PATHOLOGY: WSI_FOLDER, LYMPH_NODE: LN_WSI_FOLDER}
 SETTLE_NS = 2_000_000_000
 
 

@@ -51,8 +51,8 @@ def build_landing_sensor(modality_assets: Mapping[str, Sequence[dg.AssetKey]],
         default_status=dg.DefaultSensorStatus.RUNNING,
         required_resource_keys={"landing", *(hold.resource_key for hold in holds)},
         description="Scans the landing zone (names, sizes, times only) and requests runs "
-        "for new or changed patient drops that carry a READY marker. Pathology runs are held while "
-        "the encoder has no weights (the tick says why); a tick that requests nothing is skipped.",
+        "for new or changed patient drops that carry a READY marker. Pathology and lymph-node runs are held "
+        "while the encoder has no weights (the tick says why); a tick that requests nothing is skipped.",
     )
     def landing_sensor(context: dg.SensorEvaluationContext, **_resources) -> dg.SensorResult:
         # The resources are read from the context (which ones depends on `holds`); a direct call

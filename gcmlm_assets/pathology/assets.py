@@ -1,4 +1,8 @@
-"""Dagster assets of the pathology group (thin wiring over the plain modules beside it)."""
+"""Dagster assets of the pathology group (thin wiring over the plain modules beside it).
+
+The tiling and the encoder's assets are built per kind of slide (slide_sets.py): patch_coords and
+uni_features here, ln_patch_coords and ln_features in ln_assets.py, by the same two builders.
+"""
 
 import json
 import time
@@ -7,8 +11,7 @@ import dagster as dg
 
 from gcmlm_assets import step_pods
 from gcmlm_assets.batching import LoadOnce, gpu_backfill_policy, per_patient_events
-from gcmlm_assets.catalogue import (
-    PATCH_COORDS, SLIDE_LISTING, SLIDE_VECTOR, SLIDE_VECTOR_PICTURE, SLIDE_VECTOR_TABLE, TILING_PICTURE, UNI_FEATURES)
+from gcmlm_assets.catalogue import SLIDE_VECTOR, SLIDE_VECTOR_PICTURE, SLIDE_VECTOR_TABLE, UNI_FEATURES
 from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.inputs import required_file
 from gcmlm_assets.devices import DeviceError, require_gpu_step_device
@@ -35,6 +38,7 @@ from gcmlm_assets.pathology.pooling import (
     write_slide_vector,
 )
 from gcmlm_assets.pathology.resources import PatchEncoder, TilingSettings
+from gcmlm_assets.pathology.slide_sets import PRIMARY_SLIDES, SlideSet
 from gcmlm_assets.pathology.slides import SlideError, list_slides
 from gcmlm_assets.pathology.tiling_params import TILING_VERSION
 from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
@@ -46,42 +50,50 @@ from gcmlm_assets.storage import sha256_text
 pq = lazy("pyarrow.parquet")
 
 
-@dg.multi_asset(
-    specs=[dg.AssetSpec(
-        **PATCH_COORDS.dagster_attributes(),
-        # Not yielded by a range step: each patient's materialization is logged on its own (batching.py).
-        skippable=True,
-        description="Tissue patch coordinates of every slide in `<landing>/<patient>/wsi/`: one CLAM-layout "
-                    f"HDF5 per slide plus `{SLIDE_LISTING.name}`.",
-    )],
-    partitions_def=patients_partitions,
-    check_specs=checks.PATCH_COORDS_CHECK_SPECS,
-    can_subset=True,
-    retry_policy=TRANSIENT_RETRY,
-    op_tags=step_pods.op_tags(step_pods.CPU),
-)
-def patch_coords(context: dg.AssetExecutionContext, storage: ArtifactStorage, landing: LandingZone,
-                 pathology: TilingSettings):
-    yield from per_patient_events(context, PATCH_COORDS,
-                                  lambda patient_id: _patch_coords_for(patient_id, storage, landing, pathology),
-                                  checks.PATCH_COORDS_CHECK_SPECS)
+def build_patch_coords(slide_set: SlideSet, description: str) -> dg.AssetsDefinition:
+    """The tiling's asset (`slide_set.coords`) over the drop's `slide_set.landing_folder`."""
+    specs = checks.patch_coords_check_specs(slide_set.coords)
+
+    @dg.multi_asset(
+        name=slide_set.coords.key,
+        specs=[dg.AssetSpec(
+            **slide_set.coords.dagster_attributes(),
+            # Not yielded by a range step: each patient's materialization is logged on its own (batching.py).
+            skippable=True,
+            description=description,
+        )],
+        partitions_def=patients_partitions,
+        check_specs=specs,
+        can_subset=True,
+        retry_policy=TRANSIENT_RETRY,
+        op_tags=step_pods.op_tags(step_pods.CPU),
+    )
+    def coords_asset(context: dg.AssetExecutionContext, storage: ArtifactStorage, landing: LandingZone,
+                     pathology: TilingSettings):
+        yield from per_patient_events(
+            context, slide_set.coords,
+            lambda patient_id: _patch_coords_for(patient_id, storage, landing, pathology, slide_set, specs), specs)
+
+    return coords_asset
 
 
-def _patch_coords_for(patient_id: str, storage: ArtifactStorage, landing: LandingZone, pathology: TilingSettings):
+def _patch_coords_for(patient_id: str, storage: ArtifactStorage, landing: LandingZone, pathology: TilingSettings,
+                      slide_set: SlideSet, specs: list[dg.AssetCheckSpec]):
     store = storage.store()
     params = pathology.tiling_params()
-    wsi_dir = landing.patient_dir(patient_id) / "wsi"
+    asset = slide_set.coords
+    wsi_dir = landing.patient_dir(patient_id) / slide_set.landing_folder
     try:
-        landing.refuse_links_leaving(patient_id, "wsi")
+        landing.refuse_links_leaving(patient_id, slide_set.landing_folder)
         slides = list_slides(wsi_dir)
     except (FileNotFoundError, SlideError, LandingInputError) as error:
         raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from error
 
     started = time.perf_counter()
-    output = StoredOutput(store, PATCH_COORDS, patient_id, inputs_fingerprint(slides, params))
+    output = StoredOutput(store, asset, patient_id, inputs_fingerprint(slides, params))
     out_dir = output.folder
     if output.reused:
-        listing = read_listing(out_dir)
+        listing = read_listing(out_dir, slide_set.listing)
         seconds: dict[str, float] = {}
     else:
         outcomes = tile_patient(slides, params)
@@ -90,25 +102,27 @@ def _patch_coords_for(patient_id: str, storage: ArtifactStorage, landing: Landin
         readable = [slide_entry(o, None, None) for o in outcomes if not o.error]
         if failures:
             # Nothing has been written: the bad slide is reported, the folder stays as it was.
-            yield checks.slides_open_result(readable, failures)
+            yield checks.slides_open_result(readable, failures, asset=asset)
             raise dg.Failure(description=f"patient {patient_id}: {len(failures)} unusable slide(s): "
                                          + "; ".join(failures),
                              metadata={"problems": dg.MetadataValue.json(failures)}, allow_retries=False)
         if sum(entry["n_patches"] for entry in readable) == 0:
-            yield checks.slides_open_result(readable, [])
-            yield checks.tissue_found_result(readable)
+            yield checks.slides_open_result(readable, [], asset=asset)
+            yield checks.tissue_found_result(readable, asset=asset)
             reasons = "; ".join(f"{e['file']}: {e['reason']}" for e in readable)
             raise dg.Failure(description=f"patient {patient_id}: no tissue patch on any slide in {wsi_dir}: "
                                          f"{reasons}",
                              allow_retries=False)
-        listing = write_patient_outputs(out_dir, patient_id, outcomes, params)
+        listing = write_patient_outputs(out_dir, patient_id, outcomes, params,
+                                        listing=slide_set.listing, picture=slide_set.picture)
         output.record_digests(listing.pop("files"), tiling_version=TILING_VERSION)
 
     entries = listing["slides"]
     version = output_version(listing)
-    results = [checks.slides_open_result(entries, []), checks.mpp_known_result(entries),
-               checks.tissue_found_result(entries),
-               checks.patch_count_result(entries, pathology.min_patches_per_slide, pathology.max_patches_per_slide)]
+    results = [checks.slides_open_result(entries, [], asset=asset), checks.mpp_known_result(entries, asset=asset),
+               checks.tissue_found_result(entries, asset=asset),
+               checks.patch_count_result(entries, pathology.min_patches_per_slide, pathology.max_patches_per_slide,
+                                         asset=asset)]
     yield stored_materialization(
         output,
         metadata={
@@ -116,11 +130,11 @@ def _patch_coords_for(patient_id: str, storage: ArtifactStorage, landing: Landin
             "n_patches": listing["n_patches"],
             "mode": params.mode,
             "slides": dg.MetadataValue.md(_slides_table(entries, seconds)),
-            "picture": dg.MetadataValue.md(patient_picture_markdown(TILING_PICTURE.in_folder(out_dir), PHOTO,
+            "picture": dg.MetadataValue.md(patient_picture_markdown(slide_set.picture.in_folder(out_dir), PHOTO,
                                                                     f"tiling of {patient_id}")),
-            "picture_path": dg.MetadataValue.path(str(TILING_PICTURE.in_folder(out_dir))),
+            "picture_path": dg.MetadataValue.path(str(slide_set.picture.in_folder(out_dir))),
             "folder": dg.MetadataValue.path(str(out_dir)),
-            "listing": dg.MetadataValue.path(str(SLIDE_LISTING.in_folder(out_dir))),
+            "listing": dg.MetadataValue.path(str(slide_set.listing.in_folder(out_dir))),
             "h5_files": dg.MetadataValue.json([e["h5"] for e in entries if e["h5"]]),
             "input_fingerprints": dg.MetadataValue.json({
                 e["file"]: {"size_bytes": e["size_bytes"], "mtime_ns": e["mtime_ns"], "quickhash1": e["quickhash1"],
@@ -134,7 +148,7 @@ def _patch_coords_for(patient_id: str, storage: ArtifactStorage, landing: Landin
             "seconds": round(time.perf_counter() - started, 3),
         },
         data_version=version,
-        specs=checks.PATCH_COORDS_CHECK_SPECS, separate_results=results)
+        specs=specs, separate_results=results)
     yield from results
 
 
@@ -153,43 +167,55 @@ def _slides_table(entries: list[dict], seconds: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+patch_coords = build_patch_coords(
+    PRIMARY_SLIDES,
+    description=f"Tissue patch coordinates of every slide in `<landing>/<patient>/{PRIMARY_SLIDES.landing_folder}/`: "
+                f"one CLAM-layout HDF5 per slide plus `{PRIMARY_SLIDES.listing.name}`.")
+
+
 # ---------------------------------------------------------------- uni_features, slide_vector
 
 
-@dg.multi_asset(
-    specs=[dg.AssetSpec(
-        **UNI_FEATURES.dagster_attributes(),
-        deps=[patch_coords],
-        # Not yielded by a range step: each patient's materialization is logged on its own.
-        skippable=True,
-        description="Patch features of every slide with tissue: one CLAM-layout HDF5 per slide "
-                    "(`features` (N, D), `coords` (N, 2)), from the encoder resource (UNI in production).",
-    )],
-    partitions_def=patients_partitions,
-    check_specs=checks.UNI_FEATURES_CHECK_SPECS,
-    # Subsettable so that a range step may leave its check outputs unyielded (it logs each patient's).
-    can_subset=True,
-    retry_policy=TRANSIENT_RETRY,
-    # A backfill encodes up to GCMLM_GPU_BATCH_PATIENTS patients per run with one loaded encoder;
-    # each patient's features, metadata and checks are still recorded as that patient's own.
-    backfill_policy=gpu_backfill_policy(),
-    pool=step_pods.GPU_POOL,
-    op_tags=step_pods.op_tags(step_pods.GPU),
-    required_resource_keys={"storage", "encoder"},
-)
-def uni_features(context: dg.AssetExecutionContext):
-    store = context.resources.storage.store()
-    encoder: PatchEncoder = context.resources.encoder
-    # On Kubernetes a GPU pod without a GPU is misplaced: the whole step fails now, naming its settings.
-    require_gpu_step_device(encoder.device, "encoder.device")
-    model = LoadOnce(encoder.load, errors=(encoders.EncoderError, DeviceError))
-    yield from per_patient_events(
-        context, UNI_FEATURES,
-        lambda patient_id: _uni_features_for(patient_id, store, encoder, model, context.log),
-        checks.UNI_FEATURES_CHECK_SPECS)
+def build_patch_features(slide_set: SlideSet, description: str) -> dg.AssetsDefinition:
+    """The encoder's asset (`slide_set.features`) over the tiling asset's listing (`slide_set.listing`)."""
+    specs = checks.features_check_specs(slide_set.features)
+
+    @dg.multi_asset(
+        name=slide_set.features.key,
+        specs=[dg.AssetSpec(
+            **slide_set.features.dagster_attributes(),
+            deps=[slide_set.coords.key],
+            # Not yielded by a range step: each patient's materialization is logged on its own.
+            skippable=True,
+            description=description,
+        )],
+        partitions_def=patients_partitions,
+        check_specs=specs,
+        # Subsettable so that a range step may leave its check outputs unyielded (it logs each patient's).
+        can_subset=True,
+        retry_policy=TRANSIENT_RETRY,
+        # A backfill encodes up to GCMLM_GPU_BATCH_PATIENTS patients per run with one loaded encoder;
+        # each patient's features, metadata and checks are still recorded as that patient's own.
+        backfill_policy=gpu_backfill_policy(),
+        pool=step_pods.GPU_POOL,
+        op_tags=step_pods.op_tags(step_pods.GPU),
+        required_resource_keys={"storage", "encoder"},
+    )
+    def features_asset(context: dg.AssetExecutionContext):
+        store = context.resources.storage.store()
+        encoder: PatchEncoder = context.resources.encoder
+        # On Kubernetes a GPU pod without a GPU is misplaced: the whole step fails now, naming its settings.
+        require_gpu_step_device(encoder.device, "encoder.device")
+        model = LoadOnce(encoder.load, errors=(encoders.EncoderError, DeviceError))
+        yield from per_patient_events(
+            context, slide_set.features,
+            lambda patient_id: _features_for(patient_id, store, encoder, model, context.log, slide_set, specs), specs)
+
+    return features_asset
 
 
-def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_model: LoadOnce, log):
+def _features_for(patient_id: str, store, encoder: PatchEncoder, loaded_model: LoadOnce, log, slide_set: SlideSet,
+                  specs: list[dg.AssetCheckSpec]):
     # extract.py and patch_batches.py import torch (patch_batches subclasses its Dataset): only in the step
     # that encodes.
     from gcmlm_assets.pathology import extract
@@ -198,12 +224,13 @@ def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_mode
     from gcmlm_assets.pathology.patch_grid import ExtractionError, read_patch_grid
     from gcmlm_assets.step_output import stdout_to_log
 
-    coords_dir = required_file(SLIDE_LISTING, store, patient_id).parent
-    listing = read_listing(coords_dir)
+    asset = slide_set.features
+    coords_dir = required_file(slide_set.listing, store, patient_id).parent
+    listing = read_listing(coords_dir, slide_set.listing)
     # What timm, torch or the slide readers print goes to the step's debug log, not raw stdout.
     with stdout_to_log(log.debug):
         model, device = loaded_model.get()
-        out_dir = UNI_FEATURES.folder(store, patient_id)
+        out_dir = asset.folder(store, patient_id)
         started = time.perf_counter()
         try:
             done = extract.extract_patient(listing, out_dir, model, batch_size=encoder.batch_size,
@@ -221,14 +248,14 @@ def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_mode
                                      expected_rows=read_patch_grid(r.attrs["coords_path"]).n_patches)
                for r in done.results]
     # Each slide's features were reused or computed by extract.py: the whole output is only recorded.
-    output = StoredOutput(store, UNI_FEATURES, patient_id, done.fingerprint, look_up=False)
+    output = StoredOutput(store, asset, patient_id, done.fingerprint, look_up=False)
     output.record({r.output.name: r.output for r in done.results}, encoder=identity,
                   slides=[{"h5_file": r.output.name, "slide_file": r.attrs.get("slide_file"),
                            "n_patches": r.n_patches} for r in done.results],
                   slides_without_patches=done.without_patches)
     computed = [r for r in done.results if not r.reused]
     computed_patches = sum(r.n_patches for r in computed)
-    results = list(checks.uni_features_results(reports, identity))
+    results = list(checks.features_results(reports, identity, asset=asset))
     yield stored_materialization(
         output,
         metadata={
@@ -261,8 +288,14 @@ def _uni_features_for(patient_id: str, store, encoder: PatchEncoder, loaded_mode
             "seconds": round(seconds, 3),
         },
         data_version=output.files_digest(),
-        specs=checks.UNI_FEATURES_CHECK_SPECS, separate_results=results)
+        specs=specs, separate_results=results)
     yield from results
+
+
+uni_features = build_patch_features(
+    PRIMARY_SLIDES,
+    description="Patch features of every slide with tissue: one CLAM-layout HDF5 per slide "
+                "(`features` (N, D), `coords` (N, 2)), from the encoder resource (UNI in production).")
 
 
 def slide_vector_fingerprint(pooling_description: dict, feature_files: dict[str, str]) -> str:

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import dagster as dg
 
+from gcmlm_assets.catalogue import LYMPH_NODE, PATHOLOGY
 from gcmlm_assets.landing.sensors import ModalityHold
-from gcmlm_assets.pathology import assets, checks, geojson_assets, resources
+from gcmlm_assets.pathology import assets, checks, geojson_assets, ln_assets, resources
 from gcmlm_assets.pathology.resources import PatchEncoder
 from gcmlm_assets.profiles import Profile
 
-# Pathology runs would all fail while the encoder has no weights: landing_sensor holds them.
-LANDING_HOLD = ModalityHold("pathology", "encoder", PatchEncoder.missing_weights)
+# Pathology and lymph-node runs (both encode their slides) would all fail while the encoder has no
+# weights: landing_sensor holds them.
+LANDING_HOLDS = [ModalityHold(modality, "encoder", PatchEncoder.missing_weights) for modality in (PATHOLOGY, LYMPH_NODE)]
 
 
 def definitions(env: str, profile: Profile) -> dg.Definitions:
     return dg.Definitions(
-        assets=[*assets.ASSETS, *geojson_assets.ASSETS],
+        assets=[*assets.ASSETS, *ln_assets.ASSETS, *geojson_assets.ASSETS],
         asset_checks=checks.CHECKS,
         resources=resources.resources(env, profile),
     )

@@ -1,6 +1,7 @@
 """One patient's patch coordinates: tile every slide, then write all outputs (no Dagster).
 
-Outputs in the patient's folder (`<artifacts>/patch_coords/<pid>/`):
+Outputs in the patient's folder (`<artifacts>/patch_coords/<pid>/`, or `ln_patch_coords/<pid>/`
+for the lymph-node slides: the same tiling and files, see slide_sets.py):
 
 * `<slide_stem>.h5` per slide with at least one patch (CLAM layout, see `coords_h5.py`);
 * `slides.json`: every slide of the patient, with its fingerprint, resolution
@@ -22,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gcmlm_assets.catalogue import SLIDE_LISTING, TILING_PICTURE
+from gcmlm_assets.catalogue import SLIDE_LISTING, TILING_PICTURE, AssetFile
 from gcmlm_assets.pathology.coords_h5 import write_coords_h5
 from gcmlm_assets.pathology.slides import SlideError, SlideInfo, SlideSource, opened, slide_source
 from gcmlm_assets.pathology.tiling import tile_slide
@@ -109,10 +110,11 @@ def slide_entry(outcome: SlideOutcome, h5_path: Path | None, h5_sha256: str | No
     }
 
 
-def write_patient_outputs(out_dir: Path, patient_id: str, outcomes: list[SlideOutcome],
-                          params: TilingParams) -> dict:
-    """Write the HDF5 files, the picture and `slides.json`; drop HDF5 files of slides
-    that are gone. Returns the listing (as written) with `files`: {name: sha256}."""
+def write_patient_outputs(out_dir: Path, patient_id: str, outcomes: list[SlideOutcome], params: TilingParams,
+                          *, listing: AssetFile = SLIDE_LISTING, picture: AssetFile = TILING_PICTURE) -> dict:
+    """Write the HDF5 files, the picture and `slides.json` (`listing` and `picture`: the files of the
+    asset written, patch_coords' or ln_patch_coords'); drop HDF5 files of slides that are gone.
+    Returns the listing (as written) with `files`: {name: sha256}."""
     out_dir.mkdir(parents=True, exist_ok=True)
     entries, files = [], {}
     for outcome in outcomes:
@@ -124,9 +126,9 @@ def write_patient_outputs(out_dir: Path, patient_id: str, outcomes: list[SlideOu
             digest = sha256_file(h5_path)
             files[h5_path.name] = digest
         entries.append(slide_entry(outcome, h5_path, digest))
-    picture = save_png(tiling_picture([o.result for o in outcomes if o.result]), TILING_PICTURE.in_folder(out_dir))
-    files[TILING_PICTURE.name] = sha256_file(picture)
-    listing = {
+    picture_path = save_png(tiling_picture([o.result for o in outcomes if o.result]), picture.in_folder(out_dir))
+    files[picture.name] = sha256_file(picture_path)
+    written = {
         "patient_id": patient_id,
         "tiling_version": TILING_VERSION,
         "params": params.as_dict(),
@@ -134,16 +136,16 @@ def write_patient_outputs(out_dir: Path, patient_id: str, outcomes: list[SlideOu
         "n_patches": sum(e["n_patches"] for e in entries),
         "slides": entries,
     }
-    listing_path = atomic_write_json(SLIDE_LISTING.in_folder(out_dir), listing)
-    files[SLIDE_LISTING.name] = sha256_file(listing_path)
+    listing_path = atomic_write_json(listing.in_folder(out_dir), written)
+    files[listing.name] = sha256_file(listing_path)
     for stale in out_dir.glob("*.h5"):
         if stale.name not in files:
             stale.unlink(missing_ok=True)
-    return {**listing, "files": files}
+    return {**written, "files": files}
 
 
-def read_listing(out_dir: Path) -> dict:
-    return json.loads(SLIDE_LISTING.in_folder(out_dir).read_text(encoding="utf-8"))
+def read_listing(out_dir: Path, listing: AssetFile = SLIDE_LISTING) -> dict:
+    return json.loads(listing.in_folder(out_dir).read_text(encoding="utf-8"))
 
 
 def output_version(listing: dict) -> str:

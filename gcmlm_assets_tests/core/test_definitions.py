@@ -14,12 +14,12 @@ from gcmlm_assets.definitions import build_definitions
 
 EXPECTED_GROUPS = {
     "radiology": {"ct_image", "ct_mask", "radiomics_row", "ct_mask_seg", "radiomics_sr", "segmentation_model"},
-    "pathology": {"patch_coords", "uni_features", "slide_vector", "qupath_geojson"},
+    "pathology": {"patch_coords", "uni_features", "slide_vector", "qupath_geojson", "ln_patch_coords", "ln_features"},
     "cohort": {"clinical_table", "fused_table", "risk_model", "risk_scores", "risk_assessments", "risk_explanations"},
 }
 PER_PATIENT = {"ct_image", "ct_mask", "radiomics_row", "ct_mask_seg", "radiomics_sr", "patch_coords", "uni_features",
-               "slide_vector", "qupath_geojson", "risk_explanations"}
-AUTOMATION_SENSORS = ("landing_sensor", "radiology_steps_sensor", "pathology_steps_sensor",
+               "slide_vector", "qupath_geojson", "ln_patch_coords", "ln_features", "risk_explanations"}
+AUTOMATION_SENSORS = ("landing_sensor", "radiology_steps_sensor", "pathology_steps_sensor", "lymph_node_steps_sensor",
                       "segmentation_training_sensor", "predicted_mask_sensor", "cohort_refresh_sensor",
                       "risk_explanations_sensor", "qupath_geojson_after_patch_coords_sensor",
                       "qupath_geojson_after_risk_explanations_sensor")
@@ -134,13 +134,13 @@ def test_gpu_assets_share_the_gpu_pool_and_batch_their_backfills():
     from gcmlm_assets.step_pods import GPU_POOL
 
     defs = build_definitions("local", "production")
-    gpu = {"segmentation_model", "ct_mask", "uni_features"}
+    gpu = {"segmentation_model", "ct_mask", "uni_features", "ln_features"}
     for assets_def in defs.assets:
         [name] = {key.to_user_string() for key in assets_def.keys}
         assert (assets_def.op.pool == GPU_POOL) == (name in gpu), name
         batched = assets_def.backfill_policy
         # risk_explanations, qupath_geojson: CPU work, batched as their sensors batch it
-        if name in {"ct_mask", "uni_features", "risk_explanations", "qupath_geojson"}:
+        if name in {"ct_mask", "uni_features", "ln_features", "risk_explanations", "qupath_geojson"}:
             assert batched is not None and batched.max_partitions_per_run == 32, name
         else:
             assert batched is None, name
@@ -149,7 +149,7 @@ def test_gpu_assets_share_the_gpu_pool_and_batch_their_backfills():
              "print(sorted(a.backfill_policy.max_partitions_per_run for a in defs.assets if a.backfill_policy))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          env={**os.environ, "GCMLM_GPU_BATCH_PATIENTS": "8"}).stdout
-    assert out.strip().splitlines()[-1] == "[8, 8, 8, 8]"
+    assert out.strip().splitlines()[-1] == "[8, 8, 8, 8, 8]"
 
 
 # Libraries only the steps that compute need; every step process, sensor tick and code server
@@ -212,7 +212,7 @@ def test_every_check_says_in_plain_words_what_it_checks():
 
     graph = defs.resolve_asset_graph()
     keys = sorted(graph.asset_check_keys, key=str)
-    assert len(keys) == 27  # 11 radiology, 10 pathology, 6 cohort
+    assert len(keys) == 35  # 11 radiology, 18 pathology (8 of them the lymph-node slides'), 6 cohort
     for key in keys:
         description = graph.get_check_spec(key).description or ""
         prose = re.sub(r"`[^`]*`", "", description)
@@ -353,3 +353,17 @@ def test_a_schema_that_drifted_from_its_table_is_named():
     shown = summarise(SLIDE_VECTOR_COLUMNS, [*fields, ("pooling", "string")])
     assert [c.name for c in shown] == ["patient_id", "n_patches", "n_slides", "feat_*", "pooling"]
     assert shown[3].description.endswith("(12 columns: feat_0000 .. feat_0011)")
+
+
+def test_the_cohort_refresh_waits_on_each_fused_chain_and_only_those():
+    """A chain whose modality yields no row the cohort fuses (the lymph-node chain until lymph_nodes
+    joins fused_table) is carried by its steps sensor but not waited on by the cohort refresh."""
+    from gcmlm_assets import definitions
+    from gcmlm_assets.catalogue import LYMPH_NODE, PATIENT_FEATURES
+
+    ends = {chain[-1].to_user_string() for chain in definitions.FEATURE_CHAINS}
+    assert ends == {file.asset.key for file in PATIENT_FEATURES.values()}
+    assert len(definitions.FEATURE_CHAINS) == len(PATIENT_FEATURES)
+    if LYMPH_NODE not in PATIENT_FEATURES:
+        assert definitions.MODALITY_ASSETS[LYMPH_NODE][0] not in {key for c in definitions.FEATURE_CHAINS for key in c}
+    assert definitions.defs.get_sensor_def(f"{LYMPH_NODE}_steps_sensor") is not None

@@ -10,12 +10,13 @@ from pathlib import Path
 import dagster as dg
 
 from gcmlm_assets.definitions import landing_sensor
+from gcmlm_assets.landing.scan import LN_WSI_FOLDER
 from gcmlm_assets.pathology.resources import PatchEncoder
 from gcmlm_assets.resources import LandingZone
 
 
 def make_drop(root: Path, patient_id: str, *, ct: bool = True, wsi: bool = False,
-              label: bool = False, ready: bool = True) -> Path:
+              label: bool = False, ln_wsi: bool = False, ready: bool = True) -> Path:
     folder = root / patient_id
     if ct:
         (folder / "ct").mkdir(parents=True, exist_ok=True)
@@ -26,6 +27,9 @@ def make_drop(root: Path, patient_id: str, *, ct: bool = True, wsi: bool = False
     if wsi:
         (folder / "wsi").mkdir(parents=True, exist_ok=True)
         (folder / "wsi" / "slide1.svs").write_bytes(b"slide-" + patient_id.encode())
+    if ln_wsi:
+        (folder / LN_WSI_FOLDER).mkdir(parents=True, exist_ok=True)
+        (folder / LN_WSI_FOLDER / "node1.svs").write_bytes(b"lymph-node slide-" + patient_id.encode())
     folder.mkdir(parents=True, exist_ok=True)
     if ready:
         (folder / "READY").write_text("")

@@ -28,9 +28,9 @@ from gcmlm_assets.settings import scoped_environment
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 # Git-ignored: the screenshots each run leaves for a person to look at.
 SCREENSHOTS = PROJECT_ROOT / "test-artifacts" / "ui"
-SENSORS = ("landing_sensor", "radiology_steps_sensor", "pathology_steps_sensor", "segmentation_training_sensor",
-           "predicted_mask_sensor", "cohort_refresh_sensor", "qupath_geojson_after_patch_coords_sensor",
-           "qupath_geojson_after_risk_explanations_sensor")
+SENSORS = ("landing_sensor", "radiology_steps_sensor", "pathology_steps_sensor", "lymph_node_steps_sensor",
+           "segmentation_training_sensor", "predicted_mask_sensor", "cohort_refresh_sensor",
+           "qupath_geojson_after_patch_coords_sensor", "qupath_geojson_after_risk_explanations_sensor")
 
 
 @dataclass(frozen=True)
