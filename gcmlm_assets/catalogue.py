@@ -195,8 +195,8 @@ ASSESSMENT_INDEX = RISK_ASSESSMENTS.file("index.json")
 
 ASSETS: dict[str, Asset] = {asset.key: asset for asset in (
     CT_IMAGE, CT_MASK, RADIOMICS_ROW, CT_MASK_SEG, RADIOMICS_SR, SEGMENTATION_MODEL, PATCH_COORDS, UNI_FEATURES,
-    SLIDE_VECTOR, QUPATH_GEOJSON, LN_PATCH_COORDS, LN_FEATURES, CLINICAL_TABLE, FUSED_TABLE, RISK_MODEL, RISK_SCORES, RISK_EXPLANATIONS,
-    RISK_ASSESSMENTS)}
+    SLIDE_VECTOR, QUPATH_GEOJSON, LN_PATCH_COORDS, LN_FEATURES, TUMOUR_CLASSIFIER, LYMPH_NODES, CLINICAL_TABLE,
+    FUSED_TABLE, RISK_MODEL, RISK_SCORES, RISK_EXPLANATIONS, RISK_ASSESSMENTS)}
 
 # The per-patient chain each modality's drop starts (the landing sensor's runs), and the row of
 # features per patient that the chain yields (what the cohort fuses; a chain without one is not
@@ -204,7 +204,7 @@ ASSETS: dict[str, Asset] = {asset.key: asset for asset in (
 MODALITY_CHAINS: dict[str, tuple[Asset, ...]] = {
     RADIOLOGY: (CT_IMAGE, CT_MASK, RADIOMICS_ROW, CT_MASK_SEG, RADIOMICS_SR),
     PATHOLOGY: (PATCH_COORDS, UNI_FEATURES, SLIDE_VECTOR),
-    LYMPH_NODE: (LN_PATCH_COORDS, LN_FEATURES),
+    LYMPH_NODE: (LN_PATCH_COORDS, LN_FEATURES, LYMPH_NODES),
 }
 PATIENT_FEATURES: dict[str, AssetFile] = {RADIOLOGY: RADIOMICS_TABLE, PATHOLOGY: SLIDE_VECTOR_TABLE}
 # Per-patient assets made after another one outside those chains, as (upstream, downstream): each

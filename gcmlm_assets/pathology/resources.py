@@ -36,7 +36,7 @@ class LymphNodeSettings(dg.ConfigurableResource, LymphNodeFields):
 
 
 class TumourClassifierSettings(dg.ConfigurableResource, TumourClassifierFields):
-    """How `tumour_classifier` trains on the annotated lymph-node slides (resource key "tumour_classifier").
+    """How `tumour_classifier` trains on the annotated lymph-node slides (resource key "ln_classifier").
 
     The fields are TumourClassifierFields' (lymph_nodes/tumour_classifier.py: declared there once)."""
 
@@ -122,4 +122,4 @@ def resources(env: str, profile: Profile = PRODUCTION) -> dict[str, dg.Configura
     return {"pathology": TilingSettings(**profile.resource_settings("pathology")),
             "encoder": PatchEncoder(**encoder),
             "lymph_node": LymphNodeSettings(**profile.resource_settings("lymph_node")),
-            "tumour_classifier": TumourClassifierSettings(**profile.resource_settings("tumour_classifier"))}
+            "ln_classifier": TumourClassifierSettings(**profile.resource_settings("ln_classifier"))}

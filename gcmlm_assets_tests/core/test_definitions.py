@@ -14,15 +14,17 @@ from gcmlm_assets.definitions import build_definitions
 
 EXPECTED_GROUPS = {
     "radiology": {"ct_image", "ct_mask", "radiomics_row", "ct_mask_seg", "radiomics_sr", "segmentation_model"},
-    "pathology": {"patch_coords", "uni_features", "slide_vector", "qupath_geojson", "ln_patch_coords", "ln_features"},
+    "pathology": {"patch_coords", "uni_features", "slide_vector", "qupath_geojson", "ln_patch_coords", "ln_features",
+                  "tumour_classifier", "lymph_nodes"},
     "cohort": {"clinical_table", "fused_table", "risk_model", "risk_scores", "risk_assessments", "risk_explanations"},
 }
 PER_PATIENT = {"ct_image", "ct_mask", "radiomics_row", "ct_mask_seg", "radiomics_sr", "patch_coords", "uni_features",
-               "slide_vector", "qupath_geojson", "ln_patch_coords", "ln_features", "risk_explanations"}
+               "slide_vector", "qupath_geojson", "ln_patch_coords", "ln_features", "lymph_nodes", "risk_explanations"}
 AUTOMATION_SENSORS = ("landing_sensor", "radiology_steps_sensor", "pathology_steps_sensor", "lymph_node_steps_sensor",
                       "segmentation_training_sensor", "predicted_mask_sensor", "cohort_refresh_sensor",
                       "risk_explanations_sensor", "qupath_geojson_after_patch_coords_sensor",
-                      "qupath_geojson_after_risk_explanations_sensor")
+                      "qupath_geojson_after_risk_explanations_sensor", "tumour_classifier_sensor",
+                      "lymph_nodes_after_classifier_sensor")
 
 
 def asset_groups(defs: dg.Definitions) -> dict[str, set[str]]:
@@ -212,7 +214,7 @@ def test_every_check_says_in_plain_words_what_it_checks():
 
     graph = defs.resolve_asset_graph()
     keys = sorted(graph.asset_check_keys, key=str)
-    assert len(keys) == 35  # 11 radiology, 18 pathology (8 of them the lymph-node slides'), 6 cohort
+    assert len(keys) == 39  # 11 radiology, 22 pathology (12 of them the lymph-node slides'), 6 cohort
     for key in keys:
         description = graph.get_check_spec(key).description or ""
         prose = re.sub(r"`[^`]*`", "", description)
