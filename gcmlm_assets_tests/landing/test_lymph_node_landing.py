@@ -4,7 +4,7 @@ and requested like the other modalities, against a real Dagster instance."""
 from __future__ import annotations
 
 from gcmlm_assets import runs
-from gcmlm_assets.catalogue import LN_FEATURES, LN_PATCH_COORDS, LYMPH_NODE, PATHOLOGY
+from gcmlm_assets.catalogue import LN_FEATURES, LN_PATCH_COORDS, LYMPH_NODE, LYMPH_NODES, PATHOLOGY
 from gcmlm_assets.definitions import MODALITY_ASSETS
 from gcmlm_assets.landing.scan import LN_ANNOTATIONS_FOLDER, LN_WSI_FOLDER, plan_tick, scan_landing_zone
 from gcmlm_assets_tests.support.landing.drops import Ticker, make_drop, requested, touch_later, touch_ready
@@ -17,7 +17,8 @@ def test_a_drop_with_lymph_node_slides_only_requests_the_lymph_node_chain(instan
     ticker = Ticker(instance, landing_root)
     [request] = ticker.tick().run_requests
     assert request.partition_key == "P001" and request.run_key.startswith(f"P001:{LYMPH_NODE}:")
-    assert [key.to_user_string() for key in request.asset_selection] == [LN_PATCH_COORDS.key, LN_FEATURES.key]
+    assert [key.to_user_string() for key in request.asset_selection] == [LN_PATCH_COORDS.key, LN_FEATURES.key,
+                                                                                LYMPH_NODES.key]
     assert list(request.asset_selection) == MODALITY_ASSETS[LYMPH_NODE]
     assert request.tags["gcmlm/modality"] == LYMPH_NODE and request.tags[runs.WORK_TAG] == runs.LYMPH_NODE
     assert ticker.partitions() == {"P001"}

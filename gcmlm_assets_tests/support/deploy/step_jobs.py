@@ -86,6 +86,7 @@ ASSET_CLASSES = {
     "ct_image": step_pods.CPU, "radiomics_row": step_pods.CPU, "ct_mask_seg": step_pods.CPU,
     "radiomics_sr": step_pods.CPU, "patch_coords": step_pods.CPU, "slide_vector": step_pods.CPU,
     "qupath_geojson": step_pods.CPU, "ln_patch_coords": step_pods.CPU, "ln_features": step_pods.GPU,
+    "tumour_classifier": step_pods.CPU, "lymph_nodes": step_pods.CPU,
     "clinical_table": step_pods.COHORT, "fused_table": step_pods.COHORT, "risk_model": step_pods.COHORT,
     "risk_scores": step_pods.COHORT, "risk_assessments": step_pods.COHORT, "risk_explanations": step_pods.COHORT,
 }
