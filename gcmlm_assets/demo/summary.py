@@ -12,7 +12,8 @@ from typing import Any
 
 import dagster as dg
 
-from gcmlm_assets.catalogue import MASK_VOLUME, METRICS_FILE, MODEL_CARD, RISK_EXPLANATIONS, RISK_MODEL, RISK_SCORES
+from gcmlm_assets.catalogue import (
+    LYMPH_NODE_REGIONS, MASK_VOLUME, METRICS_FILE, MODEL_CARD, RISK_EXPLANATIONS, RISK_MODEL, RISK_SCORES)
 from gcmlm_assets.dagster_internals import PARTITION_NAME_TAG as PARTITION_TAG
 from gcmlm_assets.demo.synthetic_ct import true_stomach_lps
 from gcmlm_assets.demo.synthetic_plan import CohortSpec, plan_cohort
@@ -62,6 +63,28 @@ def predicted_mask_dice(spec: CohortSpec, artifacts: Path) -> dict[str, float]:
     return scores
 
 
+def lymph_nodes_against_truth(landing: Path, artifacts: Path) -> dict[str, Any] | None:
+    """The lymph_nodes outputs against the generator's planted nodes (demo/lymph_node_truth.py):
+    figures and a table; None when the landing zone holds no planted truth (not a demo cohort)."""
+    from gcmlm_assets.demo.lymph_node_truth import compare_lymph_nodes
+    from gcmlm_assets.demo.synthetic import LYMPH_NODE_TRUTH, read_lymph_node_truth
+
+    if not (Path(landing) / LYMPH_NODE_TRUTH).is_file():
+        return None
+    truth = read_lymph_node_truth(landing)
+    store = ArtifactStore(artifacts)
+    regions = {}
+    for patient_id in truth:
+        path = LYMPH_NODE_REGIONS.path(store, patient_id)
+        try:
+            regions[patient_id] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            regions[patient_id] = None  # not made: counts against every figure
+    comparison = compare_lymph_nodes(truth, regions)
+    return {"figures": comparison.figures(), "targets_met": comparison.targets_met(),
+            "table": comparison.markdown()}
+
+
 def materialization_metadata(instance: dg.DagsterInstance, asset: str) -> dict[str, Any]:
     event = instance.get_latest_materialization_event(dg.AssetKey(asset))
     if event is None or event.asset_materialization is None:
@@ -108,6 +131,7 @@ def summarise(instance: dg.DagsterInstance, defs: dg.Definitions, landing: Path,
         "check_failures": failures,
         RISK_MODEL.key: materialization_metadata(instance, RISK_MODEL.key),
         "segmentation_dice": predicted_mask_dice(spec, artifacts) if spec else {},
+        "lymph_nodes": lymph_nodes_against_truth(landing, artifacts) if spec else None,
         RISK_SCORES.key: materialization_metadata(instance, RISK_SCORES.key),
         "explanations": explanation_pictures(artifacts),
         # scored patients whose explanation was not made for their latest score's key (a patient whose
@@ -192,6 +216,10 @@ def format_summary(summary: dict[str, Any], wall_seconds: float) -> str:
         lines.append("")
         lines.append(f"nnU-Net masks vs the generator's truth ({len(values)} predicted patients): Dice mean "
                      f"{sum(values) / len(values):.2f}, min {values[0]:.2f}, max {values[-1]:.2f}")
+    nodes = summary.get("lymph_nodes")
+    if nodes:
+        lines.append("")
+        lines.append(nodes["table"])
     rows = ablation_rows(summary[RISK_MODEL.key])
     lines.append("")
     auc, ci = fused_auc(summary[RISK_MODEL.key])
