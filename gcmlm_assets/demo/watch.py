@@ -10,7 +10,8 @@ import dagster as dg
 
 from gcmlm_assets import runs
 from gcmlm_assets.catalogue import (
-    ASSETS, COHORT, FOLLOW_ONS, FUSED_TABLE, MODALITY_CHAINS, RISK_EXPLANATIONS, RISK_SCORES)
+    ASSETS, COHORT, FOLLOW_ONS, FUSED_TABLE, LN_FEATURES, LYMPH_NODES, MODALITY_CHAINS, RISK_EXPLANATIONS, RISK_SCORES,
+    TUMOUR_CLASSIFIER)
 from gcmlm_assets.cohort.sensors import PATIENT_FEATURE_ASSETS
 from gcmlm_assets.dagster_internals import SENSOR_NAME_TAG
 from gcmlm_assets.patient_steps import patients_in_between
@@ -90,7 +91,33 @@ def settled(instance: dg.DagsterInstance, since: float) -> bool:
     # ... nor to a follow-on whose run is due (its upstream may be older than the refresh)
     if patients_in_between(instance, [[dg.AssetKey(up.key), dg.AssetKey(down.key)] for up, down in FOLLOW_ONS]):
         return False
+    if waiting_for_classifier(instance):
+        return False
     return not unexplained(instance)
+
+
+def waiting_for_classifier(instance: dg.DagsterInstance) -> bool:
+    """Patients whose lymph_nodes waits for a tumour classifier (ln_features made, lymph_nodes neither
+    made nor failed), while one may still come: none has been trained yet, or the newest attempt found too
+    few annotations before these patients' features existed. tumour_classifier_sensor trains it after its
+    debounce, with no run in flight: a moment when everything else looks settled."""
+    from gcmlm_assets.partitions import patients_partitions
+
+    features = instance.get_materialized_partitions(dg.AssetKey(LN_FEATURES.key))
+    if not features:
+        return False
+    statuses = instance.get_status_by_partition(dg.AssetKey(LYMPH_NODES.key), sorted(features), patients_partitions) or {}
+    done = (dg.AssetPartitionStatus.MATERIALIZED, dg.AssetPartitionStatus.FAILED)
+    if all(statuses.get(patient) in done for patient in features):
+        return False
+    classifier = dg.AssetKey(TUMOUR_CLASSIFIER.key)
+    trained = instance.fetch_materializations(classifier, limit=1).records
+    if trained:
+        return True  # installed: lymph_nodes_after_classifier_sensor requests the waiting patients
+    newest_features = instance.fetch_materializations(dg.AssetKey(LN_FEATURES.key), limit=1).records
+    attempt = instance.event_log_storage.get_latest_planned_materialization_info(classifier)
+    # never tried, or tried before the newest features (their annotations may make it enough)
+    return attempt is None or (bool(newest_features) and attempt.storage_id < newest_features[0].storage_id)
 
 
 def unexplained(instance: dg.DagsterInstance) -> set[str]:
