@@ -38,7 +38,8 @@ from datetime import datetime
 from pathlib import Path
 
 from gcmlm_assets.catalogue import (
-    ASSESSMENT_INDEX, CLINICAL_TABLE, FUSED_TABLE, MODEL_FILE, RADIOMICS_ROW, RISK_MODEL, SLIDE_VECTOR, UNI_FEATURES)
+    ASSESSMENT_INDEX, CLINICAL_TABLE, FUSED_TABLE, LYMPH_NODE, LYMPH_NODES, MODEL_FILE, RADIOMICS_ROW, RISK_MODEL,
+    SLIDE_VECTOR, UNI_FEATURES)
 from gcmlm_assets.patients import patient_id_problem
 from gcmlm_assets.storage import atomic_write_bytes, sha256_file
 
@@ -63,13 +64,14 @@ BUNDLES_FOLDER = "bundles"
 BUNDLE_FORMAT = "1"  # raise when the Bundle's content changes: every patient's Bundle is rebuilt
 INDEX_FILE = ASSESSMENT_INDEX.name
 
-# The risk model's blocks (cohort/model: RADIOLOGY, PATHOLOGY, PATHOLOGY_ABMIL, CLINICAL) and the
+# The risk model's blocks (cohort/model: RADIOLOGY, PATHOLOGY, PATHOLOGY_ABMIL, CLINICAL, LYMPH_NODE) and the
 # per-patient input each reads; named here so that this module imports neither numpy nor pyarrow.
 BLOCK_INPUTS = {
     "radiology": (RADIOMICS_ROW.key, "PyRadiomics features of the CT's gastric mask"),
     "pathology": (SLIDE_VECTOR.key, "mean-pooled patch features of the H&E slides"),
     "pathology_abmil": (UNI_FEATURES.key, "patch features of the H&E slides, pooled by attention (ABMIL)"),
     "clinical": (CLINICAL_TABLE.key, "clinical covariates"),
+    LYMPH_NODE: (LYMPH_NODES.key, "lymph-node slides: node counts, tumour and metastatic node areas, T/MLN"),
 }
 PROBABILITY_PREFIX = "probability_"
 
