@@ -213,8 +213,6 @@ def lymph_node_row_problem(values: dict[str, float], nulls: set[str], counts: di
             return f"{name} is {'null' if name in nulls else value}: counts and areas must be finite"
         if value < 0:
             return f"{name} is {value:g}, negative"
-    if counts["n_slides"] < 1:
-        return f"n_slides is {counts['n_slides']}: a lymph-node row comes from at least one slide"
     metastatic, nodes = values["n_metastatic_nodes"], values["n_nodes"]
     if metastatic > nodes:
         return f"n_metastatic_nodes ({metastatic:g}) exceeds n_nodes ({nodes:g})"
