@@ -226,8 +226,8 @@ def risk_scores_fingerprint(model_sha256: str, fused_sha256: str, bags_sha256: s
     description="MLM probability and risk group (high: at or above the model's threshold) for every "
     "patient with radiology or pathology features, from the current risk_model version (an ABMIL model "
     "reads the patch features too). A patient lacking a modality (a failed CT, no slides, no lymph-node slides) "
-    "is scored from the others and says so (`modalities_missing`; `scored_without` counts them). Each score records the model "
-    "version it came from and the key of "
+    "is scored from the others and says so (`modalities_missing`; `scored_without` counts them). Each score "
+    "records the model version it came from and the key of "
     "the explanation it needs (risk_explanations_sensor explains the patients whose key changed).",
     metadata=column_schema_metadata(RISK_SCORES_COLUMNS),
     check_specs=[SCORES_VALID_CHECK],

@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from gcmlm_assets.cohort.card import card_context
+from gcmlm_assets.cohort.card import model_card as MC
 from gcmlm_assets.cohort.explain import explanations as E
 from gcmlm_assets.cohort.explain import patient_explanation
 from gcmlm_assets.cohort.model import crossval, metrics, modelling, training
@@ -167,11 +169,11 @@ def node_cohort(tmp_path_factory):
     cv = crossval.cross_validate(data, FAST)
     found, _ = metrics.evaluate_cross_validation(cv, FAST)
     model, fitted = training.fit_risk_model(data, FAST, 0.5)
-    return fused, data, found, model, fitted
+    return fused, data, found, model, fitted, cv
 
 
 def test_the_ablation_has_a_lymph_node_row_and_the_other_blocks_rows_are_unchanged(node_cohort):
-    fused, _, found, _, fitted = node_cohort
+    fused, _, found, _, fitted, _ = node_cohort
     with_nodes = int(np.sum(fused.column("has_lymph_node").to_pylist()))
     assert found[LYMPH_NODE]["patients"] == with_nodes == 27
     assert found[LYMPH_NODE]["auc"] > 0.8  # T/MLN carries the label
@@ -193,7 +195,7 @@ def test_the_ablation_has_a_lymph_node_row_and_the_other_blocks_rows_are_unchang
 
 
 def test_fused_all_modalities_does_not_require_lymph_nodes(node_cohort):
-    _, data, _, _, _ = node_cohort
+    data = node_cohort[1]
     # two patients lose their pathology: the row is the patients with radiology AND pathology, with
     # lymph-node slides or not
     lacking = np.flatnonzero(data.blocks[PATHOLOGY].available)[:2]
@@ -208,7 +210,7 @@ def test_fused_all_modalities_does_not_require_lymph_nodes(node_cohort):
 
 
 def test_lymph_node_contributions_add_up_and_scores_name_the_block(node_cohort, tmp_path):
-    fused, _, _, model, _ = node_cohort
+    fused, model = node_cohort[0], node_cohort[3]
     modelling.save_model(model, tmp_path / "model.skops")
     loaded = modelling.load_model(tmp_path / "model.skops")  # the trusted types cover the block's imputer
     assert loaded.blocks == (RADIOLOGY, PATHOLOGY, LYMPH_NODE)
@@ -250,3 +252,47 @@ def test_lymph_node_contributions_add_up_and_scores_name_the_block(node_cohort, 
     without = next(i for i in range(len(data.patient_ids)) if not block.available[i])
     explanation = patient_explanation.explain_patient(loaded, data, without, [])
     assert explanation.modalities_missing == [LYMPH_NODE] and LYMPH_NODE not in explanation.feature_contributions
+
+
+def test_the_model_card_lists_the_block_and_says_its_figures_are_not_clinical(node_cohort, tmp_path):
+    _, data, found, model, fitted, cv = node_cohort
+    records = card_context.CohortRecords(clinical_manifest={}, fusion_report={}, fused_path=tmp_path / "fused.parquet",
+                                         encoder=None)
+    card = MC.model_card(model, FAST, fitted, found, cv, {},
+                         **card_context.card_context(records, data, cv, FAST, model, found,
+                                                     {"sha256": "x", "patch_features_sha256": None}))
+    markdown = MC.model_card_markdown(MC.json_safe(card))
+    assert MC.LYMPH_NODE_DATA == ("No public lymph-node slides with annotations are available offline here: the "
+                                  "lymph-node block has been exercised on synthetic slides only; its figures are "
+                                  "not clinical.")
+    assert f"- {MC.LYMPH_NODE_DATA}" in markdown
+    assert "- lymph_node: 27 training patients" in markdown
+    assert "features: " + ", ".join([*LYMPH_NODE_COLUMNS, "missingindicator_ln_t_mln"]) in markdown
+    assert "| lymph_node | 9 | 36 |" in markdown  # missing data: the patients without lymph-node slides
+    assert "| lymph nodes (counts, areas, T/MLN) | 27 (" in markdown
+    assert "lymph_node (where the patient has lymph-node slides)" in card["strategy"]
+
+
+def test_risk_scores_and_the_fhir_assessment_carry_the_block(node_cohort, tmp_path):
+    from datetime import datetime, timezone
+
+    from gcmlm_assets.cohort.columns import RISK_SCORES_COLUMNS
+    from gcmlm_assets.cohort.exchange import fhir_risk
+    from gcmlm_assets.columns import problems
+    from gcmlm_assets.storage import sha256_file
+
+    fused, model = node_cohort[0], node_cohort[3]
+    scores = model.score_table(fused)
+    scores = (scores.append_column("model_version", pa.array(["v1"] * scores.num_rows, pa.string()))
+              .append_column("explanation_key", pa.array(["k"] * scores.num_rows, pa.string())))
+    assert problems(RISK_SCORES_COLUMNS, [(f.name, str(f.type)) for f in scores.schema]) == []
+    path = modelling.save_model(model, tmp_path / "model.skops")
+    identity = fhir_risk.RiskModel(version="v1", sha256=sha256_file(path), risk_threshold=model.risk_threshold)
+    rows = {r["patient_id"]: r for r in scores.to_pylist()}
+    with_nodes = next(p for p, r in rows.items() if r["probability_lymph_node"] is not None)
+    without = next(p for p, r in rows.items() if r["probability_lymph_node"] is None)
+    when = datetime(2026, 12, 7, tzinfo=timezone.utc)
+    text, missing = fhir_risk.risk_assessment_bundle(rows[with_nodes], identity, when)
+    assert missing == [] and f"lymph_nodes/{with_nodes}" in text and "lymph_node model probability" in text
+    text, missing = fhir_risk.risk_assessment_bundle(rows[without], identity, when)
+    assert missing == [LYMPH_NODE] and f"lymph_nodes/{without}" not in text and "Scored without lymph_node" in text

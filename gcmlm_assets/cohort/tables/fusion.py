@@ -219,7 +219,8 @@ def lymph_node_row_problem(values: dict[str, float], nulls: set[str], counts: di
     t_mln = values[T_MLN]
     if T_MLN in nulls:
         if metastatic > 0:
-            return f"t_mln is null although n_metastatic_nodes is {metastatic:g}: T/MLN is defined with metastatic nodes"
+            return (f"t_mln is null although n_metastatic_nodes is {metastatic:g}: T/MLN is defined with "
+                    "metastatic nodes")
         return None
     if not 0.0 <= t_mln <= 1.0:  # NaN fails too
         return f"t_mln is {t_mln:g}, outside [0, 1]"
