@@ -14,9 +14,9 @@ One Bundle (type collection) per patient, `bundles/<patient_id>.json`, holds:
   metastasis"; probabilityDecimal; qualitativeRisk (the project's risk group, and the HL7
   risk-probability code where its definition holds, see `qualitative_risk`); basis: the inputs the
   score used (fused_table row, and per modality radiomics_row / slide_vector / uni_features /
-  clinical_table, each with its modality model's probability); the modalities the model has but the
-  patient lacked, as `missing-modality` extensions and a note; occurrenceDateTime the scoring time;
-  performer the Device.
+  lymph_nodes / clinical_table, each with its modality model's probability); the modalities the
+  model has but the patient lacked, as `missing-modality` extensions and a note; occurrenceDateTime
+  the scoring time; performer the Device.
 `index.json` lists every patient's file, its SHA-256, scoring time, probability, risk group and
 missing modalities: one small file to read instead of 10,000 bundles, and the one file a manifest
 needs to hash.
