@@ -146,8 +146,9 @@ def fused_table_fingerprint(report: "fusion.FusionReport", clinical_sha256: str 
           for file in PATIENT_FEATURES.values()),
         dg.AssetDep(CLINICAL_TABLE.key),
     ],
-    description="One row per patient: `rad_*` (radiomics_row), `path_*` (slide_vector) and `clin_*` "
-    "(clinical_table) columns, availability flags and the MLM label. A patient's result is used only "
+    description="One row per patient: `rad_*` (radiomics_row), `path_*` (slide_vector), `clin_*` "
+    "(clinical_table) and `ln_*` (lymph_nodes: node counts, areas, T/MLN) columns, availability flags and the MLM "
+    "label. A patient's result is used only "
     "when its latest materialization succeeded and passed its blocking checks; the ones left out are "
     "listed with the reason (`excluded_patients`: the first 50; the report file lists all).",
     metadata=column_schema_metadata(FUSED_TABLE_COLUMNS),
@@ -224,9 +225,9 @@ def risk_scores_fingerprint(model_sha256: str, fused_sha256: str, bags_sha256: s
           dg.AssetDep(UNI_FEATURES.key, partition_mapping=dg.AllPartitionMapping())],
     description="MLM probability and risk group (high: at or above the model's threshold) for every "
     "patient with radiology or pathology features, from the current risk_model version (an ABMIL model "
-    "reads the patch features too). A patient lacking a modality (a failed CT, no slides) is scored from the "
-    "others and says so (`modalities_missing`; `scored_without` counts them). Each score records the model "
-    "version it came from and the key of "
+    "reads the patch features too). A patient lacking a modality (a failed CT, no slides, no lymph-node slides) "
+    "is scored from the others and says so (`modalities_missing`; `scored_without` counts them). Each score "
+    "records the model version it came from and the key of "
     "the explanation it needs (risk_explanations_sensor explains the patients whose key changed).",
     metadata=column_schema_metadata(RISK_SCORES_COLUMNS),
     check_specs=[SCORES_VALID_CHECK],
@@ -343,8 +344,9 @@ def _changes_metadata(scores, changes: dict) -> dict:
 
 def _expected_scored(fused, excluded: dict[str, str]) -> list[str]:
     """The patients who must have a score: those with CT or slide features, but the ones left out
-    with a reason (their patch features could not be read for an ABMIL model)."""
-    flags = [flag for modality, flag in fusion.AVAILABILITY.items() if modality != fusion.CLINICAL]
+    with a reason (their patch features could not be read for an ABMIL model). Lymph-node features
+    alone do not oblige: a model may lack that block (too few labelled patients have it)."""
+    flags = [fusion.AVAILABILITY[fusion.RADIOLOGY], fusion.AVAILABILITY[fusion.PATHOLOGY]]
     rows = fused.select(["patient_id", *flags]).to_pylist()
     return [row["patient_id"] for row in rows if any(row[flag] for flag in flags) and row["patient_id"] not in excluded]
 

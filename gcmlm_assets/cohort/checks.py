@@ -73,7 +73,9 @@ def enough_labelled_patients(storage: ArtifactStorage, risk_model: RiskModelSett
     path = FUSED_FILE.path(storage.store())
     if not path.is_file():
         return _missing(path)
-    flags = [f for m, f in fusion.AVAILABILITY.items() if m != fusion.CLINICAL]
+    # a table written before the lymph-node block has no has_lymph_node
+    names = set(pq.read_schema(path).names)
+    flags = [f for m, f in fusion.AVAILABILITY.items() if m != fusion.CLINICAL and f in names]
     table = pq.read_table(path, columns=["patient_id", "mlm", *flags])
     return _result(qc.enough_labelled(table, risk_model.min_labelled_per_class))
 

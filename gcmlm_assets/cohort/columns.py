@@ -32,6 +32,20 @@ FUSED_TABLE_COLUMNS = (
     Column("path_n_slides", "int64", "slide_vector's n_slides (null without pathology)", optional=True),
     Column("path_feat_*", "double", "slide_vector's pooled features, prefixed, float64 as pooled "
                                     "(null without pathology)", optional=True),
+    # the lymph-node block comes last: a cohort without lymph-node slides keeps every column above in place
+    Column("has_lymph_node", "bool", "The patient's lymph_nodes row was used (lymph-node slides analysed)"),
+    Column("ln_n_slides", "int64", "lymph_nodes' n_slides: lymph-node slides analysed (bookkeeping, not a model "
+                                   "feature; null without lymph nodes)", optional=True),
+    Column("ln_n_nodes", "int64", "Lymph nodes found on the patient's lymph-node slides (null without lymph nodes)",
+           optional=True),
+    Column("ln_n_metastatic_nodes", "int64", "Lymph nodes with tumour (null without lymph nodes)", optional=True),
+    Column("ln_tumour_area_mm2", "double", "Tumour area inside the nodes, mm² (null without lymph nodes)",
+           optional=True),
+    Column("ln_metastatic_node_area_mm2", "double", "Total area of the metastatic nodes, mm² (null without lymph "
+                                                    "nodes)", optional=True),
+    Column("ln_t_mln", "double", "T/MLN: tumour area / metastatic node area, in [0, 1]; null when no node is "
+                                 "metastatic (undefined, not 0) or without lymph nodes (has_lymph_node tells which)",
+           optional=True),
 )
 
 RISK_SCORES_COLUMNS = (
@@ -43,7 +57,8 @@ RISK_SCORES_COLUMNS = (
     Column("modalities_used", "string", "The modality models that scored the patient, such as "
                                         "radiology+pathology"),
     Column("modalities_missing", "string", "The model's modalities the patient was scored WITHOUT, such as "
-                                           "radiology (its CT failed or there is none): empty when none"),
+                                           "radiology (its CT failed or there is none) or lymph_node (no lymph-node "
+                                           "slides): empty when none"),
     Column("probability_radiology", "double", "The radiology model's probability (null without radiomics)"),
     Column("probability_pathology", "double", "The pathology model's probability (null without a slide "
                                               "vector; absent when the model pools by ABMIL)", optional=True),
@@ -51,6 +66,9 @@ RISK_SCORES_COLUMNS = (
                                                     "risk_model.pathology_pooling abmil)", optional=True),
     Column("probability_clinical", "double", "The clinical model's probability (only with "
                                              "risk_model.use_clinical)", optional=True),
+    Column("probability_lymph_node", "double", "The lymph-node model's probability (null without lymph-node "
+                                               "slides; absent when the model has no lymph-node block: too few "
+                                               "labelled patients have lymph-node slides)", optional=True),
     Column("mlm", "int8", "The known label, for comparison (null while unknown)"),
     Column("model_version", "string", "The risk_model version that scored the patient (its folder under "
                                       "risk_model/)"),

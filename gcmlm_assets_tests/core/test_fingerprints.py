@@ -96,22 +96,23 @@ def test_uni_features_extraction_fingerprint_is_pinned():
 
 
 def test_cohort_model_fingerprints_are_pinned():
+    # fused_table 4 and risk_model 5: the lymph-node block (issue 24)
     report = FusionReport(input_files={"slide_vector/P002/slide_vector.parquet": digest("88"),
                                        "radiomics_row/P001/radiomics.parquet": digest("99")},
                           excluded_results=[{"patient_id": "P003", "modality": "radiology", "file": "x",
                                              "reason": "ct_mask failed mask_plausible"}])
     assert cohort_assets.fused_table_fingerprint(report, digest("aa")) == (
-        "59f36adbed3830d5fe60a0b95f25cb69640940b472ee51944c291010ef1cab98")
+        "76902e5bc5264f4c0bc7d88150d6e8911f552765a6855a75de99da14323f0010")
     assert cohort_assets.fused_table_fingerprint(FusionReport(), None) == (
-        "c30d4be5d384662331de74c2b884afd98f390ae2746d3ee501b8802a0da97164")
+        "90be43852a1e5965976d83f94c964cd0a003ce808b6a82e874456a64b719f720")
     # the formula, on the settings as model_card.settings_json writes them (a new setting changes
     # those, and so refits the model, without touching this pin)
     inputs = {"training_data_sha256": digest("66"), "labelled_patients": 40, "patch_features_sha256": None}
     settings = json.dumps({"fusion": "mean", "n_splits": 5}, sort_keys=True)
     assert risk_model_fingerprint("scikit-learn=1.5.0", settings, inputs) == (
-        "2f64a7263723d5f02ecd2103dd3d78311228579309be1d8f6735ca344fe40fb0")
+        "a8a7afe126e041b1d63dbc14dee33f2ce4201b6e1a6d2e8b1cbabbc2cd674ede")
     assert risk_model_fingerprint("scikit-learn=1.5.0", settings, {**inputs, "patch_features_sha256": digest("77")}) == (
-        "8218f341a3075aba03a8a3b85dd2ade1b6e120cc361657cd53a530b814a90ba5")
+        "54e70a2f68c70aba974cef2572cdc219e8e3e6db87199a53fd52936d270e6a5b")
     assert cohort_assets.risk_scores_fingerprint(digest("bb"), digest("cc"), digest("dd"), "0123456789abcdef") == (
         "1aef393503317e660c8f129ce40da30880890412a0e6f215c67a2432d303ea45")
     # each patient's explanation is made again when its key changes

@@ -82,9 +82,9 @@ def card_context(records: CohortRecords, data, cv, settings, model, metrics: dic
     patches = ("and one share per patch of the pathology logit (mean pooling is affine)"
                if settings.pathology_pooling == "mean" else
                "(the ABMIL pathology block is not linear: attention maps, not contributions)")
-    method = ("exact contributions (risk_explanations): coefficient x standardised value per radiology and "
-              f"clinical feature {patches}, each scaled by the block's fusion weight; the parts add up to the "
-              "fused logit" if exact else
+    method = ("exact contributions (risk_explanations): coefficient x standardised value per radiology, "
+              f"clinical and lymph-node feature (T/MLN's indicator one of them) {patches}, each scaled by the "
+              "block's fusion weight; the parts add up to the fused logit" if exact else
               f"no exact contributions: the {settings.classifier} classifier is not linear; cohort-level "
               "permutation importance instead")
     attention = ("; ABMIL attention maps (where the attention model looked; not contributions)"

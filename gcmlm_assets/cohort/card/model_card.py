@@ -35,7 +35,12 @@ if TYPE_CHECKING:
 
 IMPUTATION = ("single missing feature values: median imputation inside each block's pipeline, "
               "fitted on the training patients of each fold; a missing block's features are never imputed "
-              "(mean fusion leaves the block out; stacked fusion counts its logit as 0, with an indicator)")
+              "(mean fusion leaves the block out; stacked fusion counts its logit as 0, with an indicator); "
+              "the lymph-node block's T/MLN, undefined without a metastatic node, is not missing: it counts as 0 "
+              "with an indicator feature, never as the median")
+# Said in every card (issue 24): the lymph-node block has only ever seen synthetic slides.
+LYMPH_NODE_DATA = ("No public lymph-node slides with annotations are available offline here: the lymph-node block "
+                   "has been exercised on synthetic slides only; its figures are not clinical.")
 MISSING_BLOCK_RULE = ("block model skipped; the fused probability uses the blocks the patient has "
                       "(stacked fusion: the missing block's logit counts as 0, with an availability "
                       "indicator; none: not scored)")
@@ -200,6 +205,7 @@ def default_limitations(settings: dict | ModelSettings, metrics: dict) -> list[s
     if encoder:
         out.append(f"The pathology features come from an untrained encoder ({encoder}): the pathology "
                    "block carries no learned histology, only what random projections keep.")
+    out.append(LYMPH_NODE_DATA)
     if settings.get("synthetic_data"):
         out.append("The data are synthetic (generated for tests or a demo): the figures describe the "
                    "pipeline, not gastric cancer.")
@@ -317,6 +323,8 @@ def _development_section(card: dict) -> list[str]:
                  "steps " + " -> ".join(info.get("steps") or [NOT_RECORDED])]
         if info.get("selected_features"):
             parts.append("selected: " + ", ".join(info["selected_features"]))
+        if info.get("features"):
+            parts.append("features: " + ", ".join(info["features"]))
         if info.get("pca_components") is not None:
             parts.append(f"PCA {info['pca_components']} components "
                          f"({_text(info.get('pca_explained_variance'))} of the variance)")

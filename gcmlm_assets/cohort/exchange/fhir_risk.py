@@ -14,9 +14,9 @@ One Bundle (type collection) per patient, `bundles/<patient_id>.json`, holds:
   metastasis"; probabilityDecimal; qualitativeRisk (the project's risk group, and the HL7
   risk-probability code where its definition holds, see `qualitative_risk`); basis: the inputs the
   score used (fused_table row, and per modality radiomics_row / slide_vector / uni_features /
-  clinical_table, each with its modality model's probability); the modalities the model has but the
-  patient lacked, as `missing-modality` extensions and a note; occurrenceDateTime the scoring time;
-  performer the Device.
+  lymph_nodes / clinical_table, each with its modality model's probability); the modalities the
+  model has but the patient lacked, as `missing-modality` extensions and a note; occurrenceDateTime
+  the scoring time; performer the Device.
 `index.json` lists every patient's file, its SHA-256, scoring time, probability, risk group and
 missing modalities: one small file to read instead of 10,000 bundles, and the one file a manifest
 needs to hash.
@@ -38,7 +38,8 @@ from datetime import datetime
 from pathlib import Path
 
 from gcmlm_assets.catalogue import (
-    ASSESSMENT_INDEX, CLINICAL_TABLE, FUSED_TABLE, MODEL_FILE, RADIOMICS_ROW, RISK_MODEL, SLIDE_VECTOR, UNI_FEATURES)
+    ASSESSMENT_INDEX, CLINICAL_TABLE, FUSED_TABLE, LYMPH_NODE, LYMPH_NODES, MODEL_FILE, RADIOMICS_ROW, RISK_MODEL,
+    SLIDE_VECTOR, UNI_FEATURES)
 from gcmlm_assets.patients import patient_id_problem
 from gcmlm_assets.storage import atomic_write_bytes, sha256_file
 
@@ -63,13 +64,14 @@ BUNDLES_FOLDER = "bundles"
 BUNDLE_FORMAT = "1"  # raise when the Bundle's content changes: every patient's Bundle is rebuilt
 INDEX_FILE = ASSESSMENT_INDEX.name
 
-# The risk model's blocks (cohort/model: RADIOLOGY, PATHOLOGY, PATHOLOGY_ABMIL, CLINICAL) and the
+# The risk model's blocks (cohort/model: RADIOLOGY, PATHOLOGY, PATHOLOGY_ABMIL, CLINICAL, LYMPH_NODE) and the
 # per-patient input each reads; named here so that this module imports neither numpy nor pyarrow.
 BLOCK_INPUTS = {
     "radiology": (RADIOMICS_ROW.key, "PyRadiomics features of the CT's gastric mask"),
     "pathology": (SLIDE_VECTOR.key, "mean-pooled patch features of the H&E slides"),
     "pathology_abmil": (UNI_FEATURES.key, "patch features of the H&E slides, pooled by attention (ABMIL)"),
     "clinical": (CLINICAL_TABLE.key, "clinical covariates"),
+    LYMPH_NODE: (LYMPH_NODES.key, "lymph-node slides: node counts, tumour and metastatic node areas, T/MLN"),
 }
 PROBABILITY_PREFIX = "probability_"
 

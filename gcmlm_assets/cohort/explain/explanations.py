@@ -22,6 +22,15 @@ is the average patient's logit; a patch's part is `weights @ (patch - mean) / N`
 to the patient's logit minus the average patient's. Red therefore means "raises this patient's
 logit above an average patient's", not merely "adds to a logit that starts far below zero".
 
+The per-feature split needs less than an affine pipeline: whatever the steps before a binary
+logistic regression compute, its decision function IS coefficient x transformed value summed, plus
+the intercept. So a block whose imputer adds missingness indicators (the lymph-node block: T/MLN
+undefined without a metastatic node is 0 plus an indicator) still splits exactly per feature, the
+indicator being one more standardised feature (`feature_split_available`); its per-patch map does not
+exist and is never asked for. Its reference is the classifier's logit where every standardised
+feature, the indicator included, is at its training mean (`standardised_reference_logit`): the
+split's intercept.
+
 An SVM or a random forest is not linear: no such decomposition exists, and the functions here say
 so (`exact_contributions_available`) instead of approximating; permutation importance is the
 honest summary for those.
@@ -33,6 +42,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.compose import ColumnTransformer
 from sklearn.decomposition import PCA
 from sklearn.feature_selection import SelectorMixin
 from sklearn.impute import SimpleImputer
@@ -53,6 +63,29 @@ class NotExactlyExplainable(ValueError):
 def exact_contributions_available(pipeline: Pipeline) -> tuple[bool, str]:
     """(True, "") when the logit is exactly affine in the inputs: a binary logistic regression
     after imputation, standardisation, column selectors and PCA only; else (False, why)."""
+    return _check(pipeline, _why_not_affine)
+
+
+def feature_split_available(pipeline: Pipeline) -> tuple[bool, str]:
+    """(True, "") when the logit splits exactly per transformed feature: a binary logistic
+    regression after imputers (missingness indicators allowed, also as a ColumnTransformer of
+    imputers), standardisation, selectors and PCA; else (False, why). Not enough for per-patch
+    parts, which need `exact_contributions_available`."""
+    return _check(pipeline, _why_not_a_feature_step)
+
+
+def _why_not_a_feature_step(step) -> str:
+    if isinstance(step, ColumnTransformer):
+        inner = [t for _, t, _ in step.transformers_ if not (isinstance(t, str) and t == "drop")]
+        if all(isinstance(t, SimpleImputer) for t in inner):
+            return ""
+        return "combines steps other than imputers"
+    if isinstance(step, SimpleImputer):
+        return ""
+    return _why_not_affine(step)
+
+
+def _check(pipeline: Pipeline, why_not) -> tuple[bool, str]:
     classifier = pipeline.steps[-1][1]
     if not isinstance(classifier, LogisticRegression):
         kind = _CLASSIFIER_NAMES.get(type(classifier).__name__, type(classifier).__name__)
@@ -61,7 +94,7 @@ def exact_contributions_available(pipeline: Pipeline) -> tuple[bool, str]:
     if np.ndim(classifier.coef_) != 2 or classifier.coef_.shape[0] != 1:
         return False, "the logistic regression is not binary: there is no single logit to split"
     for name, step in pipeline.steps[:-1]:
-        reason = _why_not_affine(step)
+        reason = why_not(step)
         if reason:
             return False, f"step {name!r} ({type(step).__name__}) {reason}: exact contributions do not exist"
     return True, ""
@@ -76,8 +109,8 @@ def _why_not_affine(step) -> str:
     return "is not one of the affine steps (imputer, scaler, selector, PCA)"
 
 
-def _require_exact(pipeline: Pipeline) -> LogisticRegression:
-    available, reason = exact_contributions_available(pipeline)
+def _require_exact(pipeline: Pipeline, affine: bool = True) -> LogisticRegression:
+    available, reason = exact_contributions_available(pipeline) if affine else feature_split_available(pipeline)
     if not available:
         raise NotExactlyExplainable(reason)
     return pipeline.steps[-1][1]
@@ -143,8 +176,9 @@ def feature_contributions(pipeline: Pipeline, columns: list[str], x_row) -> Feat
     """The exact split of one patient's block logit (x_row: the raw inputs, NaN allowed: the
     imputer fills them) into coefficient x transformed value per feature reaching the classifier.
     Names follow the columns through the imputer (empty training columns dropped) and the
-    selectors; after PCA they are the components (pca0, pca1, ...)."""
-    classifier = _require_exact(pipeline)
+    selectors; after PCA they are the components (pca0, pca1, ...); a missingness indicator is
+    `missingindicator_<column>`."""
+    classifier = _require_exact(pipeline, affine=False)
     row = np.asarray(x_row, dtype=np.float64).reshape(1, -1)
     if row.shape[1] != len(columns):
         raise ValueError(f"x_row has {row.shape[1]} values for {len(columns)} columns")
@@ -199,6 +233,24 @@ def training_mean_input(pipeline: Pipeline, n_features: int) -> np.ndarray:
 def reference_logit(pipeline: Pipeline, n_features: int) -> float:
     """The block logit of the training cohort's average patient (`training_mean_input`)."""
     return float(block_logit(pipeline, training_mean_input(pipeline, n_features)[None, :])[0])
+
+
+def standardised_reference_logit(pipeline: Pipeline) -> float:
+    """The logit where every standardised feature is at its training mean (0 after the scaler), for a
+    block whose input has no raw training mean (an indicator of missingness is not a raw column):
+    zero pushed through the steps after the standardiser, then the classifier. With only the
+    scaler before the classifier it is the classifier's intercept, the feature split's reference."""
+    _require_exact(pipeline, affine=False)
+    names = [name for name, step in pipeline.steps[:-1] if isinstance(step, StandardScaler)]
+    if not names:
+        raise ValueError("the block standardises nothing: no training mean to refer to")
+    start = [name for name, _ in pipeline.steps].index(names[0])
+    scaler = pipeline.steps[start][1]
+    Z = np.zeros((1, int(scaler.n_features_in_)))
+    for _, step in pipeline.steps[start + 1:-1]:
+        Z = step.transform(Z)
+    with threadpool_limits(1):
+        return float(np.asarray(pipeline.steps[-1][1].decision_function(Z), dtype=np.float64)[0])
 
 
 def patch_contributions(weights, constant: float, patch_features, patch_weights, reference=None) -> np.ndarray:

@@ -2,8 +2,9 @@
 
 Plain Python (no Dagster). The fused logit is `intercept + sum_k w_k * logit_k + indicator terms`
 (combiners.py). With the default linear blocks each block logit splits exactly:
-- radiology and clinical: coefficient x the patient's standardised value, per feature that reaches
-  the classifier, plus the classifier's intercept;
+- radiology, clinical and lymph_node: coefficient x the patient's standardised value, per feature
+  that reaches the classifier, plus the classifier's intercept (the lymph-node block's T/MLN
+  indicator, 1 = no metastatic node, is one of its features);
 - pathology (mean pooling): the logit is affine in the slide vector, which is the mean of every
   patch embedding of every slide, so each patch contributes `weights @ embedding / N` and the rest
   is one constant. The parts are checked to add up to the model's own logit (`EXACT_TOLERANCE`);
@@ -32,7 +33,7 @@ from gcmlm_assets.catalogue import SLIDE_VECTOR
 from gcmlm_assets.cohort.explain import explanations
 from gcmlm_assets.cohort.tables.cohort_data import PATHOLOGY_ABMIL, CohortData
 from gcmlm_assets.cohort.model.combiners import sigmoid
-from gcmlm_assets.cohort.tables.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
+from gcmlm_assets.cohort.tables.fusion import CLINICAL, LYMPH_NODE, PATHOLOGY, PREFIX, RADIOLOGY, T_MLN
 
 EXACT_TOLERANCE = 1e-6  # |sum of the parts - the model's logit| allowed per block
 
@@ -168,6 +169,10 @@ def _reference_logit(block_model, n_columns: int) -> float | None:
     try:
         return explanations.reference_logit(block_model, n_columns)
     except ValueError:
+        pass
+    try:  # an imputer with indicators (the lymph-node block): the standardised features' training mean
+        return explanations.standardised_reference_logit(block_model)
+    except ValueError:
         return None
 
 
@@ -180,16 +185,24 @@ def _explain_block(explanation: PatientExplanation, block: str, block_model, col
         explanation.notes.append("pathology (ABMIL): attention weights are shown, not contributions; attention "
                                  "is where the model looked, not a share of the score")
         return
-    exact, reason = explanations.exact_contributions_available(block_model)
+    per_feature = block in (RADIOLOGY, CLINICAL, LYMPH_NODE)
+    exact, reason = (explanations.feature_split_available(block_model) if block == LYMPH_NODE
+                     else explanations.exact_contributions_available(block_model))
     if not exact:
         explanation.notes.append(f"{block}: {reason}")
         return
     x_row = data.blocks[block].X[row]
     missing = int(np.sum(~np.isfinite(x_row)))
-    if missing and block in (RADIOLOGY, CLINICAL):
+    if block == LYMPH_NODE:
+        t_mln = PREFIX[LYMPH_NODE] + T_MLN
+        if t_mln in columns and not np.isfinite(x_row[columns.index(t_mln)]):
+            missing -= 1
+            explanation.notes.append("lymph_node: T/MLN is undefined (no metastatic node): counted as 0 with its "
+                                     "indicator (missingindicator_ln_t_mln) at 1, not as a missing value")
+    if missing and per_feature:
         explanation.notes.append(f"{block}: {missing} of the patient's {len(x_row)} features are missing and "
                                  "counted at the training median (a standardised value near 0)")
-    if block in (RADIOLOGY, CLINICAL):
+    if per_feature:
         parts = explanations.feature_contributions(block_model, columns, x_row)
         explanation.feature_contributions[block] = parts
         explanation.residuals[block] = float(np.sum(parts.contributions) + parts.intercept - logit)

@@ -8,14 +8,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gcmlm_assets.cohort.tables.cohort_data import PATHOLOGY_ABMIL
-from gcmlm_assets.cohort.tables.fusion import CLINICAL, PATHOLOGY, RADIOLOGY
+from gcmlm_assets.cohort.tables.fusion import CLINICAL, LYMPH_NODE, PATHOLOGY, RADIOLOGY
 from gcmlm_assets.cohort.model.risk_model_fields import ModelSettingFields
 
 FUSED = "fused"  # the configured fusion (setting `fusion`)
 FUSED_MEAN, FUSED_STACKED = "fused_mean", "fused_stacked"  # the other fusion, reported beside it
+# The configured fusion on the patients with every block but the optional ones (lymph-node slides
+# exist for only part of a cohort: requiring them would shrink this row to that part).
 FUSED_COMPLETE = "fused_all_modalities"
+# The configured fusion on the patients with lymph-node slides: the lymph_node row's patients.
+FUSED_WITH_LYMPH_NODE = "fused_with_lymph_node"
 # the ablation's rows in reading order: blocks, then the fusions
-ABLATION_ORDER = (RADIOLOGY, PATHOLOGY, PATHOLOGY_ABMIL, CLINICAL, FUSED, FUSED_MEAN, FUSED_STACKED, FUSED_COMPLETE)
+ABLATION_ORDER = (RADIOLOGY, PATHOLOGY, PATHOLOGY_ABMIL, CLINICAL, LYMPH_NODE, FUSED, FUSED_MEAN, FUSED_STACKED,
+                  FUSED_COMPLETE, FUSED_WITH_LYMPH_NODE)
 
 
 def in_ablation_order(models) -> list:
@@ -33,15 +38,18 @@ class ModelSettings(ModelSettingFields):
     """The risk model's settings (declared in ModelSettingFields) and what follows from them."""
 
     def fusion_blocks(self) -> tuple[str, ...]:
-        """The blocks the fused model combines."""
+        """The blocks the fused model combines (the lymph nodes last: a block no patient has is
+        left out, and the others keep their places)."""
         pathology = PATHOLOGY_ABMIL if self.pathology_pooling == "abmil" else PATHOLOGY
-        return (RADIOLOGY, pathology, CLINICAL) if self.use_clinical else (RADIOLOGY, pathology)
+        blocks = (RADIOLOGY, pathology, CLINICAL) if self.use_clinical else (RADIOLOGY, pathology)
+        return (*blocks, LYMPH_NODE)
 
     def blocks(self) -> tuple[str, ...]:
         """Every block the cross-validation evaluates: the fused model's, plus both poolings."""
         blocks = [RADIOLOGY, PATHOLOGY, *([CLINICAL] if self.use_clinical else [])]
         if self.abmil_in_ablation or self.pathology_pooling == "abmil":
             blocks.append(PATHOLOGY_ABMIL)
+        blocks.append(LYMPH_NODE)
         return tuple(blocks)
 
     def other_fusion(self) -> str:
@@ -58,12 +66,15 @@ def model_labels(settings: ModelSettings) -> dict[str, str]:
     configured = f"fused, {settings.fusion}{' logit' if settings.fusion == 'mean' else ''} (the model)"
     other = "fused, mean logit" if settings.fusion == "stacked" else "fused, stacked"
     return {RADIOLOGY: "radiology", PATHOLOGY: "pathology mean", PATHOLOGY_ABMIL: "pathology ABMIL",
-            CLINICAL: "clinical", FUSED: configured, settings.other_fusion(): other,
-            FUSED_COMPLETE: f"{configured}, patients with every block"}
+            CLINICAL: "clinical", LYMPH_NODE: "lymph nodes (counts, areas, T/MLN)", FUSED: configured,
+            settings.other_fusion(): other,
+            FUSED_COMPLETE: f"{configured}, patients with every block (lymph-node slides not required)",
+            FUSED_WITH_LYMPH_NODE: f"{configured}, patients with lymph-node slides"}
 
 
 def fusion_strategy(settings: ModelSettings) -> str:
-    blocks = ", ".join(settings.fusion_blocks())
+    blocks = ", ".join(f"{b} (where the patient has lymph-node slides)" if b == LYMPH_NODE else b
+                       for b in settings.fusion_blocks())
     if settings.fusion == "stacked":
         return (f"late fusion of {blocks}: a non-negative logistic combiner on the blocks' out-of-fold logits "
                 f"(inner {settings.inner_splits}-fold CV of the training patients); a missing block's logit counts "

@@ -8,7 +8,12 @@ Modality blocks and their pipelines (every step is fitted on training patients o
   logistic selection (`SelectFromModel`, at most `max_radiomics_features`) -> classifier;
 - pathology (`path_feat_*`, the pooled 1024-D slide embedding): median imputation ->
   standardisation -> PCA (`pca_components`, at most n_train - 1) -> classifier;
-- clinical (`clin_*` covariates; only with `use_clinical`): imputation -> standardisation -> classifier.
+- clinical (`clin_*` covariates; only with `use_clinical`): imputation -> standardisation -> classifier;
+- lymph_node (`ln_n_nodes`, `ln_n_metastatic_nodes`, `ln_tumour_area_mm2`, `ln_metastatic_node_area_mm2`,
+  `ln_t_mln`; only the patients with lymph-node slides): T/MLN, undefined (null) without a
+  metastatic node, becomes 0 plus an indicator column (`missingindicator_ln_t_mln`, 1 = no
+  metastatic node; present when some training patient had none), never the median; the other
+  four get median imputation -> standardisation -> classifier.
 The classifier is L2 logistic regression by default, its penalty strength chosen on inner folds of
 the training patients (log loss); `svm` (RBF SVC with Platt scaling through
 `CalibratedClassifierCV(method="sigmoid")`) and `random_forest` are options. All of them weight
@@ -56,6 +61,7 @@ import pyarrow as pa
 import skops.io as sio
 from sklearn.base import BaseEstimator
 from sklearn.calibration import CalibratedClassifierCV
+from sklearn.compose import ColumnTransformer
 from sklearn.decomposition import PCA
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.exceptions import ConvergenceWarning
@@ -69,9 +75,9 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
 from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
-from gcmlm_assets.cohort.tables.cohort_data import PATHOLOGY_ABMIL, CohortData
+from gcmlm_assets.cohort.tables.cohort_data import LYMPH_NODE_COLUMNS, PATHOLOGY_ABMIL, CohortData
 from gcmlm_assets.cohort.model.combiners import MeanLogitCombiner, probability_to_logit, sigmoid
-from gcmlm_assets.cohort.tables.fusion import PATHOLOGY, RADIOLOGY
+from gcmlm_assets.cohort.tables.fusion import LYMPH_NODE, PATHOLOGY, PREFIX, RADIOLOGY, T_MLN
 from gcmlm_assets.cohort.model.model_settings import LOGISTIC_CS, ModelSettings
 from gcmlm_assets.storage import DigestMismatch, atomic_path, read_pinned_bytes
 
@@ -173,8 +179,21 @@ def build_classifier(settings: ModelSettings, min_class_count: int):
                                   random_state=settings.seed, n_jobs=1)
 
 
+def lymph_node_imputer() -> ColumnTransformer:
+    """The lymph-node block's imputation: T/MLN null (no metastatic node) -> 0 plus an indicator,
+    the counts and areas -> their training medians. Columns by position in LYMPH_NODE_COLUMNS
+    (cohort_data fixes that order); output: the four, then ln_t_mln and its indicator."""
+    t_mln = LYMPH_NODE_COLUMNS.index(PREFIX[LYMPH_NODE] + T_MLN)
+    others = [j for j in range(len(LYMPH_NODE_COLUMNS)) if j != t_mln]
+    return ColumnTransformer(
+        [("counts_and_areas", SimpleImputer(strategy="median"), others),
+         ("t_mln", SimpleImputer(strategy="constant", fill_value=0.0, add_indicator=True), [t_mln])],
+        verbose_feature_names_out=False)
+
+
 def build_block_pipeline(block: str, settings: ModelSettings, n_train: int, min_class_count: int) -> Pipeline:
-    steps: list = [("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())]
+    imputer = lymph_node_imputer() if block == LYMPH_NODE else SimpleImputer(strategy="median")
+    steps: list = [("impute", imputer), ("scale", StandardScaler())]
     if block == RADIOLOGY:
         steps += [
             ("drop_constant", VarianceThreshold(threshold=1e-12)),

@@ -21,9 +21,10 @@ import pyarrow.compute as pc
 from sklearn.pipeline import Pipeline
 
 from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
-from gcmlm_assets.cohort.tables.cohort_data import PATHOLOGY_ABMIL, CohortData, block_columns, class_counts
+from gcmlm_assets.cohort.tables.cohort_data import (
+    OPTIONAL_BLOCKS, PATHOLOGY_ABMIL, CohortData, block_columns, class_counts)
 from gcmlm_assets.cohort.model.combiners import make_combiner
-from gcmlm_assets.cohort.tables.fusion import AVAILABILITY, PATHOLOGY, RADIOLOGY
+from gcmlm_assets.cohort.tables.fusion import AVAILABILITY, LYMPH_NODE, PATHOLOGY, RADIOLOGY
 from gcmlm_assets.cohort.model.model_settings import InsufficientLabels, ModelSettings
 from gcmlm_assets.cohort.model.modelling import FusedRiskModel, block_logits, fit_block
 
@@ -33,14 +34,20 @@ def training_table(fused: pa.Table, blocks: tuple[str, ...]) -> pa.Table:
     by patient id, with the id, the label, and the availability flag and feature columns of each
     table block in `blocks`. A feature column that no labelled patient has a value in is dropped:
     the imputer would drop it anyway, and this way a column that only unlabelled patients bring
-    cannot change the model."""
+    cannot change the model. An optional block (the lymph nodes) that no labelled patient has is
+    left out entirely, flag included: without lymph-node slides the table, its hash and the model
+    are the ones from before the block existed."""
     rows = fused.filter(pc.is_valid(fused.column(LABEL_COLUMN)))
     rows = rows.take(pc.sort_indices(rows, sort_keys=[(ID_COLUMN, "ascending")]))
     names = [ID_COLUMN, LABEL_COLUMN]
     for block in (b for b in blocks if b in AVAILABILITY):
-        if AVAILABILITY[block] in rows.column_names:
-            names.append(AVAILABILITY[block])
-        names += [c for c in block_columns(rows.column_names, block) if _has_a_value(rows.column(c))]
+        flag = AVAILABILITY[block]
+        if block in OPTIONAL_BLOCKS and (flag not in rows.column_names or not any(rows.column(flag).to_pylist())):
+            continue
+        if flag in rows.column_names:
+            names.append(flag)
+        names += [c for c in block_columns(rows.column_names, block)
+                  if c in rows.column_names and _has_a_value(rows.column(c))]
     return rows.select(names)
 
 
@@ -125,8 +132,10 @@ def fit_risk_model(data: CohortData, settings: ModelSettings, risk_threshold: fl
         model = fit_block(block, data.inputs(block, rows), data.labels[rows], settings) if rows.any() else None
         if model is None:
             if block in wanted:
-                summary[block] = {"fitted": False, "reason": f"fewer than 2 labelled patients of a class "
-                                                             f"have {block} inputs ({class_counts(data.labels[rows])})"}
+                summary[block] = {"fitted": False, "reason": (
+                    f"no labelled patient has {block} inputs" if block in OPTIONAL_BLOCKS and not rows.any() else
+                    f"fewer than 2 labelled patients of a class have {block} inputs "
+                    f"({class_counts(data.labels[rows])})")}
             continue
         info = {"fitted": True, "train_patients": int(rows.sum()), **class_counts(data.labels[rows]),
                 **describe_block(block, model, block_data.columns)}
@@ -163,6 +172,9 @@ def describe_pipeline(block: str, pipeline: Pipeline, columns: list[str]) -> dic
         for step in ("drop_constant", "decorrelate", "select_l1"):
             names = names[pipeline.named_steps[step].get_support()]
         info["selected_features"] = [str(n) for n in names]
+    elif block == LYMPH_NODE:
+        # the T/MLN indicator column is there only when some training patient had no metastatic node
+        info["features"] = [str(n) for n in names]
     elif block == PATHOLOGY:
         pca = pipeline.named_steps["pca"]
         info["pca_components"] = int(pca.n_components_)

@@ -4,6 +4,8 @@ Plain Python (no Dagster). A patient has a block when the fused table flags the 
 least one of its features is finite; the models use only the patients that have their block.
 The attention-MIL block (`pathology_abmil`) reads no table column: its input is the patient's bag
 of patch features (from uni_features), and a patient has the block when a bag was given.
+The lymph-node block's columns are fixed (fusion.LYMPH_NODE_FEATURES, in that order, whether or not
+the table has them: an absent column reads as NaN), so its pipeline can name the T/MLN column by position.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
-from gcmlm_assets.cohort.tables.fusion import AVAILABILITY, PATHOLOGY, PREFIX
+from gcmlm_assets.cohort.tables.fusion import AVAILABILITY, LYMPH_NODE, LYMPH_NODE_FEATURES, PATHOLOGY, PREFIX
 from gcmlm_assets.lazy import lazy
 
 # imported on first use: the definitions import this module, the steps compute (gcmlm_assets/lazy.py)
@@ -20,9 +22,16 @@ np = lazy("numpy")
 pa = lazy("pyarrow")
 
 PATHOLOGY_ABMIL = "pathology_abmil"
+# The lymph-node block's model features (fused_table's ln_n_slides is bookkeeping, not one of them).
+LYMPH_NODE_COLUMNS = tuple(PREFIX[LYMPH_NODE] + name for name in LYMPH_NODE_FEATURES)
+# Blocks that only some patients can ever have (lymph-node slides are not scanned for every resection):
+# a cohort in which no patient has one trains, cross-validates and fuses exactly as without the block.
+OPTIONAL_BLOCKS = (LYMPH_NODE,)
 
 
 def block_columns(column_names: list[str], block: str) -> list[str]:
+    if block == LYMPH_NODE:
+        return list(LYMPH_NODE_COLUMNS)
     if block == PATHOLOGY:
         return [c for c in column_names if c.startswith(PREFIX[PATHOLOGY] + "feat")]
     return [c for c in column_names if c.startswith(PREFIX[block])]

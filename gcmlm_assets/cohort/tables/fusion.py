@@ -6,11 +6,18 @@ with the cohort table, never with whatever else a partitioned asset may hold.
 
 Columns, in this order:
   patient_id, has_radiology, has_pathology, has_clinical, mlm (int8, null = unknown),
-  clin_<covariate>..., rad_<PyRadiomics feature>..., path_n_patches, path_n_slides, path_feat_<i>...
+  clin_<covariate>..., rad_<PyRadiomics feature>..., path_n_patches, path_n_slides, path_feat_<i>...,
+  has_lymph_node, ln_n_slides, ln_n_nodes, ln_n_metastatic_nodes, ln_tumour_area_mm2,
+  ln_metastatic_node_area_mm2, ln_t_mln
+The lymph-node block comes last, so a cohort without lymph-node slides has every earlier column as
+before; its ln_* columns exist only when some patient's lymph_nodes row was used (like rad_* and path_*).
+`ln_t_mln` is null where T/MLN is undefined (no metastatic node): a value, not a missing block.
 
 What counts as what (the alignment check reports these):
 - a feature file that cannot be used (unreadable, not one row, `patient_id` not its folder's name,
-  a non-numeric feature, no finite value, columns other than the cohort's) is an ERROR for that
+  a non-numeric feature, no finite value, columns other than the cohort's; for a lymph_nodes row,
+  also a column of the contract missing, a negative count or area, more metastatic nodes than nodes,
+  T/MLN outside [0, 1], T/MLN null with metastatic nodes or set without any) is an ERROR for that
   patient's modality: the modality is marked absent and the file is named with the reason;
 - a patient with features but no clinical row is a WARNING: scored, but not trained on;
 - a clinical row without any features is a WARNING: kept in the table, cannot be scored;
@@ -44,10 +51,20 @@ pq = lazy("pyarrow.parquet")
 # The model's blocks: their names are in stored model files, metrics and the fused table's flags,
 # so they are the model's own, not the UI's group names.
 RADIOLOGY, PATHOLOGY, CLINICAL = "radiology", "pathology", "clinical"
-AVAILABILITY = {RADIOLOGY: "has_radiology", PATHOLOGY: "has_pathology", CLINICAL: "has_clinical"}
-PREFIX = {RADIOLOGY: "rad_", PATHOLOGY: "path_", CLINICAL: "clin_"}
+LYMPH_NODE = catalogue.LYMPH_NODE  # "lymph_node": the modality's name is the block's
+AVAILABILITY = {RADIOLOGY: "has_radiology", PATHOLOGY: "has_pathology", CLINICAL: "has_clinical",
+                LYMPH_NODE: "has_lymph_node"}
+PREFIX = {RADIOLOGY: "rad_", PATHOLOGY: "path_", CLINICAL: "clin_", LYMPH_NODE: "ln_"}
 # slide_vector's bookkeeping columns: kept in the table, not model features.
 SLIDE_COUNT_COLUMNS = ("n_patches", "n_slides")
+# lymph_nodes' row (design of issue 24): n_slides is bookkeeping, the rest are the block's features.
+LYMPH_NODE_COUNT_COLUMNS = ("n_slides",)
+LYMPH_NODE_FEATURES = ("n_nodes", "n_metastatic_nodes", "tumour_area_mm2", "metastatic_node_area_mm2", "t_mln")
+T_MLN = "t_mln"
+# Per block, the columns kept as written (int64) and not used as features.
+COUNT_COLUMNS = {PATHOLOGY: SLIDE_COUNT_COLUMNS, LYMPH_NODE: LYMPH_NODE_COUNT_COLUMNS}
+# Integer features kept int64 in the table (null where the block is absent).
+INTEGER_FEATURES = {LYMPH_NODE: ("n_nodes", "n_metastatic_nodes")}
 
 
 @dataclass(frozen=True)
@@ -66,8 +83,14 @@ class FeatureSource:
         return self.file.name
 
 
-SOURCES = (FeatureSource(RADIOLOGY, catalogue.PATIENT_FEATURES[catalogue.RADIOLOGY]),
-           FeatureSource(PATHOLOGY, catalogue.PATIENT_FEATURES[catalogue.PATHOLOGY]))
+# The block each modality's per-patient row feeds (catalogue.PATIENT_FEATURES names the rows).
+BLOCK_OF_MODALITY = {catalogue.RADIOLOGY: RADIOLOGY, catalogue.PATHOLOGY: PATHOLOGY, catalogue.LYMPH_NODE: LYMPH_NODE}
+# The lymph_nodes asset is not in the definitions yet: its row is read here until PATIENT_FEATURES
+# names it (the entry below then repeats the catalogue's and may go).
+FEATURE_FILES = {**catalogue.PATIENT_FEATURES, catalogue.LYMPH_NODE: catalogue.LYMPH_NODE_TABLE}
+SOURCES = tuple(FeatureSource(BLOCK_OF_MODALITY[modality], file) for modality, file in FEATURE_FILES.items())
+# The blocks whose rows fused_table reads, in column order (clinical comes from clinical_table).
+FILE_BLOCKS = (RADIOLOGY, PATHOLOGY, LYMPH_NODE)
 
 
 @dataclass
@@ -96,8 +119,9 @@ class FusionReport:
 
 @dataclass(frozen=True)
 class _Row:
-    values: dict[str, float]  # contract column name -> value
+    values: dict[str, float]  # contract column name -> value (NaN: a NaN or, for lymph nodes, a null)
     counts: dict[str, int]
+    nulls: frozenset[str] = frozenset()  # lymph_nodes' null values (T/MLN without a metastatic node)
 
 
 def find_feature_files(artifacts_root: Path, source: FeatureSource, known_patients: set[str] | None,
@@ -143,6 +167,7 @@ def _read_one_row(path: Path, patient_id: str, source: FeatureSource) -> tuple[_
         return None, f"{ID_COLUMN} is {stored_id!r} but the file is in the folder of {patient_id!r}"
     values: dict[str, float] = {}
     counts: dict[str, int] = {}
+    nulls: set[str] = set()
     for name in table.column_names:
         if name == ID_COLUMN:
             continue
@@ -150,10 +175,17 @@ def _read_one_row(path: Path, patient_id: str, source: FeatureSource) -> tuple[_
         if not (pa.types.is_floating(column_type) or pa.types.is_integer(column_type)):
             return None, f"column {name!r} is {column_type}, not numeric"
         value = table.column(name)[0].as_py()
-        if source.modality == PATHOLOGY and name in SLIDE_COUNT_COLUMNS:
+        if name in COUNT_COLUMNS.get(source.modality, ()):
             counts[name] = int(value) if value is not None else 0
         else:
             values[name] = float("nan") if value is None else float(value)
+            if value is None:
+                nulls.add(name)
+    if source.modality == LYMPH_NODE:
+        problem = lymph_node_row_problem(values, nulls, counts)
+        if problem:
+            return None, problem
+        return _Row(values, counts, frozenset(nulls)), None
     if not values:
         return None, "has no feature columns"
     if not any(np.isfinite(v) for v in values.values()):
@@ -161,6 +193,40 @@ def _read_one_row(path: Path, patient_id: str, source: FeatureSource) -> tuple[_
     if source.modality == PATHOLOGY and counts.get("n_patches", 1) < 1:
         return None, "n_patches is 0: the slide vector pools no patches"
     return _Row(values, counts), None
+
+
+def lymph_node_row_problem(values: dict[str, float], nulls: set[str], counts: dict[str, int]) -> str | None:
+    """Why a lymph_nodes row breaks its contract (None: it keeps it). T/MLN is null exactly when no
+    node is metastatic: a null with metastatic nodes, or a value without any, is a broken row."""
+    expected = (*LYMPH_NODE_COUNT_COLUMNS, *LYMPH_NODE_FEATURES)
+    missing = [c for c in expected if c not in values and c not in counts]
+    if missing:
+        return f"lacks the lymph-node column(s) {', '.join(missing)}"
+    extra = [c for c in values if c not in LYMPH_NODE_FEATURES]
+    if extra:
+        return f"has column(s) outside the lymph-node contract: {', '.join(extra)}"
+    for name in LYMPH_NODE_FEATURES:
+        if name == T_MLN:
+            continue
+        value = values[name]
+        if name in nulls or not np.isfinite(value):
+            return f"{name} is {'null' if name in nulls else value}: counts and areas must be finite"
+        if value < 0:
+            return f"{name} is {value:g}, negative"
+    metastatic, nodes = values["n_metastatic_nodes"], values["n_nodes"]
+    if metastatic > nodes:
+        return f"n_metastatic_nodes ({metastatic:g}) exceeds n_nodes ({nodes:g})"
+    t_mln = values[T_MLN]
+    if T_MLN in nulls:
+        if metastatic > 0:
+            return (f"t_mln is null although n_metastatic_nodes is {metastatic:g}: T/MLN is defined with "
+                    "metastatic nodes")
+        return None
+    if not 0.0 <= t_mln <= 1.0:  # NaN fails too
+        return f"t_mln is {t_mln:g}, outside [0, 1]"
+    if metastatic == 0:
+        return f"t_mln is {t_mln:g} but n_metastatic_nodes is 0: T/MLN is undefined (null) without a metastatic node"
+    return None
 
 
 def _reference_columns(rows: dict[str, _Row]) -> list[str]:
@@ -210,7 +276,7 @@ def build_fused_table(artifacts_root: str | Path, clinical: pa.Table | None, *,
                                              "file": str(path), "reason": problem})
             else:
                 rows[patient_id] = row
-        if rows:
+        if rows and source.modality != LYMPH_NODE:  # a lymph_nodes row's columns are checked against its contract
             reference = _reference_columns(rows)
             for patient_id in sorted(rows):
                 columns = list(rows[patient_id].values)
@@ -251,26 +317,38 @@ def build_fused_table(artifacts_root: str | Path, clinical: pa.Table | None, *,
                 [source_values[clinical_index[p]] if p in clinical_index else None for p in patient_ids],
                 pa.float64())
 
-    for modality in (RADIOLOGY, PATHOLOGY):
-        rows = modality_rows[modality]
+    for modality in FILE_BLOCKS:
+        rows = modality_rows.get(modality, {})
+        if modality == LYMPH_NODE:
+            # a flag of its own, after the other blocks' columns: a cohort without lymph-node slides
+            # keeps every earlier column where it was
+            columns[AVAILABILITY[LYMPH_NODE]] = pa.array([p in rows for p in patient_ids])
         if not rows:
             continue
-        names = list(next(iter(rows.values())).values)
+        names = (list(LYMPH_NODE_FEATURES) if modality == LYMPH_NODE
+                 else list(next(iter(rows.values())).values))
         # float64, as slide_vector stores them: the per-patch explanations must add up to the very
         # logit the model computes from this table.
         matrix = np.full((len(patient_ids), len(names)), np.nan, dtype=np.float64)
+        nulls = np.zeros((len(patient_ids), len(names)), dtype=bool)
         for i, patient_id in enumerate(patient_ids):
             row = rows.get(patient_id)
             if row is not None:
                 matrix[i] = [row.values[n] for n in names]
-        if modality == PATHOLOGY:
-            for count in SLIDE_COUNT_COLUMNS:
-                columns[PREFIX[PATHOLOGY] + count] = pa.array(
-                    [rows[p].counts.get(count) if p in rows else None for p in patient_ids], pa.int64())
+                nulls[i] = [n in row.nulls for n in names]
+        for count in COUNT_COLUMNS.get(modality, ()):
+            columns[PREFIX[modality] + count] = pa.array(
+                [rows[p].counts.get(count) if p in rows else None for p in patient_ids], pa.int64())
         present = np.array([p in rows for p in patient_ids])
+        integers = INTEGER_FEATURES.get(modality, ())
         for j, name in enumerate(names):
-            # null where the modality is absent; NaN inside a present row stays a NaN value
-            columns[PREFIX[modality] + name] = pa.array(np.ascontiguousarray(matrix[:, j]), mask=~present)
+            # null where the modality is absent (and where the row itself says null); NaN inside a
+            # present row stays a NaN value
+            mask = ~present | nulls[:, j]
+            values = np.ascontiguousarray(matrix[:, j])
+            columns[PREFIX[modality] + name] = (
+                pa.array(np.where(mask, 0, values).astype(np.int64), mask=mask) if name in integers
+                else pa.array(values, mask=mask))
     return pa.table(columns), report
 
 
@@ -282,16 +360,18 @@ def write_parquet(table: pa.Table, path: str | Path) -> Path:
 
 
 def fused_stats(table: pa.Table) -> dict:
-    flags = {m: np.asarray(table.column(AVAILABILITY[m]).to_numpy(zero_copy_only=False), bool)
-             for m in AVAILABILITY}
+    # a table written before the lymph-node block has no flag for it: no patient has the block
+    flags = {m: np.asarray(table.column(flag).to_numpy(zero_copy_only=False), bool) if flag in table.column_names
+             else np.zeros(table.num_rows, bool) for m, flag in AVAILABILITY.items()}
     labels = table.column(LABEL_COLUMN).to_pylist()
-    has_features = flags[RADIOLOGY] | flags[PATHOLOGY]
+    has_features = flags[RADIOLOGY] | flags[PATHOLOGY] | flags[LYMPH_NODE]
     return {
         "patients": table.num_rows,
         "with_radiology": int(flags[RADIOLOGY].sum()),
         "with_pathology": int(flags[PATHOLOGY].sum()),
         "with_both": int((flags[RADIOLOGY] & flags[PATHOLOGY]).sum()),
         "with_clinical": int(flags[CLINICAL].sum()),
+        "with_lymph_node": int(flags[LYMPH_NODE].sum()),
         "with_features": int(has_features.sum()),
         "radiology_features": sum(1 for c in table.column_names if c.startswith(PREFIX[RADIOLOGY])),
         "pathology_features": sum(1 for c in table.column_names if c.startswith(PREFIX[PATHOLOGY] + "feat")),
@@ -308,8 +388,8 @@ def fused_stats(table: pa.Table) -> dict:
 
 def preview_markdown(table: pa.Table, rows: int = 8, features_per_modality: int = 2) -> str:
     """A small markdown table: ids, flags, label and the first few features of each block."""
-    names = [ID_COLUMN, *AVAILABILITY.values(), LABEL_COLUMN]
-    for prefix in (PREFIX[CLINICAL], PREFIX[RADIOLOGY], PREFIX[PATHOLOGY] + "feat"):
+    names = [ID_COLUMN, *(flag for flag in AVAILABILITY.values() if flag in table.column_names), LABEL_COLUMN]
+    for prefix in (PREFIX[CLINICAL], PREFIX[RADIOLOGY], PREFIX[PATHOLOGY] + "feat", PREFIX[LYMPH_NODE] + "n_"):
         names += [c for c in table.column_names if c.startswith(prefix)][:features_per_modality]
     return markdown_table(table, names, rows)
 
