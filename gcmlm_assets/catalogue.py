@@ -206,7 +206,8 @@ MODALITY_CHAINS: dict[str, tuple[Asset, ...]] = {
     PATHOLOGY: (PATCH_COORDS, UNI_FEATURES, SLIDE_VECTOR),
     LYMPH_NODE: (LN_PATCH_COORDS, LN_FEATURES, LYMPH_NODES),
 }
-PATIENT_FEATURES: dict[str, AssetFile] = {RADIOLOGY: RADIOMICS_TABLE, PATHOLOGY: SLIDE_VECTOR_TABLE}
+PATIENT_FEATURES: dict[str, AssetFile] = {RADIOLOGY: RADIOMICS_TABLE, PATHOLOGY: SLIDE_VECTOR_TABLE,
+                                          LYMPH_NODE: LYMPH_NODE_TABLE}
 # Per-patient assets made after another one outside those chains, as (upstream, downstream): each
 # pair gets a steps sensor (definitions.py), and the demo waits for them (demo/watch.py).
 FOLLOW_ONS: tuple[tuple[Asset, Asset], ...] = ((PATCH_COORDS, QUPATH_GEOJSON), (RISK_EXPLANATIONS, QUPATH_GEOJSON))

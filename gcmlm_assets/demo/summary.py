@@ -131,7 +131,7 @@ def summarise(instance: dg.DagsterInstance, defs: dg.Definitions, landing: Path,
         "check_failures": failures,
         RISK_MODEL.key: materialization_metadata(instance, RISK_MODEL.key),
         "segmentation_dice": predicted_mask_dice(spec, artifacts) if spec else {},
-        "lymph_nodes": lymph_nodes_against_truth(landing, artifacts) if spec else None,
+        "lymph_nodes_against_truth": lymph_nodes_against_truth(landing, artifacts) if spec else None,
         RISK_SCORES.key: materialization_metadata(instance, RISK_SCORES.key),
         "explanations": explanation_pictures(artifacts),
         # scored patients whose explanation was not made for their latest score's key (a patient whose
@@ -216,7 +216,7 @@ def format_summary(summary: dict[str, Any], wall_seconds: float) -> str:
         lines.append("")
         lines.append(f"nnU-Net masks vs the generator's truth ({len(values)} predicted patients): Dice mean "
                      f"{sum(values) / len(values):.2f}, min {values[0]:.2f}, max {values[-1]:.2f}")
-    nodes = summary.get("lymph_nodes")
+    nodes = summary.get("lymph_nodes_against_truth")
     if nodes:
         lines.append("")
         lines.append(nodes["table"])

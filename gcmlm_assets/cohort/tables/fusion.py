@@ -85,10 +85,8 @@ class FeatureSource:
 
 # The block each modality's per-patient row feeds (catalogue.PATIENT_FEATURES names the rows).
 BLOCK_OF_MODALITY = {catalogue.RADIOLOGY: RADIOLOGY, catalogue.PATHOLOGY: PATHOLOGY, catalogue.LYMPH_NODE: LYMPH_NODE}
-# The lymph_nodes asset is not in the definitions yet: its row is read here until PATIENT_FEATURES
-# names it (the entry below then repeats the catalogue's and may go).
-FEATURE_FILES = {**catalogue.PATIENT_FEATURES, catalogue.LYMPH_NODE: catalogue.LYMPH_NODE_TABLE}
-SOURCES = tuple(FeatureSource(BLOCK_OF_MODALITY[modality], file) for modality, file in FEATURE_FILES.items())
+SOURCES = tuple(FeatureSource(BLOCK_OF_MODALITY[modality], file)
+                for modality, file in catalogue.PATIENT_FEATURES.items())
 # The blocks whose rows fused_table reads, in column order (clinical comes from clinical_table).
 FILE_BLOCKS = (RADIOLOGY, PATHOLOGY, LYMPH_NODE)
 
