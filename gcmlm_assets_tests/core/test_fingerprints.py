@@ -23,6 +23,9 @@ from gcmlm_assets.cohort.model.model_settings import ModelSettings
 from gcmlm_assets.cohort.risk_model_asset import risk_model_fingerprint
 from gcmlm_assets.cohort.tables.fusion import FusionReport
 from gcmlm_assets.pathology.assets import slide_vector_fingerprint
+from gcmlm_assets.pathology.lymph_node_assets import lymph_nodes_fingerprint, tumour_classifier_fingerprint
+from gcmlm_assets.pathology.lymph_nodes.classifier_training import AnnotatedSlide, training_set_fingerprint
+from gcmlm_assets.pathology.lymph_nodes.tumour_classifier import TumourClassifierFields
 from gcmlm_assets.pathology.patch_coords import inputs_fingerprint
 from gcmlm_assets.pathology.tiling_params import TilingParams
 from gcmlm_assets.radiology.assets import ct_image_fingerprint, ct_mask_fingerprint, radiomics_row_fingerprint
@@ -63,6 +66,20 @@ def test_pathology_fingerprints_are_pinned(tmp_path):
         "9d69cdac7796cbaedf47cb34a5ab0a356ac077885cd98d96c4a856ddf61c86ca")
     # uni_features' data version: all its files' hashes in one
     assert combined_digest(features) == "6ff45fe5d6181e0e98bed1117f7bc028eba3af81523669ba5809d06c53e8ddb9"
+
+
+def test_lymph_node_fingerprints_are_pinned(tmp_path):
+    # A change of the classifier's retrains it and re-makes lymph_nodes for every patient with lymph-node slides.
+    annotation = tmp_path / "s.geojson"
+    annotation.write_bytes(b'{"type":"FeatureCollection","features":[]}')
+    slides = [AnnotatedSlide("P1", "s", tmp_path / "s.h5", digest("55"), annotation)]
+    assert training_set_fingerprint(slides, TumourClassifierFields()) == (
+        "932aaa53ff8bc42238bb89244441f4808844d67d55f246080d359b96df657ec1")
+    assert tumour_classifier_fingerprint(digest("ab"), 0.5) == (
+        "7aa5914f9e13ab8d4a3855da286f9986e6bc1e9afe51f2e69c14c8b902a1d99b")
+    assert lymph_nodes_fingerprint(digest("11"), {"b.h5": digest("22"), "a.h5": digest("33")}, digest("44"),
+                                   {"tumour_threshold": 0.5, "min_tumour_patches": 2}) == (
+        "d256c6456622a8e7c35635e005dcc8a99809e34a7277febd8fc46108817d51d8")
 
 
 def test_segmentation_model_fingerprint_is_pinned():
