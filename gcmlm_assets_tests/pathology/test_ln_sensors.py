@@ -12,7 +12,6 @@ import json
 import uuid
 
 import dagster as dg
-import pytest
 
 from gcmlm_assets import runs
 from gcmlm_assets.catalogue import LN_FEATURES, TUMOUR_CLASSIFIER
