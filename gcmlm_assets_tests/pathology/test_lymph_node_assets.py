@@ -2,89 +2,30 @@
 annotated patients' feature files, each patient's nodes and T/MLN against the planted truth, the
 checks, reuse, waiting without a classifier, and too few annotations.
 
-The lymph-node slides are real TIFFs tiled by the real tiling (ln_patch_coords' files); their
-feature files hold embeddings that say how much tumour a patch shows, plus noise, so that what is
-tested is the wiring and the analysis, not an encoder (test_ln_chain.py runs the encoder)."""
+The cohort (support/pathology/ln_cohort.py): real lymph-node TIFFs tiled by the real tiling
+(ln_patch_coords' files), feature files whose embeddings say how much tumour a patch shows, plus
+noise, so that what is tested is the wiring and the analysis, not an encoder (test_ln_chain.py runs
+the encoder)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import dagster as dg
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from gcmlm_assets.catalogue import (
-    CLASSIFIER_METRICS, LN_FEATURES, LN_PATCH_COORDS, LYMPH_NODE_REGIONS, LYMPH_NODE_TABLE, LYMPH_NODES,
-    TUMOUR_CLASSIFIER)
-from gcmlm_assets.landing.scan import LN_ANNOTATIONS_FOLDER, LN_WSI_FOLDER
-from gcmlm_assets.partitions import patients_partitions
-from gcmlm_assets.pathology.coords_h5 import read_coords_h5
+    CLASSIFIER_METRICS, LN_FEATURES, LYMPH_NODE_REGIONS, LYMPH_NODE_TABLE, LYMPH_NODES, TUMOUR_CLASSIFIER)
 from gcmlm_assets.pathology.lymph_node_assets import lymph_nodes, tumour_classifier
-from gcmlm_assets.pathology.resources import LymphNodeSettings, TumourClassifierSettings
-from gcmlm_assets.reuse import StoredOutput
-from gcmlm_assets.storage import ArtifactStore, read_version_pointer
+from gcmlm_assets.storage import read_version_pointer
 from gcmlm_assets_tests.support.pathology import lymph_node_slides as planted
-from gcmlm_assets_tests.support.pathology.ln_fixtures import polygon, annotation, write_annotations, write_feature_file
-
-ANNOTATED = ("P1", "P2", "P3")
-DIM = 8
-
-
-def _disc_ring(disc, n: int = 64) -> list[list[float]]:
-    angles = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    ring = [[float(disc.x + disc.r * np.cos(a)), float(disc.y + disc.r * np.sin(a))] for a in angles]
-    return ring + [ring[0]]
-
-
-def _write_annotations(path: Path) -> None:
-    features = [annotation(polygon(_disc_ring(node.disc)), "Lymph node") for node in planted.NODES]
-    features += [annotation(polygon(_disc_ring(node.tumour)), "Tumor") for node in planted.NODES if node.tumour]
-    write_annotations(path, features)
-
-
-def _embeddings(coords: np.ndarray, side: float, seed: int) -> np.ndarray:
-    """Feature 0 is 1 for a tumour patch and 0 otherwise, plus noise; the rest is noise."""
-    rng = np.random.default_rng(seed)
-    tumour = planted.perfect_probabilities(coords, side) > 0.5
-    features = rng.normal(0.0, 0.25, size=(len(coords), DIM))
-    features[:, 0] += tumour
-    return features
-
-
-def _drop(store: ArtifactStore, landing: Path, patient_id: str, seed: int) -> None:
-    """ln_patch_coords' and ln_features' outputs of one patient's lymph-node slide, and its annotations."""
-    slide = planted.write_lymph_node_slide(landing / patient_id / LN_WSI_FOLDER / f"{patient_id}_ln1.tiff")
-    listing = planted.tiled_patient(LN_PATCH_COORDS.folder(store, patient_id), [slide], patient_id)
-    slides, files = [], {}
-    for entry in listing["slides"]:
-        grid = read_coords_h5(entry["h5"])
-        side = int(grid.attrs["patch_size_level0"])
-        path = write_feature_file(LN_FEATURES.folder(store, patient_id) / entry["h5_file"],
-                                  _embeddings(grid.coords, side, seed), grid.coords, side=side,
-                                  dimensions=tuple(entry["dimensions"]))
-        files[path.name] = path
-        slides.append({"h5_file": path.name, "slide_file": entry["file"], "n_patches": len(grid.coords)})
-    StoredOutput(store, LN_FEATURES, patient_id, f"test-{seed}").record(files, slides=slides)
-    if patient_id in ANNOTATED:
-        _write_annotations(landing / patient_id / LN_ANNOTATIONS_FOLDER / f"{slide.stem}.geojson")
+from gcmlm_assets_tests.support.pathology.ln_cohort import ANNOTATED, build_cohort, ln_resources
 
 
 @pytest.fixture
 def cohort(instance, data_root):
-    store, landing = ArtifactStore(data_root / "artifacts"), data_root / "landing"
-    patients = [*ANNOTATED, "P4"]
-    instance.add_dynamic_partitions(patients_partitions.name, patients)
-    for k, patient_id in enumerate(patients):
-        _drop(store, landing, patient_id, seed=k)
-    return store
-
-
-def _resources(base_resources: dict, **classifier) -> dict:
-    return {**base_resources, "lymph_node": LymphNodeSettings(min_node_area_mm2=0.02),
-            "ln_classifier": TumourClassifierSettings(**classifier)}
+    return build_cohort(instance, data_root)
 
 
 def _metadata(result: dg.ExecuteInProcessResult) -> dict:
@@ -93,7 +34,7 @@ def _metadata(result: dg.ExecuteInProcessResult) -> dict:
 
 
 def test_the_classifier_trains_and_lymph_nodes_finds_the_planted_nodes_and_t_mln(instance, base_resources, cohort):
-    resources = _resources(base_resources)
+    resources = ln_resources(base_resources)
     # No classifier yet: lymph_nodes waits (skipped, not failed).
     waiting = dg.materialize([lymph_nodes], partition_key="P4", instance=instance, resources=resources)
     assert waiting.success and not waiting.get_asset_materialization_events()
@@ -136,13 +77,13 @@ def test_the_classifier_trains_and_lymph_nodes_finds_the_planted_nodes_and_t_mln
 
 def test_too_few_annotated_slides_wait_without_failing(instance, base_resources, cohort):
     result = dg.materialize([tumour_classifier], instance=instance,
-                            resources=_resources(base_resources, min_annotated_slides=4))
+                            resources=ln_resources(base_resources, min_annotated_slides=4))
     assert result.success and not result.get_asset_materialization_events()
     assert read_version_pointer(TUMOUR_CLASSIFIER.folder(cohort, create=False)) is None
 
 
 def test_a_broken_feature_file_fails_its_patient_naming_the_file(instance, base_resources, cohort):
-    resources = _resources(base_resources)
+    resources = ln_resources(base_resources)
     assert dg.materialize([tumour_classifier], instance=instance, resources=resources).success
     manifest = cohort.read_manifest(LN_FEATURES.key, "P4")
     broken = LN_FEATURES.folder(cohort, "P4") / manifest["slides"][0]["h5_file"]
