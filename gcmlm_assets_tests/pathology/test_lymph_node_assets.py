@@ -4,7 +4,7 @@ checks, reuse, waiting without a classifier, and too few annotations.
 
 The cohort (support/pathology/ln_cohort.py): real lymph-node TIFFs tiled by the real tiling
 (ln_patch_coords' files), feature files whose embeddings say how much tumour a patch shows, plus
-noise, so that what is tested is the wiring and the analysis, not an encoder (test_ln_chain.py runs
+noise, so that what is tested is the wiring and the analysis, not an encoder (test_ln_assets.py runs
 the encoder)."""
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 
 import dagster as dg
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from gcmlm_assets.catalogue import (
     CLASSIFIER_METRICS, LN_FEATURES, LYMPH_NODE_REGIONS, LYMPH_NODE_TABLE, LYMPH_NODES, TUMOUR_CLASSIFIER)
 from gcmlm_assets.pathology.lymph_node_assets import lymph_nodes, tumour_classifier
+from gcmlm_assets.landing.scan import LN_ANNOTATIONS_FOLDER
 from gcmlm_assets.storage import read_version_pointer
 from gcmlm_assets_tests.support.pathology import lymph_node_slides as planted
 from gcmlm_assets_tests.support.pathology.ln_cohort import ANNOTATED, build_cohort, ln_resources
@@ -93,3 +95,32 @@ def test_a_broken_feature_file_fails_its_patient_naming_the_file(instance, base_
     assert not result.success
     [failure] = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
     assert str(broken) in failure.event_specific_data.user_failure_data.description
+
+
+def test_annotations_in_regions_out_in_the_same_coordinates(instance, base_resources, cohort, data_root):
+    """An annotated slide's QuPath export goes in (the classifier's training labels); the regions lymph_nodes
+    writes for it come out as QuPath GeoJSON that the same reader reads back onto the same places."""
+    from gcmlm_assets.pathology.lymph_nodes.annotations import read_annotations, region_area
+
+    resources = ln_resources(base_resources)
+    assert dg.materialize([tumour_classifier], instance=instance, resources=resources).success
+    assert dg.materialize([lymph_nodes], partition_key="P1", instance=instance, resources=resources).success
+    [given] = (data_root / "landing" / "P1" / LN_ANNOTATIONS_FOLDER).glob("*.geojson")
+    regions = json.loads(LYMPH_NODE_REGIONS.path(cohort, "P1").read_text())
+    [slide] = regions["slides"]
+    found = read_annotations(LYMPH_NODES.folder(cohort, "P1") / slide["geojson"], dimensions=tuple(slide["dimensions"]))
+    expected = read_annotations(given, dimensions=tuple(slide["dimensions"]))
+    side = slide["patch_size_level0"]
+
+    def centre(region):  # the outer ring's area centroid (its vertices are spaced unevenly)
+        x, y = np.asarray(region.outer, np.float64).T
+        cross = x[:-1] * y[1:] - x[1:] * y[:-1]
+        return np.array([((x[:-1] + x[1:]) * cross).sum(), ((y[:-1] + y[1:]) * cross).sum()]) / (3 * cross.sum())
+
+    for kind in ("nodes", "tumours"):
+        ins, outs = getattr(expected, kind), getattr(found, kind)
+        assert len(outs) == len(ins), kind
+        for region in ins:  # each given region has a found one on the same place, of about its area
+            match = min(outs, key=lambda out: np.linalg.norm(centre(out) - centre(region)))
+            assert np.linalg.norm(centre(match) - centre(region)) < side
+            assert region_area(match) == pytest.approx(region_area(region), rel=0.15)
