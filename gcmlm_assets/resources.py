@@ -66,7 +66,9 @@ class AutomationSettings(dg.ConfigurableResource):
 
     training_debounce_s: float = Field(
         default=300.0, description="segmentation_model trains once its set of reference masks has not "
-                                   "changed for this long and no radiology run is queued or running.")
+                                   "changed for this long and no radiology run is queued or running; "
+                                   "tumour_classifier likewise once the annotated lymph-node slides' features "
+                                   "have not changed and no lymph-node run is queued or running.")
     cohort_quiet_s: float = Field(
         default=120.0, description="The cohort assets refresh once no per-patient run has been queued, "
                                    "running or finished for this long.")
