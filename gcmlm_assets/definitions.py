@@ -79,8 +79,7 @@ MODALITY_ASSETS: dict[str, list[dg.AssetKey]] = {
 landing_sensor = build_landing_sensor(MODALITY_ASSETS, holds=pathology.LANDING_HOLDS)
 # What the cohort refresh waits on: each chain up to the row it fuses (catalogue.PATIENT_FEATURES),
 # not what follows it there (radiology's DICOM SEG and SR), which the scores do not read. A chain
-# that yields no row the cohort fuses (yet: the lymph-node chain until lymph_nodes joins fused_table)
-# is not waited on at all.
+# that yields no row the cohort fuses would not be waited on at all.
 FEATURE_CHAINS: list[list[dg.AssetKey]] = [
     chain[:chain.index(dg.AssetKey(PATIENT_FEATURES[modality].asset.key)) + 1]
     for modality, chain in MODALITY_ASSETS.items() if modality in PATIENT_FEATURES]

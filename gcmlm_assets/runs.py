@@ -31,9 +31,10 @@ RUN_END_EVENTS = (dg.DagsterEventType.RUN_SUCCESS, dg.DagsterEventType.RUN_FAILU
 # loading them. A run launched by hand (the UI, a backfill) has no such tag and may touch anything.
 WORK_TAG = "gcmlm/work"
 RADIOLOGY, PATHOLOGY, TRAINING, COHORT, EXPLANATIONS = "radiology", "pathology", "training", "cohort", "explanations"
-# The lymph-node chain (the landing and steps sensors tag a modality's runs with its name). A kind of
-# its own, not pathology's: no waiting rule counts it (segmentation training waits on radiology work
-# only), and listed here it is not counted as an untagged run that may be anything.
+# The lymph-node chain (the landing and steps sensors tag a modality's runs with its name) and the
+# tumour classifier's training: a kind of its own, not pathology's nor training's, so that the
+# classifier waits only on lymph-node work and segmentation training (radiology and training work)
+# never waits on it; listed here, it is not counted as an untagged run that may be anything.
 LYMPH_NODE = catalogue.LYMPH_NODE
 WORK_KINDS = (RADIOLOGY, PATHOLOGY, LYMPH_NODE, TRAINING, COHORT, EXPLANATIONS)
 # One segmentation training at a time: the instance's tag concurrency limit on this tag.

@@ -98,10 +98,13 @@ def settled(instance: dg.DagsterInstance, since: float) -> bool:
 
 def waiting_for_classifier(instance: dg.DagsterInstance) -> bool:
     """Patients whose lymph_nodes waits for a tumour classifier (ln_features made, lymph_nodes neither
-    made nor failed), while one may still come: none has been trained yet, or the newest attempt found too
-    few annotations before these patients' features existed. tumour_classifier_sensor trains it after its
-    debounce, with no run in flight: a moment when everything else looks settled."""
+    made nor failed), while one may still come: none has been trained yet but some patient has annotations,
+    or the newest attempt found too few annotations before these patients' features existed.
+    tumour_classifier_sensor trains it after its debounce, with no run in flight: a moment when everything
+    else looks settled."""
+    from gcmlm_assets.landing.scan import LN_ANNOTATIONS_FOLDER
     from gcmlm_assets.partitions import patients_partitions
+    from gcmlm_assets.settings import landing_root
 
     features = instance.get_materialized_partitions(dg.AssetKey(LN_FEATURES.key))
     if not features:
@@ -116,8 +119,10 @@ def waiting_for_classifier(instance: dg.DagsterInstance) -> bool:
         return True  # installed: lymph_nodes_after_classifier_sensor requests the waiting patients
     newest_features = instance.fetch_materializations(dg.AssetKey(LN_FEATURES.key), limit=1).records
     attempt = instance.event_log_storage.get_latest_planned_materialization_info(classifier)
-    # never tried, or tried before the newest features (their annotations may make it enough)
-    return attempt is None or (bool(newest_features) and attempt.storage_id < newest_features[0].storage_id)
+    if attempt is None:  # never tried: it will be once a patient with annotations has features
+        return any((landing_root() / patient / LN_ANNOTATIONS_FOLDER).is_dir() for patient in features)
+    # tried before the newest features (their annotations may make it enough)
+    return bool(newest_features) and attempt.storage_id < newest_features[0].storage_id
 
 
 def unexplained(instance: dg.DagsterInstance) -> set[str]:

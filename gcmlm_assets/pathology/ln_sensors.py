@@ -33,8 +33,10 @@ FEATURES_KEY = dg.AssetKey(LN_FEATURES.key)
 LYMPH_NODES_KEY = dg.AssetKey(LYMPH_NODES.key)
 RECORDS_PER_TICK = 1000
 MAX_LYMPH_NODE_RUNS_PER_TICK = 200
-# Runs that can change the training set or the classifier: while one is queued or running, wait.
-TRAINING_INPUT_WORK = (runs.LYMPH_NODE, runs.TRAINING)
+# Runs that can change the training set or the classifier (the lymph-node chains, and the classifier's
+# own training, tagged as lymph-node work too): while one is queued or running, wait. Not nnU-Net's
+# training: a minute of logistic regression does not wait hours behind it.
+TRAINING_INPUT_WORK = (runs.LYMPH_NODE,)
 
 
 def has_annotations(landing: LandingZone, patient_id: str) -> bool:
@@ -98,7 +100,7 @@ def build_tumour_classifier_sensor(interval_s: int) -> dg.SensorDefinition:
         return dg.SensorResult(
             run_requests=[dg.RunRequest(run_key=f"tumour_classifier:{cursor.get('after', 0)}",
                                         asset_selection=[CLASSIFIER_KEY],
-                                        tags={"gcmlm/reason": why, **runs.work_tags(runs.TRAINING)})],
+                                        tags={"gcmlm/reason": why, **runs.work_tags(runs.LYMPH_NODE)})],
             cursor=new_cursor)
 
     return tumour_classifier_sensor

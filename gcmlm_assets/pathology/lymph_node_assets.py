@@ -26,7 +26,7 @@ from gcmlm_assets.policies import TRANSIENT_RETRY, stored_materialization
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.reuse import StoredOutput, VersionedOutput
 from gcmlm_assets.setting_fields import values_of
-from gcmlm_assets.storage import ArtifactStore, read_version_pointer, sha256_text
+from gcmlm_assets.storage import ArtifactStore, read_version_pointer, sha256_file, sha256_text
 
 CLASSIFIER_FILES = (CLASSIFIER_FILE, CLASSIFIER_METRICS)
 SHOWN_SLIDES = 20  # slides listed in a materialization's table (the rest are in regions.json)
@@ -102,28 +102,45 @@ def tumour_classifier(context: dg.AssetExecutionContext, storage: ArtifactStorag
     threshold = lymph_node.tumour_threshold
     output = VersionedOutput(store, TUMOUR_CLASSIFIER,
                              tumour_classifier_fingerprint(training_set_fingerprint(slides, settings), threshold))
+    rejected: dict | None = None
     if output.reused:
         context.log.info(f"tumour_classifier: annotated slides and settings unchanged, version "
                          f"{output.pointer['version']} kept")
+        pointer = output.pointer
     else:
+        for slide in slides:  # the features trained on are the ones their manifest records
+            _verify_digests(slide.patient_id, {slide.features_path.name: slide.features_path},
+                            {slide.features_path.name: slide.features_sha256})
         started = time.perf_counter()
         try:
             trained = fit_tumour_classifier(slides, settings, threshold=threshold)
         except TumourClassifierError as error:
             raise dg.Failure(description=f"tumour_classifier: {error}", allow_retries=False) from error
-        staging = output.staging()
-        write_trained(trained, staging)
-        metrics = trained.metrics
-        output.publish(staging, patients=sorted({s.patient_id for s in slides}),
-                       cv_auc=metrics["cv_auc"], n_slides=metrics["n_slides"],
-                       seconds=round(time.perf_counter() - started, 3))
-    folder = output.folder
+        installed = read_version_pointer(output.root)
+        if installed is not None and not checks.classifier_adequate(trained.metrics):
+            # Like a segmentation model that predicts worse: the installed classifier stays, and with it
+            # every patient's lymph_nodes (a new version would make them all again).
+            rejected = trained.metrics
+            pointer = installed
+            context.log.warning(f"tumour_classifier: the new training's cross-validated AUC "
+                                f"{rejected['cv_auc']:.3f} is below {checks.MIN_CLASSIFIER_CV_AUC}: not installed; "
+                                f"version {installed['version']} stays")
+        else:
+            staging = output.staging()
+            write_trained(trained, staging)
+            pointer = output.publish(staging, patients=sorted({s.patient_id for s in slides}),
+                                     cv_auc=trained.metrics["cv_auc"], n_slides=trained.metrics["n_slides"],
+                                     seconds=round(time.perf_counter() - started, 3))
+    folder = output.root / pointer["version"]
     metrics = json.loads(CLASSIFIER_METRICS.in_folder(folder).read_text(encoding="utf-8"))
     yield dg.MaterializeResult(
         asset_key=TUMOUR_CLASSIFIER.key,
         metadata={
-            "version": output.pointer["version"],
+            "version": pointer["version"],
             "reused": output.reused,
+            **({"rejected_training": dg.MetadataValue.json(
+                {key: rejected[key] for key in ("cv_auc", "fold_aucs", "n_slides", "training_fingerprint")})}
+               if rejected else {}),
             "cv_auc": metrics["cv_auc"],
             "fold_aucs": dg.MetadataValue.json(metrics["fold_aucs"]),
             "cv_sensitivity": metrics["cv_sensitivity"],
@@ -141,8 +158,9 @@ def tumour_classifier(context: dg.AssetExecutionContext, storage: ArtifactStorag
             "training_fingerprint": metrics["training_fingerprint"],
             "data": "synthetic slides only so far: no public annotated lymph-node slides are available offline here",
         },
-        data_version=dg.DataVersion(output.sha256(CLASSIFIER_FILE)),
-        check_results=[checks.classifier_result(metrics)])
+        data_version=dg.DataVersion(pointer["files"][CLASSIFIER_FILE.name]),
+        # the new training's figures when it was not installed: the check says why
+        check_results=[checks.classifier_result(rejected or metrics, rejected=rejected is not None)])
 
 
 def _training_slides_table(slides: list[dict]) -> str:
@@ -210,8 +228,6 @@ def _lymph_nodes_for(context, patient_id: str, store: ArtifactStore, settings: L
         LymphNodeInputError, analyse_patient, node_problems, read_regions, tissue_problems)
     from gcmlm_assets.pathology.lymph_nodes.patient_row import lymph_node_row_problems
     from gcmlm_assets.pathology.lymph_nodes.tumour_classifier import TumourClassifierError
-    from gcmlm_assets.storage import sha256_file
-
     listing_path = required_file(LN_SLIDE_LISTING, store, patient_id)
     listing = json.loads(listing_path.read_text(encoding="utf-8"))
     features = store.read_manifest(LN_FEATURES.key, patient_id)
@@ -236,10 +252,11 @@ def _lymph_nodes_for(context, patient_id: str, store: ArtifactStore, settings: L
     if output.reused:
         summary = output.manifest["summary"]
     else:
+        feature_files = {s["h5_file"]: store.path(LN_FEATURES.key, patient_id, s["h5_file"]) for s in features["slides"]}
+        _verify_digests(patient_id, feature_files, features["files"])
         try:
             model = classifier.get(classifier_path, classifier_sha256)
-            probabilities = {Path(s["h5_file"]).stem: model.predict_feature_file(
-                store.path(LN_FEATURES.key, patient_id, s["h5_file"])) for s in features["slides"]}
+            probabilities = {Path(name).stem: model.predict_feature_file(path) for name, path in feature_files.items()}
             done = analyse_patient(listing, probabilities, out_dir, settings,
                                    classifier={"version": pointer["version"], "sha256": classifier_sha256,
                                                "training_fingerprint": pointer.get("fingerprint")},
@@ -250,7 +267,8 @@ def _lymph_nodes_for(context, patient_id: str, store: ArtifactStore, settings: L
         output.record_digests(done["files"], summary=summary, classifier_version=pointer["version"])
     regions = read_regions(out_dir)
     results = checks.lymph_node_results(lymph_node_row_problems(LYMPH_NODE_TABLE.in_folder(out_dir)),
-                                        node_problems(regions, settings), tissue_problems(listing, out_dir),
+                                        node_problems(regions, settings),
+                                        tissue_problems(listing, out_dir) + checks.node_patch_problems(regions),
                                         regions["totals"])
     slides = summary["slides"]
     first_picture = out_dir / regions["slides"][0]["picture"] if regions["slides"] else None
@@ -277,6 +295,14 @@ def _lymph_nodes_for(context, patient_id: str, store: ArtifactStore, settings: L
         data_version=output.sha256(LYMPH_NODE_TABLE),
         specs=checks.LYMPH_NODES_CHECK_SPECS, separate_results=results)
     yield from results
+
+
+def _verify_digests(patient_id: str, files: dict[str, Path], recorded: dict[str, str]) -> None:
+    """The feature files are the ones their manifest records (the fingerprint is made of those hashes)."""
+    for name, path in files.items():
+        if not path.is_file() or sha256_file(path) != recorded.get(name):
+            raise dg.Failure(description=f"patient {patient_id}: {path} is missing or changed since {LN_FEATURES.key} "
+                                         f"recorded it; materialize {LN_FEATURES.key} again", allow_retries=False)
 
 
 def _slides_table(slides: list[dict]) -> str:

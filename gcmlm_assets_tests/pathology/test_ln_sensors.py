@@ -121,7 +121,7 @@ def test_annotated_patients_new_features_request_one_training_after_the_debounce
     due = ticker.tick(debounce_s=0)
     [request] = due.run_requests
     assert request.asset_selection == [CLASSIFIER_KEY]
-    assert request.tags[runs.WORK_TAG] == runs.TRAINING and request.run_key == f"tumour_classifier:{p1}"
+    assert request.tags[runs.WORK_TAG] == runs.LYMPH_NODE and request.run_key == f"tumour_classifier:{p1}"
     assert ticker.state == {"after": p1}
     # Requested once: a tick without new materializations requests nothing.
     again = ticker.tick(debounce_s=0)
@@ -155,9 +155,11 @@ def test_the_classifier_sensor_counts_trained_patients_and_waits_for_lymph_node_
     p1 = features_materialized(instance, "P1")
     waiting = ticker.tick(debounce_s=0)
     assert not waiting.run_requests and "waiting for 1 lymph-node run(s) or training(s)" in skip_message(waiting)
-    # A pathology run (the primary-tumour slides) does not hold it back; a training does.
+    # A pathology run (the primary-tumour slides) does not hold it back, nor nnU-Net's training; a
+    # classifier training (lymph-node work) does.
     add_run(instance, dg.DagsterRunStatus.STARTED, runs.work_tags(runs.PATHOLOGY))
-    training = add_run(instance, dg.DagsterRunStatus.STARTED, runs.work_tags(runs.TRAINING))
+    add_run(instance, dg.DagsterRunStatus.STARTED, runs.work_tags(runs.TRAINING))
+    training = add_run(instance, dg.DagsterRunStatus.STARTED, runs.work_tags(runs.LYMPH_NODE))
     assert "waiting for 2 lymph-node run(s)" in skip_message(ticker.tick(debounce_s=0))
     assert set(ticker.state) == {"after", "due_since"} and ticker.state["after"] == p1
     for run in (queued, training):

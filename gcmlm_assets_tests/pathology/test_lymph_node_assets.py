@@ -124,3 +124,40 @@ def test_annotations_in_regions_out_in_the_same_coordinates(instance, base_resou
             match = min(outs, key=lambda out: np.linalg.norm(centre(out) - centre(region)))
             assert np.linalg.norm(centre(match) - centre(region)) < side
             assert region_area(match) == pytest.approx(region_area(region), rel=0.15)
+
+
+def test_a_worse_training_does_not_replace_the_installed_classifier(instance, base_resources, cohort, data_root):
+    from gcmlm_assets_tests.support.pathology.ln_cohort import annotation_file, disc_ring
+    from gcmlm_assets_tests.support.pathology.ln_fixtures import annotation, polygon, write_annotations
+
+    resources = ln_resources(base_resources)
+    assert dg.materialize([tumour_classifier], instance=instance, resources=resources).success
+    installed = read_version_pointer(TUMOUR_CLASSIFIER.folder(cohort))
+    # Two annotators call the clean node tumour and the tumours node: labels the features contradict.
+    for patient_id in ("P2", "P3"):
+        clean = planted.NODES[0]
+        features = [annotation(polygon(disc_ring(node.disc)), "Lymph node") for node in planted.NODES]
+        features.append(annotation(polygon(disc_ring(clean.disc)), "Tumor"))
+        write_annotations(annotation_file(data_root / "landing", patient_id), features)
+    result = dg.materialize([tumour_classifier], instance=instance, resources=resources)
+    assert result.success
+    meta = _metadata(result)
+    assert meta["rejected_training"]["cv_auc"] < 0.8 and meta["version"] == installed["version"]
+    assert read_version_pointer(TUMOUR_CLASSIFIER.folder(cohort))["version"] == installed["version"]
+    [check] = result.get_asset_check_evaluations()
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert "not installed" in check.description
+
+
+def test_a_node_outline_in_the_wrong_place_fails_the_tissue_check():
+    from gcmlm_assets.pathology.lymph_node_checks import node_patch_problems
+
+    def regions(n_patches: int) -> dict:  # one node of 20 patch areas (32 px patches at 0.5 µm/px)
+        area = 20 * (32 * 0.5) ** 2 * 1e-6
+        return {"slides": [{"name": "s", "mpp": [0.5, 0.5], "patch_size_level0": 32,
+                            "nodes": [{"id": 1, "area_mm2": area, "n_patches": n_patches}]}]}
+
+    assert node_patch_problems(regions(18)) == []
+    assert node_patch_problems(regions(4)) == ["slide 's' node 1 (20.0 patch areas): holds only 4 tissue patches "
+                                               "of the tiling"]
+    assert "holds no tissue patch" in node_patch_problems(regions(0))[0]
