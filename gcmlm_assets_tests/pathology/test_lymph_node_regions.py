@@ -236,6 +236,23 @@ def test_bad_inputs_are_refused_and_leave_the_output_as_it_was(analysed, tiled, 
     assert after == before  # nothing half-written, no temporary left
 
 
+def test_bad_inputs_name_the_listing_and_the_probabilities_file_when_given(tiled, tmp_path):
+    listing, grid, side = tiled
+    good = perfect_probabilities(grid, side)
+    listing_path, source = tmp_path / "ln_patch_coords" / "slides.json", tmp_path / "ln_features" / f"{SLIDE}.h5"
+    named = dict(listing_path=listing_path, sources={SLIDE: source, "other": tmp_path / "other.h5"})
+    with pytest.raises(LymphNodeInputError) as unlisted:
+        analyse_patient(listing, {SLIDE: (grid, good), "other": (grid, good)}, tmp_path / "out", SETTINGS, **named)
+    assert str(unlisted.value).startswith(f"{listing_path}: lists the slide(s) {SLIDE};")
+    assert f"other ({tmp_path / 'other.h5'})" in str(unlisted.value)
+    with pytest.raises(LymphNodeInputError, match="slides.json.*no probabilities"):
+        analyse_patient(listing, {}, tmp_path / "out", SETTINGS, **named)
+    with pytest.raises(LymphNodeInputError) as misaligned:
+        analyse_patient(listing, {SLIDE: (grid[:-1], good[:-1])}, tmp_path / "out", SETTINGS, **named)
+    assert str(misaligned.value).startswith(f"{source}: slide {SLIDE!r}: probabilities for")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
 def test_tumour_regions_join_diagonal_neighbours_and_drop_small_ones():
     side = 10
     coords = np.array([[0, 0], [10, 10], [20, 20], [100, 100], [200, 0], [210, 0]])
