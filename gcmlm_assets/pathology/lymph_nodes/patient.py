@@ -22,7 +22,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from gcmlm_assets.catalogue import LYMPH_NODE_REGIONS, LYMPH_NODE_TABLE
+from gcmlm_assets.catalogue import LN_SLIDE_LISTING, LYMPH_NODE_REGIONS, LYMPH_NODE_TABLE
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.pathology.coords_h5 import read_coords_h5
 from gcmlm_assets.pathology.lymph_nodes.patient_row import patient_row, row_table, row_value_problems, t_mln
@@ -136,7 +136,7 @@ def analyse_patient(listing: dict, probabilities: Mapping[str, tuple], out_dir: 
     the error messages. Returns the row, a summary line per slide (`slides`) and `files`
     {name: sha256}."""
     out_dir = Path(out_dir)
-    listing_name = str(listing_path) if listing_path is not None else "the slide listing (slides.json)"
+    listing_name = str(listing_path) if listing_path is not None else f"the slide listing ({LN_SLIDE_LISTING.name})"
     sources = sources or {}
     if listing.get("tiling_version") != TILING_VERSION:
         raise LymphNodeInputError(f"{listing_name}: made by tiling version {listing.get('tiling_version')!r}, "
