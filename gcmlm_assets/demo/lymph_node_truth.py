@@ -6,6 +6,9 @@ lymph_nodes `regions.json` (the design's format: per slide its nodes with `bbox_
 `metastatic`, areas; the patient's `totals`). A planted node is matched to the detected node of the
 same slide whose bounding box holds the planted centre (the smallest such box if several do).
 
+The figures are reported twice (`split_by_training`): on the held-out patients, those without
+annotations, which the tumour classifier never saw (the headline; the issue's targets are judged
+there), and on the annotated ones, its training set (for reference: it has seen their patches).
 The figures, all on synthetic slides (never clinical ones):
 - node count exact: slides whose detected node count equals the planted one, of all planted slides;
 - T/MLN relative error |found - planted| / planted over patients with planted metastatic nodes
@@ -117,39 +120,80 @@ class LymphNodeComparison:
             "targets_met": self.targets_met(),
         }
 
-    def markdown(self) -> str:
-        """A table per patient and the figures, for the demo summary to print."""
-        def number(value, digits=3):
-            if value is None:
-                return "-"
-            return "not found" if math.isinf(value) else f"{value:.{digits}f}"
-
-        def count(value):
-            return "-" if value is None else str(value)
-
-        lines = ["Lymph nodes against the generator's planted truth (synthetic slides, not clinical figures)",
-                 "",
-                 "| patient | training | slides (count exact) | nodes planted/found | metastatic planted/found "
-                 "| T/MLN planted | T/MLN found | rel. error |",
-                 "|---|---|---|---|---|---|---|---|"]
-        for p in self.patients:
-            lines.append(
-                f"| {p.patient_id} | {'yes' if p.annotated else 'no'} | {p.slides} ({p.slides_count_exact}) "
-                f"| {p.planted_nodes}/{count(p.found_nodes)} | {p.planted_metastatic}/{count(p.found_metastatic)} "
-                f"| {number(p.planted_t_mln)} | {number(p.found_t_mln)} | {number(p.t_mln_relative_error)} |")
-        lines += [
-            "",
+    def figure_lines(self) -> list[str]:
+        """The figures as Markdown bullets."""
+        lines = [
             f"- node count exact: {self.slides_exact}/{self.slides_total} slides",
-            f"- T/MLN relative error: median {number(self.t_mln_error_median)}, max {number(self.t_mln_error_max)} "
+            f"- T/MLN relative error: median {_number(self.t_mln_error_median)}, max {_number(self.t_mln_error_max)} "
             f"({len(self.t_mln_errors)} patients with planted metastatic nodes)",
-            f"- metastatic nodes: sensitivity {number(self.sensitivity)} ({self.true_positive}/"
-            f"{self.true_positive + self.false_negative}), specificity {number(self.specificity)} "
+            f"- metastatic nodes: sensitivity {_number(self.sensitivity)} ({self.true_positive}/"
+            f"{self.true_positive + self.false_negative}), specificity {_number(self.specificity)} "
             f"({self.true_negative}/{self.true_negative + self.false_positive})",
         ]
         if self.unmatched_planted or self.unmatched_found:
             lines.append(f"- unmatched: {self.unmatched_planted} planted nodes, {self.unmatched_found} detected nodes")
-        lines.append("- targets: " + ", ".join(f"{name}: {'met' if ok else 'NOT met'}"
-                                               for name, ok in self.targets_met().items()))
+        return lines
+
+
+def table_lines(patients: list[PatientComparison]) -> list[str]:
+    """A Markdown table, a row per patient, the classifier's training patients marked."""
+    def count(value):
+        return "-" if value is None else str(value)
+
+    lines = ["| patient | training | slides (count exact) | nodes planted/found | metastatic planted/found "
+             "| T/MLN planted | T/MLN found | rel. error |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in patients:
+        lines.append(
+            f"| {p.patient_id} | {'yes' if p.annotated else 'no'} | {p.slides} ({p.slides_count_exact}) "
+            f"| {p.planted_nodes}/{count(p.found_nodes)} | {p.planted_metastatic}/{count(p.found_metastatic)} "
+            f"| {_number(p.planted_t_mln)} | {_number(p.found_t_mln)} | {_number(p.t_mln_relative_error)} |")
+    return lines
+
+
+def _number(value, digits=3) -> str:
+    if value is None:
+        return "-"
+    return "not found" if math.isinf(value) else f"{value:.{digits}f}"
+
+
+@dataclass(frozen=True)
+class LymphNodeReport:
+    """The comparison split by the tumour classifier's training set: `held_out` (patients without
+    annotations; the headline, the targets judged on it) and `training` (the annotated patients)."""
+
+    held_out: LymphNodeComparison
+    training: LymphNodeComparison
+
+    def targets_met(self) -> dict[str, bool]:
+        """The issue's targets on the held-out patients (all False when there are none)."""
+        return self.held_out.targets_met()
+
+    def figures(self) -> dict:
+        """JSON-ready: the held-out figures (with the targets) and the training ones, apart."""
+        training = {k: v for k, v in self.training.figures().items() if k != "targets_met"}
+        return {"held_out": {"patients": len(self.held_out.patients), **self.held_out.figures()},
+                "training": {"patients": len(self.training.patients), **training}}
+
+    def markdown(self) -> str:
+        """The held-out figures and targets, the training figures, then the table per patient."""
+        def patients(comparison):
+            return f"{len(comparison.patients)} patient{'' if len(comparison.patients) == 1 else 's'}"
+
+        lines = ["Lymph nodes against the generator's planted truth (synthetic slides, not clinical figures)",
+                 "",
+                 f"Held out ({patients(self.held_out)} without annotations, unseen by the tumour "
+                 "classifier; the targets are judged here):",
+                 *self.held_out.figure_lines(),
+                 "- targets: " + ", ".join(f"{name}: {'met' if ok else 'NOT met'}"
+                                           for name, ok in self.targets_met().items()),
+                 "",
+                 f"Training ({patients(self.training)} with annotations, the tumour classifier's "
+                 "training set; for reference only):",
+                 *self.training.figure_lines(),
+                 "",
+                 *table_lines(sorted(self.held_out.patients + self.training.patients,
+                                     key=lambda p: p.patient_id))]
         return "\n".join(lines)
 
 
@@ -217,4 +261,13 @@ def compare_lymph_nodes(truth: Mapping[str, Mapping], regions: Mapping[str, Mapp
     return result
 
 
-__all__ = ["LymphNodeComparison", "PatientComparison", "compare_lymph_nodes"]
+def split_by_training(truth: Mapping[str, Mapping], regions: Mapping[str, Mapping | None]) -> LymphNodeReport:
+    """`compare_lymph_nodes` on the held-out patients (truth's `annotated` false or absent) and,
+    apart, on the annotated ones."""
+    held_out = {k: v for k, v in truth.items() if not v.get("annotated", False)}
+    training = {k: v for k, v in truth.items() if v.get("annotated", False)}
+    return LymphNodeReport(compare_lymph_nodes(held_out, regions), compare_lymph_nodes(training, regions))
+
+
+__all__ = ["LymphNodeComparison", "LymphNodeReport", "PatientComparison", "compare_lymph_nodes",
+           "split_by_training", "table_lines"]

@@ -65,8 +65,10 @@ def predicted_mask_dice(spec: CohortSpec, artifacts: Path) -> dict[str, float]:
 
 def lymph_nodes_against_truth(landing: Path, artifacts: Path) -> dict[str, Any] | None:
     """The lymph_nodes outputs against the generator's planted nodes (demo/lymph_node_truth.py):
-    figures and a table; None when the landing zone holds no planted truth (not a demo cohort)."""
-    from gcmlm_assets.demo.lymph_node_truth import compare_lymph_nodes
+    the figures on the held-out patients (the headline, the targets judged there) and on the tumour
+    classifier's annotated training patients, apart, and the text with a table per patient; None
+    when the landing zone holds no planted truth (not a demo cohort)."""
+    from gcmlm_assets.demo.lymph_node_truth import split_by_training
     from gcmlm_assets.demo.synthetic import LYMPH_NODE_TRUTH, read_lymph_node_truth
 
     if not (Path(landing) / LYMPH_NODE_TRUTH).is_file():
@@ -80,9 +82,8 @@ def lymph_nodes_against_truth(landing: Path, artifacts: Path) -> dict[str, Any] 
             regions[patient_id] = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             regions[patient_id] = None  # not made: counts against every figure
-    comparison = compare_lymph_nodes(truth, regions)
-    return {"figures": comparison.figures(), "targets_met": comparison.targets_met(),
-            "table": comparison.markdown()}
+    report = split_by_training(truth, regions)
+    return {"figures": report.figures(), "targets_met": report.targets_met(), "text": report.markdown()}
 
 
 def materialization_metadata(instance: dg.DagsterInstance, asset: str) -> dict[str, Any]:
@@ -217,9 +218,9 @@ def format_summary(summary: dict[str, Any], wall_seconds: float) -> str:
         lines.append(f"nnU-Net masks vs the generator's truth ({len(values)} predicted patients): Dice mean "
                      f"{sum(values) / len(values):.2f}, min {values[0]:.2f}, max {values[-1]:.2f}")
     nodes = summary.get("lymph_nodes_against_truth")
-    if nodes:
+    if nodes:  # held-out figures first; the annotated (training) patients' apart, then the table
         lines.append("")
-        lines.append(nodes["table"])
+        lines.append(nodes["text"])
     rows = ablation_rows(summary[RISK_MODEL.key])
     lines.append("")
     auc, ci = fused_auc(summary[RISK_MODEL.key])

@@ -8,8 +8,9 @@ Each patient gets what a real upload would hold (see the README's landing-zone c
   patients, balanced over the label; the others are segmented by the trained nnU-Net.
 - `wsi/<id>_slide<k>.tiff`: one or two pyramidal tiled TIFFs with H&E-like tissue
   (synthetic_slides.py).
-- `ln_wsi/<id>_ln<k>.tiff`: for part of the cohort, one or two lymph-node slides (pyramidal tiled
-  TIFFs, 0.5 µm/px) with 2-4 separated nodes, some holding tumour (synthetic_lymph_nodes.py).
+- `ln_wsi/<id>_ln<k>.tiff`: for part of the cohort (`ln_fraction`), one lymph-node slide each (a
+  second for a share `ln_second_slide` of them, none by default; pyramidal tiled TIFFs, 0.5 µm/px)
+  with `ln_nodes` (2-3 by default) separated nodes, some holding tumour (synthetic_lymph_nodes.py).
 - `ln_annotations/<id>_ln<k>.geojson`: for a few of those patients, the planted nodes and tumour
   regions as a QuPath GeoJSON export ("Lymph node" and "Tumor" annotations, level-0 px).
 - `READY` (written last) and the cohort's `clinical.csv` (patient_id, mlm, age, sex, pt_stage,
@@ -41,7 +42,14 @@ from gcmlm_assets.demo.synthetic_dicom import dicom_series_files
 from gcmlm_assets.demo.synthetic_lymph_nodes import annotation_geojson, patient_layouts, patient_truth, render_slide
 from gcmlm_assets.demo.synthetic_plan import CohortSpec, PatientPlan, clinical_csv_text, plan_cohort
 from gcmlm_assets.demo.synthetic_slides import make_slide, pyramidal_tiff_bytes
-from gcmlm_assets.landing.scan import CLINICAL_CSV, READY_MARKER
+from gcmlm_assets.landing.scan import (
+    CLINICAL_CSV,
+    CT_FOLDER,
+    LN_ANNOTATIONS_FOLDER,
+    LN_WSI_FOLDER,
+    READY_MARKER,
+    WSI_FOLDER,
+)
 from gcmlm_assets.storage import atomic_write_bytes, sha256_file
 
 # Bump when the bytes the generator writes would change for the same settings.
@@ -97,7 +105,7 @@ def write_patient(landing: Path, plan: PatientPlan, spec: CohortSpec, written: l
     files: dict[str, bytes] = {}
     ct, mask = make_ct(plan, spec)
     series = dicom_series_files(ct, plan.patient_id, _plan_digest(spec, plan), "synthetic abdominal CT")
-    files.update({f"ct/{name}": data for name, data in series.items()})
+    files.update({f"{CT_FOLDER}/{name}": data for name, data in series.items()})
     if plan.has_reference_mask:
         files["ct_label/stomach.nii.gz"] = nifti_bytes(mask)
     rng = np.random.default_rng([spec.seed, 3, plan.index])
@@ -105,15 +113,15 @@ def write_patient(landing: Path, plan: PatientPlan, spec: CohortSpec, written: l
         width = int(rng.integers(spec.slide_width[0], spec.slide_width[1] + 1))
         height = int(width * spec.slide_aspect)
         rgb = make_slide(rng, width, height, plan.pathology_severity, spec.mpp)
-        files[f"wsi/{plan.patient_id}_slide{k + 1}.tiff"] = pyramidal_tiff_bytes(
+        files[f"{WSI_FOLDER}/{plan.patient_id}_slide{k + 1}.tiff"] = pyramidal_tiff_bytes(
             rgb, spec.mpp, spec.pyramid_levels, spec.jpeg_quality)
     for k, layout in enumerate(patient_layouts(plan, spec)):
         rgb = render_slide(layout, plan, k, spec)
-        files[f"ln_wsi/{layout.name}.tiff"] = pyramidal_tiff_bytes(rgb, spec.mpp, spec.pyramid_levels,
-                                                                   spec.jpeg_quality)
+        files[f"{LN_WSI_FOLDER}/{layout.name}.tiff"] = pyramidal_tiff_bytes(rgb, spec.mpp, spec.pyramid_levels,
+                                                                            spec.jpeg_quality)
         del rgb
         if plan.ln_annotated:
-            files[f"ln_annotations/{layout.name}.geojson"] = annotation_geojson(layout)
+            files[f"{LN_ANNOTATIONS_FOLDER}/{layout.name}.geojson"] = annotation_geojson(layout)
     return _write_drop(folder, files, written)
 
 
@@ -163,9 +171,9 @@ def write_real_patient(landing: Path, real: RealFiles, written: list[str]) -> bo
     series = dicom_series_files(sitk.ReadImage(str(real.ct)), REAL_PATIENT_ID, sha256_file(real.ct),
                                 f"TotalSegmentator {real.ct.name}")
     files = {
-        **{f"ct/{name}": data for name, data in series.items()},
+        **{f"{CT_FOLDER}/{name}": data for name, data in series.items()},
         "ct_label/stomach.nii.gz": real.stomach_mask.read_bytes(),
-        f"wsi/{real.slide.name}": real.slide.read_bytes(),
+        f"{WSI_FOLDER}/{real.slide.name}": real.slide.read_bytes(),
     }
     return _write_drop(landing / REAL_PATIENT_ID, files, written)
 

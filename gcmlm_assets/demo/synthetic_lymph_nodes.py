@@ -29,7 +29,7 @@ from gcmlm_assets.demo.synthetic_slides import (
     RGB_GLASS,
     RGB_NUCLEUS,
     RGB_STROMA,
-    _resized_noise,
+    resized_noise,
 )
 from gcmlm_assets.pathology.qupath_geojson import ANNOTATION, feature_collection, polygon_coordinates
 
@@ -267,7 +267,7 @@ def _paint_node(rng: np.random.Generator, node: NodeShape, severity: float, mpp:
     # Tumour: nests (a share rising with the severity) in pink stroma, as on the primary slides.
     nests = np.zeros_like(tumour_mask)
     if tumour_mask.any():
-        nest_field = _resized_noise(rng, height, width, cell=int(60 * um))
+        nest_field = resized_noise(rng, height, width, cell=int(60 * um))
         share = float(np.clip(0.6 + 0.08 * severity, 0.4, 0.85))
         nests = tumour_mask & (nest_field > float(np.quantile(nest_field[tumour_mask], 1.0 - share)))
     stroma = tumour_mask & ~nests
@@ -282,7 +282,7 @@ def _paint_node(rng: np.random.Generator, node: NodeShape, severity: float, mpp:
     _scatter_nuclei(rng, nuclei, stroma, 800e-6, 2.4, 0.5, 2.2, um)
     weight = cv2.GaussianBlur(nuclei, (0, 0), 0.8)
 
-    stain = _resized_noise(rng, height, width, cell=int(120 * um))
+    stain = resized_noise(rng, height, width, cell=int(120 * um))
     palette = np.stack([RGB_GLASS, RGB_LYMPHOID, RGB_STROMA, RGB_CYTOPLASM])
     nucleus_palette = np.stack([RGB_GLASS, RGB_LYMPHOCYTE, RGB_NUCLEUS, RGB_NUCLEUS])
     amplitude = np.array([0.0, 8.0, 10.0, 8.0], np.float32)

@@ -11,7 +11,8 @@ has something to add. Clinical covariates carry at most a weak association (pT s
 answer.
 
 Part of the cohort (`ln_fraction`, balanced over the label) also has lymph-node slides: one per
-patient (two for some), each with 2-3 separated nodes. A third latent severity, drawn the same way,
+patient (a second for a share `ln_second_slide` of them, none by default), each with `ln_nodes`
+(2-3 by default) separated nodes. A third latent severity, drawn the same way,
 sets the chance that a node is metastatic and the share of a metastatic node taken by tumour, so
 the number of metastatic nodes and T/MLN (tumour area / metastatic node area) carry part of the
 signal. A few of these patients (`ln_annotated`, both classes, with tumour-bearing and clean

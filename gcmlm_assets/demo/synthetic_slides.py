@@ -22,7 +22,7 @@ RGB_CYTOPLASM = np.array([206, 146, 198], np.float32)
 RGB_NUCLEUS = np.array([84, 52, 138], np.float32)
 
 
-def _resized_noise(rng: np.random.Generator, height: int, width: int, cell: int) -> np.ndarray:
+def resized_noise(rng: np.random.Generator, height: int, width: int, cell: int) -> np.ndarray:
     """Unit-SD smooth noise at full size, drawn on a coarse grid of `cell` pixels and upsampled."""
     coarse = rng.standard_normal((max(2, height // cell + 2), max(2, width // cell + 2))).astype(np.float32)
     coarse = cv2.GaussianBlur(coarse, (0, 0), 1.0)
@@ -41,17 +41,17 @@ def make_slide(rng: np.random.Generator, width: int, height: int, severity: floa
     um = 1.0 / mpp  # pixels per micrometre
     ys = ((np.arange(height, dtype=np.float32) - height / 2) / (0.44 * height)) ** 2
     xs = ((np.arange(width, dtype=np.float32) - width / 2) / (0.46 * width)) ** 2
-    shape_noise = _resized_noise(rng, height, width, cell=int(250 * um))
+    shape_noise = resized_noise(rng, height, width, cell=int(250 * um))
     tissue = (1.0 - ys[:, None] - xs[None, :] + 0.35 * shape_noise) > 0.25
 
     nest_share = float(np.clip(0.30 + 0.11 * severity + rng.normal(0, 0.02), 0.05, 0.85))
-    nest_field = _resized_noise(rng, height, width, cell=int(60 * um))
+    nest_field = resized_noise(rng, height, width, cell=int(60 * um))
     threshold = float(np.quantile(nest_field[tissue], 1.0 - nest_share)) if tissue.any() else 0.0
     nests = tissue & (nest_field > threshold)
     # 0 glass, 1 stroma, 2 tumour nest
     region = tissue.astype(np.uint8) + nests.astype(np.uint8)
 
-    stain = _resized_noise(rng, height, width, cell=int(120 * um))
+    stain = resized_noise(rng, height, width, cell=int(120 * um))
     palette = np.stack([RGB_GLASS, RGB_STROMA, RGB_CYTOPLASM])
     stain_amplitude = np.array([0.0, 10.0, 8.0], np.float32)
     rgb = palette[region] + (stain_amplitude[region] * stain)[..., None]

@@ -121,6 +121,26 @@ def test_fused_table_reads_the_lymph_node_rows_and_names_the_broken_ones(tmp_pat
     assert np.isnan(data.blocks[LYMPH_NODE].X[1, -1]) and data.blocks[LYMPH_NODE].X[1, 0] == 5.0
 
 
+def test_a_lymph_node_row_without_an_analysed_slide_is_not_a_present_block(tmp_path):
+    artifacts = tmp_path / "artifacts"
+    ids, labels = write_cohort(artifacts, 4, lymph_nodes=lambda i: False)
+    write_lymph_node_row(artifacts, "P000", n_slides=0, n_nodes=0)  # an empty row
+    write_lymph_node_row(artifacts, "P001", n_slides=0)  # nodes claimed from no slide
+    write_lymph_node_row(artifacts, "P002", n_slides=None)
+    write_lymph_node_row(artifacts, "P003", n_slides=1)  # the one present block
+
+    table, report = build_fused_table(artifacts, clinical_table(ids, labels))
+
+    assert table.column("has_lymph_node").to_pylist() == [False, False, False, True]
+    assert table.column("ln_n_nodes").to_pylist() == [None, None, None, 4]
+    assert fused_stats(table)["with_lymph_node"] == 1
+    problems = {p["patient_id"]: p for p in report.file_problems}
+    assert set(problems) == {"P000", "P001", "P002"}
+    for patient_id, problem in problems.items():
+        assert problem["modality"] == LYMPH_NODE and "no lymph-node slide analysed" in problem["reason"]
+        assert problem["file"].endswith(f"lymph_nodes/{patient_id}/lymph_nodes.parquet")
+
+
 # ---------------------------------------------------------------- without lymph-node slides
 
 

@@ -14,7 +14,7 @@ import tifffile
 
 from gcmlm_assets.demo import synthetic
 from gcmlm_assets.demo import synthetic_lymph_nodes as ln
-from gcmlm_assets.demo.lymph_node_truth import compare_lymph_nodes
+from gcmlm_assets.demo.lymph_node_truth import compare_lymph_nodes, split_by_training, table_lines
 from gcmlm_assets.demo.synthetic_plan import CohortSpec, plan_cohort
 from gcmlm_assets.demo.synthetic_slides import pyramidal_tiff_bytes
 
@@ -260,11 +260,45 @@ def test_comparison_figures_on_hand_made_regions():
     figures = result.figures()
     assert figures["t_mln_relative_error_max"] is None and figures["t_mln_missing"] == 1
     json.dumps(figures, allow_nan=False)
-    text = result.markdown()
-    assert "not clinical" in text and f"| P1 | yes | 1 (1) | 3/3 | 2/2 | 0.375 | {0.4125:.3f} | 0.100 |" in text
+    text = "\n".join(table_lines(result.patients))
+    assert f"| P1 | yes | 1 (1) | 3/3 | 2/2 | 0.375 | {0.4125:.3f} | 0.100 |" in text
     assert "| P4 | no | 1 (0) | 1/- | 1/- | 0.500 | - | not found |" in text
 
     perfect = compare_lymph_nodes({"P1": TRUTH["P1"]}, {"P1": {**REGIONS["P1"], "totals": {
         "n_nodes": 3, "n_metastatic_nodes": 2, "t_mln": 0.38}}})
     assert all(perfect.targets_met().values())
     assert (perfect.sensitivity, perfect.specificity, perfect.slides_exact) == (1.0, 1.0, 1)
+
+
+def test_the_headline_figures_leave_out_the_classifiers_training_patients():
+    """P1 (annotated, the classifier's training set) is found perfectly; the held-out P2-P4 are not.
+    The targets are judged on P2-P4 alone, P1's figures stand apart, the table keeps everyone."""
+    report = split_by_training(TRUTH, REGIONS)
+    assert [p.patient_id for p in report.held_out.patients] == ["P2", "P3", "P4"]
+    assert [p.patient_id for p in report.training.patients] == ["P1"]
+    held_out = report.held_out
+    assert (held_out.slides_exact, held_out.slides_total) == (1, 4)  # P3 only
+    assert (held_out.true_positive, held_out.false_negative, held_out.true_negative, held_out.false_positive) == \
+        (0, 2, 2, 3)
+    assert held_out.t_mln_errors == [pytest.approx(0.25), math.inf]
+    assert (report.training.sensitivity, report.training.specificity, report.training.slides_exact) == (1.0, 1.0, 1)
+    assert report.targets_met() == held_out.targets_met() and not any(report.targets_met().values())
+
+    figures = report.figures()
+    json.dumps(figures, allow_nan=False)
+    assert figures["held_out"]["patients"] == 3 and figures["training"]["patients"] == 1
+    assert figures["held_out"]["metastatic_sensitivity"] == 0.0 and figures["held_out"]["metastatic_specificity"] == 0.4
+    assert figures["training"]["metastatic_sensitivity"] == 1.0 and "targets_met" not in figures["training"]
+
+    text = report.markdown()
+    assert "not clinical" in text
+    held_out_at, training_at = text.index("Held out (3 patients"), text.index("Training (1 patient with annotations")
+    assert held_out_at < text.index("- targets:") < training_at < text.index("| patient | training |")
+    assert "sensitivity 0.000 (0/2), specificity 0.400 (2/5)" in text[held_out_at:training_at]
+    assert "sensitivity 1.000 (2/2), specificity 1.000 (1/1)" in text[training_at:]
+    assert [line.split(" | ")[:2] for line in text.splitlines() if line.startswith("| P")] == [
+        ["| P1", "yes"], ["| P2", "no"], ["| P3", "no"], ["| P4", "no"]]
+
+    # Without any held-out patient nothing is measured, so no target is met.
+    only_training = split_by_training({"P1": TRUTH["P1"]}, REGIONS)
+    assert only_training.held_out.patients == [] and not any(only_training.targets_met().values())

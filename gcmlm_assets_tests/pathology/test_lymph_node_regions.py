@@ -236,6 +236,23 @@ def test_bad_inputs_are_refused_and_leave_the_output_as_it_was(analysed, tiled, 
     assert after == before  # nothing half-written, no temporary left
 
 
+def test_bad_inputs_name_the_listing_and_the_probabilities_file_when_given(tiled, tmp_path):
+    listing, grid, side = tiled
+    good = perfect_probabilities(grid, side)
+    listing_path, source = tmp_path / "ln_patch_coords" / "slides.json", tmp_path / "ln_features" / f"{SLIDE}.h5"
+    named = dict(listing_path=listing_path, sources={SLIDE: source, "other": tmp_path / "other.h5"})
+    with pytest.raises(LymphNodeInputError) as unlisted:
+        analyse_patient(listing, {SLIDE: (grid, good), "other": (grid, good)}, tmp_path / "out", SETTINGS, **named)
+    assert str(unlisted.value).startswith(f"{listing_path}: lists the slide(s) {SLIDE};")
+    assert f"other ({tmp_path / 'other.h5'})" in str(unlisted.value)
+    with pytest.raises(LymphNodeInputError, match="slides.json.*no probabilities"):
+        analyse_patient(listing, {}, tmp_path / "out", SETTINGS, **named)
+    with pytest.raises(LymphNodeInputError) as misaligned:
+        analyse_patient(listing, {SLIDE: (grid[:-1], good[:-1])}, tmp_path / "out", SETTINGS, **named)
+    assert str(misaligned.value).startswith(f"{source}: slide {SLIDE!r}: probabilities for")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
 def test_tumour_regions_join_diagonal_neighbours_and_drop_small_ones():
     side = 10
     coords = np.array([[0, 0], [10, 10], [20, 20], [100, 100], [200, 0], [210, 0]])
@@ -262,3 +279,36 @@ def test_a_slide_without_patches_still_has_its_nodes_and_no_tumour():
                           min_node_area_mm2=0.0)
     assert slide.n_nodes == 1 and slide.n_metastatic_nodes == 0 and slide.tumour_regions == []
     assert slide.nodes[0].area_mm2 == pytest.approx((600 * 400 - 100 * 100) * 0.25e-6, rel=0.01)
+
+
+def rectangle(x0, y0, x1, y1):
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
+
+
+def test_tumour_patches_reaching_over_a_neighbouring_node_leave_it_clean():
+    side = 32
+    # Two nodes 4 px apart; 32 px patches on a 32 px grid, 2 px raster cells.
+    metastatic, clean = rectangle(32, 32, 310, 320), rectangle(314, 20, 640, 320)
+    coords = np.array([[x, y] for y in range(0, 352, side) for x in range(0, 672, side)], np.int64)
+    probabilities = np.zeros(len(coords))
+    # A tumour region at the metastatic node's edge: centres at x = 304 (inside it), squares reaching
+    # x = 320, over the clean node's edge at 314.
+    at_edge = (coords[:, 0] == 288) & np.isin(coords[:, 1], [64, 96, 128])
+    # A tumour region outside both nodes (centres at y = 16), its squares reaching over the clean
+    # node's top edge at y = 20.
+    above = (coords[:, 1] == 0) & np.isin(coords[:, 0], [384, 416])
+    probabilities[at_edge | above] = 0.9
+    slide = analyse_slide("touching", [(metastatic, []), (clean, [])], coords, probabilities, mpp=(0.5, 0.5),
+                          dimensions=(700, 400), side_level0=side, tumour_threshold=0.5, min_tumour_patches=2,
+                          min_node_area_mm2=0.0)
+    second, first = slide.nodes  # ordered by their tops: the clean node's (y = 20) comes first
+    assert first.bbox[:2] == (32, 32) and second.bbox[:2] == (314, 20)
+    assert slide.tumour_patch.sum() == 5  # both regions are kept...
+    assert second.tumour_area_mm2 == 0.0 and not second.metastatic and second.n_tumour_patches == 0
+    assert first.metastatic and first.n_tumour_patches == 3
+    # ...and the metastatic node's tumour is its own cells under its squares: y 64-160, x 288 to its
+    # edge at 310, give or take the column of 2 px cells on the outline (the clean node starts at 314).
+    width = first.tumour_area_mm2 / (96 * 0.25e-6)
+    assert 22 - 1e-6 <= width <= 24 + 1e-6
+    assert slide.n_metastatic_nodes == 1 and [region.node_id for region in slide.tumour_regions] == [first.id]
+    assert slide.tumour_area_mm2 / slide.metastatic_node_area_mm2 <= 1.0

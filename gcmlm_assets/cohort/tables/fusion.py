@@ -16,7 +16,8 @@ before; its ln_* columns exist only when some patient's lymph_nodes row was used
 What counts as what (the alignment check reports these):
 - a feature file that cannot be used (unreadable, not one row, `patient_id` not its folder's name,
   a non-numeric feature, no finite value, columns other than the cohort's; for a lymph_nodes row,
-  also a column of the contract missing, a negative count or area, more metastatic nodes than nodes,
+  also a column of the contract missing, no slide analysed (`n_slides` 0 or null: the row measures
+  nothing, so it is not a present block), a negative count or area, more metastatic nodes than nodes,
   T/MLN outside [0, 1], T/MLN null with metastatic nodes or set without any) is an ERROR for that
   patient's modality: the modality is marked absent and the file is named with the reason;
 - a patient with features but no clinical row is a WARNING: scored, but not trained on;
@@ -203,6 +204,8 @@ def lymph_node_row_problem(values: dict[str, float], nulls: set[str], counts: di
     extra = [c for c in values if c not in LYMPH_NODE_FEATURES]
     if extra:
         return f"has column(s) outside the lymph-node contract: {', '.join(extra)}"
+    if counts["n_slides"] < 1:  # a null reads as 0
+        return f"n_slides is {counts['n_slides']}: no lymph-node slide analysed, so the row measures nothing"
     for name in LYMPH_NODE_FEATURES:
         if name == T_MLN:
             continue

@@ -22,7 +22,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from gcmlm_assets.catalogue import LYMPH_NODE_REGIONS, LYMPH_NODE_TABLE
+from gcmlm_assets.catalogue import LN_SLIDE_LISTING, LYMPH_NODE_REGIONS, LYMPH_NODE_TABLE
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.pathology.coords_h5 import read_coords_h5
 from gcmlm_assets.pathology.lymph_nodes.patient_row import patient_row, row_table, row_value_problems, t_mln
@@ -59,19 +59,21 @@ def slide_files(name: str) -> dict[str, str]:
             "patches": f"{name}{PATCHES_SUFFIX}"}
 
 
-def aligned_probabilities(slide: str, grid, coords, probabilities):
+def aligned_probabilities(slide: str, grid, coords, probabilities, *, source: str | os.PathLike | None = None):
     """`probabilities` (given at `coords`, any order) in the order of the HDF5 `grid`. Refused
-    unless both hold the same positions once each, and every value is a probability."""
+    unless both hold the same positions once each, and every value is a probability. `source`: the
+    file they were read from (the slide's ln_features HDF5), named in the messages with the slide."""
+    where = f"{source}: slide {slide!r}" if source is not None else f"slide {slide!r}"
     grid = np.asarray(grid, np.int64).reshape(-1, 2)
     coords = np.asarray(coords, np.int64).reshape(-1, 2)
     values = np.asarray(probabilities, np.float64).reshape(-1)
     if len(values) != len(coords):
-        raise LymphNodeInputError(f"slide {slide!r}: {len(values)} probabilities for {len(coords)} positions")
+        raise LymphNodeInputError(f"{where}: {len(values)} probabilities for {len(coords)} positions")
     if len(coords) != len(grid):
-        raise LymphNodeInputError(f"slide {slide!r}: probabilities for {len(coords)} patches, its patch grid has "
+        raise LymphNodeInputError(f"{where}: probabilities for {len(coords)} patches, its patch grid has "
                                   f"{len(grid)}: the features were made from another tiling; extract them again")
     if not np.all(np.isfinite(values)) or values.min(initial=0.0) < 0 or values.max(initial=0.0) > 1:
-        raise LymphNodeInputError(f"slide {slide!r}: tumour probabilities must be finite and in [0, 1]")
+        raise LymphNodeInputError(f"{where}: tumour probabilities must be finite and in [0, 1]")
 
     def key(points):  # (x, y) as one sortable integer: level-0 px are far below 2**31
         return (points[:, 0] << 32) | (points[:, 1] & 0xFFFFFFFF)
@@ -81,7 +83,7 @@ def aligned_probabilities(slide: str, grid, coords, probabilities):
     found = np.clip(np.searchsorted(given_keys[order], grid_keys), 0, max(len(order) - 1, 0))
     if len(np.unique(given_keys)) != len(given_keys) or (len(grid) and not np.array_equal(
             given_keys[order][found], grid_keys)):
-        raise LymphNodeInputError(f"slide {slide!r}: the probabilities' positions are not its patch grid's: the "
+        raise LymphNodeInputError(f"{where}: the probabilities' positions are not its patch grid's: the "
                                   "features were made from another tiling; extract them again")
     return values[order][found] if len(grid) else values
 
@@ -123,31 +125,40 @@ def slide_summary(slide: SlideNodes) -> dict:
 
 def analyse_patient(listing: dict, probabilities: Mapping[str, tuple], out_dir: str | os.PathLike,
                     settings: LymphNodeFields = LYMPH_NODE_DEFAULTS, *, classifier: Mapping | None = None,
-                    withdraw: str | os.PathLike | None = None) -> dict:
+                    withdraw: str | os.PathLike | None = None, listing_path: str | os.PathLike | None = None,
+                    sources: Mapping[str, str | os.PathLike] | None = None) -> dict:
     """Analyse every slide of `listing` (ln_patch_coords' slides.json, as read) with
     `probabilities` {slide name: (coords (N, 2) level-0, tumour probability (N,))} (a slide without
     patches may be left out) and write all of the patient's files into `out_dir`. `classifier`: what
     regions.json records of the model (version id, fingerprint); `withdraw`: the output's manifest,
-    removed before the first rename (storage.files_replaced_together). Returns the row, a summary
-    line per slide (`slides`) and `files` {name: sha256}."""
+    removed before the first rename (storage.files_replaced_together); `listing_path` (the
+    slides.json read) and `sources` {slide name: the file its probabilities came from}: named in
+    the error messages. Returns the row, a summary line per slide (`slides`) and `files`
+    {name: sha256}."""
     out_dir = Path(out_dir)
+    listing_name = str(listing_path) if listing_path is not None else f"the slide listing ({LN_SLIDE_LISTING.name})"
+    sources = sources or {}
     if listing.get("tiling_version") != TILING_VERSION:
-        raise LymphNodeInputError(f"the slide listing was made by tiling version {listing.get('tiling_version')!r}, "
+        raise LymphNodeInputError(f"{listing_name}: made by tiling version {listing.get('tiling_version')!r}, "
                                   f"this code tiles as version {TILING_VERSION!r}: re-materialize ln_patch_coords")
     params = tiling_params_from_listing(listing["params"])
     names = {entry["name"] for entry in listing["slides"]}
     unknown = sorted(set(probabilities) - names)
     if unknown:
-        raise LymphNodeInputError(f"probabilities for slide(s) {', '.join(unknown)} that the listing does not list")
+        given = ", ".join(f"{name} ({sources[name]})" if name in sources else name for name in unknown)
+        listed = ", ".join(sorted(names)[:10]) + (", ..." if len(names) > 10 else "") if names else "none"
+        raise LymphNodeInputError(f"{listing_name}: lists the slide(s) {listed}; probabilities were given for "
+                                  f"slide(s) {given} that it does not list: re-materialize ln_features")
     slides, staged, outlines = [], {}, {}
     for entry in listing["slides"]:  # all computed and checked before anything is written
         name = entry["name"]
         grid = _grid(entry)
         if name in probabilities:
             coords, values = probabilities[name]
-            values = aligned_probabilities(name, grid, coords, values)
+            values = aligned_probabilities(name, grid, coords, values, source=sources.get(name))
         elif len(grid):
-            raise LymphNodeInputError(f"slide {name!r} has {len(grid)} patches but no probabilities")
+            raise LymphNodeInputError(f"{listing_name}: slide {name!r} has {len(grid)} patches but no "
+                                      "probabilities were given for it")
         else:
             values = np.zeros(0, np.float64)
         polygons = cached_tissue_polygons(entry, params, grid, out_dir / OUTLINES_FOLDER, outlines)

@@ -9,10 +9,12 @@
 * Areas are counted on one raster per slide whose cell is 1/`RASTER_CELLS_PER_PATCH` of the
   patch side (8 µm for 256 px patches at 0.5 µm/px: the tiling's default segmentation
   resolution, so the raster is as fine as the node outlines are). A patch square covers whole
-  cells, a node covers the cells whose centres its outline contains, and a node's tumour area is
-  its cells under a kept tumour patch: tumour is counted only inside nodes and never exceeds its
-  node's area (T/MLN <= 1 by construction).
-* A patch belongs to the node whose cells hold its centre (node 0: outside every node).
+  cells, a node covers the cells whose centres its outline contains.
+* A patch belongs to the node whose cells hold its centre (node 0: outside every node). A node's
+  tumour area is its own cells under the squares of the kept tumour patches that belong to it:
+  a patch never lends tumour to a neighbouring node its square overlaps, a node is metastatic only
+  when one of its own patches is tumour, and tumour never exceeds its node's area (T/MLN <= 1 by
+  construction).
 """
 
 from __future__ import annotations
@@ -235,15 +237,20 @@ def analyse_slide(name: str, tissue_polygons, coords, probabilities, *, mpp, dim
     grid_regions = tumour_regions_on_grid(coords, side, above, min_tumour_patches) if len(coords) else \
         np.zeros(0, np.int64)
     tumour_patch = grid_regions > 0
-    tumour_cells = np.zeros(raster.shape, bool)
-    for x, y in coords[tumour_patch].tolist():
-        r0, r1 = raster.span(y, side, n_rows)
-        c0, c1 = raster.span(x, side, n_columns)
-        tumour_cells[r0:r1, c0:c1] = True
 
     centre_rows = np.clip(((coords[:, 1] + side / 2) // raster.cell).astype(np.int64), 0, n_rows - 1)
     centre_columns = np.clip(((coords[:, 0] + side / 2) // raster.cell).astype(np.int64), 0, n_columns - 1)
     patch_node_ids = labels[centre_rows, centre_columns].astype(np.int64) if len(coords) else np.zeros(0, np.int64)
+
+    # A tumour patch gives tumour only to the node holding its centre, and only that node's cells
+    # under its square: a square reaching over a neighbouring node's edge leaves that node clean.
+    tumour_cells = np.zeros(raster.shape, bool)
+    for (x, y), node_id in zip(coords[tumour_patch].tolist(), patch_node_ids[tumour_patch].tolist()):
+        if node_id == 0:
+            continue
+        r0, r1 = raster.span(y, side, n_rows)
+        c0, c1 = raster.span(x, side, n_columns)
+        tumour_cells[r0:r1, c0:c1] |= labels[r0:r1, c0:c1] == node_id
 
     k = len(outlines)
     cell_mm2 = raster.cell * raster.cell * mm2_per_px(mpp)
