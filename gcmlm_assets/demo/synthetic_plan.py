@@ -57,16 +57,16 @@ class CohortSpec:
     signal_strength: float = 1.8
     # Lymph-node slides. Sizes in units of `ln_unit_px` level-0 px: the tiling's 256 px patch at
     # 0.5 µm/px, so that tumour regions span enough patches for patch-level areas within a few %.
-    ln_fraction: float = 0.75  # share of each class with lymph-node slides
-    # The demo encodes every lymph-node patch on the CPU: these keep it to about 5,000 patches.
+    ln_fraction: float = 0.5  # share of each class with lymph-node slides
+    # The demo encodes every lymph-node patch on the CPU: these keep it to about 3,000 patches.
     ln_second_slide: float = 0.0  # chance that such a patient has a second slide
     ln_nodes: tuple[int, int] = (2, 3)  # nodes per slide, inclusive
-    ln_node_radius: tuple[float, float] = (5.0, 7.5)  # a node's equivalent radius, units
-    ln_min_tumour_radius: float = 3.5  # a tumour region's smallest equivalent radius, units
-    ln_max_units: float = 400.0  # the nodes' total area per slide, units² (about its patch count)
+    ln_node_radius: tuple[float, float] = (4.5, 6.5)  # a node's equivalent radius, units
+    ln_min_tumour_radius: float = 3.0  # a tumour region's smallest equivalent radius, units
+    ln_max_units: float = 300.0  # the nodes' total area per slide, units² (about its patch count)
     ln_gap: float = 2.0  # glass between nodes' bounding boxes, units
     ln_unit_px: int = 256
-    ln_annotated: int = 6  # patients whose lymph-node slides come with annotations
+    ln_annotated: int = 4  # patients whose lymph-node slides come with annotations
 
     def __post_init__(self) -> None:
         if self.n_patients < 2:
@@ -202,7 +202,7 @@ def _planned_slide(spec: CohortSpec, severity: float, rng: np.random.Generator) 
     high = float(np.clip(math.sqrt(spec.ln_max_units / (math.pi * n_nodes)), low, high))
     # A node is metastatic with a chance rising with the severity; tumour takes a larger share of
     # it as the severity rises, never less than a region of ln_min_tumour_radius.
-    p_metastatic = 1.0 / (1.0 + math.exp(-2.0 * severity))
+    p_metastatic = 1.0 / (1.0 + math.exp(-2.5 * severity))
     nodes = []
     for _ in range(n_nodes):
         metastatic = bool(rng.random() < p_metastatic)
@@ -213,7 +213,7 @@ def _planned_slide(spec: CohortSpec, severity: float, rng: np.random.Generator) 
         share, regions = 0.0, 0
         if metastatic:
             floor = (spec.ln_min_tumour_radius / radius) ** 2
-            share = float(np.clip(0.5 + 0.2 * severity + rng.normal(0, 0.06), floor, 0.85))
+            share = float(np.clip(0.5 + 0.25 * severity + rng.normal(0, 0.05), floor, 0.85))
             two_fit = share * radius**2 >= 2 * (1.1 * spec.ln_min_tumour_radius) ** 2 and aspect < 0.8
             regions = 2 if two_fit and rng.random() < 0.5 else 1
         nodes.append(PlannedNode(radius=round(radius, 4), aspect=round(aspect, 4), angle=round(angle, 2),

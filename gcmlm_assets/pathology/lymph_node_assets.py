@@ -260,7 +260,9 @@ def _lymph_nodes_for(context, patient_id: str, store: ArtifactStore, settings: L
             done = analyse_patient(listing, probabilities, out_dir, settings,
                                    classifier={"version": pointer["version"], "sha256": classifier_sha256,
                                                "training_fingerprint": pointer.get("fingerprint")},
-                                   withdraw=store.path(LYMPH_NODES.key, patient_id, store.MANIFEST))
+                                   withdraw=store.path(LYMPH_NODES.key, patient_id, store.MANIFEST),
+                                   listing_path=listing_path,
+                                   sources={Path(name).stem: path for name, path in feature_files.items()})
         except (LymphNodeInputError, TumourClassifierError) as error:
             raise dg.Failure(description=f"patient {patient_id}: {error}", allow_retries=False) from error
         summary = {key: value for key, value in done.items() if key != "files"}
