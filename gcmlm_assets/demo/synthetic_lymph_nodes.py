@@ -265,6 +265,9 @@ def _paint_node(rng: np.random.Generator, node: NodeShape, severity: float, mpp:
     height, width = node_mask.shape
     lymphoid = node_mask & ~tumour_mask
     # Tumour: nests (a share rising with the severity) in pink stroma, as on the primary slides.
+    # The texture varies with the severity only within one noise SD: the signal lies in how many nodes
+    # hold tumour and how much, and a tumour far from the annotated ones' look would be missed.
+    severity = float(np.clip(severity, -1.0, 1.0))
     nests = np.zeros_like(tumour_mask)
     if tumour_mask.any():
         nest_field = resized_noise(rng, height, width, cell=int(60 * um))
