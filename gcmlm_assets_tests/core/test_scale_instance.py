@@ -53,8 +53,10 @@ def test_a_populated_instance_answers_dagsters_queries(tmp_path):
 
         store = ArtifactStore(tmp_path / "artifacts")
         unsound = unsound_results(instance, [*patients, "ABSENT"], patient_result_checks().blocking, store)
+        # the population has no lymph-node results: every patient's counts as absent (fused_table
+        # consults it only for a patient whose lymph_nodes file exists)
         assert {modality: set(reasons) for modality, reasons in unsound.items()} == {
-            "radiology": {"ABSENT"}, "pathology": {"ABSENT"}}
+            "radiology": {"ABSENT"}, "pathology": {"ABSENT"}, "lymph_node": {*patients, "ABSENT"}}
 
         # A run over a range of patients materializes each of them; queued runs are queued.
         batched = dg.RunRequest(run_key="explain:batch", tags=dict(zip(RANGE_TAGS, ("GC000004", "GC000006"))))
