@@ -30,7 +30,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[3]
 SCREENSHOTS = PROJECT_ROOT / "test-artifacts" / "ui"
 SENSORS = ("landing_sensor", "radiology_steps_sensor", "pathology_steps_sensor", "lymph_node_steps_sensor",
            "segmentation_training_sensor", "predicted_mask_sensor", "cohort_refresh_sensor",
-           "qupath_geojson_after_patch_coords_sensor", "qupath_geojson_after_risk_explanations_sensor")
+           "qupath_geojson_after_patch_coords_sensor", "qupath_geojson_after_risk_explanations_sensor",
+           "tumour_classifier_sensor", "lymph_nodes_after_classifier_sensor")
 
 
 @dataclass(frozen=True)
