@@ -24,8 +24,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 # The bug this guards against left everything running. dagster dev usually stops in seconds, but it
 # gives its webserver and its daemon up to 60 s each to stop before it kills them (dagster/_cli/dev.py),
-# which on a loaded CI machine, after the daemon test, it has been seen to need: that is the bound.
-STOP_BOUND_S = 2 * 60.0 + 30.0
+# which on a loaded machine, after the daemon test, it has been seen to need and more (150 s was
+# outrun there twice): the bound is both waits, its code server's and a margin.
+STOP_BOUND_S = 4 * 60.0
 START_BOUND_S = 240.0
 # What `make ui` is given of this process's environment.
 SHELL_VARIABLES = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "TERM")
