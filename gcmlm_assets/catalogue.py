@@ -39,6 +39,9 @@ class Asset:
     # pooling (chosen in the run's config) has its own version in the fingerprint (pathology/pooling.py).
     code_version: str | None
     kinds: frozenset[str] = field(default_factory=frozenset)
+    # One partition per CT scan (`ct_scans`: a patient's timepoints, scans.py), not per patient: the
+    # folder and file methods then take a scan key where they say patient_id.
+    per_scan: bool = False
 
     @property
     def owners(self) -> list[str]:
@@ -91,25 +94,28 @@ class AssetFile:
 # ct_image 2: the full-size three-plane picture, and cut-short .nii/.nii.gz files refused (ct.nii.gz's
 # bytes are unchanged for a sound file, so nothing downstream is recomputed).
 # 3: float volumes with NaN or infinite voxels refused (ITK read a NIfTI's as 0), non-image DICOM files named.
-CT_IMAGE = Asset("ct_image", RADIOLOGY, per_patient=True, code_version="3", kinds=frozenset({"simpleitk"}))
+CT_IMAGE = Asset("ct_image", RADIOLOGY, per_patient=True, code_version="3", kinds=frozenset({"simpleitk"}),
+                 per_scan=True)
 CT_VOLUME = CT_IMAGE.file("ct.nii.gz")
 CT_THUMBNAIL = CT_IMAGE.file("ct_thumbnail.png")
 
 # ct_mask 2: label maps are refused or narrowed to the configured label (they were binarised whole).
-CT_MASK = Asset("ct_mask", RADIOLOGY, per_patient=True, code_version="2", kinds=frozenset({"nnunet"}))
+CT_MASK = Asset("ct_mask", RADIOLOGY, per_patient=True, code_version="2", kinds=frozenset({"nnunet"}), per_scan=True)
 MASK_VOLUME = CT_MASK.file("mask.nii.gz")
 MASK_OVERLAY = CT_MASK.file("mask_overlay.png")
 
 RADIOMICS_ROW = Asset("radiomics_row", RADIOLOGY, per_patient=True, code_version="1",
-                      kinds=frozenset({"pyradiomics"}))
+                      kinds=frozenset({"pyradiomics"}), per_scan=True)
 RADIOMICS_TABLE = RADIOMICS_ROW.file("radiomics.parquet")
 
 # The mask and the features in DICOM, for a PACS viewer (radiology/dicom_assets.py): a SEG of the CT
 # series the mask was made on, and a TID 1500 SR of the row that references it. A CT that came in
 # as a NIfTI/NRRD/MHA volume gets neither; the manifest says why.
-CT_MASK_SEG = Asset("ct_mask_seg", RADIOLOGY, per_patient=True, code_version="2", kinds=frozenset({"dicom"}))
+CT_MASK_SEG = Asset("ct_mask_seg", RADIOLOGY, per_patient=True, code_version="2", kinds=frozenset({"dicom"}),
+                    per_scan=True)
 MASK_SEG_FILE = CT_MASK_SEG.file("mask.seg.dcm")
-RADIOMICS_SR = Asset("radiomics_sr", RADIOLOGY, per_patient=True, code_version="2", kinds=frozenset({"dicom"}))
+RADIOMICS_SR = Asset("radiomics_sr", RADIOLOGY, per_patient=True, code_version="2", kinds=frozenset({"dicom"}),
+                     per_scan=True)
 RADIOMICS_SR_FILE = RADIOMICS_SR.file("radiomics.sr.dcm")
 
 # Versioned model folders under one pointer (radiology/nnunet.py).

@@ -38,6 +38,16 @@ class LandingZone(dg.ConfigurableResource):
 
         return self.path() / validate_patient_id(patient_id, where=str(self.path()))
 
+    def scan_folders(self, scan_key: str) -> tuple[Path, Path]:
+        """(CT folder, reference-mask folder) of one scan of a patient's drop (gcmlm_assets/scans.py):
+        `ct/` and `ct_label/` for a drop's only scan, `ct/<timepoint>/` and `ct_label/<timepoint>/`."""
+        from gcmlm_assets.scans import parse_scan_key, scan_folders
+
+        scan = parse_scan_key(scan_key)
+        ct, reference = scan_folders(scan.timepoint)
+        drop = self.patient_dir(scan.patient_id)
+        return drop / ct, drop / reference
+
     def refuse_links_leaving(self, patient_id: str, *subfolders: str) -> None:
         """Raise `LandingInputError` (naming each link and its target) when the patient's folder, or
         anything under its `subfolders`, is a symbolic link that leads outside the landing zone:
