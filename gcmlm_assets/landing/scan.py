@@ -18,6 +18,13 @@ A modality's fingerprint covers (relative name, size, mtime) of its files and RE
 touching READY alone yields new run keys: the uploader's "please re-run" after fixing a drop,
 even when a replacement file kept the size and mtime of the broken one.
 
+Radiology is fingerprinted per CT scan (gcmlm_assets/scans.py): each scan of a drop (its `ct/` and
+`ct_label/` folders, or `ct/<timepoint>/` and `ct_label/<timepoint>/`) is a run of its own, on its
+scan's partition, so a new timepoint of a known patient runs only that timepoint. A drop's only
+scan directly in `ct/` keeps the patient id as its partition, and its cursor entry and run key
+stay those of the days of one scan per patient. The parts of `ct/` and `ct_label/` that
+`list_drop_scans` refuses are reported with their reason; the other scans go on.
+
 The cursor stays small however many patients there are: a watermark and the fingerprints of the
 few drops at or above it. The watermark never passes the scan's start minus `SETTLE_NS`, so a
 READY touched while a tick runs (or on a filesystem with coarse timestamps) stays above it.
@@ -37,22 +44,26 @@ from gcmlm_assets.catalogue import LYMPH_NODE, PATHOLOGY, RADIOLOGY
 # The scan reports the links the resources refuse (landing_input.py, below the domains).
 from gcmlm_assets.landing_input import describe_links_leaving, link_leaving
 from gcmlm_assets.patients import patient_id_problem
+# ct/ holds a drop's CT series (a NIfTI or a DICOM series; the DICOM intake writes into it), or one
+# folder per timepoint; ct_label/ their reference masks (scans.py).
+from gcmlm_assets.scans import CT_FOLDER, REFERENCE_FOLDER, list_drop_scans, scan_key
 
 READY_MARKER = "READY"
 CLINICAL_CSV = "clinical.csv"
-CT_FOLDER = "ct"  # a drop's CT series (a NIfTI or a DICOM series); the DICOM intake writes into it
 WSI_FOLDER = "wsi"  # the primary tumour's slides
 LN_WSI_FOLDER = "ln_wsi"  # the lymph-node slides
 LN_ANNOTATIONS_FOLDER = "ln_annotations"  # QuPath GeoJSON of the lymph-node slides, `<slide name>.geojson`
 
 # Modality -> the sub-folders of a patient's drop that feed it.
 MODALITY_FOLDERS: dict[str, tuple[str, ...]] = {
-    RADIOLOGY: (CT_FOLDER, "ct_label"),
+    RADIOLOGY: (CT_FOLDER, REFERENCE_FOLDER),
     PATHOLOGY: (WSI_FOLDER,),
     LYMPH_NODE: (LN_WSI_FOLDER, LN_ANNOTATIONS_FOLDER),
 }
 # The folders whose presence makes a modality runnable at all.
 MODALITY_REQUIRED: dict[str, str] = {RADIOLOGY: CT_FOLDER, PATHOLOGY: WSI_FOLDER, LYMPH_NODE: LN_WSI_FOLDER}
+# Modalities run once per CT scan (the `ct_scans` partitions), not once per patient.
+PER_SCAN_MODALITIES = frozenset({RADIOLOGY})
 SETTLE_NS = 2_000_000_000
 
 
@@ -60,6 +71,14 @@ SETTLE_NS = 2_000_000_000
 class ModalityState:
     fingerprint: str  # 16 hex digits over READY's mtime and (relative name, size, mtime) of every file
     files: int  # how many entries were stat'ed for it
+    modality: str = ""
+    partition: str = ""  # the run's partition: the scan key (per-scan modalities) or the patient id
+
+
+def unit_name(modality: str, timepoint: str | None) -> str:
+    """What a drop runs once: a modality, or one timepoint of a per-scan modality (`radiology@<timepoint>`);
+    the cursor remembers each as `<patient>|<unit>`."""
+    return modality if timepoint is None else f"{modality}@{timepoint}"
 
 
 def _stat_times(st: os.stat_result) -> int:
@@ -107,6 +126,11 @@ class PatientDrop:
     _modalities: dict[str, ModalityState] | None = field(default=None, init=False, repr=False)
     # Modality -> (relative name, target) of its links leading out of the landing zone: not runnable.
     refused: dict[str, list[tuple[str, str]]] = field(default_factory=dict, init=False, repr=False)
+    # (folder relative to the drop, reason) of each part of ct/ or ct_label/ that holds no scan we take.
+    scan_problems: list[tuple[str, str]] = field(default_factory=list, init=False, repr=False)
+    # The scan keys the drop holds now; None when its listing cannot be trusted to say which are gone
+    # (links leaving the zone, or a problem with the whole of ct/): then no scan is taken as removed.
+    scan_keys: tuple[str, ...] | None = field(default=None, init=False, repr=False)
 
     @property
     def walked(self) -> bool:
@@ -114,7 +138,8 @@ class PatientDrop:
 
     @property
     def modalities(self) -> dict[str, ModalityState]:
-        """Fingerprint of each runnable modality (walks the drop once; OSError if it vanished)."""
+        """Fingerprint of each runnable unit (`unit_name`): a modality, per scan for the per-scan
+        ones (walks the drop once; OSError if it vanished)."""
         if self._modalities is None:
             self._modalities = self._fingerprint()
         return self._modalities
@@ -122,7 +147,7 @@ class PatientDrop:
     def _fingerprint(self) -> dict[str, ModalityState]:
         modalities: dict[str, ModalityState] = {}
         root = os.path.realpath(self.path.parent)  # drops are the landing root's direct children
-        self.refused = {}
+        self.refused, self.scan_problems, self.scan_keys = {}, [], None
         for modality, folders in MODALITY_FOLDERS.items():
             required = MODALITY_REQUIRED[modality]
             entries: list[tuple[str, int, int]] = []
@@ -134,16 +159,37 @@ class PatientDrop:
                 elif (self.path / name).is_dir():
                     _walk_files(self.path / name, name, entries, root, leaving)
             if leaving:
+                # Refused before the scans are listed: listing them would stat the links' targets.
                 self.refused[modality] = leaving
+                continue
+            if modality in PER_SCAN_MODALITIES:
+                modalities.update(self._scan_states(modality, entries))
                 continue
             if not (self.path / required).is_dir():
                 continue
             if not any(rel.startswith(required + "/") for rel, _, _ in entries):
                 continue
-            payload = json.dumps([self.ready_mtime_ns, sorted(entries)]).encode()
-            modalities[modality] = ModalityState(hashlib.sha256(payload).hexdigest()[:16],
-                                                 len(entries))
+            modalities[modality] = self._state(modality, self.patient_id, entries)
         return modalities
+
+    def _state(self, modality: str, partition: str, entries: list[tuple[str, int, int]]) -> ModalityState:
+        payload = json.dumps([self.ready_mtime_ns, sorted(entries)]).encode()
+        return ModalityState(hashlib.sha256(payload).hexdigest()[:16], len(entries), modality, partition)
+
+    def _scan_states(self, modality: str, entries: list[tuple[str, int, int]]) -> dict[str, ModalityState]:
+        """One state per scan of the drop, over the files of its CT and reference folders (walked
+        once for the whole modality: `entries`)."""
+        listed = list_drop_scans(self.path)
+        self.scan_problems = list(listed.problems)
+        whole_ct_refused = any(folder == CT_FOLDER for folder, _ in listed.problems)
+        keys = [scan_key(self.patient_id, scan.timepoint) for scan in listed.scans]
+        self.scan_keys = None if whole_ct_refused else tuple(keys)
+        states = {}
+        for scan, key in zip(listed.scans, keys):
+            folders = (scan.ct_folder + "/", scan.reference_folder + "/")
+            mine = [entry for entry in entries if entry[0].startswith(folders)]
+            states[unit_name(modality, scan.timepoint)] = self._state(modality, key, mine)
+        return states
 
 
 @dataclass
@@ -160,10 +206,22 @@ class RunPlan:
     patient_id: str
     modality: str
     fingerprint: str
+    partition: str = ""  # the run's partition: a scan key (per-scan modalities); empty: the patient id
+
+    def __post_init__(self):
+        if not self.partition:
+            object.__setattr__(self, "partition", self.patient_id)
 
     @property
     def run_key(self) -> str:
-        return f"{self.patient_id}:{self.modality}:{self.fingerprint}"
+        # a drop's only scan has the patient id as its partition: its run keys are those of old
+        return f"{self.partition}:{self.modality}:{self.fingerprint}"
+
+    @property
+    def cursor_key(self) -> str:
+        """`<patient>|<modality>`, or `<patient>|<modality>@<timepoint>` for a timepoint's scan."""
+        timepoint_suffix = self.partition[len(self.patient_id):]  # "" or "@<timepoint>"
+        return f"{self.patient_id}|{self.modality}{timepoint_suffix}"
 
 
 @dataclass
@@ -176,6 +234,10 @@ class TickPlan:
     held: list[RunPlan] = field(default_factory=list)  # due, but their modality is held back
     # (patient, modality, reason) of the walked drops' modalities refused for links leaving the zone.
     refused: list[tuple[str, str, str]] = field(default_factory=list)
+    # (patient, folder relative to the drop, reason): parts of a walked drop's ct/ or ct_label/ refused.
+    scan_problems: list[tuple[str, str, str]] = field(default_factory=list)
+    # Patient -> the scan keys its walked drop holds now (drops whose listing is trusted, see PatientDrop).
+    drop_scans: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def scan_landing_zone(root: str | os.PathLike) -> LandingScan:
@@ -214,9 +276,15 @@ def scan_landing_zone(root: str | os.PathLike) -> LandingScan:
 
 
 def cursor_state(cursor: str | None) -> tuple[int, dict[str, str]]:
-    """(watermark, fingerprints remembered per "patient|modality") from a cursor."""
+    """(watermark, fingerprints remembered per "patient|unit") from a cursor."""
     state = json.loads(cursor) if cursor else {}
     return int(state.get("w", 0)), dict(state.get("seen", {}))
+
+
+def scans_migrated(cursor: str | None) -> bool:
+    """Whether the cursor was written by a tick that knows the `ct_scans` partitions (every tick
+    since writes `"scans": 1`); an older one asks the sensor to migrate once."""
+    return bool(cursor) and json.loads(cursor).get("scans") == 1
 
 
 def plan_tick(scan: LandingScan, cursor: str | None, max_runs: int,
@@ -245,10 +313,10 @@ def plan_tick(scan: LandingScan, cursor: str | None, max_runs: int,
             scan.unreadable.append((str(drop.path), f"{type(error).__name__}: {error}"))
             continue
         handled.append(drop)
-        for modality, ms in sorted(modalities.items()):
-            if seen.get(f"{drop.patient_id}|{modality}") != ms.fingerprint:
-                due = (drop.changed_ns, RunPlan(drop.patient_id, modality, ms.fingerprint))
-                (holding if modality in held else fresh).append(due)
+        for unit, ms in sorted(modalities.items()):
+            if seen.get(f"{drop.patient_id}|{unit}") != ms.fingerprint:
+                due = (drop.changed_ns, RunPlan(drop.patient_id, ms.modality, ms.fingerprint, ms.partition))
+                (holding if ms.modality in held else fresh).append(due)
 
     taken, over = fresh[:max_runs], fresh[max_runs:] + holding
     deferred_times = [t for t, _ in over] + [d.changed_ns for d in waiting]
@@ -261,21 +329,22 @@ def plan_tick(scan: LandingScan, cursor: str | None, max_runs: int,
     new_watermark = max(watermark, min(new_watermark, scan.started_ns - SETTLE_NS))
 
     # Remember what is requested (now or earlier) for drops the next tick walks again.
-    over_keys = {f"{p.patient_id}|{p.modality}" for _, p in over}
+    over_keys = {p.cursor_key for _, p in over}
     remembered: dict[str, str] = {}
     for drop in handled:
         if drop.changed_ns >= new_watermark:
-            for modality, ms in drop.modalities.items():
-                key = f"{drop.patient_id}|{modality}"
+            for unit, ms in drop.modalities.items():
+                key = f"{drop.patient_id}|{unit}"
                 if key not in over_keys:
                     remembered[key] = ms.fingerprint
-    for drop in waiting:  # unwalked this tick: keep what an earlier tick requested for them
-        for modality in MODALITY_FOLDERS:
-            key = f"{drop.patient_id}|{modality}"
-            if key in seen:
-                remembered[key] = seen[key]
+    # Unwalked this tick: keep what an earlier tick requested for them (the cursor holds only the
+    # few drops above the watermark, so this loop is short).
+    waiting_ids = {drop.patient_id for drop in waiting}
+    for key, fingerprint in seen.items():
+        if key.partition("|")[0] in waiting_ids:
+            remembered[key] = fingerprint
 
-    new_cursor = json.dumps({"w": new_watermark, "seen": remembered}, sort_keys=True,
+    new_cursor = json.dumps({"w": new_watermark, "seen": remembered, "scans": 1}, sort_keys=True,
                             separators=(",", ":"))
     return TickPlan(
         runs=[plan for _, plan in taken],
@@ -287,4 +356,6 @@ def plan_tick(scan: LandingScan, cursor: str | None, max_runs: int,
         refused=[(d.patient_id, modality,
                   describe_links_leaving([(str(d.path / rel), target) for rel, target in links], d.path.parent))
                  for d in handled for modality, links in sorted(d.refused.items())],
+        scan_problems=[(d.patient_id, folder, reason) for d in handled for folder, reason in d.scan_problems],
+        drop_scans={d.patient_id: d.scan_keys for d in handled if d.scan_keys is not None},
     )

@@ -5,6 +5,12 @@ The drops of one tick are grouped per modality into batches of `GCMLM_GPU_BATCH_
 batch is one run of the chain's first asset over the batch's range, and `patient_steps_sensor`s
 carry its patients on through the chain in batched runs (one model load per batch).
 
+Radiology runs once per CT scan: its runs are batched over the `ct_scans` partitions (one key per
+scan, gcmlm_assets/scans.py), the other modalities' over `patients`. A walked drop's new scans are
+added to `ct_scans`, and its scans that are gone from the drop are deleted from it. A cursor written
+before `ct_scans` existed migrates once: every partition `ct_image` (the radiology chain's first
+asset) has materialized becomes a scan, so single-scan patients keep their radiology partitions.
+
 The landing zone knows no domain: definitions.py passes each modality's chain of assets and what
 holds a modality back (`build_landing_sensor`).
 """
@@ -21,9 +27,10 @@ from gcmlm_assets import runs
 from gcmlm_assets.batching import batch_patients
 from gcmlm_assets.patient_batches import plan_batches
 from gcmlm_assets.storage import sha256_text
-from gcmlm_assets.landing.scan import plan_tick, scan_landing_zone
-from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.landing.scan import PER_SCAN_MODALITIES, plan_tick, scan_landing_zone, scans_migrated
+from gcmlm_assets.partitions import ct_scans_partitions, patients_partitions
 from gcmlm_assets.resources import LandingZone
+from gcmlm_assets.scans import SEPARATOR
 
 # Patient ids named in a tick's log line; more are counted.
 NAMED_IN_LOG = 5
@@ -71,11 +78,22 @@ def build_landing_sensor(modality_assets: Mapping[str, Sequence[dg.AssetKey]],
             context.log.warning(f"landing zone: {patient_id} {modality} not requested: {reason}")
         for folder, error in scan.unreadable:
             context.log.warning(f"landing zone: folder {folder!r} could not be scanned this tick ({error})")
+        for patient_id, folder, reason in plan.scan_problems:
+            context.log.warning(f"landing zone: {patient_id} {folder}/ refused: {reason}")
 
         order = list(context.instance.get_dynamic_partitions(patients_partitions.name))
         known = set(order)
         new_patients = [d.patient_id for d in scan.drops if d.patient_id not in known]
-        run_requests = batched_run_requests(plan.runs, order + new_patients, batch_patients(), chains)
+        scan_changes = _scan_partition_changes(context, plan.drop_scans, [d.patient_id for d in scan.drops],
+                                               chains)
+        if scan_changes.migrated:
+            context.log.info(f"ct_scans: {len(scan_changes.migrated)} scan(s) that ct_image has materialized added "
+                             f"once, as the scans of their patients{_names(scan_changes.migrated)}")
+        if scan_changes.removed:
+            context.log.warning(f"ct_scans: {len(scan_changes.removed)} scan(s) no longer in their drops removed"
+                                f"{_names(scan_changes.removed)}")
+        run_requests = batched_run_requests(plan.runs, order + new_patients, batch_patients(), chains,
+                                            scan_order=scan_changes.order)
         if plan.deferred:
             context.log.info(f"{plan.deferred} changed drops wait for the next tick "
                              f"(cap {landing.max_runs_per_tick} runs per tick)")
@@ -84,36 +102,83 @@ def build_landing_sensor(modality_assets: Mapping[str, Sequence[dg.AssetKey]],
             if patient_ids:
                 context.log.warning(f"{modality} held for {_named(patient_ids)}: {held_because[modality]} "
                                     "Their runs start on the first tick after that is fixed.")
-        by_modality = {m: [r.patient_id for r in plan.runs if r.modality == m] for m in chains}
+        by_modality = {m: [r.partition for r in plan.runs if r.modality == m] for m in chains}
         context.log.info(
             f"landing zone: {len(new_patients)} new patient(s){_names(new_patients)}; runs requested: "
             + ", ".join(f"{m} {_named(ids)}" for m, ids in by_modality.items())
             + f"; {len(scan.not_ready)} drop(s) waiting for READY{_names(scan.not_ready)}; "
             f"{len(scan.drops)} ready ({plan.walked} walked), {len(scan.invalid)} invalid")
-        if not run_requests and not new_patients:
+        partition_requests = ([patients_partitions.build_add_request(new_patients)] if new_patients else []) + \
+            scan_changes.requests()
+        if not run_requests and not partition_requests:
             # A skipped tick: the UI's tick list can hide these, so the ticks that did something stand out.
             held_note = "".join(f"; {m} held for {_named(ids)}" for m, ids in held_by_modality.items() if ids)
             return dg.SensorResult(skip_reason=f"no new or changed drop with READY ({len(scan.drops)} ready, "
                                                f"{len(scan.not_ready)} waiting for READY{held_note})",
                                    cursor=plan.cursor)
-        return dg.SensorResult(
-            run_requests=run_requests,
-            dynamic_partitions_requests=(
-                [patients_partitions.build_add_request(new_patients)] if new_patients else []
-            ),
-            cursor=plan.cursor,
-        )
+        return dg.SensorResult(run_requests=run_requests, dynamic_partitions_requests=partition_requests,
+                               cursor=plan.cursor)
 
     return landing_sensor
 
 
+@dataclass
+class ScanPartitionChanges:
+    order: list[str]  # the `ct_scans` order once the changes are made (removed ones left out, new ones last)
+    added: list[str]
+    removed: list[str]
+    migrated: list[str]  # of `added`: the keys the one-off migration adds
+
+    def requests(self) -> list:
+        return ([ct_scans_partitions.build_add_request(self.added)] if self.added else []) + \
+            ([ct_scans_partitions.build_delete_request(self.removed)] if self.removed else [])
+
+
+def _scan_partition_changes(context: dg.SensorEvaluationContext, drop_scans: Mapping[str, Sequence[str]],
+                            listed: Sequence[str], chains: Mapping[str, Sequence[dg.AssetKey]]) -> ScanPartitionChanges:
+    """The `ct_scans` keys to add (the walked drops' new scans, and once the migration's) and to remove
+    (the walked drops' scans gone from them): one query for the partition list, one more once."""
+    instance = context.instance
+    order = list(instance.get_dynamic_partitions(ct_scans_partitions.name))
+    known = set(order)
+    # Walked drops in the landing root's order (as new patients are added), each drop's scans oldest first.
+    walked = [p for p in listed if p in drop_scans]
+    current = {key for p in walked for key in drop_scans[p]}
+
+    def gone_from_its_drop(key: str) -> bool:
+        # a scan key names its patient before the separator; only walked drops say what is gone
+        return key.partition(SEPARATOR)[0] in drop_scans and key not in current
+
+    migrated: list[str] = []
+    if not scans_migrated(context.cursor):
+        # Before ct_scans, the radiology assets were partitioned by patient: each patient's
+        # materialized partition is its only scan's key (the patient id).
+        listed_ids = set(listed)
+        for modality in sorted(PER_SCAN_MODALITIES & set(chains)):
+            materialized = instance.get_materialized_partitions(chains[modality][0])
+            # in the landing root's order first, then any others (patients whose drops are gone)
+            ordered = [p for p in listed if p in materialized] + sorted(materialized - listed_ids)
+            migrated += [key for key in ordered if key not in known and key not in migrated
+                         and not gone_from_its_drop(key)]
+        known.update(migrated)
+    new = [key for p in walked for key in drop_scans[p] if key not in known]
+    removed = [key for key in order if gone_from_its_drop(key)] if drop_scans else []
+    gone = set(removed)
+    return ScanPartitionChanges(order=[key for key in order if key not in gone] + migrated + new,
+                                added=migrated + new, removed=removed, migrated=migrated)
+
+
 def batched_run_requests(planned: list, order: list[str], batch_size: int,
-                         modality_assets: Mapping[str, Sequence[dg.AssetKey]]) -> list[dg.RunRequest]:
-    """The tick's runs: per modality, one per bucket batch of its patients (see the module's docstring)."""
+                         modality_assets: Mapping[str, Sequence[dg.AssetKey]], *,
+                         scan_order: Sequence[str] | None = None) -> list[dg.RunRequest]:
+    """The tick's runs: per modality, one per bucket batch of its partitions (see the module's
+    docstring): the `patients` `order`, or for the per-scan modalities the `ct_scans` `scan_order`
+    (None: `order`, where every scan is a patient's only one)."""
     requests = []
     for modality, assets in modality_assets.items():
-        mine = {run.patient_id: run for run in planned if run.modality == modality}
-        for batch in plan_batches(order, mine, batch_size):
+        mine = {run.partition: run for run in planned if run.modality == modality}
+        partitions = scan_order if modality in PER_SCAN_MODALITIES and scan_order is not None else order
+        for batch in plan_batches(partitions, mine, batch_size):
             tags = {"gcmlm/modality": modality, **runs.work_tags(modality)}
             if batch.single:
                 run = mine[batch.first]

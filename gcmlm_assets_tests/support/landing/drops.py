@@ -74,14 +74,22 @@ class Ticker:
                                      resources={"landing": self.landing, "encoder": self.encoder}) as context:
             context.log.addHandler(_Collect(self.messages))
             result = landing_sensor(context)
-        for request in result.dynamic_partitions_requests or []:
-            self.instance.add_dynamic_partitions(request.partitions_def_name,
-                                                 list(request.partition_keys))
+        for request in result.dynamic_partitions_requests or []:  # as the daemon applies them
+            if isinstance(request, dg.DeleteDynamicPartitionsRequest):
+                for key in request.partition_keys:
+                    self.instance.delete_dynamic_partition(request.partitions_def_name, key)
+            else:
+                self.instance.add_dynamic_partitions(request.partitions_def_name,
+                                                     list(request.partition_keys))
         self.cursor = result.cursor
         return result
 
     def partitions(self) -> set[str]:
         return set(self.instance.get_dynamic_partitions("patients"))
+
+    def scans(self) -> list[str]:
+        """The `ct_scans` partitions, in their order."""
+        return list(self.instance.get_dynamic_partitions("ct_scans"))
 
 
 def requested(result: dg.SensorResult) -> list[tuple[str, str]]:
