@@ -20,10 +20,12 @@ even when a replacement file kept the size and mtime of the broken one.
 
 Radiology is fingerprinted per CT scan (gcmlm_assets/scans.py): each scan of a drop (its `ct/` and
 `ct_label/` folders, or `ct/<timepoint>/` and `ct_label/<timepoint>/`) is a run of its own, on its
-scan's partition, so a new timepoint of a known patient runs only that timepoint. A drop's only
-scan directly in `ct/` keeps the patient id as its partition, and its cursor entry and run key
-stay those of the days of one scan per patient. The parts of `ct/` and `ct_label/` that
-`list_drop_scans` refuses are reported with their reason; the other scans go on.
+scan's partition. A drop's only scan directly in `ct/` keeps the patient id as its partition, and
+its fingerprint, cursor entry and run key stay those of the days of one scan per patient. A
+timepoint's fingerprint leaves READY's time out and takes each file's ctime instead: committing a
+new timepoint (READY touched) gives that timepoint a new run key and leaves the other timepoints
+theirs, so only it runs; a replaced file still changes its timepoint's key. The parts of `ct/` and
+`ct_label/` that `list_drop_scans` refuses are reported with their reason; the other scans go on.
 
 The cursor stays small however many patients there are: a watermark and the fingerprints of the
 few drops at or above it. The watermark never passes the scan's start minus `SETTLE_NS`, so a
@@ -85,10 +87,10 @@ def _stat_times(st: os.stat_result) -> int:
     return max(st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _walk_files(folder: Path, prefix: str, entries: list[tuple[str, int, int]], root: str,
+def _walk_files(folder: Path, prefix: str, entries: list[tuple[str, int, int, int]], root: str,
                 leaving: list[tuple[str, str]]) -> None:
-    """Append (relative name, size, mtime) for the files under `folder`; links that lead out of
-    `root` go to `leaving` as (relative name, target) and are not followed."""
+    """Append (relative name, size, mtime, ctime) for the files under `folder`; links that lead out
+    of `root` go to `leaving` as (relative name, target) and are not followed."""
     with os.scandir(folder) as it:
         for entry in it:
             if entry.name.startswith("."):
@@ -107,12 +109,12 @@ def _walk_files(folder: Path, prefix: str, entries: list[tuple[str, int, int]], 
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                entries.append((rel, -1, st.st_mtime_ns))
+                entries.append((rel, -1, st.st_mtime_ns, st.st_ctime_ns))
                 continue
             if stat.S_ISDIR(st.st_mode):
                 _walk_files(Path(entry.path), rel, entries, root, leaving)
             else:
-                entries.append((rel, st.st_size, st.st_mtime_ns))
+                entries.append((rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
 
 @dataclass
@@ -150,7 +152,7 @@ class PatientDrop:
         self.refused, self.scan_problems, self.scan_keys = {}, [], None
         for modality, folders in MODALITY_FOLDERS.items():
             required = MODALITY_REQUIRED[modality]
-            entries: list[tuple[str, int, int]] = []
+            entries: list[tuple[str, int, int, int]] = []
             leaving: list[tuple[str, str]] = []
             for name in folders:
                 target = link_leaving(self.path / name, root)
@@ -167,18 +169,28 @@ class PatientDrop:
                 continue
             if not (self.path / required).is_dir():
                 continue
-            if not any(rel.startswith(required + "/") for rel, _, _ in entries):
+            if not any(entry[0].startswith(required + "/") for entry in entries):
                 continue
             modalities[modality] = self._state(modality, self.patient_id, entries)
         return modalities
 
-    def _state(self, modality: str, partition: str, entries: list[tuple[str, int, int]]) -> ModalityState:
-        payload = json.dumps([self.ready_mtime_ns, sorted(entries)]).encode()
+    def _state(self, modality: str, partition: str, entries: list[tuple[str, int, int, int]]) -> ModalityState:
+        # READY's mtime and (name, size, mtime) of each file: a commit gives new run keys
+        payload = json.dumps([self.ready_mtime_ns, sorted(entry[:3] for entry in entries)]).encode()
         return ModalityState(hashlib.sha256(payload).hexdigest()[:16], len(entries), modality, partition)
 
-    def _scan_states(self, modality: str, entries: list[tuple[str, int, int]]) -> dict[str, ModalityState]:
+    def _timepoint_state(self, modality: str, partition: str,
+                         entries: list[tuple[str, int, int, int]]) -> ModalityState:
+        # Not READY's time, which every commit moves: a new timepoint committed later leaves the
+        # drop's other timepoints their run keys. A file's ctime stands in for it: a file replaced,
+        # even by a copy keeping size and mtime (`cp -p`), is a change of its timepoint only.
+        payload = json.dumps(["timepoint", sorted(entries)]).encode()
+        return ModalityState(hashlib.sha256(payload).hexdigest()[:16], len(entries), modality, partition)
+
+    def _scan_states(self, modality: str, entries: list[tuple[str, int, int, int]]) -> dict[str, ModalityState]:
         """One state per scan of the drop, over the files of its CT and reference folders (walked
-        once for the whole modality: `entries`)."""
+        once for the whole modality: `entries`). A drop's only scan is fingerprinted as a modality
+        always was; a timepoint by its own files alone (`_timepoint_state`)."""
         listed = list_drop_scans(self.path)
         self.scan_problems = list(listed.problems)
         whole_ct_refused = any(folder == CT_FOLDER for folder, _ in listed.problems)
@@ -188,7 +200,8 @@ class PatientDrop:
         for scan, key in zip(listed.scans, keys):
             folders = (scan.ct_folder + "/", scan.reference_folder + "/")
             mine = [entry for entry in entries if entry[0].startswith(folders)]
-            states[unit_name(modality, scan.timepoint)] = self._state(modality, key, mine)
+            fingerprint = self._state if scan.timepoint is None else self._timepoint_state
+            states[unit_name(modality, scan.timepoint)] = fingerprint(modality, key, mine)
         return states
 
 

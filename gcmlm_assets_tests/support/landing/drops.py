@@ -36,6 +36,21 @@ def make_drop(root: Path, patient_id: str, *, ct: bool = True, wsi: bool = False
     return folder
 
 
+def add_timepoint(root: Path, patient_id: str, timepoint: str, *, label: bool = False, ready: bool = True) -> Path:
+    """One CT scan of the patient in `ct/<timepoint>/` (its reference mask in `ct_label/<timepoint>/`),
+    then READY touched (the uploader's commit), as a later scan of a known patient arrives."""
+    folder = root / patient_id
+    (folder / "ct" / timepoint).mkdir(parents=True, exist_ok=True)
+    (folder / "ct" / timepoint / "ct.nii.gz").write_bytes(f"ct-{patient_id}-{timepoint}".encode())
+    if label:
+        (folder / "ct_label" / timepoint).mkdir(parents=True, exist_ok=True)
+        (folder / "ct_label" / timepoint / "mask.nii.gz").write_bytes(b"mask")
+    if ready:
+        time.sleep(0.01)
+        (folder / "READY").write_text("")
+    return folder
+
+
 def touch_later(path: Path, content: bytes) -> None:
     """Rewrite a file so its times move past anything the cursor has seen."""
     time.sleep(0.01)
