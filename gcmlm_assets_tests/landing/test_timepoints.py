@@ -169,3 +169,40 @@ def test_an_old_cursor_adds_what_ct_image_has_materialized_once(instance, landin
     assert json.loads(ticker.cursor)["scans"] == 1
     again = ticker.tick()
     assert again.dynamic_partitions_requests == [] and ticker.scans() == ["P001", "P002", "P003"]
+
+
+def test_scans_are_batched_over_the_ct_scans_order(instance, landing_root, monkeypatch):
+    monkeypatch.setenv("GCMLM_GPU_BATCH_PATIENTS", "4")
+    for patient_id in ("P001", "P002"):
+        make_drop(landing_root, patient_id, ct=False, wsi=True)
+        add_timepoint(landing_root, patient_id, "baseline")
+        add_timepoint(landing_root, patient_id, "post_nact")
+    ticker = Ticker(instance, landing_root)
+    result = ticker.tick()
+    by_modality = {r.tags["gcmlm/modality"]: r for r in result.run_requests}
+    assert len(result.run_requests) == 2
+    # one run of ct_image over the patients' four scans; pathology's over the two patients
+    radiology, pathology = by_modality["radiology"], by_modality["pathology"]
+    assert (radiology.tags["dagster/asset_partition_range_start"],
+            radiology.tags["dagster/asset_partition_range_end"]) == ("P001@baseline", "P002@post_nact")
+    assert (pathology.tags["dagster/asset_partition_range_start"],
+            pathology.tags["dagster/asset_partition_range_end"]) == ("P001", "P002")
+    assert ticker.scans() == ["P001@baseline", "P001@post_nact", "P002@baseline", "P002@post_nact"]
+
+
+def test_a_link_leaving_the_zone_in_a_timepoint_refuses_the_patients_radiology(instance, landing_root, tmp_path):
+    outside = tmp_path / "elsewhere" / "ct.nii.gz"
+    outside.parent.mkdir()
+    outside.write_bytes(b"not ours")
+    folder = make_drop(landing_root, "P001", ct=False, wsi=True)
+    add_timepoint(landing_root, "P001", "2024-01-10")
+    ticker = Ticker(instance, landing_root)
+    ticker.tick()
+    (folder / "ct" / "2024-06-02").mkdir()
+    (folder / "ct" / "2024-06-02" / "ct.nii.gz").symlink_to(outside)
+    touch_ready(folder)
+    result = ticker.tick()
+    assert requested(result) == [("P001", "pathology")]
+    assert any(m.startswith("landing zone: P001 radiology not requested: ") and str(outside) in m
+               for m in ticker.messages)
+    assert ticker.scans() == ["P001@2024-01-10"]  # nothing is taken as gone from a refused listing
