@@ -71,7 +71,9 @@ SETTLE_NS = 2_000_000_000
 
 @dataclass(frozen=True)
 class ModalityState:
-    fingerprint: str  # 16 hex digits over READY's mtime and (relative name, size, mtime) of every file
+    # 16 hex digits over READY's mtime and (relative name, size, mtime) of every file (a timepoint's
+    # scan: (relative name, size, mtime, ctime) of its files, see the module's docstring)
+    fingerprint: str
     files: int  # how many entries were stat'ed for it
     modality: str = ""
     partition: str = ""  # the run's partition: the scan key (per-scan modalities) or the patient id
