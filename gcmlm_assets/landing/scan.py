@@ -21,11 +21,18 @@ even when a replacement file kept the size and mtime of the broken one.
 Radiology is fingerprinted per CT scan (gcmlm_assets/scans.py): each scan of a drop (its `ct/` and
 `ct_label/` folders, or `ct/<timepoint>/` and `ct_label/<timepoint>/`) is a run of its own, on its
 scan's partition. A drop's only scan directly in `ct/` keeps the patient id as its partition, and
-its fingerprint, cursor entry and run key stay those of the days of one scan per patient. A
-timepoint's fingerprint leaves READY's time out and takes each file's ctime instead: committing a
-new timepoint (READY touched) gives that timepoint a new run key and leaves the other timepoints
-theirs, so only it runs; a replaced file still changes its timepoint's key. The parts of `ct/` and
-`ct_label/` that `list_drop_scans` refuses are reported with their reason; the other scans go on.
+its fingerprint, cursor entry and run key stay those of the days of one scan per patient. The parts
+of `ct/` and `ct_label/` that `list_drop_scans` refuses are reported with their reason; the other
+scans go on.
+
+What a drop runs once is a unit (`unit_name`): a modality, or one scan of radiology. Each unit also
+has a content fingerprint, its files' (relative name, size, mtime, ctime) without READY; the sensor
+keeps the content fingerprint each unit was last requested with (its memory, in Dagster's key-value
+store). Of the units a commit makes fresh (their run fingerprint is not in the cursor), those whose
+content differs from their memory are requested alone: a new timepoint of a known patient runs only
+that timepoint, even months later when the cursor has long forgotten the drop; a file replaced
+with its old size and mtime (`cp -p`) still changes its unit (ctime). When no fresh unit of a drop
+changed (READY touched alone), all of them are requested: the uploader's "please re-run".
 
 The cursor stays small however many patients there are: a watermark and the fingerprints of the
 few drops at or above it. The watermark never passes the scan's start minus `SETTLE_NS`, so a
@@ -39,6 +46,7 @@ import json
 import os
 import stat
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,12 +79,13 @@ SETTLE_NS = 2_000_000_000
 
 @dataclass(frozen=True)
 class ModalityState:
-    # 16 hex digits over READY's mtime and (relative name, size, mtime) of every file (a timepoint's
-    # scan: (relative name, size, mtime, ctime) of its files, see the module's docstring)
-    fingerprint: str
+    """One unit of a drop (`unit_name`): a modality, or a scan of a per-scan modality."""
+
+    fingerprint: str  # the run fingerprint: 16 hex digits over READY's mtime and (relative name, size, mtime) of its files
     files: int  # how many entries were stat'ed for it
     modality: str = ""
     partition: str = ""  # the run's partition: the scan key (per-scan modalities) or the patient id
+    content: str = ""  # 16 hex digits over (relative name, size, mtime, ctime) of its files: no READY
 
 
 def unit_name(modality: str, timepoint: str | None) -> str:
@@ -128,6 +137,9 @@ class PatientDrop:
     ready_mtime_ns: int
     changed_ns: int  # the commit time: newest mtime/ctime of READY and the patient folder
     _modalities: dict[str, ModalityState] | None = field(default=None, init=False, repr=False)
+    # Why the walk failed (vanished, unreadable): kept so that walking the tick again (`walk_tick`,
+    # then `plan_tick`) decides the same.
+    _error: OSError | None = field(default=None, init=False, repr=False)
     # Modality -> (relative name, target) of its links leading out of the landing zone: not runnable.
     refused: dict[str, list[tuple[str, str]]] = field(default_factory=dict, init=False, repr=False)
     # (folder relative to the drop, reason) of each part of ct/ or ct_label/ that holds no scan we take.
@@ -144,8 +156,14 @@ class PatientDrop:
     def modalities(self) -> dict[str, ModalityState]:
         """Fingerprint of each runnable unit (`unit_name`): a modality, per scan for the per-scan
         ones (walks the drop once; OSError if it vanished)."""
+        if self._error is not None:
+            raise self._error
         if self._modalities is None:
-            self._modalities = self._fingerprint()
+            try:
+                self._modalities = self._fingerprint()
+            except OSError as error:
+                self._error = error
+                raise
         return self._modalities
 
     def _fingerprint(self) -> dict[str, ModalityState]:
@@ -177,22 +195,18 @@ class PatientDrop:
         return modalities
 
     def _state(self, modality: str, partition: str, entries: list[tuple[str, int, int, int]]) -> ModalityState:
-        # READY's mtime and (name, size, mtime) of each file: a commit gives new run keys
-        payload = json.dumps([self.ready_mtime_ns, sorted(entry[:3] for entry in entries)]).encode()
-        return ModalityState(hashlib.sha256(payload).hexdigest()[:16], len(entries), modality, partition)
-
-    def _timepoint_state(self, modality: str, partition: str,
-                         entries: list[tuple[str, int, int, int]]) -> ModalityState:
-        # Not READY's time, which every commit moves: a new timepoint committed later leaves the
-        # drop's other timepoints their run keys. A file's ctime stands in for it: a file replaced,
-        # even by a copy keeping size and mtime (`cp -p`), is a change of its timepoint only.
-        payload = json.dumps(["timepoint", sorted(entries)]).encode()
-        return ModalityState(hashlib.sha256(payload).hexdigest()[:16], len(entries), modality, partition)
+        # Run fingerprint: READY's mtime and (name, size, mtime) of each file, so a commit gives new
+        # run keys (the formula of the days of one scan per patient, kept byte for byte).
+        run_payload = json.dumps([self.ready_mtime_ns, sorted(entry[:3] for entry in entries)]).encode()
+        # Content fingerprint: the files alone, with their ctime, which a replaced file moves even
+        # when the copy keeps size and mtime (`cp -p`).
+        content_payload = json.dumps(sorted(entries)).encode()
+        return ModalityState(hashlib.sha256(run_payload).hexdigest()[:16], len(entries), modality, partition,
+                             hashlib.sha256(content_payload).hexdigest()[:16])
 
     def _scan_states(self, modality: str, entries: list[tuple[str, int, int, int]]) -> dict[str, ModalityState]:
         """One state per scan of the drop, over the files of its CT and reference folders (walked
-        once for the whole modality: `entries`). A drop's only scan is fingerprinted as a modality
-        always was; a timepoint by its own files alone (`_timepoint_state`)."""
+        once for the whole modality: `entries`)."""
         listed = list_drop_scans(self.path)
         self.scan_problems = list(listed.problems)
         whole_ct_refused = any(folder == CT_FOLDER for folder, _ in listed.problems)
@@ -202,8 +216,7 @@ class PatientDrop:
         for scan, key in zip(listed.scans, keys):
             folders = (scan.ct_folder + "/", scan.reference_folder + "/")
             mine = [entry for entry in entries if entry[0].startswith(folders)]
-            fingerprint = self._state if scan.timepoint is None else self._timepoint_state
-            states[unit_name(modality, scan.timepoint)] = fingerprint(modality, key, mine)
+            states[unit_name(modality, scan.timepoint)] = self._state(modality, key, mine)
         return states
 
 
@@ -253,6 +266,10 @@ class TickPlan:
     scan_problems: list[tuple[str, str, str]] = field(default_factory=list)
     # Patient -> the scan keys its walked drop holds now (drops whose listing is trusted, see PatientDrop).
     drop_scans: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # "<patient>|<unit>" -> content fingerprint: the memory of the units requested this tick whose
+    # content differs from what the memory held (the sensor stores it).
+    remember: dict[str, str] = field(default_factory=dict)
+    unchanged: int = 0  # fresh units not requested: their content is that of their last request
 
 
 def scan_landing_zone(root: str | os.PathLike) -> LandingScan:
@@ -302,36 +319,85 @@ def scans_migrated(cursor: str | None) -> bool:
     return bool(cursor) and json.loads(cursor).get("scans") == 1
 
 
-def plan_tick(scan: LandingScan, cursor: str | None, max_runs: int,
-              held: frozenset[str] = frozenset()) -> TickPlan:
-    """Which runs this tick requests, and the cursor that remembers it.
+@dataclass
+class TickWalk:
+    """The drops a tick walks (`walk_tick`) and their units whose run fingerprint the cursor has not seen."""
 
-    Walks the drops committed at or after the watermark, oldest first, until `max_runs` runs
-    are found; the newer ones wait unwalked, so whatever is deferred sits above the new watermark.
-    Runs of a `held` modality (one that would fail for a reason of the platform's, not the drop's)
-    are not requested and not remembered: like deferred ones, a later tick requests them.
-    """
+    watermark: int
+    seen: dict[str, str]  # the cursor's "<patient>|<unit>" -> run fingerprint
+    handled: list[PatientDrop]  # walked
+    waiting: list[PatientDrop]  # not walked: the run cap is full
+    fresh: list[tuple[PatientDrop, str, ModalityState]]  # (drop, unit, state) in commit order
+    unreadable: list[tuple[str, str]]  # (folder, error) of drops that vanished or could not be read
+
+    @property
+    def memory_keys(self) -> set[str]:
+        """"<patient>|<unit>" of every unit of the walked drops: what the memory is asked for."""
+        return {f"{drop.patient_id}|{unit}" for drop in self.handled for unit in drop.modalities}
+
+
+def walk_tick(scan: LandingScan, cursor: str | None, max_runs: int,
+              held: frozenset[str] = frozenset()) -> TickWalk:
+    """Walk the drops committed at or after the watermark, oldest first, until their fresh units of
+    modalities not `held` reach `max_runs`; the newer ones wait unwalked. Walks are kept on the
+    drops: walking the same scan again gives the same answer without touching the disk."""
     watermark, seen = cursor_state(cursor)
     candidates = sorted((d for d in scan.drops if d.changed_ns >= watermark),
                         key=lambda d: (d.changed_ns, d.patient_id))
-    fresh: list[tuple[int, RunPlan]] = []  # changed and not yet requested
-    holding: list[tuple[int, RunPlan]] = []  # changed, but of a held modality
-    handled: list[PatientDrop] = []  # walked: each modality is fresh or already requested
-    waiting: list[PatientDrop] = []  # not walked: the cap is full
+    walk = TickWalk(watermark, seen, [], [], [], [])
+    runnable = 0  # fresh units of modalities not held: at most this many are requested
     for drop in candidates:
-        if len(fresh) >= max_runs:
-            waiting.append(drop)
+        if runnable >= max_runs:
+            walk.waiting.append(drop)
             continue
         try:
             modalities = drop.modalities
         except OSError as error:  # vanished or unreadable: reported; READY touched later retries it
-            scan.unreadable.append((str(drop.path), f"{type(error).__name__}: {error}"))
+            walk.unreadable.append((str(drop.path), f"{type(error).__name__}: {error}"))
             continue
-        handled.append(drop)
+        walk.handled.append(drop)
         for unit, ms in sorted(modalities.items()):
             if seen.get(f"{drop.patient_id}|{unit}") != ms.fingerprint:
-                due = (drop.changed_ns, RunPlan(drop.patient_id, ms.modality, ms.fingerprint, ms.partition))
-                (holding if ms.modality in held else fresh).append(due)
+                walk.fresh.append((drop, unit, ms))
+                runnable += ms.modality not in held
+    return walk
+
+
+def plan_tick(scan: LandingScan, cursor: str | None, max_runs: int,
+              held: frozenset[str] = frozenset(), memory: Mapping[str, str] | None = None) -> TickPlan:
+    """Which runs this tick requests, and the cursor that remembers it.
+
+    `memory`: "<patient>|<unit>" -> the content fingerprint the unit was last requested with, for
+    the units of the walked drops (`walk_tick(...).memory_keys`; None: nothing remembered). Of a
+    drop's fresh units, those whose content differs from their memory are requested; when none
+    does (READY touched alone), all of them are. The fresh units not requested are remembered in
+    the cursor as handled. The deferred ones (the run cap), and those of a `held` modality (one
+    that would fail for a reason of the platform's, not the drop's), are not remembered, neither
+    in the cursor nor in the memory: a later tick requests them.
+    """
+    walk = walk_tick(scan, cursor, max_runs, held)
+    watermark, seen, handled, waiting = walk.watermark, walk.seen, walk.handled, walk.waiting
+    scan.unreadable.extend(walk.unreadable)
+    memory = memory or {}
+
+    fresh_by_drop: dict[str, list[tuple[str, str, ModalityState]]] = {}  # in commit order
+    for drop, unit, ms in walk.fresh:
+        fresh_by_drop.setdefault(drop.patient_id, []).append((drop.changed_ns, f"{drop.patient_id}|{unit}", ms))
+    fresh: list[tuple[int, RunPlan]] = []  # due: changed (or a bare READY touch) and not yet requested
+    holding: list[tuple[int, RunPlan]] = []  # due, but of a held modality
+    contents: dict[str, str] = {}  # "<patient>|<unit>" -> content fingerprint of each due unit
+    unchanged = 0
+    for patient_id, units in fresh_by_drop.items():
+        changed = [unit for unit in units if memory.get(unit[1]) != unit[2].content]
+        # A held unit never requested (no memory) is due either way; it does not decide whether the
+        # commit changed something, or was READY touched alone to re-run the units that can run.
+        decisive = any(ms.modality not in held or key in memory for _, key, ms in changed)
+        due_units = changed if decisive else units
+        unchanged += len(units) - len(due_units)
+        for changed_ns, key, ms in due_units:
+            due = (changed_ns, RunPlan(patient_id, ms.modality, ms.fingerprint, ms.partition))
+            (holding if ms.modality in held else fresh).append(due)
+            contents[key] = ms.content
 
     taken, over = fresh[:max_runs], fresh[max_runs:] + holding
     deferred_times = [t for t, _ in over] + [d.changed_ns for d in waiting]
@@ -343,7 +409,7 @@ def plan_tick(scan: LandingScan, cursor: str | None, max_runs: int,
         new_watermark = watermark
     new_watermark = max(watermark, min(new_watermark, scan.started_ns - SETTLE_NS))
 
-    # Remember what is requested (now or earlier) for drops the next tick walks again.
+    # Remember what is requested (now or earlier) or left as unchanged, for drops the next tick walks again.
     over_keys = {p.cursor_key for _, p in over}
     remembered: dict[str, str] = {}
     for drop in handled:
@@ -361,6 +427,7 @@ def plan_tick(scan: LandingScan, cursor: str | None, max_runs: int,
 
     new_cursor = json.dumps({"w": new_watermark, "seen": remembered, "scans": 1}, sort_keys=True,
                             separators=(",", ":"))
+    requested_keys = (plan.cursor_key for _, plan in taken)
     return TickPlan(
         runs=[plan for _, plan in taken],
         deferred=len(waiting) + len({p.patient_id for _, p in fresh[max_runs:]}),
@@ -373,4 +440,6 @@ def plan_tick(scan: LandingScan, cursor: str | None, max_runs: int,
                  for d in handled for modality, links in sorted(d.refused.items())],
         scan_problems=[(d.patient_id, folder, reason) for d in handled for folder, reason in d.scan_problems],
         drop_scans={d.patient_id: d.scan_keys for d in handled if d.scan_keys is not None},
+        remember={key: contents[key] for key in requested_keys if memory.get(key) != contents[key]},
+        unchanged=unchanged,
     )

@@ -11,6 +11,12 @@ added to `ct_scans`, and its scans that are gone from the drop are deleted from 
 before `ct_scans` existed migrates once: every partition `ct_image` (the radiology chain's first
 asset) has materialized becomes a scan, so single-scan patients keep their radiology partitions.
 
+Which of a recommitted drop's units run (scan.py: only those whose content changed, or all when READY
+was touched alone) is decided against the content fingerprint each unit was last requested with. That
+memory lives in Dagster's own key-value store (`kvs`, in the instance's run storage: SQLite or
+PostgreSQL), one row per patient and unit, so it outlives the cursor's short memory of recent drops:
+one query per tick reads the walked drops' units, one or two writes store the units requested.
+
 The landing zone knows no domain: definitions.py passes each modality's chain of assets and what
 holds a modality back (`build_landing_sensor`).
 """
@@ -27,13 +33,15 @@ from gcmlm_assets import runs
 from gcmlm_assets.batching import batch_patients
 from gcmlm_assets.patient_batches import plan_batches
 from gcmlm_assets.storage import sha256_text
-from gcmlm_assets.landing.scan import PER_SCAN_MODALITIES, plan_tick, scan_landing_zone, scans_migrated
+from gcmlm_assets.landing.scan import PER_SCAN_MODALITIES, plan_tick, scan_landing_zone, scans_migrated, walk_tick
 from gcmlm_assets.partitions import ct_scans_partitions, patients_partitions
 from gcmlm_assets.resources import LandingZone
 from gcmlm_assets.scans import SEPARATOR
 
 # Patient ids named in a tick's log line; more are counted.
 NAMED_IN_LOG = 5
+# Prefix of the landing memory's keys in Dagster's key-value store: `gcmlm/landing/<patient>|<unit>`.
+MEMORY_PREFIX = "gcmlm/landing/"
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,10 @@ def build_landing_sensor(modality_assets: Mapping[str, Sequence[dg.AssetKey]],
         # Lists READY and the folder of each patient; plan_tick walks only the drops whose READY
         # (or folder) is at or above the cursor's watermark.
         scan = scan_landing_zone(landing.path())
-        plan = plan_tick(scan, context.cursor, landing.max_runs_per_tick, held=frozenset(held_because))
+        held = frozenset(held_because)
+        walk = walk_tick(scan, context.cursor, landing.max_runs_per_tick, held)
+        memory = recall_units(context.instance, walk.memory_keys)
+        plan = plan_tick(scan, context.cursor, landing.max_runs_per_tick, held=held, memory=memory)
         for folder, reason in scan.invalid:
             context.log.warning(f"landing zone: folder {folder!r} ignored: {reason}")
         for patient_id, modality, reason in plan.refused:
@@ -106,10 +117,16 @@ def build_landing_sensor(modality_assets: Mapping[str, Sequence[dg.AssetKey]],
         context.log.info(
             f"landing zone: {len(new_patients)} new patient(s){_names(new_patients)}; runs requested: "
             + ", ".join(f"{m} {_named(ids)}" for m, ids in by_modality.items())
+            + (f"; {plan.unchanged} unchanged unit(s) of recommitted drops not re-run" if plan.unchanged else "")
             + f"; {len(scan.not_ready)} drop(s) waiting for READY{_names(scan.not_ready)}; "
             f"{len(scan.drops)} ready ({plan.walked} walked), {len(scan.invalid)} invalid")
         partition_requests = ([patients_partitions.build_add_request(new_patients)] if new_patients else []) + \
             scan_changes.requests()
+        # Stored before the daemon launches the runs, as the sensor's last act. Should the tick then fail,
+        # its cursor is not kept: the next tick finds these units fresh again with no change against
+        # the memory, and requests all of their drops' fresh units (a re-run, nothing lost). A write
+        # that is lost leaves an older memory: the units look changed and run again, no more.
+        remember_units(context.instance, plan.remember, memory)
         if not run_requests and not partition_requests:
             # A skipped tick: the UI's tick list can hide these, so the ticks that did something stand out.
             held_note = "".join(f"; {m} held for {_named(ids)}" for m, ids in held_by_modality.items() if ids)
@@ -120,6 +137,25 @@ def build_landing_sensor(modality_assets: Mapping[str, Sequence[dg.AssetKey]],
                                cursor=plan.cursor)
 
     return landing_sensor
+
+
+def recall_units(instance: dg.DagsterInstance, units: set[str]) -> dict[str, str]:
+    """"<patient>|<unit>" -> the content fingerprint it was last requested with (one query)."""
+    if not units:
+        return {}
+    stored = instance.run_storage.get_cursor_values({MEMORY_PREFIX + unit for unit in units})
+    return {key[len(MEMORY_PREFIX):]: value for key, value in stored.items()}
+
+
+def remember_units(instance: dg.DagsterInstance, contents: Mapping[str, str], recalled: Mapping[str, str]) -> None:
+    """Store each unit's content fingerprint. New keys and known ones (`recalled`: what this tick read)
+    go in separate calls: `set_cursor_values` inserts a batch, and on a key already there updates
+    only the keys already there, dropping the batch's new ones."""
+    new = {MEMORY_PREFIX + unit: value for unit, value in contents.items() if unit not in recalled}
+    known = {MEMORY_PREFIX + unit: value for unit, value in contents.items() if unit in recalled}
+    for pairs in (new, known):
+        if pairs:
+            instance.run_storage.set_cursor_values(pairs)
 
 
 @dataclass

@@ -51,7 +51,7 @@ def test_second_tick_requests_nothing(instance, landing_root):
 
 
 def test_committed_change_requests_new_runs(instance, landing_root):
-    """Replaced files + READY touched: the patient's modalities get new run keys, others nothing."""
+    """Replaced files + READY touched: the modality whose files changed runs again, others nothing."""
     folder = make_drop(landing_root, "P001", wsi=True)
     make_drop(landing_root, "P002", wsi=True)
     ticker = Ticker(instance, landing_root)
@@ -60,9 +60,8 @@ def test_committed_change_requests_new_runs(instance, landing_root):
     touch_later(folder / "wsi" / "slide1.svs", b"a re-scanned slide, larger than before")
     touch_ready(folder)
     changed = ticker.tick()
-    # READY is in every modality's fingerprint; a radiology run with unchanged inputs reuses
-    # its stored outputs.
-    assert requested(changed) == [("P001", "pathology"), ("P001", "radiology")]
+    # Radiology's files are those it was last requested with: only pathology runs.
+    assert requested(changed) == [("P001", "pathology")]
     assert not {r.run_key for r in changed.run_requests} & old_keys
     assert ticker.tick().run_requests == []
 

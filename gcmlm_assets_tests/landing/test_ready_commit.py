@@ -60,13 +60,14 @@ def test_change_without_ready_is_seen_once_ready_is_touched(instance, landing_ro
 
     touch_ready(folder)
     committed = ticker.tick()
-    assert requested(committed) == [("P001", "pathology"), ("P001", "radiology")]
+    assert requested(committed) == [("P001", "radiology")]  # the slides did not change
     assert not {r.run_key for r in committed.run_requests} & first
     assert ticker.tick().run_requests == []
 
 
 def test_touching_ready_alone_requests_the_runs_again(instance, landing_root, settle):
-    """A broken file replaced by one of the same size and mtime: READY touched re-runs the patient."""
+    """A broken file replaced by one of the same size and mtime, READY touched: its modality runs
+    again (the file's ctime moved); READY touched alone re-runs every modality of the drop."""
     folder = make_drop(landing_root, "P001", wsi=True)
     ticker = Ticker(instance, landing_root)
     first = {r.run_key for r in ticker.tick().run_requests}
@@ -76,13 +77,20 @@ def test_touching_ready_alone_requests_the_runs_again(instance, landing_root, se
     ct.write_bytes(b"X" * old.st_size)
     os.utime(ct, ns=(old.st_atime_ns, old.st_mtime_ns))
     settle()
-    assert ticker.tick().run_requests == []  # names, sizes and mtimes are all unchanged
+    assert ticker.tick().run_requests == []  # not committed: READY is older
+
+    touch_ready(folder)
+    fixed = ticker.tick()
+    assert requested(fixed) == [("P001", "radiology")]
+    assert not {r.run_key for r in fixed.run_requests} & first
+    settle()
+    assert ticker.tick().run_requests == []
 
     touch_ready(folder)
     again = ticker.tick()
     assert requested(again) == [("P001", "pathology"), ("P001", "radiology")]
     assert all(r.run_key.startswith("P001:") for r in again.run_requests)
-    assert not {r.run_key for r in again.run_requests} & first
+    assert not {r.run_key for r in again.run_requests} & (first | {r.run_key for r in fixed.run_requests})
     settle()
     assert ticker.tick().run_requests == []
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 
 import dagster as dg
 
 from gcmlm_assets.landing.scan import plan_tick, scan_landing_zone
+from gcmlm_assets.pathology.resources import PatchEncoder
 from gcmlm_assets_tests.support.landing.drops import (
     Ticker,
     add_timepoint,
@@ -53,31 +55,102 @@ def test_two_timepoints_are_two_scans_and_two_radiology_runs(instance, landing_r
 def test_a_new_timepoint_added_later_runs_only_it(instance, landing_root, settle):
     make_drop(landing_root, "P001", ct=False, wsi=True)
     add_timepoint(landing_root, "P001", "2024-01-10")
+    make_drop(landing_root, "P002", wsi=True)
     ticker = Ticker(instance, landing_root)
     first = ticker.tick()
-    assert requested(first) == [("P001", "pathology"), ("P001@2024-01-10", "radiology")]
+    assert requested(first) == [("P001", "pathology"), ("P001@2024-01-10", "radiology"),
+                                ("P002", "pathology"), ("P002", "radiology")]
 
-    # Committed while the cursor still remembers the drop: only the new scan is fresh.
+    # Committed while the cursor still remembers the drop: only the new scan runs, not pathology.
     add_timepoint(landing_root, "P001", "2024-06-02")
     later = ticker.tick()
-    assert [(key, m) for key, m in requested(later) if m == "radiology"] == [("P001@2024-06-02", "radiology")]
-    assert ticker.scans() == ["P001@2024-01-10", "P001@2024-06-02"]
-    assert "P001@2024-01-10" not in radiology_keys(later)
+    assert requested(later) == [("P001@2024-06-02", "radiology")]
+    assert ticker.scans() == ["P001@2024-01-10", "P002", "P001@2024-06-02"]
+    assert "2 unchanged unit(s) of recommitted drops not re-run" in ticker.messages[-1]  # pathology, 2024-01-10
+    assert ticker.tick().run_requests == []
 
-    # Committed long after (the cursor has forgotten the drop): the earlier scans come back with the
-    # run keys they were requested with, which Dagster never launches twice; only the new one is new.
+    # Committed long after: the watermark has passed the drop and the cursor forgotten it; the
+    # memory in Dagster's key-value store still knows what each unit was last requested with.
     settle()
-    make_drop(landing_root, "P002")  # a newer commit moves the watermark past P001's
+    touch_ready(landing_root / "P002")  # a newer commit moves the watermark past P001's
+    p002 = ticker.tick()
+    assert requested(p002) == [("P002", "pathology"), ("P002", "radiology")]  # READY alone: re-run all
+    settle()
+    assert ticker.tick().run_requests == []
+    assert not any(k.startswith("P001|") for k in json.loads(ticker.cursor)["seen"])
+    assert instance.run_storage.get_cursor_values({"gcmlm/landing/P001|radiology@2024-06-02"})
+    add_timepoint(landing_root, "P001", "2025-01-20")
+    latest = ticker.tick()
+    assert requested(latest) == [("P001@2025-01-20", "radiology")]
+    assert radiology_keys(latest)["P001@2025-01-20"].startswith("P001@2025-01-20:radiology:")
+
+    # A cursor lost altogether (every drop walked again): the same. P002, unchanged, is requested
+    # with the run key it had, which Dagster never launches twice.
+    ticker.cursor = None
+    add_timepoint(landing_root, "P001", "2025-06-30")
+    reset = ticker.tick()
+    assert [(p, m) for p, m in requested(reset) if p.startswith("P001")] == [("P001@2025-06-30", "radiology")]
+    assert {r.run_key for r in reset.run_requests if r.partition_key == "P002"} == {
+        r.run_key for r in p002.run_requests}
+
+
+def test_touching_ready_alone_reruns_every_unit_of_the_drop(instance, landing_root, settle):
+    folder = make_drop(landing_root, "P001", ct=False, wsi=True)
+    add_timepoint(landing_root, "P001", "2024-01-10")
+    add_timepoint(landing_root, "P001", "2024-06-02")
+    ticker = Ticker(instance, landing_root)
+    first = {r.run_key for r in ticker.tick().run_requests}
+    settle()
+    touch_ready(folder)
+    again = ticker.tick()
+    assert requested(again) == [("P001", "pathology"), ("P001@2024-01-10", "radiology"),
+                                ("P001@2024-06-02", "radiology")]
+    assert not {r.run_key for r in again.run_requests} & first
+    assert ticker.tick().run_requests == []
+
+
+def test_a_file_replaced_in_one_timepoint_reruns_only_it(instance, landing_root, settle):
+    folder = make_drop(landing_root, "P001", ct=False, wsi=True)
+    add_timepoint(landing_root, "P001", "2024-01-10")
+    add_timepoint(landing_root, "P001", "2024-06-02")
+    ticker = Ticker(instance, landing_root)
     ticker.tick()
     settle()
-    assert ticker.tick().run_requests == [] and not any(k.startswith("P001|") for k in json.loads(ticker.cursor)["seen"])
-    earlier_keys = {**radiology_keys(first), **radiology_keys(later)}
-    add_timepoint(landing_root, "P001", "2025-01-20")
-    latest = radiology_keys(ticker.tick())
-    assert {p: k for p, k in latest.items() if k not in earlier_keys.values()} == {
-        "P001@2025-01-20": latest["P001@2025-01-20"]}
-    assert all(latest[p] == earlier_keys[p] for p in earlier_keys)
-    assert ticker.scans() == ["P001@2024-01-10", "P001@2024-06-02", "P002", "P001@2025-01-20"]
+    # Replaced as `cp -p` does: same name, size and mtime; only the ctime tells.
+    ct = folder / "ct" / "2024-06-02" / "ct.nii.gz"
+    old = ct.stat()
+    ct.write_bytes(b"X" * old.st_size)
+    os.utime(ct, ns=(old.st_atime_ns, old.st_mtime_ns))
+    memory_keys = {"gcmlm/landing/P001|radiology@2024-06-02", "gcmlm/landing/P001|radiology@2025-01-20"}
+    before = instance.run_storage.get_cursor_values(memory_keys)
+    add_timepoint(landing_root, "P001", "2025-01-20")  # committed with it: a unit the memory has never seen
+    assert requested(ticker.tick()) == [("P001@2024-06-02", "radiology"), ("P001@2025-01-20", "radiology")]
+    # Both remembered: the changed unit's memory updated, the new one's added, in the same tick.
+    after = instance.run_storage.get_cursor_values(memory_keys)
+    assert set(before) == {"gcmlm/landing/P001|radiology@2024-06-02"} and set(after) == memory_keys
+    assert after["gcmlm/landing/P001|radiology@2024-06-02"] != before["gcmlm/landing/P001|radiology@2024-06-02"]
+    assert ticker.tick().run_requests == []
+
+
+def test_held_units_are_requested_once_the_hold_lifts(instance, landing_root, tmp_path, monkeypatch):
+    monkeypatch.delenv("GCMLM_UNI_CHECKPOINT", raising=False)
+    folder = make_drop(landing_root, "P001", ct=False, wsi=True)
+    add_timepoint(landing_root, "P001", "2024-01-10")
+    ticker = Ticker(instance, landing_root, encoder=PatchEncoder(name="uni"))
+    assert requested(ticker.tick()) == [("P001@2024-01-10", "radiology")]  # pathology held
+
+    add_timepoint(landing_root, "P001", "2024-06-02")
+    assert requested(ticker.tick()) == [("P001@2024-06-02", "radiology")]
+    # READY alone, pathology never requested: the scans that can run are re-run.
+    touch_ready(folder)
+    assert requested(ticker.tick()) == [("P001@2024-01-10", "radiology"), ("P001@2024-06-02", "radiology")]
+    assert any("pathology held for 1 (P001)" in m for m in ticker.messages)
+
+    weights = tmp_path / "pytorch_model.bin"
+    weights.write_bytes(b"weights of the operator's UNI checkpoint")
+    monkeypatch.setenv("GCMLM_UNI_CHECKPOINT", str(weights))
+    assert requested(ticker.tick()) == [("P001", "pathology")]
+    assert ticker.tick().run_requests == []
 
 
 def test_a_badly_named_timepoint_is_refused_with_its_reason(instance, landing_root):
@@ -124,6 +197,8 @@ def test_a_one_scan_drop_keeps_its_partition_run_key_and_cursor_entry(instance, 
     fingerprint = hashlib.sha256(payload).hexdigest()[:16]
     assert (run.partition_key, run.run_key) == ("P001", f"P001:radiology:{fingerprint}")
     assert json.loads(ticker.cursor)["seen"] == {"P001|radiology": fingerprint}
+    assert set(instance.run_storage.get_cursor_values({"gcmlm/landing/P001|radiology"})) == {
+        "gcmlm/landing/P001|radiology"}
 
 
 def test_scans_gone_from_a_drop_are_removed(instance, landing_root):
@@ -143,7 +218,8 @@ def test_scans_gone_from_a_drop_are_removed(instance, landing_root):
     touch_ready(single)
     result = ticker.tick()
     assert ticker.scans() == ["P001@2024-01-10", "P002@baseline"]
-    assert requested(result) == [("P002@baseline", "radiology")]
+    # P001's remaining scan did not change: a removal alone is READY touched alone, its scan re-run.
+    assert requested(result) == [("P001@2024-01-10", "radiology"), ("P002@baseline", "radiology")]
     assert "ct_scans: 2 scan(s) no longer in their drops removed (P001@2024-06-02, P002)" in ticker.messages
 
 
