@@ -370,8 +370,8 @@ def plan_tick(scan: LandingScan, cursor: str | None, max_runs: int,
     `memory`: "<patient>|<unit>" -> the content fingerprint the unit was last requested with, for
     the units of the walked drops (`walk_tick(...).memory_keys`; None: nothing remembered). Of a
     drop's fresh units, those whose content differs from their memory are requested; when none
-    does (READY touched alone), all of them are. The fresh units not requested are remembered in
-    the cursor as handled. The deferred ones (the run cap), and those of a `held` modality (one
+    does (READY touched alone), all of them are; a held unit without memory does not count as a
+    change. The fresh units not requested are remembered in the cursor as handled. The deferred ones (the run cap), and those of a `held` modality (one
     that would fail for a reason of the platform's, not the drop's), are not remembered, neither
     in the cursor nor in the memory: a later tick requests them.
     """
