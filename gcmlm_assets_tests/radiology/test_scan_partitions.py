@@ -122,3 +122,17 @@ def test_links_are_refused_on_the_scans_own_folders_only(tmp_path):
     zone.refuse_links_leaving("P2", "ct/2024-01-15", "ct_label/2024-01-15")
     with pytest.raises(LandingInputError, match="2024-06-01/series"):
         zone.refuse_links_leaving("P2", "ct/2024-06-01", "ct_label/2024-06-01")
+
+
+def test_the_artifact_store_keeps_a_folder_per_scan_and_refuses_a_bad_key(tmp_path):
+    from gcmlm_assets.patients import InvalidPatientId
+    from gcmlm_assets.scans import InvalidScanKey
+    from gcmlm_assets.storage import ArtifactStore
+
+    store = ArtifactStore(tmp_path)
+    assert store.asset_dir("ct_image", "P001") == tmp_path.resolve() / "ct_image" / "P001"
+    assert store.asset_dir("ct_image", "P001@2024-05-01") == tmp_path.resolve() / "ct_image" / "P001@2024-05-01"
+    with pytest.raises(InvalidScanKey, match=r"'2024-13-01' is not a calendar date \(artifact folder of ct_image\)"):
+        store.asset_dir("ct_image", "P001@2024-13-01")
+    with pytest.raises(InvalidPatientId):
+        store.asset_dir("ct_image", "../P001")
