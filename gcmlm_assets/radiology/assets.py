@@ -115,6 +115,7 @@ def ct_image(context: dg.AssetExecutionContext, storage: ArtifactStorage, landin
 def _ct_image_for(context: dg.AssetExecutionContext, patient_id: str, storage: ArtifactStorage,
                   landing: LandingZone) -> dg.MaterializeResult:
     store = storage.store()
+    scan_of(patient_id)  # a partition that is no scan's fails here, named
     folder = landing.scan_folders(patient_id)[0]
     try:
         # The scan's whole radiology drop: ct_mask, which runs after this step, reads its reference folder.
@@ -231,6 +232,7 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
     store = storage.store()
     ct_path = required_file(CT_VOLUME, store, patient_id)
     ct_sha = sha256_file(ct_path)
+    scan_of(patient_id)
     label_dir = landing.scan_folders(patient_id)[1]
     try:
         # Checked again here: ct_mask may run without ct_image (by hand, or after the drop changed).

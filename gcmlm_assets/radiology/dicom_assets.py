@@ -106,7 +106,7 @@ def _ct_mask_seg_for(context: dg.AssetExecutionContext, patient_id: str, storage
                           ct_mask_seg_fingerprint(combined_digest(ct_inputs), mask_sha, repr(origin)))
     seg_path = output.path(MASK_SEG_FILE)
     if not output.reused:
-        folder = landing.scan_folders(patient_id)[0]
+        folder = landing.scan_folders(str(scan_of(patient_id)))[0]
         try:
             refuse_scan_links(landing, patient_id, reference=False)
             now = {path.name: sha256_file(path) for path in ct_io.input_files(folder)}
