@@ -14,6 +14,11 @@ a bucket's wanted patients make one run over the range from the first to the las
 names its patients (`PATIENTS_TAG`) when others lie between, and its steps leave those alone: the
 fewest runs, for work whose runs must stay few whatever the scatter (the explanations). Dagster
 shows the patients left alone as failed too when such a run fails, until a later run covers them.
+
+The radiology assets are partitioned by CT scan (`ct_scans`), another order: the same batching
+applies to it, and its buckets' names carry the partition set's name (`ct_scans:8:0`), so that a
+bucket of scans never shares its tag value, its concurrency slot nor its range runs with a bucket
+of patients. "Patients" below stands for the partitions of either set.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ BUCKET_TAG = "gcmlm/bucket"
 # The patients of a range run that its steps work on, comma-separated, when not every patient of
 # the range (absent: all of them).
 PATIENTS_TAG = "gcmlm/patients"
+# The partition set whose buckets keep the names they always had (no prefix).
+PATIENTS = "patients"
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,7 @@ class PatientBatch:
     patients: tuple[str, ...]  # the wanted patients, in partition order, all of one bucket
     bucket: int
     whole_range: bool  # no unwanted patient lies between the first and the last
+    partition_set: str = PATIENTS  # the name of the dynamic partition set `patients` are partitions of
 
     @property
     def first(self) -> str:
@@ -46,19 +54,21 @@ class PatientBatch:
         return len(self.patients) == 1
 
     def bucket_tag(self, batch_size: int) -> dict[str, str]:
-        return {BUCKET_TAG: bucket_name(self.bucket, batch_size)}
+        return {BUCKET_TAG: bucket_name(self.bucket, batch_size, self.partition_set)}
 
 
-def bucket_name(bucket: int, batch_size: int) -> str:
-    # the size is part of the name: a changed GCMLM_GPU_BATCH_PATIENTS never merges two old buckets' runs
-    return f"{batch_size}:{bucket}"
+def bucket_name(bucket: int, batch_size: int, partition_set: str = PATIENTS) -> str:
+    # the size is part of the name: a changed GCMLM_GPU_BATCH_PATIENTS never merges two old buckets' runs;
+    # another partition set's name too (its order is another), while `patients` keeps its names
+    name = f"{batch_size}:{bucket}"
+    return name if partition_set == PATIENTS else f"{partition_set}:{name}"
 
 
 def plan_batches(order: Sequence[str], wanted: Iterable[str], batch_size: int, *,
-                 allow_gaps: bool = False) -> list[PatientBatch]:
-    """The batches for `wanted` in the partitions' `order`, never across a bucket of `batch_size`
-    positions, in order: a batch per stretch of consecutive positions, or with `allow_gaps` one per
-    bucket (see the module's docstring)."""
+                 allow_gaps: bool = False, partition_set: str = PATIENTS) -> list[PatientBatch]:
+    """The batches for `wanted` in the partitions' `order` (the partition set `partition_set`'s),
+    never across a bucket of `batch_size` positions, in order: a batch per stretch of consecutive
+    positions, or with `allow_gaps` one per bucket (see the module's docstring)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     position = {patient: i for i, patient in enumerate(order)}
@@ -75,7 +85,8 @@ def plan_batches(order: Sequence[str], wanted: Iterable[str], batch_size: int, *
         else:
             groups.append([i])
     return [PatientBatch(tuple(order[i] for i in positions), positions[0] // batch_size,
-                         positions[-1] - positions[0] + 1 == len(positions)) for positions in groups]
+                         positions[-1] - positions[0] + 1 == len(positions), partition_set)
+            for positions in groups]
 
 
 def parse_patients_tag(value: str | None) -> set[str] | None:

@@ -13,6 +13,9 @@ after the cursor, so a tick costs the same at any history), unless its blocking 
 output was quarantined, as a one-patient run stops there) or the run that made it also planned
 the next asset for that patient. While a run of a patient's bucket is queued or running, the
 patient waits in the cursor, so a batch is requested once its upstream run has finished.
+
+A chain's partitions are those of its assets (`partitions.partitions_of`): the radiology chain's
+are CT scans (`ct_scans`), batched in that set's order and buckets; "patients" above means either.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from collections.abc import Sequence
 
 import dagster as dg
 
-from gcmlm_assets import runs
+from gcmlm_assets import catalogue, runs
 from gcmlm_assets.batching import batch_patients
-from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.partitions import partitions_of
 from gcmlm_assets.patient_batches import BUCKET_TAG, bucket_name, plan_batches
 from gcmlm_assets.policies import QUARANTINED_TO
 
@@ -36,9 +39,26 @@ def _read_cursor(cursor: str | None) -> dict:
     return json.loads(cursor) if cursor else {}
 
 
-def build_patient_steps_sensor(name: str, chain: Sequence[dg.AssetKey], work: str,
-                               interval_s: int) -> dg.SensorDefinition:
+def chain_partitions(chain: Sequence[dg.AssetKey]) -> dg.DynamicPartitionsDefinition:
+    """The partition set every asset of the chain is partitioned by (from the catalogue)."""
+    found = {}
+    for key in chain:
+        asset = catalogue.ASSETS.get(key.to_user_string())
+        partitions = partitions_of(asset) if asset is not None else None
+        if partitions is None:
+            raise ValueError(f"{key.to_user_string()} is not a partitioned asset of the catalogue")
+        found[partitions.name] = partitions
+    if len(found) != 1:
+        raise ValueError(f"the chain {[k.to_user_string() for k in chain]} mixes partition sets {sorted(found)}")
+    return next(iter(found.values()))
+
+
+def build_patient_steps_sensor(name: str, chain: Sequence[dg.AssetKey], work: str, interval_s: int,
+                               partitions_def: dg.DynamicPartitionsDefinition | None = None) -> dg.SensorDefinition:
+    """The steps sensor of `chain`, whose partitions are `partitions_def` (default: the chain's own,
+    `chain_partitions`)."""
     edges = list(zip(chain[:-1], chain[1:]))
+    partition_set = (partitions_def or chain_partitions(chain)).name
 
     @dg.sensor(
         name=name,
@@ -53,7 +73,7 @@ def build_patient_steps_sensor(name: str, chain: Sequence[dg.AssetKey], work: st
     def patient_steps_sensor(context: dg.SensorEvaluationContext):
         instance = context.instance
         state = _read_cursor(context.cursor)
-        order = list(instance.get_dynamic_partitions(patients_partitions.name))
+        order = list(instance.get_dynamic_partitions(partition_set))
         size = batch_patients()
         requests, notes, new_state = [], [], {}
         for upstream, downstream in edges:
@@ -65,15 +85,17 @@ def build_patient_steps_sensor(name: str, chain: Sequence[dg.AssetKey], work: st
             for record in records:  # the latest of each patient wins
                 waiting[record.partition_key] = record.storage_id
                 after = record.storage_id
-            ready, held = _ready_patients(instance, upstream, downstream, waiting, records, order, size)
+            ready, held = _ready_patients(instance, upstream, downstream, waiting, records, order, size,
+                                          partition_set)
             new_state[edge] = {"after": after, "waiting": held}
             if not ready:
                 continue
             rest = list(chain[chain.index(downstream):])
-            for batch in plan_batches(order, ready, size):
+            for batch in plan_batches(order, ready, size, partition_set=partition_set):
                 last_event = max(waiting[p] for p in batch.patients)
+                bucket = bucket_name(batch.bucket, size, partition_set)
                 requests.append(runs.batch_run_request(
-                    batch, size, run_key=f"{edge}:{last_event}:{bucket_name(batch.bucket, size)}",
+                    batch, size, run_key=f"{edge}:{last_event}:{bucket}",
                     # one patient carries the rest of its chain itself; a range run one asset
                     asset_selection=rest if batch.single else rest[:1],
                     tags={"gcmlm/reason": f"after {upstream.to_user_string()}", **runs.work_tags(work)}))
@@ -100,7 +122,8 @@ def _edge_state(instance: dg.DagsterInstance, state: dict, edge: str, upstream: 
 
 
 def _ready_patients(instance: dg.DagsterInstance, upstream: dg.AssetKey, downstream: dg.AssetKey,
-                    waiting: dict[str, int], records: list, order: list[str], size: int) -> tuple[list[str], dict]:
+                    waiting: dict[str, int], records: list, order: list[str], size: int,
+                    partition_set: str) -> tuple[list[str], dict]:
     """Which waiting patients go on now, and the ones that still wait. Patients that stop (a failed
     blocking check, or the next asset done by the same run) leave the list."""
     fresh = {record.partition_key: record for record in records}
@@ -118,12 +141,12 @@ def _ready_patients(instance: dg.DagsterInstance, upstream: dg.AssetKey, downstr
     if not waiting:
         return [], {}
     position = {patient_id: i for i, patient_id in enumerate(order)}
-    buckets = {bucket_name(position[p] // size, size) for p in waiting}
+    buckets = {bucket_name(position[p] // size, size, partition_set) for p in waiting}
     busy = set()
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=runs.IN_FLIGHT_STATUSES,
                                                        tags={BUCKET_TAG: sorted(buckets)})):
         busy.add(run.tags[BUCKET_TAG])
-    ready = [p for p in waiting if bucket_name(position[p] // size, size) not in busy]
+    ready = [p for p in waiting if bucket_name(position[p] // size, size, partition_set) not in busy]
     held = {p: event for p, event in waiting.items() if p not in set(ready)}
     return ready, held
 

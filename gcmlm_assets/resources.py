@@ -50,19 +50,25 @@ class LandingZone(dg.ConfigurableResource):
 
     def refuse_links_leaving(self, patient_id: str, *subfolders: str) -> None:
         """Raise `LandingInputError` (naming each link and its target) when the patient's folder, or
-        anything under its `subfolders`, is a symbolic link that leads outside the landing zone:
-        no file outside the landing zone is ever read."""
+        anything under its `subfolders` (relative paths such as `ct` or `ct/<timepoint>`, each folder
+        on the way included), is a symbolic link that leads outside the landing zone: no file outside
+        the landing zone is ever read."""
         from gcmlm_assets.landing_input import LandingInputError, describe_links_leaving, link_leaving, links_leaving
 
         folder = self.patient_dir(patient_id)
         links: list[tuple[str, str]] = []
-        for path in (folder, *(folder / name for name in subfolders)):
-            target = link_leaving(path, self.path())
-            if target is not None:
-                links.append((str(path), target))
-                break  # what lies behind it is not looked at
-            if path != folder:
-                links += links_leaving(path, self.path())
+        paths = [[folder], *([folder.joinpath(*Path(name).parts[:depth + 1]) for depth in range(len(Path(name).parts))]
+                             for name in subfolders)]
+        for on_the_way in paths:
+            for path in on_the_way:
+                target = link_leaving(path, self.path())
+                if target is not None:
+                    links.append((str(path), target))
+                    break
+            if links:
+                break  # what lies behind a link is not looked at
+            if on_the_way[-1] != folder:
+                links += links_leaving(on_the_way[-1], self.path())
         if links:
             raise LandingInputError(describe_links_leaving(links, self.path()))
 

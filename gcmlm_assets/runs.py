@@ -16,7 +16,8 @@ from gcmlm_assets.dagster_internals import ASSET_PARTITION_RANGE_END_TAG as RANG
 from gcmlm_assets.dagster_internals import ASSET_PARTITION_RANGE_START_TAG as RANGE_START_TAG
 from gcmlm_assets.dagster_internals import PARTITION_NAME_TAG as PARTITION_TAG
 from gcmlm_assets.dagster_internals import RUN_KEY_TAG
-from gcmlm_assets.patient_batches import BUCKET_TAG, PATIENTS_TAG, PatientBatch, bucket_name, parse_patients_tag
+from gcmlm_assets.patient_batches import (
+    BUCKET_TAG, PATIENTS, PATIENTS_TAG, PatientBatch, bucket_name, parse_patients_tag)
 
 IN_FLIGHT_STATUSES = [
     dg.DagsterRunStatus.QUEUED,
@@ -64,12 +65,14 @@ def in_flight_doing(instance: dg.DagsterInstance, work: Iterable[str]) -> int:
 
 
 def in_flight_partitions(instance: dg.DagsterInstance, candidates: Iterable[str], assets: Iterable[str],
-                         order: Sequence[str] = (), batch_size: int | None = None) -> set[str]:
+                         order: Sequence[str] = (), batch_size: int | None = None, *,
+                         partition_set: str = PATIENTS) -> set[str]:
     """Which of `candidates` a queued or running run that materializes any of `assets` covers.
 
-    Single-partition runs are found by their partition tag; with the partitions' `order`, the range
-    runs our sensors requested are found too, by the bucket tag of each candidate's bucket (every
-    run of a bucket holds only that bucket's patients). Only those runs are loaded, in chunks."""
+    Single-partition runs are found by their partition tag; with the partitions' `order` (that of
+    the partition set `partition_set`, which `assets` are partitioned by), the range runs our
+    sensors requested are found too, by the bucket tag of each candidate's bucket (every run of a
+    bucket holds only that bucket's patients). Only those runs are loaded, in chunks."""
     wanted, ordered = set(assets), sorted(set(candidates))
     covered: set[str] = set()
     for start in range(0, len(ordered), PARTITIONS_PER_QUERY):
@@ -82,7 +85,8 @@ def in_flight_partitions(instance: dg.DagsterInstance, candidates: Iterable[str]
 
         size = batch_size or batch_patients()
         position = {patient_id: i for i, patient_id in enumerate(order)}
-        buckets = sorted({bucket_name(position[p] // size, size) for p in ordered if p in position})
+        buckets = sorted({bucket_name(position[p] // size, size, partition_set)
+                          for p in ordered if p in position})
         for start in range(0, len(buckets), PARTITIONS_PER_QUERY):
             chunk = buckets[start:start + PARTITIONS_PER_QUERY]
             for run in instance.get_runs(filters=dg.RunsFilter(statuses=IN_FLIGHT_STATUSES, tags={BUCKET_TAG: chunk})):
@@ -110,7 +114,7 @@ def batch_run_request(batch: PatientBatch, batch_size: int, *, run_key: str, ass
                       tags: dict[str, str]) -> dg.RunRequest:
     """One run for a bucket's batch: an ordinary one-patient run, or a run over the range from its
     first patient to its last that names its patients when others lie between. Either carries the
-    bucket's tag, which the instance runs one at a time."""
+    bucket's tag (named for the batch's partition set), which the instance runs one at a time."""
     tags = {**tags, **batch.bucket_tag(batch_size)}
     if batch.single:
         return dg.RunRequest(run_key=run_key, partition_key=batch.first, asset_selection=asset_selection, tags=tags)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gcmlm_assets.patients import validate_patient_id
+from gcmlm_assets.scans import SEPARATOR, InvalidScanKey, parse_scan_key
 
 TMP_PREFIX = ".tmp-"
 
@@ -123,6 +124,18 @@ def atomic_write_json(final: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_bytes(final, text.encode())
 
 
+def _partition_folder(key: str, where: str) -> str:
+    """A partition key as a folder name: a patient id, or a CT scan's key (`<patient>@<timepoint>`,
+    gcmlm_assets/scans.py) for the radiology assets; anything else is refused naming `where`."""
+    if SEPARATOR not in key:
+        return validate_patient_id(key, where=where)
+    try:
+        parse_scan_key(key)
+    except InvalidScanKey as error:
+        raise InvalidScanKey(f"{error} ({where})") from error
+    return key
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -206,7 +219,7 @@ class ArtifactStore:
     def asset_dir(self, asset: str, patient_id: str | None = None, *, create: bool = True) -> Path:
         folder = self.root / asset
         if patient_id is not None:
-            folder = folder / validate_patient_id(patient_id, where=f"artifact folder of {asset}")
+            folder = folder / _partition_folder(patient_id, f"artifact folder of {asset}")
         if create:
             folder.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(folder)

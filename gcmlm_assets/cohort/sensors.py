@@ -76,7 +76,8 @@ def build_cohort_refresh_sensor(interval_s: int, cohort_keys: list[dg.AssetKey],
         # between two batched runs of a chain nothing is in flight for a moment: those patients count
         between = (len(patients_in_between(instance, chains, _last_refresh(instance, cohort_keys)))
                    if chains and not busy_runs and fingerprint != context.cursor else 0)
-        # The training status scans every patient's ct_label/: only worth it when nothing else holds
+        # The training status scans every CT scan's reference folder (ct_label/ or ct_label/<timepoint>/):
+        # only worth it when nothing else holds
         # the refresh back (decide_refresh looks at it after these).
         training_due = (features_exist and fingerprint != context.cursor and not busy_runs and not between
                         and training_pending is not None and training_pending(context))

@@ -36,11 +36,13 @@ class Progress:
     runs_running: int
     cohort: dict[str, bool]  # cohort asset -> materialized at least once
     training: bool  # a segmentation_model run is queued or running
+    scans: int = 0  # CT scans (`ct_scans` partitions), which the radiology assets' counts are of
 
     def line(self) -> str:
         parts = []
         for name, counts in self.per_asset.items():
-            text = f"{name} {counts['done']}/{self.patients}"
+            of = f"{self.scans} scans" if ASSETS[name].per_scan else str(self.patients)
+            text = f"{name} {counts['done']}/{of}"
             extra = [f"{counts[k]} {k}" for k in ("failed", "in progress") if counts[k]]
             parts.append(text + (f" ({', '.join(extra)})" if extra else ""))
         cohort = " ".join(name for name, done in self.cohort.items() if done) or "none yet"
@@ -50,24 +52,34 @@ class Progress:
 
 
 def progress(instance: dg.DagsterInstance) -> Progress:
-    from gcmlm_assets.partitions import patients_partitions
+    """Each partitioned asset's counts over its own partitions: the radiology assets' over every CT
+    scan (a patient's timepoints each count), the others' over the patients."""
+    from gcmlm_assets.partitions import partitions_of
 
-    patients = list(instance.get_dynamic_partitions(patients_partitions.name))
+    keys: dict[str, list[str]] = {}
     per_asset: dict[str, dict[str, int]] = {}
     for name in PER_PATIENT_ASSETS:
-        statuses = instance.get_status_by_partition(dg.AssetKey(name), patients, patients_partitions) or {}
+        partitions = partitions_of(ASSETS[name])
+        if partitions.name not in keys:
+            keys[partitions.name] = list(instance.get_dynamic_partitions(partitions.name))
+        known = keys[partitions.name]
+        statuses = instance.get_status_by_partition(dg.AssetKey(name), known, partitions) or {}
         values = list(statuses.values())
         done = values.count(dg.AssetPartitionStatus.MATERIALIZED)
         failed = values.count(dg.AssetPartitionStatus.FAILED)
         in_progress = values.count(dg.AssetPartitionStatus.IN_PROGRESS)
         per_asset[name] = {"done": done, "failed": failed, "in progress": in_progress,
-                           "waiting": len(patients) - done - failed - in_progress}
+                           "waiting": len(known) - done - failed - in_progress}
     in_flight = runs.in_flight_count(instance)
     queued = instance.get_runs_count(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED]))
     cohort = {name: instance.get_latest_materialization_event(dg.AssetKey(name)) is not None
               for name in COHORT_ASSETS}
     training = bool(runs.in_flight_count(instance, {runs.TRAINING_TAG: "nnunet"}))
-    return Progress(len(patients), per_asset, queued, in_flight - queued, cohort, training)
+    from gcmlm_assets.partitions import ct_scans_partitions, patients_partitions
+
+    patients = len(keys.get(patients_partitions.name, ()))
+    scans = len(keys.get(ct_scans_partitions.name, ()))
+    return Progress(patients, per_asset, queued, in_flight - queued, cohort, training, scans)
 
 
 def settled(instance: dg.DagsterInstance, since: float) -> bool:

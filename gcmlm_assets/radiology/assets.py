@@ -1,6 +1,8 @@
 """Dagster assets of the radiology group (thin wiring over the plain modules beside it).
 
-ct_image -> ct_mask -> radiomics_row, one partition per patient. Each asset
+ct_image -> ct_mask -> radiomics_row, one partition per CT scan (`ct_scans`: the patient id for a
+drop's only scan in `ct/`, `<patient>@<timepoint>` for `ct/<timepoint>/`, gcmlm_assets/scans.py), so
+each timepoint of a patient is materialized, checked, failed and retried on its own. Each asset
 fingerprints its inputs (content hashes + code version + settings); when the
 stored output was made from the same fingerprint and is intact, it is reused
 byte for byte instead of recomputed. The model ct_mask predicts with is the
@@ -19,7 +21,7 @@ from gcmlm_assets.catalogue import (
     SEGMENTATION_MODEL)
 from gcmlm_assets.columns import column_schema_metadata
 from gcmlm_assets.inputs import required_file
-from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.partitions import ct_scans_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, stored_materialization
 from gcmlm_assets.pictures import PHOTO, patient_picture_markdown, save_png
 from gcmlm_assets.lazy import lazy
@@ -29,6 +31,7 @@ from gcmlm_assets.radiology.columns import RADIOMICS_ROW_COLUMNS
 from gcmlm_assets.radiology.resources import RadiomicsSettings
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.reuse import StoredOutput, combined_digest
+from gcmlm_assets.scans import InvalidScanKey, ScanKey, parse_scan_key, scan_folders, timepoint_date
 from gcmlm_assets.storage import files_replaced_together, sha256_file, sha256_text
 
 # Imported by the steps that use it, not when the definitions load (gcmlm_assets/lazy.py).
@@ -39,6 +42,34 @@ def input_failure(error: Exception) -> dg.Failure:
     """Bad input: fail the step with the message (file + problem), without retries
     (segmentation_model.py raises it too)."""
     return dg.Failure(description=str(error), metadata={"problem": str(error)}, allow_retries=False)
+
+
+def scan_of(scan_key: str) -> ScanKey:
+    """The patient and timepoint of a partition of `ct_scans`; a Failure for a key that is none
+    (added by hand)."""
+    try:
+        return parse_scan_key(scan_key)
+    except InvalidScanKey as error:
+        raise input_failure(error) from error
+
+
+def refuse_scan_links(landing: LandingZone, scan_key: str, *, ct: bool = True, reference: bool = True) -> None:
+    """`LandingInputError` when the patient's folder, or the scan's CT folder (`ct`) or reference-mask
+    folder (`reference`), holds a link leading outside the landing zone; the other timepoints' folders
+    are not looked at (their own partitions are)."""
+    scan = scan_of(scan_key)
+    ct_folder, reference_folder = scan_folders(scan.timepoint)
+    landing.refuse_links_leaving(scan.patient_id, *([ct_folder] if ct else []),
+                                 *([reference_folder] if reference else []))
+
+
+def scan_metadata(scan_key: str) -> dict:
+    """Whose scan a partition is, for the asset page: the patient, the timepoint and, for a
+    dated timepoint, the scan's date."""
+    scan = scan_of(scan_key)
+    date = timepoint_date(scan.timepoint)
+    return {"patient_id": scan.patient_id, "timepoint": scan.timepoint or "only scan",
+            **({"scan_date": date.isoformat()} if date else {})}
 
 
 # What each output is made from (reuse.py). Any change to a formula recomputes every stored output
@@ -65,10 +96,11 @@ def radiomics_row_fingerprint(ct_sha: str, mask_sha: str, settings_sha: str, pyr
         **CT_IMAGE.dagster_attributes(),
         # Not yielded by a range step: each patient's materialization is logged on its own (batching.py).
         skippable=True,
-        description="The patient's CT from `<landing>/<patient>/ct/` (a DICOM series or one NIfTI, NRRD or "
-                    f"MHA volume), written as one canonical LPS-oriented `{CT_VOLUME.name}`.",
+        description="One CT scan of a patient from `<landing>/<patient>/ct/` (the drop's only scan) or "
+                    "`ct/<timepoint>/` (a DICOM series or one NIfTI, NRRD or MHA volume), written as one "
+                    f"canonical LPS-oriented `{CT_VOLUME.name}`.",
     )],
-    partitions_def=patients_partitions,
+    partitions_def=ct_scans_partitions,
     check_specs=checks.CT_IMAGE_CHECK_SPECS,
     can_subset=True,
     retry_policy=TRANSIENT_RETRY,
@@ -83,10 +115,11 @@ def ct_image(context: dg.AssetExecutionContext, storage: ArtifactStorage, landin
 def _ct_image_for(context: dg.AssetExecutionContext, patient_id: str, storage: ArtifactStorage,
                   landing: LandingZone) -> dg.MaterializeResult:
     store = storage.store()
-    folder = landing.patient_dir(patient_id) / "ct"
+    scan_of(patient_id)  # a partition that is no scan's fails here, named
+    folder = landing.scan_folders(patient_id)[0]
     try:
-        # The whole radiology drop: ct_mask, which runs after this step, reads ct_label/.
-        landing.refuse_links_leaving(patient_id, "ct", "ct_label")
+        # The scan's whole radiology drop: ct_mask, which runs after this step, reads its reference folder.
+        refuse_scan_links(landing, patient_id)
         input_hashes = {path.name: sha256_file(path) for path in ct_io.input_files(folder)}
     except (ct_io.CTInputError, LandingInputError) as error:
         raise input_failure(error) from error
@@ -109,6 +142,7 @@ def _ct_image_for(context: dg.AssetExecutionContext, patient_id: str, storage: A
     return stored_materialization(
         output,
         metadata={
+            **scan_metadata(patient_id),
             "path": dg.MetadataValue.path(str(ct_path)),
             "picture_path": dg.MetadataValue.path(str(picture_path)),
             "sha256": output.sha256(CT_VOLUME),
@@ -156,12 +190,13 @@ def _load_segmenter(model_folder: Path, pins, device_setting: str):
         # predicted_mask_sensor runs it again once one is installed.
         skippable=True,
         description="Binary gastric mask on exactly ct_image's grid: the reference mask from "
-                    "`<landing>/<patient>/ct_label/` when there is one (a label map narrowed to the label "
-                    "`radiomics.reference_mask_label` names), else predicted by the installed nnU-Net model "
-                    "(segmentation_model). Without either it is skipped, not failed, until a model is "
-                    "installed. With both, the model's Dice agreement with the reference is recorded.",
+                    "`<landing>/<patient>/ct_label/` (`ct_label/<timepoint>/` for a timepoint's scan) when "
+                    "there is one (a label map narrowed to the label `radiomics.reference_mask_label` names), "
+                    "else predicted by the installed nnU-Net model (segmentation_model). Without either it is "
+                    "skipped, not failed, until a model is installed. With both, the model's Dice agreement "
+                    "with the reference is recorded.",
     )],
-    partitions_def=patients_partitions,
+    partitions_def=ct_scans_partitions,
     check_specs=checks.CT_MASK_CHECK_SPECS,
     # A single-asset multi_asset, subsettable only so that its check outputs may be skipped with it.
     can_subset=True,
@@ -197,10 +232,11 @@ def _ct_mask_for(context: dg.AssetExecutionContext, patient_id: str, segmenter: 
     store = storage.store()
     ct_path = required_file(CT_VOLUME, store, patient_id)
     ct_sha = sha256_file(ct_path)
-    label_dir = landing.patient_dir(patient_id) / "ct_label"
+    scan_of(patient_id)
+    label_dir = landing.scan_folders(patient_id)[1]
     try:
         # Checked again here: ct_mask may run without ct_image (by hand, or after the drop changed).
-        landing.refuse_links_leaving(patient_id, "ct_label")
+        refuse_scan_links(landing, patient_id, ct=False)
         reference = masks.find_reference_mask(label_dir)
     except (masks.MaskInputError, LandingInputError) as error:
         raise input_failure(error) from error
@@ -366,11 +402,11 @@ def _agreement_metadata(agreement: dict) -> dict:
         **RADIOMICS_ROW.dagster_attributes(),
         deps=[ct_image, ct_mask],
         skippable=True,
-        description="PyRadiomics features inside the gastric mask as one parquet row: `patient_id`, then one "
-                    "column per feature (107 with the default params).",
+        description="PyRadiomics features inside the gastric mask as one parquet row: `patient_id` (the scan's "
+                    "partition key), then one column per feature (107 with the default params).",
         metadata=column_schema_metadata(RADIOMICS_ROW_COLUMNS),
     )],
-    partitions_def=patients_partitions,
+    partitions_def=ct_scans_partitions,
     check_specs=checks.RADIOMICS_ROW_CHECK_SPECS,
     can_subset=True,
     retry_policy=TRANSIENT_RETRY,
@@ -432,5 +468,5 @@ def _radiomics_row_for(context: dg.AssetExecutionContext, patient_id: str, stora
         specs=checks.RADIOMICS_ROW_CHECK_SPECS)
 
 
-# The per-patient assets; segmentation_model.py holds the group's fourth, the model ct_mask predicts with.
+# The per-scan assets; segmentation_model.py holds the group's fourth, the model ct_mask predicts with.
 ASSETS: list[dg.AssetsDefinition] = [ct_image, ct_mask, radiomics_row]

@@ -2,7 +2,7 @@
 
 The checks are declared as `check_specs` on the partitioned assets and evaluated
 inside each asset's step, on the files the step just wrote (or reused): that is
-how a check runs per patient partition in Dagster 1.13 and how a blocking failure
+how a check runs per CT scan partition (`ct_scans`) in Dagster 1.13 and how a blocking failure
 stops the downstream asset of that patient only. Every check but one is blocking with
 ERROR severity because each guards something a downstream result depends on; the
 exception, `mask_agrees_with_model`, warns (a reference mask that the model disagrees
@@ -21,6 +21,7 @@ from gcmlm_assets.lazy import lazy
 from gcmlm_assets.radiology import features as radiomics_features
 from gcmlm_assets.radiology import masks
 from gcmlm_assets.radiology.hounsfield import AIR_HU, BONE_HU
+from gcmlm_assets.scans import InvalidScanKey, parse_scan_key
 
 # Imported when a check runs, not when the definitions (which declare the checks) load.
 np = lazy("numpy")
@@ -124,9 +125,18 @@ def _header(path: Path):
     return reader
 
 
+def whose(scan_key: str) -> str:
+    """A scan's partition key in words: the patient id, and the timepoint unless it is the drop's only scan."""
+    try:
+        scan = parse_scan_key(scan_key)
+    except InvalidScanKey:
+        return scan_key
+    return scan.patient_id if scan.timepoint is None else f"{scan.patient_id} (timepoint {scan.timepoint})"
+
+
 def _patient_of(path: Path) -> str:
-    # The store lays files out as <asset>/<patient>/<file>.
-    return path.parent.name
+    # The store lays files out as <asset>/<scan key>/<file>.
+    return whose(path.parent.name)
 
 
 def _listed(items: Sequence[str], limit: int = 10) -> str:
@@ -353,10 +363,10 @@ def radiomics_row_check_results(table, patient_id: str,
     shown_non_finite = _listed([f"{name} ({value})" for name, value in non_finite.items()])
     return [
         _result("radiomics_row_complete", complete,
-                expected=f"1 row for patient {patient_id}: patient id, then {len(expected_features)} features "
+                expected=f"1 row for patient {whose(patient_id)}: patient id, then {len(expected_features)} features "
                          "as decimal numbers in the settings' order",
                 found="; ".join(row_problems) if row_problems else f"1 row, {len(features)} features",
-                failure=f"The radiomics row of patient {patient_id} is incomplete: {'; '.join(row_problems)}.",
+                failure=f"The radiomics row of patient {whose(patient_id)} is incomplete: {'; '.join(row_problems)}.",
                 rows=table.num_rows, features=len(features),
                 expected_features=len(expected_features), missing=", ".join(missing[:20]),
                 unexpected=", ".join(unexpected[:20]), not_float64=", ".join(not_float[:20])),
@@ -364,7 +374,7 @@ def radiomics_row_check_results(table, patient_id: str,
                 expected="every feature a finite number",
                 found=(f"{len(non_finite)} of {len(features)} feature(s) not a finite number: {shown_non_finite}"
                        if non_finite else f"all {len(features)} features finite"),
-                failure=f"{len(non_finite)} radiomics feature(s) of patient {patient_id} could not be computed "
+                failure=f"{len(non_finite)} radiomics feature(s) of patient {whose(patient_id)} could not be computed "
                         f"(missing, NaN or infinite): {shown_non_finite}.",
                 non_finite=", ".join(list(non_finite)[:20]), non_finite_count=len(non_finite)),
     ]

@@ -10,7 +10,8 @@ from gcmlm_assets.columns import Column
 # PyRadiomics names a feature `<image type>_<class>_<feature>`; one family per image type it can
 # produce, the unfiltered one (`original_`) always, the filtered ones only when the params enable them.
 RADIOMICS_ROW_COLUMNS = (
-    Column("patient_id", "string", "The patient (the partition key)"),
+    Column("patient_id", "string", "The scan's partition key: the patient id for a drop's only scan, "
+                                   "`<patient>@<timepoint>` for a timepoint's"),
     Column("original_*", "double", "PyRadiomics features of the unfiltered CT inside the gastric mask: "
                                    "shape, first-order and texture classes (107 with the default params)"),
     Column("log-sigma-*", "double", "Features of the Laplacian-of-Gaussian filtered CT, per sigma (rich params)",

@@ -1,10 +1,11 @@
 """Dagster assets of the mask and the features in DICOM (thin wiring over dicom_seg.py and dicom_sr.py).
 
 ct_mask_seg: the gastric mask as a DICOM SEG of the CT series it was made on; radiomics_sr: the
-radiomics row as a TID 1500 SR that references the SEG. Both run per patient after radiomics_row
+radiomics row as a TID 1500 SR that references the SEG. Both run per CT scan after radiomics_row
 in the radiology chain, reuse their stored file while their inputs are unchanged, and check their
 file read back against what it was made from. A CT that came in as a NIfTI, NRRD or MHA volume has
-no study, series or instances to reference: both materialize without a file, saying why.
+no study, series or instances to reference: both materialize without a file, saying why. The
+DICOM patient of both is the scan's patient (a patient's timepoints are one patient in a PACS).
 """
 
 import dagster as dg
@@ -15,12 +16,11 @@ from gcmlm_assets.catalogue import (
     CT_IMAGE, CT_MASK, CT_MASK_SEG, MASK_SEG_FILE, MASK_VOLUME, RADIOMICS_ROW, RADIOMICS_SR, RADIOMICS_SR_FILE,
     RADIOMICS_TABLE, Asset)
 from gcmlm_assets.inputs import required_file
-from gcmlm_assets.landing.scan import CT_FOLDER  # the drop's CT folder, `<landing>/<patient>/ct/`
 from gcmlm_assets.landing_input import LandingInputError
-from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.partitions import ct_scans_partitions
 from gcmlm_assets.policies import TRANSIENT_RETRY, stored_materialization
 from gcmlm_assets.radiology import checks, ct_io, dicom_seg, dicom_sr, features
-from gcmlm_assets.radiology.assets import input_failure
+from gcmlm_assets.radiology.assets import input_failure, refuse_scan_links, scan_of
 from gcmlm_assets.radiology.resources import RadiomicsSettings
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.reuse import StoredOutput, combined_digest
@@ -79,11 +79,11 @@ def _absent(output: StoredOutput, file, reason: str, **facts) -> None:
         deps=[CT_IMAGE.key, CT_MASK.key],
         skippable=True,
         description=f"The gastric mask as a DICOM Segmentation (`{MASK_SEG_FILE.name}`) of the CT series in "
-                    "`<landing>/<patient>/ct/`: one frame per source slice, referencing its study, series and "
-                    "instances, with the mask's maker (reference mask or nnU-Net model). None, with the reason, "
-                    "for a CT dropped as a NIfTI, NRRD or MHA volume.",
+                    "`<landing>/<patient>/ct/` (or `ct/<timepoint>/`): one frame per source slice, referencing "
+                    "its study, series and instances, with the mask's maker (reference mask or nnU-Net model). "
+                    "None, with the reason, for a CT dropped as a NIfTI, NRRD or MHA volume.",
     )],
-    partitions_def=patients_partitions,
+    partitions_def=ct_scans_partitions,
     check_specs=checks.CT_MASK_SEG_CHECK_SPECS,
     can_subset=True,
     retry_policy=TRANSIENT_RETRY,
@@ -106,9 +106,9 @@ def _ct_mask_seg_for(context: dg.AssetExecutionContext, patient_id: str, storage
                           ct_mask_seg_fingerprint(combined_digest(ct_inputs), mask_sha, repr(origin)))
     seg_path = output.path(MASK_SEG_FILE)
     if not output.reused:
-        folder = landing.patient_dir(patient_id) / CT_FOLDER
+        folder = landing.scan_folders(str(scan_of(patient_id)))[0]
         try:
-            landing.refuse_links_leaving(patient_id, CT_FOLDER)
+            refuse_scan_links(landing, patient_id, reference=False)
             now = {path.name: sha256_file(path) for path in ct_io.input_files(folder)}
         except (ct_io.CTInputError, LandingInputError) as error:
             raise input_failure(error) from error
@@ -122,7 +122,7 @@ def _ct_mask_seg_for(context: dg.AssetExecutionContext, patient_id: str, storage
             _absent(output, MASK_SEG_FILE, reason, seg=NONE, inputs=inputs)
         else:
             try:
-                written = dicom_seg.write_seg(folder, mask_path, seg_path, origin, patient_id)
+                written = dicom_seg.write_seg(folder, mask_path, seg_path, origin, scan_of(patient_id).patient_id)
             except dicom_seg.SegInputError as error:
                 raise input_failure(error) from error
             output.record([MASK_SEG_FILE], seg=WRITTEN, inputs=inputs, **written)
@@ -161,7 +161,7 @@ def _ct_mask_seg_for(context: dg.AssetExecutionContext, patient_id: str, storage
                     "/ IBSI codes where they exist), with the PyRadiomics version and settings. None, with the "
                     "reason, when there is no SEG.",
     )],
-    partitions_def=patients_partitions,
+    partitions_def=ct_scans_partitions,
     check_specs=checks.RADIOMICS_SR_CHECK_SPECS,
     can_subset=True,
     retry_policy=TRANSIENT_RETRY,
@@ -199,7 +199,8 @@ def _radiomics_sr_for(context: dg.AssetExecutionContext, patient_id: str, storag
                     raise dicom_sr.SRInputError(
                         f"{row_path}: extracted with other PyRadiomics settings ({recorded}) than the configured "
                         f"{radiomics.params} ({settings_sha}); materialize radiomics_row again")
-                written = dicom_sr.write_sr(seg_path, row_path, sr_path, params, patient_id)
+                written = dicom_sr.write_sr(seg_path, row_path, sr_path, params, scan_of(patient_id).patient_id,
+                                            row_id=patient_id)
             except dicom_sr.SRInputError as error:
                 raise input_failure(error) from error
             output.record([RADIOMICS_SR_FILE], sr=WRITTEN, inputs=inputs, **written)

@@ -203,10 +203,11 @@ def read_feature_row(row_path: Path) -> tuple[str, dict[str, float], dict[str, s
 # ---------------------------------------------------------------- building and writing
 
 
-def build_sr(seg_path: Path, row_path: Path, params: Mapping, patient_id: str):
+def build_sr(seg_path: Path, row_path: Path, params: Mapping, patient_id: str, row_id: str | None = None):
     """The TID 1500 Comprehensive 3D SR of the row at `row_path`, measured in the SEG at `seg_path`,
     whose patient is the platform's `patient_id` (dicom_patient.py); `params` are the PyRadiomics
-    settings the row was extracted with. Returns (SR, names of the features left out as not finite)."""
+    settings the row was extracted with; `row_id` is the id the row holds (its scan's partition key,
+    default `patient_id`). Returns (SR, names of the features left out as not finite)."""
     import highdicom as hd
     from highdicom.coding_schemes import CodingSchemeIdentificationItem
     from pydicom.sr.codedict import codes
@@ -215,8 +216,9 @@ def build_sr(seg_path: Path, row_path: Path, params: Mapping, patient_id: str):
     from gcmlm_assets.radiology.features import settings_hash
 
     row_patient, row, metadata = read_feature_row(row_path)
-    if row_patient != patient_id:
-        raise SRInputError(f"{row_path}: the row is patient {row_patient}'s, not {patient_id}'s")
+    expected = patient_id if row_id is None else row_id
+    if row_patient != expected:
+        raise SRInputError(f"{row_path}: the row is patient {row_patient}'s, not {expected}'s")
     version = metadata.get("pyradiomics_version")
     if not version:
         raise SRInputError(f"{row_path}: the row does not record its pyradiomics_version")
@@ -270,10 +272,12 @@ def build_sr(seg_path: Path, row_path: Path, params: Mapping, patient_id: str):
     return sr, skipped
 
 
-def write_sr(seg_path: Path, row_path: Path, sr_path: Path, params: Mapping, patient_id: str) -> dict:
-    """Write the radiomics row at `row_path` as a TID 1500 SR referencing the SEG at `seg_path` to
-    `sr_path`, atomically, as the SR of the platform's `patient_id`; return what the asset shows."""
-    sr, skipped = build_sr(seg_path, row_path, params, patient_id)
+def write_sr(seg_path: Path, row_path: Path, sr_path: Path, params: Mapping, patient_id: str,
+             row_id: str | None = None) -> dict:
+    """Write the radiomics row at `row_path` (holding `row_id`, see build_sr) as a TID 1500 SR
+    referencing the SEG at `seg_path` to `sr_path`, atomically, as the SR of the platform's
+    `patient_id`; return what the asset shows."""
+    sr, skipped = build_sr(seg_path, row_path, params, patient_id, row_id)
     with atomic_path(sr_path) as tmp:
         sr.save_as(tmp, enforce_file_format=True)
     measured = read_sr_measurements(sr_path)

@@ -5,8 +5,10 @@ The sensors in `sensors.py` and the `segmentation_model` asset call these with w
 the instance and the disk; each function decides from plain values, so every rule is testable
 without a daemon.
 
-Training set: the patients that have a file under `<landing>/<patient>/ct_label/` and a
-materialized `ct_image` (its `ct.nii.gz` exists). Its fingerprint and each case's stamp use names,
+Training set: the CT scans (`ct_scans` partitions, gcmlm_assets/scans.py) that have a file in their
+reference folder (`<landing>/<patient>/ct_label/`, or `ct_label/<timepoint>/` for a timepoint's
+scan) and a materialized `ct_image` (its `ct.nii.gz` exists): a case per scan, keyed by its scan key,
+so a patient's timepoints are cases of their own. Its fingerprint and each case's stamp use names,
 sizes and times only (no file is read), so a sensor can compute them every tick. `current.json`
 records the stamps of the set the last training saw (`reference_cases`, whether its model was
 installed or rejected); the automatic path retrains when enough cases were added, changed or
@@ -29,15 +31,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gcmlm_assets.model_sweeps import patients_to_rerun
+from gcmlm_assets.scans import InvalidScanKey, parse_scan_key, scan_folders
 
 # nnU-Net trains on at least this many cases: the held-out cases leave them to the new model.
 MIN_TRAINING_CASES = 2
 
-REFERENCE_FOLDER = "ct_label"
+
+def reference_dir(landing_root: Path, scan_key: str) -> Path | None:
+    """The reference-mask folder of a scan in the landing zone (None for a key that is no scan's)."""
+    try:
+        scan = parse_scan_key(scan_key)
+    except InvalidScanKey:
+        return None
+    return Path(landing_root) / scan.patient_id / scan_folders(scan.timepoint)[1]
 
 
-def reference_files(label_dir: Path) -> list[tuple[str, int, int]]:
-    """(name, size, mtime) of the visible files in a patient's ct_label/ folder; [] when none."""
+def reference_files(label_dir: Path | None) -> list[tuple[str, int, int]]:
+    """(name, size, mtime) of the visible files directly in a scan's reference folder; [] when none.
+    A timepoint's folder in ct_label/ is no file of the drop's only scan's."""
+    if label_dir is None:
+        return []
     try:
         with os.scandir(label_dir) as entries:
             found = []
@@ -51,25 +64,25 @@ def reference_files(label_dir: Path) -> list[tuple[str, int, int]]:
     return sorted(found)
 
 
-def has_reference_mask(landing_root: Path, patient_id: str) -> bool:
-    return bool(reference_files(Path(landing_root) / patient_id / REFERENCE_FOLDER))
+def has_reference_mask(landing_root: Path, scan_key: str) -> bool:
+    return bool(reference_files(reference_dir(landing_root, scan_key)))
 
 
 def reference_set(landing_root: Path, ct_paths: dict[str, Path]) -> dict[str, list]:
-    """patient -> [ct.nii.gz mtime, reference file stats] for every training candidate.
+    """scan key -> [ct.nii.gz mtime, reference file stats] for every training candidate.
 
-    `ct_paths` maps each known patient to where its canonical CT would be.
+    `ct_paths` maps each known scan to where its canonical CT would be.
     """
     cases: dict[str, list] = {}
-    for patient_id, ct_path in sorted(ct_paths.items()):
-        files = reference_files(Path(landing_root) / patient_id / REFERENCE_FOLDER)
+    for key, ct_path in sorted(ct_paths.items()):
+        files = reference_files(reference_dir(landing_root, key))
         if not files:
             continue
         try:
             ct_mtime = os.stat(ct_path).st_mtime_ns
         except FileNotFoundError:
             continue  # its ct_image is not materialized yet
-        cases[patient_id] = [ct_mtime, files]
+        cases[key] = [ct_mtime, files]
     return cases
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from gcmlm_assets.scans import SEPARATOR
 from gcmlm_assets.settings import scoped_environment
 from gcmlm_assets.radiology import nnunet_seeding
 from gcmlm_assets.radiology.nnunet import CONFIGURATION, STOMACH_LABEL, resolve_torch_device
@@ -184,11 +185,29 @@ def _label_on_image_grid(case: TrainingCase, header: sitk.ImageFileReader) -> si
     return label
 
 
+# What a case's `@` (scan keys: `<patient>@<timepoint>`, gcmlm_assets/scans.py) becomes in its nnU-Net
+# file names, which keep to [A-Za-z0-9._-]: no patient id holds `..` and no timepoint name a `.`, so
+# the ids stay distinct and the last `..` of one splits it back (`case_of_nnunet_id`).
+NNUNET_SEPARATOR = ".."
+
+
+def nnunet_case_id(case_id: str) -> str:
+    """The case's identifier in nnU-Net's dataset (its file names): a patient id unchanged."""
+    return case_id.replace(SEPARATOR, NNUNET_SEPARATOR)
+
+
+def case_of_nnunet_id(nnunet_id: str) -> str:
+    """The case id (scan key) an nnU-Net identifier was made from (`nnunet_case_id` reversed)."""
+    head, separator, timepoint = nnunet_id.rpartition(NNUNET_SEPARATOR)
+    return f"{head}{SEPARATOR}{timepoint}" if separator else nnunet_id
+
+
 def write_raw_dataset(cases: Sequence[TrainingCase], raw_root: Path, dataset_id: int) -> Path:
-    """Write `<raw_root>/DatasetNNN_GastricCT/` (imagesTr, labelsTr, dataset.json); return that folder."""
+    """Write `<raw_root>/DatasetNNN_GastricCT/` (imagesTr, labelsTr, dataset.json); return that folder.
+    Each case is named `nnunet_case_id(case.case_id)` there."""
     if len(cases) < 2:
         raise TrainingDataError(f"nnU-Net needs at least 2 training cases, got {len(cases)}")
-    ids = [case.case_id for case in cases]
+    ids = [nnunet_case_id(case.case_id) for case in cases]
     if len(set(ids)) != len(ids):
         raise TrainingDataError(f"duplicate case ids: {sorted({i for i in ids if ids.count(i) > 1})}")
     folder = Path(raw_root) / dataset_name(dataset_id)
@@ -196,19 +215,19 @@ def write_raw_dataset(cases: Sequence[TrainingCase], raw_root: Path, dataset_id:
     images_dir.mkdir(parents=True, exist_ok=True)
     labels_dir.mkdir(parents=True, exist_ok=True)
     listing = {}
-    for case in cases:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", case.case_id):
+    for case, name in zip(cases, ids):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise TrainingDataError(f"case id {case.case_id!r} is not usable as an nnU-Net file name")
         header = _image_header(case.image)
         label = _label_on_image_grid(case, header)
-        image_file = images_dir / f"{case.case_id}_0000{FILE_ENDING}"
-        label_file = labels_dir / f"{case.case_id}{FILE_ENDING}"
+        image_file = images_dir / f"{name}_0000{FILE_ENDING}"
+        label_file = labels_dir / f"{name}{FILE_ENDING}"
         if "".join(Path(case.image).suffixes[-2:]) == FILE_ENDING:
             shutil.copyfile(case.image, image_file)
         else:
             sitk.WriteImage(sitk.ReadImage(str(case.image)), str(image_file), True)
         sitk.WriteImage(label, str(label_file), True)
-        listing[case.case_id] = {"images": [f"imagesTr/{image_file.name}"], "label": f"labelsTr/{label_file.name}"}
+        listing[name] = {"images": [f"imagesTr/{image_file.name}"], "label": f"labelsTr/{label_file.name}"}
     dataset_json = {
         "channel_names": {"0": CHANNEL_NAME},  # "CT" selects nnU-Net's CT intensity normalisation
         "labels": {"background": 0, STOMACH_LABEL: 1},

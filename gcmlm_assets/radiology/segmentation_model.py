@@ -1,8 +1,9 @@
 """The radiology group's `segmentation_model` asset (Dagster wiring over nnunet.py, nnunet_training.py and
 model_lifecycle.py).
 
-One unpartitioned model for all patients: the nnU-Net v2 model trained on the patients with a
-reference mask and a materialized ct_image, installed under the artifact store and reused while its
+One unpartitioned model for all patients: the nnU-Net v2 model trained on the CT scans with a
+reference mask (in `ct_label/`, or `ct_label/<timepoint>/` for a timepoint's scan: every timepoint
+of a patient is a case of its own) and a materialized ct_image, installed under the artifact store and reused while its
 inputs, settings, code and nnU-Net version stay the same; or the trained folder the segmentation
 resource names. ct_mask (assets.py) predicts with it; segmentation_training_sensor (sensors.py)
 decides when it trains by itself, and any run of this asset started by hand trains on the current set.
@@ -19,7 +20,7 @@ import dagster as dg
 
 from gcmlm_assets import step_pods
 from gcmlm_assets.lazy import lazy
-from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.partitions import ct_scans_partitions
 from gcmlm_assets.landing_input import LandingInputError
 from gcmlm_assets.pictures import PLOT, picture_markdown
 from gcmlm_assets.policies import TRANSIENT_RETRY
@@ -27,6 +28,7 @@ from gcmlm_assets.catalogue import CT_IMAGE, CT_VOLUME, SEGMENTATION_MODEL, Miss
 from gcmlm_assets.radiology import masks, model_lifecycle
 from gcmlm_assets.radiology.assets import input_failure
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
+from gcmlm_assets.scans import InvalidScanKey, parse_scan_key, scan_folders
 from gcmlm_assets.storage import sha256_file, sha256_text, write_pointer
 
 # Imported by the step that uses it, not when the definitions load (gcmlm_assets/lazy.py).
@@ -40,16 +42,18 @@ def segmentation_model_fingerprint(nnunet_version: str, settings: dict, inputs: 
                        json.dumps(settings, sort_keys=True, default=str), json.dumps(inputs, sort_keys=True))
 
 
-def _training_candidates(patients: list[str], store, landing: LandingZone):
-    """(patient, canonical CT, reference mask file) for every patient with a reference mask,
+def _training_candidates(scans: list[str], store, landing: LandingZone):
+    """(scan key, canonical CT, reference mask file) for every scan with a reference mask,
     and why the others that have one cannot be used."""
     usable, skipped = [], {}
-    for patient_id in patients:
-        label_dir = landing.patient_dir(patient_id) / "ct_label"
+    for patient_id in scans:
         try:
-            landing.refuse_links_leaving(patient_id, "ct_label")  # nothing outside the landing zone is read
+            scan = parse_scan_key(patient_id)
+            label_dir = landing.scan_folders(patient_id)[1]
+            # nothing outside the landing zone is read
+            landing.refuse_links_leaving(scan.patient_id, scan_folders(scan.timepoint)[1])
             reference = masks.find_reference_mask(label_dir)
-        except (masks.MaskInputError, LandingInputError) as error:
+        except (masks.MaskInputError, LandingInputError, InvalidScanKey) as error:
             skipped[patient_id] = str(error)
             continue
         if reference is None:
@@ -141,9 +145,9 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
 
     store = storage.store()
     models_root = SEGMENTATION_MODEL.folder(store)
-    patients = sorted(context.instance.get_dynamic_partitions(patients_partitions.name))
+    patients = sorted(context.instance.get_dynamic_partitions(ct_scans_partitions.name))
     candidates, skipped = _training_candidates(patients, store, landing)
-    # The set as segmentation_training_sensor sees it (names, sizes, times over every patient): recorded
+    # The set as segmentation_training_sensor sees it (names, sizes, times over every scan): recorded
     # for the training that saw it, installed or not, so the sensor measures changes from here.
     reference_cases = model_lifecycle.reference_set(landing.path(),
                                                     {pid: CT_VOLUME.path(store, pid) for pid in patients})
@@ -180,8 +184,9 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
         raise dg.Failure(description=refusal, allow_retries=False)
     if len(candidates) < 2:
         raise dg.Failure(
-            description=f"segmentation_model needs at least 2 patients with a reference mask in "
-                        f"<landing>/<patient>/ct_label/ and a materialized ct_image; found {len(candidates)} "
+            description=f"segmentation_model needs at least 2 CT scans with a reference mask in "
+                        f"<landing>/<patient>/ct_label/ (or ct_label/<timepoint>/) and a materialized ct_image; "
+                        f"found {len(candidates)} "
                         f"({', '.join(pid for pid, _, _ in candidates) or 'none'}) under {landing.path()}"
                         + (f"; unusable: {json.dumps(skipped)}" if skipped else ""),
             allow_retries=False)

@@ -1,13 +1,16 @@
 """The radiology group's automation: the segmentation model trains itself, and masks follow it.
 
-- `segmentation_training_sensor` requests `segmentation_model` when enough patients have a
+- `segmentation_training_sensor` requests `segmentation_model` when enough CT scans have a
   reference mask and no model is installed, or when that set changed by what the retraining
   policy asks since the last training (`segmentation.retrain_min_new_cases` /
   `retrain_min_growth_fraction`), once it has settled.
 - `predicted_mask_sensor` requests `ct_mask` and what follows it (`radiomics_row`, `ct_mask_seg`,
-  `radiomics_sr`) for patients without a reference
-  mask once a model is installed (they waited, skipped), and again for all of them when a new model
-  is installed. Patients with a reference mask are left alone.
+  `radiomics_sr`) for the scans without a reference mask once a model is installed (they waited,
+  skipped), and again for all of them when a new model is installed. Scans with a reference mask
+  are left alone.
+
+Both go over the `ct_scans` partitions (one per scan: a patient's timepoints are scans of their
+own, gcmlm_assets/scans.py), and the mask runs are batched in that set's order and buckets.
 
 The rules live in `model_lifecycle.py`; here is only what the instance and the disk say.
 """
@@ -22,7 +25,7 @@ import dagster as dg
 
 from gcmlm_assets import runs
 from gcmlm_assets.batching import batch_patients
-from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.partitions import ct_scans_partitions
 from gcmlm_assets.patient_batches import plan_batches
 from gcmlm_assets.radiology import model_lifecycle
 from gcmlm_assets.catalogue import (
@@ -57,8 +60,8 @@ def training_status(instance: dg.DagsterInstance, landing: LandingZone, storage:
     from gcmlm_assets.radiology.nnunet import read_current_model
 
     store = storage.store()
-    patients = instance.get_dynamic_partitions(patients_partitions.name)
-    cases = model_lifecycle.reference_set(landing.path(), {pid: CT_VOLUME.path(store, pid) for pid in patients})
+    scans = instance.get_dynamic_partitions(ct_scans_partitions.name)
+    cases = model_lifecycle.reference_set(landing.path(), {key: CT_VOLUME.path(store, key) for key in scans})
     pointer = read_current_model(SEGMENTATION_MODEL.folder(store, create=False)) or {}
     busy = runs.in_flight_doing(instance, TRAINING_INPUT_WORK)
     fingerprint = model_lifecycle.reference_set_fingerprint(cases) if cases else ""
@@ -93,7 +96,7 @@ def build_segmentation_training_sensor(interval_s: int) -> dg.SensorDefinition:
         minimum_interval_seconds=interval_s,
         asset_selection=[SEGMENTATION_MODEL_KEY],
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Trains segmentation_model when at least `segmentation.min_training_cases` patients have "
+        description="Trains segmentation_model when at least `segmentation.min_training_cases` CT scans have "
                     "a reference mask and a materialized ct_image and no model is installed, or when at least "
                     "`segmentation.retrain_min_new_cases` of those cases (or `retrain_min_growth_fraction` of "
                     "the last training's set) were added, changed or removed since the last training; once "
@@ -130,13 +133,14 @@ def installed_model_key(segmentation: SegmentationModelResource, storage: Artifa
 
 
 def _not_waiting(instance: dg.DagsterInstance, patients: list[str], order: list[str], size: int) -> set[str]:
-    """Which of `patients` (CT materialized, no mask) are not waiting for a model: a run of their ct_mask
-    is queued or running, or none was ever planned (a batch's ct_mask that radiology_steps_sensor
+    """Which of `patients` (scans: CT materialized, no mask) are not waiting for a model: a run of their
+    ct_mask is queued or running, or none was ever planned (a batch's ct_mask that radiology_steps_sensor
     has yet to request)."""
     storage = instance.event_log_storage
     never_planned = {p for p in patients if storage.get_latest_planned_materialization_info(MASK_ASSET, p) is None}
     rest = [p for p in patients if p not in never_planned]
-    return never_planned | runs.in_flight_partitions(instance, rest, [MASK_ASSET.to_user_string()], order, size)
+    return never_planned | runs.in_flight_partitions(instance, rest, [MASK_ASSET.to_user_string()], order, size,
+                                                     partition_set=ct_scans_partitions.name)
 
 
 def build_predicted_mask_sensor(interval_s: int) -> dg.SensorDefinition:
@@ -147,8 +151,8 @@ def build_predicted_mask_sensor(interval_s: int) -> dg.SensorDefinition:
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Once a segmentation model is installed, predicts the masks (ct_mask, then radiomics_row, "
                     "ct_mask_seg and radiomics_sr) of "
-                    "patients without a reference mask that waited for it; after a new model, re-predicts all "
-                    "of them. Patients with a reference mask are left alone.",
+                    "the CT scans without a reference mask that waited for it; after a new model, re-predicts "
+                    "all of them. Scans with a reference mask are left alone.",
     )
     def predicted_mask_sensor(context: dg.SensorEvaluationContext, landing: LandingZone,
                               storage: ArtifactStorage, segmentation: SegmentationModelResource):
@@ -159,19 +163,19 @@ def build_predicted_mask_sensor(interval_s: int) -> dg.SensorDefinition:
         cursor = json.loads(context.cursor) if context.cursor else {}
         ct_done = instance.get_materialized_partitions(dg.AssetKey(CT_IMAGE.key))
         mask_done = instance.get_materialized_partitions(MASK_ASSET)
-        order = list(instance.get_dynamic_partitions(patients_partitions.name))
+        order = list(instance.get_dynamic_partitions(ct_scans_partitions.name))
         size = batch_patients()
         chosen, new_cursor = model_lifecycle.masks_to_predict(
             model_key=model_key, cursor=cursor, ct_done=ct_done, mask_done=mask_done,
             # asked only for the few waiting patients it could request now: their runs alone are loaded
             in_flight=lambda patients: _not_waiting(instance, patients, order, size),
-            has_reference=lambda pid: model_lifecycle.has_reference_mask(landing.path(), pid),
+            has_reference=lambda key: model_lifecycle.has_reference_mask(landing.path(), key),
             limit=MAX_MASK_RUNS_PER_TICK)
         context.update_cursor(json.dumps(new_cursor, sort_keys=True))
         if not chosen:
             return dg.SkipReason(f"every mask without a reference is predicted by model {model_key}")
-        batches = plan_batches(order, chosen, size)
-        context.log.info(f"model {model_key}: predicting the masks of {len(chosen)} patient(s) in {len(batches)} "
+        batches = plan_batches(order, chosen, size, partition_set=ct_scans_partitions.name)
+        context.log.info(f"model {model_key}: predicting the masks of {len(chosen)} scan(s) in {len(batches)} "
                          "run(s): " + ", ".join(chosen[:20]) + (" ..." if len(chosen) > 20 else ""))
         # One patient: ct_mask and what follows it in one run. A batch: ct_mask over its range with one
         # loaded model; radiology_steps_sensor then carries the batch on through the chain.

@@ -21,7 +21,7 @@ from gcmlm_assets.landing.scan import RunPlan
 from gcmlm_assets.definitions import MODALITY_ASSETS
 from gcmlm_assets.landing.sensors import batched_run_requests
 from gcmlm_assets.partitions import patients_partitions
-from gcmlm_assets.patient_batches import PATIENTS_TAG, plan_batches
+from gcmlm_assets.patient_batches import BUCKET_TAG, PATIENTS_TAG, plan_batches
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 ORDER = [f"P{i:03d}" for i in range(10)]
@@ -79,3 +79,25 @@ def test_a_run_that_names_its_patients_covers_only_those(instance):
     assert request.tags[PATIENTS_TAG] == "P004,P007"
     _queued(instance, request)
     assert runs.in_flight_partitions(instance, ORDER[4:8], ["ct_mask"], ORDER, BATCH) == {"P004", "P007"}
+
+
+@pytest.mark.parametrize("config", ["local/dagster.yaml", "k8s/dagster.yaml"])
+def test_a_bucket_of_ct_scans_is_not_a_bucket_of_patients(instance, config):
+    """The radiology assets are partitioned by CT scan, in another order: their buckets carry the set's
+    name, so a batch of scans neither waits on nor stands for a batch of patients of the same number."""
+    scans = [*ORDER[:4], "P004@2024-01-10", "P004@2024-06-02", *ORDER[5:8]]
+    instance.add_dynamic_partitions(patients_partitions.name, ORDER)
+    instance.add_dynamic_partitions("ct_scans", scans)
+    [scan_batch] = plan_batches(scans, scans[4:7], BATCH, partition_set="ct_scans")
+    scan_run = _queued(instance, runs.batch_run_request(scan_batch, BATCH, run_key="scans", tags={},
+                                                        asset_selection=[dg.AssetKey("ct_mask")]))
+    assert scan_run.tags[BUCKET_TAG] == f"ct_scans:{BATCH}:1"
+    [patient_batch] = plan_batches(ORDER, ORDER[4:7], BATCH)
+    patient_run = _queued(instance, runs.batch_run_request(patient_batch, BATCH, run_key="patients", tags={},
+                                                           asset_selection=[dg.AssetKey("uni_features")]))
+    assert patient_run.tags[BUCKET_TAG] == f"{BATCH}:1"
+    assert not TagConcurrencyLimitsCounter(_limits(config), [scan_run]).is_blocked(patient_run)
+    # The scans' range run covers its scans in the ct_scans order, and is no run of patients' buckets.
+    assert runs.in_flight_partitions(instance, scans[4:8], ["ct_mask"], scans, BATCH,
+                                     partition_set="ct_scans") == set(scans[4:7])
+    assert runs.in_flight_partitions(instance, ORDER[4:8], ["ct_mask"], ORDER, BATCH) == set()

@@ -18,8 +18,9 @@ EXPECTED_GROUPS = {
                   "tumour_classifier", "lymph_nodes"},
     "cohort": {"clinical_table", "fused_table", "risk_model", "risk_scores", "risk_assessments", "risk_explanations"},
 }
-PER_PATIENT = {"ct_image", "ct_mask", "radiomics_row", "ct_mask_seg", "radiomics_sr", "patch_coords", "uni_features",
-               "slide_vector", "qupath_geojson", "ln_patch_coords", "ln_features", "lymph_nodes", "risk_explanations"}
+PER_SCAN = {"ct_image", "ct_mask", "radiomics_row", "ct_mask_seg", "radiomics_sr"}
+PER_PATIENT = {"patch_coords", "uni_features", "slide_vector", "qupath_geojson", "ln_patch_coords", "ln_features",
+               "lymph_nodes", "risk_explanations"}
 AUTOMATION_SENSORS = ("landing_sensor", "radiology_steps_sensor", "pathology_steps_sensor", "lymph_node_steps_sensor",
                       "segmentation_training_sensor", "predicted_mask_sensor", "cohort_refresh_sensor",
                       "risk_explanations_sensor", "qupath_geojson_after_patch_coords_sensor",
@@ -41,9 +42,10 @@ def test_definitions_load(env: str):
     defs = build_definitions(env)
     assert asset_groups(defs) == EXPECTED_GROUPS
     graph = defs.resolve_asset_graph()
-    for name in PER_PATIENT:
-        partitions = graph.get(dg.AssetKey(name)).partitions_def
-        assert isinstance(partitions, dg.DynamicPartitionsDefinition) and partitions.name == "patients"
+    for names, partition_set in ((PER_PATIENT, "patients"), (PER_SCAN, "ct_scans")):
+        for name in names:
+            partitions = graph.get(dg.AssetKey(name)).partitions_def
+            assert isinstance(partitions, dg.DynamicPartitionsDefinition) and partitions.name == partition_set
     for name in AUTOMATION_SENSORS:
         sensor = defs.get_sensor_def(name)
         assert sensor.default_status == dg.DefaultSensorStatus.RUNNING, name

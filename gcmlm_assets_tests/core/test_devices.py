@@ -63,7 +63,6 @@ def test_each_gpu_asset_fails_at_once_on_kubernetes_without_a_gpu(on_kubernetes,
     """The real asset, materialized in process with GCMLM_ENV=k8s: the step fails before any input is read."""
     from gcmlm_assets import step_pods
     from gcmlm_assets.definitions import build_definitions
-    from gcmlm_assets.partitions import patients_partitions
 
     defs = build_definitions(env="local")  # the in-process executor; GCMLM_ENV is read by the step
     assets_def = next(a for a in defs.assets if dg.AssetKey(asset_name) in getattr(a, "keys", ()))
@@ -71,7 +70,7 @@ def test_each_gpu_asset_fails_at_once_on_kubernetes_without_a_gpu(on_kubernetes,
         f"{asset_name} is a GPU-class step"
     partition = None
     if assets_def.partitions_def is not None:
-        instance.add_dynamic_partitions(patients_partitions.name, ["P001"])
+        instance.add_dynamic_partitions(assets_def.partitions_def.name, ["P001"])
         partition = "P001"
     # No input exists under data_root: a step that read anything before its device check would fail
     # with another error.

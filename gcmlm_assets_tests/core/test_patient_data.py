@@ -53,7 +53,7 @@ def test_no_patient_tag_of_a_dicom_series_reaches_artifacts_metadata_or_the_even
     assert set(found_in(slices[0].read_bytes())) >= {"ZZSECRETNAME", "ZZSECRETID123", "19010203", "ZZACC98765",
                                                     "ZZSECRET HOSPITAL"}
 
-    instance.add_dynamic_partitions("patients", [PATIENT])
+    instance.add_dynamic_partitions("ct_scans", [PATIENT])  # the drop's only scan
     resources = {**radiology_resources.resources("local"), **base_resources}
     result = dg.materialize([ct_image, ct_mask, radiomics_row, ct_mask_seg, radiomics_sr], partition_key=PATIENT,
                             instance=instance, resources=resources, raise_on_error=False)

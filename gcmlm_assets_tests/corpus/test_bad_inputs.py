@@ -202,8 +202,10 @@ class Corpus:
         self.rows: dict[str, Row] = {}
 
     def add(self, *patient_ids: str) -> None:
-        known = set(self.instance.get_dynamic_partitions("patients"))
-        self.instance.add_dynamic_partitions("patients", [p for p in patient_ids if p not in known])
+        # A drop's only CT scan is keyed by its patient id in `ct_scans`, the radiology assets' partitions.
+        for partition_set in ("patients", "ct_scans"):
+            known = set(self.instance.get_dynamic_partitions(partition_set))
+            self.instance.add_dynamic_partitions(partition_set, [p for p in patient_ids if p not in known])
 
     def materialize(self, assets, resources: dict, patient_id: str | None = None, **kwargs):
         return dg.materialize(assets, instance=self.instance, resources=resources, partition_key=patient_id,

@@ -93,6 +93,7 @@ def test_two_processes_materialize_patients_into_the_production_postgres_storage
         assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
         assert instance.get_runs() == []
         instance.add_dynamic_partitions("patients", patients)
+        instance.add_dynamic_partitions("ct_scans", patients)  # each drop's only scan: the radiology partitions
 
         # Both workers load everything, say they are ready, and start materializing on one signal.
         started = time.monotonic()

@@ -112,7 +112,7 @@ def test_a_series_in_two_associations_commits_ready_once_after_the_quiet_time_de
     assert [(r.patient_id, r.modality) for r in plan_tick(scan, None, 10).runs] == [(pseudonym, "radiology")]
 
     # ct_image reads the received series as it is.
-    instance.add_dynamic_partitions("patients", [pseudonym])
+    instance.add_dynamic_partitions("ct_scans", [pseudonym])  # the drop's only scan
     result = dg.materialize([ct_image], partition_key=pseudonym, instance=instance,
                             resources={**radiology_resources.resources("local"), **base_resources})
     meta = result.asset_materializations_for_node("ct_image")[0].metadata

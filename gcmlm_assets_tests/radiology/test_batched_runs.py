@@ -1,6 +1,7 @@
 """Batched runs from the sensors, on a real instance with the real radiology assets.
 
-A landing tick of several patients is one run of ct_image over their range; radiology_steps_sensor
+A landing tick of several patients is one run of ct_image over their range of CT scans (`ct_scans`,
+one per drop here: a drop's only scan is keyed by its patient id); radiology_steps_sensor
 then carries the patients it materialized on to ct_mask, radiomics_row, ct_mask_seg and
 radiomics_sr, one run per asset and bucket. Each patient's results, checks and failures stay its
 own: a bad CT fails its patient (the run is red and names it), and the patient goes no further;
@@ -14,7 +15,7 @@ import SimpleITK as sitk
 
 from gcmlm_assets import runs
 from gcmlm_assets.definitions import MODALITY_ASSETS
-from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.partitions import ct_scans_partitions
 from gcmlm_assets.patient_batches import BUCKET_TAG, PATIENTS_TAG
 from gcmlm_assets.patient_steps import build_patient_steps_sensor
 from gcmlm_assets.radiology import assets, dicom_assets
@@ -76,27 +77,27 @@ def test_a_landing_batch_goes_through_the_chain_patient_by_patient(instance, dat
 
     assert not step_tick().run_requests  # the daemon ticks it before any drop
 
-    # One landing tick: one run of ct_image over the five new patients, tagged with their bucket.
+    # One landing tick: one run of ct_image over the five new scans, tagged with their bucket of scans.
     [request] = Ticker(instance, landing).tick().run_requests
-    order = list(instance.get_dynamic_partitions(patients_partitions.name))
+    order = list(instance.get_dynamic_partitions(ct_scans_partitions.name))
     assert sorted(order) == sorted([*GOOD, "ZERO", "FAR"])
     assert request.asset_selection == [dg.AssetKey("ct_image")] and request.partition_key is None
     assert _patients(request, order) == order and PATIENTS_TAG not in request.tags
-    assert request.tags[BUCKET_TAG] == f"{BATCH}:0" and request.tags[runs.WORK_TAG] == runs.RADIOLOGY
+    assert request.tags[BUCKET_TAG] == f"ct_scans:{BATCH}:0" and request.tags[runs.WORK_TAG] == runs.RADIOLOGY
     result = _execute(instance, radiology_resources, request)
     assert not result.success  # red, naming the bad patient only
     [failure] = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
     assert "1 of 5 patients failed" in failure.step_failure_data.error.message
     assert "ZERO" in failure.step_failure_data.error.message
     assert instance.get_materialized_partitions(dg.AssetKey("ct_image")) == {*GOOD, "FAR"}
-    status = instance.get_status_by_partition(dg.AssetKey("ct_image"), order, patients_partitions)
+    status = instance.get_status_by_partition(dg.AssetKey("ct_image"), order, ct_scans_partitions)
     assert {p for p, s in status.items() if str(s.value) == "FAILED"} == {"ZERO"}
     assert set(_checked_patients(instance, result.run_id)) == {*GOOD, "FAR"}
     assert set(_checked_patients(instance, result.run_id, evaluated=False)) == {"ZERO"}  # named, not checked
 
     # The steps sensor: ct_mask for the four whose CT is good, one run, the bad one left out.
     [request] = step_tick().run_requests
-    assert request.asset_selection == [dg.AssetKey("ct_mask")]
+    assert request.asset_selection == [dg.AssetKey("ct_mask")] and request.tags[BUCKET_TAG] == f"ct_scans:{BATCH}:0"
     assert sorted(_patients(request, order)) == sorted([*GOOD, "FAR"])
     result = _execute(instance, radiology_resources, request)
     assert not result.success

@@ -44,8 +44,8 @@ def _drop(landing: Path, patient_id: str, real_ct: Path, *, as_dicom: bool) -> P
 
 
 def _materialize(instance, resources: dict, patient_id: str, assets=CHAIN) -> dg.ExecuteInProcessResult:
-    if patient_id not in instance.get_dynamic_partitions("patients"):
-        instance.add_dynamic_partitions("patients", [patient_id])
+    if patient_id not in instance.get_dynamic_partitions("ct_scans"):
+        instance.add_dynamic_partitions("ct_scans", [patient_id])
     return dg.materialize(assets, partition_key=patient_id, instance=instance,
                           resources={**resources, "radiomics": LENIENT}, raise_on_error=False)
 

@@ -2,7 +2,8 @@
 
 The cohort is made from the real abdominal CT and its stomach mask: four patients
 are crops of it resampled to 6 mm (one with its reference mask left on the
-original 3 mm grid, so the asset has to resample it), one patient's reference
+original 3 mm grid, so the asset has to resample it; one dropped as a timepoint,
+`ct/<date>/` with its mask in `ct_label/<date>/`, a case of its own), one patient's reference
 mask is empty (skipped, with the reason, without stopping the training), and one
 patient without a mask is the CT resampled to 5 mm, a grid the model never saw. Training happens
 once per module (the demo profile's tiny nnU-Net, trained shorter: `demo_segmentation()`).
@@ -34,6 +35,7 @@ from gcmlm_assets.radiology.checkpoint_pins import checkpoint_digests
 from gcmlm_assets.radiology.assets import ct_image, ct_mask
 from gcmlm_assets.radiology.resources import RadiomicsSettings
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
+from gcmlm_assets.scans import scan_key
 from gcmlm_assets.storage import sha256_file
 from gcmlm_assets_tests.support.pictures import assert_ui_picture
 from gcmlm_assets_tests.support.radiology.checkpoints import write_trapped_checkpoint
@@ -45,6 +47,9 @@ from gcmlm_assets_tests.support.run_results import metadata_of, step_failure_tex
 
 HELD_OUT_SPACING_MM = 5.0
 MASK_ON_ORIGINAL_GRID = "GC004"
+# A training patient whose scan is a timepoint folder: its case is its scan key.
+TIMEPOINT_PATIENT, TIMEPOINT = "GC003", "2024-05-01"
+TRAINING_CASES = [scan_key(p, TIMEPOINT if p == TIMEPOINT_PATIENT else None) for p in TRAINING_CROPS]
 HELD_OUT = "GC005"
 EMPTY_MASK = "GC006"
 
@@ -95,7 +100,13 @@ def build_cohort(root: Path, real_ct: Path, real_stomach: Path) -> tuple[dict, s
         mask = stomach if patient_id == MASK_ON_ORIGINAL_GRID else sitk.RegionOfInterest(stomach6, [nx, ny, nz],
                                                                                           [x, y, z])
         sitk.WriteImage(mask, str(mask_file), True)
-        make_drop(landing, patient_id, [ct_file], mask_file)
+        drop = make_drop(landing, patient_id, [ct_file], mask_file)
+        if patient_id == TIMEPOINT_PATIENT:
+            for folder in ("ct", "ct_label"):
+                moved = drop / f"{folder}-{TIMEPOINT}"
+                (drop / folder).rename(moved)
+                (drop / folder).mkdir()
+                moved.rename(drop / folder / TIMEPOINT)
     held_out_dir = sources / HELD_OUT
     held_out_dir.mkdir()
     sitk.WriteImage(resampled(ct, HELD_OUT_SPACING_MM, sitk.sitkLinear), str(held_out_dir / "ct.nii.gz"), True)
@@ -122,8 +133,8 @@ def trained(tmp_path_factory, real_ct, real_stomach):
             "radiomics": RadiomicsSettings(),
             "segmentation": demo_segmentation(),
         })
-        patients = [*TRAINING_CROPS, HELD_OUT, EMPTY_MASK]
-        instance.add_dynamic_partitions("patients", patients)
+        patients = [*TRAINING_CASES, HELD_OUT, EMPTY_MASK]
+        instance.add_dynamic_partitions("ct_scans", patients)
         for patient_id in patients:
             assert cohort.materialize([ct_image], partition=patient_id).success, patient_id
 
@@ -153,13 +164,15 @@ def test_segmentation_model_trains_and_installs_a_tiny_nnunet(trained):
     meta = trained.training
     models_root = trained.artifacts / "segmentation_model"
     assert meta["trained"] is True and meta["reused"] is False
-    assert meta["n_training_cases"] == len(TRAINING_CROPS)
-    assert meta["training_cases"] == ", ".join(TRAINING_CROPS)
+    # Every scan with a reference mask, the timepoint's (ct_label/<timepoint>/) among them.
+    assert meta["n_training_cases"] == len(TRAINING_CASES)
+    assert meta["training_cases"] == ", ".join(TRAINING_CASES)
+    assert f"{TIMEPOINT_PATIENT}@{TIMEPOINT}" in TRAINING_CASES
     assert meta["trainer"] == "nnUNetTrainerAdam" and meta["plans"] == "nnUNetPlans_tiny"
     assert (meta["configuration"], meta["fold"], meta["epochs"], meta["iterations_per_epoch"]) == (
         "3d_fullres", "all", 20, 12)
     assert meta["final_train_loss"] < 1.5 and 0.0 <= meta["final_pseudo_dice"] <= 1.0
-    assert set(meta["input_sha256"]) == set(TRAINING_CROPS)
+    assert set(meta["input_sha256"]) == set(TRAINING_CASES)
     # One unusable reference mask is reported and left out; the held-out patient has none at all.
     assert list(meta["skipped_cases"]) == [EMPTY_MASK]
     assert "empty.nii.gz: mask is empty" in meta["skipped_cases"][EMPTY_MASK]
@@ -169,7 +182,7 @@ def test_segmentation_model_trains_and_installs_a_tiny_nnunet(trained):
     assert model_table(meta) == {
         "model id": meta["model_id"], "plans": "nnUNetPlans_tiny", "configuration": "3d_fullres",
         "trainer": "nnUNetTrainerAdam", "folds": "all", "epochs": "20", "iterations per epoch": "12",
-        "training cases": f"{len(TRAINING_CROPS)}: {', '.join(TRAINING_CROPS)}", "held-out cases": "none",
+        "training cases": f"{len(TRAINING_CASES)}: {', '.join(TRAINING_CASES)}", "held-out cases": "none",
         "device": "cpu", "checkpoint sha256": meta["checkpoint_sha256"]}
     # The first model: nothing installed to compare it with.
     assert meta["decision"] == "installed: the first model (none installed to compare with)"
@@ -416,7 +429,7 @@ def train_on_new_drops(root: Path, drops: dict[str, tuple[Path, Path | None]]) -
         })
         for patient_id, (ct, mask) in drops.items():
             make_drop(root / "landing", patient_id, [ct], mask)
-        instance.add_dynamic_partitions("patients", list(drops))
+        instance.add_dynamic_partitions("ct_scans", list(drops))
         for patient_id in drops:
             assert cohort.materialize([ct_image], partition=patient_id).success
         return cohort.train()
@@ -426,7 +439,7 @@ def test_training_needs_two_patients_with_a_reference_mask(tmp_path, real_ct, re
     result = train_on_new_drops(tmp_path, {"ONLY1": (real_ct, real_stomach), "NOMASK": (real_ct, None)})
     assert not result.success
     message = step_failure_text(result, "segmentation_model")
-    assert "at least 2 patients with a reference mask" in message and "found 1 (ONLY1)" in message
+    assert "at least 2 CT scans with a reference mask" in message and "found 1 (ONLY1)" in message
     assert not (tmp_path / "artifacts" / "segmentation_model" / "current.json").exists()
 
 
@@ -453,7 +466,7 @@ def test_a_backfill_range_loads_the_model_once_and_records_each_patient_as_its_o
     bad_mask = trained.landing / broken / "ct_label" / "stomach.nii.gz"
     bad_mask.write_bytes(b"not a NIfTI file")
     batch = [predicted, broken, referenced]
-    trained.instance.add_dynamic_partitions("patients", batch)
+    trained.instance.add_dynamic_partitions("ct_scans", batch)
     for patient_id in batch:
         assert trained.materialize([ct_image], partition=patient_id).success, patient_id
 
@@ -526,7 +539,7 @@ def test_a_reference_mask_is_compared_with_the_installed_model(trained, real_ct)
     liver = sitk.Cast(sitk.ReadImage(str(real_ct.parent / "example_seg_fast.nii.gz")) == 5, sitk.sitkUInt8)
     sitk.WriteImage(liver, str(sources / "liver_as_stomach.nii.gz"))
     make_drop(trained.landing, mislabelled, [sources / "GC001" / "ct.nii.gz"], sources / "liver_as_stomach.nii.gz")
-    trained.instance.add_dynamic_partitions("patients", [good, mislabelled])
+    trained.instance.add_dynamic_partitions("ct_scans", [good, mislabelled])
     model = nnunet.GastricSegmenter.load(Path(trained.training["model_folder"]), device="cpu",
                                         pins=installed_pins(trained))
 
@@ -568,3 +581,61 @@ def test_training_refuses_label_maps_without_a_label(tmp_path, real_ct):
     for patient_id in ("MAP1", "MAP2"):
         path = tmp_path / "landing" / patient_id / "ct_label" / label_map.name
         assert f"{path}: mask holds 40 different labels" in message
+
+
+def test_the_installed_model_predicts_each_scan_without_a_reference_mask(trained, monkeypatch):
+    """A patient with three timepoints, one with a reference mask: predicted_mask_sensor's sweep asks
+    for the mask of each scan without one (its own partition, run, file and row) and leaves the
+    other alone."""
+    import pyarrow.parquet as pq
+
+    from gcmlm_assets.radiology import assets, dicom_assets
+    from gcmlm_assets.radiology.segmentation_model import segmentation_model
+    from gcmlm_assets.radiology.sensors import build_predicted_mask_sensor
+
+    monkeypatch.setenv("GCMLM_GPU_BATCH_PATIENTS", "1")  # one run per scan, carrying its whole chain
+    sources, drop = trained.root / "sources", trained.landing / "GC020"
+    scans = {"2024-01-10": ("GC001", False), "2024-03-02": ("GC002", False), "2024-06-20": ("GC004", True)}
+    for name, (source, with_mask) in scans.items():
+        (drop / "ct" / name).mkdir(parents=True)
+        shutil.copy(sources / source / "ct.nii.gz", drop / "ct" / name / "ct.nii.gz")
+        if with_mask:
+            (drop / "ct_label" / name).mkdir(parents=True)
+            shutil.copy(sources / source / "stomach.nii.gz", drop / "ct_label" / name / "stomach.nii.gz")
+    keys = [f"GC020@{name}" for name in scans]
+    trained.instance.add_dynamic_partitions("ct_scans", keys)
+    for key in keys:
+        assert trained.materialize([ct_image], partition=key).success, key
+
+    sensor = build_predicted_mask_sensor(30)
+    resources = {name: trained.resources[name] for name in ("landing", "storage", "segmentation")}
+    with dg.build_sensor_context(instance=trained.instance, resources=resources) as context:
+        requests = sensor(context)
+    asked = {request.partition_key: request for request in requests}
+    predicted = keys[:2]
+    assert set(predicted) <= set(asked) and keys[2] not in asked
+
+    everything = [*assets.ASSETS, *dicom_assets.ASSETS, segmentation_model]
+    for key in predicted:
+        request = asked[key]
+        result = dg.materialize(everything, instance=trained.instance, resources=trained.resources,
+                                selection=request.asset_selection, partition_key=key, tags=request.tags,
+                                raise_on_error=False)
+        assert result.success, key
+        meta = metadata_of(result, "ct_mask")
+        assert meta["source"] == "predicted" and meta["model_id"] == trained.training["model_id"]
+        ct = sitk.ReadImage(str(trained.artifacts / "ct_image" / key / "ct.nii.gz"))
+        mask = sitk.ReadImage(str(trained.artifacts / "ct_mask" / key / "mask.nii.gz"))
+        assert (mask.GetSize(), mask.GetOrigin()) == (ct.GetSize(), ct.GetOrigin())  # the scan's own grid
+        row = pq.read_table(trained.artifacts / "radiomics_row" / key / "radiomics.parquet")
+        assert row.column("patient_id").to_pylist() == [key]
+    assert not (trained.artifacts / "ct_mask" / keys[2]).exists()
+
+
+def test_nnunet_case_ids_of_timepoint_scans_are_file_names_and_split_back():
+    for key in ("P001", "P001@2024-05-01", "P.1@baseline", "P.@post_nact", "A-b_c.d@2023-12-31"):
+        name = nnunet_training.nnunet_case_id(key)
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name), name
+        assert nnunet_training.case_of_nnunet_id(name) == key
+    assert nnunet_training.nnunet_case_id("P001") == "P001"  # a drop's only scan keeps its case id
+    assert nnunet_training.nnunet_case_id("P001@2024-05-01") == "P001..2024-05-01"

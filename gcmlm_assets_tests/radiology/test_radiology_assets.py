@@ -34,8 +34,8 @@ ALL_CHECKS = {"ct_geometry_plausible", "ct_hu_range_plausible", "mask_matches_ct
 
 
 def materialize(instance, resources: dict, patient_id: str, assets=BRANCH) -> dg.ExecuteInProcessResult:
-    if patient_id not in instance.get_dynamic_partitions("patients"):
-        instance.add_dynamic_partitions("patients", [patient_id])
+    if patient_id not in instance.get_dynamic_partitions("ct_scans"):
+        instance.add_dynamic_partitions("ct_scans", [patient_id])
     return dg.materialize(assets, partition_key=patient_id, instance=instance, resources=resources,
                           raise_on_error=False)
 
@@ -317,7 +317,7 @@ def test_assets_list_and_groups():
     assert {"ct_image", "ct_mask", "radiomics_row"} <= names
     for asset in (ct_image, ct_mask, radiomics_row):
         assert asset.group_names_by_key[asset.key] == "radiology"
-        assert asset.partitions_def.name == "patients"
+        assert asset.partitions_def.name == "ct_scans"
         # Every check blocks, but the comparison with the model, which only warns.
         assert {spec.name for spec in asset.check_specs if not spec.blocking} == (
             {"mask_agrees_with_model"} if asset is ct_mask else set())

@@ -77,7 +77,7 @@ def history(tmp_path_factory, real_ct, real_stomach):
         models_root = root / "artifacts" / "segmentation_model"
 
         def add_patients(patients):
-            instance.add_dynamic_partitions("patients", list(patients))
+            instance.add_dynamic_partitions("ct_scans", list(patients))
             for patient_id in patients:
                 assert cohort.materialize([ct_image], partition=patient_id).success, patient_id
 

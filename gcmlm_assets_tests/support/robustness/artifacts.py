@@ -42,26 +42,41 @@ class DataRoot:
                 "GCMLM_ARTIFACTS_ROOT": str(self.artifacts), "DAGSTER_HOME": str(self.home)}
 
 
+def scan_keys(landing: Path, patient_id: str) -> list[str]:
+    """The `ct_scans` partition keys of a patient's drop (its only scan: the patient id)."""
+    from gcmlm_assets.scans import list_drop_scans, scan_key
+
+    return [scan_key(patient_id, scan.timepoint) for scan in list_drop_scans(landing / patient_id).scans]
+
+
 def prepare_root(root: Path, landing: Path, patient_ids: list[str]) -> DataRoot:
-    """A fresh artifacts folder and Dagster instance (SQLite) with the patients' partitions."""
+    """A fresh artifacts folder and Dagster instance (SQLite) with the patients' partitions and
+    their CT scans'."""
     import dagster as dg
 
     from gcmlm_assets.demo.daemon import prepare_dagster_home
-    from gcmlm_assets.partitions import patients_partitions
+    from gcmlm_assets.partitions import ct_scans_partitions, patients_partitions
 
     data = DataRoot(root, landing)
     data.artifacts.mkdir(parents=True)
     prepare_dagster_home(data.home)
     with dg.DagsterInstance.from_config(str(data.home)) as instance:
         instance.add_dynamic_partitions(patients_partitions.name, patient_ids)
+        instance.add_dynamic_partitions(ct_scans_partitions.name,
+                                        [key for pid in patient_ids for key in scan_keys(landing, pid)])
     return data
 
 
 def materialize_cohort(server, data: DataRoot, plans) -> None:
-    """Every patient (radiology only where a reference mask is, so no nnU-Net is trained), then the cohort."""
+    """Every patient (radiology only for its scans with a reference mask, so no nnU-Net is trained; a
+    run per scan, the radiology assets' partitions), then the cohort."""
+    from gcmlm_assets.radiology.model_lifecycle import has_reference_mask
+
     for plan in plans:
-        assets = [*(RADIOLOGY if plan.has_reference_mask else ()), *PATHOLOGY]
-        server.materialize(data.env, list(assets), plan.patient_id)
+        for key in scan_keys(data.landing, plan.patient_id):
+            if has_reference_mask(data.landing, key):
+                server.materialize(data.env, list(RADIOLOGY), key)
+        server.materialize(data.env, list(PATHOLOGY), plan.patient_id)
     server.materialize(data.env, list(COHORT_ASSETS))
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import dagster as dg
 
 from gcmlm_assets.demo.daemon import WORKSPACE, Daemon, prepare_dagster_home, start_daemon
-from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.partitions import ct_scans_partitions, patients_partitions
 from gcmlm_assets.settings import scoped_environment
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
@@ -79,6 +79,8 @@ def build_cohort(root: Path) -> Cohort:
         job = defs.resolve_implicit_global_asset_job_def()
         with dg.DagsterInstance.from_config(str(home)) as instance:
             instance.add_dynamic_partitions(patients_partitions.name, [*with_masks, broken])
+            # each drop's only CT scan, keyed by its patient id: the radiology assets' partitions
+            instance.add_dynamic_partitions(ct_scans_partitions.name, [*with_masks, broken])
 
             def run(patient: str, *assets: str, succeed: bool = True) -> None:
                 result = job.execute_in_process(
@@ -86,8 +88,11 @@ def build_cohort(root: Path) -> Cohort:
                     asset_selection=[dg.AssetKey(name) for name in assets])
                 assert result.success is succeed, (patient, assets, result.all_events[-3:])
 
-            run(with_masks[0], "ct_image", "ct_mask", "radiomics_row", "patch_coords", "uni_features")
-            run(with_masks[1], "ct_image", "ct_mask", "patch_coords", "uni_features")
+            # one run per partition set: a run's assets share theirs
+            run(with_masks[0], "ct_image", "ct_mask", "radiomics_row")
+            run(with_masks[0], "patch_coords", "uni_features")
+            run(with_masks[1], "ct_image", "ct_mask")
+            run(with_masks[1], "patch_coords", "uni_features")
             run(broken, "ct_image", succeed=False)
     return Cohort(root, home, env, (with_masks[0], with_masks[1]), broken)
 
