@@ -213,8 +213,10 @@ def batched_run_requests(planned: list, order: list[str], batch_size: int,
     requests = []
     for modality, assets in modality_assets.items():
         mine = {run.partition: run for run in planned if run.modality == modality}
-        partitions = scan_order if modality in PER_SCAN_MODALITIES and scan_order is not None else order
-        for batch in plan_batches(partitions, mine, batch_size):
+        per_scan = modality in PER_SCAN_MODALITIES
+        partitions = scan_order if per_scan and scan_order is not None else order
+        partition_set = ct_scans_partitions.name if per_scan else patients_partitions.name
+        for batch in plan_batches(partitions, mine, batch_size, partition_set=partition_set):
             tags = {"gcmlm/modality": modality, **runs.work_tags(modality)}
             if batch.single:
                 run = mine[batch.first]

@@ -20,7 +20,7 @@ from gcmlm_assets import runs
 from gcmlm_assets.landing.scan import RunPlan
 from gcmlm_assets.definitions import MODALITY_ASSETS
 from gcmlm_assets.landing.sensors import batched_run_requests
-from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.partitions import ct_scans_partitions, patients_partitions
 from gcmlm_assets.patient_batches import BUCKET_TAG, PATIENTS_TAG, plan_batches
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -50,6 +50,7 @@ def _queued(instance: dg.DagsterInstance, request: dg.RunRequest) -> dg.DagsterR
 def test_a_batched_run_and_a_sensor_run_of_a_patient_in_its_range_never_overlap(instance, config, monkeypatch):
     monkeypatch.setenv("GCMLM_GPU_BATCH_PATIENTS", str(BATCH))
     instance.add_dynamic_partitions(patients_partitions.name, ORDER)
+    instance.add_dynamic_partitions(ct_scans_partitions.name, ORDER)  # each patient's only scan
     # landing_sensor's batch of four new drops (P004-P007): one run over their range
     [batched] = batched_run_requests([RunPlan(p, "radiology", "f") for p in ORDER[4:8]], ORDER, BATCH,
                                      MODALITY_ASSETS)
@@ -57,7 +58,8 @@ def test_a_batched_run_and_a_sensor_run_of_a_patient_in_its_range_never_overlap(
     # a sensor's one-patient run of P005 (here the predicted-mask kind), and one of P009 in the next bucket
     single, elsewhere = (runs.batch_run_request(batch, BATCH, run_key=f"k{batch.first}",
                                                 asset_selection=[dg.AssetKey("ct_mask")], tags={})
-                         for batch in plan_batches(ORDER, ["P005", "P009"], BATCH))
+                         for batch in plan_batches(ORDER, ["P005", "P009"], BATCH,
+                                                   partition_set=ct_scans_partitions.name))
     running = _queued(instance, batched)
     queued = [_queued(instance, single), _queued(instance, elsewhere)]
 
@@ -68,7 +70,8 @@ def test_a_batched_run_and_a_sensor_run_of_a_patient_in_its_range_never_overlap(
     assert TagConcurrencyLimitsCounter(_limits(config), [queued[0]]).is_blocked(running)
 
     # predicted_mask_sensor sees the batched run as covering its patients (not just its partition tag)
-    assert runs.in_flight_partitions(instance, ["P005", "P006", "P009"], ["ct_image"], ORDER, BATCH) == {"P005", "P006"}
+    assert runs.in_flight_partitions(instance, ["P005", "P006", "P009"], ["ct_image"], ORDER, BATCH,
+                                     partition_set=ct_scans_partitions.name) == {"P005", "P006"}
     assert runs.in_flight_partitions(instance, ["P005"], ["ct_image"]) == set()  # without the order: tags only
 
 
