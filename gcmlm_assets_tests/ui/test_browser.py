@@ -86,8 +86,9 @@ def test_the_asset_graph_shows_the_three_groups_and_every_asset(ui):
 def test_a_failed_partition_shows_its_reason_within_two_clicks(ui, cockpit):
     cohort, _, _ = cockpit
     page = ui.open("/assets/ct_image?view=partitions")
+    # GC9001's two timepoints are two partitions: the first materialized, the second failed alone.
     shown(page, "Failed (1)").first.wait_for()
-    shown(page, "Materialized (2)").first.wait_for()
+    shown(page, "Materialized (3)").first.wait_for()
     # A materialized patient first (not one of the two clicks: it shows the other state).
     shown(page, cohort.ready[0]).first.click()
     page.get_by_text("Materialized", exact=True).filter(visible=True).first.wait_for()
@@ -95,7 +96,8 @@ def test_a_failed_partition_shows_its_reason_within_two_clicks(ui, cockpit):
     shown(page, cohort.broken).first.click()
     page.get_by_text(re.compile(r"Run \w+ failed, and did not materialize this asset")).wait_for()
     page.get_by_text("View logs").click()
-    reason = page.get_by_text(re.compile(rf"{cohort.broken}/ct/ct\.nii\.gz: truncated")).first
+    patient, timepoint = cohort.broken.split("@")
+    reason = page.get_by_text(re.compile(rf"{patient}/ct/{timepoint}/ct\.nii\.gz: truncated")).first
     reason.wait_for()
     assert "upload it again" in reason.inner_text()
 

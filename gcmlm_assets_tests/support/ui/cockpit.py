@@ -5,7 +5,8 @@ Patients (synthetic, from the demo's generator, the first two with a reference s
 - `ready[0]`: CT, mask and radiomics row materialized; slides tiled and encoded.
 - `ready[1]`: CT and mask materialized (its radiomics row is left for the UI to launch); slides
   tiled and encoded (both patients' slide vectors are left for the UI's backfill).
-- `broken` (GC9001): a CT file cut to a third, so its `ct_image` partition has failed with a reason.
+- GC9001, scanned twice: its first timepoint's CT is sound and materialized; its second's
+  (`broken`, `GC9001@2024-04-02`) is a file cut to a third, so that partition alone has failed with a reason.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import dagster as dg
 
 from gcmlm_assets.demo.daemon import WORKSPACE, Daemon, prepare_dagster_home, start_daemon
 from gcmlm_assets.partitions import ct_scans_partitions, patients_partitions
+from gcmlm_assets.scans import scan_key
 from gcmlm_assets.settings import scoped_environment
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
@@ -66,11 +68,14 @@ def build_cohort(root: Path) -> Cohort:
     # No READY markers: the landing sensor leaves these drops to the test.
     for marker in landing.glob("*/READY"):
         marker.unlink()
-    broken = "GC9001"
-    (landing / broken / "ct").mkdir(parents=True)
+    scanned_twice = "GC9001"
+    first, broken = scan_key(scanned_twice, "2024-01-10"), scan_key(scanned_twice, "2024-04-02")
+    for timepoint in ("2024-01-10", "2024-04-02"):
+        (landing / scanned_twice / "ct" / timepoint).mkdir(parents=True)
     # A NIfTI cut short (the demo's own drops are DICOM series): its error names the one file.
     ct_bytes = nifti_bytes(make_ct(plans[0], spec)[0])
-    (landing / broken / "ct" / "ct.nii.gz").write_bytes(ct_bytes[: len(ct_bytes) // 3])
+    (landing / scanned_twice / "ct" / "2024-01-10" / "ct.nii.gz").write_bytes(ct_bytes)
+    (landing / scanned_twice / "ct" / "2024-04-02" / "ct.nii.gz").write_bytes(ct_bytes[: len(ct_bytes) // 3])
 
     home = prepare_dagster_home(root / "dagster_home")
     env = _environment(root, home)
@@ -78,9 +83,10 @@ def build_cohort(root: Path) -> Cohort:
         defs = build_definitions("local", "demo")
         job = defs.resolve_implicit_global_asset_job_def()
         with dg.DagsterInstance.from_config(str(home)) as instance:
-            instance.add_dynamic_partitions(patients_partitions.name, [*with_masks, broken])
-            # each drop's only CT scan, keyed by its patient id: the radiology assets' partitions
-            instance.add_dynamic_partitions(ct_scans_partitions.name, [*with_masks, broken])
+            instance.add_dynamic_partitions(patients_partitions.name, [*with_masks, scanned_twice])
+            # the radiology assets' partitions: each drop's only CT scan, keyed by its patient id, and
+            # GC9001's two timepoints
+            instance.add_dynamic_partitions(ct_scans_partitions.name, [*with_masks, first, broken])
 
             def run(patient: str, *assets: str, succeed: bool = True) -> None:
                 result = job.execute_in_process(
@@ -93,6 +99,7 @@ def build_cohort(root: Path) -> Cohort:
             run(with_masks[0], "patch_coords", "uni_features")
             run(with_masks[1], "ct_image", "ct_mask")
             run(with_masks[1], "patch_coords", "uni_features")
+            run(first, "ct_image")
             run(broken, "ct_image", succeed=False)
     return Cohort(root, home, env, (with_masks[0], with_masks[1]), broken)
 
