@@ -82,10 +82,10 @@ class CohortSpec:
     ln_signal_strength: float = 3.0
     # A second CT for part of the cohort (`followup_fraction` of each class), `followup_days` after
     # the first, with a planted change in the stomach that depends on the label (see the module's
-    # docstring); strong like the lymph nodes', since only part of the cohort has it.
+    # docstring); stronger than the first CT's, since only part of the cohort has it.
     followup_fraction: float = 0.4
     followup_days: tuple[int, int] = (60, 120)  # inclusive
-    followup_signal_strength: float = 3.0
+    followup_signal_strength: float = 2.5
     followup_change: float = 0.6  # the change's scale: radiology severity units per noise SD
 
     def __post_init__(self) -> None:
