@@ -114,6 +114,20 @@ def timepoint_counts(scan_keys: Iterable[str]) -> dict[str, int]:
             "with_two_or_more": sum(len(scans) >= 2 for scans in by_patient.values())}
 
 
+def planted_change_auc(spec: CohortSpec) -> dict[str, Any] | None:
+    """The generator's truth for the delta block: the patients planned with a second CT and the AUC
+    of their planted change itself against the label (the ceiling for what the delta block can
+    find on them); None when no patient has a second CT."""
+    plans = [p for p in plan_cohort(spec) if p.scan_dates]
+    positives = [p.radiology_change for p in plans if p.mlm == 1]
+    negatives = [p.radiology_change for p in plans if p.mlm == 0]
+    if not positives or not negatives:
+        return None if not plans else {"patients": len(plans), "auc": None}
+    # Mann-Whitney: the share of (positive, negative) pairs ranked right, ties counting half.
+    wins = sum((a > b) + 0.5 * (a == b) for a in positives for b in negatives)
+    return {"patients": len(plans), "auc": round(wins / (len(positives) * len(negatives)), 6)}
+
+
 def summarise(instance: dg.DagsterInstance, defs: dg.Definitions, landing: Path, artifacts: Path,
               home: Path, spec: CohortSpec | None = None) -> dict[str, Any]:
     graph = defs.resolve_asset_graph()
@@ -153,6 +167,7 @@ def summarise(instance: dg.DagsterInstance, defs: dg.Definitions, landing: Path,
     return {
         "patients": patients,
         "timepoints": timepoint_counts(scan_keys),
+        "planted_change": planted_change_auc(spec) if spec else None,
         "assets": assets,
         "checks": check_counts,
         "check_failures": failures,
@@ -234,9 +249,14 @@ def delta_lines(summary: dict[str, Any]) -> list[str]:
     if row and isinstance(row[2], (int, float)) and isinstance(row[3], (int, float)):
         auc_text += f" (95% CI {row[2]:.3f}-{row[3]:.3f})"
     patients = f", {row[4]} patients" if row and row[4] is not None else ""
-    return [f"CT timepoints: {counts.get('scans', 0)} scans of {counts.get('patients', 0)} patients, "
-            f"{counts.get('with_two_or_more', 0)} with two or more",
-            f"delta radiomics block (change between the first and last CT) CV AUC: {auc_text}{patients}"]
+    lines = [f"CT timepoints: {counts.get('scans', 0)} scans of {counts.get('patients', 0)} patients, "
+             f"{counts.get('with_two_or_more', 0)} with two or more",
+             f"delta radiomics block (change between the first and last CT) CV AUC: {auc_text}{patients}"]
+    planted = summary.get("planted_change")
+    if planted and isinstance(planted.get("auc"), (int, float)):
+        lines.append(f"  the generator's planted change itself on its {planted['patients']} patients with a second "
+                     f"CT: AUC {planted['auc']:.3f} (the ceiling; synthetic, not clinical)")
+    return lines
 
 
 def format_summary(summary: dict[str, Any], wall_seconds: float) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from gcmlm_assets.catalogue import METRICS_FILE, MODEL_FILE, RISK_MODEL
-from gcmlm_assets.demo.summary import DELTA_BLOCK, delta_lines, format_summary, timepoint_counts
+from gcmlm_assets.demo.summary import DELTA_BLOCK, delta_lines, format_summary, planted_change_auc, timepoint_counts
+from gcmlm_assets.demo.synthetic_plan import CohortSpec
 
 
 def summary_with(risk_model_metadata: dict, scan_keys: list[str]) -> dict:
@@ -39,3 +40,11 @@ def test_the_delta_line_shows_the_delta_row_or_na(tmp_path):
         assert delta_lines(bare) == ["CT timepoints: 0 scans of 0 patients, 0 with two or more",
                                      "delta radiomics block (change between the first and last CT) CV AUC: n/a"]
     assert "CV AUC: n/a" in format_summary(summary_with({}, ["P1"]), 1.0)
+
+
+def test_the_planted_change_is_the_delta_blocks_truth():
+    assert planted_change_auc(CohortSpec.small(8)) is None  # no second CTs
+    truth = planted_change_auc(CohortSpec.small(20, followup_fraction=0.5))
+    assert truth["patients"] == 10 and 0.8 <= truth["auc"] <= 1.0
+    summary = {"planted_change": truth, RISK_MODEL.key: {}}
+    assert delta_lines(summary)[2].startswith("  the generator's planted change itself on its 10 patients")
