@@ -71,7 +71,7 @@ def scan_features(plan, spec, followup: bool, extractor, folder: Path, segmenter
     return row.features
 
 
-def load_segmenter(model_folder: Path, mirroring: bool):
+def load_segmenter(model_folder: Path, mirroring: bool, tile_step_size: float):
     """The demo's installed nnU-Net model (an artifact store's segmentation_model folder), pinned as
     its current.json records it."""
     import json
@@ -82,7 +82,7 @@ def load_segmenter(model_folder: Path, mirroring: bool):
     pointer = model_folder.parent / "current.json"
     digests = json.loads(pointer.read_text(encoding="utf-8"))["checkpoint_sha256_by_fold"]
     return GastricSegmenter.load(model_folder, pins=CheckpointPins.from_install(pointer, digests),
-                                 use_mirroring=mirroring)
+                                 use_mirroring=mirroring, tile_step_size=tile_step_size)
 
 
 def delta_block(first: dict[str, float], last: dict[str, float], days: float) -> dict[str, float]:
@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a trained nnU-Net model folder (e.g. a demo's artifacts/segmentation_model/<id>): "
                              "masks predicted by it, as ct_mask does, and each stage timed per CT")
     parser.add_argument("--no-mirroring", action="store_true", help="predict without nnU-Net's mirroring")
+    parser.add_argument("--tile-step", type=float, default=0.5,
+                        help="nnU-Net's sliding-window step, a fraction of the patch (ct_mask: 0.5)")
     args = parser.parse_args(argv)
     overrides = dict(followup_fraction=args.fraction)
     spec = (CohortSpec.small(args.patients, **overrides) if args.small
@@ -156,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     timings, dice = Timings(), []
     if args.model:
         started = time.perf_counter()
-        segmenter = load_segmenter(args.model, not args.no_mirroring)
-        print(f"model loaded in {time.perf_counter() - started:.1f} s (mirroring {not args.no_mirroring})")
+        segmenter = load_segmenter(args.model, not args.no_mirroring, args.tile_step)
+        print(f"model loaded in {time.perf_counter() - started:.1f} s (mirroring {not args.no_mirroring}, "
+              f"tile step {args.tile_step})")
     firsts, blocks, seconds = [], [], []
     with tempfile.TemporaryDirectory(prefix="gcmlm-delta-") as scratch:
         for plan in plans:
