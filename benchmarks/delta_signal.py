@@ -3,8 +3,8 @@
     python -m benchmarks.delta_signal [--patients 20] [--small] [--params default]
 
 Generates `--patients` synthetic patients, every one with a second CT (followup_fraction 1 unless
-`--fraction` says otherwise; the demo's other settings), extracts the radiomics features of both CTs on the generator's own stomach
-masks through the functions radiomics_row uses (ct_image's orientation, the packaged params), and
+`--fraction` says otherwise; the demo's other settings), extracts the radiomics features of both CTs
+on the generator's own stomach masks through the functions radiomics_row uses (ct_image's orientation, the packaged params), and
 prints, against the label (mlm):
 - the AUC of the best single delta feature (difference last - first, or relative change, as the
   fused table's delta block has them; oriented, so >= 0.5, and picked after the fact: optimistic);
@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     for stage, values in timings.items():
         print(f"  {stage:<40} median {np.median(values):5.1f} s per CT (min {min(values):.1f}, max {max(values):.1f})")
     if dice:
-        print(f"  predicted masks' Dice with the generator's stomach: median {np.median(dice):.2f}, min {min(dice):.2f}")
+        print(f"  predicted masks' Dice with the generator's stomach: median {np.median(dice):.2f}, "
+              f"min {min(dice):.2f}")
     print(f"  load average (2 cores, shared): {os.getloadavg()[0]:.1f}")
     print("best single delta features (oriented AUC, picked after the fact):")
     for auc, name in ranked[:8]:
