@@ -4,8 +4,9 @@
 
 Generates `--patients` synthetic patients, every one with a second CT (followup_fraction 1 unless
 `--fraction` says otherwise; the demo's other settings), extracts the radiomics features of both CTs
-on the generator's own stomach masks through the functions radiomics_row uses (ct_image's orientation, the packaged params), and
-prints, against the label (mlm):
+on the generator's own stomach masks (or on masks a trained nnU-Net predicts, `--model`, each stage
+timed per CT) through the functions radiomics_row uses (ct_image's orientation, the packaged params),
+and prints, against the label (mlm):
 - the AUC of the best single delta feature (difference last - first, or relative change, as the
   fused table's delta block has them; oriented, so >= 0.5, and picked after the fact: optimistic);
 - the cross-validated AUC of an L2 logistic model on the whole delta block (every feature's
