@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         landing, spec, real=real,
         progress=lambda plan, changed: _say(
             f"      {plan.patient_id} mlm={plan.mlm} reference_mask={'yes' if plan.has_reference_mask else 'no '} "
-            f"slides={plan.n_slides} {'written' if changed else 'unchanged'}"))
+            f"slides={plan.n_slides} cts={len(plan.scan_dates) or 1} {'written' if changed else 'unchanged'}"))
     if real:
         _say(f"      real patient {synthetic.REAL_PATIENT_ID}: {real.ct.name} + reference stomach mask, "
              f"{real.slide.name}; label unknown (scored, not trained on)")

@@ -20,6 +20,9 @@ from gcmlm_assets.demo.synthetic_plan import CohortSpec, plan_cohort
 from gcmlm_assets.storage import ArtifactStore
 from gcmlm_assets.demo.watch import unexplained
 
+# The risk model's ablation row of the delta radiomics block (cohort/tables/deltas.py).
+DELTA_BLOCK = "delta"
+
 
 def cpu_seconds() -> float:
     """CPU time of this process and its finished children (user + system)."""
@@ -44,22 +47,29 @@ def latest_check_results(instance: dg.DagsterInstance, run_ids: Iterable[str]) -
 
 
 def predicted_mask_dice(spec: CohortSpec, artifacts: Path) -> dict[str, float]:
-    """Dice of each nnU-Net-predicted ct_mask against the generator's true stomach (synthetic
-    patients without a reference mask; the generator knows what the network had to find)."""
+    """Dice of each nnU-Net-predicted ct_mask against the generator's true stomach, per scan key
+    (synthetic patients without reference masks, each of their CTs; the generator knows what the
+    network had to find)."""
     import numpy as np
     import SimpleITK as sitk
 
+    from gcmlm_assets.scans import scan_key
+
     scores = {}
     for plan in plan_cohort(spec):
-        path = MASK_VOLUME.path(ArtifactStore(artifacts), plan.patient_id)
-        if plan.has_reference_mask or not path.is_file():
+        if plan.has_reference_mask:
             continue
-        predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(bool)
-        truth = sitk.GetArrayFromImage(true_stomach_lps(plan, spec)).astype(bool)
-        if predicted.shape != truth.shape:
-            continue
-        total = int(predicted.sum() + truth.sum())
-        scores[plan.patient_id] = float(2 * np.logical_and(predicted, truth).sum() / total) if total else 1.0
+        for k, timepoint in enumerate(plan.scan_dates or (None,)):
+            key = scan_key(plan.patient_id, timepoint)
+            path = MASK_VOLUME.path(ArtifactStore(artifacts), key)
+            if not path.is_file():
+                continue
+            predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(bool)
+            truth = sitk.GetArrayFromImage(true_stomach_lps(plan, spec, followup=k > 0)).astype(bool)
+            if predicted.shape != truth.shape:
+                continue
+            total = int(predicted.sum() + truth.sum())
+            scores[key] = float(2 * np.logical_and(predicted, truth).sum() / total) if total else 1.0
     return scores
 
 
@@ -93,18 +103,47 @@ def materialization_metadata(instance: dg.DagsterInstance, asset: str) -> dict[s
     return {k: getattr(v, "value", v) for k, v in event.asset_materialization.metadata.items()}
 
 
+def timepoint_counts(scan_keys: Iterable[str]) -> dict[str, int]:
+    """{"scans", "patients", "with_two_or_more"}: the scans of `ct_scans` and the patients with at least
+    two timepoints (the delta block's patients, if their scans are sound)."""
+    from gcmlm_assets.scans import patient_scans
+
+    keys = list(scan_keys)
+    by_patient = patient_scans(keys)
+    return {"scans": len(keys), "patients": len(by_patient),
+            "with_two_or_more": sum(len(scans) >= 2 for scans in by_patient.values())}
+
+
+def planted_change_auc(spec: CohortSpec) -> dict[str, Any] | None:
+    """The generator's truth for the delta block: the patients planned with a second CT and the AUC
+    of their planted change itself against the label (the ceiling for what the delta block can
+    find on them); None when no patient has a second CT."""
+    plans = [p for p in plan_cohort(spec) if p.scan_dates]
+    positives = [p.radiology_change for p in plans if p.mlm == 1]
+    negatives = [p.radiology_change for p in plans if p.mlm == 0]
+    if not positives or not negatives:
+        return None if not plans else {"patients": len(plans), "auc": None}
+    # Mann-Whitney: the share of (positive, negative) pairs ranked right, ties counting half.
+    wins = sum((a > b) + 0.5 * (a == b) for a in positives for b in negatives)
+    return {"patients": len(plans), "auc": round(wins / (len(positives) * len(negatives)), 6)}
+
+
 def summarise(instance: dg.DagsterInstance, defs: dg.Definitions, landing: Path, artifacts: Path,
               home: Path, spec: CohortSpec | None = None) -> dict[str, Any]:
     graph = defs.resolve_asset_graph()
     patients = sorted(instance.get_dynamic_partitions("patients"))
+    scan_keys = sorted(instance.get_dynamic_partitions("ct_scans"))
     assets: dict[str, dict[str, int]] = {}
     for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
         name = key.to_user_string()
         node = graph.get(key)
         if node.partitions_def is not None:
-            statuses = instance.get_status_by_partition(key, patients, node.partitions_def) or {}
+            # Per-scan assets (partition set ct_scans) count scans, the others patients.
+            partition_set = getattr(node.partitions_def, "name", None)
+            keys = scan_keys if partition_set == "ct_scans" else patients
+            statuses = instance.get_status_by_partition(key, keys, node.partitions_def) or {}
             counts = {"materialized": 0, "failed": 0, "missing": 0}
-            for pid in patients:
+            for pid in keys:
                 status = statuses.get(pid)
                 value = getattr(status, "value", str(status)) if status is not None else "missing"
                 bucket = {"MATERIALIZED": "materialized", "FAILED": "failed"}.get(str(value).upper(), "missing")
@@ -127,6 +166,8 @@ def summarise(instance: dg.DagsterInstance, defs: dg.Definitions, landing: Path,
             failures.append(f"{asset}{'[' + partition + ']' if partition else ''}:{check} ({severity})")
     return {
         "patients": patients,
+        "timepoints": timepoint_counts(scan_keys),
+        "planted_change": planted_change_auc(spec) if spec else None,
         "assets": assets,
         "checks": check_counts,
         "check_failures": failures,
@@ -198,9 +239,30 @@ def fused_auc(risk_model_metadata: dict[str, Any]) -> tuple[float | None, list |
     return risk_model_metadata.get("fused_auc"), risk_model_metadata.get("fused_auc_ci")
 
 
+def delta_lines(summary: dict[str, Any]) -> list[str]:
+    """The patients with two or more CT timepoints and the delta block's own ablation AUC (n/a when
+    the risk model has no such row, e.g. no patient has two sound scans)."""
+    counts = summary.get("timepoints") or {}
+    row = next((r for r in ablation_rows(summary.get(RISK_MODEL.key) or {}) if r[0] == DELTA_BLOCK), None)
+    auc = row[1] if row else None
+    auc_text = f"{auc:.3f}" if isinstance(auc, (int, float)) else "n/a"
+    if row and isinstance(row[2], (int, float)) and isinstance(row[3], (int, float)):
+        auc_text += f" (95% CI {row[2]:.3f}-{row[3]:.3f})"
+    patients = f", {row[4]} patients" if row and row[4] is not None else ""
+    lines = [f"CT timepoints: {counts.get('scans', 0)} scans of {counts.get('patients', 0)} patients, "
+             f"{counts.get('with_two_or_more', 0)} with two or more",
+             f"delta radiomics block (change between the first and last CT) CV AUC: {auc_text}{patients}"]
+    planted = summary.get("planted_change")
+    if planted and isinstance(planted.get("auc"), (int, float)):
+        lines.append(f"  the generator's planted change itself on its {planted['patients']} patients with a second "
+                     f"CT: AUC {planted['auc']:.3f} (the ceiling; synthetic, not clinical)")
+    return lines
+
+
 def format_summary(summary: dict[str, Any], wall_seconds: float) -> str:
     lines = ["", "=" * 78, "Summary (read back from the Dagster instance)", "=" * 78]
-    lines.append(f"patients (partitions of 'patients'): {len(summary['patients'])}")
+    lines.append(f"patients (partitions of 'patients'): {len(summary['patients'])}; per-scan assets count the "
+                 "scans (partitions of 'ct_scans')")
     lines.append("")
     lines.append(f"{'asset':<20} {'materialized':>12} {'failed':>7} {'missing':>8}")
     for name, counts in summary["assets"].items():
@@ -215,7 +277,7 @@ def format_summary(summary: dict[str, Any], wall_seconds: float) -> str:
     if dice:
         values = sorted(dice.values())
         lines.append("")
-        lines.append(f"nnU-Net masks vs the generator's truth ({len(values)} predicted patients): Dice mean "
+        lines.append(f"nnU-Net masks vs the generator's truth ({len(values)} predicted scans): Dice mean "
                      f"{sum(values) / len(values):.2f}, min {values[0]:.2f}, max {values[-1]:.2f}")
     nodes = summary.get("lymph_nodes_against_truth")
     if nodes:  # held-out figures first; the annotated (training) patients' apart, then the table
@@ -223,6 +285,7 @@ def format_summary(summary: dict[str, Any], wall_seconds: float) -> str:
         lines.append(nodes["text"])
     rows = ablation_rows(summary[RISK_MODEL.key])
     lines.append("")
+    lines += delta_lines(summary)
     auc, ci = fused_auc(summary[RISK_MODEL.key])
     if isinstance(auc, (int, float)):
         ci_text = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if isinstance(ci, list) and None not in ci else ""

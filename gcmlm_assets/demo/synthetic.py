@@ -6,6 +6,10 @@ Each patient gets what a real upload would hold (see the README's landing-zone c
   series (synthetic_dicom.py), so that its mask goes back as a DICOM SEG of that series.
 - `ct_label/stomach.nii.gz`: the reference stomach mask (uint8, the CT's grid) for half of the
   patients, balanced over the label; the others are segmented by the trained nnU-Net.
+- For part of the cohort (`followup_fraction`), two CTs instead: `ct/<date>/` per scan date (ISO,
+  the first exactly the CT such a patient would have had alone, the second 60-120 days later with a
+  planted change, synthetic_plan.py) and, where the patient has reference masks, one per scan in
+  `ct_label/<date>/stomach.nii.gz`.
 - `wsi/<id>_slide<k>.tiff`: one or two pyramidal tiled TIFFs with H&E-like tissue
   (synthetic_slides.py).
 - `ln_wsi/<id>_ln<k>.tiff`: for part of the cohort (`ln_fraction`), one lymph-node slide each (a
@@ -50,12 +54,16 @@ from gcmlm_assets.landing.scan import (
     READY_MARKER,
     WSI_FOLDER,
 )
+from gcmlm_assets.scans import scan_folders
 from gcmlm_assets.storage import atomic_write_bytes, sha256_file
 
 # Bump when the bytes the generator writes would change for the same settings.
 # 2: the CTs (the real patient's too) are DICOM series instead of one ct.nii.gz.
 # 3: lymph-node slides (ln_wsi/) and annotations (ln_annotations/) for part of the cohort.
-GENERATOR_VERSION = "3"
+# 4: a second CT (ct/<date>/, ct_label/<date>/) for part of the cohort; the CTs' UIDs leave out the
+#    second CT's settings.
+GENERATOR_VERSION = "4"
+FOLLOWUP_SETTINGS = ("followup_fraction", "followup_days", "followup_signal_strength", "followup_change")
 # Kept outside every patient folder; the landing scan only looks at folders and clinical.csv.
 COHORT_MANIFEST = ".synthetic_cohort.json"
 LYMPH_NODE_TRUTH = ".lymph_node_truth.json"
@@ -103,11 +111,16 @@ def write_patient(landing: Path, plan: PatientPlan, spec: CohortSpec, written: l
     """Write one patient's drop; READY last. Returns whether any file changed."""
     folder = landing / plan.patient_id
     files: dict[str, bytes] = {}
-    ct, mask = make_ct(plan, spec)
-    series = dicom_series_files(ct, plan.patient_id, _plan_digest(spec, plan), "synthetic abdominal CT")
-    files.update({f"{CT_FOLDER}/{name}": data for name, data in series.items()})
-    if plan.has_reference_mask:
-        files["ct_label/stomach.nii.gz"] = nifti_bytes(mask)
+    # The first CT is the same bytes whether or not a second follows (`_scan_identity`).
+    timepoints = plan.scan_dates or (None,)
+    for k, timepoint in enumerate(timepoints):
+        ct_folder, reference_folder = scan_folders(timepoint)
+        ct, mask = make_ct(plan, spec, followup=k > 0)
+        identity = _scan_identity(spec, plan) + (f"@{timepoint}" if k > 0 else "")
+        series = dicom_series_files(ct, plan.patient_id, identity, "synthetic abdominal CT")
+        files.update({f"{ct_folder}/{name}": data for name, data in series.items()})
+        if plan.has_reference_mask:
+            files[f"{reference_folder}/stomach.nii.gz"] = nifti_bytes(mask)
     rng = np.random.default_rng([spec.seed, 3, plan.index])
     for k in range(plan.n_slides):
         width = int(rng.integers(spec.slide_width[0], spec.slide_width[1] + 1))
@@ -176,6 +189,15 @@ def write_real_patient(landing: Path, real: RealFiles, written: list[str]) -> bo
         f"{WSI_FOLDER}/{real.slide.name}": real.slide.read_bytes(),
     }
     return _write_drop(landing / REAL_PATIENT_ID, files, written)
+
+
+def _scan_identity(spec: CohortSpec, plan: PatientPlan) -> str:
+    """What the first CT's DICOM UIDs derive from: the plan and settings without the second CT's, so
+    that a patient's first CT is the same bytes with or without a second one."""
+    spec_values = {k: v for k, v in spec.as_dict().items() if k not in FOLLOWUP_SETTINGS}
+    plan_values = {k: v for k, v in asdict(plan).items() if k not in ("scan_dates", "radiology_change")}
+    text = json.dumps({"version": GENERATOR_VERSION, "spec": spec_values, "plan": plan_values}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _plan_digest(spec: CohortSpec, plan: PatientPlan) -> str:

@@ -3,7 +3,8 @@
 A small abdominal CT in HU (air, subcutaneous and visceral fat, muscle, liver, spine, bowel) with
 a stomach: a J-shaped tube (union of spheres along a curved centre line) made of an enhancing
 wall around fluid contents, enlarged, thickened and roughened by the patient's radiology severity
-(synthetic_plan.py). Written with the direction NIfTI files usually carry in ITK (x and y
+(synthetic_plan.py); a patient's second CT has the same anatomy, the stomach at its changed
+severity and its own noise. Written with the direction NIfTI files usually carry in ITK (x and y
 flipped), so the pipeline's reorientation is exercised.
 """
 
@@ -51,8 +52,12 @@ def _stomach_centreline(n_points: int = 64) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([x, y, z], axis=1), radius
 
 
-def make_ct(plan: PatientPlan, spec: CohortSpec) -> tuple[sitk.Image, sitk.Image]:
-    """The patient's CT (int16 HU) and its stomach mask (uint8 0/1), same grid."""
+def make_ct(plan: PatientPlan, spec: CohortSpec, followup: bool = False) -> tuple[sitk.Image, sitk.Image]:
+    """The patient's CT (int16 HU) and its stomach mask (uint8 0/1), same grid. `followup`: the
+    patient's second CT (plan.scan_dates[1]): the same anatomy, the stomach drawn at the changed
+    severity (plan.followup_severity), a new draw of the scanner's noise."""
+    if followup and len(plan.scan_dates) < 2:
+        raise ValueError(f"{plan.patient_id} has no second CT in its plan")
     rng = np.random.default_rng([spec.seed, 2, plan.index])
     nx, ny, nz = spec.ct_size
     sx, sy, sz = spec.ct_spacing
@@ -91,7 +96,7 @@ def make_ct(plan: PatientPlan, spec: CohortSpec) -> tuple[sitk.Image, sitk.Image
     hu[liver & abdomen] = HU_LIVER + 6 * _smooth_noise(rng, hu.shape, 3.0)[liver & abdomen]
 
     # Stomach: the radiology severity enlarges it, thickens the wall and roughens its texture.
-    severity = plan.radiology_severity
+    severity = plan.followup_severity if followup else plan.radiology_severity
     base_radius = (17.0 + 2.2 * severity + rng.normal(0, 1.0)) * scale
     wall = max(2.5, (4.0 + 0.8 * severity + rng.normal(0, 0.3))) * scale
     heterogeneity = 20.0 * math.exp(0.45 * severity + rng.normal(0, 0.08))
@@ -112,8 +117,11 @@ def make_ct(plan: PatientPlan, spec: CohortSpec) -> tuple[sitk.Image, sitk.Image
     hu[stomach] = HU_STOMACH_WALL + 0.6 * heterogeneity * texture[stomach]
     hu[lumen] = HU_STOMACH_CONTENT + heterogeneity * texture[lumen]
 
-    hu += rng.normal(0, HU_NOISE_SD, hu.shape).astype(np.float32)
-    hu[body > 1.05] = HU_AIR + rng.normal(0, 5, (body > 1.05).sum()).astype(np.float32)
+    # The anatomy above is drawn alike for both CTs (the same draws in the same order); the noise
+    # of the second CT is a draw of its own.
+    noise = np.random.default_rng([spec.seed, 5, plan.index]) if followup else rng
+    hu += noise.normal(0, HU_NOISE_SD, hu.shape).astype(np.float32)
+    hu[body > 1.05] = HU_AIR + noise.normal(0, 5, (body > 1.05).sum()).astype(np.float32)
     hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
     # ITK's view of a typical NIfTI: x and y axes flipped, origin at the first voxel's centre.
@@ -131,10 +139,10 @@ def make_ct(plan: PatientPlan, spec: CohortSpec) -> tuple[sitk.Image, sitk.Image
     return images[0], images[1]
 
 
-def true_stomach_lps(plan: PatientPlan, spec: CohortSpec) -> sitk.Image:
+def true_stomach_lps(plan: PatientPlan, spec: CohortSpec, followup: bool = False) -> sitk.Image:
     """The generator's own stomach mask, reoriented to LPS as ct_image stores the CT: the truth
     a predicted ct_mask can be scored against."""
-    return sitk.DICOMOrient(make_ct(plan, spec)[1], "LPS")
+    return sitk.DICOMOrient(make_ct(plan, spec, followup)[1], "LPS")
 
 
 def nifti_bytes(image: sitk.Image) -> bytes:

@@ -21,6 +21,14 @@ tiling's patch (`ln_unit_px` level-0 px); the shapes and pixels are made in
 synthetic_lymph_nodes.py. These draws use their own streams (`[seed, 2]`, `[seed, 2, i]`), so the
 radiology and pathology draws are those of a cohort without lymph-node slides.
 
+Part of the cohort (`followup_fraction`, balanced over the label) has a second CT, 60-120 days after
+the first (both dated, ISO). Between the scans the stomach changes by `radiology_change =
+followup_change * (followup_signal_strength * (2 * mlm - 1) / 2 + N(0, 1))` severity units: it
+shrinks, thins and grows more homogeneous in most patients without metastases and does the opposite
+in most with them. The change is drawn independently of the first CT's severity, so the first
+scan's features do not show it: only the change between the two scans does. Its streams are
+`[seed, 4]`, `[seed, 4, i]`, so every other draw is that of a cohort without second CTs.
+
 Everything is drawn from `numpy.random.default_rng([seed, patient_index, ...])`, so a plan is the
 same for the same settings.
 """
@@ -28,6 +36,7 @@ same for the same settings.
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
 import math
@@ -36,6 +45,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 CLINICAL_COLUMNS = ("patient_id", "mlm", "age", "sex", "pt_stage", "tumour_size_mm")
+FIRST_SCAN_EPOCH = dt.date(2024, 1, 1)  # first CTs are dated within the year from here
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,13 @@ class CohortSpec:
     # The lymph-node severity's class separation: stronger than the others', since only part of the
     # cohort has the slides (a block that ranks its half of the cohort poorly spoils the fused ranking).
     ln_signal_strength: float = 3.0
+    # A second CT for part of the cohort (`followup_fraction` of each class), `followup_days` after
+    # the first, with a planted change in the stomach that depends on the label (see the module's
+    # docstring); stronger than the first CT's, since only part of the cohort has it.
+    followup_fraction: float = 0.4
+    followup_days: tuple[int, int] = (60, 120)  # inclusive
+    followup_signal_strength: float = 2.5
+    followup_change: float = 0.6  # the change's scale: radiology severity units per noise SD
 
     def __post_init__(self) -> None:
         if self.n_patients < 2:
@@ -89,13 +106,18 @@ class CohortSpec:
                              f"ln_min_tumour_radius {self.ln_min_tumour_radius}")
         if self.ln_unit_px < 8:
             raise ValueError(f"ln_unit_px {self.ln_unit_px} is too small (>= 8 px)")
+        if not 0.0 <= self.followup_fraction <= 1.0:
+            raise ValueError(f"followup_fraction {self.followup_fraction} must lie in [0, 1]")
+        if not 1 <= self.followup_days[0] <= self.followup_days[1]:
+            raise ValueError(f"followup_days {self.followup_days} must be an increasing range from >= 1 day")
 
     @classmethod
     def small(cls, n_patients: int = 8, **overrides) -> CohortSpec:
-        """A cohort for tests: a few seconds per asset. No lymph-node slides unless asked for (`ln_fraction`):
-        the tests that need them ask."""
+        """A cohort for tests: a few seconds per asset. No lymph-node slides and no second CT unless asked
+        for (`ln_fraction`, `followup_fraction`): the tests that need them ask."""
         settings = dict(n_patients=n_patients, ct_size=(48, 48, 24), ct_spacing=(4.0, 4.0, 5.0),
-                        slide_width=(1200, 1600), pyramid_levels=3, ln_unit_px=32, ln_fraction=0.0)
+                        slide_width=(1200, 1600), pyramid_levels=3, ln_unit_px=32, ln_fraction=0.0,
+                        followup_fraction=0.0)
         settings.update(overrides)
         return cls(**settings)
 
@@ -133,6 +155,14 @@ class PatientPlan:
     lymph_node_severity: float = 0.0
     ln_slides: tuple[tuple[PlannedNode, ...], ...] = ()  # per lymph-node slide, its nodes
     ln_annotated: bool = False  # the lymph-node slides come with region annotations
+    # The CT timepoints (ISO dates, oldest first) when the patient has a second CT, else () (one CT,
+    # directly in ct/); the second CT's radiology severity is radiology_severity + radiology_change.
+    scan_dates: tuple[str, ...] = ()
+    radiology_change: float = 0.0
+
+    @property
+    def followup_severity(self) -> float:
+        return self.radiology_severity + self.radiology_change
 
 
 def patient_id(spec: CohortSpec, index: int) -> str:
@@ -172,7 +202,7 @@ def plan_cohort(spec: CohortSpec) -> list[PatientPlan]:
             pt_stage=stage,
             tumour_size_mm=round(float(np.clip(prng.normal(35 + 5 * stage, 12), 8, 120)), 1),
         ))
-    return _with_lymph_nodes(spec, plans, labels)
+    return _with_followup_scans(spec, _with_lymph_nodes(spec, plans, labels), labels)
 
 
 def _with_lymph_nodes(spec: CohortSpec, plans: list[PatientPlan], labels: np.ndarray) -> list[PatientPlan]:
@@ -243,6 +273,29 @@ def _annotated_subset(spec: CohortSpec, plans: list[PatientPlan], rng: np.random
 def _mixed(plan: PatientPlan) -> bool:
     flags = {node.metastatic for nodes in plan.ln_slides for node in nodes}
     return flags == {True, False}
+
+
+def _with_followup_scans(spec: CohortSpec, plans: list[PatientPlan], labels: np.ndarray) -> list[PatientPlan]:
+    """The second CT of `followup_fraction` of each class: its dates and the planted change, from
+    streams no other draw uses (`[seed, 4]`, `[seed, 4, i]`), so every other draw is unchanged."""
+    rng = np.random.default_rng([spec.seed, 4])
+    chosen = np.zeros(len(plans), dtype=bool)
+    for cls in (0, 1):
+        members = np.flatnonzero(labels == cls)
+        chosen[rng.permutation(members)[: int(round(spec.followup_fraction * len(members)))]] = True
+    out = []
+    for plan in plans:
+        if not chosen[plan.index]:
+            out.append(plan)
+            continue
+        prng = np.random.default_rng([spec.seed, 4, plan.index])
+        first = FIRST_SCAN_EPOCH + dt.timedelta(days=int(prng.integers(0, 365)))
+        second = first + dt.timedelta(days=int(prng.integers(spec.followup_days[0], spec.followup_days[1] + 1)))
+        # Independent of the first CT's severity: only the change between the scans carries it.
+        change = spec.followup_change * (spec.followup_signal_strength * (2 * plan.mlm - 1) / 2 + prng.normal())
+        out.append(replace(plan, scan_dates=(first.isoformat(), second.isoformat()),
+                           radiology_change=round(float(change), 6)))
+    return out
 
 
 def clinical_csv_text(plans: list[PatientPlan], real_patient: str | None = None) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from gcmlm_assets.demo.synthetic_plan import CLINICAL_COLUMNS, CohortSpec, plan_
 from gcmlm_assets.demo.synthetic_slides import make_slide
 from gcmlm_assets.landing.scan import MODALITY_FOLDERS, scan_landing_zone
 from gcmlm_assets.radiology import dicom_seg
+from gcmlm_assets.scans import list_drop_scans
 
 SPEC = CohortSpec.small(6, slide_width=(800, 900))
 
@@ -184,5 +187,79 @@ def test_real_patient_is_blended_in_with_unknown_label(test_data, tmp_path):
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="at least 2 patients"):
         CohortSpec(n_patients=1)
+    with pytest.raises(ValueError, match="followup_fraction"):
+        CohortSpec(followup_fraction=1.5)
+    with pytest.raises(ValueError, match="followup_days"):
+        CohortSpec(followup_days=(90, 30))
     with pytest.raises(ValueError, match="ct_size"):
         CohortSpec(ct_size=(8, 8, 8))
+
+
+# ---------------------------------------------------------------- a second CT for part of the cohort
+
+FOLLOWUP_SPEC = CohortSpec.small(4, slide_width=(600, 700), followup_fraction=0.5)
+
+
+def test_small_cohorts_have_one_ct_and_the_same_draws():
+    """small() asks for no second CT, and asking for one changes no other draw."""
+    assert CohortSpec.small().followup_fraction == 0.0 and CohortSpec().followup_fraction > 0
+    single, followed = plan_cohort(CohortSpec.small(8)), plan_cohort(CohortSpec.small(8, followup_fraction=0.5))
+    assert all(p.scan_dates == () and p.radiology_change == 0.0 for p in single)
+    assert [replace(p, scan_dates=(), radiology_change=0.0) for p in followed] == single
+    # A share of each class, dated 60-120 days apart.
+    with_two = [p for p in followed if p.scan_dates]
+    assert sorted(p.mlm for p in with_two) == [0, 0, 1, 1]
+    for plan in with_two:
+        first, second = (dt.date.fromisoformat(d) for d in plan.scan_dates)
+        assert 60 <= (second - first).days <= 120
+
+
+def test_a_two_timepoint_drop_holds_one_folder_per_scan_date(tmp_path):
+    result = synthetic.write_cohort(tmp_path / "landing", FOLLOWUP_SPEC)
+    single = synthetic.write_cohort(tmp_path / "single", CohortSpec.small(4, slide_width=(600, 700)))
+    plans = [p for p in result.patients if p.scan_dates]
+    assert plans and len(plans) < len(result.patients)
+    assert any(p.has_reference_mask for p in plans)
+    for plan in result.patients:
+        drop = result.landing / plan.patient_id
+        scans = list_drop_scans(drop)
+        assert scans.problems == []
+        if not plan.scan_dates:  # one CT directly in ct/, as before: the same files, byte for byte
+            assert [s.timepoint for s in scans.scans] == [None]
+            assert tree_digest(drop / "ct") == tree_digest(single.landing / plan.patient_id / "ct")
+            continue
+        first, second = plan.scan_dates
+        assert [s.timepoint for s in scans.scans] == [first, second]
+        assert not any(p.is_file() for p in (drop / "ct").iterdir())
+        # The first CT is exactly the CT the patient has in a cohort without second CTs.
+        assert tree_digest(drop / "ct" / first) == tree_digest(single.landing / plan.patient_id / "ct")
+        later = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(drop / "ct" / second)))
+        assert sitk.GetArrayFromImage(later).tolist() == sitk.GetArrayFromImage(
+            make_ct(plan, FOLLOWUP_SPEC, followup=True)[0]).tolist()
+        assert dicom_seg.seg_absent_reason(drop / "ct" / second) is None
+        labels = sorted(str(p.relative_to(drop)) for p in drop.rglob("stomach.nii.gz"))
+        assert labels == ([f"ct_label/{first}/stomach.nii.gz", f"ct_label/{second}/stomach.nii.gz"]
+                          if plan.has_reference_mask else [])
+    # Written again: nothing changes.
+    assert synthetic.write_cohort(tmp_path / "landing", FOLLOWUP_SPEC).written == []
+
+
+def test_planted_change_is_between_the_two_cts():
+    """Measured on the generated images: the relative change of the stomach's volume between the two
+    CTs separates the classes; the first CT does not depend on the change at all."""
+    spec = CohortSpec.small(12, followup_fraction=1.0)
+    plans = plan_cohort(spec)
+    labels = np.array([p.mlm for p in plans])
+    change = []
+    for plan in plans:
+        volumes = [sitk.GetArrayFromImage(make_ct(plan, spec, followup=f)[1]).sum() for f in (False, True)]
+        change.append(volumes[1] / volumes[0] - 1)
+    assert roc_auc_score(labels, change) >= 0.85
+    plan = plans[0]
+    other_change = replace(plan, radiology_change=-plan.radiology_change)
+    for image, other in zip(make_ct(plan, spec), make_ct(other_change, spec), strict=True):
+        assert sitk.GetArrayFromImage(image).tolist() == sitk.GetArrayFromImage(other).tolist()
+    assert (sitk.GetArrayFromImage(make_ct(plan, spec, followup=True)[1]).sum()
+            != sitk.GetArrayFromImage(make_ct(other_change, spec, followup=True)[1]).sum())
+    with pytest.raises(ValueError, match="no second CT"):
+        make_ct(plan_cohort(CohortSpec.small(2))[0], CohortSpec.small(2), followup=True)
