@@ -48,9 +48,9 @@ FUSED_TABLE_COLUMNS = (
            optional=True),
     # the delta block after it, for the same reason: a cohort of single CT scans keeps every column above
     Column("has_delta", "bool", "The patient has two or more CT scans whose first and last radiomics rows were used"),
-    Column("delta_*", "double", "Change from the first CT scan to the last: delta_<feature>_diff (last - first) and "
-                                "delta_<feature>_rel ((last - first) / |first|, NaN when first is 0) per radiomics "
-                                "feature, delta_days (NaN unless both timepoints are dates), delta_similarity (1 = "
+    Column("delta_*", "double", "Change from the first CT scan to the last: per radiomics feature f, delta_f_diff "
+                                "(last - first) and delta_f_rel ((last - first) / |first|, NaN when first is 0); "
+                                "delta_days (NaN unless both timepoints are dates), delta_similarity (1 = "
                                 "identical feature vectors); null without two scans", optional=True),
 )
 

@@ -33,7 +33,7 @@ class FusedTableSettings(dg.ConfigurableResource):
 
     radiology_timepoint: str = Field(
         default="baseline",
-        description="Which CT scan of a patient feeds the radiology block (rad_*): `baseline` (the timepoint "
+        description="Which CT scan of a patient feeds the radiology block (`rad_*` columns): `baseline` (the timepoint "
         "labelled so, else the oldest), `first`, `last`, or a timepoint's name (a date such as 2024-03-15 or a "
         "label such as post_nact; a patient without that timepoint has no radiology block). The delta block "
         "always compares the first scan with the last.")
