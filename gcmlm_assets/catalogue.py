@@ -170,12 +170,12 @@ CLINICAL_TABLE = Asset("clinical_table", COHORT, per_patient=False, code_version
 CLINICAL_FILE = CLINICAL_TABLE.file("clinical.parquet")
 CLINICAL_PROBLEMS = CLINICAL_TABLE.file("problems.json")
 
-FUSED_TABLE = Asset("fused_table", COHORT, per_patient=False, code_version="4", kinds=frozenset({"pyarrow"}))
+FUSED_TABLE = Asset("fused_table", COHORT, per_patient=False, code_version="5", kinds=frozenset({"pyarrow"}))
 FUSED_FILE = FUSED_TABLE.file("fused.parquet")
 FUSION_REPORT = FUSED_TABLE.file("fusion_report.json")
 
 # Versioned folders under one pointer (storage.py): a reader sees one complete model.
-RISK_MODEL = Asset("risk_model", COHORT, per_patient=False, code_version="5", kinds=frozenset({"sklearn"}))
+RISK_MODEL = Asset("risk_model", COHORT, per_patient=False, code_version="6", kinds=frozenset({"sklearn"}))
 MODEL_FILE = RISK_MODEL.file("model.skops")
 METRICS_FILE = RISK_MODEL.file("metrics.json")
 MODEL_CARD = RISK_MODEL.file("model_card.json")

@@ -9,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from gcmlm_assets.cohort.resources import FusedTableSettings
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets_tests.support.definitions import patient_result_checks
 
@@ -82,4 +83,5 @@ def base_resources(data_root: Path) -> dict:
         "storage": ArtifactStorage(root=str(data_root / "artifacts")),
         "landing": LandingZone(root=str(data_root / "landing")),
         "patient_result_checks": patient_result_checks(),
+        "fused_table": FusedTableSettings(),
     }

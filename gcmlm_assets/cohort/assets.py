@@ -28,7 +28,7 @@ from gcmlm_assets.catalogue import (
 from gcmlm_assets.cohort.tables import score_changes
 from gcmlm_assets.inputs import required_file
 from gcmlm_assets.cohort.columns import CLINICAL_TABLE_COLUMNS, FUSED_TABLE_COLUMNS, RISK_SCORES_COLUMNS
-from gcmlm_assets.cohort.resources import PatientResultChecks
+from gcmlm_assets.cohort.resources import FusedTableSettings, PatientResultChecks
 from gcmlm_assets.cohort.risk_model_asset import (
     current_model_version, excluded_metadata, load_patient_bags, log_left_out, train_risk_model,
     without_patients)
@@ -37,7 +37,7 @@ from gcmlm_assets.landing.scan import CLINICAL_CSV
 from gcmlm_assets.landing_input import describe_links_leaving, link_leaving
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.cohort.soundness_facts import unsound_results
-from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.partitions import ct_scans_partitions, patients_partitions
 from gcmlm_assets.policies import stored_materialization
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.reuse import StoredOutput
@@ -132,10 +132,12 @@ def _first(mapping: dict, n: int) -> dict:
     return dict(list(mapping.items())[:n])
 
 
-def fused_table_fingerprint(report: "fusion.FusionReport", clinical_sha256: str | None) -> str:
-    """What the fused table is made from (every input file and why a result was left out); pinned by
-    core/test_fingerprints.py."""
-    return sha256_text(FUSED_TABLE.code_version, report.input_fingerprint(clinical_sha256))
+def fused_table_fingerprint(report: "fusion.FusionReport", clinical_sha256: str | None,
+                            radiology_timepoint: str = fusion.DEFAULT_RADIOLOGY_TIMEPOINT) -> str:
+    """What the fused table is made from (every input file, why a result was left out, which scans fed
+    each patient, the settings); pinned by core/test_fingerprints.py."""
+    return sha256_text(FUSED_TABLE.code_version, report.input_fingerprint(clinical_sha256),
+                       f"radiology_timepoint={radiology_timepoint}")
 
 
 @dg.asset(
@@ -146,29 +148,39 @@ def fused_table_fingerprint(report: "fusion.FusionReport", clinical_sha256: str 
           for file in PATIENT_FEATURES.values()),
         dg.AssetDep(CLINICAL_TABLE.key),
     ],
-    description="One row per patient: `rad_*` (radiomics_row), `path_*` (slide_vector), `clin_*` "
-    "(clinical_table) and `ln_*` (lymph_nodes: node counts, areas, T/MLN) columns, availability flags and the MLM "
-    "label. A patient's result is used only "
+    description="One row per patient: `rad_*` (radiomics_row of the scan setting `radiology_timepoint` picks, "
+    "default the baseline), `path_*` (slide_vector), `clin_*` (clinical_table), `ln_*` (lymph_nodes: node counts, "
+    "areas, T/MLN) and `delta_*` (patients with two or more CT scans: each radiomics feature's change from the "
+    "first scan to the last, the days between them, the scans' similarity) columns, availability flags and the "
+    "MLM label. A patient's result (of a CT scan: that scan's) is used only "
     "when its latest materialization succeeded and passed its blocking checks; the ones left out are "
     "listed with the reason (`excluded_patients`: the first 50; the report file lists all).",
     metadata=column_schema_metadata(FUSED_TABLE_COLUMNS),
 )
 def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
-                patient_result_checks: PatientResultChecks) -> dg.MaterializeResult:
+                patient_result_checks: PatientResultChecks, fused_table: FusedTableSettings) -> dg.MaterializeResult:
+    settings = fused_table
+    problem = settings.timepoint_problem()
+    if problem:
+        raise dg.Failure(description=problem, allow_retries=False)
     store = storage.store()
     clinical_path = required_file(CLINICAL_FILE, store)
     clinical_sha = sha256_file(clinical_path)
     known = set(context.instance.get_dynamic_partitions(patients_partitions.name))
-    unsound = unsound_results(context.instance, sorted(known), patient_result_checks.blocking, store)
+    scans = set(context.instance.get_dynamic_partitions(ct_scans_partitions.name))
+    unsound = unsound_results(context.instance, sorted(known), patient_result_checks.blocking, store, sorted(scans))
     table, report = fusion.build_fused_table(store.root, pq.read_table(clinical_path), known_patients=known,
-                                             unsound=unsound)
-    output = _stored_output(store, FUSED_TABLE, fused_table_fingerprint(report, clinical_sha), context)
+                                             unsound=unsound, known_scans=scans,
+                                             radiology_timepoint=settings.radiology_timepoint)
+    output = _stored_output(store, FUSED_TABLE,
+                            fused_table_fingerprint(report, clinical_sha, settings.radiology_timepoint), context)
     folder = output.folder
     if not output.reused:
         fusion.write_parquet(table, FUSED_FILE.in_folder(folder))
         atomic_write_bytes(FUSION_REPORT.in_folder(folder), fusion.report_json(report).encode())
         output.record([FUSED_FILE, FUSION_REPORT],
-                      inputs={"clinical_table_sha256": clinical_sha, "feature_files": len(report.input_files)})
+                      inputs={"clinical_table_sha256": clinical_sha, "feature_files": len(report.input_files)},
+                      settings={"radiology_timepoint": settings.radiology_timepoint})
     for problem in report.file_problems[:20]:
         context.log.warning(f"{problem['file']}: {problem['reason']}")
     for entry in report.excluded_results[:20]:
@@ -190,6 +202,8 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
             "excluded_patients": dg.MetadataValue.json(_first(excluded, EXCLUDED_SHOWN)),
             "excluded_patients_shown": f"{min(len(excluded), EXCLUDED_SHOWN)} of {len(excluded)} (all in the report)",
             "input_feature_files": len(report.input_files),
+            "radiology_timepoint": settings.radiology_timepoint,
+            "patients_with_several_scans": sum(1 for c in report.scans.values() if len(c["scans"]) > 1),
             "input_fingerprint": output.fingerprint,
             "clinical_table_sha256": clinical_sha,
             "preview": dg.MetadataValue.md(fusion.preview_markdown(table)),

@@ -46,6 +46,12 @@ FUSED_TABLE_COLUMNS = (
     Column("ln_t_mln", "double", "T/MLN: tumour area / metastatic node area, in [0, 1]; null when no node is "
                                  "metastatic (undefined, not 0) or without lymph nodes (has_lymph_node tells which)",
            optional=True),
+    # the delta block after it, for the same reason: a cohort of single CT scans keeps every column above
+    Column("has_delta", "bool", "The patient has two or more CT scans whose first and last radiomics rows were used"),
+    Column("delta_*", "double", "Change from the first CT scan to the last: per radiomics feature f, delta_f_diff "
+                                "(last - first) and delta_f_rel ((last - first) / |first|, NaN when first is 0); "
+                                "delta_days (NaN unless both timepoints are dates), delta_similarity (1 = "
+                                "identical feature vectors); null without two scans", optional=True),
 )
 
 RISK_SCORES_COLUMNS = (
@@ -57,8 +63,8 @@ RISK_SCORES_COLUMNS = (
     Column("modalities_used", "string", "The modality models that scored the patient, such as "
                                         "radiology+pathology"),
     Column("modalities_missing", "string", "The model's modalities the patient was scored WITHOUT, such as "
-                                           "radiology (its CT failed or there is none) or lymph_node (no lymph-node "
-                                           "slides): empty when none"),
+                                           "radiology (its CT failed or there is none), lymph_node (no lymph-node "
+                                           "slides) or delta (fewer than two CT scans): empty when none"),
     Column("probability_radiology", "double", "The radiology model's probability (null without radiomics)"),
     Column("probability_pathology", "double", "The pathology model's probability (null without a slide "
                                               "vector; absent when the model pools by ABMIL)", optional=True),
@@ -69,6 +75,9 @@ RISK_SCORES_COLUMNS = (
     Column("probability_lymph_node", "double", "The lymph-node model's probability (null without lymph-node "
                                                "slides; absent when the model has no lymph-node block: too few "
                                                "labelled patients have lymph-node slides)", optional=True),
+    Column("probability_delta", "double", "The delta model's probability (change between the first and last CT "
+                                          "scan; null with fewer than two scans; absent when the model has no delta "
+                                          "block: too few labelled patients have two scans)", optional=True),
     Column("mlm", "int8", "The known label, for comparison (null while unknown)"),
     Column("model_version", "string", "The risk_model version that scored the patient (its folder under "
                                       "risk_model/)"),

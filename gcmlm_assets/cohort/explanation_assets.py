@@ -65,9 +65,9 @@ RECORDED_KEYS_BY_NAME = 500
         description="Why this patient got their score, each part relative to the training cohort's average patient "
         "with the same modalities (red: raises the risk above that patient's), with the patient's probability, the "
         "decision threshold and the modalities scored without: how the blocks' logits combine; the radiology, "
-        "clinical and lymph-node features' exact contributions (top 10); each patch's exact contribution to the "
-        "pathology logit, beside its coordinates and drawn over the slide (centred on zero); ABMIL attention maps, labelled as "
-        "attention. Non-linear classifiers get no contributions (see risk_model's permutation importance). Made "
+        "clinical, lymph-node and delta (change between CT scans) features' exact contributions (top 10); each "
+        "patch's exact contribution to the pathology logit, beside its coordinates and drawn over the slide (centred "
+        "on zero); ABMIL attention maps, labelled as attention. Non-linear classifiers get no contributions (see risk_model's permutation importance). Made "
         "again only when the patient's explanation key changes (the model file, the patient's fused_table row or "
         "patch features).",
     )],
@@ -176,6 +176,8 @@ _NO_RESULT = {
     "clinical": "no clinical_table row",
     "lymph_node": "no usable lymph_nodes row: no lymph-node slides in the drop (ln_wsi/), or their steps failed or "
                   "have not finished",
+    "delta": "no change over time: fewer than two CT scans (ct/<timepoint>/ folders), or the first or last scan's "
+             "steps failed or have not finished",
 }
 
 

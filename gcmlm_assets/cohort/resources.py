@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import dagster as dg
+from pydantic import Field
 
 from gcmlm_assets.cohort.model.risk_model_fields import ModelSettingFields
 from gcmlm_assets.profiles import PRODUCTION, Profile
+from gcmlm_assets.scans import timepoint_problem
 from gcmlm_assets.setting_fields import values_of
 
 
@@ -20,6 +22,29 @@ class RiskModelSettings(dg.ConfigurableResource, ModelSettingFields):
         from gcmlm_assets.cohort.model.model_settings import ModelSettings
 
         return ModelSettings(**values_of(self, ModelSettingFields))
+
+
+# scans.chosen_scan's choices besides a timepoint's own name
+TIMEPOINT_CHOICES = ("baseline", "first", "last")
+
+
+class FusedTableSettings(dg.ConfigurableResource):
+    """Settings of `fused_table` (key "fused_table"); changing one rebuilds the table (its fingerprint)."""
+
+    radiology_timepoint: str = Field(
+        default="baseline",
+        description="Which CT scan of a patient feeds the radiology block (`rad_*` columns): `baseline` (the timepoint "
+        "labelled so, else the oldest), `first`, `last`, or a timepoint's name (a date such as 2024-03-15 or a "
+        "label such as post_nact; a patient without that timepoint has no radiology block). The delta block "
+        "always compares the first scan with the last.")
+
+    def timepoint_problem(self) -> str | None:
+        """Why `radiology_timepoint` is not a valid choice, or None."""
+        choice = self.radiology_timepoint
+        if choice in TIMEPOINT_CHOICES or timepoint_problem(choice) is None:
+            return None
+        return (f"fused_table setting radiology_timepoint={choice!r} is neither one of {', '.join(TIMEPOINT_CHOICES)} "
+                f"nor a timepoint name ({timepoint_problem(choice)})")
 
 
 class PatientResultChecks(dg.ConfigurableResource):
@@ -40,4 +65,5 @@ def blocking_checks_by_asset(check_keys: Iterable[dg.AssetCheckKey]) -> dict[str
 def resources(env: str, profile: Profile = PRODUCTION,
               input_check_keys: Iterable[dg.AssetCheckKey] = ()) -> dict[str, dg.ConfigurableResource]:
     return {"risk_model": RiskModelSettings(**profile.resource_settings("risk_model")),
+            "fused_table": FusedTableSettings(**profile.resource_settings("fused_table")),
             "patient_result_checks": PatientResultChecks(blocking=blocking_checks_by_asset(input_check_keys))}

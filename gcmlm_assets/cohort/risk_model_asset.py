@@ -74,7 +74,7 @@ def current_model_version(store: ArtifactStore) -> tuple[Path, dict] | None:
     output_required=False,
     description="Per-modality models fused late (mean logit by default, or a stacked logistic combiner), "
     "validated by repeated stratified k-fold CV with an ablation (each block, pathology mean and ABMIL, lymph "
-    "nodes, both fusions) on the same folds, and saved with skops; its model card follows TRIPOD+AI. Trained on the "
+    "nodes, delta radiomics between a patient's first and last CT scan, both fusions) on the same folds, and saved with skops; its model card follows TRIPOD+AI. Trained on the "
     "labelled patients only: it refits when a label, a labelled patient's features or a setting changes, "
     "never for a new unlabelled patient (risk_scores scores them with the installed model). With too few "
     "labelled patients it waits (an observation says how many) and keeps the last good model.",

@@ -1,5 +1,9 @@
 """Which per-patient results fused_table may use: what the Dagster instance says about each one.
 
+A per-scan asset (radiomics_row, partitioned by `ct_scans`) is decided per scan: each of a
+patient's CT scans is sound or not on its own (fusion/scan_choice.py decide what an unsound
+scan leaves out of the patient's blocks).
+
 Facts are read in a few bulk queries per asset (never one per partition, never the whole check
 history) and decided in the plain `tables/soundness.py`: the partition's latest materialization, a later
 attempt that failed or is still running, and each blocking check's outcome on that latest
@@ -14,7 +18,7 @@ import dagster as dg
 from gcmlm_assets.cohort.tables import fusion, soundness
 from gcmlm_assets.dagster_internals import DATA_VERSION_TAG, PartitionKeyFilter
 from gcmlm_assets.dagster_internals import AssetCheckExecutionRecordStatus as CheckStatus
-from gcmlm_assets.patients import patient_id_problem
+from gcmlm_assets.scans import scan_key_problem
 from gcmlm_assets.storage import ArtifactStore, sha256_file
 
 RUN_BATCH = 100  # run ids per get_runs query
@@ -24,16 +28,19 @@ EVENT_ID_BATCH = 500  # storage ids per event query (SQLite allows 999 parameter
 
 
 def unsound_results(instance: dg.DagsterInstance, patients: list[str], blocking_checks: dict[str, list[str]],
-                    store: ArtifactStore) -> dict[str, dict[str, str]]:
-    """{modality: {patient: reason}} for each per-patient result fused_table must leave out.
+                    store: ArtifactStore, scans: list[str] | None = None) -> dict[str, dict[str, str]]:
+    """{modality: {partition: reason}} for each per-patient result fused_table must leave out: keyed by
+    patient, by scan key for a per-scan asset's (`scans`: the ct_scans partitions; None: `patients`,
+    whose single scans have the patient's id as their key).
     `blocking_checks`: {asset: its blocking check names} (the `patient_result_checks` resource)."""
     unsound = {}
     for source in fusion.SOURCES:
+        partitions = scans if source.file.asset.per_scan and scans is not None else patients
         key = dg.AssetKey(source.asset)
         check_keys = [dg.AssetCheckKey(key, name) for name in blocking_checks.get(source.asset, [])]
         folder, filename = store.root / source.asset, source.filename
         facts = partition_facts(instance, key, check_keys, lambda p, d=folder, f=filename: d / p / f)
-        unsound[source.modality] = soundness.unsound_partitions(source.asset, facts, patients)
+        unsound[source.modality] = soundness.unsound_partitions(source.asset, facts, partitions)
     return unsound
 
 
@@ -73,7 +80,7 @@ def _files_still_latest(events, key: dg.AssetKey, partitions: list[str],
                                                asset_partitions=partitions)
     still = set()
     for partition in partitions:
-        path = None if patient_id_problem(partition) else file_of(partition)
+        path = None if scan_key_problem(partition) else file_of(partition)  # a patient id is a scan key too
         recorded = tags.get(partition, {}).get(DATA_VERSION_TAG)
         if path is not None and path.is_file() and recorded == sha256_file(path):
             still.add(partition)

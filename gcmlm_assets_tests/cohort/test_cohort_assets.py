@@ -10,11 +10,10 @@ from gcmlm_assets import columns
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import checks as cohort_checks
 from gcmlm_assets.cohort.columns import CLINICAL_TABLE_COLUMNS, FUSED_TABLE_COLUMNS, RISK_SCORES_COLUMNS
-from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.storage import read_version_pointer
 from gcmlm_assets_tests.support.cohort.synthetic import write_clinical_csv, write_cohort_files
 from gcmlm_assets_tests.support.cohort.runs import FAST_MODEL, check_results, materialize_cohort
-from gcmlm_assets_tests.support.cohort.upstream import report_sound_results
+from gcmlm_assets_tests.support.cohort.upstream import add_patients, report_sound_results
 from gcmlm_assets_tests.support.pictures import assert_ui_picture, decode_markdown
 
 
@@ -26,7 +25,7 @@ def data_versions(result) -> dict[str, str]:
 def test_small_cohort_through_dagster(data_root, instance, base_resources):
     ids, _ = write_cohort_files(data_root, 24, seed=21, without_radiology={"P004"},
                                 without_pathology={"P009", "P013"}, unknown_labels={"P002"})
-    instance.add_dynamic_partitions(patients_partitions.name, ids)
+    add_patients(instance, ids)
     report_sound_results(instance, data_root / "artifacts", ids)
 
     result = materialize_cohort(instance, base_resources)
@@ -158,7 +157,7 @@ def observations(result, asset: str) -> list[dict]:
 
 def test_too_few_labels_and_no_model_yet_waits_without_failing(data_root, instance, base_resources):
     ids, labels = write_cohort_files(data_root, 12, seed=4, unknown_labels={f"P{i:03d}" for i in range(8)})
-    instance.add_dynamic_partitions(patients_partitions.name, ids)
+    add_patients(instance, ids)
     report_sound_results(instance, data_root / "artifacts", ids)
 
     result = materialize_cohort(instance, base_resources)
@@ -188,7 +187,7 @@ def test_too_few_labels_and_no_model_yet_waits_without_failing(data_root, instan
 
 def test_too_few_labels_keep_the_last_good_model_in_use(data_root, instance, base_resources):
     ids, labels = write_cohort_files(data_root, 20, seed=21)
-    instance.add_dynamic_partitions(patients_partitions.name, ids)
+    add_patients(instance, ids)
     report_sound_results(instance, data_root / "artifacts", ids)
     first = materialize_cohort(instance, base_resources)
     assert first.success

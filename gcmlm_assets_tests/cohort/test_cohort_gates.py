@@ -11,19 +11,18 @@ import pyarrow.parquet as pq
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort.model import metrics as cohort_metrics
 from gcmlm_assets.cohort.resources import RiskModelSettings
-from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.catalogue import UNI_FEATURES
 from gcmlm_assets.quarantine import QUARANTINE_FOLDER, REASON_FILE
 from gcmlm_assets.storage import read_version_pointer, sha256_file
 from gcmlm_assets_tests.support.cohort.explained_cohort import QUICK, sound_cohort
 from gcmlm_assets_tests.support.cohort.runs import FAST_MODEL, check_results, materialize_cohort
 from gcmlm_assets_tests.support.cohort.synthetic import write_cohort_files
-from gcmlm_assets_tests.support.cohort.upstream import report_sound_results
+from gcmlm_assets_tests.support.cohort.upstream import add_patients, report_sound_results
 
 
 def _first_cohort(data_root: Path, instance, base_resources):
     ids, _ = write_cohort_files(data_root, 20, seed=21)
-    instance.add_dynamic_partitions(patients_partitions.name, ids)
+    add_patients(instance, ids)
     report_sound_results(instance, data_root / "artifacts", ids)
     first = materialize_cohort(instance, base_resources)
     assert first.success

@@ -29,7 +29,7 @@ from gcmlm_assets.patient_batches import BUCKET_TAG, PATIENTS_TAG
 from gcmlm_assets.storage import ArtifactStore
 from gcmlm_assets_tests.support.cohort.explained_cohort import QUICK, write_patch_features, write_patient_files
 from gcmlm_assets_tests.support.cohort.synthetic import make_cohort, write_clinical_csv
-from gcmlm_assets_tests.support.cohort.upstream import report_sound_results
+from gcmlm_assets_tests.support.cohort.upstream import add_patients, report_sound_results
 
 EXPLANATIONS = RISK_EXPLANATIONS.key
 FIRST, NEW = 12, 3  # labelled patients of the first refresh; unlabelled patients dropped later
@@ -107,7 +107,7 @@ def cohort(data_root: Path, instance):
     store = ArtifactStore(data_root / "artifacts")
     write_patient_files(store, ids, radiomics, pathology)
     write_clinical_csv(data_root / "landing", ids, labels, unknown=set(ids[FIRST:]))
-    instance.add_dynamic_partitions(patients_partitions.name, ids[:FIRST])
+    add_patients(instance, ids[:FIRST])
     report_sound_results(instance, store.root, ids[:FIRST])
     return ids, store, pathology
 
@@ -141,7 +141,7 @@ def test_only_patients_whose_key_changed_are_explained_in_ranges(cohort, instanc
     changed_patient = ids[5]
     write_patch_features(store, changed_patient, pathology[5, :48].astype(np.float64) * 3 + 0.5,
                          np.random.default_rng(99))
-    instance.add_dynamic_partitions(patients_partitions.name, ids[FIRST:])
+    add_patients(instance, ids[FIRST:])
     report_sound_results(instance, store.root, [changed_patient, *ids[FIRST:]])
     assert dg.materialize(cohort_assets.ASSETS, instance=instance, resources=resources,
                           selection=["fused_table", "risk_scores"]).success
@@ -199,7 +199,7 @@ def test_only_patients_whose_key_changed_are_explained_in_ranges(cohort, instanc
 
     # A range may span a patient the fused table does not have (not processed yet, or left out):
     # that patient is skipped like an unchanged one, and the others are explained.
-    instance.add_dynamic_partitions(patients_partitions.name, ["NOFEATURES"])
+    add_patients(instance, ["NOFEATURES"])
     span = dg.RunRequest(tags={"dagster/asset_partition_range_start": ids[-1],
                                "dagster/asset_partition_range_end": "NOFEATURES"})
     assert sorted(_materialized(instance, _execute(instance, refit, span).run_id)) == [ids[-1]]

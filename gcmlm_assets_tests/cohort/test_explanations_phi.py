@@ -19,11 +19,10 @@ from gcmlm_assets.catalogue import RISK_EXPLANATIONS
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import explanation_assets
 from gcmlm_assets.cohort.resources import RiskModelSettings
-from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.storage import ArtifactStore
 from gcmlm_assets_tests.support.cohort.explained_cohort import QUICK, write_patient_files
 from gcmlm_assets_tests.support.cohort.synthetic import make_cohort, write_clinical_csv
-from gcmlm_assets_tests.support.cohort.upstream import report_sound_results
+from gcmlm_assets_tests.support.cohort.upstream import add_patients, report_sound_results
 from gcmlm_assets_tests.support.phi_search import PATIENT_KEYWORDS, found_in, leaks_in_run, leaks_under
 
 
@@ -40,7 +39,7 @@ def test_no_identifying_value_of_the_clinical_file_reaches_explanations_the_mode
     clinical = write_clinical_csv(data_root / "landing", ids[:-1], labels[:-1], extra_lines=misplaced)
     assert set(found_in(clinical.read_bytes())) >= {"ZZSECRETNAME", "ZZSECRETID123", "19010203", "ZZACC98765",
                                                    "ZZSECRET HOSPITAL"}
-    instance.add_dynamic_partitions(patients_partitions.name, ids)
+    add_patients(instance, ids)
     report_sound_results(instance, store.root, ids)
     resources = {**base_resources, "risk_model": RiskModelSettings(**QUICK)}
 

@@ -172,7 +172,7 @@ def test_the_block_names_are_the_models():
     from gcmlm_assets.cohort.tables.cohort_data import PATHOLOGY_ABMIL
 
     assert set(fhir_risk.BLOCK_INPUTS) == {fusion.RADIOLOGY, fusion.PATHOLOGY, fusion.CLINICAL, PATHOLOGY_ABMIL,
-                                           fusion.LYMPH_NODE}
+                                           fusion.LYMPH_NODE, fusion.DELTA}
 
 
 def test_the_fhir_models_refuse_a_damaged_bundle(scored, tmp_path):

@@ -91,10 +91,11 @@ def test_fused_table_reads_the_lymph_node_rows_and_names_the_broken_ones(tmp_pat
 
     table, report = build_fused_table(artifacts, clinical_table(ids, labels))
 
-    # every column from before stays as it was; the block's come last, the flag first
-    assert table.column_names[:plain.num_columns - 1] == plain.column_names[:-1] == \
-        without_lymph_node_columns(table).column_names
-    assert table.column_names[plain.num_columns - 1:] == LN_COLUMNS
+    # every column from before stays as it was; the block's come after them, the flag first (then
+    # the delta block's flag: no patient has two CT scans)
+    assert table.column_names[:plain.num_columns - 2] == plain.column_names[:-2] == \
+        without_lymph_node_columns(table).column_names[:-1]
+    assert table.column_names[plain.num_columns - 2:] == [*LN_COLUMNS, "has_delta"]
     assert without_lymph_node_columns(table).equals(without_lymph_node_columns(plain))
     assert plain.column("has_lymph_node").to_pylist() == [False] * 8 and plain_report.file_problems == []
     rows = {r["patient_id"]: r for r in table.to_pylist()}

@@ -14,11 +14,10 @@ from gcmlm_assets.cohort import risk_model_asset
 from gcmlm_assets.cohort.model import training
 from gcmlm_assets.cohort.model.model_settings import ModelSettings
 from gcmlm_assets.cohort.resources import RiskModelSettings
-from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.storage import read_version_pointer
 from gcmlm_assets_tests.support.cohort.synthetic import (
     make_cohort, write_clinical_csv, write_cohort_files, write_radiomics_row, write_slide_vector)
-from gcmlm_assets_tests.support.cohort.upstream import report_sound_results
+from gcmlm_assets_tests.support.cohort.upstream import add_patients, report_sound_results
 
 FAST = RiskModelSettings(n_splits=3, n_repeats=1, n_bootstrap=100, min_labelled_per_class=3, inner_splits=3,
                          abmil_in_ablation=False)
@@ -45,13 +44,13 @@ def add_patient(data_root, instance, patient_id: str, seed: int) -> None:
     _, _, radiomics, pathology = make_cohort(1, seed=seed)
     write_radiomics_row(data_root / "artifacts", patient_id, radiomics[0])
     write_slide_vector(data_root / "artifacts", patient_id, pathology[0])
-    instance.add_dynamic_partitions(patients_partitions.name, [patient_id])
+    add_patients(instance, [patient_id])
     report_sound_results(instance, data_root / "artifacts", [patient_id])
 
 
 def cohort(data_root, instance, unknown: set[str]):
     ids, labels = write_cohort_files(data_root, 14, seed=8, unknown_labels=unknown)
-    instance.add_dynamic_partitions(patients_partitions.name, ids)
+    add_patients(instance, ids)
     report_sound_results(instance, data_root / "artifacts", ids)
     return ids, labels
 

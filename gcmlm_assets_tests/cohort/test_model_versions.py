@@ -10,13 +10,12 @@ import dagster as dg
 
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort.resources import RiskModelSettings
-from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.storage import (
     STALE_TEMPORARY_S, TMP_PREFIX, VERSION_POINTER, ArtifactStore, new_version_folder, publish_version,
     read_version_pointer, version_intact)
 from gcmlm_assets_tests.support.cohort.runs import FAST_MODEL, materialize_cohort
 from gcmlm_assets_tests.support.cohort.synthetic import write_cohort_files
-from gcmlm_assets_tests.support.cohort.upstream import report_sound_results
+from gcmlm_assets_tests.support.cohort.upstream import add_patients, report_sound_results
 
 
 def publish(root: Path, **files: str) -> dict:
@@ -97,7 +96,7 @@ def metadata(result, asset: str) -> dict:
 
 def test_retraining_publishes_a_new_version_that_risk_scores_uses_as_published(data_root, instance, base_resources):
     ids, _ = write_cohort_files(data_root, 16, seed=8)
-    instance.add_dynamic_partitions(patients_partitions.name, ids)
+    add_patients(instance, ids)
     report_sound_results(instance, data_root / "artifacts", ids)
     root = data_root / "artifacts" / "risk_model"
     # files of the layout before versions: removed when a version is published

@@ -9,11 +9,10 @@ from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import checks as cohort_checks
 from gcmlm_assets.cohort import exchange_assets
 from gcmlm_assets.cohort.exchange import fhir_risk
-from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.storage import ArtifactStore, sha256_file
 from gcmlm_assets_tests.support.cohort.runs import FAST_MODEL
 from gcmlm_assets_tests.support.cohort.synthetic import write_cohort_files
-from gcmlm_assets_tests.support.cohort.upstream import report_sound_results
+from gcmlm_assets_tests.support.cohort.upstream import add_patients, report_sound_results
 
 
 def _materialize(instance, resources, selection=None):
@@ -30,7 +29,7 @@ def _metadata(result, asset: str) -> dict:
 
 def test_every_scored_patient_gets_a_risk_assessment_equal_to_its_score(data_root, instance, base_resources):
     ids, _ = write_cohort_files(data_root, 24, seed=21, without_radiology={"P004"})
-    instance.add_dynamic_partitions(patients_partitions.name, ids)
+    add_patients(instance, ids)
     report_sound_results(instance, data_root / "artifacts", ids)
 
     result = _materialize(instance, base_resources)
@@ -61,7 +60,7 @@ def test_every_scored_patient_gets_a_risk_assessment_equal_to_its_score(data_roo
 
 def test_scores_changed_behind_the_manifest_are_refused_naming_the_file(data_root, instance, base_resources):
     ids, _ = write_cohort_files(data_root, 24, seed=22)
-    instance.add_dynamic_partitions(patients_partitions.name, ids)
+    add_patients(instance, ids)
     report_sound_results(instance, data_root / "artifacts", ids)
     assert _materialize(instance, base_resources).success
     scores_path = SCORES_FILE.path(ArtifactStore(data_root / "artifacts"))

@@ -19,13 +19,12 @@ from gcmlm_assets.cohort.resources import RiskModelSettings
 from gcmlm_assets.cohort.tables.soundness import (
     CANCELED, FAILED, IN_PROGRESS, CheckOutcome, PartitionFacts, exclusion_reason, unsound_partitions)
 from gcmlm_assets.cohort.soundness_facts import check_outcomes, unsound_results
-from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.storage import ArtifactStore
 from gcmlm_assets_tests.support.cohort.synthetic import (
     make_cohort, write_cohort_files, write_radiomics_row, write_slide_vector,
 )
 from gcmlm_assets_tests.support.cohort.upstream import (
-    StandInConfig, materialize_patients, report_sound_results, stand_ins)
+    StandInConfig, add_patients, materialize_patients, report_sound_results, stand_ins)
 
 CHECKS = ("radiomics_row_complete", "radiomics_row_finite")
 PASSED = {name: CheckOutcome(True) for name in CHECKS}
@@ -119,7 +118,7 @@ def fused_metadata(result) -> dict:
 def test_fused_table_leaves_out_results_whose_latest_materialization_failed(data_root, instance, base_resources):
     ids, _ = write_cohort_files(data_root, 10, seed=5)
     artifacts = data_root / "artifacts"
-    instance.add_dynamic_partitions(patients_partitions.name, ids)
+    add_patients(instance, ids)
     real, by_hand = ["P001", "P002", "P003"], "P009"  # P009's files were copied in, never materialized
     report_sound_results(instance, artifacts, [p for p in ids if p not in (*real, by_hand)])
     assert all(r.success for r in materialize_patients(instance, artifacts, real))
@@ -165,7 +164,7 @@ def test_fused_table_leaves_out_results_whose_latest_materialization_failed(data
 def test_a_run_in_progress_leaves_the_checked_file_in_use_until_it_replaces_it(data_root, instance, base_resources):
     ids, _ = write_cohort_files(data_root, 6, seed=6)
     artifacts = data_root / "artifacts"
-    instance.add_dynamic_partitions(patients_partitions.name, ids)
+    add_patients(instance, ids)
     report_sound_results(instance, artifacts, ids[:-2])
     assert all(r.success for r in materialize_patients(instance, artifacts, ["P004"]))
     # A run for P004 and the first run of P005 are queued (planned, not finished).
@@ -216,14 +215,18 @@ class CountedReads:
 
 
 def materialize_range(instance, artifacts, patients, config: dict[str, StandInConfig] | None = None):
-    """One run of both stand-ins over a range of patients, as a batched backfill run."""
+    """One run per stand-in over a range of patients, as a batched backfill run (radiomics_row's
+    partitions are the patients' single scans, keyed by patient id)."""
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-    run_config = {"ops": {name: {"config": (config or {}).get(name, StandInConfig()).model_dump()}
-                          for name in BLOCKING}}
-    return dg.materialize(stand_ins(artifacts), instance=instance, raise_on_error=False, run_config=run_config,
-                          tags={ASSET_PARTITION_RANGE_START_TAG: patients[0],
-                                ASSET_PARTITION_RANGE_END_TAG: patients[-1]})
+    results = []
+    for asset in stand_ins(artifacts):
+        name = asset.key.to_user_string()
+        run_config = {"ops": {name: {"config": (config or {}).get(name, StandInConfig()).model_dump()}}}
+        results.append(dg.materialize([asset], instance=instance, raise_on_error=False, run_config=run_config,
+                                      tags={ASSET_PARTITION_RANGE_START_TAG: patients[0],
+                                            ASSET_PARTITION_RANGE_END_TAG: patients[-1]}))
+    return results
 
 
 def latest_materializations(instance, key=RADIOMICS) -> dict[str, int]:
@@ -248,10 +251,10 @@ def report_runless(instance, key, patient, checks, *, passed=True, partition=Tru
 def test_single_partition_and_range_runs_store_each_check_under_its_patient(data_root, instance):
     ids, _ = write_cohort_files(data_root, 4, seed=7)
     artifacts = data_root / "artifacts"
-    instance.add_dynamic_partitions(patients_partitions.name, ids)
-    (single,) = materialize_patients(instance, artifacts, ["P000"])
+    add_patients(instance, ids)
+    single = materialize_patients(instance, artifacts, ["P000"])
     ranged = materialize_range(instance, artifacts, ["P001", "P002", "P003"])
-    assert single.success and ranged.success
+    assert all(r.success for r in [*single, *ranged])
 
     for asset, names in BLOCKING.items():
         latest = latest_materializations(instance, dg.AssetKey(asset))
@@ -267,7 +270,7 @@ def test_single_partition_and_range_runs_store_each_check_under_its_patient(data
             assert not instance.event_log_storage.get_asset_check_execution_history(
                 key, limit=10, status=EVALUATED, partition_filter=PartitionKeyFilter(key=None))
     # what the UI shows per run: the check and its patient
-    evaluations = [e for result in (single, ranged) for e in result.get_asset_check_evaluations()]
+    evaluations = [e for result in (*single, *ranged) for e in result.get_asset_check_evaluations()]
     assert {(e.partition, e.check_name) for e in evaluations} == {
         (p, name) for p in ids for names in BLOCKING.values() for name in names}
 
@@ -281,13 +284,13 @@ def _outcomes_after_history(tmp_path, rounds: int):
     ids, _ = write_cohort_files(root, 3, seed=8)
     artifacts = root / "artifacts"
     with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
-        instance.add_dynamic_partitions(patients_partitions.name, ids)
+        add_patients(instance, ids)
         for round_ in range(rounds):
             failing = StandInConfig(failing_check="radiomics_row_finite" if round_ % 2 else "")
-            assert materialize_range(instance, artifacts, ids, {"radiomics_row": failing}).success
+            assert all(r.success for r in materialize_range(instance, artifacts, ids, {"radiomics_row": failing}))
         latest_results = StandInConfig(failing_check="radiomics_row_finite",
                                        failing_severity_by_patient={"P001": "ERROR", "P002": "WARN"})
-        assert materialize_range(instance, artifacts, ids, {"radiomics_row": latest_results}).success
+        assert all(r.success for r in materialize_range(instance, artifacts, ids, {"radiomics_row": latest_results}))
         latest = latest_materializations(instance)
         reads = CountedReads(instance.event_log_storage)
         outcomes = {name: check_outcomes(reads, dg.AssetCheckKey(RADIOMICS, name), latest) for name in CHECKS}
@@ -320,7 +323,7 @@ def test_results_stored_before_per_partition_checks_are_still_judged(instance):
     """An instance whose evaluations were stored with partition None (before they were stored per
     patient) is judged as before: those are read only for patients without a per-partition one."""
     for patient in ("OLD_PASS", "OLD_FAIL", "OLD_STALE", "NEW"):
-        instance.add_dynamic_partitions(patients_partitions.name, [patient])
+        add_patients(instance, [patient])
     report_runless(instance, RADIOMICS, "OLD_PASS", CHECKS, partition=False)
     report_runless(instance, RADIOMICS, "OLD_FAIL", CHECKS, passed=False, partition=False)
     report_runless(instance, RADIOMICS, "OLD_STALE", CHECKS, partition=False)

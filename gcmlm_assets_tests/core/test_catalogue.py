@@ -12,9 +12,10 @@ from gcmlm_assets import catalogue
 from gcmlm_assets.definitions import build_definitions
 
 PACKAGE = Path(gcmlm_assets.__file__).parent
-# The risk model's settings resource is keyed by the asset it configures (a resource key, not an
-# asset key: renaming the asset leaves it as it is).
-RESOURCE_KEYS = {("risk_model", "profiles.py"), ("risk_model", "cohort/resources.py")}
+# The risk model's and the fused table's settings resources are keyed by the asset each configures
+# (a resource key, not an asset key: renaming the asset leaves it as it is).
+RESOURCE_KEYS = {("risk_model", "profiles.py"), ("risk_model", "cohort/resources.py"),
+                 ("fused_table", "cohort/resources.py")}
 # Strings that contain a catalogued file name without meaning the asset's file.
 NOT_THE_ASSETS_FILE = {"ct/ct.nii.gz": "a landing drop's CT (demo/), whose name the landing zone accepts, not ct_image's"}
 

@@ -113,23 +113,29 @@ def test_uni_features_extraction_fingerprint_is_pinned():
 
 
 def test_cohort_model_fingerprints_are_pinned():
-    # fused_table 4 and risk_model 5: the lymph-node block (issue 24)
+    # fused_table 5 and risk_model 6: per-scan radiomics, the radiology_timepoint setting and the
+    # delta block (issue 25)
     report = FusionReport(input_files={"slide_vector/P002/slide_vector.parquet": digest("88"),
                                        "radiomics_row/P001/radiomics.parquet": digest("99")},
                           excluded_results=[{"patient_id": "P003", "modality": "radiology", "file": "x",
                                              "reason": "ct_mask failed mask_plausible"}])
     assert cohort_assets.fused_table_fingerprint(report, digest("aa")) == (
-        "76902e5bc5264f4c0bc7d88150d6e8911f552765a6855a75de99da14323f0010")
+        "6b721722bc38c1ce8a913b2794b15cba4e9f610ad3cd68113f48bbf3eeb15f5a")
     assert cohort_assets.fused_table_fingerprint(FusionReport(), None) == (
-        "90be43852a1e5965976d83f94c964cd0a003ce808b6a82e874456a64b719f720")
+        "faeda498827826430a11576c1e884c44a3a1baa170768acc6d6d2b0244a127a0")
+    # which scans fed a patient, and the setting that picks the radiology block's scan
+    report.scans = {"P001": {"scans": ["P001@2024-01-02", "P001@2024-03-01"], "radiology": "P001@2024-01-02",
+                             "delta": ["P001@2024-01-02", "P001@2024-03-01"]}}
+    assert cohort_assets.fused_table_fingerprint(report, digest("aa"), "last") == (
+        "887cbc5b517bd167725dbc7e5aa386f1c9d75aa949a1490eb24d8a7d825fd969")
     # the formula, on the settings as model_card.settings_json writes them (a new setting changes
     # those, and so refits the model, without touching this pin)
     inputs = {"training_data_sha256": digest("66"), "labelled_patients": 40, "patch_features_sha256": None}
     settings = json.dumps({"fusion": "mean", "n_splits": 5}, sort_keys=True)
     assert risk_model_fingerprint("scikit-learn=1.5.0", settings, inputs) == (
-        "a8a7afe126e041b1d63dbc14dee33f2ce4201b6e1a6d2e8b1cbabbc2cd674ede")
+        "203479e01aa2fbe774b359775eeda88b1eb44dba98626cf01a35d80735da1bae")
     assert risk_model_fingerprint("scikit-learn=1.5.0", settings, {**inputs, "patch_features_sha256": digest("77")}) == (
-        "54e70a2f68c70aba974cef2572cdc219e8e3e6db87199a53fd52936d270e6a5b")
+        "0a6b9713a16ae7a28c844cd9d6824074ff45ce349531ed961149a14bf9c1ae50")
     assert cohort_assets.risk_scores_fingerprint(digest("bb"), digest("cc"), digest("dd"), "0123456789abcdef") == (
         "1aef393503317e660c8f129ce40da30880890412a0e6f215c67a2432d303ea45")
     # each patient's explanation is made again when its key changes

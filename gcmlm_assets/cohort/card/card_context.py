@@ -83,8 +83,8 @@ def card_context(records: CohortRecords, data, cv, settings, model, metrics: dic
                if settings.pathology_pooling == "mean" else
                "(the ABMIL pathology block is not linear: attention maps, not contributions)")
     method = ("exact contributions (risk_explanations): coefficient x standardised value per radiology, "
-              f"clinical and lymph-node feature (T/MLN's indicator one of them) {patches}, each scaled by the "
-              "block's fusion weight; the parts add up to the fused logit" if exact else
+              f"clinical, lymph-node (T/MLN's indicator one of them) and delta (change between CT scans) feature "
+              f"{patches}, each scaled by the block's fusion weight; the parts add up to the fused logit" if exact else
               f"no exact contributions: the {settings.classifier} classifier is not linear; cohort-level "
               "permutation importance instead")
     attention = ("; ABMIL attention maps (where the attention model looked; not contributions)"

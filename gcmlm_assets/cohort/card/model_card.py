@@ -41,6 +41,11 @@ IMPUTATION = ("single missing feature values: median imputation inside each bloc
 # Said in every card (issue 24): the lymph-node block has only ever seen synthetic slides.
 LYMPH_NODE_DATA = ("No public lymph-node slides with annotations are available offline here: the lymph-node block "
                    "has been exercised on synthetic slides only; its figures are not clinical.")
+# Said in every card (issue 25): what the delta block compares, and what it has been tried on.
+DELTA_DATA = ("The delta block (change of each radiomics feature from a patient's first CT scan to the last, the "
+              "days between them and the scans' similarity) exists only for patients with two or more scans; the "
+              "interval between scans is whatever the drops hold (not a fixed protocol), and the block has been "
+              "exercised on synthetic scans only; its figures are not clinical.")
 MISSING_BLOCK_RULE = ("block model skipped; the fused probability uses the blocks the patient has "
                       "(stacked fusion: the missing block's logit counts as 0, with an availability "
                       "indicator; none: not scored)")
@@ -206,6 +211,7 @@ def default_limitations(settings: dict | ModelSettings, metrics: dict) -> list[s
         out.append(f"The pathology features come from an untrained encoder ({encoder}): the pathology "
                    "block carries no learned histology, only what random projections keep.")
     out.append(LYMPH_NODE_DATA)
+    out.append(DELTA_DATA)
     if settings.get("synthetic_data"):
         out.append("The data are synthetic (generated for tests or a demo): the figures describe the "
                    "pipeline, not gastric cancer.")

@@ -14,7 +14,8 @@ One Bundle (type collection) per patient, `bundles/<patient_id>.json`, holds:
   metastasis"; probabilityDecimal; qualitativeRisk (the project's risk group, and the HL7
   risk-probability code where its definition holds, see `qualitative_risk`); basis: the inputs the
   score used (fused_table row, and per modality radiomics_row / slide_vector / uni_features /
-  lymph_nodes / clinical_table, each with its modality model's probability); the modalities the
+  lymph_nodes / clinical_table, each with its modality model's probability; the delta block's input is
+  radiomics_row too, the change from the first CT scan to the last); the modalities the
   model has but the patient lacked, as `missing-modality` extensions and a note; occurrenceDateTime
   the scoring time; performer the Device.
 `index.json` lists every patient's file, its SHA-256, scoring time, probability, risk group and
@@ -64,7 +65,7 @@ BUNDLES_FOLDER = "bundles"
 BUNDLE_FORMAT = "1"  # raise when the Bundle's content changes: every patient's Bundle is rebuilt
 INDEX_FILE = ASSESSMENT_INDEX.name
 
-# The risk model's blocks (cohort/model: RADIOLOGY, PATHOLOGY, PATHOLOGY_ABMIL, CLINICAL, LYMPH_NODE) and the
+# The risk model's blocks (cohort/model: RADIOLOGY, PATHOLOGY, PATHOLOGY_ABMIL, CLINICAL, LYMPH_NODE, DELTA) and the
 # per-patient input each reads; named here so that this module imports neither numpy nor pyarrow.
 BLOCK_INPUTS = {
     "radiology": (RADIOMICS_ROW.key, "PyRadiomics features of the CT's gastric mask"),
@@ -72,6 +73,8 @@ BLOCK_INPUTS = {
     "pathology_abmil": (UNI_FEATURES.key, "patch features of the H&E slides, pooled by attention (ABMIL)"),
     "clinical": (CLINICAL_TABLE.key, "clinical covariates"),
     LYMPH_NODE: (LYMPH_NODES.key, "lymph-node slides: node counts, tumour and metastatic node areas, T/MLN"),
+    "delta": (RADIOMICS_ROW.key, "change of the PyRadiomics features from the first CT scan to the last, the days "
+                                 "between them and the scans' similarity"),
 }
 PROBABILITY_PREFIX = "probability_"
 

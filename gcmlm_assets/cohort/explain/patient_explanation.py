@@ -2,9 +2,10 @@
 
 Plain Python (no Dagster). The fused logit is `intercept + sum_k w_k * logit_k + indicator terms`
 (combiners.py). With the default linear blocks each block logit splits exactly:
-- radiology, clinical and lymph_node: coefficient x the patient's standardised value, per feature
-  that reaches the classifier, plus the classifier's intercept (the lymph-node block's T/MLN
-  indicator, 1 = no metastatic node, is one of its features);
+- radiology, clinical, lymph_node and delta: coefficient x the patient's standardised value, per
+  feature that reaches the classifier, plus the classifier's intercept (the lymph-node block's T/MLN
+  indicator, 1 = no metastatic node, is one of its features; the delta block's features are the
+  changes between the patient's first and last CT scan);
 - pathology (mean pooling): the logit is affine in the slide vector, which is the mean of every
   patch embedding of every slide, so each patch contributes `weights @ embedding / N` and the rest
   is one constant. The parts are checked to add up to the model's own logit (`EXACT_TOLERANCE`);
@@ -33,7 +34,7 @@ from gcmlm_assets.catalogue import SLIDE_VECTOR
 from gcmlm_assets.cohort.explain import explanations
 from gcmlm_assets.cohort.tables.cohort_data import PATHOLOGY_ABMIL, CohortData
 from gcmlm_assets.cohort.model.combiners import sigmoid
-from gcmlm_assets.cohort.tables.fusion import CLINICAL, LYMPH_NODE, PATHOLOGY, PREFIX, RADIOLOGY, T_MLN
+from gcmlm_assets.cohort.tables.fusion import CLINICAL, DELTA, LYMPH_NODE, PATHOLOGY, PREFIX, RADIOLOGY, T_MLN
 
 EXACT_TOLERANCE = 1e-6  # |sum of the parts - the model's logit| allowed per block
 
@@ -185,7 +186,7 @@ def _explain_block(explanation: PatientExplanation, block: str, block_model, col
         explanation.notes.append("pathology (ABMIL): attention weights are shown, not contributions; attention "
                                  "is where the model looked, not a share of the score")
         return
-    per_feature = block in (RADIOLOGY, CLINICAL, LYMPH_NODE)
+    per_feature = block in (RADIOLOGY, CLINICAL, LYMPH_NODE, DELTA)
     exact, reason = (explanations.feature_split_available(block_model) if block == LYMPH_NODE
                      else explanations.exact_contributions_available(block_model))
     if not exact:

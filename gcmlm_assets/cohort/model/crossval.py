@@ -10,10 +10,10 @@ patients only:
   out-of-fold logits of an inner CV of that fold's training patients (training.out_of_fold_logits),
   then applied to the test patients' logits from the blocks fitted on the whole training part;
 - `fused_all_modalities`: the configured fusion restricted to the patients with every block but the
-  optional one (lymph nodes: only part of a cohort has lymph-node slides, and requiring them would make
-  this row that part);
-- `fused_with_lymph_node`: the configured fusion restricted to the patients with lymph-node slides (the
-  lymph_node row's patients), when only some have them.
+  optional ones (lymph nodes, delta: only part of a cohort has lymph-node slides or a second CT scan,
+  and requiring them would make this row that part);
+- `fused_with_lymph_node` / `fused_with_delta`: the configured fusion restricted to the patients with
+  lymph-node slides / two or more CT scans (the lymph_node / delta row's patients), when only some have them.
 The fused rows include the patients who lack a block (scored from the blocks they have). An optional
 block that no cross-validated patient has is not evaluated at all: the other rows are then exactly
 those of a model without it.
@@ -32,8 +32,7 @@ from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
 from gcmlm_assets.cohort.tables.cohort_data import OPTIONAL_BLOCKS, CohortData, class_counts
 from gcmlm_assets.cohort.model.combiners import make_combiner, sigmoid
 from gcmlm_assets.cohort.model.model_settings import (
-    FUSED, FUSED_COMPLETE, FUSED_WITH_LYMPH_NODE, InsufficientLabels, ModelSettings)
-from gcmlm_assets.cohort.tables.fusion import LYMPH_NODE
+    FUSED, FUSED_COMPLETE, FUSED_WITH, InsufficientLabels, ModelSettings)
 from gcmlm_assets.cohort.model.modelling import block_logits, fit_block
 from gcmlm_assets.cohort.model.training import out_of_fold_logits
 
@@ -58,21 +57,23 @@ class CrossValidation:
         complete = np.logical_and.reduce(fused_blocks) if fused_blocks else np.zeros(len(self.labels), bool)
         if len(fused_blocks) > 1 and complete.any() and not complete.all():
             names.append(FUSED_COMPLETE)
-        with_nodes = self.available.get(LYMPH_NODE)
-        if LYMPH_NODE in self.fusion_blocks and with_nodes is not None and with_nodes.any() and not with_nodes.all():
-            names.append(FUSED_WITH_LYMPH_NODE)
+        for block, row in FUSED_WITH.items():
+            with_block = self.available.get(block)
+            if block in self.fusion_blocks and with_block is not None and with_block.any() and not with_block.all():
+                names.append(row)
         return names
 
     def model_predictions(self, model: str) -> tuple[np.ndarray, np.ndarray]:
         """(labels, predictions) over the patients the model is evaluated on."""
-        source = FUSED if model in (FUSED_COMPLETE, FUSED_WITH_LYMPH_NODE) else model
+        restricted_to = {row: block for block, row in FUSED_WITH.items()}
+        source = FUSED if model == FUSED_COMPLETE or model in restricted_to else model
         predictions = self.predictions[source]
         rows = np.isfinite(predictions).all(axis=0)
         if model == FUSED_COMPLETE:
             rows &= np.logical_and.reduce([self.available[b] for b in self.fusion_blocks
                                            if b in self.available and b not in OPTIONAL_BLOCKS])
-        elif model == FUSED_WITH_LYMPH_NODE:
-            rows &= self.available[LYMPH_NODE]
+        elif model in restricted_to:
+            rows &= self.available[restricted_to[model]]
         return self.labels[rows], predictions[:, rows]
 
 
@@ -100,7 +101,7 @@ def cross_validate(data: CohortData, settings: ModelSettings) -> CrossValidation
     if n_splits < settings.n_splits:
         notes.append(f"n_splits lowered from {settings.n_splits} to {n_splits}: the smaller class has "
                      f"{min(counts.values())} patients")
-    # an optional block (lymph nodes) that no patient of the CV has is not evaluated, nor fused
+    # an optional block (lymph nodes, delta) that no patient of the CV has is not evaluated, nor fused
     blocks = tuple(b for b in settings.blocks() if b in data.blocks
                    and (b not in OPTIONAL_BLOCKS or data.blocks[b].available[rows].any()))
     fusion_blocks = tuple(b for b in settings.fusion_blocks() if b in blocks or

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gcmlm_assets.cohort.tables.cohort_data import PATHOLOGY_ABMIL
-from gcmlm_assets.cohort.tables.fusion import CLINICAL, LYMPH_NODE, PATHOLOGY, RADIOLOGY
+from gcmlm_assets.cohort.tables.fusion import CLINICAL, DELTA, LYMPH_NODE, PATHOLOGY, RADIOLOGY
 from gcmlm_assets.cohort.model.risk_model_fields import ModelSettingFields
 
 FUSED = "fused"  # the configured fusion (setting `fusion`)
@@ -18,9 +18,15 @@ FUSED_MEAN, FUSED_STACKED = "fused_mean", "fused_stacked"  # the other fusion, r
 FUSED_COMPLETE = "fused_all_modalities"
 # The configured fusion on the patients with lymph-node slides: the lymph_node row's patients.
 FUSED_WITH_LYMPH_NODE = "fused_with_lymph_node"
+# The configured fusion on the patients with two or more CT scans: the delta row's patients.
+FUSED_WITH_DELTA = "fused_with_delta"
 # the ablation's rows in reading order: blocks, then the fusions
-ABLATION_ORDER = (RADIOLOGY, PATHOLOGY, PATHOLOGY_ABMIL, CLINICAL, LYMPH_NODE, FUSED, FUSED_MEAN, FUSED_STACKED,
-                  FUSED_COMPLETE, FUSED_WITH_LYMPH_NODE)
+ABLATION_ORDER = (RADIOLOGY, PATHOLOGY, PATHOLOGY_ABMIL, CLINICAL, LYMPH_NODE, DELTA, FUSED, FUSED_MEAN,
+                  FUSED_STACKED, FUSED_COMPLETE, FUSED_WITH_LYMPH_NODE, FUSED_WITH_DELTA)
+# The optional blocks' restricted fusion rows, and what the restriction says.
+FUSED_WITH = {LYMPH_NODE: FUSED_WITH_LYMPH_NODE, DELTA: FUSED_WITH_DELTA}
+WHERE_PRESENT = {LYMPH_NODE: "where the patient has lymph-node slides",
+                 DELTA: "where the patient has two or more CT scans"}
 
 
 def in_ablation_order(models) -> list:
@@ -38,18 +44,18 @@ class ModelSettings(ModelSettingFields):
     """The risk model's settings (declared in ModelSettingFields) and what follows from them."""
 
     def fusion_blocks(self) -> tuple[str, ...]:
-        """The blocks the fused model combines (the lymph nodes last: a block no patient has is
-        left out, and the others keep their places)."""
+        """The blocks the fused model combines (the optional ones, lymph nodes and delta, last: a block
+        no patient has is left out, and the others keep their places)."""
         pathology = PATHOLOGY_ABMIL if self.pathology_pooling == "abmil" else PATHOLOGY
         blocks = (RADIOLOGY, pathology, CLINICAL) if self.use_clinical else (RADIOLOGY, pathology)
-        return (*blocks, LYMPH_NODE)
+        return (*blocks, LYMPH_NODE, DELTA)
 
     def blocks(self) -> tuple[str, ...]:
         """Every block the cross-validation evaluates: the fused model's, plus both poolings."""
         blocks = [RADIOLOGY, PATHOLOGY, *([CLINICAL] if self.use_clinical else [])]
         if self.abmil_in_ablation or self.pathology_pooling == "abmil":
             blocks.append(PATHOLOGY_ABMIL)
-        blocks.append(LYMPH_NODE)
+        blocks += [LYMPH_NODE, DELTA]
         return tuple(blocks)
 
     def other_fusion(self) -> str:
@@ -66,15 +72,17 @@ def model_labels(settings: ModelSettings) -> dict[str, str]:
     configured = f"fused, {settings.fusion}{' logit' if settings.fusion == 'mean' else ''} (the model)"
     other = "fused, mean logit" if settings.fusion == "stacked" else "fused, stacked"
     return {RADIOLOGY: "radiology", PATHOLOGY: "pathology mean", PATHOLOGY_ABMIL: "pathology ABMIL",
-            CLINICAL: "clinical", LYMPH_NODE: "lymph nodes (counts, areas, T/MLN)", FUSED: configured,
+            CLINICAL: "clinical", LYMPH_NODE: "lymph nodes (counts, areas, T/MLN)",
+            DELTA: "delta radiomics (first to last CT scan)", FUSED: configured,
             settings.other_fusion(): other,
-            FUSED_COMPLETE: f"{configured}, patients with every block (lymph-node slides not required)",
-            FUSED_WITH_LYMPH_NODE: f"{configured}, patients with lymph-node slides"}
+            FUSED_COMPLETE: f"{configured}, patients with every block (lymph-node slides and a second CT scan "
+                            "not required)",
+            FUSED_WITH_LYMPH_NODE: f"{configured}, patients with lymph-node slides",
+            FUSED_WITH_DELTA: f"{configured}, patients with two or more CT scans"}
 
 
 def fusion_strategy(settings: ModelSettings) -> str:
-    blocks = ", ".join(f"{b} (where the patient has lymph-node slides)" if b == LYMPH_NODE else b
-                       for b in settings.fusion_blocks())
+    blocks = ", ".join(f"{b} ({WHERE_PRESENT[b]})" if b in WHERE_PRESENT else b for b in settings.fusion_blocks())
     if settings.fusion == "stacked":
         return (f"late fusion of {blocks}: a non-negative logistic combiner on the blocks' out-of-fold logits "
                 f"(inner {settings.inner_splits}-fold CV of the training patients); a missing block's logit counts "

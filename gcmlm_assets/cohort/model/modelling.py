@@ -13,7 +13,11 @@ Modality blocks and their pipelines (every step is fitted on training patients o
   `ln_t_mln`; only the patients with lymph-node slides): T/MLN, undefined (null) without a
   metastatic node, becomes 0 plus an indicator column (`missingindicator_ln_t_mln`, 1 = no
   metastatic node; present when some training patient had none), never the median; the other
-  four get median imputation -> standardisation -> classifier.
+  four get median imputation -> standardisation -> classifier;
+- delta (`delta_*`: each radiomics feature's change from the first CT scan to the last, absolute and
+  relative, the days between the scans and their similarity; only the patients with two or more scans):
+  the radiology block's pipeline (imputation, standardisation, constant and correlated features
+  dropped, logistic selection of at most `max_radiomics_features`) -> classifier.
 The classifier is L2 logistic regression by default, its penalty strength chosen on inner folds of
 the training patients (log loss); `svm` (RBF SVC with Platt scaling through
 `CalibratedClassifierCV(method="sigmoid")`) and `random_forest` are options. All of them weight
@@ -77,7 +81,7 @@ from threadpoolctl import threadpool_limits
 from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
 from gcmlm_assets.cohort.tables.cohort_data import LYMPH_NODE_COLUMNS, PATHOLOGY_ABMIL, CohortData
 from gcmlm_assets.cohort.model.combiners import MeanLogitCombiner, probability_to_logit, sigmoid
-from gcmlm_assets.cohort.tables.fusion import LYMPH_NODE, PATHOLOGY, PREFIX, RADIOLOGY, T_MLN
+from gcmlm_assets.cohort.tables.fusion import DELTA, LYMPH_NODE, PATHOLOGY, PREFIX, RADIOLOGY, T_MLN
 from gcmlm_assets.cohort.model.model_settings import LOGISTIC_CS, ModelSettings
 from gcmlm_assets.storage import DigestMismatch, atomic_path, read_pinned_bytes
 
@@ -194,7 +198,7 @@ def lymph_node_imputer() -> ColumnTransformer:
 def build_block_pipeline(block: str, settings: ModelSettings, n_train: int, min_class_count: int) -> Pipeline:
     imputer = lymph_node_imputer() if block == LYMPH_NODE else SimpleImputer(strategy="median")
     steps: list = [("impute", imputer), ("scale", StandardScaler())]
-    if block == RADIOLOGY:
+    if block in (RADIOLOGY, DELTA):  # both: many correlated radiomics-derived features, few patients
         steps += [
             ("drop_constant", VarianceThreshold(threshold=1e-12)),
             ("decorrelate", CorrelationFilter(settings.correlation_threshold)),

@@ -24,7 +24,7 @@ from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
 from gcmlm_assets.cohort.tables.cohort_data import (
     OPTIONAL_BLOCKS, PATHOLOGY_ABMIL, CohortData, block_columns, class_counts)
 from gcmlm_assets.cohort.model.combiners import make_combiner
-from gcmlm_assets.cohort.tables.fusion import AVAILABILITY, LYMPH_NODE, PATHOLOGY, RADIOLOGY
+from gcmlm_assets.cohort.tables.fusion import AVAILABILITY, DELTA, LYMPH_NODE, PATHOLOGY, RADIOLOGY
 from gcmlm_assets.cohort.model.model_settings import InsufficientLabels, ModelSettings
 from gcmlm_assets.cohort.model.modelling import FusedRiskModel, block_logits, fit_block
 
@@ -34,9 +34,9 @@ def training_table(fused: pa.Table, blocks: tuple[str, ...]) -> pa.Table:
     by patient id, with the id, the label, and the availability flag and feature columns of each
     table block in `blocks`. A feature column that no labelled patient has a value in is dropped:
     the imputer would drop it anyway, and this way a column that only unlabelled patients bring
-    cannot change the model. An optional block (the lymph nodes) that no labelled patient has is
-    left out entirely, flag included: without lymph-node slides the table, its hash and the model
-    are the ones from before the block existed."""
+    cannot change the model. An optional block (the lymph nodes, the delta) that no labelled patient
+    has is left out entirely, flag included: without lymph-node slides or second CT scans the table,
+    its hash and the model are the ones from before the block existed."""
     rows = fused.filter(pc.is_valid(fused.column(LABEL_COLUMN)))
     rows = rows.take(pc.sort_indices(rows, sort_keys=[(ID_COLUMN, "ascending")]))
     names = [ID_COLUMN, LABEL_COLUMN]
@@ -168,7 +168,7 @@ def describe_pipeline(block: str, pipeline: Pipeline, columns: list[str]) -> dic
     # the imputer drops columns that were empty in training; follow the names through each selector
     names = np.asarray(pipeline.named_steps["impute"].get_feature_names_out(np.asarray(columns, dtype=object)),
                        dtype=object)
-    if block == RADIOLOGY:
+    if block in (RADIOLOGY, DELTA):
         for step in ("drop_constant", "decorrelate", "select_l1"):
             names = names[pipeline.named_steps[step].get_support()]
         info["selected_features"] = [str(n) for n in names]

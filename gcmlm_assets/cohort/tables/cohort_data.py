@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
-from gcmlm_assets.cohort.tables.fusion import AVAILABILITY, LYMPH_NODE, LYMPH_NODE_FEATURES, PATHOLOGY, PREFIX
+from gcmlm_assets.cohort.tables.fusion import AVAILABILITY, DELTA, LYMPH_NODE, LYMPH_NODE_FEATURES, PATHOLOGY, PREFIX
 from gcmlm_assets.lazy import lazy
 
 # imported on first use: the definitions import this module, the steps compute (gcmlm_assets/lazy.py)
@@ -24,9 +24,10 @@ pa = lazy("pyarrow")
 PATHOLOGY_ABMIL = "pathology_abmil"
 # The lymph-node block's model features (fused_table's ln_n_slides is bookkeeping, not one of them).
 LYMPH_NODE_COLUMNS = tuple(PREFIX[LYMPH_NODE] + name for name in LYMPH_NODE_FEATURES)
-# Blocks that only some patients can ever have (lymph-node slides are not scanned for every resection):
-# a cohort in which no patient has one trains, cross-validates and fuses exactly as without the block.
-OPTIONAL_BLOCKS = (LYMPH_NODE,)
+# Blocks that only some patients can ever have (lymph-node slides are not scanned for every resection;
+# the delta block needs two CT scans): a cohort in which no patient has one trains, cross-validates and
+# fuses exactly as without the block.
+OPTIONAL_BLOCKS = (LYMPH_NODE, DELTA)
 
 
 def block_columns(column_names: list[str], block: str) -> list[str]:

@@ -8,14 +8,21 @@ Columns, in this order:
   patient_id, has_radiology, has_pathology, has_clinical, mlm (int8, null = unknown),
   clin_<covariate>..., rad_<PyRadiomics feature>..., path_n_patches, path_n_slides, path_feat_<i>...,
   has_lymph_node, ln_n_slides, ln_n_nodes, ln_n_metastatic_nodes, ln_tumour_area_mm2,
-  ln_metastatic_node_area_mm2, ln_t_mln
-The lymph-node block comes last, so a cohort without lymph-node slides has every earlier column as
+  ln_metastatic_node_area_mm2, ln_t_mln, has_delta, delta_<feature>_diff, delta_<feature>_rel...,
+  delta_days, delta_similarity
+The lymph-node block comes after the others, so a cohort without lymph-node slides has every earlier column as
 before; its ln_* columns exist only when some patient's lymph_nodes row was used (like rad_* and path_*).
 `ln_t_mln` is null where T/MLN is undefined (no metastatic node): a value, not a missing block.
+The delta block (change between a patient's first and last CT scan, `deltas.py`) comes last, for the
+same reason; its delta_* columns exist only when some patient has two usable scans.
+
+radiomics_row is stored per CT scan (`radiomics_row/<scan key>/`): which scan feeds the radiology
+block and which two the delta block is `scan_choice.py`'s (setting `radiology_timepoint`); the
+report says per patient which scans fed it (`scans`). A patient with one scan reads exactly as before.
 
 What counts as what (the alignment check reports these):
 - a feature file that cannot be used (unreadable, not one row, `patient_id` not its folder's name,
-  a non-numeric feature, no finite value, columns other than the cohort's; for a lymph_nodes row,
+  or, for a scan, neither its scan key nor its patient; a non-numeric feature, no finite value, columns other than the cohort's; for a lymph_nodes row,
   also a column of the contract missing, no slide analysed (`n_slides` 0 or null: the row measures
   nothing, so it is not a present block), a negative count or area, more metastatic nodes than nodes,
   T/MLN outside [0, 1], T/MLN null with metastatic nodes or set without any) is an ERROR for that
@@ -39,9 +46,14 @@ from pathlib import Path
 
 from gcmlm_assets import catalogue
 from gcmlm_assets.catalogue import AssetFile
+from gcmlm_assets.cohort.tables import deltas
 from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
+from gcmlm_assets.cohort.tables.lymph_node_rows import (  # the row's contract; its names are used from here too
+    LYMPH_NODE_COUNT_COLUMNS, LYMPH_NODE_FEATURES, T_MLN, lymph_node_row_problem)
+from gcmlm_assets.cohort.tables.scan_choice import ScanChoice, choose_scans, find_scan_files
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.patients import patient_id_problem
+from gcmlm_assets.scans import parse_scan_key
 from gcmlm_assets.storage import atomic_path, sha256_file, sha256_text
 
 # imported on first use: the definitions import this module, the steps compute (gcmlm_assets/lazy.py)
@@ -53,15 +65,13 @@ pq = lazy("pyarrow.parquet")
 # so they are the model's own, not the UI's group names.
 RADIOLOGY, PATHOLOGY, CLINICAL = "radiology", "pathology", "clinical"
 LYMPH_NODE = catalogue.LYMPH_NODE  # "lymph_node": the modality's name is the block's
+DELTA = "delta"  # the change of the radiomics between a patient's first and last CT scan
 AVAILABILITY = {RADIOLOGY: "has_radiology", PATHOLOGY: "has_pathology", CLINICAL: "has_clinical",
-                LYMPH_NODE: "has_lymph_node"}
-PREFIX = {RADIOLOGY: "rad_", PATHOLOGY: "path_", CLINICAL: "clin_", LYMPH_NODE: "ln_"}
+                LYMPH_NODE: "has_lymph_node", DELTA: "has_delta"}
+PREFIX = {RADIOLOGY: "rad_", PATHOLOGY: "path_", CLINICAL: "clin_", LYMPH_NODE: "ln_", DELTA: "delta_"}
+DEFAULT_RADIOLOGY_TIMEPOINT = "baseline"
 # slide_vector's bookkeeping columns: kept in the table, not model features.
 SLIDE_COUNT_COLUMNS = ("n_patches", "n_slides")
-# lymph_nodes' row (design of issue 24): n_slides is bookkeeping, the rest are the block's features.
-LYMPH_NODE_COUNT_COLUMNS = ("n_slides",)
-LYMPH_NODE_FEATURES = ("n_nodes", "n_metastatic_nodes", "tumour_area_mm2", "metastatic_node_area_mm2", "t_mln")
-T_MLN = "t_mln"
 # Per block, the columns kept as written (int64) and not used as features.
 COUNT_COLUMNS = {PATHOLOGY: SLIDE_COUNT_COLUMNS, LYMPH_NODE: LYMPH_NODE_COUNT_COLUMNS}
 # Integer features kept int64 in the table (null where the block is absent).
@@ -100,13 +110,17 @@ class FusionReport:
     features_without_clinical: list[str] = field(default_factory=list)
     clinical_without_features: list[str] = field(default_factory=list)
     input_files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    # patient -> {scans: its scan keys oldest first, radiology: the one read, delta: [first, last] or None}
+    scans: dict[str, dict] = field(default_factory=dict)
 
     def input_fingerprint(self, clinical_sha256: str | None) -> str:
         """One hash over every input the table was built from (names and contents)."""
         parts = [f"{name}={digest}" for name, digest in sorted(self.input_files.items())]
         # the reasons too: the stored report must say why each result was left out
         left_out = [f"excluded:{e['patient_id']}:{e['modality']}={e['reason']}" for e in self.excluded_results]
-        return sha256_text(f"clinical={clinical_sha256}", *parts, *sorted(left_out))
+        # and which scans fed each patient's blocks
+        chosen = [f"scans:{p}={json.dumps(c, sort_keys=True)}" for p, c in sorted(self.scans.items())]
+        return sha256_text(f"clinical={clinical_sha256}", *parts, *sorted(left_out), *chosen)
 
     def excluded_patients(self) -> dict[str, dict[str, str]]:
         """{patient_id: {modality: reason}} of the results left out as unsound."""
@@ -152,7 +166,10 @@ def find_feature_files(artifacts_root: Path, source: FeatureSource, known_patien
     return found
 
 
-def _read_one_row(path: Path, patient_id: str, source: FeatureSource) -> tuple[_Row | None, str | None]:
+def _read_one_row(path: Path, patient_id: str, source: FeatureSource,
+                  scan_patient: str | None = None) -> tuple[_Row | None, str | None]:
+    """The file's one row, or why it cannot be used. `patient_id` is the folder's name (a scan key
+    for radiomics rows); a scan's row may name its scan key or its patient (`scan_patient`)."""
     try:
         table = pq.read_table(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, never fatal
@@ -162,7 +179,7 @@ def _read_one_row(path: Path, patient_id: str, source: FeatureSource) -> tuple[_
     if ID_COLUMN not in table.column_names:
         return None, f"lacks the {ID_COLUMN} column"
     stored_id = table.column(ID_COLUMN)[0].as_py()
-    if stored_id != patient_id:
+    if stored_id != patient_id and (scan_patient is None or stored_id != scan_patient):
         return None, f"{ID_COLUMN} is {stored_id!r} but the file is in the folder of {patient_id!r}"
     values: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -194,42 +211,6 @@ def _read_one_row(path: Path, patient_id: str, source: FeatureSource) -> tuple[_
     return _Row(values, counts), None
 
 
-def lymph_node_row_problem(values: dict[str, float], nulls: set[str], counts: dict[str, int]) -> str | None:
-    """Why a lymph_nodes row breaks its contract (None: it keeps it). T/MLN is null exactly when no
-    node is metastatic: a null with metastatic nodes, or a value without any, is a broken row."""
-    expected = (*LYMPH_NODE_COUNT_COLUMNS, *LYMPH_NODE_FEATURES)
-    missing = [c for c in expected if c not in values and c not in counts]
-    if missing:
-        return f"lacks the lymph-node column(s) {', '.join(missing)}"
-    extra = [c for c in values if c not in LYMPH_NODE_FEATURES]
-    if extra:
-        return f"has column(s) outside the lymph-node contract: {', '.join(extra)}"
-    if counts["n_slides"] < 1:  # a null reads as 0
-        return f"n_slides is {counts['n_slides']}: no lymph-node slide analysed, so the row measures nothing"
-    for name in LYMPH_NODE_FEATURES:
-        if name == T_MLN:
-            continue
-        value = values[name]
-        if name in nulls or not np.isfinite(value):
-            return f"{name} is {'null' if name in nulls else value}: counts and areas must be finite"
-        if value < 0:
-            return f"{name} is {value:g}, negative"
-    metastatic, nodes = values["n_metastatic_nodes"], values["n_nodes"]
-    if metastatic > nodes:
-        return f"n_metastatic_nodes ({metastatic:g}) exceeds n_nodes ({nodes:g})"
-    t_mln = values[T_MLN]
-    if T_MLN in nulls:
-        if metastatic > 0:
-            return (f"t_mln is null although n_metastatic_nodes is {metastatic:g}: T/MLN is defined with "
-                    "metastatic nodes")
-        return None
-    if not 0.0 <= t_mln <= 1.0:  # NaN fails too
-        return f"t_mln is {t_mln:g}, outside [0, 1]"
-    if metastatic == 0:
-        return f"t_mln is {t_mln:g} but n_metastatic_nodes is 0: T/MLN is undefined (null) without a metastatic node"
-    return None
-
-
 def _reference_columns(rows: dict[str, _Row]) -> list[str]:
     """The column list most patients share (ties: the first patient's in id order)."""
     counted = Counter(tuple(row.values) for row in rows.values())
@@ -254,17 +235,99 @@ def _describe_column_difference(reference: list[str], columns: list[str]) -> str
     return "columns differ from the cohort's: " + "; ".join(parts)
 
 
+def _scan_reason(scan: str, patient_id: str, reason: str) -> str:
+    return reason if scan == patient_id else f"scan {scan}: {reason}"
+
+
+def _radiology_from_scans(artifacts_root: Path, source: FeatureSource, known_patients: set[str] | None,
+                          known_scans: set[str] | None, report: FusionReport, unsound: Mapping[str, str],
+                          radiology_timepoint: str) -> tuple[dict[str, _Row], dict[str, dict[str, float]]]:
+    """({patient: the chosen scan's row}, {patient: delta row}) from the per-scan radiomics rows
+    (scan_choice.py says which scans); only the scans a block reads are read and hashed."""
+    found = find_scan_files(artifacts_root / source.asset, source.filename, known_scans, known_patients)
+    report.stale_folders.extend(found.stale)
+    choices: dict[str, ScanChoice] = choose_scans(known_scans if known_scans is not None else found.files,
+                                                  radiology_timepoint)
+    if known_patients is not None:
+        choices = {p: c for p, c in choices.items() if p in known_patients}
+    needed = sorted({str(s) for c in choices.values()
+                     for s in ((c.radiology,) if c.radiology else ()) + (c.delta or ())})
+    scan_rows: dict[str, _Row] = {}
+    left_out: dict[str, str] = {}  # scan key -> why it is unsound
+    for key in needed:
+        path = found.files.get(key)
+        if path is None:
+            continue  # not materialized (yet)
+        patient_id = parse_scan_key(key).patient_id
+        if key in unsound:
+            left_out[key] = unsound[key]
+            continue
+        report.input_files[str(path.relative_to(artifacts_root))] = sha256_file(path)
+        row, problem = _read_one_row(path, key, source, scan_patient=patient_id)
+        if problem:
+            report.file_problems.append({"patient_id": patient_id, "modality": source.modality, "file": str(path),
+                                         "reason": _scan_reason(key, patient_id, problem)})
+        else:
+            scan_rows[key] = row
+    if scan_rows:
+        reference = _reference_columns(scan_rows)
+        for key in sorted(scan_rows):
+            columns = list(scan_rows[key].values)
+            if columns != reference:
+                patient_id = parse_scan_key(key).patient_id
+                report.file_problems.append({
+                    "patient_id": patient_id, "modality": source.modality, "file": str(found.files[key]),
+                    "reason": _scan_reason(key, patient_id, _describe_column_difference(reference, columns))})
+                del scan_rows[key]
+    rows: dict[str, _Row] = {}
+    delta_rows: dict[str, dict[str, float]] = {}
+    for patient_id, choice in choices.items():
+        report.scans[patient_id] = choice.as_dict()
+        if choice.radiology is not None:
+            key = str(choice.radiology)
+            if key in left_out:
+                report.excluded_results.append({"patient_id": patient_id, "modality": RADIOLOGY,
+                                                "file": str(found.files[key]),
+                                                "reason": _scan_reason(key, patient_id, left_out[key])})
+            elif key in scan_rows:
+                rows[patient_id] = scan_rows[key]
+        if choice.delta is None:
+            continue
+        first, last = (str(s) for s in choice.delta)
+        unsound_ends = [(role, key) for role, key in (("first", first), ("last", last)) if key in left_out]
+        if unsound_ends:
+            report.excluded_results.append({
+                "patient_id": patient_id, "modality": DELTA, "file": str(found.files[unsound_ends[0][1]]),
+                "reason": "; ".join(f"the {role} scan {key} is left out: {left_out[key]}"
+                                    for role, key in unsound_ends)})
+        elif first in scan_rows and last in scan_rows:
+            features = list(scan_rows[first].values)
+            delta_rows[patient_id] = deltas.delta_row(features, scan_rows[first].values, scan_rows[last].values,
+                                                      choice.delta[0].timepoint, choice.delta[1].timepoint)
+    return rows, delta_rows
+
+
 def build_fused_table(artifacts_root: str | Path, clinical: pa.Table | None, *,
                       known_patients: set[str] | None = None,
-                      unsound: Mapping[str, Mapping[str, str]] | None = None) -> tuple[pa.Table, FusionReport]:
+                      unsound: Mapping[str, Mapping[str, str]] | None = None,
+                      known_scans: set[str] | None = None,
+                      radiology_timepoint: str = DEFAULT_RADIOLOGY_TIMEPOINT) -> tuple[pa.Table, FusionReport]:
     """Join every patient's feature files with the clinical table (see the module docstring).
 
-    `unsound`: {modality: {patient_id: reason}} of results to leave out (None: use every file).
+    `unsound`: {modality: {patient_id: reason}} of results to leave out (None: use every file); for
+    radiology keyed by scan key. `known_scans`: the ct_scans partitions (None: every scan folder
+    found). `radiology_timepoint`: the scan of the radiology block (scans.chosen_scan's choice).
     """
     artifacts_root = Path(artifacts_root)
     report = FusionReport()
     modality_rows: dict[str, dict[str, _Row]] = {}
+    delta_rows: dict[str, dict[str, float]] = {}
     for source in SOURCES:
+        if source.modality == RADIOLOGY:
+            modality_rows[RADIOLOGY], delta_rows = _radiology_from_scans(
+                artifacts_root, source, known_patients, known_scans, report, (unsound or {}).get(RADIOLOGY) or {},
+                radiology_timepoint)
+            continue
         rows: dict[str, _Row] = {}
         found = find_feature_files(artifacts_root, source, known_patients, report,
                                    (unsound or {}).get(source.modality))
@@ -291,7 +354,7 @@ def build_fused_table(artifacts_root: str | Path, clinical: pa.Table | None, *,
 
     clinical_ids: list[str] = clinical.column(ID_COLUMN).to_pylist() if clinical is not None else []
     clinical_index = {pid: i for i, pid in enumerate(clinical_ids)}
-    feature_ids = set().union(*(rows.keys() for rows in modality_rows.values()))
+    feature_ids = set().union(*(rows.keys() for rows in modality_rows.values()), delta_rows)
     # Patients whose only feature files were rejected or left out still get a row: it shows why.
     rejected_ids = {p["patient_id"] for p in report.file_problems + report.excluded_results}
     patient_ids = sorted(feature_ids | set(clinical_ids) | rejected_ids)
@@ -350,6 +413,16 @@ def build_fused_table(artifacts_root: str | Path, clinical: pa.Table | None, *,
             columns[PREFIX[modality] + name] = (
                 pa.array(np.where(mask, 0, values).astype(np.int64), mask=mask) if name in integers
                 else pa.array(values, mask=mask))
+    # the delta block last: a cohort of single scans keeps every column above where it was
+    columns[AVAILABILITY[DELTA]] = pa.array([p in delta_rows for p in patient_ids])
+    if delta_rows:
+        names = list(next(iter(delta_rows.values())))
+        present = np.array([p in delta_rows for p in patient_ids])
+        for name in names:
+            # null where the patient has no delta; NaN inside one (an undated pair's days) stays NaN
+            values = np.array([delta_rows[p][name] if p in delta_rows else np.nan for p in patient_ids],
+                              dtype=np.float64)
+            columns[PREFIX[DELTA] + name] = pa.array(values, mask=~present)
     return pa.table(columns), report
 
 
@@ -365,7 +438,7 @@ def fused_stats(table: pa.Table) -> dict:
     flags = {m: np.asarray(table.column(flag).to_numpy(zero_copy_only=False), bool) if flag in table.column_names
              else np.zeros(table.num_rows, bool) for m, flag in AVAILABILITY.items()}
     labels = table.column(LABEL_COLUMN).to_pylist()
-    has_features = flags[RADIOLOGY] | flags[PATHOLOGY] | flags[LYMPH_NODE]
+    has_features = flags[RADIOLOGY] | flags[PATHOLOGY] | flags[LYMPH_NODE] | flags[DELTA]
     return {
         "patients": table.num_rows,
         "with_radiology": int(flags[RADIOLOGY].sum()),
@@ -373,6 +446,7 @@ def fused_stats(table: pa.Table) -> dict:
         "with_both": int((flags[RADIOLOGY] & flags[PATHOLOGY]).sum()),
         "with_clinical": int(flags[CLINICAL].sum()),
         "with_lymph_node": int(flags[LYMPH_NODE].sum()),
+        "with_delta": int(flags[DELTA].sum()),
         "with_features": int(has_features.sum()),
         "radiology_features": sum(1 for c in table.column_names if c.startswith(PREFIX[RADIOLOGY])),
         "pathology_features": sum(1 for c in table.column_names if c.startswith(PREFIX[PATHOLOGY] + "feat")),
@@ -390,7 +464,8 @@ def fused_stats(table: pa.Table) -> dict:
 def preview_markdown(table: pa.Table, rows: int = 8, features_per_modality: int = 2) -> str:
     """A small markdown table: ids, flags, label and the first few features of each block."""
     names = [ID_COLUMN, *(flag for flag in AVAILABILITY.values() if flag in table.column_names), LABEL_COLUMN]
-    for prefix in (PREFIX[CLINICAL], PREFIX[RADIOLOGY], PREFIX[PATHOLOGY] + "feat", PREFIX[LYMPH_NODE] + "n_"):
+    for prefix in (PREFIX[CLINICAL], PREFIX[RADIOLOGY], PREFIX[PATHOLOGY] + "feat", PREFIX[LYMPH_NODE] + "n_",
+                   PREFIX[DELTA]):
         names += [c for c in table.column_names if c.startswith(prefix)][:features_per_modality]
     return markdown_table(table, names, rows)
 
@@ -420,4 +495,5 @@ def report_json(report: FusionReport) -> str:
         "features_without_clinical": report.features_without_clinical,
         "clinical_without_features": report.clinical_without_features,
         "input_files": report.input_files,
+        "scans": report.scans,
     }, indent=2, sort_keys=True)

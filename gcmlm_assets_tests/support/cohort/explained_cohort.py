@@ -8,11 +8,10 @@ import h5py
 import numpy as np
 
 from gcmlm_assets.catalogue import SLIDE_VECTOR, SLIDE_VECTOR_TABLE, UNI_FEATURES
-from gcmlm_assets.partitions import patients_partitions
 from gcmlm_assets.pathology.pooling import MeanPooling, patient_slides, write_slide_vector
 from gcmlm_assets.storage import ArtifactStore, sha256_file
 from gcmlm_assets_tests.support.cohort.synthetic import make_cohort, write_clinical_csv, write_radiomics_row
-from gcmlm_assets_tests.support.cohort.upstream import report_sound_results
+from gcmlm_assets_tests.support.cohort.upstream import add_patients, report_sound_results
 
 DIM = 48
 GRID = 6  # patches per side of each synthetic slide
@@ -48,7 +47,7 @@ def sound_cohort(data_root, instance, n_patients: int, seed: int) -> tuple[list[
     store = ArtifactStore(data_root / "artifacts")
     write_patient_files(store, ids, radiomics, pathology)
     write_clinical_csv(data_root / "landing", ids, labels)
-    instance.add_dynamic_partitions(patients_partitions.name, ids)
+    add_patients(instance, ids)
     report_sound_results(instance, store.root, ids)
     return ids, store
 

@@ -70,10 +70,11 @@ def cohort_table(ids, labels, radiomics, pathology, *, without_radiology=(), wit
     return pa.table(columns)
 
 
-def write_radiomics_row(artifacts: Path, patient_id: str, values: np.ndarray) -> Path:
-    path = RADIOMICS_TABLE.path(ArtifactStore(artifacts), patient_id)
+def write_radiomics_row(artifacts: Path, patient_id: str, values: np.ndarray, row_id: str | None = None) -> Path:
+    """The row of a scan (`patient_id`: its ct_scans key); `row_id`: the id the row names, default the key."""
+    path = Path(artifacts) / RADIOMICS_TABLE.asset.key / patient_id / RADIOMICS_TABLE.name
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns = {"patient_id": pa.array([patient_id])}
+    columns = {"patient_id": pa.array([row_id or patient_id])}
     columns.update({name: pa.array([float(v)], pa.float64()) for name, v in zip(RADIOMICS_NAMES, values)})
     pq.write_table(pa.table(columns), path)
     return path

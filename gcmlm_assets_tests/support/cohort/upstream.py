@@ -13,13 +13,18 @@ import dagster as dg
 
 from gcmlm_assets.batching import per_patient_events
 from gcmlm_assets.catalogue import RADIOMICS_TABLE, SLIDE_VECTOR_TABLE
-from gcmlm_assets.partitions import patients_partitions
+from gcmlm_assets.partitions import ct_scans_partitions, partitions_of, patients_partitions
 from gcmlm_assets.pathology.checks import SLIDE_VECTOR_CHECK_SPECS
 from gcmlm_assets.radiology.checks import RADIOMICS_ROW_CHECK_SPECS
-from gcmlm_assets.storage import ArtifactStore, sha256_file
+from gcmlm_assets.storage import sha256_file
 
 FILES = {file.asset.key: file for file in (RADIOMICS_TABLE, SLIDE_VECTOR_TABLE)}
 SPECS = {RADIOMICS_TABLE.asset.key: RADIOMICS_ROW_CHECK_SPECS, SLIDE_VECTOR_TABLE.asset.key: SLIDE_VECTOR_CHECK_SPECS}
+
+
+def partition_file(artifacts: Path, name: str, partition: str) -> Path:
+    """<artifacts>/<asset>/<partition>/<file>: a patient's, or a CT scan's (`<patient>@<timepoint>`)."""
+    return artifacts / name / partition / FILES[name].name
 
 
 class StandInConfig(dg.Config):
@@ -32,13 +37,14 @@ class StandInConfig(dg.Config):
 def _stand_in(name: str, artifacts: Path) -> dg.AssetsDefinition:
     # subsettable, as the batched real assets are, so that a range step may leave its check outputs
     # unyielded (it stores each patient's evaluations)
-    @dg.multi_asset(specs=[dg.AssetSpec(name)], partitions_def=patients_partitions, check_specs=SPECS[name],
+    @dg.multi_asset(specs=[dg.AssetSpec(name)], partitions_def=partitions_of(FILES[name].asset),
+                    check_specs=SPECS[name],
                     can_subset=True, name=name)
     def stand_in(context: dg.AssetExecutionContext, config: StandInConfig):
         def one_patient(patient: str):
             if config.raise_error:
                 raise RuntimeError(f"{name} {patient}: simulated step failure")
-            path = FILES[name].path(ArtifactStore(artifacts), patient)
+            path = partition_file(artifacts, name, patient)
             by_patient = config.failing_severity_by_patient
             failing = config.failing_check if not by_patient or patient in by_patient else ""
             results = [dg.AssetCheckResult(
@@ -53,23 +59,33 @@ def _stand_in(name: str, artifacts: Path) -> dg.AssetsDefinition:
     return stand_in
 
 
+def add_patients(instance: dg.DagsterInstance, patients, scans=None) -> None:
+    """The patients' partitions, and their CT scans' (`scans`; default: one scan each, keyed by the
+    patient id, as a drop with its CT directly in ct/ has), as the landing sensor adds them."""
+    patients = list(patients)
+    instance.add_dynamic_partitions(patients_partitions.name, patients)
+    instance.add_dynamic_partitions(ct_scans_partitions.name, list(patients if scans is None else scans))
+
+
 def stand_ins(artifacts: Path) -> list[dg.AssetsDefinition]:
     return [_stand_in(name, artifacts) for name in FILES]
 
 
 def materialize_patients(instance: dg.DagsterInstance, artifacts: Path, patients, *,
                          config: dict[str, StandInConfig] | None = None) -> list[dg.ExecuteInProcessResult]:
-    """One run per patient of both stand-ins whose files exist (as the landing sensor's runs)."""
+    """Per patient, one run of each stand-in whose files exist (as the landing sensor's runs; a
+    patient's single scan has the patient's id as its ct_scans key, radiomics_row is partitioned by
+    scan, slide_vector by patient). With `config`, only the stand-ins it names run."""
     results = []
-    assets = stand_ins(artifacts)
+    assets = [a for a in stand_ins(artifacts) if config is None or a.key.to_user_string() in config]
     for patient in patients:
-        selection = [a for a in assets if (artifacts / a.key.to_user_string() / patient).is_dir()]
-        if not selection:
-            continue
-        run_config = {"ops": {a.key.to_user_string(): {"config": (config or {}).get(
-            a.key.to_user_string(), StandInConfig()).model_dump()} for a in selection}}
-        results.append(dg.materialize(selection, instance=instance, partition_key=patient,
-                                      run_config=run_config, raise_on_error=False))
+        for asset in assets:
+            name = asset.key.to_user_string()
+            if not (artifacts / name / patient).is_dir():
+                continue
+            run_config = {"ops": {name: {"config": (config or {}).get(name, StandInConfig()).model_dump()}}}
+            results.append(dg.materialize([asset], instance=instance, partition_key=patient,
+                                          run_config=run_config, raise_on_error=False))
     return results
 
 
@@ -86,12 +102,11 @@ def report_sound_results(instance: dg.DagsterInstance, artifacts: Path, patients
 
     run_id = f"report-{uuid.uuid4()}"
 
-    store = ArtifactStore(artifacts)
-    for name, file in FILES.items():
+    for name in FILES:
         key = dg.AssetKey(name)
-        present = [p for p in patients if file.path(store, p).is_file()]
+        present = [p for p in patients if partition_file(artifacts, name, p).is_file()]
         for patient in present:
-            digest = sha256_file(file.path(store, patient))  # the assets' data version
+            digest = sha256_file(partition_file(artifacts, name, patient))  # the assets' data version
             instance.report_runless_asset_event(dg.AssetMaterialization(
                 key, partition=patient, tags={"dagster/data_version": digest}))
         latest = instance.get_latest_storage_id_by_partition(key, dg.DagsterEventType.ASSET_MATERIALIZATION)
