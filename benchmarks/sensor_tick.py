@@ -110,7 +110,10 @@ def run(root: Path, args: argparse.Namespace) -> list[tuple[str, str, str, str]]
     home = tempfile.mkdtemp(prefix="sensor-tick-home-")
     try:
         with dg.instance_for_test(temp_dir=home) as instance:
-            instance.add_dynamic_partitions("patients", old_ids(args.patients))
+            # The existing drops are known patients, each with its only scan (keyed by the patient
+            # id, scans.py) in `ct_scans`: the tick adds only the new drops' patients and scans.
+            for partition_set in ("patients", "ct_scans"):
+                instance.add_dynamic_partitions(partition_set, old_ids(args.patients))
             list_s, plan_s, tick_s = [], [], []
             for _ in range(args.repeats):
                 seconds, scan = timed(lambda: scan_landing_zone(root))
