@@ -16,6 +16,9 @@ from dagster._serdes import serialize_value
 from benchmarks._scale_steps import COHORT, EXPLANATIONS, PATHOLOGY, RADIOLOGY, Shapes, stand_in_definitions
 
 PLACEHOLDER = "ZZPATIENTZZ"
+# The partition sets a patient's runs use: `ct_scans` for radiology (one scan per patient here,
+# keyed by the patient id), `patients` for the others.
+PARTITION_SETS = ("patients", "ct_scans")
 KINDS = {"radiology": RADIOLOGY, "pathology": PATHOLOGY, "cohort": COHORT, "explanation": EXPLANATIONS}
 DATA_VERSION_TAG = "dagster/data_version"
 INDEXED = ASSET_EVENTS | ASSET_CHECK_EVENTS | set(EVENT_TYPE_TO_PIPELINE_RUN_STATUS)
@@ -99,7 +102,9 @@ def record_templates(artifacts: str | Path, profile: str = "production", picture
     job = stand_ins.resolve_implicit_global_asset_job_def()
     runs, snapshots = {}, []
     with dg.DagsterInstance.ephemeral() as instance:
-        instance.add_dynamic_partitions("patients", [PLACEHOLDER])
+        # The placeholder patient's only scan is keyed by the patient id (scans.py): one key, both sets.
+        for partition_set in PARTITION_SETS:
+            instance.add_dynamic_partitions(partition_set, [PLACEHOLDER])
         for kind, assets in KINDS.items():
             result = job.execute_in_process(
                 instance=instance, asset_selection=[dg.AssetKey(a) for a in assets],

@@ -280,8 +280,10 @@ class CtMaskBench(Bench):
             folder.mkdir()
             sitk.WriteImage(ct_variant(ct, index), str(folder / "ct.nii.gz"), True)
             drop(landing, patient_id, "ct", [folder / "ct.nii.gz"])  # no reference mask: predicted
-        # The timed patients last and in one block: the range run covers exactly them.
-        instance.add_dynamic_partitions("patients", training + patients)
+        # The timed patients last and in one block: the range run covers exactly them. Each drop's
+        # only scan is the patient's `ct_scans` partition, keyed by its id (scans.py).
+        for partition_set in ("patients", "ct_scans"):
+            instance.add_dynamic_partitions(partition_set, training + patients)
         bench = cls(work, instance, resources, patients, verbose)
         bench.assets = [ct_image, ct_mask]
         for patient_id in training + patients:

@@ -123,8 +123,12 @@ class Sensors:
                                      resources=resources) as context:
             result = sensor(context)
         self.cursors[sensor.name] = result.cursor
-        for request in result.dynamic_partitions_requests or []:
-            self.instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        for request in result.dynamic_partitions_requests or []:  # as the daemon applies them
+            if isinstance(request, dg.DeleteDynamicPartitionsRequest):
+                for key in request.partition_keys:
+                    self.instance.delete_dynamic_partition(request.partitions_def_name, key)
+            else:
+                self.instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
         return [(sensor.name, request) for request in result.run_requests or []]
 
     def landing(self) -> list:
@@ -136,13 +140,21 @@ class Sensors:
         return [item for sensor in self.steps for item in self._tick(sensor)]
 
 
+def chain_partitions(asset: str):
+    """The partition set of the chain `asset` starts: `ct_scans` for radiology, `patients` for pathology."""
+    from gcmlm_assets.catalogue import ASSETS
+    from gcmlm_assets.partitions import partitions_of
+
+    return partitions_of(ASSETS[asset])
+
+
 def request_patients(instance, request) -> int:
+    """The partitions a run request covers (here each patient has one scan: patients either way)."""
     from gcmlm_assets import runs
-    from gcmlm_assets.partitions import patients_partitions
 
     if request.partition_key is not None:
         return 1
-    order = instance.get_dynamic_partitions(patients_partitions.name)
+    order = instance.get_dynamic_partitions(chain_partitions(request.asset_selection[0].to_user_string()).name)
     return len(runs.range_run_patients(request.tags, order, {p: i for i, p in enumerate(order)}))
 
 
@@ -215,14 +227,19 @@ def run_mode(mode: str, batch: int, folder: Path, env: dict[str, str], concurren
 
 
 def verify(instance, mode: str, artifacts: str) -> None:
-    """Every patient reached the ends of both chains, its mask predicted and nothing reused."""
+    """Every patient reached the ends of both chains (radiology: its only scan, keyed by the patient
+    id), its mask predicted and nothing reused."""
     import dagster as dg
 
     from gcmlm_assets.partitions import patients_partitions
 
     patients = set(instance.get_dynamic_partitions(patients_partitions.name))
     for asset in CHAIN_ENDS:
-        missing = patients - instance.get_materialized_partitions(dg.AssetKey(asset))
+        partitions = set(instance.get_dynamic_partitions(chain_partitions(asset).name))
+        if partitions != patients:
+            raise RuntimeError(f"{mode}: {asset}'s partitions {sorted(partitions)} are not the patients' only "
+                               f"scans {sorted(patients)}")
+        missing = partitions - instance.get_materialized_partitions(dg.AssetKey(asset))
         if missing:
             raise RuntimeError(f"{mode}: {asset} not materialized for {sorted(missing)}")
     for patient_id in sorted(patients):

@@ -1,4 +1,4 @@
-"""A 3-step radiology run (ct_image -> ct_mask -> radiomics_row, one patient with a reference mask):
+"""A 3-step radiology run (ct_image -> ct_mask -> radiomics_row, one scan with a reference mask):
 the run process's wall time against the sum of its steps' own times.
 
     python -m benchmarks.radiology_run [--repeats 3] [--source PATH]
@@ -28,23 +28,29 @@ ASSETS = "ct_image,ct_mask,radiomics_row"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_patient(root: Path) -> str:
+def make_patient(root: Path) -> tuple[str, str]:
+    """(patient id, the scan key of its first scan with a reference mask) of a fresh demo drop."""
     from gcmlm_assets.demo.synthetic import write_cohort
     from gcmlm_assets.demo.synthetic_plan import CohortSpec, plan_cohort
+    from gcmlm_assets.scans import list_drop_scans, scan_key
 
     spec = CohortSpec.small(n_patients=2)
     [patient] = [plan.patient_id for plan in plan_cohort(spec) if plan.has_reference_mask][:1]
     write_cohort(root / "landing", spec)
-    return patient
+    drop = root / "landing" / patient
+    scans = list_drop_scans(drop).scans  # the drop's only scan, or its timepoints oldest first
+    with_mask = [s for s in scans if any((drop / s.reference_folder).glob("*"))]
+    return patient, scan_key(patient, (with_mask or scans)[0].timepoint)
 
 
-def make_instance(home: Path, patient: str) -> None:
+def make_instance(home: Path, patient: str, scan: str) -> None:
     import dagster as dg
 
     home.mkdir(parents=True)
     shutil.copy(PROJECT_ROOT / "deploy" / "local" / "dagster.yaml", home / "dagster.yaml")
     with dg.DagsterInstance.from_config(str(home)) as instance:
         instance.add_dynamic_partitions("patients", [patient])
+        instance.add_dynamic_partitions("ct_scans", [scan])  # the radiology assets' partitions
 
 
 def run_times(home: Path) -> tuple[float, float]:
@@ -64,15 +70,15 @@ def run_times(home: Path) -> tuple[float, float]:
 def one_run(source: Path) -> tuple[float, float, float]:
     with tempfile.TemporaryDirectory(prefix="radiology_run_") as tmp:
         root = Path(tmp)
-        patient = make_patient(root)
+        patient, scan = make_patient(root)
         home = root / "dagster_home"
-        make_instance(home, patient)
+        make_instance(home, patient, scan)
         env = {**os.environ, "GCMLM_DATA_ROOT": str(root), "DAGSTER_HOME": str(home), "GCMLM_PROFILE": "demo",
                "GCMLM_ENV": "local", "PYTHONPATH": str(source)}
         for name in ("GCMLM_LANDING_ROOT", "GCMLM_ARTIFACTS_ROOT"):
             env.pop(name, None)
         command = [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "--select", ASSETS,
-                   "--partition", patient, "-m", "gcmlm_assets.definitions"]
+                   "--partition", scan, "-m", "gcmlm_assets.definitions"]
         started = time.perf_counter()
         subprocess.run(command, cwd=source, env=env, check=True, capture_output=True)
         wall = time.perf_counter() - started

@@ -30,7 +30,8 @@ each one when it executed stand-ins of the real steps (benchmarks/_scale_steps.p
 real assets' specs, check specs and metadata keys; benchmarks/_scale_templates.py), and Dagster's
 own queries read them back (benchmarks/scale_instance.py writes them).
 What is synthesized: the events of patients other than the one recorded (copied from it, with
-their run ids, patient ids, times and storage ids), the run rows (written in bulk, not through the
+their run ids, patient ids, times and storage ids), one CT scan per patient (its `ct_scans`
+partition keyed by the patient id, as a drop's only scan is: gcmlm_assets/scans.py), the run rows (written in bulk, not through the
 daemon; their tags are those the real landing_sensor and the other sensors request), the times
 (runs a minute apart, the full pass ending two hours ago), the picture bytes (random, near the
 limits gcmlm_assets/pictures.py sets, or --picture-bytes each), and on disk only what the sensors
@@ -53,8 +54,8 @@ from pathlib import Path
 import dagster as dg
 
 from benchmarks.scale_instance import (
-    SECONDS_PER_RUN, InstanceWriter, LandingTags, RunSpec, local_instance, patient_ids, patient_run_specs,
-    record_templates, request_run_specs, write_in_batches)
+    SECONDS_PER_RUN, InstanceWriter, LandingTags, RunSpec, add_patients, local_instance, patient_ids,
+    patient_run_specs, record_templates, request_run_specs, write_in_batches)
 
 COHORT_SENSOR, EXPLANATIONS_SENSOR = "cohort_refresh_sensor", "risk_explanations_sensor"
 MASK_SENSOR, TRAINING_SENSOR = "predicted_mask_sensor", "segmentation_training_sensor"
@@ -246,7 +247,7 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
         writer = InstanceWriter(instance, templates)
         sensors = Sensors(instance, args.profile)
         built = time.perf_counter()
-        instance.add_dynamic_partitions("patients", patients)
+        add_patients(instance, patients)
         tags, probe_note = probe_landing_tags(instance, sensors, work / "landing-probe")
         write_in_batches(writer, patient_run_specs(patients, start, tags=tags))
         t = start + 2 * n * SECONDS_PER_RUN
@@ -274,7 +275,7 @@ def measure(n: int, work: Path, args: argparse.Namespace, backend: str, make_ins
 
         # K new patients: their drops, partitions and finished runs, then the refresh they cause.
         write_landing(landing, artifacts, new, 0)
-        instance.add_dynamic_partitions("patients", new)
+        add_patients(instance, new)
         write_in_batches(writer, patient_run_specs(new, now - 1800 - 2 * len(new) * SECONDS_PER_RUN, tags=tags))
         refresh = sensors.tick(COHORT_SENSOR)
         others = {name: sensors.tick(name) for name in (MASK_SENSOR, TRAINING_SENSOR)}

@@ -44,7 +44,7 @@ from sqlalchemy import create_engine, event as sqlalchemy_event
 from sqlalchemy.pool import NullPool
 
 from benchmarks._scale_templates import (  # noqa: F401 - record_templates and Templates are this module's API too
-    DATA_VERSION_TAG, PLACEHOLDER, EventTemplate, Templates, record_templates)
+    DATA_VERSION_TAG, PARTITION_SETS, PLACEHOLDER, EventTemplate, Templates, record_templates)
 
 SENSOR_TAG, RUN_KEY_TAG, PARTITION_TAG = "dagster/sensor_name", "dagster/run_key", "dagster/partition"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -339,6 +339,14 @@ def write_in_batches(writer: InstanceWriter, specs: list[RunSpec], batch: int = 
         writer.write(specs[first:first + batch])
 
 
+def add_patients(instance: dg.DagsterInstance, patients: Sequence[str]) -> None:
+    """`patients` added to the `patients` partitions and their only scans (keyed by the patient id,
+    scans.py) to `ct_scans`, those already there left alone."""
+    for partition_set in PARTITION_SETS:
+        known = set(instance.get_dynamic_partitions(partition_set))
+        instance.add_dynamic_partitions(partition_set, [p for p in patients if p not in known])
+
+
 @dataclass
 class Population:
     patients: list[str]
@@ -352,11 +360,10 @@ def populate(instance: dg.DagsterInstance, patients: list[str], *, templates: Te
     """A full pass for `patients`: each one's radiology and pathology run, then one cohort run, then
     each one's explanation run (one run per patient, as risk_explanations_sensor requests them
     today), every run finished; the last ended `ended` (default: an hour ago). The patients are
-    added to the `patients` partitions."""
+    added to the `patients` partitions and, each with one CT scan keyed by its id, to `ct_scans`."""
     started = time.perf_counter()
     templates = templates or record_templates(artifacts)
-    known = set(instance.get_dynamic_partitions("patients"))
-    instance.add_dynamic_partitions("patients", [p for p in patients if p not in known])
+    add_patients(instance, patients)
     count = 2 * len(patients) + int(cohort) + (len(patients) if explanations else 0)
     start = (ended or time.time() - 3600) - count * SECONDS_PER_RUN
     specs = patient_run_specs(patients, start)

@@ -26,6 +26,8 @@ import dagster as dg
 
 from gcmlm_assets.landing.scan import SETTLE_NS, plan_tick, scan_landing_zone
 from gcmlm_assets.definitions import landing_sensor
+from gcmlm_assets.pathology.resources import PatchEncoder
+from gcmlm_assets.profiles import DEMO
 from gcmlm_assets.resources import LandingZone
 
 BUILT_MARKER = ".sensor-tick-benchmark"  # a file, not a folder: the scan ignores it
@@ -87,6 +89,32 @@ def timed(fn):
     return time.perf_counter() - t0, value
 
 
+def requested_patients(orders: dict[str, list[str]], result: dg.SensorResult) -> set[str]:
+    """The patients the tick's run requests cover: single-partition requests and range requests
+    (batched runs) over their chain's partition set, in its order (`orders`: each set's partitions
+    before the tick) once the tick's partition requests are applied."""
+    from gcmlm_assets import runs
+    from gcmlm_assets.catalogue import ASSETS
+    from gcmlm_assets.partitions import partitions_of
+    from gcmlm_assets.scans import parse_scan_key
+
+    orders = {name: list(keys) for name, keys in orders.items()}
+    for request in result.dynamic_partitions_requests or []:
+        keys = list(request.partition_keys)
+        if isinstance(request, dg.DeleteDynamicPartitionsRequest):
+            orders[request.partitions_def_name] = [k for k in orders[request.partitions_def_name] if k not in keys]
+        else:
+            orders[request.partitions_def_name] += keys
+    covered = set()
+    for request in result.run_requests:
+        if request.partition_key is not None:
+            covered.add(request.partition_key)
+            continue
+        order = orders[partitions_of(ASSETS[request.asset_selection[0].to_user_string()]).name]
+        covered |= runs.range_run_patients(request.tags, order, {p: i for i, p in enumerate(order)})
+    return {parse_scan_key(key).patient_id for key in covered}  # a scan key names its patient
+
+
 def run(root: Path, args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     rows: list[tuple[str, str, str, str]] = []
     build_s = build(root, args.patients, args.files)
@@ -98,6 +126,8 @@ def run(root: Path, args: argparse.Namespace) -> list[tuple[str, str, str, str]]
     time.sleep(SETTLE_NS / 1e9)  # the existing drops were committed before these ticks
 
     landing = LandingZone(root=str(root))
+    # The demo profile's encoder needs no weights: pathology is not held, its runs are requested too.
+    encoder = PatchEncoder(**DEMO.resource_settings("encoder"))
     seconds, first = timed(lambda: plan_tick(scan_landing_zone(root), None, landing.max_runs_per_tick))
     rows.append((f"first tick, empty cursor, cap {landing.max_runs_per_tick} runs (list + plan)",
                  f"{seconds:.3f}", f"{first.walked:,}", f"{first.files:,}"))
@@ -110,7 +140,10 @@ def run(root: Path, args: argparse.Namespace) -> list[tuple[str, str, str, str]]
     home = tempfile.mkdtemp(prefix="sensor-tick-home-")
     try:
         with dg.instance_for_test(temp_dir=home) as instance:
-            instance.add_dynamic_partitions("patients", old_ids(args.patients))
+            # The existing drops are known patients, each with its only scan (keyed by the patient
+            # id, scans.py) in `ct_scans`: the tick adds only the new drops' patients and scans.
+            for partition_set in ("patients", "ct_scans"):
+                instance.add_dynamic_partitions(partition_set, old_ids(args.patients))
             list_s, plan_s, tick_s = [], [], []
             for _ in range(args.repeats):
                 seconds, scan = timed(lambda: scan_landing_zone(root))
@@ -118,12 +151,13 @@ def run(root: Path, args: argparse.Namespace) -> list[tuple[str, str, str, str]]
                 seconds, plan = timed(lambda: plan_tick(scan, cursor, landing.max_runs_per_tick))
                 plan_s.append(seconds)
                 with dg.build_sensor_context(instance=instance, cursor=cursor,
-                                             resources={"landing": landing}) as context:
+                                             resources={"landing": landing, "encoder": encoder}) as context:
                     seconds, result = timed(lambda: landing_sensor(context))
                 tick_s.append(seconds)
+            orders = {name: list(instance.get_dynamic_partitions(name)) for name in ("patients", "ct_scans")}
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    got = {r.partition_key for r in result.run_requests}
+    got = requested_patients(orders, result)
     assert got == expected, f"requested {sorted(got)}, expected {sorted(expected)}"
 
     n = len(scan.drops)
