@@ -89,6 +89,8 @@ def test_a_failed_partition_shows_its_reason_within_two_clicks(ui, cockpit):
     # GC9001's two timepoints are two partitions: the first materialized, the second failed alone.
     shown(page, "Failed (1)").first.wait_for()
     shown(page, "Materialized (3)").first.wait_for()
+    shown(page, cohort.broken).first.wait_for()
+    page.screenshot(path=str(SCREENSHOTS / "ct_image_timepoints.png"))
     # A materialized patient first (not one of the two clicks: it shows the other state).
     shown(page, cohort.ready[0]).first.click()
     page.get_by_text("Materialized", exact=True).filter(visible=True).first.wait_for()
