@@ -26,13 +26,16 @@ from gcmlm_assets.catalogue import RISK_MODEL
 from gcmlm_assets.demo import synthetic
 from gcmlm_assets.demo.synthetic_plan import CohortSpec
 from gcmlm_assets.demo.daemon import prepare_dagster_home, start_daemon
-from gcmlm_assets.demo.summary import format_summary, fused_auc, summarise
+from gcmlm_assets.demo.summary import DELTA_BLOCK, ablation_rows, format_summary, fused_auc, summarise
 from gcmlm_assets.demo.watch import ScoresUnreadable, failed_runs, wait_until_settled
 from gcmlm_assets.profiles import PROFILE_ENV, chosen_profile_name, get_profile
 
 DEMO_PROFILE = "demo"
 # The planted signal is strong enough that a pipeline keeping its information reaches this.
 DEMO_AUC_TARGET = 0.8
+# The delta block alone, on the patients with a second CT (about ten in the default cohort): the
+# planted change must be recovered clearly above chance.
+DEMO_DELTA_AUC_TARGET = 0.65
 DEMO_TIMEOUT_S = 40 * 60
 # Long enough for every sensor's first tick after the daemon has loaded the definitions.
 MIN_WAIT_S = 45.0
@@ -64,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=DEMO_TIMEOUT_S, help="seconds to wait for the daemon")
     parser.add_argument("--auc-target", type=float, default=DEMO_AUC_TARGET,
                         help="exit with status 2 when the fused CV AUC is not above this (0: no target)")
+    parser.add_argument("--delta-auc-target", type=float, default=DEMO_DELTA_AUC_TARGET,
+                        help="exit with status 2 when the cohort has patients with two CT scans and the delta "
+                             "block's CV AUC is not above this (0: no target)")
     parser.add_argument("--no-real-data", action="store_true",
                         help="do not blend in the real files of GCMLM_TEST_DATA")
     args = parser.parse_args(argv)
@@ -128,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"fused CV AUC {auc} is not above {args.auc_target}: the pipeline lost the planted signal")
             return 2
         _say(f"fused CV AUC {auc:.3f} > {args.auc_target}: the planted signal was recovered")
+    if args.delta_auc_target > 0 and (summary.get("timepoints") or {}).get("with_two_or_more"):
+        delta = next((row[1] for row in ablation_rows(summary[RISK_MODEL.key] or {}) if row[0] == DELTA_BLOCK), None)
+        if not isinstance(delta, (int, float)) or delta <= args.delta_auc_target:
+            _say(f"delta block CV AUC {delta} is not above {args.delta_auc_target}: the planted change between "
+                 "the CT scans was lost")
+            return 2
+        _say(f"delta block CV AUC {delta:.3f} > {args.delta_auc_target}: the planted change between the CT scans "
+             "was recovered")
     return 0
 
 
