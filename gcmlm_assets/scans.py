@@ -199,7 +199,7 @@ def _visible(folder: Path) -> tuple[list[str], list[str]]:
     return sorted(files), sorted(folders)
 
 
-def _holds_files(folder: Path) -> bool:
+def holds_files(folder: Path) -> bool:
     """Whether a visible file lies anywhere under `folder` (hidden files and folders left out)."""
     for _, folders, files in os.walk(folder, followlinks=True):
         if any(not name.startswith(".") for name in files):
@@ -222,7 +222,7 @@ def list_drop_scans(drop: str | os.PathLike) -> DropScans:
     problems: list[tuple[str, str]] = []
     if ct_files:
         # Only with files directly in ct/: a walk of its sub-folders, which are then rare.
-        filled = [name for name in ct_folders if _holds_files(drop / CT_FOLDER / name)]
+        filled = [name for name in ct_folders if holds_files(drop / CT_FOLDER / name)]
         if filled:
             problems.append((CT_FOLDER, f"holds both the files of one scan and sub-folders ({', '.join(filled)}):"
                                         " put each scan in a timepoint folder ct/<timepoint>/"))
@@ -240,7 +240,7 @@ def list_drop_scans(drop: str | os.PathLike) -> DropScans:
         files, folders = _visible(drop / CT_FOLDER / name)
         if files:
             timepoints.append(name)
-        elif any(_holds_files(drop / CT_FOLDER / name / inner) for inner in folders):
+        elif any(holds_files(drop / CT_FOLDER / name / inner) for inner in folders):
             problems.append((f"{CT_FOLDER}/{name}", f"holds no files directly, only sub-folders ({', '.join(folders)}):"
                                                     f" the scan's files must lie directly in ct/{name}/"))
     mixed = mixed_naming_problem(timepoints)
