@@ -25,18 +25,23 @@ SEPARATOR = "@"
 CT_FOLDER = "ct"
 REFERENCE_FOLDER = "ct_label"
 ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-LABEL = re.compile(r"[a-z][a-z0-9_]{0,31}")
-# Labels in treatment order; a label not listed comes after these, in natural order of its name.
+# Labels in treatment order. Only these: the order of any other name (`pre_treatment`?) would be a
+# guess, and the delta block's sign rests on it.
 LABEL_ORDER = ("baseline", "staging", "pre_nact", "post_nact", "preoperative", "postoperative", "follow_up")
-NAMING_RULE = ("name a timepoint folder by the scan's date (ISO YYYY-MM-DD, e.g. 2024-03-15) or by a label "
-               "of lowercase letters, digits and '_' that starts with a letter (e.g. baseline, post_nact)")
+# A repeat of a label, `<label>_<n>` (n = 1 to 999, no leading zero), comes right after the label
+# itself, which counts as n = 0: follow_up, follow_up_1, follow_up_2. No `_0`, no `_01`: two names
+# for one place in the order.
+LABEL = re.compile(rf"(?P<base>{'|'.join(LABEL_ORDER)})(?:_(?P<repeat>[1-9][0-9]{{0,2}}))?")
+NAMING_RULE = ("name a timepoint folder by the scan's date (ISO YYYY-MM-DD, e.g. 2024-03-15), or by one of the "
+               f"labels {', '.join(LABEL_ORDER)} (in this order), optionally followed by _<n> (1 to 999) for "
+               "a repeat, which comes right after the label (follow_up, follow_up_1, follow_up_2)")
 
 
 class InvalidScanKey(ValueError):
     pass
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class ScanKey:
     patient_id: str
     timepoint: str | None  # None: the drop's only scan, directly in ct/
@@ -55,6 +60,8 @@ def timepoint_problem(name: str) -> str | None:
         return None
     if LABEL.fullmatch(name):
         return None
+    if re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        return f"{name!r} is not a known timepoint label (its order among the scans would be a guess): {NAMING_RULE}"
     return f"{name!r} is not a timepoint name: {NAMING_RULE}"
 
 
@@ -89,23 +96,21 @@ def timepoint_date(timepoint: str | None) -> dt.date | None:
     return None
 
 
-def _natural(name: str) -> tuple:
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
-
-
 def _timepoint_sort_key(timepoint: str | None) -> tuple:
     if timepoint is None:
         return (0,)
     date = timepoint_date(timepoint)
     if date is not None:
         return (1, date.isoformat())
-    if timepoint in LABEL_ORDER:
-        return (2, LABEL_ORDER.index(timepoint))
-    return (3, _natural(timepoint))
+    label = LABEL.fullmatch(timepoint)
+    if label is None:
+        raise ValueError(timepoint_problem(timepoint))
+    return (2, LABEL_ORDER.index(label["base"]), int(label["repeat"] or 0))
 
 
 def order_timepoints(timepoints: Iterable[str | None]) -> list[str | None]:
-    """Timepoints oldest first: dates in time order, labels in LABEL_ORDER then by name."""
+    """Timepoints oldest first: dates in time order; labels in LABEL_ORDER, each label's repeats
+    (`_<n>`) right after it by n. ValueError for a name that is neither (`timepoint_problem`)."""
     return sorted(timepoints, key=_timepoint_sort_key)
 
 
@@ -121,7 +126,11 @@ def mixed_naming_problem(timepoints: Iterable[str]) -> str | None:
 
 
 def patient_scans(keys: Iterable[str]) -> dict[str, list[ScanKey]]:
-    """Scan keys grouped by patient, each patient's oldest first; keys that do not parse are left out."""
+    """Scan keys grouped by patient, each patient's oldest first; keys that do not parse are left out.
+
+    A patient with timepoint keys (`P@tp`) has no scan under its bare key `P`: that is a stale
+    single scan (the drop's ct/ was split into timepoints since) still in the partition set, whose
+    date is unknown, so it is left out rather than taken for the baseline or the delta's first scan."""
     grouped: dict[str, list[ScanKey]] = {}
     for key in keys:
         try:
@@ -132,6 +141,8 @@ def patient_scans(keys: Iterable[str]) -> dict[str, list[ScanKey]]:
     order = {}
     for patient_id, scans in grouped.items():
         by_timepoint = {s.timepoint: s for s in scans}
+        if len(by_timepoint) > 1:
+            by_timepoint.pop(None, None)
         order[patient_id] = [by_timepoint[t] for t in order_timepoints(by_timepoint)]
     return order
 
@@ -188,20 +199,32 @@ def _visible(folder: Path) -> tuple[list[str], list[str]]:
     return sorted(files), sorted(folders)
 
 
+def holds_files(folder: Path) -> bool:
+    """Whether a visible file lies anywhere under `folder` (hidden files and folders left out)."""
+    for _, folders, files in os.walk(folder, followlinks=True):
+        if any(not name.startswith(".") for name in files):
+            return True
+        folders[:] = [name for name in folders if not name.startswith(".")]
+    return False
+
+
 def list_drop_scans(drop: str | os.PathLike) -> DropScans:
     """The scans of a patient's drop, and each part of `ct/` or `ct_label/` refused with its reason.
 
-    Files directly in `ct/` are the drop's only scan (sub-folders beside them are refused: which is
-    the scan would be a guess). Otherwise every sub-folder of `ct/` is a timepoint; a badly named
-    one is refused, the others go on; an empty one is no scan yet. Timepoints that mix dates and
-    labels are all refused (their order is unknown)."""
+    Files directly in `ct/` are the drop's only scan (sub-folders holding files beside them are
+    refused: which is the scan would be a guess; empty ones are nothing). Otherwise every sub-folder
+    of `ct/` is a timepoint; a badly named one is refused, the others go on; an empty one is no scan
+    yet; one whose files lie only in sub-folders of its own (a nested export) is refused. Timepoints
+    that mix dates and labels are all refused (their order is unknown)."""
     drop = Path(drop)
     ct_files, ct_folders = _visible(drop / CT_FOLDER)
     label_files, label_folders = _visible(drop / REFERENCE_FOLDER)
     problems: list[tuple[str, str]] = []
     if ct_files:
-        if ct_folders:
-            problems.append((CT_FOLDER, f"holds both the files of one scan and sub-folders ({', '.join(ct_folders)}):"
+        # Only with files directly in ct/: a walk of its sub-folders, which are then rare.
+        filled = [name for name in ct_folders if holds_files(drop / CT_FOLDER / name)]
+        if filled:
+            problems.append((CT_FOLDER, f"holds both the files of one scan and sub-folders ({', '.join(filled)}):"
                                         " put each scan in a timepoint folder ct/<timepoint>/"))
             return DropScans([], problems)
         if label_folders:
@@ -213,8 +236,13 @@ def list_drop_scans(drop: str | os.PathLike) -> DropScans:
         problem = timepoint_problem(name)
         if problem:
             problems.append((f"{CT_FOLDER}/{name}", problem))
-        elif _visible(drop / CT_FOLDER / name)[0]:
+            continue
+        files, folders = _visible(drop / CT_FOLDER / name)
+        if files:
             timepoints.append(name)
+        elif any(holds_files(drop / CT_FOLDER / name / inner) for inner in folders):
+            problems.append((f"{CT_FOLDER}/{name}", f"holds no files directly, only sub-folders ({', '.join(folders)}):"
+                                                    f" the scan's files must lie directly in ct/{name}/"))
     mixed = mixed_naming_problem(timepoints)
     if mixed:
         problems.append((CT_FOLDER, mixed))

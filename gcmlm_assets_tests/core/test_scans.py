@@ -24,9 +24,20 @@ from gcmlm_assets.scans import (
 )
 
 
-@pytest.mark.parametrize("name", ["2024-03-15", "baseline", "post_nact", "follow_up2", "t1"])
+@pytest.mark.parametrize("name", ["2024-03-15", "baseline", "post_nact", "follow_up_2", "post_nact_2",
+                                  "staging_999"])
 def test_dates_and_labels_are_timepoint_names(name):
     assert timepoint_problem(name) is None
+
+
+@pytest.mark.parametrize("name", ["pre_treatment", "post_treatment", "t1", "follow_up2", "follow_up_0",
+                                  "follow_up_02", "follow_up_1000", "baseline_"])
+def test_labels_of_unknown_order_are_refused_naming_the_known_labels_and_dates(name):
+    # Ordered by name, post_treatment would come before pre_treatment: the delta's sign reversed.
+    reason = timepoint_problem(name)
+    assert reason.startswith(f"{name!r} is not a known timepoint label (its order among the scans would be a guess)")
+    assert "baseline, staging, pre_nact, post_nact, preoperative, postoperative, follow_up" in reason
+    assert "by the scan's date (ISO YYYY-MM-DD" in reason and "_<n>" in reason
 
 
 @pytest.mark.parametrize("name, reason", [
@@ -36,7 +47,7 @@ def test_dates_and_labels_are_timepoint_names(name):
     ("post nact", "is not a timepoint name"),
     ("1st", "is not a timepoint name"),
     ("a@b", "is not a timepoint name"),
-    ("x" * 33, "is not a timepoint name"),
+    ("x" * 33, "is not a known timepoint label"),
     ("", "is not a timepoint name"),
 ])
 def test_other_names_are_refused_with_the_reason(name, reason):
@@ -61,9 +72,13 @@ def test_bad_scan_keys_name_the_key(key):
 
 def test_timepoints_oldest_first():
     assert order_timepoints(["2024-06-02", "2023-12-31", "2024-01-10"]) == ["2023-12-31", "2024-01-10", "2024-06-02"]
-    # labels in treatment order, then unknown labels in natural order of their names
-    assert order_timepoints(["t10", "follow_up", "post_nact", "t2", "baseline"]) == [
-        "baseline", "post_nact", "follow_up", "t2", "t10"]
+    # labels in treatment order, each label's repeats right after it by number (the label itself: 0)
+    assert order_timepoints(["follow_up_10", "follow_up", "post_nact_2", "follow_up_2", "post_nact", "baseline",
+                             "preoperative", "post_nact_1"]) == [
+        "baseline", "post_nact", "post_nact_1", "post_nact_2", "preoperative", "follow_up", "follow_up_2",
+        "follow_up_10"]
+    with pytest.raises(ValueError, match="'pre_treatment' is not a known timepoint label"):
+        order_timepoints(["baseline", "pre_treatment"])
     assert order_timepoints(["2024-01-10", None]) == [None, "2024-01-10"]
     assert timepoint_date("2024-01-10") == dt.date(2024, 1, 10)
     assert timepoint_date("baseline") is None and timepoint_date(None) is None
@@ -76,6 +91,18 @@ def test_patient_scans_groups_and_orders_keys():
         "P2": [ScanKey("P2", None)],
         "P3": [ScanKey("P3", "baseline"), ScanKey("P3", "post_nact")],
     }
+
+
+def test_a_stale_bare_key_beside_timepoints_is_left_out():
+    # P1's drop was split into timepoints; its old single scan "P1" is still in the partition set.
+    grouped = patient_scans(["P1", "P1@2024-06-02", "P1@2024-01-10", "P2"])
+    assert grouped == {"P1": [ScanKey("P1", "2024-01-10"), ScanKey("P1", "2024-06-02")], "P2": [ScanKey("P2", None)]}
+    assert chosen_scan(grouped["P1"]) == ScanKey("P1", "2024-01-10")
+
+
+def test_scan_keys_are_not_ordered():
+    with pytest.raises(TypeError):
+        ScanKey("P1", None) < ScanKey("P1", "baseline")  # no order: None against a str cannot be compared
 
 
 def test_chosen_scan():
@@ -161,3 +188,25 @@ def test_reference_masks_that_do_not_match_the_ct_layout(tmp_path):
     problems = dict(listed.problems)
     assert "put each scan's mask in ct_label/<timepoint>/" in problems["ct_label"]
     assert "which has no CT folder ct/2024-02-02/" in problems["ct_label/2024-02-02"]
+
+
+def test_an_empty_sub_folder_beside_a_single_scan_is_ignored(tmp_path):
+    write(tmp_path / "ct" / "ct.nii.gz")
+    (tmp_path / "ct" / "2024-09-01" / "series").mkdir(parents=True)  # no file anywhere under it
+    write(tmp_path / "ct" / "old" / ".DS_Store")  # hidden files only
+    listed = list_drop_scans(tmp_path)
+    assert listed.scans == [DropScan(None, "ct", "ct_label")] and listed.problems == []
+    write(tmp_path / "ct" / "2024-09-01" / "series" / "IM0001.dcm")  # now it holds a scan
+    listed = list_drop_scans(tmp_path)
+    assert listed.scans == [] and [folder for folder, _ in listed.problems] == ["ct"]
+    assert "sub-folders (2024-09-01)" in listed.problems[0][1]
+
+
+def test_a_timepoint_folder_holding_only_sub_folders_is_refused_naming_it(tmp_path):
+    write(tmp_path / "ct" / "2024-01-10" / "ct.nii.gz")
+    write(tmp_path / "ct" / "2024-06-02" / "DICOM" / "ST000" / "IM0001.dcm")  # a nested DICOM export
+    (tmp_path / "ct" / "2024-09-01" / "DICOM").mkdir(parents=True)  # empty: no scan yet
+    listed = list_drop_scans(tmp_path)
+    assert [s.timepoint for s in listed.scans] == ["2024-01-10"]
+    assert listed.problems == [("ct/2024-06-02", "holds no files directly, only sub-folders (DICOM): the scan's "
+                                                 "files must lie directly in ct/2024-06-02/")]

@@ -317,3 +317,26 @@ def test_a_second_series_for_a_patient_is_refused_until_its_ct_folder_is_removed
     zone.finish("a2")
     wait_for(zone.commit_due, "the commit")
     assert [p.name for p in (landing / "PS01" / "ct").iterdir()] == ["1.2.9.1.dcm"]
+
+
+def test_a_series_for_a_patient_whose_ct_is_split_into_timepoints_is_refused(tmp_path):
+    landing = tmp_path / "landing"
+    (landing / "PS01" / "ct" / "2024-01-10").mkdir(parents=True)
+    (landing / "PS01" / "ct" / "2024-01-10" / "ct.nii.gz").write_bytes(b"scan 1")
+    (landing / "PS01" / "ct" / "2024-06-02").mkdir()  # empty: no scan yet, named in no refusal
+    zone = IntakeZone(landing, quiet_s=0.01)
+    zone.open("a1")
+    with pytest.raises(IntakeRefusal, match=r"patient PS01's ct/ is split into timepoint folders \(2024-01-10\): the "
+                                            r"receiver writes a series only directly into ct/.*copy this scan into "
+                                            r".*/PS01/ct/<timepoint>/ by hand"):
+        zone.stage("a1", "PS01", "1.2.3", "1.2.3.1", b"DICM-1")
+    zone.finish("a1")
+    assert sorted(p.relative_to(landing).as_posix() for p in files_under(landing)) == ["PS01/ct/2024-01-10/ct.nii.gz"]
+    assert zone.pending() == []
+    # an empty sub-folder alone does not split ct/: the series is written directly into it
+    (landing / "PS01" / "ct" / "2024-01-10" / "ct.nii.gz").unlink()
+    zone.open("a2")
+    assert zone.stage("a2", "PS01", "1.2.3", "1.2.3.1", b"DICM-1")
+    zone.finish("a2")
+    wait_for(zone.commit_due, "the commit")
+    assert (landing / "PS01" / "ct" / "1.2.3.1.dcm").read_bytes() == b"DICM-1"

@@ -22,7 +22,9 @@ quiet time; this way it is not ready only for the few renames of the commit.)
 
 A drop holds one CT series: an instance of another series than the one the patient's `ct/` or
 `.intake/released/` holds (or an open association is staging) is refused; remove `<pseudonym>/ct/` to
-replace a series.
+replace a series. The receiver writes only directly into `ct/`: an instance for a patient whose `ct/`
+is split into timepoint folders (`ct/<timepoint>/`, gcmlm_assets/scans.py) is refused too, since
+files beside those folders would refuse the patient's whole CT.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pathlib import Path
 
 from gcmlm_assets.landing.intake.deidentify import IntakeRefusal
 from gcmlm_assets.landing.scan import CT_FOLDER, READY_MARKER
+from gcmlm_assets.scans import holds_files
 from gcmlm_assets.storage import atomic_write_bytes
 
 STAGING_FOLDER = ".intake"
@@ -118,6 +121,8 @@ class IntakeZone:
             if held is not None and held != series_uid:
                 raise IntakeRefusal(f"patient {pseudonym} already holds series {held} (one CT series per drop; "
                                     f"remove {self.drop(pseudonym) / CT_FOLDER} to replace it)")
+            if held is None:  # nothing delivered directly into ct/: it may be split into timepoints
+                self._refuse_timepoint_folders(pseudonym)
             if sop_uid in record.staged or self._delivered(pseudonym, sop_uid):
                 record.duplicates += 1
                 return False
@@ -132,6 +137,20 @@ class IntakeZone:
                 del record.staged[sop_uid]
             raise
         return True
+
+    def _refuse_timepoint_folders(self, pseudonym: str) -> None:
+        ct = self.drop(pseudonym) / CT_FOLDER
+        try:
+            with os.scandir(ct) as entries:
+                folders = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        folders = [name for name in folders if holds_files(ct / name)]  # empty ones are nothing (scans.py)
+        if folders:
+            raise IntakeRefusal(f"patient {pseudonym}'s ct/ is split into timepoint folders ({', '.join(folders)}): "
+                                "the receiver writes a series only directly into ct/, where beside them it would "
+                                f"refuse the patient's whole CT; copy this scan into {ct}/<timepoint>/ by hand "
+                                "(see the landing zone's timepoints) instead of sending it")
 
     def _series_held(self, pseudonym: str) -> str | None:
         for other in self._open.values():
