@@ -27,7 +27,7 @@ import dagster as dg
 
 from gcmlm_assets import catalogue, runs
 from gcmlm_assets.batching import batch_patients
-from gcmlm_assets.partitions import partitions_of
+from gcmlm_assets.partitions import ct_scans_partitions, ensure_ct_scans, partitions_of
 from gcmlm_assets.patient_batches import BUCKET_TAG, bucket_name, plan_batches
 from gcmlm_assets.policies import QUARANTINED_TO
 
@@ -73,7 +73,8 @@ def build_patient_steps_sensor(name: str, chain: Sequence[dg.AssetKey], work: st
     def patient_steps_sensor(context: dg.SensorEvaluationContext):
         instance = context.instance
         state = _read_cursor(context.cursor)
-        order = list(instance.get_dynamic_partitions(partition_set))
+        order = (ensure_ct_scans(instance) if partition_set == ct_scans_partitions.name
+                 else list(instance.get_dynamic_partitions(partition_set)))
         size = batch_patients()
         requests, notes, new_state = [], [], {}
         for upstream, downstream in edges:

@@ -37,7 +37,7 @@ from gcmlm_assets.landing.scan import CLINICAL_CSV
 from gcmlm_assets.landing_input import describe_links_leaving, link_leaving
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.cohort.soundness_facts import unsound_results
-from gcmlm_assets.partitions import ct_scans_partitions, patients_partitions
+from gcmlm_assets.partitions import ensure_ct_scans, patients_partitions
 from gcmlm_assets.policies import stored_materialization
 from gcmlm_assets.resources import ArtifactStorage, LandingZone
 from gcmlm_assets.reuse import StoredOutput
@@ -167,7 +167,7 @@ def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
     clinical_path = required_file(CLINICAL_FILE, store)
     clinical_sha = sha256_file(clinical_path)
     known = set(context.instance.get_dynamic_partitions(patients_partitions.name))
-    scans = set(context.instance.get_dynamic_partitions(ct_scans_partitions.name))
+    scans = set(ensure_ct_scans(context.instance))  # an instance from before ct_scans: its scans first
     unsound = unsound_results(context.instance, sorted(known), patient_result_checks.blocking, store, sorted(scans))
     table, report = fusion.build_fused_table(store.root, pq.read_table(clinical_path), known_patients=known,
                                              unsound=unsound, known_scans=scans,

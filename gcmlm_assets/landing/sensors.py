@@ -8,8 +8,9 @@ carry its patients on through the chain in batched runs (one model load per batc
 Radiology runs once per CT scan: its runs are batched over the `ct_scans` partitions (one key per
 scan, gcmlm_assets/scans.py), the other modalities' over `patients`. A walked drop's new scans are
 added to `ct_scans`, and its scans that are gone from the drop are deleted from it. A cursor written
-before `ct_scans` existed migrates once: every partition `ct_image` (the radiology chain's first
-asset) has materialized becomes a scan, so single-scan patients keep their radiology partitions.
+before `ct_scans` existed migrates once (`partitions.migrate_ct_scans`, which the other readers of
+an empty `ct_scans` run too): every partition `ct_image` has materialized becomes a scan, so
+single-scan patients keep their radiology partitions.
 
 Which of a recommitted drop's units run (scan.py: only those whose content changed, or all when READY
 was touched alone) is decided against the content fingerprint each unit was last requested with. That
@@ -34,7 +35,7 @@ from gcmlm_assets.batching import batch_patients
 from gcmlm_assets.patient_batches import plan_batches
 from gcmlm_assets.storage import sha256_text
 from gcmlm_assets.landing.scan import PER_SCAN_MODALITIES, plan_tick, scan_landing_zone, scans_migrated, walk_tick
-from gcmlm_assets.partitions import ct_scans_partitions, patients_partitions
+from gcmlm_assets.partitions import ct_scans_partitions, migrate_ct_scans, patients_partitions
 from gcmlm_assets.resources import LandingZone
 from gcmlm_assets.scans import SEPARATOR
 
@@ -95,8 +96,7 @@ def build_landing_sensor(modality_assets: Mapping[str, Sequence[dg.AssetKey]],
         order = list(context.instance.get_dynamic_partitions(patients_partitions.name))
         known = set(order)
         new_patients = [d.patient_id for d in scan.drops if d.patient_id not in known]
-        scan_changes = _scan_partition_changes(context, plan.drop_scans, [d.patient_id for d in scan.drops],
-                                               chains)
+        scan_changes = _scan_partition_changes(context, plan.drop_scans, [d.patient_id for d in scan.drops])
         if scan_changes.migrated:
             context.log.info(f"ct_scans: {len(scan_changes.migrated)} scan(s) that ct_image has materialized added "
                              f"once, as the scans of their patients{_names(scan_changes.migrated)}")
@@ -163,7 +163,7 @@ class ScanPartitionChanges:
     order: list[str]  # the `ct_scans` order once the changes are made (removed ones left out, new ones last)
     added: list[str]
     removed: list[str]
-    migrated: list[str]  # of `added`: the keys the one-off migration adds
+    migrated: list[str]  # the keys the one-off migration added (already in the instance, not in `added`)
 
     def requests(self) -> list:
         return ([ct_scans_partitions.build_add_request(self.added)] if self.added else []) + \
@@ -171,11 +171,16 @@ class ScanPartitionChanges:
 
 
 def _scan_partition_changes(context: dg.SensorEvaluationContext, drop_scans: Mapping[str, Sequence[str]],
-                            listed: Sequence[str], chains: Mapping[str, Sequence[dg.AssetKey]]) -> ScanPartitionChanges:
-    """The `ct_scans` keys to add (the walked drops' new scans, and once the migration's) and to remove
-    (the walked drops' scans gone from them): one query for the partition list, one more once."""
+                            listed: Sequence[str]) -> ScanPartitionChanges:
+    """The `ct_scans` keys to add (the walked drops' new scans) and to remove (the walked drops' scans
+    gone from them): one query for the partition list, the migration's few more once."""
     instance = context.instance
     order = list(instance.get_dynamic_partitions(ct_scans_partitions.name))
+    # An old cursor: the instance may be from before ct_scans (partitions.ensure_ct_scans). The keys it
+    # adds are in the instance at once; a walked drop's key among them that the drop no longer has is
+    # removed below like any other.
+    migrated = [] if scans_migrated(context.cursor) else migrate_ct_scans(instance)
+    order += migrated
     known = set(order)
     # Walked drops in the landing root's order (as new patients are added), each drop's scans oldest first.
     walked = [p for p in listed if p in drop_scans]
@@ -185,23 +190,11 @@ def _scan_partition_changes(context: dg.SensorEvaluationContext, drop_scans: Map
         # a scan key names its patient before the separator; only walked drops say what is gone
         return key.partition(SEPARATOR)[0] in drop_scans and key not in current
 
-    migrated: list[str] = []
-    if not scans_migrated(context.cursor):
-        # Before ct_scans, the radiology assets were partitioned by patient: each patient's
-        # materialized partition is its only scan's key (the patient id).
-        listed_ids = set(listed)
-        for modality in sorted(PER_SCAN_MODALITIES & set(chains)):
-            materialized = instance.get_materialized_partitions(chains[modality][0])
-            # in the landing root's order first, then any others (patients whose drops are gone)
-            ordered = [p for p in listed if p in materialized] + sorted(materialized - listed_ids)
-            migrated += [key for key in ordered if key not in known and key not in migrated
-                         and not gone_from_its_drop(key)]
-        known.update(migrated)
     new = [key for p in walked for key in drop_scans[p] if key not in known]
     removed = [key for key in order if gone_from_its_drop(key)] if drop_scans else []
     gone = set(removed)
-    return ScanPartitionChanges(order=[key for key in order if key not in gone] + migrated + new,
-                                added=migrated + new, removed=removed, migrated=migrated)
+    return ScanPartitionChanges(order=[key for key in order if key not in gone] + new,
+                                added=new, removed=removed, migrated=migrated)
 
 
 def batched_run_requests(planned: list, order: list[str], batch_size: int,

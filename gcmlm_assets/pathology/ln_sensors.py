@@ -137,7 +137,8 @@ def build_lymph_nodes_after_classifier_sensor(interval_s: int) -> dg.SensorDefin
         size = batch_patients()
         chosen, new_cursor = patients_to_rerun(
             model_key=model_key, cursor=cursor,
-            upstream_done=instance.get_materialized_partitions(FEATURES_KEY),
+            # a partition deleted by hand (the UI can) keeps its materializations: only the listed ones
+            upstream_done=instance.get_materialized_partitions(FEATURES_KEY) & set(order),
             downstream_done=instance.get_materialized_partitions(LYMPH_NODES_KEY),
             in_flight=lambda patients: _not_waiting(instance, patients, order, size),
             excluded=lambda _patient: False, limit=MAX_LYMPH_NODE_RUNS_PER_TICK)

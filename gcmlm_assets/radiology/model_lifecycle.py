@@ -16,7 +16,8 @@ removed since (`RetrainPolicy`). A run of segmentation_model started by a user t
 its inputs differ from the installed model's (`training_action`).
 
 Installing: a new model is compared with the installed one on reference cases held out of its
-training that the installed model did not train on either (`choose_held_out`), by the mean Dice of
+training that the installed model did not train on either (`choose_held_out`: whole patients,
+all of a patient's timepoints together), by the mean Dice of
 their predictions with the reference masks (`held_out_dice`, `install_decision`).
 """
 
@@ -237,22 +238,51 @@ def choose_held_out(inputs: dict[str, dict], installed_inputs: dict[str, dict], 
                     min_cases: int) -> HoldOut:
     """Which reference cases the new model does not train on, to compare it with the installed model.
 
-    `inputs`: patient -> digests of its CT and reference mask for every usable reference case;
-    `installed_inputs`: the same for the cases the installed model trained on. The candidates are the
-    cases the installed model did not train on (new, changed, or held out before), in the order of the
-    SHA-256 of the patient id (stable whatever else arrives): the first
-    max(`min_cases`, ceil(`fraction` x candidates)) of them, at most all, leaving nnU-Net its 2
-    training cases. When every case is one the installed model trained on (only settings changed),
-    the first `min_cases` of all are held out and marked `seen_by_installed`: that comparison favours
-    the installed model.
+    `inputs`: scan key -> digests of its CT and reference mask for every usable reference case;
+    `installed_inputs`: the same for the cases the installed model trained on. Cases are held out by
+    patient, all of a patient's scans together: a timepoint of the patient left in the training set
+    would leak its anatomy into the held-out score. The candidates are the patients with a case the
+    installed model did not train on (new, changed, or held out before), in the order of the SHA-256
+    of the patient id (stable whatever else arrives): whole patients are taken until
+    max(`min_cases`, ceil(`fraction` x their cases)) cases are held out, at most all, leaving nnU-Net
+    its 2 training cases (a patient with more scans than the room left is passed over). Held-out
+    scans the installed model trained on (a known timepoint of a held-out patient) are marked
+    `seen_by_installed`. When every case is one the installed model trained on (only settings
+    changed), the first `min_cases` cases' patients of all are held out, all marked: that comparison
+    favours the installed model.
     """
     room = max(0, len(inputs) - MIN_TRAINING_CASES)
-    unseen = sorted((pid for pid in inputs if installed_inputs.get(pid) != inputs[pid]), key=_hash_order)
+    by_patient: dict[str, list[str]] = {}
+    for key in sorted(inputs):
+        by_patient.setdefault(_patient_of(key), []).append(key)
+    seen = {key for key in inputs if installed_inputs.get(key) == inputs[key]}
+    unseen = [p for p in by_patient if any(key not in seen for key in by_patient[p])]
     if unseen:
-        count = min(len(unseen), max(int(min_cases), math.ceil(fraction * len(unseen))), room)
-        return HoldOut(sorted(unseen[:count]))
-    seen = sorted(sorted(inputs, key=_hash_order)[:min(int(min_cases), room)])
-    return HoldOut(seen, seen)
+        candidates = sum(len(by_patient[p]) for p in unseen)
+        wanted = max(int(min_cases), math.ceil(fraction * candidates))
+        cases = _whole_patients(by_patient, unseen, wanted, room)
+    else:
+        cases = _whole_patients(by_patient, list(by_patient), int(min_cases), room)
+    return HoldOut(cases, [key for key in cases if key in seen])
+
+
+def _patient_of(scan_key: str) -> str:
+    try:
+        return parse_scan_key(scan_key).patient_id
+    except InvalidScanKey:
+        return scan_key  # not a scan key: a case of its own
+
+
+def _whole_patients(by_patient: dict[str, list[str]], patients: list[str], wanted: int, room: int) -> list[str]:
+    """The cases of `patients`, taken whole in the hash order of their ids, until `wanted` cases (at
+    most `room`) are held; sorted."""
+    held: list[str] = []
+    for patient in sorted(patients, key=_hash_order):
+        if len(held) >= min(wanted, room):
+            break
+        if len(held) + len(by_patient[patient]) <= room:
+            held += by_patient[patient]
+    return sorted(held)
 
 
 def held_out_dice(model_folder: Path, pins, cases: dict[str, tuple[Path, Path]], device: str) -> dict[str, float]:

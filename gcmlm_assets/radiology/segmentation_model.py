@@ -20,7 +20,7 @@ import dagster as dg
 
 from gcmlm_assets import step_pods
 from gcmlm_assets.lazy import lazy
-from gcmlm_assets.partitions import ct_scans_partitions
+from gcmlm_assets.partitions import ensure_ct_scans
 from gcmlm_assets.landing_input import LandingInputError
 from gcmlm_assets.pictures import PLOT, picture_markdown
 from gcmlm_assets.policies import TRANSIENT_RETRY
@@ -145,7 +145,7 @@ def segmentation_model(context: dg.AssetExecutionContext) -> dg.MaterializeResul
 
     store = storage.store()
     models_root = SEGMENTATION_MODEL.folder(store)
-    patients = sorted(context.instance.get_dynamic_partitions(ct_scans_partitions.name))
+    patients = sorted(ensure_ct_scans(context.instance))
     candidates, skipped = _training_candidates(patients, store, landing)
     # The set as segmentation_training_sensor sees it (names, sizes, times over every scan): recorded
     # for the training that saw it, installed or not, so the sensor measures changes from here.

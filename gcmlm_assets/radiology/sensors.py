@@ -25,7 +25,7 @@ import dagster as dg
 
 from gcmlm_assets import runs
 from gcmlm_assets.batching import batch_patients
-from gcmlm_assets.partitions import ct_scans_partitions
+from gcmlm_assets.partitions import ct_scans_partitions, ensure_ct_scans
 from gcmlm_assets.patient_batches import plan_batches
 from gcmlm_assets.radiology import model_lifecycle
 from gcmlm_assets.catalogue import (
@@ -60,7 +60,7 @@ def training_status(instance: dg.DagsterInstance, landing: LandingZone, storage:
     from gcmlm_assets.radiology.nnunet import read_current_model
 
     store = storage.store()
-    scans = instance.get_dynamic_partitions(ct_scans_partitions.name)
+    scans = ensure_ct_scans(instance)
     cases = model_lifecycle.reference_set(landing.path(), {key: CT_VOLUME.path(store, key) for key in scans})
     pointer = read_current_model(SEGMENTATION_MODEL.folder(store, create=False)) or {}
     busy = runs.in_flight_doing(instance, TRAINING_INPUT_WORK)
@@ -161,9 +161,12 @@ def build_predicted_mask_sensor(interval_s: int) -> dg.SensorDefinition:
             return dg.SkipReason("no segmentation model installed yet: masks without a reference wait for it")
         instance = context.instance
         cursor = json.loads(context.cursor) if context.cursor else {}
-        ct_done = instance.get_materialized_partitions(dg.AssetKey(CT_IMAGE.key))
-        mask_done = instance.get_materialized_partitions(MASK_ASSET)
-        order = list(instance.get_dynamic_partitions(ct_scans_partitions.name))
+        order = ensure_ct_scans(instance)
+        # Materialized partitions include scans deleted from ct_scans since (a patient's only scan that
+        # moved into a timepoint folder): only the scans there now are batched over its order.
+        scans = set(order)
+        ct_done = instance.get_materialized_partitions(dg.AssetKey(CT_IMAGE.key)) & scans
+        mask_done = instance.get_materialized_partitions(MASK_ASSET) & scans
         size = batch_patients()
         chosen, new_cursor = model_lifecycle.masks_to_predict(
             model_key=model_key, cursor=cursor, ct_done=ct_done, mask_done=mask_done,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -180,6 +181,44 @@ def test_held_out_cases_are_ones_the_installed_model_did_not_train_on():
     # Nothing new to the installed model (settings changed): held out among the cases it saw, and said so.
     only_seen = lifecycle.choose_held_out(installed, installed, fraction=0.2, min_cases=3)
     assert len(only_seen.cases) == 3 and only_seen.seen_by_installed == only_seen.cases
+
+
+def test_a_patients_timepoints_are_held_out_together():
+    single = [f"P{i:02d}" for i in range(10)]
+    timepoints = [f"T{i:02d}@{tp}" for i in range(10) for tp in ("2024-01-10", "2024-06-02")]
+    inputs = digests(single + timepoints)
+    held = lifecycle.choose_held_out(inputs, {}, fraction=0.2, min_cases=3)
+    patients = {key.partition("@")[0] for key in held.cases}
+    # whole patients until ceil(0.2 x 30) = 6 cases: no held-out patient has a scan left to train on
+    assert len(held.cases) >= 6 and held.seen_by_installed == []
+    assert [key for key in inputs if key.partition("@")[0] in patients] == sorted(held.cases)
+    assert lifecycle.choose_held_out(inputs, {}, fraction=0.2, min_cases=3) == held
+    # A new timepoint of a patient the installed model trained on: the patient's known scan is held out
+    # with it (and said to be seen), not left in the new model's training set.
+    known = ["A", "B", "C@2024-01-10"]
+    grown = lifecycle.choose_held_out(digests(known + ["C@2024-06-02"]), digests(known), fraction=0.2,
+                                      min_cases=1)
+    assert grown.cases == ["C@2024-01-10", "C@2024-06-02"] and grown.seen_by_installed == ["C@2024-01-10"]
+    # A patient whose scans would leave nnU-Net fewer than 2 training cases is not held out in part.
+    assert lifecycle.choose_held_out(digests(["A", "C@2024-01-10", "C@2024-06-02"]), digests(["A"]),
+                                     fraction=0.2, min_cases=1).cases == []
+
+
+def test_single_scan_hold_out_is_the_per_case_choice():
+    """Patients with one scan each: the cases held out are those a choice per case makes."""
+    def per_case(inputs, installed, fraction, min_cases):
+        room = max(0, len(inputs) - lifecycle.MIN_TRAINING_CASES)
+        unseen = sorted((k for k in inputs if installed.get(k) != inputs[k]), key=lifecycle._hash_order)
+        if unseen:
+            return sorted(unseen[:min(len(unseen), max(min_cases, math.ceil(fraction * len(unseen))), room)])
+        return sorted(sorted(inputs, key=lifecycle._hash_order)[:min(min_cases, room)])
+
+    for total, trained, fraction, min_cases in [(30, 20, 0.2, 3), (5, 0, 0.5, 1), (4, 4, 0.2, 3), (3, 2, 0.2, 5),
+                                                (50, 10, 0.1, 2), (12, 12, 0.3, 0)]:
+        ids = [f"GC{i:04d}" for i in range(total)]
+        inputs, installed = digests(ids), digests(ids[:trained])
+        assert lifecycle.choose_held_out(inputs, installed, fraction=fraction, min_cases=min_cases).cases == \
+            per_case(inputs, installed, fraction, min_cases)
 
 
 def test_a_new_model_is_installed_only_if_at_least_as_good_on_the_held_out_cases():
