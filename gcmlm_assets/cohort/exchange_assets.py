@@ -59,7 +59,7 @@ def _scored_fusion_report(store, scored_fused_sha: str | None) -> tuple:
     manifest = store.read_manifest(FUSED_TABLE.key, None) or {}
     files = manifest.get("files") or {}
     if scored_fused_sha is not None and files.get(FUSED_FILE.name) != scored_fused_sha:
-        raise dg.Failure(description=f"{FUSED_TABLE.key} changed since {RISK_SCORES.key} scored it (fused.parquet "
+        raise dg.Failure(description=f"{FUSED_TABLE.key} changed since {RISK_SCORES.key} scored it ({FUSED_FILE.name} "
                                      f"sha256 {str(files.get(FUSED_FILE.name))[:12]}…, scored "
                                      f"{scored_fused_sha[:12]}…): materialize {RISK_SCORES.key} again",
                          allow_retries=False)
