@@ -159,6 +159,8 @@ def fused_table_fingerprint(report: "fusion.FusionReport", clinical_sha256: str 
 )
 def fused_table(context: dg.AssetExecutionContext, storage: ArtifactStorage,
                 patient_result_checks: PatientResultChecks, fused_table: FusedTableSettings) -> dg.MaterializeResult:
+    # The parameter's name is the resource key (Dagster's rule), the asset's name like risk_model's settings
+    # (and users' run config and profiles say `fused_table`): it is read once, here, as `settings`.
     settings = fused_table
     problem = settings.timepoint_problem()
     if problem:

@@ -19,6 +19,7 @@ from gcmlm_assets.demo.synthetic_ct import true_stomach_lps
 from gcmlm_assets.demo.synthetic_plan import CohortSpec, plan_cohort
 from gcmlm_assets.storage import ArtifactStore
 from gcmlm_assets.demo.watch import unexplained
+from gcmlm_assets.partitions import ct_scans_partitions, patients_partitions
 
 # The risk model's ablation row of the delta radiomics block (cohort/tables/deltas.py).
 DELTA_BLOCK = "delta"
@@ -131,8 +132,8 @@ def planted_change_auc(spec: CohortSpec) -> dict[str, Any] | None:
 def summarise(instance: dg.DagsterInstance, defs: dg.Definitions, landing: Path, artifacts: Path,
               home: Path, spec: CohortSpec | None = None) -> dict[str, Any]:
     graph = defs.resolve_asset_graph()
-    patients = sorted(instance.get_dynamic_partitions("patients"))
-    scan_keys = sorted(instance.get_dynamic_partitions("ct_scans"))
+    patients = sorted(instance.get_dynamic_partitions(patients_partitions.name))
+    scan_keys = sorted(instance.get_dynamic_partitions(ct_scans_partitions.name))
     assets: dict[str, dict[str, int]] = {}
     for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
         name = key.to_user_string()
@@ -140,7 +141,7 @@ def summarise(instance: dg.DagsterInstance, defs: dg.Definitions, landing: Path,
         if node.partitions_def is not None:
             # Per-scan assets (partition set ct_scans) count scans, the others patients.
             partition_set = getattr(node.partitions_def, "name", None)
-            keys = scan_keys if partition_set == "ct_scans" else patients
+            keys = scan_keys if partition_set == ct_scans_partitions.name else patients
             statuses = instance.get_status_by_partition(key, keys, node.partitions_def) or {}
             counts = {"materialized": 0, "failed": 0, "missing": 0}
             for pid in keys:

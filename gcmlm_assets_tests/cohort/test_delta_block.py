@@ -126,6 +126,29 @@ def test_single_scan_patients_read_as_before(tmp_path):
     assert before.column_names[-1] == "has_lymph_node"
 
 
+def test_a_first_or_last_scan_without_a_usable_row_drops_the_delta_block_and_says_which(tmp_path):
+    artifacts = tmp_path / "artifacts"
+    radiomics, _, clinical = _two_scan_cohort(artifacts)
+    middle = "P001@2024-02-10"  # a scan between: the pair is still the first and the last of all scans
+    write_radiomics_row(artifacts, middle, radiomics[1] * 1.1)
+    (artifacts / "radiomics_row" / LAST / "radiomics.parquet").unlink()  # its CT failed: no row was written
+    known = {"P000", "P002", FIRST, middle, LAST}
+    table, report = build_fused_table(artifacts, clinical, known_scans=known)
+    assert table.column("has_delta").to_pylist() == [False, False, False]  # never the first with the middle one
+    assert table.column("has_radiology").to_pylist() == [True, True, True]  # the baseline scan is intact
+    entry = next(e for e in report.excluded_results if e["modality"] == "delta")
+    assert entry["patient_id"] == "P001" and entry["file"].endswith(f"radiomics_row/{LAST}/radiomics.parquet")
+    assert report.excluded_patients() == {"P001": {"delta": f"the last scan {LAST} has no radiomics_row (its CT "
+                                                            "steps failed or have not finished)"}}
+    # an unreadable first scan: file_problems says why, the delta's reason names the scan
+    (artifacts / "radiomics_row" / FIRST / "radiomics.parquet").write_text("not parquet")
+    write_radiomics_row(artifacts, LAST, radiomics[1])
+    _, report = build_fused_table(artifacts, clinical, known_scans=known)
+    assert [p["reason"].split(":")[0] for p in report.file_problems] == [f"scan {FIRST}"]
+    assert report.excluded_patients()["P001"]["delta"] == (f"the first scan {FIRST}'s radiomics_row cannot be used "
+                                                           "(file_problems says why)")
+
+
 def test_an_unsound_second_scan_drops_only_the_delta_block(data_root, instance, base_resources):
     artifacts = data_root / "artifacts"
     _two_scan_cohort(artifacts)

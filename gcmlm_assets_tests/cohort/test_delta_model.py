@@ -4,6 +4,7 @@ card and the FHIR basis; the other blocks' rows stay as they are."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 
 import numpy as np
@@ -52,11 +53,11 @@ def delta_cohort(tmp_path_factory):
     cv = crossval.cross_validate(data, FAST)
     found, _ = metrics.evaluate_cross_validation(cv, FAST)
     model, fitted = training.fit_risk_model(data, FAST, 0.5)
-    return fused, data, found, model, fitted, cv
+    return fused, data, found, model, fitted, cv, report
 
 
 def test_the_ablation_has_a_delta_row_and_the_other_rows_are_unchanged(delta_cohort):
-    fused, _, found, _, fitted, _ = delta_cohort
+    fused, _, found, _, fitted, _, _ = delta_cohort
     assert found[DELTA]["patients"] == 27 and found[DELTA]["auc"] > 0.8  # the change carries the label
     assert "calibration_slope" in found[DELTA] and "brier" in found[DELTA] and "net_benefit" in found[DELTA]
     assert found[FUSED_WITH_DELTA]["patients"] == 27 and found[FUSED]["patients"] == 36
@@ -75,7 +76,7 @@ def test_the_ablation_has_a_delta_row_and_the_other_rows_are_unchanged(delta_coh
 
 
 def test_delta_contributions_add_up_and_scores_name_the_block(delta_cohort, tmp_path):
-    fused, model = delta_cohort[0], delta_cohort[3]
+    fused, model, report = delta_cohort[0], delta_cohort[3], delta_cohort[6]
     loaded = modelling.load_model(modelling.save_model(model, tmp_path / "model.skops"))
     assert loaded.blocks == (RADIOLOGY, PATHOLOGY, DELTA)
     scores = {r["patient_id"]: r for r in loaded.score_table(fused).to_pylist()}
@@ -98,7 +99,7 @@ def test_delta_contributions_add_up_and_scores_name_the_block(delta_cohort, tmp_
     without = int(np.flatnonzero(~data.blocks[DELTA].available)[0])
     assert patient_explanation.explain_patient(loaded, data, without, []).modalities_missing == [DELTA]
 
-    # the FHIR assessment names the block's input and probability
+    # the FHIR assessment names the block's inputs, the two scans, and its probability
     rows = loaded.score_table(fused)
     rows = (rows.append_column("model_version", pa.array(["v1"] * rows.num_rows, pa.string()))
             .append_column("explanation_key", pa.array(["k"] * rows.num_rows, pa.string()))).to_pylist()
@@ -106,15 +107,22 @@ def test_delta_contributions_add_up_and_scores_name_the_block(delta_cohort, tmp_
                                    risk_threshold=loaded.risk_threshold)
     when = datetime(2026, 12, 7, tzinfo=timezone.utc)
     with_delta = next(r for r in rows if r["probability_delta"] is not None)
-    text, missing = fhir_risk.risk_assessment_bundle(with_delta, identity, when)
+    patient_id = with_delta["patient_id"]
+    text, missing = fhir_risk.risk_assessment_bundle(with_delta, identity, when, scans=report.scans[patient_id])
     assert missing == [] and "delta model probability" in text and "first CT scan to the last" in text
-    text, missing = fhir_risk.risk_assessment_bundle(next(r for r in rows if r["probability_delta"] is None),
-                                                     identity, when)
-    assert missing == [DELTA] and "Scored without delta" in text
+    inputs = [b["identifier"]["value"] for b in json.loads(text)["entry"][1]["resource"]["basis"]]
+    first, last = f"radiomics_row/{patient_id}@2024-01-10", f"radiomics_row/{patient_id}@2024-04-10"
+    assert inputs == [f"fused_table/{patient_id}", first, "slide_vector/" + patient_id, first, last]
+    with pytest.raises(fhir_risk.RiskAssessmentInputError, match="report names no scan for it"):
+        fhir_risk.risk_assessment_bundle(with_delta, identity, when)  # the scans are needed to name them
+    single = next(r for r in rows if r["probability_delta"] is None)
+    text, missing = fhir_risk.risk_assessment_bundle(single, identity, when, scans=report.scans[single["patient_id"]])
+    assert missing == [DELTA] and "Scored without delta (delta: only one CT scan)" in text
+    assert f"radiomics_row/{single['patient_id']}\"" in text  # its only scan, keyed by the patient id
 
 
 def test_the_model_card_names_the_delta_block(delta_cohort, tmp_path):
-    _, data, found, model, fitted, cv = delta_cohort
+    _, data, found, model, fitted, cv, _ = delta_cohort
     records = card_context.CohortRecords(clinical_manifest={}, fusion_report={}, fused_path=tmp_path / "fused.parquet",
                                          encoder=None)
     card = MC.model_card(model, FAST, fitted, found, cv, {},

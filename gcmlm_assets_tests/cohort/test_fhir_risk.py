@@ -94,7 +94,7 @@ def test_a_patient_without_radiology_says_so(scored, tmp_path):
     _, ra = _resources(fhir_risk.read_bundle(tmp_path / "bundles" / f"{NO_RADIOLOGY}.json"))
     assert [e.valueCode for e in ra.extension] == ["radiology"]
     assert not any(b.identifier.value.startswith("radiomics_row/") for b in ra.basis)
-    assert "Scored without radiology" in ra.note[0].text and "radiomics_row" in ra.note[0].text
+    assert ra.note[0].text.startswith("Scored without radiology (radiology: no usable radiomics_row); ")
     assert "missing: radiology" in ra.prediction[0].rationale
     _, complete = _resources(fhir_risk.read_bundle(tmp_path / "bundles" / "P000.json"))
     assert complete.extension is None and "every modality" in complete.note[0].text
@@ -155,6 +155,42 @@ def test_a_refresh_rebuilds_only_changed_patients_and_removes_those_no_longer_sc
     assert (fewer["written"], fewer["removed"]) == (1, 1)  # P005 back to its first score, P000 gone
     assert not (bundles / f"{rows[0]['patient_id']}.json").exists()
     assert rows[0]["patient_id"] not in json.loads((tmp_path / fhir_risk.INDEX_FILE).read_text(encoding="utf-8"))["patients"]
+
+
+TWO_SCANS = {"scans": ["P000@2024-01-10", "P000@2024-04-10"], "radiology": "P000@2024-01-10",
+             "delta": ["P000@2024-01-10", "P000@2024-04-10"]}
+
+
+def test_the_basis_names_the_ct_scan_that_fed_radiology(scored, tmp_path):
+    rows, model = scored
+
+    def inputs(patient_id):
+        _, ra = _resources(fhir_risk.read_bundle(tmp_path / "bundles" / f"{patient_id}.json"))
+        return [b.identifier.value for b in ra.basis]
+
+    fhir_risk.write_risk_assessments(rows, model, SCORED_AT, tmp_path, scans={"P000": TWO_SCANS})
+    assert "radiomics_row/P000@2024-01-10" in inputs("P000") and "radiomics_row/P000" not in inputs("P000")
+    assert "radiomics_row/P001" in inputs("P001")  # no entry in the report: its only scan, keyed by its id
+    # another scan feeding the block is another Bundle: only that patient's is rebuilt
+    last = dict(TWO_SCANS, radiology="P000@2024-04-10")
+    again = fhir_risk.write_risk_assessments(rows, model, SCORED_AT, tmp_path, scans={"P000": last})
+    assert again["written"] == 1 and "radiomics_row/P000@2024-04-10" in inputs("P000")
+    with pytest.raises(fhir_risk.RiskAssessmentInputError,
+                       match="'P000'.*probability_radiology: the score used radiology, but fused_table's report names "
+                             "no scan for it"):
+        fhir_risk.write_risk_assessments(rows, model, SCORED_AT, tmp_path, scans={"P000": dict(TWO_SCANS, radiology=None)})
+
+
+@pytest.mark.parametrize("scans, reason", [
+    ({"scans": ["P000"], "radiology": "P000", "delta": None}, "delta: only one CT scan"),
+    (dict(TWO_SCANS, delta=None), "delta: no usable radiomics_row of its first or last CT scan"),
+])
+def test_a_missing_delta_block_says_why(scored, scans, reason):
+    rows, model = scored
+    row = dict(rows[0], probability_delta=None)  # a model with a delta block, the patient without it
+    text, missing = fhir_risk.risk_assessment_bundle(row, model, SCORED_AT, scans=scans)
+    note = json.loads(text)["entry"][1]["resource"]["note"][0]["text"]
+    assert missing == ["delta"] and note.startswith(f"Scored without delta ({reason}); the probability comes from ")
 
 
 def test_the_hl7_likelihood_code_is_given_only_where_its_definition_holds():

@@ -4,7 +4,7 @@ patient, equal to risk_scores, reused while the scores are unchanged."""
 import dagster as dg
 import pyarrow.parquet as pq
 
-from gcmlm_assets.catalogue import ASSESSMENT_INDEX, RISK_ASSESSMENTS, SCORES_FILE
+from gcmlm_assets.catalogue import ASSESSMENT_INDEX, FUSED_FILE, FUSED_TABLE, RISK_ASSESSMENTS, SCORES_FILE
 from gcmlm_assets.cohort import assets as cohort_assets
 from gcmlm_assets.cohort import checks as cohort_checks
 from gcmlm_assets.cohort import exchange_assets
@@ -47,6 +47,8 @@ def test_every_scored_patient_gets_a_risk_assessment_equal_to_its_score(data_roo
         assert float(assessment.prediction[0].probabilityDecimal) == scores[patient_id]["probability"]
         assert entry["risk_group"] == scores[patient_id]["risk_group"]
         assert ("radiology" in entry["modalities_missing"]) == (patient_id == "P004"), patient_id
+        inputs = [b.identifier.value for b in assessment.basis]
+        assert (f"radiomics_row/{patient_id}" in inputs) == (patient_id != "P004")  # its only scan's key
     # the patient scored without radiology comes first in the preview, saying so
     first_row = shown["preview"].splitlines()[2]
     assert first_row.startswith("| P004 |") and "radiology" in first_row
@@ -56,6 +58,14 @@ def test_every_scored_patient_gets_a_risk_assessment_equal_to_its_score(data_roo
     assert again.success
     reused = _metadata(again, RISK_ASSESSMENTS.key)
     assert reused["reused"] is True and reused["data_version"] == shown["data_version"]
+
+    # a fused table other than the one scored: its report's scans would not be the scored ones
+    manifest = store.read_manifest(FUSED_TABLE.key, None)
+    store.write_manifest(FUSED_TABLE.key, None, {**manifest, "files": {**manifest["files"], FUSED_FILE.name: "0" * 64}})
+    refused = _materialize(instance, base_resources, selection=[RISK_ASSESSMENTS.key])
+    assert not refused.success
+    (failure,) = [e for e in refused.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    assert "fused_table changed since risk_scores scored it" in failure.step_failure_data.user_failure_data.description
 
 
 def test_scores_changed_behind_the_manifest_are_refused_naming_the_file(data_root, instance, base_resources):

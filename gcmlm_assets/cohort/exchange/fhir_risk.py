@@ -14,10 +14,11 @@ One Bundle (type collection) per patient, `bundles/<patient_id>.json`, holds:
   metastasis"; probabilityDecimal; qualitativeRisk (the project's risk group, and the HL7
   risk-probability code where its definition holds, see `qualitative_risk`); basis: the inputs the
   score used (fused_table row, and per modality radiomics_row / slide_vector / uni_features /
-  lymph_nodes / clinical_table, each with its modality model's probability; the delta block's input is
-  radiomics_row too, the change from the first CT scan to the last); the modalities the
-  model has but the patient lacked, as `missing-modality` extensions and a note; occurrenceDateTime
-  the scoring time; performer the Device.
+  lymph_nodes / clinical_table, each with its modality model's probability; radiomics_row is named
+  by the CT scan that fed the block, `radiomics_row/<scan key>`, and the delta block by its two scans,
+  the first and the last, as fused_table's report says (`scans`)); the modalities the model has but
+  the patient lacked, as `missing-modality` extensions and a note saying why each is absent;
+  occurrenceDateTime the scoring time; performer the Device.
 `index.json` lists every patient's file, its SHA-256, scoring time, probability, risk group and
 missing modalities: one small file to read instead of 10,000 bundles, and the one file a manifest
 needs to hash.
@@ -34,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -62,7 +64,7 @@ RISK_GROUPS = ("high", "low")
 HL7_LIKELIHOOD = {"high": "High likelihood", "low": "Low likelihood"}
 
 BUNDLES_FOLDER = "bundles"
-BUNDLE_FORMAT = "1"  # raise when the Bundle's content changes: every patient's Bundle is rebuilt
+BUNDLE_FORMAT = "2"  # raise when the Bundle's content changes: every patient's Bundle is rebuilt
 INDEX_FILE = ASSESSMENT_INDEX.name
 
 # The risk model's blocks (cohort/model: RADIOLOGY, PATHOLOGY, PATHOLOGY_ABMIL, CLINICAL, LYMPH_NODE, DELTA) and the
@@ -77,6 +79,8 @@ BLOCK_INPUTS = {
                                  "between them and the scans' similarity"),
 }
 PROBABILITY_PREFIX = "probability_"
+# The blocks read from radiomics_row: their basis names the CT scans that fed them (fused_table's report).
+RADIOLOGY_BLOCK, DELTA_BLOCK = "radiology", "delta"
 
 
 class RiskAssessmentInputError(ValueError):
@@ -203,26 +207,63 @@ def qualitative_risk(group: str, probability: float, threshold: float, systems: 
                                       f"model's threshold {threshold:.3f}"}
 
 
-def _basis(row: dict, used: list[str], systems: dict[str, str]) -> list[dict]:
+def _block_scans(patient_id: str, block: str, scans: Mapping | None) -> list[str]:
+    """The radiomics_row scan keys that fed the block: the radiology scan; the delta's first and last.
+
+    `scans` is the patient's entry of fused_table's report (`scans`). Without one (a report from
+    before CT timepoints) the patient's only scan, keyed by the patient id, fed radiology."""
+    if scans is None and block == RADIOLOGY_BLOCK:
+        return [patient_id]
+    named = None if scans is None else scans.get(block)
+    keys = [named] if block == RADIOLOGY_BLOCK else list(named or [])
+    if len(keys) != (1 if block == RADIOLOGY_BLOCK else 2) or not all(isinstance(k, str) and k for k in keys):
+        raise _refuse(patient_id, PROBABILITY_PREFIX + block,
+                      f"the score used {block}, but fused_table's report names no scan for it ({named!r}): "
+                      f"the report is not of the fused table that was scored")
+    return keys
+
+
+def _basis(row: dict, used: list[str], systems: dict[str, str], scans: Mapping | None = None) -> list[dict]:
     patient_id = row["patient_id"]
     basis = [{"identifier": {"system": systems["input"], "value": f"{FUSED_TABLE.key}/{patient_id}"},
               "display": f"{FUSED_TABLE.key} row of {patient_id} (the inputs of every modality model)"}]
     for block in used:
         asset, what = BLOCK_INPUTS[block]
         probability = row[PROBABILITY_PREFIX + block]
-        basis.append({
-            "extension": [{"url": systems["modality_probability"], "valueDecimal": probability}],
-            "identifier": {"system": systems["input"], "value": f"{asset}/{patient_id}"},
-            "display": f"{asset} ({what}): {block} model probability {probability:.3f}"})
+        extension = [{"url": systems["modality_probability"], "valueDecimal": probability}]
+        said = f"{block} model probability {probability:.3f}"
+        if block == RADIOLOGY_BLOCK:
+            (key,) = _block_scans(patient_id, block, scans)
+            inputs = [(key, f"{asset} of CT scan {key} ({what}): {said}")]
+        elif block == DELTA_BLOCK:
+            first, last = _block_scans(patient_id, block, scans)
+            inputs = [(first, f"{asset} of the first CT scan, {first} ({what}): {said}"),
+                      (last, f"{asset} of the last CT scan, {last} ({what}): {said}")]
+        else:
+            inputs = [(patient_id, f"{asset} ({what}): {said}")]
+        basis += [{"extension": extension, "identifier": {"system": systems["input"], "value": f"{asset}/{key}"},
+                   "display": display} for key, display in inputs]
     return basis
 
 
+def _absence(block: str, scans: Mapping | None) -> str:
+    """Why the patient lacks the block, as far as the inputs tell."""
+    if block == DELTA_BLOCK:
+        if scans is not None and len(scans.get("scans") or []) < 2:
+            return "delta: only one CT scan"
+        if scans is not None:
+            return "delta: no usable radiomics_row of its first or last CT scan"
+        return "delta: fewer than two CT scans with a usable radiomics_row"
+    return f"{block}: no usable {BLOCK_INPUTS[block][0]}"
+
+
 def risk_assessment_resource(row: dict, used: list[str], missing: list[str], model: RiskModel,
-                             scored_at: str, device_url: str, systems: dict[str, str]) -> dict:
+                             scored_at: str, device_url: str, systems: dict[str, str],
+                             scans: Mapping | None = None) -> dict:
     probability = row["probability"]
-    missing_text = (f"Scored without {', '.join(missing)}: the patient had no usable "
-                    f"{', '.join(BLOCK_INPUTS[b][0] for b in missing)}; the probability comes from "
-                    f"{', '.join(used)} alone." if missing else "Scored with every modality of the model.")
+    missing_text = (f"Scored without {', '.join(missing)} ({'; '.join(_absence(b, scans) for b in missing)}); "
+                    f"the probability comes from {', '.join(used)} alone." if missing
+                    else "Scored with every modality of the model.")
     resource = {
         "resourceType": "RiskAssessment",
         "status": "final",
@@ -232,7 +273,7 @@ def risk_assessment_resource(row: dict, used: list[str], missing: list[str], mod
         "subject": {"type": "Patient", "identifier": {"system": systems["patient"], "value": row["patient_id"]}},
         "occurrenceDateTime": scored_at,
         "performer": {"reference": device_url, "display": f"{model.name}, version {model.version}"},
-        "basis": _basis(row, used, systems),
+        "basis": _basis(row, used, systems, scans),
         "prediction": [{
             "outcome": {"coding": [OUTCOME_CODE], "text": OUTCOME_TEXT},
             "probabilityDecimal": probability,
@@ -255,9 +296,10 @@ def _scoring_time(scored_at: datetime) -> str:
 
 
 def risk_assessment_bundle(row: dict, model: RiskModel, scored_at: datetime, *,
-                           system_base: str = DEFAULT_SYSTEM_BASE) -> tuple[str, list[str]]:
+                           system_base: str = DEFAULT_SYSTEM_BASE, scans: Mapping | None = None) -> tuple[str, list[str]]:
     """(the Bundle's JSON text, the modalities missing) for one risk_scores row, validated by
-    fhir.resources' R4B models and read back from the text to the same values."""
+    fhir.resources' R4B models and read back from the text to the same values. `scans`: the
+    patient's entry of fused_table's report (`scans`: the CT scans that fed radiology and delta)."""
     from fhir.resources.R4B.bundle import Bundle
     from pydantic import ValidationError
 
@@ -274,7 +316,7 @@ def risk_assessment_bundle(row: dict, model: RiskModel, scored_at: datetime, *,
         "entry": [
             {"fullUrl": device_url, "resource": device_resource(model, systems)},
             {"fullUrl": _uuid("risk-assessment", model.sha256, row["patient_id"], when),
-             "resource": risk_assessment_resource(row, used, missing, model, when, device_url, systems)},
+             "resource": risk_assessment_resource(row, used, missing, model, when, device_url, systems, scans)},
         ],
     }
     try:
@@ -291,13 +333,14 @@ def risk_assessment_bundle(row: dict, model: RiskModel, scored_at: datetime, *,
 # ---------------------------------------------------------------- the folder
 
 
-def content_key(row: dict, model: RiskModel, system_base: str) -> str:
+def content_key(row: dict, model: RiskModel, system_base: str, scans: Mapping | None = None) -> str:
     """What a patient's Bundle says, but its scoring time: an unchanged key keeps the Bundle written
     before (and its time: the same model gave the same score then)."""
     import hashlib
 
     said = {key: row.get(key) for key in ("patient_id", "probability", "risk_group", "modalities_used",
                                           *(PROBABILITY_PREFIX + b for b in model_blocks(row)))}
+    said["scans"] = None if scans is None else {k: scans.get(k) for k in ("scans", RADIOLOGY_BLOCK, DELTA_BLOCK)}
     text = json.dumps([BUNDLE_FORMAT, system_base, model.version, model.sha256, model.risk_threshold, model.name,
                        model.intended_use, said], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -325,9 +368,13 @@ def _recorded_time(entry: dict) -> datetime | None:
 
 
 def write_risk_assessments(rows: list[dict], model: RiskModel, scored_at: datetime, folder: str | Path, *,
-                           system_base: str = DEFAULT_SYSTEM_BASE) -> dict:
+                           system_base: str = DEFAULT_SYSTEM_BASE, scans: Mapping[str, Mapping] | None = None) -> dict:
     """Write a Bundle per risk_scores row to `folder`/bundles/<patient_id>.json and the index to
     `folder`/index.json; return small metadata for the asset page.
+
+    `scans`: fused_table's report's `scans` ({patient: {scans, radiology, delta}}), read once by the
+    caller: the basis names the CT scans that fed each patient's radiology and delta blocks (a
+    patient it lacks: the only scan, keyed by the patient id).
 
     `scored_at` is the time of this scoring; a patient whose Bundle would say the same as the one
     written before (same score, modalities and model) keeps that Bundle and its time, so a refresh
@@ -348,7 +395,8 @@ def write_risk_assessments(rows: list[dict], model: RiskModel, scored_at: dateti
         patient_id = row["patient_id"]
         if patient_id in entries:
             raise _refuse(patient_id, "patient_id", "appears in more than one row")
-        key = content_key(row, model, system_base)
+        patient_scans = (scans or {}).get(patient_id)
+        key = content_key(row, model, system_base, patient_scans)
         entry, intact = previous.get(patient_id, ({}, False))
         same = entry.get("key") == key
         if same and intact:
@@ -356,7 +404,7 @@ def write_risk_assessments(rows: list[dict], model: RiskModel, scored_at: dateti
             continue
         # a damaged or missing file of an unchanged score is rewritten as it was, with its recorded time
         made_at = (_recorded_time(entry) if same else None) or scored_at
-        text, _ = risk_assessment_bundle(row, model, made_at, system_base=system_base)
+        text, _ = risk_assessment_bundle(row, model, made_at, system_base=system_base, scans=patient_scans)
         new_bundles[patient_id] = text.encode()
         entries[patient_id] = {"file": f"{BUNDLES_FOLDER}/{patient_id}.json", "key": key,
                                "sha256": hashlib.sha256(new_bundles[patient_id]).hexdigest(),

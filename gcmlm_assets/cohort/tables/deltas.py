@@ -1,6 +1,8 @@
 """Change-over-time (delta) radiomics of a patient scanned more than once (plain Python, no Dagster).
 
-Between the patient's first and last sound scan, for each radiomics feature f:
+Between the first and the last of ALL the patient's scans (oldest first; scan_choice.py: when either
+of those two is unsound or has no usable row, the patient has no delta block: it is never taken
+from other scans), for each radiomics feature f:
 - `<f>_diff`: last - first;
 - `<f>_rel`: (last - first) / |first|, NaN where |first| < REL_EPSILON (no scale to relate to);
 and for the pair:

@@ -50,7 +50,7 @@ from gcmlm_assets.cohort.tables import deltas
 from gcmlm_assets.cohort.tables.clinical import ID_COLUMN, LABEL_COLUMN
 from gcmlm_assets.cohort.tables.lymph_node_rows import (  # the row's contract; its names are used from here too
     LYMPH_NODE_COUNT_COLUMNS, LYMPH_NODE_FEATURES, T_MLN, lymph_node_row_problem)
-from gcmlm_assets.cohort.tables.scan_choice import ScanChoice, choose_scans, find_scan_files
+from gcmlm_assets.cohort.tables.scan_choice import ScanChoice, choose_scans, delta_pair_problems, find_scan_files
 from gcmlm_assets.lazy import lazy
 from gcmlm_assets.patients import patient_id_problem
 from gcmlm_assets.scans import parse_scan_key
@@ -294,13 +294,12 @@ def _radiology_from_scans(artifacts_root: Path, source: FeatureSource, known_pat
         if choice.delta is None:
             continue
         first, last = (str(s) for s in choice.delta)
-        unsound_ends = [(role, key) for role, key in (("first", first), ("last", last)) if key in left_out]
-        if unsound_ends:
+        problems = delta_pair_problems(choice.delta, found.files, left_out, scan_rows, source.asset)
+        if problems:  # the block is absent: which scan and why
             report.excluded_results.append({
-                "patient_id": patient_id, "modality": DELTA, "file": str(found.files[unsound_ends[0][1]]),
-                "reason": "; ".join(f"the {role} scan {key} is left out: {left_out[key]}"
-                                    for role, key in unsound_ends)})
-        elif first in scan_rows and last in scan_rows:
+                "patient_id": patient_id, "modality": DELTA, "reason": "; ".join(why for _, why in problems),
+                "file": str(artifacts_root / source.asset / problems[0][0] / source.filename)})
+        else:
             features = list(scan_rows[first].values)
             delta_rows[patient_id] = deltas.delta_row(features, scan_rows[first].values, scan_rows[last].values,
                                                       choice.delta[0].timepoint, choice.delta[1].timepoint)

@@ -6,14 +6,15 @@ for a timepoint). Of each patient's scans, oldest first:
 - the radiology block (`rad_*`) comes from ONE scan, `scans.chosen_scan(scans, radiology_timepoint)`
   (default the baseline); when that scan is unsound or unusable the block is absent (never filled
   from another timepoint: the block would then mean different things for different patients);
-- the delta block (`delta_*`) needs the first and the last scan, both sound and usable, and at least
-  two scans.
+- the delta block (`delta_*`) compares the first and the last of ALL the patient's scans (at least
+  two); when either of those two is unsound, has no radiomics_row file or an unusable one, the block
+  is absent (never taken from other scans), and `delta_pair_problems` says which scan and why.
 A patient with one scan (key = patient id) gets exactly the radiology block of before and no delta.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,3 +77,20 @@ def find_scan_files(folder: Path, filename: str, known_scans: set[str] | None,
             continue
         found.files[entry.name] = path
     return found
+
+
+def delta_pair_problems(pair: tuple[ScanKey, ScanKey], files: Mapping[str, Path], left_out: Mapping[str, str],
+                        usable: Container[str], asset: str) -> list[tuple[str, str]]:
+    """[(scan key, why)] of the pair's scans (first, last) that cannot feed the delta block: left out
+    as unsound (`left_out`: key -> reason), no `asset` file, or a file not `usable` (the report's
+    file_problems say why); [] when both can."""
+    problems = []
+    for role, scan in zip(("first", "last"), pair):
+        key = str(scan)
+        if key in left_out:
+            problems.append((key, f"the {role} scan {key} is left out: {left_out[key]}"))
+        elif key not in files:
+            problems.append((key, f"the {role} scan {key} has no {asset} (its CT steps failed or have not finished)"))
+        elif key not in usable:
+            problems.append((key, f"the {role} scan {key}'s {asset} cannot be used (file_problems says why)"))
+    return problems
