@@ -379,6 +379,8 @@ def run_landing(corpus: Corpus, cases: dict[str, Case]) -> None:
                                               {**corpus.base, "pathology": TilingSettings()}, "patch_coords")}
     for name, (patient_id, modality, assets, res, step) in asset_runs.items():
         message = logged(f"{patient_id} {modality} not requested")
+        # the tick made the patient a partition but not its refused scan: run the asset on it anyway
+        corpus.add(patient_id)
         run = corpus.materialize(assets, res, patient_id)
         asset_refused = not run.success and "outside the landing zone" in _failure_text(run, step) and \
             not _files(corpus.artifacts / step / patient_id)
