@@ -19,11 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from gcmlm_assets import runs
+from gcmlm_assets.catalogue import ASSETS
 from gcmlm_assets.cohort.exchange import fhir_risk
 from gcmlm_assets.demo.synthetic import write_cohort
 from gcmlm_assets.demo.synthetic_plan import CohortSpec, plan_cohort
 from gcmlm_assets.demo.daemon import prepare_dagster_home, start_daemon
 from gcmlm_assets.demo.watch import failed_runs, wait_until_settled
+from gcmlm_assets.partitions import ct_scans_partitions, patients_partitions
 from gcmlm_assets.profiles import PROFILE_ENV
 
 N_PATIENTS = 8
@@ -37,21 +39,36 @@ EXPLANATIONS_SENSOR = "risk_explanations_sensor"
 AFTER_EXPLANATIONS = (EXPLANATIONS_SENSOR, "qupath_geojson_after_risk_explanations_sensor")
 
 
+def partition_set_of(run: dg.DagsterRun) -> str:
+    """The partition set a run's partition (or range) is of: `ct_scans` for the radiology assets'."""
+    selected = {key.to_user_string() for key in (run.asset_selection or ())}
+    per_scan = any(ASSETS[key].per_scan for key in selected if key in ASSETS)
+    return ct_scans_partitions.name if per_scan else patients_partitions.name
+
+
+def run_partitions(instance: dg.DagsterInstance) -> list[tuple[object, str, set[str]]]:
+    """(run record, its partition set, the partitions it works on) of every run of one partition or
+    a batch's range (each patient in this cohort has one CT scan, keyed by its patient id)."""
+    orders = {name: list(instance.get_dynamic_partitions(name))
+              for name in (patients_partitions.name, ct_scans_partitions.name)}
+    positions = {name: {p: i for i, p in enumerate(order)} for name, order in orders.items()}
+    found = []
+    for record in instance.get_run_records():
+        tags, partition_set = record.dagster_run.tags, partition_set_of(record.dagster_run)
+        if PARTITION_TAG in tags:
+            found.append((record, partition_set, {tags[PARTITION_TAG]}))
+        elif runs.RANGE_START_TAG in tags:
+            found.append((record, partition_set, runs.range_run_patients(tags, orders[partition_set],
+                                                                         positions[partition_set])))
+    return found
+
+
 def patient_runs_since(instance: dg.DagsterInstance, since: float) -> dict[str, set[str]]:
     """{run id: its patients} of the runs of patients' data since `since` (one patient's, or a
     batch's range; not the explanations each new risk_scores asks for, nor their GeoJSON)."""
-    order = list(instance.get_dynamic_partitions("patients"))
-    position = {p: i for i, p in enumerate(order)}
-    found = {}
-    for record in instance.get_run_records():
-        tags = record.dagster_run.tags
-        if record.create_timestamp.timestamp() < since or tags.get(SENSOR_TAG) in AFTER_EXPLANATIONS:
-            continue
-        if PARTITION_TAG in tags:
-            found[record.dagster_run.run_id] = {tags[PARTITION_TAG]}
-        elif runs.RANGE_START_TAG in tags:
-            found[record.dagster_run.run_id] = runs.range_run_patients(tags, order, position)
-    return found
+    return {record.dagster_run.run_id: partitions for record, _, partitions in run_partitions(instance)
+            if record.create_timestamp.timestamp() >= since
+            and record.dagster_run.tags.get(SENSOR_TAG) not in AFTER_EXPLANATIONS}
 
 
 def explained_since(instance: dg.DagsterInstance, since: float) -> set[str]:
@@ -104,25 +121,17 @@ def assessed_patients(instance: dg.DagsterInstance) -> set[str]:
 
 
 def overlapping_runs_of_one_patient(instance: dg.DagsterInstance) -> list[tuple[str, str, str]]:
-    """(patient, run, run) for every two runs touching one patient (its own, or a batch over a
-    range that holds it) whose run times overlap."""
-    order = list(instance.get_dynamic_partitions("patients"))
-    position = {p: i for i, p in enumerate(order)}
-    by_patient: dict[str, list] = {}
-    for record in instance.get_run_records():
-        tags = record.dagster_run.tags
+    """(partition, run, run) for every two runs touching one partition of one set (its own run, or a
+    batch over a range that holds it) whose run times overlap. A patient's radiology (its CT scan's
+    partition) and its pathology (its patient partition) touch no common asset and may overlap."""
+    by_partition: dict[tuple[str, str], list] = {}
+    for record, partition_set, partitions in run_partitions(instance):
         if record.start_time is None:
             continue
-        if PARTITION_TAG in tags:
-            patients = {tags[PARTITION_TAG]}
-        elif runs.RANGE_START_TAG in tags:
-            patients = runs.range_run_patients(tags, order, position)
-        else:
-            continue
-        for patient_id in patients:
-            by_patient.setdefault(patient_id, []).append(record)
+        for partition in partitions:
+            by_partition.setdefault((partition_set, partition), []).append(record)
     overlaps = []
-    for patient_id, records in by_patient.items():
+    for (_, patient_id), records in by_partition.items():
         records.sort(key=lambda r: r.start_time)
         for earlier, later in zip(records, records[1:]):
             if earlier.end_time is None or later.start_time < earlier.end_time:
